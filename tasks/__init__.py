@@ -1,0 +1,1 @@
+"""smolflow's pipeline stages, one module per stage; each exposes Prefect tasks."""

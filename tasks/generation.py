@@ -1,0 +1,61 @@
+"""Generation stage: greedy answers to the sample prompts, batched, through the chat template."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from pydantic import BaseModel
+
+from tasks.models import ModelRef, load_model
+
+
+class Sample(BaseModel):
+    prompt: str
+    completion: str
+    new_tokens: int
+    stopped_at_eos: bool  # False: the model hit max_new_tokens without ending its turn
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[Sample]:
+    """Greedy completions for chat prompts, several at a time (left padding keeps them aligned)."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    samples = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in batch
+        ]
+        # The template already holds the special tokens; don't let the tokenizer add a BOS again.
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        with torch.inference_mode():
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        for prompt, row in zip(batch, out[:, inputs["input_ids"].shape[1] :]):
+            ids = row.tolist()
+            stopped = tokenizer.eos_token_id in ids
+            ids = ids[: ids.index(tokenizer.eos_token_id)] if stopped else ids
+            samples.append(
+                Sample(
+                    prompt=prompt,
+                    completion=tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                    new_tokens=len(ids),
+                    stopped_at_eos=stopped,
+                )
+            )
+    return samples
+
+
+@task(cache_policy=INPUTS + TASK_SOURCE, retries=1)
+def generate_samples(model_ref: ModelRef, prompts: list[str], max_new_tokens: int) -> list[Sample]:
+    """Greedy answers of one model to the run's sample prompts."""
+    model, tokenizer = load_model(model_ref)
+    model.eval()
+    return generate(model, tokenizer, prompts, max_new_tokens)

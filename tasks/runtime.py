@@ -1,0 +1,62 @@
+"""Process-wide settings every stage shares: where caches live, online or not, thread counts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def cache_dir(*parts: str) -> Path:
+    """A directory under smolflow's local cache (SMOLFLOW_CACHE, default ~/.cache/smolflow)."""
+    root = Path(os.environ.get("SMOLFLOW_CACHE", Path.home() / ".cache" / "smolflow"))
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face hub must not be contacted (HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def default_threads() -> int:
+    # Half the logical CPUs approximates the physical cores; on a busy 2-core box one torch
+    # thread ran a forward pass ~10x faster than two (the Prefect server shares the cores).
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def set_torch_threads(n: int | None) -> int:
+    import torch
+
+    n = n or default_threads()
+    torch.set_num_threads(n)
+    return n
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """One digest over several files' names and bytes (order-independent)."""
+    digest = hashlib.sha256()
+    for path in sorted(paths, key=lambda p: p.name):
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def run_logger():
+    """Prefect's run logger inside a flow or task (shown in the UI), a plain logger outside."""
+    import logging
+
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("smolflow")

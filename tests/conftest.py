@@ -1,0 +1,129 @@
+"""Shared test setup: offline, one torch thread, a temporary Prefect server, tiny real models.
+
+Tiny models are random-init Llamas with the real SmolLM2 tokenizer (taken from the built-in
+GGUF), so every code path is the real one while a training step takes well under a second.
+"""
+
+import os
+import tempfile
+
+# Before prefect/transformers are imported anywhere: offline, quiet, isolated state.
+_HOME = tempfile.mkdtemp(prefix="smolflow-tests-")
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    HF_HUB_DISABLE_TELEMETRY="1",
+    TOKENIZERS_PARALLELISM="false",
+    WANDB_SILENT="true",
+    PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    PREFECT_HOME=os.path.join(_HOME, "prefect"),
+    # Test datasets and downloads go to a throwaway cache; the built-in model conversion is
+    # shared with the user's cache so it happens once per machine, not once per test session.
+    SMOLFLOW_CACHE=os.path.join(_HOME, "cache"),
+)
+os.makedirs(os.path.join(_HOME, "cache"))
+_SHARED_MODELS = os.path.expanduser("~/.cache/smolflow/models")
+os.makedirs(_SHARED_MODELS, exist_ok=True)
+os.symlink(_SHARED_MODELS, os.path.join(_HOME, "cache", "models"))
+os.environ.pop("WANDB_API_KEY", None)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+pytest_plugins = ["tests.s3"] if (Path(__file__).parent / "s3.py").exists() else []  # TEMP
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def builtin_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, converted from the GGUF once per machine."""
+    from tasks import models
+
+    return models.convert_builtin()
+
+
+def _tiny_llama(tokenizer, path: Path, seed: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(builtin_dir, tmp_path_factory) -> Path:
+    """A 3M-parameter Llama with SmolLM2's tokenizer and its ChatML template."""
+    from transformers import AutoTokenizer
+
+    return _tiny_llama(AutoTokenizer.from_pretrained(builtin_dir), tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model_dir(builtin_dir, tmp_path_factory) -> Path:
+    """The same tiny Llama without a chat template, like a base model."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_dir)
+    tokenizer.chat_template = None
+    path = _tiny_llama(tokenizer, tmp_path_factory.mktemp("tiny-base"))
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    return path
+
+
+@pytest.fixture
+def tiny_ref(tiny_model_dir):
+    from tasks.models import resolve_model
+
+    return resolve_model.fn(str(tiny_model_dir))
+
+
+@pytest.fixture
+def fixture_data():
+    from flows.config import DataConfig
+    from tasks.data import load_chat_dataset
+
+    return load_chat_dataset.fn(DataConfig(dataset="fixture:everyday-conversations"))
+
+
+def tiny_run_config(model_dir: Path, artifacts: str, **overrides):
+    """A RunConfig for the whole flow on a tiny model: seconds, not minutes."""
+    from flows.config import RunConfig
+
+    base = {
+        "model": str(model_dir),
+        "data": {"dataset": "fixture:everyday-conversations"},
+        "training": {"max_steps": 3, "logging_steps": 1, "eval_steps": 2, "save_steps": 2, "max_length": 256},
+        "sampling": {"prompts": ["Hello! How are you?", "Any tips for a rainy day?"], "max_new_tokens": 8},
+        "benchmarks": [{"name": "gsm8k", "limit": 2, "batch_size": 2}],
+        "output": {"artifacts_uri": artifacts},
+        "wandb": {"mode": "offline"},
+        "torch_threads": 1,
+    }
+    for key, value in overrides.items():
+        base[key] = base[key] | value if isinstance(value, dict) else value
+    return RunConfig.model_validate(base)

@@ -1,0 +1,97 @@
+"""The whole pipeline as one Prefect flow on a tiny model: every artifact, then the cache."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.finetune import finetune
+from tasks.storage import ArtifactStore
+from tests.conftest import tiny_run_config
+
+EXPECTED = [
+    "config.json",
+    "template/rendered_example.txt",
+    "model/model.safetensors",
+    "model/tokenizer.json",
+    "samples/samples.jsonl",
+    "samples/side_by_side.md",
+    "training/metrics.json",
+    "training/log_history.json",
+    "benchmarks/gsm8k/base.jsonl",
+    "benchmarks/gsm8k/tuned.jsonl",
+    "benchmarks/gsm8k/base.summary.json",
+    "benchmarks/gsm8k/tuned.summary.json",
+    "benchmarks/comparison.json",
+    "report/report.md",
+    "manifest.json",
+]
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+def check_run_folder(run_uri: str) -> dict:
+    """Every artifact is there, and the manifest (written last) hashes each one correctly."""
+    store = ArtifactStore(run_uri)
+    files = store.list_files()
+    for rel in EXPECTED:
+        assert rel in files, f"{rel} missing from {run_uri}"
+    manifest = store.read_json("manifest.json")
+    listed = {o["path"]: o for o in manifest["objects"]}
+    assert set(listed) == set(files) - {"manifest.json"}
+    for rel in ("model/model.safetensors", "benchmarks/comparison.json"):
+        assert listed[rel]["sha256"] == store.sha256(rel) and listed[rel]["size"] == store.size(rel)
+    for pkg in ("python", "torch", "transformers", "trl", "prefect"):
+        assert manifest["versions"][pkg]
+    assert manifest["dataset"]["fingerprint"] and manifest["tuned_model"]["fingerprint"]
+    return manifest
+
+
+def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_path):
+    config = tiny_run_config(tiny_model_dir, str(tmp_path / "artifacts"))
+
+    started = time.perf_counter()
+    state = finetune(config=config, return_state=True)
+    first_seconds = time.perf_counter() - started
+    summary = state.result()
+    run_uri = summary["run"]
+    manifest = check_run_folder(run_uri)
+
+    store = ArtifactStore(run_uri)
+    samples = [json.loads(line) for line in (Path(run_uri) / "samples/samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples] == config.sampling.prompts
+    assert {"before", "after", "after_stopped_at_eos"} <= set(samples[0])
+    assert summary["benchmarks"][0]["benchmark"] == "gsm8k" and summary["benchmarks"][0]["n"] == 2
+    assert summary["training"]["steps"] == 3 and summary["training"]["eval_loss"] > 0
+    report = store.fs.cat(store._path("report/report.md")).decode()
+    assert "## Benchmarks (base vs tuned)" in report and "| gsm8k |" in report
+    # W&B offline run files are in the run folder, ready for `wandb sync`.
+    assert any(f.startswith("wandb/") and f.endswith(".wandb") for f in store.list_files())
+    states = _task_states(state.state_details.flow_run_id)
+    assert states["train_sft"] == "Completed"
+
+    started = time.perf_counter()
+    again = finetune(config=config, return_state=True)
+    second_seconds = time.perf_counter() - started
+    states = _task_states(again.state_details.flow_run_id)
+    assert states["train_sft"] == "Cached", states
+    second = again.result()
+    assert second["run"] != run_uri
+    assert second["model"] == second["run"] + "/model"  # the reused model, copied into this run
+    check_run_folder(second["run"])
+    assert manifest["tuned_model"]["fingerprint"] == ArtifactStore(second["run"]).read_json("manifest.json")["tuned_model"]["fingerprint"]
+    assert second_seconds < first_seconds / 2, (first_seconds, second_seconds)
+
+
+def test_cli_help_lists_the_fields():
+    out = subprocess.run([sys.executable, "-m", "flows.finetune", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    assert "--training.max-steps" in out.stdout and "--output.artifacts-uri" in out.stdout

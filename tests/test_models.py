@@ -1,0 +1,53 @@
+"""Model sources: built-in GGUF conversion (cached), local directories, hub ids offline."""
+
+import time
+
+import pytest
+
+from tasks.models import BUILTIN, ModelRef, fingerprint_dir, load_model, resolve_model
+
+
+def test_builtin_conversion_gives_a_trainable_cached_model(builtin_dir):
+    from tasks import models
+
+    started = time.perf_counter()
+    ref = resolve_model.fn(BUILTIN)
+    assert time.perf_counter() - started < 10, "the GGUF conversion must be cached"
+    assert ref.path == str(models.convert_builtin())
+    model, tokenizer = load_model(ref)
+    assert not hasattr(model.config, "quantization_config")  # the Trainer accepts it
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template
+
+
+def test_local_directory_is_fingerprinted_by_content(tiny_model_dir, tmp_path):
+    import shutil
+
+    ref = resolve_model.fn(str(tiny_model_dir))
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert resolve_model.fn(str(copy)).fingerprint == ref.fingerprint
+    (copy / "generation_config.json").write_text('{"do_sample": false}')
+    assert fingerprint_dir(copy) != ref.fingerprint
+
+
+def test_hub_id_offline_gives_a_clear_error():
+    with pytest.raises(RuntimeError, match="not in the local Hugging Face cache"):
+        resolve_model.fn("HuggingFaceTB/SmolLM2-135M")
+
+
+def test_auto_offline_is_the_builtin_model():
+    from tasks.models import resolve_source
+
+    assert resolve_source("auto") == BUILTIN
+
+
+def test_directory_without_config_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        resolve_model.fn(str(tmp_path))
+
+
+def test_a_deleted_cached_model_is_reported_not_crashed(tmp_path):
+    ref = ModelRef(source="x", path=str(tmp_path / "gone"), fingerprint="0")
+    with pytest.raises(FileNotFoundError, match="PREFECT_TASKS_REFRESH_CACHE"):
+        load_model(ref)
