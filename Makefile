@@ -13,6 +13,9 @@ export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 export WANDB_SILENT = true
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
+# Without a server, each run starts a temporary one; its first start (database set-up) can
+# take over the 20 s default on a busy 2-core machine.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 # Prefect's task results and cache records live with the project, so re-runs hit the cache.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from flows.config import BenchmarkConfig
 from tasks.benchmarks import REGISTRY, BenchmarkResult
 from tasks.models import ModelRef, load_model
+from tasks.runtime import BY_CONTENT
 
 
 @task(
-    cache_policy=INPUTS + TASK_SOURCE,
+    cache_policy=BY_CONTENT,
     retries=1,
     retry_delay_seconds=10,
     task_run_name="benchmark-{cfg.name}",

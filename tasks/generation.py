@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel
 
 from tasks.models import ModelRef, load_model
+from tasks.runtime import BY_CONTENT
 
 
 class Sample(BaseModel):
@@ -53,7 +53,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return samples
 
 
-@task(cache_policy=INPUTS + TASK_SOURCE, retries=1)
+@task(cache_policy=BY_CONTENT, retries=1)
 def generate_samples(model_ref: ModelRef, prompts: list[str], max_new_tokens: int) -> list[Sample]:
     """Greedy answers of one model to the run's sample prompts."""
     model, tokenizer = load_model(model_ref)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
+
+from prefect.cache_policies import TASK_SOURCE, Inputs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -60,3 +63,18 @@ def run_logger():
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger("smolflow")
+
+
+@dataclass
+class ContentInputs(Inputs):
+    """Prefect's INPUTS cache policy, except that a model or dataset reference counts by its
+    content fingerprint alone: where a model lies (this run's folder, an earlier run's, a
+    download cache) is no part of what it is, so moving it must not invalidate the cache."""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        inputs = {k: getattr(v, "fingerprint", v) for k, v in (inputs or {}).items()}
+        return super().compute_key(task_ctx, inputs, flow_parameters, **kwargs)
+
+
+# The policy of every expensive task: same content + same settings + same code = cached.
+BY_CONTENT = ContentInputs() + TASK_SOURCE

@@ -1,7 +1,7 @@
 """The artifact store: one small interface over fsspec for local directories and S3.
 
 S3 settings come from the standard AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-AWS_ENDPOINT_URL, AWS_REGION), which s3fs reads itself, so credentials never pass through
+AWS_ENDPOINT_URL, AWS_DEFAULT_REGION), which s3fs reads itself, so credentials never pass through
 smolflow's parameters or logs.
 
 Layout of one run (see README):  <root>/runs/<run_id>/{config.json, model/, samples/,

@@ -8,12 +8,11 @@ also makes `<|im_end|>` the EOS token so the tuned model learns to stop.
 from __future__ import annotations
 
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel
 
 from tasks.data import DatasetRef
 from tasks.models import ModelRef, convert_builtin, fingerprint_dir, load_model
-from tasks.runtime import cache_dir, run_logger
+from tasks.runtime import BY_CONTENT, cache_dir, run_logger
 
 class TemplatedModel(BaseModel):
     model: ModelRef
@@ -21,7 +20,7 @@ class TemplatedModel(BaseModel):
     rendered_example: str  # the first training conversation as the model will see it
 
 
-@task(cache_policy=INPUTS + TASK_SOURCE, retries=1)
+@task(cache_policy=BY_CONTENT, retries=1)
 def prepare_chat_template(base: ModelRef, data: DatasetRef) -> TemplatedModel:
     """Give the model a chat template if it lacks one and render one training example."""
     from datasets import load_from_disk

@@ -7,13 +7,13 @@ import math
 import posixpath
 
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import TASK_SOURCE
 from pydantic import BaseModel
 
 from flows.config import TrainingConfig
 from tasks.data import DatasetRef
 from tasks.models import ModelRef, fingerprint_dir, load_model
-from tasks.runtime import cache_dir
+from tasks.runtime import BY_CONTENT, ContentInputs, cache_dir
 from tasks.storage import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str]):
         save_steps=cfg.save_steps,
         save_total_limit=2,
         max_length=cfg.max_length,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name; TRL defaults it on
         seed=cfg.seed,
         # TRL defaults to bf16, which CPUs without bf16 kernels run slowly or refuse.
         bf16=cuda and torch.cuda.is_bf16_supported(),
@@ -57,7 +57,7 @@ def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str]):
     )
 
 
-@task(cache_policy=(INPUTS - "run_uri" - "report_to") + TASK_SOURCE, retries=1, retry_delay_seconds=10)
+@task(cache_policy=(ContentInputs() - "run_uri" - "report_to") + TASK_SOURCE, retries=1, retry_delay_seconds=10)
 def train_sft(
     base: ModelRef, data: DatasetRef, cfg: TrainingConfig, run_uri: str, report_to: list[str]
 ) -> TrainResult:
@@ -99,7 +99,7 @@ def train_sft(
     )
 
 
-@task(cache_policy=INPUTS + TASK_SOURCE, retries=3, retry_delay_seconds=[2, 10, 30])
+@task(cache_policy=BY_CONTENT, retries=3, retry_delay_seconds=[2, 10, 30])
 def publish_model(model: ModelRef, run_uri: str) -> ModelRef:
     """Make sure the run folder holds its model, also when training was reused from the cache."""
     from tasks.models import local_model_dir

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-pytest_plugins = ["tests.s3"] if (Path(__file__).parent / "s3.py").exists() else []  # TEMP
+pytest_plugins = ["tests.s3"]  # SeaweedFS fixtures: s3_server, s3_bucket
 
 
 @pytest.fixture(scope="session", autouse=True)

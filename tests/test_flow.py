@@ -32,10 +32,14 @@ EXPECTED = [
 ]
 
 
-def _task_states(flow_run_id) -> dict[str, str]:
+def _task_states(flow_run_id) -> dict[str, set[str]]:
+    """{task name: the states its runs ended in} for one flow run, read from the Prefect server."""
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+    states: dict[str, set[str]] = {}
+    for r in runs:
+        states.setdefault(r.name.rsplit("-", 1)[0], set()).add(r.state.name)
+    return states
 
 
 def check_run_folder(run_uri: str) -> dict:
@@ -55,7 +59,19 @@ def check_run_folder(run_uri: str) -> dict:
     return manifest
 
 
-def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_path):
+def wandb_summary(run_dir: Path) -> dict:
+    """What W&B recorded, read back from the offline run files with W&B's own reader."""
+    wandb_bin = Path(sys.executable).parent / "wandb"
+    out = subprocess.run(
+        [str(wandb_bin), "leet", "inspect", "--summary", "--json", str(run_dir / "wandb")],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_path, monkeypatch):
+    secret = "s3cr3t-never-logged-0123456789"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     config = tiny_run_config(tiny_model_dir, str(tmp_path / "artifacts"))
 
     started = time.perf_counter()
@@ -75,14 +91,27 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     assert "## Benchmarks (base vs tuned)" in report and "| gsm8k |" in report
     # W&B offline run files are in the run folder, ready for `wandb sync`.
     assert any(f.startswith("wandb/") and f.endswith(".wandb") for f in store.list_files())
+    recorded = wandb_summary(Path(run_uri))
+    history = json.loads((Path(run_uri) / "training/log_history.json").read_text())
+    last_loss = [h["loss"] for h in history if "loss" in h][-1]
+    assert recorded["summary"]["train/loss"] == last_loss
+    assert recorded["summary"]["eval_loss"] == summary["training"]["eval_loss"]
+    assert {"samples", "benchmarks"} <= set(recorded["summary"])  # the two tables
+    assert recorded["config"]["training"]["max_steps"] == 3
+    # No secret from the environment ends up in any artifact (W&B files included).
+    for path in Path(run_uri).rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
     states = _task_states(state.state_details.flow_run_id)
-    assert states["train_sft"] == "Completed"
+    assert states["train_sft"] == {"Completed"}
 
     started = time.perf_counter()
     again = finetune(config=config, return_state=True)
     second_seconds = time.perf_counter() - started
     states = _task_states(again.state_details.flow_run_id)
-    assert states["train_sft"] == "Cached", states
+    # Everything that computes is reused, also where the tuned model now lies in a new folder.
+    for name in ("prepare_chat_template", "train_sft", "generate_samples", "benchmark"):
+        assert states[name] == {"Cached"}, states
     second = again.result()
     assert second["run"] != run_uri
     assert second["model"] == second["run"] + "/model"  # the reused model, copied into this run
