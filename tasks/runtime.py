@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefect.cache_policies import TASK_SOURCE, Inputs
+from prefect.cache_policies import TASK_SOURCE, CachePolicy, Inputs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -66,14 +66,19 @@ def run_logger():
 
 
 @dataclass
-class ContentInputs(Inputs):
+class ContentInputs(CachePolicy):
     """Prefect's INPUTS cache policy, except that a model or dataset reference counts by its
     content fingerprint alone: where a model lies (this run's folder, an earlier run's, a
     download cache) is no part of what it is, so moving it must not invalidate the cache."""
 
+    exclude: list[str] = field(default_factory=list)
+
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
         inputs = {k: getattr(v, "fingerprint", v) for k, v in (inputs or {}).items()}
-        return super().compute_key(task_ctx, inputs, flow_parameters, **kwargs)
+        return Inputs(exclude=self.exclude).compute_key(task_ctx, inputs, flow_parameters, **kwargs)
+
+    def __sub__(self, name: str) -> ContentInputs:
+        return ContentInputs(exclude=[*self.exclude, name])
 
 
 # The policy of every expensive task: same content + same settings + same code = cached.

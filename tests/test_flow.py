@@ -62,8 +62,9 @@ def check_run_folder(run_uri: str) -> dict:
 def wandb_summary(run_dir: Path) -> dict:
     """What W&B recorded, read back from the offline run files with W&B's own reader."""
     wandb_bin = Path(sys.executable).parent / "wandb"
+    (offline_run,) = (run_dir / "wandb").glob("offline-run-*")
     out = subprocess.run(
-        [str(wandb_bin), "leet", "inspect", "--summary", "--json", str(run_dir / "wandb")],
+        [str(wandb_bin), "leet", "inspect", "--summary", "--json", str(offline_run)],
         capture_output=True, text=True, timeout=120, check=True,
     )
     return json.loads(out.stdout)
