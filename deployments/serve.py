@@ -1,6 +1,6 @@
 """Serve smolflow's deployments from this process: a nightly fine-tune and an on-demand one.
 
-    PREFECT_API_URL=http://127.0.0.1:4200/api python deployments/serve.py
+    PREFECT_API_URL=http://127.0.0.1:4200/api python -m deployments.serve
 
 `flow.serve` needs no work pool or worker: this process registers the deployments, polls the
 server and runs each flow run as a subprocess. Both deployments take the RunConfig as their

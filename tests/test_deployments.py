@@ -1,0 +1,114 @@
+"""Deployments on a real Prefect server: registered, scheduled nightly, run from the API the
+UI's Run button uses, and bad parameters rejected with the field named."""
+
+import socket
+import time
+from datetime import timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from deployments.local import start_server, start_serving, stop
+from tasks.storage import ArtifactStore
+from tests.conftest import tiny_run_config
+from tests.test_flow import check_run_folder
+
+TIMEZONE = "America/New_York"  # not UTC, so a wrong timezone would show
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A real `prefect server start` plus deployments/serve.py, both on this machine."""
+    import os
+
+    tmp = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    os.environ["SMOLFLOW_TIMEZONE"] = TIMEZONE
+    server = start_server(port, home=tmp / "home", log=tmp / "server.log")
+    serving = start_serving(port, home=tmp / "home", log=tmp / "serve.log")
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    nightly = client.read_deployment_by_name("smolflow-finetune/nightly")
+                    on_demand = client.read_deployment_by_name("smolflow-finetune/on-demand")
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise AssertionError((tmp / "serve.log").read_text()[-3000:])
+                    time.sleep(1)
+            yield client, nightly, on_demand
+    finally:
+        os.environ.pop("SMOLFLOW_TIMEZONE", None)
+        stop(serving)
+        stop(server)
+
+
+def test_nightly_schedule_produces_runs_at_two_am_local_time(served):
+    client, nightly, _ = served
+    assert nightly.schedules and nightly.schedules[0].schedule.cron == "0 2 * * *"
+    assert nightly.schedules[0].schedule.timezone == TIMEZONE
+    assert nightly.global_concurrency_limit.limit == 1  # two nightly runs never train at once
+    deadline = time.monotonic() + 90
+    while not (runs := client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id])),
+        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+    )):
+        assert time.monotonic() < deadline, "the scheduler produced no upcoming nightly runs"
+        time.sleep(2)
+    starts = sorted(r.expected_start_time for r in runs)
+    for start in starts:
+        local = start.astimezone(ZoneInfo(TIMEZONE))
+        assert (local.hour, local.minute) == (2, 0), start
+    assert all(b - a == timedelta(days=1) for a, b in zip(starts, starts[1:]) if a.utcoffset() == b.utcoffset())
+
+
+def test_form_schema_has_descriptions_and_defaults(served):
+    _, _, on_demand = served
+    schema = on_demand.parameter_openapi_schema
+    config = schema["definitions"]["TrainingConfig"]["properties"]
+    assert config["max_steps"]["default"] == 30 and "description" in config["max_steps"]
+    assert "RunConfig" in schema["definitions"]
+
+
+def test_bad_parameters_from_the_ui_are_rejected_naming_the_field(served):
+    client, _, on_demand = served
+    with pytest.raises(Exception) as err:
+        client.create_flow_run_from_deployment(
+            on_demand.id, parameters={"config": {"training": {"learning_rate": "fast"}}}
+        )
+    assert "learning_rate" in str(err.value)
+
+
+def test_run_button_starts_a_run_with_changed_parameters(served, tiny_model_dir, tmp_path):
+    client, _, on_demand = served
+    config = tiny_run_config(tiny_model_dir, str(tmp_path / "artifacts"), output={"run_id": "from-the-ui"})
+    run = client.create_flow_run_from_deployment(on_demand.id, parameters={"config": config.model_dump(mode="json")})
+    deadline = time.monotonic() + 420
+    while not (run := client.read_flow_run(run.id)).state.is_final():
+        assert time.monotonic() < deadline, f"flow run still {run.state.name}"
+        time.sleep(2)
+    assert run.state.is_completed(), run.state.message
+    assert run.parameters["config"]["output"]["run_id"] == "from-the-ui"
+    run_uri = ArtifactStore(str(tmp_path / "artifacts")).child("runs", "from-the-ui").uri
+    check_run_folder(run_uri)
+    keys = {a.key for a in client.read_artifacts() if a.flow_run_id == run.id}
+    assert {"smolflow-report", "smolflow-benchmarks"} <= keys
