@@ -19,7 +19,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 # Prefect's task results and cache records live with the project, so re-runs hit the cache.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: setup run test lock clean
+.PHONY: setup run test serve lock clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest $(ARGS)
+
+# A local Prefect server (UI at http://127.0.0.1:4200) plus the process that runs the deployments.
+serve: setup
+	$(PY) -m deployments.local $(ARGS)
 
 # Re-pin every dependency to what is installed now.
 lock: setup

@@ -1,18 +1,21 @@
 """The benchmark interface, and the lm-evaluation-harness runner the built-in benchmarks share.
 
 Scoring goes through EleutherAI's lm-eval so prompts, few-shot sampling, answer extraction and
-metrics match the harness other people quote. Offline, smolflow points lm-eval's stock task at
-local files by writing a tiny task YAML that `include:`s the stock one and swaps the data source.
+metrics match the harness other people quote. smolflow loads the stock task YAML (with its
+`include:`s and `!function`s resolved by lm-eval's own loader) and overrides only the task name
+and the data source (local json/parquet files in the hub schema, offline), plus, for a benchmark
+split into subsets (MMLU subjects, BBH tasks), one such task per chosen subset.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel
 
 from flows.config import BenchmarkConfig
@@ -56,92 +59,154 @@ class Benchmark:
             raise ValueError(f"benchmarks[{self.name}].data={cfg.data!r}: need a test.jsonl (or .parquet) there")
         return files
 
+    subsets: tuple[str, ...] = ()  # named parts (MMLU subjects, BBH tasks); empty: not split
+
     def evaluate(self, model, tokenizer, cfg: BenchmarkConfig) -> BenchmarkResult:
         raise NotImplementedError
 
 
+def stderr_of_mean(values: list) -> float | None:
+    """Standard error of a mean of 0/1 (or real) scores; None for fewer than two."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def read_rows(path: str) -> list[dict[str, Any]]:
+    """Rows of a local .json/.jsonl/.parquet file."""
+    if path.endswith(".parquet"):
+        import pandas as pd
+
+        return pd.read_parquet(path).to_dict("records")
+    text = Path(path).read_text()
+    if path.endswith(".json") and text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False, default=_plain) + "\n" for r in rows))
+    return str(path)
+
+
+def _plain(value):  # numpy values from parquet rows
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
 class LmEvalBenchmark(Benchmark):
-    """A benchmark scored by one of lm-eval's stock tasks."""
+    """A benchmark scored by one of lm-eval's stock tasks (one per subset, if split)."""
 
     stock_yaml: str  # path under lm_eval/tasks/
     metric: str  # primary "metric,filter" key in lm-eval's results
     apply_chat_template: bool = False
 
-    def task_yaml(self, cfg: BenchmarkConfig) -> dict[str, Any]:
+    def stock(self, path: str | None = None) -> dict[str, Any]:
+        """The stock task config, includes and !function tags resolved by lm-eval's loader."""
         import lm_eval
+        from lm_eval.tasks._yaml_loader import load_yaml
 
-        stock = Path(lm_eval.__file__).parent / "tasks" / self.stock_yaml
-        spec: dict[str, Any] = {"task": f"smolflow_{self.name}", "include": str(stock), "tag": []}
-        files = self.data_files(cfg)
-        if files is not None:
-            builder = "parquet" if next(iter(files.values())).endswith(".parquet") else "json"
-            spec |= {"dataset_path": builder, "dataset_name": None, "dataset_kwargs": {"data_files": files}}
-            if "train" not in files:  # few-shot examples then come from the test split itself
-                spec |= {"training_split": None, "fewshot_split": "test"}
+        return load_yaml(Path(lm_eval.__file__).parent / "tasks" / (path or self.stock_yaml))
+
+    def overrides(self) -> dict[str, Any]:
+        """Keys to change in the stock config besides the data source (none by default)."""
+        return {}
+
+    def local(self, files: dict[str, str], stock: dict[str, Any]) -> dict[str, Any]:
+        """Overrides that point a stock config at local files in the hub schema."""
+        builder = "parquet" if next(iter(files.values())).endswith(".parquet") else "json"
+        spec = {"dataset_path": builder, "dataset_name": None, "dataset_kwargs": {"data_files": files}}
+        fixed_shots = (stock.get("fewshot_config") or {}).get("samples")  # e.g. Minerva's 4 examples
+        if not fixed_shots and "train" not in files and "dev" not in files:
+            spec |= {"training_split": None, "fewshot_split": "test"}  # shots from the test split itself
         return spec
 
-    def records(self, samples: list[dict]) -> list[dict[str, Any]]:
+    def task_configs(self, cfg: BenchmarkConfig, workdir: Path) -> list[dict[str, Any]]:
+        """lm-eval task configs to run; subclasses split by subset."""
+        spec = self.stock() | {"task": f"smolflow_{self.name}", "tag": []} | self.overrides()
+        files = self.data_files(cfg)
+        return [spec | self.local(files, spec)] if files is not None else [spec]
+
+    def record(self, sample: dict, key: str) -> dict[str, Any]:
+        """One per-item record from an lm-eval sample of a generative task."""
+        return {
+            "doc_id": sample["doc_id"],
+            "prompt": sample["arguments"][0][0] if sample.get("arguments") else None,
+            "output": sample["resps"][0][0] if sample.get("resps") else None,
+            "extracted": sample["filtered_resps"][0] if sample.get("filtered_resps") else None,
+            "gold": sample.get("target"),
+            "correct": bool(sample.get(key)),
+        }
+
+    def records(self, samples: list[dict], subset: str | None = None) -> list[dict[str, Any]]:
         key = self.metric.split(",")[0]
         filt = self.metric.split(",")[1] if "," in self.metric else None
-        rows = []
-        for s in samples:
-            if filt and s.get("filter") != filt:
-                continue
-            rows.append(
-                {
-                    "doc_id": s["doc_id"],
-                    "prompt": s["arguments"][0][0] if s.get("arguments") else None,
-                    "output": s["resps"][0][0] if s.get("resps") else None,
-                    "extracted": s["filtered_resps"][0] if s.get("filtered_resps") else None,
-                    "gold": s.get("target"),
-                    "correct": bool(s.get(key)),
-                }
-            )
-        return rows
+        rows = [self.record(s, key) for s in samples if not filt or s.get("filter") == filt]
+        return [r | {"subset": subset} for r in rows] if subset else rows
 
     def evaluate(self, model, tokenizer, cfg: BenchmarkConfig) -> BenchmarkResult:
-        from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=str(model.device))
+        return self.evaluate_lm(lm, cfg)
+
+    def evaluate_lm(self, lm, cfg: BenchmarkConfig) -> BenchmarkResult:
+        """Score any lm-eval `LM` (the HF model above, or e.g. one that answers from the gold)."""
+        from lm_eval import simple_evaluate
         from lm_eval.tasks import TaskManager
 
         started = time.perf_counter()
-        with tempfile.TemporaryDirectory() as include:
-            spec = self.task_yaml(cfg)
-            Path(include, f"{spec['task']}.yaml").write_text(yaml.safe_dump(spec))
-            manager = TaskManager(include_path=include, include_defaults=False)
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=str(model.device))
+        with tempfile.TemporaryDirectory() as workdir:
+            specs = self.task_configs(cfg, Path(workdir))
             out = simple_evaluate(
                 model=lm,
-                tasks=[spec["task"]],
-                task_manager=manager,
+                tasks=specs,
+                task_manager=TaskManager(include_defaults=False),
                 limit=cfg.limit,
                 num_fewshot=cfg.num_fewshot,
                 log_samples=True,
                 apply_chat_template=self.apply_chat_template,
             )
-        task_results = out["results"][spec["task"]]
-        config = out["configs"][spec["task"]]
+        names = [s["task"] for s in specs]
         metric, filt = (self.metric.split(",") + [""])[:2]
-        stderr = task_results.get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
-        records = self.records(out["samples"][spec["task"]])
+        records, metrics = [], {}
+        for spec in specs:
+            task = spec["task"]
+            subset = task.removeprefix(f"smolflow_{self.name}_") if self.subsets else None
+            records += self.records(out["samples"][task], subset)
+            for k, v in out["results"][task].items():
+                if isinstance(v, (int, float)) and "," in k:
+                    metrics[f"{subset}/{k}" if len(specs) > 1 else k] = float(v)
+        if len(specs) == 1:
+            score = out["results"][names[0]][self.metric]
+            stderr = out["results"][names[0]].get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
+        else:  # micro-average over every item of every subset, as lm-eval's weight_by_size groups do
+            score = sum(r["correct"] for r in records) / len(records)
+            stderr = stderr_of_mean([float(r["correct"]) for r in records])
+        config = out["configs"][names[0]]
         return BenchmarkResult(
             name=self.name,
-            score=float(task_results[self.metric]),
+            score=float(score),
             stderr=float(stderr) if isinstance(stderr, (int, float)) else None,
             n=len(records),
             metric=self.metric,
             settings={
                 "engine": "lm-eval " + __import__("lm_eval").__version__,
                 "stock_task": self.stock_yaml,
+                "subsets": [n.removeprefix(f"smolflow_{self.name}_") for n in names] if self.subsets else None,
                 "num_fewshot": config.get("num_fewshot"),
                 "apply_chat_template": self.apply_chat_template,
+                "output_type": config.get("output_type"),
                 "generation_kwargs": config.get("generation_kwargs"),
-                "answer_extraction": config.get("filter_list"),
-                "limit": cfg.limit,
-                "data": spec.get("dataset_kwargs", {}).get("data_files") or f"{self.hub[0]} ({self.hub[1]})",
+                "answer_extraction": config.get("filter_list") or self.extraction,
+                "limit": f"{cfg.limit} per subset" if self.subsets and cfg.limit else cfg.limit,
+                "data": (specs[0].get("dataset_kwargs") or {}).get("data_files") or f"{self.hub[0]} ({self.hub[1]})",
                 "reference": self.reference,
             },
-            metrics={k: float(v) for k, v in task_results.items() if isinstance(v, (int, float)) and "," in k},
+            metrics=metrics,
             records=records,
             seconds=time.perf_counter() - started,
         )
+
+    extraction: str = "lm-eval stock task's (see stock_task)"

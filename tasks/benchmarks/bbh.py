@@ -1,0 +1,72 @@
+"""BIG-Bench Hard: 27 hard BIG-Bench tasks (lukaemon/bbh, one config per task; rows input/target).
+
+lm-eval's stock `bbh/fewshot` tasks: 3-shot answer-only prompts with the few-shot examples from
+Suzgun et al. (2022) embedded in each task's YAML, greedy, stop at "Q" or a blank line, exact
+match. That is SmolLM2's published "BBH 3-shot" setting; the chain-of-thought variant
+(`bbh/cot_fewshot`) needs long generations that a 135M model mostly spends rambling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flows.config import BenchmarkConfig
+from tasks.benchmarks.base import LmEvalBenchmark, read_rows
+
+
+def _stock_tasks() -> tuple[str, ...]:
+    import lm_eval
+
+    folder = Path(lm_eval.__file__).parent / "tasks" / "bbh" / "fewshot"
+    return tuple(sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_")))
+
+
+class BBH(LmEvalBenchmark):
+    name = "bbh"
+    hub = ("lukaemon/bbh", "<task>")
+    fixture = "bbh"
+    stock_yaml = "bbh/fewshot/{subset}.yaml"
+    metric = "exact_match,none"
+    reference = "SmolLM2 model card, BBH 3-shot (lighteval); lm-eval bbh/fewshot (Suzgun et al. 2022 prompts)"
+    extraction = "the generation up to the first stop sequence, compared exactly with the target"
+    subsets = _stock_tasks()
+
+    def data_files(self, cfg: BenchmarkConfig) -> dict[str, str] | None:
+        """Local files: a folder with one <task>.jsonl (or .parquet) per BBH task."""
+        source = cfg.data
+        if source == "auto":
+            from tasks.runtime import hub_offline
+
+            source = "fixture" if hub_offline() else "hub"
+        if source == "hub":
+            return None
+        from tasks.runtime import FIXTURES
+
+        folder = FIXTURES / self.fixture if source == "fixture" else Path(source).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"benchmarks[bbh].data={cfg.data!r}: need a folder of <task>.jsonl files")
+        files = {f.stem: str(f) for f in sorted(folder.iterdir()) if f.suffix in (".jsonl", ".json", ".parquet")}
+        unknown = sorted(set(files) - set(self.subsets))
+        if unknown or not files:
+            raise ValueError(f"benchmarks[bbh].data={cfg.data!r}: files must be named <task>.jsonl for BBH tasks; unknown: {unknown}")
+        return files
+
+    def task_configs(self, cfg: BenchmarkConfig, workdir: Path) -> list[dict[str, Any]]:
+        files = self.data_files(cfg)
+        chosen = cfg.subsets or (list(files) if files is not None else list(self.subsets))
+        specs = []
+        for task in chosen:
+            spec = self.stock(self.stock_yaml.format(subset=task)) | {"task": f"smolflow_bbh_{task}", "tag": []}
+            if files is None:
+                spec |= {"dataset_path": self.hub[0], "dataset_name": task}
+            else:
+                if task not in files:
+                    raise ValueError(f"benchmarks[bbh].subsets: no {task}.jsonl in {cfg.data!r}")
+                for i, row in enumerate(read_rows(files[task])):
+                    if not isinstance(row.get("input"), str) or not isinstance(row.get("target"), str):
+                        raise ValueError(f"{files[task]} row {i}: need string fields `input` and `target`")
+                # The few-shot examples live in the stock YAML, so only a test split is needed.
+                spec |= {"dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": {"test": files[task]}}}
+            specs.append(spec)
+        return specs

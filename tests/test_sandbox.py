@@ -1,0 +1,86 @@
+"""The sandbox contains hostile programs (each scored as a failure while the run goes on) and
+passes every canonical HumanEval solution."""
+
+import os
+import socket
+import time
+
+import pytest
+
+from tasks.benchmarks.humaneval import bundled_file, check, read_problems
+from tasks.sandbox import Limits, run_python
+
+FAST = Limits(timeout_s=5, cpu_s=5)
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces and the uid switch need root")
+
+HOSTILE = {
+    "infinite loop": "while True:\n    pass\n",
+    "memory bomb": "x = bytearray(4 * 1024**3)\n",
+    "stdout flood": "while True:\n    print('x' * 10000)\n",
+    "early exit 0": "import os\nos._exit(0)\n",  # a known way to fake a pass
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_programs_fail_within_their_limits(name):
+    started = time.perf_counter()
+    result = run_python(HOSTILE[name], FAST)
+    assert not result.passed and result.status != "passed"
+    assert time.perf_counter() - started < FAST.timeout_s + 5
+    assert len(result.stdout) <= FAST.output_bytes + 100
+
+
+def test_timeout_kills_the_whole_process_group():
+    result = run_python("import subprocess, time\nsubprocess.Popen(['sleep', '1000'])\ntime.sleep(1000)\n", Limits(timeout_s=2))
+    assert result.status == "timeout"
+    assert not [p for p in os.popen("ps -eo args").read().splitlines() if p.strip() == "sleep 1000"]
+
+
+@needs_root
+def test_fork_bomb_is_stopped_by_the_process_limit():
+    result = run_python("import os\nwhile True:\n    os.fork()\n", FAST)
+    assert not result.passed
+    assert "Resource temporarily unavailable" in result.stderr or result.status == "timeout"
+    assert int(os.popen("ps -e --no-headers | wc -l").read()) < 500  # nothing left behind
+
+
+@needs_root
+def test_writes_outside_the_work_dir_do_not_land(tmp_path):
+    target = tmp_path / "pwned.txt"
+    for path in (target, "/tmp/smolflow-pwned.txt"):
+        run_python(f"open({str(path)!r}, 'w').write('x')\n", FAST)
+        assert not os.path.exists(path)
+    inside = run_python("open('here.txt', 'w').write('ok')\nprint(open('here.txt').read())\n", FAST)
+    assert inside.passed and "ok" in inside.stdout
+
+
+@needs_root
+def test_no_network():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    result = run_python(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n", FAST)
+    server.close()
+    assert not result.passed and ("unreachable" in result.stderr or "refused" in result.stderr)
+
+
+def test_environment_is_scrubbed(monkeypatch):
+    monkeypatch.setenv("SMOLFLOW_TEST_SECRET", "hunter2")
+    result = run_python("import os\nprint(sorted(os.environ))\nassert 'SMOLFLOW_TEST_SECRET' not in os.environ\n", FAST)
+    assert result.passed and "hunter2" not in result.stdout and "SECRET" not in result.stdout
+
+
+@needs_root
+def test_killing_the_parent_is_refused():
+    result = run_python("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n", FAST)
+    assert not result.passed and "PermissionError" in result.stderr
+    assert run_python("print('still here')\n", FAST).passed  # and we are still running
+
+
+def test_all_164_canonical_solutions_pass():
+    problems = read_problems(bundled_file())
+    assert len(problems) == 164
+    results = check(problems, [p["canonical_solution"] for p in problems], Limits(timeout_s=20), workers=2)
+    failed = [(p["task_id"], r.status, r.stderr[-300:]) for p, r in zip(problems, results) if not r.passed]
+    assert not failed
