@@ -117,8 +117,11 @@ def _answers(url: str) -> bool:
 
 
 def start(data_dir: Path, access_key: str, secret_key: str, port: int | None = None,
-          timeout: float = 60) -> S3Server:
-    """Start `weed mini` storing under data_dir; return once its S3 endpoint answers."""
+          timeout: float = 60, ports: dict[str, int] | None = None) -> S3Server:
+    """Start `weed mini` storing under data_dir; return once its S3 endpoint answers.
+
+    `ports` (an earlier server's `.ports`) restarts a stopped server exactly where it was:
+    same data, same endpoint, so its clients carry on."""
     data_dir = Path(data_dir).resolve()
     (data_dir / "data").mkdir(parents=True, exist_ok=True)
     (data_dir / "log").mkdir(exist_ok=True)
@@ -127,7 +130,7 @@ def start(data_dir: Path, access_key: str, secret_key: str, port: int | None = N
     identities.write_text(json.dumps({"identities": [{
         "name": "smolflow", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    ports = _choose_ports(port)
+    ports = dict(ports) if ports else _choose_ports(port)
     cmd = [weed_binary(), f"-logdir={data_dir / 'log'}", "mini", f"-dir={data_dir / 'data'}",
            f"-ip={HOST}", f"-ip.bind={HOST}", f"-s3.config={identities}", "-webdav=false",
            "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",

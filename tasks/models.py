@@ -122,7 +122,7 @@ def resolve_model(source: str) -> ModelRef:
 
 def local_model_dir(ref: ModelRef) -> Path:
     """A local directory holding the model, downloading it from the artifact store if needed."""
-    from tasks.storage import ArtifactStore
+    from tasks.storage import download_verified
 
     if "://" not in ref.path or ref.path.startswith("file://"):
         path = Path(ref.path.removeprefix("file://"))
@@ -136,7 +136,7 @@ def local_model_dir(ref: ModelRef) -> Path:
     if not (target / "config.json").exists():
         staging = target.with_name(target.name + f".tmp{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
-        ArtifactStore.from_uri(ref.path).download_dir("", staging)
+        download_verified(ref.path, staging)  # checked file by file against the run's manifest, if any
         if fingerprint_dir(staging) != ref.fingerprint:
             raise RuntimeError(f"downloaded model from {ref.path} does not match fingerprint {ref.fingerprint}")
         staging.rename(target)

@@ -4,19 +4,28 @@ S3 settings come from the standard AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRE
 AWS_ENDPOINT_URL, AWS_DEFAULT_REGION), which s3fs reads itself, so credentials never pass through
 smolflow's parameters or logs.
 
-Layout of one run (see README):  <root>/runs/<run_id>/{config.json, model/, samples/,
-benchmarks/, report/, manifest.json}. `manifest.json` is written last: a run folder without
-one is incomplete.
+Layout below a root (docs/storage.md):
+    <root>/runs/<run_id>/{config.json, data/, checkpoints/, model/, samples/, benchmarks/,
+                          report/, ..., manifest.json}
+    <root>/pointers/<flow_name>/{latest,promoted}.json
+`manifest.json` is written last and lists every object's size and sha256: a run folder without
+one is incomplete, and the readers here (completed_runs, read_run, pointers) ignore it.
+Every object is written whole or not at all: S3 PUTs and multipart uploads become visible only
+when complete, and local writes go through a temporary file and a rename.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import inspect
 import json
 import os
 import posixpath
+import re
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +33,40 @@ import fsspec
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.runtime import run_logger
+
+# s3fs uploads a file of at least twice this size as a multipart upload in parts of this size
+# (S3's minimum part is 5 MiB); a failed part fails the upload, which is then retried whole.
+PART_SIZE = 16 * 2**20
+# Backoff between whole-upload attempts on transient errors (connection refused or reset,
+# timeouts, 5xx): ~1 min in all, on top of botocore's own quick retries of each request.
+UPLOAD_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+
 
 class StorageError(OSError):
     """An S3 store could not be used: bad credentials, unreachable endpoint or missing bucket.
     The message names the URI and what to check, never the secret key."""
+
+
+class IncompleteRunError(FileNotFoundError):
+    """A run folder without manifest.json: still being written, or abandoned."""
+
+
+class IntegrityError(RuntimeError):
+    """Stored bytes do not match the run's manifest (size or sha256)."""
+
+
+def _transient(err: BaseException | None) -> bool:
+    """Connection drops, timeouts and 5xx answers are worth another try; nothing else is."""
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+
+    while err is not None:  # s3fs re-raises botocore errors as OSError "from" them
+        if isinstance(err, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):
+            return True
+        if isinstance(err, ClientError) and err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _s3_problem(store: ArtifactStore, err: Exception) -> str | None:
@@ -76,15 +115,30 @@ class ArtifactStore:
     a missing object is still FileNotFoundError.
     """
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, part_size: int = PART_SIZE, retry_delays: tuple[float, ...] = UPLOAD_RETRY_DELAYS):
         if "://" not in uri:
             uri = str(Path(uri).expanduser().resolve())
         self.uri = uri.rstrip("/")
         self.is_s3 = self.uri.split("://")[0] in ("s3", "s3a")
+        self.part_size, self.retry_delays = part_size, retry_delays
         # fsspec reuses filesystem instances, and an S3 one keeps the AWS_* settings it first saw:
         # a fresh one per store picks up the current environment (e.g. corrected credentials).
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **({"skip_instance_cache": True} if self.is_s3 else {}))
+        # No listings cache: a reader must see objects another process wrote a moment ago.
+        s3 = {"skip_instance_cache": True, "use_listings_cache": False, "default_block_size": part_size}
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **(s3 if self.is_s3 else {}))
         self.bucket = self.root.split("/")[0] if self.is_s3 else ""
+
+    def _retrying(self, what: str, fn, *args, **kwargs):
+        """fn(*args), retried with backoff while S3 fails transiently (e.g. a restarting server)."""
+        for attempt, delay in enumerate((*self.retry_delays, None), start=1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:
+                if delay is None or not self.is_s3 or not _transient(err):
+                    raise
+                run_logger().warning("%s failed (%s: %s); attempt %d of %d in %g s", what,
+                                     type(err).__name__, err, attempt + 1, len(self.retry_delays) + 1, delay)
+                time.sleep(delay)
 
     def _bucket_exists(self) -> bool:
         try:
@@ -97,7 +151,10 @@ class ArtifactStore:
         return cls(uri)
 
     def child(self, *parts: str) -> ArtifactStore:
-        return ArtifactStore(posixpath.join(self.uri, *parts))
+        """The store below rel; it shares this store's file system (a new S3 client costs ~0.5 s)."""
+        below = copy.copy(self)
+        below.uri, below.root = posixpath.join(self.uri, *parts), posixpath.join(self.root, *parts)
+        return below
 
     def _path(self, rel: str) -> str:
         return posixpath.join(self.root, rel) if rel else self.root
@@ -107,10 +164,16 @@ class ArtifactStore:
 
     @_clear_s3_errors
     def write_bytes(self, rel: str, data: bytes) -> str:
+        """Write one object whole: readers see the old one or the new one, never a part."""
         path = self._path(rel)
-        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        with self.fs.open(path, "wb") as f:
-            f.write(data)
+        if self.is_s3:  # one PUT (multipart above part_size): visible only once complete
+            self._retrying(f"upload of {self.url(rel)}", self.fs.pipe_file, path, data, chunksize=self.part_size)
+        else:
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            staging = f"{path}.tmp{os.getpid()}"
+            with open(staging, "wb") as f:
+                f.write(data)
+            os.replace(staging, path)  # atomic on one file system
         return self.url(rel)
 
     def write_text(self, rel: str, text: str) -> str:
@@ -134,8 +197,12 @@ class ArtifactStore:
         for file in sorted(Path(local).rglob("*")):
             if file.is_file():
                 dest = self._path(posixpath.join(rel, file.relative_to(local).as_posix()))
-                self.fs.makedirs(posixpath.dirname(dest), exist_ok=True)
-                self.fs.put_file(str(file), dest)
+                if self.is_s3:  # S3 has no directories to make
+                    self._retrying(f"upload of {file} to s3://{dest}", self.fs.put_file, str(file), dest,
+                                   chunksize=self.part_size)
+                else:
+                    self.fs.makedirs(posixpath.dirname(dest), exist_ok=True)
+                    self.fs.put_file(str(file), dest)
         return self.url(rel)
 
     @_clear_s3_errors
@@ -145,7 +212,7 @@ class ArtifactStore:
         for path in self.fs.find(base):
             target = local / posixpath.relpath(path, base)
             target.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(path, str(target))
+            self._retrying(f"download of {path}", self.fs.get_file, path, str(target))
         return local
 
     @_clear_s3_errors
@@ -154,6 +221,11 @@ class ArtifactStore:
         if not self.fs.exists(base):
             return []
         return sorted(posixpath.relpath(p, base) for p in self.fs.find(base))
+
+    @_clear_s3_errors
+    def glob(self, pattern: str) -> list[str]:
+        """Paths (relative to the root) matching a glob pattern, e.g. 'runs/*/manifest.json'."""
+        return sorted(posixpath.relpath(p, self.root) for p in self.fs.glob(self._path(pattern)))
 
     @_clear_s3_errors
     def sha256(self, rel: str) -> str:
@@ -192,3 +264,114 @@ def write_manifest(run_uri: str, extra: dict[str, Any]) -> str:
     ]
     manifest = {"run": run_uri, "objects": objects, "versions": package_versions(), **extra}
     return store.write_json("manifest.json", manifest)
+
+
+# ---- Readers: only completed runs (those with a manifest) exist for them. ----
+
+def completed_runs(root: str) -> list[str]:
+    """Ids of the runs under <root>/runs/ that have a manifest; incomplete runs are left out."""
+    return [path.split("/")[1] for path in ArtifactStore(root).glob("runs/*/manifest.json")]
+
+
+def read_manifest(run: str | ArtifactStore) -> dict[str, Any]:
+    """The manifest of a completed run; IncompleteRunError when the run has none (yet)."""
+    run = run if isinstance(run, ArtifactStore) else ArtifactStore(run)
+    try:
+        return run.read_json("manifest.json")
+    except FileNotFoundError:
+        raise IncompleteRunError(f"{run.url('manifest.json')} does not exist: the run is incomplete "
+                                 "(still running, or it failed), and readers ignore it") from None
+
+
+def read_run(root: str, run_id: str) -> dict[str, Any]:
+    """The manifest of run `run_id` under root, if that run completed (see read_manifest)."""
+    return read_manifest(ArtifactStore(root).child("runs", run_id))
+
+
+def _split_run_uri(uri: str) -> tuple[str, str] | None:
+    """(run folder URI, path inside it) for a URI below .../runs/<run_id>/, else None."""
+    match = re.match(r"^(.*/runs/[^/]+)(?:/(.*))?$", uri.rstrip("/"))
+    return (match.group(1), match.group(2) or "") if match else None
+
+
+def _check(manifest: dict[str, Any], prefix: str, actual: dict[str, tuple[int, str]], where: str) -> None:
+    """Compare {path below prefix: (size, sha256)} with the manifest's entries below prefix."""
+    base = prefix.rstrip("/") + "/" if prefix else ""
+    expected = {o["path"][len(base):]: (o["size"], o["sha256"]) for o in manifest["objects"] if o["path"].startswith(base)}
+    problems = [f"{rel}: missing" for rel in sorted(set(expected) - set(actual))]
+    problems += [f"{rel}: not in the manifest" for rel in sorted(set(actual) - set(expected))]
+    problems += [f"{rel}: size/sha256 {actual[rel][0]}/{actual[rel][1][:12]}, manifest says "
+                 f"{expected[rel][0]}/{expected[rel][1][:12]}"
+                 for rel in sorted(set(expected) & set(actual)) if actual[rel] != expected[rel]]
+    if problems:
+        raise IntegrityError(f"{where} does not match {manifest['run']}/manifest.json: " + "; ".join(problems)
+                             + ". Re-download, or re-run the flow if the stored copy is damaged")
+
+
+def verify_run(run_uri: str, prefix: str = "") -> dict[str, Any]:
+    """Re-hash a completed run's stored objects (below prefix) against its manifest; return it."""
+    run = ArtifactStore(run_uri)
+    manifest = read_manifest(run)
+    base = prefix.rstrip("/") + "/" if prefix else ""
+    actual = {rel: (run.size(base + rel), run.sha256(base + rel))
+              for rel in run.list_files(prefix) if base + rel != "manifest.json"}
+    _check(manifest, prefix, actual, run.url(prefix))
+    return manifest
+
+
+def download_verified(uri: str, local: Path) -> Path:
+    """Download a folder of a run (model/, checkpoints/...) and check every file against the
+    run's manifest. A run still in progress has no manifest yet: its files are not checked here."""
+    store = ArtifactStore(uri)
+    store.download_dir("", local)
+    found = _split_run_uri(store.uri)
+    run = ArtifactStore(found[0]) if found else None
+    if run is None or not run.exists("manifest.json"):
+        return Path(local)
+    prefix = found[1]
+    manifest = read_manifest(run)
+    actual = {}
+    for file in Path(local).rglob("*"):
+        if file.is_file():
+            digest = hashlib.sha256()
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            actual[file.relative_to(local).as_posix()] = (file.stat().st_size, digest.hexdigest())
+    _check(manifest, prefix, actual, f"download of {store.uri}")
+    run_logger().info("Downloaded %s: %d files match its run's manifest", store.uri, len(actual))
+    return Path(local)
+
+
+# ---- Pointers: <root>/pointers/<flow_name>/<name>.json names a completed run. ----
+
+def _pointer_rel(flow_name: str, name: str) -> str:
+    for label, value in (("flow_name", flow_name), ("pointer name", name)):
+        if not value or "/" in value or value.startswith("."):
+            raise ValueError(f"{label} {value!r} must be a non-empty name without slashes")
+    return f"pointers/{flow_name}/{name}.json"
+
+
+def set_pointer(root: str, flow_name: str, name: str, run_id: str) -> str:
+    """Point `name` (e.g. latest, promoted) of a flow at a completed run, written whole in one object."""
+    rel, store = _pointer_rel(flow_name, name), ArtifactStore(root)
+    run = store.child("runs", run_id)
+    read_manifest(run)  # a pointer never names an incomplete run
+    pointer = {"flow": flow_name, "name": name, "run_id": run_id, "run_uri": run.uri,
+               "manifest_sha256": run.sha256("manifest.json"),
+               "updated_at": datetime.now(timezone.utc).isoformat()}
+    return store.write_json(rel, pointer)
+
+
+def read_pointer(root: str, flow_name: str, name: str) -> dict[str, Any] | None:
+    """The pointer object ({run_id, run_uri, manifest_sha256, updated_at}), or None if never set."""
+    try:
+        return ArtifactStore(root).read_json(_pointer_rel(flow_name, name))
+    except FileNotFoundError:
+        return None
+
+
+@task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30])
+def set_latest(root: str, flow_name: str, run_id: str) -> str:
+    """Point the flow's `latest` at this run, once its manifest is written."""
+    return set_pointer(root, flow_name, "latest", run_id)

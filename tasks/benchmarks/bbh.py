@@ -27,9 +27,13 @@ class BBH(LmEvalBenchmark):
     hub = ("lukaemon/bbh", "<task>")
     fixture = "bbh"
     stock_yaml = "bbh/fewshot/{subset}.yaml"
-    metric = "exact_match,none"
+    metric = "exact_match,strip"
     reference = "SmolLM2 model card, BBH 3-shot (lighteval); lm-eval bbh/fewshot (Suzgun et al. 2022 prompts)"
-    extraction = "the generation up to the first stop sequence, compared exactly with the target"
+    extraction = "the generation up to the first stop sequence, stripped of surrounding whitespace, compared exactly with the target"
+    # The stock task compares the raw generation, but after "A:" models answer " True" (with the
+    # leading space the few-shot examples put there), which never equals "True": every model
+    # scores 0. lm-eval's own remove_whitespace filter fixes that without touching the prompt.
+    strip_filter = [{"name": "strip", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}]
     subsets = _stock_tasks()
 
     def data_files(self, cfg: BenchmarkConfig) -> dict[str, str] | None:
@@ -57,7 +61,9 @@ class BBH(LmEvalBenchmark):
         chosen = cfg.subsets or (list(files) if files is not None else list(self.subsets))
         specs = []
         for task in chosen:
-            spec = self.stock(self.stock_yaml.format(subset=task)) | {"task": f"smolflow_bbh_{task}", "tag": []}
+            spec = self.stock(self.stock_yaml.format(subset=task)) | {
+                "task": f"smolflow_bbh_{task}", "tag": [], "filter_list": self.strip_filter,
+            }
             if files is None:
                 spec |= {"dataset_path": self.hub[0], "dataset_name": task}
             else:

@@ -1,0 +1,70 @@
+"""Regression gate: promote, reject and first-run cases, on real run folders."""
+
+import pytest
+
+from tasks.gate import Score, decide, promote, regression_gate
+from tasks.storage import ArtifactStore, read_pointer, write_manifest
+
+FLOW = "smolflow-finetune"
+
+
+def test_no_drop_promotes():
+    d = decide({"gsm8k": Score(score=0.30, stderr=0.05)}, {"gsm8k": Score(score=0.28, stderr=0.05)}, "base")
+    assert d.promote and d.reasons == [] and d.table[0]["ok"]
+
+
+def test_drop_within_noise_promotes_and_beyond_noise_rejects():
+    ref = {"mmlu": Score(score=0.50, stderr=0.03)}
+    # tolerance = 2 * sqrt(0.03^2 + 0.03^2) = 0.0849
+    assert decide({"mmlu": Score(score=0.43, stderr=0.03)}, ref, "x").promote
+    rejected = decide({"mmlu": Score(score=0.40, stderr=0.03)}, ref, "x")
+    assert not rejected.promote
+    assert "mmlu dropped 0.1000" in rejected.reasons[0] and "tolerance 0.0849" in rejected.reasons[0]
+
+
+def test_fixed_tolerance_overrides_the_stderr_rule():
+    ref = {"gsm8k": Score(score=0.50, stderr=0.2)}
+    assert not decide({"gsm8k": Score(score=0.45, stderr=0.2)}, ref, "x", tolerance=0.01).promote
+
+
+def test_blocking_health_sign_rejects_even_with_better_scores():
+    d = decide({"gsm8k": Score(score=0.9)}, {"gsm8k": Score(score=0.1)}, "x", blocking_health=["overfitting from step 20"])
+    assert not d.promote and d.reasons == ["training health: overfitting from step 20"]
+
+
+def _completed_run(root, run_id: str, scores: dict[str, float]) -> str:
+    run = ArtifactStore(root).child("runs", run_id)
+    for name, score in scores.items():
+        run.write_json(f"benchmarks/{name}/tuned.summary.json", {"name": name, "score": score, "stderr": 0.01})
+    write_manifest.fn(run.uri, {"run_id": run_id})
+    return run.uri
+
+
+def test_first_run_compares_with_the_base_model_and_promotes(tmp_path):
+    root = str(tmp_path)
+    run_uri = _completed_run(root, "r1", {"gsm8k": 0.2})
+    d = regression_gate.fn(root, FLOW, run_uri, {"gsm8k": Score(score=0.1, stderr=0.01)}, {"gsm8k": Score(score=0.2, stderr=0.01)}, None, [])
+    assert d.promote and d.against.startswith("base model")
+    assert ArtifactStore(run_uri).read_json("gate/decision.json")["promote"] is True
+    promote.fn(root, FLOW, "r1")
+    assert read_pointer(root, FLOW, "promoted")["run_id"] == "r1"
+
+
+def test_regression_against_the_promoted_run_is_rejected_and_the_model_kept(tmp_path):
+    root = str(tmp_path)
+    _completed_run(root, "good", {"gsm8k": 0.40})
+    promote.fn(root, FLOW, "good")
+    worse = _completed_run(root, "worse", {"gsm8k": 0.10})
+    ArtifactStore(worse).write_text("model/model.safetensors", "weights")
+    d = regression_gate.fn(root, FLOW, worse, {"gsm8k": Score(score=0.5)}, {"gsm8k": Score(score=0.10, stderr=0.01)}, None, [])
+    assert not d.promote and d.against == "promoted run good"
+    assert "gsm8k dropped 0.3000" in d.reasons[0]
+    assert read_pointer(root, FLOW, "promoted")["run_id"] == "good"  # unchanged
+    assert ArtifactStore(worse).exists("model/model.safetensors")  # rejected, not deleted
+    assert "Not promoted" in (tmp_path / "runs/worse/gate/decision.md").read_text()
+
+
+def test_promoting_an_incomplete_run_is_refused(tmp_path):
+    ArtifactStore(str(tmp_path)).child("runs", "half").write_json("config.json", {})
+    with pytest.raises(FileNotFoundError):
+        promote.fn(str(tmp_path), FLOW, "half")
