@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-BENCHMARKS = ("gsm8k",)  # grows as tasks/benchmarks/ grows
+BENCHMARKS = ("mmlu", "bbh", "gsm8k", "math", "humaneval")  # one module each in tasks/benchmarks/
 
 DEFAULT_PROMPTS = [
     "Hello! How are you?",
@@ -64,6 +64,11 @@ class TrainingConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Trades speed for memory; off by default since a 135M model fits easily."
     )
+    padding_free: bool = Field(
+        True,
+        description="Batch conversations as one flat sequence of real tokens (no padding), with "
+        "attention kept within each conversation; same loss as padded batches, less compute.",
+    )
     seed: int = 42
 
 
@@ -86,6 +91,26 @@ class BenchmarkConfig(_Section):
         "'auto': the hub online, the shipped fixture offline.",
     )
     batch_size: int = Field(8, ge=1)
+    subsets: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="MMLU subjects (e.g. high_school_physics) or BBH tasks (e.g. boolean_expressions) to "
+        "score; limit then applies per subset. None: every subset in the data.",
+    )
+
+    @model_validator(mode="after")
+    def _known_subsets(self) -> BenchmarkConfig:
+        if self.subsets is None:
+            return self
+        from tasks.benchmarks import REGISTRY  # imported late: tasks.benchmarks imports this module
+
+        known = REGISTRY[self.name].subsets
+        if not known:
+            raise ValueError(f"benchmarks[{self.name}].subsets: {self.name} has no subsets; leave it unset")
+        unknown = [s for s in self.subsets if s not in known]
+        if unknown:
+            raise ValueError(f"benchmarks[{self.name}].subsets: unknown {unknown}; choose from {', '.join(known)}")
+        return self
 
 
 class OutputConfig(_Section):
@@ -109,6 +134,16 @@ class OutputConfig(_Section):
         if run_id is not None and (not run_id or any(c in run_id for c in "/\\ ") or run_id.startswith(".")):
             raise ValueError(f"run_id {run_id!r} must be a non-empty name without slashes or spaces")
         return run_id
+
+
+class GateConfig(_Section):
+    """Regression gate: move the `promoted` pointer to this run only if it did not regress."""
+
+    enabled: bool = Field(True, description="Off: never promote (the decision is still recorded).")
+    tolerance: float | None = Field(
+        None, ge=0, le=1,
+        description="Allowed absolute score drop per benchmark; None: twice the combined standard error.",
+    )
 
 
 class WandbConfig(_Section):
@@ -135,9 +170,12 @@ class RunConfig(_Section):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     benchmarks: list[BenchmarkConfig] = Field(default_factory=lambda: [BenchmarkConfig()])
     output: OutputConfig = Field(default_factory=OutputConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     torch_threads: int | None = Field(
-        None, ge=1, description="None: half the CPU cores (oversubscribed cores make torch far slower)."
+        None, ge=1,
+        description="None: every available core. Lower it when other heavy processes share the machine "
+        "(oversubscribed cores make torch far slower).",
     )
 
     @model_validator(mode="after")

@@ -11,29 +11,34 @@ from datetime import datetime, timezone
 
 import yaml
 from prefect import flow
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from flows.config import RunConfig
 from tasks.data import load_chat_dataset
 from tasks.evaluation import run_benchmark
+from tasks.gate import promote, regression_gate
 from tasks.generation import generate_samples
+from tasks.health import assess_training
 from tasks.models import resolve_model
+from tasks.progress import Progress
 from tasks.reporting import write_report
 from tasks.runtime import cache_dir, set_torch_threads
-from tasks.storage import ArtifactStore, write_manifest
+from tasks.storage import ArtifactStore, set_latest, write_manifest
 from tasks.templates import prepare_chat_template
-from tasks.tracking import log_results, start_wandb
+from tasks.tracking import log_references, log_results, start_wandb, wandb_link
 from tasks.training import publish_model, train_sft
 
 
 @flow(name="smolflow-finetune")
 def finetune(config: RunConfig = RunConfig()) -> dict:
-    """Data -> chat template -> samples -> SFT -> samples -> benchmarks -> report -> manifest."""
+    """Data -> template -> samples -> SFT -> samples -> health -> benchmarks -> gate -> report -> manifest."""
     threads = set_torch_threads(config.torch_threads)
     run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     run = ArtifactStore(config.output.artifacts_uri).child("runs", run_id)
     run.write_json("config.json", config.model_dump(mode="json"))
-    wb = start_wandb(config.wandb, run_id, config.model_dump(mode="json"), cache_dir("work", run_id), flow_run.get_name())
+    tags = [deployment.name] if deployment.name else None  # which schedule/deployment started it
+    wb = start_wandb(config.wandb, run_id, config.model_dump(mode="json"), cache_dir("work", run_id),
+                     flow_run.get_name(), tags)
 
     base = resolve_model(config.model)
     data = load_chat_dataset(config.data)
@@ -43,14 +48,33 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     trained = train_sft(templated.model, data, config.training, run.uri, ["wandb"] if wb else [])
     trained.model = publish_model(trained.model, run.uri)  # a cache hit points at an earlier run
     after = generate_samples(trained.model, prompts, max_new)
-    scores = {
-        b.name: {"base": run_benchmark(templated.model, b), "tuned": run_benchmark(trained.model, b)}
-        for b in config.benchmarks
-    }
+    health = assess_training(trained.log_history, after)
+    scores, bar = {}, Progress("smolflow-benchmark-progress", "Benchmarks scored", 2 * len(config.benchmarks))
+    for i, b in enumerate(config.benchmarks):
+        bar.update(2 * i, f"{b.name}: scoring the base model")
+        base_score = run_benchmark(templated.model, b)
+        bar.update(2 * i + 1, f"{b.name}: scoring the tuned model")
+        scores[b.name] = {"base": base_score, "tuned": run_benchmark(trained.model, b)}
+    bar.update(bar.total, f"done: {', '.join(scores)}")
 
-    summary = write_report(run.uri, templated.rendered_example, before, after, trained, scores, wb.url if wb else None)
+    decision = regression_gate(
+        config.output.artifacts_uri, flow_run.flow_name, run.uri,
+        {name: pair["base"] for name, pair in scores.items()},
+        {name: pair["tuned"] for name, pair in scores.items()},
+        config.gate.tolerance, health.blocking(),
+    )
+    promoted = decision.promote and config.gate.enabled
+    summary = write_report(
+        run.uri, templated.rendered_example, before, after, trained, scores, wandb_link(wb, run.uri), health,
+        config.model_dump(mode="json"), data, decision, config.output.artifacts_uri, gate_enabled=config.gate.enabled,
+    )
     if wb:
-        log_results(wb, before, after, scores, {"eval_loss": trained.metrics["eval_loss"], "run_uri": run.uri})
+        refs = {"model": trained.model.path, "benchmarks": run.url("benchmarks"), "report": run.url("report")}
+        log_references(wb, refs)  # W&B points at the run folder's files instead of copying them
+        log_results(wb, before, after, scores, {"eval_loss": trained.metrics["eval_loss"], "run_uri": run.uri,
+                                                "promoted": promoted}, health)
+        if promoted:
+            wb.tags = (*wb.tags, "promoted")
         wb.finish()
         run.upload_dir(cache_dir("work", run_id) / "wandb", "wandb")
     write_manifest(
@@ -64,7 +88,10 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
             "completed_at": datetime.now(timezone.utc).isoformat(),
         },
     )
-    return summary | {"manifest": run.url("manifest.json")}
+    set_latest(config.output.artifacts_uri, flow_run.flow_name, run_id)  # after the manifest, never before
+    if promoted:
+        promote(config.output.artifacts_uri, flow_run.flow_name, run_id)
+    return summary | {"manifest": run.url("manifest.json"), "promoted": promoted, "gate": decision.reasons}
 
 
 def parse_args(argv: list[str]) -> RunConfig:

@@ -5,6 +5,7 @@ training-health check raised no blocking sign. A rejected model stays in its run
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
@@ -67,10 +68,13 @@ def markdown(decision: GateDecision) -> str:
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30])
 def regression_gate(
-    root: str, flow_name: str, run_uri: str, base: dict[str, Score], tuned: dict[str, Score],
+    root: str, flow_name: str, run_uri: str, base: dict[str, Any], tuned: dict[str, Any],
     tolerance: float | None, blocking_health: list[str],
 ) -> GateDecision:
     """Compare with the promoted run (or the base model), and write the decision to the run folder."""
+    # Scores arrive as BenchmarkResults (or anything with .score/.stderr); only those two count.
+    base = {n: Score(score=r.score, stderr=r.stderr) for n, r in base.items()}
+    tuned = {n: Score(score=r.score, stderr=r.stderr) for n, r in tuned.items()}
     pointer = read_pointer(root, flow_name, "promoted")
     if pointer is None:
         reference, against = base, "base model (first run: nothing promoted yet)"

@@ -28,9 +28,11 @@ def hub_offline() -> bool:
 
 
 def default_threads() -> int:
-    # Half the logical CPUs approximates the physical cores; on a busy 2-core box one torch
-    # thread ran a forward pass ~10x faster than two (the Prefect server shares the cores).
-    return max(1, (os.cpu_count() or 2) // 2)
+    # Every core this process may use: a run owns its machine, and on this project's 2-core
+    # machine two threads trained 1.7x faster than one (docs/training.md). Where other heavy
+    # processes share the cores, set torch_threads lower: oversubscribed cores made a forward
+    # pass ~10x slower. The tests pin one thread for that reason.
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def set_torch_threads(n: int | None) -> int:

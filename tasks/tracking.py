@@ -19,8 +19,9 @@ def wandb_mode(cfg: WandbConfig) -> str:
     return cfg.mode
 
 
-def start_wandb(cfg: WandbConfig, run_id: str, config: dict, local_dir: Path, group: str | None):
-    """Start the run's W&B run (or return None when disabled)."""
+def start_wandb(cfg: WandbConfig, run_id: str, config: dict, local_dir: Path, group: str | None,
+                tags: list[str] | None = None):
+    """Start the run's W&B run (or return None when disabled); tags e.g. the Prefect deployment."""
     mode = wandb_mode(cfg)
     if mode == "disabled":
         return None
@@ -34,6 +35,7 @@ def start_wandb(cfg: WandbConfig, run_id: str, config: dict, local_dir: Path, gr
         name=run_id,
         group=group,
         job_type="finetune",
+        tags=tags or None,
         mode=mode,
         dir=str(local_dir),
         config=config,
@@ -42,8 +44,8 @@ def start_wandb(cfg: WandbConfig, run_id: str, config: dict, local_dir: Path, gr
     )
 
 
-def log_results(wb_run, samples_before, samples_after, scores: dict, summary: dict) -> None:
-    """Samples side by side, per-benchmark scores base vs tuned, and the run summary."""
+def log_results(wb_run, samples_before, samples_after, scores: dict, summary: dict, health=None) -> None:
+    """Samples side by side, per-benchmark scores base vs tuned, the run summary and training health."""
     if wb_run is None:
         return
     import wandb
@@ -56,4 +58,44 @@ def log_results(wb_run, samples_before, samples_after, scores: dict, summary: di
         bench.add_data(name, pair["base"].metric, pair["base"].score, pair["tuned"].score,
                        pair["tuned"].score - pair["base"].score, pair["tuned"].n)
     wb_run.log({"samples": table, "benchmarks": bench})
+    wb_run.summary.update(summary | bench_summary(scores) | (health.summary() if health is not None else {}))
+
+
+def bench_summary(scores: dict) -> dict:
+    """bench/<name>/{base,tuned,delta}: flat keys the W&B runs table can sort and chart across runs."""
+    out = {}
+    for name, pair in scores.items():
+        base, tuned = pair["base"].score, pair["tuned"].score
+        out |= {f"bench/{name}/base": base, f"bench/{name}/tuned": tuned, f"bench/{name}/delta": tuned - base}
+    return out
+
+
+def wandb_link(wb_run, run_uri: str) -> str | None:
+    """The W&B run's URL online; offline, where its files land in the run folder (for `wandb sync`)."""
+    if wb_run is None:
+        return None
+    if wb_run.url:
+        return wb_run.url
+    return f"{run_uri}/wandb/{Path(wb_run.dir).parent.name}"
+
+
+def _ref_uri(uri: str) -> str:
+    return uri if "://" in uri else Path(uri).resolve().as_uri()
+
+
+def log_references(wb_run, refs: dict[str, str]) -> dict:
+    """Log each {name: run-folder URI} as a W&B artifact that REFERENCES the files (no copy); also put
+    the URIs in the summary (artifacts/<name>) so a reader of the summary alone finds them."""
+    if wb_run is None:
+        return {}
+    import wandb
+
+    for name, uri in refs.items():
+        art = wandb.Artifact(f"{wb_run.id}-{name}", type="model" if name == "model" else "results")
+        # file://: W&B hashes the files itself. s3://: checksum=False records the URI without asking
+        # the endpoint (W&B's S3 handler knows only AWS settings); the run manifest has the hashes.
+        art.add_reference(_ref_uri(uri), checksum=not uri.startswith("s3://"))
+        wb_run.log_artifact(art, aliases=["latest"])
+    summary = {f"artifacts/{name}": _ref_uri(uri) for name, uri in refs.items()}
     wb_run.summary.update(summary)
+    return summary

@@ -1,10 +1,20 @@
-"""Training stage: supervised fine-tuning with TRL's SFTTrainer, eval loss on the test split."""
+"""Training stage: supervised fine-tuning with TRL's SFTTrainer, eval loss on the test split.
+
+Resumable: every `save_steps` the Trainer's checkpoint (model, optimizer, scheduler, RNG, step)
+is copied to `<run>/checkpoints/checkpoint-N/` and a `COMPLETE` marker is written last, so a
+retried task, or the flow re-run for the same run id, continues from the newest complete
+checkpoint instead of step 0. A checkpoint without the marker was cut off mid-save: ignored.
+"""
 
 from __future__ import annotations
 
-import logging
+import hashlib
+import json
 import math
 import posixpath
+import re
+import shutil
+from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import TASK_SOURCE
@@ -13,15 +23,17 @@ from pydantic import BaseModel
 from flows.config import TrainingConfig
 from tasks.data import DatasetRef
 from tasks.models import ModelRef, fingerprint_dir, load_model
-from tasks.runtime import BY_CONTENT, ContentInputs, cache_dir
+from tasks.progress import training_progress
+from tasks.runtime import BY_CONTENT, ContentInputs, cache_dir, run_logger
 from tasks.storage import ArtifactStore
 
-log = logging.getLogger(__name__)
+MARKER = "COMPLETE"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class TrainResult(BaseModel):
     model: ModelRef
-    metrics: dict[str, float]  # final train_loss, eval_loss, steps, runtime, ...
+    metrics: dict[str, float]  # final train_loss, eval_loss, steps, runtime, resumed_from_step, ...
     log_history: list[dict]  # the Trainer's per-step logs: the loss curves
 
 
@@ -46,7 +58,10 @@ def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str]):
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=2,
-        max_length=cfg.max_length,
+        # Padding-free batches hold only real tokens; TRL then wants the data truncated beforehand
+        # (prepare_splits does it), since its collator no longer cuts rows to max_length.
+        max_length=None if cfg.padding_free else cfg.max_length,
+        padding_free=cfg.padding_free,
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name; TRL defaults it on
         seed=cfg.seed,
         # TRL defaults to bf16, which CPUs without bf16 kernels run slowly or refuse.
@@ -57,37 +72,130 @@ def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str]):
     )
 
 
+def prepare_splits(splits, tokenizer, cfg: TrainingConfig):
+    """Train/test splits as the trainer takes them: conversations, or for padding-free batches,
+    token ids rendered with the chat template and cut to max_length (what TRL does for padded ones)."""
+    if not cfg.padding_free:
+        return splits["train"], splits["test"]
+
+    def tokenize(row):
+        ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
+        return {"input_ids": ids[: cfg.max_length]}
+
+    return tuple(splits[k].map(tokenize, remove_columns=splits[k].column_names) for k in ("train", "test"))
+
+
+# ---- checkpoints: resume after a crash ----------------------------------------------------
+
+
+def resume_key(base: ModelRef, data: DatasetRef, cfg: TrainingConfig) -> str:
+    """What a checkpoint must have been trained from to be resumed: same model, data and knobs
+    (another max_steps would distort the LR schedule, so it starts afresh)."""
+    what = {"model": base.fingerprint, "data": data.fingerprint, "cfg": cfg.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _steps(names, is_complete) -> list[int]:
+    return sorted((int(m[1]) for n in names if (m := _CHECKPOINT.match(n)) and is_complete(n)), reverse=True)
+
+
+def _marker_ok(text: str, key: str) -> bool:
+    try:
+        return json.loads(text).get("key") == key
+    except ValueError:
+        return False
+
+
+def find_checkpoint(work: Path, run: ArtifactStore, key: str) -> Path | None:
+    """The newest complete checkpoint for this key: local work dir first, else the run folder's
+    copy (downloaded into the work dir). None: start from step 0."""
+    local = work / "checkpoints"
+    names = [p.name for p in local.iterdir()] if local.is_dir() else []
+    mine = _steps(names, lambda n: (local / n / MARKER).is_file() and _marker_ok((local / n / MARKER).read_text(), key))
+    if mine:
+        return local / f"checkpoint-{mine[0]}"
+    remote = run.child("checkpoints")
+    files = remote.list_files()
+    names = {f.split("/")[0] for f in files if "/" in f}
+    done = {f.split("/")[0] for f in files if f.endswith("/" + MARKER)}
+    for step in _steps(names, lambda n: n in done):
+        name = f"checkpoint-{step}"
+        with remote.fs.open(remote.child(name, MARKER).root, "r") as f:
+            if not _marker_ok(f.read(), key):
+                continue
+        shutil.rmtree(local, ignore_errors=True)  # unfinished or foreign local saves: not to be rotated in
+        return remote.download_dir(name, local / name)
+    return None
+
+
+def _remove(store: ArtifactStore) -> None:
+    if store.exists():
+        store.fs.rm(store.root, recursive=True)
+
+
+def checkpoint_uploader(run: ArtifactStore, key: str, keep: int = 2):
+    """A TrainerCallback that copies each saved checkpoint to the run folder, marker last."""
+    from transformers import TrainerCallback
+
+    class UploadCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            name = f"checkpoint-{state.global_step}"
+            local = Path(args.output_dir) / name
+            marker = json.dumps({"step": state.global_step, "key": key})
+            remote = run.child("checkpoints")
+            remote.upload_dir(local, name)  # every file the Trainer wrote (on_save comes after them)
+            remote.write_text(f"{name}/{MARKER}", marker)  # then the marker, last
+            (local / MARKER).write_text(marker)
+            for old in _steps({f.split("/")[0] for f in remote.list_files() if "/" in f}, lambda n: True)[keep:]:
+                _remove(remote.child(f"checkpoint-{old}"))
+            run_logger().info("Checkpoint %s saved to %s", name, remote.url(name))
+
+    return UploadCheckpoints()
+
+
 @task(cache_policy=(ContentInputs() - "run_uri" - "report_to") + TASK_SOURCE, retries=1, retry_delay_seconds=10)
 def train_sft(
     base: ModelRef, data: DatasetRef, cfg: TrainingConfig, run_uri: str, report_to: list[str]
 ) -> TrainResult:
-    """Fine-tune the model on the chat dataset and upload the result to the run folder."""
+    """Fine-tune the model on the chat dataset (resuming a crashed attempt) and upload the result."""
     # The cache key leaves out where the model is written and whether W&B watches, so a second
     # run with the same model, data and knobs reuses this result instead of training again.
     from datasets import load_from_disk
     from trl import SFTTrainer
 
+    log = run_logger()
     model, tokenizer = load_model(base)
-    splits = load_from_disk(data.path)
+    train, test = prepare_splits(load_from_disk(data.path), tokenizer, cfg)
+    run = ArtifactStore(run_uri)
     work = cache_dir("work", posixpath.basename(run_uri))
+    key = resume_key(base, data, cfg)
+    resume = find_checkpoint(work, run, key)
+    if resume is None:  # stale checkpoints of other settings must not be rotated in or resumed
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+        _remove(run.child("checkpoints"))
     trainer = SFTTrainer(
         model=model,
         args=sft_config(cfg, str(work / "checkpoints"), report_to),
-        train_dataset=splits["train"],
-        eval_dataset=splits["test"],
+        train_dataset=train,
+        eval_dataset=test,
         processing_class=tokenizer,
+        callbacks=[checkpoint_uploader(run, key), training_progress()],
     )
-    train_output = trainer.train()
+    resumed_from = int(_CHECKPOINT.match(resume.name)[1]) if resume else 0
+    log.info("Training from step %d%s", resumed_from, f" (resuming {resume})" if resume else "")
+    train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     eval_metrics = trainer.evaluate()
     final = work / "model"
     trainer.save_model(str(final))
     tokenizer.save_pretrained(str(final))
-    uri = ArtifactStore(run_uri).upload_dir(final, "model")
+    uri = run.upload_dir(final, "model")
+    _remove(run.child("checkpoints"))  # the final model supersedes them; they are GBs on real models
     metrics = {
         "train_loss": train_output.training_loss,
         "eval_loss": eval_metrics["eval_loss"],
         "eval_perplexity": math.exp(min(eval_metrics["eval_loss"], 50)),
         "steps": float(trainer.state.global_step),
+        "resumed_from_step": float(resumed_from),
         "train_runtime_s": train_output.metrics["train_runtime"],
         "train_samples_per_second": train_output.metrics["train_samples_per_second"],
     }

@@ -6,11 +6,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
 from flows.finetune import finetune
-from tasks.storage import ArtifactStore
+from tasks.storage import ArtifactStore, read_pointer
 from tests.conftest import tiny_run_config
 
 EXPECTED = [
@@ -28,6 +29,8 @@ EXPECTED = [
     "benchmarks/gsm8k/tuned.summary.json",
     "benchmarks/comparison.json",
     "report/report.md",
+    "report/trend.png",
+    "gate/decision.json",
     "manifest.json",
 ]
 
@@ -40,6 +43,14 @@ def _task_states(flow_run_id) -> dict[str, set[str]]:
     for r in runs:
         states.setdefault(r.name.rsplit("-", 1)[0], set()).add(r.state.name)
     return states
+
+
+def _progress(flow_run_id) -> dict[str, float]:
+    """{key: progress} of the flow run's progress artifacts (training steps, benchmarks)."""
+    with get_client(sync_client=True) as client:
+        by_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        found = client.read_artifacts(artifact_filter=by_run)
+    return {a.key: a.data for a in found if a.type == "progress"}
 
 
 def check_run_folder(run_uri: str) -> dict:
@@ -90,6 +101,13 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     assert summary["training"]["steps"] == 3 and summary["training"]["eval_loss"] > 0
     report = store.fs.cat(store._path("report/report.md")).decode()
     assert "## Benchmarks (base vs tuned)" in report and "| gsm8k |" in report
+    # Configuration, data and the gate's decision, with links to the pieces.
+    assert "## Configuration" in report and "max_steps: 3" in report
+    assert f"fingerprint `{manifest['dataset']['fingerprint']}`" in report
+    assert f"train: {manifest['dataset']['rows']['train']} rows" in report
+    assert "## Regression gate" in report and "compared with the base model" in report
+    assert f"- tuned model: `{run_uri}/model/`" in report and f"- W&B run: `{run_uri}/wandb/offline-run-" in report
+    assert f"| {run_uri.rsplit('/', 1)[-1]} | " in report  # the score trend's one row so far
     # W&B offline run files are in the run folder, ready for `wandb sync`.
     assert any(f.startswith("wandb/") and f.endswith(".wandb") for f in store.list_files())
     recorded = wandb_summary(Path(run_uri))
@@ -98,6 +116,10 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     assert recorded["summary"]["train/loss"] == last_loss
     assert recorded["summary"]["eval_loss"] == summary["training"]["eval_loss"]
     assert {"samples", "benchmarks"} <= set(recorded["summary"])  # the two tables
+    bench = summary["benchmarks"][0]
+    assert recorded["summary"]["bench/gsm8k/tuned"] == pytest.approx(bench["tuned"], abs=1e-4)
+    assert recorded["summary"]["bench/gsm8k/delta"] == pytest.approx(bench["delta"], abs=1e-4)
+    assert recorded["summary"]["artifacts/model"] == Path(run_uri, "model").as_uri()
     assert recorded["config"]["training"]["max_steps"] == 3
     # No secret from the environment ends up in any artifact (W&B files included).
     for path in Path(run_uri).rglob("*"):
@@ -105,6 +127,14 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
             assert secret.encode() not in path.read_bytes(), path
     states = _task_states(state.state_details.flow_run_id)
     assert states["train_sft"] == {"Completed"}
+    progress = _progress(state.state_details.flow_run_id)  # both bars ran to the end
+    assert progress == {"smolflow-training-progress": 100.0, "smolflow-benchmark-progress": 100.0}
+    # The gate compared with the base model (first run) and moved `promoted` only if it passed.
+    decision = store.read_json("gate/decision.json")
+    assert decision["against"].startswith("base model")
+    promoted = read_pointer(str(tmp_path / "artifacts"), "smolflow-finetune", "promoted")
+    assert summary["promoted"] == decision["promote"] == (promoted is not None)
+    assert read_pointer(str(tmp_path / "artifacts"), "smolflow-finetune", "latest")["run_id"] == run_uri.rsplit("/", 1)[-1]
 
     started = time.perf_counter()
     again = finetune(config=config, return_state=True)
@@ -117,6 +147,8 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     assert second["run"] != run_uri
     assert second["model"] == second["run"] + "/model"  # the reused model, copied into this run
     check_run_folder(second["run"])
+    trend = ArtifactStore(second["run"]).fs.cat(str(Path(second["run"], "report/report.md"))).decode()
+    assert f"| {run_uri.rsplit('/', 1)[-1]} | " in trend and f"| {second['run'].rsplit('/', 1)[-1]} | " in trend
     assert manifest["tuned_model"]["fingerprint"] == ArtifactStore(second["run"]).read_json("manifest.json")["tuned_model"]["fingerprint"]
     assert second_seconds < first_seconds / 2, (first_seconds, second_seconds)
 

@@ -42,8 +42,8 @@ class Benchmark:
     fixture: str  # directory under tasks/fixtures/ in the hub schema
     reference: str  # where the default settings come from
 
-    def data_files(self, cfg: BenchmarkConfig) -> dict[str, str] | None:
-        """Local files per split, or None to use the hub dataset."""
+    def local_source(self, cfg: BenchmarkConfig) -> Path | None:
+        """The local file or folder `cfg.data` names ('auto' offline: the fixture), or None for the hub."""
         source = cfg.data
         if source == "auto":
             source = "fixture" if hub_offline() else "hub"
@@ -52,6 +52,13 @@ class Benchmark:
         folder = FIXTURES / self.fixture if source == "fixture" else Path(source).expanduser()
         if not folder.exists():
             raise ValueError(f"benchmarks[{self.name}].data={cfg.data!r}: no such file or directory")
+        return folder
+
+    def data_files(self, cfg: BenchmarkConfig) -> dict[str, str] | None:
+        """Local files per split, or None to use the hub dataset."""
+        folder = self.local_source(cfg)
+        if folder is None:
+            return None
         if folder.is_file():
             return {"test": str(folder)}
         files = {f.stem.split("-")[0]: str(f) for f in sorted(folder.iterdir()) if f.suffix in (".jsonl", ".json", ".parquet")}

@@ -38,16 +38,9 @@ class BBH(LmEvalBenchmark):
 
     def data_files(self, cfg: BenchmarkConfig) -> dict[str, str] | None:
         """Local files: a folder with one <task>.jsonl (or .parquet) per BBH task."""
-        source = cfg.data
-        if source == "auto":
-            from tasks.runtime import hub_offline
-
-            source = "fixture" if hub_offline() else "hub"
-        if source == "hub":
+        folder = self.local_source(cfg)
+        if folder is None:
             return None
-        from tasks.runtime import FIXTURES
-
-        folder = FIXTURES / self.fixture if source == "fixture" else Path(source).expanduser()
         if not folder.is_dir():
             raise ValueError(f"benchmarks[bbh].data={cfg.data!r}: need a folder of <task>.jsonl files")
         files = {f.stem: str(f) for f in sorted(folder.iterdir()) if f.suffix in (".jsonl", ".json", ".parquet")}

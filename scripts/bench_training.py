@@ -1,0 +1,180 @@
+"""Training throughput: the seed tutorial's SFT settings vs smolflow's defaults, side by side.
+
+    python scripts/bench_training.py                  # real SmolLM2-135M, fixture data, 6 timed steps each
+    python scripts/bench_training.py --steps 3 --rounds 2 --model /path/to/model
+
+Each configuration runs in its own fresh process (so peak memory is its own), and the two are
+interleaved round by round, so load from other users of the machine hits both alike. Printed per
+configuration: real (non-padding) tokens/s, the ratio to the seed, peak RSS, mean loss on the
+timed steps, and MFU against an fp32 matmul peak measured in the same process with its threads.
+Not a test: numbers go to docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CONFIGS = ("seed", "smolflow")
+
+
+def matmul_peak_flops(n: int = 1024, reps: int = 8) -> float:
+    """Best fp32 matmul FLOP/s of this process with its torch threads: the MFU denominator."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def trainer_args(name: str, out: str, steps: int):
+    """The seed's SFTConfig (TRL defaults, batch 4, fp32) or smolflow's sft_config defaults."""
+    from trl import SFTConfig
+
+    from flows.config import TrainingConfig
+    from tasks.training import sft_config
+
+    if name == "seed":  # TRL defaults: gradient checkpointing on, padded batches; the seed trains in fp32 here
+        return SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=4, bf16=False,
+                         use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
+                         logging_steps=1, learning_rate=5e-5, warmup_steps=0.1, seed=42)
+    cfg = TrainingConfig(max_steps=steps, logging_steps=1, save_steps=10_000, eval_steps=10_000)
+    args = sft_config(cfg, out, [])
+    args.eval_strategy, args.save_strategy = "no", "no"
+    return args
+
+
+def worker(name: str, model_dir: str, steps: int, warmup: int) -> dict:
+    """Train `warmup + steps` steps with one configuration; time and count the last `steps`."""
+    import resource
+
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTTrainer
+
+    from tasks.runtime import FIXTURES, set_torch_threads
+    from flows.config import TrainingConfig
+    from tasks.training import prepare_splits
+
+    # The seed leaves torch's default (all cores); smolflow sets its own (tasks.runtime), or --threads.
+    if name == "smolflow":
+        threads = set_torch_threads(int(os.environ.get("BENCH_THREADS", 0)) or None)
+    else:
+        torch.set_num_threads(int(os.environ.get("BENCH_SEED_THREADS", 0)) or torch.get_num_threads())
+        threads = torch.get_num_threads()
+    peak = matmul_peak_flops()
+    data = load_dataset("json", data_files=str(FIXTURES / "everyday_conversations" / "train.jsonl"), split="train")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    args = trainer_args(name, f"/tmp/bench-training-{os.getpid()}", warmup + steps)
+    train = prepare_splits({"train": data, "test": data}, tokenizer, TrainingConfig())[0] if name == "smolflow" else data
+
+    marks: list[tuple[float, int]] = []
+
+    class Counting(SFTTrainer):
+        tokens = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            mask = inputs.get("attention_mask")  # padded batches; padding-free ones hold real tokens only
+            self.tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks.append((time.perf_counter(), trainer.tokens))
+
+    trainer = Counting(model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[Clock()])
+    start = time.perf_counter()
+    trainer.train()
+    t0, n0 = marks[warmup - 1] if warmup else (start, 0)
+    t1, n1 = marks[-1]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once: the LM head matmul
+    tokens_per_s = (n1 - n0) / (t1 - t0)
+    return {
+        "config": name,
+        "threads": threads,
+        "steps": steps,
+        "s_per_step": (t1 - t0) / steps,
+        "tokens": n1 - n0,
+        "tokens_per_s": tokens_per_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "loss_timed_steps": sum(losses[warmup:]) / max(1, len(losses[warmup:])),
+        "losses": losses,
+        "matmul_peak_gflops": peak / 1e9,
+        "mfu": 6 * params * tokens_per_s / peak,  # model FLOPs (6N per token), not recompute
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "padding_free": bool(args.padding_free),
+        "bf16": bool(args.bf16),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model directory (default: the built-in SmolLM2-135M)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration per round")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--rounds", type=int, default=2, help="seed, smolflow, seed, smolflow, ...")
+    p.add_argument("--threads", type=int, default=0, help="smolflow's torch threads (default: its own setting)")
+    p.add_argument("--seed-threads", type=int, default=0, help="the seed's torch threads (default: torch's)")
+    p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        print("RESULT " + json.dumps(worker(a.worker, a.model, a.steps, a.warmup)))
+        return
+    if a.model is None:
+        from tasks.models import convert_builtin
+
+        a.model = str(convert_builtin())
+    if a.threads:
+        os.environ["BENCH_THREADS"] = str(a.threads)
+    if a.seed_threads:
+        os.environ["BENCH_SEED_THREADS"] = str(a.seed_threads)
+    load = os.getloadavg()
+    results: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+    for r in range(a.rounds):
+        for name in CONFIGS:
+            cmd = [sys.executable, __file__, "--worker", name, "--model", a.model,
+                   "--steps", str(a.steps), "--warmup", str(a.warmup)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode or not line:
+                sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
+            res = json.loads(line[-1][7:])
+            results[name].append(res)
+            print(f"round {r + 1} {name}: {res['tokens_per_s']:.1f} tok/s, {res['s_per_step']:.2f} s/step, "
+                  f"losses {[round(x, 3) for x in res['losses']]}", flush=True)
+
+    def total(name, key):
+        return sum(x[key] for x in results[name])
+
+    print(f"\nload average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; at end "
+          + " ".join(f"{x:.2f}" for x in os.getloadavg()) + f"; {os.cpu_count()} CPUs")
+    print("| config | threads | grad ckpt | padding-free | tokens/s | ratio | s/step | peak RSS MB | MFU | matmul peak GFLOP/s | mean loss (timed steps) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    seed_tps = total("seed", "tokens") / sum(x["s_per_step"] * x["steps"] for x in results["seed"])
+    for name in CONFIGS:
+        rs = results[name]
+        tps = total(name, "tokens") / sum(x["s_per_step"] * x["steps"] for x in rs)
+        mfu = sum(x["mfu"] for x in rs) / len(rs)
+        print(f"| {name} | {rs[0]['threads']} | {rs[0]['gradient_checkpointing']} | {rs[0]['padding_free']} | "
+              f"{tps:.1f} | {tps / seed_tps:.2f}x | {total(name, 's_per_step') / len(rs):.2f} | "
+              f"{max(x['peak_rss_mb'] for x in rs):.0f} | {mfu:.1%} | "
+              f"{sum(x['matmul_peak_gflops'] for x in rs) / len(rs):.1f} | "
+              f"{sum(x['loss_timed_steps'] for x in rs) / len(rs):.4f} |")
+
+
+if __name__ == "__main__":
+    main()

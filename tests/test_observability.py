@@ -1,0 +1,89 @@
+"""Score trend over real run folders, and W&B tags and artifact references read back from the
+offline run files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.config import WandbConfig
+from tasks.storage import ArtifactStore, write_manifest
+from tasks.tracking import log_references, start_wandb, wandb_link
+from tasks.trends import collect_scores, trend_markdown, write_trend
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(root: str, run_id: str, scores: dict[str, float], complete: bool = True) -> str:
+    run = ArtifactStore(root).child("runs", run_id)
+    run.write_json("benchmarks/comparison.json", [
+        {"benchmark": name, "metric": "acc", "n": 10, "base": 0.1, "tuned": score, "delta": score - 0.1,
+         "beyond_noise": False}
+        for name, score in scores.items()
+    ])
+    if complete:
+        write_manifest.fn(run.uri, {"run_id": run_id})
+    return run.uri
+
+
+def test_trend_plots_the_newest_completed_runs_then_the_current_one(tmp_path):
+    root = str(tmp_path)
+    _run(root, "20260101-000000-a", {"gsm8k": 0.10})
+    _run(root, "20260102-000000-b", {"gsm8k": 0.20, "mmlu": 0.30})
+    _run(root, "20260103-000000-c", {"gsm8k": 0.25})
+    _run(root, "20260103-120000-crashed", {"gsm8k": 0.99}, complete=False)  # no manifest: left out
+    current = _run(root, "20260104-000000-now", {"gsm8k": 0.40, "mmlu": 0.35}, complete=False)
+
+    rows = collect_scores(root, current, n=3)
+    assert [run_id for run_id, _ in rows] == ["20260102-000000-b", "20260103-000000-c", "20260104-000000-now"]
+    assert rows[-1][1] == {"gsm8k": 0.40, "mmlu": 0.35}
+
+    table, png = write_trend(root, current, n=3)
+    assert png.startswith(PNG) and (Path(current) / "report/trend.png").read_bytes() == png
+    lines = table.splitlines()
+    assert lines[0] == "| run | gsm8k | mmlu |"
+    assert lines[3] == "| 20260103-000000-c | 0.2500 |  |"  # no mmlu score that night: a blank cell
+    assert lines[-1] == "| 20260104-000000-now | 0.4000 | 0.3500 |"
+    assert [r for r, _ in collect_scores(root)] == ["20260101-000000-a", "20260102-000000-b", "20260103-000000-c"]
+
+
+def test_trend_with_no_scores_still_draws_and_says_so(tmp_path):
+    run = ArtifactStore(str(tmp_path)).child("runs", "only")
+    run.write_json("config.json", {})
+    table, png = write_trend(str(tmp_path), run.uri)
+    assert png.startswith(PNG) and "No earlier runs" in table
+    with pytest.raises(ValueError, match="n=0"):
+        collect_scores(str(tmp_path), n=0)
+    assert trend_markdown([]) == "No earlier runs with benchmark scores.\n"
+
+
+def _records(run_dir: Path) -> list[dict]:
+    """Every record of the offline run's .wandb log, read with W&B's own reader."""
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    out = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(offline)],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def test_wandb_run_is_tagged_and_references_files_without_copying_them(tmp_path):
+    model = tmp_path / "runs/r1/model"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"weights")
+    wb = start_wandb(WandbConfig(mode="offline"), "r1", {"x": 1}, tmp_path, "nightly-group", ["nightly-deployment"])
+    assert wandb_link(wb, str(tmp_path / "runs/r1")).startswith(str(tmp_path / "runs/r1/wandb/offline-run-"))
+    summary = log_references(wb, {"model": str(model), "benchmarks": "s3://smolflow/runs/r1/benchmarks"})
+    wb.finish()
+
+    assert summary == {"artifacts/model": model.as_uri(), "artifacts/benchmarks": "s3://smolflow/runs/r1/benchmarks"}
+    records = _records(tmp_path)
+    artifacts = {r["artifact"]["name"]: r["artifact"] for r in records if r["type"] == "artifact"}
+    model_art = artifacts["r1-model"]
+    assert model_art["type"] == "model"
+    (entry,) = model_art["manifest"]["contents"]
+    assert entry["ref"] == (model / "model.safetensors").as_uri() and entry["size"] == str(len(b"weights"))
+    (entry,) = artifacts["r1-benchmarks"]["manifest"]["contents"]
+    assert entry["ref"] == "s3://smolflow/runs/r1/benchmarks"  # recorded offline, no S3 request
+    run_record = next(r for r in records if r["type"] == "run")
+    assert "nightly-deployment" in run_record["run"]["tags"]

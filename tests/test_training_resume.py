@@ -1,0 +1,95 @@
+"""Resume after a crash: a training process killed with SIGKILL continues from its newest
+complete checkpoint; half-written checkpoints and those of other settings are ignored."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.config import TrainingConfig
+from tasks.storage import ArtifactStore
+from tasks.training import MARKER, find_checkpoint, resume_key, train_sft
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = """
+import sys, torch
+torch.set_num_threads(1)
+from flows.config import DataConfig, TrainingConfig
+from tasks.data import load_chat_dataset
+from tasks.models import resolve_model
+from tasks.training import train_sft
+cfg = TrainingConfig.model_validate_json(sys.argv[3])
+data = load_chat_dataset.fn(DataConfig(dataset="fixture:everyday-conversations"))
+train_sft.fn(resolve_model.fn(sys.argv[1]), data, cfg, sys.argv[2], [])
+"""
+
+
+def complete_steps(run: ArtifactStore) -> list[int]:
+    files = run.list_files("checkpoints")
+    return sorted(int(f.split("/")[0].split("-")[1]) for f in files if f.endswith("/" + MARKER))
+
+
+def test_sigkilled_training_resumes_from_the_newest_complete_checkpoint(tiny_ref, fixture_data, tmp_path, monkeypatch):
+    cfg = TrainingConfig(max_steps=24, save_steps=3, logging_steps=1, eval_steps=12, max_length=128)
+    run = ArtifactStore(str(tmp_path / "artifacts" / "runs" / "crash-1"))
+    proc = subprocess.Popen([sys.executable, "-c", TRAIN, tiny_ref.path, run.uri, cfg.model_dump_json()],
+                            cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while not complete_steps(run) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"training ended on its own before the kill:\n{err.decode()[-2000:]}"
+    assert not run.exists("model"), "the killed run must not have finished"
+    done = complete_steps(run)
+    assert done and max(done) < cfg.max_steps
+
+    # A save cut off mid-way: files but no marker, at a later step. It must be ignored.
+    run.write_bytes(f"checkpoints/checkpoint-{max(done) + 1}/model.safetensors", b"half-written")
+    # Another machine (empty local cache) re-runs the same run id: it resumes from the run folder.
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(tmp_path / "other-machine-cache"))
+    result = train_sft.fn(tiny_ref, fixture_data, cfg, run.uri, [])
+
+    assert result.metrics["resumed_from_step"] == max(done)
+    assert result.metrics["steps"] == cfg.max_steps
+    # The Trainer restored its log history: one train-loss row per step, before and after the kill.
+    steps = [h["step"] for h in result.log_history if "loss" in h]
+    assert steps == list(range(1, cfg.max_steps + 1))
+    assert run.exists("model/model.safetensors")
+    assert not run.exists("checkpoints"), "checkpoints are removed once the final model is saved"
+
+
+def _fake_checkpoint(run: ArtifactStore, step: int, marker: str | None) -> None:
+    run.write_text(f"checkpoints/checkpoint-{step}/trainer_state.json", json.dumps({"global_step": step}))
+    if marker is not None:
+        run.write_text(f"checkpoints/checkpoint-{step}/{MARKER}", marker)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_find_checkpoint_skips_unmarked_and_foreign_checkpoints(where, tiny_ref, fixture_data, tmp_path, request):
+    root = str(tmp_path / "artifacts") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/smolflow"
+    run = ArtifactStore(root).child("runs", f"find-{where}")
+    cfg = TrainingConfig(max_steps=10)
+    key = resume_key(tiny_ref, fixture_data, cfg)
+    other = resume_key(tiny_ref, fixture_data, TrainingConfig(max_steps=20))
+    work = tmp_path / "work"
+    assert find_checkpoint(work, run, key) is None  # nothing saved yet: start at step 0
+
+    _fake_checkpoint(run, 4, json.dumps({"step": 4, "key": key}))
+    _fake_checkpoint(run, 6, json.dumps({"step": 6, "key": other}))  # other settings (max_steps)
+    _fake_checkpoint(run, 8, None)  # half-written
+    found = find_checkpoint(work, run, key)
+    assert found == work / "checkpoints" / "checkpoint-4"
+    assert json.loads((found / "trainer_state.json").read_text())["global_step"] == 4
+
+    # A complete local checkpoint wins over the run folder (a Prefect retry on the same machine).
+    local = work / "checkpoints" / "checkpoint-5"
+    local.mkdir(parents=True)
+    (local / MARKER).write_text(json.dumps({"step": 5, "key": key}))
+    assert find_checkpoint(work, run, key) == local
