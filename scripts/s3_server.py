@@ -53,7 +53,7 @@ class S3Server:
 
     def env(self) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_ENDPOINT_URL": self.endpoint_url, "AWS_REGION": "us-east-1"}
+                "AWS_ENDPOINT_URL": self.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1"}
 
     def stop(self, timeout: float = 15) -> None:
         atexit.unregister(self.stop)
