@@ -15,17 +15,16 @@ from prefect.runtime import deployment, flow_run
 
 from flows.config import RunConfig
 from tasks.data import load_chat_dataset
-from tasks.evaluation import run_benchmark
+from tasks.evaluation import score_base_and_tuned
 from tasks.gate import promote, regression_gate
 from tasks.generation import generate_samples
 from tasks.health import assess_training
 from tasks.models import resolve_model
-from tasks.progress import Progress
 from tasks.reporting import write_report
 from tasks.runtime import cache_dir, set_torch_threads
 from tasks.storage import ArtifactStore, set_latest, write_manifest
 from tasks.templates import prepare_chat_template
-from tasks.tracking import log_references, log_results, start_wandb, wandb_link
+from tasks.tracking import finish_wandb, start_wandb, wandb_link
 from tasks.training import publish_model, train_sft
 
 
@@ -49,13 +48,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     trained.model = publish_model(trained.model, run.uri)  # a cache hit points at an earlier run
     after = generate_samples(trained.model, prompts, max_new)
     health = assess_training(trained.log_history, after)
-    scores, bar = {}, Progress("smolflow-benchmark-progress", "Benchmarks scored", 2 * len(config.benchmarks))
-    for i, b in enumerate(config.benchmarks):
-        bar.update(2 * i, f"{b.name}: scoring the base model")
-        base_score = run_benchmark(templated.model, b)
-        bar.update(2 * i + 1, f"{b.name}: scoring the tuned model")
-        scores[b.name] = {"base": base_score, "tuned": run_benchmark(trained.model, b)}
-    bar.update(bar.total, f"done: {', '.join(scores)}")
+    scores = score_base_and_tuned(templated.model, trained.model, config.benchmarks)
 
     decision = regression_gate(
         config.output.artifacts_uri, flow_run.flow_name, run.uri,
@@ -68,15 +61,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         run.uri, templated.rendered_example, before, after, trained, scores, wandb_link(wb, run.uri), health,
         config.model_dump(mode="json"), data, decision, config.output.artifacts_uri, gate_enabled=config.gate.enabled,
     )
-    if wb:
-        refs = {"model": trained.model.path, "benchmarks": run.url("benchmarks"), "report": run.url("report")}
-        log_references(wb, refs)  # W&B points at the run folder's files instead of copying them
-        log_results(wb, before, after, scores, {"eval_loss": trained.metrics["eval_loss"], "run_uri": run.uri,
-                                                "promoted": promoted}, health)
-        if promoted:
-            wb.tags = (*wb.tags, "promoted")
-        wb.finish()
-        run.upload_dir(cache_dir("work", run_id) / "wandb", "wandb")
+    finish_wandb(wb, run, trained, before, after, scores, health, promoted, cache_dir("work", run_id))
     write_manifest(
         run.uri,
         {

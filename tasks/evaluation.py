@@ -21,3 +21,19 @@ def run_benchmark(model_ref: ModelRef, cfg: BenchmarkConfig) -> BenchmarkResult:
     model, tokenizer = load_model(model_ref)
     model.eval()
     return REGISTRY[cfg.name].evaluate(model, tokenizer, cfg)
+
+
+def score_base_and_tuned(
+    base: ModelRef, tuned: ModelRef, benchmarks: list[BenchmarkConfig]
+) -> dict[str, dict[str, BenchmarkResult]]:
+    """Every selected benchmark on both models (each its own cached task), with a progress bar."""
+    from tasks.progress import Progress
+
+    scores, bar = {}, Progress("smolflow-benchmark-progress", "Benchmarks scored", 2 * len(benchmarks))
+    for i, cfg in enumerate(benchmarks):
+        bar.update(2 * i, f"{cfg.name}: scoring the base model")
+        base_score = run_benchmark(base, cfg)
+        bar.update(2 * i + 1, f"{cfg.name}: scoring the tuned model")
+        scores[cfg.name] = {"base": base_score, "tuned": run_benchmark(tuned, cfg)}
+    bar.update(bar.total, f"done: {', '.join(scores)}")
+    return scores

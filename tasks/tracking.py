@@ -99,3 +99,17 @@ def log_references(wb_run, refs: dict[str, str]) -> dict:
     summary = {f"artifacts/{name}": _ref_uri(uri) for name, uri in refs.items()}
     wb_run.summary.update(summary)
     return summary
+
+
+def finish_wandb(wb_run, run, trained, before, after, scores: dict, health, promoted: bool, local_dir: Path) -> None:
+    """Log references, tables and summary, tag a promoted run, close it, and keep its files in the run folder."""
+    if wb_run is None:
+        return
+    refs = {"model": trained.model.path, "benchmarks": run.url("benchmarks"), "report": run.url("report")}
+    log_references(wb_run, refs)  # W&B points at the run folder's files instead of copying them
+    summary = {"eval_loss": trained.metrics["eval_loss"], "run_uri": run.uri, "promoted": promoted}
+    log_results(wb_run, before, after, scores, summary, health)
+    if promoted:
+        wb_run.tags = (*wb_run.tags, "promoted")
+    wb_run.finish()
+    run.upload_dir(local_dir / "wandb", "wandb")
