@@ -44,6 +44,9 @@ class DataConfig(_Section):
     test_split: str = Field("test", description="Split for eval loss; must exist.")
     max_train_rows: int | None = Field(None, ge=1, description="Use at most this many training rows.")
     max_test_rows: int | None = Field(None, ge=1, description="Use at most this many test rows.")
+    bad_rows: Literal["strict", "drop"] = Field(
+        "strict", description="strict: stop and list the first bad rows; drop: train without them and count them."
+    )
 
 
 class TrainingConfig(_Section):

@@ -8,8 +8,10 @@ fixture shipped in tasks/fixtures/ (the offline default).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import re
 from pathlib import Path
 
 from prefect import task
@@ -34,6 +36,7 @@ class DatasetRef(BaseModel):
     path: str
     fingerprint: str
     rows: dict[str, int]
+    dropped: dict[str, dict[str, int]] = {}  # split -> {reason: rows dropped} (data.bad_rows='drop')
 
 
 class BadRowsError(ValueError):
@@ -73,7 +76,14 @@ def load_raw(cfg: DataConfig):
     local = Path(source).expanduser()
     if local.exists():
         builder, files = local_data_files(local)
-        return load_dataset(builder, data_files=files)
+        try:
+            return load_dataset(builder, data_files=files)
+        except Exception as err:  # datasets wraps Arrow's cast errors in several types
+            raise BadRowsError(
+                f"data.dataset={cfg.dataset!r}: could not read {files} as one table ({str(err).splitlines()[0]}). "
+                "Usually a field has different types in different rows, e.g. `messages` a string in some "
+                "and a list of {role, content} in others: make every row's `messages` such a list."
+            ) from err
     if source.startswith((".", "/", "~")):
         raise ValueError(f"data.dataset={cfg.dataset!r}: no such file or directory")
     try:
@@ -102,27 +112,62 @@ def row_problem(messages) -> str | None:
             return f"messages[{i}].role is {m.get('role')!r}, expected one of {sorted(ROLES)}"
         if not isinstance(m.get("content"), str) or not m["content"].strip():
             return f"messages[{i}].content is empty or not a string"
+    if any(m["role"] == "system" for m in messages[1:]):
+        return "a system message that is not first (templates only accept it as messages[0])"
+    for i in range(1, len(messages)):
+        if messages[i]["role"] == messages[i - 1]["role"] in ("user", "assistant"):
+            return f"messages[{i - 1}] and messages[{i}] are both {messages[i]['role']!r} turns (roles must alternate)"
     if not any(m["role"] == "assistant" for m in messages):
         return "no assistant turn to learn from"
     return None
 
 
+def reason_kind(problem: str) -> str:
+    """A problem without its row's particulars (indices, values), for counting by reason."""
+    if problem.startswith("duplicate"):
+        return "duplicate row"
+    kind = re.sub(r"\[\d+\]", "[i]", problem)
+    kind = re.sub(r"\.role is .*", ".role is not a known role", kind)
+    return kind.split(" (")[0]
+
+
 def _check_batch(batch):
-    return {"_problem": [row_problem(m) for m in batch["messages"]]}
+    problems = [row_problem(m) for m in batch["messages"]]
+    # A digest per row finds duplicates later without holding every conversation in memory.
+    digests = [hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest() for m in batch["messages"]]
+    return {"_problem": problems, "_digest": digests}
 
 
-def check_rows(ds, split: str) -> None:
-    """Raise a BadRowsError naming the first bad rows (split, index, field, reason)."""
+def check_rows(ds, split: str, policy: str = "strict"):
+    """Check every row (batched, on Arrow). strict: raise a BadRowsError naming the first bad rows
+    (split, index, field, reason). drop: return the good rows and {reason kind: count}."""
     if "messages" not in ds.column_names:
         raise BadRowsError(
             f"split {split!r} has no `messages` column (columns: {ds.column_names}); "
             "rows must be in smoltalk's schema: messages=[{role, content}, ...]"
         )
-    problems = ds.map(_check_batch, batched=True, remove_columns=ds.column_names)["_problem"]
+    # Never from datasets' map cache: it keys module-level functions by name, not code, so a
+    # cached result could predate a change to the checks. The result (a reason and a digest
+    # per row) is small enough to keep in memory.
+    checked = ds.map(_check_batch, batched=True, remove_columns=ds.column_names,
+                     load_from_cache_file=False, keep_in_memory=True)
+    problems, seen = list(checked["_problem"]), {}
+    for i, digest in enumerate(checked["_digest"]):
+        if problems[i] is None and digest in seen:
+            problems[i] = f"duplicate of row {seen[digest]}"
+        seen.setdefault(digest, i)
     bad = [(i, p) for i, p in enumerate(problems) if p]
-    if bad:
+    if bad and policy == "strict":
         shown = "; ".join(f"row {i}: {p}" for i, p in bad[:5])
-        raise BadRowsError(f"{len(bad)} bad row(s) in split {split!r}: {shown}. Fix or remove these rows.")
+        raise BadRowsError(
+            f"{len(bad)} bad row(s) in split {split!r}: {shown}. Fix or remove these rows, "
+            "or set data.bad_rows='drop' to train without them."
+        )
+    counts: dict[str, int] = {}
+    for _, problem in bad:
+        counts[reason_kind(problem)] = counts.get(reason_kind(problem), 0) + 1
+    keep = [i for i, p in enumerate(problems) if p is None]
+    return (ds.select(keep) if bad else ds), counts
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30])
@@ -133,7 +178,7 @@ def load_chat_dataset(cfg: DataConfig) -> DatasetRef:
     from datasets import DatasetDict, load_from_disk
 
     raw = load_raw(cfg)
-    splits = {}
+    splits, dropped = {}, {}
     for key, split, limit in (("train", cfg.train_split, cfg.max_train_rows), ("test", cfg.test_split, cfg.max_test_rows)):
         if split not in raw:
             raise ValueError(
@@ -143,7 +188,9 @@ def load_chat_dataset(cfg: DataConfig) -> DatasetRef:
         ds = raw[split]
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
-        check_rows(ds, split)
+        ds, dropped[key] = check_rows(ds, split, cfg.bad_rows)
+        if dropped[key]:
+            log.warning("Dropped %d bad row(s) from split %r: %s", sum(dropped[key].values()), split, dropped[key])
         splits[key] = ds.select_columns(["messages"])
     fingerprint = hashlib.sha256("".join(ds._fingerprint for ds in splits.values()).encode()).hexdigest()
     target = cache_dir("datasets") / fingerprint[:16]
@@ -154,5 +201,6 @@ def load_chat_dataset(cfg: DataConfig) -> DatasetRef:
     saved = load_from_disk(str(target))
     log.info("Dataset %s: %s", cfg.dataset, {k: len(v) for k, v in saved.items()})
     return DatasetRef(
-        source=cfg.dataset, path=str(target), fingerprint=fingerprint, rows={k: len(v) for k, v in saved.items()}
+        source=cfg.dataset, path=str(target), fingerprint=fingerprint, rows={k: len(v) for k, v in saved.items()},
+        dropped=dropped,
     )

@@ -58,7 +58,11 @@ def data_markdown(data: DatasetRef | None) -> str:
     if data is None:
         return "Not recorded.\n"
     rows = " · ".join(f"{split}: {n} rows" for split, n in data.rows.items())
-    return f"Source `{data.source}` · {rows} · fingerprint `{data.fingerprint}`\n"
+    dropped = "".join(
+        f"\nDropped from {split}: " + ", ".join(f"{n} × {reason}" for reason, n in counts.items()) + "\n"
+        for split, counts in data.dropped.items() if counts
+    )
+    return f"Source `{data.source}` · {rows} · fingerprint `{data.fingerprint}`\n{dropped}"
 
 
 def links_markdown(store: ArtifactStore, wandb_link: str | None) -> str:

@@ -93,3 +93,46 @@ def test_hub_id_offline_explains_how_to_use_local_files():
 def test_nonexistent_local_path_is_named():
     with pytest.raises(ValueError, match="no such file or directory"):
         load_chat_dataset.fn(DataConfig(dataset="./does/not/exist"))
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "reason"),
+    [
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "b"}]},
+         "a system message that is not first"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]},
+         "messages[0] and messages[1] are both 'user' turns"),
+        (_chat(0), "duplicate of row 0"),
+    ],
+)
+def test_more_bad_row_kinds_are_named(tmp_path, bad_row, reason):
+    _write_jsonl(tmp_path / "train.jsonl", [_chat(0), _chat(1), bad_row])
+    _write_jsonl(tmp_path / "test.jsonl", [_chat(2)])
+    with pytest.raises(BadRowsError) as err:
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    assert "row 2" in str(err.value) and reason in str(err.value) and "bad_rows='drop'" in str(err.value)
+
+
+def test_drop_policy_trains_without_bad_rows_and_counts_them_by_reason(tmp_path):
+    bad = [
+        {"messages": []},
+        {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+        {"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+        _chat(0),
+    ]
+    _write_jsonl(tmp_path / "train.jsonl", [_chat(0), _chat(1), *bad, _chat(2)])
+    _write_jsonl(tmp_path / "test.jsonl", [_chat(3)])
+    ref = load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), bad_rows="drop"))
+    assert ref.rows == {"train": 3, "test": 1}
+    assert ref.dropped["train"] == {
+        "`messages` is empty": 1, "messages[i].role is not a known role": 2, "duplicate row": 1,
+    }
+    assert ref.dropped["test"] == {}
+
+
+def test_rows_that_break_the_table_schema_get_a_clear_error(tmp_path):
+    _write_jsonl(tmp_path / "train.jsonl", [_chat(0), {"messages": "hi"}])
+    _write_jsonl(tmp_path / "test.jsonl", [_chat(2)])
+    with pytest.raises(BadRowsError) as err:
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    assert "could not read" in str(err.value) and "make every row's `messages` such a list" in str(err.value)
