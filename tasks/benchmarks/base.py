@@ -9,6 +9,7 @@ split into subsets (MMLU subjects, BBH tasks), one such task per chosen subset.
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import tempfile
@@ -34,7 +35,7 @@ class BenchmarkResult(BaseModel):
     seconds: float
 
 
-class Benchmark:
+class Benchmark(abc.ABC):
     """A benchmark: where its data comes from and how to score a model on it."""
 
     name: str
@@ -68,8 +69,9 @@ class Benchmark:
 
     subsets: tuple[str, ...] = ()  # named parts (MMLU subjects, BBH tasks); empty: not split
 
+    @abc.abstractmethod
     def evaluate(self, model, tokenizer, cfg: BenchmarkConfig) -> BenchmarkResult:
-        raise NotImplementedError
+        """Score a loaded model on this benchmark."""
 
 
 def stderr_of_mean(values: list) -> float | None:
