@@ -11,6 +11,7 @@ enabled, the built-in offline model and the fixtures shipped in `tasks/fixtures/
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -47,6 +48,34 @@ class DataConfig(_Section):
     bad_rows: Literal["strict", "drop"] = Field(
         "strict", description="strict: stop and list the first bad rows; drop: train without them and count them."
     )
+    shuffle: bool = Field(False, description="Shuffle each split (with `seed`) before the row limits apply.")
+    seed: int = Field(42, description="Seed of the shuffle: the same seed picks the same rows every run.")
+
+
+class TemplateConfig(_Section):
+    """How conversations become tokens: the chat template and which tokens count in the loss."""
+
+    chat_template: str = Field(
+        "model",
+        description="'model': the model's own template (ChatML cloned onto a model without one); "
+        "'chatml', 'chatml-assistant-only', 'mistral', 'llama3': a template shipped in tasks/chat_templates/; "
+        "or a path to a local .jinja file.",
+    )
+    assistant_only_loss: bool = Field(
+        False,
+        description="Train only on assistant tokens (TRL's assistant_only_loss). Needs a template with "
+        "{% generation %} markers: with 'model' or 'chatml' smolflow switches to 'chatml-assistant-only'.",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        # Checked again when the template is applied: a deployment may run on another machine.
+        names = ("model", "chatml", "chatml-assistant-only", "mistral", "llama3")
+        if value in names or Path(value).expanduser().is_file():
+            return value
+        raise ValueError(f"{value!r} is neither a shipped template ({', '.join(map(repr, names))}) "
+                         "nor an existing .jinja file: pick a name or give the file's path")
 
 
 class TrainingConfig(_Section):
@@ -116,6 +145,46 @@ class BenchmarkConfig(_Section):
         return self
 
 
+class JudgeConfig(_Section):
+    """AlpacaEval-style pairwise judge: the tuned model's answers against a reference's."""
+
+    enabled: bool = Field(True, description="Judge the tuned model's answers (both orders per pair).")
+    instructions: str = Field(
+        "samples",
+        description="'samples': the run's sample prompts; 'fixture': the shipped AlpacaEval-style set; "
+        "or a local .json/.jsonl file in AlpacaEval's schema (`instruction` per row).",
+    )
+    reference: str = Field(
+        "base",
+        description="'base': the base model's answers; or a local .json/.jsonl file with "
+        "`instruction` and `output` per row (AlpacaEval's reference outputs).",
+    )
+    backend: Literal["local", "openai"] = Field(
+        "local", description="local: a transformers model on this machine; openai: any OpenAI-compatible endpoint."
+    )
+    model: str = Field(
+        "auto",
+        description="local: hub id or model directory ('auto': the built-in SmolLM2-135M-Instruct, a weak judge); "
+        "openai: the endpoint's model name.",
+    )
+    base_url: str | None = Field(None, description="openai backend: e.g. http://127.0.0.1:8000/v1 (vLLM, TGI, Ollama).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai backend: environment variable holding the key.")
+    api_key_secret: str | None = Field(
+        None, description="openai backend: name of a Prefect Secret block holding the key (used when set)."
+    )
+    limit: int | None = Field(None, ge=1, description="Judge at most this many instructions.")
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=4096,
+        description="Answer length. None: sampling.max_new_tokens, so the run's own samples are judged as they are.",
+    )
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> JudgeConfig:
+        if self.backend == "openai" and (not self.base_url or self.model == "auto"):
+            raise ValueError("judge: backend 'openai' needs judge.base_url and judge.model (the endpoint's model name)")
+        return self
+
+
 class OutputConfig(_Section):
     """Where the run's artifacts go."""
 
@@ -171,7 +240,14 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    template: TemplateConfig = Field(default_factory=TemplateConfig)
     benchmarks: list[BenchmarkConfig] = Field(default_factory=lambda: [BenchmarkConfig()])
+    custom_benchmarks: list[str] = Field(
+        default_factory=list,
+        description="Custom benchmark definitions (.yaml/.json files, each next to a .jsonl of items); "
+        "see docs/benchmarks.md. Checked before any model runs.",
+    )
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
@@ -189,4 +265,15 @@ class RunConfig(_Section):
         names = [b.name for b in self.benchmarks]
         if len(names) != len(set(names)):
             raise ValueError(f"benchmarks: each benchmark may appear once, got {names}")
+        if self.judge.max_new_tokens is None:
+            self.judge.max_new_tokens = self.sampling.max_new_tokens
         return self
+
+    @field_validator("custom_benchmarks")
+    @classmethod
+    def _readable_definitions(cls, paths: list[str]) -> list[str]:
+        # Every definition and item file is read and checked now, before any model is loaded.
+        from tasks.benchmarks.custom import load_definitions  # late: it imports this module
+
+        load_definitions(paths)
+        return paths

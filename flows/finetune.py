@@ -14,24 +14,29 @@ from prefect import flow
 from prefect.runtime import deployment, flow_run
 
 from flows.config import RunConfig
+from tasks.benchmarks.custom import load_definitions
 from tasks.data import load_chat_dataset
 from tasks.evaluation import score_base_and_tuned
 from tasks.gate import promote, regression_gate
 from tasks.generation import generate_samples
 from tasks.health import assess_training
+from tasks.judge import judge_inputs, run_judge, write_judge
 from tasks.models import resolve_model
 from tasks.reporting import write_report
 from tasks.runtime import cache_dir, set_torch_threads
 from tasks.storage import ArtifactStore, set_latest, write_manifest
-from tasks.templates import prepare_chat_template
+from tasks.templates import prepare_chat_template, write_template_preview
+from tasks.tokenization import tokenize_dataset, write_token_stats
 from tasks.tracking import finish_wandb, start_wandb, wandb_link
 from tasks.training import publish_model, train_sft
 
 
 @flow(name="smolflow-finetune")
 def finetune(config: RunConfig = RunConfig()) -> dict:
-    """Data -> template -> samples -> SFT -> samples -> health -> benchmarks -> gate -> report -> manifest."""
+    """Data -> template -> tokens -> samples -> SFT -> samples -> health -> benchmarks + judge -> gate -> report -> manifest."""
     threads = set_torch_threads(config.torch_threads)
+    custom = load_definitions(config.custom_benchmarks)  # the user's files are read and checked before any compute
+    judge_inputs(config.judge, config.sampling.prompts)
     run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     run = ArtifactStore(config.output.artifacts_uri).child("runs", run_id)
     run.write_json("config.json", config.model_dump(mode="json"))
@@ -41,14 +46,21 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
 
     base = resolve_model(config.model)
     data = load_chat_dataset(config.data)
-    templated = prepare_chat_template(base, data)
+    templated = prepare_chat_template(base, data, config.template)
+    write_template_preview(run, templated)
     prompts, max_new = config.sampling.prompts, config.sampling.max_new_tokens
     before = generate_samples(templated.model, prompts, max_new)
-    trained = train_sft(templated.model, data, config.training, run.uri, ["wandb"] if wb else [])
+    tokens = tokenize_dataset(templated.model, data, config.training.max_length, templated.assistant_only)
+    write_token_stats(run, tokens.stats)
+    trained = train_sft(templated.model, data, config.training, run.uri, ["wandb"] if wb else [],
+                        assistant_only_loss=templated.assistant_only)
     trained.model = publish_model(trained.model, run.uri)  # a cache hit points at an earlier run
     after = generate_samples(trained.model, prompts, max_new)
     health = assess_training(trained.log_history, after)
-    scores = score_base_and_tuned(templated.model, trained.model, config.benchmarks)
+    scores = score_base_and_tuned(templated.model, trained.model, config.benchmarks, custom, config.judge)
+    judgement = run_judge(templated.model, trained.model, config.judge, prompts)
+    if judgement:
+        write_judge(run, judgement)
 
     decision = regression_gate(
         config.output.artifacts_uri, flow_run.flow_name, run.uri,
@@ -60,8 +72,9 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     summary = write_report(
         run.uri, templated.rendered_example, before, after, trained, scores, wandb_link(wb, run.uri), health,
         config.model_dump(mode="json"), data, decision, config.output.artifacts_uri, gate_enabled=config.gate.enabled,
+        judge=judgement, token_stats=tokens.stats,
     )
-    finish_wandb(wb, run, trained, before, after, scores, health, promoted, cache_dir("work", run_id))
+    finish_wandb(wb, run, trained, before, after, scores, health, promoted, cache_dir("work", run_id), judgement)
     write_manifest(
         run.uri,
         {

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from prefect import task
 
-from flows.config import BenchmarkConfig
+from flows.config import BenchmarkConfig, JudgeConfig
 from tasks.benchmarks import REGISTRY, BenchmarkResult
+from tasks.benchmarks.custom import CustomBenchmark, run_custom_benchmark
 from tasks.models import ModelRef, load_model
 from tasks.runtime import BY_CONTENT
 
@@ -24,16 +25,22 @@ def run_benchmark(model_ref: ModelRef, cfg: BenchmarkConfig) -> BenchmarkResult:
 
 
 def score_base_and_tuned(
-    base: ModelRef, tuned: ModelRef, benchmarks: list[BenchmarkConfig]
+    base: ModelRef, tuned: ModelRef, benchmarks: list[BenchmarkConfig],
+    custom: list[CustomBenchmark] = (), judge: JudgeConfig | None = None,
 ) -> dict[str, dict[str, BenchmarkResult]]:
-    """Every selected benchmark on both models (each its own cached task), with a progress bar."""
+    """Every selected benchmark, built-in then custom ('custom/<name>'), on both models, each its own
+    cached task, with a progress bar."""
     from tasks.progress import Progress
 
-    scores, bar = {}, Progress("smolflow-benchmark-progress", "Benchmarks scored", 2 * len(benchmarks))
-    for i, cfg in enumerate(benchmarks):
-        bar.update(2 * i, f"{cfg.name}: scoring the base model")
-        base_score = run_benchmark(base, cfg)
-        bar.update(2 * i + 1, f"{cfg.name}: scoring the tuned model")
-        scores[cfg.name] = {"base": base_score, "tuned": run_benchmark(tuned, cfg)}
+    jobs = [(cfg.name, lambda m, cfg=cfg: run_benchmark(m, cfg)) for cfg in benchmarks]
+    # Only a judge scorer gets the judge settings, so editing them never re-scores the others.
+    jobs += [(f"custom/{b.name}", lambda m, b=b: run_custom_benchmark(m, b, judge if b.scorer == "judge_rubric" else None))
+             for b in custom]
+    scores, bar = {}, Progress("smolflow-benchmark-progress", "Benchmarks scored", 2 * len(jobs))
+    for i, (name, score) in enumerate(jobs):
+        bar.update(2 * i, f"{name}: scoring the base model")
+        base_score = score(base)
+        bar.update(2 * i + 1, f"{name}: scoring the tuned model")
+        scores[name] = {"base": base_score, "tuned": score(tuned)}
     bar.update(bar.total, f"done: {', '.join(scores)}")
     return scores

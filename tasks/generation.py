@@ -16,20 +16,34 @@ class Sample(BaseModel):
     stopped_at_eos: bool  # False: the model hit max_new_tokens without ending its turn
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[Sample]:
-    """Greedy completions for chat prompts, several at a time (left padding keeps them aligned)."""
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str] | list[list[dict]],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    *,
+    chat_template: bool = True,
+    stop: list[str] | None = None,
+) -> list[Sample]:
+    """Greedy completions for chat prompts, several at a time (left padding keeps them aligned).
+
+    A prompt is one user message, or a whole conversation (a list of {role, content} messages,
+    e.g. a judge's system + user prompt); a Sample's `prompt` is then the last message's text.
+    chat_template=False sends each (string) prompt as raw text. A completion ends at EOS, at
+    max_new_tokens, or just before the first of the `stop` strings."""
     import torch
 
     tokenizer.padding_side = "left"
     samples = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in batch
-        ]
+        conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in batch]
+        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations] if chat_template else list(batch)
         # The template already holds the special tokens; don't let the tokenizer add a BOS again.
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        # Raw text gets what the tokenizer adds by itself (a BOS for Llama-style tokenizers).
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat_template)
+        inputs = inputs.to(model.device)
         with torch.inference_mode():
             out = model.generate(
                 **inputs,
@@ -37,15 +51,19 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
                 do_sample=False,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
+                **({"stop_strings": stop, "tokenizer": tokenizer} if stop else {}),
             )
         for prompt, row in zip(batch, out[:, inputs["input_ids"].shape[1] :]):
             ids = row.tolist()
             stopped = tokenizer.eos_token_id in ids
             ids = ids[: ids.index(tokenizer.eos_token_id)] if stopped else ids
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            # generate() halts once a stop string appears, but the last token may run past it.
+            text = text[: min((text.find(s) for s in stop or () if s in text), default=len(text))]
             samples.append(
                 Sample(
-                    prompt=prompt,
-                    completion=tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                    prompt=prompt if isinstance(prompt, str) else prompt[-1]["content"],
+                    completion=text.strip(),
                     new_tokens=len(ids),
                     stopped_at_eos=stopped,
                 )

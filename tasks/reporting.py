@@ -17,6 +17,8 @@ from tasks.gate import GateDecision
 from tasks.gate import markdown as gate_markdown
 from tasks.generation import Sample
 from tasks.health import HealthReport, curves_table, plot_curves
+from tasks.judge import JudgeResult
+from tasks.tokenization import TokenStats
 from tasks.storage import ArtifactStore
 from tasks.training import TrainResult
 from tasks.trends import DEFAULT_RUNS, write_trend
@@ -65,11 +67,45 @@ def data_markdown(data: DatasetRef | None) -> str:
     return f"Source `{data.source}` · {rows} · fingerprint `{data.fingerprint}`\n{dropped}"
 
 
+def tokens_markdown(stats: TokenStats | None) -> str:
+    """Token lengths per split, and where the template preview and the histogram are."""
+    if stats is None:
+        return ""
+    rows = stats.table()
+    head = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n" if rows else ""
+    body = "".join("| " + " | ".join(str(v) for v in r.values()) + " |\n" for r in rows)
+    return (f"\nTokens per conversation (chat template applied, before truncation to max_length={stats.max_length}):"
+            f"\n\n{head}{body}\nHistogram: `data/token_lengths.png` · how the chat templates render a conversation, "
+            "with token ids: `data/template_preview.md`\n")
+
+
+def judge_markdown(judge: JudgeResult | None) -> str:
+    """Win rate with its counts and settings, and a few pairs; the rest is in judge/pairs.jsonl."""
+    if judge is None:
+        return "Not run (judge.enabled: false).\n"
+    s = judge.settings
+    rate = "n/a (no pair judged in both orders)" if judge.win_rate is None else (
+        f"**{judge.win_rate:.1f}%**" + (f" ± {judge.stderr:.1f}" if judge.stderr is not None else ""))
+    head = (
+        f"Win rate of the tuned model against {s.get('reference')!r}: {rate} (AlpacaEval's definition: ties count "
+        f"half) · n={judge.n} of {judge.pairs} pairs · {judge.wins} win / {judge.ties} tie / {judge.losses} loss · "
+        f"{judge.parse_failures} unparseable verdict(s) · judge `{s.get('judge_identity')}` · both orders judged per pair · "
+        f"length-controlled: {'n/a' if judge.lc_win_rate is None else f'{judge.lc_win_rate:.1f}%'}\n\n"
+    )
+    rows = "".join(
+        f"| {_cell(r['instruction'][:120])} | {_cell((r['output'] or '')[:160])} | "
+        f"{_cell((r['reference_output'] or '')[:160])} | {r['preference']} |\n"
+        for r in judge.records[:5]
+    )
+    return head + "| instruction | tuned | reference | preference (2 = tuned better, 1.5 = tie) |\n|---|---|---|---|\n" + rows
+
+
 def links_markdown(store: ArtifactStore, wandb_link: str | None) -> str:
     """Where to find the run's pieces: run-folder URIs, and the W&B run (URL online, files offline)."""
     links = [("run folder", store.uri), ("tuned model", store.url("model/")),
              ("benchmark results", store.url("benchmarks/")), ("loss curves", store.url("training/curves.png")),
-             ("score trend", store.url("report/trend.png")), ("gate decision", store.url("gate/decision.md"))]
+             ("score trend", store.url("report/trend.png")), ("gate decision", store.url("gate/decision.md")),
+             ("judge pairs", store.url("judge/pairs.jsonl"))]
     if wandb_link:
         links.append(("W&B run", wandb_link))
     return "".join(f"- {label}: {uri}\n" if uri.startswith("http") else f"- {label}: `{uri}`\n" for label, uri in links)
@@ -91,6 +127,8 @@ def write_report(
     root: str | None = None,
     trend_runs: int = DEFAULT_RUNS,
     gate_enabled: bool = True,
+    judge: JudgeResult | None = None,
+    token_stats: TokenStats | None = None,
 ) -> dict:
     """Write samples, training metrics, benchmark results and report.md; publish Prefect artifacts."""
     store = ArtifactStore(run_uri)
@@ -134,12 +172,13 @@ def write_report(
         f"# smolflow run `{run_uri.rsplit('/', 1)[-1]}`\n\n"
         f"## Links\n\n{links_markdown(store, wandb_link)}\n"
         f"## Configuration\n\n{config_markdown(config)}\n"
-        f"## Data\n\n{data_markdown(data)}\n"
+        f"## Data\n\n{data_markdown(data)}\n{tokens_markdown(token_stats)}"
         f"## Training\n\nsteps {m['steps']:.0f} · train loss {m['train_loss']:.4f} · "
         f"eval loss {m['eval_loss']:.4f} (perplexity {m['eval_perplexity']:.2f}) · "
         f"{m['train_runtime_s']:.0f} s\n\nTuned model: `{trained.model.path}` · curves: `training/curves.png`\n\n"
         f"## Training health\n\n{health_md}\n"
         f"## Benchmarks (base vs tuned)\n\n{bench_md}\n"
+        f"## Judge (tuned vs reference)\n\n{judge_markdown(judge)}\n"
         f"## Score trend (tuned, last {trend_runs} runs)\n\n![trend](trend.png)\n\n{trend_md}\n"
         + (gate_markdown(decision).replace("# Regression gate", "## Regression gate", 1) + "\n" if decision else "")
         + ("" if gate_enabled else "The gate is off (gate.enabled: false): not promoted whatever the verdict.\n\n") +
@@ -162,4 +201,5 @@ def write_report(
                                  markdown=f"![trend](data:image/png;base64,{png})\n\n{trend_md}")
     if table:
         create_table_artifact(key="smolflow-benchmarks", table=table, description="Base vs tuned scores")
-    return {"run": run_uri, "model": trained.model.path, "training": m, "benchmarks": table}
+    judged = judge and {k: getattr(judge, k) for k in ("win_rate", "stderr", "n", "wins", "ties", "losses", "parse_failures")}
+    return {"run": run_uri, "model": trained.model.path, "training": m, "benchmarks": table, "judge": judged}

@@ -44,8 +44,9 @@ def start_wandb(cfg: WandbConfig, run_id: str, config: dict, local_dir: Path, gr
     )
 
 
-def log_results(wb_run, samples_before, samples_after, scores: dict, summary: dict, health=None) -> None:
-    """Samples side by side, per-benchmark scores base vs tuned, the run summary and training health."""
+def log_results(wb_run, samples_before, samples_after, scores: dict, summary: dict, health=None, judge=None) -> None:
+    """Samples side by side, per-benchmark scores base vs tuned, the judge's pairs, the run summary
+    and training health."""
     if wb_run is None:
         return
     import wandb
@@ -57,7 +58,18 @@ def log_results(wb_run, samples_before, samples_after, scores: dict, summary: di
     for name, pair in scores.items():
         bench.add_data(name, pair["base"].metric, pair["base"].score, pair["tuned"].score,
                        pair["tuned"].score - pair["base"].score, pair["tuned"].n)
-    wb_run.log({"samples": table, "benchmarks": bench})
+    tables = {"samples": table, "benchmarks": bench}
+    if judge is not None:
+        pairs = wandb.Table(columns=["instruction", "tuned", "reference", "verdict_tuned_as_a", "verdict_tuned_as_b",
+                                     "preference"])
+        for r in judge.records:
+            pairs.add_data(r["instruction"], r["output"], r["reference_output"], r["verdict_tuned_as_a"],
+                           r["verdict_tuned_as_b"], r["preference"])
+        tables["judge_pairs"] = pairs
+        summary = summary | {f"judge/{k}": getattr(judge, k)
+                             for k in ("win_rate", "stderr", "n", "wins", "ties", "losses", "parse_failures")
+                             if getattr(judge, k) is not None}
+    wb_run.log(tables)
     wb_run.summary.update(summary | bench_summary(scores) | (health.summary() if health is not None else {}))
 
 
@@ -101,14 +113,17 @@ def log_references(wb_run, refs: dict[str, str]) -> dict:
     return summary
 
 
-def finish_wandb(wb_run, run, trained, before, after, scores: dict, health, promoted: bool, local_dir: Path) -> None:
+def finish_wandb(wb_run, run, trained, before, after, scores: dict, health, promoted: bool, local_dir: Path,
+                 judge=None) -> None:
     """Log references, tables and summary, tag a promoted run, close it, and keep its files in the run folder."""
     if wb_run is None:
         return
     refs = {"model": trained.model.path, "benchmarks": run.url("benchmarks"), "report": run.url("report")}
+    if judge is not None:
+        refs["judge"] = run.url("judge")
     log_references(wb_run, refs)  # W&B points at the run folder's files instead of copying them
     summary = {"eval_loss": trained.metrics["eval_loss"], "run_uri": run.uri, "promoted": promoted}
-    log_results(wb_run, before, after, scores, summary, health)
+    log_results(wb_run, before, after, scores, summary, health, judge)
     if promoted:
         wb_run.tags = (*wb_run.tags, "promoted")
     wb_run.finish()

@@ -26,6 +26,7 @@ from tasks.models import ModelRef, fingerprint_dir, load_model
 from tasks.progress import training_progress
 from tasks.runtime import BY_CONTENT, ContentInputs, cache_dir, run_logger
 from tasks.storage import ArtifactStore
+from tasks.tokenization import load_tokenized, tokenize_split, tokenized_splits
 
 MARKER = "COMPLETE"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -58,8 +59,8 @@ def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str]):
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=2,
-        # Padding-free batches hold only real tokens; TRL then wants the data truncated beforehand
-        # (prepare_splits does it), since its collator no longer cuts rows to max_length.
+        # The data arrives tokenized and cut to max_length (tasks/tokenization.py). Padding-free
+        # batches hold only real tokens, and TRL then refuses a max_length of its own.
         max_length=None if cfg.padding_free else cfg.max_length,
         padding_free=cfg.padding_free,
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name; TRL defaults it on
@@ -72,26 +73,25 @@ def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str]):
     )
 
 
-def prepare_splits(splits, tokenizer, cfg: TrainingConfig):
-    """Train/test splits as the trainer takes them: conversations, or for padding-free batches,
-    token ids rendered with the chat template and cut to max_length (what TRL does for padded ones)."""
-    if not cfg.padding_free:
-        return splits["train"], splits["test"]
-
-    def tokenize(row):
-        ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
-        return {"input_ids": ids[: cfg.max_length]}
-
-    return tuple(splits[k].map(tokenize, remove_columns=splits[k].column_names) for k in ("train", "test"))
+def prepare_splits(splits, tokenizer, cfg: TrainingConfig, assistant_only_loss: bool = False):
+    """(train, test) as the trainer takes them, in memory: token ids rendered with the chat template
+    and cut to max_length (plus assistant_masks when assistant-only). train_sft uses the on-disk
+    cache (tasks.tokenization.tokenized_splits) instead; this is for tests and benchmarks."""
+    extra = ["n_tokens", "has_loss"] if assistant_only_loss else ["n_tokens"]
+    return tuple(
+        tokenize_split(splits[k], tokenizer, cfg.max_length, assistant_only_loss, split=k).remove_columns(extra)
+        for k in ("train", "test")
+    )
 
 
 # ---- checkpoints: resume after a crash ----------------------------------------------------
 
 
-def resume_key(base: ModelRef, data: DatasetRef, cfg: TrainingConfig) -> str:
-    """What a checkpoint must have been trained from to be resumed: same model, data and knobs
-    (another max_steps would distort the LR schedule, so it starts afresh)."""
-    what = {"model": base.fingerprint, "data": data.fingerprint, "cfg": cfg.model_dump(mode="json")}
+def resume_key(base: ModelRef, data: DatasetRef, cfg: TrainingConfig, assistant_only_loss: bool = False) -> str:
+    """What a checkpoint must have been trained from to be resumed: same model, data, loss mask and
+    knobs (another max_steps would distort the LR schedule, so it starts afresh)."""
+    what = {"model": base.fingerprint, "data": data.fingerprint, "cfg": cfg.model_dump(mode="json"),
+            "assistant_only_loss": assistant_only_loss}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -155,20 +155,26 @@ def checkpoint_uploader(run: ArtifactStore, key: str, keep: int = 2):
 
 @task(cache_policy=(ContentInputs() - "run_uri" - "report_to") + TASK_SOURCE, retries=1, retry_delay_seconds=10)
 def train_sft(
-    base: ModelRef, data: DatasetRef, cfg: TrainingConfig, run_uri: str, report_to: list[str]
+    base: ModelRef, data: DatasetRef, cfg: TrainingConfig, run_uri: str, report_to: list[str],
+    assistant_only_loss: bool = False,
 ) -> TrainResult:
     """Fine-tune the model on the chat dataset (resuming a crashed attempt) and upload the result."""
     # The cache key leaves out where the model is written and whether W&B watches, so a second
     # run with the same model, data and knobs reuses this result instead of training again.
-    from datasets import load_from_disk
     from trl import SFTTrainer
 
     log = run_logger()
     model, tokenizer = load_model(base)
-    train, test = prepare_splits(load_from_disk(data.path), tokenizer, cfg)
+    # Tokens come from the on-disk cache tokenize_dataset filled (made here if it is missing).
+    # With assistant_only_loss they carry `assistant_masks`, from which TRL builds the labels;
+    # SFTConfig's own assistant_only_loss flag stays off, since TRL accepts it only for
+    # conversations it tokenizes itself.
+    tokenized = tokenized_splits(base, data, cfg.max_length, assistant_only_loss)
+    log.info("Tokenized data %s: %s", "reused" if tokenized.cached else "made", tokenized.path)
+    train, test = load_tokenized(tokenized)
     run = ArtifactStore(run_uri)
     work = cache_dir("work", posixpath.basename(run_uri))
-    key = resume_key(base, data, cfg)
+    key = resume_key(base, data, cfg, assistant_only_loss)
     resume = find_checkpoint(work, run, key)
     if resume is None:  # stale checkpoints of other settings must not be rotated in or resumed
         shutil.rmtree(work / "checkpoints", ignore_errors=True)

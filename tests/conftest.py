@@ -122,6 +122,7 @@ def tiny_run_config(model_dir: Path, artifacts: str, **overrides):
         "benchmarks": [{"name": "gsm8k", "limit": 2, "batch_size": 2}],
         "output": {"artifacts_uri": artifacts},
         "wandb": {"mode": "offline"},
+        "judge": {"model": str(model_dir)},  # a tiny judge: its verdicts are noise, the code path is real
         "torch_threads": 1,
     }
     for key, value in overrides.items():

@@ -131,8 +131,153 @@ def test_drop_policy_trains_without_bad_rows_and_counts_them_by_reason(tmp_path)
 
 
 def test_rows_that_break_the_table_schema_get_a_clear_error(tmp_path):
+    # Arrow can't hold both in one column; smolflow re-reads such JSON value by value, so the
+    # row checks name the row (and data.bad_rows='drop' can drop it).
     _write_jsonl(tmp_path / "train.jsonl", [_chat(0), {"messages": "hi"}])
     _write_jsonl(tmp_path / "test.jsonl", [_chat(2)])
     with pytest.raises(BadRowsError) as err:
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
-    assert "could not read" in str(err.value) and "make every row's `messages` such a list" in str(err.value)
+    assert "row 1: `messages` is a str, not a list" in str(err.value) and "bad_rows='drop'" in str(err.value)
+
+
+def test_unreadable_json_names_the_files_and_the_fix(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps(_chat(0)) + "\n{not json\n")
+    _write_jsonl(tmp_path / "test.jsonl", [_chat(2)])
+    with pytest.raises(BadRowsError) as err:
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    assert "could not read" in str(err.value) and "train.jsonl" in str(err.value)
+
+
+def _ids(ref, split="train"):
+    from datasets import load_from_disk
+
+    return [row["messages"][0]["content"] for row in load_from_disk(ref.path)[split]]
+
+
+def test_shuffle_with_a_seed_picks_the_same_rows_before_the_limit(tmp_path):
+    _write_jsonl(tmp_path / "train.jsonl", [_chat(i) for i in range(40)])
+    _write_jsonl(tmp_path / "test.jsonl", [_chat(i) for i in range(40, 44)])
+    unshuffled = _ids(load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), max_train_rows=5)))
+    assert unshuffled == [f"hi {i}" for i in range(5)]
+    picks = [_ids(load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), max_train_rows=5, shuffle=True, seed=s)))
+             for s in (7, 7, 8)]
+    assert picks[0] == picks[1]  # same seed, same rows in the same order
+    assert picks[0] != picks[2] and picks[0] != unshuffled  # the limit samples the whole split
+    assert set(picks[0]) <= {f"hi {i}" for i in range(40)} and len(set(picks[0])) == 5
+
+
+def test_after_a_shuffle_bad_rows_are_named_by_their_place_in_the_file(tmp_path):
+    rows = [_chat(i) for i in range(40)]
+    rows[17] = {"messages": [{"role": "user", "content": "only a question"}]}
+    _write_jsonl(tmp_path / "train.jsonl", rows)
+    _write_jsonl(tmp_path / "test.jsonl", [_chat(50)])
+    with pytest.raises(BadRowsError, match=r"row 17: no assistant turn"):
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), shuffle=True, seed=3))
+
+
+TOOL_ROW = {"messages": [
+    {"role": "user", "content": "What's 123 * 456?"},
+    {"role": "assistant", "content": None,
+     "tool_calls": [{"type": "function", "function": {"name": "calculator", "arguments": {"x": 123, "y": 456}}}]},
+    {"role": "tool", "name": "calculator", "content": "56088"},
+    {"role": "assistant", "content": "It is 56088."},
+]}
+PARTS_ROW = {"messages": [
+    {"role": "user", "content": [{"type": "text", "text": "What's in this image?"},
+                                 {"type": "image", "image_url": "https://example.com/image.jpg"}]},
+    {"role": "assistant", "content": "A cat."},
+]}
+
+
+def test_tool_calls_tool_replies_and_parts_are_accepted_and_counted(tmp_path):
+    from datasets import load_from_disk
+
+    # Plain rows first: datasets' JSON loader fixes its schema from them (and fails on the later
+    # tool call), so the loader re-reads the messages as JSON values.
+    _write_jsonl(tmp_path / "train.jsonl", [_chat(0), _chat(1), TOOL_ROW, PARTS_ROW])
+    _write_jsonl(tmp_path / "test.jsonl", [_chat(2), PARTS_ROW])
+    ref = load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    assert ref.rows == {"train": 4, "test": 2}
+    assert ref.shapes == {"tool_calls": 1, "tool_messages": 1, "multimodal": 2}
+    saved = load_from_disk(ref.path)["train"]
+    assert saved[2]["messages"] == TOOL_ROW["messages"] and saved[3]["messages"] == PARTS_ROW["messages"]
+
+
+def test_parts_after_plain_rows_are_not_turned_into_strings(tmp_path):
+    # Read first, train-0 fixes `content` as a string: datasets would cast train-1's parts to the
+    # JSON *string* '[{"type":"text",...}]' and train on that text. (Splits are read one by one
+    # for the same reason.)
+    _write_jsonl(tmp_path / "train-0.jsonl", [_chat(0)])
+    _write_jsonl(tmp_path / "train-1.jsonl", [PARTS_ROW])
+    _write_jsonl(tmp_path / "test.jsonl", [PARTS_ROW, _chat(2)])
+    ref = load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    assert ref.shapes["multimodal"] == 2
+    assert _ids(ref)[1] == _ids(ref, "test")[0] == PARTS_ROW["messages"][0]["content"]
+
+
+def test_null_fields_arrow_adds_are_not_part_of_the_conversation(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import load_from_disk
+
+    from tasks.data import as_written
+
+    # Parquet holds one schema per file: plain turns get `tool_calls: null`, image parts `text: null`.
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}
+    parts_only = {"messages": [PARTS_ROW["messages"][0], answer]}
+    for split, rows in (("train", [_chat(0), TOOL_ROW]), ("test", [parts_only])):
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{split}-00000.parquet")
+    ref = load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    saved = load_from_disk(ref.path)
+    assert saved["train"][0]["messages"][0]["tool_calls"] is None  # what Arrow made of it
+    assert saved["test"][0]["messages"][0]["content"][1]["text"] is None
+    assert [as_written(saved["train"][i]["messages"]) for i in range(2)] == [_chat(0)["messages"], TOOL_ROW["messages"]]
+    assert as_written(saved["test"][0]["messages"]) == parts_only["messages"]
+    assert ref.shapes == {"tool_calls": 1, "tool_messages": 1, "multimodal": 1}
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "reason"),
+    [
+        ({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x.wav"}]},
+                       {"role": "assistant", "content": "x"}]},
+         "messages[0].content[0] has type 'audio', expected a part"),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}, {"type": "image"}]},
+                       {"role": "assistant", "content": "x"}]},
+         "messages[0].content[0] is a text part without text"),
+        ({"messages": [{"role": "user", "content": "hi"},
+                       {"role": "assistant", "content": "", "tool_calls": [{"tool": "calc", "parameters": {"x": 1}}]}]},
+         "messages[1].tool_calls[0] is not {type: 'function', function: {name, arguments}}"),
+        ({"messages": [{"role": "user", "content": "hi",
+                        "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                       {"role": "assistant", "content": "x"}]},
+         "messages[0] has tool_calls but role 'user'"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]},
+         "messages[1].content is empty or not a string"),
+    ],
+)
+def test_bad_tool_calls_and_parts_are_named(tmp_path, bad_row, reason):
+    _write_jsonl(tmp_path / "train.jsonl", [_chat(0), _chat(1), bad_row])
+    _write_jsonl(tmp_path / "test.jsonl", [_chat(2)])
+    with pytest.raises(BadRowsError) as err:
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    assert "split 'train'" in str(err.value) and "row 2" in str(err.value) and reason in str(err.value)
+
+
+def test_unchanged_data_is_checked_once(tmp_path, monkeypatch):
+    from tasks import data
+
+    _write_jsonl(tmp_path / "train.jsonl", [_chat(i) for i in range(4)])
+    _write_jsonl(tmp_path / "test.jsonl", [_chat(9)])
+    first = load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), bad_rows="drop"))
+    def tripwire(batch):
+        raise AssertionError("checked again")
+
+    monkeypatch.setattr(data, "_check_batch", tripwire)
+    assert load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), bad_rows="drop")) == first
+    # Other settings or changed files are checked afresh.
+    with pytest.raises(AssertionError, match="checked again"):
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), bad_rows="drop", max_train_rows=2))
+    _write_jsonl(tmp_path / "train.jsonl", [_chat(i) for i in range(5)])
+    with pytest.raises(AssertionError, match="checked again"):
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), bad_rows="drop"))

@@ -11,6 +11,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
 from flows.finetune import finetune
+from tasks.runtime import FIXTURES
 from tasks.storage import ArtifactStore, read_pointer
 from tests.conftest import tiny_run_config
 
@@ -28,6 +29,11 @@ EXPECTED = [
     "benchmarks/gsm8k/base.summary.json",
     "benchmarks/gsm8k/tuned.summary.json",
     "benchmarks/comparison.json",
+    "data/template_preview.md",
+    "data/token_lengths.json",
+    "data/token_lengths.png",
+    "judge/pairs.jsonl",
+    "judge/summary.json",
     "report/report.md",
     "report/trend.png",
     "gate/decision.json",
@@ -84,7 +90,8 @@ def wandb_summary(run_dir: Path) -> dict:
 def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_path, monkeypatch):
     secret = "s3cr3t-never-logged-0123456789"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    config = tiny_run_config(tiny_model_dir, str(tmp_path / "artifacts"))
+    config = tiny_run_config(tiny_model_dir, str(tmp_path / "artifacts"),
+                             custom_benchmarks=[str(FIXTURES / "custom" / "capitals.yaml")])
 
     started = time.perf_counter()
     state = finetune(config=config, return_state=True)
@@ -97,10 +104,25 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     samples = [json.loads(line) for line in (Path(run_uri) / "samples/samples.jsonl").read_text().splitlines()]
     assert [s["prompt"] for s in samples] == config.sampling.prompts
     assert {"before", "after", "after_stopped_at_eos"} <= set(samples[0])
-    assert summary["benchmarks"][0]["benchmark"] == "gsm8k" and summary["benchmarks"][0]["n"] == 2
+    assert [b["benchmark"] for b in summary["benchmarks"]] == ["gsm8k", "custom/capitals"]
+    assert summary["benchmarks"][0]["n"] == 2 and summary["benchmarks"][1]["n"] == 8
+    assert store.exists("benchmarks/custom/capitals/tuned.jsonl")
+    # The judge compared the tuned model's answers to the sample prompts with the base model's, both orders.
+    judge = store.read_json("judge/summary.json")
+    assert judge["pairs"] == len(config.sampling.prompts) and summary["judge"]["n"] == judge["n"]
+    pairs = [json.loads(line) for line in (Path(run_uri) / "judge/pairs.jsonl").read_text().splitlines()]
+    assert [p["instruction"] for p in pairs] == config.sampling.prompts
+    assert [p["output"] for p in pairs] == [s["after"] for s in samples]  # the run's own samples, not regenerated
+    assert [p["reference_output"] for p in pairs] == [s["before"] for s in samples]
+    assert judge["n"] == sum(p["preference"] is not None for p in pairs)  # parse failures are left out
     assert summary["training"]["steps"] == 3 and summary["training"]["eval_loss"] > 0
     report = store.fs.cat(store._path("report/report.md")).decode()
-    assert "## Benchmarks (base vs tuned)" in report and "| gsm8k |" in report
+    assert "## Benchmarks (base vs tuned)" in report and "| gsm8k |" in report and "| custom/capitals |" in report
+    assert "## Judge (tuned vs reference)" in report and f"n={judge['n']} of {judge['pairs']} pairs" in report
+    tokens = store.read_json("data/token_lengths.json")
+    assert tokens["splits"]["train"]["rows"] == manifest["dataset"]["rows"]["train"]
+    assert "| split | rows | min | median |" in report
+    assert "<|im_start|>" in store.fs.cat(store._path("data/template_preview.md")).decode()
     # Configuration, data and the gate's decision, with links to the pieces.
     assert "## Configuration" in report and "max_steps: 3" in report
     assert f"fingerprint `{manifest['dataset']['fingerprint']}`" in report
@@ -115,7 +137,8 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     last_loss = [h["loss"] for h in history if "loss" in h][-1]
     assert recorded["summary"]["train/loss"] == last_loss
     assert recorded["summary"]["eval_loss"] == summary["training"]["eval_loss"]
-    assert {"samples", "benchmarks"} <= set(recorded["summary"])  # the two tables
+    assert {"samples", "benchmarks", "judge_pairs"} <= set(recorded["summary"])  # the tables
+    assert recorded["summary"]["judge/wins"] == judge["wins"]
     bench = summary["benchmarks"][0]
     assert recorded["summary"]["bench/gsm8k/tuned"] == pytest.approx(bench["tuned"], abs=1e-4)
     assert recorded["summary"]["bench/gsm8k/delta"] == pytest.approx(bench["delta"], abs=1e-4)
@@ -141,7 +164,7 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     second_seconds = time.perf_counter() - started
     states = _task_states(again.state_details.flow_run_id)
     # Everything that computes is reused, also where the tuned model now lies in a new folder.
-    for name in ("prepare_chat_template", "train_sft", "generate_samples", "benchmark"):
+    for name in ("prepare_chat_template", "tokenize_dataset", "train_sft", "generate_samples", "benchmark", "custom"):
         assert states[name] == {"Cached"}, states
     second = again.result()
     assert second["run"] != run_uri

@@ -1,0 +1,119 @@
+"""Judge backends: who answers a judging prompt. A local transformers model or any
+OpenAI-compatible endpoint (OpenAI, vLLM, TGI, Ollama, `transformers serve`), behind one
+interface: `make_backend(cfg).chat(conversations, max_new_tokens)`, greedy.
+
+`identity` says what the judge *is*, so cached verdicts are keyed on it: the local model's
+content fingerprint (a re-trained judge at the same path re-judges), or the endpoint and model
+name (all we can know about a remote model).
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from urllib.parse import urlsplit, urlunsplit
+
+from flows.config import JudgeConfig
+from tasks.models import BUILTIN, ModelRef, load_model, resolve_model
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+PLACEHOLDER_KEY = "EMPTY"  # what local OpenAI-compatible servers (vLLM, transformers serve) accept
+
+
+class JudgeBackend(abc.ABC):
+    """A judge model: greedy chat completions for a batch of conversations."""
+
+    identity: str  # what the judge is (for cache keys); never holds a secret
+
+    @abc.abstractmethod
+    def chat(self, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
+        """One greedy answer per conversation (a list of {role, content} messages), in order."""
+
+
+class LocalBackend(JudgeBackend):
+    """A transformers model on this machine, batched through its chat template."""
+
+    def __init__(self, ref: ModelRef, batch_size: int = 8):
+        self.ref, self.batch_size = ref, batch_size
+        self.identity = f"local:{ref.fingerprint}"
+        self._loaded = None  # loaded on the first call: a fully cached re-run never loads the model
+
+    def chat(self, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
+        from tasks.generation import generate
+
+        if self._loaded is None:
+            model, tokenizer = load_model(self.ref)
+            if not tokenizer.chat_template:
+                raise ValueError(
+                    f"judge.model={self.ref.source!r} has no chat template, so it cannot read a judging prompt; "
+                    "use an instruction-tuned model (e.g. judge.model: auto, the built-in SmolLM2-135M-Instruct)"
+                )
+            self._loaded = (model.eval(), tokenizer)
+        model, tokenizer = self._loaded
+        samples = generate(model, tokenizer, conversations, max_new_tokens, batch_size=self.batch_size)
+        return [s.completion for s in samples]
+
+
+class OpenAIBackend(JudgeBackend):
+    """An OpenAI-compatible /v1/chat/completions endpoint, temperature 0, with retries."""
+
+    def __init__(self, base_url: str, model: str, api_key: str, max_retries: int = 3, timeout: float = 120.0):
+        from openai import OpenAI
+
+        self.model = model
+        self.identity = f"openai:{redact_url(base_url)}:{model}"
+        # The SDK retries connection errors, 408/409/429 and 5xx with exponential backoff.
+        self.client = OpenAI(base_url=base_url, api_key=api_key, max_retries=max_retries, timeout=timeout)
+
+    def chat(self, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
+        answers = []
+        for messages in conversations:
+            # max_tokens, not max_completion_tokens: vLLM, TGI, Ollama and transformers serve all take it.
+            response = self.client.chat.completions.create(
+                model=self.model, messages=messages, temperature=0, max_tokens=max_new_tokens
+            )
+            answers.append((response.choices[0].message.content or "").strip())
+        return answers
+
+
+def redact_url(url: str) -> str:
+    """The URL without user:password@, which must not reach cache keys, results or logs."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url.rstrip("/")
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc)).rstrip("/")
+
+
+def api_key(cfg: JudgeConfig) -> str:
+    """The endpoint's key: the Prefect Secret block if named, else the environment variable."""
+    if cfg.api_key_secret:
+        from prefect.blocks.system import Secret
+
+        try:
+            return Secret.load(cfg.api_key_secret).get()
+        except ValueError as err:
+            raise ValueError(
+                f"judge.api_key_secret={cfg.api_key_secret!r}: no such Prefect Secret block; create it "
+                f"(Secret(value=...).save({cfg.api_key_secret!r}) or the UI's Blocks page) or unset it "
+                f"to use the environment variable judge.api_key_env={cfg.api_key_env!r}"
+            ) from err
+    key = os.environ.get(cfg.api_key_env)
+    if key:
+        return key
+    if urlsplit(cfg.base_url or "").hostname in LOCAL_HOSTS:
+        return PLACEHOLDER_KEY  # local servers usually check no key
+    raise ValueError(
+        f"judge: no API key for {cfg.base_url}: set the environment variable judge.api_key_env="
+        f"{cfg.api_key_env!r}, or name a Prefect Secret block holding it in judge.api_key_secret"
+    )
+
+
+def make_backend(cfg: JudgeConfig) -> JudgeBackend:
+    """The judge the config names ('auto' local: the built-in SmolLM2-135M-Instruct)."""
+    if cfg.backend == "openai":
+        return OpenAIBackend(cfg.base_url, cfg.model, api_key(cfg))
+    # 'auto' is always the built-in instruct model here, online too: a judge must follow
+    # instructions, and the hub default (SmolLM2-135M) is a base model.
+    return LocalBackend(resolve_model.fn(BUILTIN if cfg.model == "auto" else cfg.model))

@@ -1,0 +1,279 @@
+"""Custom benchmarks: every scorer, every broken definition (named by file and line), gold answers
+scoring 100% and wrong ones 0%, and a real cached run on a tiny model through Prefect."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tasks.benchmarks import scorers
+from tasks.benchmarks.custom import (
+    CustomBenchmarkError,
+    evaluate_custom,
+    load_definition,
+    load_definitions,
+    run_custom_benchmark,
+    score_outputs,
+)
+from tasks.runtime import FIXTURES
+
+CUSTOM = FIXTURES / "custom"
+
+
+class RuleJudge:
+    """A judge backend with the tasks.judge interface that passes an answer when it contains the
+    reference answer, says nothing parseable when asked about "mumble", and fails the rest."""
+
+    identity = "rule-judge"
+
+    def __init__(self):
+        self.seen = []
+
+    def chat(self, conversations, max_new_tokens):
+        self.seen += conversations
+        replies = []
+        for (message,) in conversations:
+            text = message["content"]
+            gold = text.split("Reference answer:\n")[1].split("\n")[0]
+            answer = text.split("Answer to grade:\n")[1].split("\n\nDoes the answer")[0]
+            replies.append("hmm" if "mumble" in answer else "PASS" if gold.lower() in answer.lower() else "FAIL.")
+        return replies
+
+
+# --- scorers -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "scorer, output, gold, args, expected",
+    [
+        ("exact_match", " Paris\n", "Paris", {}, True),
+        ("exact_match", "paris", "Paris", {}, False),
+        ("normalized_match", "The Paris!", "paris", {}, True),
+        ("normalized_match", "Paris, France", "Paris", {}, False),
+        ("contains", "I think it is PARIS, surely.", "Paris", {}, True),
+        ("contains", "I think it is PARIS.", "Paris", {"case_sensitive": True}, False),
+        ("contains", "Lyon", "Paris", {}, False),
+        ("regex", "Answer: red. Final answer: Blue!", "blue", {"pattern": r"answer:\s*(\w+)"}, True),  # the last match
+        ("regex", "Answer: blue. Final answer: red", "blue", {"pattern": r"answer:\s*(\w+)"}, False),
+        ("regex", "blue, no marker here", "blue", {"pattern": r"answer:\s*(\w+)"}, False),
+        ("regex", "x=7", "7", {"pattern": r"x=(?P<v>\d+)", "group": "v"}, True),
+        ("numeric", "That makes 1,234.5 in total", 1234.5, {}, True),
+        ("numeric", "First 3, then 10", "10", {}, True),
+        ("numeric", "about 3.14", 3.14159, {"tolerance": 0.01}, True),
+        ("numeric", "about 3.2", 3.14159, {"tolerance": 0.01}, False),
+        ("numeric", "99", 100, {"tolerance": 0.02, "relative": True}, True),
+        ("numeric", "97", 100, {"tolerance": 0.02, "relative": True}, False),
+        ("numeric", "no number", 5, {}, False),
+        ("math_verify", "So the answer is $\\boxed{\\frac{1}{2}}$.", "0.5", {}, True),
+        ("math_verify", "The answer is $\\boxed{3}$", "$\\frac{6}{2}$", {}, True),
+        ("math_verify", "The answer is $\\boxed{4}$", "3", {}, False),
+    ],
+)
+def test_scorer(scorer, output, gold, args, expected):
+    args = scorers.ARGS[scorer].model_validate(args).model_dump()
+    assert scorers.SCORERS[scorer](output, gold, **args) is expected
+
+
+def test_judge_rubric_scorer_parses_pass_fail_and_counts_unparseable():
+    judge = RuleJudge()
+    rubric = "The answer names the right city."
+    assert scorers.judge_rubric("It is Paris.", "Paris", rubric=rubric, judge=judge, question="Capital of France?")
+    assert not scorers.judge_rubric("It is Lyon.", "Paris", rubric=rubric, judge=judge)
+    asked = judge.seen[0][0]["content"]
+    assert "Capital of France?" in asked and rubric in asked and asked.endswith("PASS or FAIL.")
+    assert [scorers.parse_verdict(r) for r in ("PASS", "Verdict: fail.", "FAIL, it does not PASS", "maybe", "")] == [
+        True, False, False, None, None]
+    verdicts = scorers.judge_verdicts(judge, ["q"] * 3, ["Paris", "Lyon", "mumble"], ["Paris"] * 3, rubric)
+    assert [v for _, v in verdicts] == [True, False, None]
+    with pytest.raises(ValueError, match="needs a judge backend"):
+        scorers.judge_rubric("x", "y", rubric=rubric)
+
+
+# --- broken definitions ------------------------------------------------------------------------
+
+GOOD = """\
+name: capitals
+data: items.jsonl
+prompt_field: prompt
+answer_field: answer
+scorer: normalized_match
+scorer_args: {}
+max_new_tokens: 16
+"""
+ITEMS = '{"prompt": "Capital of France?", "answer": "Paris"}\n{"prompt": "Capital of Japan?", "answer": "Tokyo"}\n'
+
+
+def _scorer(name: str, args: str | None = None) -> str:
+    """GOOD with another scorer and, if given, its scorer_args (YAML lines under the key)."""
+    definition = GOOD.replace("normalized_match", name)
+    return definition.replace("scorer_args: {}", f"scorer_args:\n  {args}") if args else definition
+
+
+def _write(folder: Path, definition: str = GOOD, items: str | None = ITEMS, name: str = "bench.yaml") -> Path:
+    (folder / name).write_text(definition)
+    if items is not None:
+        (folder / "items.jsonl").write_text(items)
+    return folder / name
+
+
+@pytest.mark.parametrize(
+    "definition, items, where, message",
+    [
+        (GOOD.replace("scorer: normalized_match\n", ""), ITEMS, "bench.yaml:",
+         r"missing required key `scorer`: add `scorer: one of exact_match \| normalized_match"),
+        (GOOD.replace("normalized_match", "normalised_match"), ITEMS, "bench.yaml:5:",
+         "unknown scorer 'normalised_match'; did you mean `normalized_match`?"),
+        (_scorer("regex", "pattern: 'answer: (\\w+'"), ITEMS, "bench.yaml:7:",
+         r"scorer_args.pattern: bad regex 'answer: \(\\\\w\+': missing \), unterminated subpattern"),
+        (_scorer("regex", "pattern: 'answer: \\w+'"), ITEMS, "bench.yaml:6:",
+         "has only 0 group.*add a \\(...\\) group around the answer or set group: 0"),
+        (GOOD, "", "items.jsonl",
+         r"no items \(the file is empty or blank\); add one JSON object per line \(data: in .*bench.yaml:2\)"),
+        (GOOD.replace("items.jsonl", "missing.jsonl"), ITEMS, "bench.yaml:2:",
+         "data file 'missing.jsonl' not found .*relative to the definition file"),
+        (GOOD, ITEMS + '{"prompt": "Capital of Peru?", "gold": "Lima"}\n', "items.jsonl:3:",
+         r"no `answer` \(answer_field\); keys present: \['gold', 'prompt'\]; add it or set answer_field"),
+        (GOOD, ITEMS + '{"prompt": "Capital of Peru?" "answer": "Lima"}\n', "items.jsonl:3:",
+         "not valid JSON .*each line must be one complete JSON object"),
+        (GOOD.replace("max_new_tokens", "max_new_token"), ITEMS, "bench.yaml:7:",
+         "unknown key `max_new_token`: did you mean `max_new_tokens`?"),
+        # beyond the required cases: wrong types, key rules, duplicate keys, unmatchable golds
+        (GOOD.replace("16", "'16'"), ITEMS, "bench.yaml:7:",
+         "max_new_tokens: input should be a valid integer, got '16'"),
+        (GOOD + "messages_field: messages\n", ITEMS, "bench.yaml:8:", "set prompt_field or messages_field, not both"),
+        (GOOD + "scorer: exact_match\n", ITEMS, "bench.yaml:8:", "key 'scorer' appears twice \\(first on line 5\\)"),
+        (_scorer("numeric"), ITEMS, "items.jsonl:1:", "holds no number, which the numeric scorer needs"),
+        (_scorer("judge_rubric"), ITEMS, "bench.yaml:6:", "missing required key `scorer_args.rubric`"),
+        (GOOD, '{"prompt": "", "answer": "x"}\n', "items.jsonl:1:", "`prompt` must be non-empty text"),
+        (GOOD.replace("scorer_args: {}", "scorer_args: {"), ITEMS, "bench.yaml:", "not valid YAML"),
+    ],
+)
+def test_broken_definition_is_rejected_with_file_line_and_fix(tmp_path, definition, items, where, message):
+    path = _write(tmp_path, definition, items)
+    with pytest.raises(CustomBenchmarkError) as err:
+        load_definition(path)
+    text = str(err.value)
+    assert str(tmp_path / where) in text, text
+    assert re.search(message, text), text
+
+
+def test_json_definition_errors_name_their_line_and_bad_messages(tmp_path):
+    spec = json.loads((CUSTOM / "arithmetic.json").read_text()) | {"data": "items.jsonl", "scorer_arg": {}}
+    item = {"messages": [{"role": "user", "content": "1+1?"}], "answer": 2}
+    path = _write(tmp_path, json.dumps(spec, indent=2), json.dumps(item) + "\n", name="bench.json")
+    line = next(i for i, t in enumerate(path.read_text().splitlines(), 1) if '"scorer_arg"' in t)
+    with pytest.raises(CustomBenchmarkError, match=rf"bench.json:{line}: unknown key `scorer_arg`: did you mean"):
+        load_definition(path)
+    del spec["scorer_arg"]
+    item["messages"][0]["role"] = "assistant"
+    _write(tmp_path, json.dumps(spec), json.dumps(item) + "\n", name="bench.json")
+    with pytest.raises(CustomBenchmarkError, match="items.jsonl:1: `messages` must end with a user message"):
+        load_definition(path)
+    (tmp_path / "bench.json").write_text('{"name": "x",\n "data": }')
+    with pytest.raises(CustomBenchmarkError, match="bench.json:2: not valid JSON"):
+        load_definition(path)
+
+
+def test_duplicate_names_across_definitions(tmp_path):
+    a = _write(tmp_path, name="a.yaml")
+    b = _write(tmp_path, name="b.yaml")
+    with pytest.raises(CustomBenchmarkError, match="name 'capitals' is already used by .*a.yaml; rename one"):
+        load_definitions([str(a), str(b)])
+
+
+# --- scoring -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("file", ["capitals.yaml", "arithmetic.json"])
+def test_shipped_definitions_score_gold_100_and_wrong_0(file):
+    bench = load_definition(CUSTOM / file)
+    assert len(bench.items) == 8 and len(bench.fingerprint) == 64
+    right, metrics = score_outputs(bench, [str(item.golds[-1]) for item in bench.items])
+    assert metrics[bench.scorer] == 1.0 and all(r["correct"] for r in right)
+    wrong, metrics = score_outputs(bench, ["I do not know, maybe 123456."] * len(bench.items))
+    assert metrics[bench.scorer] == 0.0 and not any(r["correct"] for r in wrong)
+    assert set(right[0]) >= {"prompt", "output", "extracted", "gold", "correct"}
+    assert right[0]["doc_id"] == 1  # the item's line in the JSONL file
+
+
+def test_judge_rubric_scoring_records_replies_and_counts_unparseable(tmp_path):
+    definition = _scorer("judge_rubric", "rubric: Names the right city.")
+    bench = load_definition(_write(tmp_path, definition, ITEMS + '{"prompt": "Capital of Peru?", "answer": "Lima"}\n'))
+    records, metrics = score_outputs(bench, ["Paris", "Kyoto", "mumble"], judge=RuleJudge())
+    assert [r["verdict"] for r in records] == ["PASS", "FAIL", None]
+    assert [r["correct"] for r in records] == [True, False, False]
+    assert metrics == {"unparseable": 1.0, "judge_rubric": 1 / 3}
+    with pytest.raises(CustomBenchmarkError, match="needs a judge"):
+        score_outputs(bench, ["Paris", "Kyoto", "Lima"])
+
+
+def test_limit_system_prompt_and_fingerprint(tmp_path):
+    path = _write(tmp_path, GOOD + "limit: 1\nsystem_prompt: Be brief.\n")
+    bench = load_definition(path)
+    assert [i.prompt for i in bench.selected()] == ["Capital of France?"]
+    assert bench.conversation(bench.items[0]) == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
+    again = load_definition(path)
+    assert again.fingerprint == bench.fingerprint
+    (tmp_path / "items.jsonl").write_text(ITEMS.replace("Tokyo", "Kyoto"))
+    assert load_definition(path).fingerprint != bench.fingerprint
+
+
+def test_generation_with_raw_prompts_and_stop_strings(tiny_base_model_dir, tmp_path):
+    from tasks.generation import generate
+    from tasks.models import load_model, resolve_model
+
+    model, tokenizer = load_model(resolve_model.fn(str(tiny_base_model_dir)))
+    full = generate(model, tokenizer, ["The capital of France is"], 12, chat_template=False)[0]
+    assert full.completion and full.new_tokens == 12
+    stop = full.completion[-2:]  # a string the greedy output is sure to contain
+    cut = generate(model, tokenizer, ["The capital of France is"], 12, chat_template=False, stop=[stop])[0]
+    assert stop not in cut.completion and full.completion.startswith(cut.completion)
+    assert cut.new_tokens < 12  # generation halted at the stop string, not just trimmed afterwards
+    # a definition asking for the chat template on a model without one fails, saying what to set
+    bench = load_definition(_write(tmp_path))
+    with pytest.raises(CustomBenchmarkError, match="no chat template; set chat_template: false"):
+        evaluate_custom(model, tokenizer, bench)
+    raw = evaluate_custom(model, tokenizer, load_definition(_write(tmp_path, GOOD + "chat_template: false\n")))
+    assert raw.n == 2 and raw.settings["chat_template"] is False
+
+
+def test_run_custom_benchmark_is_cached_until_an_item_changes(tiny_ref, tmp_path):
+    for f in ("arithmetic.json", "arithmetic.jsonl"):
+        shutil.copy(CUSTOM / f, tmp_path / f)
+    bench = load_definition(tmp_path / "arithmetic.json")
+    first = run_custom_benchmark(tiny_ref, bench, return_state=True)
+    assert first.name == "Completed", first
+    result = first.result()
+    assert result.name == "custom/arithmetic" and result.n == len(result.records) == 8
+    assert result.metric == "numeric" and 0.0 <= result.score <= 1.0
+    assert result.settings["fingerprint"] == bench.fingerprint
+    assert result.settings["data_path"] == str(tmp_path / "arithmetic.jsonl")
+    assert result.settings["scorer_args"] == {"tolerance": 0.01, "relative": False}
+    assert result.settings["messages_field"] == "messages" and result.settings["stop"] == ["\n\n"]
+    assert all(isinstance(r["prompt"], list) and isinstance(r["correct"], bool) for r in result.records)
+
+    again = run_custom_benchmark(tiny_ref, load_definition(tmp_path / "arithmetic.json"), return_state=True)
+    assert again.name == "Cached"
+    items = tmp_path / "arithmetic.jsonl"
+    items.write_text(items.read_text().replace('"answer": 43', '"answer": 44'))
+    edited = run_custom_benchmark(tiny_ref, load_definition(tmp_path / "arithmetic.json"), return_state=True)
+    assert edited.name == "Completed"
+    assert edited.result().settings["fingerprint"] != bench.fingerprint
+
+
+def test_judge_rubric_through_the_real_local_judge(tiny_model_dir, tmp_path):
+    pytest.importorskip("tasks.judge", reason="tasks/judge.py (the judge backends) is not written yet")
+    from flows.config import JudgeConfig
+    from tasks.models import load_model, resolve_model
+
+    definition = _scorer("judge_rubric", "rubric: Names the right city.\n  max_new_tokens: 4")
+    bench = load_definition(_write(tmp_path, definition))
+    model, tokenizer = load_model(resolve_model.fn(str(tiny_model_dir)))
+    result = evaluate_custom(model, tokenizer, bench, JudgeConfig(backend="local", model=str(tiny_model_dir)))
+    # A random-weight judge writes no PASS/FAIL: every item fails and is counted as unparseable.
+    assert result.n == 2 and result.settings["judge"]
+    assert all(isinstance(r["judge_reply"], str) for r in result.records)
+    unparseable = sum(r["verdict"] is None for r in result.records)
+    assert result.metrics["unparseable"] == unparseable
+    assert result.score == sum(r["verdict"] == "PASS" for r in result.records) / 2
