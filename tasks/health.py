@@ -7,7 +7,6 @@ runs them all; `plot_curves` draws train/eval loss and the learning rate for the
 
 from __future__ import annotations
 
-import io
 import re
 
 from prefect import task
@@ -15,6 +14,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel
 
 from tasks.generation import Sample
+from tasks.runtime import figure_png
 
 # Thresholds, in nats of per-token cross-entropy. Chosen for chat SFT of small models, where a
 # healthy run drops a few tenths from ~2-3 and eval tracks train within a few tenths.
@@ -194,11 +194,7 @@ def plot_curves(log_history: list[dict]) -> bytes:
     lr.set_ylabel("learning rate")
     lr.set_xlabel("step")
     lr.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def curves_table(log_history: list[dict]) -> str:

@@ -54,6 +54,19 @@ def sha256_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (the figure is closed: plots are drawn in long-lived workers)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def run_logger():
     """Prefect's run logger inside a flow or task (shown in the UI), a plain logger outside."""
     import logging

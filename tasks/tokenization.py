@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import io
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from pydantic import BaseModel
 
 from tasks.data import DatasetRef, as_written, num_proc_for
 from tasks.models import ModelRef, local_model_dir
-from tasks.runtime import BY_CONTENT, cache_dir, run_logger, sha256_files
+from tasks.runtime import BY_CONTENT, cache_dir, figure_png, run_logger, sha256_files
 from tasks.storage import ArtifactStore
 
 SPLITS = ("train", "test")
@@ -289,11 +288,7 @@ def plot_token_lengths(stats: TokenStats) -> bytes:
     ax.set_xlabel("tokens per conversation (before truncation)")
     ax.set_ylabel("conversations")
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def write_token_stats(run: ArtifactStore, stats: TokenStats) -> None:

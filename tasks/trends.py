@@ -3,8 +3,8 @@ read from each completed run's benchmarks/comparison.json (the current run joins
 
 from __future__ import annotations
 
-import io
 
+from tasks.runtime import figure_png
 from tasks.storage import ArtifactStore, completed_runs
 
 DEFAULT_RUNS = 10
@@ -63,11 +63,7 @@ def plot_trend(rows: list[tuple[str, dict[str, float]]]) -> bytes:
     ax.grid(alpha=0.3)
     if rows:
         ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def write_trend(root: str, run_uri: str, n: int = DEFAULT_RUNS) -> tuple[str, bytes]:

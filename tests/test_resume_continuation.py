@@ -78,9 +78,12 @@ def test_rerun_after_sigkill_continues_the_same_wandb_run(tiny_ref, fixture_data
     cfg = TrainingConfig(max_steps=12, save_steps=3, logging_steps=1, eval_steps=12, max_length=128, seed=11)
     run = ArtifactStore(str(tmp_path / "runs" / "same-run"))
     wandb_dir = tmp_path / "wandb-local"
+    # A process of its own, like a crashed flow run: not attached to this one's W&B service (which an
+    # earlier test may have started and exported as WANDB_SERVICE).
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-c", TRAIN_WITH_WANDB, tiny_ref.path, run.uri, cfg.model_dump_json(), str(wandb_dir)],
-        cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 600
     while not run.exists(f"checkpoints/checkpoint-6/{MARKER}") and proc.poll() is None and time.monotonic() < deadline:
