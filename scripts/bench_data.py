@@ -38,9 +38,30 @@ WORDS = (
 ).split()
 
 
-def generate(folder: Path, rows: int, seed: int = 0, batch: int = 50_000) -> dict[str, int]:
+def _conversations(rng, words, count: int, row_id: int) -> list[list[dict]]:
+    """`count` conversations; the first user turn carries a running row number, so none repeats."""
+    import numpy as np
+
+    exchanges = rng.integers(1, 4, count)
+    system = rng.random(count) < 0.2
+    lengths = np.clip(rng.lognormal(3.4, 0.9, int((2 * exchanges).sum())), 3, 400).astype(int)
+    pool = words[rng.integers(0, len(words), int(lengths.sum()))]
+    cuts = np.concatenate([[0], np.cumsum(lengths)])
+    texts = iter(" ".join(pool[a:b]) for a, b in zip(cuts[:-1], cuts[1:]))
+    out = []
+    for i in range(count):
+        conversation = [{"role": "system", "content": "You are a friendly assistant."}] if system[i] else []
+        for turn in range(2 * exchanges[i]):
+            text = next(texts) + (f" (#{row_id + i})" if turn == 0 else "")
+            conversation.append({"role": "user" if turn % 2 == 0 else "assistant", "content": text})
+        out.append(conversation)
+    return out
+
+
+def generate(folder: Path, rows: int, seed: int = 0, batch: int = 50_000, shard: int = 250_000) -> dict[str, int]:
     """train/test parquet files of smoltalk-shaped rows: 1-3 user/assistant exchanges (2-6 turns),
-    sometimes a system turn first, turns of 3-400 words (log-normal), every row unique."""
+    sometimes a system turn first, turns of 3-400 words (log-normal), every row unique. Files of
+    at most `shard` rows (~110 MB), as `push_to_hub` shards a dataset of this size."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -49,28 +70,15 @@ def generate(folder: Path, rows: int, seed: int = 0, batch: int = 50_000) -> dic
     words = np.array(WORDS)
     schema = pa.schema([("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))])
     sizes = {"train": rows, "test": max(10, rows // 100)}
-    start = 0
+    row_id = 0
     for split, n in sizes.items():
-        with pq.ParquetWriter(folder / f"{split}-00000-of-00001.parquet", schema) as writer:
-            for lo in range(0, n, batch):
-                count = min(batch, n - lo)
-                exchanges = rng.integers(1, 4, count)
-                system = rng.random(count) < 0.2
-                turns = int((2 * exchanges).sum())
-                lengths = np.clip(rng.lognormal(3.4, 0.9, turns), 3, 400).astype(int)
-                pool = words[rng.integers(0, len(words), int(lengths.sum()))]
-                cuts = np.concatenate([[0], np.cumsum(lengths)])
-                texts = [" ".join(pool[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
-                column, t = [], 0
-                for i in range(count):
-                    conversation = [{"role": "system", "content": "You are a friendly assistant."}] if system[i] else []
-                    for turn in range(2 * exchanges[i]):
-                        text = texts[t] + (f" (#{start + lo + i})" if turn == 0 else "")
-                        conversation.append({"role": "user" if turn % 2 == 0 else "assistant", "content": text})
-                        t += 1
-                    column.append(conversation)
-                writer.write_table(pa.table({"messages": column}, schema=schema))
-        start += n
+        shards = range(0, n, shard)
+        for k, first in enumerate(shards):
+            with pq.ParquetWriter(folder / f"{split}-{k:05d}-of-{len(shards):05d}.parquet", schema) as writer:
+                for lo in range(first, min(first + shard, n), batch):
+                    count = min(batch, first + shard - lo, n - lo)
+                    writer.write_table(pa.table({"messages": _conversations(rng, words, count, row_id)}, schema=schema))
+                    row_id += count
     return sizes
 
 

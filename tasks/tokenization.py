@@ -209,7 +209,7 @@ def cache_key(data: DatasetRef, tokenizer_fp: str, template: str, max_length: in
 def tokenized_splits(model: ModelRef, data: DatasetRef, max_length: int, assistant_only_loss: bool = False,
                      num_proc: int | None = None) -> TokenizedRef:
     """The tokenized train/test splits: from the on-disk cache when present, else made and saved."""
-    from datasets import DatasetDict, load_from_disk
+    from datasets import load_from_disk
     from transformers import AutoTokenizer
 
     model_dir = local_model_dir(model)
@@ -222,39 +222,48 @@ def tokenized_splits(model: ModelRef, data: DatasetRef, max_length: int, assista
     import numpy as np
 
     splits = load_from_disk(data.path)
-    work = target.with_name(f".work-{target.name}-{os.getpid()}")  # the maps' own files, copied below
     staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
     try:
-        out, stats = {}, {}
+        # The maps write their Arrow files straight into the saved copy: a save_to_disk of the
+        # result would write (and map into memory) every token a second time.
+        files, rows, stats = {}, {}, {}
         for split in SPLITS:
             ds = tokenize_split(splits[split], tokenizer, max_length, assistant_only_loss, split=split,
-                                num_proc=num_proc, cache_file_name=str(work / f"{split}.arrow"))
+                                num_proc=num_proc, cache_file_name=str(staging / f"{split}.arrow"))
+            files[split] = [Path(f["filename"]).name for f in ds.cache_files]
             lengths, no_loss = ds.data.column("n_tokens").to_numpy(), 0
             if assistant_only_loss:  # a row whose assistant turns all lie past max_length has no loss
                 has_loss = ds.data.column("has_loss").to_numpy(zero_copy_only=False)
                 no_loss = int(np.count_nonzero(~has_loss))
-                ds = (ds.select(np.flatnonzero(has_loss)) if no_loss else ds).remove_columns("has_loss")
-            stats[split], out[split] = split_stats(lengths, max_length, no_loss), ds
-        DatasetDict(out).save_to_disk(str(staging))
-        rows = {k: len(v) for k, v in out.items()}
+                if no_loss:
+                    np.save(staging / f"{split}-rows.npy", np.flatnonzero(has_loss))  # the rows that train
+            stats[split], rows[split] = split_stats(lengths, max_length, no_loss), len(ds) - no_loss
         token_stats = TokenStats(max_length=max_length, splits=stats)
-        (staging / "stats.json").write_text(json.dumps({"rows": rows, "stats": token_stats.model_dump()}))
+        meta = {"rows": rows, "stats": token_stats.model_dump(), "files": files}
+        (staging / "stats.json").write_text(json.dumps(meta))
         try:
             staging.rename(target)  # atomic: a half-saved copy is never picked up
         except OSError:  # another process saved the same key first: theirs is as good
-            shutil.rmtree(staging, ignore_errors=True)
+            pass
     finally:
-        shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
     return TokenizedRef(path=str(target), key=key, rows=rows, stats=token_stats, cached=False)
 
 
 def load_tokenized(ref: TokenizedRef):
     """(train, test) as the trainer takes them: input_ids, plus assistant_masks when assistant-only."""
-    from datasets import load_from_disk
+    import numpy as np
+    from datasets import Dataset, concatenate_datasets
 
-    splits = load_from_disk(ref.path)
-    return tuple(splits[k].remove_columns("n_tokens") for k in SPLITS)
+    path = Path(ref.path)
+    files = json.loads((path / "stats.json").read_text())["files"]
+    out = []
+    for split in SPLITS:
+        ds = concatenate_datasets([Dataset.from_file(str(path / name)) for name in files[split]])
+        if (path / f"{split}-rows.npy").exists():
+            ds = ds.select(np.load(path / f"{split}-rows.npy"))
+        out.append(ds.remove_columns([c for c in ("n_tokens", "has_loss") if c in ds.column_names]))
+    return tuple(out)
 
 
 @task(cache_policy=BY_CONTENT, retries=1, retry_delay_seconds=10)
