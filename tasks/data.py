@@ -283,6 +283,23 @@ def _check_batch(batch):
     return out
 
 
+def _pairs_to_messages(batch):
+    def turns(value, role):  # TRL's two forms: plain text, or a list of messages (conversational)
+        return list(value) if isinstance(value, list) else [{"role": role, "content": value}]
+
+    return {"messages": [turns(p, "user") + turns(c, "assistant") for p, c in zip(batch["prompt"], batch["completion"])]}
+
+
+def as_messages(ds, split: str):
+    """Rows in `messages` form: prompt/completion pairs (TRL's schema, text or conversational) become a
+    user turn and an assistant turn, then face the same checks as any conversation."""
+    if "messages" in ds.column_names or not {"prompt", "completion"} <= set(ds.column_names):
+        return ds
+    log.info("Split %r has prompt/completion columns: turning each pair into a user and an assistant turn", split)
+    return ds.map(_pairs_to_messages, batched=True, remove_columns=ds.column_names, load_from_cache_file=False,
+                  desc=f"prompt/completion -> messages ({split})")
+
+
 def check_rows(ds, split: str, policy: str = "strict", num_proc: int | None = None):
     """Check every row (batched, on Arrow). strict: raise a BadRowsError naming the first bad rows
     (split, index, field, reason). drop: keep the good rows. Returns (good rows, {reason kind:
@@ -293,7 +310,7 @@ def check_rows(ds, split: str, policy: str = "strict", num_proc: int | None = No
     if "messages" not in ds.column_names:
         raise BadRowsError(
             f"split {split!r} has no `messages` column (columns: {ds.column_names}); "
-            "rows must be in smoltalk's schema: messages=[{role, content}, ...]"
+            "rows must be in smoltalk's schema: messages=[{role, content}, ...], or prompt/completion pairs"
         )
     # Never from datasets' map cache: it keys module-level functions by name, not code, so a
     # cached result could predate a change to the checks. The result (a reason, a digest and three
@@ -371,7 +388,7 @@ def load_chat_dataset(cfg: DataConfig) -> DatasetRef:
     splits, dropped, shapes = {}, {}, dict.fromkeys(SHAPES, 0)
     limits = {"train": cfg.max_train_rows, "test": cfg.max_test_rows}
     for key, split in (("train", cfg.train_split), ("test", cfg.test_split)):
-        ds, limit = raw[split], limits[key]
+        ds, limit = as_messages(raw[split], split), limits[key]
         if cfg.shuffle:  # before the limit, so a limit takes a seed-fixed random sample
             ds = ds.shuffle(seed=cfg.seed)
         if limit is not None:

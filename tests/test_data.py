@@ -72,9 +72,9 @@ def test_bad_rows_are_named_with_split_row_and_reason(tmp_path, bad_row, reason)
 
 
 def test_missing_messages_column_says_which_schema(tmp_path):
-    _write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "completion": "b"}])
-    _write_jsonl(tmp_path / "test.jsonl", [{"prompt": "a", "completion": "b"}])
-    with pytest.raises(BadRowsError, match="no `messages` column"):
+    _write_jsonl(tmp_path / "train.jsonl", [{"text": "a"}])
+    _write_jsonl(tmp_path / "test.jsonl", [{"text": "b"}])
+    with pytest.raises(BadRowsError, match="no `messages` column.*or prompt/completion pairs"):
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
 
 
@@ -281,3 +281,22 @@ def test_unchanged_data_is_checked_once(tmp_path, monkeypatch):
     _write_jsonl(tmp_path / "train.jsonl", [_chat(i) for i in range(5)])
     with pytest.raises(AssertionError, match="checked again"):
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), bad_rows="drop"))
+
+
+def test_prompt_completion_pairs_become_conversations_and_are_checked(tmp_path):
+    from datasets import load_from_disk
+
+    folder = tmp_path
+    _write_jsonl(folder / "train.jsonl", [{"prompt": "What is 2+2?", "completion": "4"},
+                           {"prompt": "Capital of France?", "completion": "Paris."}])
+    _write_jsonl(folder / "test.jsonl", [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                           "completion": [{"role": "assistant", "content": "Hello!"}]}])
+    ref = load_chat_dataset.fn(DataConfig(dataset=str(folder)))
+    saved = load_from_disk(ref.path)
+    assert [m["role"] for m in saved["train"][0]["messages"]] == ["user", "assistant"]
+    assert saved["train"][1]["messages"][1]["content"] == "Paris."
+    assert [m["role"] for m in saved["test"][0]["messages"]] == ["system", "user", "assistant"]
+
+    _write_jsonl(folder / "train.jsonl", [{"prompt": "Hi", "completion": "Hello"}, {"prompt": "Empty answer?", "completion": ""}])
+    with pytest.raises(BadRowsError, match=r"split 'train': row 1: messages\[1\]\.content is empty"):
+        load_chat_dataset.fn(DataConfig(dataset=str(folder)))
