@@ -34,8 +34,10 @@ def score_base_and_tuned(
 
     jobs = [(cfg.name, lambda m, cfg=cfg: run_benchmark(m, cfg)) for cfg in benchmarks]
     # Only a judge scorer gets the judge settings, so editing them never re-scores the others.
-    jobs += [(f"custom/{b.name}", lambda m, b=b: run_custom_benchmark(m, b, judge if b.scorer == "judge_rubric" else None))
-             for b in custom]
+    jobs += [
+        (f"custom/{b.name}", lambda m, b=b: run_custom_benchmark(m, b, judge if b.scorer == "judge_rubric" else None))
+        for b in custom
+    ]
     scores, bar = {}, Progress("smolflow-benchmark-progress", "Benchmarks scored", 2 * len(jobs))
     for i, (name, score) in enumerate(jobs):
         bar.update(2 * i, f"{name}: scoring the base model")

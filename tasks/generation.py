@@ -39,7 +39,10 @@ def generate(
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in batch]
-        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations] if chat_template else list(batch)
+        if chat_template:
+            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        else:
+            texts = list(batch)
         # The template already holds the special tokens; don't let the tokenizer add a BOS again.
         # Raw text gets what the tokenizer adds by itself (a BOS for Llama-style tokenizers).
         inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat_template)
