@@ -54,6 +54,15 @@ def test_changed_data_changes_the_fingerprint(tmp_path):
     assert load_chat_dataset.fn(DataConfig(dataset=str(tmp_path))).fingerprint != first.fingerprint
 
 
+def _assert_bad_row_named(tmp_path, bad_row, reason):
+    """A bad third training row stops the load with its split, row number and reason."""
+    _write_jsonl(tmp_path / "train.jsonl", [_chat(0), _chat(1), bad_row])
+    _write_jsonl(tmp_path / "test.jsonl", [_chat(2)])
+    with pytest.raises(BadRowsError) as err:
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    assert "split 'train'" in str(err.value) and "row 2" in str(err.value) and reason in str(err.value)
+
+
 @pytest.mark.parametrize(
     ("bad_row", "reason"),
     [
@@ -64,11 +73,7 @@ def test_changed_data_changes_the_fingerprint(tmp_path):
     ],
 )
 def test_bad_rows_are_named_with_split_row_and_reason(tmp_path, bad_row, reason):
-    _write_jsonl(tmp_path / "train.jsonl", [_chat(0), _chat(1), bad_row])
-    _write_jsonl(tmp_path / "test.jsonl", [_chat(2)])
-    with pytest.raises(BadRowsError) as err:
-        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
-    assert "split 'train'" in str(err.value) and "row 2" in str(err.value) and reason in str(err.value)
+    _assert_bad_row_named(tmp_path, bad_row, reason)
 
 
 def test_missing_messages_column_says_which_schema(tmp_path):
@@ -257,11 +262,7 @@ def test_null_fields_arrow_adds_are_not_part_of_the_conversation(tmp_path):
     ],
 )
 def test_bad_tool_calls_and_parts_are_named(tmp_path, bad_row, reason):
-    _write_jsonl(tmp_path / "train.jsonl", [_chat(0), _chat(1), bad_row])
-    _write_jsonl(tmp_path / "test.jsonl", [_chat(2)])
-    with pytest.raises(BadRowsError) as err:
-        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
-    assert "split 'train'" in str(err.value) and "row 2" in str(err.value) and reason in str(err.value)
+    _assert_bad_row_named(tmp_path, bad_row, reason)
 
 
 def test_unchanged_data_is_checked_once(tmp_path, monkeypatch):
