@@ -13,14 +13,14 @@ import yaml
 from prefect import flow
 from prefect.runtime import deployment, flow_run
 
-from flows.config import RunConfig
-from tasks.benchmarks.custom import load_definitions
+from tasks.checks import check_run
+from tasks.config import RunConfig
 from tasks.data import load_chat_dataset
 from tasks.evaluation import score_base_and_tuned
 from tasks.gate import promote, regression_gate
 from tasks.generation import generate_samples
 from tasks.health import assess_training
-from tasks.judge import judge_inputs, run_judge, write_judge
+from tasks.judge import run_judge, write_judge
 from tasks.models import resolve_model
 from tasks.reporting import write_report
 from tasks.runtime import cache_dir, set_torch_threads
@@ -35,8 +35,7 @@ from tasks.training import publish_model, train_sft
 def finetune(config: RunConfig = RunConfig()) -> dict:
     """Data -> template -> tokens -> samples -> SFT -> samples -> health -> benchmarks + judge -> gate -> report -> manifest."""
     threads = set_torch_threads(config.torch_threads)
-    custom = load_definitions(config.custom_benchmarks)  # the user's files are read and checked before any compute
-    judge_inputs(config.judge, config.sampling.prompts)
+    checked = check_run(config)  # the user's files are read and checked before any compute
     run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     run = ArtifactStore(config.output.artifacts_uri).child("runs", run_id)
     run.write_json("config.json", config.model_dump(mode="json"))
@@ -57,7 +56,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     trained.model = publish_model(trained.model, run.uri)  # a cache hit points at an earlier run
     after = generate_samples(trained.model, prompts, max_new)
     health = assess_training(trained.log_history, after)
-    scores = score_base_and_tuned(templated.model, trained.model, config.benchmarks, custom, config.judge)
+    scores = score_base_and_tuned(templated.model, trained.model, config.benchmarks, checked.custom, config.judge)
     judgement = run_judge(templated.model, trained.model, config.judge, prompts)
     if judgement:
         write_judge(run, judgement)

@@ -127,7 +127,7 @@ class PeakRSS:
 
 def run_pipeline(folder: Path, model, max_length: int, num_proc: int | None):
     """(data, tokenized, [(seconds, memory) of the data stage, of tokenization])."""
-    from flows.config import DataConfig
+    from tasks.config import DataConfig
     from tasks.data import load_chat_dataset
     from tasks.tokenization import tokenized_splits
 

@@ -40,7 +40,7 @@ def main() -> None:
 
     import torch
 
-    from flows.config import BenchmarkConfig
+    from tasks.config import BenchmarkConfig
     from tasks.benchmarks import REGISTRY
     from tasks.generation import generate
     from tasks.models import convert_builtin, load_model, resolve_model

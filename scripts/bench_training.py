@@ -42,7 +42,7 @@ def trainer_args(name: str, out: str, steps: int):
     """The seed's SFTConfig (TRL defaults, batch 4, fp32) or smolflow's sft_config defaults."""
     from trl import SFTConfig
 
-    from flows.config import TrainingConfig
+    from tasks.config import TrainingConfig
     from tasks.training import sft_config
 
     if name == "seed":  # TRL defaults: gradient checkpointing on, padded batches; the seed trains in fp32 here
@@ -65,7 +65,7 @@ def worker(name: str, model_dir: str, steps: int, warmup: int) -> dict:
     from trl import SFTTrainer
 
     from tasks.runtime import FIXTURES, set_torch_threads
-    from flows.config import TrainingConfig
+    from tasks.config import TrainingConfig
     from tasks.training import prepare_splits
 
     # The seed leaves torch's default (all cores); smolflow sets its own (tasks.runtime), or --threads.

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from flows.config import BENCHMARKS, BenchmarkConfig  # noqa: E402
+from tasks.config import BENCHMARKS, BenchmarkConfig  # noqa: E402
 
 # Few subsets so that 10 items are 10 items, not 10 per subject/task.
 SUBSETS = {"mmlu": ["high_school_mathematics", "astronomy", "high_school_biology"], "bbh": ["boolean_expressions", "object_counting", "web_of_lies"]}

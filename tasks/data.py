@@ -27,7 +27,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows.config import DataConfig
+from tasks.config import DataConfig
 from tasks.runtime import FIXTURES, cache_dir, default_threads, hub_offline
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from flows.config import BenchmarkConfig, JudgeConfig
+from tasks.config import BenchmarkConfig, JudgeConfig
 from tasks.benchmarks import REGISTRY, BenchmarkResult
 from tasks.benchmarks.custom import CustomBenchmark, run_custom_benchmark
 from tasks.models import ModelRef, load_model

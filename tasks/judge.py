@@ -36,7 +36,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows.config import JudgeConfig
+from tasks.config import JudgeConfig
 from tasks.judge_backends import JudgeBackend, make_backend, redact_url
 from tasks.models import ModelRef
 from tasks.runtime import FIXTURES, cache_dir, run_logger

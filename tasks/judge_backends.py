@@ -13,7 +13,7 @@ import abc
 import os
 from urllib.parse import urlsplit, urlunsplit
 
-from flows.config import JudgeConfig
+from tasks.config import JudgeConfig
 from tasks.models import BUILTIN, ModelRef, load_model, resolve_model
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")

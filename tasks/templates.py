@@ -22,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from pydantic import BaseModel
 
-from flows.config import TemplateConfig
+from tasks.config import TemplateConfig
 from tasks.data import SHAPES, DatasetRef, as_written, num_proc_for, row_shapes
 from tasks.models import ModelRef, convert_builtin, fingerprint_dir, load_model
 from tasks.runtime import BY_CONTENT, cache_dir, run_logger

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from flows.config import WandbConfig
+from tasks.config import WandbConfig
 
 
 def wandb_mode(cfg: WandbConfig) -> str:

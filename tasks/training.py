@@ -20,7 +20,7 @@ from prefect import task
 from prefect.cache_policies import TASK_SOURCE
 from pydantic import BaseModel
 
-from flows.config import TrainingConfig
+from tasks.config import TrainingConfig
 from tasks.data import DatasetRef
 from tasks.models import ModelRef, fingerprint_dir, load_model
 from tasks.progress import training_progress

@@ -104,7 +104,7 @@ def tiny_ref(tiny_model_dir):
 
 @pytest.fixture
 def fixture_data():
-    from flows.config import DataConfig
+    from tasks.config import DataConfig
     from tasks.data import load_chat_dataset
 
     return load_chat_dataset.fn(DataConfig(dataset="fixture:everyday-conversations"))
@@ -112,7 +112,7 @@ def fixture_data():
 
 def tiny_run_config(model_dir: Path, artifacts: str, **overrides):
     """A RunConfig for the whole flow on a tiny model: seconds, not minutes."""
-    from flows.config import RunConfig
+    from tasks.config import RunConfig
 
     base = {
         "model": str(model_dir),

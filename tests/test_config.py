@@ -5,7 +5,7 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from flows.config import RunConfig
+from tasks.config import RunConfig
 from flows.finetune import finetune, parse_args
 
 

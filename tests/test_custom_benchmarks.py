@@ -264,7 +264,7 @@ def test_run_custom_benchmark_is_cached_until_an_item_changes(tiny_ref, tmp_path
 
 def test_judge_rubric_through_the_real_local_judge(tiny_model_dir, tmp_path):
     pytest.importorskip("tasks.judge", reason="tasks/judge.py (the judge backends) is not written yet")
-    from flows.config import JudgeConfig
+    from tasks.config import JudgeConfig
     from tasks.models import load_model, resolve_model
 
     definition = _scorer("judge_rubric", "rubric: Names the right city.\n  max_new_tokens: 4")

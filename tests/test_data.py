@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from flows.config import DataConfig
+from tasks.config import DataConfig
 from tasks.data import BadRowsError, load_chat_dataset
 
 

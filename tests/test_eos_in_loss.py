@@ -5,7 +5,7 @@ Checked on the batches the real SFTTrainer builds, for padded and padding-free b
 import pytest
 from datasets import load_from_disk
 
-from flows.config import TrainingConfig
+from tasks.config import TrainingConfig
 from tasks.models import load_model
 from tasks.training import prepare_splits, sft_config
 

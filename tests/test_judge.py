@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import JudgeConfig
+from tasks.config import JudgeConfig
 from tasks.judge import (
     FIXTURE_INSTRUCTIONS,
     FIXTURE_REFERENCES,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import WandbConfig
+from tasks.config import WandbConfig
 from tasks.storage import ArtifactStore, write_manifest
 from tasks.tracking import log_references, start_wandb, wandb_link
 from tasks.trends import collect_scores, trend_markdown, write_trend

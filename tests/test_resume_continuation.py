@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from flows.config import TrainingConfig, WandbConfig
+from tasks.config import TrainingConfig, WandbConfig
 from tasks import training
 from tasks.storage import ArtifactStore
 from tasks.tracking import start_wandb
@@ -48,7 +48,7 @@ TRAIN_WITH_WANDB = """
 import sys, torch
 from pathlib import Path
 torch.set_num_threads(1)
-from flows.config import DataConfig, TrainingConfig, WandbConfig
+from tasks.config import DataConfig, TrainingConfig, WandbConfig
 from tasks.data import load_chat_dataset
 from tasks.models import resolve_model
 from tasks.tracking import start_wandb

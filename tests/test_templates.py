@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from flows.config import DataConfig, RunConfig, TemplateConfig, TrainingConfig
+from tasks.config import DataConfig, RunConfig, TemplateConfig, TrainingConfig
 from tasks.data import DatasetRef, load_chat_dataset
 from tasks.models import load_model
 from tasks.storage import ArtifactStore

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from datasets import Dataset
 
-from flows.config import DataConfig, TrainingConfig
+from tasks.config import DataConfig, TrainingConfig
 from tasks.data import load_chat_dataset
 from tasks.models import resolve_model
 from tasks.storage import ArtifactStore

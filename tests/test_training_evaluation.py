@@ -2,7 +2,7 @@
 
 import math
 
-from flows.config import BenchmarkConfig, TrainingConfig
+from tasks.config import BenchmarkConfig, TrainingConfig
 from tasks.evaluation import run_benchmark
 from tasks.models import fingerprint_dir
 from tasks.storage import ArtifactStore

@@ -3,7 +3,7 @@
 from datasets import load_from_disk
 from transformers import AutoTokenizer
 
-from flows.config import TrainingConfig
+from tasks.config import TrainingConfig
 from tasks.training import prepare_splits, train_sft
 
 

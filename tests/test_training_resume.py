@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import TrainingConfig
+from tasks.config import TrainingConfig
 from tasks.storage import ArtifactStore
 from tasks.training import MARKER, find_checkpoint, resume_key, train_sft
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = """
 import sys, torch
 torch.set_num_threads(1)
-from flows.config import DataConfig, TrainingConfig
+from tasks.config import DataConfig, TrainingConfig
 from tasks.data import load_chat_dataset
 from tasks.models import resolve_model
 from tasks.training import train_sft

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from flows.config import BenchmarkConfig
+from tasks.config import BenchmarkConfig
 from tasks.runtime import FIXTURES, hub_offline
 
 

@@ -38,7 +38,7 @@ import yaml
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from flows.config import JudgeConfig
+from tasks.config import JudgeConfig
 from tasks.benchmarks import scorers
 from tasks.benchmarks.base import BenchmarkResult, stderr_of_mean
 from tasks.models import ModelRef, load_model

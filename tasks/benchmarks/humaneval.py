@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from flows.config import BenchmarkConfig
+from tasks.config import BenchmarkConfig
 from tasks.benchmarks.base import Benchmark, BenchmarkResult, stderr_of_mean
 from tasks.sandbox import Limits, run_python
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flows.config import BenchmarkConfig
+from tasks.config import BenchmarkConfig
 from tasks.benchmarks.base import LmEvalBenchmark, read_rows, write_jsonl
 
 

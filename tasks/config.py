@@ -130,20 +130,6 @@ class BenchmarkConfig(_Section):
         "score; limit then applies per subset. None: every subset in the data.",
     )
 
-    @model_validator(mode="after")
-    def _known_subsets(self) -> BenchmarkConfig:
-        if self.subsets is None:
-            return self
-        from tasks.benchmarks import REGISTRY  # imported late: tasks.benchmarks imports this module
-
-        known = REGISTRY[self.name].subsets
-        if not known:
-            raise ValueError(f"benchmarks[{self.name}].subsets: {self.name} has no subsets; leave it unset")
-        unknown = [s for s in self.subsets if s not in known]
-        if unknown:
-            raise ValueError(f"benchmarks[{self.name}].subsets: unknown {unknown}; choose from {', '.join(known)}")
-        return self
-
 
 class JudgeConfig(_Section):
     """AlpacaEval-style pairwise judge: the tuned model's answers against a reference's."""
@@ -268,12 +254,3 @@ class RunConfig(_Section):
         if self.judge.max_new_tokens is None:
             self.judge.max_new_tokens = self.sampling.max_new_tokens
         return self
-
-    @field_validator("custom_benchmarks")
-    @classmethod
-    def _readable_definitions(cls, paths: list[str]) -> list[str]:
-        # Every definition and item file is read and checked now, before any model is loaded.
-        from tasks.benchmarks.custom import load_definitions  # late: it imports this module
-
-        load_definitions(paths)
-        return paths
