@@ -15,11 +15,13 @@ from prefect.runtime import deployment, flow_run
 
 from tasks.checks import check_run
 from tasks.config import RunConfig
+from tasks.console import configure_logging
 from tasks.data import load_chat_dataset
 from tasks.evaluation import score_base_and_tuned
 from tasks.gate import promote, regression_gate
 from tasks.generation import generate_samples
 from tasks.health import assess_training
+from tasks.hub import push_model
 from tasks.judge import run_judge, write_judge
 from tasks.models import resolve_model
 from tasks.reporting import write_report
@@ -34,6 +36,7 @@ from tasks.training import publish_model, train_sft
 @flow(name="smolflow-finetune")
 def finetune(config: RunConfig = RunConfig()) -> dict:
     """Data -> template -> tokens -> samples -> SFT -> samples -> health -> benchmarks + judge -> gate -> report -> manifest."""
+    configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1
     threads = set_torch_threads(config.torch_threads)
     checked = check_run(config)  # the user's files are read and checked before any compute
     run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
@@ -54,6 +57,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     trained = train_sft(templated.model, data, config.training, run.uri, ["wandb"] if wb else [],
                         assistant_only_loss=templated.assistant_only)
     trained.model = publish_model(trained.model, run.uri)  # a cache hit points at an earlier run
+    run.write_json("training/trainer_args.json", trained.trainer_args)  # every Trainer setting as it ran
     after = generate_samples(trained.model, prompts, max_new)
     health = assess_training(trained.log_history, after)
     scores = score_base_and_tuned(templated.model, trained.model, config.benchmarks, checked.custom, config.judge)
@@ -73,7 +77,8 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         config.model_dump(mode="json"), data, decision, config.output.artifacts_uri, gate_enabled=config.gate.enabled,
         judge=judgement, token_stats=tokens.stats,
     )
-    finish_wandb(wb, run, trained, before, after, scores, health, promoted, cache_dir("work", run_id), judgement)
+    finish_wandb(wb, run, trained, before, after, scores, health, promoted, cache_dir("work", run_id), judgement,
+                 decision=decision, log_model=config.wandb.log_model)
     write_manifest(
         run.uri,
         {
@@ -88,7 +93,11 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     set_latest(config.output.artifacts_uri, flow_run.flow_name, run_id)  # after the manifest, never before
     if promoted:
         promote(config.output.artifacts_uri, flow_run.flow_name, run_id)
-    return summary | {"manifest": run.url("manifest.json"), "promoted": promoted, "gate": decision.reasons}
+    hub = None
+    if config.output.push_to_hub and (decision.promote or not config.gate.enabled):  # never a rejected model
+        hub = push_model(trained.model, config.output, run_id)
+    return summary | {"manifest": run.url("manifest.json"), "promoted": promoted, "gate": decision.reasons} | (
+        {"hub": hub} if config.output.push_to_hub else {})
 
 
 def parse_args(argv: list[str]) -> RunConfig:

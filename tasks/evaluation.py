@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.cache_policies import TASK_SOURCE
 
 from tasks.config import BenchmarkConfig, JudgeConfig
 from tasks.benchmarks import REGISTRY, BenchmarkResult
 from tasks.benchmarks.custom import CustomBenchmark, run_custom_benchmark
 from tasks.models import ModelRef, load_model
-from tasks.runtime import BY_CONTENT
+from tasks.runtime import ContentInputs
+
+
+# The role only names the task run ("benchmark-gsm8k-base"): the same model scores the same under
+# any role, so it stays out of the cache key.
+BY_CONTENT_ANY_ROLE = (ContentInputs() - "role") + TASK_SOURCE
 
 
 @task(
-    cache_policy=BY_CONTENT,
+    cache_policy=BY_CONTENT_ANY_ROLE,
     retries=1,
     retry_delay_seconds=10,
-    task_run_name="benchmark-{cfg.name}",
+    task_run_name="benchmark-{cfg.name}-{role}",
 )
-def run_benchmark(model_ref: ModelRef, cfg: BenchmarkConfig) -> BenchmarkResult:
+def run_benchmark(model_ref: ModelRef, cfg: BenchmarkConfig, role: str = "model") -> BenchmarkResult:
     """Score a model on a benchmark; cached on the model's content fingerprint and the settings."""
     model, tokenizer = load_model(model_ref)
     model.eval()
@@ -32,17 +38,18 @@ def score_base_and_tuned(
     cached task, with a progress bar."""
     from tasks.progress import Progress
 
-    jobs = [(cfg.name, lambda m, cfg=cfg: run_benchmark(m, cfg)) for cfg in benchmarks]
+    jobs = [(cfg.name, lambda m, role, cfg=cfg: run_benchmark(m, cfg, role)) for cfg in benchmarks]
     # Only a judge scorer gets the judge settings, so editing them never re-scores the others.
     jobs += [
-        (f"custom/{b.name}", lambda m, b=b: run_custom_benchmark(m, b, judge if b.scorer == "judge_rubric" else None))
+        (f"custom/{b.name}",
+         lambda m, role, b=b: run_custom_benchmark(m, b, judge if b.scorer == "judge_rubric" else None, role))
         for b in custom
     ]
     scores, bar = {}, Progress("smolflow-benchmark-progress", "Benchmarks scored", 2 * len(jobs))
     for i, (name, score) in enumerate(jobs):
         bar.update(2 * i, f"{name}: scoring the base model")
-        base_score = score(base)
+        base_score = score(base, "base")
         bar.update(2 * i + 1, f"{name}: scoring the tuned model")
-        scores[name] = {"base": base_score, "tuned": score(tuned)}
+        scores[name] = {"base": base_score, "tuned": score(tuned, "tuned")}
     bar.update(bar.total, f"done: {', '.join(scores)}")
     return scores
