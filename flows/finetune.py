@@ -16,14 +16,15 @@ from prefect.runtime import deployment, flow_run
 from tasks.checks import check_run
 from tasks.config import RunConfig
 from tasks.data import load_chat_dataset
-from tasks.evaluation import score_base_and_tuned
+from tasks.evaluation import save_scores, score_base_and_tuned
 from tasks.gate import promote, regression_gate
-from tasks.generation import generate_samples
-from tasks.health import assess_training
+from tasks.generation import generate_samples, save_samples
+from tasks.health import assess_training, save_training
 from tasks.judge import run_judge, write_judge
+from tasks.layout import RunPaths, run_dir
 from tasks.models import resolve_model
 from tasks.reporting import write_report
-from tasks.runtime import cache_dir, set_torch_threads
+from tasks.runtime import cache_dir, code_version, flow_run_link, set_torch_threads
 from tasks.storage import ArtifactStore, set_latest, write_manifest
 from tasks.templates import prepare_chat_template, write_template_preview
 from tasks.tokenization import tokenize_dataset, write_token_stats
@@ -37,8 +38,8 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     threads = set_torch_threads(config.torch_threads)
     checked = check_run(config)  # the user's files are read and checked before any compute
     run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
-    run = ArtifactStore(config.output.artifacts_uri).child("runs", run_id)
-    run.write_json("config.json", config.model_dump(mode="json"))
+    run = ArtifactStore(config.output.artifacts_uri).child(run_dir(run_id))
+    run.write_json(RunPaths.config, config.model_dump(mode="json"))
     tags = [deployment.name] if deployment.name else None  # which schedule/deployment started it
     wb = start_wandb(config.wandb, run_id, config.model_dump(mode="json"), cache_dir("work", run_id),
                      flow_run.get_name(), tags)
@@ -50,30 +51,25 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     prompts, max_new = config.sampling.prompts, config.sampling.max_new_tokens
     before = generate_samples(templated.model, prompts, max_new)
     tokens = tokenize_dataset(templated.model, data, config.training.max_length, templated.assistant_only)
-    write_token_stats(run, tokens.stats)
+    write_token_stats(run, tokens.stats, data)
     trained = train_sft(templated.model, data, config.training, run.uri, ["wandb"] if wb else [],
                         assistant_only_loss=templated.assistant_only)
+    reused_from = None if trained.model.path.rstrip("/") == run.url(RunPaths.model) else trained.model.path
     trained.model = publish_model(trained.model, run.uri)  # a cache hit points at an earlier run
     after = generate_samples(trained.model, prompts, max_new)
+    save_samples(run.uri, before, after)
     health = assess_training(trained.log_history, after)
+    save_training(run.uri, trained.metrics, trained.log_history, health, reused_from)
     scores = score_base_and_tuned(templated.model, trained.model, config.benchmarks, checked.custom, config.judge)
+    save_scores(run.uri, scores)
     judgement = run_judge(templated.model, trained.model, config.judge, prompts)
-    if judgement:
-        write_judge(run, judgement)
+    write_judge(run, judgement)
 
-    decision = regression_gate(
-        config.output.artifacts_uri, flow_run.flow_name, run.uri,
-        {name: pair["base"] for name, pair in scores.items()},
-        {name: pair["tuned"] for name, pair in scores.items()},
-        config.gate.tolerance, health.blocking(),
-    )
-    promoted = decision.promote and config.gate.enabled
-    summary = write_report(
-        run.uri, templated.rendered_example, before, after, trained, scores, wandb_link(wb, run.uri), health,
-        config.model_dump(mode="json"), data, decision, config.output.artifacts_uri, gate_enabled=config.gate.enabled,
-        judge=judgement, token_stats=tokens.stats,
-    )
-    finish_wandb(wb, run, trained, before, after, scores, health, promoted, cache_dir("work", run_id), judgement)
+    root = config.output.artifacts_uri
+    decision = regression_gate(root, flow_run.flow_name, run.uri, config.gate, health.blocking())
+    summary = write_report(run.uri, config.model_dump(mode="json"), root, {
+        "W&B run": wandb_link(wb, run.uri), "Prefect flow run": flow_run_link(), "code": code_version()})
+    finish_wandb(wb, run, trained, before, after, scores, health, decision.promote, cache_dir("work", run_id), judgement)
     write_manifest(
         run.uri,
         {
@@ -85,10 +81,10 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
             "completed_at": datetime.now(timezone.utc).isoformat(),
         },
     )
-    set_latest(config.output.artifacts_uri, flow_run.flow_name, run_id)  # after the manifest, never before
-    if promoted:
-        promote(config.output.artifacts_uri, flow_run.flow_name, run_id)
-    return summary | {"manifest": run.url("manifest.json"), "promoted": promoted, "gate": decision.reasons}
+    set_latest(root, flow_run.flow_name, run_id)  # after the manifest, never before
+    if decision.promote:
+        promote(root, flow_run.flow_name, run_id)
+    return summary | {"manifest": run.url(RunPaths.manifest), "promoted": decision.promote, "gate": decision.reasons}
 
 
 def parse_args(argv: list[str]) -> RunConfig:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from prefect import task
+import json
 
-from tasks.config import BenchmarkConfig, JudgeConfig
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
 from tasks.benchmarks import REGISTRY, BenchmarkResult
 from tasks.benchmarks.custom import CustomBenchmark, run_custom_benchmark
+from tasks.compare import compare
+from tasks.config import BenchmarkConfig, JudgeConfig
+from tasks.layout import RunPaths
 from tasks.models import ModelRef, load_model
 from tasks.runtime import BY_CONTENT
+from tasks.storage import ArtifactStore
 
 
 @task(
@@ -46,3 +53,40 @@ def score_base_and_tuned(
         scores[name] = {"base": base_score, "tuned": score(tuned)}
     bar.update(bar.total, f"done: {', '.join(scores)}")
     return scores
+
+
+def comparison_row(base: BenchmarkResult, tuned: BenchmarkResult) -> dict:
+    """One line of comparison.json: the scores and the one comparison (tasks/compare.py)."""
+    c = compare(base, tuned)
+    return {"benchmark": base.name, "metric": base.metric, "n": tuned.n, "base": c["reference"],
+            "tuned": c["new"], "delta": c["delta"], "stderr": c["stderr"], "beyond_noise": c["beyond_noise"]}
+
+
+def benchmarks_markdown(table: list[dict]) -> str:
+    if not table:
+        return "No benchmark selected.\n"
+    return ("| benchmark | metric | n | base | tuned | delta | beyond noise (> 2 combined stderr) |\n"
+            "|---|---|---|---|---|---|---|\n" + "".join(
+                f"| {r['benchmark']} | {r['metric']} | {r['n']} | {r['base']} | {r['tuned']} | {r['delta']:+} | "
+                f"{r['beyond_noise']} |\n" for r in table)
+            + f"\nPer item and every setting: `{RunPaths.benchmarks}/<name>/{{base,tuned}}.jsonl`, `.summary.json`\n")
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+def save_scores(run_uri: str, scores: dict[str, dict[str, BenchmarkResult]]) -> list[dict]:
+    """Every score's records and summary, comparison.json and the report's benchmarks section, in the
+    run folder (the gate and the trend read them from there), and a Prefect table artifact."""
+    run = ArtifactStore(run_uri)
+    table = []
+    for name, pair in scores.items():
+        for role, result in pair.items():
+            run.write_text(RunPaths.benchmark_records(name, role),
+                           "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in result.records))
+            run.write_json(RunPaths.benchmark_summary(name, role), result.model_dump(exclude={"records"}))
+        if "base" in pair and "tuned" in pair:
+            table.append(comparison_row(pair["base"], pair["tuned"]))
+    run.write_json(RunPaths.comparison, table)
+    run.write_text(RunPaths.section("benchmarks"), benchmarks_markdown(table))
+    if table:
+        create_table_artifact(key="smolflow-benchmarks", table=table, description="Base vs tuned scores")
+    return table

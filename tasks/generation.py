@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from tasks.layout import RunPaths
 from tasks.models import ModelRef, load_model
 from tasks.runtime import BY_CONTENT
+from tasks.storage import ArtifactStore
 
 
 class Sample(BaseModel):
@@ -80,3 +85,26 @@ def generate_samples(model_ref: ModelRef, prompts: list[str], max_new_tokens: in
     model, tokenizer = load_model(model_ref)
     model.eval()
     return generate(model, tokenizer, prompts, max_new_tokens)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+def save_samples(run_uri: str, before: list[Sample], after: list[Sample]) -> str:
+    """The before/after samples side by side in the run folder, and the report's samples section."""
+    run = ArtifactStore(run_uri)
+    pairs = [
+        {"prompt": b.prompt, "before": b.completion, "after": a.completion,
+         "before_stopped_at_eos": b.stopped_at_eos, "after_stopped_at_eos": a.stopped_at_eos}
+        for b, a in zip(before, after)
+    ]
+    run.write_text(RunPaths.samples, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    table = "| prompt | before training | after training |\n|---|---|---|\n" + "".join(
+        f"| {_cell(p['prompt'])} | {_cell(p['before'])} | {_cell(p['after'])} |\n" for p in pairs
+    )
+    run.write_text(RunPaths.side_by_side, table)
+    stopped = sum(p["after_stopped_at_eos"] for p in pairs)
+    return run.write_text(RunPaths.section("samples"), f"{stopped} of {len(pairs)} answers after training ended "
+                          f"their turn (EOS) within the token limit.\n\n{table}")

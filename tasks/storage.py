@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import inspect
 import json
 import os
@@ -33,7 +32,7 @@ import fsspec
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.runtime import run_logger
+from tasks.runtime import atomic_write, run_logger, sha256_file, sha256_stream
 
 # s3fs uploads a file of at least twice this size as a multipart upload in parts of this size
 # (S3's minimum part is 5 MiB); a failed part fails the upload, which is then retried whole.
@@ -169,11 +168,7 @@ class ArtifactStore:
         if self.is_s3:  # one PUT (multipart above part_size): visible only once complete
             self._retrying(f"upload of {self.url(rel)}", self.fs.pipe_file, path, data, chunksize=self.part_size)
         else:
-            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            staging = f"{path}.tmp{os.getpid()}"
-            with open(staging, "wb") as f:
-                f.write(data)
-            os.replace(staging, path)  # atomic on one file system
+            atomic_write(path, data)
         return self.url(rel)
 
     def write_text(self, rel: str, text: str) -> str:
@@ -183,9 +178,15 @@ class ArtifactStore:
         return self.write_text(rel, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
     @_clear_s3_errors
-    def read_json(self, rel: str) -> Any:
+    def read_bytes(self, rel: str) -> bytes:
         with self.fs.open(self._path(rel), "rb") as f:
-            return json.load(f)
+            return f.read()
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode()
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
 
     @_clear_s3_errors
     def exists(self, rel: str = "") -> bool:
@@ -229,11 +230,8 @@ class ArtifactStore:
 
     @_clear_s3_errors
     def sha256(self, rel: str) -> str:
-        digest = hashlib.sha256()
         with self.fs.open(self._path(rel), "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+            return sha256_stream(f).hexdigest()
 
     @_clear_s3_errors
     def size(self, rel: str) -> int:
@@ -333,11 +331,7 @@ def download_verified(uri: str, local: Path) -> Path:
     actual = {}
     for file in Path(local).rglob("*"):
         if file.is_file():
-            digest = hashlib.sha256()
-            with open(file, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            actual[file.relative_to(local).as_posix()] = (file.stat().st_size, digest.hexdigest())
+            actual[file.relative_to(local).as_posix()] = (file.stat().st_size, sha256_file(file))
     _check(manifest, prefix, actual, f"download of {store.uri}")
     run_logger().info("Downloaded %s: %d files match its run's manifest", store.uri, len(actual))
     return Path(local)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tasks.compare import compare
 from tasks.config import WandbConfig
 
 
@@ -57,7 +58,7 @@ def log_results(wb_run, samples_before, samples_after, scores: dict, summary: di
     bench = wandb.Table(columns=["benchmark", "metric", "base", "tuned", "delta", "n"])
     for name, pair in scores.items():
         bench.add_data(name, pair["base"].metric, pair["base"].score, pair["tuned"].score,
-                       pair["tuned"].score - pair["base"].score, pair["tuned"].n)
+                       compare(pair["base"], pair["tuned"])["delta"], pair["tuned"].n)
     tables = {"samples": table, "benchmarks": bench}
     if judge is not None:
         pairs = wandb.Table(columns=["instruction", "tuned", "reference", "verdict_tuned_as_a", "verdict_tuned_as_b",
@@ -77,8 +78,9 @@ def bench_summary(scores: dict) -> dict:
     """bench/<name>/{base,tuned,delta}: flat keys the W&B runs table can sort and chart across runs."""
     out = {}
     for name, pair in scores.items():
-        base, tuned = pair["base"].score, pair["tuned"].score
-        out |= {f"bench/{name}/base": base, f"bench/{name}/tuned": tuned, f"bench/{name}/delta": tuned - base}
+        c = compare(pair["base"], pair["tuned"])
+        out |= {f"bench/{name}/base": pair["base"].score, f"bench/{name}/tuned": pair["tuned"].score,
+                f"bench/{name}/delta": c["delta"], f"bench/{name}/beyond_noise": c["beyond_noise"]}
     return out
 
 

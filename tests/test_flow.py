@@ -35,7 +35,9 @@ EXPECTED = [
     "judge/pairs.jsonl",
     "judge/summary.json",
     "report/report.md",
+    "report/report.html",
     "report/trend.png",
+    "report/sections/benchmarks.md",
     "gate/decision.json",
     "manifest.json",
 ]
@@ -128,7 +130,16 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     assert f"fingerprint `{manifest['dataset']['fingerprint']}`" in report
     assert f"train: {manifest['dataset']['rows']['train']} rows" in report
     assert "## Regression gate" in report and "compared with the base model" in report
-    assert f"- tuned model: `{run_uri}/model/`" in report and f"- W&B run: `{run_uri}/wandb/offline-run-" in report
+    # Links are relative to report/, so the folder reads the same after a move or a sync.
+    assert "- [tuned model](../model/)" in report and f"- W&B run: `{run_uri}/wandb/offline-run-" in report
+    assert "- code: `smolflow " in report
+    # Each stage wrote its own section; report.md is only their stitching, in the layout's order.
+    from tasks.layout import SECTIONS, RunPaths
+    written = [name for name, _, _ in SECTIONS if store.exists(RunPaths.section(name))]
+    assert written == [name for name, _, _ in SECTIONS]
+    assert [line for line in report.splitlines() if line.startswith("## ")] == [f"## {h}" for _, h, _ in SECTIONS]
+    html = store.fs.cat(store._path("report/report.html")).decode()
+    assert "data:image/png;base64," in html and "<table>" in html and "../training/curves.png" not in html
     assert f"| {run_uri.rsplit('/', 1)[-1]} | " in report  # the score trend's one row so far
     # W&B offline run files are in the run folder, ready for `wandb sync`.
     assert any(f.startswith("wandb/") and f.endswith(".wandb") for f in store.list_files())
