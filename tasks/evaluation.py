@@ -31,12 +31,12 @@ def run_benchmark(model_ref: ModelRef, cfg: BenchmarkConfig) -> BenchmarkResult:
     return REGISTRY[cfg.name].evaluate(model, tokenizer, cfg)
 
 
-def score_base_and_tuned(
-    base: ModelRef, tuned: ModelRef, benchmarks: list[BenchmarkConfig],
+def score_models(
+    models: dict[str, ModelRef], benchmarks: list[BenchmarkConfig],
     custom: list[CustomBenchmark] = (), judge: JudgeConfig | None = None,
 ) -> dict[str, dict[str, BenchmarkResult]]:
-    """Every selected benchmark, built-in then custom ('custom/<name>'), on both models, each its own
-    cached task, with a progress bar."""
+    """Every selected benchmark, built-in then custom ('custom/<name>'), on each model (by role:
+    'base', 'tuned', or 'model' for an eval run), each its own cached task, with a progress bar."""
     from tasks.progress import Progress
 
     jobs = [(cfg.name, lambda m, cfg=cfg: run_benchmark(m, cfg)) for cfg in benchmarks]
@@ -45,14 +45,22 @@ def score_base_and_tuned(
         (f"custom/{b.name}", lambda m, b=b: run_custom_benchmark(m, b, judge if b.scorer == "judge_rubric" else None))
         for b in custom
     ]
-    scores, bar = {}, Progress("smolflow-benchmark-progress", "Benchmarks scored", 2 * len(jobs))
+    scores, bar = {}, Progress("smolflow-benchmark-progress", "Benchmarks scored", len(models) * len(jobs))
     for i, (name, score) in enumerate(jobs):
-        bar.update(2 * i, f"{name}: scoring the base model")
-        base_score = score(base)
-        bar.update(2 * i + 1, f"{name}: scoring the tuned model")
-        scores[name] = {"base": base_score, "tuned": score(tuned)}
+        scores[name] = {}
+        for j, (role, ref) in enumerate(models.items()):
+            bar.update(i * len(models) + j, f"{name}: scoring the {role} model")
+            scores[name][role] = score(ref)
     bar.update(bar.total, f"done: {', '.join(scores)}")
     return scores
+
+
+def score_base_and_tuned(
+    base: ModelRef, tuned: ModelRef, benchmarks: list[BenchmarkConfig],
+    custom: list[CustomBenchmark] = (), judge: JudgeConfig | None = None,
+) -> dict[str, dict[str, BenchmarkResult]]:
+    """score_models for a fine-tuning run: the base and the tuned model."""
+    return score_models({"base": base, "tuned": tuned}, benchmarks, custom, judge)
 
 
 def comparison_row(base: BenchmarkResult, tuned: BenchmarkResult) -> dict:
@@ -60,6 +68,14 @@ def comparison_row(base: BenchmarkResult, tuned: BenchmarkResult) -> dict:
     c = compare(base, tuned)
     return {"benchmark": base.name, "metric": base.metric, "n": tuned.n, "base": c["reference"],
             "tuned": c["new"], "delta": c["delta"], "stderr": c["stderr"], "beyond_noise": c["beyond_noise"]}
+
+
+def scores_markdown(scores: dict[str, dict[str, BenchmarkResult]]) -> str:
+    """One row per benchmark and model, for runs without a base/tuned pair (smolflow eval)."""
+    rows = "".join(f"| {name} | {role} | {r.metric} | {r.n} | {r.score:.4f} | "
+                   f"{'n/a' if r.stderr is None else f'{r.stderr:.4f}'} |\n"
+                   for name, pair in scores.items() for role, r in pair.items())
+    return "| benchmark | model | metric | n | score | stderr |\n|---|---|---|---|---|---|\n" + rows
 
 
 def benchmarks_markdown(table: list[dict]) -> str:
@@ -85,8 +101,11 @@ def save_scores(run_uri: str, scores: dict[str, dict[str, BenchmarkResult]]) -> 
             run.write_json(RunPaths.benchmark_summary(name, role), result.model_dump(exclude={"records"}))
         if "base" in pair and "tuned" in pair:
             table.append(comparison_row(pair["base"], pair["tuned"]))
-    run.write_json(RunPaths.comparison, table)
-    run.write_text(RunPaths.section("benchmarks"), benchmarks_markdown(table))
+    if table or not scores:
+        run.write_json(RunPaths.comparison, table)
+        run.write_text(RunPaths.section("benchmarks"), benchmarks_markdown(table))
+    else:
+        run.write_text(RunPaths.section("benchmarks"), scores_markdown(scores))
     if table:
         create_table_artifact(key="smolflow-benchmarks", table=table, description="Base vs tuned scores")
     return table

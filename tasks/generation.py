@@ -30,16 +30,20 @@ def generate(
     *,
     chat_template: bool = True,
     stop: list[str] | None = None,
+    strip: bool = True,
 ) -> list[Sample]:
     """Greedy completions for chat prompts, several at a time (left padding keeps them aligned).
 
     A prompt is one user message, or a whole conversation (a list of {role, content} messages,
     e.g. a judge's system + user prompt); a Sample's `prompt` is then the last message's text.
     chat_template=False sends each (string) prompt as raw text. A completion ends at EOS, at
-    max_new_tokens, or just before the first of the `stop` strings."""
+    max_new_tokens, or just before the first of the `stop` strings; strip=False keeps its leading
+    whitespace (code continuations)."""
     import torch
 
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:  # base models often have none; padded positions are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
     samples = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
@@ -71,7 +75,7 @@ def generate(
             samples.append(
                 Sample(
                     prompt=prompt if isinstance(prompt, str) else prompt[-1]["content"],
-                    completion=text.strip(),
+                    completion=text.strip() if strip else text,
                     new_tokens=len(ids),
                     stopped_at_eos=stopped,
                 )

@@ -188,6 +188,7 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
 
 
 def test_cli_help_lists_the_fields():
-    out = subprocess.run([sys.executable, "-m", "flows.finetune", "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([str(Path(sys.executable).parent / "smolflow"), "run", "--help"], capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 0
     assert "--training.max-steps" in out.stdout and "--output.artifacts-uri" in out.stdout
