@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.runtime import deployment, flow_run
 
-from tasks.checks import check_run
+from tasks.checks import check_run, resolve_autos
 from tasks.config import RunConfig
 from tasks.data import load_chat_dataset
 from tasks.evaluation import save_scores, score_base_and_tuned
@@ -39,6 +39,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     run = ArtifactStore(config.output.artifacts_uri).child(run_dir(run_id))
     run.write_json(RunPaths.config, config.model_dump(mode="json"))
+    run.write_json(RunPaths.resolved, resolve_autos(config))  # what each `auto` meant here, now
     tags = [deployment.name] if deployment.name else None  # which schedule/deployment started it
     wb = start_wandb(config.wandb, run_id, config.model_dump(mode="json"), cache_dir("work", run_id),
                      flow_run.get_name(), tags)
@@ -77,6 +78,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
                 "base_model": templated.model.model_dump(),
                 "tuned_model": trained.model.model_dump(),
                 "dataset": data.model_dump(),
+                "resolved": run.read_json(RunPaths.resolved),
                 "torch_threads": threads,
                 "completed_at": datetime.now(timezone.utc).isoformat(),
             },

@@ -60,7 +60,7 @@ def resolve_autos(config: RunConfig) -> dict[str, str]:
     from tasks.runtime import hub_offline
 
     offline = hub_offline()
-    out = {"model": resolve_source(config.model)}
+    out = {"model": resolve_source(config.model)} if config.model == "auto" else {}
     if config.data.dataset == "auto":
         out["data.dataset"] = FIXTURE_PREFIX + "everyday-conversations" if offline else HUB_DEFAULT[0]
     for i, b in enumerate(config.benchmarks):

@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.config import DataConfig
-from tasks.runtime import FIXTURES, atomic_dir, atomic_write, cache_dir, default_threads, hub_offline
+from tasks.runtime import FIXTURES, atomic_dir, atomic_write, cache_dir, default_threads, hub_offline, split_of
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,7 @@ def local_data_files(path: Path) -> tuple[str, dict[str, list[str]]]:
         return builders.pop(), {"train": [str(path)]}
     splits: dict[str, list[str]] = {}
     for f in files:
-        # "train.jsonl", "train-00000-of-00002.parquet" and "train_0.json" all belong to "train".
-        splits.setdefault(f.stem.split("-")[0].split("_")[0], []).append(str(f))
+        splits.setdefault(split_of(f), []).append(str(f))
     return builders.pop(), splits
 
 

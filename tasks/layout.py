@@ -70,11 +70,6 @@ class RunPaths:
     wandb = "wandb"
 
     @staticmethod
-    def benchmark_dir(name: str) -> str:
-        """benchmarks/<name> ('custom/<name>' for custom benchmarks)."""
-        return posixpath.join(RunPaths.benchmarks, name)
-
-    @staticmethod
     def benchmark_records(name: str, role: str) -> str:
         """Per-item records of one model ('base' or 'tuned', or a model label) on one benchmark."""
         return posixpath.join(RunPaths.benchmarks, name, f"{role}.jsonl")

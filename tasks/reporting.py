@@ -21,13 +21,16 @@ from tasks.storage import ArtifactStore
 from tasks.trends import DEFAULT_RUNS, write_trend
 
 
-def config_markdown(config: dict | None) -> str:
-    """The RunConfig as a YAML block (it holds no secrets by design: keys come from the environment)."""
+def config_markdown(config: dict | None, resolved: dict | None = None) -> str:
+    """What each `auto` meant in this run, then the RunConfig as a YAML block (it holds no secrets by
+    design: keys come from the environment)."""
     if not config:
         return "Not recorded.\n"
     import yaml
 
-    return f"```yaml\n{yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=100)}```\n"
+    autos = "".join(f"- `{k}`: `auto` → {v}\n" for k, v in (resolved or {}).items() if v)
+    autos = f"Resolved on this machine:\n\n{autos}\n" if autos else ""
+    return f"{autos}```yaml\n{yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=100)}```\n"
 
 
 def links_markdown(run: ArtifactStore, about: dict[str, str | None]) -> str:
@@ -89,7 +92,8 @@ def write_report(
     run = ArtifactStore(run_uri)
     run_id = run_uri.rstrip("/").rsplit("/", 1)[-1]
     run.write_text(RunPaths.section("links"), links_markdown(run, about or {}))
-    run.write_text(RunPaths.section("config"), config_markdown(config))
+    resolved = run.read_json(RunPaths.resolved) if run.exists(RunPaths.resolved) else None
+    run.write_text(RunPaths.section("config"), config_markdown(config, resolved))
     if root:
         trend_md, trend_png = write_trend(root, run_uri, trend_runs)
         run.write_text(RunPaths.section("trend"), f"![trend](../{RunPaths.trend})\n\n{trend_md}")

@@ -31,6 +31,12 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def split_of(path: Path | str) -> str:
+    """The split a data file holds, from its name, as the hub names shards: "train.jsonl",
+    "train-00000-of-00002.parquet" and "train_0.json" all belong to "train"."""
+    return Path(path).name.split(".")[0].split("-")[0].split("_")[0]
+
+
 def default_threads() -> int:
     # Every core this process may use: a run owns its machine, and on this project's 2-core
     # machine two threads trained 1.7x faster than one (docs/training.md). Where other heavy

@@ -4,7 +4,7 @@ read from each completed run's benchmarks/comparison.json (the current run joins
 from __future__ import annotations
 
 
-from tasks.layout import RunPaths
+from tasks.layout import RunPaths, run_dir
 from tasks.runtime import figure_png
 from tasks.storage import ArtifactStore, completed_runs
 
@@ -24,7 +24,7 @@ def collect_scores(
     store = ArtifactStore(root)
     current = current_uri.rstrip("/").rsplit("/", 1)[-1] if current_uri else None
     ids = sorted(set(completed_runs(root)) - {current})
-    picked = [(i, store.child("runs", i)) for i in ids]
+    picked = [(i, store.child(run_dir(i))) for i in ids]
     if current_uri:
         picked.append((current, ArtifactStore(current_uri)))
     rows = []

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -95,9 +94,7 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     config = tiny_run_config(tiny_model_dir, str(tmp_path / "artifacts"),
                              custom_benchmarks=[str(FIXTURES / "custom" / "capitals.yaml")])
 
-    started = time.perf_counter()
     state = finetune(config=config, return_state=True)
-    first_seconds = time.perf_counter() - started
     summary = state.result()
     run_uri = summary["run"]
     manifest = check_run_folder(run_uri)
@@ -170,9 +167,7 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     assert summary["promoted"] == decision["promote"] == (promoted is not None)
     assert read_pointer(str(tmp_path / "artifacts"), "smolflow-finetune", "latest")["run_id"] == run_uri.rsplit("/", 1)[-1]
 
-    started = time.perf_counter()
     again = finetune(config=config, return_state=True)
-    second_seconds = time.perf_counter() - started
     states = _task_states(again.state_details.flow_run_id)
     # Everything that computes is reused, also where the tuned model now lies in a new folder.
     for name in ("prepare_chat_template", "tokenize_dataset", "train_sft", "generate_samples", "benchmark", "custom"):
@@ -184,7 +179,6 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     trend = ArtifactStore(second["run"]).fs.cat(str(Path(second["run"], "report/report.md"))).decode()
     assert f"| {run_uri.rsplit('/', 1)[-1]} | " in trend and f"| {second['run'].rsplit('/', 1)[-1]} | " in trend
     assert manifest["tuned_model"]["fingerprint"] == ArtifactStore(second["run"]).read_json("manifest.json")["tuned_model"]["fingerprint"]
-    assert second_seconds < first_seconds / 2, (first_seconds, second_seconds)
 
 
 def test_cli_help_lists_the_fields():
