@@ -24,7 +24,6 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
 import re
 import time
 import warnings
@@ -40,7 +39,8 @@ from tasks.config import JudgeConfig
 from tasks.console import keep_root_level
 from tasks.judge_backends import JudgeBackend, make_backend, redact_url
 from tasks.models import ModelRef
-from tasks.runtime import FIXTURES, cache_dir, run_logger
+from tasks.layout import RunPaths
+from tasks.runtime import FIXTURES, atomic_write, cache_dir, run_logger
 from tasks.storage import ArtifactStore
 
 TEMPLATE_NAME = "alpaca_eval:chatgpt/basic_prompt.txt"
@@ -152,9 +152,7 @@ def _cached(key: str) -> str | None:
 
 def _store(key: str, identity: str, raw: str) -> None:
     path = cache_dir("judgements") / f"{key}.json"
-    staging = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    staging.write_text(json.dumps({"identity": identity, "raw": raw}, ensure_ascii=False))
-    staging.replace(path)  # atomic: a crash never leaves half a verdict to be read back
+    atomic_write(path, json.dumps({"identity": identity, "raw": raw}, ensure_ascii=False))
 
 
 def judge(
@@ -306,10 +304,38 @@ def _short(text: str | None, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def write_judge(run: ArtifactStore, result: JudgeResult) -> None:
-    """judge/pairs.jsonl and judge/summary.json in the run folder, and a Prefect table artifact."""
-    run.write_text("judge/pairs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records))
-    run.write_json("judge/summary.json", result.model_dump(exclude={"records"}))
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def judge_markdown(judge: JudgeResult | None) -> str:
+    """Win rate with its counts and settings, and a few pairs; the rest is in judge/pairs.jsonl."""
+    if judge is None:
+        return "Not run (judge.enabled: false).\n"
+    s = judge.settings
+    rate = "n/a (no pair judged in both orders)" if judge.win_rate is None else (
+        f"**{judge.win_rate:.1f}%**" + (f" ± {judge.stderr:.1f}" if judge.stderr is not None else ""))
+    head = (
+        f"Win rate of the tuned model against {s.get('reference')!r}: {rate} (AlpacaEval's definition: ties count "
+        f"half) · n={judge.n} of {judge.pairs} pairs · {judge.wins} win / {judge.ties} tie / {judge.losses} loss · "
+        f"{judge.parse_failures} unparseable verdict(s) · judge `{s.get('judge_identity')}` · both orders judged per pair · "
+        f"length-controlled: {'n/a' if judge.lc_win_rate is None else f'{judge.lc_win_rate:.1f}%'}\n\n"
+    )
+    rows = "".join(
+        f"| {_cell(r['instruction'][:120])} | {_cell((r['output'] or '')[:160])} | "
+        f"{_cell((r['reference_output'] or '')[:160])} | {r['preference']} |\n"
+        for r in judge.records[:5]
+    )
+    return head + "| instruction | tuned | reference | preference (2 = tuned better, 1.5 = tie) |\n|---|---|---|---|\n" + rows
+
+
+def write_judge(run: ArtifactStore, result: JudgeResult | None) -> None:
+    """The judged pairs, the summary and the report's judge section in the run folder, and a Prefect table artifact."""
+    run.write_text(RunPaths.section("judge"), judge_markdown(result))
+    if result is None:
+        return
+    run.write_text(RunPaths.judge_pairs, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records))
+    run.write_json(RunPaths.judge_summary, result.model_dump(exclude={"records"}))
     table = [
         {"instruction": _short(r["instruction"]), "tuned": _short(r["output"]),
          "reference": _short(r["reference_output"]), "verdict (tuned as a)": _short(r["verdict_tuned_as_a"], 80),

@@ -13,6 +13,7 @@ import contextlib
 import os
 from pathlib import Path
 
+from tasks.compare import compare
 from tasks.config import WandbConfig
 
 
@@ -60,7 +61,7 @@ def log_results(wb_run, samples_before, samples_after, scores: dict, summary: di
     bench = wandb.Table(columns=["benchmark", "metric", "base", "tuned", "delta", "n"])
     for name, pair in scores.items():
         bench.add_data(name, pair["base"].metric, pair["base"].score, pair["tuned"].score,
-                       pair["tuned"].score - pair["base"].score, pair["tuned"].n)
+                       compare(pair["base"], pair["tuned"])["delta"], pair["tuned"].n)
     tables = {"samples": table, "benchmarks": bench}
     if judge is not None:
         pairs = wandb.Table(columns=["instruction", "tuned", "reference", "verdict_tuned_as_a", "verdict_tuned_as_b",
@@ -80,8 +81,9 @@ def bench_summary(scores: dict) -> dict:
     """bench/<name>/{base,tuned,delta}: flat keys the W&B runs table can sort and chart across runs."""
     out = {}
     for name, pair in scores.items():
-        base, tuned = pair["base"].score, pair["tuned"].score
-        out |= {f"bench/{name}/base": base, f"bench/{name}/tuned": tuned, f"bench/{name}/delta": tuned - base}
+        c = compare(pair["base"], pair["tuned"])
+        out |= {f"bench/{name}/base": pair["base"].score, f"bench/{name}/tuned": pair["tuned"].score,
+                f"bench/{name}/delta": c["delta"], f"bench/{name}/beyond_noise": c["beyond_noise"]}
     return out
 
 
@@ -131,12 +133,12 @@ def log_run_files(wb_run, run) -> list[str]:
 
 
 def gate_summary(decision, promoted: bool) -> dict:
-    """gate/promoted (the pointer moved), gate/passed (no regression: with the gate off a run can pass
-    and not be promoted), gate/against, gate/reasons (why not; empty when it passed)."""
+    """gate/promoted, gate/against (the base model or the promoted run), gate/reasons (why not; empty
+    when promoted)."""
     if decision is None:
         return {"promoted": promoted}
-    return {"promoted": promoted, "gate/promoted": promoted, "gate/passed": decision.promote,
-            "gate/against": decision.against, "gate/reasons": list(decision.reasons)}
+    return {"promoted": promoted, "gate/promoted": promoted, "gate/against": decision.against,
+            "gate/reasons": list(decision.reasons)}
 
 
 def finish_wandb(wb_run, run, trained, before, after, scores: dict, health, promoted: bool, local_dir: Path,

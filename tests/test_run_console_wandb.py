@@ -1,4 +1,4 @@
-"""One tiny run as a user starts it (`python -m flows.finetune --config run.yaml`, its own process),
+"""One tiny run as a user starts it (`smolflow run --config run.yaml`, its own process),
 with LoRA, a scheduler, an optimizer, sft_args and the W&B model on: a quiet console with progress
 lines; base and tuned task runs told apart; a merged model; a W&B run that carries its files.
 
@@ -40,7 +40,7 @@ def user_run(tiny_model_dir, tmp_path_factory):
     path = tmp / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     env = os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value(), "SMOLFLOW_VERBOSE": "0", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "flows.finetune", "--config", str(path)], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(path)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-5000:]
     return tmp / "artifacts" / "runs" / "user-run", out.stdout + out.stderr
@@ -122,4 +122,4 @@ def test_wandb_run_carries_report_tables_curves_model_and_gate(user_run):
     decision = json.loads((run / "gate" / "decision.json").read_text())
     assert summary["gate/against"] == decision["against"]
     assert summary["gate/reasons"] == decision["reasons"]
-    assert summary["gate/passed"] is decision["promote"]
+    assert summary["gate/promoted"] is decision["promote"]

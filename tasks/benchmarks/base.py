@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from tasks.config import BenchmarkConfig
 from tasks.console import quiet_bars
-from tasks.runtime import FIXTURES, hub_offline
+from tasks.runtime import FIXTURES, hub_offline, split_of
 
 
 class BenchmarkResult(BaseModel):
@@ -63,7 +63,7 @@ class Benchmark(abc.ABC):
             return None
         if folder.is_file():
             return {"test": str(folder)}
-        files = {f.stem.split("-")[0]: str(f) for f in sorted(folder.iterdir()) if f.suffix in (".jsonl", ".json", ".parquet")}
+        files = {split_of(f): str(f) for f in sorted(folder.iterdir()) if f.suffix in (".jsonl", ".json", ".parquet")}
         if "test" not in files:
             raise ValueError(f"benchmarks[{self.name}].data={cfg.data!r}: need a test.jsonl (or .parquet) there")
         return files
