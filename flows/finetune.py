@@ -13,11 +13,13 @@ from prefect.runtime import deployment, flow_run
 
 from tasks.checks import check_run, resolve_autos
 from tasks.config import RunConfig
+from tasks.console import configure_logging
 from tasks.data import load_chat_dataset
 from tasks.evaluation import save_scores, score_base_and_tuned
 from tasks.gate import promote, regression_gate
 from tasks.generation import generate_samples, save_samples
 from tasks.health import assess_training, save_training
+from tasks.hub import push_model
 from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
 from tasks.models import resolve_model
@@ -34,6 +36,7 @@ from tasks.training import publish_model, train_sft
 @flow(name="smolflow-finetune")
 def finetune(config: RunConfig = RunConfig()) -> dict:
     """Data -> template -> tokens -> samples -> SFT -> samples -> health -> benchmarks + judge -> gate -> report -> manifest."""
+    configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1 (smolflow --verbose)
     threads = set_torch_threads(config.torch_threads)
     checked = check_run(config)  # the user's files are read and checked before any compute
     run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
@@ -57,6 +60,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
                             assistant_only_loss=templated.assistant_only)
         reused_from = None if trained.model.path.rstrip("/") == run.url(RunPaths.model) else trained.model.path
         trained.model = publish_model(trained.model, run.uri)  # a cache hit points at an earlier run
+        run.write_json(RunPaths.trainer_args, trained.trainer_args)  # every Trainer setting as it ran
         after = generate_samples(trained.model, prompts, max_new)
         save_samples(run.uri, before, after)
         health = assess_training(trained.log_history, after)
@@ -70,7 +74,8 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         decision = regression_gate(root, flow_run.flow_name, run.uri, config.gate, health.blocking())
         summary = write_report(run.uri, config.model_dump(mode="json"), root, {
             "W&B run": wandb_link(wb, run.uri), "Prefect flow run": flow_run_link(), "code": code_version()})
-        finish_wandb(wb, run, trained, before, after, scores, health, decision.promote, cache_dir("work", run_id), judgement)
+        finish_wandb(wb, run, trained, before, after, scores, health, decision.promote, cache_dir("work", run_id),
+                     judgement, decision=decision, log_model=config.wandb.log_model)
         write_manifest(
             run.uri,
             {
@@ -86,5 +91,9 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         set_latest(root, flow_run.flow_name, run_id)  # after the manifest, never before
         if decision.promote:
             promote(root, flow_run.flow_name, run_id)
-        return summary | {"manifest": run.url(RunPaths.manifest), "promoted": decision.promote, "gate": decision.reasons}
+        hub = None
+        if config.output.push_to_hub and (decision.promote or not config.gate.enabled):  # never a rejected model
+            hub = push_model(trained.model, config.output, run_id)
+        return summary | {"manifest": run.url(RunPaths.manifest), "promoted": decision.promote,
+                          "gate": decision.reasons} | ({"hub": hub} if config.output.push_to_hub else {})
 

@@ -1,8 +1,9 @@
 """The run's cross-checks: everything about a RunConfig that needs more than the config itself.
 
 `tasks/config.py` checks each field on its own (types, ranges, names) and imports no task
-module. What needs a registry or a file (benchmark subsets, custom benchmark definitions, judge
-instructions and references) is checked here, once, at the start of a run, before any model
+module. What needs a registry, a library or a file (benchmark subsets, custom benchmark
+definitions, judge instructions and references, SFTConfig field names, optimizer and scheduler
+names, whether a hub push can succeed) is checked here, once, at the start of a run, before any model
 compute; `smolflow validate` runs the same function.
 """
 
@@ -41,11 +42,40 @@ def check_benchmark_subsets(config: RunConfig) -> None:
             raise ConfigError(f"benchmarks[{i}].subsets: unknown {unknown} for {b.name}; choose from {', '.join(known)}")
 
 
+def check_training(config: RunConfig) -> None:
+    """Optimizer and scheduler names, `training.sft_args` against TRL's SFTConfig, and a possible hub push."""
+    from tasks.hub import check_hub
+    from tasks.training import check_schedule, sft_overrides
+
+    try:
+        check_schedule(config.training)
+        if sft_overrides(config.training):
+            trial_sft_config(config.training)
+        check_hub(config.output)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def trial_sft_config(cfg) -> None:
+    """Build the run's SFTConfig once, so values TRL/transformers refuse together (e.g. bf16 where the
+    device has none) are named now rather than after the model and data are loaded."""
+    import tempfile
+
+    from tasks.training import sft_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            sft_config(cfg, tmp, [])
+        except ValueError as err:
+            raise ConfigError(f"training.sft_args {cfg.sft_args}: SFTConfig refused them: {err}") from None
+
+
 def check_run(config: RunConfig) -> Checked:
     """All cross-checks of a run, in one place; raises ConfigError/ValueError naming the field."""
     from tasks.benchmarks.custom import load_definitions
     from tasks.judge import judge_inputs
 
+    check_training(config)
     check_benchmark_subsets(config)
     custom = load_definitions(config.custom_benchmarks)
     instructions, references = judge_inputs(config.judge, config.sampling.prompts) if config.judge.enabled else ([], None)

@@ -6,7 +6,7 @@ import json
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import NO_CACHE, TASK_SOURCE
 
 from tasks.benchmarks import REGISTRY, BenchmarkResult
 from tasks.benchmarks.custom import CustomBenchmark, run_custom_benchmark
@@ -14,17 +14,21 @@ from tasks.compare import compare
 from tasks.config import BenchmarkConfig, JudgeConfig
 from tasks.layout import RunPaths
 from tasks.models import ModelRef, load_model
-from tasks.runtime import BY_CONTENT
+from tasks.runtime import ContentInputs
 from tasks.storage import ArtifactStore
+
+# The role only names the task run ("benchmark-gsm8k-base"): the same model scores the same under
+# any role, so it stays out of the cache key.
+BY_CONTENT_ANY_ROLE = (ContentInputs() - "role") + TASK_SOURCE
 
 
 @task(
-    cache_policy=BY_CONTENT,
+    cache_policy=BY_CONTENT_ANY_ROLE,
     retries=1,
     retry_delay_seconds=10,
-    task_run_name="benchmark-{cfg.name}",
+    task_run_name="benchmark-{cfg.name}-{role}",
 )
-def run_benchmark(model_ref: ModelRef, cfg: BenchmarkConfig) -> BenchmarkResult:
+def run_benchmark(model_ref: ModelRef, cfg: BenchmarkConfig, role: str = "model") -> BenchmarkResult:
     """Score a model on a benchmark; cached on the model's content fingerprint and the settings."""
     model, tokenizer = load_model(model_ref)
     model.eval()
@@ -39,10 +43,11 @@ def score_models(
     'base', 'tuned', or 'model' for an eval run), each its own cached task, with a progress bar."""
     from tasks.progress import Progress
 
-    jobs = [(cfg.name, lambda m, cfg=cfg: run_benchmark(m, cfg)) for cfg in benchmarks]
+    jobs = [(cfg.name, lambda m, role, cfg=cfg: run_benchmark(m, cfg, role)) for cfg in benchmarks]
     # Only a judge scorer gets the judge settings, so editing them never re-scores the others.
     jobs += [
-        (f"custom/{b.name}", lambda m, b=b: run_custom_benchmark(m, b, judge if b.scorer == "judge_rubric" else None))
+        (f"custom/{b.name}",
+         lambda m, role, b=b: run_custom_benchmark(m, b, judge if b.scorer == "judge_rubric" else None, role))
         for b in custom
     ]
     scores, bar = {}, Progress("smolflow-benchmark-progress", "Benchmarks scored", len(models) * len(jobs))
@@ -50,7 +55,7 @@ def score_models(
         scores[name] = {}
         for j, (role, ref) in enumerate(models.items()):
             bar.update(i * len(models) + j, f"{name}: scoring the {role} model")
-            scores[name][role] = score(ref)
+            scores[name][role] = score(ref, role)
     bar.update(bar.total, f"done: {', '.join(scores)}")
     return scores
 

@@ -36,6 +36,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.config import JudgeConfig
+from tasks.console import keep_root_level
 from tasks.judge_backends import JudgeBackend, make_backend, redact_url
 from tasks.models import ModelRef
 from tasks.layout import RunPaths
@@ -91,8 +92,8 @@ def template_text() -> str:
 def conversation(template: str, instruction: str, output_a: str, output_b: str) -> list[dict]:
     """The judging prompt as chat messages, with the texts filled in after the ChatML split
     (so an answer containing ChatML markers cannot change the message structure)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # alpaca_eval imports pkg_resources, deprecated
+    with warnings.catch_warnings(), keep_root_level():  # alpaca_eval: pkg_resources warning, root logger at INFO
+        warnings.simplefilter("ignore")
         from alpaca_eval.utils import prompt_to_chatml
 
     fill = {"{instruction}": instruction, "{output_1}": output_a, "{output_2}": output_b}
@@ -123,7 +124,7 @@ def win_rate(preferences: list[float]) -> dict[str, Any]:
     """AlpacaEval's win rate (percent, ties half) and standard error over judged pairs."""
     if not preferences:
         return {"win_rate": None, "stderr": None, "n": 0, "wins": 0, "ties": 0, "losses": 0}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), keep_root_level():
         warnings.simplefilter("ignore")
         from alpaca_eval.metrics import get_winrate
 

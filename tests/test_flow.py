@@ -48,7 +48,7 @@ def _task_states(flow_run_id) -> dict[str, set[str]]:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     states: dict[str, set[str]] = {}
     for r in runs:
-        states.setdefault(r.name.rsplit("-", 1)[0], set()).add(r.state.name)
+        states.setdefault(r.name.split("-", 1)[0], set()).add(r.state.name)  # "benchmark-gsm8k-base": benchmark
     return states
 
 
@@ -150,7 +150,8 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     bench = summary["benchmarks"][0]
     assert recorded["summary"]["bench/gsm8k/tuned"] == pytest.approx(bench["tuned"], abs=1e-4)
     assert recorded["summary"]["bench/gsm8k/delta"] == pytest.approx(bench["delta"], abs=1e-4)
-    assert recorded["summary"]["artifacts/model"] == Path(run_uri, "model").as_uri()
+    assert recorded["summary"]["gate/promoted"] == summary["promoted"]  # the gate's decision, with its reasons
+    assert recorded["summary"]["gate/reasons"] == summary["gate"]
     assert recorded["config"]["training"]["max_steps"] == 3
     # No secret from the environment ends up in any artifact (W&B files included).
     for path in Path(run_uri).rglob("*"):

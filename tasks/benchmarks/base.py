@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from tasks.config import BenchmarkConfig
+from tasks.console import quiet_bars
 from tasks.runtime import FIXTURES, hub_offline, split_of
 
 
@@ -166,7 +167,7 @@ class LmEvalBenchmark(Benchmark):
         from lm_eval.tasks import TaskManager
 
         started = time.perf_counter()
-        with tempfile.TemporaryDirectory() as workdir:
+        with tempfile.TemporaryDirectory() as workdir, quiet_bars():  # lm-eval's tqdm bars, unless verbose
             specs = self.task_configs(cfg, Path(workdir))
             out = simple_evaluate(
                 model=lm,

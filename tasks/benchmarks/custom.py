@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 from prefect import task
+from prefect.cache_policies import TASK_SOURCE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.yamlfile import at, key_lines, yaml_error
@@ -43,7 +44,7 @@ from tasks.config import JudgeConfig
 from tasks.benchmarks import scorers
 from tasks.benchmarks.base import BenchmarkResult, stderr_of_mean
 from tasks.models import ModelRef, load_model
-from tasks.runtime import BY_CONTENT, run_logger
+from tasks.runtime import ContentInputs, run_logger
 
 DOCS = "docs/benchmarks.md#custom-benchmarks"
 ROLES = ("system", "user", "assistant")
@@ -357,9 +358,10 @@ def evaluate_custom(model, tokenizer, bench: CustomBenchmark, judge_cfg: JudgeCo
     )
 
 
-@task(cache_policy=BY_CONTENT, retries=1, retry_delay_seconds=10, task_run_name="custom-{bench.name}")
+@task(cache_policy=(ContentInputs() - "role") + TASK_SOURCE, retries=1, retry_delay_seconds=10,
+      task_run_name="custom-{bench.name}-{role}")
 def run_custom_benchmark(
-    model_ref: ModelRef, bench: CustomBenchmark, judge_cfg: JudgeConfig | None = None
+    model_ref: ModelRef, bench: CustomBenchmark, judge_cfg: JudgeConfig | None = None, role: str = "model"
 ) -> BenchmarkResult:
     """Score a model on a custom benchmark; cached on model and benchmark content and the settings."""
     model, tokenizer = load_model(model_ref)
