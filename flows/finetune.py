@@ -16,6 +16,7 @@ from prefect.runtime import deployment, flow_run
 from tasks.checks import check_run
 from tasks.config import RunConfig
 from tasks.data import load_chat_dataset
+from tasks.device import publish, unpublish
 from tasks.evaluation import score_base_and_tuned
 from tasks.gate import promote, regression_gate
 from tasks.generation import generate_samples
@@ -31,10 +32,13 @@ from tasks.tracking import finish_wandb, start_wandb, wandb_link
 from tasks.training import publish_model, train_sft
 
 
-@flow(name="smolflow-finetune")
+# unpublish: the run's device/precision settings end with it (tasks/device.py).
+@flow(name="smolflow-finetune", on_completion=[unpublish], on_failure=[unpublish], on_crashed=[unpublish],
+      on_cancellation=[unpublish])
 def finetune(config: RunConfig = RunConfig()) -> dict:
     """Data -> template -> tokens -> samples -> SFT -> samples -> health -> benchmarks + judge -> gate -> report -> manifest."""
     threads = set_torch_threads(config.torch_threads)
+    placement = publish(config.execution)  # every model this run loads goes where this says
     checked = check_run(config)  # the user's files are read and checked before any compute
     run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     run = ArtifactStore(config.output.artifacts_uri).child("runs", run_id)
@@ -82,6 +86,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
             "tuned_model": trained.model.model_dump(),
             "dataset": data.model_dump(),
             "torch_threads": threads,
+            "execution": placement.model_dump(mode="json"),
             "completed_at": datetime.now(timezone.utc).isoformat(),
         },
     )

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from tasks.config import TrainingConfig
 from tasks.data import DatasetRef
+from tasks.device import Placement, resolve
 from tasks.models import ModelRef, fingerprint_dir, load_model
 from tasks.progress import training_progress
 from tasks.runtime import BY_CONTENT, ContentInputs, cache_dir, run_logger
@@ -38,12 +39,12 @@ class TrainResult(BaseModel):
     log_history: list[dict]  # the Trainer's per-step logs: the loss curves
 
 
-def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str]):
-    """TRL's SFTConfig from smolflow's TrainingConfig (the seed's knobs plus device defaults)."""
-    import torch
+def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str], placement: Placement | None = None,
+               **extra):
+    """TRL's SFTConfig from smolflow's TrainingConfig (the seed's knobs) and the run's placement."""
     from trl import SFTConfig
 
-    cuda = torch.cuda.is_available()
+    placement = placement or resolve()
     return SFTConfig(
         output_dir=output_dir,
         max_steps=cfg.max_steps,
@@ -65,11 +66,13 @@ def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str]):
         padding_free=cfg.padding_free,
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name; TRL defaults it on
         seed=cfg.seed,
-        # TRL defaults to bf16, which CPUs without bf16 kernels run slowly or refuse.
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        use_cpu=not cuda,
+        # Constructor arguments: setting them on a built SFTConfig had no effect (identical losses).
+        # bf16 is autocast over fp32 weights; tasks/device.py decides it per machine (CPUs differ).
+        bf16=placement.precision == "bf16",
+        use_cpu=placement.device == "cpu",
         report_to=report_to,
         disable_tqdm=True,  # Prefect's logs are the progress view; tqdm bars garble them
+        **extra,  # e.g. torch_compile for scripts/bench_training.py
     )
 
 
@@ -164,7 +167,7 @@ def train_sft(
     from trl import SFTTrainer
 
     log = run_logger()
-    model, tokenizer = load_model(base)
+    model, tokenizer = load_model(base, as_stored=True)  # the Trainer places it (sft_config)
     # Tokens come from the on-disk cache tokenize_dataset filled (made here if it is missing).
     # With assistant_only_loss they carry `assistant_masks`, from which TRL builds the labels;
     # SFTConfig's own assistant_only_loss flag stays off, since TRL accepts it only for
