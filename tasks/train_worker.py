@@ -10,6 +10,7 @@ torchrun it is, and the result records the world size that really ran.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -19,6 +20,20 @@ from pathlib import Path
 
 from tasks.runtime import run_logger
 from tasks.training import FitSpec, fit
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Linux: SIGKILL this process when its parent dies. torchrun starts each rank in a session of
+    its own, so a killed run would otherwise leave ranks behind, blocked in a collective."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: no such safety net
+    if parent is not None and os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
 
 
 def launch(spec: FitSpec) -> dict:
@@ -39,7 +54,8 @@ def launch(spec: FitSpec) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                "-m", "tasks.train_worker", str(spec_path)]
         run_logger().info("Training on %d processes: %s", n, " ".join(cmd))
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=functools.partial(die_with_parent, os.getpid()))
         if proc.returncode != 0 or not result_path.exists():
             raise RuntimeError(f"training on {n} processes failed (exit {proc.returncode}); last output:\n"
                                + proc.stdout[-4000:])
@@ -48,6 +64,8 @@ def launch(spec: FitSpec) -> dict:
 
 def main(spec_path: str) -> None:
     import torch
+
+    die_with_parent()
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     result = fit(FitSpec.model_validate_json(Path(spec_path).read_text()))

@@ -20,6 +20,20 @@ ROOT = Path(__file__).resolve().parents[1]
 KNOBS = dict(max_steps=6, save_steps=2, logging_steps=1, eval_steps=100, max_length=128, learning_rate=1e-3)
 
 
+def _ranks_left() -> list[int]:
+    """Live training ranks started from this checkout (torchrun gives each a session of its own)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if b"tasks.train_worker" in args and state != "Z" and os.readlink(f"/proc/{pid}/cwd") == str(ROOT):
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
 def losses(history: list[dict]) -> list[float]:
     return [h["loss"] for h in history if "loss" in h]
 
@@ -38,9 +52,13 @@ def test_two_processes_match_one_and_resume_after_a_kill(tiny_ref, fixture_data,
     deadline = time.monotonic() + 600
     while not complete_steps(run) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+    os.killpg(proc.pid, signal.SIGKILL)  # the training process and torchrun; the ranks follow their parent
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"training ended before the kill:\n{err.decode()[-3000:]}"
+    deadline = time.monotonic() + 60
+    while ranks := _ranks_left():
+        assert time.monotonic() < deadline, f"ranks left running after the kill: {ranks}"
+        time.sleep(0.5)
     done = complete_steps(run)
     assert done and max(done) < cfg.max_steps
 
