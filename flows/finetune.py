@@ -15,6 +15,7 @@ from tasks.checks import check_run, resolve_autos
 from tasks.config import RunConfig
 from tasks.console import configure_logging
 from tasks.data import load_chat_dataset
+from tasks.device import publish, unpublish
 from tasks.evaluation import save_scores, score_base_and_tuned
 from tasks.gate import promote, regression_gate
 from tasks.generation import generate_samples, save_samples
@@ -33,11 +34,14 @@ from tasks.tracking import finish_wandb, start_wandb, wandb_link
 from tasks.training import publish_model, train_sft
 
 
-@flow(name="smolflow-finetune")
+# unpublish: the run's device/precision settings end with it (tasks/device.py).
+@flow(name="smolflow-finetune", on_completion=[unpublish], on_failure=[unpublish], on_crashed=[unpublish],
+      on_cancellation=[unpublish])
 def finetune(config: RunConfig = RunConfig()) -> dict:
     """Data -> template -> tokens -> samples -> SFT -> samples -> health -> benchmarks + judge -> gate -> report -> manifest."""
     configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1 (smolflow --verbose)
     threads = set_torch_threads(config.torch_threads)
+    placement = publish(config.execution)  # every model this run loads goes where this says
     checked = check_run(config)  # the user's files are read and checked before any compute
     run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     run = ArtifactStore(config.output.artifacts_uri).child(run_dir(run_id))
@@ -85,6 +89,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
                 "dataset": data.model_dump(),
                 "resolved": run.read_json(RunPaths.resolved),
                 "torch_threads": threads,
+                "execution": placement.model_dump(mode="json"),
                 "completed_at": datetime.now(timezone.utc).isoformat(),
             },
         )

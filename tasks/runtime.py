@@ -172,7 +172,11 @@ class ContentInputs(CachePolicy):
     exclude: list[str] = field(default_factory=list)
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        from tasks.device import cache_token
+
         inputs = {k: getattr(v, "fingerprint", v) for k, v in (inputs or {}).items()}
+        # Device and precision change a model's outputs: a bf16 result never answers for fp32.
+        inputs["__placement__"] = cache_token()
         return Inputs(exclude=self.exclude).compute_key(task_ctx, inputs, flow_parameters, **kwargs)
 
     def __sub__(self, name: str) -> ContentInputs:

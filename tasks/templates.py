@@ -312,7 +312,7 @@ def prepare_chat_template(base: ModelRef, data: DatasetRef, cfg: TemplateConfig 
     """Set the run's chat template, check its EOS and the data's shapes on it, and preview it."""
     from datasets import load_from_disk
 
-    model, tokenizer = load_model(base)
+    model, tokenizer = load_model(base, as_stored=True)  # saved again below: keep the stored weights
     own = tokenizer.chat_template
     name, text = effective_template(cfg, own)
     if text is None and not own:  # a base model without a template: ChatML, as SmolLM2-Instruct has it
