@@ -8,12 +8,12 @@ from tasks.config import BenchmarkConfig, JudgeConfig
 from tasks.benchmarks import REGISTRY, BenchmarkResult
 from tasks.benchmarks.custom import CustomBenchmark, run_custom_benchmark
 from tasks.models import ModelRef, load_model
-from tasks.runtime import BY_CONTENT
+from tasks.runtime import BY_CONTENT, retry_transient
 
 
 @task(
     cache_policy=BY_CONTENT,
-    retries=1,
+    retries=1, retry_condition_fn=retry_transient,
     retry_delay_seconds=10,
     task_run_name="benchmark-{cfg.name}",
 )

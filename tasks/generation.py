@@ -6,7 +6,7 @@ from prefect import task
 from pydantic import BaseModel
 
 from tasks.models import ModelRef, load_model
-from tasks.runtime import BY_CONTENT
+from tasks.runtime import BY_CONTENT, retry_transient
 
 
 class Sample(BaseModel):
@@ -74,7 +74,7 @@ def generate(
     return samples
 
 
-@task(cache_policy=BY_CONTENT, retries=1)
+@task(cache_policy=BY_CONTENT, retries=1, retry_condition_fn=retry_transient)
 def generate_samples(model_ref: ModelRef, prompts: list[str], max_new_tokens: int) -> list[Sample]:
     """Greedy answers of one model to the run's sample prompts."""
     model, tokenizer = load_model(model_ref)

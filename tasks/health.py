@@ -14,7 +14,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel
 
 from tasks.generation import Sample
-from tasks.runtime import figure_png
+from tasks.runtime import figure_png, retry_transient
 
 # Thresholds, in nats of per-token cross-entropy. Chosen for chat SFT of small models, where a
 # healthy run drops a few tenths from ~2-3 and eval tracks train within a few tenths.
@@ -162,7 +162,7 @@ def assess(log_history: list[dict], samples: list[Sample]) -> HealthReport:
     return HealthReport(healthy=not any(s.fired for s in signs), signs=signs)
 
 
-@task(cache_policy=INPUTS + TASK_SOURCE, retries=1)
+@task(cache_policy=INPUTS + TASK_SOURCE, retries=1, retry_condition_fn=retry_transient)
 def assess_training(log_history: list[dict], samples: list[Sample]) -> HealthReport:
     """The seed's warning signs (overfitting, underfitting, memorisation, format) for one run."""
     from tasks.runtime import run_logger

@@ -39,7 +39,7 @@ from pydantic import BaseModel
 from tasks.config import JudgeConfig
 from tasks.judge_backends import JudgeBackend, make_backend, redact_url
 from tasks.models import ModelRef
-from tasks.runtime import FIXTURES, cache_dir, run_logger
+from tasks.runtime import FIXTURES, cache_dir, run_logger, retry_transient
 from tasks.storage import ArtifactStore
 
 TEMPLATE_NAME = "alpaca_eval:chatgpt/basic_prompt.txt"
@@ -209,7 +209,7 @@ def judge(
                        settings=settings, seconds=round(time.perf_counter() - started, 2))
 
 
-@task(retries=1, retry_delay_seconds=[10], cache_policy=NO_CACHE)
+@task(retries=1, retry_condition_fn=retry_transient, retry_delay_seconds=[10], cache_policy=NO_CACHE)
 def judge_pairs(instructions: list[str], outputs: list[str], references: list[str], cfg: JudgeConfig) -> JudgeResult:
     """Judge the tuned model's answers against the references, both orders, AlpacaEval win rate."""
     # Cached per judgement, not per task: a task-level key would hold the judge's *name*

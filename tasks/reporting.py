@@ -19,6 +19,7 @@ from tasks.generation import Sample
 from tasks.health import HealthReport, curves_table, plot_curves
 from tasks.judge import JudgeResult
 from tasks.tokenization import TokenStats
+from tasks.runtime import retry_transient
 from tasks.storage import ArtifactStore
 from tasks.training import TrainResult
 from tasks.trends import DEFAULT_RUNS, write_trend
@@ -111,7 +112,7 @@ def links_markdown(store: ArtifactStore, wandb_link: str | None) -> str:
     return "".join(f"- {label}: {uri}\n" if uri.startswith("http") else f"- {label}: `{uri}`\n" for label, uri in links)
 
 
-@task(cache_policy=INPUTS + TASK_SOURCE, retries=3, retry_delay_seconds=[2, 10, 30])
+@task(cache_policy=INPUTS + TASK_SOURCE, retries=3, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10, 30])
 def write_report(
     run_uri: str,
     template: str,

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from tasks.config import TemplateConfig
 from tasks.data import SHAPES, DatasetRef, as_written, num_proc_for, row_shapes
 from tasks.models import ModelRef, convert_builtin, fingerprint_dir, load_model
-from tasks.runtime import BY_CONTENT, cache_dir, run_logger
+from tasks.runtime import BY_CONTENT, cache_dir, run_logger, retry_transient
 from tasks.storage import ArtifactStore
 
 TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
@@ -310,7 +310,7 @@ def _save(model, tokenizer, base: ModelRef, name: str, text: str) -> ModelRef:
     return ModelRef(source=base.source, path=str(target), fingerprint=fingerprint_dir(target))
 
 
-@task(cache_policy=BY_CONTENT + TemplateText(), retries=1)
+@task(cache_policy=BY_CONTENT + TemplateText(), retries=1, retry_condition_fn=retry_transient)
 def prepare_chat_template(base: ModelRef, data: DatasetRef, cfg: TemplateConfig = TemplateConfig()) -> TemplatedModel:
     """Set the run's chat template, check its EOS and the data's shapes on it, and preview it."""
     from datasets import load_from_disk
@@ -409,7 +409,7 @@ def preview_markdown(tokenizer, messages: list[dict], assistant_only: bool,
     return "\n\n".join(parts) + "\n"
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10])
 def write_template_preview(run: ArtifactStore, templated: TemplatedModel) -> str:
     """Write the chat-template preview into the run folder and show it as a Prefect artifact."""
     uri = run.write_text(PREVIEW_PATH, templated.preview)

@@ -42,7 +42,7 @@ from tasks.config import JudgeConfig
 from tasks.benchmarks import scorers
 from tasks.benchmarks.base import BenchmarkResult, stderr_of_mean
 from tasks.models import ModelRef, load_model
-from tasks.runtime import BY_CONTENT, run_logger
+from tasks.runtime import BY_CONTENT, run_logger, retry_transient
 
 DOCS = "docs/benchmarks.md#custom-benchmarks"
 ROLES = ("system", "user", "assistant")
@@ -395,7 +395,8 @@ def evaluate_custom(model, tokenizer, bench: CustomBenchmark, judge_cfg: JudgeCo
     )
 
 
-@task(cache_policy=BY_CONTENT, retries=1, retry_delay_seconds=10, task_run_name="custom-{bench.name}")
+@task(cache_policy=BY_CONTENT, retries=1, retry_condition_fn=retry_transient, retry_delay_seconds=10,
+      task_run_name="custom-{bench.name}")
 def run_custom_benchmark(
     model_ref: ModelRef, bench: CustomBenchmark, judge_cfg: JudgeConfig | None = None
 ) -> BenchmarkResult:
