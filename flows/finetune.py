@@ -21,6 +21,7 @@ from tasks.gate import promote, regression_gate
 from tasks.generation import generate_samples
 from tasks.health import assess_training
 from tasks.judge import run_judge, write_judge
+from tasks.leftovers import reap_orphaned_servers
 from tasks.models import resolve_model
 from tasks.reporting import write_report
 from tasks.runtime import cache_dir, set_torch_threads
@@ -35,6 +36,7 @@ from tasks.training import publish_model, train_sft
 def finetune(config: RunConfig = RunConfig()) -> dict:
     """Data -> template -> tokens -> samples -> SFT -> samples -> health -> benchmarks + judge -> gate -> report -> manifest."""
     threads = set_torch_threads(config.torch_threads)
+    reap_orphaned_servers()  # a temporary Prefect server that a SIGKILLed earlier run left behind
     checked = check_run(config)  # the user's files are read and checked before any compute
     run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     run = ArtifactStore(config.output.artifacts_uri).child("runs", run_id)
@@ -86,8 +88,9 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         },
     )
     set_latest(config.output.artifacts_uri, flow_run.flow_name, run_id)  # after the manifest, never before
-    if promoted:
-        promote(config.output.artifacts_uri, flow_run.flow_name, run_id)
+    if promoted:  # compare-and-swap: re-checked against whatever was promoted since the gate
+        promoted = promote(config.output.artifacts_uri, flow_run.flow_name, run_id, decision,
+                           config.gate.tolerance) is not None
     return summary | {"manifest": run.url("manifest.json"), "promoted": promoted, "gate": decision.reasons}
 
 
