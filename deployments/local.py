@@ -167,28 +167,37 @@ def _stop_on_signal(signum, frame) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=4200)
+    parser.add_argument("--startup-timeout", type=float, default=300,
+                        help="seconds to wait for the server to answer (its first start sets up the database)")
     args = parser.parse_args()
     # kill, systemd and docker send SIGTERM; a closed terminal SIGHUP: both stop like Ctrl-C.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _stop_on_signal)
     server = serving = None
+    code = 0
     try:
-        server = start_server(args.port)
+        server = start_server(args.port, timeout=args.startup_timeout)
         print(f"Prefect UI: http://127.0.0.1:{args.port}  (API: http://127.0.0.1:{args.port}/api)", flush=True)
         serving = start_serving(args.port)
-        serving.wait()
+        code = serving.wait()  # returns only if serving ended by itself: report its status
+        code = 128 - code if code < 0 else code  # killed by signal N: the shell convention 128+N
     except PortInUseError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(PORT_IN_USE)
+    except (RuntimeError, TimeoutError) as err:  # the server did not come up: say so, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
         leftovers = descendants(os.getpid())  # flow runs start sessions of their own: track them by pid
         for proc in (serving, server):
             if proc is not None:
                 stop(proc)
         reap(leftovers)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,10 @@ def test_rerun_after_sigkill_continues_the_same_wandb_run(tiny_ref, fixture_data
     while not _has_run_record(wandb_dir):
         assert proc.poll() is None and time.monotonic() < deadline, "no W&B run record on disk in time"
         time.sleep(0.5)
-    while not run.exists(f"checkpoints/checkpoint-6/{MARKER}"):
+    # on_save writes the run folder's marker, then the work dir's: wait for the last one, or the
+    # re-run finds an unmarked local checkpoint-6 and resumes from checkpoint-3.
+    local_marker = Path(os.environ["SMOLFLOW_CACHE"]) / "work" / "same-run" / "checkpoints" / "checkpoint-6" / MARKER
+    while not (run.exists(f"checkpoints/checkpoint-6/{MARKER}") and local_marker.is_file()):
         assert proc.poll() is None and time.monotonic() < deadline, "no complete checkpoint-6 in time"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

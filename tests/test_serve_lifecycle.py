@@ -30,14 +30,15 @@ def _env(home: Path) -> dict[str, str]:
     return env | {"PREFECT_HOME": str(home), "PYTHONPATH": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 
-def _wait_for_deployments(api: str, deadline_s: float, log: Path):
+def _wait_for_deployments(api: str, deadline_s: float, log: Path, parent: subprocess.Popen | None = None):
     with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         deadline = time.monotonic() + deadline_s
         while True:
             try:
                 return client.read_deployment_by_name("smolflow-finetune/nightly")
             except Exception:
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                alive = parent is None or parent.poll() is None
+                assert alive and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(1)
 
 
@@ -57,10 +58,11 @@ def test_sigterm_stops_every_child_and_the_nightly_survives_a_restart(tmp_path):
     port, home, log = _free_port(), tmp_path / "home", tmp_path / "serve.log"
     api = f"http://127.0.0.1:{port}/api"
     with open(log, "wb") as out:
-        parent = subprocess.Popen([sys.executable, "-m", "deployments.local", "--port", str(port)],
+        parent = subprocess.Popen([sys.executable, "-m", "deployments.local", "--port", str(port),
+                                   "--startup-timeout", "600"],
                                   cwd=ROOT, env=_env(home), stdout=out, stderr=subprocess.STDOUT)
     try:
-        nightly = _wait_for_deployments(api, 240, log)
+        nightly = _wait_for_deployments(api, 900, log, parent)
         assert not nightly.paused
         children = descendants(parent.pid)  # the server, the serve process and all of theirs
         assert len(children) >= 2, children
@@ -75,7 +77,7 @@ def test_sigterm_stops_every_child_and_the_nightly_survives_a_restart(tmp_path):
             parent.kill()
 
     # A restart (here: the server alone, on the same database) finds the nightly as it was.
-    server = start_server(port, home=home, log=tmp_path / "server2.log")
+    server = start_server(port, home=home, log=tmp_path / "server2.log", timeout=600)
     try:
         with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
             after = client.read_deployment_by_name("smolflow-finetune/nightly")
