@@ -33,6 +33,8 @@ class PortInUseError(RuntimeError):
 def check_port_free(port: int) -> None:
     """Raise PortInUseError if 127.0.0.1:port cannot be bound."""
     with socket.socket() as s:
+        # As servers do: connections of a stopped server in TIME_WAIT must not count, a listener must.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError as err:
