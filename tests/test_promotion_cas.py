@@ -1,5 +1,6 @@
 """Promotion is compare-and-swap: two runs that both passed the gate against the same reference
-(here the base model) finish together; the second to promote is compared with the first."""
+(here the base model) finish together; the second to promote is compared with the first.
+The concurrent case starts two Python processes (~60 s here under heavy load, a few s unloaded)."""
 
 import json
 import os
