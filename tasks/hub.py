@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import OutputConfig
 from tasks.models import ModelRef, local_model_dir
-from tasks.runtime import hub_offline, run_logger
+from tasks.runtime import hub_offline, retry_transient, run_logger
 
 
 def hub_token(output: OutputConfig) -> str:
