@@ -111,16 +111,14 @@ def _machine_key() -> str:
 @functools.lru_cache(maxsize=None)
 def cached_probe() -> Probe:
     """The probe once per process, and once per machine (CPU flags, torch, threads) on disk."""
-    from tasks.runtime import cache_dir
+    from tasks.runtime import atomic_write, cache_dir
 
     path = cache_dir("probe") / f"cpu-{_machine_key()}.json"
     try:
         return Probe.model_validate_json(path.read_text())
     except (OSError, ValueError):
         result = probe_cpu()
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(result.model_dump_json())
-        tmp.rename(path)  # atomic: a concurrent reader sees the old file or the whole new one
+        atomic_write(path, result.model_dump_json())  # a concurrent reader sees the old file or the whole new one
         return result
 
 

@@ -26,7 +26,8 @@ from tasks.compare import compare
 from tasks.config import BenchmarkConfig, ExecutionConfig, JudgeConfig
 from tasks.layout import RunPaths
 from tasks.models import ModelRef, load_model
-from tasks.runtime import ContentInputs, retry_transient, run_logger
+from tasks.caching import ContentInputs
+from tasks.runtime import retry_transient, run_logger
 from tasks.storage import ArtifactStore
 
 # What a Ray worker needs of this process's environment to load the same models the same way and

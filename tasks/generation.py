@@ -10,7 +10,8 @@ from pydantic import BaseModel
 
 from tasks.layout import RunPaths
 from tasks.models import ModelRef, load_model
-from tasks.runtime import BY_CONTENT, retry_transient
+from tasks.caching import BY_CONTENT
+from tasks.runtime import retry_transient
 from tasks.storage import ArtifactStore
 
 

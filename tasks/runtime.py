@@ -7,11 +7,9 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from prefect.cache_policies import TASK_SOURCE, CachePolicy, Inputs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -161,30 +159,6 @@ def run_logger():
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger("smolflow")
-
-
-@dataclass
-class ContentInputs(CachePolicy):
-    """Prefect's INPUTS cache policy, except that a model or dataset reference counts by its
-    content fingerprint alone: where a model lies (this run's folder, an earlier run's, a
-    download cache) is no part of what it is, so moving it must not invalidate the cache."""
-
-    exclude: list[str] = field(default_factory=list)
-
-    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
-        from tasks.device import cache_token
-
-        inputs = {k: getattr(v, "fingerprint", v) for k, v in (inputs or {}).items()}
-        # Device and precision change a model's outputs: a bf16 result never answers for fp32.
-        inputs["__placement__"] = cache_token()
-        return Inputs(exclude=self.exclude).compute_key(task_ctx, inputs, flow_parameters, **kwargs)
-
-    def __sub__(self, name: str) -> ContentInputs:
-        return ContentInputs(exclude=[*self.exclude, name])
-
-
-# The policy of every expensive task: same content + same settings + same code = cached.
-BY_CONTENT = ContentInputs() + TASK_SOURCE
 
 
 # ---- retries: transient failures only --------------------------------------------------------

@@ -24,7 +24,8 @@ from tasks.config import TemplateConfig
 from tasks.data import SHAPES, DatasetRef, as_written, num_proc_for, row_shapes
 from tasks.models import ModelRef, convert_builtin, fingerprint_dir, load_model
 from tasks.layout import RunPaths
-from tasks.runtime import BY_CONTENT, atomic_dir, cache_dir, retry_transient, run_logger
+from tasks.caching import BY_CONTENT
+from tasks.runtime import atomic_dir, cache_dir, retry_transient, run_logger
 from tasks.storage import ArtifactStore
 
 TEMPLATE_DIR = Path(__file__).parent / "chat_templates"

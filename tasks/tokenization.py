@@ -22,7 +22,8 @@ from pydantic import BaseModel
 from tasks.data import DatasetRef, as_written, num_proc_for
 from tasks.models import ModelRef, local_model_dir
 from tasks.layout import RunPaths
-from tasks.runtime import BY_CONTENT, atomic_dir, cache_dir, figure_png, retry_transient, run_logger, sha256_files
+from tasks.caching import BY_CONTENT
+from tasks.runtime import atomic_dir, cache_dir, figure_png, retry_transient, run_logger, sha256_files
 from tasks.storage import ArtifactStore
 
 SPLITS = ("train", "test")

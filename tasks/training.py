@@ -27,7 +27,8 @@ from tasks.device import Placement, resolve
 from tasks.locks import TRAINING_LOCK, exclusive
 from tasks.models import ModelRef, fingerprint_dir, load_model
 from tasks.progress import training_progress
-from tasks.runtime import BY_CONTENT, ContentInputs, cache_dir, run_logger, retry_transient
+from tasks.caching import BY_CONTENT, ContentInputs
+from tasks.runtime import cache_dir, run_logger, retry_transient
 from tasks.storage import ArtifactStore
 from tasks.tokenization import TokenizedRef, load_tokenized, tokenize_split, tokenized_splits
 

@@ -185,7 +185,7 @@ def test_smollm2_chatml_refuses_tool_calls_and_image_parts_naming_its_limit(tiny
     with pytest.raises(TemplateError) as err:
         prepare_chat_template.fn(tiny_ref, data, TemplateConfig(chat_template="model"))
     message = str(err.value)
-    assert f"template 'model' (tiny" in message and "own template) does not render `" + shape + "`" in message
+    assert "template 'model' (tiny" in message and "own template) does not render `" + shape + "`" in message
     assert "split 'train', 1 row(s)" in message and "for row 1" in message
     assert "template.chat_template='llama3'" in message and "drop those rows" in message
 

@@ -4,7 +4,6 @@
 Slow-ish (~1-2 min: a server, the CLI three times, a worker and a flow run in a subprocess), the
 price of checking the whole path the documentation describes; the model is the tiny Llama."""
 
-import os
 import subprocess
 import sys
 import time

@@ -44,7 +44,8 @@ from tasks.config import JudgeConfig
 from tasks.benchmarks import scorers
 from tasks.benchmarks.base import BenchmarkResult, stderr_of_mean
 from tasks.models import ModelRef, load_model
-from tasks.runtime import ContentInputs, retry_transient, run_logger
+from tasks.caching import ContentInputs
+from tasks.runtime import retry_transient, run_logger
 
 DOCS = "docs/benchmarks.md#custom-benchmarks"
 ROLES = ("system", "user", "assistant")
