@@ -15,6 +15,7 @@ from tasks.checks import check_run, resolve_autos
 from tasks.config import RunConfig
 from tasks.console import configure_logging
 from tasks.data import load_chat_dataset
+from tasks.device import publish, unpublish
 from tasks.evaluation import save_scores, score_base_and_tuned
 from tasks.gate import promote, regression_gate
 from tasks.generation import generate_samples, save_samples
@@ -22,6 +23,7 @@ from tasks.health import assess_training, save_training
 from tasks.hub import push_model
 from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
+from tasks.leftovers import reap_orphaned_servers
 from tasks.models import resolve_model
 from tasks.reporting import write_report
 from tasks.runs import status_recorded
@@ -33,11 +35,15 @@ from tasks.tracking import finish_wandb, start_wandb, wandb_link
 from tasks.training import publish_model, train_sft
 
 
-@flow(name="smolflow-finetune")
+# unpublish: the run's device/precision settings end with it (tasks/device.py).
+@flow(name="smolflow-finetune", on_completion=[unpublish], on_failure=[unpublish], on_crashed=[unpublish],
+      on_cancellation=[unpublish])
 def finetune(config: RunConfig = RunConfig()) -> dict:
     """Data -> template -> tokens -> samples -> SFT -> samples -> health -> benchmarks + judge -> gate -> report -> manifest."""
     configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1 (smolflow --verbose)
     threads = set_torch_threads(config.torch_threads)
+    placement = publish(config.execution)  # every model this run loads goes where this says
+    reap_orphaned_servers()  # a temporary Prefect server that a SIGKILLed earlier run left behind
     checked = check_run(config)  # the user's files are read and checked before any compute
     run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     run = ArtifactStore(config.output.artifacts_uri).child(run_dir(run_id))
@@ -85,15 +91,17 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
                 "dataset": data.model_dump(),
                 "resolved": run.read_json(RunPaths.resolved),
                 "torch_threads": threads,
+                "execution": placement.model_dump(mode="json"),
                 "completed_at": datetime.now(timezone.utc).isoformat(),
             },
         )
         set_latest(root, flow_run.flow_name, run_id)  # after the manifest, never before
-        if decision.promote:
-            promote(root, flow_run.flow_name, run_id)
+        promoted = decision.promote
+        if promoted:  # compare-and-swap: re-checked against whatever was promoted since the gate
+            promoted = promote(root, flow_run.flow_name, run_id, decision, config.gate.tolerance) is not None
         hub = None
-        if config.output.push_to_hub and (decision.promote or not config.gate.enabled):  # never a rejected model
+        if config.output.push_to_hub and promoted:  # never a rejected model
             hub = push_model(trained.model, config.output, run_id)
-        return summary | {"manifest": run.url(RunPaths.manifest), "promoted": decision.promote,
+        return summary | {"manifest": run.url(RunPaths.manifest), "promoted": promoted,
                           "gate": decision.reasons} | ({"hub": hub} if config.output.push_to_hub else {})
 

@@ -139,6 +139,46 @@ class TrainingConfig(_Section):
         description="Any other TRL SFTConfig field by name, e.g. {\"max_grad_norm\": 0.5, \"adam_beta2\": 0.99}; "
         "checked against SFTConfig before anything runs. Fields above must be set there, not here.",
     )
+    num_processes: int = Field(
+        1, ge=1, le=64,
+        description="Data-parallel training processes (DDP under torchrun: gloo on CPU, NCCL on GPUs). "
+        "Each gets per_device_train_batch_size rows, so the global batch grows with it.",
+    )
+
+
+class ExecutionConfig(_Section):
+    """Where and how models run: device, precision, and how benchmark tasks are spread out."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto': CUDA when a GPU is visible, else the CPU; applies to training, samples, "
+        "judge and benchmarks. 'cuda' fails if no GPU is visible.",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="'auto': bf16 on a CUDA device with bf16 support, and on a CPU where a short "
+        "matmul probe shows bf16 faster than fp32 (CPUs differ); else fp32. Training uses bf16 autocast "
+        "over fp32 weights; evaluation loads bf16 weights. The decision is recorded in the manifest.",
+    )
+    task_runner: Literal["local", "ray"] = Field(
+        "local", description="'local': benchmark tasks run one after another in the flow's process; "
+        "'ray': they are submitted concurrently to Ray workers (prefect-ray's RayTaskRunner).",
+    )
+    ray_address: str | None = Field(
+        None, description="ray only: address of an existing Ray cluster (e.g. ray://head:10001 or 'auto'); "
+        "None starts a local cluster for the run and stops it after.",
+    )
+    ray_num_cpus: int | None = Field(
+        None, ge=1, description="ray only, local cluster: CPUs it may use (None: every core).",
+    )
+    shard_size: int | None = Field(
+        None, ge=1, description="ray only: MMLU subjects / BBH tasks per shard, each shard its own task "
+        "(None: one task per benchmark and model).",
+    )
+
+    @model_validator(mode="after")
+    def _ray_only(self) -> ExecutionConfig:
+        if self.task_runner != "ray" and (self.ray_address or self.ray_num_cpus or self.shard_size):
+            raise ValueError("execution.ray_address, ray_num_cpus and shard_size need execution.task_runner 'ray'")
+        return self
 
 
 class SamplingConfig(_Section):
@@ -308,6 +348,9 @@ class RunConfig(_Section):
     gate: GateConfig = Field(default_factory=GateConfig, description="When the tuned model is promoted.")
     wandb: WandbConfig = Field(
         default_factory=WandbConfig, description="Weights & Biases: offline files by default, online with a key."
+    )
+    execution: ExecutionConfig = Field(
+        default_factory=ExecutionConfig, description="Device, precision, and how benchmark tasks are spread (local or Ray)."
     )
     torch_threads: int | None = Field(
         None, ge=1,

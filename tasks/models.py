@@ -14,7 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from tasks.runtime import atomic_dir, cache_dir, hub_offline, sha256_files
+from tasks.runtime import atomic_dir, cache_dir, hub_offline, retry_transient, sha256_files
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def download_hub_model(repo_id: str) -> Path:
         ) from err
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30])
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
 def resolve_model(source: str) -> ModelRef:
     """Find (download or convert) the model and fingerprint its files."""
     # Never cached: this is the step that reads what is on disk *now*; its fingerprint is what
@@ -138,14 +138,23 @@ def local_model_dir(ref: ModelRef) -> Path:
     return target
 
 
-def load_model(ref: ModelRef, dtype: str = "float32"):
-    """(model, tokenizer) from a ModelRef, ready for generation or training."""
+def load_model(ref: ModelRef, as_stored: bool = False, placement=None):
+    """(model, tokenizer) from a ModelRef, on the run's device in the run's precision (tasks/device.py).
+
+    `as_stored`: fp32 on the CPU whatever the run's settings, for code that saves the model again
+    (templates) or hands it to the Trainer (which moves it and runs bf16 as autocast over fp32)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tasks.device import resolve
+
     path = local_model_dir(ref)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    placement = None if as_stored else placement or resolve()
+    dtype = placement.torch_dtype if placement else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if placement and placement.device != "cpu":
+        model.to(placement.device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import posixpath
 import re
 import shutil
@@ -22,11 +23,13 @@ from pydantic import BaseModel
 
 from tasks.config import TrainingConfig
 from tasks.data import DatasetRef
+from tasks.device import Placement, resolve
+from tasks.locks import TRAINING_LOCK, exclusive
 from tasks.models import ModelRef, fingerprint_dir, load_model
 from tasks.progress import training_progress
-from tasks.runtime import BY_CONTENT, ContentInputs, cache_dir, run_logger
+from tasks.runtime import BY_CONTENT, ContentInputs, cache_dir, run_logger, retry_transient
 from tasks.storage import ArtifactStore
-from tasks.tokenization import load_tokenized, tokenize_split, tokenized_splits
+from tasks.tokenization import TokenizedRef, load_tokenized, tokenize_split, tokenized_splits
 
 MARKER = "COMPLETE"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -97,12 +100,12 @@ def sft_overrides(cfg: TrainingConfig) -> dict:
     return out
 
 
-def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str]):
-    """TRL's SFTConfig from smolflow's TrainingConfig (its fields, device defaults, then sft_args)."""
-    import torch
+def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str], placement: Placement | None = None,
+               **extra):
+    """TRL's SFTConfig from smolflow's TrainingConfig, the run's placement (device, precision), then sft_args."""
     from trl import SFTConfig
 
-    cuda = torch.cuda.is_available()
+    placement = placement or resolve()
     args = dict(
         output_dir=output_dir,
         max_steps=cfg.max_steps,
@@ -127,11 +130,13 @@ def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str]):
         padding_free=cfg.padding_free,
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name; TRL defaults it on
         seed=cfg.seed,
-        # TRL defaults to bf16, which CPUs without bf16 kernels run slowly or refuse.
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        use_cpu=not cuda,
+        # Constructor arguments: setting them on a built SFTConfig had no effect (identical losses).
+        # bf16 is autocast over fp32 weights; tasks/device.py decides it per machine (CPUs differ).
+        bf16=placement.precision == "bf16",
+        use_cpu=placement.device == "cpu",
         report_to=report_to,
         disable_tqdm=True,  # Prefect's logs are the progress view; tqdm bars garble them
+        **extra,  # e.g. torch_compile for scripts/bench_training.py
     )
     # sft_args last: they may override the device defaults above (e.g. bf16 on a CPU with bf16 units).
     return SFTConfig(**(args | sft_overrides(cfg)))
@@ -226,6 +231,8 @@ def checkpoint_uploader(run: ArtifactStore, key: str, keep: int = 2):
 
     class UploadCheckpoints(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:  # DDP: one uploader; the checkpoint folder is shared
+                return
             name = f"checkpoint-{state.global_step}"
             local = Path(args.output_dir) / name
             marker = json.dumps({"step": state.global_step, "key": key})
@@ -240,26 +247,31 @@ def checkpoint_uploader(run: ArtifactStore, key: str, keep: int = 2):
     return UploadCheckpoints()
 
 
-@task(cache_policy=(ContentInputs() - "run_uri" - "report_to") + TASK_SOURCE, retries=1, retry_delay_seconds=10)
+@task(cache_policy=(ContentInputs() - "run_uri" - "report_to") + TASK_SOURCE, retries=1, retry_delay_seconds=10,
+      retry_condition_fn=retry_transient)
 def train_sft(
     base: ModelRef, data: DatasetRef, cfg: TrainingConfig, run_uri: str, report_to: list[str],
     assistant_only_loss: bool = False,
 ) -> TrainResult:
     """Fine-tune the model on the chat dataset (resuming a crashed attempt) and upload the result."""
+    # One training at a time per machine (and per Prefect server): nightly, on-demand and CLI runs.
+    with exclusive(TRAINING_LOCK, f"training {posixpath.basename(run_uri)} (pid {os.getpid()})"):
+        return _train_sft(base, data, cfg, run_uri, report_to, assistant_only_loss)
+
+
+def _train_sft(
+    base: ModelRef, data: DatasetRef, cfg: TrainingConfig, run_uri: str, report_to: list[str],
+    assistant_only_loss: bool,
+) -> TrainResult:
     # The cache key leaves out where the model is written and whether W&B watches, so a second
     # run with the same model, data and knobs reuses this result instead of training again.
-    from transformers import PrinterCallback
-    from trl import SFTTrainer
-
     log = run_logger()
-    model, tokenizer = load_model(base)
     # Tokens come from the on-disk cache tokenize_dataset filled (made here if it is missing).
     # With assistant_only_loss they carry `assistant_masks`, from which TRL builds the labels;
     # SFTConfig's own assistant_only_loss flag stays off, since TRL accepts it only for
     # conversations it tokenizes itself.
     tokenized = tokenized_splits(base, data, cfg.max_length, assistant_only_loss)
     log.info("Tokenized data %s: %s", "reused" if tokenized.cached else "made", tokenized.path)
-    train, test = load_tokenized(tokenized)
     run = ArtifactStore(run_uri)
     work = cache_dir("work", posixpath.basename(run_uri))
     key = resume_key(base, data, cfg, assistant_only_loss)
@@ -267,15 +279,63 @@ def train_sft(
     if resume is None:  # stale checkpoints of other settings must not be rotated in or resumed
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
         _remove(run.child("checkpoints"))
+    resumed_from = int(_CHECKPOINT.match(resume.name)[1]) if resume else 0
+    log.info("Training from step %d%s on %d process(es)", resumed_from,
+             f" (resuming {resume})" if resume else "", cfg.num_processes)
+    spec = FitSpec(base=base, tokenized=tokenized, cfg=cfg, work=str(work), run_uri=run_uri, key=key,
+                   resume=str(resume) if resume else None, report_to=report_to, placement=resolve())
+    if cfg.num_processes > 1:
+        from tasks.train_worker import launch
+
+        fitted = launch(spec)
+    else:
+        fitted = fit(spec)
+    final = work / "model"
+    uri = run.upload_dir(final, "model")
+    _remove(run.child("checkpoints"))  # the final model supersedes them; they are GBs on real models
+    metrics = fitted["metrics"] | {"resumed_from_step": float(resumed_from)}
+    log.info("Training done: %s", metrics)
+    return TrainResult(
+        model=ModelRef(source=f"tuned from {base.source}" + (" (LoRA, merged)" if cfg.peft else ""), path=uri,
+                       fingerprint=fingerprint_dir(final)),
+        metrics=metrics,
+        log_history=fitted["log_history"],
+        trainer_args=fitted["trainer_args"],
+    )
+
+
+class FitSpec(BaseModel):
+    """Everything one training process needs (also sent as JSON to torchrun's workers)."""
+
+    base: ModelRef
+    tokenized: TokenizedRef
+    cfg: TrainingConfig
+    work: str  # local folder: checkpoints/ and the final model/
+    run_uri: str
+    key: str  # resume key, written into each checkpoint's marker
+    resume: str | None
+    report_to: list[str]
+    placement: Placement
+
+
+def fit(spec: FitSpec) -> dict:
+    """Train in this process (one DDP rank under torchrun); the final model goes to <work>/model."""
+    from transformers import PrinterCallback
+    from trl import SFTTrainer
+
+    cfg = spec.cfg
+    model, tokenizer = load_model(spec.base, as_stored=True)  # the Trainer places it (sft_config)
+    train, test = load_tokenized(spec.tokenized)
+    run, work = ArtifactStore(spec.run_uri), Path(spec.work)
     try:
         trainer = SFTTrainer(
             model=model,
-            args=sft_config(cfg, str(work / "checkpoints"), report_to),
+            args=sft_config(cfg, str(work / "checkpoints"), spec.report_to, spec.placement),
             train_dataset=train,
             eval_dataset=test,
             processing_class=tokenizer,
             peft_config=lora_config(cfg),
-            callbacks=[checkpoint_uploader(run, key), training_progress()],
+            callbacks=[checkpoint_uploader(run, spec.key), training_progress()],
         )
     except ValueError as err:
         if cfg.peft is not None and "target" in str(err).lower():  # peft: a module name the model lacks
@@ -284,37 +344,28 @@ def train_sft(
     # The Trainer prints each log as a dict of strings; training_progress logs them as numbers.
     trainer.remove_callback(PrinterCallback)
     trainable = float(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))  # before a merge
-    resumed_from = int(_CHECKPOINT.match(resume.name)[1]) if resume else 0
-    log.info("Training from step %d%s", resumed_from, f" (resuming {resume})" if resume else "")
-    train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_output = trainer.train(resume_from_checkpoint=spec.resume)
     eval_metrics = trainer.evaluate()
-    final = work / "model"
-    shutil.rmtree(final, ignore_errors=True)
-    save_final(trainer, tokenizer, final)
-    uri = run.upload_dir(final, "model")
-    _remove(run.child("checkpoints"))  # the final model supersedes them; they are GBs on real models
+    if trainer.is_world_process_zero():  # DDP: the main process writes the final model
+        shutil.rmtree(work / "model", ignore_errors=True)
+        save_final(trainer, tokenizer, work / "model")
+    trainer.accelerator.wait_for_everyone()
     metrics = {
         "train_loss": train_output.training_loss,
         "eval_loss": eval_metrics["eval_loss"],
         "eval_perplexity": math.exp(min(eval_metrics["eval_loss"], 50)),
         "steps": float(trainer.state.global_step),
-        "resumed_from_step": float(resumed_from),
         "train_runtime_s": train_output.metrics["train_runtime"],
         "train_samples_per_second": train_output.metrics["train_samples_per_second"],
+        "num_processes": float(trainer.accelerator.num_processes),  # the world size that really ran
     }
     if cfg.peft is not None:
         metrics["trainable_params"] = trainable
-    log.info("Training done: %s", metrics)
-    return TrainResult(
-        model=ModelRef(source=f"tuned from {base.source}" + (" (LoRA, merged)" if cfg.peft else ""), path=uri,
-                       fingerprint=fingerprint_dir(final)),
-        metrics=metrics,
-        log_history=trainer.state.log_history,
-        trainer_args=json.loads(trainer.args.to_json_string()),
-    )
+    return {"metrics": metrics, "log_history": trainer.state.log_history,
+            "trainer_args": json.loads(trainer.args.to_json_string())}
 
 
-@task(cache_policy=BY_CONTENT, retries=3, retry_delay_seconds=[2, 10, 30])
+@task(cache_policy=BY_CONTENT, retries=3, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10, 30])
 def publish_model(model: ModelRef, run_uri: str) -> ModelRef:
     """Make sure the run folder holds its model, also when training was reused from the cache."""
     from tasks.models import local_model_dir

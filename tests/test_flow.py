@@ -74,6 +74,8 @@ def check_run_folder(run_uri: str) -> dict:
     for pkg in ("python", "torch", "transformers", "trl", "prefect"):
         assert manifest["versions"][pkg]
     assert manifest["dataset"]["fingerprint"] and manifest["tuned_model"]["fingerprint"]
+    # the device/precision decision and why (tasks/device.py), e.g. the CPU probe's timings
+    assert manifest["execution"]["device"] in ("cpu", "cuda") and manifest["execution"]["reason"]
     return manifest
 
 
