@@ -38,6 +38,14 @@ class _Quiet(logging.Filter):
         self.seen: set[tuple[str, int, str]] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # One decision per record: a record passes every root handler, and the second must not
+        # take it for a repeat.
+        decided = getattr(record, "_smolflow_shown", None)
+        if decided is None:
+            decided = record._smolflow_shown = self._decide(record)
+        return decided
+
+    def _decide(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(_CHATTY):  # Prefect's own lines repeat on purpose (one per task)
             return True
         message = record.getMessage()
