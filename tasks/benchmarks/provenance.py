@@ -1,0 +1,139 @@
+"""Where a score's items came from, whether it may be read next to published numbers, and the key
+that says which other scores it can be compared with.
+
+A score is comparable with another only when everything that moves it besides the model is equal:
+the data (its bytes, or hub id and revision), the very items scored, the few-shot setting and its
+examples, the prompt format/variant, the chat template, the generation settings and the scorer.
+Those parts are hashed into `comparability_key`; the gate and the trend compare equal keys only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from tasks.runtime import FIXTURES, hub_offline
+
+FIXTURE_NOTE = "fixture: hand-written items, not comparable to published scores"
+# Bump when smolflow's own scoring changes (filters it adds, record fields), so old keys stop matching.
+SCORER_VERSION = "smolflow-scorer-2"
+
+_logged_fixture: set[str] = set()
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def digest(value: Any) -> str:
+    """A short stable hash of any JSON-able value."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def hub_revision(repo: str) -> str | None:
+    """The hub dataset's current commit, or None offline / unreachable (recorded as unresolved)."""
+    if hub_offline():
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(repo).sha
+    except Exception:  # noqa: BLE001 - provenance must never fail a finished evaluation
+        return None
+
+
+def provenance(name: str, hub: tuple[str, str | None], data: str, files: dict[str, str] | None,
+               reference_settings: bool, full_set: bool) -> dict[str, Any]:
+    """The score's source (hub id + revision, local path + sha256, or fixture) and its comparability
+    with the published figures (which need the real data, every item, and the reference settings)."""
+    if files is None:
+        revision = hub_revision(hub[0])
+        source = {"source": "hub", "hub_id": hub[0], "config": hub[1], "revision": revision or "unresolved"}
+        real = True
+    else:
+        sha = {split: sha256_file(path) for split, path in sorted(files.items())}
+        fixture = all(Path(p).resolve().is_relative_to(FIXTURES.resolve()) for p in files.values())
+        source = {"source": "fixture" if fixture else "local", "path": data if not fixture else str(FIXTURES / name),
+                  "files": dict(sorted(files.items())), "sha256": sha}
+        real = not fixture
+    comparable = real and reference_settings and full_set
+    if not real:
+        note = FIXTURE_NOTE
+    elif comparable:
+        note = ("comparable to published scores" if source["source"] == "hub" else
+                f"comparable to published scores if these files are {hub[0]} (sha256 recorded)")
+    else:
+        why = [w for w, bad in (("a subset of the items (limit)", not full_set),
+                                ("settings other than the reference's", not reference_settings)) if bad]
+        note = f"real data, not comparable to published scores: {' and '.join(why)}"
+    if not real:
+        log_fixture_once(name)
+    return source | {"comparable_to_published": comparable, "note": note}
+
+
+def log_fixture_once(name: str) -> None:
+    """Say once per flow run (once per process outside one) that fixture scores are not real scores."""
+    try:
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        run = str(ctx.flow_run.id) if ctx and ctx.flow_run else "process"
+    except Exception:  # noqa: BLE001
+        run = "process"
+    if run in _logged_fixture:
+        return
+    _logged_fixture.add(run)
+    from tasks.runtime import run_logger
+
+    try:
+        run_logger().warning("%s (%s and any other benchmark on fixture data)", FIXTURE_NOTE, name)
+    except Exception:  # noqa: BLE001 - no Prefect context: plain logging
+        logging.getLogger("smolflow").warning("%s (%s)", FIXTURE_NOTE, name)
+
+
+def comparability(name: str, prov: dict[str, Any], records: list[dict], settings: dict[str, Any],
+                  metric: str) -> tuple[str, dict[str, Any]]:
+    """(key, parts): a hash of everything besides the model that moves the score, and the parts."""
+    if prov.get("source") == "hub":
+        data = f"{prov['hub_id']}:{prov.get('config')}@{prov.get('revision')}"
+    else:
+        data = digest(prov.get("sha256"))
+    items = sorted((str(r.get("subset") or ""), str(r.get("doc_id"))) for r in records)
+    parts = {
+        "benchmark": name,
+        "data": data,
+        "items": digest(items),
+        "n": len(items),
+        "num_fewshot": settings.get("num_fewshot"),
+        "fewshot": digest(settings.get("fewshot")),
+        "format": settings.get("format") or settings.get("variant") or settings.get("stock_task"),
+        "chat_template": settings.get("apply_chat_template"),
+        "generation": digest(settings.get("generation_kwargs")),
+        "scorer": f"{metric} | {settings.get('engine')} | {settings.get('stock_task')} | "
+                  f"{digest(settings.get('answer_extraction'))} | {SCORER_VERSION}",
+    }
+    return digest(parts), parts
+
+
+def why_not_comparable(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
+    """The parts two comparability records differ in, in words."""
+    if not a or not b:
+        return "no comparability key on " + ("the reference" if not a else "this score") + " (scored before keys were recorded)"
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    shown = []
+    for k in diff:
+        if k == "n":
+            shown.append(f"n {a.get(k)} vs {b.get(k)}")
+        elif k in ("num_fewshot", "format", "chat_template", "benchmark"):
+            shown.append(f"{k} {a.get(k)} vs {b.get(k)}")
+        else:
+            shown.append(f"{k} differs")
+    return ", ".join(shown) or "different keys"
