@@ -65,7 +65,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         config.output.artifacts_uri, flow_run.flow_name, run.uri,
         {name: pair["base"] for name, pair in scores.items()},
         {name: pair["tuned"] for name, pair in scores.items()},
-        config.gate.tolerance, health.blocking(),
+        config.gate.tolerance, health.blocking(), config.gate.allow_incomparable,
     )
     promoted = decision.promote and config.gate.enabled
     summary = write_report(

@@ -85,7 +85,8 @@ def judge_markdown(judge: JudgeResult | None) -> str:
         return "Not run (judge.enabled: false).\n"
     s = judge.settings
     rate = "n/a (no pair judged in both orders)" if judge.win_rate is None else (
-        f"**{judge.win_rate:.1f}%**" + (f" ± {judge.stderr:.1f}" if judge.stderr is not None else ""))
+        f"**{judge.win_rate:.1f}%**" + (f" ± {judge.stderr:.1f}" if judge.stderr is not None
+                                         else f" ± n/a ({getattr(judge, 'stderr_note', None) or 'too few pairs'})"))
     head = (
         f"Win rate of the tuned model against {s.get('reference')!r}: {rate} (AlpacaEval's definition: ties count "
         f"half) · n={judge.n} of {judge.pairs} pairs · {judge.wins} win / {judge.ties} tie / {judge.losses} loss · "
@@ -97,6 +98,8 @@ def judge_markdown(judge: JudgeResult | None) -> str:
         f"{_cell((r['reference_output'] or '')[:160])} | {r['preference']} |\n"
         for r in judge.records[:5]
     )
+    if getattr(judge, "note", None):
+        head = f"**Note: {judge.note}.**\n\n" + head
     return head + "| instruction | tuned | reference | preference (2 = tuned better, 1.5 = tie) |\n|---|---|---|---|\n" + rows
 
 

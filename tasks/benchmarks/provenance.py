@@ -50,10 +50,29 @@ def hub_revision(repo: str) -> str | None:
         return None
 
 
+# Test items in the complete hub sets: a local folder holding exactly these many is taken for a mirror.
+FULL_SIZE = {"mmlu": 14042, "bbh": 6511, "gsm8k": 1319, "math": 500, "humaneval": 164}
+
+
+def _test_rows(files: dict[str, str]) -> int:
+    import gzip
+
+    from tasks.benchmarks.base import read_rows
+
+    def count(path: str) -> int:
+        if path.endswith(".gz"):  # HumanEval's own file format
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                return sum(1 for line in f.read().split("\n") if line.strip())
+        return len(read_rows(path))
+
+    return sum(count(p) for split, p in files.items() if split not in ("train", "dev", "validation"))
+
+
 def provenance(name: str, hub: tuple[str, str | None], data: str, files: dict[str, str] | None,
                reference_settings: bool, full_set: bool) -> dict[str, Any]:
     """The score's source (hub id + revision, local path + sha256, or fixture) and its comparability
-    with the published figures (which need the real data, every item, and the reference settings)."""
+    with the published figures (which need the real data, every item, and the reference settings).
+    Local files count as real data only when they hold as many test items as the hub's full set."""
     if files is None:
         revision = hub_revision(hub[0])
         source = {"source": "hub", "hub_id": hub[0], "config": hub[1], "revision": revision or "unresolved"}
@@ -63,18 +82,23 @@ def provenance(name: str, hub: tuple[str, str | None], data: str, files: dict[st
         fixture = all(Path(p).resolve().is_relative_to(FIXTURES.resolve()) for p in files.values())
         source = {"source": "fixture" if fixture else "local", "path": data if not fixture else str(FIXTURES / name),
                   "files": dict(sorted(files.items())), "sha256": sha}
-        real = not fixture
+        rows = _test_rows(files) if not fixture else 0
+        source["test_items"] = rows
+        real = not fixture and rows == FULL_SIZE.get(name)
     comparable = real and reference_settings and full_set
-    if not real:
+    if source["source"] == "fixture":
         note = FIXTURE_NOTE
+    elif not real:
+        note = (f"local files with {source['test_items']} test items, not the {FULL_SIZE.get(name)} of {hub[0]}: "
+                "not comparable to published scores")
     elif comparable:
         note = ("comparable to published scores" if source["source"] == "hub" else
-                f"comparable to published scores if these files are {hub[0]} (sha256 recorded)")
+                f"comparable to published scores: a local mirror of {hub[0]} (as many items; sha256 recorded)")
     else:
         why = [w for w, bad in (("a subset of the items (limit)", not full_set),
                                 ("settings other than the reference's", not reference_settings)) if bad]
         note = f"real data, not comparable to published scores: {' and '.join(why)}"
-    if not real:
+    if source["source"] == "fixture":
         log_fixture_once(name)
     return source | {"comparable_to_published": comparable, "note": note}
 
@@ -135,5 +159,5 @@ def why_not_comparable(a: dict[str, Any] | None, b: dict[str, Any] | None) -> st
         elif k in ("num_fewshot", "format", "chat_template", "benchmark"):
             shown.append(f"{k} {a.get(k)} vs {b.get(k)}")
         else:
-            shown.append(f"{k} differs")
+            shown.append(f"different {k}")
     return ", ".join(shown) or "different keys"
