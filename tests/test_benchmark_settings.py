@@ -101,6 +101,7 @@ def test_five_shot_lettered_mmlu_prompt_holds_the_five_dev_examples(tmp_path):
     assert s["fewshot"]["source"] == "dev split" and s["fewshot"]["ids"] == [0, 1, 2, 3, 4]
     wrong = REGISTRY["mmlu"].evaluate_lm(GoldOrWrong(right=False), cfg)
     assert wrong.score == 0.0 and {r["extracted"] for r in right.records} <= set("ABCD")
+    assert wrong.comparability_key == right.comparability_key  # same items and settings, another run
 
 
 def test_mmlu_cloze_num_fewshot_is_honoured_not_pinned_to_zero(tmp_path):

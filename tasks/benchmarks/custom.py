@@ -378,17 +378,10 @@ def evaluate_custom(model, tokenizer, bench: CustomBenchmark, judge_cfg: JudgeCo
     records, metrics = score_outputs(bench, [s.completion for s in samples], judge)
     run_logger().info("custom/%s: %d/%d correct (%s)", bench.name, sum(r["correct"] for r in records),
                       len(records), bench.scorer)
-    from tasks.benchmarks.provenance import digest
+    from tasks.benchmarks.provenance import custom_provenance
 
-    # The fingerprint covers the definition, the items and the scoring code; with the items scored
-    # and the judge it says which other scores this one may be compared with.
-    parts = {"benchmark": f"custom/{bench.name}", "data": bench.fingerprint, "n": len(records),
-             "items": digest([r["doc_id"] for r in records]), "judge": judge.identity if judge is not None else None}
     return BenchmarkResult(
-        provenance={"source": "local", "path": str(bench.path), "sha256": bench.fingerprint,
-                    "comparable_to_published": False, "note": "custom benchmark: your items, no published scores"},
-        comparability_key=digest(parts),
-        comparability=parts,
+        **custom_provenance(bench, records, judge.identity if judge is not None else None),
         name=f"custom/{bench.name}",
         score=metrics[bench.scorer],
         stderr=stderr_of_mean([float(r["correct"]) for r in records]),

@@ -66,7 +66,9 @@ def fewshot_source(bench: str, spec: dict[str, Any], field: str = "num_fewshot")
     if overlap:
         raise ValueError(f"{where}: {overlap} of the {split} split's rows{label} are also test items; "
                          "few-shot examples must not be scored items: remove them from one file")
-    return info | {"file": files[split], "file_sha256": sha256_file(files[split]), "pool": len(pool),
+    # The pool's content hash, not its path: MMLU's per-subject pools are temporary files, and the
+    # record feeds the comparability key, which must not change from one run to the next.
+    return info | {"file_sha256": sha256_file(files[split]), "pool": len(pool),
                    "ids": list(range(k)) if sampler == "first_n" else f"random per item (seed {FEWSHOT_SEED})"}
 
 

@@ -147,6 +147,16 @@ def comparability(name: str, prov: dict[str, Any], records: list[dict], settings
     return digest(parts), parts
 
 
+def custom_provenance(bench, records: list[dict], judge: str | None) -> dict[str, Any]:
+    """Provenance and key of a custom benchmark's score: its fingerprint covers the definition, the
+    items and the scoring code; with the items scored and the judge it is the comparability key."""
+    parts = {"benchmark": f"custom/{bench.name}", "data": bench.fingerprint, "n": len(records),
+             "items": digest([r["doc_id"] for r in records]), "judge": judge}
+    return {"provenance": {"source": "local", "path": str(bench.path), "sha256": bench.fingerprint,
+                           "comparable_to_published": False, "note": "custom benchmark: your items, no published scores"},
+            "comparability_key": digest(parts), "comparability": parts}
+
+
 def why_not_comparable(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
     """The parts two comparability records differ in, in words."""
     if not a or not b:
