@@ -10,7 +10,6 @@ split into subsets (MMLU subjects, BBH tasks), one such task per chosen subset.
 from __future__ import annotations
 
 import abc
-import json
 import math
 import tempfile
 import time
@@ -19,8 +18,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from tasks.benchmarks.rows import read_rows, write_jsonl  # noqa: F401 - the benchmarks' row helpers
 from tasks.config import BenchmarkConfig
-from tasks.runtime import FIXTURES, hub_offline
+from tasks.console import quiet_bars
+from tasks.runtime import FIXTURES, hub_offline, split_of
 
 
 class BenchmarkResult(BaseModel):
@@ -70,7 +71,7 @@ class Benchmark(abc.ABC):
         if folder.is_file():
             files = {"test": str(folder)}
         else:
-            files = {f.stem.split("-")[0]: str(f) for f in sorted(folder.iterdir()) if f.suffix in (".jsonl", ".json", ".parquet")}
+            files = {split_of(f): str(f) for f in sorted(folder.iterdir()) if f.suffix in (".jsonl", ".json", ".parquet")}
         if "test" not in files:
             raise ValueError(f"benchmarks[{self.name}].data={cfg.data!r}: need a test.jsonl (or .parquet) there")
         for path in files.values():
@@ -91,42 +92,6 @@ def stderr_of_mean(values: list) -> float | None:
         return None
     mean = sum(values) / n
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
-def read_rows(path: str) -> list[dict[str, Any]]:
-    """Rows of a local .json/.jsonl/.parquet file; a line that is not a JSON object is named file:line."""
-    if path.endswith(".parquet"):
-        import pandas as pd
-
-        return pd.read_parquet(path).to_dict("records")
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith(".json") and text.lstrip().startswith("["):
-        return json.loads(text)
-    rows = []
-    # Split on "\n" only: str.splitlines also breaks at U+0085 and U+2028, which real rows contain
-    # inside their strings (two cais/mmlu "all" test rows hold U+0085).
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}); "
-                             "fix that line (one JSON object per line)") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
-    # ASCII escapes: the file round-trips any row, whatever line breaks its strings hold.
-    path.write_text("".join(json.dumps(r, ensure_ascii=True, default=_plain) + "\n" for r in rows))
-    return str(path)
-
-
-def _plain(value):  # numpy values from parquet rows
-    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 class LmEvalBenchmark(Benchmark):
@@ -227,7 +192,7 @@ class LmEvalBenchmark(Benchmark):
 
         started = time.perf_counter()
         tracker = EvaluationTracker()
-        with tempfile.TemporaryDirectory() as workdir:
+        with tempfile.TemporaryDirectory() as workdir, quiet_bars():  # lm-eval's tqdm bars, unless verbose
             specs = self.task_configs(cfg, Path(workdir))
             shots = [fewshot_source(self.name, spec) for spec in specs]  # refuses examples from scored items
             out = simple_evaluate(

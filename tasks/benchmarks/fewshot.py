@@ -20,7 +20,7 @@ FEWSHOT_SEED = 1234
 
 
 def _rows(path: str) -> list[dict]:
-    from tasks.benchmarks.base import read_rows
+    from tasks.benchmarks.rows import read_rows
 
     return read_rows(path)
 

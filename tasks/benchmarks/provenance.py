@@ -57,7 +57,7 @@ FULL_SIZE = {"mmlu": 14042, "bbh": 6511, "gsm8k": 1319, "math": 500, "humaneval"
 def _test_rows(files: dict[str, str]) -> int:
     import gzip
 
-    from tasks.benchmarks.base import read_rows
+    from tasks.benchmarks.rows import read_rows
 
     def count(path: str) -> int:
         if path.endswith(".gz"):  # HumanEval's own file format
@@ -100,7 +100,22 @@ def provenance(name: str, hub: tuple[str, str | None], data: str, files: dict[st
         note = f"real data, not comparable to published scores: {' and '.join(why)}"
     if source["source"] == "fixture":
         log_fixture_once(name)
-    return source | {"comparable_to_published": comparable, "note": note}
+    return source | {"comparable_to_published": comparable, "note": note, "real_data": real,
+                     "reference_settings": reference_settings, "every_item": full_set}
+
+
+def with_every_item(prov: dict[str, Any], every: bool) -> dict[str, Any]:
+    """The provenance of shards merged back into one score: every item or not, as the union says."""
+    if "real_data" not in prov or prov["every_item"] == every:
+        return prov
+    comparable = prov["real_data"] and prov["reference_settings"] and every
+    note = prov["note"]
+    if prov["real_data"]:
+        note = ("comparable to published scores" if comparable else
+                "real data, not comparable to published scores: " + " and ".join(
+                    w for w, bad in (("a subset of the items (limit)", not every),
+                                     ("settings other than the reference's", not prov["reference_settings"])) if bad))
+    return prov | {"every_item": every, "comparable_to_published": comparable, "note": note}
 
 
 def log_fixture_once(name: str) -> None:
