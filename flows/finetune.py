@@ -23,6 +23,7 @@ from tasks.health import assess_training, save_training
 from tasks.hub import push_model
 from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
+from tasks.leftovers import reap_orphaned_servers
 from tasks.models import resolve_model
 from tasks.reporting import write_report
 from tasks.runs import status_recorded
@@ -42,6 +43,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1 (smolflow --verbose)
     threads = set_torch_threads(config.torch_threads)
     placement = publish(config.execution)  # every model this run loads goes where this says
+    reap_orphaned_servers()  # a temporary Prefect server that a SIGKILLed earlier run left behind
     checked = check_run(config)  # the user's files are read and checked before any compute
     run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     run = ArtifactStore(config.output.artifacts_uri).child(run_dir(run_id))
@@ -94,11 +96,12 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
             },
         )
         set_latest(root, flow_run.flow_name, run_id)  # after the manifest, never before
-        if decision.promote:
-            promote(root, flow_run.flow_name, run_id)
+        promoted = decision.promote
+        if promoted:  # compare-and-swap: re-checked against whatever was promoted since the gate
+            promoted = promote(root, flow_run.flow_name, run_id, decision, config.gate.tolerance) is not None
         hub = None
-        if config.output.push_to_hub and (decision.promote or not config.gate.enabled):  # never a rejected model
+        if config.output.push_to_hub and promoted:  # never a rejected model
             hub = push_model(trained.model, config.output, run_id)
-        return summary | {"manifest": run.url(RunPaths.manifest), "promoted": decision.promote,
+        return summary | {"manifest": run.url(RunPaths.manifest), "promoted": promoted,
                           "gate": decision.reasons} | ({"hub": hub} if config.output.push_to_hub else {})
 

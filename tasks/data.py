@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.config import DataConfig
-from tasks.runtime import FIXTURES, atomic_dir, atomic_write, cache_dir, default_threads, hub_offline, split_of
+from tasks.runtime import FIXTURES, atomic_dir, atomic_write, cache_dir, default_threads, hub_offline, retry_transient, split_of
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +366,7 @@ def _checked_index(cfg: DataConfig, raw) -> Path:
     return cache_dir("datasets") / f"checked-{key[:16]}.json"
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30])
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
 def load_chat_dataset(cfg: DataConfig) -> DatasetRef:
     """Load the train/test splits, check every row, and save them for the stages that follow."""
     # Not cached by Prefect: loading is the step that reads the data as it is now. Unchanged data

@@ -27,7 +27,7 @@ from tasks.compare import compare
 from tasks.config import BenchmarkConfig, ExecutionConfig, JudgeConfig
 from tasks.layout import RunPaths
 from tasks.models import ModelRef, load_model
-from tasks.runtime import ContentInputs, run_logger
+from tasks.runtime import ContentInputs, retry_transient, run_logger
 from tasks.storage import ArtifactStore
 
 # What a Ray worker needs of this process's environment to load the same models the same way and
@@ -43,6 +43,7 @@ BY_CONTENT_ANY_ROLE = (ContentInputs() - "role") + TASK_SOURCE
 @task(
     cache_policy=BY_CONTENT_ANY_ROLE,
     retries=1,
+    retry_condition_fn=retry_transient,
     retry_delay_seconds=10,
     task_run_name="benchmark-{cfg.name}-{role}",
 )
@@ -240,7 +241,7 @@ def benchmarks_markdown(table: list[dict]) -> str:
             + f"\nPer item and every setting: `{RunPaths.benchmarks}/<name>/{{base,tuned}}.jsonl`, `.summary.json`\n")
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10])
 def save_scores(run_uri: str, scores: dict[str, dict[str, BenchmarkResult]]) -> list[dict]:
     """Every score's records and summary, comparison.json and the report's benchmarks section, in the
     run folder (the gate and the trend read them from there), and a Prefect table artifact."""

@@ -4,6 +4,7 @@ training-health check raised no blocking sign. A rejected model stays in its run
 
 from __future__ import annotations
 
+import posixpath
 from typing import Any
 
 from prefect import task
@@ -13,7 +14,9 @@ from pydantic import BaseModel
 
 from tasks.compare import compare
 from tasks.config import GateConfig
-from tasks.layout import RunPaths
+from tasks.layout import RunPaths, run_dir
+from tasks.locks import PROMOTION_LOCK, exclusive
+from tasks.runtime import retry_transient, run_logger
 from tasks.storage import ArtifactStore, read_pointer, set_pointer
 
 
@@ -39,6 +42,7 @@ class GateDecision(BaseModel):
     against: str  # "base model" or "promoted run <id>"
     reasons: list[str]  # why not promoted; empty when promoted
     table: list[dict]  # per benchmark: reference, tuned, delta, tolerance, ok (and why not comparable)
+    reference_run: str | None = None  # the promoted run compared with (None: the base model)
     not_comparable: list[str] = []  # "<benchmark>: not comparable (why)": listed, no evidence either way
 
 
@@ -104,6 +108,9 @@ def markdown(decision: GateDecision) -> str:
     return f"# Regression gate\n\n{section(decision)}"
 
 
+REJECTED_EVENT = "smolflow.promotion.rejected"  # what an alert automation matches (deployments/alerts.py)
+
+
 def read_scores(run: ArtifactStore, role: str, names: list[str] | None = None) -> dict[str, Score]:
     """A run folder's saved scores of one model ('base' or 'tuned'), by benchmark (evaluation wrote them)."""
     if names is None:
@@ -112,20 +119,39 @@ def read_scores(run: ArtifactStore, role: str, names: list[str] | None = None) -
             for name in names if run.exists(RunPaths.benchmark_summary(name, role))}
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30])
+def reference_scores(root: str, flow_name: str, names, run: ArtifactStore | None) -> tuple[dict[str, Score], str, str | None]:
+    """Read `promoted` now: (its tuned scores, "against" text, its run id); the base model's scores
+    of `run` when nothing is promoted yet."""
+    pointer = read_pointer(root, flow_name, "promoted")
+    if pointer is None:
+        base = read_scores(run, "base", list(names)) if run is not None else {}
+        return base, "base model (first run: nothing promoted yet)", None
+    return (read_scores(ArtifactStore(pointer["run_uri"]), "tuned", list(names)), f"promoted run {pointer['run_id']}",
+            pointer["run_id"])
+
+
+def emit_rejection(flow_name: str, run_id: str, decision: GateDecision) -> None:
+    """A Prefect event for a rejected model, which an automation can turn into a notification."""
+    from prefect.events import emit_event
+
+    emit_event(
+        event=REJECTED_EVENT,
+        resource={"prefect.resource.id": f"smolflow.run.{run_id}", "prefect.resource.name": run_id,
+                  "smolflow.flow": flow_name},
+        payload={"against": decision.against, "reasons": decision.reasons},
+    )
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
 def regression_gate(
     root: str, flow_name: str, run_uri: str, gate: GateConfig, blocking_health: list[str],
 ) -> GateDecision:
     """Compare with the promoted run (or the base model), and write the decision to the run folder."""
     run = ArtifactStore(run_uri)
     tuned = read_scores(run, "tuned")
-    pointer = read_pointer(root, flow_name, "promoted")
-    if pointer is None:
-        reference, against = read_scores(run, "base", list(tuned)), "base model (first run: nothing promoted yet)"
-    else:
-        reference = read_scores(ArtifactStore(pointer["run_uri"]), "tuned", list(tuned))
-        against = f"promoted run {pointer['run_id']}"
+    reference, against, reference_run = reference_scores(root, flow_name, tuned, run)
     decision = decide(tuned, reference, against, gate.tolerance, blocking_health, gate.allow_incomparable)
+    decision.reference_run = reference_run
     if not gate.enabled:
         decision.promote = False
         decision.reasons.append("the gate is off (gate.enabled: false): never promoted, whatever the scores")
@@ -133,10 +159,31 @@ def regression_gate(
     run.write_text(RunPaths.gate_md, markdown(decision))
     run.write_text(RunPaths.section("gate"), section(decision))
     create_markdown_artifact(key="smolflow-gate", markdown=markdown(decision), description="Promotion decision")
+    if not decision.promote:
+        emit_rejection(flow_name, posixpath.basename(run_uri.rstrip("/")), decision)
     return decision
 
 
-@task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30])
-def promote(root: str, flow_name: str, run_id: str) -> str:
-    """Move the flow's `promoted` pointer to this run (after its manifest is written)."""
-    return set_pointer(root, flow_name, "promoted", run_id)
+@task(cache_policy=NO_CACHE, retries=3, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10, 30])
+def promote(root: str, flow_name: str, run_id: str, decision: GateDecision | None = None,
+            tolerance: float | None = None) -> str | None:
+    """Move the flow's `promoted` pointer to this run (after its manifest is written), compare-and-swap:
+    if another run was promoted since this run's gate, compare with that one first. None: rejected."""
+    with exclusive(PROMOTION_LOCK, f"promote {run_id}"):
+        current = read_pointer(root, flow_name, "promoted")
+        if decision is not None and (current["run_id"] if current else None) != decision.reference_run:
+            # Two runs finishing together both passed a gate against the same old reference:
+            # the later one must beat the one promoted in between, not the older reference.
+            run = ArtifactStore(root).child(run_dir(run_id))
+            tuned = read_scores(run, "tuned", [row["benchmark"] for row in decision.table])
+            reference, against, reference_run = reference_scores(root, flow_name, tuned, None)
+            recheck = decide(tuned, reference, against, tolerance)
+            recheck.reference_run = reference_run
+            run_logger().info("Promotion re-check against %s: %s", against,
+                              "pass" if recheck.promote else recheck.reasons)
+            if not recheck.promote:
+                create_markdown_artifact(key="smolflow-gate", markdown=markdown(recheck),
+                                         description="Promotion decision (re-checked at promotion)")
+                emit_rejection(flow_name, run_id, recheck)
+                return None
+        return set_pointer(root, flow_name, "promoted", run_id)

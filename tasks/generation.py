@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from tasks.layout import RunPaths
 from tasks.models import ModelRef, load_model
-from tasks.runtime import BY_CONTENT
+from tasks.runtime import BY_CONTENT, retry_transient
 from tasks.storage import ArtifactStore
 
 
@@ -83,7 +83,7 @@ def generate(
     return samples
 
 
-@task(cache_policy=BY_CONTENT, retries=1)
+@task(cache_policy=BY_CONTENT, retries=1, retry_condition_fn=retry_transient)
 def generate_samples(model_ref: ModelRef, prompts: list[str], max_new_tokens: int) -> list[Sample]:
     """Greedy answers of one model to the run's sample prompts."""
     model, tokenizer = load_model(model_ref)
@@ -95,7 +95,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10])
 def save_samples(run_uri: str, before: list[Sample], after: list[Sample]) -> str:
     """The before/after samples side by side in the run folder, and the report's samples section."""
     run = ArtifactStore(run_uri)

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from tasks.generation import Sample
 from tasks.layout import RunPaths
-from tasks.runtime import figure_png
+from tasks.runtime import figure_png, retry_transient
 from tasks.storage import ArtifactStore
 
 # Thresholds, in nats of per-token cross-entropy. Chosen for chat SFT of small models, where a
@@ -167,7 +167,7 @@ def assess(log_history: list[dict], samples: list[Sample]) -> HealthReport:
     return HealthReport(healthy=not any(s.fired for s in signs), signs=signs)
 
 
-@task(cache_policy=INPUTS + TASK_SOURCE, retries=1)
+@task(cache_policy=INPUTS + TASK_SOURCE, retries=1, retry_condition_fn=retry_transient)
 def assess_training(log_history: list[dict], samples: list[Sample]) -> HealthReport:
     """The seed's warning signs (overfitting, underfitting, memorisation, format) for one run."""
     from tasks.runtime import run_logger
@@ -227,7 +227,7 @@ def training_markdown(metrics: dict, log_history: list[dict], reused_from: str |
             f"\n\n![curves](../{RunPaths.curves})\n")
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10])
 def save_training(run_uri: str, metrics: dict, log_history: list[dict], health: HealthReport,
                   reused_from: str | None = None) -> None:
     """Training metrics, log, curves and the health verdict in the run folder; their report sections

@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import OutputConfig
 from tasks.models import ModelRef, local_model_dir
-from tasks.runtime import hub_offline, run_logger
+from tasks.runtime import hub_offline, retry_transient, run_logger
 
 
 def hub_token(output: OutputConfig) -> str:
@@ -52,7 +52,7 @@ def check_hub(output: OutputConfig) -> None:
     hub_token(output)
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[10, 60])
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[10, 60])
 def push_model(model: ModelRef, output: OutputConfig, run_id: str) -> str:
     """Upload the tuned (merged) model folder to the hub repo; returns the commit's URL."""
     from huggingface_hub import HfApi

@@ -40,7 +40,7 @@ from tasks.console import keep_root_level
 from tasks.judge_backends import JudgeBackend, make_backend, redact_url
 from tasks.models import ModelRef
 from tasks.layout import RunPaths
-from tasks.runtime import FIXTURES, atomic_write, cache_dir, run_logger
+from tasks.runtime import FIXTURES, atomic_write, cache_dir, retry_transient, run_logger
 from tasks.storage import ArtifactStore
 
 TEMPLATE_NAME = "alpaca_eval:chatgpt/basic_prompt.txt"
@@ -229,7 +229,7 @@ def weak_judge_note(identity: str, settings: dict[str, Any]) -> str | None:
     return WEAK_JUDGE if builtin else None
 
 
-@task(retries=1, retry_delay_seconds=[10], cache_policy=NO_CACHE)
+@task(retries=1, retry_condition_fn=retry_transient, retry_delay_seconds=[10], cache_policy=NO_CACHE)
 def judge_pairs(instructions: list[str], outputs: list[str], references: list[str], cfg: JudgeConfig) -> JudgeResult:
     """Judge the tuned model's answers against the references, both orders, AlpacaEval win rate."""
     # Cached per judgement, not per task: a task-level key would hold the judge's *name*

@@ -14,7 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from tasks.runtime import atomic_dir, cache_dir, hub_offline, sha256_files
+from tasks.runtime import atomic_dir, cache_dir, hub_offline, retry_transient, sha256_files
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def download_hub_model(repo_id: str) -> Path:
         ) from err
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30])
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
 def resolve_model(source: str) -> ModelRef:
     """Find (download or convert) the model and fingerprint its files."""
     # Never cached: this is the step that reads what is on disk *now*; its fingerprint is what

@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.layout import SECTIONS, RunPaths
+from tasks.runtime import retry_transient
 from tasks.storage import ArtifactStore
 from tasks.trends import DEFAULT_RUNS, write_trend
 
@@ -82,7 +83,7 @@ def to_html(run: ArtifactStore, markdown: str, title: str) -> str:
             f"<style>{style}</style></head><body>\n{body}</body></html>\n")
 
 
-@task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30])
+@task(cache_policy=NO_CACHE, retries=3, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10, 30])
 def write_report(
     run_uri: str, config: dict, root: str | None = None, about: dict[str, str | None] | None = None,
     trend_runs: int = DEFAULT_RUNS,

@@ -185,3 +185,64 @@ class ContentInputs(CachePolicy):
 
 # The policy of every expensive task: same content + same settings + same code = cached.
 BY_CONTENT = ContentInputs() + TASK_SOURCE
+
+
+# ---- retries: transient failures only --------------------------------------------------------
+
+# A missing file, bad value or refused permission fails the same way on every attempt: retrying
+# only delays the message (a missing dataset took ~60 s to fail with retries=2 and 5 s + 30 s).
+_DETERMINISTIC = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError,
+                  ValueError, TypeError, KeyError, LookupError, NotImplementedError, ImportError)
+
+
+def _status_code(err: BaseException) -> int | None:
+    """The HTTP status an exception carries (requests/httpx/openai/urllib/botocore), if any."""
+    response = getattr(err, "response", None)
+    for holder, attr in ((err, "status_code"), (response, "status_code"), (response, "status"), (err, "code")):
+        value = getattr(holder, attr, None) if holder is not None else None
+        if isinstance(value, int) and 100 <= value < 600:
+            return value
+    if isinstance(response, dict):  # botocore ClientError
+        value = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return value if isinstance(value, int) else None
+    return None
+
+
+def is_transient(err: BaseException | None) -> bool:
+    """Worth another attempt: a connection error, timeout, HTTP 5xx or storage I/O error, anywhere
+    in the exception's cause chain. Deterministic errors (a missing file, bad config or value,
+    offline mode) are not, even when caused by a connection error."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        name = type(err).__name__
+        if "OfflineModeIsEnabled" in name or "OfflineModeIsEnabled" in str(err):
+            return False  # HF_HUB_OFFLINE: the hub is off on purpose, every attempt fails alike
+        if name in ("StorageError", "IntegrityError", "ValidationError") or isinstance(err, _DETERMINISTIC):
+            return False
+        status = _status_code(err)
+        if status is not None:
+            return status >= 500 or status == 429
+        if isinstance(err, (ConnectionError, TimeoutError)) or name in (
+            "ConnectTimeout", "ReadTimeout", "ConnectError", "APIConnectionError", "APITimeoutError",
+            "EndpointConnectionError", "ConnectionClosedError", "HTTPClientError", "ReadTimeoutError",
+        ):
+            return True
+        if type(err) is OSError or name in ("ChunkedEncodingError",):  # a bare I/O error of the store
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect `retry_condition_fn`: retry a failed task run only when its error is transient."""
+    exc = state.data if isinstance(getattr(state, "data", None), BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception as err:  # noqa: BLE001 - a result that cannot be read: judge what was raised
+            exc = err
+    transient = isinstance(exc, BaseException) and is_transient(exc)
+    if not transient:
+        run_logger().info("Not retrying %s: %s is not a transient failure", task.name, type(exc).__name__)
+    return transient

@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import layout
 from tasks.layout import RunPaths
-from tasks.runtime import atomic_write, run_logger, sha256_file, sha256_stream
+from tasks.runtime import atomic_write, retry_transient, run_logger, sha256_file, sha256_stream
 
 # s3fs uploads a file of at least twice this size as a multipart upload in parts of this size
 # (S3's minimum part is 5 MiB); a failed part fails the upload, which is then retried whole.
@@ -249,7 +249,7 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-@task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30])
+@task(cache_policy=NO_CACHE, retries=3, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10, 30])
 def write_manifest(run_uri: str, extra: dict[str, Any]) -> str:
     """Hash every object in the run folder and write manifest.json last, marking the run complete."""
     store = ArtifactStore(run_uri)
@@ -356,7 +356,7 @@ def read_pointer(root: str, flow_name: str, name: str) -> dict[str, Any] | None:
         return None
 
 
-@task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30])
+@task(cache_policy=NO_CACHE, retries=3, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10, 30])
 def set_latest(root: str, flow_name: str, run_id: str) -> str:
     """Point the flow's `latest` at this run, once its manifest is written."""
     return set_pointer(root, flow_name, "latest", run_id)

@@ -24,7 +24,7 @@ from tasks.config import TemplateConfig
 from tasks.data import SHAPES, DatasetRef, as_written, num_proc_for, row_shapes
 from tasks.models import ModelRef, convert_builtin, fingerprint_dir, load_model
 from tasks.layout import RunPaths
-from tasks.runtime import BY_CONTENT, atomic_dir, cache_dir, run_logger
+from tasks.runtime import BY_CONTENT, atomic_dir, cache_dir, retry_transient, run_logger
 from tasks.storage import ArtifactStore
 
 TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
@@ -307,7 +307,7 @@ def _save(model, tokenizer, base: ModelRef, name: str, text: str) -> ModelRef:
     return ModelRef(source=base.source, path=str(target), fingerprint=fingerprint_dir(target))
 
 
-@task(cache_policy=BY_CONTENT + TemplateText(), retries=1)
+@task(cache_policy=BY_CONTENT + TemplateText(), retries=1, retry_condition_fn=retry_transient)
 def prepare_chat_template(base: ModelRef, data: DatasetRef, cfg: TemplateConfig = TemplateConfig()) -> TemplatedModel:
     """Set the run's chat template, check its EOS and the data's shapes on it, and preview it."""
     from datasets import load_from_disk
@@ -406,7 +406,7 @@ def preview_markdown(tokenizer, messages: list[dict], assistant_only: bool,
     return "\n\n".join(parts) + "\n"
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10])
 def write_template_preview(run: ArtifactStore, templated: TemplatedModel) -> str:
     """Write the chat-template preview, the rendered example and the report's template section into
     the run folder (cached template task or not), and show the preview as a Prefect artifact."""

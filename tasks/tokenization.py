@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from tasks.data import DatasetRef, as_written, num_proc_for
 from tasks.models import ModelRef, local_model_dir
 from tasks.layout import RunPaths
-from tasks.runtime import BY_CONTENT, atomic_dir, cache_dir, figure_png, run_logger, sha256_files
+from tasks.runtime import BY_CONTENT, atomic_dir, cache_dir, figure_png, retry_transient, run_logger, sha256_files
 from tasks.storage import ArtifactStore
 
 SPLITS = ("train", "test")
@@ -258,7 +258,7 @@ def load_tokenized(ref: TokenizedRef):
     return tuple(out)
 
 
-@task(cache_policy=BY_CONTENT, retries=1, retry_delay_seconds=10)
+@task(cache_policy=BY_CONTENT, retries=1, retry_condition_fn=retry_transient, retry_delay_seconds=10)
 def tokenize_dataset(
     model: ModelRef, data: DatasetRef, max_length: int, assistant_only_loss: bool = False
 ) -> TokenizedRef:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import posixpath
 import re
 import shutil
@@ -23,9 +24,10 @@ from pydantic import BaseModel
 from tasks.config import TrainingConfig
 from tasks.data import DatasetRef
 from tasks.device import Placement, resolve
+from tasks.locks import TRAINING_LOCK, exclusive
 from tasks.models import ModelRef, fingerprint_dir, load_model
 from tasks.progress import training_progress
-from tasks.runtime import BY_CONTENT, ContentInputs, cache_dir, run_logger
+from tasks.runtime import BY_CONTENT, ContentInputs, cache_dir, run_logger, retry_transient
 from tasks.storage import ArtifactStore
 from tasks.tokenization import TokenizedRef, load_tokenized, tokenize_split, tokenized_splits
 
@@ -245,12 +247,22 @@ def checkpoint_uploader(run: ArtifactStore, key: str, keep: int = 2):
     return UploadCheckpoints()
 
 
-@task(cache_policy=(ContentInputs() - "run_uri" - "report_to") + TASK_SOURCE, retries=1, retry_delay_seconds=10)
+@task(cache_policy=(ContentInputs() - "run_uri" - "report_to") + TASK_SOURCE, retries=1, retry_delay_seconds=10,
+      retry_condition_fn=retry_transient)
 def train_sft(
     base: ModelRef, data: DatasetRef, cfg: TrainingConfig, run_uri: str, report_to: list[str],
     assistant_only_loss: bool = False,
 ) -> TrainResult:
     """Fine-tune the model on the chat dataset (resuming a crashed attempt) and upload the result."""
+    # One training at a time per machine (and per Prefect server): nightly, on-demand and CLI runs.
+    with exclusive(TRAINING_LOCK, f"training {posixpath.basename(run_uri)} (pid {os.getpid()})"):
+        return _train_sft(base, data, cfg, run_uri, report_to, assistant_only_loss)
+
+
+def _train_sft(
+    base: ModelRef, data: DatasetRef, cfg: TrainingConfig, run_uri: str, report_to: list[str],
+    assistant_only_loss: bool,
+) -> TrainResult:
     # The cache key leaves out where the model is written and whether W&B watches, so a second
     # run with the same model, data and knobs reuses this result instead of training again.
     log = run_logger()
@@ -353,7 +365,7 @@ def fit(spec: FitSpec) -> dict:
             "trainer_args": json.loads(trainer.args.to_json_string())}
 
 
-@task(cache_policy=BY_CONTENT, retries=3, retry_delay_seconds=[2, 10, 30])
+@task(cache_policy=BY_CONTENT, retries=3, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10, 30])
 def publish_model(model: ModelRef, run_uri: str) -> ModelRef:
     """Make sure the run folder holds its model, also when training was reused from the cache."""
     from tasks.models import local_model_dir
