@@ -252,6 +252,8 @@ def save_scores(run_uri: str, scores: dict[str, dict[str, BenchmarkResult]]) -> 
             run.write_text(RunPaths.benchmark_records(name, role),
                            "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in result.records))
             run.write_json(RunPaths.benchmark_summary(name, role), result.model_dump(exclude={"records"}))
+            for filename, text in result.lm_eval_files.items():  # readable by lm-eval's own tooling
+                run.write_text(RunPaths.benchmark_lm_eval(name, role, filename), text)
         if "base" in pair and "tuned" in pair:
             table.append(comparison_row(pair["base"], pair["tuned"]))
     if table or not scores:

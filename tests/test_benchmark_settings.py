@@ -218,10 +218,10 @@ def test_lm_evals_own_files_are_written_and_read_by_its_tooling(tmp_path):
     folder = _mmlu_dir(tmp_path)
     cfg = BenchmarkConfig(name="mmlu", format="mcq", num_fewshot=5, subsets=["abstract_algebra"], data=str(folder), limit=10)
     result = REGISTRY["mmlu"].evaluate_lm(GoldOrWrong(right=True), cfg)
-    out = tmp_path / "lm-eval"
-    out.mkdir()
-    for name, text in result.lm_eval_files.items():
-        (out / name).write_text(text, encoding="utf-8")
+    from tasks.evaluation import save_scores
+
+    save_scores(str(tmp_path / "run"), {"mmlu": {"model": result}})  # as `smolflow eval` stores a score
+    out = tmp_path / "run" / "benchmarks" / "mmlu" / "lm-eval" / "model"
     paths = [str(p) for p in sorted(out.iterdir())]
     results = json.loads(open(get_latest_filename(get_results_filenames(paths))).read())
     task = "smolflow_mmlu_abstract_algebra"
