@@ -42,6 +42,21 @@ def check_benchmark_subsets(config: RunConfig) -> None:
             raise ConfigError(f"benchmarks[{i}].subsets: unknown {unknown} for {b.name}; choose from {', '.join(known)}")
 
 
+def check_benchmark_data(config: RunConfig) -> None:
+    """Each lm-eval benchmark's data reads and its few-shot examples exist apart from the scored items."""
+    from tasks.benchmarks import REGISTRY
+    from tasks.benchmarks.base import LmEvalBenchmark
+
+    for i, b in enumerate(config.benchmarks):
+        bench = REGISTRY[b.name]
+        if not isinstance(bench, LmEvalBenchmark):
+            continue
+        try:
+            bench.check(b)
+        except ValueError as err:
+            raise ConfigError(f"benchmarks[{i}] ({b.name}): {err}") from None
+
+
 def check_training(config: RunConfig) -> None:
     """Optimizer and scheduler names, `training.sft_args` against TRL's SFTConfig, and a possible hub push."""
     from tasks.hub import check_hub
@@ -77,6 +92,7 @@ def check_run(config: RunConfig) -> Checked:
 
     check_training(config)
     check_benchmark_subsets(config)
+    check_benchmark_data(config)
     custom = load_definitions(config.custom_benchmarks)
     instructions, references = judge_inputs(config.judge, config.sampling.prompts) if config.judge.enabled else ([], None)
     return Checked(custom=custom, judge_instructions=instructions, judge_references=references)

@@ -209,6 +209,53 @@ class BenchmarkConfig(_Section):
         description="MMLU subjects (e.g. high_school_physics) or BBH tasks (e.g. boolean_expressions) to "
         "score; limit then applies per subset. None: every subset in the data.",
     )
+    format: Literal["cloze", "mcq"] | None = Field(
+        None,
+        description="MMLU only. 'cloze': each choice's text scored (lm-eval mmlu/continuation, acc_norm; "
+        "the SmolLM2 card's setting); 'mcq': lettered A-D (lm-eval's default `mmlu` task, acc). None: cloze.",
+    )
+    variant: Literal["answer_only", "cot"] | None = Field(
+        None,
+        description="BBH only. 'answer_only': lm-eval bbh/fewshot (3-shot); 'cot': bbh/cot_fewshot "
+        "(3-shot chain of thought, exact_match,get-answer). None: answer_only.",
+    )
+
+    @model_validator(mode="after")
+    def _settings_apply(self) -> BenchmarkConfig:
+        # A setting the benchmark would ignore is an error, not a silent no-op.
+        if self.format is not None and self.name != "mmlu":
+            raise ValueError(f"format: only mmlu has a format (cloze | mcq); remove it from {self.name}")
+        if self.variant is not None and self.name != "bbh":
+            raise ValueError(f"variant: only bbh has a variant (answer_only | cot); remove it from {self.name}")
+        if self.name == "humaneval" and self.num_fewshot not in (None, 0):
+            raise ValueError(f"num_fewshot: humaneval is 0-shot; got {self.num_fewshot}, leave it unset")
+        return self
+
+
+# Named benchmark lists accepted wherever a list is (`benchmarks: published`). `published` is the
+# SmolLM2-135M-Instruct model card's setting: MMLU cloze over all 57 subjects (0-shot), BBH 3-shot
+# answer-only over all 27 tasks, GSM8K 5-shot, every item, from the hub. `published:DIR` reads local
+# mirrors in the hub schema instead: DIR/mmlu, DIR/bbh, DIR/gsm8k.
+PROFILES: dict[str, list[dict]] = {
+    "published": [
+        {"name": "mmlu", "format": "cloze", "num_fewshot": 0, "limit": None},
+        {"name": "bbh", "variant": "answer_only", "num_fewshot": 3, "limit": None},
+        {"name": "gsm8k", "num_fewshot": 5, "limit": None},
+    ],
+}
+
+
+def expand_benchmarks(value):
+    """A profile name ('published' or 'published:DIR') -> its list of benchmark settings; lists pass."""
+    if not isinstance(value, str):
+        return value
+    name, _, folder = value.partition(":")
+    if name not in PROFILES:
+        raise ValueError(f"benchmarks: unknown profile {value!r}; give a list, or one of {', '.join(PROFILES)}")
+    if folder:
+        root = Path(folder).expanduser()
+        return [b | {"data": str(root / b["name"])} for b in PROFILES[name]]
+    return [b | {"data": "hub"} for b in PROFILES[name]]
 
 
 class JudgeConfig(_Section):
@@ -298,6 +345,11 @@ class GateConfig(_Section):
         None, ge=0, le=1,
         description="Allowed absolute score drop per benchmark; None: twice the combined standard error.",
     )
+    allow_incomparable: bool = Field(
+        False,
+        description="Promote even when no benchmark score is comparable with the reference's (other data, "
+        "items, n-shot, format, template, generation or scorer). Off: no comparable evidence, no promotion.",
+    )
 
 
 class WandbConfig(_Section):
@@ -332,7 +384,9 @@ class RunConfig(_Section):
     )
     benchmarks: list[BenchmarkConfig] = Field(
         default_factory=lambda: [BenchmarkConfig()],
-        description=f"Built-in benchmarks scored on the base and the tuned model ({', '.join(BENCHMARKS)}).",
+        description=f"Built-in benchmarks scored on the base and the tuned model ({', '.join(BENCHMARKS)}), "
+        "or a profile name: 'published' (the SmolLM2 card's MMLU cloze, BBH 3-shot, GSM8K 5-shot from the hub) "
+        "or 'published:DIR' (local mirrors DIR/mmlu, DIR/bbh, DIR/gsm8k).",
     )
     custom_benchmarks: list[str] = Field(
         default_factory=list,
@@ -357,6 +411,11 @@ class RunConfig(_Section):
         description="None: every available core. Lower it when other heavy processes share the machine "
         "(oversubscribed cores make torch far slower).",
     )
+
+    @field_validator("benchmarks", mode="before")
+    @classmethod
+    def _profile(cls, value):
+        return expand_benchmarks(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

@@ -19,6 +19,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE, TASK_SOURCE
 
+from tasks.benchmarks.provenance import comparability, with_every_item
 from tasks.benchmarks import REGISTRY, BenchmarkResult
 from tasks.benchmarks.base import stderr_of_mean
 from tasks.benchmarks.custom import CustomBenchmark, run_custom_benchmark
@@ -85,17 +86,35 @@ def merge_shards(parts: list[BenchmarkResult]) -> BenchmarkResult:
         # a one-subset shard reports unprefixed metrics; a multi-subset run prefixes them by subset
         metrics |= {f"{names[0]}/{k}": v for k, v in part.metrics.items()} if len(names) == 1 else part.metrics
     correct = [float(r["correct"]) for r in records]
+    settings = parts[0].settings | {"subsets": subsets, "shards": len(parts), "fewshot": merged_fewshot(parts)}
+    # Keyed as the same run unsharded would be (same items, settings and few-shot record).
+    every = parts[0].settings.get("limit") is None and set(subsets) == set(REGISTRY[parts[0].name].subsets)
+    provenance = with_every_item(parts[0].provenance, every)
+    key, parts_of_key = comparability(parts[0].name, provenance, records, settings, parts[0].metric)
     return BenchmarkResult(
         name=parts[0].name,
         score=sum(correct) / len(correct),
         stderr=stderr_of_mean(correct),
         n=len(records),
         metric=parts[0].metric,
-        settings=parts[0].settings | {"subsets": subsets, "shards": len(parts)},
+        settings=settings,
         metrics=metrics,
         records=records,
         seconds=sum(p.seconds for p in parts),
+        provenance=provenance,
+        comparability_key=key,
+        comparability=parts_of_key,
+        lm_eval_files={name: text for p in parts for name, text in p.lm_eval_files.items()},
     )
+
+
+def merged_fewshot(parts: list[BenchmarkResult]) -> dict:
+    """The few-shot record per subset across shards (a one-subset shard records its entry bare)."""
+    merged = {}
+    for part in parts:
+        names, shots = part.settings.get("subsets") or [], part.settings.get("fewshot")
+        merged |= {names[0]: shots} if len(names) == 1 else (shots or {})
+    return merged
 
 
 def ray_runner(execution: ExecutionConfig):
@@ -234,6 +253,8 @@ def save_scores(run_uri: str, scores: dict[str, dict[str, BenchmarkResult]]) -> 
             run.write_text(RunPaths.benchmark_records(name, role),
                            "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in result.records))
             run.write_json(RunPaths.benchmark_summary(name, role), result.model_dump(exclude={"records"}))
+            for filename, text in result.lm_eval_files.items():  # readable by lm-eval's own tooling
+                run.write_text(RunPaths.benchmark_lm_eval(name, role, filename), text)
         if "base" in pair and "tuned" in pair:
             table.append(comparison_row(pair["base"], pair["tuned"]))
     if table or not scores:

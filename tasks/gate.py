@@ -5,6 +5,7 @@ training-health check raised no blocking sign. A rejected model stays in its run
 from __future__ import annotations
 
 import posixpath
+from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
@@ -22,46 +23,84 @@ from tasks.storage import ArtifactStore, read_pointer, set_pointer
 class Score(BaseModel):
     score: float
     stderr: float | None = None
+    n: int | None = None
+    # Equal keys: same data, items, n-shot, format, template, generation and scorer (provenance.py).
+    # Scores without one (older runs, hand-made) compare only with each other.
+    comparability_key: str | None = None
+    comparability: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, result: Any) -> Score:
+        """From a BenchmarkResult (or anything with .score/.stderr and optionally the key)."""
+        return cls(score=result.score, stderr=result.stderr, n=getattr(result, "n", None),
+                   comparability_key=getattr(result, "comparability_key", None),
+                   comparability=getattr(result, "comparability", None) or None)
 
 
 class GateDecision(BaseModel):
     promote: bool
     against: str  # "base model" or "promoted run <id>"
     reasons: list[str]  # why not promoted; empty when promoted
-    table: list[dict]  # per benchmark: reference, tuned, delta, tolerance, ok
+    table: list[dict]  # per benchmark: reference, tuned, delta, tolerance, ok (and why not comparable)
     reference_run: str | None = None  # the promoted run compared with (None: the base model)
+    not_comparable: list[str] = []  # "<benchmark>: not comparable (why)": listed, no evidence either way
+
+
+def comparable(ref: Score, new: Score) -> str | None:
+    """None when the two scores may be compared; else why not."""
+    from tasks.benchmarks.provenance import why_not_comparable
+
+    if ref.comparability_key == new.comparability_key:
+        return None
+    return why_not_comparable(ref.comparability, new.comparability)
 
 
 def decide(
     tuned: dict[str, Score], reference: dict[str, Score], against: str,
     tolerance: float | None = None, blocking_health: list[str] | None = None,
+    allow_incomparable: bool = False,
 ) -> GateDecision:
-    """The gate's verdict from scores alone (pure: the tests drive it directly)."""
-    table, reasons = [], []
+    """The gate's verdict from scores alone (pure: the tests drive it directly). Only scores with
+    equal comparability keys are evidence; with none, no promotion unless allow_incomparable."""
+    table, reasons, incomparable, compared = [], [], [], 0
     for name, new in sorted(tuned.items()):
         ref = reference.get(name)
         if ref is None:  # a newly added benchmark has nothing to regress against
-            table.append({"benchmark": name, "reference": None, "tuned": new.score, "delta": None, "tolerance": None, "ok": True})
+            table.append({"benchmark": name, "reference": None, "tuned": new.score, "delta": None, "tolerance": None,
+                          "ok": True, "comparable": None})
             continue
+        why = comparable(ref, new)
+        if why is not None:  # e.g. 2 items against 10: neither a regression nor an improvement
+            incomparable.append(f"{name}: not comparable ({why})")
+            table.append({"benchmark": name, "reference": round(ref.score, 4), "tuned": round(new.score, 4),
+                          "delta": None, "tolerance": None, "ok": True, "comparable": f"no: {why}"})
+            continue
+        compared += 1
         c = compare(ref, new, tolerance)
         table.append({"benchmark": name, "reference": c["reference"], "tuned": c["new"], "delta": c["delta"],
-                      "tolerance": c["allowed_drop"], "ok": not c["regressed"]})
+                      "tolerance": c["allowed_drop"], "ok": not c["regressed"], "comparable": "yes"})
         if c["regressed"]:
             reasons.append(f"{name} dropped {-c['delta']:.4f} (from {ref.score:.4f} to {new.score:.4f}), "
                            f"more than its tolerance {c['allowed_drop']:.4f}")
+    if tuned and not compared and not allow_incomparable:
+        reasons.append("no benchmark score is comparable with the reference's, so there is no evidence the model "
+                       "did not regress; set gate.allow_incomparable: true to promote anyway")
     reasons += [f"training health: {sign}" for sign in blocking_health or []]
-    return GateDecision(promote=not reasons, against=against, reasons=reasons, table=table)
+    return GateDecision(promote=not reasons, against=against, reasons=reasons, table=table, not_comparable=incomparable)
 
 
 def section(decision: GateDecision) -> str:
     """The decision as the report's section: verdict, reasons, per-benchmark table."""
     verdict = "**Promoted**" if decision.promote else "**Not promoted** (the model is kept in its run folder)"
     rows = "".join(
-        f"| {r['benchmark']} | {r['reference']} | {r['tuned']} | {r['delta']} | {r['tolerance']} | {'ok' if r['ok'] else 'REGRESSION'} |\n"
+        f"| {r['benchmark']} | {r['reference']} | {r['tuned']} | {r['delta']} | {r['tolerance']} | "
+        f"{'not comparable' if str(r.get('comparable') or '').startswith('no') else 'ok' if r['ok'] else 'REGRESSION'} |\n"
         for r in decision.table
     )
     why = "".join(f"- {reason}\n" for reason in decision.reasons)
-    return (f"{verdict}, compared with the {decision.against}.\n\n{why}\n"
+    apart = "".join(f"- {line} - not evidence either way\n" for line in decision.not_comparable)
+    apart = f"\nNot compared:\n\n{apart}" if apart else ""
+    return (f"{verdict}, compared with the {decision.against}.\n\n{why}{apart}\n"
             f"| benchmark | reference | tuned | delta | tolerance | |\n|---|---|---|---|---|---|\n{rows}")
 
 
@@ -111,7 +150,7 @@ def regression_gate(
     run = ArtifactStore(run_uri)
     tuned = read_scores(run, "tuned")
     reference, against, reference_run = reference_scores(root, flow_name, tuned, run)
-    decision = decide(tuned, reference, against, gate.tolerance, blocking_health)
+    decision = decide(tuned, reference, against, gate.tolerance, blocking_health, gate.allow_incomparable)
     decision.reference_run = reference_run
     if not gate.enabled:
         decision.promote = False

@@ -78,6 +78,8 @@ class JudgeResult(BaseModel):
     losses: int
     parse_failures: int  # verdicts (of 2 per pair) that named neither output
     lc_win_rate: float | None = None
+    stderr_note: str | None = None  # why stderr is n/a: too few pairs, or every pair tied
+    note: str | None = None  # e.g. that the built-in 135M model is a weak judge
     records: list[dict[str, Any]]
     settings: dict[str, Any]
     seconds: float
@@ -204,8 +206,27 @@ def judge(
                   "a parse failure in either order leaves the pair out of the win rate",
         "lc_win_rate": LC_NOTE,
     }
-    return JudgeResult(**win_rate(judged), pairs=len(records), parse_failures=failures, records=records,
+    rate = win_rate(judged)
+    # AlpacaEval's standard error means little on a handful of pairs, and is 0 when every pair is a
+    # tie (a judge that always names one position): shown as n/a with the reason instead.
+    why = ("fewer than 10 pairs" if rate["n"] < MIN_PAIRS_FOR_STDERR else
+           "every pair tied" if rate["n"] and rate["ties"] == rate["n"] else None)
+    if why:
+        rate["stderr"] = None
+    return JudgeResult(**rate, stderr_note=why, note=weak_judge_note(backend.identity, settings),
+                       pairs=len(records), parse_failures=failures, records=records,
                        settings=settings, seconds=round(time.perf_counter() - started, 2))
+
+
+MIN_PAIRS_FOR_STDERR = 10
+WEAK_JUDGE = ("weak judge: the built-in SmolLM2-135M-Instruct names the same position whatever the order, "
+              "so nearly every pair is a tie and the win rate sits near 50%; point `judge` at a stronger model")
+
+
+def weak_judge_note(identity: str, settings: dict[str, Any]) -> str | None:
+    """The weak-judge warning when the judge is the built-in 135M model."""
+    builtin = settings.get("backend") == "local" and settings.get("judge_model") in ("auto", "builtin:smollm2-135m-instruct")
+    return WEAK_JUDGE if builtin else None
 
 
 @task(retries=1, retry_condition_fn=retry_transient, retry_delay_seconds=[10], cache_policy=NO_CACHE)
@@ -314,7 +335,8 @@ def judge_markdown(judge: JudgeResult | None) -> str:
         return "Not run (judge.enabled: false).\n"
     s = judge.settings
     rate = "n/a (no pair judged in both orders)" if judge.win_rate is None else (
-        f"**{judge.win_rate:.1f}%**" + (f" ± {judge.stderr:.1f}" if judge.stderr is not None else ""))
+        f"**{judge.win_rate:.1f}%**" + (f" ± {judge.stderr:.1f}" if judge.stderr is not None
+                                         else f" ± n/a ({judge.stderr_note or 'too few pairs'})"))
     head = (
         f"Win rate of the tuned model against {s.get('reference')!r}: {rate} (AlpacaEval's definition: ties count "
         f"half) · n={judge.n} of {judge.pairs} pairs · {judge.wins} win / {judge.ties} tie / {judge.losses} loss · "
@@ -326,6 +348,8 @@ def judge_markdown(judge: JudgeResult | None) -> str:
         f"{_cell((r['reference_output'] or '')[:160])} | {r['preference']} |\n"
         for r in judge.records[:5]
     )
+    if judge.note:  # e.g. the built-in 135M judge: nearly every pair a tie
+        head = f"**Note: {judge.note}.**\n\n" + head
     return head + "| instruction | tuned | reference | preference (2 = tuned better, 1.5 = tie) |\n|---|---|---|---|\n" + rows
 
 
@@ -345,7 +369,8 @@ def write_judge(run: ArtifactStore, result: JudgeResult | None) -> None:
     rate = "n/a" if result.win_rate is None else f"{result.win_rate:.1f}%"
     create_table_artifact(
         key="smolflow-judge", table=table,
-        description=f"Judge win rate {rate} (n={result.n}, {result.wins}/{result.ties}/{result.losses} "
+        description=(f"{result.note}. " if result.note else "") +
+                    f"Judge win rate {rate} (n={result.n}, {result.wins}/{result.ties}/{result.losses} "
                     f"win/tie/loss, {result.parse_failures} unparsed verdicts); 1 = reference better, "
                     "2 = tuned better, 1.5 = tie, empty = left out (parse failure)",
     )

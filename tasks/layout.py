@@ -81,6 +81,11 @@ class RunPaths:
         return posixpath.join(RunPaths.benchmarks, name, f"{role}.summary.json")
 
     @staticmethod
+    def benchmark_lm_eval(name: str, role: str, filename: str) -> str:
+        """lm-eval's own results_<date>.json / samples_<task>_<date>.jsonl of one model on one benchmark."""
+        return posixpath.join(RunPaths.benchmarks, name, "lm-eval", role, filename)
+
+    @staticmethod
     def section(name: str) -> str:
         """A stage's own report section (markdown); report.md stitches them in SECTIONS order."""
         return posixpath.join(RunPaths.sections, f"{name}.md")

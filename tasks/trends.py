@@ -1,8 +1,13 @@
 """Score trend: the tuned model's score per benchmark over the last N runs in the artifact store,
-read from each completed run's benchmarks/comparison.json (the current run joins them last)."""
+read from each completed run's benchmarks/comparison.json (the current run joins them last).
+
+One series per comparability key (tasks/benchmarks/provenance.py): a score on 2 items and one on
+10, or 0-shot and 5-shot, are different series, never one line. Each point shows its n.
+"""
 
 from __future__ import annotations
 
+from typing import NamedTuple
 
 from tasks.layout import RunPaths, run_dir
 from tasks.runtime import figure_png
@@ -11,10 +16,23 @@ from tasks.storage import ArtifactStore, completed_runs
 DEFAULT_RUNS = 10
 
 
-def collect_scores(
-    root: str, current_uri: str | None = None, n: int = DEFAULT_RUNS
-) -> list[tuple[str, dict[str, float]]]:
-    """[(run id, {benchmark: tuned score})] for the newest n runs by run id, oldest first.
+class Point(NamedTuple):
+    score: float
+    n: int | None
+    key: str | None  # comparability key; None for runs scored before keys were recorded
+
+
+def _point(run: ArtifactStore, row: dict) -> Point:
+    key, n = row.get("comparability_key"), row.get("n")
+    summary = RunPaths.benchmark_summary(row["benchmark"], "tuned")
+    if key is None and run.exists(summary):  # the key lives with the score itself
+        saved = run.read_json(summary)
+        key, n = saved.get("comparability_key"), saved.get("n", n)
+    return Point(row["tuned"], n, key)
+
+
+def collect_points(root: str, current_uri: str | None = None, n: int = DEFAULT_RUNS) -> list[tuple[str, dict[str, Point]]]:
+    """[(run id, {benchmark: Point})] for the newest n runs by run id, oldest first.
 
     Run ids start with a UTC timestamp, so their order is the runs' order. The current run has no
     manifest yet (it is written last), so it is added explicitly when current_uri is given.
@@ -31,24 +49,46 @@ def collect_scores(
     for run_id, run in picked[-n:]:
         if not run.exists(RunPaths.comparison):  # a run without benchmarks has no point to plot
             continue
-        rows.append((run_id, {r["benchmark"]: r["tuned"] for r in run.read_json(RunPaths.comparison)}))
+        rows.append((run_id, {r["benchmark"]: _point(run, r) for r in run.read_json(RunPaths.comparison)}))
     return rows
 
 
-def trend_markdown(rows: list[tuple[str, dict[str, float]]]) -> str:
-    """Runs down, benchmarks across; a blank cell where a run did not score that benchmark."""
+def series(rows: list[tuple[str, dict[str, Point]]]) -> list[tuple[str, dict[str, Point]]]:
+    """Rows keyed by series: the benchmark's name while it has one comparability key, else
+    `name [key]` per key, so scores that cannot be compared never share a line."""
+    keys: dict[str, set] = {}
+    for _, points in rows:
+        for name, p in points.items():
+            keys.setdefault(name, set()).add(p.key)
+    label = lambda name, key: name if len(keys[name]) == 1 else f"{name} [{(key or 'no key')[:8]}]"  # noqa: E731
+    return [(run_id, {label(name, p.key): p for name, p in points.items()}) for run_id, points in rows]
+
+
+def collect_scores(root: str, current_uri: str | None = None, n: int = DEFAULT_RUNS) -> list[tuple[str, dict[str, float]]]:
+    """[(run id, {series: tuned score})]: collect_points, one series per comparability key."""
+    return [(run_id, {s: p.score for s, p in points.items()}) for run_id, points in series(collect_points(root, current_uri, n))]
+
+
+def trend_markdown(rows: list[tuple[str, dict]]) -> str:
+    """Runs down, series across, each cell a score and its n; blank where a run has no such score."""
     names = sorted({b for _, scores in rows for b in scores})
     if not rows or not names:
         return "No earlier runs with benchmark scores.\n"
+
+    def cell(value) -> str:
+        if isinstance(value, Point):
+            return f"{value.score:.4f}" + (f" (n={value.n})" if value.n is not None else "")
+        return f"{value:.4f}"
+
     head = "| run | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
     return head + "".join(
-        f"| {run_id} | " + " | ".join(f"{scores[b]:.4f}" if b in scores else "" for b in names) + " |\n"
+        f"| {run_id} | " + " | ".join(cell(scores[b]) if b in scores else "" for b in names) + " |\n"
         for run_id, scores in rows
     )
 
 
-def plot_trend(rows: list[tuple[str, dict[str, float]]]) -> bytes:
-    """Tuned score per benchmark against the run, as a PNG."""
+def plot_trend(rows: list[tuple[str, dict]]) -> bytes:
+    """Tuned score per series against the run, as a PNG; each point labelled with its n."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and workers
@@ -57,10 +97,15 @@ def plot_trend(rows: list[tuple[str, dict[str, float]]]) -> bytes:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name in sorted({b for _, scores in rows for b in scores}):
         pts = [(i, scores[name]) for i, (_, scores) in enumerate(rows) if name in scores]
-        ax.plot(*zip(*pts), "o-", label=name)
+        xs, values = zip(*pts)
+        ys = [v.score if isinstance(v, Point) else v for v in values]
+        ax.plot(xs, ys, "o-", label=name)
+        for x, y, v in zip(xs, ys, values):
+            if isinstance(v, Point) and v.n is not None:
+                ax.annotate(f"n={v.n}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
     ax.set_xticks(range(len(rows)), [run_id for run_id, _ in rows], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("tuned score")
-    ax.set_title(f"Tuned scores, last {len(rows)} run(s)")
+    ax.set_title(f"Tuned scores, last {len(rows)} run(s); one line per comparable setting")
     ax.grid(alpha=0.3)
     if rows:
         ax.legend()
@@ -69,7 +114,7 @@ def plot_trend(rows: list[tuple[str, dict[str, float]]]) -> bytes:
 
 def write_trend(root: str, run_uri: str, n: int = DEFAULT_RUNS) -> tuple[str, bytes]:
     """Write report/trend.png into the run folder; return the trend's markdown table and the PNG."""
-    rows = collect_scores(root, run_uri, n)
+    rows = series(collect_points(root, run_uri, n))
     png = plot_trend(rows)
     ArtifactStore(run_uri).write_bytes(RunPaths.trend, png)
     return trend_markdown(rows), png

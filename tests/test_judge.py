@@ -331,3 +331,18 @@ def test_openai_endpoint_judges_with_the_key_and_never_records_it(
     cached = "".join(p.read_text() for p in judgement_cache.glob("*.json"))
     for text in (via_task.model_dump_json(), written, cached):
         assert key not in text
+
+
+def test_stderr_is_na_for_few_pairs_or_all_ties_and_the_builtin_judge_is_called_weak(judgement_cache):
+    from tasks.judge import WEAK_JUDGE
+
+    many = [f"Q{i}" for i in range(12)]
+    tied = judge(AlwaysA(), many, [f"t{i}" for i in range(12)], [f"r{i}" for i in range(12)],
+                 settings={"backend": "local", "judge_model": "auto"})
+    assert (tied.n, tied.ties, tied.stderr, tied.stderr_note) == (12, 12, None, "every pair tied")
+    assert tied.note == WEAK_JUDGE and "weak judge" in tied.note and "near 50%" in tied.note
+    mixed = judge(PrefersStar(), many, [f"t{i}★" if i % 3 else f"t{i}" for i in range(12)], [f"r{i}" for i in range(12)],
+                  settings={"backend": "openai", "judge_model": "big"})
+    assert mixed.n == 12 and mixed.stderr is not None and mixed.stderr_note is None and mixed.note is None
+    few = judge(PrefersStar(), many[:3], ["a★", "b", "c★"], ["x", "y", "z"])
+    assert few.stderr is None and few.stderr_note == "fewer than 10 pairs"

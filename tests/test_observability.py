@@ -43,8 +43,8 @@ def test_trend_plots_the_newest_completed_runs_then_the_current_one(tmp_path):
     assert png.startswith(PNG) and (Path(current) / "report/trend.png").read_bytes() == png
     lines = table.splitlines()
     assert lines[0] == "| run | gsm8k | mmlu |"
-    assert lines[3] == "| 20260103-000000-c | 0.2500 |  |"  # no mmlu score that night: a blank cell
-    assert lines[-1] == "| 20260104-000000-now | 0.4000 | 0.3500 |"
+    assert lines[3] == "| 20260103-000000-c | 0.2500 (n=10) |  |"  # no mmlu score that night: a blank cell
+    assert lines[-1] == "| 20260104-000000-now | 0.4000 (n=10) | 0.3500 (n=10) |"
     assert [r for r, _ in collect_scores(root)] == ["20260101-000000-a", "20260102-000000-b", "20260103-000000-c"]
 
 

@@ -10,15 +10,15 @@ split into subsets (MMLU subjects, BBH tasks), one such task per chosen subset.
 from __future__ import annotations
 
 import abc
-import json
 import math
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from tasks.benchmarks.rows import read_rows, write_jsonl  # noqa: F401 - the benchmarks' row helpers
 from tasks.config import BenchmarkConfig
 from tasks.console import quiet_bars
 from tasks.runtime import FIXTURES, hub_offline, split_of
@@ -32,8 +32,15 @@ class BenchmarkResult(BaseModel):
     metric: str
     settings: dict[str, Any]  # n-shot, chat template, generation, extraction, data source
     metrics: dict[str, float]  # every metric lm-eval reported
-    records: list[dict[str, Any]]  # per item: prompt, output, extracted, gold, correct
+    records: list[dict[str, Any]]  # per item: prompt, output, extracted, gold, correct, lm-eval's metrics
     seconds: float
+    # Where the items came from and whether the score may sit next to published ones (provenance.py).
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    comparability_key: str | None = None  # equal keys: scores of different models on the same footing
+    comparability: dict[str, Any] = Field(default_factory=dict)  # the parts hashed into the key
+    # lm-eval's own results_<date>.json and samples_<task>_<date>.jsonl, by file name, for the caller
+    # to store next to smolflow's files; kept out of model_dump() (summary.json) for their size.
+    lm_eval_files: dict[str, str] = Field(default_factory=dict, exclude=True)
 
 
 class Benchmark(abc.ABC):
@@ -57,15 +64,18 @@ class Benchmark(abc.ABC):
         return folder
 
     def data_files(self, cfg: BenchmarkConfig) -> dict[str, str] | None:
-        """Local files per split, or None to use the hub dataset."""
+        """Local files per split (each row checked to parse), or None to use the hub dataset."""
         folder = self.local_source(cfg)
         if folder is None:
             return None
         if folder.is_file():
-            return {"test": str(folder)}
-        files = {split_of(f): str(f) for f in sorted(folder.iterdir()) if f.suffix in (".jsonl", ".json", ".parquet")}
+            files = {"test": str(folder)}
+        else:
+            files = {split_of(f): str(f) for f in sorted(folder.iterdir()) if f.suffix in (".jsonl", ".json", ".parquet")}
         if "test" not in files:
             raise ValueError(f"benchmarks[{self.name}].data={cfg.data!r}: need a test.jsonl (or .parquet) there")
+        for path in files.values():
+            read_rows(path)  # a broken line is named here (file:line), not deep inside `datasets`
         return files
 
     subsets: tuple[str, ...] = ()  # named parts (MMLU subjects, BBH tasks); empty: not split
@@ -82,27 +92,6 @@ def stderr_of_mean(values: list) -> float | None:
         return None
     mean = sum(values) / n
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
-def read_rows(path: str) -> list[dict[str, Any]]:
-    """Rows of a local .json/.jsonl/.parquet file."""
-    if path.endswith(".parquet"):
-        import pandas as pd
-
-        return pd.read_parquet(path).to_dict("records")
-    text = Path(path).read_text()
-    if path.endswith(".json") and text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False, default=_plain) + "\n" for r in rows))
-    return str(path)
-
-
-def _plain(value):  # numpy values from parquet rows
-    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 class LmEvalBenchmark(Benchmark):
@@ -129,14 +118,43 @@ class LmEvalBenchmark(Benchmark):
         spec = {"dataset_path": builder, "dataset_name": None, "dataset_kwargs": {"data_files": files}}
         fixed_shots = (stock.get("fewshot_config") or {}).get("samples")  # e.g. Minerva's 4 examples
         if not fixed_shots and "train" not in files and "dev" not in files:
-            spec |= {"training_split": None, "fewshot_split": "test"}  # shots from the test split itself
+            # lm-eval wants some few-shot split; at 0-shot none is read, and fewshot_source() refuses
+            # any n-shot above 0 drawn from it (examples must never be scored items).
+            spec |= {"training_split": None, "fewshot_split": "test"}
         return spec
 
     def task_configs(self, cfg: BenchmarkConfig, workdir: Path) -> list[dict[str, Any]]:
         """lm-eval task configs to run; subclasses split by subset."""
         spec = self.stock() | {"task": f"smolflow_{self.name}", "tag": []} | self.overrides()
         files = self.data_files(cfg)
-        return [spec | self.local(files, spec)] if files is not None else [spec]
+        return [self.shots(spec | self.local(files, spec) if files is not None else spec, cfg)]
+
+    def shots(self, spec: dict[str, Any], cfg: BenchmarkConfig) -> dict[str, Any]:
+        """Set the n-shot in the task config itself: lm-eval ignores simple_evaluate's num_fewshot
+        for a task whose config says 0 (it logs and moves on), which silently kept MMLU 0-shot."""
+        return spec | {"num_fewshot": cfg.num_fewshot if cfg.num_fewshot is not None else spec.get("num_fewshot") or 0}
+
+    def variant(self, cfg: BenchmarkConfig) -> str | None:
+        """The prompt format/variant in use (MMLU format, BBH variant); None where there is one only."""
+        return None
+
+    def metric_for(self, cfg: BenchmarkConfig) -> str:
+        """The primary "metric,filter" key for these settings."""
+        return self.metric
+
+    def stock_for(self, cfg: BenchmarkConfig) -> str:
+        """The stock task YAML these settings run."""
+        return self.stock_yaml
+
+    def check(self, cfg: BenchmarkConfig) -> list[dict[str, Any]]:
+        """Every data and few-shot check, without a model; returns the few-shot record per task."""
+        from tasks.benchmarks.fewshot import fewshot_source
+
+        if self.local_source(cfg) is None and hub_offline():
+            raise ValueError(f"benchmarks[{self.name}].data={cfg.data!r} needs the Hugging Face hub, but "
+                             "HF_HUB_OFFLINE=1: give a local mirror in the hub schema, or 'fixture'")
+        with tempfile.TemporaryDirectory() as workdir:
+            return [fewshot_source(self.name, spec) for spec in self.task_configs(cfg, Path(workdir))]
 
     def record(self, sample: dict, key: str) -> dict[str, Any]:
         """One per-item record from an lm-eval sample of a generative task."""
@@ -149,10 +167,13 @@ class LmEvalBenchmark(Benchmark):
             "correct": bool(sample.get(key)),
         }
 
-    def records(self, samples: list[dict], subset: str | None = None) -> list[dict[str, Any]]:
-        key = self.metric.split(",")[0]
-        filt = self.metric.split(",")[1] if "," in self.metric else None
-        rows = [self.record(s, key) for s in samples if not filt or s.get("filter") == filt]
+    def records(self, samples: list[dict], metric: str, metric_names: list[str], subset: str | None = None) -> list[dict[str, Any]]:
+        """Per-item records, each with lm-eval's own per-document metric values (`metrics`)."""
+        from tasks.benchmarks.fewshot import doc_metrics
+
+        key, _, filt = metric.partition(",")
+        rows = [self.record(s, key) | {"metrics": doc_metrics(s, metric_names)}
+                for s in samples if not filt or filt == "none" or s.get("filter") == filt]
         return [r | {"subset": subset} for r in rows] if subset else rows
 
     def evaluate(self, model, tokenizer, cfg: BenchmarkConfig) -> BenchmarkResult:
@@ -164,59 +185,98 @@ class LmEvalBenchmark(Benchmark):
     def evaluate_lm(self, lm, cfg: BenchmarkConfig) -> BenchmarkResult:
         """Score any lm-eval `LM` (the HF model above, or e.g. one that answers from the gold)."""
         from lm_eval import simple_evaluate
+        from lm_eval.loggers import EvaluationTracker
         from lm_eval.tasks import TaskManager
 
+        from tasks.benchmarks.fewshot import fewshot_source, lm_eval_files
+
         started = time.perf_counter()
+        tracker = EvaluationTracker()
         with tempfile.TemporaryDirectory() as workdir, quiet_bars():  # lm-eval's tqdm bars, unless verbose
             specs = self.task_configs(cfg, Path(workdir))
+            shots = [fewshot_source(self.name, spec) for spec in specs]  # refuses examples from scored items
             out = simple_evaluate(
                 model=lm,
                 tasks=specs,
                 task_manager=TaskManager(include_defaults=False),
                 limit=cfg.limit,
-                num_fewshot=cfg.num_fewshot,
+                num_fewshot=None,  # set per task config (see shots())
                 log_samples=True,
                 apply_chat_template=self.apply_chat_template,
+                evaluation_tracker=tracker,
             )
+            files = lm_eval_files(out, tracker)
+        return self.result(cfg, specs, shots, out, files, time.perf_counter() - started)
+
+    def result(self, cfg: BenchmarkConfig, specs: list[dict], shots: list[dict], out: dict,
+               files: dict[str, str], seconds: float) -> BenchmarkResult:
+        """The BenchmarkResult of one lm-eval run: score, records, settings, provenance, key."""
+        from tasks.benchmarks.provenance import comparability, provenance
+
         names = [s["task"] for s in specs]
-        metric, filt = (self.metric.split(",") + [""])[:2]
+        primary = self.metric_for(cfg)
+        metric, filt = (primary.split(",") + [""])[:2]
         records, metrics = [], {}
         for spec in specs:
             task = spec["task"]
             subset = task.removeprefix(f"smolflow_{self.name}_") if self.subsets else None
-            records += self.records(out["samples"][task], subset)
+            names_logged = [m["metric"] for m in out["configs"][task].get("metric_list") or []] or ["acc", "acc_norm"]
+            records += self.records(out["samples"][task], primary, names_logged, subset)
             for k, v in out["results"][task].items():
                 if isinstance(v, (int, float)) and "," in k:
                     metrics[f"{subset}/{k}" if len(specs) > 1 else k] = float(v)
         if len(specs) == 1:
-            score = out["results"][names[0]][self.metric]
+            score = out["results"][names[0]][primary]
             stderr = out["results"][names[0]].get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
         else:  # micro-average over every item of every subset, as lm-eval's weight_by_size groups do
             score = sum(r["correct"] for r in records) / len(records)
             stderr = stderr_of_mean([float(r["correct"]) for r in records])
         config = out["configs"][names[0]]
+        files_used = (specs[0].get("dataset_kwargs") or {}).get("data_files")
+        subsets = [n.removeprefix(f"smolflow_{self.name}_") for n in names] if self.subsets else None
+        settings = {
+            "engine": "lm-eval " + __import__("lm_eval").__version__,
+            "stock_task": self.stock_for(cfg),
+            "format": self.variant(cfg) if self.name == "mmlu" else None,
+            "variant": self.variant(cfg) if self.name == "bbh" else None,
+            "subsets": subsets,
+            "num_fewshot": config.get("num_fewshot"),
+            "fewshot": shots[0] if len(shots) == 1 else dict(zip(subsets or names, shots)),
+            "fewshot_seed": out.get("config", {}).get("fewshot_seed"),
+            "apply_chat_template": self.apply_chat_template,
+            "output_type": config.get("output_type"),
+            "generation_kwargs": config.get("generation_kwargs"),
+            "answer_extraction": config.get("filter_list") or self.extraction,
+            "limit": f"{cfg.limit} per subset" if self.subsets and cfg.limit else cfg.limit,
+            "data": files_used or f"{self.hub[0]} ({self.hub[1]})",
+            "reference": self.reference,
+        }
+        full = cfg.limit is None and (not self.subsets or cfg.subsets is None)
+        prov = provenance(self.name, self.hub, cfg.data, self.source_files(cfg), self.is_reference(cfg, config), full)
+        key, parts = comparability(self.name, prov, records, settings, primary)
         return BenchmarkResult(
             name=self.name,
             score=float(score),
             stderr=float(stderr) if isinstance(stderr, (int, float)) else None,
             n=len(records),
-            metric=self.metric,
-            settings={
-                "engine": "lm-eval " + __import__("lm_eval").__version__,
-                "stock_task": self.stock_yaml,
-                "subsets": [n.removeprefix(f"smolflow_{self.name}_") for n in names] if self.subsets else None,
-                "num_fewshot": config.get("num_fewshot"),
-                "apply_chat_template": self.apply_chat_template,
-                "output_type": config.get("output_type"),
-                "generation_kwargs": config.get("generation_kwargs"),
-                "answer_extraction": config.get("filter_list") or self.extraction,
-                "limit": f"{cfg.limit} per subset" if self.subsets and cfg.limit else cfg.limit,
-                "data": (specs[0].get("dataset_kwargs") or {}).get("data_files") or f"{self.hub[0]} ({self.hub[1]})",
-                "reference": self.reference,
-            },
+            metric=primary,
+            settings=settings | {"provenance": prov["note"]},
             metrics=metrics,
             records=records,
-            seconds=time.perf_counter() - started,
+            seconds=seconds,
+            provenance=prov,
+            comparability_key=key,
+            comparability=parts,
+            lm_eval_files=files,
         )
 
+    def source_files(self, cfg: BenchmarkConfig) -> dict[str, str] | None:
+        """The user's (or fixture's) files the items were read from; None for the hub."""
+        return self.data_files(cfg)
+
+    def is_reference(self, cfg: BenchmarkConfig, config: dict[str, Any]) -> bool:
+        """Whether these settings are the published figure's (n-shot, format, variant)."""
+        return self.variant(cfg) in (None, "cloze", "answer_only") and config.get("num_fewshot") == self.reference_shots
+
+    reference_shots: int = 0
     extraction: str = "lm-eval stock task's (see stock_task)"

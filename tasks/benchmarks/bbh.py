@@ -1,9 +1,11 @@
 """BIG-Bench Hard: 27 hard BIG-Bench tasks (lukaemon/bbh, one config per task; rows input/target).
 
-lm-eval's stock `bbh/fewshot` tasks: 3-shot answer-only prompts with the few-shot examples from
-Suzgun et al. (2022) embedded in each task's YAML, greedy, stop at "Q" or a blank line, exact
-match. That is SmolLM2's published "BBH 3-shot" setting; the chain-of-thought variant
-(`bbh/cot_fewshot`) needs long generations that a 135M model mostly spends rambling.
+`variant: answer_only` (default): lm-eval's stock `bbh/fewshot` tasks, 3-shot answer-only prompts
+with the few-shot examples from Suzgun et al. (2022) embedded in each task's YAML, greedy, stop at
+"Q" or a blank line, exact match; SmolLM2's published "BBH 3-shot" setting. `variant: cot`: lm-eval's
+`bbh/cot_fewshot` (the same 3 examples with their chain of thought, "Let's think step by step.",
+up to 1024 new tokens, the answer read after "the answer is": metric `exact_match,get-answer`),
+the variant many leaderboards report.
 """
 
 from __future__ import annotations
@@ -35,6 +37,16 @@ class BBH(LmEvalBenchmark):
     # scores 0. lm-eval's own remove_whitespace filter fixes that without touching the prompt.
     strip_filter = [{"name": "strip", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}]
     subsets = _stock_tasks()
+    reference_shots = 3
+
+    def variant(self, cfg: BenchmarkConfig) -> str:
+        return cfg.variant or "answer_only"
+
+    def stock_for(self, cfg: BenchmarkConfig) -> str:
+        return "bbh/cot_fewshot/{subset}.yaml" if self.variant(cfg) == "cot" else self.stock_yaml
+
+    def metric_for(self, cfg: BenchmarkConfig) -> str:
+        return "exact_match,get-answer" if self.variant(cfg) == "cot" else self.metric
 
     def data_files(self, cfg: BenchmarkConfig) -> dict[str, str] | None:
         """Local files: a folder with one <task>.jsonl (or .parquet) per BBH task."""
@@ -54,9 +66,9 @@ class BBH(LmEvalBenchmark):
         chosen = cfg.subsets or (list(files) if files is not None else list(self.subsets))
         specs = []
         for task in chosen:
-            spec = self.stock(self.stock_yaml.format(subset=task)) | {
-                "task": f"smolflow_bbh_{task}", "tag": [], "filter_list": self.strip_filter,
-            }
+            spec = self.stock(self.stock_for(cfg).format(subset=task)) | {"task": f"smolflow_bbh_{task}", "tag": []}
+            if self.variant(cfg) == "answer_only":  # cot keeps its stock get-answer filter
+                spec["filter_list"] = self.strip_filter
             if files is None:
                 spec |= {"dataset_path": self.hub[0], "dataset_name": task}
             else:
@@ -67,5 +79,5 @@ class BBH(LmEvalBenchmark):
                         raise ValueError(f"{files[task]} row {i}: need string fields `input` and `target`")
                 # The few-shot examples live in the stock YAML, so only a test split is needed.
                 spec |= {"dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": {"test": files[task]}}}
-            specs.append(spec)
+            specs.append(self.shots(spec, cfg))
         return specs

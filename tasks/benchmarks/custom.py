@@ -342,7 +342,10 @@ def evaluate_custom(model, tokenizer, bench: CustomBenchmark, judge_cfg: JudgeCo
     records, metrics = score_outputs(bench, [s.completion for s in samples], judge)
     run_logger().info("custom/%s: %d/%d correct (%s)", bench.name, sum(r["correct"] for r in records),
                       len(records), bench.scorer)
+    from tasks.benchmarks.provenance import custom_provenance
+
     return BenchmarkResult(
+        **custom_provenance(bench, records, judge.identity if judge is not None else None),
         name=f"custom/{bench.name}",
         score=metrics[bench.scorer],
         stderr=stderr_of_mean([float(r["correct"]) for r in records]),

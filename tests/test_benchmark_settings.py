@@ -1,0 +1,303 @@
+"""Issue 14: every benchmark setting honoured, few-shot examples never scored items, JSONL read by
+"\\n", lm-eval's own per-item metrics and files, provenance, and like compared with like.
+
+Rows are shaped like the real files (cais/mmlu "all", openai/gsm8k main, lukaemon/bbh); the model
+is an lm-eval `LM` answering from each item's gold (or wrongly), so lm-eval's own prompt building,
+filters and metrics are what is under test.
+"""
+
+import json
+
+import pytest
+from lm_eval.api.model import LM
+from pydantic import ValidationError
+
+from tasks.benchmarks import REGISTRY
+from tasks.benchmarks.provenance import FIXTURE_NOTE
+from tasks.config import BenchmarkConfig, RunConfig
+from tests.test_benchmarks import AnswerKey
+
+ALGEBRA = [  # cais/mmlu abstract_algebra-shaped rows (hand-written)
+    ("Find the order of the element 2 in Z_5 under addition.", ["1", "2", "5", "10"], 2),
+    ("How many elements does the symmetric group S_3 have?", ["3", "6", "9", "12"], 1),
+    ("Is Z_4 a field?", ["Yes", "No, 2 has no inverse", "Only for addition", "It is empty"], 1),
+    ("What is the identity of (Z, +)?", ["1", "-1", "0", "2"], 2),
+    ("How many generators does Z_6 have?", ["1", "2", "3", "6"], 1),
+    ("What is the characteristic of Z_7?", ["0", "1", "7", "49"], 2),
+    ("What is the order of the group Z_2 x Z_3?", ["2", "3", "5", "6"], 3),
+]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _mmlu_dir(tmp_path, dev=5, test=2, subject="abstract_algebra", test_rows=None):
+    folder = tmp_path / "mmlu"
+    folder.mkdir(exist_ok=True)
+    rows = [{"question": q, "subject": subject, "choices": c, "answer": a} for q, c, a in ALGEBRA]
+    if dev:
+        _write(folder / "dev.jsonl", rows[:dev])
+    _write(folder / "test.jsonl", test_rows or rows[5:5 + test])
+    return folder
+
+
+class GoldOrWrong(AnswerKey):
+    """AnswerKey, plus MMLU's letters and the answer formats of GSM8K ('#### N' / 'The answer is N.')
+    and BBH chain of thought."""
+
+    def loglikelihood(self, requests):
+        out = []
+        for r in requests:
+            letter = r.arguments[1].strip()
+            if len(letter) == 1 and letter in "ABCD":  # lettered MMLU: " A".." D" after "Answer:"
+                is_gold = "ABCD".index(letter) == r.doc["answer"]
+                out.append((0.0, True) if is_gold == self.right else (-50.0, False))
+            else:
+                out += super().loglikelihood([r])
+        return out
+
+    def generate_until(self, requests):
+        out = []
+        for r in requests:
+            if "answer" in r.doc:  # GSM8K: the gold's number, in both stock formats
+                n = r.doc["answer"].split("####")[-1].strip() if self.right else "99999"
+                out.append(f"So it is {n}.\n#### {n}\nThe answer is {n}.")
+            elif "Let's think step by step" in r.arguments[0]:
+                out.append(f"Step by step. So the answer is {r.doc['target'] if self.right else 'not it'}.")
+            else:
+                out += super().generate_until([r])
+        return out
+
+
+# 4. JSONL lines are split at "\n" only; a broken line is named file:line.
+def test_rows_holding_u0085_and_u2028_are_read_and_a_broken_line_is_named(tmp_path):
+    tricky = {"question": "Which ring is\u0085 a field?\u2028(one line in the file)", "subject": "abstract_algebra",
+              "choices": ["Z_4", "Z_5", "Z_6", "Z_8"], "answer": 1}
+    folder = _mmlu_dir(tmp_path, dev=0, test_rows=[tricky, {**tricky, "question": "Plain?"}])
+    result = REGISTRY["mmlu"].evaluate_lm(AnswerKey(right=True), BenchmarkConfig(name="mmlu", data=str(folder), limit=None))
+    assert result.n == 2 and result.score == 1.0
+    assert "\u0085 a field?\u2028(one line" in result.records[0]["prompt"]
+    with open(folder / "test.jsonl", "a") as f:
+        f.write('{"question": "cut off\n')
+    with pytest.raises(ValueError, match=r"mmlu/test\.jsonl:3: not valid JSON"):
+        REGISTRY["mmlu"].evaluate_lm(AnswerKey(right=True), BenchmarkConfig(name="mmlu", data=str(folder)))
+
+
+# 1. MMLU's lettered format, 5-shot from the dev split; num_fewshot is honoured and recorded.
+def test_five_shot_lettered_mmlu_prompt_holds_the_five_dev_examples(tmp_path):
+    folder = _mmlu_dir(tmp_path)
+    cfg = BenchmarkConfig(name="mmlu", format="mcq", num_fewshot=5, subsets=["abstract_algebra"], data=str(folder), limit=10)
+    right = REGISTRY["mmlu"].evaluate_lm(GoldOrWrong(right=True), cfg)
+    prompt = right.records[0]["prompt"]
+    assert prompt.startswith("The following are multiple choice questions (with answers) about abstract algebra.\n\n")
+    for question, _, _ in ALGEBRA[:5]:
+        assert prompt.count(question) == 1
+    assert ALGEBRA[6][0] not in prompt  # the other test item is never an example
+    assert prompt.count("\nAnswer:") == 6 and prompt.endswith("A. 0\nB. 1\nC. 7\nD. 49\nAnswer:")
+    assert right.metric == "acc,none" and right.score == 1.0 and right.n == 2
+    s = right.settings
+    assert (s["num_fewshot"], s["format"], s["stock_task"]) == (5, "mcq", "mmlu/default/mmlu_{subset}.yaml")
+    assert s["fewshot"]["source"] == "dev split" and s["fewshot"]["ids"] == [0, 1, 2, 3, 4]
+    wrong = REGISTRY["mmlu"].evaluate_lm(GoldOrWrong(right=False), cfg)
+    assert wrong.score == 0.0 and {r["extracted"] for r in right.records} <= set("ABCD")
+    assert wrong.comparability_key == right.comparability_key  # same items and settings, another run
+
+
+def test_mmlu_cloze_num_fewshot_is_honoured_not_pinned_to_zero(tmp_path):
+    folder = _mmlu_dir(tmp_path)
+    result = REGISTRY["mmlu"].evaluate_lm(AnswerKey(right=True), BenchmarkConfig(name="mmlu", num_fewshot=2, data=str(folder)))
+    prompt = result.records[0]["prompt"]
+    assert result.settings["num_fewshot"] == 2 and result.settings["format"] == "cloze"
+    assert prompt.count("Question: ") == 3 and ALGEBRA[0][0] in prompt and ALGEBRA[1][0] in prompt
+    assert ALGEBRA[2][0] not in prompt and result.metric == "acc_norm,none"
+
+
+def test_few_shot_without_an_example_source_is_refused_naming_the_field(tmp_path):
+    from tasks.checks import ConfigError, check_run
+
+    folder = _mmlu_dir(tmp_path, dev=0)  # test.jsonl only: the examples could only be scored items
+    cfg = BenchmarkConfig(name="mmlu", num_fewshot=5, data=str(folder))
+    with pytest.raises(ValueError, match=r"benchmarks\[mmlu\]\.num_fewshot=5: the data \(abstract_algebra\) has no train/dev split"):
+        REGISTRY["mmlu"].evaluate_lm(AnswerKey(right=True), cfg)
+    with pytest.raises(ConfigError, match=r"benchmarks\[0\] \(mmlu\): benchmarks\[mmlu\]\.num_fewshot=5"):
+        check_run(RunConfig(benchmarks=[cfg], judge={"enabled": False}))
+    (tmp_path / "few").mkdir()
+    few = _mmlu_dir(tmp_path / "few", dev=3)
+    with pytest.raises(ValueError, match=r"num_fewshot=5: the dev split \(abstract_algebra\) has only 3 rows"):
+        REGISTRY["mmlu"].check(BenchmarkConfig(name="mmlu", num_fewshot=5, data=str(few)))
+    with pytest.raises(ValueError, match=r"only 3 fixed examples"):
+        REGISTRY["bbh"].check(BenchmarkConfig(name="bbh", num_fewshot=4, subsets=["web_of_lies"], data="fixture"))
+
+
+# 3. GSM8K with only test.jsonl: the examples are lm-eval's fixed exemplars, never test items.
+def test_gsm8k_folder_with_only_test_jsonl_takes_no_examples_from_the_test_items(tmp_path):
+    from tasks.runtime import FIXTURES
+
+    folder = tmp_path / "gsm8k"
+    folder.mkdir()
+    test_rows = [json.loads(line) for line in (FIXTURES / "gsm8k" / "test.jsonl").read_text().split("\n") if line][:6]
+    _write(folder / "test.jsonl", test_rows)
+    cfg = BenchmarkConfig(name="gsm8k", data=str(folder), limit=None)
+    result = REGISTRY["gsm8k"].evaluate_lm(GoldOrWrong(right=True), cfg)
+    assert result.n == 6 and result.score == 1.0
+    for record, row in zip(result.records, test_rows):
+        for other in test_rows:
+            assert (other["question"] in record["prompt"]) == (other is row)  # only the item itself
+    s = result.settings
+    assert s["stock_task"] == "gsm8k/gsm8k-cot.yaml" and s["num_fewshot"] == 8
+    assert s["fewshot"]["source"] == "fixed examples shipped with the stock task" and s["fewshot"]["ids"] == list(range(8))
+    assert result.records[0]["prompt"].startswith("Q: There are 15 trees in the grove.")
+    assert result.provenance["comparable_to_published"] is False  # not the 5-shot reference setting
+
+
+def test_gsm8k_gold_scores_100_and_wrong_answers_0():
+    cfg = BenchmarkConfig(name="gsm8k", data="fixture", limit=8)
+    right = REGISTRY["gsm8k"].evaluate_lm(GoldOrWrong(right=True), cfg)
+    wrong = REGISTRY["gsm8k"].evaluate_lm(GoldOrWrong(right=False), cfg)
+    assert right.n == wrong.n == 8 and right.score == 1.0 and wrong.score == 0.0
+    assert all(r["correct"] and r["metrics"] == {"exact_match": 1.0} for r in right.records)
+    assert right.settings["num_fewshot"] == 5 and right.settings["fewshot"]["source"] == "train split"
+    assert right.records[0]["prompt"].count("Question: ") == 6  # 5 train examples + the item
+
+
+def test_bbh_chain_of_thought_variant():
+    cfg = BenchmarkConfig(name="bbh", variant="cot", subsets=["web_of_lies"], data="fixture")
+    right = REGISTRY["bbh"].evaluate_lm(GoldOrWrong(right=True), cfg)
+    wrong = REGISTRY["bbh"].evaluate_lm(GoldOrWrong(right=False), cfg)
+    assert right.score == 1.0 and wrong.score == 0.0 and right.metric == "exact_match,get-answer"
+    assert right.records[0]["prompt"].count("Let's think step by step.") == 4  # 3 shots + the item
+    s = right.settings
+    assert s["variant"] == "cot" and s["stock_task"] == "bbh/cot_fewshot/{subset}.yaml" and s["num_fewshot"] == 3
+    assert s["generation_kwargs"]["max_gen_toks"] == 1024
+
+
+def test_settings_that_would_be_ignored_are_rejected_naming_the_field():
+    with pytest.raises(ValidationError, match="format: only mmlu has a format"):
+        BenchmarkConfig(name="gsm8k", format="mcq")
+    with pytest.raises(ValidationError, match="variant: only bbh has a variant"):
+        BenchmarkConfig(name="mmlu", variant="cot")
+    with pytest.raises(ValidationError, match="num_fewshot: humaneval is 0-shot"):
+        BenchmarkConfig(name="humaneval", num_fewshot=3)
+    with pytest.raises(ValidationError, match="format"):
+        BenchmarkConfig(name="mmlu", format="letters")
+
+
+# 5. Per-item records carry lm-eval's own per-document metrics, and agree with `correct`.
+class Skewed(LM):
+    """Log-likelihoods where lm-eval's acc_norm (per character) and a per-byte normalisation disagree."""
+
+    LL = {"ééé": -3.3, "abcd": -4.0, "zzzzzzzzzz": -30.0, "yyyyyyyyyy": -30.0}
+
+    def loglikelihood(self, requests):
+        return [(self.LL[r.arguments[1].strip()], False) for r in requests]
+
+    def loglikelihood_rolling(self, requests):
+        raise NotImplementedError
+
+    def generate_until(self, requests):
+        raise NotImplementedError
+
+
+def test_per_item_records_carry_lm_evals_own_metrics(tmp_path):
+    row = {"question": "Which string?", "subject": "abstract_algebra", "choices": ["ééé", "abcd", "zzzzzzzzzz", "yyyyyyyyyy"]}
+    folder = _mmlu_dir(tmp_path, dev=0, test_rows=[row | {"answer": 1}, row | {"answer": 0}])
+    result = REGISTRY["mmlu"].evaluate_lm(Skewed(), BenchmarkConfig(name="mmlu", data=str(folder), limit=None))
+    # per character: -3.3/3 = -1.1 < -4.0/4 = -1.0, so lm-eval's acc_norm picks "abcd" (per byte it would be "ééé")
+    first, second = result.records
+    assert first["extracted"] == second["extracted"] == "abcd"
+    assert first["metrics"] == {"acc": 0.0, "acc_norm": 1.0} and first["correct"] is True
+    assert second["metrics"] == {"acc": 1.0, "acc_norm": 0.0} and second["correct"] is False
+    assert all((r["extracted"] == r["gold"]) == r["correct"] == bool(r["metrics"]["acc_norm"]) for r in result.records)
+
+
+def test_lm_evals_own_files_are_written_and_read_by_its_tooling(tmp_path):
+    from datasets import load_dataset
+    from lm_eval.utils import get_latest_filename, get_results_filenames, get_sample_results_filenames
+
+    folder = _mmlu_dir(tmp_path)
+    cfg = BenchmarkConfig(name="mmlu", format="mcq", num_fewshot=5, subsets=["abstract_algebra"], data=str(folder), limit=10)
+    result = REGISTRY["mmlu"].evaluate_lm(GoldOrWrong(right=True), cfg)
+    from tasks.evaluation import save_scores
+
+    save_scores(str(tmp_path / "run"), {"mmlu": {"model": result}})  # as `smolflow eval` stores a score
+    out = tmp_path / "run" / "benchmarks" / "mmlu" / "lm-eval" / "model"
+    paths = [str(p) for p in sorted(out.iterdir())]
+    results = json.loads(open(get_latest_filename(get_results_filenames(paths))).read())
+    task = "smolflow_mmlu_abstract_algebra"
+    assert results["results"][task]["acc,none"] == result.score == 1.0
+    assert results["n-shot"][task] == 5 and results["configs"][task]["num_fewshot"] == 5
+    (samples_file,) = get_sample_results_filenames(paths)
+    samples = load_dataset("json", data_files=samples_file, split="train")  # as lm-eval's hub tooling loads them
+    assert samples.num_rows == 2 and list(samples["acc"]) == [1.0, 1.0]
+    assert "lm_eval_files" not in result.model_dump()  # not in summary.json; the caller stores the files
+
+
+# 6. Every score says where its items came from; fixture scores say they are not comparable.
+def test_fixture_scores_carry_their_provenance(caplog):
+    import logging
+
+    from tasks.benchmarks import provenance
+
+    provenance._logged_fixture.clear()
+    with caplog.at_level(logging.WARNING, logger="smolflow"):
+        a = REGISTRY["gsm8k"].evaluate_lm(GoldOrWrong(right=True), BenchmarkConfig(name="gsm8k", data="fixture", limit=2))
+        REGISTRY["bbh"].evaluate_lm(GoldOrWrong(right=True), BenchmarkConfig(name="bbh", data="fixture", limit=1, subsets=["web_of_lies"]))
+    assert a.provenance["source"] == "fixture" and a.provenance["comparable_to_published"] is False
+    assert a.provenance["note"] == FIXTURE_NOTE == a.settings["provenance"]
+    assert set(a.provenance["sha256"]) == {"test", "train"}
+    assert sum(FIXTURE_NOTE in r.getMessage() for r in caplog.records) == 1  # once per run, not per benchmark
+
+
+# 7. The gate and the trend compare like with like only.
+def test_gate_does_not_compare_a_2_item_score_with_a_10_item_score():
+    from tasks.gate import Score, decide
+
+    key = AnswerKey(right=True)
+    two = REGISTRY["mmlu"].evaluate_lm(key, BenchmarkConfig(name="mmlu", data="fixture", limit=1, subsets=["astronomy", "high_school_biology"]))
+    ten = REGISTRY["mmlu"].evaluate_lm(AnswerKey(right=False), BenchmarkConfig(name="mmlu", data="fixture", limit=None))
+    assert (two.n, ten.n) == (2, 12) and two.comparability_key != ten.comparability_key
+    d = decide({"mmlu": Score.of(ten)}, {"mmlu": Score.of(two)}, "base model")
+    assert not d.promote and d.table[0]["delta"] is None  # a drop from 1.0 to 0.0, yet no evidence
+    assert d.not_comparable[0].startswith("mmlu: not comparable (") and "different items, n 2 vs 12" in d.not_comparable[0]
+    assert "no benchmark score is comparable" in d.reasons[0]
+    assert decide({"mmlu": Score.of(ten)}, {"mmlu": Score.of(two)}, "x", allow_incomparable=True).promote
+    again = REGISTRY["mmlu"].evaluate_lm(AnswerKey(right=True), BenchmarkConfig(name="mmlu", data="fixture", limit=None))
+    same = decide({"mmlu": Score.of(ten)}, {"mmlu": Score.of(again)}, "x")
+    assert again.comparability_key == ten.comparability_key and not same.promote and "mmlu dropped 1.0000" in same.reasons[0]
+
+
+def test_trend_draws_one_series_per_comparability_key(tmp_path):
+    from tasks.storage import ArtifactStore, write_manifest
+    from tasks.trends import collect_scores, write_trend
+
+    def run(run_id, n, key, score):
+        r = ArtifactStore(str(tmp_path)).child("runs", run_id)
+        r.write_json("benchmarks/comparison.json", [{"benchmark": "gsm8k", "n": n, "tuned": score, "base": 0.0}])
+        r.write_json("benchmarks/gsm8k/tuned.summary.json", {"score": score, "n": n, "comparability_key": key})
+        write_manifest.fn(r.uri, {"run_id": run_id})
+        return r.uri
+
+    run("20260101-a", 2, "key2items", 1.0)
+    run("20260102-b", 10, "key10items", 0.3)
+    current = run("20260103-c", 10, "key10items", 0.4)
+    rows = collect_scores(str(tmp_path))
+    assert rows[0][1] == {"gsm8k [key2item]": 1.0} and rows[1][1] == {"gsm8k [key10ite]": 0.3}
+    table, _ = write_trend(str(tmp_path), current)
+    assert table.splitlines()[0] == "| run | gsm8k [key10ite] | gsm8k [key2item] |"
+    assert "| 20260101-a |  | 1.0000 (n=2) |" in table and "| 20260102-b | 0.3000 (n=10) |  |" in table
+
+
+def test_published_profile_expands_to_the_model_cards_settings(tmp_path, monkeypatch):
+    from tasks.checks import ConfigError, check_benchmark_data
+
+    cfg = RunConfig(benchmarks="published")
+    assert [(b.name, b.num_fewshot, b.limit, b.data) for b in cfg.benchmarks] == [
+        ("mmlu", 0, None, "hub"), ("bbh", 3, None, "hub"), ("gsm8k", 5, None, "hub")]
+    assert cfg.benchmarks[0].format == "cloze" and cfg.benchmarks[1].variant == "answer_only"
+    local = RunConfig(benchmarks=f"published:{tmp_path}")
+    assert local.benchmarks[2].data == str(tmp_path / "gsm8k")
+    with pytest.raises(ValidationError, match="unknown profile 'leaderboard'"):
+        RunConfig(benchmarks="leaderboard")
+    with pytest.raises(ConfigError, match=r"benchmarks\[0\] \(mmlu\).*needs the Hugging Face hub, but HF_HUB_OFFLINE=1"):
+        check_benchmark_data(cfg)
