@@ -50,7 +50,7 @@ def gather_runs(cfg: ArenaConfig) -> tuple[list[ArenaModel], ModelRef | None]:
     """The promoted run and the newest N completed runs as contestants, and the newest run's base model."""
     manifests = sorted((read_run(cfg.artifacts_uri, run_id) for run_id in completed_runs(cfg.artifacts_uri)),
                        key=lambda m: m.get("completed_at", ""))
-    chosen = manifests[len(manifests) - cfg.last_runs:] if cfg.last_runs else []
+    chosen = manifests[-cfg.last_runs:] if cfg.last_runs else []
     pointer = read_pointer(cfg.artifacts_uri, cfg.flow_name, "promoted") if cfg.promoted else None
     promoted = next((m for m in manifests if pointer and m["run_id"] == pointer["run_id"]), None)
     if promoted is not None and promoted not in chosen:
