@@ -106,15 +106,18 @@ def overlapping(ratings: dict[str, dict[str, float]]) -> bool:
     return all(r["lower"] <= s["upper"] for r in ratings.values() for s in ratings.values())
 
 
-def leaderboard(fit: dict[str, Any]) -> dict[str, Any]:
-    """Rows best first, each with Chatbot Arena's rank (1 + models significantly better), and a verdict."""
+def leaderboard(fit: dict[str, Any], names: dict[str, str] | None = None) -> dict[str, Any]:
+    """Rows best first, each with Chatbot Arena's rank (1 + models significantly better), and a
+    verdict; `names` maps model keys to display names for the verdict and the significant pairs."""
     ratings, better = fit["ratings"], fit["better"]
-    rows = [{"model": m, "rank": 1 + sum(1 for _, worse in better if worse == m),
+    names = names or {}
+    rows = [{"model": m, "name": names.get(m, m), "rank": 1 + sum(1 for _, worse in better if worse == m),
              **{k: round(v, 1) if isinstance(v, float) else v for k, v in r.items()}}
             for m, r in sorted(ratings.items(), key=lambda kv: -kv[1]["rating"])]
-    verdict = NO_DIFFERENCE if not better else "Significant differences (95% bootstrap, Bonferroni over the pairs): " + "; ".join(
-        f"{a} > {b}" for a, b in better)
-    return {"rows": rows, "significant": better, "verdict": verdict}
+    shown = [[names.get(a, a), names.get(b, b)] for a, b in better]
+    verdict = NO_DIFFERENCE if not better else ("Significant differences (95% bootstrap, Bonferroni over the "
+                                                "pairs): " + "; ".join(f"{a} > {b}" for a, b in shown))
+    return {"rows": rows, "significant": shown, "verdict": verdict}
 
 
 def win_probability(rating_a: float, rating_b: float) -> float:

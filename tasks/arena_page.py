@@ -74,7 +74,8 @@ def make_app(root: str, seed: int | None = None) -> Starlette:
         prompt = rng.choice(meta["prompts"])
         names = {m["key"]: m["name"] for m in meta["models"]}
         battle = {"prompt": prompt, "model_a": a, "model_b": b, "name_a": names[a], "name_b": names[b],
-                  "answer_a": read_answers(store, a).get(prompt, ""), "answer_b": read_answers(store, b).get(prompt, "")}
+                  "answer_a": read_answers(store, a).get(prompt, ""),
+                  "answer_b": read_answers(store, b).get(prompt, "")}
         battle_id = secrets.token_urlsafe(12)
         pending[battle_id] = battle
         return battle | {"id": battle_id}
@@ -83,7 +84,8 @@ def make_app(root: str, seed: int | None = None) -> Starlette:
         battle = new_battle()
         if battle is None:
             return _page("smolflow arena", "<h1>smolflow arena</h1>" + _leaderboard_html(None))
-        buttons = "".join(f"<button type='submit' name='choice' value='{c}'>{label}</button>" for c, label in CHOICES.items())
+        buttons = "".join(f"<button type='submit' name='choice' value='{c}'>{label}</button>"
+                          for c, label in CHOICES.items())
         body = (f"<h1>smolflow arena</h1><p>Which answer is better? The models stay hidden until you vote.</p>"
                 f"<div class='prompt' id='prompt'>{html.escape(battle['prompt'])}</div><div class='pair'>"
                 f"<div class='answer' id='answer-a'><h3>Model A</h3><pre>{html.escape(battle['answer_a'])}</pre></div>"
@@ -106,7 +108,8 @@ def make_app(root: str, seed: int | None = None) -> Starlette:
                 f"<p>Model A was <b id='name-a'>{html.escape(battle['name_a'])}</b>; model B was "
                 f"<b id='name-b'>{html.escape(battle['name_b'])}</b>.</p></div>"
                 f"<p><a id='next' href='./'>Next battle</a></p>")
-        return _page("smolflow arena: vote recorded", body + _leaderboard_html(current_board(store, rounds=PAGE_ROUNDS)))
+        board = current_board(store, rounds=PAGE_ROUNDS)
+        return _page("smolflow arena: vote recorded", body + _leaderboard_html(board))
 
     async def leaderboard_json(request: Request) -> JSONResponse:
         return JSONResponse(current_board(store, rounds=PAGE_ROUNDS))

@@ -118,13 +118,8 @@ def current_board(store: ArtifactStore, human: bool = True, rounds: int = 200, s
     keys = [m["key"] for m in meta["models"]]
     judged = read_judge_battles(store)
     votes = read_votes(store) if human else []
-    board = leaderboard(fit_ratings(judged + votes, keys, meta["anchor"], rounds=rounds, seed=seed))
     names = {m["key"]: m["name"] for m in meta["models"]}
-    for row in board["rows"]:
-        row["name"] = names[row["model"]]
-    board["significant"] = [[names[a], names[b]] for a, b in board["significant"]]
-    if board["significant"]:
-        board["verdict"] = board["verdict"].split(": ")[0] + ": " + "; ".join(f"{a} > {b}" for a, b in board["significant"])
+    board = leaderboard(fit_ratings(judged + votes, keys, meta["anchor"], rounds=rounds, seed=seed), names)
     keyset = set(keys)
     counted = [v for v in votes if v["model_a"] in keyset and v["model_b"] in keyset]
     board |= {"anchor": names[meta["anchor"]], "judge_battles": len(judged), "human_votes": len(counted),
@@ -160,5 +155,6 @@ def plot(board: dict[str, Any]) -> bytes:
 
 
 def write_board(store: ArtifactStore, board: dict[str, Any]) -> dict[str, str]:
-    return {"json": store.write_json("leaderboard.json", board), "md": store.write_text("leaderboard.md", markdown(board)),
+    return {"json": store.write_json("leaderboard.json", board),
+            "md": store.write_text("leaderboard.md", markdown(board)),
             "png": store.write_bytes("leaderboard.png", plot(board))}

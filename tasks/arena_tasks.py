@@ -150,7 +150,8 @@ def publish_leaderboard(root: str, human_votes: bool, rounds: int, seed: int) ->
     board["files"] = write_board(store, board)
     create_table_artifact(
         key="smolflow-arena",
-        table=[{k: r[k] for k in ("rank", "name", "rating", "lower", "upper", "battles", "model")} for r in board["rows"]],
+        table=[{k: r[k] for k in ("rank", "name", "rating", "lower", "upper", "battles", "model")}
+               for r in board["rows"]],
         description=f"Arena leaderboard (anchor {board['anchor']} = 1000; {board['judge_battles']} judge battles, "
                     f"{board['human_votes']} human votes). {board['verdict']}",
     )
@@ -178,4 +179,7 @@ def log_wandb(cfg: ArenaConfig, board: dict[str, Any], run_id: str, store: Artif
                       | {"arena/judge_battles": board["judge_battles"], "arena/human_votes": board["human_votes"],
                          "arena/verdict": board["verdict"]})
     wb.finish()
+    # finish() can return a moment before W&B's service has closed the run file (seen here under
+    # load: a copy taken right away lacked the summary); teardown waits for the service to exit.
+    wandb.teardown()
     return store.upload_dir(Path(local) / "wandb", f"wandb/{run_id}")

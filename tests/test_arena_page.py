@@ -36,7 +36,8 @@ def make_arena(root: Path) -> None:
                                     "new_tokens": 9, "stopped_at_eos": True} for i, p in enumerate(PROMPTS)])
     write_judge_battles(store, [{"model_a": a, "model_b": b, "prompt": PROMPTS[0], "outcome": o, "source": "judge"}
                                 for a, b, o in [(MODELS[1][0], MODELS[0][0], "a"), (MODELS[2][0], MODELS[0][0], "tie"),
-                                                (MODELS[1][0], MODELS[2][0], "b"), (MODELS[0][0], MODELS[2][0], "tie")]])
+                                                (MODELS[1][0], MODELS[2][0], "b"),
+                                                (MODELS[0][0], MODELS[2][0], "tie")]])
 
 
 def _free_port() -> int:
@@ -98,8 +99,8 @@ def test_votes_in_chromium_survive_a_restart_and_move_the_leaderboard(tmp_path):
                 assert not any(f">{n}<" in page.locator(".pair").inner_html() for n in names)
                 page.get_by_role("button", name=choice).click()
                 page.wait_for_selector("#reveal")
-                assert page.locator("#name-a").inner_text() in names and a.startswith(page.locator("#name-a").inner_text())
-                assert b.startswith(page.locator("#name-b").inner_text())
+                name_a, name_b = page.locator("#name-a").inner_text(), page.locator("#name-b").inner_text()
+                assert name_a in names and a.startswith(name_a) and b.startswith(name_b)
             page.screenshot(path=str(tmp_path / "after-votes.png"), full_page=True)
             assert page.locator("#human-votes").inner_text() == "3"
             # Resubmitting a battle already voted on records nothing.

@@ -125,8 +125,8 @@ def test_arena_deployment_is_triggered_by_a_completed_nightly_run(served):
     assert automation.actions[0].deployment_id == arena.id
     # What the server records when a nightly flow run completes; the automation answers with an arena run.
     emit_event(event="prefect.flow-run.Completed", resource={"prefect.resource.id": "prefect.flow-run.nightly-test"},
-               related=[{"prefect.resource.id": f"prefect.deployment.{nightly.id}", "prefect.resource.role": "deployment",
-                         "prefect.resource.name": "nightly"}])
+               related=[{"prefect.resource.id": f"prefect.deployment.{nightly.id}",
+                         "prefect.resource.role": "deployment", "prefect.resource.name": "nightly"}])
     deadline = time.monotonic() + 120
     while not client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[arena.id]))):
         assert time.monotonic() < deadline, "no arena run 120 s after a nightly run completed"
