@@ -73,6 +73,8 @@ def board(port: int) -> dict:
 
 
 def test_votes_in_chromium_survive_a_restart_and_move_the_leaderboard(tmp_path):
+    # Over 20 s: two server starts (each imports Prefect) and a browser; 49 s measured while other
+    # agents loaded this 2-core machine to a load average of 20.
     from playwright.sync_api import sync_playwright
 
     root, port, log = tmp_path / "artifacts", _free_port(), tmp_path / "page.log"
