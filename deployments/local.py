@@ -82,10 +82,10 @@ def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
             continue
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=4200)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     server = start_server(args.port)
     print(f"Prefect UI: http://127.0.0.1:{args.port}  (API: http://127.0.0.1:{args.port}/api)", flush=True)
     serving = start_serving(args.port)

@@ -58,11 +58,11 @@ class ArenaConfig(_Section):
     max_battles: int | None = Field(
         None, ge=1, description="Judge at most this many battles, the most informative (closest ratings, fewest "
         "battles so far) first; None: every pair on every prompt.")
-    judge: ArenaJudgeConfig = Field(default_factory=ArenaJudgeConfig)
+    judge: ArenaJudgeConfig = Field(default_factory=ArenaJudgeConfig, description="Who judges the battles.")
     human_votes: bool = Field(True, description="Count people's votes from the arena page (arena/votes/).")
     bootstrap_rounds: int = Field(200, ge=20, le=10000, description="Bootstrap resamples for the 95% intervals.")
     seed: int = Field(0, description="Seed of the bootstrap (the same battles give the same intervals).")
-    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases: the leaderboard table.")
     torch_threads: int | None = Field(
         None, ge=1, description="None: every available core; lower it when other heavy processes share the machine.")
 
