@@ -1,4 +1,5 @@
-"""Serve smolflow's deployments from this process: a nightly fine-tune and an on-demand one.
+"""Serve smolflow's deployments from this process: a nightly fine-tune, an on-demand one, and
+the arena, triggered by each completed nightly run.
 
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m deployments.serve
 
@@ -16,8 +17,10 @@ import sys
 
 from prefect import serve
 from prefect.client.schemas.schedules import CronSchedule
+from prefect.events import DeploymentEventTrigger
 
 from deployments.alerts import BLOCK_ENV, ensure_alerts
+from flows.arena import arena
 from flows.finetune import finetune
 
 
@@ -36,7 +39,19 @@ def deployments():
         tags=["smolflow", "on-demand"],
         description="Run from the Prefect UI's Run button with any parameters.",
     )
-    return [nightly, on_demand]
+    # The arena re-rates the models whenever a nightly run completes (its new model joins the
+    # battles), through an event trigger on that deployment; it can also be run by hand.
+    after_nightly = arena.to_deployment(
+        name="after-nightly",
+        triggers=[DeploymentEventTrigger(
+            expect={"prefect.flow-run.Completed"},
+            match_related={"prefect.resource.role": "deployment", "prefect.resource.name": nightly.name},
+        )],
+        concurrency_limit=1,
+        tags=["smolflow", "arena"],
+        description="Arena battles and Bradley-Terry leaderboard over the promoted, latest runs and the base.",
+    )
+    return [nightly, on_demand, after_nightly]
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ def served(tmp_path_factory):
                 try:
                     nightly = client.read_deployment_by_name("smolflow-finetune/nightly")
                     on_demand = client.read_deployment_by_name("smolflow-finetune/on-demand")
+                    client.read_deployment_by_name("smolflow-arena/after-nightly")
                     break
                 except Exception:
                     if time.monotonic() > deadline:
@@ -112,3 +113,21 @@ def test_run_button_starts_a_run_with_changed_parameters(served, tiny_model_dir,
     check_run_folder(run_uri)
     keys = {a.key for a in client.read_artifacts() if a.flow_run_id == run.id}
     assert {"smolflow-report", "smolflow-benchmarks"} <= keys
+
+
+def test_arena_deployment_is_triggered_by_a_completed_nightly_run(served):
+    from prefect.events import emit_event
+
+    client, nightly, _ = served
+    arena = client.read_deployment_by_name("smolflow-arena/after-nightly")
+    (automation,) = client.read_automations_by_name("after-nightly__automation_1")
+    assert automation.trigger.expect == {"prefect.flow-run.Completed"}
+    assert automation.actions[0].deployment_id == arena.id
+    # What the server records when a nightly flow run completes; the automation answers with an arena run.
+    emit_event(event="prefect.flow-run.Completed", resource={"prefect.resource.id": "prefect.flow-run.nightly-test"},
+               related=[{"prefect.resource.id": f"prefect.deployment.{nightly.id}",
+                         "prefect.resource.role": "deployment", "prefect.resource.name": "nightly"}])
+    deadline = time.monotonic() + 120
+    while not client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[arena.id]))):
+        assert time.monotonic() < deadline, "no arena run 120 s after a nightly run completed"
+        time.sleep(2)

@@ -1,0 +1,76 @@
+"""The arena's configuration: which models battle, on which prompts, judged by whom, rated how.
+
+Like RunConfig it is the flow's whole parameter set (the Prefect UI renders it as a form) and it
+imports no task module. Files it names are read and checked at the flow's start, naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from tasks.config import WandbConfig, _Section
+
+
+class ArenaJudgeConfig(_Section):
+    """Who judges the battles: the same backends as the fine-tune run's judge (tasks/judge.py)."""
+
+    enabled: bool = Field(True, description="Judge scheduled battles (both orders each); off: people's votes only.")
+    backend: Literal["local", "openai"] = Field(
+        "local", description="local: a transformers model on this machine; openai: any OpenAI-compatible endpoint.")
+    model: str = Field(
+        "auto", description="local: hub id or model directory ('auto': the built-in SmolLM2-135M-Instruct, a weak "
+        "judge); openai: the endpoint's model name.")
+    base_url: str | None = Field(None, description="openai backend: e.g. http://127.0.0.1:8000/v1 (vLLM, TGI, Ollama).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai backend: environment variable holding the key.")
+    api_key_secret: str | None = Field(
+        None, description="openai backend: name of a Prefect Secret block holding the key (used when set).")
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> ArenaJudgeConfig:
+        if self.backend == "openai" and (not self.base_url or self.model == "auto"):
+            raise ValueError("arena judge: backend 'openai' needs judge.base_url and judge.model")
+        return self
+
+
+class ArenaConfig(_Section):
+    """Blind battles between models (nightly runs, the base, any model id), a Bradley-Terry leaderboard."""
+
+    artifacts_uri: str = Field(
+        "./smolflow-runs", description="The fine-tune runs' root (local path, file:// or s3://): runs are read "
+        "from runs/ and pointers/, the arena writes arena/ below it.")
+    flow_name: str = Field("smolflow-finetune", description="Flow whose `promoted` pointer and runs are gathered.")
+    base_model: str = Field(
+        "auto", description="The anchor (rated 1000). 'auto': the base model recorded in the newest gathered run's "
+        "manifest, or the fine-tune flow's default model when there is no run; or any model id or directory.")
+    promoted: bool = Field(True, description="Include the run the `promoted` pointer names.")
+    last_runs: int = Field(3, ge=0, description="Include the newest N completed runs (by completion time).")
+    models: list[str] = Field(
+        default_factory=list, description="More models: hub ids, local model directories, or "
+        "'builtin:smollm2-135m-instruct'.")
+    prompts: str = Field(
+        "fixture", description="'fixture': the shipped AlpacaEval-schema instructions "
+        "(tasks/fixtures/judge/instructions.jsonl); or a local .json/.jsonl file with `instruction` per row.")
+    limit: int | None = Field(None, ge=1, description="Use at most this many prompts.")
+    max_new_tokens: int = Field(100, ge=1, le=4096, description="Answer length; answers are cached per model "
+                                "content, prompt and this length.")
+    max_battles: int | None = Field(
+        None, ge=1, description="Judge at most this many battles, the most informative (closest ratings, fewest "
+        "battles so far) first; None: every pair on every prompt.")
+    judge: ArenaJudgeConfig = Field(default_factory=ArenaJudgeConfig, description="Who judges the battles.")
+    human_votes: bool = Field(True, description="Count people's votes from the arena page (arena/votes/).")
+    bootstrap_rounds: int = Field(200, ge=20, le=10000, description="Bootstrap resamples for the 95% intervals.")
+    seed: int = Field(0, description="Seed of the bootstrap (the same battles give the same intervals).")
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases: the leaderboard table.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="None: every available core; lower it when other heavy processes share the machine.")
+
+    @model_validator(mode="after")
+    def _checks(self) -> ArenaConfig:
+        if "://" in self.artifacts_uri and not self.artifacts_uri.startswith(("file://", "s3://")):
+            raise ValueError(f"artifacts_uri: unsupported scheme in {self.artifacts_uri!r}: use a local path, "
+                             "file:// or s3://")
+        if "/" in self.flow_name or not self.flow_name:
+            raise ValueError(f"flow_name {self.flow_name!r} must be a non-empty name without slashes")
+        return self

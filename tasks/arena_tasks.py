@@ -1,0 +1,185 @@
+"""The arena flow's stages: gather models, answer the prompts (cached), schedule and judge
+battles, rate, publish. The rating math is in tasks/arena.py, the files in tasks/arena_store.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from tasks.arena import schedule
+from tasks.arena_config import ArenaConfig, ArenaJudgeConfig
+from tasks.arena_store import arena_store, current_board, model_key, read_judge_battles, read_votes, write_board
+from tasks.config import JudgeConfig
+from tasks.models import ModelRef, load_model
+from tasks.runtime import BY_CONTENT, cache_dir, run_logger
+from tasks.storage import ArtifactStore, completed_runs, read_pointer, read_run
+
+PREFERENCE_OUTCOME = {2.0: "a", 1.0: "b", 1.5: "tie"}  # tasks/judge.py: 2 = output (a's answer) better
+
+
+class ArenaModel(BaseModel):
+    """One contestant: a display name and the model it is."""
+
+    name: str
+    ref: ModelRef
+
+    @property
+    def key(self) -> str:
+        return model_key(self.ref.fingerprint)
+
+
+def load_prompts(cfg: ArenaConfig) -> list[str]:
+    """The arena's prompts (AlpacaEval schema), checked, limited to cfg.limit."""
+    from tasks.judge import load_instructions
+
+    try:
+        return load_instructions(JudgeConfig(instructions=cfg.prompts, limit=cfg.limit), [])
+    except ValueError as err:  # the judge's reader names its own field; here the field is `prompts`
+        raise ValueError(str(err).replace("judge.instructions", "arena prompts")) from None
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30])
+def gather_runs(cfg: ArenaConfig) -> tuple[list[ArenaModel], ModelRef | None]:
+    """The promoted run and the newest N completed runs as contestants, and the newest run's base model."""
+    manifests = sorted((read_run(cfg.artifacts_uri, run_id) for run_id in completed_runs(cfg.artifacts_uri)),
+                       key=lambda m: m.get("completed_at", ""))
+    chosen = manifests[-cfg.last_runs:] if cfg.last_runs else []
+    pointer = read_pointer(cfg.artifacts_uri, cfg.flow_name, "promoted") if cfg.promoted else None
+    promoted = next((m for m in manifests if pointer and m["run_id"] == pointer["run_id"]), None)
+    if promoted is not None and promoted not in chosen:
+        chosen.insert(0, promoted)
+    contestants = [ArenaModel(name=f"run {m['run_id']}" + (" (promoted)" if m is promoted else ""),
+                              ref=ModelRef(**m["tuned_model"])) for m in chosen]
+    base = ModelRef(**manifests[-1]["base_model"]) if manifests else None
+    run_logger().info("Arena: %d completed runs under %s; %d chosen (promoted: %s)", len(manifests),
+                      cfg.artifacts_uri, len(contestants), pointer["run_id"] if pointer else "none")
+    return contestants, base
+
+
+def unique_models(models: list[ArenaModel]) -> list[ArenaModel]:
+    """One contestant per content fingerprint: the same weights under two names battle once."""
+    seen: dict[str, ArenaModel] = {}
+    for m in models:
+        if m.key in seen:
+            seen[m.key] = ArenaModel(name=f"{seen[m.key].name} = {m.name}", ref=seen[m.key].ref)
+        else:
+            seen[m.key] = m
+    return list(seen.values())
+
+
+def _answer_key(fingerprint: str, prompt: str, max_new_tokens: int) -> str:
+    return hashlib.sha256(json.dumps([fingerprint, prompt, max_new_tokens]).encode()).hexdigest()
+
+
+@task(cache_policy=BY_CONTENT, retries=1)
+def answer_prompts(model: ModelRef, prompts: list[str], max_new_tokens: int) -> list[dict[str, Any]]:
+    """One model's greedy answers; each (model content, prompt, length) is generated once per machine."""
+    from tasks.generation import generate
+
+    # Prefect's cache keys the whole prompt list; this one keys each prompt, so adding a prompt to
+    # the arena generates that prompt only.
+    folder = cache_dir("arena-answers")
+    paths = [folder / f"{_answer_key(model.fingerprint, p, max_new_tokens)}.json" for p in prompts]
+    missing = [p for p, path in zip(prompts, paths) if not path.exists()]
+    if missing:
+        run_logger().info("Answering %d of %d prompts with %s", len(missing), len(prompts), model.source)
+        lm, tokenizer = load_model(model)
+        for sample in generate(lm.eval(), tokenizer, missing, max_new_tokens):
+            path = folder / f"{_answer_key(model.fingerprint, sample.prompt, max_new_tokens)}.json"
+            staging = path.with_suffix(".tmp")
+            staging.write_text(json.dumps({"prompt": sample.prompt, "answer": sample.completion,
+                                           "new_tokens": sample.new_tokens, "stopped_at_eos": sample.stopped_at_eos}))
+            staging.replace(path)
+    return [json.loads(path.read_text()) for path in paths]
+
+
+@task(cache_policy=NO_CACHE)
+def schedule_battles(root: str, keys: list[str], prompts: list[str], limit: int | None) -> list[tuple[str, str, str]]:
+    """Battles to judge, the most informative first (closest ratings on the last leaderboard, fewest battles)."""
+    store = arena_store(root)
+    ratings = {}
+    if store.exists("leaderboard.json"):
+        ratings = {r["model"]: r["rating"] for r in store.read_json("leaderboard.json")["rows"]}
+    played: dict[tuple[str, str], int] = {}
+    for b in read_votes(store) + read_judge_battles(store):
+        if b["model_a"] in keys and b["model_b"] in keys and b["model_a"] != b["model_b"]:
+            pair = tuple(sorted((b["model_a"], b["model_b"]), key=keys.index))
+            played[pair] = played.get(pair, 0) + 1
+    return schedule(keys, prompts, ratings, played, limit)
+
+
+def _backend_config(cfg: ArenaJudgeConfig) -> JudgeConfig:
+    return JudgeConfig(**cfg.model_dump(exclude={"enabled"}))
+
+
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[10])
+def judge_battles(battles: list[tuple[str, str, str]], answers: dict[str, dict[str, str]],
+                  cfg: ArenaJudgeConfig) -> list[dict[str, Any]]:
+    """Each battle judged in both orders by the fine-tune run's judge (cached verdicts reused)."""
+    from tasks.judge import judge
+    from tasks.judge_backends import make_backend
+
+    if not battles:
+        return []
+    result = judge(make_backend(_backend_config(cfg)), [p for _, _, p in battles],
+                   [answers[a][p] for a, _, p in battles], [answers[b][p] for _, b, p in battles])
+    out = []
+    for (a, b, prompt), record in zip(battles, result.records):
+        if record["preference"] is None:
+            continue  # a verdict that named neither answer: left out, as in the judge's own win rate
+        out.append({"model_a": a, "model_b": b, "prompt": prompt, "outcome": PREFERENCE_OUTCOME[record["preference"]],
+                    "source": "judge", "judge": result.settings["judge_identity"],
+                    "verdicts": [record["verdict_tuned_as_a"], record["verdict_tuned_as_b"]]})
+    run_logger().info("Judge: %d battles, %d counted, %d left out (unparsed verdicts)",
+                      len(battles), len(out), len(battles) - len(out))
+    return out
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30])
+def publish_leaderboard(root: str, human_votes: bool, rounds: int, seed: int) -> dict[str, Any]:
+    """Fit the ratings, write leaderboard.json/.md/.png and show the table as a Prefect artifact."""
+    store = arena_store(root)
+    board = current_board(store, human_votes, rounds, seed)
+    board["files"] = write_board(store, board)
+    create_table_artifact(
+        key="smolflow-arena",
+        table=[{k: r[k] for k in ("rank", "name", "rating", "lower", "upper", "battles", "model")}
+               for r in board["rows"]],
+        description=f"Arena leaderboard (anchor {board['anchor']} = 1000; {board['judge_battles']} judge battles, "
+                    f"{board['human_votes']} human votes). {board['verdict']}",
+    )
+    return board
+
+
+def log_wandb(cfg: ArenaConfig, board: dict[str, Any], run_id: str, store: ArtifactStore) -> str | None:
+    """The leaderboard as a W&B table (offline files by default), kept under arena/wandb/."""
+    from tasks.tracking import wandb_mode
+
+    mode = wandb_mode(cfg.wandb)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    local = cache_dir("work", run_id)
+    wb = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, id=run_id, name=run_id, group="arena",
+                    job_type="arena", tags=["arena"], mode=mode, dir=str(local), config=cfg.model_dump(mode="json"),
+                    reinit="finish_previous")
+    table = wandb.Table(columns=["rank", "model", "key", "rating", "lower", "upper", "battles"])
+    for r in board["rows"]:
+        table.add_data(r["rank"], r["name"], r["model"], r["rating"], r["lower"], r["upper"], r["battles"])
+    wb.log({"arena/leaderboard": table})
+    wb.summary.update({f"arena/rating/{r['name']}": r["rating"] for r in board["rows"]}
+                      | {"arena/judge_battles": board["judge_battles"], "arena/human_votes": board["human_votes"],
+                         "arena/verdict": board["verdict"]})
+    wb.finish()
+    # finish() can return a moment before W&B's service has closed the run file (seen here under
+    # load: a copy taken right away lacked the summary); teardown waits for the service to exit.
+    wandb.teardown()
+    return store.upload_dir(Path(local) / "wandb", f"wandb/{run_id}")
