@@ -18,7 +18,8 @@ from tasks.arena_config import ArenaConfig, ArenaJudgeConfig
 from tasks.arena_store import arena_store, current_board, model_key, read_judge_battles, read_votes, write_board
 from tasks.config import JudgeConfig
 from tasks.models import ModelRef, load_model
-from tasks.runtime import BY_CONTENT, cache_dir, run_logger
+from tasks.caching import BY_CONTENT
+from tasks.runtime import cache_dir, run_logger
 from tasks.storage import ArtifactStore, completed_runs, read_pointer, read_run
 
 PREFERENCE_OUTCOME = {2.0: "a", 1.0: "b", 1.5: "tie"}  # tasks/judge.py: 2 = output (a's answer) better

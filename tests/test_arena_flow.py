@@ -5,7 +5,6 @@ files, a Prefect table artifact and an offline W&B table."""
 import json
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
