@@ -1,17 +1,15 @@
 """smolflow arena: blind battles between models, judged and voted on, rated Bradley-Terry style.
 
-    python -m flows.arena                                   # the last 3 runs + promoted + base, offline judge
-    python -m flows.arena --artifacts-uri s3://bucket/smolflow --last-runs 7 --models '["my/model"]'
+    smolflow arena run                                      # the last 3 runs + promoted + base, offline judge
+    smolflow arena run --artifacts-uri s3://bucket/smolflow --last-runs 7 --models '["my/model"]'
 
-People vote on the same battles at the arena page (tasks/arena_page.py: `arena_serve`).
+People vote on the same battles at the arena page: `smolflow arena serve` (tasks/arena_page.py).
 """
 
 from __future__ import annotations
 
-import sys
 from datetime import datetime, timezone
 
-import yaml
 from prefect import flow
 from prefect.runtime import flow_run
 
@@ -65,20 +63,3 @@ def arena(config: ArenaConfig = ArenaConfig()) -> dict:
     wandb_files = log_wandb(config, board, run_id, store)
     return {"leaderboard": board["files"], "verdict": board["verdict"], "wandb": wandb_files,
             "rows": [{k: r[k] for k in ("rank", "name", "rating", "lower", "upper", "battles")} for r in board["rows"]]}
-
-
-def parse_args(argv: list[str]) -> ArenaConfig:
-    """`--config FILE.yaml`, then `--field value` flags on top (as flows/finetune.py)."""
-    from pydantic_settings import CliApp
-
-    data = {}
-    if "--config" in argv:
-        i = argv.index("--config")
-        with open(argv[i + 1]) as f:
-            data = yaml.safe_load(f) or {}
-        argv = argv[:i] + argv[i + 2:]
-    return CliApp.run(ArenaConfig, cli_args=argv, **data)
-
-
-if __name__ == "__main__":
-    print(yaml.safe_dump(arena(config=parse_args(sys.argv[1:])), sort_keys=False))

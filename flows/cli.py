@@ -6,6 +6,7 @@
     smolflow runs      [--root URI]                                  list the runs under an artifact root
     smolflow compare   RUN_A RUN_B [--root URI]                      two runs side by side
     smolflow serve     [--port 4200]                                 Prefect server + the deployments
+    smolflow arena run [settings ...] | arena serve [--root URI]     blind battles, leaderboard, vote page
 
 A user error (bad flag, bad YAML, missing file, invalid value) prints one message naming the
 field, file and line, and exits 2; `--debug` shows the traceback instead.
@@ -116,6 +117,23 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
     os.execv(sys.executable, [sys.executable, "-m", "deployments.local", "--port", str(args.port)])
 
 
+def cmd_arena_run(args: argparse.Namespace, rest: list[str]) -> int:
+    """Arena battles between nightly models, judged, rated Bradley-Terry style (the smolflow-arena flow)."""
+    from flows.arena import arena
+    from tasks.arena_config import ArenaConfig
+
+    _print(arena(config=parse_config(rest, model=ArenaConfig)))
+    return 0
+
+
+def cmd_arena_serve(args: argparse.Namespace, rest: list[str]) -> int:
+    """The arena's vote page: two anonymous answers, A / B / tie / both bad, models revealed after."""
+    from tasks.arena_page import arena_serve
+
+    arena_serve(args.root, args.host, args.port)
+    return 0
+
+
 # ---- parser ----------------------------------------------------------------------------------
 
 CONFIG_COMMANDS: dict[str, Callable] = {"run": cmd_run, "eval": cmd_eval, "validate": cmd_validate}
@@ -131,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description=fn.__doc__ + "\n\n" + config_help(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("-h", "--help", action="help", help="list every setting")
-        p.set_defaults(fn=fn)
+        p.set_defaults(fn=fn, takes_settings=True)
     p = sub.add_parser("runs", help=cmd_runs.__doc__)
     p.add_argument("--root", default=DEFAULT_ROOT, help="artifact root: local path, file:// or s3:// (default %(default)s)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -143,6 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="show every setting, not only those that differ")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_compare)
+    arena = sub.add_parser("arena", help="blind battles between models: run the arena flow, or serve its vote page")
+    arena_sub = arena.add_subparsers(dest="arena_command", metavar="ARENA_COMMAND", required=True)
+    from tasks.arena_config import ArenaConfig
+
+    p = arena_sub.add_parser("run", help=cmd_arena_run.__doc__, add_help=False,
+                             description=cmd_arena_run.__doc__ + "\n\n" + config_help(ArenaConfig),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-h", "--help", action="help", help="list every setting")
+    p.set_defaults(fn=cmd_arena_run, takes_settings=True)
+    p = arena_sub.add_parser("serve", help=cmd_arena_serve.__doc__)
+    p.add_argument("--root", default=DEFAULT_ROOT, help="artifact root the arena flow wrote to (default %(default)s)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(fn=cmd_arena_serve)
     p = sub.add_parser("serve", help=cmd_serve.__doc__)
     p.add_argument("--port", type=int, default=4200)
     p.set_defaults(fn=cmd_serve)
@@ -154,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in CONFIG_COMMANDS:
+    if rest and not getattr(args, "takes_settings", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     rest = [a for a in rest if a != "--debug"]
     try:

@@ -125,13 +125,3 @@ def arena_serve(root: str, host: str = "127.0.0.1", port: int = 7860) -> None:
     print(f"smolflow arena: http://{host}:{port}/  (votes go to {arena_store(root).url('votes')})", flush=True)
     uvicorn.run(make_app(root), host=host, port=port, log_level="warning")
 
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="The arena's vote page.")
-    parser.add_argument("--root", default="./smolflow-runs", help="artifacts root the arena flow wrote to")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
-    args = parser.parse_args()
-    arena_serve(args.root, args.host, args.port)

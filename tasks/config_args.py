@@ -80,12 +80,12 @@ def _fields(model: type[BaseModel]) -> list[str]:
     return list(model.model_fields)
 
 
-def _explain(err: dict) -> str:
+def _explain(err: dict, model: type[BaseModel] = RunConfig) -> str:
     loc = tuple(err["loc"])
     field = ".".join(str(p) for p in loc) or "config"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        section: type[BaseModel] = RunConfig
+        section: type[BaseModel] = model
         for part in loc[:-1]:
             if isinstance(part, int):
                 continue
@@ -101,8 +101,9 @@ def _explain(err: dict) -> str:
     return f"{field}: {msg}, got {err.get('input')!r}"
 
 
-def parse_config(argv: list[str], defaults: dict | None = None) -> RunConfig:
-    """The RunConfig of a command line: defaults, then the --config file, then the flags."""
+def parse_config(argv: list[str], defaults: dict | None = None, model: type[BaseModel] = RunConfig):
+    """The config (a RunConfig, or e.g. the arena's) of a command line: defaults, then the --config
+    file, then the flags."""
     path, flags = split_flags(argv)
     data, lines = _read_config_file(path) if path else ({}, {})
     data = (defaults or {}) | data
@@ -115,19 +116,19 @@ def parse_config(argv: list[str], defaults: dict | None = None) -> RunConfig:
         _set(data, key, raw if value is None and raw else value)
         where[key] = f"flag {flag}"
     try:
-        return RunConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         found = []
         for e in err.errors():
             loc = tuple(e["loc"])
             origin = next((w for k, w in where.items() if loc[: len(k)] == k or k[: len(loc)] == loc), None)
             origin = origin or (at(path, lines, loc) if path else "defaults")
-            found.append(f"{origin}: {_explain(e)}")
+            found.append(f"{origin}: {_explain(e, model)}")
         raise UserError("\n".join(found)) from None
 
 
-def config_help() -> str:
-    """Every setting as a flag, with its type, default and description."""
+def config_help(model: type[BaseModel] = RunConfig) -> str:
+    """Every setting as a flag, with its default and description."""
     out = []
 
     def walk(model: type[BaseModel], prefix: str) -> None:
@@ -144,5 +145,5 @@ def config_help() -> str:
             shown = json.dumps(default) if not isinstance(default, str) else default
             out.append(f"  --{flag} (default: {shown})\n      {info.description or ''}".rstrip())
 
-    walk(RunConfig, "")
+    walk(model, "")
     return "Settings (each also accepts underscores, and --flag=VALUE):\n" + "\n".join(out) + "\n"

@@ -48,7 +48,7 @@ def _free_port() -> int:
 
 def start_page(root: Path, port: int, log: Path) -> subprocess.Popen:
     """`arena_serve` in its own process, as `smolflow arena serve` runs it; returns once it answers."""
-    proc = subprocess.Popen([sys.executable, "-m", "tasks.arena_page", "--root", str(root), "--port", str(port)],
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "smolflow"), "arena", "serve", "--root", str(root), "--port", str(port)],
                             cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
                             env=os.environ | {"PYTHONPATH": str(ROOT)})
     deadline = time.monotonic() + 120
