@@ -180,7 +180,7 @@ def row_problem(messages) -> str | None:
     if not any(m["role"] == "assistant" for m in messages):
         return "no assistant turn to learn from"
     if not any(m["role"] == "user" for m in messages):
-        return "no user turn: the assistant answers nobody (add the user's message, or drop the row)"
+        return "no user turn (the assistant answers nobody: add the user's message, or drop the row)"
     return None
 
 
