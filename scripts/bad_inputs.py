@@ -151,6 +151,8 @@ def sandbox_rows() -> list[list[str]]:
         result = run_python(program, Limits(timeout_s=5, cpu_s=5))
         printed = [line for line in result.stdout.splitlines() if line.strip() and line != "[end]"]
         tail = (result.stderr.strip().splitlines() or printed or ["exited before the end-of-program marker"])[-1]
+        if result.status == "timeout":
+            tail = "killed (process group and PID namespace) at the 5 s wall-clock limit"
         rows.append([f"sandbox: {name}", f"{result.seconds:.1f}", f"{result.status}; {tail[:200]}"])
     rows.append(["sandbox: isolation", "", result.isolation])
     return rows
@@ -227,6 +229,7 @@ def main() -> None:
         for name in wanted:
             what, extra = cases[name]
             seconds, rc, message, traceback = run_flow_case(extra, env, opts.timeout)
+            message = message.replace(str(work), "$WORK")  # the script's temporary folder
             rows.append([f"{what} [`{name}`]", f"{seconds:.1f}", str(rc), "yes" if traceback else "no", message])
             print(f"{name}: {seconds:.1f} s, exit {rc}", file=sys.stderr)
     finally:

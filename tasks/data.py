@@ -33,8 +33,8 @@ from pydantic import BaseModel
 from tasks.config import DataConfig
 from tasks.datafiles import READ_PROBLEM, Origin, UnreadableError, local_data_files, read_split
 from tasks.rows import (  # noqa: F401 - as_written, row_problem, row_shapes: used from here by other stages
-    CHATML_TOKENS, SHAPES, as_written, normalize, pairs_to_messages, reason_kind, row_problem, row_shapes, special_token_problem,
-    token_pattern,
+    CHATML_TOKENS, SHAPES, as_written, may_hold_token, normalize, pairs_to_messages, reason_kind, row_json, row_problem,
+    row_shapes, special_token_problem, token_pattern,
 )
 from tasks.runtime import FIXTURES, atomic_dir, atomic_write, cache_dir, default_threads, hub_offline
 
@@ -133,11 +133,13 @@ def _check_batch(batch, tokens: list[str], escape: bool):
     unread = batch.get(READ_PROBLEM) or [None] * len(batch["messages"])
     for messages, unreadable in zip(batch["messages"], unread):
         messages, changes = normalize(messages, pattern, escape)
-        problem = unreadable or row_problem(messages) or special_token_problem(messages, pattern)
+        text = row_json(messages)
+        problem = unreadable or row_problem(messages) or (
+            special_token_problem(messages, pattern) if may_hold_token(text, pattern) else None)
         out["_problem"].append(problem)
-        out["_rewritten"].append(changes)
+        out["_rewritten"].append(",".join(changes) or None)
         # 16 bytes of a digest per row find duplicates later without holding conversations in memory.
-        out["_digest"].append(hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).digest()[:16])
+        out["_digest"].append(hashlib.sha256(text.encode()).digest()[:16])
         for shape, flag in zip(SHAPES, row_shapes(messages) if problem is None else (False,) * 3):
             out[f"_{shape}"].append(flag)
     return out
@@ -163,10 +165,10 @@ def as_messages(ds, split: str):
 
 
 def _check_features():
-    from datasets import Features, List, Value
+    from datasets import Features, Value
 
     # Typed up front: a first batch of good rows would otherwise fix `_problem` as null.
-    return Features({"_problem": Value("string"), "_digest": Value("binary"), "_rewritten": List(Value("string")),
+    return Features({"_problem": Value("string"), "_digest": Value("binary"), "_rewritten": Value("string"),
                      **{f"_{s}": Value("bool") for s in SHAPES}})
 
 
@@ -226,8 +228,9 @@ def check_rows(ds, split: str, policy: str = "strict", num_proc: int | None = No
     keep = ~(bad | duplicate)
     shapes = {s: int(np.count_nonzero(column(f"_{s}").to_numpy(zero_copy_only=False) & keep)) for s in SHAPES}
     rewritten: dict[str, int] = {}
-    for i in np.flatnonzero(keep & (column("_rewritten").combine_chunks().value_lengths().to_numpy(zero_copy_only=False) > 0)):
-        for change in column("_rewritten")[int(i)].as_py():
+    changed = column("_rewritten")
+    for i in np.flatnonzero(keep & changed.is_valid().to_numpy(zero_copy_only=False)):
+        for change in changed[int(i)].as_py().split(","):
             rewritten[change] = rewritten.get(change, 0) + 1
     ds = ds.select(np.flatnonzero(keep)) if len(rejected) else ds
     if rewritten:  # a second pass only when some row changes; JSON values keep every shape as written

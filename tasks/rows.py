@@ -12,6 +12,7 @@ Normalisation rewrites two things and nothing else:
 
 from __future__ import annotations
 
+import json
 import re
 
 ROLES = {"system", "user", "assistant", "tool"}
@@ -24,10 +25,30 @@ ESCAPE = "\u200b"
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
+# pattern text -> whether every token reads the same inside JSON text (no quote, backslash or
+# control character), so that one search of a row's JSON can rule tokens out.
+_JSON_SAFE: dict[str, bool] = {}
+
+
 def token_pattern(tokens) -> re.Pattern | None:
     """One regex for all the tokens, longest first (so '<|a|>x' wins over '<|a|>')."""
     tokens = sorted({t for t in tokens if t}, key=len, reverse=True)
-    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+    if not tokens:
+        return None
+    pattern = re.compile("|".join(map(re.escape, tokens)))
+    _JSON_SAFE[pattern.pattern] = all(json.dumps(t, ensure_ascii=False)[1:-1] == t for t in tokens)
+    return pattern
+
+
+def row_json(messages) -> str:
+    """The row as canonical JSON text: its digest finds duplicates, and one search of it tells
+    whether any special token is in the row (the per-string walk runs only on a hit)."""
+    return json.dumps(messages, sort_keys=True, ensure_ascii=False)
+
+
+def may_hold_token(text: str, pattern: re.Pattern | None) -> bool:
+    """A cheap pre-check on `row_json` text: False means no string of the row holds a token."""
+    return pattern is not None and (pattern.search(text) is not None or not _JSON_SAFE.get(pattern.pattern))
 
 
 def _strings(value, path: str = ""):
@@ -78,6 +99,8 @@ def normalize(messages, pattern: re.Pattern | None = None, escape: bool = False)
     'special tokens escaped'). A row that is not a list of dicts comes back as it is."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         return messages, []
+    if not escape and not any(m.get("tool_calls") or "tool_name" in m for m in messages):
+        return messages, []  # the common case: nothing to rewrite
     changes, out = [], []
     for m in messages:
         calls = m.get("tool_calls")
@@ -88,7 +111,7 @@ def normalize(messages, pattern: re.Pattern | None = None, escape: bool = False)
             m = {k: v for k, v in m.items() if k != "tool_name"} | {"name": m["tool_name"]}
             changes.append("seed tool-call shorthand")
         out.append(m)
-    if escape and pattern is not None and special_token_problem(out, pattern):
+    if escape and may_hold_token(row_json(out), pattern) and special_token_problem(out, pattern):
         out = [_escape_text(m, pattern) for m in out]
         changes.append("special tokens escaped")
     return out, sorted(set(changes))
