@@ -49,8 +49,8 @@ def _is_array(file: str) -> bool:
 @lru_cache(maxsize=16)
 def _row_lines(file: str, stamp: tuple) -> list[int]:
     """The 1-based line of each row of a JSON-lines file: blank lines hold no row (as datasets reads it)."""
-    with open(file, "rb") as f:
-        return [n for n, line in enumerate(f.read().split(b"\n"), 1) if line.strip()]
+    with open(file, "rb") as f:  # binary lines end at b"\n" only
+        return [n for n, line in enumerate(f, 1) if line.strip()]
 
 
 def _row_count(file: str, builder: str) -> int:
@@ -100,7 +100,7 @@ def _values(file: str):
         yield from ((v, None) for v in values)
         return
     with open(file, "rb") as f:
-        for line in f.read().split(b"\n"):
+        for line in f:  # binary lines end at b"\n" only, one at a time
             if not line.strip():
                 continue  # as datasets reads it: no row (Origin counts lines the same way)
             try:
