@@ -1,5 +1,5 @@
 """Bad inputs, tried as an operator would: each case runs the real command line
-(`python -m flows.finetune ...`, a fresh process, a tiny local model and local data) and the table
+(`smolflow run ...` as `python -m flows.cli run ...`, a fresh process, a tiny local model and local data) and the table
 gives the seconds until the process exits and the message it ends with. Hostile HumanEval code runs
 through the sandbox itself (`tasks.sandbox.run_python`): seconds until contained, and the outcome.
 
@@ -121,7 +121,7 @@ def final_message(output: str) -> tuple[str, bool]:
 def run_flow_case(args: list[str], env: dict, timeout: int) -> tuple[float, int | None, str, bool]:
     started = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-m", "flows.finetune", *args], cwd=ROOT, env=env, timeout=timeout,
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", *args], cwd=ROOT, env=env, timeout=timeout,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         rc, output = proc.returncode, proc.stdout
     except subprocess.TimeoutExpired as err:
