@@ -25,6 +25,7 @@ from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
 from tasks.leftovers import reap_orphaned_servers
 from tasks.models import resolve_model
+from tasks.special_tokens import control_tokens
 from tasks.reporting import write_report
 from tasks.runs import status_recorded
 from tasks.runtime import cache_dir, code_version, flow_run_link, set_torch_threads
@@ -55,7 +56,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
 
     with status_recorded(run):  # a failed run says so, and why, in its folder
         base = resolve_model(config.model)
-        data = load_chat_dataset(config.data)
+        data = load_chat_dataset(config.data, control_tokens(base, config.template))  # special tokens typed in text
         templated = prepare_chat_template(base, data, config.template)
         write_template_preview(run, templated)
         prompts, max_new = config.sampling.prompts, config.sampling.max_new_tokens

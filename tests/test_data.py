@@ -55,12 +55,12 @@ def test_changed_data_changes_the_fingerprint(tmp_path):
 
 
 def _assert_bad_row_named(tmp_path, bad_row, reason):
-    """A bad third training row stops the load with its split, row number and reason."""
+    """A bad third training row stops the load with its split, file:line (1-based) and reason."""
     _write_jsonl(tmp_path / "train.jsonl", [_chat(0), _chat(1), bad_row])
     _write_jsonl(tmp_path / "test.jsonl", [_chat(2)])
     with pytest.raises(BadRowsError) as err:
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
-    assert "split 'train'" in str(err.value) and "row 2" in str(err.value) and reason in str(err.value)
+    assert "split 'train'" in str(err.value) and f"{tmp_path}/train.jsonl:3: {reason}" in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +107,9 @@ def test_nonexistent_local_path_is_named():
          "a system message that is not first"),
         ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]},
          "messages[0] and messages[1] are both 'user' turns"),
-        (_chat(0), "duplicate of row 0"),
+        (_chat(0), "duplicate of {}/train.jsonl:1"),
+        ({"messages": [{"role": "assistant", "content": "Hello there!"}]}, "no user turn"),
+        ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "Hi"}]}, "no user turn"),
     ],
 )
 def test_more_bad_row_kinds_are_named(tmp_path, bad_row, reason):
@@ -115,7 +117,8 @@ def test_more_bad_row_kinds_are_named(tmp_path, bad_row, reason):
     _write_jsonl(tmp_path / "test.jsonl", [_chat(2)])
     with pytest.raises(BadRowsError) as err:
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
-    assert "row 2" in str(err.value) and reason in str(err.value) and "bad_rows='drop'" in str(err.value)
+    assert f"{tmp_path}/train.jsonl:3: {reason.format(tmp_path)}" in str(err.value)
+    assert "bad_rows='drop'" in str(err.value)
 
 
 def test_drop_policy_trains_without_bad_rows_and_counts_them_by_reason(tmp_path):
@@ -142,15 +145,16 @@ def test_rows_that_break_the_table_schema_get_a_clear_error(tmp_path):
     _write_jsonl(tmp_path / "test.jsonl", [_chat(2)])
     with pytest.raises(BadRowsError) as err:
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
-    assert "row 1: `messages` is a str, not a list" in str(err.value) and "bad_rows='drop'" in str(err.value)
+    assert "train.jsonl:2: `messages` is a str, not a list" in str(err.value) and "bad_rows='drop'" in str(err.value)
 
 
-def test_unreadable_json_names_the_files_and_the_fix(tmp_path):
-    (tmp_path / "train.jsonl").write_text(json.dumps(_chat(0)) + "\n{not json\n")
+def test_a_line_that_is_not_json_is_one_bad_row_not_a_lost_file(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps(_chat(0)) + "\n{not json\n" + json.dumps(_chat(1)) + "\n")
     _write_jsonl(tmp_path / "test.jsonl", [_chat(2)])
-    with pytest.raises(BadRowsError) as err:
+    with pytest.raises(BadRowsError, match=r"1 bad row\(s\) in split 'train': \S+/train.jsonl:2: not valid JSON \("):
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
-    assert "could not read" in str(err.value) and "train.jsonl" in str(err.value)
+    ref = load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), bad_rows="drop"))
+    assert ref.rows == {"train": 2, "test": 1} and ref.dropped["train"] == {"not valid JSON": 1}
 
 
 def _ids(ref, split="train"):
@@ -176,7 +180,7 @@ def test_after_a_shuffle_bad_rows_are_named_by_their_place_in_the_file(tmp_path)
     rows[17] = {"messages": [{"role": "user", "content": "only a question"}]}
     _write_jsonl(tmp_path / "train.jsonl", rows)
     _write_jsonl(tmp_path / "test.jsonl", [_chat(50)])
-    with pytest.raises(BadRowsError, match=r"row 17: no assistant turn"):
+    with pytest.raises(BadRowsError, match=r"train.jsonl:18: no assistant turn"):
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), shuffle=True, seed=3))
 
 
@@ -251,8 +255,9 @@ def test_null_fields_arrow_adds_are_not_part_of_the_conversation(tmp_path):
                        {"role": "assistant", "content": "x"}]},
          "messages[0].content[0] is a text part without text"),
         ({"messages": [{"role": "user", "content": "hi"},
-                       {"role": "assistant", "content": "", "tool_calls": [{"tool": "calc", "parameters": {"x": 1}}]}]},
-         "messages[1].tool_calls[0] is not {type: 'function', function: {name, arguments}}"),
+                       {"role": "assistant", "content": "", "tool_calls": [{"name": "calc", "args": {"x": 1}}]}]},
+         "messages[1].tool_calls[0] is not {type: 'function', function: {name, arguments}} nor the seed's "
+         "{tool: name, parameters: {...}}"),
         ({"messages": [{"role": "user", "content": "hi",
                         "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]},
                        {"role": "assistant", "content": "x"}]},
@@ -271,7 +276,7 @@ def test_unchanged_data_is_checked_once(tmp_path, monkeypatch):
     _write_jsonl(tmp_path / "train.jsonl", [_chat(i) for i in range(4)])
     _write_jsonl(tmp_path / "test.jsonl", [_chat(9)])
     first = load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), bad_rows="drop"))
-    def tripwire(batch):
+    def tripwire(batch, **kwargs):
         raise AssertionError("checked again")
 
     monkeypatch.setattr(data, "_check_batch", tripwire)
@@ -299,5 +304,5 @@ def test_prompt_completion_pairs_become_conversations_and_are_checked(tmp_path):
     assert [m["role"] for m in saved["test"][0]["messages"]] == ["system", "user", "assistant"]
 
     _write_jsonl(folder / "train.jsonl", [{"prompt": "Hi", "completion": "Hello"}, {"prompt": "Empty answer?", "completion": ""}])
-    with pytest.raises(BadRowsError, match=r"split 'train': row 1: messages\[1\]\.content is empty"):
+    with pytest.raises(BadRowsError, match=r"split 'train': \S+/train.jsonl:2: messages\[1\]\.content is empty"):
         load_chat_dataset.fn(DataConfig(dataset=str(folder)))

@@ -2,13 +2,16 @@
 passes every canonical HumanEval solution."""
 
 import os
+import secrets
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 
 from tasks.benchmarks.humaneval import bundled_file, check, read_problems
-from tasks.sandbox import Limits, run_python
+from tasks.sandbox import Limits, SandboxUnavailable, run_python
 
 FAST = Limits(timeout_s=5, cpu_s=5)
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces and the uid switch need root")
@@ -84,3 +87,68 @@ def test_all_164_canonical_solutions_pass():
     results = check(problems, [p["canonical_solution"] for p in problems], Limits(timeout_s=20), workers=2)
     failed = [(p["task_id"], r.status, r.stderr[-300:]) for p, r in zip(problems, results) if not r.passed]
     assert not failed
+
+
+@needs_root
+def test_all_files_together_are_capped_on_a_tmpfs():
+    # 100 files of 1 MiB (each within RLIMIT_FSIZE) must stop at the 16 MiB tmpfs, wherever it writes.
+    program = (
+        "import errno, os\n"
+        "written = 0\n"
+        "try:\n"
+        "    for i in range(100):\n"
+        "        with open(('/dev/shm/f%d' if i % 2 else 'f%d') % i, 'wb') as f:\n"
+        "            f.write(b'x' * (1 << 20))\n"
+        "        written += 1\n"
+        "except OSError as e:\n"
+        "    print('stopped after', written, errno.errorcode[e.errno])\n"
+        "st = os.statvfs('.')\n"
+        "print('cwd', os.getcwd(), 'size', st.f_blocks * st.f_frsize)\n"
+        "print('fs', [l.split(' - ')[1].split()[0] for l in open('/proc/self/mountinfo') if l.split()[4] == '/tmp'])\n"
+    )
+    result = run_python(program, FAST)
+    assert result.passed, result.stderr
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+    written, reason = lines["stopped"].split()[1:]
+    assert reason == "ENOSPC" and 10 <= int(written) < 16  # the cap, not the file-size limit, stopped it
+    # The work dir is that tmpfs (memory, gone with the run), not a folder on the host's disk.
+    assert lines["cwd"] == f"/tmp/work size {16 << 20}" and lines["fs"] == "['tmpfs']"
+    assert "tmpfs 16 MiB" in result.isolation
+
+
+@needs_root
+def test_pid_namespace_hides_host_processes_and_their_command_lines():
+    secret = f"smolflow-secret-{secrets.token_hex(8)}"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", secret])
+    try:
+        with open(f"/proc/{holder.pid}/cmdline", "rb") as f:  # readable from the host: the check can fail
+            assert secret.encode() in f.read()
+        program = (
+            "import os\n"
+            "pids = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\n"
+            "print('pids', pids)\n"
+            "for p in pids:\n"
+            "    print(open('/proc/%d/cmdline' % p, 'rb').read())\n"
+            f"print('host pid visible', os.path.exists('/proc/{holder.pid}/cmdline'))\n"
+        )
+        result = run_python(program, FAST)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.passed, result.stderr
+    assert "pids [1, 2]" in result.stdout  # PID 1 (smolflow's root init) and the program itself
+    assert secret not in result.stdout and "sleep" not in result.stdout
+    assert "pidns" in result.isolation
+
+
+def test_missing_unshare_is_an_error_not_a_silent_fallback(monkeypatch):
+    monkeypatch.setenv("SMOLFLOW_UNSHARE", "/nonexistent/unshare")
+    with pytest.raises(SandboxUnavailable, match=r"util-linux `unshare`.*SMOLFLOW_SANDBOX=weak"):
+        run_python("print(1)\n", FAST)
+
+
+def test_weak_mode_must_be_chosen_and_says_so(monkeypatch):
+    monkeypatch.setenv("SMOLFLOW_UNSHARE", "/nonexistent/unshare")
+    monkeypatch.setenv("SMOLFLOW_SANDBOX", "weak")
+    result = run_python("print('hi')\n", FAST)
+    assert result.passed and result.isolation == "rlimits only (SMOLFLOW_SANDBOX=weak)"

@@ -1,0 +1,173 @@
+"""Local data files: which files make which split, reading each split with every row kept as
+written, and where a row came from (`train.jsonl:7`) for the messages that name it.
+
+JSON that Arrow cannot read as one table (a line that is not JSON, or not an object, or shapes that
+do not cast to the schema datasets fixed from the first rows) is read line by line instead: lines
+split on '\\n' only (JSON strings may hold U+2028, which `str.splitlines` would split on), each row
+kept as a JSON value, a broken line kept as a bad row that the row checks name and count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from tasks.runtime import split_of
+
+FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+READ_PROBLEM = "_read_problem"  # column of the line-by-line reader: why a line is not a row
+
+
+class UnreadableError(ValueError):
+    pass
+
+
+def local_data_files(path: Path) -> tuple[str, dict[str, list[str]]]:
+    """(builder, {split: [files]}) for a local file or directory of json/jsonl/parquet files."""
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in FORMATS)
+    if not files:
+        raise ValueError(f"data.dataset={str(path)!r}: no .json, .jsonl or .parquet files there")
+    builders = {FORMATS.get(f.suffix) for f in files}
+    if None in builders or len(builders) > 1:
+        raise ValueError(f"data.dataset={str(path)!r}: use one format, .json/.jsonl or .parquet")
+    if path.is_file():
+        return builders.pop(), {"train": [str(path)]}
+    splits: dict[str, list[str]] = {}
+    for f in files:
+        splits.setdefault(split_of(f), []).append(str(f))
+    return builders.pop(), splits
+
+
+def _is_array(file: str) -> bool:
+    with open(file, "rb") as f:
+        return f.read(4096).lstrip()[:1] == b"["
+
+
+@lru_cache(maxsize=16)
+def _row_lines(file: str, stamp: tuple) -> list[int]:
+    """The 1-based line of each row of a JSON-lines file: blank lines hold no row (as datasets reads it)."""
+    with open(file, "rb") as f:  # binary lines end at b"\n" only
+        return [n for n, line in enumerate(f, 1) if line.strip()]
+
+
+def _row_count(file: str, builder: str) -> int:
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(file).metadata.num_rows
+    if _is_array(file):
+        with open(file, encoding="utf-8") as f:
+            return len(json.load(f))
+    return len(_row_lines(file, _stamp(file)))
+
+
+def _stamp(file: str) -> tuple:
+    st = os.stat(file)
+    return st.st_mtime_ns, st.st_size
+
+
+@dataclass
+class Origin:
+    """Where the rows of one split come from; `where(i)` names row i (0-based, as read) for people."""
+
+    split: str
+    builder: str = ""
+    files: list[str] = field(default_factory=list)  # in read order; none for hub data
+
+    def where(self, row: int) -> str:
+        for file in self.files:
+            n = _row_count(file, self.builder)
+            if row < n:
+                if self.builder == "json" and not _is_array(file):
+                    return f"{file}:{_row_lines(file, _stamp(file))[row]}"
+                return f"{file} row {row + 1}"
+            row -= n
+        return f"split {self.split!r} row {row + 1}"
+
+
+def _values(file: str):
+    """Each row of a JSON array or JSON-lines file as (value, None), or (None, why it is not JSON)."""
+    if _is_array(file):  # one document: unreadable means the whole file is
+        with open(file, encoding="utf-8") as f:
+            try:
+                values = json.load(f)
+            except json.JSONDecodeError as err:
+                raise UnreadableError(f"{file}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}); "
+                                      "fix the syntax, or write the rows as JSON lines (one object per line)") from err
+        yield from ((v, None) for v in values)
+        return
+    with open(file, "rb") as f:
+        for line in f:  # binary lines end at b"\n" only, one at a time
+            if not line.strip():
+                continue  # as datasets reads it: no row (Origin counts lines the same way)
+            try:
+                yield json.loads(line), None
+            except UnicodeDecodeError:
+                yield None, "not valid JSON (not UTF-8 text)"
+            except json.JSONDecodeError as err:
+                yield None, f"not valid JSON ({err.msg} at column {err.colno})"
+
+
+def _line_rows(files: list[str], stamps: list[tuple]):
+    """Rows of JSON / JSON-lines files one by one; `stamps` (mtime, size) make datasets' generator
+    cache miss when a file changes."""
+    from tasks.rows import pairs_to_messages
+
+    for file in files:
+        for value, problem in _values(file):
+            if problem is None and not isinstance(value, dict):
+                problem = f"a JSON {type(value).__name__}, not an object with `messages`"
+            if problem is not None:
+                yield {"messages": None, READ_PROBLEM: problem}
+            elif "messages" not in value and {"prompt", "completion"} <= set(value):
+                yield {"messages": pairs_to_messages(value["prompt"], value["completion"]), READ_PROBLEM: None}
+            else:
+                yield {"messages": value.get("messages"), READ_PROBLEM: None}
+
+
+def read_lines(files: list[str]):
+    """A split read row by row: `messages` as JSON values plus why a row could not be read."""
+    from datasets import Dataset, Features, Json, Value
+
+    features = Features({"messages": Json(), READ_PROBLEM: Value("string")})
+    return Dataset.from_generator(_line_rows, features=features,
+                                  gen_kwargs={"files": files, "stamps": [_stamp(f) for f in files]})
+
+
+def _casts_parts_to_strings(ds) -> bool:
+    """Whether some message content loaded as a string that is a JSON list: what the JSON loader
+    makes of a list of parts when earlier rows fixed `content` as a string. Arrow-level scan."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if "messages" not in ds.column_names:
+        return False
+    column = ds.data.column("messages")
+    item = column.type.value_type if pa.types.is_list(column.type) else None
+    if not (pa.types.is_struct(item) and item.get_field_index("content") >= 0
+            and pa.types.is_string(item.field("content").type)):
+        return False
+    return any(pc.any(pc.starts_with(pc.list_flatten(chunk).field("content"), "[{")).as_py() for chunk in column.chunks)
+
+
+def read_split(dataset: str, builder: str, files: list[str], split: str):
+    """One split of local files, every row's shape kept as written."""
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(builder, data_files={split: files}, split=split)
+        if builder != "json" or not _casts_parts_to_strings(ds):
+            return ds
+    except Exception as err:  # datasets wraps Arrow's parse and cast errors in several types
+        if builder != "json":
+            raise UnreadableError(
+                f"data.dataset={dataset!r}: could not read {files} ({str(err).splitlines()[0]}); "
+                "is every file a parquet file with the same columns?"
+            ) from err
+    # datasets' JSON loader fixes the schema from the first rows it reads and casts every later row
+    # to it (content given as a list of parts later is silently turned into a JSON string), and one
+    # line that is not a JSON object fails the whole file: read such files line by line.
+    return read_lines(files)
