@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from datetime import datetime, timezone
 
 import yaml
@@ -23,17 +24,20 @@ from tasks.health import assess_training
 from tasks.judge import run_judge, write_judge
 from tasks.models import resolve_model
 from tasks.reporting import write_report
+from tasks.retention import tidy_up
 from tasks.runtime import cache_dir, set_torch_threads
 from tasks.storage import ArtifactStore, set_latest, write_manifest
 from tasks.templates import prepare_chat_template, write_template_preview
 from tasks.tokenization import tokenize_dataset, write_token_stats
 from tasks.tracking import finish_wandb, start_wandb, wandb_link
-from tasks.training import publish_model, train_sft
+from tasks.training import publish_model, train_or_reuse
+from tasks.transfer import model_exists
 
 
 @flow(name="smolflow-finetune")
 def finetune(config: RunConfig = RunConfig()) -> dict:
     """Data -> template -> tokens -> samples -> SFT -> samples -> health -> benchmarks + judge -> gate -> report -> manifest."""
+    started = time.time()  # cache entries used from now on are this run's: never evicted at its end
     threads = set_torch_threads(config.torch_threads)
     checked = check_run(config)  # the user's files are read and checked before any compute
     run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
@@ -46,13 +50,15 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     base = resolve_model(config.model)
     data = load_chat_dataset(config.data)
     templated = prepare_chat_template(base, data, config.template)
+    if not model_exists(templated.model.path):  # a cached result whose model the cache bound evicted
+        templated = prepare_chat_template.with_options(refresh_cache=True)(base, data, config.template)
     write_template_preview(run, templated)
     prompts, max_new = config.sampling.prompts, config.sampling.max_new_tokens
     before = generate_samples(templated.model, prompts, max_new)
     tokens = tokenize_dataset(templated.model, data, config.training.max_length, templated.assistant_only)
     write_token_stats(run, tokens.stats)
-    trained = train_sft(templated.model, data, config.training, run.uri, ["wandb"] if wb else [],
-                        assistant_only_loss=templated.assistant_only)
+    trained = train_or_reuse(templated.model, data, config.training, run.uri, ["wandb"] if wb else [],
+                           assistant_only_loss=templated.assistant_only)
     trained.model = publish_model(trained.model, run.uri)  # a cache hit points at an earlier run
     after = generate_samples(trained.model, prompts, max_new)
     health = assess_training(trained.log_history, after)
@@ -88,6 +94,8 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     set_latest(config.output.artifacts_uri, flow_run.flow_name, run_id)  # after the manifest, never before
     if promoted:
         promote(config.output.artifacts_uri, flow_run.flow_name, run_id)
+    # Last, once manifest and pointers are written: work dir, old runs and cache over its bound go.
+    tidy_up(config.output, run_id, [base.path, templated.model.path, trained.model.path, data.path, tokens.path], started)
     return summary | {"manifest": run.url("manifest.json"), "promoted": promoted, "gate": decision.reasons}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import posixpath
 import re
 import shutil
@@ -27,6 +28,7 @@ from tasks.progress import training_progress
 from tasks.runtime import BY_CONTENT, ContentInputs, cache_dir, run_logger
 from tasks.storage import ArtifactStore
 from tasks.tokenization import load_tokenized, tokenize_split, tokenized_splits
+from tasks.transfer import locate_model, place_dir
 
 MARKER = "COMPLETE"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -194,8 +196,10 @@ def train_sft(
     final = work / "model"
     trainer.save_model(str(final))
     tokenizer.save_pretrained(str(final))
-    uri = run.upload_dir(final, "model")
+    fingerprint = fingerprint_dir(final)
+    uri, _ = place_dir(str(final), run, "model")  # a local root hard-links: no second copy of the weights
     _remove(run.child("checkpoints"))  # the final model supersedes them; they are GBs on real models
+    release_work(work, run, fingerprint)
     metrics = {
         "train_loss": train_output.training_loss,
         "eval_loss": eval_metrics["eval_loss"],
@@ -207,19 +211,53 @@ def train_sft(
     }
     log.info("Training done: %s", metrics)
     return TrainResult(
-        model=ModelRef(source=f"tuned from {base.source}", path=uri, fingerprint=fingerprint_dir(final)),
+        model=ModelRef(source=f"tuned from {base.source}", path=uri, fingerprint=fingerprint),
         metrics=metrics,
         log_history=trainer.state.log_history,
     )
 
 
+def release_work(work: Path, run: ArtifactStore, fingerprint: str) -> None:
+    """Training finished and its model is in the run folder: the local checkpoints (GBs on real
+    models) go. The local model copy goes too on a local root (the run folder has the same inodes);
+    on S3 it becomes the download cache's copy, which the stages that follow would fetch anyway."""
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    final, cached = work / "model", cache_dir("downloads") / fingerprint[:16]
+    if run.is_s3 and not (cached / "config.json").exists():
+        shutil.rmtree(cached, ignore_errors=True)
+        final.rename(cached)
+        os.utime(cached)  # just used: last in line for the cache bound
+    shutil.rmtree(final, ignore_errors=True)
+
+
+def run_root(run_uri: str) -> str:
+    """<root> of a run folder <root>/runs/<run_id>."""
+    return posixpath.dirname(posixpath.dirname(run_uri.rstrip("/")))
+
+
+def train_or_reuse(base: ModelRef, data: DatasetRef, cfg: TrainingConfig, run_uri: str, report_to: list[str],
+                   assistant_only_loss: bool = False) -> TrainResult:
+    """train_sft, trained again when its cached result's model exists nowhere any more (retention
+    deleted the run it was published in, and every run holding a copy)."""
+    trained = train_sft(base, data, cfg, run_uri, report_to, assistant_only_loss=assistant_only_loss)
+    if locate_model(trained.model, run_root(run_uri)) is None:
+        run_logger().warning("The cached tuned model %s is gone (retention): training again", trained.model.path)
+        trained = train_sft.with_options(refresh_cache=True)(base, data, cfg, run_uri, report_to,
+                                                             assistant_only_loss=assistant_only_loss)
+    return trained
+
+
 @task(cache_policy=BY_CONTENT, retries=3, retry_delay_seconds=[2, 10, 30])
 def publish_model(model: ModelRef, run_uri: str) -> ModelRef:
     """Make sure the run folder holds its model, also when training was reused from the cache."""
-    from tasks.models import local_model_dir
-
     target = ArtifactStore(run_uri).child("model")
     if model.path.rstrip("/") == target.uri:
         return model
-    uri = ArtifactStore(run_uri).upload_dir(local_model_dir(model), "model")
+    found = locate_model(model, run_root(run_uri))
+    if found is None:
+        raise FileNotFoundError(f"model {model.fingerprint[:16]} ({model.path}) exists in no retained run; "
+                                "re-run with PREFECT_TASKS_REFRESH_CACHE=true to train it again")
+    # Hard links on a local root, S3's server-side copy on S3: the bytes are not copied again.
+    uri, how = place_dir(found.path, ArtifactStore(run_uri), "model")
+    run_logger().info("Published %s into %s (%s)", found.path, uri, how)
     return model.model_copy(update={"path": uri})
