@@ -95,7 +95,8 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     if promoted:
         promote(config.output.artifacts_uri, flow_run.flow_name, run_id)
     # Last, once manifest and pointers are written: work dir, old runs and cache over its bound go.
-    tidy_up(config.output, run_id, [base.path, templated.model.path, trained.model.path, data.path, tokens.path], started)
+    in_use = [base.path, templated.model.path, trained.model.path, data.path, tokens.path]
+    tidy_up(config.output, run_id, in_use, started)
     return summary | {"manifest": run.url("manifest.json"), "promoted": promoted, "gate": decision.reasons}
 
 

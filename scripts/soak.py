@@ -71,7 +71,8 @@ def main(argv: list[str]) -> int:
         (cache / "models").symlink_to(shared)
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                       WANDB_SILENT="true", WANDB_MODE="offline", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                      PREFECT_HOME=str(work / "prefect"), SMOLFLOW_CACHE=str(cache))
+                      PREFECT_HOME=str(work / "prefect"), SMOLFLOW_CACHE=str(cache),
+                      PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="600")  # busy machines start slowly
     os.environ.pop("WANDB_API_KEY", None)
     sys.path.insert(0, str(ROOT))
     import torch
@@ -80,7 +81,9 @@ def main(argv: list[str]) -> int:
     from flows.finetune import finetune
     from tasks.config import RunConfig
 
-    model = tiny_model(work / "tiny-model") if not (work / "tiny-model" / "config.json").exists() else work / "tiny-model"
+    model = work / "tiny-model"
+    if not (model / "config.json").exists():
+        tiny_model(model)
     rows, totals, run_sizes = [], [], []
     print(f"soak: {args.runs} runs, keep_runs={args.keep_runs}, {args.steps} steps each, in {work}", flush=True)
     for night in range(1, args.runs + 1):

@@ -41,7 +41,8 @@ def default_max_gb() -> float | None:
 
 
 def usage(path: Path, seen: set[tuple[int, int]] | None = None) -> tuple[int, float]:
-    """(bytes on disk, last use = newest atime/mtime) of a file or folder; hard links count once in `seen`."""
+    """(bytes on disk, last use = newest file atime/mtime or folder mtime) of a file or folder; hard
+    links count once in `seen`."""
     seen = set() if seen is None else seen
     total, last = 0, 0.0
     for p in [path, *(path.rglob("*") if path.is_dir() and not path.is_symlink() else [])]:
@@ -49,7 +50,8 @@ def usage(path: Path, seen: set[tuple[int, int]] | None = None) -> tuple[int, fl
             st = p.lstat()
         except FileNotFoundError:
             continue  # removed while we walk
-        last = max(last, st.st_mtime, st.st_atime)
+        # A folder's atime changes whenever it is listed (this walk included): only its mtime counts.
+        last = max(last, st.st_mtime, st.st_atime if p.is_file() else 0.0)
         if p.is_file() and not p.is_symlink() and (st.st_dev, st.st_ino) not in seen:
             seen.add((st.st_dev, st.st_ino))
             total += st.st_blocks * 512

@@ -103,7 +103,9 @@ def plan_runs(root: str, keep_runs: int, keep_incomplete_hours: float, now: floa
     """Which run folders under root to keep or delete, and why (nothing is deleted here)."""
     now = time.time() if now is None else now
     runs, pinned = scan_runs(root), pinned_runs(root)
-    complete = sorted((r for r in runs if r.completed_at is not None), key=lambda r: r.completed_at, reverse=True)
+    # Newest completion first; S3 times have 1 s resolution, so ties go by run id (time-stamped by default).
+    complete = sorted((r for r in runs if r.completed_at is not None), key=lambda r: (r.completed_at, r.run_id),
+                      reverse=True)
     newest_done = complete[0].completed_at if complete else None
     out = []
     for rank, r in enumerate(complete, start=1):
@@ -148,7 +150,8 @@ def apply_runs(decisions: list[Decision], dry_run: bool = False) -> int:
         if d.kind == "run" and d.action == "delete":
             if not dry_run:
                 delete_run(d.where)
-            log.info("%s run %s (%.1f MB): %s", "Would delete" if dry_run else "Deleted", d.name, d.bytes / 1e6, d.reason)
+            log.info("%s run %s (%.1f MB): %s", "Would delete" if dry_run else "Deleted", d.name, d.bytes / 1e6,
+                     d.reason)
             freed += d.bytes
     return freed
 
@@ -188,7 +191,8 @@ def plan_work_dirs(root: str, cache_root, done: set[str]) -> list[Decision]:
 
 
 def gc(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incomplete_hours: float = 24.0,
-       cache_max_gb: float | None | Literal["env"] = "env", in_use: list[str] = (), since: float | None = None) -> GcReport:
+       cache_max_gb: float | None | Literal["env"] = "env", in_use: list[str] = (),
+       since: float | None = None) -> GcReport:
     """Apply run retention to root and the size bound to SMOLFLOW_CACHE; dry_run lists without deleting."""
     from tasks.cache_limit import apply_cache, cache_root, default_max_gb, plan_cache
 
