@@ -207,9 +207,9 @@ def gc(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incomplete_ho
                     decisions=runs + work + cache, freed_bytes=freed)
 
 
-def gc_command(root: str, dry_run: bool = False, keep_runs: int = 14) -> int:
+def gc_command(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incomplete_hours: float = 24.0) -> int:
     """`smolflow gc [--dry-run]`: print what is (or would be) deleted and why; exit status 0."""
-    report = gc(root, dry_run=dry_run, keep_runs=keep_runs)
+    report = gc(root, dry_run=dry_run, keep_runs=keep_runs, keep_incomplete_hours=keep_incomplete_hours)
     print(report.table())
     return 0
 

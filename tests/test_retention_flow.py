@@ -14,7 +14,7 @@ def test_completed_flow_run_removes_its_work_dir_and_old_runs(tiny_model_dir, tm
     write_manifest.fn(old.uri, {"run_id": "00000000-old"})
     # A training seed of its own: this run trains (no cache hit), so it had checkpoints and a work dir.
     config = tiny_run_config(tiny_model_dir, root, output={"run_id": "retention-flow", "keep_runs": 1},
-                             training={"seed": 4242}, gate={"enabled": False})
+                             training={"seed": 4242})
 
     summary = finetune(config=config)
 
