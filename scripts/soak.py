@@ -1,7 +1,7 @@
 """Soak: N consecutive nightly-like runs of the real flow on a tiny model; disk use after each.
 
-    .venv/bin/python scripts/soak.py                 # 10 runs, keep_runs=3, 3 training steps each
-    .venv/bin/python scripts/soak.py --runs 4 --keep-runs 2
+    .venv/bin/python scripts/soak.py                 # 10 runs, keep_runs=2, 3 training steps each
+    .venv/bin/python scripts/soak.py --runs 10 --keep-runs 3   # the table in docs/operations-disk.md
 
 Each "night" trains afresh (its own training seed, as new data would), publishes, evaluates and
 applies retention like a nightly run. The model is a random 2-layer Llama with the real SmolLM2
@@ -57,7 +57,9 @@ def tiny_model(path: Path) -> Path:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--keep-runs", type=int, default=3)
+    # 2: the acceptance (after run 2 + one run folder) then has a run folder of margin; with 3 the
+    # steady state is exactly that bound (docs/operations-disk.md).
+    ap.add_argument("--keep-runs", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--dir", default=None, help="work folder (default: a new temporary one)")
     args = ap.parse_args(argv)
@@ -118,7 +120,7 @@ def main(argv: list[str]) -> int:
         ok = totals[-1] <= bound
         print(f"\nacceptance: disk after run {len(totals)} = {totals[-1] / 1e6:.1f} MB <= after run 2 "
               f"({totals[1] / 1e6:.1f} MB) + one run folder ({max(run_sizes) / 1e6:.1f} MB) = {bound / 1e6:.1f} MB: "
-              f"{'PASS' if ok else 'FAIL'}")
+              f"{'PASS' if ok else 'FAIL'} (margin {(bound - totals[-1]) / 1e3:+.0f} kB)")
         return 0 if ok else 1
     return 0
 
