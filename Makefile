@@ -32,14 +32,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 run: setup
-	$(PY) -m flows.finetune $(ARGS)
+	$(VENV)/bin/smolflow run $(ARGS)
 
 test: setup
 	$(PY) -m pytest $(ARGS)
 
 # A local Prefect server (UI at http://127.0.0.1:4200) plus the process that runs the deployments.
 serve: setup
-	$(PY) -m deployments.local $(ARGS)
+	$(VENV)/bin/smolflow serve $(ARGS)
 
 # Re-pin every dependency to what is installed now.
 lock: setup

@@ -3,14 +3,19 @@ process that executes them.
 
     python -m deployments.local [--port 4200]      # or: make serve
 
-prints the UI address and keeps both running until Ctrl-C. To use an existing server or Prefect
-Cloud instead, skip this and run `PREFECT_API_URL=... python -m deployments.serve`.
+prints the UI address and keeps both running until Ctrl-C, SIGTERM or SIGHUP, which stop every
+child (and their children) before this process exits; a busy port is an error (exit 2), never an
+attachment to a server that is already there. To use an existing server or Prefect Cloud instead,
+skip this and run `PREFECT_API_URL=... python -m deployments.serve`.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +23,79 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PORT_IN_USE = 2  # exit status when the port is taken
+
+
+class PortInUseError(RuntimeError):
+    """Something already listens on the port: never attach to someone else's server."""
+
+
+def check_port_free(port: int) -> None:
+    """Raise PortInUseError if 127.0.0.1:port cannot be bound."""
+    with socket.socket() as s:
+        # As servers do: connections of a stopped server in TIME_WAIT must not count, a listener must.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as err:
+            raise PortInUseError(
+                f"port {port} on 127.0.0.1 is already in use ({err.strerror}): another Prefect server or program is "
+                f"listening there. Stop it, or pick a free port: make serve ARGS='--port {port + 1}'"
+            ) from None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the parent dies, even by SIGKILL (Linux prctl)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every live descendant of `pid` as {pid: start time} (read from /proc; the start time tells a
+    reused pid apart)."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        starts[int(entry.name)] = fields[19]
+    out, todo = {}, list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        out[child] = starts[child]
+        todo += children.get(child, [])
+    return out
+
+
+def reap(procs: dict[int, str], timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL, whichever of these processes (same pid and start time) still live."""
+    def alive() -> list[int]:
+        live = []
+        for pid, start in procs.items():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[19] == start and fields[0] != "Z":
+                live.append(pid)
+        return live
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in alive():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout / 2
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def server_env(port: int, home: Path | None = None) -> dict[str, str]:
@@ -35,11 +113,13 @@ def server_env(port: int, home: Path | None = None) -> dict[str, str]:
 
 def start_server(port: int, home: Path | None = None, log: Path | None = None, timeout: float = 120) -> subprocess.Popen:
     """Start `prefect server start` on 127.0.0.1:port and wait until its API is healthy."""
+    check_port_free(port)
     prefect = Path(sys.executable).parent / "prefect"
     out = open(log, "ab") if log else subprocess.DEVNULL
     proc = subprocess.Popen(
         [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=server_env(port, home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -47,7 +127,7 @@ def start_server(port: int, home: Path | None = None, log: Path | None = None, t
             raise RuntimeError(f"prefect server exited with code {proc.returncode}" + (f"; see {log}" if log else ""))
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
-                if r.status == 200:
+                if r.status == 200 and proc.poll() is None:  # answered by our server, not another one
                     return proc
         except OSError:
             time.sleep(0.5)
@@ -61,7 +141,7 @@ def start_serving(port: int, home: Path | None = None, log: Path | None = None) 
     return subprocess.Popen(
         [sys.executable, "-m", "deployments.serve"],
         cwd=ROOT, env=server_env(port, home), stdout=out, stderr=subprocess.STDOUT if out else None,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=_die_with_parent,
     )
 
 
@@ -82,20 +162,44 @@ def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
             continue
 
 
-def main() -> None:
+def _stop_on_signal(signum, frame) -> None:
+    raise KeyboardInterrupt  # unwinds main() through its `finally`, which stops the children
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=4200)
-    args = parser.parse_args()
-    server = start_server(args.port)
-    print(f"Prefect UI: http://127.0.0.1:{args.port}  (API: http://127.0.0.1:{args.port}/api)", flush=True)
-    serving = start_serving(args.port)
+    parser.add_argument("--startup-timeout", type=float, default=300,
+                        help="seconds to wait for the server to answer (its first start sets up the database)")
+    args = parser.parse_args(argv)
+    # kill, systemd and docker send SIGTERM; a closed terminal SIGHUP: both stop like Ctrl-C.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop_on_signal)
+    server = serving = None
+    code = 0
     try:
-        serving.wait()
+        server = start_server(args.port, timeout=args.startup_timeout)
+        print(f"Prefect UI: http://127.0.0.1:{args.port}  (API: http://127.0.0.1:{args.port}/api)", flush=True)
+        serving = start_serving(args.port)
+        code = serving.wait()  # returns only if serving ended by itself: report its status
+        code = 128 - code if code < 0 else code  # killed by signal N: the shell convention 128+N
+    except PortInUseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(PORT_IN_USE)
+    except (RuntimeError, TimeoutError) as err:  # the server did not come up: say so, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:
         pass
     finally:
-        stop(serving)
-        stop(server)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        leftovers = descendants(os.getpid())  # flow runs start sessions of their own: track them by pid
+        for proc in (serving, server):
+            if proc is not None:
+                stop(proc)
+        reap(leftovers)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

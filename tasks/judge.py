@@ -24,7 +24,6 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
 import re
 import time
 import warnings
@@ -37,9 +36,11 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.config import JudgeConfig
+from tasks.console import keep_root_level
 from tasks.judge_backends import JudgeBackend, make_backend, redact_url
 from tasks.models import ModelRef
-from tasks.runtime import FIXTURES, cache_dir, run_logger
+from tasks.layout import RunPaths
+from tasks.runtime import FIXTURES, atomic_write, cache_dir, retry_transient, run_logger
 from tasks.storage import ArtifactStore
 
 TEMPLATE_NAME = "alpaca_eval:chatgpt/basic_prompt.txt"
@@ -91,8 +92,8 @@ def template_text() -> str:
 def conversation(template: str, instruction: str, output_a: str, output_b: str) -> list[dict]:
     """The judging prompt as chat messages, with the texts filled in after the ChatML split
     (so an answer containing ChatML markers cannot change the message structure)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # alpaca_eval imports pkg_resources, deprecated
+    with warnings.catch_warnings(), keep_root_level():  # alpaca_eval: pkg_resources warning, root logger at INFO
+        warnings.simplefilter("ignore")
         from alpaca_eval.utils import prompt_to_chatml
 
     fill = {"{instruction}": instruction, "{output_1}": output_a, "{output_2}": output_b}
@@ -123,7 +124,7 @@ def win_rate(preferences: list[float]) -> dict[str, Any]:
     """AlpacaEval's win rate (percent, ties half) and standard error over judged pairs."""
     if not preferences:
         return {"win_rate": None, "stderr": None, "n": 0, "wins": 0, "ties": 0, "losses": 0}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), keep_root_level():
         warnings.simplefilter("ignore")
         from alpaca_eval.metrics import get_winrate
 
@@ -151,9 +152,7 @@ def _cached(key: str) -> str | None:
 
 def _store(key: str, identity: str, raw: str) -> None:
     path = cache_dir("judgements") / f"{key}.json"
-    staging = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    staging.write_text(json.dumps({"identity": identity, "raw": raw}, ensure_ascii=False))
-    staging.replace(path)  # atomic: a crash never leaves half a verdict to be read back
+    atomic_write(path, json.dumps({"identity": identity, "raw": raw}, ensure_ascii=False))
 
 
 def judge(
@@ -209,7 +208,7 @@ def judge(
                        settings=settings, seconds=round(time.perf_counter() - started, 2))
 
 
-@task(retries=1, retry_delay_seconds=[10], cache_policy=NO_CACHE)
+@task(retries=1, retry_condition_fn=retry_transient, retry_delay_seconds=[10], cache_policy=NO_CACHE)
 def judge_pairs(instructions: list[str], outputs: list[str], references: list[str], cfg: JudgeConfig) -> JudgeResult:
     """Judge the tuned model's answers against the references, both orders, AlpacaEval win rate."""
     # Cached per judgement, not per task: a task-level key would hold the judge's *name*
@@ -305,10 +304,38 @@ def _short(text: str | None, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def write_judge(run: ArtifactStore, result: JudgeResult) -> None:
-    """judge/pairs.jsonl and judge/summary.json in the run folder, and a Prefect table artifact."""
-    run.write_text("judge/pairs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records))
-    run.write_json("judge/summary.json", result.model_dump(exclude={"records"}))
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def judge_markdown(judge: JudgeResult | None) -> str:
+    """Win rate with its counts and settings, and a few pairs; the rest is in judge/pairs.jsonl."""
+    if judge is None:
+        return "Not run (judge.enabled: false).\n"
+    s = judge.settings
+    rate = "n/a (no pair judged in both orders)" if judge.win_rate is None else (
+        f"**{judge.win_rate:.1f}%**" + (f" ± {judge.stderr:.1f}" if judge.stderr is not None else ""))
+    head = (
+        f"Win rate of the tuned model against {s.get('reference')!r}: {rate} (AlpacaEval's definition: ties count "
+        f"half) · n={judge.n} of {judge.pairs} pairs · {judge.wins} win / {judge.ties} tie / {judge.losses} loss · "
+        f"{judge.parse_failures} unparseable verdict(s) · judge `{s.get('judge_identity')}` · both orders judged per pair · "
+        f"length-controlled: {'n/a' if judge.lc_win_rate is None else f'{judge.lc_win_rate:.1f}%'}\n\n"
+    )
+    rows = "".join(
+        f"| {_cell(r['instruction'][:120])} | {_cell((r['output'] or '')[:160])} | "
+        f"{_cell((r['reference_output'] or '')[:160])} | {r['preference']} |\n"
+        for r in judge.records[:5]
+    )
+    return head + "| instruction | tuned | reference | preference (2 = tuned better, 1.5 = tie) |\n|---|---|---|---|\n" + rows
+
+
+def write_judge(run: ArtifactStore, result: JudgeResult | None) -> None:
+    """The judged pairs, the summary and the report's judge section in the run folder, and a Prefect table artifact."""
+    run.write_text(RunPaths.section("judge"), judge_markdown(result))
+    if result is None:
+        return
+    run.write_text(RunPaths.judge_pairs, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records))
+    run.write_json(RunPaths.judge_summary, result.model_dump(exclude={"records"}))
     table = [
         {"instruction": _short(r["instruction"]), "tuned": _short(r["output"]),
          "reference": _short(r["reference_output"]), "verdict (tuned as a)": _short(r["verdict_tuned_as_a"], 80),

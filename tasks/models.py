@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from tasks.runtime import cache_dir, hub_offline, sha256_files
+from tasks.runtime import atomic_dir, cache_dir, hub_offline, retry_transient, sha256_files
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +69,9 @@ def convert_builtin() -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    staging = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    staging.rename(target)  # atomic: a half-written conversion is never picked up
+    with atomic_dir(target) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return target
 
 
@@ -99,7 +96,7 @@ def download_hub_model(repo_id: str) -> Path:
         ) from err
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30])
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
 def resolve_model(source: str) -> ModelRef:
     """Find (download or convert) the model and fingerprint its files."""
     # Never cached: this is the step that reads what is on disk *now*; its fingerprint is what
@@ -134,23 +131,30 @@ def local_model_dir(ref: ModelRef) -> Path:
         return path
     target = cache_dir("downloads") / ref.fingerprint[:16]
     if not (target / "config.json").exists():
-        staging = target.with_name(target.name + f".tmp{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        download_verified(ref.path, staging)  # checked file by file against the run's manifest, if any
-        if fingerprint_dir(staging) != ref.fingerprint:
-            raise RuntimeError(f"downloaded model from {ref.path} does not match fingerprint {ref.fingerprint}")
-        staging.rename(target)
+        with atomic_dir(target) as staging:
+            download_verified(ref.path, staging)  # checked file by file against the run's manifest, if any
+            if fingerprint_dir(staging) != ref.fingerprint:
+                raise RuntimeError(f"downloaded model from {ref.path} does not match fingerprint {ref.fingerprint}")
     return target
 
 
-def load_model(ref: ModelRef, dtype: str = "float32"):
-    """(model, tokenizer) from a ModelRef, ready for generation or training."""
+def load_model(ref: ModelRef, as_stored: bool = False, placement=None):
+    """(model, tokenizer) from a ModelRef, on the run's device in the run's precision (tasks/device.py).
+
+    `as_stored`: fp32 on the CPU whatever the run's settings, for code that saves the model again
+    (templates) or hands it to the Trainer (which moves it and runs bf16 as autocast over fp32)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tasks.device import resolve
+
     path = local_model_dir(ref)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    placement = None if as_stored else placement or resolve()
+    dtype = placement.torch_dtype if placement else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if placement and placement.device != "cpu":
+        model.to(placement.device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

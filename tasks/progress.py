@@ -1,19 +1,24 @@
-"""Prefect progress artifacts: a progress bar in the flow run's Artifacts tab for the long stages
-(training steps, benchmark scoring)."""
+"""Progress of the long stages (training steps, benchmark scoring): a progress artifact in the flow
+run's Artifacts tab, and a log line with percent and ETA at the start, at each tenth and at the end
+(so a 1000-step run prints about a dozen lines, not one per step)."""
 
 from __future__ import annotations
+
+import time
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import MissingContextError, get_run_context
 
+from tasks.console import verbose
 from tasks.runtime import run_logger
 
 
 class Progress:
-    """One progress artifact; a no-op outside a Prefect run (e.g. a task's .fn called directly)."""
+    """A stage's progress: log lines, plus an artifact inside a Prefect run (none for a task's .fn called directly)."""
 
     def __init__(self, key: str, description: str, total: int):
-        self.key, self.total, self.id = key, max(total, 1), None
+        self.key, self.description, self.total, self.id = key, description, max(total, 1), None
+        self.started, self.tenth, self.start_done = time.monotonic(), -1, None
         try:
             get_run_context()
         except MissingContextError:
@@ -21,9 +26,27 @@ class Progress:
         self.id = self._call(create_progress_artifact, 0.0, key=key, description=description)
 
     def update(self, done: float, description: str | None = None) -> None:
+        percent = min(100.0, 100.0 * done / self.total)
         if self.id is not None:
-            percent = min(100.0, 100.0 * done / self.total)
             self._call(update_progress_artifact, self.id, percent, description=description)
+        tenth = int(percent // 10)
+        if tenth != self.tenth:  # a line when a new tenth is reached (0%, 10%, ... 100%)
+            self.tenth = tenth
+            run_logger().info("%s", self.line(done, description))
+
+    def line(self, done: float, detail: str | None = None) -> str:
+        """'Training steps: 40% (step 12 of 30), ETA 1m05s'; the ETA from the pace since the first update."""
+        if self.start_done is None:  # a resumed run starts past 0: its pace counts from here
+            self.start_done, self.started = done, time.monotonic()
+        percent = min(100.0, 100.0 * done / self.total)
+        elapsed = time.monotonic() - self.started
+        if percent >= 100:
+            eta = f"done in {_duration(elapsed)}"
+        elif done > self.start_done:
+            eta = f"ETA {_duration(elapsed / (done - self.start_done) * (self.total - done))}"
+        else:
+            eta = "ETA unknown"
+        return f"{self.description}: {percent:.0f}%" + (f" ({detail})" if detail else "") + f", {eta}"
 
     def _call(self, fn, *args, **kwargs):
         # A progress bar is a view: an API hiccup must not fail hours of training.
@@ -32,6 +55,14 @@ class Progress:
         except Exception as err:
             run_logger().warning("Progress artifact %s not updated: %s: %s", self.key, type(err).__name__, err)
             return self.id
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 def training_progress():
@@ -46,10 +77,14 @@ def training_progress():
             self.bar.update(state.global_step, f"step {state.global_step} of {state.max_steps}")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if verbose():  # the Trainer's whole log entry, numbers as numbers
+                run_logger().info("Trainer log: %s", {k: v for k, v in logs.items() if k != "total_flos"})
             if self.bar is not None:
-                loss = (logs or {}).get("loss")
+                loss, eval_loss = logs.get("loss"), logs.get("eval_loss")
                 self.bar.update(state.global_step, f"step {state.global_step} of {state.max_steps}"
-                                + (f", train loss {loss:.4f}" if loss is not None else ""))
+                                + (f", train loss {loss:.4f}" if loss is not None else "")
+                                + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""))
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.bar is not None:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from prefect.cache_policies import TASK_SOURCE, CachePolicy, Inputs
 
@@ -27,6 +31,12 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def split_of(path: Path | str) -> str:
+    """The split a data file holds, from its name, as the hub names shards: "train.jsonl",
+    "train-00000-of-00002.parquet" and "train_0.json" all belong to "train"."""
+    return Path(path).name.split(".")[0].split("-")[0].split("_")[0]
+
+
 def default_threads() -> int:
     # Every core this process may use: a run owns its machine, and on this project's 2-core
     # machine two threads trained 1.7x faster than one (docs/training.md). Where other heavy
@@ -43,15 +53,58 @@ def set_torch_threads(n: int | None) -> int:
     return n
 
 
+def sha256_stream(f: BinaryIO, digest=None):
+    """Feed an open binary file into a sha256 (a new one unless given), 1 MiB at a time."""
+    digest = digest or hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+    return digest
+
+
+def sha256_file(path: Path | str) -> str:
+    """The sha256 of one file's bytes."""
+    with open(path, "rb") as f:
+        return sha256_stream(f).hexdigest()
+
+
 def sha256_files(paths: list[Path]) -> str:
     """One digest over several files' names and bytes (order-independent)."""
     digest = hashlib.sha256()
     for path in sorted(paths, key=lambda p: p.name):
         digest.update(path.name.encode())
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+            sha256_stream(f, digest)
     return digest.hexdigest()
+
+
+def atomic_write(path: Path | str, data: bytes | str) -> Path:
+    """Write a file whole or not at all: readers see the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    staging.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(staging, path)  # atomic on one file system
+    return path
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Build a directory in a staging folder and rename it into place when the block succeeds, so
+    a half-written cache entry (a crash, a full disk) is never picked up; the staging folder of a
+    failed attempt is removed. If another process finished the same entry first, theirs stays."""
+    staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)  # left by a crashed attempt with this pid
+    try:
+        yield staging
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.exists():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def figure_png(fig) -> bytes:
@@ -65,6 +118,36 @@ def figure_png(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def flow_run_link() -> str | None:
+    """The Prefect UI's page of the current flow run (None outside a flow or without a UI)."""
+    from prefect.runtime import flow_run
+
+    try:
+        return flow_run.ui_url
+    except Exception:  # no API configured: nothing to link to
+        return None
+
+
+def code_version() -> str:
+    """smolflow's version, plus the git commit (and '+dirty') when running from a checkout."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = f"smolflow {version('smolflow')}"
+    except PackageNotFoundError:
+        text = "smolflow (not installed)"
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return f"{text}, git {commit}{'+dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return text
 
 
 def run_logger():
@@ -89,7 +172,11 @@ class ContentInputs(CachePolicy):
     exclude: list[str] = field(default_factory=list)
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        from tasks.device import cache_token
+
         inputs = {k: getattr(v, "fingerprint", v) for k, v in (inputs or {}).items()}
+        # Device and precision change a model's outputs: a bf16 result never answers for fp32.
+        inputs["__placement__"] = cache_token()
         return Inputs(exclude=self.exclude).compute_key(task_ctx, inputs, flow_parameters, **kwargs)
 
     def __sub__(self, name: str) -> ContentInputs:
@@ -98,3 +185,64 @@ class ContentInputs(CachePolicy):
 
 # The policy of every expensive task: same content + same settings + same code = cached.
 BY_CONTENT = ContentInputs() + TASK_SOURCE
+
+
+# ---- retries: transient failures only --------------------------------------------------------
+
+# A missing file, bad value or refused permission fails the same way on every attempt: retrying
+# only delays the message (a missing dataset took ~60 s to fail with retries=2 and 5 s + 30 s).
+_DETERMINISTIC = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError,
+                  ValueError, TypeError, KeyError, LookupError, NotImplementedError, ImportError)
+
+
+def _status_code(err: BaseException) -> int | None:
+    """The HTTP status an exception carries (requests/httpx/openai/urllib/botocore), if any."""
+    response = getattr(err, "response", None)
+    for holder, attr in ((err, "status_code"), (response, "status_code"), (response, "status"), (err, "code")):
+        value = getattr(holder, attr, None) if holder is not None else None
+        if isinstance(value, int) and 100 <= value < 600:
+            return value
+    if isinstance(response, dict):  # botocore ClientError
+        value = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return value if isinstance(value, int) else None
+    return None
+
+
+def is_transient(err: BaseException | None) -> bool:
+    """Worth another attempt: a connection error, timeout, HTTP 5xx or storage I/O error, anywhere
+    in the exception's cause chain. Deterministic errors (a missing file, bad config or value,
+    offline mode) are not, even when caused by a connection error."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        name = type(err).__name__
+        if "OfflineModeIsEnabled" in name or "OfflineModeIsEnabled" in str(err):
+            return False  # HF_HUB_OFFLINE: the hub is off on purpose, every attempt fails alike
+        if name in ("StorageError", "IntegrityError", "ValidationError") or isinstance(err, _DETERMINISTIC):
+            return False
+        status = _status_code(err)
+        if status is not None:
+            return status >= 500 or status == 429
+        if isinstance(err, (ConnectionError, TimeoutError)) or name in (
+            "ConnectTimeout", "ReadTimeout", "ConnectError", "APIConnectionError", "APITimeoutError",
+            "EndpointConnectionError", "ConnectionClosedError", "HTTPClientError", "ReadTimeoutError",
+        ):
+            return True
+        if type(err) is OSError or name in ("ChunkedEncodingError",):  # a bare I/O error of the store
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect `retry_condition_fn`: retry a failed task run only when its error is transient."""
+    exc = state.data if isinstance(getattr(state, "data", None), BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception as err:  # noqa: BLE001 - a result that cannot be read: judge what was raised
+            exc = err
+    transient = isinstance(exc, BaseException) and is_transient(exc)
+    if not transient:
+        run_logger().info("Not retrying %s: %s is not a transient failure", task.name, type(exc).__name__)
+    return transient

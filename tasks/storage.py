@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import inspect
 import json
 import os
@@ -33,7 +32,9 @@ import fsspec
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.runtime import run_logger
+from tasks import layout
+from tasks.layout import RunPaths
+from tasks.runtime import atomic_write, retry_transient, run_logger, sha256_file, sha256_stream
 
 # s3fs uploads a file of at least twice this size as a multipart upload in parts of this size
 # (S3's minimum part is 5 MiB); a failed part fails the upload, which is then retried whole.
@@ -146,10 +147,6 @@ class ArtifactStore:
         except Exception:
             return True  # unknown: let the original error speak
 
-    @classmethod
-    def from_uri(cls, uri: str) -> ArtifactStore:
-        return cls(uri)
-
     def child(self, *parts: str) -> ArtifactStore:
         """The store below rel; it shares this store's file system (a new S3 client costs ~0.5 s)."""
         below = copy.copy(self)
@@ -169,11 +166,7 @@ class ArtifactStore:
         if self.is_s3:  # one PUT (multipart above part_size): visible only once complete
             self._retrying(f"upload of {self.url(rel)}", self.fs.pipe_file, path, data, chunksize=self.part_size)
         else:
-            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            staging = f"{path}.tmp{os.getpid()}"
-            with open(staging, "wb") as f:
-                f.write(data)
-            os.replace(staging, path)  # atomic on one file system
+            atomic_write(path, data)
         return self.url(rel)
 
     def write_text(self, rel: str, text: str) -> str:
@@ -183,9 +176,15 @@ class ArtifactStore:
         return self.write_text(rel, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
     @_clear_s3_errors
-    def read_json(self, rel: str) -> Any:
+    def read_bytes(self, rel: str) -> bytes:
         with self.fs.open(self._path(rel), "rb") as f:
-            return json.load(f)
+            return f.read()
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode()
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
 
     @_clear_s3_errors
     def exists(self, rel: str = "") -> bool:
@@ -229,11 +228,8 @@ class ArtifactStore:
 
     @_clear_s3_errors
     def sha256(self, rel: str) -> str:
-        digest = hashlib.sha256()
         with self.fs.open(self._path(rel), "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+            return sha256_stream(f).hexdigest()
 
     @_clear_s3_errors
     def size(self, rel: str) -> int:
@@ -253,39 +249,39 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-@task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30])
+@task(cache_policy=NO_CACHE, retries=3, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10, 30])
 def write_manifest(run_uri: str, extra: dict[str, Any]) -> str:
     """Hash every object in the run folder and write manifest.json last, marking the run complete."""
     store = ArtifactStore(run_uri)
     objects = [
         {"path": rel, "size": store.size(rel), "sha256": store.sha256(rel)}
         for rel in store.list_files()
-        if rel != "manifest.json"
+        if rel != RunPaths.manifest
     ]
     manifest = {"run": run_uri, "objects": objects, "versions": package_versions(), **extra}
-    return store.write_json("manifest.json", manifest)
+    return store.write_json(RunPaths.manifest, manifest)
 
 
 # ---- Readers: only completed runs (those with a manifest) exist for them. ----
 
 def completed_runs(root: str) -> list[str]:
     """Ids of the runs under <root>/runs/ that have a manifest; incomplete runs are left out."""
-    return [path.split("/")[1] for path in ArtifactStore(root).glob("runs/*/manifest.json")]
+    return [path.split("/")[1] for path in ArtifactStore(root).glob(f"{layout.RUNS}/*/{RunPaths.manifest}")]
 
 
 def read_manifest(run: str | ArtifactStore) -> dict[str, Any]:
     """The manifest of a completed run; IncompleteRunError when the run has none (yet)."""
     run = run if isinstance(run, ArtifactStore) else ArtifactStore(run)
     try:
-        return run.read_json("manifest.json")
+        return run.read_json(RunPaths.manifest)
     except FileNotFoundError:
-        raise IncompleteRunError(f"{run.url('manifest.json')} does not exist: the run is incomplete "
+        raise IncompleteRunError(f"{run.url(RunPaths.manifest)} does not exist: the run is incomplete "
                                  "(still running, or it failed), and readers ignore it") from None
 
 
 def read_run(root: str, run_id: str) -> dict[str, Any]:
     """The manifest of run `run_id` under root, if that run completed (see read_manifest)."""
-    return read_manifest(ArtifactStore(root).child("runs", run_id))
+    return read_manifest(ArtifactStore(root).child(layout.run_dir(run_id)))
 
 
 def _split_run_uri(uri: str) -> tuple[str, str] | None:
@@ -314,7 +310,7 @@ def verify_run(run_uri: str, prefix: str = "") -> dict[str, Any]:
     manifest = read_manifest(run)
     base = prefix.rstrip("/") + "/" if prefix else ""
     actual = {rel: (run.size(base + rel), run.sha256(base + rel))
-              for rel in run.list_files(prefix) if base + rel != "manifest.json"}
+              for rel in run.list_files(prefix) if base + rel != RunPaths.manifest}
     _check(manifest, prefix, actual, run.url(prefix))
     return manifest
 
@@ -326,18 +322,14 @@ def download_verified(uri: str, local: Path) -> Path:
     store.download_dir("", local)
     found = _split_run_uri(store.uri)
     run = ArtifactStore(found[0]) if found else None
-    if run is None or not run.exists("manifest.json"):
+    if run is None or not run.exists(RunPaths.manifest):
         return Path(local)
     prefix = found[1]
     manifest = read_manifest(run)
     actual = {}
     for file in Path(local).rglob("*"):
         if file.is_file():
-            digest = hashlib.sha256()
-            with open(file, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            actual[file.relative_to(local).as_posix()] = (file.stat().st_size, digest.hexdigest())
+            actual[file.relative_to(local).as_posix()] = (file.stat().st_size, sha256_file(file))
     _check(manifest, prefix, actual, f"download of {store.uri}")
     run_logger().info("Downloaded %s: %d files match its run's manifest", store.uri, len(actual))
     return Path(local)
@@ -345,20 +337,13 @@ def download_verified(uri: str, local: Path) -> Path:
 
 # ---- Pointers: <root>/pointers/<flow_name>/<name>.json names a completed run. ----
 
-def _pointer_rel(flow_name: str, name: str) -> str:
-    for label, value in (("flow_name", flow_name), ("pointer name", name)):
-        if not value or "/" in value or value.startswith("."):
-            raise ValueError(f"{label} {value!r} must be a non-empty name without slashes")
-    return f"pointers/{flow_name}/{name}.json"
-
-
 def set_pointer(root: str, flow_name: str, name: str, run_id: str) -> str:
     """Point `name` (e.g. latest, promoted) of a flow at a completed run, written whole in one object."""
-    rel, store = _pointer_rel(flow_name, name), ArtifactStore(root)
-    run = store.child("runs", run_id)
+    rel, store = layout.pointer(flow_name, name), ArtifactStore(root)
+    run = store.child(layout.run_dir(run_id))
     read_manifest(run)  # a pointer never names an incomplete run
     pointer = {"flow": flow_name, "name": name, "run_id": run_id, "run_uri": run.uri,
-               "manifest_sha256": run.sha256("manifest.json"),
+               "manifest_sha256": run.sha256(RunPaths.manifest),
                "updated_at": datetime.now(timezone.utc).isoformat()}
     return store.write_json(rel, pointer)
 
@@ -366,12 +351,12 @@ def set_pointer(root: str, flow_name: str, name: str, run_id: str) -> str:
 def read_pointer(root: str, flow_name: str, name: str) -> dict[str, Any] | None:
     """The pointer object ({run_id, run_uri, manifest_sha256, updated_at}), or None if never set."""
     try:
-        return ArtifactStore(root).read_json(_pointer_rel(flow_name, name))
+        return ArtifactStore(root).read_json(layout.pointer(flow_name, name))
     except FileNotFoundError:
         return None
 
 
-@task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30])
+@task(cache_policy=NO_CACHE, retries=3, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10, 30])
 def set_latest(root: str, flow_name: str, run_id: str) -> str:
     """Point the flow's `latest` at this run, once its manifest is written."""
     return set_pointer(root, flow_name, "latest", run_id)

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import html
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +23,15 @@ from pydantic import BaseModel
 from tasks.config import TemplateConfig
 from tasks.data import SHAPES, DatasetRef, as_written, num_proc_for, row_shapes
 from tasks.models import ModelRef, convert_builtin, fingerprint_dir, load_model
-from tasks.runtime import BY_CONTENT, cache_dir, run_logger
+from tasks.layout import RunPaths
+from tasks.runtime import BY_CONTENT, atomic_dir, cache_dir, retry_transient, run_logger
 from tasks.storage import ArtifactStore
 
 TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
 SHIPPED = ("chatml", "chatml-assistant-only", "mistral", "llama3")
 CHOICES = ("model", *SHIPPED)
 PREVIEW_KEY = "smolflow-chat-templates"
-PREVIEW_PATH = "data/template_preview.md"
+PREVIEW_PATH = RunPaths.template_preview
 # The renderings every preview compares, and the markers each writes as text.
 COMPARED = {"ChatML (SmolLM2-Instruct)": "chatml", "Mistral-Instruct": "mistral", "Llama-3-Instruct": "llama3"}
 MARKERS = {
@@ -302,20 +301,18 @@ def _save(model, tokenizer, base: ModelRef, name: str, text: str) -> ModelRef:
     slug = name if name in CHOICES else "file"
     target = cache_dir("models") / f"{base.fingerprint[:16]}-{slug}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     if not (target / "config.json").exists():
-        staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)  # left by a crashed attempt
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        staging.rename(target)  # atomic: a half-saved model is never picked up
+        with atomic_dir(target) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     return ModelRef(source=base.source, path=str(target), fingerprint=fingerprint_dir(target))
 
 
-@task(cache_policy=BY_CONTENT + TemplateText(), retries=1)
+@task(cache_policy=BY_CONTENT + TemplateText(), retries=1, retry_condition_fn=retry_transient)
 def prepare_chat_template(base: ModelRef, data: DatasetRef, cfg: TemplateConfig = TemplateConfig()) -> TemplatedModel:
     """Set the run's chat template, check its EOS and the data's shapes on it, and preview it."""
     from datasets import load_from_disk
 
-    model, tokenizer = load_model(base)
+    model, tokenizer = load_model(base, as_stored=True)  # saved again below: keep the stored weights
     own = tokenizer.chat_template
     name, text = effective_template(cfg, own)
     if text is None and not own:  # a base model without a template: ChatML, as SmolLM2-Instruct has it
@@ -409,10 +406,17 @@ def preview_markdown(tokenizer, messages: list[dict], assistant_only: bool,
     return "\n\n".join(parts) + "\n"
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10])
 def write_template_preview(run: ArtifactStore, templated: TemplatedModel) -> str:
-    """Write the chat-template preview into the run folder and show it as a Prefect artifact."""
+    """Write the chat-template preview, the rendered example and the report's template section into
+    the run folder (cached template task or not), and show the preview as a Prefect artifact."""
     uri = run.write_text(PREVIEW_PATH, templated.preview)
+    run.write_text(RunPaths.rendered_example, templated.rendered_example)
+    run.write_text(RunPaths.section("template"), (
+        f"Template: {templated.template_source} · loss on "
+        f"{'assistant replies only' if templated.assistant_only else 'every token'} · turns end with "
+        f"`{templated.eos_token}` · preview under other templates: `{PREVIEW_PATH}`\n\n"
+        f"The first training conversation as the model sees it:\n\n```text\n{templated.rendered_example}\n```\n"))
     create_markdown_artifact(key=PREVIEW_KEY, markdown=templated.preview,
                              description="The same conversations under ChatML, Mistral, Llama-3 and this run's template")
     return uri

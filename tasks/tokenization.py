@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
-import shutil
 from pathlib import Path
 
 from prefect import task
@@ -23,7 +21,8 @@ from pydantic import BaseModel
 
 from tasks.data import DatasetRef, as_written, num_proc_for
 from tasks.models import ModelRef, local_model_dir
-from tasks.runtime import BY_CONTENT, cache_dir, figure_png, run_logger, sha256_files
+from tasks.layout import RunPaths
+from tasks.runtime import BY_CONTENT, atomic_dir, cache_dir, figure_png, retry_transient, run_logger, sha256_files
 from tasks.storage import ArtifactStore
 
 SPLITS = ("train", "test")
@@ -222,10 +221,9 @@ def tokenized_splits(model: ModelRef, data: DatasetRef, max_length: int, assista
     import numpy as np
 
     splits = load_from_disk(data.path)
-    staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    try:
-        # The maps write their Arrow files straight into the saved copy: a save_to_disk of the
-        # result would write (and map into memory) every token a second time.
+    # The maps write their Arrow files straight into the staged copy: a save_to_disk of the
+    # result would write (and map into memory) every token a second time.
+    with atomic_dir(target) as staging:
         files, rows, stats = {}, {}, {}
         for split in SPLITS:
             ds = tokenize_split(splits[split], tokenizer, max_length, assistant_only_loss, split=split,
@@ -241,12 +239,6 @@ def tokenized_splits(model: ModelRef, data: DatasetRef, max_length: int, assista
         token_stats = TokenStats(max_length=max_length, splits=stats)
         meta = {"rows": rows, "stats": token_stats.model_dump(), "files": files}
         (staging / "stats.json").write_text(json.dumps(meta))
-        try:
-            staging.rename(target)  # atomic: a half-saved copy is never picked up
-        except OSError:  # another process saved the same key first: theirs is as good
-            pass
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return TokenizedRef(path=str(target), key=key, rows=rows, stats=token_stats, cached=False)
 
 
@@ -266,7 +258,7 @@ def load_tokenized(ref: TokenizedRef):
     return tuple(out)
 
 
-@task(cache_policy=BY_CONTENT, retries=1, retry_delay_seconds=10)
+@task(cache_policy=BY_CONTENT, retries=1, retry_condition_fn=retry_transient, retry_delay_seconds=10)
 def tokenize_dataset(
     model: ModelRef, data: DatasetRef, max_length: int, assistant_only_loss: bool = False
 ) -> TokenizedRef:
@@ -300,11 +292,22 @@ def plot_token_lengths(stats: TokenStats) -> bytes:
     return figure_png(fig)
 
 
-def write_token_stats(run: ArtifactStore, stats: TokenStats) -> None:
-    """Write data/token_lengths.json and .png into the run folder and a Prefect table artifact."""
+def tokens_markdown(stats: TokenStats) -> str:
+    """Token lengths per split, and where the template preview and the histogram are."""
+    rows = stats.table()
+    head = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n" if rows else ""
+    body = "".join("| " + " | ".join(str(v) for v in r.values()) + " |\n" for r in rows)
+    return (f"Tokens per conversation (chat template applied, before truncation to max_length={stats.max_length}):"
+            f"\n\n{head}{body}\n![token lengths](../{RunPaths.token_lengths_png})\n")
+
+
+def write_token_stats(run: ArtifactStore, stats: TokenStats, data: DatasetRef | None = None) -> None:
+    """Write the token-length stats and histogram, and the report's data section, into the run
+    folder, and a Prefect table artifact."""
     from prefect.artifacts import create_table_artifact
 
-    run.write_json("data/token_lengths.json", stats.model_dump())
-    run.write_bytes("data/token_lengths.png", plot_token_lengths(stats))
+    run.write_json(RunPaths.token_lengths, stats.model_dump())
+    run.write_bytes(RunPaths.token_lengths_png, plot_token_lengths(stats))
+    run.write_text(RunPaths.section("data"), (data.markdown() + "\n" if data else "") + tokens_markdown(stats))
     create_table_artifact(key="smolflow-token-lengths", table=stats.table(),
                           description=f"Tokens per conversation; rows over max_length={stats.max_length} are truncated")

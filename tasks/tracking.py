@@ -1,15 +1,19 @@
 """Weights & Biases: one run per flow run, offline files by default, online when a key is set.
 
 The Trainer's own W&B callback logs the loss curves into the run started here; this module adds
-the samples table, benchmark scores and the summary. The logged config is the RunConfig, which
-holds no secrets by design (keys come from the environment).
+the samples table, benchmark scores, the gate's decision and the summary, and copies the run
+folder's report, curves and result files into the W&B run as real files (`files/smolflow/...`),
+so an offline run synced later, from any machine, carries them: `wandb sync <run>/wandb/offline-run-*`.
+The logged config is the RunConfig, which holds no secrets by design (keys come from the environment).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
+from tasks.compare import compare
 from tasks.config import WandbConfig
 
 
@@ -57,7 +61,7 @@ def log_results(wb_run, samples_before, samples_after, scores: dict, summary: di
     bench = wandb.Table(columns=["benchmark", "metric", "base", "tuned", "delta", "n"])
     for name, pair in scores.items():
         bench.add_data(name, pair["base"].metric, pair["base"].score, pair["tuned"].score,
-                       pair["tuned"].score - pair["base"].score, pair["tuned"].n)
+                       compare(pair["base"], pair["tuned"])["delta"], pair["tuned"].n)
     tables = {"samples": table, "benchmarks": bench}
     if judge is not None:
         pairs = wandb.Table(columns=["instruction", "tuned", "reference", "verdict_tuned_as_a", "verdict_tuned_as_b",
@@ -77,8 +81,9 @@ def bench_summary(scores: dict) -> dict:
     """bench/<name>/{base,tuned,delta}: flat keys the W&B runs table can sort and chart across runs."""
     out = {}
     for name, pair in scores.items():
-        base, tuned = pair["base"].score, pair["tuned"].score
-        out |= {f"bench/{name}/base": base, f"bench/{name}/tuned": tuned, f"bench/{name}/delta": tuned - base}
+        c = compare(pair["base"], pair["tuned"])
+        out |= {f"bench/{name}/base": pair["base"].score, f"bench/{name}/tuned": pair["tuned"].score,
+                f"bench/{name}/delta": c["delta"], f"bench/{name}/beyond_noise": c["beyond_noise"]}
     return out
 
 
@@ -91,39 +96,66 @@ def wandb_link(wb_run, run_uri: str) -> str | None:
     return f"{run_uri}/wandb/{Path(wb_run.dir).parent.name}"
 
 
-def _ref_uri(uri: str) -> str:
-    return uri if "://" in uri else Path(uri).resolve().as_uri()
+# Not copied into the W&B run: the model (optional, as a model artifact), training checkpoints,
+# W&B's own folder, and the manifest (written after this, over the final files).
+_NOT_LOGGED = ("model/", "checkpoints/", "wandb/", "manifest.json")
 
 
-def log_references(wb_run, refs: dict[str, str]) -> dict:
-    """Log each {name: run-folder URI} as a W&B artifact that REFERENCES the files (no copy); also put
-    the URIs in the summary (artifacts/<name>) so a reader of the summary alone finds them."""
+@contextlib.contextmanager
+def staging_inside(wb_run):
+    """W&B copies a logged Table or model into a staging folder until upload, by default in the
+    user's data dir, outside the run: put it inside the run's folder so it travels with it."""
+    old = os.environ.get("WANDB_DATA_DIR")
+    os.environ["WANDB_DATA_DIR"] = str(Path(wb_run.dir).parent / "staging")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("WANDB_DATA_DIR", None)
+        else:
+            os.environ["WANDB_DATA_DIR"] = old
+
+
+def log_run_files(wb_run, run) -> list[str]:
+    """Copy the run folder's files (report, curves, tables, benchmark and judge results, gate) into
+    the W&B run's files as smolflow/<path>; returns the paths."""
     if wb_run is None:
-        return {}
-    import wandb
+        return []
+    target = Path(wb_run.dir) / "smolflow"
+    names = [n for n in run.list_files() if not n.startswith(_NOT_LOGGED)]
+    for name in names:
+        local = target / name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        run.fs.get_file(run.child(name).root, str(local))
+        # Inside the run's own files folder W&B records a relative path: no symlink, no absolute path.
+        wb_run.save(str(local), base_path=wb_run.dir, policy="now")
+    return names
 
-    for name, uri in refs.items():
-        art = wandb.Artifact(f"{wb_run.id}-{name}", type="model" if name == "model" else "results")
-        # file://: W&B hashes the files itself. s3://: checksum=False records the URI without asking
-        # the endpoint (W&B's S3 handler knows only AWS settings); the run manifest has the hashes.
-        art.add_reference(_ref_uri(uri), checksum=not uri.startswith("s3://"))
-        wb_run.log_artifact(art, aliases=["latest"])
-    summary = {f"artifacts/{name}": _ref_uri(uri) for name, uri in refs.items()}
-    wb_run.summary.update(summary)
-    return summary
+
+def gate_summary(decision, promoted: bool) -> dict:
+    """gate/promoted, gate/against (the base model or the promoted run), gate/reasons (why not; empty
+    when promoted)."""
+    if decision is None:
+        return {"promoted": promoted}
+    return {"promoted": promoted, "gate/promoted": promoted, "gate/against": decision.against,
+            "gate/reasons": list(decision.reasons)}
 
 
 def finish_wandb(wb_run, run, trained, before, after, scores: dict, health, promoted: bool, local_dir: Path,
-                 judge=None) -> None:
-    """Log references, tables and summary, tag a promoted run, close it, and keep its files in the run folder."""
+                 judge=None, decision=None, log_model: bool = False) -> None:
+    """Log tables, the run folder's files, the gate and the summary (and the model if asked), tag a
+    promoted run, close it, and keep its files in the run folder."""
     if wb_run is None:
         return
-    refs = {"model": trained.model.path, "benchmarks": run.url("benchmarks"), "report": run.url("report")}
-    if judge is not None:
-        refs["judge"] = run.url("judge")
-    log_references(wb_run, refs)  # W&B points at the run folder's files instead of copying them
-    summary = {"eval_loss": trained.metrics["eval_loss"], "run_uri": run.uri, "promoted": promoted}
-    log_results(wb_run, before, after, scores, summary, health, judge)
+    summary = {"eval_loss": trained.metrics["eval_loss"], "run_uri": run.uri} | gate_summary(decision, promoted)
+    with staging_inside(wb_run):
+        log_results(wb_run, before, after, scores, summary, health, judge)
+        log_run_files(wb_run, run)
+        if log_model:
+            from tasks.models import local_model_dir
+
+            wb_run.log_model(str(local_model_dir(trained.model)), name=f"{wb_run.id}-model",
+                             aliases=["latest", "promoted"] if promoted else ["latest"])
     if promoted:
         wb_run.tags = (*wb_run.tags, "promoted")
     wb_run.finish()

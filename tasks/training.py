@@ -23,12 +23,14 @@ from pydantic import BaseModel
 
 from tasks.config import TrainingConfig
 from tasks.data import DatasetRef
+from tasks.device import Placement, resolve
+from tasks.locks import TRAINING_LOCK, exclusive
 from tasks.models import ModelRef, fingerprint_dir, load_model
 from tasks.progress import training_progress
-from tasks.runtime import BY_CONTENT, ContentInputs, cache_dir, run_logger
+from tasks.runtime import BY_CONTENT, ContentInputs, cache_dir, run_logger, retry_transient
 from tasks.storage import ArtifactStore
-from tasks.tokenization import load_tokenized, tokenize_split, tokenized_splits
-from tasks.transfer import locate_model, place_dir
+from tasks.tokenization import TokenizedRef, load_tokenized, tokenize_split, tokenized_splits
+from tasks.transfer import locate_model, place_dir, release_work, run_root
 
 MARKER = "COMPLETE"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -38,15 +40,74 @@ class TrainResult(BaseModel):
     model: ModelRef
     metrics: dict[str, float]  # final train_loss, eval_loss, steps, runtime, resumed_from_step, ...
     log_history: list[dict]  # the Trainer's per-step logs: the loss curves
+    trainer_args: dict = {}  # every TrainingArguments value as the Trainer ran (tokens masked by transformers)
 
 
-def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str]):
-    """TRL's SFTConfig from smolflow's TrainingConfig (the seed's knobs plus device defaults)."""
-    import torch
+# SFTConfig fields smolflow sets from its own settings: sft_args may not set them behind its back.
+MANAGED = {name: f"training.{name}" for name in (
+    "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+    "lr_scheduler_type", "weight_decay", "optim", "logging_steps", "eval_steps", "save_steps", "max_length",
+    "padding_free", "seed")} | {
+    "warmup_steps": "training.warmup_ratio", "warmup_ratio": "training.warmup_ratio",
+    "gradient_checkpointing": "training.gradient_checkpointing",
+    "activation_checkpointing": "training.gradient_checkpointing",
+    "assistant_only_loss": "template.assistant_only_loss",
+    "report_to": "wandb.mode",
+    "push_to_hub": "output.push_to_hub", "hub_model_id": "output.push_to_hub",
+    "hub_token": "output.hub_token_secret (or HF_TOKEN)", "hub_private_repo": "output.hub_private",
+    "output_dir": "output.artifacts_uri (checkpoints go to the run folder)",
+    "resume_from_checkpoint": "output.run_id (a re-run of the same run id resumes)",
+}
+
+
+def check_schedule(cfg: TrainingConfig) -> None:
+    """The optimizer and scheduler names exist in this transformers (ValueError naming the field)."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for field, enum in (("lr_scheduler_type", SchedulerType), ("optim", OptimizerNames)):
+        value, known = getattr(cfg, field), [e.value for e in enum]
+        if value not in known:
+            raise ValueError(f"training.{field}: unknown {value!r}; choose from {', '.join(known)}")
+
+
+def sft_overrides(cfg: TrainingConfig) -> dict:
+    """training.sft_args checked against SFTConfig's fields and their types, values converted
+    (ValueError naming `training.sft_args.<name>`)."""
+    if not cfg.sft_args:
+        return {}
+    import dataclasses
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
     from trl import SFTConfig
 
-    cuda = torch.cuda.is_available()
-    return SFTConfig(
+    fields = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+    hints = typing.get_type_hints(SFTConfig)
+    out = {}
+    for name, value in cfg.sft_args.items():
+        where = f"training.sft_args.{name}"
+        if name in MANAGED:
+            raise ValueError(f"{where}: smolflow sets this SFTConfig field itself; use {MANAGED[name]} instead")
+        if name not in fields:
+            close = [f for f in sorted(fields) if name.lower() in f or f in name.lower()][:5]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"{where}: TRL's SFTConfig has no field {name!r}{hint}; see SFTConfig's documentation")
+        try:
+            out[name] = TypeAdapter(hints[name]).validate_python(value) if name in hints else value
+        except ValidationError as err:
+            kind = getattr(hints[name], "__name__", str(hints[name]))
+            raise ValueError(f"{where}: {value!r} is not a valid {kind} ({err.errors()[0]['msg']})") from None
+    return out
+
+
+def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str], placement: Placement | None = None,
+               **extra):
+    """TRL's SFTConfig from smolflow's TrainingConfig, the run's placement (device, precision), then sft_args."""
+    from trl import SFTConfig
+
+    placement = placement or resolve()
+    args = dict(
         output_dir=output_dir,
         max_steps=cfg.max_steps,
         num_train_epochs=cfg.num_train_epochs,
@@ -54,6 +115,9 @@ def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str]):
         per_device_eval_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optim,
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
         logging_steps=cfg.logging_steps,
         eval_strategy="steps",
@@ -67,12 +131,39 @@ def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str]):
         padding_free=cfg.padding_free,
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name; TRL defaults it on
         seed=cfg.seed,
-        # TRL defaults to bf16, which CPUs without bf16 kernels run slowly or refuse.
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        use_cpu=not cuda,
+        # Constructor arguments: setting them on a built SFTConfig had no effect (identical losses).
+        # bf16 is autocast over fp32 weights; tasks/device.py decides it per machine (CPUs differ).
+        bf16=placement.precision == "bf16",
+        use_cpu=placement.device == "cpu",
         report_to=report_to,
         disable_tqdm=True,  # Prefect's logs are the progress view; tqdm bars garble them
+        **extra,  # e.g. torch_compile for scripts/bench_training.py
     )
+    # sft_args last: they may override the device defaults above (e.g. bf16 on a CPU with bf16 units).
+    return SFTConfig(**(args | sft_overrides(cfg)))
+
+
+def lora_config(cfg: TrainingConfig):
+    """peft's LoraConfig for training.peft (None: full fine-tuning)."""
+    if cfg.peft is None:
+        return None
+    from peft import LoraConfig
+
+    targets = cfg.peft.target_modules
+    return LoraConfig(
+        r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout, task_type="CAUSAL_LM",
+        target_modules=targets[0] if targets == ["all-linear"] else targets,  # peft's shorthand is a string
+    )
+
+
+def save_final(trainer, tokenizer, target: Path) -> None:
+    """The trained model as a plain transformers model: LoRA adapters merged into the weights, so
+    the run's model/ loads with AutoModelForCausalLM and scores, samples and pushes like any other."""
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):  # a peft model
+        model = model.merge_and_unload()
+    model.save_pretrained(str(target))
+    tokenizer.save_pretrained(str(target))
 
 
 def prepare_splits(splits, tokenizer, cfg: TrainingConfig, assistant_only_loss: bool = False):
@@ -141,6 +232,8 @@ def checkpoint_uploader(run: ArtifactStore, key: str, keep: int = 2):
 
     class UploadCheckpoints(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:  # DDP: one uploader; the checkpoint folder is shared
+                return
             name = f"checkpoint-{state.global_step}"
             local = Path(args.output_dir) / name
             marker = json.dumps({"step": state.global_step, "key": key})
@@ -155,25 +248,31 @@ def checkpoint_uploader(run: ArtifactStore, key: str, keep: int = 2):
     return UploadCheckpoints()
 
 
-@task(cache_policy=(ContentInputs() - "run_uri" - "report_to") + TASK_SOURCE, retries=1, retry_delay_seconds=10)
+@task(cache_policy=(ContentInputs() - "run_uri" - "report_to") + TASK_SOURCE, retries=1, retry_delay_seconds=10,
+      retry_condition_fn=retry_transient)
 def train_sft(
     base: ModelRef, data: DatasetRef, cfg: TrainingConfig, run_uri: str, report_to: list[str],
     assistant_only_loss: bool = False,
 ) -> TrainResult:
     """Fine-tune the model on the chat dataset (resuming a crashed attempt) and upload the result."""
+    # One training at a time per machine (and per Prefect server): nightly, on-demand and CLI runs.
+    with exclusive(TRAINING_LOCK, f"training {posixpath.basename(run_uri)} (pid {os.getpid()})"):
+        return _train_sft(base, data, cfg, run_uri, report_to, assistant_only_loss)
+
+
+def _train_sft(
+    base: ModelRef, data: DatasetRef, cfg: TrainingConfig, run_uri: str, report_to: list[str],
+    assistant_only_loss: bool,
+) -> TrainResult:
     # The cache key leaves out where the model is written and whether W&B watches, so a second
     # run with the same model, data and knobs reuses this result instead of training again.
-    from trl import SFTTrainer
-
     log = run_logger()
-    model, tokenizer = load_model(base)
     # Tokens come from the on-disk cache tokenize_dataset filled (made here if it is missing).
     # With assistant_only_loss they carry `assistant_masks`, from which TRL builds the labels;
     # SFTConfig's own assistant_only_loss flag stays off, since TRL accepts it only for
     # conversations it tokenizes itself.
     tokenized = tokenized_splits(base, data, cfg.max_length, assistant_only_loss)
     log.info("Tokenized data %s: %s", "reused" if tokenized.cached else "made", tokenized.path)
-    train, test = load_tokenized(tokenized)
     run = ArtifactStore(run_uri)
     work = cache_dir("work", posixpath.basename(run_uri))
     key = resume_key(base, data, cfg, assistant_only_loss)
@@ -181,58 +280,92 @@ def train_sft(
     if resume is None:  # stale checkpoints of other settings must not be rotated in or resumed
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
         _remove(run.child("checkpoints"))
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_config(cfg, str(work / "checkpoints"), report_to),
-        train_dataset=train,
-        eval_dataset=test,
-        processing_class=tokenizer,
-        callbacks=[checkpoint_uploader(run, key), training_progress()],
-    )
     resumed_from = int(_CHECKPOINT.match(resume.name)[1]) if resume else 0
-    log.info("Training from step %d%s", resumed_from, f" (resuming {resume})" if resume else "")
-    train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    eval_metrics = trainer.evaluate()
+    log.info("Training from step %d%s on %d process(es)", resumed_from,
+             f" (resuming {resume})" if resume else "", cfg.num_processes)
+    spec = FitSpec(base=base, tokenized=tokenized, cfg=cfg, work=str(work), run_uri=run_uri, key=key,
+                   resume=str(resume) if resume else None, report_to=report_to, placement=resolve())
+    if cfg.num_processes > 1:
+        from tasks.train_worker import launch
+
+        fitted = launch(spec)
+    else:
+        fitted = fit(spec)
     final = work / "model"
-    trainer.save_model(str(final))
-    tokenizer.save_pretrained(str(final))
     fingerprint = fingerprint_dir(final)
     uri, _ = place_dir(str(final), run, "model")  # a local root hard-links: no second copy of the weights
     _remove(run.child("checkpoints"))  # the final model supersedes them; they are GBs on real models
     release_work(work, run, fingerprint)
+    metrics = fitted["metrics"] | {"resumed_from_step": float(resumed_from)}
+    log.info("Training done: %s", metrics)
+    return TrainResult(
+        model=ModelRef(source=f"tuned from {base.source}" + (" (LoRA, merged)" if cfg.peft else ""), path=uri,
+                       fingerprint=fingerprint),
+        metrics=metrics,
+        log_history=fitted["log_history"],
+        trainer_args=fitted["trainer_args"],
+    )
+
+
+class FitSpec(BaseModel):
+    """Everything one training process needs (also sent as JSON to torchrun's workers)."""
+
+    base: ModelRef
+    tokenized: TokenizedRef
+    cfg: TrainingConfig
+    work: str  # local folder: checkpoints/ and the final model/
+    run_uri: str
+    key: str  # resume key, written into each checkpoint's marker
+    resume: str | None
+    report_to: list[str]
+    placement: Placement
+
+
+def fit(spec: FitSpec) -> dict:
+    """Train in this process (one DDP rank under torchrun); the final model goes to <work>/model."""
+    from transformers import PrinterCallback
+    from trl import SFTTrainer
+
+    cfg = spec.cfg
+    model, tokenizer = load_model(spec.base, as_stored=True)  # the Trainer places it (sft_config)
+    train, test = load_tokenized(spec.tokenized)
+    run, work = ArtifactStore(spec.run_uri), Path(spec.work)
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            args=sft_config(cfg, str(work / "checkpoints"), spec.report_to, spec.placement),
+            train_dataset=train,
+            eval_dataset=test,
+            processing_class=tokenizer,
+            peft_config=lora_config(cfg),
+            callbacks=[checkpoint_uploader(run, spec.key), training_progress()],
+        )
+    except ValueError as err:
+        if cfg.peft is not None and "target" in str(err).lower():  # peft: a module name the model lacks
+            raise ValueError(f"training.peft.target_modules={cfg.peft.target_modules}: {err}") from None
+        raise
+    # The Trainer prints each log as a dict of strings; training_progress logs them as numbers.
+    trainer.remove_callback(PrinterCallback)
+    trainable = float(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))  # before a merge
+    train_output = trainer.train(resume_from_checkpoint=spec.resume)
+    eval_metrics = trainer.evaluate()
+    if trainer.is_world_process_zero():  # DDP: the main process writes the final model
+        shutil.rmtree(work / "model", ignore_errors=True)
+        save_final(trainer, tokenizer, work / "model")
+    trainer.accelerator.wait_for_everyone()
     metrics = {
         "train_loss": train_output.training_loss,
         "eval_loss": eval_metrics["eval_loss"],
         "eval_perplexity": math.exp(min(eval_metrics["eval_loss"], 50)),
         "steps": float(trainer.state.global_step),
-        "resumed_from_step": float(resumed_from),
         "train_runtime_s": train_output.metrics["train_runtime"],
         "train_samples_per_second": train_output.metrics["train_samples_per_second"],
+        "num_processes": float(trainer.accelerator.num_processes),  # the world size that really ran
     }
-    log.info("Training done: %s", metrics)
-    return TrainResult(
-        model=ModelRef(source=f"tuned from {base.source}", path=uri, fingerprint=fingerprint),
-        metrics=metrics,
-        log_history=trainer.state.log_history,
-    )
-
-
-def release_work(work: Path, run: ArtifactStore, fingerprint: str) -> None:
-    """Training finished and its model is in the run folder: the local checkpoints (GBs on real
-    models) go. The local model copy goes too on a local root (the run folder has the same inodes);
-    on S3 it becomes the download cache's copy, which the stages that follow would fetch anyway."""
-    shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    final, cached = work / "model", cache_dir("downloads") / fingerprint[:16]
-    if run.is_s3 and not (cached / "config.json").exists():
-        shutil.rmtree(cached, ignore_errors=True)
-        final.rename(cached)
-        os.utime(cached)  # just used: last in line for the cache bound
-    shutil.rmtree(final, ignore_errors=True)
-
-
-def run_root(run_uri: str) -> str:
-    """<root> of a run folder <root>/runs/<run_id>."""
-    return posixpath.dirname(posixpath.dirname(run_uri.rstrip("/")))
+    if cfg.peft is not None:
+        metrics["trainable_params"] = trainable
+    return {"metrics": metrics, "log_history": trainer.state.log_history,
+            "trainer_args": json.loads(trainer.args.to_json_string())}
 
 
 def train_or_reuse(base: ModelRef, data: DatasetRef, cfg: TrainingConfig, run_uri: str, report_to: list[str],
@@ -247,7 +380,7 @@ def train_or_reuse(base: ModelRef, data: DatasetRef, cfg: TrainingConfig, run_ur
     return trained
 
 
-@task(cache_policy=BY_CONTENT, retries=3, retry_delay_seconds=[2, 10, 30])
+@task(cache_policy=BY_CONTENT, retries=3, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10, 30])
 def publish_model(model: ModelRef, run_uri: str) -> ModelRef:
     """Make sure the run folder holds its model, also when training was reused from the cache."""
     target = ArtifactStore(run_uri).child("model")

@@ -88,3 +88,23 @@ def locate_model(ref, root: str):
         if tuned.get("fingerprint") == ref.fingerprint and tuned.get("path") and model_exists(tuned["path"]):
             return ref.model_copy(update={"path": tuned["path"]})
     return None
+
+
+def release_work(work: Path, run: ArtifactStore, fingerprint: str) -> None:
+    """Training finished and its model is in the run folder: the local checkpoints (GBs on real
+    models) go. The local model copy goes too on a local root (the run folder has the same inodes);
+    on S3 it becomes the download cache's copy, which the stages that follow would fetch anyway."""
+    from tasks.runtime import cache_dir
+
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    final, cached = work / "model", cache_dir("downloads") / fingerprint[:16]
+    if run.is_s3 and not (cached / "config.json").exists():
+        shutil.rmtree(cached, ignore_errors=True)
+        final.rename(cached)
+        os.utime(cached)  # just used: last in line for the cache bound
+    shutil.rmtree(final, ignore_errors=True)
+
+
+def run_root(run_uri: str) -> str:
+    """<root> of a run folder <root>/runs/<run_id>."""
+    return posixpath.dirname(posixpath.dirname(run_uri.rstrip("/")))

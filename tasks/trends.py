@@ -4,6 +4,7 @@ read from each completed run's benchmarks/comparison.json (the current run joins
 from __future__ import annotations
 
 
+from tasks.layout import RunPaths, run_dir
 from tasks.runtime import figure_png
 from tasks.storage import ArtifactStore, completed_runs
 
@@ -23,14 +24,14 @@ def collect_scores(
     store = ArtifactStore(root)
     current = current_uri.rstrip("/").rsplit("/", 1)[-1] if current_uri else None
     ids = sorted(set(completed_runs(root)) - {current})
-    picked = [(i, store.child("runs", i)) for i in ids]
+    picked = [(i, store.child(run_dir(i))) for i in ids]
     if current_uri:
         picked.append((current, ArtifactStore(current_uri)))
     rows = []
     for run_id, run in picked[-n:]:
-        if not run.exists("benchmarks/comparison.json"):  # a run without benchmarks has no point to plot
+        if not run.exists(RunPaths.comparison):  # a run without benchmarks has no point to plot
             continue
-        rows.append((run_id, {r["benchmark"]: r["tuned"] for r in run.read_json("benchmarks/comparison.json")}))
+        rows.append((run_id, {r["benchmark"]: r["tuned"] for r in run.read_json(RunPaths.comparison)}))
     return rows
 
 
@@ -70,5 +71,5 @@ def write_trend(root: str, run_uri: str, n: int = DEFAULT_RUNS) -> tuple[str, by
     """Write report/trend.png into the run folder; return the trend's markdown table and the PNG."""
     rows = collect_scores(root, run_uri, n)
     png = plot_trend(rows)
-    ArtifactStore(run_uri).write_bytes("report/trend.png", png)
+    ArtifactStore(run_uri).write_bytes(RunPaths.trend, png)
     return trend_markdown(rows), png

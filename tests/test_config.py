@@ -6,7 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from tasks.config import RunConfig
-from flows.finetune import finetune, parse_args
+from flows.finetune import finetune
+from tasks.config_args import parse_config
 
 
 def test_defaults_are_valid_and_offline_ready():
@@ -51,7 +52,7 @@ def test_the_flow_rejects_bad_parameters_before_any_compute():
 def test_cli_reads_yaml_then_flags_on_top(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("training:\n  max_steps: 7\n  learning_rate: 0.001\nmodel: /models/x\n")
-    cfg = parse_args(["--config", str(path), "--training.learning-rate", "0.0002"])
+    cfg = parse_config(["--config", str(path), "--training.learning-rate", "0.0002"])
     assert cfg.training.max_steps == 7
     assert cfg.training.learning_rate == 0.0002
     assert cfg.model == "/models/x"

@@ -263,7 +263,6 @@ def test_run_custom_benchmark_is_cached_until_an_item_changes(tiny_ref, tmp_path
 
 
 def test_judge_rubric_through_the_real_local_judge(tiny_model_dir, tmp_path):
-    pytest.importorskip("tasks.judge", reason="tasks/judge.py (the judge backends) is not written yet")
     from tasks.config import JudgeConfig
     from tasks.models import load_model, resolve_model
 

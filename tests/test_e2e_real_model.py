@@ -27,4 +27,4 @@ def test_real_smollm2_fine_tunes_and_is_scored(builtin_dir, tmp_path):
     # would sit near ln(49152) = 10.8.
     assert math.isfinite(summary["training"]["eval_loss"]) and summary["training"]["eval_loss"] < 4.0
     assert summary["benchmarks"][0]["n"] == 2
-    assert BUILTIN.startswith("builtin:")
+    assert manifest["resolved"]["model"] == BUILTIN  # what `auto` meant offline, recorded

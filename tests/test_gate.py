@@ -2,7 +2,9 @@
 
 import pytest
 
+from tasks.config import GateConfig
 from tasks.gate import Score, decide, promote, regression_gate
+from tasks.layout import RunPaths
 from tasks.storage import ArtifactStore, read_pointer, write_manifest
 
 FLOW = "smolflow-finetune"
@@ -32,18 +34,21 @@ def test_blocking_health_sign_rejects_even_with_better_scores():
     assert not d.promote and d.reasons == ["training health: overfitting from step 20"]
 
 
-def _completed_run(root, run_id: str, scores: dict[str, float]) -> str:
+def _completed_run(root, run_id: str, scores: dict[str, float], base: dict[str, float] | None = None) -> str:
+    """A run folder holding saved scores where evaluation puts them (tuned, and base if given)."""
     run = ArtifactStore(root).child("runs", run_id)
-    for name, score in scores.items():
-        run.write_json(f"benchmarks/{name}/tuned.summary.json", {"name": name, "score": score, "stderr": 0.01})
+    for role, values in (("tuned", scores), ("base", base or {})):
+        for name, score in values.items():
+            run.write_json(RunPaths.benchmark_summary(name, role), {"name": name, "score": score, "stderr": 0.01})
+    run.write_json(RunPaths.comparison, [{"benchmark": name} for name in scores])
     write_manifest.fn(run.uri, {"run_id": run_id})
     return run.uri
 
 
 def test_first_run_compares_with_the_base_model_and_promotes(tmp_path):
     root = str(tmp_path)
-    run_uri = _completed_run(root, "r1", {"gsm8k": 0.2})
-    d = regression_gate.fn(root, FLOW, run_uri, {"gsm8k": Score(score=0.1, stderr=0.01)}, {"gsm8k": Score(score=0.2, stderr=0.01)}, None, [])
+    run_uri = _completed_run(root, "r1", {"gsm8k": 0.2}, base={"gsm8k": 0.1})
+    d = regression_gate.fn(root, FLOW, run_uri, GateConfig(), [])
     assert d.promote and d.against.startswith("base model")
     assert ArtifactStore(run_uri).read_json("gate/decision.json")["promote"] is True
     promote.fn(root, FLOW, "r1")
@@ -54,9 +59,9 @@ def test_regression_against_the_promoted_run_is_rejected_and_the_model_kept(tmp_
     root = str(tmp_path)
     _completed_run(root, "good", {"gsm8k": 0.40})
     promote.fn(root, FLOW, "good")
-    worse = _completed_run(root, "worse", {"gsm8k": 0.10})
+    worse = _completed_run(root, "worse", {"gsm8k": 0.10}, base={"gsm8k": 0.5})
     ArtifactStore(worse).write_text("model/model.safetensors", "weights")
-    d = regression_gate.fn(root, FLOW, worse, {"gsm8k": Score(score=0.5)}, {"gsm8k": Score(score=0.10, stderr=0.01)}, None, [])
+    d = regression_gate.fn(root, FLOW, worse, GateConfig(), [])
     assert not d.promote and d.against == "promoted run good"
     assert "gsm8k dropped 0.3000" in d.reasons[0]
     assert read_pointer(root, FLOW, "promoted")["run_id"] == "good"  # unchanged
@@ -68,3 +73,11 @@ def test_promoting_an_incomplete_run_is_refused(tmp_path):
     ArtifactStore(str(tmp_path)).child("runs", "half").write_json("config.json", {})
     with pytest.raises(FileNotFoundError):
         promote.fn(str(tmp_path), FLOW, "half")
+
+
+def test_gate_off_never_promotes_and_says_so(tmp_path):
+    root = str(tmp_path)
+    run_uri = _completed_run(root, "r1", {"gsm8k": 0.9}, base={"gsm8k": 0.1})
+    d = regression_gate.fn(root, FLOW, run_uri, GateConfig(enabled=False), [])
+    assert not d.promote and "gate.enabled: false" in d.reasons[-1]
+    assert "gate.enabled: false" in ArtifactStore(run_uri).read_text(RunPaths.section("gate"))

@@ -66,6 +66,11 @@ def _wandb_records(offline_dir: Path) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip().startswith("{")]
 
 
+def _has_run_record(wandb_dir: Path) -> bool:
+    files = list(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    return bool(files) and any(r["type"] == "run" for r in _wandb_records(files[0].parent))
+
+
 def _logged_global_steps(records: list[dict]) -> list[int]:
     steps = []
     for r in records:
@@ -85,8 +90,18 @@ def test_rerun_after_sigkill_continues_the_same_wandb_run(tiny_ref, fixture_data
         [sys.executable, "-c", TRAIN_WITH_WANDB, tiny_ref.path, run.uri, cfg.model_dump_json(), str(wandb_dir)],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
+    # Kill only once both things a crash must leave are observable: a complete checkpoint, and the
+    # W&B run record in the killed process's offline file (killing earlier left a folder without one).
+    # The run record comes first (wandb.init runs before training), then the checkpoint.
     deadline = time.monotonic() + 600
-    while not run.exists(f"checkpoints/checkpoint-6/{MARKER}") and proc.poll() is None and time.monotonic() < deadline:
+    while not _has_run_record(wandb_dir):
+        assert proc.poll() is None and time.monotonic() < deadline, "no W&B run record on disk in time"
+        time.sleep(0.5)
+    # on_save writes the run folder's marker, then the work dir's: wait for the last one, or the
+    # re-run finds an unmarked local checkpoint-6 and resumes from checkpoint-3.
+    local_marker = Path(os.environ["SMOLFLOW_CACHE"]) / "work" / "same-run" / "checkpoints" / "checkpoint-6" / MARKER
+    while not (run.exists(f"checkpoints/checkpoint-6/{MARKER}") and local_marker.is_file()):
+        assert proc.poll() is None and time.monotonic() < deadline, "no complete checkpoint-6 in time"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=60)

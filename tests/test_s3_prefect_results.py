@@ -10,7 +10,6 @@ import sys
 import uuid
 from pathlib import Path
 
-import pytest
 
 from tasks.storage import ArtifactStore
 
@@ -50,7 +49,7 @@ def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def test_cache_hit_from_a_second_process_through_s3(s3_bucket: str, s3_server, tmp_path: Path):
-    name, bucket = f"results-{uuid.uuid4().hex[:8]}", s3_bucket.removeprefix("s3://")
+    name = f"results-{uuid.uuid4().hex[:8]}"
     saved = _run(["scripts/prefect_s3_storage.py", "--bucket", s3_bucket, "--folder", "prefect", "--name", name],
                  _env(tmp_path, "setup"))
     assert f"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK=s3-bucket/{name}" in saved.stdout
@@ -75,7 +74,3 @@ def test_the_script_names_an_unusable_bucket(s3_bucket: str, s3_server, tmp_path
     assert "cannot use bucket 'no-such-bucket-x1' at " + s3_server.endpoint_url in out.stderr
     assert s3_server.secret_key not in out.stdout + out.stderr
 
-
-@pytest.fixture(autouse=True)
-def _needs_prefect_aws():
-    pytest.importorskip("prefect_aws")

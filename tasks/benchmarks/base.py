@@ -20,7 +20,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from tasks.config import BenchmarkConfig
-from tasks.runtime import FIXTURES, hub_offline
+from tasks.console import quiet_bars
+from tasks.runtime import FIXTURES, hub_offline, split_of
 
 
 class BenchmarkResult(BaseModel):
@@ -62,7 +63,7 @@ class Benchmark(abc.ABC):
             return None
         if folder.is_file():
             return {"test": str(folder)}
-        files = {f.stem.split("-")[0]: str(f) for f in sorted(folder.iterdir()) if f.suffix in (".jsonl", ".json", ".parquet")}
+        files = {split_of(f): str(f) for f in sorted(folder.iterdir()) if f.suffix in (".jsonl", ".json", ".parquet")}
         if "test" not in files:
             raise ValueError(f"benchmarks[{self.name}].data={cfg.data!r}: need a test.jsonl (or .parquet) there")
         return files
@@ -166,7 +167,7 @@ class LmEvalBenchmark(Benchmark):
         from lm_eval.tasks import TaskManager
 
         started = time.perf_counter()
-        with tempfile.TemporaryDirectory() as workdir:
+        with tempfile.TemporaryDirectory() as workdir, quiet_bars():  # lm-eval's tqdm bars, unless verbose
             specs = self.task_configs(cfg, Path(workdir))
             out = simple_evaluate(
                 model=lm,

@@ -36,13 +36,15 @@ from typing import Any
 
 import yaml
 from prefect import task
+from prefect.cache_policies import TASK_SOURCE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.yamlfile import at, key_lines, yaml_error
 from tasks.config import JudgeConfig
 from tasks.benchmarks import scorers
 from tasks.benchmarks.base import BenchmarkResult, stderr_of_mean
 from tasks.models import ModelRef, load_model
-from tasks.runtime import BY_CONTENT, run_logger
+from tasks.runtime import ContentInputs, retry_transient, run_logger
 
 DOCS = "docs/benchmarks.md#custom-benchmarks"
 ROLES = ("system", "user", "assistant")
@@ -111,42 +113,6 @@ class CustomBenchmark(Definition):
 # --- loading and checking ---------------------------------------------------------------------
 
 
-def _key_lines(text: str, where: str) -> dict[tuple, int]:
-    """1-based line of every key and list entry, by path (("scorer_args", "pattern") -> 7)."""
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return {}  # valid JSON that YAML 1.1 can't compose: errors just go without a line
-    lines: dict[tuple, int] = {}
-
-    def walk(node, path: tuple) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                sub = (*path, key.value)
-                if sub in lines:  # YAML would silently keep the last one
-                    raise CustomBenchmarkError(
-                        f"{where}:{key.start_mark.line + 1}: key {key.value!r} appears twice "
-                        f"(first on line {lines[sub]}); keep one"
-                    )
-                lines[sub] = key.start_mark.line + 1
-                walk(value, sub)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, value in enumerate(node.value):
-                lines[(*path, i)] = value.start_mark.line + 1
-                walk(value, (*path, i))
-
-    walk(root, ())
-    return lines
-
-
-def _at(where: str, lines: dict[tuple, int], loc: tuple) -> str:
-    """'file:line' for the deepest part of `loc` that has a line, else 'file'."""
-    for n in range(len(loc), 0, -1):
-        if loc[:n] in lines:
-            return f"{where}:{lines[loc[:n]]}"
-    return where
-
-
 _REQUIRED = {  # what to write for a missing required key
     "name": "my_benchmark  (lowercase letters, digits, _ and -)",
     "data": "items.jsonl  (next to this file)",
@@ -178,16 +144,13 @@ def _parse(path: Path) -> tuple[Any, dict[tuple, int]]:
             f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}); fix the syntax"
         ) from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise CustomBenchmarkError(f"{path}{line}: not valid YAML ({problem}); fix the syntax") from None
+        raise CustomBenchmarkError(yaml_error(str(path), err)) from None
     if not isinstance(raw, dict):
         raise CustomBenchmarkError(
             f"{path}: the definition must be a mapping of keys (name, data, scorer, ...), "
             f"got {type(raw).__name__}; see {DOCS}"
         )
-    return raw, _key_lines(text, str(path))
+    return raw, key_lines(text, str(path), CustomBenchmarkError)
 
 
 def _check_fields(d: Definition) -> list[tuple[tuple, str]]:
@@ -286,15 +249,15 @@ def load_definition(path: str | Path) -> CustomBenchmark:
     try:
         d = Definition.model_validate(raw)
     except ValidationError as err:
-        found = [f"{_at(str(path), lines, e['loc'])}: {_explain(e, allowed)}" for e in err.errors()]
+        found = [f"{at(str(path), lines, e['loc'])}: {_explain(e, allowed)}" for e in err.errors()]
         raise CustomBenchmarkError("\n".join(found)) from None
     if problems := _check_fields(d):
-        raise CustomBenchmarkError("\n".join(f"{_at(str(path), lines, loc)}: {msg}" for loc, msg in problems))
+        raise CustomBenchmarkError("\n".join(f"{at(str(path), lines, loc)}: {msg}" for loc, msg in problems))
     data = Path(d.data).expanduser()
     data = (data if data.is_absolute() else path.parent / data).resolve()
     if not data.is_file():
         raise CustomBenchmarkError(
-            f"{_at(str(path), lines, ('data',))}: data file {d.data!r} not found (looked for {data}); "
+            f"{at(str(path), lines, ('data',))}: data file {d.data!r} not found (looked for {data}); "
             "the path is relative to the definition file"
         )
     items = _read_items(data, d, f"{path}:{lines.get(('data',), 1)}")
@@ -395,9 +358,10 @@ def evaluate_custom(model, tokenizer, bench: CustomBenchmark, judge_cfg: JudgeCo
     )
 
 
-@task(cache_policy=BY_CONTENT, retries=1, retry_delay_seconds=10, task_run_name="custom-{bench.name}")
+@task(cache_policy=(ContentInputs() - "role") + TASK_SOURCE, retries=1, retry_condition_fn=retry_transient,
+      retry_delay_seconds=10, task_run_name="custom-{bench.name}-{role}")
 def run_custom_benchmark(
-    model_ref: ModelRef, bench: CustomBenchmark, judge_cfg: JudgeConfig | None = None
+    model_ref: ModelRef, bench: CustomBenchmark, judge_cfg: JudgeConfig | None = None, role: str = "model"
 ) -> BenchmarkResult:
     """Score a model on a custom benchmark; cached on model and benchmark content and the settings."""
     model, tokenizer = load_model(model_ref)

@@ -69,30 +69,6 @@ def check(problems: list[dict], completions: list[str], limits: Limits = Limits(
         return list(pool.map(lambda pc: run_python(program(*pc), limits), zip(problems, completions)))
 
 
-def generate_code(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy raw-text continuations (no chat template), batched with left padding."""
-    import torch
-
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    outputs = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        inputs = tokenizer(batch, return_tensors="pt", padding=True).to(model.device)
-        with torch.inference_mode():
-            out = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                stop_strings=STOP,  # stops a sequence early; truncate() then cuts it exactly
-                tokenizer=tokenizer,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        outputs += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return outputs
-
-
 class HumanEval(Benchmark):
     name = "humaneval"
     hub = ("openai/openai_humaneval", None)
@@ -143,7 +119,11 @@ class HumanEval(Benchmark):
             raise ValueError(f"benchmarks[humaneval].num_fewshot={cfg.num_fewshot}: HumanEval is 0-shot; leave it unset")
         problems, source = self.problems(cfg)
         problems = problems[: cfg.limit] if cfg.limit else problems
-        outputs = generate_code(model, tokenizer, [p["prompt"] for p in problems], self.max_new_tokens, cfg.batch_size)
+        from tasks.generation import generate
+
+        samples = generate(model, tokenizer, [p["prompt"] for p in problems], self.max_new_tokens, cfg.batch_size,
+                           chat_template=False, stop=STOP, strip=False)
+        outputs = [s.completion for s in samples]
         records, results = self.score(problems, outputs)
         passed = [r["correct"] for r in records]
         score = sum(passed) / len(passed)
@@ -155,7 +135,7 @@ class HumanEval(Benchmark):
             n=len(records),
             metric="pass@1",
             settings={
-                "engine": "smolflow (transformers generate + tasks/sandbox.py)",
+                "engine": "smolflow (tasks/generation.py generate + tasks/sandbox.py)",
                 "num_fewshot": 0,
                 "apply_chat_template": False,
                 "generation_kwargs": {"do_sample": False, "max_new_tokens": self.max_new_tokens, "until": STOP},

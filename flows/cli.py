@@ -1,0 +1,172 @@
+"""`smolflow`: every entry point of the project as one command.
+
+    smolflow run       [--config FILE] [--section.field VALUE ...]   fine-tune + evaluate (smolflow-finetune)
+    smolflow eval      --model MODEL_OR_RUN_ID [settings ...]        score a model without training
+    smolflow validate  [--config FILE] [settings ...]                check everything, run nothing heavy
+    smolflow runs      [--root URI]                                  list the runs under an artifact root
+    smolflow compare   RUN_A RUN_B [--root URI]                      two runs side by side
+    smolflow serve     [--port 4200]                                 Prefect server + the deployments
+
+A user error (bad flag, bad YAML, missing file, invalid value) prints one message naming the
+field, file and line, and exits 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+import yaml
+
+from tasks.config_args import UserError, config_help, parse_config
+
+EXIT_USER_ERROR = 2
+DEFAULT_ROOT = "./smolflow-runs"
+
+
+def _print(obj) -> None:
+    print(yaml.safe_dump(obj, sort_keys=False, allow_unicode=True, width=120), end="")
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
+    """Fine-tune and evaluate, as the smolflow-finetune flow."""
+    from flows.finetune import finetune
+    from tasks.checks import check_run
+
+    config = parse_config(rest)
+    check_run(config)  # fail within seconds, before Prefect, W&B or any file is started
+    _print(finetune(config=config))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
+    """Score one model (hub id, local folder, builtin:..., or an earlier run's id) without training."""
+    from flows.evaluate import evaluate
+    from tasks.checks import check_run
+
+    config = parse_config(rest)
+    check_run(config)
+    _print(evaluate(config=config))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace, rest: list[str]) -> int:
+    """Resolve every `auto`, check config, data, model, benchmark data and custom files; run no model."""
+    from tasks.checks import plan, validate_everything
+
+    config = parse_config(rest)
+    problems, resolved = validate_everything(config)
+    _print({"resolved": resolved, "config": config.model_dump(mode="json"), "tasks": plan(config)})
+    for problem in problems:
+        print(f"smolflow validate: {problem}", file=sys.stderr)
+    print("OK: everything checks out" if not problems else f"{len(problems)} problem(s)", file=sys.stderr)
+    return 0 if not problems else 1
+
+
+def cmd_runs(args: argparse.Namespace, rest: list[str]) -> int:
+    """The runs under an artifact root: id, start, status, promoted, headline scores."""
+    from tasks.runs import list_runs
+
+    rows = list_runs(args.root)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    shown = [r | {"promoted": "yes" if r["promoted"] else "",
+                  "scores": " ".join(f"{k}={v}" for k, v in r["scores"].items()),
+                  "status": r["status"] + (f" ({r['why']})" if r["status"] == "failed" else "")} for r in rows]
+    print(_table(shown, ["run_id", "started", "status", "promoted", "scores"]) if rows else f"no runs under {args.root}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
+    """Two runs side by side: scores, settings (differences marked), health, data."""
+    from tasks.runs import compare_runs
+
+    result = compare_runs(args.root, args.run_a, args.run_b)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    a, b = args.run_a, args.run_b
+    print(f"A = {a} ({result['status']['a']})\nB = {b} ({result['status']['b']})\n\nScores (tuned model)")
+    print(_table(result["scores"], ["benchmark", "a", "b", "delta", "beyond_noise", "n_a", "n_b"]))
+    diff = [s | {"mark": "*" if s["differs"] else ""} for s in result["settings"] if s["differs"] or args.all]
+    print(f"\nSettings{'' if args.all else ' that differ'} (* = differs)")
+    print(_table(diff, ["mark", "setting", "a", "b"]) if diff else "  none: same settings")
+    print(f"\nHealthy: A {result['health']['a']} · B {result['health']['b']}")
+    print(f"Data: A {result['data']['a']}\n      B {result['data']['b']}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
+    """A local Prefect server (UI) plus the process that runs the deployments, until Ctrl-C."""
+    # exec, not import: deployments sit above flows, and signals then reach the server's parent directly.
+    os.execv(sys.executable, [sys.executable, "-m", "deployments.local", "--port", str(args.port)])
+
+
+# ---- parser ----------------------------------------------------------------------------------
+
+CONFIG_COMMANDS: dict[str, Callable] = {"run": cmd_run, "eval": cmd_eval, "validate": cmd_validate}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smolflow", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, fn in CONFIG_COMMANDS.items():
+        p = sub.add_parser(name, help=fn.__doc__.splitlines()[0], add_help=False,
+                           description=fn.__doc__ + "\n\n" + config_help(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("-h", "--help", action="help", help="list every setting")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("runs", help=cmd_runs.__doc__)
+    p.add_argument("--root", default=DEFAULT_ROOT, help="artifact root: local path, file:// or s3:// (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(fn=cmd_runs)
+    p = sub.add_parser("compare", help=cmd_compare.__doc__)
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.add_argument("--root", default=DEFAULT_ROOT, help="artifact root (default %(default)s)")
+    p.add_argument("--all", action="store_true", help="show every setting, not only those that differ")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(fn=cmd_compare)
+    p = sub.add_parser("serve", help=cmd_serve.__doc__)
+    p.add_argument("--port", type=int, default=4200)
+    p.set_defaults(fn=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in CONFIG_COMMANDS:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    rest = [a for a in rest if a != "--debug"]
+    try:
+        return args.fn(args, rest)
+    except (UserError, ValueError, FileNotFoundError) as err:
+        if debug:
+            raise
+        print(f"smolflow {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

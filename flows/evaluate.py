@@ -1,0 +1,59 @@
+"""smolflow-evaluate: score one model, without training, on the run's benchmarks and judge.
+
+    smolflow eval --model builtin:smollm2-135m-instruct
+    smolflow eval --model 20261201-020000-nightly-fox      # the tuned model of an earlier run
+
+The benchmark tasks are the fine-tuning flow's own cached tasks: a model scored once with the same
+settings (same content fingerprint) is never scored again, whichever flow asked first.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from tasks.checks import check_run
+from tasks.config import RunConfig
+from tasks.evaluation import save_scores, score_models
+from tasks.judge import run_judge, write_judge
+from tasks.layout import RunPaths, run_dir
+from tasks.models import ModelRef, resolve_model
+from tasks.reporting import write_report
+from tasks.runs import model_of_run, status_recorded
+from tasks.runtime import code_version, flow_run_link, run_logger, set_torch_threads
+from tasks.storage import ArtifactStore, set_latest, write_manifest
+
+
+@flow(name="smolflow-evaluate")
+def evaluate(config: RunConfig = RunConfig()) -> dict:
+    """Model -> benchmarks + custom benchmarks -> judge (against `judge.reference`) -> report -> manifest."""
+    threads = set_torch_threads(config.torch_threads)
+    checked = check_run(config)
+    root = config.output.artifacts_uri
+    run_id = config.output.run_id or f"eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
+    run = ArtifactStore(root).child(run_dir(run_id))
+    run.write_json(RunPaths.config, config.model_dump(mode="json"))
+
+    with status_recorded(run):
+        found = model_of_run(root, config.model)
+        model = ModelRef(**found) if found else resolve_model(config.model)
+        scores = score_models({"model": model}, config.benchmarks, checked.custom, config.judge)
+        save_scores(run.uri, scores)
+        judgement = None
+        if config.judge.enabled:
+            # 'base' has no meaning without a fine-tune: the reference is the default model (`auto`).
+            reference = resolve_model("auto") if config.judge.reference == "base" else model
+            if reference.fingerprint == model.fingerprint and config.judge.reference == "base":
+                run_logger().info("Judge skipped: the evaluated model is the default model itself; "
+                                  "set judge.reference to a file of reference outputs to judge it")
+            else:
+                judgement = run_judge(reference, model, config.judge, config.sampling.prompts)
+        write_judge(run, judgement)
+        summary = write_report(run.uri, config.model_dump(mode="json"), None,
+                               {"Prefect flow run": flow_run_link(), "code": code_version()})
+        write_manifest(run.uri, {"run_id": run_id, "kind": "eval", "tuned_model": model.model_dump(),
+                                 "torch_threads": threads, "completed_at": datetime.now(timezone.utc).isoformat()})
+        set_latest(root, flow_run.flow_name, run_id)
+        return summary | {"model": model.path, "manifest": run.url(RunPaths.manifest)}

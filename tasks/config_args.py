@@ -1,0 +1,148 @@
+"""A RunConfig from a YAML file and `--section.field value` flags, with errors that name the place.
+
+    --config FILE | --config=FILE        a whole config (YAML or JSON)
+    --training.max-steps 100             a field (dashes or underscores: --training.max_steps=100)
+    --benchmarks '[{"name": "mmlu"}]'    values are read as YAML, so JSON lists and dicts work
+
+Flags apply on top of the file. A bad value is reported as `file:line: field: problem` or
+`flag --x: field: problem` (UserError), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from tasks.config import RunConfig
+from tasks.yamlfile import at, key_lines, yaml_error
+
+
+class UserError(ValueError):
+    """Bad input from the user: the message says where and what to change."""
+
+
+def _field_key(flag: str) -> tuple[str, ...]:
+    return tuple(part.replace("-", "_") for part in flag.split("."))
+
+
+def split_flags(argv: list[str]) -> tuple[str | None, list[tuple[tuple[str, ...], str, str]]]:
+    """(config file, [(field path, value, flag as typed)]) from the command line."""
+    config, flags, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise UserError(f"unexpected argument {arg!r}: settings are given as --section.field VALUE")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            elif name != "config":
+                value = "true"  # a bare flag switches a boolean on
+            else:
+                raise UserError("--config needs a file: --config FILE.yaml")
+        if name == "config":
+            config = value
+        else:
+            flags.append((_field_key(name), value, f"--{name}"))
+        i += 1
+    return config, flags
+
+
+def _read_config_file(path: str) -> tuple[dict, dict[tuple, int]]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"--config {path}: no such file")
+    text = file.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise UserError(yaml_error(path, err)) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file is a mapping of sections (model, data, training, ...), "
+                        f"got {type(data).__name__}")
+    return data, key_lines(text, path, UserError)
+
+
+def _set(data: dict, key: tuple[str, ...], value: Any) -> None:
+    for part in key[:-1]:
+        data = data.setdefault(part, {})
+        if not isinstance(data, dict):
+            raise UserError(f"--{'.'.join(key)}: {part} is not a section")
+    data[key[-1]] = value
+
+
+def _fields(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _explain(err: dict) -> str:
+    loc = tuple(err["loc"])
+    field = ".".join(str(p) for p in loc) or "config"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        section: type[BaseModel] = RunConfig
+        for part in loc[:-1]:
+            if isinstance(part, int):
+                continue
+            annotation = section.model_fields[part].annotation
+            inner = [a for a in (get_args(annotation) or (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if get_origin(annotation) in (list, tuple) or inner:
+                section = inner[0] if inner else section
+        near = difflib.get_close_matches(str(loc[-1]), _fields(section), n=1)
+        return f"{field}: unknown setting" + (f"; did you mean {near[0]!r}?" if near else "") + \
+            f" (known: {', '.join(_fields(section))})"
+    if err["type"] == "value_error":
+        return f"{field}: {msg}"
+    return f"{field}: {msg}, got {err.get('input')!r}"
+
+
+def parse_config(argv: list[str], defaults: dict | None = None) -> RunConfig:
+    """The RunConfig of a command line: defaults, then the --config file, then the flags."""
+    path, flags = split_flags(argv)
+    data, lines = _read_config_file(path) if path else ({}, {})
+    data = (defaults or {}) | data
+    where: dict[tuple, str] = {}
+    for key, raw, flag in flags:
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set(data, key, raw if value is None and raw else value)
+        where[key] = f"flag {flag}"
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        found = []
+        for e in err.errors():
+            loc = tuple(e["loc"])
+            origin = next((w for k, w in where.items() if loc[: len(k)] == k or k[: len(loc)] == loc), None)
+            origin = origin or (at(path, lines, loc) if path else "defaults")
+            found.append(f"{origin}: {_explain(e)}")
+        raise UserError("\n".join(found)) from None
+
+
+def config_help() -> str:
+    """Every setting as a flag, with its type, default and description."""
+    out = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            flag = f"{prefix}{name}".replace("_", "-")
+            ann = info.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                out.append(f"\n{flag}: {(ann.__doc__ or '').strip().splitlines()[0]}")
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = info.get_default(call_default_factory=True)
+            if isinstance(default, list) and default and isinstance(default[0], BaseModel):
+                default = [d.model_dump() for d in default]
+            shown = json.dumps(default) if not isinstance(default, str) else default
+            out.append(f"  --{flag} (default: {shown})\n      {info.description or ''}".rstrip())
+
+    walk(RunConfig, "")
+    return "Settings (each also accepts underscores, and --flag=VALUE):\n" + "\n".join(out) + "\n"

@@ -1,0 +1,114 @@
+"""What a run prints: quiet by default (Prefect's task lines and one progress line per stage),
+library logs and progress bars only when verbose (`SMOLFLOW_VERBOSE=1`, or the CLI's --verbose).
+
+The libraries are loud in different ways, each handled where it starts:
+- importing alpaca_eval sets the root logger to INFO, so httpx logs every Prefect API request
+  (`keep_root_level` around those imports; httpx/httpcore pinned to WARNING);
+- lm-eval warns twice per benchmark that it was handed a model object, which smolflow always does;
+- transformers draws "Loading weights"/"Writing model shards" bars on every load and save, datasets
+  one per map, lm-eval one per request type (`quiet_bars`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+
+ENV = "SMOLFLOW_VERBOSE"
+
+# Library loggers that talk at INFO (or print progress) in a normal run.
+_CHATTY = ("httpx", "httpcore", "urllib3", "filelock", "fsspec", "s3fs", "botocore", "aiobotocore", "alpaca_eval",
+           "lm_eval", "accelerate", "peft", "trl", "wandb")
+# Warnings about how smolflow calls a library on purpose: said once per process at most, never when quiet.
+_EXPECTED = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model through `pretrained`")
+
+
+def verbose() -> bool:
+    """True when library logs and progress bars should be shown."""
+    return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class _Quiet(logging.Filter):
+    """Drops the expected warnings and repeats of any other message (first one kept)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[tuple[str, int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(_CHATTY):  # Prefect's own lines repeat on purpose (one per task)
+            return True
+        message = record.getMessage()
+        if any(text in message for text in _EXPECTED):
+            return False
+        key = (record.name, record.levelno, message)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+_FILTER = _Quiet()
+
+
+def configure_logging(verbose_: bool | None = None) -> bool:
+    """Quiet (default) or verbose console for this process and the processes it starts; returns
+    the mode. None: from the environment (SMOLFLOW_VERBOSE)."""
+    if verbose_ is None:
+        verbose_ = verbose()
+    os.environ[ENV] = "1" if verbose_ else "0"  # read again by quiet_bars and by child processes
+    os.environ.setdefault("WANDB_SILENT", "false" if verbose_ else "true")
+    level = logging.INFO if verbose_ else logging.WARNING
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(level)
+    root = logging.getLogger()
+    # On the handlers, not the loggers: a logger's filter misses what its children propagate.
+    for handler in root.handlers:
+        (handler.removeFilter if verbose_ else handler.addFilter)(_FILTER)
+    if root.level < logging.WARNING and not verbose_:
+        root.setLevel(logging.WARNING)  # Prefect's default, lowered by alpaca_eval's import
+    _library_switches(verbose_)
+    return verbose_
+
+
+def _library_switches(verbose_: bool) -> None:
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+
+    if verbose_:
+        transformers.logging.set_verbosity_warning()
+        transformers.logging.enable_progress_bar()
+        datasets.logging.set_verbosity_warning()
+        datasets.enable_progress_bars()
+        huggingface_hub.utils.enable_progress_bars()
+    else:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        huggingface_hub.utils.disable_progress_bars()
+
+
+@contextlib.contextmanager
+def keep_root_level():
+    """Undo what an import does to the root logger's level (alpaca_eval sets it to INFO)."""
+    root = logging.getLogger()
+    level = root.level
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+@contextlib.contextmanager
+def quiet_bars():
+    """Swallow what a library writes to stderr (lm-eval's tqdm bars, which take no global switch)
+    unless verbose. Log handlers keep their own streams, so Prefect's lines still show."""
+    if verbose():
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield

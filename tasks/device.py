@@ -1,0 +1,171 @@
+"""Where models run and in which precision: decided per machine, never assumed.
+
+`execution.device: auto` means CUDA when present, else the CPU. `execution.precision: auto` means
+bf16 on a CUDA device that supports it, and on a CPU only where a short probe (a bf16 vs an fp32
+matmul, ~0.2 s, cached per machine) shows bf16 faster: CPUs with bf16 units ran it ~9x faster per
+thread here, CPUs without them far slower, so the answer differs between machines.
+
+The flow publishes its ExecutionConfig in the environment (`SMOLFLOW_EXECUTION`), so every process
+that loads a model (Prefect tasks, Ray workers given the same env, torchrun workers) resolves it on
+its own machine. Without it (scripts, unit tests) models load as they always did: fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import time
+from typing import Literal
+
+from pydantic import BaseModel
+
+from tasks.config import ExecutionConfig
+
+ENV = "SMOLFLOW_EXECUTION"
+_LEGACY = ExecutionConfig(device="cpu", precision="fp32")
+
+
+class Probe(BaseModel):
+    """Timings of one bf16 vs fp32 matmul on this CPU."""
+
+    fp32_s: float
+    bf16_s: float
+    threads: int
+
+    @property
+    def bf16_faster(self) -> bool:
+        # A 10% margin: bf16 also costs accuracy, so a tie is not worth it.
+        return self.bf16_s < 0.9 * self.fp32_s
+
+
+class Placement(BaseModel):
+    """The decision: where models go and in which dtype, and why."""
+
+    device: Literal["cpu", "cuda"]
+    precision: Literal["fp32", "bf16"]
+    requested: ExecutionConfig
+    reason: str
+    probe: Probe | None = None
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+
+def decide(cfg: ExecutionConfig, cuda: bool, cuda_bf16: bool, probe: Probe | None) -> Placement:
+    """The pure decision, from what the machine offers (`probe` is needed only for CPU + auto)."""
+    if cfg.device == "cuda" and not cuda:
+        raise RuntimeError("execution.device is 'cuda' but no CUDA device is visible: use 'auto' or 'cpu'")
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
+    if cfg.precision != "auto":
+        return Placement(device=device, precision=cfg.precision, requested=cfg, reason="set in execution.precision",
+                         probe=probe)
+    if device == "cuda":
+        precision = "bf16" if cuda_bf16 else "fp32"
+        reason = "CUDA device " + ("supports bf16" if cuda_bf16 else "without bf16 support")
+        return Placement(device=device, precision=precision, requested=cfg, reason=reason)
+    if probe is None:
+        raise ValueError("precision 'auto' on the CPU needs the matmul probe's timings")
+    precision = "bf16" if probe.bf16_faster else "fp32"
+    reason = (f"CPU probe: bf16 matmul {probe.bf16_s * 1e3:.1f} ms vs fp32 {probe.fp32_s * 1e3:.1f} ms "
+              f"({probe.threads} threads)")
+    return Placement(device=device, precision=precision, requested=cfg, reason=reason, probe=probe)
+
+
+def probe_cpu(n: int = 256, budget_s: float = 0.2) -> Probe:
+    """Best-of time of an n x n matmul in fp32 and in bf16, within about `budget_s` seconds."""
+    import torch
+
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # first call: kernel selection, not speed
+        best, deadline = float("inf"), time.perf_counter() + budget_s / 2
+        while time.perf_counter() < deadline or best == float("inf"):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        times[dtype] = best
+    return Probe(fp32_s=times[torch.float32], bf16_s=times[torch.bfloat16], threads=torch.get_num_threads())
+
+
+def _machine_key() -> str:
+    import hashlib
+
+    import torch
+
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    what = f"{platform.node()}|{platform.processor()}|{flags}|{torch.__version__}|{torch.get_num_threads()}"
+    return hashlib.sha256(what.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def cached_probe() -> Probe:
+    """The probe once per process, and once per machine (CPU flags, torch, threads) on disk."""
+    from tasks.runtime import cache_dir
+
+    path = cache_dir("probe") / f"cpu-{_machine_key()}.json"
+    try:
+        return Probe.model_validate_json(path.read_text())
+    except (OSError, ValueError):
+        result = probe_cpu()
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(result.model_dump_json())
+        tmp.rename(path)  # atomic: a concurrent reader sees the old file or the whole new one
+        return result
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(cfg_json: str) -> Placement:
+    import torch
+
+    cfg = ExecutionConfig.model_validate_json(cfg_json)
+    cuda = torch.cuda.is_available()
+    needs_probe = cfg.precision == "auto" and not (cfg.device == "cuda" or (cfg.device == "auto" and cuda))
+    return decide(cfg, cuda, cuda and torch.cuda.is_bf16_supported(), cached_probe() if needs_probe else None)
+
+
+def resolve(cfg: ExecutionConfig | None = None) -> Placement:
+    """The placement for `cfg` (default: the one the flow published, else fp32 on the CPU)."""
+    return _resolve((cfg or active()).model_dump_json())
+
+
+def active() -> ExecutionConfig:
+    """The ExecutionConfig the running flow published, else fp32 on the CPU."""
+    raw = os.environ.get(ENV)
+    return ExecutionConfig.model_validate_json(raw) if raw else _LEGACY
+
+
+_previous: list[str | None] = []
+
+
+def publish(cfg: ExecutionConfig) -> Placement:
+    """Make `cfg` the process's (and its children's) execution settings; return the decision."""
+    _previous.append(os.environ.get(ENV))
+    os.environ[ENV] = cfg.model_dump_json()
+    return resolve(cfg)
+
+
+def unpublish(*_hook_args) -> None:
+    """Undo the latest `publish` (a Prefect flow hook): later work in the process is unaffected."""
+    if _previous:
+        before = _previous.pop()
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
+
+
+def cache_token() -> str:
+    """What a cached model result depends on besides its inputs: device and precision used."""
+    p = resolve()
+    return json.dumps([p.device, p.precision])

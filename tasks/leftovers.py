@@ -1,0 +1,65 @@
+"""Reap what a killed run left behind: the temporary Prefect server of a SIGKILLed flow process.
+
+Without PREFECT_API_URL every flow process starts a temporary Prefect server (uvicorn) and stops it
+at exit; a SIGKILL skips that, and the server lives on, re-parented to PID 1. The next run reaps
+such orphans, only those of this project's PREFECT_HOME, before it starts its own work. (W&B's
+service needs nothing: wandb-core watches its parent's pid and exits with it.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+SERVER_MARK = b"prefect.server.api.server:create_app"
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _environ(pid: int) -> dict[bytes, bytes]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(kv.split(b"=", 1) for kv in raw.split(b"\0") if b"=" in kv)
+
+
+def orphaned_servers(prefect_home: str | None = None) -> list[int]:
+    """Pids of temporary Prefect servers whose parent died (now PID 1's) and whose PREFECT_HOME is ours."""
+    home = (prefect_home if prefect_home is not None else os.environ.get("PREFECT_HOME", "")).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != 1 or SERVER_MARK not in (entry / "cmdline").read_bytes():
+                continue
+            if _environ(int(entry.name)).get(b"PREFECT_HOME", b"") == home:
+                found.append(int(entry.name))
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def reap_orphaned_servers(prefect_home: str | None = None, timeout: float = 10) -> list[int]:
+    """SIGTERM (then SIGKILL) the orphaned temporary servers of this PREFECT_HOME; their pids."""
+    pids = orphaned_servers(prefect_home)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout / 2
+        while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    if pids:
+        from tasks.runtime import run_logger
+
+        run_logger().warning("Stopped %d temporary Prefect server(s) left by a killed run: pids %s", len(pids), pids)
+    return pids

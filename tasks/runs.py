@@ -1,0 +1,139 @@
+"""Reading runs back: each run's status, a listing of an artifact root, two runs side by side.
+
+A run folder says where it stands: `manifest.json` (complete) > `status.json` saying failed (why,
+when) > anything else (incomplete: running, or killed before it could say so).
+"""
+
+from __future__ import annotations
+
+import traceback
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+from tasks.compare import compare
+from tasks.layout import POINTERS, RUNS, RunPaths
+from tasks.storage import ArtifactStore
+
+
+def write_status(run: ArtifactStore, state: str, why: str | None = None, **extra) -> None:
+    """status.json: running / failed (with why) / complete, and when."""
+    run.write_json(RunPaths.status, {"state": state, "why": why, "at": datetime.now(timezone.utc).isoformat(), **extra})
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line for a status file: the error's own message, not a traceback."""
+    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {message}" if message else "".join(traceback.format_exception_only(err)).strip()
+
+
+def run_status(run: ArtifactStore) -> dict[str, Any]:
+    """{'state': complete | failed | incomplete, 'why', 'at'} of one run folder."""
+    if run.exists(RunPaths.manifest):
+        manifest = run.read_json(RunPaths.manifest)
+        return {"state": "complete", "why": None, "at": manifest.get("completed_at")}
+    if run.exists(RunPaths.status):
+        status = run.read_json(RunPaths.status)
+        if status.get("state") == "failed":
+            return status
+    return {"state": "incomplete", "why": "no manifest: still running, or stopped before it could finish", "at": None}
+
+
+def _read(run: ArtifactStore, rel: str, default=None):
+    return run.read_json(rel) if run.exists(rel) else default
+
+
+def headline(run: ArtifactStore) -> dict[str, float]:
+    """{benchmark: the tuned model's score} (or the evaluated model's, for an eval run)."""
+    table = _read(run, RunPaths.comparison)
+    if table:
+        return {r["benchmark"]: r["tuned"] for r in table}
+    found = {}
+    for rel in run.glob(f"{RunPaths.benchmarks}/**/model.summary.json"):
+        summary = run.read_json(rel)
+        found[summary.get("name", rel)] = round(summary["score"], 4)
+    return found
+
+
+def list_runs(root: str) -> list[dict[str, Any]]:
+    """Every run folder under root, oldest first: id, start time, status, promoted, headline scores."""
+    store = ArtifactStore(root)
+    ids = sorted({path.split("/")[1] for path in store.glob(f"{RUNS}/*/{RunPaths.config}")})
+    promoted = {store.read_json(p).get("run_id") for p in store.glob(f"{POINTERS}/*/promoted.json")}
+    rows = []
+    for run_id in ids:
+        run = store.child(RUNS, run_id)
+        status = run_status(run)
+        started = _read(run, RunPaths.status, {}).get("started_at") or run_id[:15]
+        rows.append({"run_id": run_id, "started": started, "status": status["state"], "why": status.get("why"),
+                     "promoted": run_id in promoted, "scores": headline(run)})
+    return rows
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out |= _flat(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return {prefix: value}
+
+
+class _Score:
+    def __init__(self, row: dict):
+        self.score, self.stderr = row["score"], row.get("stderr")
+
+
+def compare_runs(root: str, run_a: str, run_b: str) -> dict[str, Any]:
+    """Scores (with the one comparison), settings, health and data of two runs, side by side."""
+    store = ArtifactStore(root)
+    a, b = store.child(RUNS, run_a), store.child(RUNS, run_b)
+    for run_id, run in ((run_a, a), (run_b, b)):
+        if not run.exists(RunPaths.config):
+            raise FileNotFoundError(f"run {run_id!r}: no such run under {store.uri} (see `smolflow runs`)")
+    scores = []
+    for name in sorted(set(headline(a)) | set(headline(b))):
+        sa = _read(a, RunPaths.benchmark_summary(name, "tuned")) or _read(a, RunPaths.benchmark_summary(name, "model"))
+        sb = _read(b, RunPaths.benchmark_summary(name, "tuned")) or _read(b, RunPaths.benchmark_summary(name, "model"))
+        row = {"benchmark": name, "a": sa and round(sa["score"], 4), "b": sb and round(sb["score"], 4),
+               "n_a": sa and sa.get("n"), "n_b": sb and sb.get("n")}
+        if sa and sb:
+            c = compare(_Score(sa), _Score(sb))
+            row |= {"delta": c["delta"], "beyond_noise": c["beyond_noise"]}
+        scores.append(row)
+    ca, cb = _flat(_read(a, RunPaths.config, {})), _flat(_read(b, RunPaths.config, {}))
+    settings = [{"setting": k, "a": ca.get(k), "b": cb.get(k), "differs": ca.get(k) != cb.get(k)}
+                for k in sorted(set(ca) | set(cb))]
+    health = {"a": _read(a, RunPaths.health, {}).get("healthy"), "b": _read(b, RunPaths.health, {}).get("healthy")}
+    data = {side: (_read(run, RunPaths.manifest, {}) or {}).get("dataset", {}) for side, run in (("a", a), ("b", b))}
+    data = {side: {k: d.get(k) for k in ("source", "fingerprint", "rows")} for side, d in data.items()}
+    status = {"a": run_status(a)["state"], "b": run_status(b)["state"]}
+    return {"runs": {"a": run_a, "b": run_b}, "status": status, "scores": scores, "settings": settings,
+            "health": health, "data": data}
+
+
+def model_of_run(root: str, run_id: str) -> dict[str, Any] | None:
+    """The tuned model (a ModelRef's fields) of a completed run under root, or None if `run_id` names no run."""
+    if not run_id or "/" in run_id or run_id.startswith((".", "~")) or ":" in run_id:
+        return None  # a path, a hub id (org/name) or builtin:...; not a run id
+    run = ArtifactStore(root).child(RUNS, run_id)
+    if not run.exists(RunPaths.config):
+        return None
+    status = run_status(run)
+    if status["state"] != "complete":
+        raise ValueError(f"model={run_id!r}: that run is {status['state']} ({status.get('why')}); "
+                         "pick a completed run (see `smolflow runs`)")
+    return run.read_json(RunPaths.manifest)["tuned_model"]
+
+
+@contextmanager
+def status_recorded(run: ArtifactStore):
+    """status.json says 'running' during the block, 'failed' (why, when) if it raises; the manifest,
+    written last, is what marks a run complete."""
+    write_status(run, "running", started_at=datetime.now(timezone.utc).isoformat())
+    started = run.read_json(RunPaths.status)["started_at"]
+    try:
+        yield run
+    except BaseException as err:
+        write_status(run, "failed", failure_reason(err), started_at=started)
+        raise

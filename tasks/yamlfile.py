@@ -1,0 +1,50 @@
+"""YAML/JSON files the user writes (run configs, custom benchmark definitions): where each key is.
+
+`key_lines` maps every key path to its 1-based line, so an error can say file:line, and refuses a
+key given twice (YAML would silently keep the last one).
+"""
+
+from __future__ import annotations
+
+import yaml
+
+
+def key_lines(text: str, where: str, error: type[Exception] = ValueError) -> dict[tuple, int]:
+    """1-based line of every key and list entry, by path (("scorer_args", "pattern") -> 7)."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}  # valid JSON that YAML 1.1 can't compose: errors just go without a line
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = (*path, key.value)
+                if sub in lines:
+                    raise error(f"{where}:{key.start_mark.line + 1}: key {key.value!r} appears twice "
+                                f"(first on line {lines[sub]}); keep one")
+                lines[sub] = key.start_mark.line + 1
+                walk(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, value in enumerate(node.value):
+                lines[(*path, i)] = value.start_mark.line + 1
+                walk(value, (*path, i))
+
+    walk(root, ())
+    return lines
+
+
+def at(where: str, lines: dict[tuple, int], loc: tuple) -> str:
+    """'file:line' for the deepest part of `loc` that has a line, else 'file'."""
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in lines:
+            return f"{where}:{lines[loc[:n]]}"
+    return where
+
+
+def yaml_error(path: str, err: yaml.YAMLError) -> str:
+    """'file:line: not valid YAML (problem); fix the syntax'."""
+    mark = getattr(err, "problem_mark", None)
+    line = f":{mark.line + 1}" if mark else ""
+    return f"{path}{line}: not valid YAML ({getattr(err, 'problem', None) or err}); fix the syntax"

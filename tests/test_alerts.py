@@ -1,0 +1,99 @@
+"""Alerts on the real (session) Prefect server: a failed nightly run and a rejected promotion each
+reach a local HTTP receiver through the user's webhook block within 60 s."""
+
+import json
+import queue
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.states import Failed
+
+from deployments.alerts import FAILED_NIGHTLY, REJECTED, ensure_alerts, main, save_webhook_block
+from tasks.gate import Score, regression_gate
+from tasks.storage import ArtifactStore, set_pointer, write_manifest
+
+FLOW = "smolflow-finetune"
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    """A webhook receiver on 127.0.0.1: every POSTed JSON body lands in the queue."""
+    got: queue.Queue = queue.Queue()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            got.put(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", got
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def alerts(receiver):
+    url, got = receiver
+    ids = ensure_alerts(save_webhook_block(url, "smolflow-alerts-test"))
+    assert len(ids) == 2
+    return got
+
+
+def _wait_for(got: queue.Queue, needle: str, timeout: float = 60) -> dict:
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        try:
+            message = got.get(timeout=1)
+        except queue.Empty:
+            continue
+        if needle in message.get("subject", ""):
+            return message
+        seen.append(message)
+    raise AssertionError(f"no notification with {needle!r} within {timeout:.0f} s; got {seen}")
+
+
+def test_a_failed_nightly_run_notifies(alerts):
+    @flow(name="smolflow-finetune")
+    def stand_in() -> None:  # the flow run is made and failed through the API, as a crash would
+        pass
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(stand_in, name="nightly-that-failed", tags=["smolflow", "nightly"])
+        client.set_flow_run_state(run.id, Failed(message="dataset missing"), force=True)
+    message = _wait_for(alerts, "nightly run nightly-that-failed failed")
+    assert "prefect.flow-run.Failed" in message["text"] and "dataset missing" in message["text"]
+
+
+def test_a_rejected_promotion_notifies(alerts, tmp_path):
+    root = str(tmp_path)
+    good = ArtifactStore(root).child("runs", "good-run")
+    good.write_json("benchmarks/gsm8k/tuned.summary.json", {"name": "gsm8k", "score": 0.6, "stderr": 0.01})
+    write_manifest.fn(good.uri, {"run_id": "good-run"})
+    set_pointer(root, FLOW, "promoted", "good-run")
+    worse = ArtifactStore(root).child("runs", "worse-run")
+    decision = regression_gate.fn(root, FLOW, worse.uri, {"gsm8k": Score(score=0.5)},
+                                  {"gsm8k": Score(score=0.1, stderr=0.01)}, None, [])
+    assert not decision.promote
+    message = _wait_for(alerts, "model of run worse-run not promoted")
+    assert "promoted run good-run" in message["text"] and "gsm8k dropped 0.5000" in message["text"]
+
+
+def test_alerts_script_names_a_missing_block(capsys):
+    assert main(["--block", "custom-webhook/no-such-block"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-block" in err and "--webhook-url" in err and "Traceback" not in err
+
+
+def test_rerunning_replaces_the_automations(alerts):
+    ensure_alerts("custom-webhook/smolflow-alerts-test")
+    with get_client(sync_client=True) as client:
+        for name in (FAILED_NIGHTLY, REJECTED):
+            assert len(client.read_automations_by_name(name)) == 1

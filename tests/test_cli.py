@@ -1,0 +1,158 @@
+"""`smolflow`, through the real installed command line: every subcommand, and user errors as one
+message with exit code 2 (no traceback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOLFLOW = Path(sys.executable).parent / "smolflow"
+
+
+@pytest.fixture(scope="module")
+def env():
+    """The test session's environment, pointed at the session's Prefect server (no temporary ones)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONPATH=str(ROOT))
+
+
+def smolflow(env, *args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(SMOLFLOW), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+
+
+def test_help_lists_every_subcommand(env):
+    out = smolflow(env, "--help")
+    assert out.returncode == 0
+    for command in ("run", "eval", "validate", "runs", "compare", "serve"):
+        assert f"    {command} " in out.stdout
+    fields = smolflow(env, "run", "--help")
+    assert fields.returncode == 0 and "--training.max-steps" in fields.stdout and "--output.artifacts-uri" in fields.stdout
+
+
+def test_user_errors_name_file_line_and_field_and_exit_2(env, tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("training:\n  max_steps: 5\n  learning_rate: fast\n")
+    out = smolflow(env, "run", f"--config={bad}", "--training.max-stepz", "3")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"{bad}:3: training.learning_rate" in out.stderr
+    assert "flag --training.max-stepz: training.max_stepz: unknown setting; did you mean 'max_steps'?" in out.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("training: [\n")
+    out = smolflow(env, "validate", "--config", str(broken))
+    assert out.returncode == 2 and f"{broken}:2: not valid YAML" in out.stderr and "Traceback" not in out.stderr
+    out = smolflow(env, "run", "--benchmarks", '[{"name": "mmlu", "subsets": ["astrology"]}]')
+    assert out.returncode == 2 and "benchmarks[0].subsets: unknown ['astrology']" in out.stderr
+
+
+def test_dashes_and_underscores_both_set_a_field():
+    from tasks.config_args import parse_config
+
+    a = parse_config(["--training.max-steps", "7", "--data.max_train_rows=3"])
+    b = parse_config(["--training.max_steps=7", "--data.max-train-rows", "3"])
+    assert a == b and a.training.max_steps == 7 and a.data.max_train_rows == 3
+
+
+def test_validate_resolves_autos_lists_tasks_and_fails_on_missing_data(env, tmp_path):
+    out = smolflow(env, "validate", "--judge.enabled", "false")
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(json.dumps(__import__("yaml").safe_load(out.stdout)))
+    assert shown["resolved"]["model"] == "builtin:smollm2-135m-instruct"
+    assert shown["resolved"]["data.dataset"] == "fixture:everyday-conversations"
+    assert "hand-written items" in shown["resolved"]["benchmarks[0].data"]
+    assert "benchmark-gsm8k (tuned)" in shown["tasks"] and "train_sft" in shown["tasks"]
+    missing = smolflow(env, "validate", "--data.dataset", str(tmp_path / "nope"), "--model", str(tmp_path))
+    assert missing.returncode == 1
+    assert "data: data.dataset=" in missing.stderr and "no such file or directory" in missing.stderr
+    assert f"model: model={str(tmp_path)!r}: not a model directory" in missing.stderr
+
+
+def _eval_args(root: Path, model: str, limit: int) -> list[str]:
+    bench = json.dumps([{"name": "gsm8k", "limit": limit, "batch_size": 2}])
+    return ["eval", "--model", model, "--benchmarks", bench, "--output.artifacts-uri", str(root),
+            "--judge.enabled", "false", "--wandb.mode", "disabled", "--torch-threads", "1"]
+
+
+def test_eval_runs_lists_and_compares(env, tiny_model_dir, tmp_path):
+    root = tmp_path / "artifacts"
+    first = smolflow(env, *_eval_args(root, str(tiny_model_dir), 2), "--output.run-id", "eval-a")
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = __import__("yaml").safe_load(first.stdout)
+    assert summary["benchmarks"] == [] and (root / "runs/eval-a/benchmarks/gsm8k/model.summary.json").is_file()
+    assert (root / "runs/eval-a/report/report.html").is_file() and (root / "runs/eval-a/manifest.json").is_file()
+    # The evaluated model of a run id is that run's model: same fingerprint, so the cached score is reused.
+    second = smolflow(env, *_eval_args(root, "eval-a", 2), "--output.run-id", "eval-b")
+    assert second.returncode == 0, second.stderr[-3000:]
+    a = json.loads((root / "runs/eval-a/benchmarks/gsm8k/model.summary.json").read_text())
+    b = json.loads((root / "runs/eval-b/benchmarks/gsm8k/model.summary.json").read_text())
+    assert a == b
+    failed = smolflow(env, *_eval_args(root, str(tmp_path / "no-model"), 2), "--output.run-id", "eval-bad")
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr.split("smolflow eval: error")[-1]
+    assert json.loads((root / "runs/eval-bad/status.json").read_text())["state"] == "failed"
+
+    listed = smolflow(env, "runs", "--root", str(root), "--json")
+    assert listed.returncode == 0
+    rows = {r["run_id"]: r for r in json.loads(listed.stdout)}
+    assert rows["eval-a"]["status"] == "complete" and rows["eval-a"]["scores"]["gsm8k"] == round(a["score"], 4)
+    assert rows["eval-bad"]["status"] == "failed" and "not a model directory" in rows["eval-bad"]["why"]
+    assert "failed (ValueError" in smolflow(env, "runs", "--root", str(root)).stdout
+
+    compared = smolflow(env, "compare", "eval-a", "eval-b", "--root", str(root))
+    assert compared.returncode == 0 and "| " not in compared.stdout
+    assert "model" in compared.stdout and "* " in compared.stdout  # the model setting differs, and is marked
+    as_json = json.loads(smolflow(env, "compare", "eval-a", "eval-b", "--root", str(root), "--json").stdout)
+    assert as_json["scores"][0]["delta"] == 0 and {s["setting"] for s in as_json["settings"] if s["differs"]} == {
+        "model", "output.run_id"}
+    assert smolflow(env, "compare", "eval-a", "nope", "--root", str(root)).returncode == 2
+
+
+@pytest.mark.slow
+def test_eval_of_the_builtin_model_scores_the_default_benchmark(env, tmp_path):
+    out = smolflow(env, "eval", "--model", "builtin:smollm2-135m-instruct", "--benchmarks",
+                   '[{"name": "gsm8k", "limit": 1}]', "--output.artifacts-uri", str(tmp_path),
+                   "--wandb.mode", "disabled", "--torch-threads", "1", "--output.run-id", "builtin")
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs/builtin/benchmarks/gsm8k/model.summary.json").read_text())
+    assert summary["n"] == 1 and summary["metric"] == "exact_match,strict-match" and 0 <= summary["score"] <= 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_starts_a_server_with_both_deployments_and_stops_on_sigterm(env, tmp_path):
+    port = _free_port()
+    serve_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([str(SMOLFLOW), "serve", "--port", str(port)], env=serve_env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        names, deadline = set(), time.monotonic() + 240
+        while time.monotonic() < deadline and len(names) < 2:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/api/deployments/filter", data=b"{}",
+                                             headers={"Content-Type": "application/json"}, method="POST")
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    names = {d["name"] for d in json.loads(r.read())}
+            except OSError:
+                pass
+            time.sleep(1)
+        assert {"nightly", "on-demand"} <= names
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,89 @@
+"""Device and precision: the decision per machine, and that models and the Trainer follow it."""
+
+import os
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from tasks import device
+from tasks.config import ExecutionConfig, RunConfig, TrainingConfig
+from tasks.device import Probe, decide
+
+FAST_BF16 = Probe(fp32_s=0.010, bf16_s=0.002, threads=2)  # a CPU with bf16 units
+SLOW_BF16 = Probe(fp32_s=0.010, bf16_s=0.700, threads=2)  # a CPU that emulates bf16
+
+
+def test_auto_on_cpu_follows_the_probe():
+    auto = ExecutionConfig()
+    fast = decide(auto, cuda=False, cuda_bf16=False, probe=FAST_BF16)
+    slow = decide(auto, cuda=False, cuda_bf16=False, probe=SLOW_BF16)
+    assert (fast.device, fast.precision) == ("cpu", "bf16")
+    assert (slow.device, slow.precision) == ("cpu", "fp32")
+    assert "bf16 matmul 2.0 ms vs fp32 10.0 ms" in fast.reason and fast.probe == FAST_BF16
+    tie = decide(auto, cuda=False, cuda_bf16=False, probe=Probe(fp32_s=0.010, bf16_s=0.0095, threads=1))
+    assert tie.precision == "fp32"  # within 10%: not worth bf16's rounding
+
+
+def test_auto_prefers_cuda_and_its_bf16():
+    auto = ExecutionConfig()
+    assert decide(auto, cuda=True, cuda_bf16=True, probe=None).model_dump(include={"device", "precision"}) == {
+        "device": "cuda", "precision": "bf16"}
+    assert decide(auto, cuda=True, cuda_bf16=False, probe=None).precision == "fp32"
+    # device: cpu on a GPU machine: the CPU's own probe decides
+    cpu = decide(ExecutionConfig(device="cpu"), cuda=True, cuda_bf16=True, probe=SLOW_BF16)
+    assert (cpu.device, cpu.precision) == ("cpu", "fp32")
+
+
+def test_forced_settings_win_and_cuda_without_gpu_fails():
+    forced = decide(ExecutionConfig(precision="fp32"), cuda=False, cuda_bf16=False, probe=FAST_BF16)
+    assert forced.precision == "fp32" and forced.reason == "set in execution.precision"
+    assert decide(ExecutionConfig(precision="bf16"), cuda=False, cuda_bf16=False, probe=SLOW_BF16).precision == "bf16"
+    with pytest.raises(RuntimeError, match="execution.device is 'cuda' but no CUDA device"):
+        decide(ExecutionConfig(device="cuda"), cuda=False, cuda_bf16=False, probe=None)
+
+
+@pytest.mark.parametrize("field,value", [("precision", "fp16"), ("device", "tpu"), ("task_runner", "dask")])
+def test_invalid_values_are_rejected_naming_the_field(field, value):
+    with pytest.raises(ValidationError) as err:
+        RunConfig.model_validate({"execution": {field: value}})
+    assert f"execution.{field}" in str(err.value)
+    with pytest.raises(ValidationError, match="need execution.task_runner 'ray'"):
+        RunConfig.model_validate({"execution": {"ray_address": "auto"}})
+
+
+def test_probe_is_measured_once_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(tmp_path))
+    device.cached_probe.cache_clear()
+    try:
+        probe = device.cached_probe()
+        assert probe.fp32_s > 0 and probe.bf16_s > 0 and probe.threads == torch.get_num_threads()
+        (saved,) = (tmp_path / "probe").iterdir()
+        assert Probe.model_validate_json(saved.read_text()) == probe
+        device.cached_probe.cache_clear()
+        assert device.cached_probe() == probe  # read back from disk, not measured again
+    finally:
+        device.cached_probe.cache_clear()
+
+
+def test_published_settings_reach_models_and_trainer_then_end(tiny_ref, tmp_path):
+    from tasks.models import load_model
+    from tasks.training import sft_config
+
+    assert os.environ.get(device.ENV) is None
+    model, _ = load_model(tiny_ref)
+    assert model.dtype == torch.float32  # nothing published: as before, fp32 on the CPU
+    placement = device.publish(ExecutionConfig(device="cpu", precision="bf16"))
+    try:
+        assert placement.precision == "bf16"
+        model, _ = load_model(tiny_ref)
+        assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
+        stored, _ = load_model(tiny_ref, as_stored=True)
+        assert stored.dtype == torch.float32  # what the Trainer and templates get
+        args = sft_config(TrainingConfig(), str(tmp_path), [])
+        assert args.bf16 and args.use_cpu
+        fp32 = sft_config(TrainingConfig(), str(tmp_path), [], device.resolve(ExecutionConfig(precision="fp32")))
+        assert not fp32.bf16
+    finally:
+        device.unpublish()
+    assert os.environ.get(device.ENV) is None

@@ -1,0 +1,53 @@
+"""A SIGKILLed flow leaves its temporary Prefect server behind (Prefect stops it at exit, which a
+SIGKILL skips); the next run reaps it. W&B's service exits with its parent by itself.
+Slow-ish (~15-30 s): a real temporary server has to start in the killed process."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from deployments.local import descendants
+from tasks.leftovers import SERVER_MARK, _running, orphaned_servers, reap_orphaned_servers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FLOW = """
+import sys, time
+from pathlib import Path
+from prefect import flow
+
+@flow
+def wait():
+    Path(sys.argv[1]).touch()
+    time.sleep(600)
+
+wait()
+"""
+
+
+def test_a_killed_flows_temporary_server_is_reaped_at_the_next_start(tmp_path):
+    home, ready = tmp_path / "prefect-home", tmp_path / "ready"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env |= {"PREFECT_HOME": str(home), "PYTHONPATH": str(ROOT), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
+    proc = subprocess.Popen([sys.executable, "-c", FLOW, str(ready)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 400
+        while not ready.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the flow never started"
+            time.sleep(0.5)
+        servers = [pid for pid in descendants(proc.pid) if SERVER_MARK in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert servers, "the flow runs without a temporary server"
+        assert orphaned_servers(str(home)) == []  # its parent lives: not an orphan, never touched
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+
+    assert sorted(orphaned_servers(str(home))) == sorted(servers)  # outlived the killed flow
+    assert orphaned_servers(str(tmp_path / "another-home")) == []  # another project's are not ours
+    assert sorted(reap_orphaned_servers(str(home))) == sorted(servers)
+    assert not any(_running(pid) for pid in servers)

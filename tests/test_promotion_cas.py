@@ -1,0 +1,80 @@
+"""Promotion is compare-and-swap: two runs that both passed the gate against the same reference
+(here the base model) finish together; the second to promote is compared with the first.
+The concurrent case starts two Python processes (~60 s here under heavy load, a few s unloaded)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect.settings import PREFECT_API_URL
+
+from tasks.config import GateConfig
+from tasks.gate import promote, regression_gate
+from tasks.layout import RunPaths, run_dir
+from tasks.storage import ArtifactStore, read_pointer, write_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOW = "smolflow-finetune"
+BASE_SCORE = 0.30
+
+PROMOTE = """
+import json, logging, sys, time
+from pathlib import Path
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from tasks.gate import GateDecision, promote
+root, run_id, decision, barrier = sys.argv[1], sys.argv[2], GateDecision.model_validate_json(sys.argv[3]), Path(sys.argv[4])
+(barrier / run_id).touch()
+while len(list(barrier.iterdir())) < 2:
+    time.sleep(0.01)
+print(json.dumps({"run": run_id, "pointer": promote.fn(root, "smolflow-finetune", run_id, decision, 0.05)}))
+"""
+
+
+def _finished_run(root: str, run_id: str, score: float):
+    """A completed run folder whose gate passed against the base model."""
+    run = ArtifactStore(root).child(run_dir(run_id))
+    for role, value in (("tuned", score), ("base", BASE_SCORE)):
+        run.write_json(RunPaths.benchmark_summary("gsm8k", role), {"name": "gsm8k", "score": value, "stderr": 0.0})
+    run.write_json(RunPaths.comparison, [{"benchmark": "gsm8k"}])
+    decision = regression_gate.fn(root, FLOW, run.uri, GateConfig(tolerance=0.05), [])
+    assert decision.promote and decision.reference_run is None
+    write_manifest.fn(run.uri, {"run_id": run_id})
+    return decision
+
+
+def test_two_runs_finishing_together_the_second_is_compared_with_the_first(tmp_path):
+    root = str(tmp_path / "artifacts")
+    decisions = {"good": _finished_run(root, "good", 0.60), "worse": _finished_run(root, "worse", 0.40)}
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    env = os.environ | {"PYTHONPATH": str(ROOT), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    procs = [subprocess.Popen([sys.executable, "-c", PROMOTE, root, run_id, d.model_dump_json(), str(barrier)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for run_id, d in decisions.items()]
+    outcomes, logs = {}, {}
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        result = json.loads(out.strip().splitlines()[-1])
+        outcomes[result["run"]], logs[result["run"]] = result["pointer"], err
+    # Whichever came second re-read `promoted` under the lock and compared with the first.
+    rechecked = [run for run, err in logs.items() if "Promotion re-check against promoted run" in err]
+    assert len(rechecked) == 1, logs
+    second = rechecked[0]
+    first = "worse" if second == "good" else "good"
+    assert f"re-check against promoted run {first}" in logs[second]
+    # Either order ends with the better model promoted; the worse one is rejected if it came second.
+    assert read_pointer(root, FLOW, "promoted")["run_id"] == "good"
+    if second == "worse":
+        assert outcomes["worse"] is None and outcomes["good"] is not None
+
+
+def test_a_stale_gate_decision_is_rechecked_and_rejected(tmp_path):
+    root = str(tmp_path)
+    stale = _finished_run(root, "worse", 0.40)  # passed against the base model...
+    _finished_run(root, "good", 0.60)
+    promote.fn(root, FLOW, "good")  # ...but a better run was promoted before it got there
+    assert promote.fn(root, FLOW, "worse", stale, 0.05) is None
+    assert read_pointer(root, FLOW, "promoted")["run_id"] == "good"

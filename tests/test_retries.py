@@ -1,0 +1,69 @@
+"""Only transient failures are retried: a deterministic error fails on its first attempt, fast."""
+
+import pytest
+from prefect import flow, task
+
+from tasks.config import DataConfig
+from tasks.data import load_chat_dataset
+from tasks.runtime import is_transient, retry_transient
+
+
+def _attempts_until_done(exc: BaseException) -> int:
+    attempts = []
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_transient)
+    def flaky() -> None:
+        attempts.append(1)
+        raise exc
+
+    @flow
+    def run() -> None:
+        flaky()
+
+    with pytest.raises(type(exc)):
+        run()
+    return len(attempts)
+
+
+@pytest.mark.parametrize("exc", [
+    FileNotFoundError("data.jsonl"), ValueError("learning_rate: not a number"), KeyError("model"),
+    RuntimeError("model is not in the cache and the hub is disabled (OfflineModeIsEnabled)"),
+])
+def test_a_deterministic_error_is_tried_once(exc):
+    assert _attempts_until_done(exc) == 1
+
+
+@pytest.mark.parametrize("exc", [
+    ConnectionError("connection reset"), TimeoutError("read timed out"), OSError(5, "Input/output error"),
+])
+def test_a_transient_error_is_retried(exc):
+    assert _attempts_until_done(exc) == 3
+
+
+def test_http_5xx_is_transient_and_4xx_is_not():
+    import urllib.error
+
+    def http(code):
+        return urllib.error.HTTPError("http://127.0.0.1/x", code, "status", {}, None)
+
+    assert is_transient(http(503)) and is_transient(http(429))
+    assert not is_transient(http(404)) and not is_transient(http(401))
+    wrapped = RuntimeError("upload failed")
+    wrapped.__cause__ = ConnectionResetError("reset by peer")
+    assert is_transient(wrapped)  # the cause chain decides when the outer error is generic
+
+
+def test_a_missing_dataset_fails_on_its_first_attempt(tmp_path):
+    from prefect.client.orchestration import get_client
+
+    @flow
+    def load():
+        return load_chat_dataset(DataConfig(dataset=str(tmp_path / "missing.jsonl")), return_state=True)
+
+    state = load(return_state=True).result(raise_on_failure=False)
+    with pytest.raises(ValueError, match="no such file or directory"):
+        state.result()
+    with get_client(sync_client=True) as client:
+        task_run = client.read_task_run(state.state_details.task_run_id)
+    # Before: retries=2 with 5 s + 30 s delays, three attempts and ~60 s for the same message.
+    assert task_run.run_count == 1

@@ -1,0 +1,75 @@
+"""One training at a time: two runs started together, as two real processes, never train at once.
+Without a server a file lock serialises them; with a shared Prefect server its global concurrency
+limit does, even across machines (here: two processes with separate caches, so separate locks).
+Slow (each case starts two processes that import torch and TRL; ~350 s per case measured here
+under a load of ~13 on 2 cores): the only way to show two real runs do not overlap."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prefect.settings import PREFECT_API_URL
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Both processes wait at a barrier, then train; a callback records when the Trainer starts and
+# ends, and sleeps a little per step so that two unserialised trainings would surely overlap.
+TRAIN = """
+import json, sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from transformers import TrainerCallback
+from tasks import training
+from tasks.config import DataConfig, TrainingConfig
+from tasks.data import load_chat_dataset
+from tasks.models import resolve_model
+
+model, run_uri, barrier, me = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+phases = Path(run_uri) / "phase.json"
+
+class Record(TrainerCallback):
+    def on_train_begin(self, args, state, control, **kw):
+        self.begin = time.time()
+    def on_step_end(self, args, state, control, **kw):
+        time.sleep(0.3)
+    def on_train_end(self, args, state, control, **kw):
+        phases.parent.mkdir(parents=True, exist_ok=True)
+        phases.write_text(json.dumps({"begin": self.begin, "end": time.time()}))
+
+training.training_progress = Record
+ref = resolve_model.fn(model)
+data = load_chat_dataset.fn(DataConfig(dataset="fixture:everyday-conversations"))
+cfg = TrainingConfig(max_steps=6, save_steps=100, logging_steps=1, eval_steps=100, max_length=64)
+(barrier / me).touch()
+while len(list(barrier.iterdir())) < 2:
+    time.sleep(0.02)
+training.train_sft.fn(ref, data, cfg, run_uri, [])
+"""
+
+
+@pytest.mark.parametrize("shared", ["file-lock", "prefect-server"])
+def test_two_runs_started_together_never_train_at_once(shared, tiny_model_dir, tmp_path):
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PYTHONPATH": str(ROOT)}
+    procs = []
+    for name in ("a", "b"):
+        run_env = dict(env)
+        if shared == "prefect-server":
+            # Two "machines": own caches (so own file locks), one Prefect server between them.
+            run_env |= {"PREFECT_API_URL": PREFECT_API_URL.value(), "SMOLFLOW_CACHE": str(tmp_path / f"cache-{name}")}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", TRAIN, str(tiny_model_dir), str(tmp_path / "runs" / name), str(barrier), name],
+            cwd=ROOT, env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        ))
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err.decode()[-3000:]
+    a, b = sorted((json.loads((tmp_path / "runs" / n / "phase.json").read_text()) for n in "ab"),
+                  key=lambda p: p["begin"])
+    assert a["end"] <= b["begin"], f"training phases overlap: {a} and {b}"

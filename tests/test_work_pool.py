@@ -1,0 +1,65 @@
+"""prefect.yaml on a real Prefect server: a process work pool, `prefect deploy`, a
+`prefect worker start` that runs a deployment end to end, and a clean worker stop.
+
+Slow-ish (~1-2 min: a server, the CLI three times, a worker and a flow run in a subprocess), the
+price of checking the whole path the documentation describes; the model is the tiny Llama."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from deployments.local import server_env, start_server, stop
+from tasks.storage import ArtifactStore
+from tests.conftest import tiny_run_config
+from tests.test_deployments import _free_port
+from tests.test_flow import check_run_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def test_process_pool_worker_runs_a_deployment(tiny_model_dir, tmp_path):
+    port = _free_port()
+    server = start_server(port, home=tmp_path / "home", log=tmp_path / "server.log")
+    env = server_env(port, tmp_path / "home") | {"SMOLFLOW_ROOT": str(ROOT), "PYTHONPATH": str(ROOT)}
+    worker = None
+    try:
+        def cli(*args):
+            out = subprocess.run([PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            assert out.returncode == 0, f"prefect {' '.join(args)}:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+            return out.stdout
+
+        cli("work-pool", "create", "smolflow", "--type", "process")
+        cli("deploy", "--all", "--no-prompt")
+        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "smolflow", "--limit", "1"], cwd=ROOT,
+                                  env=env, stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        config = tiny_run_config(tiny_model_dir, str(tmp_path / "artifacts"), output={"run_id": "by-a-worker"})
+        with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{port}/api"}), \
+                get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name("smolflow-finetune/pool-on-demand")
+            assert deployment.work_pool_name == "smolflow"
+            nightly = client.read_deployment_by_name("smolflow-finetune/pool-nightly")
+            assert nightly.schedules[0].schedule.cron == "0 2 * * *"
+            run = client.create_flow_run_from_deployment(deployment.id,
+                                                         parameters={"config": config.model_dump(mode="json")})
+            deadline = time.monotonic() + 600
+            while not (run := client.read_flow_run(run.id)).state.is_final():
+                assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, f"flow run still {run.state.name}"
+                time.sleep(2)
+            assert run.state.is_completed(), (tmp_path / "worker.log").read_text()[-3000:]
+            assert run.work_pool_name == "smolflow"
+        check_run_folder(ArtifactStore(str(tmp_path / "artifacts")).child("runs", "by-a-worker").uri)
+    finally:
+        if worker is not None:
+            stop(worker)  # SIGTERM, then SIGINT (a worker needs both), then SIGKILL
+        stop(server)
+    assert worker.returncode is not None and worker.returncode != -9, "the worker had to be killed"
+    log = (tmp_path / "worker.log").read_text()
+    assert "by-a-worker" in log or "Completed" in log, log[-2000:]
