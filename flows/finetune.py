@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 
 from prefect import flow
@@ -27,13 +28,15 @@ from tasks.leftovers import reap_orphaned_servers
 from tasks.models import resolve_model
 from tasks.special_tokens import control_tokens
 from tasks.reporting import write_report
+from tasks.retention import tidy_up
 from tasks.runs import status_recorded
 from tasks.runtime import cache_dir, code_version, flow_run_link, set_torch_threads
 from tasks.storage import ArtifactStore, set_latest, write_manifest
 from tasks.templates import prepare_chat_template, write_template_preview
 from tasks.tokenization import tokenize_dataset, write_token_stats
 from tasks.tracking import finish_wandb, start_wandb, wandb_link
-from tasks.training import publish_model, train_sft
+from tasks.training import publish_model, train_or_reuse
+from tasks.transfer import model_exists
 
 
 # unpublish: the run's device/precision settings end with it (tasks/device.py).
@@ -42,6 +45,7 @@ from tasks.training import publish_model, train_sft
 def finetune(config: RunConfig = RunConfig()) -> dict:
     """Data -> template -> tokens -> samples -> SFT -> samples -> health -> benchmarks + judge -> gate -> report -> manifest."""
     configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1 (smolflow --verbose)
+    started = time.time()  # cache entries used from now on are this run's: never evicted at its end
     threads = set_torch_threads(config.torch_threads)
     placement = publish(config.execution)  # every model this run loads goes where this says
     reap_orphaned_servers()  # a temporary Prefect server that a SIGKILLed earlier run left behind
@@ -58,13 +62,15 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         base = resolve_model(config.model)
         data = load_chat_dataset(config.data, control_tokens(base, config.template))  # special tokens typed in text
         templated = prepare_chat_template(base, data, config.template)
+        if not model_exists(templated.model.path):  # a cached result whose model the cache bound evicted
+            templated = prepare_chat_template.with_options(refresh_cache=True)(base, data, config.template)
         write_template_preview(run, templated)
         prompts, max_new = config.sampling.prompts, config.sampling.max_new_tokens
         before = generate_samples(templated.model, prompts, max_new)
         tokens = tokenize_dataset(templated.model, data, config.training.max_length, templated.assistant_only)
         write_token_stats(run, tokens.stats, data)
-        trained = train_sft(templated.model, data, config.training, run.uri, ["wandb"] if wb else [],
-                            assistant_only_loss=templated.assistant_only)
+        trained = train_or_reuse(templated.model, data, config.training, run.uri, ["wandb"] if wb else [],
+                                 assistant_only_loss=templated.assistant_only)
         reused_from = None if trained.model.path.rstrip("/") == run.url(RunPaths.model) else trained.model.path
         trained.model = publish_model(trained.model, run.uri)  # a cache hit points at an earlier run
         run.write_json(RunPaths.trainer_args, trained.trainer_args)  # every Trainer setting as it ran
@@ -103,6 +109,9 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         hub = None
         if config.output.push_to_hub and promoted:  # never a rejected model
             hub = push_model(trained.model, config.output, run_id)
+        # Last, once manifest, pointers and hub push are done: work dir, old runs, cache over its bound.
+        tidy_up(config.output, run_id, [base.path, templated.model.path, trained.model.path, data.path, tokens.path],
+                started)
         return summary | {"manifest": run.url(RunPaths.manifest), "promoted": promoted,
                           "gate": decision.reasons} | ({"hub": hub} if config.output.push_to_hub else {})
 

@@ -305,12 +305,27 @@ class JudgeConfig(_Section):
 
 
 class OutputConfig(_Section):
-    """Where the run's artifacts go."""
+    """Where the run's artifacts go, and how much of them (and of the local cache) is kept."""
 
     artifacts_uri: str = Field(
         "./smolflow-runs", description="Local directory, file:// or s3:// URI; each run writes runs/RUN_ID/ below it."
     )
     run_id: str | None = Field(None, description="None: a new id from the time and the flow run's name.")
+    keep_runs: int = Field(
+        14, ge=1,
+        description="Completed runs kept under artifacts_uri after each run (newest first); the runs that a "
+        "`latest` or `promoted` pointer names are never deleted (docs/operations-disk.md).",
+    )
+    keep_incomplete_hours: float = Field(
+        24, ge=0,
+        description="A run folder without a manifest (crashed, or still being written) is deleted only when "
+        "it is older than the newest completed run AND nothing in it was written for this many hours.",
+    )
+    cache_max_gb: float | None = Field(
+        20, ge=0,
+        description="Bound on SMOLFLOW_CACHE (models, downloads, datasets, tokenized, judgements, work): "
+        "least recently used entries go first, never one the current run used. None: unbounded.",
+    )
     push_to_hub: str | None = Field(
         None,
         description="Hugging Face repo id (user/name) to push the tuned, merged model to, unless the enabled "

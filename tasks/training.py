@@ -31,6 +31,7 @@ from tasks.caching import BY_CONTENT, ContentInputs
 from tasks.runtime import cache_dir, run_logger, retry_transient
 from tasks.storage import ArtifactStore
 from tasks.tokenization import TokenizedRef, load_tokenized, tokenize_split, tokenized_splits
+from tasks.transfer import locate_model, place_dir, release_work, run_root
 
 MARKER = "COMPLETE"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -292,13 +293,15 @@ def _train_sft(
     else:
         fitted = fit(spec)
     final = work / "model"
-    uri = run.upload_dir(final, "model")
+    fingerprint = fingerprint_dir(final)
+    uri, _ = place_dir(str(final), run, "model")  # a local root hard-links: no second copy of the weights
     _remove(run.child("checkpoints"))  # the final model supersedes them; they are GBs on real models
+    release_work(work, run, fingerprint)
     metrics = fitted["metrics"] | {"resumed_from_step": float(resumed_from)}
     log.info("Training done: %s", metrics)
     return TrainResult(
         model=ModelRef(source=f"tuned from {base.source}" + (" (LoRA, merged)" if cfg.peft else ""), path=uri,
-                       fingerprint=fingerprint_dir(final)),
+                       fingerprint=fingerprint),
         metrics=metrics,
         log_history=fitted["log_history"],
         trainer_args=fitted["trainer_args"],
@@ -366,13 +369,29 @@ def fit(spec: FitSpec) -> dict:
             "trainer_args": json.loads(trainer.args.to_json_string())}
 
 
+def train_or_reuse(base: ModelRef, data: DatasetRef, cfg: TrainingConfig, run_uri: str, report_to: list[str],
+                   assistant_only_loss: bool = False) -> TrainResult:
+    """train_sft, trained again when its cached result's model exists nowhere any more (retention
+    deleted the run it was published in, and every run holding a copy)."""
+    trained = train_sft(base, data, cfg, run_uri, report_to, assistant_only_loss=assistant_only_loss)
+    if locate_model(trained.model, run_root(run_uri)) is None:
+        run_logger().warning("The cached tuned model %s is gone (retention): training again", trained.model.path)
+        trained = train_sft.with_options(refresh_cache=True)(base, data, cfg, run_uri, report_to,
+                                                             assistant_only_loss=assistant_only_loss)
+    return trained
+
+
 @task(cache_policy=BY_CONTENT, retries=3, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10, 30])
 def publish_model(model: ModelRef, run_uri: str) -> ModelRef:
     """Make sure the run folder holds its model, also when training was reused from the cache."""
-    from tasks.models import local_model_dir
-
     target = ArtifactStore(run_uri).child("model")
     if model.path.rstrip("/") == target.uri:
         return model
-    uri = ArtifactStore(run_uri).upload_dir(local_model_dir(model), "model")
+    found = locate_model(model, run_root(run_uri))
+    if found is None:
+        raise FileNotFoundError(f"model {model.fingerprint[:16]} ({model.path}) exists in no retained run; "
+                                "re-run with PREFECT_TASKS_REFRESH_CACHE=true to train it again")
+    # Hard links on a local root, S3's server-side copy on S3: the bytes are not copied again.
+    uri, how = place_dir(found.path, ArtifactStore(run_uri), "model")
+    run_logger().info("Published %s into %s (%s)", found.path, uri, how)
     return model.model_copy(update={"path": uri})

@@ -1,0 +1,134 @@
+"""A size bound on smolflow's local cache (SMOLFLOW_CACHE): least recently used entries go first.
+
+An entry is one child of a managed folder: models/<name> (the converted built-in model and
+templated models), downloads/<fingerprint>, datasets/<fingerprint> (+ checked-*.json indexes),
+tokenized/<key>, judgements/<key>.json, work/<run_id>. Each is re-made when missing (the built-in
+model is converted again, a download fetched again, ...), so evicting one costs time, never a run.
+Never evicted: what the current run used (named, or used/written since it started), a
+work/<run_id> or staging `.tmp<pid>` entry written within the last hours (a run still at work).
+A managed folder that is a symlink (e.g. tests share one converted model across caches) belongs to
+another cache and is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from tasks.retention import HOUR, Decision
+from tasks.runtime import run_logger
+
+KINDS = ("models", "downloads", "datasets", "tokenized", "judgements", "work")
+_STAGING = re.compile(r"\.tmp\d+$")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SMOLFLOW_CACHE", Path.home() / ".cache" / "smolflow"))
+
+
+def default_max_gb() -> float | None:
+    """SMOLFLOW_CACHE_MAX_GB for commands run outside a flow (`gc`); 'none' or '' means unbounded."""
+    value = os.environ.get("SMOLFLOW_CACHE_MAX_GB", "20").strip().lower()
+    if value in ("", "none"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"SMOLFLOW_CACHE_MAX_GB={value!r} is not a number of GB; set e.g. 20, or 'none'") from None
+
+
+def usage(path: Path, seen: set[tuple[int, int]] | None = None) -> tuple[int, float]:
+    """(bytes on disk, last use = newest file atime/mtime or folder mtime) of a file or folder; hard
+    links count once in `seen`."""
+    seen = set() if seen is None else seen
+    total, last = 0, 0.0
+    for p in [path, *(path.rglob("*") if path.is_dir() and not path.is_symlink() else [])]:
+        try:
+            st = p.lstat()
+        except FileNotFoundError:
+            continue  # removed while we walk
+        # A folder's atime changes whenever it is listed (this walk included): only its mtime counts.
+        last = max(last, st.st_mtime, st.st_atime if p.is_file() else 0.0)
+        if p.is_file() and not p.is_symlink() and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total, last
+
+
+def _covers(entry: Path, used: set[Path]) -> bool:
+    return any(u == entry or entry in u.parents for u in used)
+
+
+def plan_cache(max_gb: float | None, in_use: list[str] = (), since: float | None = None,
+               running_hours: float = 24.0, root: Path | None = None, now: float | None = None,
+               skip: set[str] = frozenset()) -> list[Decision]:
+    """Which cache entries to evict, least recently used first, until the cache fits in max_gb
+    (entries in `skip`, already decided elsewhere, neither count nor appear)."""
+    root, now = root or cache_root(), time.time() if now is None else now
+    used = {Path(p).resolve() for p in in_use if p and "://" not in p}
+    entries = []
+    for kind in KINDS:
+        folder = root / kind
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if not entry.is_symlink() and str(entry) not in skip:
+                size, last = usage(entry)
+                entries.append((last, entry, size, kind))
+    total = sum(e[2] for e in entries)
+    limit = None if max_gb is None else max_gb * 1e9
+    out = []
+    for last, entry, size, kind in sorted(entries, key=lambda e: e[0]):
+        name, idle_h = str(entry.relative_to(root)), (now - last) / HOUR
+        fresh_work = (kind == "work" or _STAGING.search(entry.name)) and idle_h < running_hours
+        if _covers(entry.resolve(), used):
+            action, why = "keep", "used by the current run"
+        elif since is not None and last >= since:
+            action, why = "keep", "used or written during the current run"
+        elif fresh_work:
+            action, why = "keep", f"written {idle_h:.1f} h ago: a run may still be using it"
+        elif _STAGING.search(entry.name):
+            action, why = "delete", f"staging left by a crashed process, untouched for {idle_h:.1f} h"
+        elif limit is not None and total > limit:
+            action, why = "delete", f"least recently used ({idle_h:.1f} h ago) while the cache is over {max_gb:g} GB"
+        else:
+            action, why = "keep", "within the cache bound" if limit is not None else "the cache is unbounded"
+        if action == "delete":
+            total -= size
+        out.append(Decision(kind="cache", name=name, where=str(entry), bytes=size, action=action, reason=why))
+    return out
+
+
+def remove_entry(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def apply_cache(decisions: list[Decision], dry_run: bool = False) -> int:
+    """Evict the entries marked delete (unless dry_run); returns the bytes freed (or to be freed)."""
+    freed, log = 0, run_logger()
+    for d in decisions:
+        if d.kind in ("cache", "work") and d.action == "delete":
+            if not dry_run:
+                remove_entry(Path(d.where))
+            log.info("%s %s (%.1f MB): %s", "Would evict" if dry_run else "Evicted", d.name, d.bytes / 1e6, d.reason)
+            freed += d.bytes
+    return freed
+
+
+def mark_used(paths: list[str], root: Path | None = None) -> None:
+    """Stamp the cache entries holding these paths as used now (reads alone may not update atime)."""
+    root = (root or cache_root()).resolve()
+    for p in paths:
+        if not p or "://" in p:
+            continue
+        path = Path(p).resolve()
+        if root in path.parents and len(path.relative_to(root).parts) >= 2:
+            entry = root.joinpath(*path.relative_to(root).parts[:2])
+            if entry.exists():
+                os.utime(entry)

@@ -1,0 +1,232 @@
+"""Disk bounds for unattended runs: run-folder retention on the artifact root (local or S3).
+
+Rules (docs/operations-disk.md):
+- Completed runs (with manifest.json), newest completion first: the first `keep_runs` stay; every
+  run a pointer names (`pointers/<flow>/latest.json`, `promoted.json`, any flow) stays whatever
+  its age; the rest are deleted.
+- Incomplete runs (no manifest: crashed, or still being written) are deleted only when both hold:
+  their newest object is older than the newest completed run's manifest (a later run has finished
+  since, so nobody is about to resume them), and nothing in them was written for
+  `keep_incomplete_hours` (a run still at work writes its config, previews, checkpoints, status
+  and benchmark files as it goes). Otherwise their resumable checkpoints stay.
+- A run is deleted manifest first: readers (completed_runs, pointers) ignore a run without one, so
+  a half-deleted run never looks complete.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+from datetime import datetime
+from typing import Any, Literal
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from tasks.config import OutputConfig
+from tasks.runtime import run_logger
+from tasks.storage import ArtifactStore
+
+HOUR = 3600.0
+
+
+class Decision(BaseModel):
+    """What happens to one run folder or cache entry, and why."""
+
+    kind: Literal["run", "cache", "work"]
+    name: str  # run id, or the cache entry's path below SMOLFLOW_CACHE
+    where: str  # full URI or path
+    bytes: int
+    action: Literal["delete", "keep"]
+    reason: str
+    complete: bool | None = None  # runs: whether it has a manifest
+
+
+def _when(info: dict[str, Any]) -> float:
+    """Modification time (epoch seconds) from an fsspec info dict: local `mtime`, S3 `LastModified`."""
+    for key in ("mtime", "LastModified", "last_modified", "created"):
+        value = info.get(key)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+    return 0.0
+
+
+class RunInfo(BaseModel):
+    run_id: str
+    uri: str
+    bytes: int
+    files: int
+    last_write: float  # newest object's modification time
+    completed_at: float | None  # manifest.json's modification time; None: incomplete
+
+
+def scan_runs(root: str) -> list[RunInfo]:
+    """Every folder under <root>/runs/ with its size, newest write and completion time (one listing)."""
+    store = ArtifactStore(root)
+    base = store._path("runs").rstrip("/")
+    if not store.exists("runs"):
+        return []
+    runs: dict[str, dict[str, Any]] = {}
+    for path, info in store.fs.find(base, detail=True).items():
+        rel = posixpath.relpath(path, base)
+        run_id, _, inside = rel.partition("/")
+        if not inside:
+            continue  # a stray file directly under runs/
+        r = runs.setdefault(run_id, {"bytes": 0, "files": 0, "last_write": 0.0, "completed_at": None})
+        when = _when(info)
+        r["bytes"] += int(info.get("size") or 0)
+        r["files"] += 1
+        r["last_write"] = max(r["last_write"], when)
+        if inside == "manifest.json":
+            r["completed_at"] = when
+    return [RunInfo(run_id=k, uri=store.child("runs", k).uri, **v) for k, v in sorted(runs.items())]
+
+
+def pinned_runs(root: str) -> dict[str, list[str]]:
+    """{run_id: ["<flow>/latest", ...]} for every pointer under <root>/pointers/ (all flows)."""
+    store = ArtifactStore(root)
+    pinned: dict[str, list[str]] = {}
+    for rel in store.glob("pointers/*/*.json"):
+        try:
+            pointer = store.read_json(rel)
+        except (FileNotFoundError, ValueError):
+            continue  # replaced or half-visible between the listing and the read: the next pass sees it
+        flow, name = rel.split("/")[1], posixpath.splitext(rel.split("/")[2])[0]
+        pinned.setdefault(str(pointer.get("run_id")), []).append(f"{flow}/{name}")
+    return pinned
+
+
+def plan_runs(root: str, keep_runs: int, keep_incomplete_hours: float, now: float | None = None) -> list[Decision]:
+    """Which run folders under root to keep or delete, and why (nothing is deleted here)."""
+    now = time.time() if now is None else now
+    runs, pinned = scan_runs(root), pinned_runs(root)
+    # Newest completion first; S3 times have 1 s resolution, so ties go by run id (time-stamped by default).
+    complete = sorted((r for r in runs if r.completed_at is not None), key=lambda r: (r.completed_at, r.run_id),
+                      reverse=True)
+    newest_done = complete[0].completed_at if complete else None
+    out = []
+    for rank, r in enumerate(complete, start=1):
+        if r.run_id in pinned:
+            action, why = "keep", f"named by pointer {', '.join(pinned[r.run_id])}"
+        elif rank <= keep_runs:
+            action, why = "keep", f"completed, {rank} of the {keep_runs} newest (output.keep_runs)"
+        else:
+            action, why = "delete", f"completed, number {rank} from the newest: beyond output.keep_runs={keep_runs}"
+        out.append(Decision(kind="run", name=r.run_id, where=r.uri, bytes=r.bytes, action=action, reason=why,
+                            complete=True))
+    for r in (r for r in runs if r.completed_at is None):
+        idle_h = (now - r.last_write) / HOUR
+        if r.run_id in pinned:
+            action, why = "keep", f"named by pointer {', '.join(pinned[r.run_id])}"
+        elif newest_done is None or r.last_write >= newest_done:
+            action, why = "keep", "incomplete, written after the newest completed run: may be running or resumable"
+        elif idle_h < keep_incomplete_hours:
+            action, why = "keep", (f"incomplete, last written {idle_h:.1f} h ago (< output.keep_incomplete_hours="
+                                   f"{keep_incomplete_hours:g}): may still be running")
+        else:
+            action, why = "delete", (f"incomplete, older than the newest completed run and untouched for "
+                                     f"{idle_h:.1f} h (>= output.keep_incomplete_hours={keep_incomplete_hours:g})")
+        out.append(Decision(kind="run", name=r.run_id, where=r.uri, bytes=r.bytes, action=action, reason=why,
+                            complete=False))
+    return out
+
+
+def delete_run(uri: str) -> None:
+    """Remove a run folder, its manifest first so that readers stop seeing it as complete at once."""
+    run = ArtifactStore(uri)
+    if run.exists("manifest.json"):
+        run.fs.rm(run._path("manifest.json"))
+    if run.exists():
+        run.fs.rm(run.root, recursive=True)
+
+
+def apply_runs(decisions: list[Decision], dry_run: bool = False) -> int:
+    """Delete the runs marked delete (unless dry_run); returns the bytes freed (or to be freed)."""
+    freed, log = 0, run_logger()
+    for d in decisions:
+        if d.kind == "run" and d.action == "delete":
+            if not dry_run:
+                delete_run(d.where)
+            log.info("%s run %s (%.1f MB): %s", "Would delete" if dry_run else "Deleted", d.name, d.bytes / 1e6,
+                     d.reason)
+            freed += d.bytes
+    return freed
+
+
+# ---- gc: runs + cache in one report; the end-of-run step -------------------------------------
+
+
+class GcReport(BaseModel):
+    """Everything gc looked at: each run folder and cache entry, kept or deleted, and why."""
+
+    root: str
+    cache: str
+    dry_run: bool
+    decisions: list[Decision]
+    freed_bytes: int
+
+    def table(self) -> str:
+        verb = "would free" if self.dry_run else "freed"
+        rows = "".join(f"| {d.action} | {d.kind} | {d.name} | {d.bytes / 1e6:.1f} | {d.reason} |\n"
+                       for d in sorted(self.decisions, key=lambda d: (d.action != "delete", d.kind, d.name)))
+        return (f"gc of {self.root} and cache {self.cache}: {verb} {self.freed_bytes / 1e6:.1f} MB"
+                f"{' (dry run: nothing deleted)' if self.dry_run else ''}\n\n"
+                f"| action | kind | name | MB | why |\n|---|---|---|---|---|\n{rows}")
+
+
+def plan_work_dirs(root: str, cache_root, done: set[str]) -> list[Decision]:
+    """work/<run_id> folders of runs under root that completed (the run folder holds everything) or
+    are being deleted. Work dirs of other roots' runs are left to the cache bound."""
+    from tasks.cache_limit import usage
+
+    folder = cache_root / "work"
+    if folder.is_symlink() or not folder.is_dir():
+        return []
+    return [Decision(kind="work", name=f"work/{w.name}", where=str(w), bytes=usage(w)[0], action="delete",
+                     reason=f"its run under {root} completed or is deleted: nothing in it is needed")
+            for w in sorted(folder.iterdir()) if w.name in done and not w.is_symlink()]
+
+
+def gc(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incomplete_hours: float = 24.0,
+       cache_max_gb: float | None | Literal["env"] = "env", in_use: list[str] = (),
+       since: float | None = None) -> GcReport:
+    """Apply run retention to root and the size bound to SMOLFLOW_CACHE; dry_run lists without deleting."""
+    from tasks.cache_limit import apply_cache, cache_root, default_max_gb, plan_cache
+
+    max_gb = default_max_gb() if cache_max_gb == "env" else cache_max_gb
+    runs = plan_runs(root, keep_runs, keep_incomplete_hours)
+    freed = apply_runs(runs, dry_run)
+    work = plan_work_dirs(root, cache_root(), {d.name for d in runs if d.complete or d.action == "delete"})
+    freed += apply_cache(work, dry_run)
+    cache = plan_cache(max_gb, list(in_use), since, keep_incomplete_hours, skip={d.where for d in work})
+    freed += apply_cache(cache, dry_run)
+    return GcReport(root=ArtifactStore(root).uri, cache=str(cache_root()), dry_run=dry_run,
+                    decisions=runs + work + cache, freed_bytes=freed)
+
+
+def gc_command(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incomplete_hours: float = 24.0) -> int:
+    """`smolflow gc [--dry-run]`: print what is (or would be) deleted and why; exit status 0."""
+    report = gc(root, dry_run=dry_run, keep_runs=keep_runs, keep_incomplete_hours=keep_incomplete_hours)
+    print(report.table())
+    return 0
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30])
+def tidy_up(output: OutputConfig, run_id: str, in_use: list[str], started: float) -> GcReport:
+    """End of a completed run: drop its work dir, apply retention, bound the cache (never what it used)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.cache_limit import cache_root, mark_used, remove_entry
+
+    remove_entry(cache_root() / "work" / run_id)  # checkpoints are gone, model and W&B files uploaded
+    mark_used(list(in_use))
+    report = gc(output.artifacts_uri, keep_runs=output.keep_runs, keep_incomplete_hours=output.keep_incomplete_hours,
+                cache_max_gb=output.cache_max_gb, in_use=list(in_use), since=started)
+    deleted = [d for d in report.decisions if d.action == "delete"]
+    run_logger().info("Retention: freed %.1f MB (%d deleted); keep_runs=%d, cache_max_gb=%s",
+                      report.freed_bytes / 1e6, len(deleted), output.keep_runs, output.cache_max_gb)
+    create_markdown_artifact(key="smolflow-retention", markdown=report.table(), description="Disk retention")
+    return report

@@ -1,0 +1,154 @@
+"""Disk bounds: run retention on a local root and on real S3 (SeaweedFS), the LRU cache bound,
+gc's dry run, and no needless model copy between run folders."""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.cache_limit import plan_cache, usage
+from tasks.models import fingerprint_dir, resolve_model
+from tasks.retention import apply_runs, gc, plan_runs, scan_runs
+from tasks.storage import ArtifactStore, completed_runs, read_pointer, set_pointer, write_manifest
+from tasks.training import publish_model
+from tasks.transfer import place_dir
+
+FLOW = "smolflow-finetune"
+
+
+def _run(root: str, run_id: str, complete: bool = True) -> ArtifactStore:
+    run = ArtifactStore(root).child("runs", run_id)
+    run.write_json("config.json", {"run": run_id})
+    run.write_bytes("model/model.safetensors", os.urandom(2048))
+    if complete:
+        write_manifest.fn(run.uri, {"run_id": run_id})
+    return run
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_retention_keeps_the_newest_and_every_pointer_and_recent_incomplete_runs(where, tmp_path, request):
+    root = str(tmp_path / "artifacts") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/smolflow"
+    # An incomplete run from before the newest completed one (a crash), then five completed runs,
+    # then one still being written.
+    _run(root, "r0-crashed", complete=False)
+    for i in range(1, 6):
+        _run(root, f"r{i}")
+        if where == "s3":
+            time.sleep(1.05)  # S3 times have 1 s resolution: completion order must be observable
+    _run(root, "r9-running", complete=False)
+    set_pointer(root, FLOW, "promoted", "r1")
+    set_pointer(root, FLOW, "latest", "r5")
+
+    plan = {d.name: d for d in plan_runs(root, keep_runs=2, keep_incomplete_hours=24)}
+    assert {n for n, d in plan.items() if d.action == "delete"} == {"r2", "r3"}
+    assert "pointer smolflow-finetune/promoted" in plan["r1"].reason
+    assert "may still be running" in plan["r0-crashed"].reason  # written minutes ago: kept
+    assert "written after the newest completed run" in plan["r9-running"].reason
+    # A day later the crashed run goes; the one written after the newest completed run stays.
+    later = {d.name: d.action for d in plan_runs(root, 2, 24, now=time.time() + 25 * 3600)}
+    assert later["r0-crashed"] == "delete" and later["r9-running"] == "keep"
+
+    freed = apply_runs(list(plan.values()))
+    assert freed == plan["r2"].bytes + plan["r3"].bytes > 0
+    assert sorted(completed_runs(root)) == ["r1", "r4", "r5"]
+    store = ArtifactStore(root)
+    # Every object is gone (SeaweedFS may still list an empty folder name; S3 itself has no folders).
+    assert store.list_files("runs/r2") in ([], ["."]) and store.list_files("runs/r3") in ([], ["."])
+    assert {r.run_id for r in scan_runs(root)} == {"r0-crashed", "r1", "r4", "r5", "r9-running"}
+    assert store.exists("runs/r0-crashed/config.json") and store.exists("runs/r9-running/config.json")
+    assert read_pointer(root, FLOW, "promoted")["run_id"] == "r1" and store.exists("runs/r1/model/model.safetensors")
+
+
+def _entry(path: Path, size: int, when: float) -> Path:
+    path.mkdir(parents=True)
+    (path / "blob").write_bytes(bytes(size))
+    for p in (path / "blob", path):
+        os.utime(p, (when, when))
+    return path
+
+
+def test_cache_bound_evicts_least_recently_used_first_never_what_the_run_uses(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(cache))
+    now, mb = time.time(), 2**20
+    old_model = _entry(cache / "models" / "old-model", mb, now - 50 * 3600)  # oldest, but this run uses it
+    _entry(cache / "tokenized" / "a", mb, now - 40 * 3600)
+    _entry(cache / "downloads" / "b", mb, now - 30 * 3600)
+    _entry(cache / "datasets" / "c", mb, now - 20 * 3600)
+    _entry(cache / "work" / "crashed-run", mb, now - 1 * 3600)  # a run may still be at work
+    new = _entry(cache / "tokenized" / "made-this-run", mb, now)
+    shared = tmp_path / "shared"  # a folder another cache owns, linked in: never ours to delete
+    _entry(shared / "judgements-x", mb, now - 90 * 3600)
+    (cache / "judgements").symlink_to(shared)
+    one = usage(new)[0]
+
+    plan = plan_cache(max_gb=2.5 * one / 1e9, in_use=[str(old_model / "blob")], since=now - 60)
+    actions = {d.name: (d.action, d.reason) for d in plan}
+    # 6 entries of one size, room for 2.5: evict a, then b, then c (least recently used first);
+    # old-model (in use), made-this-run (since the run started) and the young work dir stay.
+    assert [d.name for d in plan if d.action == "delete"] == ["tokenized/a", "downloads/b", "datasets/c"]
+    assert actions["models/old-model"] == ("keep", "used by the current run")
+    assert actions["tokenized/made-this-run"][1] == "used or written during the current run"
+    assert "a run may still be using it" in actions["work/crashed-run"][1]
+    assert not any(name.startswith("judgements") for name in actions)
+    assert plan_cache(max_gb=None) and all(d.action == "keep" for d in plan_cache(max_gb=None))
+
+
+def _snapshot(*roots: Path) -> dict[str, tuple[int, float]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime) for r in roots for p in r.rglob("*") if p.is_file()}
+
+
+def test_gc_dry_run_lists_but_deletes_nothing_then_gc_frees(tmp_path, monkeypatch):
+    cache, root = tmp_path / "cache", str(tmp_path / "artifacts")
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(cache))
+    for i in range(1, 5):
+        _run(root, f"r{i}")
+    set_pointer(root, FLOW, "latest", "r4")
+    _entry(cache / "work" / "r1", 4096, time.time())  # a completed run's leftover work dir
+    _entry(cache / "tokenized" / "stale", 2**20, time.time() - 48 * 3600)
+    before = _snapshot(Path(root), cache)
+
+    report = gc(root, dry_run=True, keep_runs=2, cache_max_gb=0)
+    assert _snapshot(Path(root), cache) == before  # nothing deleted, nothing touched
+    deleted = {(d.kind, d.name) for d in report.decisions if d.action == "delete"}
+    assert deleted == {("run", "r1"), ("run", "r2"), ("work", "work/r1"), ("cache", "tokenized/stale")}
+    assert report.freed_bytes == sum(d.bytes for d in report.decisions if d.action == "delete") > 0
+    assert "dry run: nothing deleted" in report.table() and "| delete | run | r1 |" in report.table()
+
+    done = gc(root, dry_run=False, keep_runs=2, cache_max_gb=0)
+    assert {(d.kind, d.name) for d in done.decisions if d.action == "delete"} == deleted
+    assert sorted(completed_runs(root)) == ["r3", "r4"]
+    assert not (cache / "work" / "r1").exists() and not (cache / "tokenized" / "stale").exists()
+
+
+def test_publishing_a_cached_model_links_it_and_survives_its_first_run_being_deleted(tiny_model_dir, tmp_path):
+    root = str(tmp_path / "artifacts")
+    ref = publish_model.fn(resolve_model.fn(str(tiny_model_dir)), f"{root}/runs/r1")
+    write_manifest.fn(f"{root}/runs/r1", {"run_id": "r1", "tuned_model": ref.model_dump()})
+    # A cached training result points at r1's model: r2 gets hard links, not a second copy.
+    second = publish_model.fn(ref, f"{root}/runs/r2")
+    weights = "model.safetensors"
+    assert os.stat(Path(second.path, weights)).st_ino == os.stat(Path(ref.path, weights)).st_ino
+    assert fingerprint_dir(Path(second.path)) == ref.fingerprint
+    write_manifest.fn(f"{root}/runs/r2", {"run_id": "r2", "tuned_model": second.model_dump()})
+    set_pointer(root, FLOW, "latest", "r2")
+    apply_runs([d for d in plan_runs(root, keep_runs=1, keep_incomplete_hours=24) if d.name == "r1"])
+    assert not Path(ref.path).exists() and Path(second.path, weights).is_file()  # the link outlived r1
+    # The cache still points at r1's (deleted) folder: the copy in r2 is found by fingerprint.
+    third = publish_model.fn(ref, f"{root}/runs/r3")
+    assert fingerprint_dir(Path(third.path)) == ref.fingerprint
+    assert os.stat(Path(third.path, weights)).st_ino == os.stat(Path(second.path, weights)).st_ino
+
+
+def test_publishing_on_s3_copies_server_side(tiny_model_dir, s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(tmp_path / "cache"))
+    root = f"{s3_bucket}/smolflow"
+    first = publish_model.fn(resolve_model.fn(str(tiny_model_dir)), f"{root}/runs/r1")
+    uri, how = place_dir(first.path, ArtifactStore(root).child("runs", "r2"), "model")
+    files = ArtifactStore(first.path).list_files()
+    assert how == {"server-copy": len(files)}  # S3 CopyObject per file: nothing went through this machine
+    assert not (tmp_path / "cache" / "downloads").exists()
+    copy = ArtifactStore(uri)
+    assert copy.list_files() == files
+    assert all(copy.sha256(f) == ArtifactStore(first.path).sha256(f) for f in files)

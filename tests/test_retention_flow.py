@@ -1,0 +1,28 @@
+"""A completed run of the real flow leaves no work dir or checkpoints, and applies retention."""
+
+from flows.finetune import finetune
+from tasks.cache_limit import cache_root
+from tasks.storage import ArtifactStore, completed_runs, verify_run, write_manifest
+from tests.conftest import tiny_run_config
+
+
+def test_completed_flow_run_removes_its_work_dir_and_old_runs(tiny_model_dir, tmp_path):
+    # One whole tiny flow run (~20-40 s on 2 cores): the only way to see the end-of-run step in place.
+    root = str(tmp_path / "artifacts")
+    old = ArtifactStore(root).child("runs", "00000000-old")
+    old.write_json("config.json", {})
+    write_manifest.fn(old.uri, {"run_id": "00000000-old"})
+    # A training seed of its own: this run trains (no cache hit), so it had checkpoints and a work dir.
+    config = tiny_run_config(tiny_model_dir, root, output={"run_id": "retention-flow", "keep_runs": 1},
+                             training={"seed": 4242})
+
+    summary = finetune(config=config)
+
+    assert not (cache_root() / "work" / "retention-flow").exists()
+    run = ArtifactStore(summary["run"])
+    files = run.list_files()
+    assert not any(f.startswith("checkpoints/") for f in files)
+    assert "model/model.safetensors" in files and any(f.startswith("wandb/") for f in files)
+    assert completed_runs(root) == ["retention-flow"]  # keep_runs=1: the older completed run went
+    assert not old.exists("manifest.json")
+    verify_run(run.uri)  # nothing the manifest lists was touched by the clean-up
