@@ -6,6 +6,7 @@
     smolflow runs      [--root URI]                                  list the runs under an artifact root
     smolflow compare   RUN_A RUN_B [--root URI]                      two runs side by side
     smolflow serve     [--port 4200]                                 Prefect server + the deployments
+    smolflow gc        [--root URI] [--dry-run]                      apply retention, bound the caches
     smolflow arena run [settings ...] | arena serve [--root URI]     blind battles, leaderboard, vote page
 
 A user error (bad flag, bad YAML, missing file, invalid value) prints one message naming the
@@ -117,6 +118,14 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
     os.execv(sys.executable, [sys.executable, "-m", "deployments.local", "--port", str(args.port)])
 
 
+def cmd_gc(args: argparse.Namespace, rest: list[str]) -> int:
+    """Delete old runs (keep_runs; never latest or promoted) and bound SMOLFLOW_CACHE; --dry-run only lists."""
+    from tasks.retention import gc_command
+
+    return gc_command(args.root, dry_run=args.dry_run, keep_runs=args.keep_runs,
+                      keep_incomplete_hours=args.keep_incomplete_hours)
+
+
 def cmd_arena_run(args: argparse.Namespace, rest: list[str]) -> int:
     """Arena battles between nightly models, judged, rated Bradley-Terry style (the smolflow-arena flow)."""
     from flows.arena import arena
@@ -161,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="show every setting, not only those that differ")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_compare)
+    p = sub.add_parser("gc", help=cmd_gc.__doc__)
+    p.add_argument("--root", default=DEFAULT_ROOT, help="artifact root (default %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="show what would be deleted and why; delete nothing")
+    p.add_argument("--keep-runs", type=int, default=14, help="completed runs to keep (default %(default)s)")
+    p.add_argument("--keep-incomplete-hours", type=float, default=24.0,
+                   help="incomplete runs younger than this may still be running: kept (default %(default)s)")
+    p.set_defaults(fn=cmd_gc)
     arena = sub.add_parser("arena", help="blind battles between models: run the arena flow, or serve its vote page")
     arena_sub = arena.add_subparsers(dest="arena_command", metavar="ARENA_COMMAND", required=True)
     from tasks.arena_config import ArenaConfig

@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.config import OutputConfig
-from tasks.runtime import run_logger
+from tasks.runtime import retry_transient, run_logger
 from tasks.storage import ArtifactStore
 
 HOUR = 3600.0
@@ -214,7 +214,7 @@ def gc_command(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incom
     return 0
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30])
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
 def tidy_up(output: OutputConfig, run_id: str, in_use: list[str], started: float) -> GcReport:
     """End of a completed run: drop its work dir, apply retention, bound the cache (never what it used)."""
     from prefect.artifacts import create_markdown_artifact

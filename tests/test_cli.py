@@ -34,10 +34,12 @@ def smolflow(env, *args, timeout=600) -> subprocess.CompletedProcess:
 def test_help_lists_every_subcommand(env):
     out = smolflow(env, "--help")
     assert out.returncode == 0
-    for command in ("run", "eval", "validate", "runs", "compare", "serve"):
+    for command in ("run", "eval", "validate", "runs", "compare", "serve", "gc", "arena"):
         assert f"    {command} " in out.stdout
     fields = smolflow(env, "run", "--help")
     assert fields.returncode == 0 and "--training.max-steps" in fields.stdout and "--output.artifacts-uri" in fields.stdout
+    arena = smolflow(env, "arena", "run", "--help")
+    assert arena.returncode == 0 and "--last-runs" in arena.stdout
 
 
 def test_user_errors_name_file_line_and_field_and_exit_2(env, tmp_path):
@@ -114,6 +116,10 @@ def test_eval_runs_lists_and_compares(env, tiny_model_dir, tmp_path):
     assert as_json["scores"][0]["delta"] == 0 and {s["setting"] for s in as_json["settings"] if s["differs"]} == {
         "model", "output.run_id"}
     assert smolflow(env, "compare", "eval-a", "nope", "--root", str(root)).returncode == 2
+
+    dry = smolflow(env, "gc", "--root", str(root), "--dry-run", "--keep-runs", "1")
+    assert dry.returncode == 0 and "dry run: nothing deleted" in dry.stdout and "| delete | run | eval-a |" in dry.stdout
+    assert (root / "runs/eval-a/manifest.json").is_file()  # listed, not deleted
 
 
 @pytest.mark.slow
