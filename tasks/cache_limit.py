@@ -17,9 +17,26 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Literal
 
-from tasks.retention import HOUR, Decision
+from pydantic import BaseModel
+
 from tasks.runtime import run_logger
+
+HOUR = 3600.0
+
+
+class Decision(BaseModel):
+    """What happens to one run folder or cache entry, and why."""
+
+    kind: Literal["run", "cache", "work"]
+    name: str  # run id, or the cache entry's path below SMOLFLOW_CACHE
+    where: str  # full URI or path
+    bytes: int
+    action: Literal["delete", "keep"]
+    reason: str
+    complete: bool | None = None  # runs: whether it has a manifest
+
 
 KINDS = ("models", "downloads", "datasets", "tokenized", "judgements", "work")
 _STAGING = re.compile(r"\.tmp\d+$")

@@ -24,24 +24,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from tasks.cache_limit import HOUR, Decision, apply_cache, cache_root, default_max_gb, mark_used, plan_cache, remove_entry, usage
 from tasks.config import OutputConfig
 from tasks.runtime import retry_transient, run_logger
 from tasks.storage import ArtifactStore
-
-HOUR = 3600.0
-
-
-class Decision(BaseModel):
-    """What happens to one run folder or cache entry, and why."""
-
-    kind: Literal["run", "cache", "work"]
-    name: str  # run id, or the cache entry's path below SMOLFLOW_CACHE
-    where: str  # full URI or path
-    bytes: int
-    action: Literal["delete", "keep"]
-    reason: str
-    complete: bool | None = None  # runs: whether it has a manifest
-
 
 def _when(info: dict[str, Any]) -> float:
     """Modification time (epoch seconds) from an fsspec info dict: local `mtime`, S3 `LastModified`."""
@@ -180,7 +166,6 @@ class GcReport(BaseModel):
 def plan_work_dirs(root: str, cache_root, done: set[str]) -> list[Decision]:
     """work/<run_id> folders of runs under root that completed (the run folder holds everything) or
     are being deleted. Work dirs of other roots' runs are left to the cache bound."""
-    from tasks.cache_limit import usage
 
     folder = cache_root / "work"
     if folder.is_symlink() or not folder.is_dir():
@@ -194,7 +179,6 @@ def gc(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incomplete_ho
        cache_max_gb: float | None | Literal["env"] = "env", in_use: list[str] = (),
        since: float | None = None) -> GcReport:
     """Apply run retention to root and the size bound to SMOLFLOW_CACHE; dry_run lists without deleting."""
-    from tasks.cache_limit import apply_cache, cache_root, default_max_gb, plan_cache
 
     max_gb = default_max_gb() if cache_max_gb == "env" else cache_max_gb
     runs = plan_runs(root, keep_runs, keep_incomplete_hours)
@@ -219,7 +203,6 @@ def tidy_up(output: OutputConfig, run_id: str, in_use: list[str], started: float
     """End of a completed run: drop its work dir, apply retention, bound the cache (never what it used)."""
     from prefect.artifacts import create_markdown_artifact
 
-    from tasks.cache_limit import cache_root, mark_used, remove_entry
 
     remove_entry(cache_root() / "work" / run_id)  # checkpoints are gone, model and W&B files uploaded
     mark_used(list(in_use))

@@ -8,6 +8,7 @@ checkpoint instead of step 0. A checkpoint without the marker was cut off mid-sa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -15,6 +16,9 @@ import os
 import posixpath
 import re
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 from prefect import task
@@ -287,8 +291,6 @@ def _train_sft(
     spec = FitSpec(base=base, tokenized=tokenized, cfg=cfg, work=str(work), run_uri=run_uri, key=key,
                    resume=str(resume) if resume else None, report_to=report_to, placement=resolve())
     if cfg.num_processes > 1:
-        from tasks.train_worker import launch
-
         fitted = launch(spec)
     else:
         fitted = fit(spec)
@@ -395,3 +397,46 @@ def publish_model(model: ModelRef, run_uri: str) -> ModelRef:
     uri, how = place_dir(found.path, ArtifactStore(run_uri), "model")
     run_logger().info("Published %s into %s (%s)", found.path, uri, how)
     return model.model_copy(update={"path": uri})
+
+
+# ---- several processes: torchrun runs tasks/train_worker.py, which calls fit on each rank ----
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Linux: SIGKILL this process when its parent dies. torchrun starts each rank in a session of
+    its own, so a killed run would otherwise leave ranks behind, blocked in a collective."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: no such safety net
+    if parent is not None and os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
+
+
+def launch(spec: FitSpec) -> dict:
+    """Run `fit(spec)` on spec.cfg.num_processes ranks; rank 0's metrics and log history."""
+    import torch
+
+    n = spec.cfg.num_processes
+    with tempfile.TemporaryDirectory(prefix="smolflow-ddp-") as tmp:
+        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(spec.model_dump_json())
+        env = os.environ | {
+            "SMOLFLOW_FIT_RESULT": str(result_path),
+            # Each rank gets its share of the cores: oversubscribed threads made torch ~10x slower.
+            "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // n)),
+        }
+        if spec.placement.device == "cuda":
+            env.pop("OMP_NUM_THREADS")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               "-m", "tasks.train_worker", str(spec_path)]
+        run_logger().info("Training on %d processes: %s", n, " ".join(cmd))
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=functools.partial(die_with_parent, os.getpid()))
+        if proc.returncode != 0 or not result_path.exists():
+            raise RuntimeError(f"training on {n} processes failed (exit {proc.returncode}); last output:\n"
+                               + proc.stdout[-4000:])
+        return json.loads(result_path.read_text())
