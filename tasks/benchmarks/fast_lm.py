@@ -113,36 +113,70 @@ class SharedPrefixLM(HFLM):
                 by_context[tuple(context)].append(i)
         for shared, members in prefix_groups(list(by_context)):
             prefix = self._prefill(list(members[0][:shared]))
-            for context in members:
-                idx = by_context[context]
-                scored = self._score_continuations(prefix, context[shared:], [requests[i][2] for i in idx])
-                for i, answer in zip(idx, scored):
-                    results[i] = answer
-                    if requests[i][0] is not None:
-                        self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            size = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 8
+            for start in range(0, len(members), size):
+                chunk = members[start : start + size]
+                items = [(c[shared:], [requests[i][2] for i in by_context[c]]) for c in chunk]
+                for context, scored in zip(chunk, self._score_packed(prefix, shared, items)):
+                    for i, answer in zip(by_context[context], scored):
+                        results[i] = answer
+                        if requests[i][0] is not None:
+                            self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
         return results
 
-    def _score_continuations(self, prefix: DynamicCache, own: tuple[int, ...], continuations: list[list[int]]):
-        """(log-likelihood, is-greedy) of each continuation after prefix + own tokens."""
-        cache = self._fork(prefix, 1)
-        first = self._forward(torch.tensor([own], device=self.device), cache, keep=1).logits[0, -1:]
-        first = F.log_softmax(first.float(), dim=-1)  # [1, vocab]: predicts every continuation's first token
-        longest = max(len(c) for c in continuations)
-        rest = None
-        if longest > 1:  # the other tokens, all continuations at once on copies of this context's cache
-            cache.batch_repeat_interleave(len(continuations))
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-            # Right padding: a causal model's real positions never see the pads after them.
-            tails = [c[:-1] + [pad] * (longest - len(c)) for c in continuations]
-            logits = self._forward(torch.tensor(tails, device=self.device), cache).logits
-            rest = F.log_softmax(logits.float(), dim=-1)  # [n, longest-1, vocab]
-        scored = []
-        for j, cont in enumerate(continuations):
-            logprobs = first if len(cont) == 1 else torch.cat([first, rest[j, : len(cont) - 1]])
-            target = torch.tensor(cont, device=logprobs.device)
-            picked = logprobs.gather(1, target[:, None]).squeeze(1)
-            scored.append((float(picked.sum()), bool((logprobs.argmax(-1) == target).all())))
-        return scored
+    def _score_packed(self, prefix: DynamicCache, shared: int, items):
+        """(log-likelihood, is-greedy) per continuation, for several contexts in one forward pass.
+
+        Row b holds context b's own tokens, then every continuation but its last token, one after
+        another; a custom 4D mask lets each continuation see the prefix, its context and itself,
+        never its siblings, and position ids restart after the context for each continuation. So
+        a context is computed once, not once per choice, and only scored positions get logits.
+        """
+        rows = len(items)
+        width = max(len(own) + sum(len(c) - 1 for c in conts) for own, conts in items)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
+        ids = torch.full((rows, width), pad, dtype=torch.long)
+        positions = torch.full((rows, width), shared, dtype=torch.long)
+        allowed = torch.eye(width, dtype=torch.bool).repeat(rows, 1, 1)  # pads: themselves only
+        picks = []  # per row, per continuation: the positions whose logits score its tokens
+        for b, (own, conts) in enumerate(items):
+            o = len(own)
+            ids[b, :o] = torch.tensor(own)
+            positions[b, :o] = shared + torch.arange(o)
+            allowed[b, :o, :o] = torch.ones(o, o, dtype=torch.bool).tril()
+            start, row_picks = o, []
+            for cont in conts:
+                t = len(cont) - 1
+                ids[b, start : start + t] = torch.tensor(cont[:-1], dtype=torch.long)
+                positions[b, start : start + t] = shared + o + torch.arange(t)
+                allowed[b, start : start + t, :o] = True
+                allowed[b, start : start + t, start : start + t] = torch.ones(t, t, dtype=torch.bool).tril()
+                row_picks.append([o - 1, *range(start, start + t)])
+                start += t
+            picks.append(row_picks)
+        dtype = self.model.dtype
+        mask = torch.cat([torch.ones(rows, width, shared, dtype=torch.bool), allowed], dim=2)[:, None]
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+        cache = self._fork(prefix, rows)
+        with torch.no_grad():
+            hidden = self.model.get_decoder()(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
+            ).last_hidden_state
+            flat_b = [b for b, row in enumerate(picks) for p in sorted({p for c in row for p in c})]
+            flat_p = [p for row in picks for p in sorted({p for c in row for p in c})]
+            logits = self.model.get_output_embeddings()(hidden[flat_b, flat_p])
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        where = {(b, p): k for k, (b, p) in enumerate(zip(flat_b, flat_p))}
+        out = []
+        for b, ((_, conts), row) in enumerate(zip(items, picks)):
+            scored = []
+            for cont, spots in zip(conts, row):
+                lp = logprobs[[where[(b, p)] for p in spots]]
+                target = torch.tensor(cont, device=lp.device)
+                scored.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
+            out.append(scored)
+        return out
 
     # ---- generate_until ------------------------------------------------------------------------
 
