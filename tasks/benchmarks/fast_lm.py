@@ -5,10 +5,11 @@ replaced; prompts, few-shot sampling, stop sequences, answer extraction and metr
 from the stock task YAMLs through lm-eval, so scores stay comparable with anyone else's.
 
 - loglikelihood: contexts sorted token-wise sit next to the ones they share a prefix with (one
-  task's few-shot block); that prefix is run once per group, each context's own tokens once on top
-  of it (not once per choice), and every choice's continuation from that context's cache. Only the
+  task's few-shot block); that prefix is run once per group. Then several contexts per forward
+  pass, each row holding a context's own tokens followed by all its choices' continuations, kept
+  apart by a custom 4D attention mask: a context is computed once, not once per choice. Only the
   positions that score continuation tokens get logits (the 49k-wide vocabulary projection and
-  log-softmax are most of the cost of a short continuation).
+  log-softmax over every position is much of HFLM's cost).
 - generate_until (greedy only; sampling goes to HFLM): a batch's longest common token prefix (the
   few-shot block) is prefilled once and its cache repeated to the batch; each row's own tokens are
   left-padded *after* the prefix, with a mask over the pads and position ids that continue from the
