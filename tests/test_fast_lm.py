@@ -18,6 +18,12 @@ from tasks.config import BenchmarkConfig
 from tasks.runtime import FIXTURES
 
 
+@pytest.fixture(scope="session")
+def prefect_server():
+    """These tests call lm-eval directly, outside any flow: no Prefect server to start."""
+    yield
+
+
 class FewShotMMLU(MMLU):
     """MMLU cloze with `num_fewshot` applied: MMLU's task configs pin num_fewshot: 0, which makes
     lm-eval ignore the requested shots."""
