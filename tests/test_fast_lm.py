@@ -122,6 +122,9 @@ def test_benchmarks_run_and_record_the_engine(tiny_model_dir):
     assert result.n == 2
 
 
+# Real model, greedy generation to the stop string in both engines: ~1-2 min of CPU (574 s wall
+# at load average 20 on 2 cores).
+@pytest.mark.slow
 def test_real_model_equals_hflm(builtin_dir, mmlu_fewshot_dir):
     """The real SmolLM2-135M-Instruct: generation (it stops at "Question:" at different lengths per
     row, so rows leave the batch early) and 3-shot lettered MMLU."""
