@@ -1,0 +1,271 @@
+"""lm-eval's HF backend, reusing the KV cache of prompt prefixes that requests share (issue 16).
+
+`SharedPrefixLM` (registered as "smolflow-hf") is lm-eval's `HFLM` with its two hot paths
+replaced; prompts, few-shot sampling, stop sequences, answer extraction and metrics still come
+from the stock task YAMLs through lm-eval, so scores stay comparable with anyone else's.
+
+- loglikelihood: contexts sorted token-wise sit next to the ones they share a prefix with (one
+  task's few-shot block); that prefix is run once per group. Then several contexts per forward
+  pass, each row holding a context's own tokens followed by all its choices' continuations, kept
+  apart by a custom 4D attention mask: a context is computed once, not once per choice. Only the
+  positions that score continuation tokens get logits (the 49k-wide vocabulary projection and
+  log-softmax over every position is much of HFLM's cost).
+- generate_until (greedy only; sampling goes to HFLM): a batch's longest common token prefix (the
+  few-shot block) is prefilled once and its cache repeated to the batch; each row's own tokens are
+  left-padded *after* the prefix, with a mask over the pads and position ids that continue from the
+  prefix, so every row sees exactly the positions it would alone. A row leaves the batch (its cache
+  rows are dropped) as soon as it emits EOS or lm-eval's stop check fires for it, instead of
+  running until the batch's longest row ends.
+
+Equal to HFLM up to float rounding (tests/test_fast_lm.py compares them item by item).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from transformers import DynamicCache
+
+ENGINE = "smolflow-hf"
+# Below this many shared tokens a separate prefix forward costs more than it saves.
+MIN_SHARED = 16
+# Generation kwargs that greedy decoding ignores anyway; anything else goes to HFLM unchanged.
+_GREEDY_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k"}
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def prefix_groups(contexts: list[tuple[int, ...]]) -> list[tuple[int, list[tuple[int, ...]]]]:
+    """Sorted contexts cut into runs that share a prefix: (shared length, members) per run.
+
+    Every member keeps at least one token of its own (its last position gives the logits of the
+    first continuation token). A run is cut where joining it would halve what it shares.
+    """
+    groups: list[tuple[int, list]] = []
+    members: list[tuple[int, ...]] = []
+    shared = 0
+    for ctx in sorted(contexts):
+        if members:
+            joined = min(shared, common_prefix(members[-1], ctx), len(ctx) - 1)
+            if joined >= MIN_SHARED and (len(members) == 1 or 2 * joined >= shared):
+                members.append(ctx)
+                shared = joined
+                continue
+            groups.append((shared, members))
+        members, shared = [ctx], len(ctx) - 1
+    if members:
+        groups.append((shared, members))
+    return [(s if len(m) > 1 and s >= MIN_SHARED else 0, m) for s, m in groups]
+
+
+@register_model(ENGINE)
+class SharedPrefixLM(HFLM):
+    """HFLM that computes a shared prompt prefix once per group of requests and reuses its KV cache."""
+
+    def _forward(self, ids: torch.Tensor, cache: DynamicCache, keep: int = 0, **kwargs):
+        """One forward pass extending `cache`; logits for the last `keep` positions (0: all)."""
+        with torch.no_grad():
+            return self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep, **kwargs)
+
+    def _prefill(self, tokens: list[int], batch: int = 1) -> DynamicCache:
+        """The KV cache of `tokens` (empty for none), repeated `batch` times."""
+        cache = DynamicCache(config=self.model.config)
+        if tokens:
+            self._forward(torch.tensor([tokens], device=self.device), cache, keep=1)
+            if batch > 1:
+                cache.batch_repeat_interleave(batch)
+        return cache
+
+    def _fork(self, cache: DynamicCache, batch: int) -> DynamicCache:
+        """A new cache starting from `cache`'s (batch-1) state, which stays untouched."""
+        fork = DynamicCache(config=self.model.config)
+        for i, layer in enumerate(cache.layers):
+            if layer.get_seq_length() > 0:
+                fork.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), i)
+        return fork
+
+    # ---- loglikelihood -------------------------------------------------------------------------
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        if self.backend != "causal":
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        results: list = [None] * len(requests)
+        # Requests that need left-truncation keep HFLM's exact handling (rare: prompts past max_length).
+        long = [i for i, (_, c, k) in enumerate(requests) if len(c) + len(k) > self.max_length + 1]
+        if long:
+            for i, answer in zip(long, super()._loglikelihood_tokens([requests[i] for i in long], True, override_bs)):
+                results[i] = answer
+        by_context: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, (_, context, _) in enumerate(requests):
+            if results[i] is None:
+                by_context[tuple(context)].append(i)
+        for shared, members in prefix_groups(list(by_context)):
+            prefix = self._prefill(list(members[0][:shared]))
+            size = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 8
+            for start in range(0, len(members), size):
+                chunk = members[start : start + size]
+                items = [(c[shared:], [requests[i][2] for i in by_context[c]]) for c in chunk]
+                for context, scored in zip(chunk, self._score_packed(prefix, shared, items)):
+                    for i, answer in zip(by_context[context], scored):
+                        results[i] = answer
+                        if requests[i][0] is not None:
+                            self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+        return results
+
+    def _score_packed(self, prefix: DynamicCache, shared: int, items):
+        """(log-likelihood, is-greedy) per continuation, for several contexts in one forward pass.
+
+        Row b holds context b's own tokens, then every continuation but its last token, one after
+        another; a custom 4D mask lets each continuation see the prefix, its context and itself,
+        never its siblings, and position ids restart after the context for each continuation. So
+        a context is computed once, not once per choice, and only scored positions get logits.
+        """
+        rows = len(items)
+        width = max(len(own) + sum(len(c) - 1 for c in conts) for own, conts in items)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
+        ids = torch.full((rows, width), pad, dtype=torch.long)
+        positions = torch.full((rows, width), shared, dtype=torch.long)
+        allowed = torch.eye(width, dtype=torch.bool).repeat(rows, 1, 1)  # pads: themselves only
+        picks = []  # per row, per continuation: the positions whose logits score its tokens
+        for b, (own, conts) in enumerate(items):
+            o = len(own)
+            ids[b, :o] = torch.tensor(own)
+            positions[b, :o] = shared + torch.arange(o)
+            allowed[b, :o, :o] = torch.ones(o, o, dtype=torch.bool).tril()
+            start, row_picks = o, []
+            for cont in conts:
+                t = len(cont) - 1
+                ids[b, start : start + t] = torch.tensor(cont[:-1], dtype=torch.long)
+                positions[b, start : start + t] = shared + o + torch.arange(t)
+                allowed[b, start : start + t, :o] = True
+                allowed[b, start : start + t, start : start + t] = torch.ones(t, t, dtype=torch.bool).tril()
+                row_picks.append([o - 1, *range(start, start + t)])
+                start += t
+            picks.append(row_picks)
+        dtype = self.model.dtype
+        mask = torch.cat([torch.ones(rows, width, shared, dtype=torch.bool), allowed], dim=2)[:, None]
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+        cache = self._fork(prefix, rows)
+        with torch.no_grad():
+            hidden = self.model.get_decoder()(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
+            ).last_hidden_state
+            flat_b = [b for b, row in enumerate(picks) for p in sorted({p for c in row for p in c})]
+            flat_p = [p for row in picks for p in sorted({p for c in row for p in c})]
+            logits = self.model.get_output_embeddings()(hidden[flat_b, flat_p])
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        where = {(b, p): k for k, (b, p) in enumerate(zip(flat_b, flat_p))}
+        out = []
+        for b, ((_, conts), row) in enumerate(zip(items, picks)):
+            scored = []
+            for cont, spots in zip(conts, row):
+                lp = logprobs[[where[(b, p)] for p in spots]]
+                target = torch.tensor(cont, device=lp.device)
+                scored.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
+            out.append(scored)
+        return out
+
+    # ---- generate_until ------------------------------------------------------------------------
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        if self.backend != "causal":
+            return super().generate_until(requests, disable_tqdm)
+        results: list = [None] * len(requests)
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, request in enumerate(requests):
+            groups[json.dumps(request.args[1], sort_keys=True, default=str)].append(i)
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        for idx in groups.values():
+            gen_kwargs = requests[idx[0]].args[1]
+            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+            if kwargs.get("do_sample") or set(kwargs) - _GREEDY_KEYS or self.think_end_token is not None:
+                # sampling, other generation options, thinking models: HFLM as is
+                for i, text in zip(idx, super().generate_until([requests[i] for i in idx], True)):
+                    results[i] = text
+                continue
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            # Sorted by prompt so a batch holds prompts with the same few-shot block.
+            idx = sorted(idx, key=lambda i: requests[i].args[0])
+            size = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 16
+            for start in range(0, len(idx), size):
+                chunk = idx[start : start + size]
+                contexts = [requests[i].args[0] for i in chunk]
+                for i, context, text in zip(chunk, contexts, self._generate_batch(contexts, until, kwargs["max_gen_toks"])):
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return results
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return ids or {self.eot_token_id}
+
+    def _generate_batch(self, contexts: list[str], until: list[str], max_gen_toks: int) -> list[str]:
+        """Greedy continuations of `contexts`, each cut at its first stop sequence as HFLM cuts it."""
+        ids, mask = self.tok_batch_encode(
+            contexts, left_truncate_len=self.max_length - max_gen_toks, truncation=self.truncation
+        )
+        rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]  # the same tokens HFLM feeds
+        shared = min(len(r) for r in rows) - 1
+        for r in rows[1:]:
+            shared = min(shared, common_prefix(rows[0], r))
+        shared = shared if shared >= MIN_SHARED else 0
+        batch, width = len(rows), max(len(r) for r in rows) - shared
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
+        suffix = torch.full((batch, width), pad, dtype=torch.long)
+        suffix_mask = torch.zeros((batch, width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            own = r[shared:]
+            suffix[b, width - len(own) :] = torch.tensor(own)
+            suffix_mask[b, width - len(own) :] = 1
+        attention = torch.cat([torch.ones((batch, shared), dtype=torch.long), suffix_mask], dim=1).to(self.device)
+        # Positions continue from the prefix for each row's own tokens; pads get any valid position.
+        positions = (shared + suffix_mask.cumsum(1) - 1).clamp(min=shared).to(self.device)
+        cache = self._prefill(rows[0][:shared], batch)
+        logits = self._forward(
+            suffix.to(self.device), cache, keep=1, attention_mask=attention, position_ids=positions
+        ).logits[:, -1]
+        # lm-eval's stop check: each stop string in the decoded last len(tokens)+2 generated tokens.
+        windows = [(s, len(self.tokenizer.encode(s, add_special_tokens=False)) + 2) for s in until]
+        eos_ids = self._eos_ids()
+        active = list(range(batch))  # original row of each row still in the batch
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        next_pos = positions[:, -1] + 1
+        while True:
+            tokens = logits.argmax(-1)
+            keep = []
+            for slot, (row, token) in enumerate(zip(active, tokens.tolist())):
+                out = generated[row]
+                out.append(token)
+                stopped = len(out) >= max_gen_toks or token in eos_ids or any(
+                    s in self.tokenizer.decode(out[-n:], skip_special_tokens=False) for s, n in windows
+                )
+                if not stopped:
+                    keep.append(slot)
+            if not keep:
+                break
+            if len(keep) < len(active):  # finished rows leave: drop their cache rows
+                sel = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(sel)
+                attention, next_pos, tokens = attention[sel], next_pos[sel], tokens[sel]
+                active = [active[s] for s in keep]
+            attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=1)
+            logits = self._forward(
+                tokens[:, None], cache, keep=1, attention_mask=attention, position_ids=next_pos[:, None]
+            ).logits[:, -1]
+            next_pos = next_pos + 1
+        return [postprocess_generated_text(self.tok_decode(g), until, None) for g in generated]

@@ -1,0 +1,135 @@
+"""Shared-prefix KV reuse (tasks/benchmarks/fast_lm.py) gives lm-eval's HF backend's per-item results.
+
+Each test scores the same items through the stock lm-eval task YAMLs with `HFLM` and with
+`SharedPrefixLM` and compares item by item: generated text exactly, log-likelihoods within float
+rounding and the same pick per item.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.benchmarks import REGISTRY
+from tasks.benchmarks.fast_lm import ENGINE, SharedPrefixLM, prefix_groups
+from tasks.benchmarks.mmlu import MMLU
+from tasks.config import BenchmarkConfig
+from tasks.runtime import FIXTURES
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """These tests call lm-eval directly, outside any flow: no Prefect server to start."""
+    yield
+
+
+class FewShotMMLU(MMLU):
+    """MMLU cloze with `num_fewshot` applied: MMLU's task configs pin num_fewshot: 0, which makes
+    lm-eval ignore the requested shots."""
+
+    def task_configs(self, cfg, workdir):
+        return [spec | {"num_fewshot": cfg.num_fewshot or 0} for spec in super().task_configs(cfg, workdir)]
+
+
+class LetteredMMLU(FewShotMMLU):
+    """lm-eval's stock `mmlu/default` ("A. ... D." then " A".." D"), on the same local data."""
+
+    stock_yaml = "mmlu/default/mmlu_{subset}.yaml"
+    metric = "acc,none"
+
+
+def _both(model_dir: Path, bench, cfg: BenchmarkConfig, batch_size: int = 4):
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [
+        bench.evaluate_lm(cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu"), cfg)
+        for cls in (HFLM, SharedPrefixLM)
+    ]
+
+
+def _same_choices(reference, fast, tolerance: float = 2e-4) -> None:
+    """Multiple choice: the same pick per item, each choice's log-likelihood within rounding."""
+    assert reference.n == fast.n > 0
+    for ref, got in zip(reference.records, fast.records, strict=True):
+        assert ref["doc_id"] == got["doc_id"] and ref["extracted"] == got["extracted"]
+        assert ref["correct"] == got["correct"]
+        assert ref["output"].keys() == got["output"].keys()
+        for choice, ll in ref["output"].items():
+            assert got["output"][choice] == pytest.approx(ll, abs=tolerance), (ref["doc_id"], choice)
+    assert fast.score == reference.score
+
+
+def _same_text(reference, fast) -> None:
+    assert reference.n == fast.n > 0
+    assert [r["output"] for r in fast.records] == [r["output"] for r in reference.records]
+    assert [r["correct"] for r in fast.records] == [r["correct"] for r in reference.records]
+
+
+@pytest.fixture(scope="module")
+def mmlu_fewshot_dir(tmp_path_factory) -> Path:
+    """The MMLU fixture with 3 dev rows per subject (other subjects' questions, relabelled)."""
+    folder = tmp_path_factory.mktemp("mmlu")
+    test = [json.loads(line) for line in (FIXTURES / "mmlu" / "test.jsonl").read_text().splitlines()]
+    subjects = sorted({r["subject"] for r in test})
+    dev = [
+        r | {"subject": s} for s in subjects for r in [x for x in test if x["subject"] != s][:3]
+    ]
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+    (folder / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
+    return folder
+
+
+def test_prefix_groups_share_the_few_shot_block():
+    shots = tuple(range(100, 140))
+    contexts = [shots + (1, 2), shots + (3,), (7, 8, 9), shots + (1, 5, 6)]
+    groups = prefix_groups(contexts)
+    assert groups == [(0, [(7, 8, 9)]), (40, [shots + (1, 2), shots + (1, 5, 6), shots + (3,)])]
+    # Each member keeps a token of its own; a lone context is run whole.
+    assert prefix_groups([shots]) == [(0, [shots])]
+
+
+def test_gsm8k_generation_equals_hflm(tiny_model_dir):
+    # Batch 4 over 5 items: a partial batch, suffixes of unequal length after the 5-shot block.
+    reference, fast = _both(tiny_model_dir, REGISTRY["gsm8k"], BenchmarkConfig(name="gsm8k", limit=5))
+    _same_text(reference, fast)
+
+
+def test_bbh_generation_equals_hflm(tiny_model_dir):
+    cfg = BenchmarkConfig(name="bbh", limit=2, subsets=["boolean_expressions", "web_of_lies"])
+    reference, fast = _both(tiny_model_dir, REGISTRY["bbh"], cfg, batch_size=3)
+    _same_text(reference, fast)
+
+
+@pytest.mark.parametrize("shots", [0, 3])
+def test_mmlu_cloze_and_lettered_equal_hflm(tiny_model_dir, mmlu_fewshot_dir, shots):
+    for bench in (FewShotMMLU(), LetteredMMLU()):
+        cfg = BenchmarkConfig(name="mmlu", limit=2, num_fewshot=shots, data=str(mmlu_fewshot_dir))
+        reference, fast = _both(tiny_model_dir, bench, cfg)
+        assert reference.records[0]["prompt"].count("Answer:") == shots + 1  # the shots are there
+        _same_choices(reference, fast)
+
+
+def test_benchmarks_run_and_record_the_engine(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    result = REGISTRY["gsm8k"].evaluate(model, AutoTokenizer.from_pretrained(tiny_model_dir), BenchmarkConfig(name="gsm8k", limit=2))
+    assert result.settings["engine"].startswith(ENGINE) and result.settings["dtype"] == "float32"
+    assert result.n == 2
+
+
+# Real model, greedy generation to the stop string in both engines: ~1-2 min of CPU (574 s wall
+# at load average 20 on 2 cores).
+@pytest.mark.slow
+def test_real_model_equals_hflm(builtin_dir, mmlu_fewshot_dir):
+    """The real SmolLM2-135M-Instruct: generation (it stops at "Question:" at different lengths per
+    row, so rows leave the batch early) and 3-shot lettered MMLU."""
+    torch.manual_seed(0)
+    reference, fast = _both(builtin_dir, REGISTRY["gsm8k"], BenchmarkConfig(name="gsm8k", limit=3), batch_size=3)
+    _same_text(reference, fast)
+    cfg = BenchmarkConfig(name="mmlu", limit=1, num_fewshot=3, data=str(mmlu_fewshot_dir))
+    _same_choices(*_both(builtin_dir, LetteredMMLU(), cfg))
