@@ -7,10 +7,13 @@
     smolflow compare   RUN_A RUN_B [--root URI]                      two runs side by side
     smolflow serve     [--port 4200]                                 Prefect server + the deployments
     smolflow gc        [--root URI] [--dry-run]                      apply retention, bound the caches
+    smolflow alerts    --webhook-url URL | --block TYPE/NAME         notify on a failed nightly / rejected model
     smolflow arena run [settings ...] | arena serve [--root URI]     blind battles, leaderboard, vote page
 
 A user error (bad flag, bad YAML, missing file, invalid value) prints one message naming the
-field, file and line, and exits 2; `--debug` shows the traceback instead.
+field, file and line, and exits 2; `--debug` shows the traceback instead. The console is quiet
+(one progress line per stage step); `--verbose` shows library logs and progress bars. Both flags
+go anywhere on the line.
 """
 
 from __future__ import annotations
@@ -118,6 +121,12 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
     os.execv(sys.executable, [sys.executable, "-m", "deployments.local", "--port", str(args.port)])
 
 
+def cmd_alerts(args: argparse.Namespace, rest: list[str]) -> int:
+    """Create (or replace) the alert automations: a failed nightly, a rejected promotion."""
+    # exec, not import: deployments sit above flows (deployments/alerts.py owns the automations).
+    os.execv(sys.executable, [sys.executable, "-m", "deployments.alerts", *rest])
+
+
 def cmd_gc(args: argparse.Namespace, rest: list[str]) -> int:
     """Delete old runs (keep_runs; never latest or promoted) and bound SMOLFLOW_CACHE; --dry-run only lists."""
     from tasks.retention import gc_command
@@ -152,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smolflow", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("--verbose", action="store_true", help="show library logs and progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, fn in CONFIG_COMMANDS.items():
         p = sub.add_parser(name, help=fn.__doc__.splitlines()[0], add_help=False,
@@ -170,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="show every setting, not only those that differ")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_compare)
+    p = sub.add_parser("alerts", help=cmd_alerts.__doc__, add_help=False)
+    p.set_defaults(fn=cmd_alerts, takes_settings=True)  # its flags are deployments/alerts.py's (--help there)
     p = sub.add_parser("gc", help=cmd_gc.__doc__)
     p.add_argument("--root", default=DEFAULT_ROOT, help="artifact root (default %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="show what would be deleted and why; delete nothing")
@@ -199,12 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
+    debug, verbose = "--debug" in argv, "--verbose" in argv
+    argv = [a for a in argv if a not in ("--debug", "--verbose")]
+    if verbose:
+        from tasks.console import configure_logging
+
+        os.environ["SMOLFLOW_VERBOSE"] = "1"  # the flow (and its subprocesses) read it too
+        configure_logging(True)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "takes_settings", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    rest = [a for a in rest if a != "--debug"]
     try:
         return args.fn(args, rest)
     except (UserError, ValueError, FileNotFoundError) as err:
