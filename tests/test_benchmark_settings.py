@@ -220,7 +220,7 @@ def test_lm_evals_own_files_are_written_and_read_by_its_tooling(tmp_path):
     result = REGISTRY["mmlu"].evaluate_lm(GoldOrWrong(right=True), cfg)
     from tasks.evaluation import save_scores
 
-    save_scores(str(tmp_path / "run"), {"mmlu": {"model": result}})  # as `smolflow eval` stores a score
+    save_scores.fn(str(tmp_path / "run"), {"mmlu": {"model": result}})  # as `smolflow eval` stores a score
     out = tmp_path / "run" / "benchmarks" / "mmlu" / "lm-eval" / "model"
     paths = [str(p) for p in sorted(out.iterdir())]
     results = json.loads(open(get_latest_filename(get_results_filenames(paths))).read())
