@@ -91,8 +91,10 @@ def cmd_runs(args: argparse.Namespace, rest: list[str]) -> int:
         return 0
     shown = [r | {"promoted": "yes" if r["promoted"] else "",
                   "scores": " ".join(f"{k}={v}" for k, v in r["scores"].items()),
+                  "source": "; ".join(sorted(set(r["sources"].values()))),
                   "status": r["status"] + (f" ({r['why']})" if r["status"] == "failed" else "")} for r in rows]
-    print(_table(shown, ["run_id", "started", "status", "promoted", "scores"]) if rows else f"no runs under {args.root}")
+    print(_table(shown, ["run_id", "started", "status", "promoted", "scores", "source"]) if rows
+          else f"no runs under {args.root}")
     return 0
 
 
@@ -106,7 +108,7 @@ def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
         return 0
     a, b = args.run_a, args.run_b
     print(f"A = {a} ({result['status']['a']})\nB = {b} ({result['status']['b']})\n\nScores (tuned model)")
-    print(_table(result["scores"], ["benchmark", "a", "b", "delta", "beyond_noise", "n_a", "n_b"]))
+    print(_table(result["scores"], ["benchmark", "a", "b", "delta", "beyond_noise", "n_a", "n_b", "source"]))
     diff = [s | {"mark": "*" if s["differs"] else ""} for s in result["settings"] if s["differs"] or args.all]
     print(f"\nSettings{'' if args.all else ' that differ'} (* = differs)")
     print(_table(diff, ["mark", "setting", "a", "b"]) if diff else "  none: same settings")

@@ -105,7 +105,8 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         set_latest(root, flow_run.flow_name, run_id)  # after the manifest, never before
         promoted = decision.promote
         if promoted:  # compare-and-swap: re-checked against whatever was promoted since the gate
-            promoted = promote(root, flow_run.flow_name, run_id, decision, config.gate.tolerance) is not None
+            promoted = promote(root, flow_run.flow_name, run_id, decision, config.gate.tolerance,
+                               config.gate.allow_incomparable) is not None
         hub = None
         if config.output.push_to_hub and promoted:  # never a rejected model
             hub = push_model(trained.model, config.output, run_id)

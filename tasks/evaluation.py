@@ -220,25 +220,35 @@ def _score_on_ray(execution, jobs, models, parts, bar) -> None:
 def comparison_row(base: BenchmarkResult, tuned: BenchmarkResult) -> dict:
     """One line of comparison.json: the scores and the one comparison (tasks/compare.py)."""
     c = compare(base, tuned)
+    same = base.comparability_key == tuned.comparability_key
     return {"benchmark": base.name, "metric": base.metric, "n": tuned.n, "base": c["reference"],
-            "tuned": c["new"], "delta": c["delta"], "stderr": c["stderr"], "beyond_noise": c["beyond_noise"]}
+            "tuned": c["new"], "delta": c["delta"] if same else None, "stderr": c["stderr"],
+            "beyond_noise": c["beyond_noise"] and same, "comparable": same,
+            "source": source_note(tuned), "comparable_to_published": bool(tuned.provenance.get("comparable_to_published")),
+            "comparability_key": tuned.comparability_key}
+
+
+def source_note(result: BenchmarkResult) -> str:
+    """Where a score's items came from, in one phrase (provenance.note, else the data setting)."""
+    return str(result.provenance.get("note") or result.provenance.get("source") or result.settings.get("data") or "")
 
 
 def scores_markdown(scores: dict[str, dict[str, BenchmarkResult]]) -> str:
     """One row per benchmark and model, for runs without a base/tuned pair (smolflow eval)."""
     rows = "".join(f"| {name} | {role} | {r.metric} | {r.n} | {r.score:.4f} | "
-                   f"{'n/a' if r.stderr is None else f'{r.stderr:.4f}'} |\n"
+                   f"{'n/a' if r.stderr is None else f'{r.stderr:.4f}'} | {source_note(r)} |\n"
                    for name, pair in scores.items() for role, r in pair.items())
-    return "| benchmark | model | metric | n | score | stderr |\n|---|---|---|---|---|---|\n" + rows
+    return "| benchmark | model | metric | n | score | stderr | source |\n|---|---|---|---|---|---|---|\n" + rows
 
 
 def benchmarks_markdown(table: list[dict]) -> str:
     if not table:
         return "No benchmark selected.\n"
-    return ("| benchmark | metric | n | base | tuned | delta | beyond noise (> 2 combined stderr) |\n"
-            "|---|---|---|---|---|---|---|\n" + "".join(
-                f"| {r['benchmark']} | {r['metric']} | {r['n']} | {r['base']} | {r['tuned']} | {r['delta']:+} | "
-                f"{r['beyond_noise']} |\n" for r in table)
+    delta = lambda r: "not comparable" if r["delta"] is None else f"{r['delta']:+}"  # noqa: E731
+    return ("| benchmark | metric | n | base | tuned | delta | beyond noise (> 2 combined stderr) | source |\n"
+            "|---|---|---|---|---|---|---|---|\n" + "".join(
+                f"| {r['benchmark']} | {r['metric']} | {r['n']} | {r['base']} | {r['tuned']} | {delta(r)} | "
+                f"{r['beyond_noise']} | {r['source']} |\n" for r in table)
             + f"\nPer item and every setting: `{RunPaths.benchmarks}/<name>/{{base,tuned}}.jsonl`, `.summary.json`\n")
 
 

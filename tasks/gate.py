@@ -166,7 +166,7 @@ def regression_gate(
 
 @task(cache_policy=NO_CACHE, retries=3, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10, 30])
 def promote(root: str, flow_name: str, run_id: str, decision: GateDecision | None = None,
-            tolerance: float | None = None) -> str | None:
+            tolerance: float | None = None, allow_incomparable: bool = False) -> str | None:
     """Move the flow's `promoted` pointer to this run (after its manifest is written), compare-and-swap:
     if another run was promoted since this run's gate, compare with that one first. None: rejected."""
     with exclusive(PROMOTION_LOCK, f"promote {run_id}"):
@@ -177,7 +177,7 @@ def promote(root: str, flow_name: str, run_id: str, decision: GateDecision | Non
             run = ArtifactStore(root).child(run_dir(run_id))
             tuned = read_scores(run, "tuned", [row["benchmark"] for row in decision.table])
             reference, against, reference_run = reference_scores(root, flow_name, tuned, None)
-            recheck = decide(tuned, reference, against, tolerance)
+            recheck = decide(tuned, reference, against, tolerance, allow_incomparable=allow_incomparable)
             recheck.reference_run = reference_run
             run_logger().info("Promotion re-check against %s: %s", against,
                               "pass" if recheck.promote else recheck.reasons)

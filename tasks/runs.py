@@ -55,6 +55,20 @@ def headline(run: ArtifactStore) -> dict[str, float]:
     return found
 
 
+def _summary(run: ArtifactStore, name: str) -> dict | None:
+    """The tuned model's saved score (or the evaluated model's, for an eval run)."""
+    return _read(run, RunPaths.benchmark_summary(name, "tuned")) or _read(run, RunPaths.benchmark_summary(name, "model"))
+
+
+def sources(run: ArtifactStore) -> dict[str, str]:
+    """{benchmark: where its items came from, and whether published scores compare}."""
+    out = {}
+    for name in headline(run):
+        prov = (_summary(run, name) or {}).get("provenance") or {}
+        out[name] = prov.get("note") or prov.get("source") or "unknown source"
+    return out
+
+
 def list_runs(root: str) -> list[dict[str, Any]]:
     """Every run folder under root, oldest first: id, start time, status, promoted, headline scores."""
     store = ArtifactStore(root)
@@ -66,7 +80,7 @@ def list_runs(root: str) -> list[dict[str, Any]]:
         status = run_status(run)
         started = _read(run, RunPaths.status, {}).get("started_at") or run_id[:15]
         rows.append({"run_id": run_id, "started": started, "status": status["state"], "why": status.get("why"),
-                     "promoted": run_id in promoted, "scores": headline(run)})
+                     "promoted": run_id in promoted, "scores": headline(run), "sources": sources(run)})
     return rows
 
 
@@ -93,13 +107,16 @@ def compare_runs(root: str, run_a: str, run_b: str) -> dict[str, Any]:
             raise FileNotFoundError(f"run {run_id!r}: no such run under {store.uri} (see `smolflow runs`)")
     scores = []
     for name in sorted(set(headline(a)) | set(headline(b))):
-        sa = _read(a, RunPaths.benchmark_summary(name, "tuned")) or _read(a, RunPaths.benchmark_summary(name, "model"))
-        sb = _read(b, RunPaths.benchmark_summary(name, "tuned")) or _read(b, RunPaths.benchmark_summary(name, "model"))
+        sa, sb = _summary(a, name), _summary(b, name)
         row = {"benchmark": name, "a": sa and round(sa["score"], 4), "b": sb and round(sb["score"], 4),
                "n_a": sa and sa.get("n"), "n_b": sb and sb.get("n")}
         if sa and sb:
+            # Only scores measured the same way (equal comparability keys) have a delta.
+            comparable = sa.get("comparability_key") == sb.get("comparability_key")
             c = compare(_Score(sa), _Score(sb))
-            row |= {"delta": c["delta"], "beyond_noise": c["beyond_noise"]}
+            row |= {"delta": c["delta"] if comparable else "not comparable",
+                    "beyond_noise": c["beyond_noise"] and comparable,
+                    "source": ((sb.get("provenance") or {}).get("note") or "")}
         scores.append(row)
     ca, cb = _flat(_read(a, RunPaths.config, {})), _flat(_read(b, RunPaths.config, {}))
     settings = [{"setting": k, "a": ca.get(k), "b": cb.get(k), "differs": ca.get(k) != cb.get(k)}

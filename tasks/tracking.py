@@ -13,7 +13,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from tasks.compare import compare
+from tasks.evaluation import comparison_row
 from tasks.config import WandbConfig
 
 
@@ -58,10 +58,10 @@ def log_results(wb_run, samples_before, samples_after, scores: dict, summary: di
     table = wandb.Table(columns=["prompt", "before", "after", "after_stopped_at_eos"])
     for b, a in zip(samples_before, samples_after):
         table.add_data(b.prompt, b.completion, a.completion, a.stopped_at_eos)
-    bench = wandb.Table(columns=["benchmark", "metric", "base", "tuned", "delta", "n"])
-    for name, pair in scores.items():
-        bench.add_data(name, pair["base"].metric, pair["base"].score, pair["tuned"].score,
-                       compare(pair["base"], pair["tuned"])["delta"], pair["tuned"].n)
+    columns = ["benchmark", "metric", "n", "base", "tuned", "delta", "beyond_noise", "comparable", "source"]
+    bench = wandb.Table(columns=columns)
+    for row in (comparison_row(pair["base"], pair["tuned"]) for pair in scores.values()):
+        bench.add_data(*(row[c] for c in columns))
     tables = {"samples": table, "benchmarks": bench}
     if judge is not None:
         pairs = wandb.Table(columns=["instruction", "tuned", "reference", "verdict_tuned_as_a", "verdict_tuned_as_b",
@@ -81,9 +81,12 @@ def bench_summary(scores: dict) -> dict:
     """bench/<name>/{base,tuned,delta}: flat keys the W&B runs table can sort and chart across runs."""
     out = {}
     for name, pair in scores.items():
-        c = compare(pair["base"], pair["tuned"])
+        row = comparison_row(pair["base"], pair["tuned"])
         out |= {f"bench/{name}/base": pair["base"].score, f"bench/{name}/tuned": pair["tuned"].score,
-                f"bench/{name}/delta": c["delta"], f"bench/{name}/beyond_noise": c["beyond_noise"]}
+                f"bench/{name}/beyond_noise": row["beyond_noise"], f"bench/{name}/source": row["source"],
+                f"bench/{name}/comparable_to_published": row["comparable_to_published"]}
+        if row["delta"] is not None:  # scores measured differently have no delta
+            out[f"bench/{name}/delta"] = row["delta"]
     return out
 
 
