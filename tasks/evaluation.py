@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import task
@@ -133,28 +132,6 @@ def ray_runner(execution: ExecutionConfig):
     return RayTaskRunner(address=execution.ray_address, init_kwargs=init)
 
 
-@contextmanager
-def _started(runner, attempts: int = 3):
-    """The runner, started and stopped; a local cluster's start is retried: Ray gives its raylet a
-    fixed 30 s to register, which a heavily loaded machine can miss ("timed out during startup")."""
-    import ray
-
-    for attempt in range(1, attempts + 1):
-        try:
-            runner.__enter__()
-            break
-        except Exception as err:
-            if attempt == attempts or "timed out during startup" not in str(err):
-                raise
-            run_logger().warning("Ray did not start (attempt %d of %d): %s; retrying", attempt, attempts, err)
-            ray.shutdown()
-            runner = runner.duplicate()
-    try:
-        yield runner
-    finally:
-        runner.__exit__(None, None, None)
-
-
 def _jobs(benchmarks, custom, judge, shard_size):
     """(name, task, parameters without the model and role) per job; a benchmark's shards share its name."""
     jobs = [(cfg.name, run_benchmark, {"cfg": part}) for cfg in benchmarks for part in shards(cfg, shard_size)]
@@ -205,7 +182,7 @@ def _score_on_ray(execution, jobs, models, parts, bar) -> None:
     import ray
     from prefect_ray.context import remote_options
 
-    with _started(ray_runner(execution)) as runner:
+    with ray_runner(execution) as runner:
         # One GPU per task where the cluster has GPUs; else Ray's default share of one CPU.
         gpus = ray.cluster_resources().get("GPU", 0)
         run_logger().info("Scoring %d benchmark tasks on Ray (%s)", len(models) * len(jobs), ray.cluster_resources())

@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -30,9 +29,18 @@ def score(base, tuned, execution: ExecutionConfig):
         unpublish()
 
 
-def _processes_under(folder: str) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if folder in line and "ps -eo" not in line]
+def _processes_under(folder: str) -> list[int]:
+    """Live processes whose command line names `folder` (read from /proc: `ps` cuts long lines)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if folder.encode() in cmdline and state != "Z":
+            found.append(int(pid))
+    return found
 
 
 def test_mmlu_is_sharded_by_subject():
