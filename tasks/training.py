@@ -124,6 +124,7 @@ def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str], place
         optim=cfg.optim,
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
         logging_steps=cfg.logging_steps,
+        logging_first_step=True,  # the learning-rate curve then shows the warm-up from its start
         eval_strategy="steps",
         eval_steps=cfg.eval_steps,
         save_strategy="steps",
@@ -345,7 +346,11 @@ def fit(spec: FitSpec) -> dict:
     trainer.remove_callback(PrinterCallback)
     trainable = float(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))  # before a merge
     train_output = trainer.train(resume_from_checkpoint=spec.resume)
-    eval_metrics = trainer.evaluate()
+    last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last_eval is not None and last_eval.get("step") == trainer.state.global_step:
+        eval_metrics = last_eval  # the Trainer just evaluated at the final step: not a second time
+    else:
+        eval_metrics = trainer.evaluate()
     if trainer.is_world_process_zero():  # DDP: the main process writes the final model
         shutil.rmtree(work / "model", ignore_errors=True)
         save_final(trainer, tokenizer, work / "model")
