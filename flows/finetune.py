@@ -69,8 +69,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         before = generate_samples(templated.model, prompts, max_new)
         tokens = tokenize_dataset(templated.model, data, config.training.max_length, templated.assistant_only)
         write_token_stats(run, tokens.stats, data)
-        trained = train_or_reuse(templated.model, data, config.training, run.uri, ["wandb"] if wb else [],
-                                 assistant_only_loss=templated.assistant_only)
+        trained = train_or_reuse(templated.model, tokens, config.training, run.uri, ["wandb"] if wb else [])
         reused_from = None if trained.model.path.rstrip("/") == run.url(RunPaths.model) else trained.model.path
         trained.model = publish_model(trained.model, run.uri)  # a cache hit points at an earlier run
         run.write_json(RunPaths.trainer_args, trained.trainer_args)  # every Trainer setting as it ran

@@ -19,7 +19,7 @@ from tasks.arena_store import arena_store, current_board, model_key, read_judge_
 from tasks.config import JudgeConfig
 from tasks.models import ModelRef, load_model
 from tasks.caching import BY_CONTENT
-from tasks.runtime import cache_dir, run_logger
+from tasks.runtime import cache_dir, retry_transient, run_logger
 from tasks.storage import ArtifactStore, completed_runs, read_pointer, read_run
 
 PREFERENCE_OUTCOME = {2.0: "a", 1.0: "b", 1.5: "tie"}  # tasks/judge.py: 2 = output (a's answer) better
@@ -46,7 +46,7 @@ def load_prompts(cfg: ArenaConfig) -> list[str]:
         raise ValueError(str(err).replace("judge.instructions", "arena prompts")) from None
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30])
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
 def gather_runs(cfg: ArenaConfig) -> tuple[list[ArenaModel], ModelRef | None]:
     """The promoted run and the newest N completed runs as contestants, and the newest run's base model."""
     manifests = sorted((read_run(cfg.artifacts_uri, run_id) for run_id in completed_runs(cfg.artifacts_uri)),
@@ -79,7 +79,7 @@ def _answer_key(fingerprint: str, prompt: str, max_new_tokens: int) -> str:
     return hashlib.sha256(json.dumps([fingerprint, prompt, max_new_tokens]).encode()).hexdigest()
 
 
-@task(cache_policy=BY_CONTENT, retries=1)
+@task(cache_policy=BY_CONTENT, retries=1, retry_condition_fn=retry_transient)
 def answer_prompts(model: ModelRef, prompts: list[str], max_new_tokens: int) -> list[dict[str, Any]]:
     """One model's greedy answers; each (model content, prompt, length) is generated once per machine."""
     from tasks.generation import generate
@@ -120,7 +120,7 @@ def _backend_config(cfg: ArenaJudgeConfig) -> JudgeConfig:
     return JudgeConfig(**cfg.model_dump(exclude={"enabled"}))
 
 
-@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[10])
+@task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_transient, retry_delay_seconds=[10])
 def judge_battles(battles: list[tuple[str, str, str]], answers: dict[str, dict[str, str]],
                   cfg: ArenaJudgeConfig) -> list[dict[str, Any]]:
     """Each battle judged in both orders by the fine-tune run's judge (cached verdicts reused)."""
@@ -143,7 +143,7 @@ def judge_battles(battles: list[tuple[str, str, str]], answers: dict[str, dict[s
     return out
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30])
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
 def publish_leaderboard(root: str, human_votes: bool, rounds: int, seed: int) -> dict[str, Any]:
     """Fit the ratings, write leaderboard.json/.md/.png and show the table as a Prefect artifact."""
     store = arena_store(root)

@@ -53,7 +53,7 @@ class DataConfig(_Section):
     seed: int = Field(42, description="Seed of the shuffle: the same seed picks the same rows every run.")
     special_tokens_in_text: Literal["reject", "escape"] = Field(
         "reject",
-        description="A special token of the model's tokenizer (e.g. <|im_start|>) typed inside message text. "
+        description="A special token of the model's tokenizer (e.g. ChatML's im_start marker) typed inside message text. "
         "reject: a bad row (see bad_rows); escape: keep the row, with a zero-width space after the token's "
         "first character so it tokenizes as plain text, never as a control token (counted in the report).",
     )

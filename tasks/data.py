@@ -36,7 +36,7 @@ from tasks.rows import (  # noqa: F401 - as_written, row_problem, row_shapes: us
     CHATML_TOKENS, SHAPES, as_written, may_hold_token, normalize, pairs_to_messages, reason_kind, row_json, row_problem,
     row_shapes, special_token_problem, token_pattern,
 )
-from tasks.runtime import FIXTURES, atomic_dir, atomic_write, cache_dir, default_threads, hub_offline
+from tasks.runtime import FIXTURES, atomic_dir, atomic_write, cache_dir, default_threads, hub_offline, retry_transient
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def _checked_index(cfg: DataConfig, raw, tokens) -> Path:
     return cache_dir("datasets") / f"checked-{key[:16]}.json"
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30])
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
 def load_chat_dataset(cfg: DataConfig, special_tokens: list[str] | None = None) -> DatasetRef:
     """Load the train/test splits, check every row, and save them for the stages that follow."""
     # Not cached by Prefect: loading is the step that reads the data as it is now. Unchanged data

@@ -26,7 +26,6 @@ from prefect.cache_policies import TASK_SOURCE
 from pydantic import BaseModel
 
 from tasks.config import TrainingConfig
-from tasks.data import DatasetRef
 from tasks.device import Placement, resolve
 from tasks.locks import TRAINING_LOCK, exclusive
 from tasks.models import ModelRef, fingerprint_dir, load_model
@@ -34,7 +33,7 @@ from tasks.progress import training_progress
 from tasks.caching import BY_CONTENT, ContentInputs
 from tasks.runtime import cache_dir, run_logger, retry_transient
 from tasks.storage import ArtifactStore
-from tasks.tokenization import TokenizedRef, load_tokenized, tokenize_split, tokenized_splits
+from tasks.tokenization import TokenizedRef, load_tokenized, tokenize_split
 from tasks.transfer import locate_model, place_dir, release_work, run_root
 
 MARKER = "COMPLETE"
@@ -125,6 +124,7 @@ def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str], place
         optim=cfg.optim,
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
         logging_steps=cfg.logging_steps,
+        logging_first_step=True,  # the learning-rate curve then shows the warm-up from its start
         eval_strategy="steps",
         eval_steps=cfg.eval_steps,
         save_strategy="steps",
@@ -185,11 +185,11 @@ def prepare_splits(splits, tokenizer, cfg: TrainingConfig, assistant_only_loss: 
 # ---- checkpoints: resume after a crash ----------------------------------------------------
 
 
-def resume_key(base: ModelRef, data: DatasetRef, cfg: TrainingConfig, assistant_only_loss: bool = False) -> str:
-    """What a checkpoint must have been trained from to be resumed: same model, data, loss mask and
-    knobs (another max_steps would distort the LR schedule, so it starts afresh)."""
-    what = {"model": base.fingerprint, "data": data.fingerprint, "cfg": cfg.model_dump(mode="json"),
-            "assistant_only_loss": assistant_only_loss}
+def resume_key(base: ModelRef, tokens: TokenizedRef, cfg: TrainingConfig) -> str:
+    """What a checkpoint must have been trained from to be resumed: same model, tokens (data,
+    template, max_length, loss mask) and knobs (another max_steps would distort the LR schedule,
+    so it starts afresh)."""
+    what = {"model": base.fingerprint, "tokens": tokens.key, "cfg": cfg.model_dump(mode="json")}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -256,31 +256,26 @@ def checkpoint_uploader(run: ArtifactStore, key: str, keep: int = 2):
 @task(cache_policy=(ContentInputs() - "run_uri" - "report_to") + TASK_SOURCE, retries=1, retry_delay_seconds=10,
       retry_condition_fn=retry_transient)
 def train_sft(
-    base: ModelRef, data: DatasetRef, cfg: TrainingConfig, run_uri: str, report_to: list[str],
-    assistant_only_loss: bool = False,
+    base: ModelRef, tokens: TokenizedRef, cfg: TrainingConfig, run_uri: str, report_to: list[str],
 ) -> TrainResult:
-    """Fine-tune the model on the chat dataset (resuming a crashed attempt) and upload the result."""
+    """Fine-tune the model on the tokenized conversations (resuming a crashed attempt) and upload the result."""
     # One training at a time per machine (and per Prefect server): nightly, on-demand and CLI runs.
     with exclusive(TRAINING_LOCK, f"training {posixpath.basename(run_uri)} (pid {os.getpid()})"):
-        return _train_sft(base, data, cfg, run_uri, report_to, assistant_only_loss)
+        return _train_sft(base, tokens, cfg, run_uri, report_to)
 
 
-def _train_sft(
-    base: ModelRef, data: DatasetRef, cfg: TrainingConfig, run_uri: str, report_to: list[str],
-    assistant_only_loss: bool,
-) -> TrainResult:
+def _train_sft(base: ModelRef, tokenized: TokenizedRef, cfg: TrainingConfig, run_uri: str,
+               report_to: list[str]) -> TrainResult:
     # The cache key leaves out where the model is written and whether W&B watches, so a second
-    # run with the same model, data and knobs reuses this result instead of training again.
+    # run with the same model, tokens and knobs reuses this result instead of training again.
+    # The tokens are what tokenize_dataset saved (rendered with the run's template, cut to
+    # max_length; with assistant-only loss they carry `assistant_masks`, from which TRL builds the
+    # labels: SFTConfig's own assistant_only_loss flag stays off, since TRL accepts it only for
+    # conversations it tokenizes itself).
     log = run_logger()
-    # Tokens come from the on-disk cache tokenize_dataset filled (made here if it is missing).
-    # With assistant_only_loss they carry `assistant_masks`, from which TRL builds the labels;
-    # SFTConfig's own assistant_only_loss flag stays off, since TRL accepts it only for
-    # conversations it tokenizes itself.
-    tokenized = tokenized_splits(base, data, cfg.max_length, assistant_only_loss)
-    log.info("Tokenized data %s: %s", "reused" if tokenized.cached else "made", tokenized.path)
     run = ArtifactStore(run_uri)
     work = cache_dir("work", posixpath.basename(run_uri))
-    key = resume_key(base, data, cfg, assistant_only_loss)
+    key = resume_key(base, tokenized, cfg)
     resume = find_checkpoint(work, run, key)
     if resume is None:  # stale checkpoints of other settings must not be rotated in or resumed
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
@@ -351,7 +346,11 @@ def fit(spec: FitSpec) -> dict:
     trainer.remove_callback(PrinterCallback)
     trainable = float(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))  # before a merge
     train_output = trainer.train(resume_from_checkpoint=spec.resume)
-    eval_metrics = trainer.evaluate()
+    last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last_eval is not None and last_eval.get("step") == trainer.state.global_step:
+        eval_metrics = last_eval  # the Trainer just evaluated at the final step: not a second time
+    else:
+        eval_metrics = trainer.evaluate()
     if trainer.is_world_process_zero():  # DDP: the main process writes the final model
         shutil.rmtree(work / "model", ignore_errors=True)
         save_final(trainer, tokenizer, work / "model")
@@ -371,15 +370,14 @@ def fit(spec: FitSpec) -> dict:
             "trainer_args": json.loads(trainer.args.to_json_string())}
 
 
-def train_or_reuse(base: ModelRef, data: DatasetRef, cfg: TrainingConfig, run_uri: str, report_to: list[str],
-                   assistant_only_loss: bool = False) -> TrainResult:
+def train_or_reuse(base: ModelRef, tokens: TokenizedRef, cfg: TrainingConfig, run_uri: str,
+                   report_to: list[str]) -> TrainResult:
     """train_sft, trained again when its cached result's model exists nowhere any more (retention
     deleted the run it was published in, and every run holding a copy)."""
-    trained = train_sft(base, data, cfg, run_uri, report_to, assistant_only_loss=assistant_only_loss)
+    trained = train_sft(base, tokens, cfg, run_uri, report_to)
     if locate_model(trained.model, run_root(run_uri)) is None:
         run_logger().warning("The cached tuned model %s is gone (retention): training again", trained.model.path)
-        trained = train_sft.with_options(refresh_cache=True)(base, data, cfg, run_uri, report_to,
-                                                             assistant_only_loss=assistant_only_loss)
+        trained = train_sft.with_options(refresh_cache=True)(base, tokens, cfg, run_uri, report_to)
     return trained
 
 

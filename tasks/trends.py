@@ -105,6 +105,7 @@ def plot_trend(rows: list[tuple[str, dict]]) -> bytes:
                 ax.annotate(f"n={v.n}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
     ax.set_xticks(range(len(rows)), [run_id for run_id, _ in rows], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("tuned score")
+    ax.set_ylim(-0.02, 1.02)  # the whole score range: one run must not zoom a 0.3 into a cliff
     ax.set_title(f"Tuned scores, last {len(rows)} run(s); one line per comparable setting")
     ax.grid(alpha=0.3)
     if rows:

@@ -110,6 +110,13 @@ def fixture_data():
     return load_chat_dataset.fn(DataConfig(dataset="fixture:everyday-conversations"))
 
 
+def tokens_of(model_ref, data, cfg, assistant_only: bool = False):
+    """What tokenize_dataset gives train_sft: the data rendered with the model's template, cut to cfg.max_length."""
+    from tasks.tokenization import tokenized_splits
+
+    return tokenized_splits(model_ref, data, cfg.max_length, assistant_only)
+
+
 def tiny_run_config(model_dir: Path, artifacts: str, **overrides):
     """A RunConfig for the whole flow on a tiny model: seconds, not minutes."""
     from tasks.config import RunConfig

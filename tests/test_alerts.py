@@ -13,7 +13,9 @@ from prefect.client.orchestration import get_client
 from prefect.states import Failed
 
 from deployments.alerts import FAILED_NIGHTLY, REJECTED, ensure_alerts, main, save_webhook_block
-from tasks.gate import Score, regression_gate
+from tasks.config import GateConfig
+from tasks.gate import regression_gate
+from tasks.layout import RunPaths, run_dir
 from tasks.storage import ArtifactStore, set_pointer, write_manifest
 
 FLOW = "smolflow-finetune"
@@ -74,13 +76,14 @@ def test_a_failed_nightly_run_notifies(alerts):
 
 def test_a_rejected_promotion_notifies(alerts, tmp_path):
     root = str(tmp_path)
-    good = ArtifactStore(root).child("runs", "good-run")
-    good.write_json("benchmarks/gsm8k/tuned.summary.json", {"name": "gsm8k", "score": 0.6, "stderr": 0.01})
+    good = ArtifactStore(root).child(run_dir("good-run"))
+    good.write_json(RunPaths.benchmark_summary("gsm8k", "tuned"), {"name": "gsm8k", "score": 0.6, "stderr": 0.01})
     write_manifest.fn(good.uri, {"run_id": "good-run"})
     set_pointer(root, FLOW, "promoted", "good-run")
-    worse = ArtifactStore(root).child("runs", "worse-run")
-    decision = regression_gate.fn(root, FLOW, worse.uri, {"gsm8k": Score(score=0.5)},
-                                  {"gsm8k": Score(score=0.1, stderr=0.01)}, None, [])
+    worse = ArtifactStore(root).child(run_dir("worse-run"))  # scores saved where evaluation saves them
+    worse.write_json(RunPaths.benchmark_summary("gsm8k", "tuned"), {"name": "gsm8k", "score": 0.1, "stderr": 0.01})
+    worse.write_json(RunPaths.comparison, [{"benchmark": "gsm8k"}])
+    decision = regression_gate.fn(root, FLOW, worse.uri, GateConfig(), [])
     assert not decision.promote
     message = _wait_for(alerts, "model of run worse-run not promoted")
     assert "promoted run good-run" in message["text"] and "gsm8k dropped 0.5000" in message["text"]

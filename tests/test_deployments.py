@@ -116,7 +116,8 @@ def test_run_button_starts_a_run_with_changed_parameters(served, tiny_model_dir,
 
 
 def test_arena_deployment_is_triggered_by_a_completed_nightly_run(served):
-    from prefect.events import emit_event
+    import httpx
+    from prefect.events import Event
 
     client, nightly, _ = served
     arena = client.read_deployment_by_name("smolflow-arena/after-nightly")
@@ -124,9 +125,12 @@ def test_arena_deployment_is_triggered_by_a_completed_nightly_run(served):
     assert automation.trigger.expect == {"prefect.flow-run.Completed"}
     assert automation.actions[0].deployment_id == arena.id
     # What the server records when a nightly flow run completes; the automation answers with an arena run.
-    emit_event(event="prefect.flow-run.Completed", resource={"prefect.resource.id": "prefect.flow-run.nightly-test"},
-               related=[{"prefect.resource.id": f"prefect.deployment.{nightly.id}",
-                         "prefect.resource.role": "deployment", "prefect.resource.name": "nightly"}])
+    # Posted straight to this module's server (emit_event would use the process's events client).
+    event = Event(event="prefect.flow-run.Completed", resource={"prefect.resource.id": "prefect.flow-run.nightly-test"},
+                  related=[{"prefect.resource.id": f"prefect.deployment.{nightly.id}",
+                            "prefect.resource.role": "deployment", "prefect.resource.name": "nightly"}])
+    httpx.post(str(client.api_url).rstrip("/") + "/events", json=[event.model_dump(mode="json")],
+               timeout=30).raise_for_status()
     deadline = time.monotonic() + 120
     while not client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[arena.id]))):
         assert time.monotonic() < deadline, "no arena run 120 s after a nightly run completed"

@@ -139,6 +139,12 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     assert [line for line in report.splitlines() if line.startswith("## ")] == [f"## {h}" for _, h, _ in SECTIONS]
     html = store.fs.cat(store._path("report/report.html")).decode()
     assert "data:image/png;base64," in html and "<table>" in html and "<img src=\"../" not in html
+    # The page opens offline in a real browser: every image decodes, nothing is fetched from elsewhere.
+    from scripts.report_screenshot import render
+
+    shown = render(Path(run_uri) / "report/report.html", tmp_path / "report.png")
+    assert len(shown["images"]) >= 3 and all(w > 0 for w in shown["images"]), shown
+    assert shown["requests"] == [] and (tmp_path / "report.png").stat().st_size > 10_000
     assert f"| {run_uri.rsplit('/', 1)[-1]} | " in report  # the score trend's one row so far
     # W&B offline run files are in the run folder, ready for `wandb sync`.
     assert any(f.startswith("wandb/") and f.endswith(".wandb") for f in store.list_files())

@@ -16,6 +16,7 @@ from tasks import training
 from tasks.storage import ArtifactStore
 from tasks.tracking import start_wandb
 from tasks.training import MARKER, train_sft
+from tests.conftest import tokens_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,7 @@ def test_prefect_retry_of_the_training_task_resumes_from_the_failed_attempts_che
     cfg = TrainingConfig(max_steps=10, save_steps=3, logging_steps=1, eval_steps=10, max_length=128, seed=7)
     run = ArtifactStore(str(tmp_path / "runs" / "retry-1"))
 
-    result = train_sft.with_options(retry_delay_seconds=0)(tiny_ref, fixture_data, cfg, run.uri, [])
+    result = train_sft.with_options(retry_delay_seconds=0)(tiny_ref, tokens_of(tiny_ref, fixture_data, cfg), cfg, run.uri, [])
 
     assert failed == [7], "the first attempt must have failed"
     assert result.metrics["resumed_from_step"] == 6  # the newest complete checkpoint before the failure
@@ -53,10 +54,13 @@ from tasks.data import load_chat_dataset
 from tasks.models import resolve_model
 from tasks.tracking import start_wandb
 from tasks.training import train_sft
+from tasks.tokenization import tokenized_splits
+from tests.conftest import tokens_of
 model, run_uri, cfg, wandb_dir = sys.argv[1], sys.argv[2], TrainingConfig.model_validate_json(sys.argv[3]), sys.argv[4]
 start_wandb(WandbConfig(mode="offline"), "same-run", {}, Path(wandb_dir), None)
 data = load_chat_dataset.fn(DataConfig(dataset="fixture:everyday-conversations"))
-train_sft.fn(resolve_model.fn(model), data, cfg, run_uri, ["wandb"])
+ref = resolve_model.fn(model)
+train_sft.fn(ref, tokenized_splits(ref, data, cfg.max_length), cfg, run_uri, ["wandb"])
 """
 
 
@@ -109,7 +113,7 @@ def test_rerun_after_sigkill_continues_the_same_wandb_run(tiny_ref, fixture_data
 
     # The flow re-run for the same run id: same W&B id, training resumes from the checkpoint.
     wb = start_wandb(WandbConfig(mode="offline"), "same-run", {}, wandb_dir, None)
-    result = train_sft.fn(tiny_ref, fixture_data, cfg, run.uri, ["wandb"])
+    result = train_sft.fn(tiny_ref, tokens_of(tiny_ref, fixture_data, cfg), cfg, run.uri, ["wandb"])
     wb.finish()
     resumed_at = int(result.metrics["resumed_from_step"])
     assert resumed_at >= 6 and result.metrics["steps"] == cfg.max_steps

@@ -178,12 +178,13 @@ def test_a_row_the_template_cannot_render_is_named(tiny_ref, tmp_path):
 
 
 def test_training_uses_the_cached_tokens(tiny_ref, fixture_data, tmp_path, monkeypatch):
-    """train_sft reads what tokenize_dataset saved: with tokenizing made impossible, it still trains."""
+    """train_sft trains on the TokenizedRef tokenize_dataset returned: with tokenizing made impossible,
+    it still trains."""
     from tasks import tokenization
     from tasks.training import train_sft
 
     cfg = TrainingConfig(max_steps=1, eval_steps=1, save_steps=100, max_length=96)
-    tokenize_dataset.fn(tiny_ref, fixture_data, cfg.max_length)
+    tokens = tokenize_dataset.fn(tiny_ref, fixture_data, cfg.max_length)
     monkeypatch.setattr(tokenization, "tokenize_split", lambda *a, **k: pytest.fail("re-tokenized"))
-    result = train_sft.fn(tiny_ref, fixture_data, cfg, str(tmp_path / "run"), [])
+    result = train_sft.fn(tiny_ref, tokens, cfg, str(tmp_path / "run"), [])
     assert result.metrics["steps"] == 1

@@ -14,6 +14,7 @@ from pathlib import Path
 from tasks.config import TrainingConfig
 from tasks.storage import ArtifactStore
 from tasks.training import train_sft
+from tests.conftest import tokens_of
 from tests.test_training_resume import TRAIN, complete_steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def losses(history: list[dict]) -> list[float]:
 
 def test_two_processes_match_one_and_resume_after_a_kill(tiny_ref, fixture_data, tmp_path, monkeypatch):
     # The same global batch of 4: 1 process x 4 rows, or 2 processes x 2 rows each.
-    one = train_sft.fn(tiny_ref, fixture_data, TrainingConfig(per_device_train_batch_size=4, **KNOBS),
+    one = train_sft.fn(tiny_ref, tokens_of(tiny_ref, fixture_data, TrainingConfig(**KNOBS)), TrainingConfig(per_device_train_batch_size=4, **KNOBS),
                        str(tmp_path / "runs" / "one"), [])
     assert one.metrics["num_processes"] == 1
 
@@ -62,7 +63,7 @@ def test_two_processes_match_one_and_resume_after_a_kill(tiny_ref, fixture_data,
     done = complete_steps(run)
     assert done and max(done) < cfg.max_steps
 
-    two = train_sft.fn(tiny_ref, fixture_data, cfg, run.uri, [])
+    two = train_sft.fn(tiny_ref, tokens_of(tiny_ref, fixture_data, cfg), cfg, run.uri, [])
     assert two.metrics["num_processes"] == 2  # the world size that really trained, not the flag
     assert two.metrics["resumed_from_step"] == max(done) and two.metrics["steps"] == cfg.max_steps
     assert [h["step"] for h in two.log_history if "loss" in h] == list(range(1, cfg.max_steps + 1))

@@ -7,12 +7,13 @@ from tasks.evaluation import run_benchmark
 from tasks.models import fingerprint_dir
 from tasks.storage import ArtifactStore
 from tasks.training import train_sft
+from tests.conftest import tokens_of
 
 
 def test_sft_trains_evaluates_and_saves_to_the_run_folder(tiny_ref, fixture_data, tmp_path):
     run_uri = str(tmp_path / "runs" / "t1")
     cfg = TrainingConfig(max_steps=3, logging_steps=1, eval_steps=2, save_steps=2, max_length=256)
-    result = train_sft.fn(tiny_ref, fixture_data, cfg, run_uri, [])
+    result = train_sft.fn(tiny_ref, tokens_of(tiny_ref, fixture_data, cfg), cfg, run_uri, [])
     assert result.metrics["steps"] == 3
     assert math.isfinite(result.metrics["eval_loss"]) and result.metrics["eval_loss"] > 0
     losses = [h["loss"] for h in result.log_history if "loss" in h]

@@ -27,6 +27,7 @@ from tasks import training
 from tasks.config import DataConfig, TrainingConfig
 from tasks.data import load_chat_dataset
 from tasks.models import resolve_model
+from tasks.tokenization import tokenized_splits
 
 model, run_uri, barrier, me = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 phases = Path(run_uri) / "phase.json"
@@ -47,7 +48,7 @@ cfg = TrainingConfig(max_steps=6, save_steps=100, logging_steps=1, eval_steps=10
 (barrier / me).touch()
 while len(list(barrier.iterdir())) < 2:
     time.sleep(0.02)
-training.train_sft.fn(ref, data, cfg, run_uri, [])
+training.train_sft.fn(ref, tokenized_splits(ref, data, cfg.max_length), cfg, run_uri, [])
 """
 
 

@@ -7,6 +7,7 @@ from tasks.checks import ConfigError, check_run
 from tasks.config import RunConfig, TrainingConfig
 from tasks.storage import ArtifactStore
 from tasks.training import train_sft
+from tests.conftest import tokens_of
 
 
 @pytest.mark.parametrize(
@@ -74,7 +75,7 @@ def test_lora_trains_a_tiny_model_and_the_merged_weights_load(tiny_ref, fixture_
         peft={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         sft_args={"max_grad_norm": 0.5},
     )
-    result = train_sft.fn(tiny_ref, fixture_data, cfg, run_uri, [])
+    result = train_sft.fn(tiny_ref, tokens_of(tiny_ref, fixture_data, cfg), cfg, run_uri, [])
     # Only the adapters trained: q/v of 2 layers at rank 4 (64 -> 64 and 64 -> 32 projections).
     assert result.metrics["trainable_params"] == 2 * (4 * (64 + 64) + 4 * (64 + 32))
     args = result.trainer_args

@@ -5,6 +5,7 @@ from transformers import AutoTokenizer
 
 from tasks.config import TrainingConfig
 from tasks.training import prepare_splits, train_sft
+from tests.conftest import tokens_of
 
 
 def test_padding_free_gives_the_padded_losses(tiny_ref, fixture_data, tmp_path):
@@ -12,7 +13,7 @@ def test_padding_free_gives_the_padded_losses(tiny_ref, fixture_data, tmp_path):
     for padding_free in (True, False):
         cfg = TrainingConfig(max_steps=3, logging_steps=1, eval_steps=3, save_steps=100, max_length=256,
                              padding_free=padding_free)
-        result = train_sft.fn(tiny_ref, fixture_data, cfg, str(tmp_path / "runs" / f"pf-{padding_free}"), [])
+        result = train_sft.fn(tiny_ref, tokens_of(tiny_ref, fixture_data, cfg), cfg, str(tmp_path / "runs" / f"pf-{padding_free}"), [])
         losses[padding_free] = [h["loss"] for h in result.log_history if "loss" in h] + [result.metrics["eval_loss"]]
     assert len(losses[True]) == 4
     for a, b in zip(losses[True], losses[False]):

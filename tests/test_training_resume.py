@@ -14,6 +14,7 @@ import pytest
 from tasks.config import TrainingConfig
 from tasks.storage import ArtifactStore
 from tasks.training import MARKER, find_checkpoint, resume_key, train_sft
+from tests.conftest import tokens_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = """
@@ -23,9 +24,12 @@ from tasks.config import DataConfig, TrainingConfig
 from tasks.data import load_chat_dataset
 from tasks.models import resolve_model
 from tasks.training import train_sft
+from tasks.tokenization import tokenized_splits
+from tests.conftest import tokens_of
 cfg = TrainingConfig.model_validate_json(sys.argv[3])
 data = load_chat_dataset.fn(DataConfig(dataset="fixture:everyday-conversations"))
-train_sft.fn(resolve_model.fn(sys.argv[1]), data, cfg, sys.argv[2], [])
+ref = resolve_model.fn(sys.argv[1])
+train_sft.fn(ref, tokenized_splits(ref, data, cfg.max_length), cfg, sys.argv[2], [])
 """
 
 
@@ -54,7 +58,7 @@ def test_sigkilled_training_resumes_from_the_newest_complete_checkpoint(tiny_ref
     run.write_bytes(f"checkpoints/checkpoint-{max(done) + 1}/model.safetensors", b"half-written")
     # Another machine (empty local cache) re-runs the same run id: it resumes from the run folder.
     monkeypatch.setenv("SMOLFLOW_CACHE", str(tmp_path / "other-machine-cache"))
-    result = train_sft.fn(tiny_ref, fixture_data, cfg, run.uri, [])
+    result = train_sft.fn(tiny_ref, tokens_of(tiny_ref, fixture_data, cfg), cfg, run.uri, [])
 
     assert result.metrics["resumed_from_step"] == max(done)
     assert result.metrics["steps"] == cfg.max_steps
@@ -76,8 +80,8 @@ def test_find_checkpoint_skips_unmarked_and_foreign_checkpoints(where, tiny_ref,
     root = str(tmp_path / "artifacts") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/smolflow"
     run = ArtifactStore(root).child("runs", f"find-{where}")
     cfg = TrainingConfig(max_steps=10)
-    key = resume_key(tiny_ref, fixture_data, cfg)
-    other = resume_key(tiny_ref, fixture_data, TrainingConfig(max_steps=20))
+    key = resume_key(tiny_ref, tokens_of(tiny_ref, fixture_data, cfg), cfg)
+    other = resume_key(tiny_ref, tokens_of(tiny_ref, fixture_data, cfg), TrainingConfig(max_steps=20))
     work = tmp_path / "work"
     assert find_checkpoint(work, run, key) is None  # nothing saved yet: start at step 0
 
