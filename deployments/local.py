@@ -74,27 +74,30 @@ def descendants(pid: int) -> dict[int, str]:
     return out
 
 
+def alive(procs: dict[int, str]) -> list[int]:
+    """Which of these processes (pid -> start time, as `descendants` records them) still live: a pid
+    the kernel reused for another process does not count."""
+    live = []
+    for pid, start in procs.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[19] == start and fields[0] != "Z":
+            live.append(pid)
+    return live
+
+
 def reap(procs: dict[int, str], timeout: float = 10) -> None:
     """SIGTERM, then SIGKILL, whichever of these processes (same pid and start time) still live."""
-    def alive() -> list[int]:
-        live = []
-        for pid, start in procs.items():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[19] == start and fields[0] != "Z":
-                live.append(pid)
-        return live
-
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in alive():
+        for pid in alive(procs):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + timeout / 2
-        while alive() and time.monotonic() < deadline:
+        while alive(procs) and time.monotonic() < deadline:
             time.sleep(0.1)
 
 

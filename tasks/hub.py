@@ -15,22 +15,13 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import OutputConfig
 from tasks.models import ModelRef, local_model_dir
-from tasks.runtime import hub_offline, retry_transient, run_logger
+from tasks.runtime import hub_offline, retry_transient, run_logger, secret
 
 
 def hub_token(output: OutputConfig) -> str:
     """The hub token: the named Prefect Secret block, else HF_TOKEN; ValueError naming the field if none."""
     if output.hub_token_secret:
-        from prefect.blocks.system import Secret
-
-        try:
-            return Secret.load(output.hub_token_secret).get()
-        except ValueError as err:
-            raise ValueError(
-                f"output.hub_token_secret={output.hub_token_secret!r}: no such Prefect Secret block; create it "
-                f"(Secret(value=...).save({output.hub_token_secret!r}) or the UI's Blocks page) or unset it to "
-                "use the environment variable HF_TOKEN"
-            ) from err
+        return secret(output.hub_token_secret, "output.hub_token_secret", "the environment variable HF_TOKEN")
     token = os.environ.get("HF_TOKEN")
     if not token:
         raise ValueError(

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from tasks.config import JudgeConfig
 from tasks.models import BUILTIN, ModelRef, load_model, resolve_model
+from tasks.runtime import secret
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 PLACEHOLDER_KEY = "EMPTY"  # what local OpenAI-compatible servers (vLLM, transformers serve) accept
@@ -89,16 +90,8 @@ def redact_url(url: str) -> str:
 def api_key(cfg: JudgeConfig) -> str:
     """The endpoint's key: the Prefect Secret block if named, else the environment variable."""
     if cfg.api_key_secret:
-        from prefect.blocks.system import Secret
-
-        try:
-            return Secret.load(cfg.api_key_secret).get()
-        except ValueError as err:
-            raise ValueError(
-                f"judge.api_key_secret={cfg.api_key_secret!r}: no such Prefect Secret block; create it "
-                f"(Secret(value=...).save({cfg.api_key_secret!r}) or the UI's Blocks page) or unset it "
-                f"to use the environment variable judge.api_key_env={cfg.api_key_env!r}"
-            ) from err
+        return secret(cfg.api_key_secret, "judge.api_key_secret",
+                      f"the environment variable judge.api_key_env={cfg.api_key_env!r}")
     key = os.environ.get(cfg.api_key_env)
     if key:
         return key

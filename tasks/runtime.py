@@ -118,6 +118,18 @@ def figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
+def secret(block: str, field: str, instead: str) -> str:
+    """The value of the Prefect Secret block `block`; a ValueError naming the setting `field` (and
+    what to do `instead`) when no such block exists. Secrets never pass through the config."""
+    from prefect.blocks.system import Secret
+
+    try:
+        return Secret.load(block).get()
+    except ValueError as err:
+        raise ValueError(f"{field}={block!r}: no such Prefect Secret block; create it (Secret(value=...)"
+                         f".save({block!r}) or the UI's Blocks page) or unset it to use {instead}") from err
+
+
 def flow_run_link() -> str | None:
     """The Prefect UI's page of the current flow run (None outside a flow or without a UI)."""
     from prefect.runtime import flow_run

@@ -14,7 +14,7 @@ from pathlib import Path
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from deployments.local import descendants, start_server, stop
+from deployments.local import alive, descendants, start_server, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,18 +42,6 @@ def _wait_for_deployments(api: str, deadline_s: float, log: Path, parent: subpro
                 time.sleep(1)
 
 
-def _alive(procs: dict[int, str]) -> list[int]:
-    live = []
-    for pid, start in procs.items():
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[19] == start and fields[0] != "Z":
-            live.append(pid)
-    return live
-
-
 def test_sigterm_stops_every_child_and_the_nightly_survives_a_restart(tmp_path):
     port, home, log = _free_port(), tmp_path / "home", tmp_path / "serve.log"
     api = f"http://127.0.0.1:{port}/api"
@@ -69,7 +57,7 @@ def test_sigterm_stops_every_child_and_the_nightly_survives_a_restart(tmp_path):
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(timeout=120) == 0, log.read_text()[-3000:]
         deadline = time.monotonic() + 60
-        while (left := _alive(children)) and time.monotonic() < deadline:
+        while (left := alive(children)) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not left, f"outlived the parent: {left}\n" + log.read_text()[-3000:]
     finally:
