@@ -211,7 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Defaults the command sets for itself (the Makefile sets them too), so `smolflow` works outside make:
+# no telemetry calls from a machine that may be offline, and time for a temporary Prefect server's
+# first start (its database set-up can take over the 20 s default on a busy 2-core machine).
+ENV_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+                "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)  # before anything imports prefect
     argv = list(sys.argv[1:] if argv is None else argv)
     debug, verbose = "--debug" in argv, "--verbose" in argv
     argv = [a for a in argv if a not in ("--debug", "--verbose")]
