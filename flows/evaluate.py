@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 
 from tasks.checks import check_run
 from tasks.config import RunConfig
+from tasks.console import configure_logging
 from tasks.evaluation import save_scores, score_models
 from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
@@ -29,6 +30,7 @@ from tasks.storage import ArtifactStore, set_latest, write_manifest
 @flow(name="smolflow-evaluate")
 def evaluate(config: RunConfig = RunConfig()) -> dict:
     """Model -> benchmarks + custom benchmarks -> judge (against `judge.reference`) -> report -> manifest."""
+    configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1 (smolflow --verbose)
     threads = set_torch_threads(config.torch_threads)
     checked = check_run(config)
     root = config.output.artifacts_uri

@@ -160,7 +160,7 @@ def score_models(
     if not ray:
         for i, (name, job, params) in enumerate(jobs):
             for j, (role, model) in enumerate(models.items()):
-                bar.update(i * len(models) + j, f"{name}: scoring the {role} model")
+                bar.update(i * len(models) + j, f"{name}: scoring " + ("the model" if role == "model" else f"the {role} model"))
                 parts[(name, role)].append(job(model_ref=model, role=role, **params))
     else:
         _score_on_ray(execution, jobs, models, parts, bar)
