@@ -55,7 +55,6 @@ from tasks.models import resolve_model
 from tasks.tracking import start_wandb
 from tasks.training import train_sft
 from tasks.tokenization import tokenized_splits
-from tests.conftest import tokens_of
 model, run_uri, cfg, wandb_dir = sys.argv[1], sys.argv[2], TrainingConfig.model_validate_json(sys.argv[3]), sys.argv[4]
 start_wandb(WandbConfig(mode="offline"), "same-run", {}, Path(wandb_dir), None)
 data = load_chat_dataset.fn(DataConfig(dataset="fixture:everyday-conversations"))

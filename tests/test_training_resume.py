@@ -25,7 +25,6 @@ from tasks.data import load_chat_dataset
 from tasks.models import resolve_model
 from tasks.training import train_sft
 from tasks.tokenization import tokenized_splits
-from tests.conftest import tokens_of
 cfg = TrainingConfig.model_validate_json(sys.argv[3])
 data = load_chat_dataset.fn(DataConfig(dataset="fixture:everyday-conversations"))
 ref = resolve_model.fn(sys.argv[1])
