@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -121,8 +122,12 @@ def test_pid_namespace_hides_host_processes_and_their_command_lines():
     secret = f"smolflow-secret-{secrets.token_hex(8)}"
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", secret])
     try:
-        with open(f"/proc/{holder.pid}/cmdline", "rb") as f:  # readable from the host: the check can fail
-            assert secret.encode() in f.read()
+        # Readable from the host (so the check below can fail); wait for the exec to have happened:
+        # right after the fork the new process's command line is still empty.
+        deadline = time.monotonic() + 30
+        while secret.encode() not in Path(f"/proc/{holder.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the holder process never showed its command line"
+            time.sleep(0.05)
         program = (
             "import os\n"
             "pids = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\n"
