@@ -13,7 +13,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
 
 from tasks.arena_store import arena_store, read_votes, write_answers, write_judge_battles, write_models
 
@@ -22,8 +21,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 MODELS = [("aaaaaaaaaaaa", "base"), ("bbbbbbbbbbbb", "run 20261130-nightly"), ("cccccccccccc", "run 20261201-nightly")]
 PROMPTS = ["How can I improve my sleep quality?", "Is it better to rent or buy a home?"]
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                reason="no chromium: apt-get install -y chromium (see .ci/run)")
+# No skip when the browser is missing: .ci/run installs Debian's Chromium, and a page test that
+# quietly skips would pass a broken page. Without it, launching fails and says so.
 
 
 def make_arena(root: Path) -> None:
