@@ -8,7 +8,6 @@ import posixpath
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
@@ -16,6 +15,7 @@ from tasks.compare import compare
 from tasks.config import GateConfig
 from tasks.layout import RunPaths, run_dir
 from tasks.locks import PROMOTION_LOCK, exclusive
+from tasks.prefect_markdown import publish_markdown
 from tasks.runtime import retry_transient, run_logger
 from tasks.storage import ArtifactStore, read_pointer, set_pointer
 
@@ -158,7 +158,7 @@ def regression_gate(
     run.write_json(RunPaths.gate, decision.model_dump())
     run.write_text(RunPaths.gate_md, markdown(decision))
     run.write_text(RunPaths.section("gate"), section(decision))
-    create_markdown_artifact(key="smolflow-gate", markdown=markdown(decision), description="Promotion decision")
+    publish_markdown("smolflow-gate", markdown(decision), description="Promotion decision")
     if not decision.promote:
         emit_rejection(flow_name, posixpath.basename(run_uri.rstrip("/")), decision)
     return decision
@@ -182,8 +182,8 @@ def promote(root: str, flow_name: str, run_id: str, decision: GateDecision | Non
             run_logger().info("Promotion re-check against %s: %s", against,
                               "pass" if recheck.promote else recheck.reasons)
             if not recheck.promote:
-                create_markdown_artifact(key="smolflow-gate", markdown=markdown(recheck),
-                                         description="Promotion decision (re-checked at promotion)")
+                publish_markdown("smolflow-gate", markdown(recheck),
+                                 description="Promotion decision (re-checked at promotion)")
                 emit_rejection(flow_name, run_id, recheck)
                 return None
         return set_pointer(root, flow_name, "promoted", run_id)

@@ -12,12 +12,12 @@ import re
 import base64
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from pydantic import BaseModel
 
 from tasks.generation import Sample
 from tasks.layout import RunPaths
+from tasks.prefect_markdown import publish_markdown
 from tasks.runtime import figure_png, retry_transient
 from tasks.storage import ArtifactStore
 
@@ -241,10 +241,10 @@ def save_training(run_uri: str, metrics: dict, log_history: list[dict], health: 
     run.write_text(RunPaths.health_md, health.markdown())
     run.write_text(RunPaths.section("training"), training_markdown(metrics, log_history, reused_from))
     run.write_text(RunPaths.section("health"), health.markdown())
-    create_markdown_artifact(key="smolflow-training-health", markdown=health.markdown(),
-                             description="Training warning signs")
+    publish_markdown("smolflow-training-health", health.markdown(),
+                     description="Training warning signs")
     # Prefect's image artifact needs a URL a browser can fetch; a run folder may be local or
     # private S3, so the PNG travels inline, with the numbers as a table below it.
-    create_markdown_artifact(key="smolflow-training-curves", description="Loss and learning-rate curves",
-                             markdown=f"![curves](data:image/png;base64,{base64.b64encode(png).decode()})\n\n"
+    publish_markdown("smolflow-training-curves", description="Loss and learning-rate curves",
+                     markdown=f"![curves](data:image/png;base64,{base64.b64encode(png).decode()})\n\n"
                                       f"{curves_table(log_history)}")

@@ -13,10 +13,10 @@ import base64
 import re
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.layout import SECTIONS, RunPaths
+from tasks.prefect_markdown import publish_markdown
 from tasks.runtime import retry_transient
 from tasks.storage import ArtifactStore
 from tasks.trends import DEFAULT_RUNS, write_trend
@@ -99,15 +99,15 @@ def write_report(
         trend_md, trend_png = write_trend(root, run_uri, trend_runs)
         run.write_text(RunPaths.section("trend"), f"![trend](../{RunPaths.trend})\n\n{trend_md}")
         png = base64.b64encode(trend_png).decode()
-        create_markdown_artifact(key="smolflow-score-trend", description="Tuned scores over the last runs",
-                                 markdown=f"![trend](data:image/png;base64,{png})\n\n{trend_md}")
+        publish_markdown("smolflow-score-trend", description="Tuned scores over the last runs",
+                         markdown=f"![trend](data:image/png;base64,{png})\n\n{trend_md}")
     title = f"smolflow run `{run_id}`"
     report = stitch(run, title)
     run.write_text(RunPaths.report, report)
     run.write_text(RunPaths.report_html, to_html(run, report, f"smolflow run {run_id}"))
     # Relative images resolve only next to the run folder; the UI shows the plots in their own artifacts.
-    create_markdown_artifact(key="smolflow-report", markdown=re.sub(r"!\[[^\]]*\]\(\.\./[^)]*\)\n*", "", report),
-                             description="smolflow run report")
+    publish_markdown("smolflow-report", re.sub(r"!\[[^\]]*\]\(\.\./[^)]*\)\n*", "", report),
+                     description="smolflow run report")
     read = lambda rel: run.read_json(rel) if run.exists(rel) else None  # noqa: E731
     judged = read(RunPaths.judge_summary)
     if judged:

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from tasks.cache_limit import HOUR, Decision, apply_cache, cache_root, default_max_gb, mark_used, plan_cache, remove_entry, usage
 from tasks.config import OutputConfig
+from tasks.prefect_markdown import publish_markdown
 from tasks.runtime import retry_transient, run_logger
 from tasks.storage import ArtifactStore
 
@@ -201,9 +202,6 @@ def gc_command(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incom
 @task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
 def tidy_up(output: OutputConfig, run_id: str, in_use: list[str], started: float) -> GcReport:
     """End of a completed run: drop its work dir, apply retention, bound the cache (never what it used)."""
-    from prefect.artifacts import create_markdown_artifact
-
-
     remove_entry(cache_root() / "work" / run_id)  # checkpoints are gone, model and W&B files uploaded
     mark_used(list(in_use))
     report = gc(output.artifacts_uri, keep_runs=output.keep_runs, keep_incomplete_hours=output.keep_incomplete_hours,
@@ -211,5 +209,5 @@ def tidy_up(output: OutputConfig, run_id: str, in_use: list[str], started: float
     deleted = [d for d in report.decisions if d.action == "delete"]
     run_logger().info("Retention: freed %.1f MB (%d deleted); keep_runs=%d, cache_max_gb=%s",
                       report.freed_bytes / 1e6, len(deleted), output.keep_runs, output.cache_max_gb)
-    create_markdown_artifact(key="smolflow-retention", markdown=report.table(), description="Disk retention")
+    publish_markdown("smolflow-retention", report.table(), description="Disk retention")
     return report

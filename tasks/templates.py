@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from pydantic import BaseModel
 
@@ -25,6 +24,7 @@ from tasks.data import SHAPES, DatasetRef, as_written, num_proc_for, row_shapes
 from tasks.models import ModelRef, convert_builtin, fingerprint_dir, load_model
 from tasks.layout import RunPaths
 from tasks.caching import BY_CONTENT
+from tasks.prefect_markdown import publish_markdown
 from tasks.runtime import atomic_dir, cache_dir, retry_transient, run_logger
 from tasks.storage import ArtifactStore
 
@@ -418,6 +418,6 @@ def write_template_preview(run: ArtifactStore, templated: TemplatedModel) -> str
         f"{'assistant replies only' if templated.assistant_only else 'every token'} · turns end with "
         f"`{templated.eos_token}` · preview under other templates: `{PREVIEW_PATH}`\n\n"
         f"The first training conversation as the model sees it:\n\n```text\n{templated.rendered_example}\n```\n"))
-    create_markdown_artifact(key=PREVIEW_KEY, markdown=templated.preview,
-                             description="The same conversations under ChatML, Mistral, Llama-3 and this run's template")
+    publish_markdown(PREVIEW_KEY, templated.preview,
+                     description="The same conversations under ChatML, Mistral, Llama-3 and this run's template")
     return uri
