@@ -67,10 +67,11 @@ def narrow_table(lines: list[str], budget: int = ROW_BUDGET) -> list[str]:
         if not values:
             continue
         label = lambda h, v: f"{h}: {v}" if h else v  # noqa: E731
+        key = f"**{r[0]}**" if r[0] and "*" not in r[0] else r[0]
         if len(values) == 1:
-            items.append(f"- {r[0]} · {label(*values[0])}")
+            items.append(f"- {key} · {label(*values[0])}")
         else:
-            items.append(f"- {r[0]}\n" + "\n".join(f"  - {label(h, v)}" for h, v in values))
+            items.append(f"- {key}\n" + "\n".join(f"  - {label(h, v)}" for h, v in values))
     out = []
     if len(keep) > 1:
         out = [_row([header[j] for j in keep]), _row([align[j] for j in keep])]
