@@ -9,6 +9,7 @@ move out of the table into a list under it, each item named by the row's first c
 
 from __future__ import annotations
 
+import html
 import re
 
 # Characters a table row may take, PAD per column included. Measured in Prefect 3.9's UI at a
@@ -19,17 +20,18 @@ PAD = 3
 
 _LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
 _MARKUP = re.compile(r"\*\*|__|\\(?=[|*_`\\])")
-_CODE = re.compile(r"`([^`]*)`")
+_CODE = re.compile(r"`([^`]*)`|<code>(.*?)</code>")
+_TAG = re.compile(r"</?[A-Za-z][^>]*>")
 
 
 def cell_width(cell: str) -> int:
     """About how many characters wide a cell renders: its longest line (`<br>` breaks lines), without
-    markup; code spans count a fifth more (monospace in a padded chip)."""
+    markup, tags or entities; code spans count a fifth more (monospace in a padded chip)."""
     widest = 0
     for line in re.split(r"<br\s*/?>", cell):
         line = _MARKUP.sub("", _LINK.sub(r"\1", line))
-        code = sum(len(m) // 5 + 1 for m in _CODE.findall(line))
-        widest = max(widest, len(line.replace("`", "")) + code)
+        code = sum(len(html.unescape(a or b)) // 5 + 1 for a, b in _CODE.findall(line))
+        widest = max(widest, len(html.unescape(_TAG.sub("", line.replace("`", "")))) + code)
     return widest
 
 

@@ -91,6 +91,11 @@ def test_narrowed_tables_fit_the_budget_and_keep_every_cell():
     assert strip(narrowed) == strip(report)
     small = "text\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n```\n| not | a | table |\n```\n"
     assert narrow_tables(small) == small
+    # Width is what renders: tags and entities (the template preview's markers) count as their text.
+    markers = "| template | marker | tokens |\n|---|---|---|\n" + (
+        "| Llama-3-Instruct | <code>&lt;&#124;start_header_id&#124;&gt;</code> | 9 |\n" * 3)
+    assert narrow_tables(markers) == markers
+    assert narrow_tables(markers, budget=30) != markers
 
 
 def test_every_markdown_artifact_goes_through_publish_markdown():
