@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import re
+from uuid import UUID
 
 # Characters a table row may take, PAD per column included. Measured in Prefect 3.9's UI at a
 # 1280-px-wide window: a markdown table gets 708 px, about 7.2 px per character of its 14-px font plus
@@ -64,13 +65,14 @@ def narrow_table(lines: list[str], budget: int = ROW_BUDGET) -> list[str]:
         return lines
     moved = [j for j in range(n) if j not in keep]
     items = []
+    label = lambda h, v: f"{h}: {v}" if h else v  # noqa: E731
     for r in rows:
         values = [(header[j], r[j]) for j in moved if r[j] not in ("", "-")]
-        if not values:
-            continue
-        label = lambda h, v: f"{h}: {v}" if h else v  # noqa: E731
         key = f"**{r[0]}**" if r[0] and "*" not in r[0] else r[0]
-        if len(values) == 1:
+        if not values:
+            if len(keep) == 1:  # no table left to show the row in
+                items.append(f"- {key}")
+        elif len(values) == 1:
             items.append(f"- {key} · {label(*values[0])}")
         else:
             items.append(f"- {key}\n" + "\n".join(f"  - {label(h, v)}" for h, v in values))
@@ -96,7 +98,7 @@ def narrow_tables(markdown: str, budget: int = ROW_BUDGET) -> str:
     return "\n".join(lines)
 
 
-def publish_markdown(key: str, markdown: str, description: str | None = None):
+def publish_markdown(key: str, markdown: str, description: str | None = None) -> UUID:
     """Create the Prefect markdown artifact `key`, its tables narrowed to fit the UI's pane."""
     from prefect.artifacts import create_markdown_artifact
 

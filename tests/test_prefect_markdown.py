@@ -96,6 +96,8 @@ def test_narrowed_tables_fit_the_budget_and_keep_every_cell():
         "| Llama-3-Instruct | <code>&lt;&#124;start_header_id&#124;&gt;</code> | 9 |\n" * 3)
     assert narrow_tables(markers) == markers
     assert narrow_tables(markers, budget=30) != markers
+    # A row with nothing to move still shows its first cell when no table is left to hold it.
+    assert narrow_tables("| k | long |\n|---|---|\n| a | " + "x" * 100 + " |\n| b | - |\n").endswith("- **b**\n")
 
 
 def test_every_markdown_artifact_goes_through_publish_markdown():
