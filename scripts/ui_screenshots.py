@@ -87,6 +87,7 @@ def main() -> None:
     finally:
         stop(serving)
         stop(server)
+        shutil.rmtree(home, ignore_errors=True)  # the run folder holds two models (~0.5 GB)
 
 
 if __name__ == "__main__":
