@@ -37,6 +37,12 @@ torch.set_num_threads(1)
 pytest_plugins = ["tests.s3"]  # SeaweedFS fixtures: s3_server, s3_bucket
 
 
+def pytest_collection_modifyitems(config, items):
+    """Long tests (marked `slow`) first: `make test` spreads tests over workers (pytest-xdist), whose
+    first batch goes out round-robin, so the long ones overlap instead of one finishing alone last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise file order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server():
     from prefect.testing.utilities import prefect_test_harness
