@@ -34,8 +34,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 run: setup
 	$(VENV)/bin/smolflow run $(ARGS)
 
+# Whole test files spread over TEST_WORKERS processes (pytest-xdist): most long tests wait on servers
+# and subprocesses, so 4 workers fill 2 cores better than 2; TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 4
 test: setup
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 # A local Prefect server (UI at http://127.0.0.1:4200) plus the process that runs the deployments.
 serve: setup

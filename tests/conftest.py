@@ -38,9 +38,11 @@ pytest_plugins = ["tests.s3"]  # SeaweedFS fixtures: s3_server, s3_bucket
 
 
 def pytest_collection_modifyitems(config, items):
-    """Long tests (marked `slow`) first: `make test` spreads tests over workers (pytest-xdist), whose
-    first batch goes out round-robin, so the long ones overlap instead of one finishing alone last."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise file order
+    """Files holding a long test (marked `slow`) first: `make test` spreads whole files over workers
+    (pytest-xdist, `--dist loadfile`, so a module's server fixture starts once) in this order, so the
+    long ones overlap from the start instead of one finishing alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: otherwise collection order
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -62,6 +62,7 @@ def _wait_for(got: queue.Queue, needle: str, timeout: float = 60) -> dict:
     raise AssertionError(f"no notification with {needle!r} within {timeout:.0f} s; got {seen}")
 
 
+@pytest.mark.slow
 def test_a_failed_nightly_run_notifies(alerts):
     @flow(name="smolflow-finetune")
     def stand_in() -> None:  # the flow run is made and failed through the API, as a crash would

@@ -9,10 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from transformers import TrainerCallback
 
-from tasks.config import TrainingConfig, WandbConfig
 from tasks import training
+from tasks.config import TrainingConfig, WandbConfig
 from tasks.storage import ArtifactStore
 from tasks.tracking import finish_run, fold_in_earlier_attempts, start_wandb
 from tasks.training import MARKER, train_sft
@@ -21,6 +22,7 @@ from tests.conftest import tokens_of
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_prefect_retry_of_the_training_task_resumes_from_the_failed_attempts_checkpoint(
     tiny_ref, fixture_data, tmp_path, monkeypatch
 ):
@@ -96,6 +98,7 @@ def _logged_global_steps(records: list[dict]) -> list[int]:
     return [int(row["train/global_step"]) for row in _train_rows(records)]
 
 
+@pytest.mark.slow
 def test_rerun_after_sigkill_continues_the_same_wandb_run(tiny_ref, fixture_data, tmp_path):
     cfg = TrainingConfig(max_steps=12, save_steps=3, logging_steps=1, eval_steps=12, max_length=128, seed=11)
     run = ArtifactStore(str(tmp_path / "runs" / "same-run"))
