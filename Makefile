@@ -35,8 +35,8 @@ run: setup
 	$(VENV)/bin/smolflow run $(ARGS)
 
 # Whole test files spread over TEST_WORKERS processes (pytest-xdist): most long tests wait on servers
-# and subprocesses, so 4 workers fill 2 cores better than 2; TEST_WORKERS=0 runs them in this process.
-TEST_WORKERS ?= 4
+# and subprocesses, so 3 workers fill 2 cores better than 2; TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 3
 test: setup
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
