@@ -34,8 +34,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 run: setup
 	$(VENV)/bin/smolflow run $(ARGS)
 
+# Whole test files spread over TEST_WORKERS processes (pytest-xdist), in the order tests/conftest.py
+# gives (files with long tests first; xdist would reorder by test count): most long tests wait on
+# servers and subprocesses, so 3 workers fill 2 cores better than 2. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 3
 test: setup
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(ARGS)
 
 # A local Prefect server (UI at http://127.0.0.1:4200) plus the process that runs the deployments.
 serve: setup

@@ -16,6 +16,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from tasks.runtime import cache_dir, run_logger
 
@@ -46,9 +47,10 @@ def _ensure_limit(name: str) -> None:
 
 
 @contextlib.contextmanager
-def file_lock(name: str, holder: str) -> Iterator[dict]:
-    """Hold an exclusive flock on SMOLFLOW_CACHE/locks/<name>.lock; waits for the current holder."""
-    path = cache_dir("locks") / f"{name}.lock"
+def file_lock(name: str, holder: str, directory: Path | None = None) -> Iterator[dict]:
+    """Hold an exclusive flock on <directory, default SMOLFLOW_CACHE/locks>/<name>.lock; waits for
+    the current holder."""
+    path = (directory or cache_dir("locks")) / f"{name}.lock"
     with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

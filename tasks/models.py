@@ -14,6 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from tasks.locks import file_lock
 from tasks.runtime import atomic_dir, cache_dir, hub_offline, retry_transient, sha256_files
 
 log = logging.getLogger(__name__)
@@ -49,15 +50,24 @@ def builtin_gguf() -> Path:
 
 def convert_builtin() -> Path:
     """Dequantize the GGUF once into a trainable safetensors model; cached by the file's hash."""
-    import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = builtin_gguf()
     key = sha256_files([gguf])[:16]
     target = cache_dir("models") / f"smollm2-135m-instruct-{key}-tf{transformers.__version__}"
     if (target / "model.safetensors").exists():
         return target
+    # Runs (or test workers) starting together on a fresh machine convert once: the others wait here.
+    with file_lock(target.name, "converting the built-in model", directory=target.parent):
+        if not (target / "model.safetensors").exists():
+            _convert(gguf, target)
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     log.info("Converting %s to safetensors (once per machine, ~20 s)", gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -72,7 +82,6 @@ def convert_builtin() -> Path:
     with atomic_dir(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-    return target
 
 
 def resolve_source(source: str) -> str:

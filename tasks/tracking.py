@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 from tasks.evaluation import comparison_row
@@ -46,6 +47,103 @@ def start_wandb(cfg: WandbConfig, run_id: str, config: dict, local_dir: Path, gr
         resume="allow",
         reinit="finish_previous",
     )
+
+
+# ---- a re-run after a crash continues one W&B run folder ----------------------------------
+# wandb 0.31 writes one offline folder per process, `offline-run-<start time>-<id>`: `wandb.init`
+# stamps the start time and adds `-1` to a name that exists, so no setting reuses a folder, and the
+# re-run of a crashed run (same id, resume="allow") starts a second one. The re-run's folder is
+# made to hold the whole run instead: the curve up to the resumed checkpoint is logged into it again
+# before training goes on, the crashed attempts' console logs and files are carried over, and the
+# earlier folders are removed once this run is closed. The curve comes from the checkpoint's own
+# Trainer state, not from the killed folder: W&B writes its transaction log every 15 s, and a
+# process killed just after checkpoint-6 was complete had left only steps 1-5 there (measured).
+
+# Logged by transformers' WandbCallback into the summary, not as history rows (its on_log).
+_ONCE = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos")
+# W&B's own files in a run's files/ folder, written afresh by every process: not carried over.
+_WANDB_OWN = {"wandb-metadata.json", "wandb-summary.json", "config.yaml", "requirements.txt"}
+
+
+def replay_history(wb_run, log_history: list[dict], up_to: float = float("inf")) -> int:
+    """Log the Trainer's rows whose step this W&B run has not logged yet (up to `up_to`), keyed as
+    the Trainer's W&B callback keys them; returns how many."""
+    from transformers.integrations.integration_utils import rewrite_logs
+
+    # A fresh W&B process (the re-run) has an empty summary; one that already logged steps (e.g. a
+    # Prefect retry in the same process) must not get them twice.
+    logged = wb_run.summary.get("train/global_step") or 0
+    rows = [r for r in log_history if logged < r["step"] <= up_to]
+    if rows:
+        wb_run.define_metric("train/global_step")  # as the Trainer's callback: the x axis of every chart
+        wb_run.define_metric("*", step_metric="train/global_step", step_sync=True)
+    for row in rows:
+        logs = {k: v for k, v in row.items() if k != "step"}
+        wb_run.summary.update({k: logs.pop(k) for k in _ONCE if k in logs})
+        wb_run.log(rewrite_logs(logs) | {"train/global_step": row["step"]})
+    return len(rows)
+
+
+def resumed_curve():
+    """A TrainerCallback: a training resumed from a checkpoint first logs the checkpoint's earlier
+    steps into the W&B run that lacks them, so its history runs from step 1, in order."""
+    from transformers import TrainerCallback
+
+    class ReplayResumedSteps(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            import wandb
+
+            # The Trainer restored state (global_step, log_history) from the checkpoint before this.
+            if wandb.run is not None and state.is_world_process_zero and state.global_step > 0:
+                replay_history(wandb.run, state.log_history, up_to=state.global_step)
+
+    return ReplayResumedSteps()
+
+
+def earlier_attempts(wb_run) -> list[Path]:
+    """Offline folders that earlier processes (crashed attempts) of this W&B run left next to its
+    own, oldest first; none online, where W&B's server continues the run itself."""
+    here = Path(wb_run.dir).parent
+    if not here.name.startswith("offline-run-"):
+        return []
+    # The transaction log's name holds the exact id: a folder name alone cannot tell id `a` with
+    # W&B's suffix `-1` from id `a-1`.
+    return sorted(p for p in here.parent.glob("offline-run-*")
+                  if p != here and (p / f"run-{wb_run.id}.wandb").is_file())
+
+
+def fold_in_earlier_attempts(wb_run, log_history: list[dict]) -> list[Path]:
+    """Before the run's final logs: its curve when training was reused rather than resumed (the crash
+    came after it), then the earlier attempts' files; returns the folders to drop once it is closed."""
+    earlier = earlier_attempts(wb_run)
+    if not earlier:
+        return []
+    replay_history(wb_run, log_history)  # nothing when this process trained: its steps are logged
+    files = Path(wb_run.dir)
+    for folder in reversed(earlier):  # newest first: of two earlier copies of a file, the newer one is kept
+        for src in sorted(p for p in (folder / "files").rglob("*") if p.is_file()):
+            rel = src.relative_to(folder / "files").as_posix()
+            if rel == "output.log":  # the crashed attempt's console: why it stopped
+                rel = f"earlier-attempts/{folder.name}/output.log"
+            elif rel in _WANDB_OWN or rel.startswith("media/"):  # media: tables the re-run logs again
+                continue
+            target = files / rel
+            if target.exists():  # the re-run's own copy (or one carried already) wins
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+            wb_run.save(str(target), base_path=wb_run.dir, policy="now")
+    return earlier
+
+
+def finish_run(wb_run, earlier: list[Path]) -> None:
+    """Close the W&B run, then remove the earlier attempts' folders it now holds."""
+    wb_run.finish()
+    # Only now: finish() returns once the transaction log is written and closed. A crash before this
+    # leaves the earlier folders in place, and the next attempt folds them in again (the curve from
+    # its checkpoint, their files), so two or more earlier folders are handled the same way.
+    for folder in earlier:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def log_results(wb_run, samples_before, samples_after, scores: dict, summary: dict, health=None, judge=None) -> None:
@@ -152,6 +250,7 @@ def finish_wandb(wb_run, run, trained, before, after, scores: dict, health, prom
         return
     summary = {"eval_loss": trained.metrics["eval_loss"], "run_uri": run.uri} | gate_summary(decision, promoted)
     with staging_inside(wb_run):
+        earlier = fold_in_earlier_attempts(wb_run, trained.log_history)  # before the tables: steps in order
         log_results(wb_run, before, after, scores, summary, health, judge)
         log_run_files(wb_run, run)
         if log_model:
@@ -161,5 +260,5 @@ def finish_wandb(wb_run, run, trained, before, after, scores: dict, health, prom
                              aliases=["latest", "promoted"] if promoted else ["latest"])
     if promoted:
         wb_run.tags = (*wb_run.tags, "promoted")
-    wb_run.finish()
+    finish_run(wb_run, earlier)
     run.upload_dir(local_dir / "wandb", "wandb")

@@ -328,6 +328,11 @@ def fit(spec: FitSpec) -> dict:
     model, tokenizer = load_model(spec.base, as_stored=True)  # the Trainer places it (sft_config)
     train, test = load_tokenized(spec.tokenized)
     run, work = ArtifactStore(spec.run_uri), Path(spec.work)
+    callbacks = [checkpoint_uploader(run, spec.key), training_progress()]
+    if "wandb" in spec.report_to:  # a resumed training's W&B run gets the steps before the checkpoint too
+        from tasks.tracking import resumed_curve
+
+        callbacks.append(resumed_curve())
     try:
         trainer = SFTTrainer(
             model=model,
@@ -336,7 +341,7 @@ def fit(spec: FitSpec) -> dict:
             eval_dataset=test,
             processing_class=tokenizer,
             peft_config=lora_config(cfg),
-            callbacks=[checkpoint_uploader(run, spec.key), training_progress()],
+            callbacks=callbacks,
         )
     except ValueError as err:
         if cfg.peft is not None and "target" in str(err).lower():  # peft: a module name the model lacks

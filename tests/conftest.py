@@ -37,12 +37,46 @@ torch.set_num_threads(1)
 pytest_plugins = ["tests.s3"]  # SeaweedFS fixtures: s3_server, s3_bucket
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files holding a long test (marked `slow`) first: `make test` spreads whole files over workers
+    (pytest-xdist, `--dist loadfile`, so a module's server fixture starts once) in this order, so the
+    long ones overlap from the start instead of one finishing alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: otherwise collection order
+
+
+_SHARED_SERVER = "SMOLFLOW_TEST_PREFECT_API_URL"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, the controller starts one temporary Prefect server for every worker: a
+    server per worker cost each worker ~20 s of CPU to start plus its background services, on 2 cores."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        from prefect.settings import PREFECT_API_URL
+        from prefect.testing.utilities import prefect_test_harness
+
+        config._smolflow_prefect = prefect_test_harness(server_startup_timeout=120)
+        config._smolflow_prefect.__enter__()
+        os.environ[_SHARED_SERVER] = PREFECT_API_URL.value()  # the workers start after this
+
+
+def pytest_unconfigure(config):
+    if harness := getattr(config, "_smolflow_prefect", None):
+        harness.__exit__(None, None, None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server():
+    """The temporary Prefect server every test's flows and tasks report to."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    if shared := os.environ.get(_SHARED_SERVER):
+        with temporary_settings(updates={PREFECT_API_URL: shared}):
+            yield
+    else:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,12 @@ def alerts(receiver):
     url, got = receiver
     ids = ensure_alerts(save_webhook_block(url, "smolflow-alerts-test"))
     assert len(ids) == 2
-    return got
+    yield got
+    # The server outlives this module (test workers share it): later runs must not notify a closed receiver.
+    with get_client(sync_client=True) as client:
+        for name in (FAILED_NIGHTLY, REJECTED):
+            for automation in client.read_automations_by_name(name):
+                client.delete_automation(automation.id)
 
 
 def _wait_for(got: queue.Queue, needle: str, timeout: float = 60) -> dict:
@@ -62,6 +67,7 @@ def _wait_for(got: queue.Queue, needle: str, timeout: float = 60) -> dict:
     raise AssertionError(f"no notification with {needle!r} within {timeout:.0f} s; got {seen}")
 
 
+@pytest.mark.slow
 def test_a_failed_nightly_run_notifies(alerts):
     @flow(name="smolflow-finetune")
     def stand_in() -> None:  # the flow run is made and failed through the API, as a crash would

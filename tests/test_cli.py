@@ -85,6 +85,7 @@ def _eval_args(root: Path, model: str, limit: int) -> list[str]:
             "--judge.enabled", "false", "--wandb.mode", "disabled", "--torch-threads", "1"]
 
 
+@pytest.mark.slow
 def test_eval_runs_lists_and_compares(env, tiny_model_dir, tmp_path):
     root = tmp_path / "artifacts"
     first = smolflow(env, *_eval_args(root, str(tiny_model_dir), 2), "--output.run-id", "eval-a")
@@ -138,6 +139,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_serve_starts_a_server_with_both_deployments_and_stops_on_sigterm(env, tmp_path):
     port = _free_port()
     serve_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "home")}

@@ -99,6 +99,7 @@ def test_bad_parameters_from_the_ui_are_rejected_naming_the_field(served):
     assert "learning_rate" in str(err.value)
 
 
+@pytest.mark.slow
 def test_run_button_starts_a_run_with_changed_parameters(served, tiny_model_dir, tmp_path):
     client, _, on_demand = served
     config = tiny_run_config(tiny_model_dir, str(tmp_path / "artifacts"), output={"run_id": "from-the-ui"})
@@ -115,6 +116,7 @@ def test_run_button_starts_a_run_with_changed_parameters(served, tiny_model_dir,
     assert {"smolflow-report", "smolflow-benchmarks"} <= keys
 
 
+@pytest.mark.slow
 def test_arena_deployment_is_triggered_by_a_completed_nightly_run(served):
     import httpx
     from prefect.events import Event

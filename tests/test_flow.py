@@ -90,6 +90,7 @@ def wandb_summary(run_dir: Path) -> dict:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow
 def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_path, monkeypatch):
     secret = "s3cr3t-never-logged-0123456789"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)

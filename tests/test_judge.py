@@ -195,7 +195,8 @@ def test_run_judge_end_to_end_with_the_local_model(tiny_ref, tiny_model_dir, jud
     assert summary["n"] == result.n and "records" not in summary and summary["lc_win_rate"] is None
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["smolflow-judge"])))
-    newest = max(found, key=lambda a: a.created)  # earlier tests' flow runs made this key too
+    # Flow runs (here or in other test workers sharing the server) make this key too: the newest made outside one.
+    newest = max((a for a in found if a.flow_run_id is None), key=lambda a: a.created)
     table = json.loads(newest.data)
     assert len(table) == 2 and table[0]["instruction"] == FIXTURE_ROWS[0]["instruction"]
 

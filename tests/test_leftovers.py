@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from deployments.local import descendants
 from tasks.leftovers import SERVER_MARK, _running, orphaned_servers, reap_orphaned_servers
 
@@ -28,6 +30,7 @@ wait()
 """
 
 
+@pytest.mark.slow
 def test_a_killed_flows_temporary_server_is_reaped_at_the_next_start(tmp_path):
     home, ready = tmp_path / "prefect-home", tmp_path / "ready"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}

@@ -6,6 +6,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 from prefect import flow
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
@@ -49,6 +50,7 @@ def test_mmlu_is_sharded_by_subject():
     assert shards(BENCHMARKS[1], 1) == [BENCHMARKS[1]]  # GSM8K has no subsets
 
 
+@pytest.mark.slow
 def test_ray_gives_the_sequential_results(tiny_ref, tiny_base_model_dir, monkeypatch):
     from tasks.models import resolve_model
 

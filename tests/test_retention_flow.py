@@ -1,11 +1,14 @@
 """A completed run of the real flow leaves no work dir or checkpoints, and applies retention."""
 
+import pytest
+
 from flows.finetune import finetune
 from tasks.cache_limit import cache_root
 from tasks.storage import ArtifactStore, completed_runs, verify_run, write_manifest
 from tests.conftest import tiny_run_config
 
 
+@pytest.mark.slow
 def test_completed_flow_run_removes_its_work_dir_and_old_runs(tiny_model_dir, tmp_path):
     # One whole tiny flow run (~20-40 s on 2 cores): the only way to see the end-of-run step in place.
     root = str(tmp_path / "artifacts")

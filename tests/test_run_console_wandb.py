@@ -46,6 +46,7 @@ def user_run(tiny_model_dir, tmp_path_factory):
     return tmp / "artifacts" / "runs" / "user-run", out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_console_is_quiet_and_shows_progress(user_run):
     _, console = user_run
     for noise in ("httpx", "HTTP Request", "`pretrained` model kwarg", "Loading weights", "Writing model shards",

@@ -10,6 +10,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
 
 from tasks.storage import ArtifactStore
 
@@ -48,6 +49,7 @@ def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return out
 
 
+@pytest.mark.slow
 def test_cache_hit_from_a_second_process_through_s3(s3_bucket: str, s3_server, tmp_path: Path):
     name = f"results-{uuid.uuid4().hex[:8]}"
     saved = _run(["scripts/prefect_s3_storage.py", "--bucket", s3_bucket, "--folder", "prefect", "--name", name],

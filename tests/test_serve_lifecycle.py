@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -42,6 +43,7 @@ def _wait_for_deployments(api: str, deadline_s: float, log: Path, parent: subpro
                 time.sleep(1)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_child_and_the_nightly_survives_a_restart(tmp_path):
     port, home, log = _free_port(), tmp_path / "home", tmp_path / "serve.log"
     api = f"http://127.0.0.1:{port}/api"

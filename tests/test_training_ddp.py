@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tasks.config import TrainingConfig
 from tasks.storage import ArtifactStore
 from tasks.training import train_sft
@@ -39,6 +41,7 @@ def losses(history: list[dict]) -> list[float]:
     return [h["loss"] for h in history if "loss" in h]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_resume_after_a_kill(tiny_ref, fixture_data, tmp_path, monkeypatch):
     # The same global batch of 4: 1 process x 4 rows, or 2 processes x 2 rows each.
     one = train_sft.fn(tiny_ref, tokens_of(tiny_ref, fixture_data, TrainingConfig(**KNOBS)), TrainingConfig(per_device_train_batch_size=4, **KNOBS),

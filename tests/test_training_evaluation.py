@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 from tasks.config import BenchmarkConfig, TrainingConfig
 from tasks.evaluation import run_benchmark
 from tasks.models import fingerprint_dir
@@ -10,6 +12,7 @@ from tasks.training import train_sft
 from tests.conftest import tokens_of
 
 
+@pytest.mark.slow
 def test_sft_trains_evaluates_and_saves_to_the_run_folder(tiny_ref, fixture_data, tmp_path):
     run_uri = str(tmp_path / "runs" / "t1")
     cfg = TrainingConfig(max_steps=3, logging_steps=1, eval_steps=2, save_steps=2, max_length=256)

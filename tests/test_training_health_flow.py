@@ -4,6 +4,7 @@ report, as Prefect artifacts and in the W&B run summary."""
 import json
 from pathlib import Path
 
+import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -13,6 +14,7 @@ from tests.conftest import tiny_run_config
 from tests.test_flow import wandb_summary
 
 
+@pytest.mark.slow
 def test_flow_reports_training_health_and_curves(tiny_model_dir, tmp_path):
     config = tiny_run_config(tiny_model_dir, str(tmp_path / "artifacts"), output={"run_id": "health-1"},
                              training={"max_steps": 4, "eval_steps": 1})

@@ -53,6 +53,7 @@ training.train_sft.fn(ref, tokenized_splits(ref, data, cfg.max_length), cfg, run
 
 
 @pytest.mark.parametrize("shared", ["file-lock", "prefect-server"])
+@pytest.mark.slow
 def test_two_runs_started_together_never_train_at_once(shared, tiny_model_dir, tmp_path):
     barrier = tmp_path / "barrier"
     barrier.mkdir()

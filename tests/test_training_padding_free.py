@@ -1,5 +1,6 @@
 """Padding-free batches (smolflow's default) train exactly like the seed's padded ones, cheaper."""
 
+import pytest
 from datasets import load_from_disk
 from transformers import AutoTokenizer
 
@@ -8,6 +9,7 @@ from tasks.training import prepare_splits, train_sft
 from tests.conftest import tokens_of
 
 
+@pytest.mark.slow
 def test_padding_free_gives_the_padded_losses(tiny_ref, fixture_data, tmp_path):
     losses = {}
     for padding_free in (True, False):

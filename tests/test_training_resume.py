@@ -37,6 +37,7 @@ def complete_steps(run: ArtifactStore) -> list[int]:
     return sorted(int(f.split("/")[0].split("-")[1]) for f in files if f.endswith("/" + MARKER))
 
 
+@pytest.mark.slow
 def test_sigkilled_training_resumes_from_the_newest_complete_checkpoint(tiny_ref, fixture_data, tmp_path, monkeypatch):
     cfg = TrainingConfig(max_steps=24, save_steps=3, logging_steps=1, eval_steps=12, max_length=128)
     run = ArtifactStore(str(tmp_path / "artifacts" / "runs" / "crash-1"))

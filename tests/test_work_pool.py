@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
 
+@pytest.mark.slow
 def test_process_pool_worker_runs_a_deployment(tiny_model_dir, tmp_path):
     port = _free_port()
     server = start_server(port, home=tmp_path / "home", log=tmp_path / "server.log")
