@@ -48,11 +48,15 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 
 def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     """Fine-tune and evaluate, as the smolflow-finetune flow."""
-    from flows.finetune import finetune
-    from tasks.checks import check_run
+    from tasks.checks import check_inputs, check_run
 
     config = parse_config(rest)
-    check_run(config)  # fail within seconds, before Prefect, W&B or any file is started
+    # Fail within seconds, before Prefect, W&B or any run file is started: the model and the data
+    # first (a few seconds), then the cross-checks (trying SFTConfig imports TRL: ~8 s here).
+    check_inputs(config)
+    check_run(config)
+    from flows.finetune import finetune
+
     _print(finetune(config=config))
     return 0
 

@@ -143,6 +143,41 @@ def _check_model(source: str) -> None:
                               "(HF_HUB_OFFLINE=1); use 'builtin:smollm2-135m-instruct' or a local model directory")
 
 
+def _model_dir_here(source: str):
+    """The model's local directory when it is here without downloading or converting, else None."""
+    from pathlib import Path
+
+    from tasks.models import BUILTIN, builtin_target, resolve_source
+
+    concrete = resolve_source(source)
+    path = builtin_target() if concrete == BUILTIN else Path(concrete).expanduser()
+    return path if (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file() else None
+
+
+def check_inputs(config: RunConfig) -> None:
+    """What `smolflow run` checks before it starts anything: the model can be found, and data that is
+    here (local files, a fixture, or the hub's cache when offline) loads with every row valid, so a
+    missing path or split or a bad row is one message within seconds, not a failed flow run. Hub
+    data online is left to the flow's task, which retries network failures."""
+    from pathlib import Path
+
+    from tasks.data import FIXTURE_PREFIX, load_chat_dataset
+    from tasks.runtime import hub_offline
+    from tasks.special_tokens import control_tokens_of
+
+    _check_model(config.model)
+    source = config.data.dataset
+    here = source.startswith((FIXTURE_PREFIX, ".", "/", "~")) or Path(source).expanduser().exists()
+    if not here and not hub_offline():  # hub data (also `auto` online)
+        return
+    model_dir = _model_dir_here(config.model)  # else ChatML's control tokens (the flow checks the model's)
+    tokens = control_tokens_of(model_dir, config.template) if model_dir is not None else None
+    try:
+        load_chat_dataset.fn(config.data, tokens)
+    except RuntimeError as err:  # offline and not in the cache: a setting to change, not a failure to retry
+        raise ConfigError(str(err)) from None
+
+
 def validate_everything(config: RunConfig) -> tuple[list[str], dict[str, str]]:
     """Every check a run would make before its first model computation: (problems, resolved autos)."""
     from tasks.benchmarks import REGISTRY

@@ -48,13 +48,17 @@ def builtin_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / BUILTIN_GGUF
 
 
-def convert_builtin() -> Path:
-    """Dequantize the GGUF once into a trainable safetensors model; cached by the file's hash."""
+def builtin_target() -> Path:
+    """Where the built-in model is (or will be) converted: named by the GGUF's hash."""
     import transformers
 
-    gguf = builtin_gguf()
-    key = sha256_files([gguf])[:16]
-    target = cache_dir("models") / f"smollm2-135m-instruct-{key}-tf{transformers.__version__}"
+    key = sha256_files([builtin_gguf()])[:16]
+    return cache_dir("models") / f"smollm2-135m-instruct-{key}-tf{transformers.__version__}"
+
+
+def convert_builtin() -> Path:
+    """Dequantize the GGUF once into a trainable safetensors model; cached by the file's hash."""
+    gguf, target = builtin_gguf(), builtin_target()
     if (target / "model.safetensors").exists():
         return target
     # Runs (or test workers) starting together on a fresh machine convert once: the others wait here.

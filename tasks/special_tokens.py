@@ -37,7 +37,12 @@ def tokenizer_tokens(tokenizer) -> set[str]:
 @task(cache_policy=NO_CACHE)
 def control_tokens(model: ModelRef, cfg: TemplateConfig = TemplateConfig()) -> list[str]:
     """The strings that would tokenize as control tokens in this run (see data.special_tokens_in_text)."""
+    return control_tokens_of(local_model_dir(model), cfg)
+
+
+def control_tokens_of(model_dir, cfg: TemplateConfig = TemplateConfig()) -> list[str]:
+    """control_tokens for a model directory that is already here."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(local_model_dir(model))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return sorted(t for t in tokenizer_tokens(tokenizer) | template_markers(cfg, tokenizer.chat_template) if t)

@@ -57,6 +57,22 @@ def test_user_errors_name_file_line_and_field_and_exit_2(env, tmp_path):
     assert out.returncode == 2 and "benchmarks[0].subsets: unknown ['astrology']" in out.stderr
 
 
+def test_bad_data_and_missing_model_fail_before_the_flow_starts(env, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    good = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}'
+    (data / "train.jsonl").write_text(good + "\n" + '{"messages": [{"role": "assistant", "content": "alone"}]}\n')
+    (data / "test.jsonl").write_text(good + "\n")
+    root = tmp_path / "runs"
+    out = smolflow(env, "run", "--data.dataset", str(data), "--output.artifacts-uri", str(root))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert f"{data}/train.jsonl:2: no user turn" in out.stderr
+    assert "Beginning flow run" not in out.stdout + out.stderr and not root.exists()  # no flow, nothing written
+    out = smolflow(env, "run", "--model", str(tmp_path / "no-model"), "--output.artifacts-uri", str(root))
+    assert out.returncode == 2 and "not a model directory" in out.stderr and "Traceback" not in out.stderr
+    assert not root.exists()
+
+
 def test_dashes_and_underscores_both_set_a_field():
     from tasks.config_args import parse_config
 
