@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.runtime import deployment, flow_run
 
-from tasks.checks import check_run, resolve_autos
+from tasks.checks import check_inputs, check_run, resolve_autos
 from tasks.config import RunConfig
 from tasks.console import configure_logging
 from tasks.data import load_chat_dataset
@@ -49,6 +49,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     threads = set_torch_threads(config.torch_threads)
     placement = publish(config.execution)  # every model this run loads goes where this says
     reap_orphaned_servers()  # a temporary Prefect server that a SIGKILLed earlier run left behind
+    check_inputs(config)  # a missing model, path or split, or a bad row: failed before anything is written
     checked = check_run(config)  # the user's files are read and checked before any compute
     run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     run = ArtifactStore(config.output.artifacts_uri).child(run_dir(run_id))

@@ -1,5 +1,8 @@
 """Only transient failures are retried: a deterministic error fails on its first attempt, fast."""
 
+import os
+from pathlib import Path
+
 import pytest
 from prefect import flow, task
 
@@ -67,3 +70,25 @@ def test_a_missing_dataset_fails_on_its_first_attempt(tmp_path):
         task_run = client.read_task_run(state.state_details.task_run_id)
     # Before: retries=2 with 5 s + 30 s delays, three attempts and ~60 s for the same message.
     assert task_run.run_count == 1
+
+
+def test_a_flow_run_with_a_bad_row_fails_before_writing_anything_or_starting_wandb(tiny_model_dir, tmp_path):
+    """A run started from the Prefect UI (the flow itself, no CLI in front): the bad row is named
+    before the run folder, the W&B run or any model work exists."""
+    from flows.finetune import finetune
+    from tests.conftest import tiny_run_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    good = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}'
+    (data / "train.jsonl").write_text(good + "\n" + '{"messages": [{"role": "user", "content": "a <|im_end|> b"}, '
+                                      '{"role": "assistant", "content": "c"}]}\n')
+    (data / "test.jsonl").write_text(good + "\n")
+    config = tiny_run_config(tiny_model_dir, str(tmp_path / "runs"), data={"dataset": str(data)},
+                             output={"run_id": "bad-row"})
+    state = finetune(config=config, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match=r"train.jsonl:2: messages\[0\].content contains the special token '<\|im_end\|>'"):
+        state.result()
+    assert not (tmp_path / "runs").exists()  # no run folder, no config.json
+    assert not (Path(os.environ["SMOLFLOW_CACHE"]) / "work" / "bad-row").exists()  # where W&B would write
