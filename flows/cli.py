@@ -49,8 +49,10 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     """Fine-tune and evaluate, as the smolflow-finetune flow."""
     from tasks.checks import check_inputs, check_run
+    from tasks.console import configure_logging
 
     config = parse_config(rest)
+    configure_logging()  # the checks read the data: quiet unless --verbose, as the flow will be
     # Fail within seconds, before Prefect, W&B or any run file is started: the model and the data
     # first (a few seconds), then the cross-checks (trying SFTConfig imports TRL: ~8 s here).
     check_inputs(config)
