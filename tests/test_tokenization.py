@@ -62,7 +62,10 @@ def test_unchanged_inputs_reuse_the_cache_without_tokenizing(tiny_ref, fixture_d
     assert again.stats == first.stats
 
 
-def test_changed_template_data_or_max_length_miss_the_cache(tiny_model_dir, tiny_ref, fixture_data, tmp_path):
+def test_changed_template_data_or_max_length_miss_the_cache(tiny_model_dir, tiny_ref, fixture_data, tmp_path,
+                                                            monkeypatch):
+    # A cache of its own: other tests on this worker tokenize the same data at these lengths too.
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(tmp_path / "cache"))
     base = tokenized_splits(tiny_ref, fixture_data, max_length=128)
     template = (tiny_model_dir / "chat_template.jinja").read_text().replace("named SmolLM", "named Smol")
     other_template = _model_with_template(tiny_model_dir, tmp_path / "other-template", template)
