@@ -30,6 +30,7 @@ from tasks.config_args import UserError, config_help, parse_config
 
 EXIT_USER_ERROR = 2
 DEFAULT_ROOT = "./smolflow-runs"
+LOCAL_SERVER = os.environ.get("SMOLFLOW_LOCAL_SERVER", "http://127.0.0.1:4200/api")  # `smolflow serve`'s default
 
 
 def _print(obj) -> None:
@@ -46,6 +47,29 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 # ---- commands --------------------------------------------------------------------------------
 
 
+def join_running_server(url: str = LOCAL_SERVER) -> str | None:
+    """Report to a Prefect server already running here (`smolflow serve`) instead of starting one.
+
+    Without an API URL every flow process starts a temporary server of its own (10-20 s here, and
+    its runs vanish with it). When none is configured and `url` answers its health check, the run
+    uses it (PREFECT_API_URL for this process and its children) and shows up in that server's UI.
+    """
+    from prefect.settings import PREFECT_API_URL
+    import urllib.request
+
+    if PREFECT_API_URL.value():
+        return None
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+            if response.status != 200:
+                return None
+    except OSError:
+        return None
+    os.environ["PREFECT_API_URL"] = url
+    print(f"smolflow: reporting to the Prefect server running at {url.removesuffix('/api')}", file=sys.stderr)
+    return url
+
+
 def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     """Fine-tune and evaluate, as the smolflow-finetune flow."""
     from tasks.checks import check_inputs, check_run
@@ -57,6 +81,7 @@ def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     # first (a few seconds), then the cross-checks (trying SFTConfig imports TRL: ~8 s here).
     check_inputs(config)
     check_run(config)
+    join_running_server()
     from flows.finetune import finetune
 
     _print(finetune(config=config))
@@ -70,6 +95,7 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
 
     config = parse_config(rest)
     check_run(config)
+    join_running_server()
     _print(evaluate(config=config))
     return 0
 
@@ -148,7 +174,9 @@ def cmd_arena_run(args: argparse.Namespace, rest: list[str]) -> int:
     from flows.arena import arena
     from tasks.arena_config import ArenaConfig
 
-    _print(arena(config=parse_config(rest, model=ArenaConfig)))
+    config = parse_config(rest, model=ArenaConfig)
+    join_running_server()
+    _print(arena(config=config))
     return 0
 
 

@@ -142,8 +142,7 @@ def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str], place
         use_cpu=placement.device == "cpu",
         report_to=report_to,
         disable_tqdm=True,  # Prefect's logs are the progress view; tqdm bars garble them
-        **extra,  # e.g. torch_compile for scripts/bench_training.py
-    )
+    ) | extra  # e.g. torch_compile, no evaluation or saving for scripts/bench_training.py
     # sft_args last: they may override the device defaults above (e.g. bf16 on a CPU with bf16 units).
     return SFTConfig(**(args | sft_overrides(cfg)))
 

@@ -20,6 +20,9 @@ os.environ.update(
     # Test datasets and downloads go to a throwaway cache; the built-in model conversion is
     # shared with the user's cache so it happens once per machine, not once per test session.
     SMOLFLOW_CACHE=os.path.join(_HOME, "cache"),
+    # A `smolflow serve` left running on this machine must not receive the tests' runs (flows/cli.py
+    # joins a server it finds there); tests that want a server give PREFECT_API_URL.
+    SMOLFLOW_LOCAL_SERVER="http://127.0.0.1:9/api",
 )
 os.makedirs(os.path.join(_HOME, "cache"))
 _SHARED_MODELS = os.path.expanduser("~/.cache/smolflow/models")

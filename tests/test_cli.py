@@ -73,6 +73,21 @@ def test_bad_data_and_missing_model_fail_before_the_flow_starts(env, tmp_path):
     assert not root.exists()
 
 
+def test_run_and_eval_join_a_running_server_instead_of_starting_one(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.cli import join_running_server
+
+    running = PREFECT_API_URL.value()  # the session's real server, as `smolflow serve` would be
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        monkeypatch.delenv("PREFECT_API_URL", raising=False)
+        assert join_running_server("http://127.0.0.1:9/api") is None  # nothing answers: a temporary server
+        assert "PREFECT_API_URL" not in os.environ
+        assert join_running_server(running) == running and os.environ["PREFECT_API_URL"] == running
+    # A configured server is never replaced.
+    assert join_running_server("http://127.0.0.1:9/api") is None
+
+
 def test_dashes_and_underscores_both_set_a_field():
     from tasks.config_args import parse_config
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tasks.benchmarks import REGISTRY
-from tasks.benchmarks.fast_lm import ENGINE, SharedPrefixLM, prefix_groups
+from tasks.benchmarks.fast_lm import ENGINE, SharedPrefixLM, prefix_groups, prompt_batches
 from tasks.benchmarks.mmlu import MMLU
 from tasks.config import BenchmarkConfig
 from tasks.runtime import FIXTURES
@@ -90,6 +90,15 @@ def test_prefix_groups_share_the_few_shot_block():
     assert groups == [(0, [(7, 8, 9)]), (40, [shots + (1, 2), shots + (1, 5, 6), shots + (3,)])]
     # Each member keeps a token of its own; a lone context is run whole.
     assert prefix_groups([shots]) == [(0, [shots])]
+
+
+def test_generation_batches_never_mix_two_few_shot_blocks():
+    a, b = "Task A examples. " * 20, "Task B examples. " * 20
+    prompts = [a + "q1", b + "q1", a + "q2", a + "q3", b + "q2", "Q: x", "Q: y"]
+    # Sorted; the A block and the B block each get batches of their own though the size allows more;
+    # prompts that share no block still fill a batch (a lone prompt always takes the next one).
+    assert prompt_batches(prompts, 8) == [[5, 6], [0, 2, 3], [1, 4]]
+    assert prompt_batches(prompts, 2) == [[5, 6], [0, 2], [3, 1], [4]]
 
 
 def test_gsm8k_generation_equals_hflm(tiny_model_dir):

@@ -39,7 +39,7 @@ def complete_steps(run: ArtifactStore) -> list[int]:
 
 @pytest.mark.slow
 def test_sigkilled_training_resumes_from_the_newest_complete_checkpoint(tiny_ref, fixture_data, tmp_path, monkeypatch):
-    cfg = TrainingConfig(max_steps=24, save_steps=3, logging_steps=1, eval_steps=12, max_length=128)
+    cfg = TrainingConfig(max_steps=12, save_steps=3, logging_steps=1, eval_steps=12, max_length=128)
     run = ArtifactStore(str(tmp_path / "artifacts" / "runs" / "crash-1"))
     proc = subprocess.Popen([sys.executable, "-c", TRAIN, tiny_ref.path, run.uri, cfg.model_dump_json()],
                             cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)},

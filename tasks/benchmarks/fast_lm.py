@@ -39,8 +39,8 @@ MIN_SHARED = 16
 _GREEDY_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k"}
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
+def common_prefix(a, b) -> int:
+    """Length of the longest common prefix of two token lists (or strings)."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -69,6 +69,27 @@ def prefix_groups(contexts: list[tuple[int, ...]]) -> list[tuple[int, list[tuple
     if members:
         groups.append((shared, members))
     return [(s if len(m) > 1 and s >= MIN_SHARED else 0, m) for s, m in groups]
+
+
+def prompt_batches(prompts: list[str], size: int) -> list[list[int]]:
+    """Indices of `prompts` in batches of at most `size`, sorted, each cut at a change of prefix.
+
+    Sorted prompts with the same few-shot block sit together; a batch is also cut where the next
+    prompt would shrink the text the batch shares to under half (one BBH task's 3-shot block ends
+    and the next task's begins), so a batch never mixes two blocks and loses its shared prefix.
+    """
+    batches: list[list[int]] = []
+    shared = 0
+    for i in sorted(range(len(prompts)), key=prompts.__getitem__):
+        if batches and len(batches[-1]) < size:
+            joined = min(shared, common_prefix(prompts[batches[-1][-1]], prompts[i]))
+            if len(batches[-1]) == 1 or 2 * joined >= shared:
+                batches[-1].append(i)
+                shared = joined
+                continue
+        batches.append([i])
+        shared = len(prompts[i])
+    return batches
 
 
 @register_model(ENGINE)
@@ -198,11 +219,9 @@ class SharedPrefixLM(HFLM):
                     results[i] = text
                 continue
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
-            # Sorted by prompt so a batch holds prompts with the same few-shot block.
-            idx = sorted(idx, key=lambda i: requests[i].args[0])
             size = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 16
-            for start in range(0, len(idx), size):
-                chunk = idx[start : start + size]
+            for chunk in prompt_batches([requests[i].args[0] for i in idx], size):
+                chunk = [idx[k] for k in chunk]
                 contexts = [requests[i].args[0] for i in chunk]
                 for i, context, text in zip(chunk, contexts, self._generate_batch(contexts, until, kwargs["max_gen_toks"])):
                     results[i] = text

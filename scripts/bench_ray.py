@@ -1,0 +1,81 @@
+"""Benchmarks one after another vs fanned out on Ray, side by side: `smolflow eval` twice.
+
+    .venv/bin/python scripts/bench_ray.py [--items 20]
+
+Scores the built-in SmolLM2-135M-Instruct on MMLU (cloze, real dev questions), BBH (real
+examples), GSM8K and MATH (fixtures repeated; data as in scripts/bench_eval.py) with the same
+settings twice, each in a fresh `smolflow eval` process with a fresh Prefect home and cache (so
+nothing is answered from a cache): once with `execution.task_runner: local` (the default: one
+benchmark after another, all torch threads) and once with `ray` (a local Ray cluster on this
+machine's cores, MMLU subjects and BBH tasks in shards, one torch thread per task). Prints the
+wall time of each and whether every item's output is the same. Not a test: the table goes to
+docs/performance.md (the equality itself is tests/test_ray.py's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SMOLFLOW = Path(sys.executable).parent / "smolflow"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--items", type=int, default=20, help="items per benchmark")
+    ap.add_argument("--shard-size", type=int, default=2, help="MMLU subjects / BBH tasks per Ray task")
+    args = ap.parse_args()
+    from scripts.bench_eval import build_data
+    from tasks.models import convert_builtin
+
+    convert_builtin()
+    work = Path(tempfile.mkdtemp(prefix="smolflow-ray-"))
+    try:
+        data = build_data(work, args.items)
+        benchmarks = [{"name": name, "data": data[name][0], "subsets": data[name][1], "limit": data[name][2]}
+                      for name in ("mmlu", "bbh", "gsm8k", "math")]
+        rows, records = [], {}
+        for runner in ("local", "ray"):
+            home = work / runner
+            (home / "cache").mkdir(parents=True)
+            (home / "cache" / "models").symlink_to(Path.home() / ".cache" / "smolflow" / "models")
+            env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+                "PREFECT_HOME": str(home / "prefect"), "SMOLFLOW_CACHE": str(home / "cache"),
+                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "SMOLFLOW_LOCAL_SERVER": "http://127.0.0.1:9/api"}
+            extra = ["--execution.task-runner", "ray", "--execution.shard-size", str(args.shard_size),
+                     "--torch-threads", "1"] if runner == "ray" else []
+            start = time.perf_counter()
+            proc = subprocess.run(
+                [str(SMOLFLOW), "eval", "--model", "builtin:smollm2-135m-instruct", "--benchmarks", json.dumps(benchmarks),
+                 "--judge.enabled", "false", "--wandb.mode", "disabled", "--output.artifacts-uri", str(home / "runs"),
+                 "--output.run-id", runner, *extra], env=env, cwd=ROOT, capture_output=True, text=True)
+            wall = time.perf_counter() - start
+            if proc.returncode != 0:
+                sys.exit(f"{runner}: smolflow eval failed:\n{proc.stderr[-3000:]}")
+            out = home / "runs" / "runs" / runner / "benchmarks"
+            records[runner] = {b["name"]: [json.loads(line)["output"] for line in
+                                           (out / b["name"] / "model.jsonl").read_text().splitlines()]
+                               for b in benchmarks}
+            rows.append((runner, wall))
+        same = {name: records["local"][name] == records["ray"][name] for name in records["local"]}
+        items = {name: len(records["local"][name]) for name in records["local"]}
+        print(f"SmolLM2-135M-Instruct, {os.cpu_count()} CPUs, items per benchmark: {items}\n")
+        print("| execution.task_runner | wall s | vs local |\n|---|---|---|")
+        for runner, wall in rows:
+            print(f"| {runner} | {wall:.1f} | {rows[0][1] / wall:.2f}x |")
+        print(f"\nper-item outputs identical: {same}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""A cached re-run against the first run, side by side: `smolflow run` three times, same settings.
+
+    .venv/bin/python scripts/bench_rerun.py                    # the embedded defaults (real SmolLM2)
+    .venv/bin/python scripts/bench_rerun.py -- --training.max-steps 10
+
+1. first run, nothing cached, no Prefect server (the flow starts a temporary one, as `make run` does);
+2. the same command again: every computing task is answered from Prefect's cache;
+3. the same command again while a Prefect server runs here (`smolflow serve`'s, port 4200 unless
+   SMOLFLOW_LOCAL_SERVER says otherwise): `smolflow run` reports to it instead of starting one.
+
+Each run is a fresh `smolflow` process with the wall clock around it, all three in this one command
+on the same machine, in a throwaway artifact root, Prefect home and smolflow cache (the built-in
+model's one-time conversion is shared with ~/.cache/smolflow, so it is not part of the first run).
+Prints wall seconds and each run's share of the first run's. Not a test: the
+table goes to docs/performance.md. Target (issue 16): a cached re-run within 5% of the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOLFLOW = Path(sys.executable).parent / "smolflow"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def timed_run(env: dict, args: list[str], log: Path) -> float:
+    start = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.run([str(SMOLFLOW), "run", *args], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"smolflow run failed ({proc.returncode}); see {log}:\n{log.read_text()[-3000:]}")
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("settings", nargs="*", help="settings passed to `smolflow run` (after --)")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from tasks.models import convert_builtin
+
+    convert_builtin()  # once per machine; not part of any timed run
+    work = Path(tempfile.mkdtemp(prefix="smolflow-rerun-"))
+    (work / "cache").mkdir()
+    (work / "cache" / "models").symlink_to(Path.home() / ".cache" / "smolflow" / "models")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "PREFECT_HOME": str(work / "prefect"), "SMOLFLOW_CACHE": str(work / "cache"),
+        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_DIR": str(work),
+        "SMOLFLOW_LOCAL_SERVER": f"http://127.0.0.1:{port}/api",
+    }
+    settings = ["--output.artifacts-uri", str(work / "runs"), *args.settings]
+    server = None
+    load = os.getloadavg()[0]
+    try:
+        rows = []
+        first = timed_run(env, settings, work / "first.log")
+        rows.append(("first run (nothing cached, temporary Prefect server)", first))
+        rows.append(("same command again (cached, temporary Prefect server)", timed_run(env, settings, work / "again.log")))
+        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--port", str(port)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    sys.exit("the Prefect server did not start")
+                time.sleep(1)
+        time.sleep(3)  # its API answers a moment after the port opens
+        rows.append(("same command again (cached, joins the running server)", timed_run(env, settings, work / "joined.log")))
+        print(f"`smolflow run {' '.join(args.settings)}` ({os.cpu_count()} CPUs, load average at start "
+              f"{load:.1f})\n")
+        print("| run | wall s | of the first run |\n|---|---|---|")
+        for label, seconds in rows:
+            print(f"| {label} | {seconds:.1f} | {100 * seconds / first:.1f}% |")
+    finally:
+        if server is not None:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
