@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from tasks.checks import check_run
 from tasks.config import RunConfig
 from tasks.console import configure_logging
+from tasks.device import publish, unpublish
 from tasks.evaluation import save_scores, score_models
 from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
@@ -27,12 +28,15 @@ from tasks.runtime import code_version, flow_run_link, run_logger, set_torch_thr
 from tasks.storage import ArtifactStore, set_latest, write_manifest
 
 
-@flow(name="smolflow-evaluate")
+# unpublish: the run's device/precision/task-runner settings end with it (tasks/device.py).
+@flow(name="smolflow-evaluate", on_completion=[unpublish], on_failure=[unpublish], on_crashed=[unpublish],
+      on_cancellation=[unpublish])
 def evaluate(config: RunConfig = RunConfig()) -> dict:
     """Model -> benchmarks + custom benchmarks -> judge (against `judge.reference`) -> report -> manifest."""
     configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1 (smolflow --verbose)
     threads = set_torch_threads(config.torch_threads)
     checked = check_run(config)
+    placement = publish(config.execution)  # as in smolflow-finetune: every model, and Ray if asked
     root = config.output.artifacts_uri
     run_id = config.output.run_id or f"eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     run = ArtifactStore(root).child(run_dir(run_id))
@@ -56,6 +60,6 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
         summary = write_report(run.uri, config.model_dump(mode="json"), None,
                                {"Prefect flow run": flow_run_link(), "code": code_version()})
         write_manifest(run.uri, {"run_id": run_id, "kind": "eval", "tuned_model": model.model_dump(),
-                                 "torch_threads": threads, "completed_at": datetime.now(timezone.utc).isoformat()})
+                                 "torch_threads": threads, "execution": placement.model_dump(mode="json"), "completed_at": datetime.now(timezone.utc).isoformat()})
         set_latest(root, flow_run.flow_name, run_id)
         return summary | {"model": model.path, "manifest": run.url(RunPaths.manifest)}

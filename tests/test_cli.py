@@ -130,6 +130,12 @@ def test_eval_runs_lists_and_compares(env, tiny_model_dir, tmp_path):
     a = json.loads((root / "runs/eval-a/benchmarks/gsm8k/model.summary.json").read_text())
     b = json.loads((root / "runs/eval-b/benchmarks/gsm8k/model.summary.json").read_text())
     assert a == b
+    # The eval flow applies the execution settings (it once ignored them): bf16 forced on any CPU.
+    bf16 = smolflow(env, *_eval_args(root, str(tiny_model_dir), 2), "--output.run-id", "eval-bf16",
+                    "--execution.precision", "bf16")
+    assert bf16.returncode == 0, bf16.stderr[-3000:]
+    assert json.loads((root / "runs/eval-bf16/benchmarks/gsm8k/model.summary.json").read_text())["settings"]["dtype"] == "bfloat16"
+    assert json.loads((root / "runs/eval-bf16/manifest.json").read_text())["execution"]["precision"] == "bf16"
     failed = smolflow(env, *_eval_args(root, str(tmp_path / "no-model"), 2), "--output.run-id", "eval-bad")
     assert failed.returncode == 2 and "Traceback" not in failed.stderr.split("smolflow eval: error")[-1]
     assert json.loads((root / "runs/eval-bad/status.json").read_text())["state"] == "failed"
