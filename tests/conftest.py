@@ -82,6 +82,15 @@ def prefect_server():
             yield
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_api_url():
+    """A test must not leave PREFECT_API_URL in the environment: every later subprocess of the
+    worker would report to the shared server, and a SIGKILLed one would hold its training slot
+    (the test server revokes no expired leases), stalling every later training for good."""
+    yield
+    assert "PREFECT_API_URL" not in os.environ, "this test left PREFECT_API_URL set in os.environ"
+
+
 @pytest.fixture(scope="session")
 def builtin_dir() -> Path:
     """The real SmolLM2-135M-Instruct, converted from the GGUF once per machine."""

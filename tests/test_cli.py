@@ -80,7 +80,8 @@ def test_run_and_eval_join_a_running_server_instead_of_starting_one(monkeypatch)
 
     running = PREFECT_API_URL.value()  # the session's real server, as `smolflow serve` would be
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
-        monkeypatch.delenv("PREFECT_API_URL", raising=False)
+        monkeypatch.setenv("PREFECT_API_URL", "set")  # so that monkeypatch unsets what the join sets
+        monkeypatch.delenv("PREFECT_API_URL")
         assert join_running_server("http://127.0.0.1:9/api") is None  # nothing answers: a temporary server
         assert "PREFECT_API_URL" not in os.environ
         assert join_running_server(running) == running and os.environ["PREFECT_API_URL"] == running
