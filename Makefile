@@ -24,10 +24,12 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 setup: $(VENV)/.installed
 
 # uv installs the pinned set in well under a minute where pip took 2-5 (parallel downloads and
-# installs). It does not read pip's configuration, so a local wheel folder pip is pointed at
-# (PIP_FIND_LINKS, e.g. the CPU torch wheel) is passed on. --compile-bytecode, as pip does: else
-# the first processes to import a module (several test workers at once) each compile it.
-UV_FLAGS := -q --python $(PY) -c constraints.txt --compile-bytecode $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
+# installs). It does not read pip's configuration, so local wheel folders pip is pointed at
+# (PIP_FIND_LINKS or pip's config file, e.g. the CPU torch wheel) are passed on.
+# --compile-bytecode, as pip does: else the first processes to import a module (several test
+# workers at once) each compile it.
+FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+UV_FLAGS := -q --python $(PY) -c constraints.txt --compile-bytecode $(foreach l,$(FIND_LINKS),--find-links $(l))
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
