@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tasks.benchmarks import REGISTRY
-from tasks.benchmarks.fast_lm import ENGINE, RoomyLayer, SharedPrefixLM, new_cache, prefix_groups, prompt_batches
+from tasks.benchmarks.fast_lm import ENGINE, SharedPrefixLM, prefix_groups, prompt_batches
 from tasks.benchmarks.mmlu import MMLU
 from tasks.config import BenchmarkConfig
 from tasks.runtime import FIXTURES
@@ -99,32 +99,6 @@ def test_generation_batches_never_mix_two_few_shot_blocks():
     # prompts that share no block still fill a batch (a lone prompt always takes the next one).
     assert prompt_batches(prompts, 8) == [[5, 6], [0, 2, 3], [1, 4]]
     assert prompt_batches(prompts, 2) == [[5, 6], [0, 2], [3, 1], [4]]
-
-
-def test_the_roomy_cache_decodes_exactly_like_dynamiccache(tiny_model_dir, monkeypatch):
-    from transformers import AutoModelForCausalLM, DynamicCache
-
-    monkeypatch.setattr(RoomyLayer, "ROOM", 3)  # grow (double) several times within a few steps
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    ids = torch.randint(10, 1000, (4, 7), generator=torch.Generator().manual_seed(0))
-
-    def decode(cache):
-        tokens, out = ids, []
-        with torch.no_grad():
-            for step in range(12):
-                if step == 5:  # rows 1 and 3 leave the batch, as finished rows do
-                    cache.batch_select_indices(torch.tensor([0, 2]))
-                    tokens = tokens[[0, 2]]
-                logits = model(input_ids=tokens, past_key_values=cache, use_cache=True).logits[:, -1]
-                tokens = logits.argmax(-1, keepdim=True)
-                out.append(logits)
-        return out
-
-    roomy = new_cache(model.config)
-    assert all(isinstance(layer, RoomyLayer) for layer in roomy.layers)
-    for a, b in zip(decode(DynamicCache(config=model.config)), decode(roomy), strict=True):
-        assert torch.equal(a, b)
-    assert roomy.get_seq_length() == 7 + 11
 
 
 def test_gsm8k_generation_equals_hflm(tiny_model_dir):

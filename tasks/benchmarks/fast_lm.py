@@ -31,7 +31,6 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 ENGINE = "smolflow-hf"
 # Below this many shared tokens a separate prefix forward costs more than it saves.
@@ -72,55 +71,6 @@ def prefix_groups(contexts: list[tuple[int, ...]]) -> list[tuple[int, list[tuple
     return [(s if len(m) > 1 and s >= MIN_SHARED else 0, m) for s, m in groups]
 
 
-class RoomyLayer(DynamicLayer):
-    """A DynamicLayer that appends into spare room at the end of its buffers.
-
-    DynamicLayer concatenates on every update, so each decoding step copies the whole cache of
-    every layer (O(length) per token); here a step writes one position, and the buffers grow by
-    doubling. `keys`/`values` stay views of the filled part, so everything that reads them is
-    unchanged.
-    """
-
-    ROOM = 256  # spare positions on first allocation (a typical generation budget)
-
-    def _place(self, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
-        self._k, self._v = k, v
-        self.keys, self.values = k[..., :n, :], v[..., :n, :]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n, new = self.get_seq_length(), key_states.shape[-2]
-        if n == 0 or n + new > self._k.shape[-2]:
-            room = max(2 * n, n + new + self.ROOM)
-            shape = (*key_states.shape[:2], room)
-            k = key_states.new_empty(*shape, key_states.shape[-1])
-            v = value_states.new_empty(*shape, value_states.shape[-1])
-            if n:
-                k[..., :n, :], v[..., :n, :] = self.keys, self.values
-            self._place(k, v, n)
-        self._k[..., n : n + new, :] = key_states
-        self._v[..., n : n + new, :] = value_states
-        self._place(self._k, self._v, n + new)
-        return self.keys, self.values
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.get_seq_length() > 0:
-            self._place(self._k.repeat_interleave(repeats, dim=0), self._v.repeat_interleave(repeats, dim=0),
-                        self.get_seq_length())
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.get_seq_length() > 0:
-            self._place(self._k[indices], self._v[indices], self.get_seq_length())
-
-
-def new_cache(config) -> DynamicCache:
-    """An empty KV cache for `config`'s model, with RoomyLayer for its plain (full-attention) layers."""
-    cache = DynamicCache(config=config)
-    cache.layers = [RoomyLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    return cache
-
-
 def prompt_batches(prompts: list[str], size: int) -> list[list[int]]:
     """Indices of `prompts` in batches of at most `size`, sorted, each cut at a change of prefix.
 
@@ -153,7 +103,7 @@ class SharedPrefixLM(HFLM):
 
     def _prefill(self, tokens: list[int], batch: int = 1) -> DynamicCache:
         """The KV cache of `tokens` (empty for none), repeated `batch` times."""
-        cache = new_cache(self.model.config)
+        cache = DynamicCache(config=self.model.config)
         if tokens:
             self._forward(torch.tensor([tokens], device=self.device), cache, keep=1)
             if batch > 1:
@@ -162,7 +112,7 @@ class SharedPrefixLM(HFLM):
 
     def _fork(self, cache: DynamicCache, batch: int) -> DynamicCache:
         """A new cache starting from `cache`'s (batch-1) state, which stays untouched."""
-        fork = new_cache(self.model.config)
+        fork = DynamicCache(config=self.model.config)
         for i, layer in enumerate(cache.layers):
             if layer.get_seq_length() > 0:
                 fork.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), i)
