@@ -127,6 +127,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=8, help="items per benchmark (MMLU: rounded up to 5 per subject, BBH: 3 per task)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--hf-batch-size", type=int, default=None,
+                        help="HFLM's batch size, if not --batch-size (each engine at the size that suits it)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     args = parser.parse_args()
@@ -148,7 +150,9 @@ def main() -> None:
     convert_builtin()
     model, tokenizer = load_model(resolve_model.fn("builtin:smollm2-135m-instruct"))
     model = model.to(getattr(torch, args.dtype)).eval()
-    print(f"SmolLM2-135M-Instruct {args.dtype}, {args.threads} torch thread(s), batch size {args.batch_size}, "
+    hf_batch = args.hf_batch_size or args.batch_size
+    print(f"SmolLM2-135M-Instruct {args.dtype}, {args.threads} torch thread(s), batch size {args.batch_size} "
+          f"(HFLM: {hf_batch}), "
           f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}")
     rows, rates = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,7 +173,8 @@ def main() -> None:
             cfg = BenchmarkConfig(name=name, limit=limit, num_fewshot=shots, data=source, subsets=subsets, batch_size=args.batch_size)
             timed = {}
             for cls in (HFLM, SharedPrefixLM):
-                lm = cls(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device=str(model.device))
+                size = hf_batch if cls is HFLM else args.batch_size
+                lm = cls(pretrained=model, tokenizer=tokenizer, batch_size=size, device=str(model.device))
                 wall, cpu = time.perf_counter(), time.process_time()
                 result = bench.evaluate_lm(lm, cfg)
                 timed[cls] = (result, (time.process_time() - cpu) / result.n, (time.perf_counter() - wall) / result.n)

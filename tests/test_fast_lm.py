@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tasks.benchmarks import REGISTRY
-from tasks.benchmarks.fast_lm import ENGINE, SharedPrefixLM, prefix_groups, prompt_batches
+from tasks.benchmarks.fast_lm import ENGINE, SharedPrefixLM, prefix_groups, prompt_batches, shared_prefix_attention
 from tasks.benchmarks.mmlu import MMLU
 from tasks.config import BenchmarkConfig
 from tasks.runtime import FIXTURES
@@ -101,16 +101,49 @@ def test_generation_batches_never_mix_two_few_shot_blocks():
     assert prompt_batches(prompts, 2) == [[5, 6], [0, 2], [3, 1], [4]]
 
 
+def test_shared_prefix_attention_equals_attention_over_the_whole_cache():
+    """The prefix's keys stored once for every row give what SDPA gives over each row's full copy:
+    grouped-query heads, left-padded own tokens, several query positions and one (a decode step)."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    rows, heads, kv_heads, dim, prefix, own = 3, 6, 2, 8, 5, 4
+    module = SimpleNamespace(layer_idx=1, num_key_value_groups=heads // kv_heads, is_causal=True, training=False)
+    shared_kv = [None, (torch.randn(kv_heads, prefix, dim), torch.randn(kv_heads, prefix, dim))]
+    key, value = torch.randn(rows, kv_heads, own, dim), torch.randn(rows, kv_heads, own, dim)
+    real = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]], dtype=torch.bool)  # left pads
+    full_k = torch.cat([shared_kv[1][0].expand(rows, -1, -1, -1), key], dim=2)
+    full_v = torch.cat([shared_kv[1][1].expand(rows, -1, -1, -1), value], dim=2)
+    for q in (own, 1):  # the rows' own tokens at once, then one new token each
+        query = torch.randn(rows, heads, q, dim)
+        allowed = torch.ones(q, own, dtype=torch.bool).tril(own - q) & real[:, None, :]  # query i sits at own-q+i
+        if q == own:
+            allowed |= torch.eye(own, dtype=torch.bool)  # a pad sees itself, as in _generate_batch
+        allowed = allowed[:, None]  # (rows, 1, q, own)
+        additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        got, _ = shared_prefix_attention(module, query, key, value, additive, scaling=dim**-0.5, shared_kv=shared_kv)
+        whole = torch.cat([torch.ones(rows, 1, q, prefix, dtype=torch.bool), allowed], dim=-1)
+        want, _ = sdpa_attention_forward(module, query, full_k, full_v, whole, scaling=dim**-0.5)
+        assert got.shape == want.shape == (rows, q, heads, dim)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_gsm8k_generation_equals_hflm(tiny_model_dir):
     # Batch 4 over 5 items: a partial batch, suffixes of unequal length after the 5-shot block.
     reference, fast = _both(tiny_model_dir, REGISTRY["gsm8k"], BenchmarkConfig(name="gsm8k", limit=5))
     _same_text(reference, fast)
 
 
-def test_bbh_generation_equals_hflm(tiny_model_dir):
+def test_bbh_generation_equals_hflm(tiny_model_dir, monkeypatch):
+    shared = []  # the length of each few-shot block computed once for a batch (shared_prefix_attention)
+    original = SharedPrefixLM._shared_kv
+    monkeypatch.setattr(SharedPrefixLM, "_shared_kv", lambda self, tokens: shared.append(len(tokens)) or original(self, tokens))
     cfg = BenchmarkConfig(name="bbh", limit=2, subsets=["boolean_expressions", "web_of_lies"])
     reference, fast = _both(tiny_model_dir, REGISTRY["bbh"], cfg, batch_size=3)
     _same_text(reference, fast)
+    assert len(shared) == 2 and min(shared) > 50, shared  # one batch per task, each with its 3-shot block
 
 
 @pytest.mark.parametrize("shots", [0, 3])
