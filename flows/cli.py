@@ -19,6 +19,7 @@ go anywhere on the line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -47,27 +48,34 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 # ---- commands --------------------------------------------------------------------------------
 
 
-def join_running_server(url: str = LOCAL_SERVER) -> str | None:
+@contextlib.contextmanager
+def join_running_server(url: str = LOCAL_SERVER):
     """Report to a Prefect server already running here (`smolflow serve`) instead of starting one.
 
-    Without an API URL every flow process starts a temporary server of its own (10-20 s here, and
-    its runs vanish with it). When none is configured and `url` answers its health check, the run
-    uses it (PREFECT_API_URL for this process and its children) and shows up in that server's UI.
+    Without an API URL every flow process starts a temporary server of its own (~10 s of a cached
+    re-run here, and its runs vanish with it). When none is configured and `url` answers its health
+    check, the flow runs inside this block use it and show up in that server's UI. Prefect read its
+    settings when it was imported (the input checks import it), so the URL goes into its settings
+    context, and into the environment for the processes the run starts. Yields the URL or None.
     """
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     import urllib.request
 
     if PREFECT_API_URL.value():
-        return None
+        yield None
+        return
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
-            if response.status != 200:
-                return None
+            answers = response.status == 200
     except OSError:
-        return None
+        answers = False
+    if not answers:
+        yield None
+        return
     os.environ["PREFECT_API_URL"] = url
     print(f"smolflow: reporting to the Prefect server running at {url.removesuffix('/api')}", file=sys.stderr)
-    return url
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield url
 
 
 def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
@@ -81,10 +89,10 @@ def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     # first (a few seconds), then the cross-checks (trying SFTConfig imports TRL: ~8 s here).
     check_inputs(config)
     check_run(config)
-    join_running_server()
     from flows.finetune import finetune
 
-    _print(finetune(config=config))
+    with join_running_server():
+        _print(finetune(config=config))
     return 0
 
 
@@ -95,8 +103,8 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
 
     config = parse_config(rest)
     check_run(config)
-    join_running_server()
-    _print(evaluate(config=config))
+    with join_running_server():
+        _print(evaluate(config=config))
     return 0
 
 
@@ -175,8 +183,8 @@ def cmd_arena_run(args: argparse.Namespace, rest: list[str]) -> int:
     from tasks.arena_config import ArenaConfig
 
     config = parse_config(rest, model=ArenaConfig)
-    join_running_server()
-    _print(arena(config=config))
+    with join_running_server():
+        _print(arena(config=config))
     return 0
 
 

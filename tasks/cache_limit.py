@@ -2,7 +2,7 @@
 
 An entry is one child of a managed folder: models/<name> (the converted built-in model and
 templated models), downloads/<fingerprint>, datasets/<fingerprint> (+ checked-*.json indexes),
-tokenized/<key>, judgements/<key>.json, work/<run_id>. Each is re-made when missing (the built-in
+tokenized/<key>, tokenizers/<key>.json, judgements/<key>.json, work/<run_id>. Each is re-made when missing (the built-in
 model is converted again, a download fetched again, ...), so evicting one costs time, never a run.
 Never evicted: what the current run used (named, or used/written since it started), a
 work/<run_id> or staging `.tmp<pid>` entry written within the last hours (a run still at work).
@@ -38,7 +38,7 @@ class Decision(BaseModel):
     complete: bool | None = None  # runs: whether it has a manifest
 
 
-KINDS = ("models", "downloads", "datasets", "tokenized", "judgements", "work")
+KINDS = ("models", "downloads", "datasets", "tokenized", "tokenizers", "judgements", "work")
 _STAGING = re.compile(r"\.tmp\d+$")
 
 

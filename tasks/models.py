@@ -6,6 +6,7 @@ what the model *is*, never on its name: a re-tuned model under the same path is 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from pathlib import Path
@@ -52,8 +53,14 @@ def builtin_target() -> Path:
     """Where the built-in model is (or will be) converted: named by the GGUF's hash."""
     import transformers
 
-    key = sha256_files([builtin_gguf()])[:16]
+    key = _gguf_key(builtin_gguf())
     return cache_dir("models") / f"smollm2-135m-instruct-{key}-tf{transformers.__version__}"
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_key(gguf: Path) -> str:
+    """The installed GGUF's hash, once per process (a run asks for it several times; ~0.1 s each)."""
+    return sha256_files([gguf])[:16]
 
 
 def convert_builtin() -> Path:

@@ -9,11 +9,16 @@ run will use.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import TemplateConfig
 from tasks.models import ModelRef, local_model_dir
+from tasks.runtime import atomic_write, cache_dir
 
 
 def template_markers(cfg: TemplateConfig, own_template: str | None) -> set[str]:
@@ -42,7 +47,26 @@ def control_tokens(model: ModelRef, cfg: TemplateConfig = TemplateConfig()) -> l
 
 def control_tokens_of(model_dir, cfg: TemplateConfig = TemplateConfig()) -> list[str]:
     """control_tokens for a model directory that is already here."""
+    tokens, chat_template = tokenizer_facts(Path(model_dir))
+    return sorted(t for t in set(tokens) | template_markers(cfg, chat_template) if t)
+
+
+def tokenizer_facts(model_dir: Path) -> tuple[list[str], str | None]:
+    """(added and special tokens, chat template) of a model directory's tokenizer, as transformers
+    loads it. Kept in SMOLFLOW_CACHE/tokenizers, keyed by the directory's files (name, size, mtime)
+    and the transformers version: every run checks its inputs before the flow starts, again inside
+    it and in its data stage, and loading a tokenizer (with its imports) is ~3 s of a cached re-run."""
+    from importlib.metadata import version
+
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model_dir.iterdir() if f.is_file())
+    key = json.dumps([str(model_dir.resolve()), files, version("transformers")])
+    path = cache_dir("tokenizers") / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+    if path.is_file():
+        facts = json.loads(path.read_text())
+        return facts["tokens"], facts["chat_template"]
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return sorted(t for t in tokenizer_tokens(tokenizer) | template_markers(cfg, tokenizer.chat_template) if t)
+    tokens, chat_template = sorted(tokenizer_tokens(tokenizer)), tokenizer.chat_template
+    atomic_write(path, json.dumps({"model_dir": str(model_dir), "tokens": tokens, "chat_template": chat_template}))
+    return tokens, chat_template

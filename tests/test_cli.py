@@ -82,11 +82,14 @@ def test_run_and_eval_join_a_running_server_instead_of_starting_one(monkeypatch)
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         monkeypatch.setenv("PREFECT_API_URL", "set")  # so that monkeypatch unsets what the join sets
         monkeypatch.delenv("PREFECT_API_URL")
-        assert join_running_server("http://127.0.0.1:9/api") is None  # nothing answers: a temporary server
-        assert "PREFECT_API_URL" not in os.environ
-        assert join_running_server(running) == running and os.environ["PREFECT_API_URL"] == running
+        with join_running_server("http://127.0.0.1:9/api") as joined:  # nothing answers: a temporary server
+            assert joined is None and PREFECT_API_URL.value() is None and "PREFECT_API_URL" not in os.environ
+        with join_running_server(running) as joined:
+            # In Prefect's settings (read once, at its import), not only in the environment.
+            assert joined == running and PREFECT_API_URL.value() == running and os.environ["PREFECT_API_URL"] == running
     # A configured server is never replaced.
-    assert join_running_server("http://127.0.0.1:9/api") is None
+    with join_running_server("http://127.0.0.1:9/api") as joined:
+        assert joined is None and PREFECT_API_URL.value() == running
 
 
 def test_dashes_and_underscores_both_set_a_field():
@@ -117,6 +120,16 @@ def _eval_args(root: Path, model: str, limit: int) -> list[str]:
             "--judge.enabled", "false", "--wandb.mode", "disabled", "--torch-threads", "1"]
 
 
+def _evaluate_run_ids() -> set[str]:
+    """The run ids of the smolflow-evaluate flow runs the session's Prefect server holds."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["smolflow-evaluate"])))
+    return {r.parameters.get("config", {}).get("output", {}).get("run_id") for r in runs}
+
+
 @pytest.mark.slow
 def test_eval_runs_lists_and_compares(env, tiny_model_dir, tmp_path):
     root = tmp_path / "artifacts"
@@ -126,8 +139,13 @@ def test_eval_runs_lists_and_compares(env, tiny_model_dir, tmp_path):
     assert summary["benchmarks"] == [] and (root / "runs/eval-a/benchmarks/gsm8k/model.summary.json").is_file()
     assert (root / "runs/eval-a/report/report.html").is_file() and (root / "runs/eval-a/manifest.json").is_file()
     # The evaluated model of a run id is that run's model: same fingerprint, so the cached score is reused.
-    second = smolflow(env, *_eval_args(root, "eval-a", 2), "--output.run-id", "eval-b")
+    # No API URL set, but `smolflow serve`'s server (here the session's) answers: the run reports to it.
+    unset = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | {"SMOLFLOW_LOCAL_SERVER": env["PREFECT_API_URL"]}
+    second = smolflow(unset, *_eval_args(root, "eval-a", 2), "--output.run-id", "eval-b")
     assert second.returncode == 0, second.stderr[-3000:]
+    assert "reporting to the Prefect server running at" in second.stderr
+    assert "Starting temporary server" not in second.stdout + second.stderr
+    assert "eval-b" in _evaluate_run_ids()
     a = json.loads((root / "runs/eval-a/benchmarks/gsm8k/model.summary.json").read_text())
     b = json.loads((root / "runs/eval-b/benchmarks/gsm8k/model.summary.json").read_text())
     assert a == b

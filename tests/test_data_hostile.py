@@ -139,6 +139,26 @@ def test_the_models_own_special_tokens_are_checked(tmp_path, tiny_ref):
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)), tokens)
 
 
+def test_a_tokenizers_tokens_are_read_once_until_its_files_change(tmp_path, tiny_model_dir):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tasks.runtime import cache_dir
+    from tasks.special_tokens import control_tokens_of, tokenizer_tokens
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    kept = lambda: set(cache_dir("tokenizers").iterdir())  # noqa: E731
+    before = kept()
+    first = control_tokens_of(model)
+    assert set(first) >= tokenizer_tokens(AutoTokenizer.from_pretrained(model)) and "<|im_start|>" in first
+    assert len(kept() - before) == 1 and control_tokens_of(model) == first  # answered from what was kept
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    tokenizer.save_pretrained(model)  # a changed tokenizer is read again, never answered from the old one
+    assert set(control_tokens_of(model)) == set(first) | {"<|tool|>"} and len(kept() - before) == 2
+
+
 def test_escaped_special_tokens_tokenize_as_plain_text_with_the_real_tokenizer(tmp_path, tiny_ref):
     from datasets import load_from_disk
     from transformers import AutoTokenizer
