@@ -7,7 +7,9 @@
 2. the same command again: every computing task is answered from Prefect's cache;
 3. the same command again while a Prefect server runs here (`smolflow serve`'s, port 4200 unless
    SMOLFLOW_LOCAL_SERVER says otherwise): `smolflow run` reports to it instead of starting one.
-   Timed once the new server has settled (idle, as a long-running one is between runs).
+   Each timed once the server has settled (idle, as a long-running one is between runs).
+
+The cached re-runs run --repeat times each (default 3); the table shows the median and each run.
 
 Each run is a fresh `smolflow` process with the wall clock around it, all three in this one command
 on the same machine, in a throwaway artifact root, Prefect home and smolflow cache (the built-in
@@ -22,6 +24,7 @@ import argparse
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,6 +80,7 @@ def timed_run(env: dict, args: list[str], log: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("settings", nargs="*", help="settings passed to `smolflow run` (after --)")
+    ap.add_argument("--repeat", type=int, default=3, help="cached re-runs of each kind (median shown)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from tasks.models import convert_builtin
@@ -97,8 +101,9 @@ def main() -> None:
     try:
         rows = []
         first = timed_run(env, settings, work / "first.log")
-        rows.append(("first run (nothing cached, temporary Prefect server)", first))
-        rows.append(("same command again (cached, temporary Prefect server)", timed_run(env, settings, work / "again.log")))
+        rows.append(("first run (nothing cached, temporary Prefect server)", [first]))
+        again = [timed_run(env, settings, work / f"again{i}.log") for i in range(args.repeat)]
+        rows.append(("same command again (cached, temporary Prefect server)", again))
         server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--port", str(port)], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 180
@@ -110,13 +115,17 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     sys.exit("the Prefect server did not start")
                 time.sleep(1)
-        settle(server.pid)  # a long-running `smolflow serve` is idle between runs; a new one is not
-        rows.append(("same command again (cached, joins the running server)", timed_run(env, settings, work / "joined.log")))
+        joined = []
+        for i in range(args.repeat):
+            settle(server.pid)
+            joined.append(timed_run(env, settings, work / f"joined{i}.log"))
+        rows.append(("same command again (cached, joins the running server)", joined))
         print(f"`smolflow run {' '.join(args.settings)}` ({os.cpu_count()} CPUs, load average at start "
               f"{load:.1f})\n")
-        print("| run | wall s | of the first run |\n|---|---|---|")
-        for label, seconds in rows:
-            print(f"| {label} | {seconds:.1f} | {100 * seconds / first:.1f}% |")
+        print("| run | wall s (median) | of the first run | runs (wall s) |\n|---|---|---|---|")
+        for label, times in rows:
+            median = statistics.median(times)
+            print(f"| {label} | {median:.1f} | {100 * median / first:.1f}% | {', '.join(f'{t:.1f}' for t in times)} |")
     finally:
         if server is not None:
             os.killpg(server.pid, 15)

@@ -2,8 +2,9 @@
 
 An entry is one child of a managed folder: models/<name> (the converted built-in model and
 templated models), downloads/<fingerprint>, datasets/<fingerprint> (+ checked-*.json indexes),
-tokenized/<key>, tokenizers/<key>.json, judgements/<key>.json, work/<run_id>. Each is re-made when missing (the built-in
-model is converted again, a download fetched again, ...), so evicting one costs time, never a run.
+tokenized/<key>, tokenizers/<key>.json, digests/<key>, judgements/<key>.json, work/<run_id>.
+Each is re-made when missing (the built-in model is converted again, a download fetched again,
+a file hashed again, ...), so evicting one costs time, never a run.
 Never evicted: what the current run used (named, or used/written since it started), a
 work/<run_id> or staging `.tmp<pid>` entry written within the last hours (a run still at work).
 A managed folder that is a symlink (e.g. tests share one converted model across caches) belongs to
@@ -38,7 +39,7 @@ class Decision(BaseModel):
     complete: bool | None = None  # runs: whether it has a manifest
 
 
-KINDS = ("models", "downloads", "datasets", "tokenized", "tokenizers", "judgements", "work")
+KINDS = ("models", "downloads", "datasets", "tokenized", "tokenizers", "digests", "judgements", "work")
 _STAGING = re.compile(r"\.tmp\d+$")
 
 

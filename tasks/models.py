@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.locks import file_lock
-from tasks.runtime import atomic_dir, cache_dir, hub_offline, retry_transient, sha256_files
+from tasks.runtime import atomic_dir, cache_dir, hub_offline, remembered_digest, retry_transient, sha256_files
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class ModelRef(BaseModel):
 
 def fingerprint_dir(path: Path) -> str:
     files = [p for p in Path(path).iterdir() if p.is_file() and not p.name.startswith(".")]
-    return sha256_files(files)
+    return remembered_digest("files", files, lambda: sha256_files(files))
 
 
 def builtin_gguf() -> Path:
@@ -60,7 +60,7 @@ def builtin_target() -> Path:
 @functools.lru_cache(maxsize=2)
 def _gguf_key(gguf: Path) -> str:
     """The installed GGUF's hash, once per process (a run asks for it several times; ~0.1 s each)."""
-    return sha256_files([gguf])[:16]
+    return remembered_digest("files", [gguf], lambda: sha256_files([gguf]))[:16]
 
 
 def convert_builtin() -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -73,6 +73,36 @@ def sha256_files(paths: list[Path]) -> str:
         with open(path, "rb") as f:
             sha256_stream(f, digest)
     return digest.hexdigest()
+
+
+REMEMBER_BYTES = 16 << 20  # smaller files hash faster than their remembered digest is looked up
+
+
+def remembered_digest(kind: str, paths: list[Path], compute: Callable[[], str]) -> str:
+    """compute()'s digest of local files, kept in SMOLFLOW_CACHE/digests under the files' identity
+    (name, device, inode, size, mtime), the way git's index and ccache skip unchanged files: every
+    run hashed the same 517 MB model two or three times (fingerprint, manifest), and a hard-linked
+    copy is the same inode. A file rewritten in place gets a new mtime, so a new digest; one
+    modified in the last seconds is never remembered (file-system clocks are coarse: a second
+    write in the same tick would keep the mtime; git calls this "racy")."""
+    import time
+
+    stats = []
+    for path in sorted(paths, key=lambda p: Path(p).name):
+        st = os.stat(path)
+        stats.append([Path(path).name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns])
+    racy = any(time.time_ns() - s[4] < 2e9 for s in stats)
+    if racy or sum(s[3] for s in stats) < REMEMBER_BYTES:
+        return compute()
+    import json
+
+    kept = cache_dir("digests") / hashlib.sha256(json.dumps([kind, stats]).encode()).hexdigest()[:32]
+    try:
+        return kept.read_text()
+    except FileNotFoundError:
+        value = compute()
+        atomic_write(kept, value)
+        return value
 
 
 def atomic_write(path: Path | str, data: bytes | str) -> Path:

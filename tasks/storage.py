@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import layout
 from tasks.layout import RunPaths
-from tasks.runtime import atomic_write, retry_transient, run_logger, sha256_file, sha256_stream
+from tasks.runtime import atomic_write, remembered_digest, retry_transient, run_logger, sha256_file, sha256_stream
 
 # s3fs uploads a file of at least twice this size as a multipart upload in parts of this size
 # (S3's minimum part is 5 MiB); a failed part fails the upload, which is then retried whole.
@@ -228,6 +228,9 @@ class ArtifactStore:
 
     @_clear_s3_errors
     def sha256(self, rel: str) -> str:
+        if not self.is_s3:  # a run's (hard-linked) model is hashed once, not once per run
+            path = Path(self._path(rel))
+            return remembered_digest("file", [path], lambda: sha256_file(path))
         with self.fs.open(self._path(rel), "rb") as f:
             return sha256_stream(f).hexdigest()
 

@@ -31,6 +31,35 @@ def test_local_directory_is_fingerprinted_by_content(tiny_model_dir, tmp_path):
     assert fingerprint_dir(copy) != ref.fingerprint
 
 
+def test_a_large_files_digest_is_remembered_until_the_file_changes(tmp_path):
+    import os
+
+    from tasks.runtime import REMEMBER_BYTES, remembered_digest, sha256_files
+
+    model = tmp_path / "model"
+    model.mkdir()
+    weights = model / "model.safetensors"
+    weights.write_bytes(os.urandom(REMEMBER_BYTES + 1))
+    (model / "config.json").write_text("{}")
+    for f in model.iterdir():
+        os.utime(f, (time.time() - 60, time.time() - 60))  # written a while ago: not "racy"
+    files = sorted(model.iterdir())
+    first = fingerprint_dir(model)
+    assert first == sha256_files(files)
+    calls = []
+    again = lambda: calls.append(1) or "computed again"  # noqa: E731
+    assert remembered_digest("files", files, again) == first and not calls  # remembered, not re-read
+    linked = tmp_path / "linked"  # how a cached run's model enters a new run folder
+    linked.mkdir()
+    for f in files:
+        os.link(f, linked / f.name)
+    assert remembered_digest("files", sorted(linked.iterdir()), again) == first and not calls
+    with open(weights, "r+b") as f:
+        f.write(b"changed")  # in place: same size, same inode, new mtime
+    assert fingerprint_dir(model) == sha256_files(files) != first
+    assert remembered_digest("files", files, again) == "computed again"  # modified just now: never remembered
+
+
 def test_hub_id_offline_gives_a_clear_error():
     with pytest.raises(RuntimeError, match="not in the local Hugging Face cache"):
         resolve_model.fn("HuggingFaceTB/SmolLM2-135M")
