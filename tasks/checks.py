@@ -9,7 +9,9 @@ compute; `smolflow validate` runs the same function.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 from tasks.config import RunConfig
 
@@ -57,10 +59,45 @@ def check_benchmark_data(config: RunConfig) -> None:
             raise ConfigError(f"benchmarks[{i}] ({b.name}): {err}") from None
 
 
+@functools.lru_cache(maxsize=4)
+def _enum_values(module: str, name: str) -> list[str]:
+    """The string values of enum `name` in transformers' `module`, read from its source: importing
+    trainer_utils/training_args pulls in torch, accelerate and peft (~6 s here), and every run
+    checks these names before anything starts. Only the class's own lines are parsed (the whole
+    module takes ~0.3 s). Falls back to the import if the source moved."""
+    import ast
+    import importlib
+    import importlib.util
+    import itertools
+
+    spec = importlib.util.find_spec("transformers")  # a submodule's spec would import the package
+    source = Path(spec.submodule_search_locations[0]) / f"{module}.py" if spec else None
+    text = source.read_text() if source and source.is_file() else ""
+    start = text.find(f"\nclass {name}(")
+    if start >= 0:
+        head, *rest = text[start + 1:].splitlines()
+        body = itertools.takewhile(lambda line: not line.strip() or line[0].isspace(), rest)
+        node = ast.parse("\n".join([head, *body])).body[0]
+        values = [s.value.value for s in node.body if isinstance(s, ast.Assign)
+                  and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str)]
+        if values:
+            return values
+    return [e.value for e in getattr(importlib.import_module(f"transformers.{module}"), name)]
+
+
+def check_schedule(cfg) -> None:
+    """The optimizer and scheduler names exist in this transformers (ValueError naming the field)."""
+    for field, module, enum in (("lr_scheduler_type", "trainer_utils", "SchedulerType"),
+                                ("optim", "training_args", "OptimizerNames")):
+        value, known = getattr(cfg, field), _enum_values(module, enum)
+        if value not in known:
+            raise ValueError(f"training.{field}: unknown {value!r}; choose from {', '.join(known)}")
+
+
 def check_training(config: RunConfig) -> None:
     """Optimizer and scheduler names, `training.sft_args` against TRL's SFTConfig, and a possible hub push."""
     from tasks.hub import check_hub
-    from tasks.training import check_schedule, sft_overrides
+    from tasks.training import sft_overrides
 
     try:
         check_schedule(config.training)
@@ -121,7 +158,6 @@ def resolve_autos(config: RunConfig) -> dict[str, str]:
 
 def _check_model(source: str) -> None:
     """The model can be found without loading it: a GGUF for builtin, config.json locally, the hub cache offline."""
-    from pathlib import Path
 
     from tasks.models import BUILTIN, builtin_gguf, resolve_source
     from tasks.runtime import hub_offline
@@ -145,7 +181,6 @@ def _check_model(source: str) -> None:
 
 def _model_dir_here(source: str):
     """The model's local directory when it is here without downloading or converting, else None."""
-    from pathlib import Path
 
     from tasks.models import BUILTIN, builtin_target, resolve_source
 
@@ -159,7 +194,6 @@ def check_inputs(config: RunConfig) -> None:
     here (local files, a fixture, or the hub's cache when offline) loads with every row valid, so a
     missing path or split or a bad row is one message within seconds, not a failed flow run. Hub
     data online is left to the flow's task, which retries network failures."""
-    from pathlib import Path
 
     from tasks.data import FIXTURE_PREFIX, load_chat_dataset
     from tasks.runtime import hub_offline

@@ -64,34 +64,6 @@ MANAGED = {name: f"training.{name}" for name in (
 }
 
 
-def _enum_values(module: str, name: str) -> list[str]:
-    """The string values of enum `name` in transformers' `module`, read from its source: importing
-    trainer_utils/training_args pulls in torch, accelerate and peft (~6 s here), and every run
-    checks these names before anything starts. Falls back to the import if the source moved."""
-    import ast
-    import importlib
-    import importlib.util
-
-    spec = importlib.util.find_spec(f"transformers.{module}")
-    tree = ast.parse(Path(spec.origin).read_text()) if spec and spec.origin else ast.Module(body=[])
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == name:
-            values = [s.value.value for s in node.body if isinstance(s, ast.Assign)
-                      and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str)]
-            if values:
-                return values
-    return [e.value for e in getattr(importlib.import_module(f"transformers.{module}"), name)]
-
-
-def check_schedule(cfg: TrainingConfig) -> None:
-    """The optimizer and scheduler names exist in this transformers (ValueError naming the field)."""
-    for field, module, enum in (("lr_scheduler_type", "trainer_utils", "SchedulerType"),
-                                ("optim", "training_args", "OptimizerNames")):
-        value, known = getattr(cfg, field), _enum_values(module, enum)
-        if value not in known:
-            raise ValueError(f"training.{field}: unknown {value!r}; choose from {', '.join(known)}")
-
-
 def sft_overrides(cfg: TrainingConfig) -> dict:
     """training.sft_args checked against SFTConfig's fields and their types, values converted
     (ValueError naming `training.sft_args.<name>`)."""

@@ -29,6 +29,16 @@ def test_bad_training_options_are_named_at_validation(patch, message):
     assert message in str(err.value)
 
 
+def test_optimizer_and_scheduler_names_read_from_source_are_transformers_enums():
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    from tasks.checks import _enum_values
+
+    assert _enum_values("trainer_utils", "SchedulerType") == [e.value for e in SchedulerType]
+    assert _enum_values("training_args", "OptimizerNames") == [e.value for e in OptimizerNames]
+
+
 def test_push_to_hub_offline_fails_at_validation(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")  # even with a token: the hub is off
     config = RunConfig.model_validate({"output": {"push_to_hub": "me/smol-tuned"}, "judge": {"enabled": False}})
