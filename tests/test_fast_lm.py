@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.benchmarks import REGISTRY
-from tasks.benchmarks.fast_lm import ENGINE, SharedPrefixLM, prefix_groups, prompt_batches, shared_prefix_attention
+from tasks.benchmarks import REGISTRY, fast_lm
+from tasks.benchmarks.fast_lm import ENGINE, SharedPrefixLM
 from tasks.benchmarks.mmlu import MMLU
+from tasks.benchmarks.prefixes import prefix_groups, prompt_batches, shared_prefix_attention
 from tasks.config import BenchmarkConfig
 from tasks.runtime import FIXTURES
 
@@ -98,7 +99,16 @@ def test_generation_batches_never_mix_two_few_shot_blocks():
     # Sorted; the A block and the B block each get batches of their own though the size allows more;
     # prompts that share no block still fill a batch (a lone prompt always takes the next one).
     assert prompt_batches(prompts, 8) == [[5, 6], [0, 2, 3], [1, 4]]
-    assert prompt_batches(prompts, 2) == [[5, 6], [0, 2], [3, 1], [4]]
+    # At 2 per batch, A's last prompt and B's first share nothing: they go with the other loose
+    # ones (by length, longest first), before the batches that share a block.
+    assert prompt_batches(prompts, 2) == [[3, 1], [5, 6], [0, 2], [4]]
+
+
+def test_prompts_sharing_nothing_are_batched_by_length():
+    # GSM8K: every item draws its own shots, so text order buys nothing; length order keeps each
+    # batch's rows close in length (little padding), longest first as HFLM does.
+    prompts = ["b" * 50, "a" * 300, "c" * 120, "d" * 310, "e" * 45, "f" * 130]
+    assert prompt_batches(prompts, 2) == [[3, 1], [5, 2], [0, 4]]
 
 
 def test_shared_prefix_attention_equals_attention_over_the_whole_cache():
@@ -130,8 +140,11 @@ def test_shared_prefix_attention_equals_attention_over_the_whole_cache():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_gsm8k_generation_equals_hflm(tiny_model_dir):
+@pytest.mark.parametrize("prefill_tokens", [4096, 1])
+def test_gsm8k_generation_equals_hflm(tiny_model_dir, monkeypatch, prefill_tokens):
     # Batch 4 over 5 items: a partial batch, suffixes of unequal length after the 5-shot block.
+    # Prefill in one pass, or one row at a time with the rows' caches merged, left-padded.
+    monkeypatch.setattr(fast_lm, "PREFILL_TOKENS", prefill_tokens)
     reference, fast = _both(tiny_model_dir, REGISTRY["gsm8k"], BenchmarkConfig(name="gsm8k", limit=5))
     _same_text(reference, fast)
 
@@ -140,10 +153,13 @@ def test_bbh_generation_equals_hflm(tiny_model_dir, monkeypatch):
     shared = []  # the length of each few-shot block computed once for a batch (shared_prefix_attention)
     original = SharedPrefixLM._shared_kv
     monkeypatch.setattr(SharedPrefixLM, "_shared_kv", lambda self, tokens: shared.append(len(tokens)) or original(self, tokens))
-    cfg = BenchmarkConfig(name="bbh", limit=2, subsets=["boolean_expressions", "web_of_lies"])
-    reference, fast = _both(tiny_model_dir, REGISTRY["bbh"], cfg, batch_size=3)
+    monkeypatch.setattr(fast_lm, "PREFILL_TOKENS", 1)  # each row's own tokens alone, caches merged
+    cfg = BenchmarkConfig(name="bbh", limit=5, subsets=["boolean_expressions", "web_of_lies"])
+    reference, fast = _both(tiny_model_dir, REGISTRY["bbh"], cfg, batch_size=2)
     _same_text(reference, fast)
-    assert len(shared) == 2 and min(shared) > 50, shared  # one batch per task, each with its 3-shot block
+    assert len(reference.records) == 9  # 5 + 4: three batches of one task, two of the other
+    # Each task's 3-shot block computed once, though its items span several batches.
+    assert len(shared) == 2 and min(shared) > 50, shared
 
 
 @pytest.mark.parametrize("shots", [0, 3])

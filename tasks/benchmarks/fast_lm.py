@@ -11,7 +11,8 @@ from the stock task YAMLs through lm-eval, so scores stay comparable with anyone
   positions that score continuation tokens get logits (the 49k-wide vocabulary projection and
   log-softmax over every position is much of HFLM's cost).
 - generate_until (greedy only; sampling goes to HFLM): a batch's longest common token prefix (the
-  few-shot block) is computed once, and its keys and values are kept once for the whole batch:
+  few-shot block) is computed once (and reused by the next batches behind the same block), and its
+  keys and values are kept once for the whole batch:
   `shared_prefix_attention` attends every row's queries to them in one matmul, plus to the row's
   own tokens, which are left-padded *after* the prefix (mask over the pads, position ids that
   continue from the prefix), so every row sees exactly the positions it would alone. A decode
@@ -19,10 +20,11 @@ from the stock task YAMLs through lm-eval, so scores stay comparable with anyone
   at batch 32: 4.5x HFLM at 8, docs/performance.md). A row
   leaves the batch (its cache rows are dropped) as soon as it emits EOS or lm-eval's stop check
   fires for it, instead of running until the batch's longest row ends.
-  Batches with nothing in common (GSM8K draws each item's shots at random) use the model's own
-  attention over each row's tokens.
+  Prompts with nothing in common (GSM8K draws each item's shots at random) are batched by length
+  and use the model's own attention over each row's tokens.
 
-Equal to HFLM up to float rounding (tests/test_fast_lm.py compares them item by item).
+Which requests share what, and the attention over a stored prefix: prefixes.py. Equal to HFLM up
+to float rounding (tests/test_fast_lm.py compares them item by item).
 """
 
 from __future__ import annotations
@@ -36,108 +38,22 @@ import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-from transformers import AttentionInterface, DynamicCache
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers import DynamicCache
+
+from tasks.benchmarks.prefixes import CASCADE, MIN_SHARED, common_prefix, prefix_groups, prompt_batches
 
 ENGINE = "smolflow-hf"
-CASCADE = "smolflow-shared-prefix"  # the attention below, registered with transformers
-# Below this many shared tokens a separate prefix forward costs more than it saves.
-MIN_SHARED = 16
+# Tokens per prefill forward pass in generation (rows x padded length): larger passes ran slower per token.
+PREFILL_TOKENS = 4096
 # Generation kwargs that greedy decoding ignores anyway; anything else goes to HFLM unchanged.
 _GREEDY_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k"}
-
-
-def common_prefix(a, b) -> int:
-    """Length of the longest common prefix of two token lists (or strings)."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def prefix_groups(contexts: list[tuple[int, ...]]) -> list[tuple[int, list[tuple[int, ...]]]]:
-    """Sorted contexts cut into runs that share a prefix: (shared length, members) per run.
-
-    Every member keeps at least one token of its own (its last position gives the logits of the
-    first continuation token). A run is cut where joining it would halve what it shares.
-    """
-    groups: list[tuple[int, list]] = []
-    members: list[tuple[int, ...]] = []
-    shared = 0
-    for ctx in sorted(contexts):
-        if members:
-            joined = min(shared, common_prefix(members[-1], ctx), len(ctx) - 1)
-            if joined >= MIN_SHARED and (len(members) == 1 or 2 * joined >= shared):
-                members.append(ctx)
-                shared = joined
-                continue
-            groups.append((shared, members))
-        members, shared = [ctx], len(ctx) - 1
-    if members:
-        groups.append((shared, members))
-    return [(s if len(m) > 1 and s >= MIN_SHARED else 0, m) for s, m in groups]
-
-
-def prompt_batches(prompts: list[str], size: int) -> list[list[int]]:
-    """Indices of `prompts` in batches of at most `size`, sorted, each cut at a change of prefix.
-
-    Sorted prompts with the same few-shot block sit together; a batch is also cut where the next
-    prompt would shrink the text the batch shares to under half (one BBH task's 3-shot block ends
-    and the next task's begins), so a batch never mixes two blocks and loses its shared prefix.
-    """
-    batches: list[list[int]] = []
-    shared = 0
-    for i in sorted(range(len(prompts)), key=prompts.__getitem__):
-        if batches and len(batches[-1]) < size:
-            joined = min(shared, common_prefix(prompts[batches[-1][-1]], prompts[i]))
-            if len(batches[-1]) == 1 or 2 * joined >= shared:
-                batches[-1].append(i)
-                shared = joined
-                continue
-        batches.append([i])
-        shared = len(prompts[i])
-    return batches
-
-
-def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                            shared_kv=None, **kwargs):
-    """Attention over a prompt prefix that every row shares, stored once, plus each row's own keys.
-
-    Generation keeps the few-shot block's keys and values once, not once per row: a decode step
-    reads them once for the whole batch (one matmul over every row's queries) instead of copying
-    and reading each row's own copy, so a batch of 32 costs little more than one of 8. One softmax
-    over [prefix, own] keys: the arithmetic of attention over the full cache. Query heads are
-    grouped by their kv head (grouped-query attention) instead of repeating the keys.
-    Without `shared_kv` (any other forward pass) this is transformers' SDPA attention.
-    """
-    if shared_kv is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    prefix_k, prefix_v = shared_kv[module.layer_idx]  # (kv heads, prefix length, head dim)
-    rows, heads, q, dim = query.shape
-    kv_heads, length = prefix_k.shape[0], prefix_k.shape[1]
-    group = heads // kv_heads  # query heads per kv head, next to each other in `heads`
-    grouped = (query * scaling).reshape(rows, kv_heads, group * q, dim)
-    # Every row's queries of one kv head in one (rows*group*q, dim) x (dim, prefix) matmul.
-    flat = grouped.transpose(0, 1).reshape(kv_heads, rows * group * q, dim)
-    on_prefix = (flat @ prefix_k.transpose(1, 2)).reshape(kv_heads, rows, group * q, length).transpose(0, 1)
-    on_own = grouped @ key.transpose(2, 3)  # (rows, kv heads, group*q, own length)
-    on_own = (on_own.reshape(rows, kv_heads, group, q, -1) + attention_mask[:, :, None]).reshape(on_own.shape)
-    probs = torch.softmax(torch.cat([on_prefix, on_own], dim=-1), dim=-1, dtype=torch.float32)
-    probs = probs.to(query.dtype)
-    out = probs[..., length:] @ value  # (rows, kv heads, group*q, dim)
-    p = probs[..., :length].transpose(0, 1).reshape(kv_heads, rows * group * q, length)
-    out = out + (p @ prefix_v).reshape(kv_heads, rows, group * q, dim).transpose(0, 1)
-    return out.reshape(rows, heads, q, dim).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(CASCADE, shared_prefix_attention)
 
 
 @register_model(ENGINE)
 class SharedPrefixLM(HFLM):
     """HFLM that computes a shared prompt prefix once per group of requests and reuses its KV cache."""
+
+    _last_block: tuple[list[int], list] | None = None  # generation: the last batch's prefix and its keys
 
     def _forward(self, ids: torch.Tensor, cache: DynamicCache, keep: int = 0, **kwargs):
         """One forward pass extending `cache`; logits for the last `keep` positions (0: all)."""
@@ -177,6 +93,9 @@ class SharedPrefixLM(HFLM):
         for shared, members in prefix_groups(list(by_context)):
             prefix = self._prefill(list(members[0][:shared]))
             size = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 8
+            # Longest packed row first, so rows of a forward pass are close in length: in token
+            # order, 45% of the tokens of 50 MMLU 0-shot questions were padding, this way 17%.
+            members.sort(key=lambda c: -(len(c) + sum(len(requests[i][2]) - 1 for i in by_context[c])))
             for start in range(0, len(members), size):
                 chunk = members[start : start + size]
                 items = [(c[shared:], [requests[i][2] for i in by_context[c]]) for c in chunk]
@@ -251,6 +170,7 @@ class SharedPrefixLM(HFLM):
         for i, request in enumerate(requests):
             groups[json.dumps(request.args[1], sort_keys=True, default=str)].append(i)
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        self._last_block = None  # (tokens, keys and values): the last batch's shared prefix
         for idx in groups.values():
             gen_kwargs = requests[idx[0]].args[1]
             kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
@@ -267,6 +187,7 @@ class SharedPrefixLM(HFLM):
                 for i, context, text in zip(chunk, contexts, self._generate_batch(contexts, until, kwargs["max_gen_toks"])):
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        self._last_block = None
         return results
 
     def _eos_ids(self) -> set[int]:
@@ -295,6 +216,23 @@ class SharedPrefixLM(HFLM):
         empty = torch.empty(config.num_key_value_heads, 0, dim, dtype=self.model.dtype, device=self.device)
         return [(empty, empty)] * config.num_hidden_layers
 
+    def _block_kv(self, tokens: list[int]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """Keys and values of a batch's shared prefix, and how many of its tokens they cover.
+
+        One few-shot block spans many batches (a BBH task's ~250 items, MATH-500 behind Minerva's 4
+        shots): the previous batch's prefix, cut to what the two share, is reused when that is most
+        of it (a prefix's keys do not depend on what follows it); the rest of `tokens` then counts
+        as each row's own. Otherwise the prefix is computed and kept for the next batch.
+        """
+        if self._last_block is not None:
+            kept, kv = self._last_block
+            n = common_prefix(kept, tokens)
+            if n >= MIN_SHARED and 2 * n >= len(tokens):
+                return [(k[:, :n], v[:, :n]) for k, v in kv], n
+        kv = self._shared_kv(tokens)
+        self._last_block = (tokens, kv)
+        return kv, len(tokens)
+
     def _generate_batch(self, contexts: list[str], until: list[str], max_gen_toks: int) -> list[str]:
         """Greedy continuations of `contexts`, each cut at its first stop sequence as HFLM cuts it."""
         ids, mask = self.tok_batch_encode(
@@ -305,37 +243,23 @@ class SharedPrefixLM(HFLM):
         for r in rows[1:]:
             shared = min(shared, common_prefix(rows[0], r))
         shared = shared if shared >= MIN_SHARED else 0
-        batch, width = len(rows), max(len(r) for r in rows) - shared
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-        suffix = torch.full((batch, width), pad, dtype=torch.long)
-        real = torch.zeros((batch, width), dtype=torch.bool)  # each row's own tokens, left-padded
-        for b, r in enumerate(rows):
-            own = r[shared:]
-            suffix[b, width - len(own) :] = torch.tensor(own)
-            real[b, width - len(own) :] = True
-        real = real.to(self.device)
-        # Positions continue from the prefix for each row's own tokens; pads get any valid position.
-        positions = (shared + real.long().cumsum(1) - 1).clamp(min=shared)
-        cache = DynamicCache(config=self.model.config)  # the rows' own tokens (all of them when nothing is shared)
+        if shared:
+            kv, shared = self._block_kv(rows[0][:shared])
+        batch = len(rows)
         if shared:  # the prefix's keys once for all rows (shared_prefix_attention), a 4D mask over own tokens
-            implementation, extra = CASCADE, {"shared_kv": self._shared_kv(rows[0][:shared])}
-            causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
-            # A pad sees itself, so no row of the mask is empty.
-            first_mask = self._additive(((causal & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=self.device))[:, None])
+            implementation, extra = CASCADE, {"shared_kv": kv}
             mask_of = lambda seen: self._additive(seen[:, None, None])  # noqa: E731
         else:  # nothing shared (GSM8K's random shots per item): HFLM's own attention and 2D padding mask
             implementation, extra = self.model.config._attn_implementation, {}
-            first_mask = real.long()
             mask_of = lambda seen: seen.long()  # noqa: E731
         with self._attention(implementation):
-            logits = self._forward(suffix.to(self.device), cache, keep=1, attention_mask=first_mask,
-                                   position_ids=positions, **extra).logits[:, -1]
+            cache, real, logits = self._prefill_rows([r[shared:] for r in rows], shared, extra)
+            next_pos = torch.tensor([len(r) for r in rows], device=self.device)
             # lm-eval's stop check: each stop string in the decoded last len(tokens)+2 generated tokens.
             windows = [(s, len(self.tokenizer.encode(s, add_special_tokens=False)) + 2) for s in until]
             eos_ids = self._eos_ids()
             active = list(range(batch))  # original row of each row still in the batch
             generated: list[list[int]] = [[] for _ in range(batch)]
-            next_pos = positions[:, -1] + 1
             while True:
                 tokens = logits.argmax(-1)
                 keep = []
@@ -359,6 +283,45 @@ class SharedPrefixLM(HFLM):
                                        position_ids=next_pos[:, None], **extra).logits[:, -1]
                 next_pos = next_pos + 1
         return [postprocess_generated_text(self.tok_decode(g), until, None) for g in generated]
+
+    def _prefill_rows(self, owns: list[list[int]], shared: int, extra: dict):
+        """Each row's own tokens (after `shared` prefix tokens) through the model, a few rows at a time.
+
+        Returns one cache for all rows, left-padded to the longest, which rows' tokens are real, and
+        each row's last logits. A chunk holds about PREFILL_TOKENS tokens and is padded only to its
+        own longest row: 32 long prompts in one pass (GSM8K) pad every row to the longest and attend
+        through a 32 x L x L mask, which ran ~30% slower per token here than 8 rows at a time.
+        """
+        width = max(map(len, owns))
+        step = max(1, PREFILL_TOKENS // width)
+        caches, reals, logits = [], [], []
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
+        for start in range(0, len(owns), step):
+            chunk = owns[start : start + step]
+            w = max(map(len, chunk))
+            ids = torch.tensor([[pad] * (w - len(o)) + o for o in chunk], device=self.device)
+            real = torch.tensor([[False] * (w - len(o)) + [True] * len(o) for o in chunk], device=self.device)
+            # Positions continue from the prefix for each row's own tokens; pads get any valid position.
+            positions = (shared + real.long().cumsum(1) - 1).clamp(min=shared)
+            if extra:  # shared_prefix_attention: a 4D mask over own tokens; a pad sees itself, so no row is empty
+                eye = torch.eye(w, dtype=torch.bool, device=self.device)
+                mask = self._additive(((eye.new_ones(w, w).tril() & real[:, None, :]) | eye)[:, None])
+            else:
+                mask = real.long()
+            cache = DynamicCache(config=self.model.config)
+            logits.append(self._forward(ids, cache, keep=1, attention_mask=mask, position_ids=positions,
+                                        **extra).logits[:, -1])
+            caches.append(cache)
+            reals.append(F.pad(real, (width - w, 0)))
+        if len(caches) == 1:
+            return caches[0], reals[0], logits[0]
+        # One cache: each chunk's keys and values left-padded (masked, so their values never count).
+        merged = DynamicCache(config=self.model.config)
+        for i in range(len(caches[0].layers)):
+            keys, values = ([F.pad(getattr(c.layers[i], kind), (0, 0, width - c.layers[i].keys.shape[2], 0))
+                             for c in caches] for kind in ("keys", "values"))
+            merged.update(torch.cat(keys), torch.cat(values), i)
+        return merged, torch.cat(reals), torch.cat(logits)
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         """A boolean mask as the additive one attention adds to its scores (0 or the dtype's min)."""
