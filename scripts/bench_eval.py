@@ -1,12 +1,17 @@
 """Evaluation speed: smolflow's shared-prefix engine against lm-eval's HF backend, side by side.
 
     python scripts/bench_eval.py [--items 8] [--threads 1] [--cases gsm8k-5shot mmlu-cloze-0shot ...]
+    python scripts/bench_eval.py --dtype auto --hf-dtype float32 bfloat16    # precision as a run picks it
 
 Runs the real SmolLM2-135M-Instruct through the stock lm-eval tasks twice per case, once with
 lm-eval's `HFLM` and once with `SharedPrefixLM` (tasks/benchmarks/fast_lm.py), in this one
 process, and prints per-item seconds (CPU seconds of this process, and wall seconds: on a shared
 machine the CPU figure is the one to compare), the speed-up, how many items agree, and the seed's
-whole suite extrapolated from the per-item rates.
+whole suite extrapolated from the per-item rates. `--dtype auto` runs smolflow-hf in the precision
+`execution.precision: auto` picks on this machine (bf16 where the probe in tasks/device.py finds
+it faster); `--hf-dtype` gives HFLM one baseline row per dtype (fp32: lm-eval on the fp32
+checkpoint smolflow converts; bf16: the same precision, where "identical" shows how often bf16's
+rounding alone, in two engines' differently shaped batches, changes an output).
 
 Data (offline): MMLU from the real MMLU dev questions that lm-eval's `mmlu/flan_cot_fewshot` YAMLs
 embed (5 per subject; a subject's 5-shot examples are the next subject's questions; with
@@ -24,6 +29,7 @@ own generation path and sandbox (no HFLM side to compare).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -133,6 +139,10 @@ def cycled(root: Path, name: str, field: str, items: int, pool: int = 0) -> str:
     return str(folder)
 
 
+def short(dtype: str) -> str:
+    return {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+
+
 def agreement(hf, fast) -> tuple[int, float]:
     """Items with identical output (multiple choice: the same pick) and the largest log-likelihood gap."""
     same, gap = 0, 0.0
@@ -158,7 +168,11 @@ def main() -> None:
     parser.add_argument("--mmlu-per-subject", type=int, default=5,
                         help="MMLU items per subject: 5 = each subject's 5 real questions; more = the same "
                              "questions under fewer subjects' headers, as a real subject's ~250 share one")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
+                        help="smolflow-hf's dtype; auto = what execution.precision: auto picks on this machine")
+    parser.add_argument("--hf-dtype", nargs="+", choices=["float32", "bfloat16"], default=None,
+                        help="HFLM's dtype(s), each a baseline row (default: smolflow-hf's); float32 is how "
+                             "lm-eval runs the fp32 checkpoint smolflow converts")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     args = parser.parse_args()
 
@@ -176,12 +190,22 @@ def main() -> None:
         metric = "acc,none"
 
     torch.set_num_threads(args.threads)
+    if args.dtype == "auto":  # the decision a run makes here (tasks/device.py), printed with its reason
+        from tasks.config import ExecutionConfig
+        from tasks.device import resolve
+
+        placement = resolve(ExecutionConfig(device="cpu", precision="auto"))
+        args.dtype = "bfloat16" if placement.precision == "bf16" else "float32"
+        print(f"execution.precision auto -> {placement.precision} ({placement.reason})")
     convert_builtin()
-    model, tokenizer = load_model(resolve_model.fn("builtin:smollm2-135m-instruct"))
-    model = model.to(getattr(torch, args.dtype)).eval()
+    base, tokenizer = load_model(resolve_model.fn("builtin:smollm2-135m-instruct"))
+    dtypes = sorted({args.dtype, *(args.hf_dtype or [args.dtype])})
+    models = {d: copy.deepcopy(base).to(getattr(torch, d)).eval() for d in dtypes}  # .to() is in place
+    model = models[args.dtype]
+    hf_dtypes = args.hf_dtype or [args.dtype]
     hf_batch = args.hf_batch_size or args.batch_size
-    print(f"SmolLM2-135M-Instruct {args.dtype}, {args.threads} torch thread(s), batch size {args.batch_size} "
-          f"(HFLM: {hf_batch}), "
+    print(f"SmolLM2-135M-Instruct: smolflow-hf {args.dtype}, HFLM {' and '.join(hf_dtypes)}; "
+          f"{args.threads} torch thread(s), batch size {args.batch_size} (HFLM: {hf_batch}), "
           f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}")
     rows, rates = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,29 +221,31 @@ def main() -> None:
                 result = bench.evaluate(model, tokenizer, cfg)
                 fast_cpu, fast_wall = (sum(os.times()[:4]) - cpu) / result.n, (time.perf_counter() - wall) / result.n
                 rates[label] = (fast_cpu, fast_cpu)
-                rows.append(f"| {label} | {result.n} | - | {fast_cpu:.2f} | - | - | {fast_wall:.2f} | - | - | - | - |")
+                rows.append(f"| {label} | - / {short(args.dtype)} | {result.n} | - | {fast_cpu:.2f} | - | - | {fast_wall:.2f} | - | - | - | - |")
                 print(rows[-1], flush=True)
                 continue
             source, subsets, limit = data[name]
             cfg = BenchmarkConfig(name=name, limit=limit, num_fewshot=shots, data=source, subsets=subsets, batch_size=args.batch_size)
             timed = {}
-            for cls in (HFLM, SharedPrefixLM):
-                size = hf_batch if cls is HFLM else args.batch_size
-                lm = cls(pretrained=model, tokenizer=tokenizer, batch_size=size, device=str(model.device))
+            for engine, dtype in [*(("HFLM", d) for d in hf_dtypes), ("smolflow-hf", args.dtype)]:
+                cls, size = (HFLM, hf_batch) if engine == "HFLM" else (SharedPrefixLM, args.batch_size)
+                lm = cls(pretrained=models[dtype], tokenizer=tokenizer, batch_size=size, device=str(model.device))
                 wall, cpu = time.perf_counter(), time.process_time()
                 result = bench.evaluate_lm(lm, cfg)
-                timed[cls] = (result, (time.process_time() - cpu) / result.n, (time.perf_counter() - wall) / result.n)
-            (hf, hf_cpu, hf_wall), (fast, fast_cpu, fast_wall) = timed[HFLM], timed[SharedPrefixLM]
-            same, gap = agreement(hf, fast)
-            delta = sum(r["correct"] for r in fast.records) - sum(r["correct"] for r in hf.records)
-            rates[label] = (hf_cpu, fast_cpu)
-            rows.append(f"| {label} | {hf.n} | {hf_cpu:.2f} | {fast_cpu:.2f} | {hf_cpu / fast_cpu:.2f}x | {hf_wall:.2f} | "
-                        f"{fast_wall:.2f} | {hf_wall / fast_wall:.2f}x | {same}/{hf.n} ({100 * same / hf.n:.0f}%) | "
-                        f"{gap:.1e} | {delta:+d} |")
-            print(rows[-1], flush=True)
-    print("\n| case | items | HF CPU s/item | smolflow-hf CPU s/item | speed-up (CPU) | HF wall s/item | "
+                timed[engine, dtype] = (result, (time.process_time() - cpu) / result.n, (time.perf_counter() - wall) / result.n)
+            fast, fast_cpu, fast_wall = timed["smolflow-hf", args.dtype]
+            for dtype in hf_dtypes:
+                hf, hf_cpu, hf_wall = timed["HFLM", dtype]
+                same, gap = agreement(hf, fast)
+                delta = sum(r["correct"] for r in fast.records) - sum(r["correct"] for r in hf.records)
+                rates.setdefault(label, (hf_cpu, fast_cpu))  # the suite: against the first HFLM dtype
+                rows.append(f"| {label} | {short(dtype)} / {short(args.dtype)} | {hf.n} | {hf_cpu:.2f} | {fast_cpu:.2f} | "
+                            f"{hf_cpu / fast_cpu:.2f}x | {hf_wall:.2f} | {fast_wall:.2f} | {hf_wall / fast_wall:.2f}x | "
+                            f"{same}/{hf.n} ({100 * same / hf.n:.0f}%) | {gap:.1e} | {delta:+d} |")
+                print(rows[-1], flush=True)
+    print("\n| case | dtype (HF / smolflow-hf) | items | HF CPU s/item | smolflow-hf CPU s/item | speed-up (CPU) | HF wall s/item | "
           "smolflow-hf wall s/item | speed-up (wall) | identical | max Δ loglik | Δ score (items) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if set(SUITE) <= set(rates):
         hf_total, fast_total = (sum(n * rates[c][k] for c, n in SUITE.items()) for k in (0, 1))

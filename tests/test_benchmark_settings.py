@@ -267,6 +267,31 @@ def test_gate_does_not_compare_a_2_item_score_with_a_10_item_score():
     assert again.comparability_key == ten.comparability_key and not same.promote and "mmlu dropped 1.0000" in same.reasons[0]
 
 
+def test_gate_does_not_compare_a_bf16_score_with_an_fp32_score():
+    # `execution.precision: auto` picks bf16 on CPUs with bf16 units and fp32 elsewhere, so two
+    # nightlies on different machines can score in different precisions: bf16 picks differently
+    # on some items, so such scores are not compared.
+    from types import SimpleNamespace
+
+    import torch
+
+    from tasks.gate import Score, decide
+
+    def scored(dtype, right):
+        key = AnswerKey(right=right)
+        key.model = SimpleNamespace(dtype=dtype)  # what evaluate_lm reads, as from HFLM.model
+        return REGISTRY["mmlu"].evaluate_lm(key, BenchmarkConfig(name="mmlu", data="fixture", limit=1))
+
+    fp32, bf16, fp32_again = scored(torch.float32, True), scored(torch.bfloat16, False), scored(torch.float32, False)
+    assert (fp32.settings["dtype"], bf16.settings["dtype"]) == ("float32", "bfloat16")
+    assert fp32.comparability["precision"] == "float32" and fp32.comparability_key != bf16.comparability_key
+    d = decide({"mmlu": Score.of(bf16)}, {"mmlu": Score.of(fp32)}, "base model")
+    assert not d.promote and d.table[0]["delta"] is None
+    assert "precision float32 vs bfloat16" in d.not_comparable[0]
+    same = decide({"mmlu": Score.of(fp32_again)}, {"mmlu": Score.of(fp32)}, "base model")
+    assert fp32_again.comparability_key == fp32.comparability_key and "mmlu dropped" in same.reasons[0]
+
+
 def test_trend_draws_one_series_per_comparability_key(tmp_path):
     from tasks.storage import ArtifactStore, write_manifest
     from tasks.trends import collect_scores, write_trend

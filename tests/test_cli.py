@@ -153,7 +153,13 @@ def test_eval_runs_lists_and_compares(env, tiny_model_dir, tmp_path):
     bf16 = smolflow(env, *_eval_args(root, str(tiny_model_dir), 2), "--output.run-id", "eval-bf16",
                     "--execution.precision", "bf16")
     assert bf16.returncode == 0, bf16.stderr[-3000:]
-    assert json.loads((root / "runs/eval-bf16/benchmarks/gsm8k/model.summary.json").read_text())["settings"]["dtype"] == "bfloat16"
+    in_bf16 = json.loads((root / "runs/eval-bf16/benchmarks/gsm8k/model.summary.json").read_text())
+    assert in_bf16["settings"]["dtype"] == in_bf16["comparability"]["precision"] == "bfloat16"
+    # eval-a ran in what `auto` picked on this machine (bf16 only where the probe finds it faster),
+    # and its score is comparable with the bf16 one exactly when that was bf16 too.
+    auto = json.loads((root / "runs/eval-a/manifest.json").read_text())["execution"]["precision"]
+    assert a["settings"]["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[auto]
+    assert (in_bf16["comparability_key"] == a["comparability_key"]) == (auto == "bf16")
     assert json.loads((root / "runs/eval-bf16/manifest.json").read_text())["execution"]["precision"] == "bf16"
     failed = smolflow(env, *_eval_args(root, str(tmp_path / "no-model"), 2), "--output.run-id", "eval-bad")
     assert failed.returncode == 2 and "Traceback" not in failed.stderr.split("smolflow eval: error")[-1]

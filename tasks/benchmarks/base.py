@@ -184,7 +184,6 @@ class LmEvalBenchmark(Benchmark):
         lm = SharedPrefixLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=str(model.device))
         result = self.evaluate_lm(lm, cfg)
         result.settings["engine"] = f"{ENGINE} (lm-eval {__import__('lm_eval').__version__} HFLM + shared-prefix KV cache)"
-        result.settings["dtype"] = str(model.dtype).removeprefix("torch.")
         return result
 
     def evaluate_lm(self, lm, cfg: BenchmarkConfig) -> BenchmarkResult:
@@ -211,10 +210,11 @@ class LmEvalBenchmark(Benchmark):
                 evaluation_tracker=tracker,
             )
             files = lm_eval_files(out, tracker)
-        return self.result(cfg, specs, shots, out, files, time.perf_counter() - started)
+        dtype = getattr(getattr(lm, "model", None), "dtype", None)  # None: an LM that is no torch model
+        return self.result(cfg, specs, shots, out, files, time.perf_counter() - started, dtype)
 
     def result(self, cfg: BenchmarkConfig, specs: list[dict], shots: list[dict], out: dict,
-               files: dict[str, str], seconds: float) -> BenchmarkResult:
+               files: dict[str, str], seconds: float, dtype=None) -> BenchmarkResult:
         """The BenchmarkResult of one lm-eval run: score, records, settings, provenance, key."""
         from tasks.benchmarks.provenance import comparability, provenance
 
@@ -255,6 +255,7 @@ class LmEvalBenchmark(Benchmark):
             "limit": f"{cfg.limit} per subset" if self.subsets and cfg.limit else cfg.limit,
             "data": files_used or f"{self.hub[0]} ({self.hub[1]})",
             "reference": self.reference,
+            "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,  # moves scores: in the key
         }
         full = cfg.limit is None and (not self.subsets or cfg.subsets is None)
         prov = provenance(self.name, self.hub, cfg.data, self.source_files(cfg), self.is_reference(cfg, config), full)

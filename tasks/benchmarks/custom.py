@@ -344,8 +344,9 @@ def evaluate_custom(model, tokenizer, bench: CustomBenchmark, judge_cfg: JudgeCo
                       len(records), bench.scorer)
     from tasks.benchmarks.provenance import custom_provenance
 
+    dtype = str(model.dtype).removeprefix("torch.")
     return BenchmarkResult(
-        **custom_provenance(bench, records, judge.identity if judge is not None else None),
+        **custom_provenance(bench, records, judge.identity if judge is not None else None, dtype),
         name=f"custom/{bench.name}",
         score=metrics[bench.scorer],
         stderr=stderr_of_mean([float(r["correct"]) for r in records]),
@@ -355,6 +356,7 @@ def evaluate_custom(model, tokenizer, bench: CustomBenchmark, judge_cfg: JudgeCo
             "engine": "smolflow custom: transformers greedy generation + tasks/benchmarks/scorers.py",
             "items_in_file": len(bench.items),
             "judge": judge.identity if judge is not None else None,
+            "dtype": dtype,
         },
         metrics=metrics,
         records=records,

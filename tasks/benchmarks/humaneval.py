@@ -140,6 +140,7 @@ class HumanEval(Benchmark):
             "limit": cfg.limit,
             "data": source,
             "reference": self.reference,
+            "dtype": str(model.dtype).removeprefix("torch."),
         }
         prov = provenance(self, cfg, source, full=cfg.limit is None or cfg.limit >= len(self.problems(cfg)[0]))
         key, parts = comparability(self.name, prov, records, settings, "pass@1")

@@ -156,17 +156,18 @@ def comparability(name: str, prov: dict[str, Any], records: list[dict], settings
         "format": settings.get("format") or settings.get("variant") or settings.get("stock_task"),
         "chat_template": settings.get("apply_chat_template"),
         "generation": digest(settings.get("generation_kwargs")),
+        "precision": settings.get("dtype"),
         "scorer": f"{metric} | {settings.get('engine')} | {settings.get('stock_task')} | "
                   f"{digest(settings.get('answer_extraction'))} | {SCORER_VERSION}",
     }
     return digest(parts), parts
 
 
-def custom_provenance(bench, records: list[dict], judge: str | None) -> dict[str, Any]:
+def custom_provenance(bench, records: list[dict], judge: str | None, dtype: str | None) -> dict[str, Any]:
     """Provenance and key of a custom benchmark's score: its fingerprint covers the definition, the
-    items and the scoring code; with the items scored and the judge it is the comparability key."""
+    items and the scoring code; with the items scored, the judge and the precision it is the key."""
     parts = {"benchmark": f"custom/{bench.name}", "data": bench.fingerprint, "n": len(records),
-             "items": digest([r["doc_id"] for r in records]), "judge": judge}
+             "items": digest([r["doc_id"] for r in records]), "judge": judge, "precision": dtype}
     return {"provenance": {"source": "local", "path": str(bench.path), "sha256": bench.fingerprint,
                            "comparable_to_published": False, "note": "custom benchmark: your items, no published scores"},
             "comparability_key": digest(parts), "comparability": parts}
@@ -181,7 +182,7 @@ def why_not_comparable(a: dict[str, Any] | None, b: dict[str, Any] | None) -> st
     for k in diff:
         if k == "n":
             shown.append(f"n {a.get(k)} vs {b.get(k)}")
-        elif k in ("num_fewshot", "format", "chat_template", "benchmark"):
+        elif k in ("num_fewshot", "format", "chat_template", "benchmark", "precision"):
             shown.append(f"{k} {a.get(k)} vs {b.get(k)}")
         else:
             shown.append(f"different {k}")
