@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,10 +43,18 @@ EXPECTED = [
 ]
 
 
-def _task_states(flow_run_id) -> dict[str, set[str]]:
-    """{task name: the states its runs ended in} for one flow run, read from the Prefect server."""
+def _task_states(flow_run_id, wait_s: float = 60) -> dict[str, set[str]]:
+    """{task name: the states its runs ended in} for one finished flow run, read from the Prefect server.
+
+    The server records task runs from the events the run sent, a moment after the flow returns: a
+    task run can be listed before its final state is, so read until every one has a final state."""
+    deadline = time.monotonic() + wait_s
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     states: dict[str, set[str]] = {}
     for r in runs:
         states.setdefault(r.name.split("-", 1)[0], set()).add(r.state.name)  # "benchmark-gsm8k-base": benchmark
