@@ -43,7 +43,8 @@ def main() -> None:
         else:
             source, _, limit = build_data(Path(tmp), 32)["gsm8k"]
             cfg = BenchmarkConfig(name="gsm8k", limit=limit, num_fewshot=5, data=source)
-        a, b = (REGISTRY[args.case].evaluate_lm(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=size), cfg)
+        a, b = (REGISTRY[args.case].evaluate_lm(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=size,
+                                                     device=str(model.device)), cfg)
                 for size in args.batch_sizes)
     same, gap = agreement(a, b)
     delta = sum(r["correct"] for r in b.records) - sum(r["correct"] for r in a.records)
