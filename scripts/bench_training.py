@@ -6,7 +6,9 @@
 Configurations: `seed` (TRL defaults: gradient checkpointing, padded batches, fp32); `fp32`
 (smolflow's knobs in fp32: checkpointing off, padding-free); `compile` (fp32 plus torch.compile);
 `bf16` (fp32 plus bf16 autocast: only worth it on CPUs with bf16 units); `smolflow` (smolflow's
-defaults as a run gets them: precision `auto`, decided by the probe in tasks/device.py).
+defaults as a run gets them: precision `auto`, decided by the probe in tasks/device.py);
+`fp32-plain` and `bf16-plain` (the same without tasks/train_levers.py's CPU levers: transformers'
+SDPA over the packed row with its block-diagonal mask, TRL's LM-head chunk).
 
 Each configuration runs in its own fresh process (so peak memory is its own), and the two are
 interleaved round by round, so load from other users of the machine hits both alike. Printed per
@@ -27,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CONFIGS = ("seed", "fp32", "compile", "bf16", "smolflow")
+CONFIGS = ("seed", "fp32", "compile", "bf16", "smolflow", "fp32-plain", "bf16-plain")
 DEFAULT_CONFIGS = "seed,fp32,compile,smolflow"
 
 
@@ -59,7 +61,7 @@ def trainer_args(name: str, out: str, steps: int):
     from tasks.device import resolve
 
     cfg = TrainingConfig(max_steps=steps, logging_steps=1, save_steps=10_000, eval_steps=10_000)
-    precision = {"fp32": "fp32", "compile": "fp32", "bf16": "bf16", "smolflow": "auto"}[name]
+    precision = {"fp32": "fp32", "compile": "fp32", "bf16": "bf16", "smolflow": "auto"}[name.removesuffix("-plain")]
     placement = resolve(ExecutionConfig(device="cpu", precision=precision))
     # Constructor arguments: SFTConfig attributes set afterwards were not all honoured.
     return sft_config(cfg, out, [], placement, torch_compile=name == "compile",
@@ -77,6 +79,7 @@ def worker(name: str, model_dir: str, steps: int, warmup: int) -> dict:
 
     from tasks.runtime import FIXTURES, set_torch_threads
     from tasks.config import TrainingConfig
+    from tasks import train_levers
     from tasks.training import prepare_splits
 
     # The seed leaves torch's default (all cores); smolflow sets its own (tasks.runtime), or --threads.
@@ -90,6 +93,9 @@ def worker(name: str, model_dir: str, steps: int, warmup: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     args = trainer_args(name, f"/tmp/bench-training-{os.getpid()}", warmup + steps)
+    # As tasks.training.fit does; the seed and the -plain rows keep transformers' and TRL's defaults.
+    levers = train_levers.apply(model, args.padding_free, "cpu", args.bf16,
+                                enabled=name != "seed" and not name.endswith("-plain"))
     train = prepare_splits({"train": data, "test": data}, tokenizer, TrainingConfig())[0] if name != "seed" else data
 
     marks: list[tuple[float, int]] = []
@@ -130,6 +136,8 @@ def worker(name: str, model_dir: str, steps: int, warmup: int) -> dict:
         "padding_free": bool(args.padding_free),
         "bf16": bool(args.bf16),
         "torch_compile": bool(args.torch_compile),
+        "attention": levers["attention"],
+        "lm_head_chunk": levers["lm_head_vocab_chunk"],
     }
 
 
@@ -178,16 +186,16 @@ def main() -> None:
 
     print(f"\nload average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; at end "
           + " ".join(f"{x:.2f}" for x in os.getloadavg()) + f"; {os.cpu_count()} CPUs")
-    print("| config | threads | grad ckpt | padding-free | bf16 | compile | tokens/s | ratio | s/step | peak RSS MB "
+    print("| config | threads | grad ckpt | padding-free | attention | LM-head chunk | bf16 | compile | tokens/s | ratio | s/step | peak RSS MB "
           "| MFU | matmul peak GFLOP/s | mean loss (timed steps) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     seed_tps = total("seed", "tokens") / sum(x["s_per_step"] * x["steps"] for x in results["seed"])
     for name in configs:
         rs = results[name]
         tps = total(name, "tokens") / sum(x["s_per_step"] * x["steps"] for x in rs)
         mfu = sum(x["mfu"] for x in rs) / len(rs)
         print(f"| {name} | {rs[0]['threads']} | {rs[0]['gradient_checkpointing']} | {rs[0]['padding_free']} | "
-              f"{rs[0]['bf16']} | {rs[0]['torch_compile']} | {tps:.1f} | {tps / seed_tps:.2f}x | {total(name, 's_per_step') / len(rs):.2f} | "
+              f"{rs[0]['attention']} | {rs[0]['lm_head_chunk']} | {rs[0]['bf16']} | {rs[0]['torch_compile']} | {tps:.1f} | {tps / seed_tps:.2f}x | {total(name, 's_per_step') / len(rs):.2f} | "
               f"{max(x['peak_rss_mb'] for x in rs):.0f} | {mfu:.1%} | "
               f"{sum(x['matmul_peak_gflops'] for x in rs) / len(rs):.1f} | "
               f"{sum(x['loss_timed_steps'] for x in rs) / len(rs):.4f} |")

@@ -33,6 +33,7 @@ from tasks.progress import training_progress
 from tasks.caching import BY_CONTENT, ContentInputs
 from tasks.runtime import cache_dir, run_logger, retry_transient
 from tasks.storage import ArtifactStore
+from tasks import train_levers
 from tasks.tokenization import TokenizedRef, load_tokenized, tokenize_split
 from tasks.transfer import locate_model, place_dir, release_work, run_root
 
@@ -316,6 +317,9 @@ def fit(spec: FitSpec) -> dict:
     model, tokenizer = load_model(spec.base, as_stored=True)  # the Trainer places it (sft_config)
     train, test = load_tokenized(spec.tokenized)
     run, work = ArtifactStore(spec.run_uri), Path(spec.work)
+    args = sft_config(cfg, str(work / "checkpoints"), spec.report_to, spec.placement)
+    attention = model.config._attn_implementation
+    levers = train_levers.apply(model, args.padding_free, "cpu" if args.use_cpu else spec.placement.device, args.bf16)
     callbacks = [checkpoint_uploader(run, spec.key), training_progress()]
     if "wandb" in spec.report_to:  # a resumed training's W&B run gets the steps before the checkpoint too
         from tasks.tracking import resumed_curve
@@ -324,7 +328,7 @@ def fit(spec: FitSpec) -> dict:
     try:
         trainer = SFTTrainer(
             model=model,
-            args=sft_config(cfg, str(work / "checkpoints"), spec.report_to, spec.placement),
+            args=args,
             train_dataset=train,
             eval_dataset=test,
             processing_class=tokenizer,
@@ -344,6 +348,7 @@ def fit(spec: FitSpec) -> dict:
         eval_metrics = last_eval  # the Trainer just evaluated at the final step: not a second time
     else:
         eval_metrics = trainer.evaluate()
+    model.config._attn_implementation = attention  # the saved model loads with transformers' own
     if trainer.is_world_process_zero():  # DDP: the main process writes the final model
         shutil.rmtree(work / "model", ignore_errors=True)
         save_final(trainer, tokenizer, work / "model")
@@ -360,7 +365,7 @@ def fit(spec: FitSpec) -> dict:
     if cfg.peft is not None:
         metrics["trainable_params"] = trainable
     return {"metrics": metrics, "log_history": trainer.state.log_history,
-            "trainer_args": json.loads(trainer.args.to_json_string())}
+            "trainer_args": json.loads(trainer.args.to_json_string()) | {"smolflow_levers": levers}}
 
 
 def train_or_reuse(base: ModelRef, tokens: TokenizedRef, cfg: TrainingConfig, run_uri: str,

@@ -5,6 +5,7 @@ from datasets import load_from_disk
 from transformers import AutoTokenizer
 
 from tasks.config import TrainingConfig
+from tasks.packed_attention import PACKED
 from tasks.training import prepare_splits, train_sft
 from tests.conftest import tokens_of
 
@@ -16,6 +17,8 @@ def test_padding_free_gives_the_padded_losses(tiny_ref, fixture_data, tmp_path):
         cfg = TrainingConfig(max_steps=3, logging_steps=1, eval_steps=3, save_steps=100, max_length=256,
                              padding_free=padding_free)
         result = train_sft.fn(tiny_ref, tokens_of(tiny_ref, fixture_data, cfg), cfg, str(tmp_path / "runs" / f"pf-{padding_free}"), [])
+        # Padding-free rows train with per-sequence attention (the padded ones with SDPA), recorded with the run.
+        assert result.trainer_args["smolflow_levers"]["attention"] == (PACKED if padding_free else "sdpa")
         losses[padding_free] = [h["loss"] for h in result.log_history if "loss" in h] + [result.metrics["eval_loss"]]
     assert len(losses[True]) == 4
     for a, b in zip(losses[True], losses[False]):
@@ -31,3 +34,100 @@ def test_padding_free_rows_are_cut_to_max_length(tiny_model_dir, fixture_data):
     assert max(lengths) == 64  # fixture conversations are 109-175 tokens
     full = tokenizer.apply_chat_template(splits["train"][0]["messages"], tokenize=True, return_dict=True)["input_ids"]
     assert train[0]["input_ids"] == full[:64]
+
+
+def _packed_batch(model, lengths, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, model.config.vocab_size, (1, sum(lengths)), generator=g)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    return ids, positions
+
+
+def test_packed_attention_equals_the_block_diagonal_mask(tiny_model_dir):
+    """Per-sequence causal SDPA (what padding-free training uses) gives transformers' packed-mask logits and grads."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks.packed_attention import PACKED
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    lengths = [7, 12, 5, 9]
+    ids, positions = _packed_batch(model, lengths)
+    out = {}
+    for name in ("sdpa", PACKED):
+        model.config._attn_implementation = name
+        model.zero_grad()
+        result = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False)
+        result.loss.backward()
+        out[name] = (result.logits.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    (logits_sdpa, grad_sdpa), (logits_packed, grad_packed) = out["sdpa"], out[PACKED]
+    assert torch.allclose(logits_sdpa, logits_packed, atol=1e-5)
+    assert torch.allclose(grad_sdpa, grad_packed, atol=1e-6, rtol=1e-4)
+    # Each sequence is computed as if alone: the third sequence's logits equal its own forward pass.
+    start = sum(lengths[:2])
+    with torch.no_grad():
+        alone = model(input_ids=ids[:, start : start + lengths[2]], use_cache=False).logits
+    assert torch.allclose(logits_packed[:, start : start + lengths[2]], alone, atol=1e-5)
+
+
+def test_packed_attention_leaves_padded_batches_to_sdpa(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks.packed_attention import PACKED
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    ids = torch.randint(5, model.config.vocab_size, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :4] = 0  # a left-padded row: needs the mask, not per-sequence attention
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        model.config._attn_implementation = PACKED
+        got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert torch.equal(expected[mask.bool()], got[mask.bool()])
+
+
+def test_lm_head_chunk_gives_trls_results_and_is_decided_by_the_probe():
+    """TRL's fused LM head at the CPU chunk gives its default chunk's log-probs and gradients."""
+    import torch
+    from trl.kernels import ChunkedLogProbFunction
+
+    from tasks.train_levers import CPU_CHUNK, TRL_CHUNK, HeadProbe
+
+    g = torch.Generator().manual_seed(0)
+    vocab, hidden, tokens = 3 * CPU_CHUNK + 100, 64, 40  # several chunks, the last one partial
+    h0, w0 = torch.randn(tokens, hidden, generator=g), 0.05 * torch.randn(vocab, hidden, generator=g)
+    targets = torch.randint(0, vocab, (tokens,), generator=g)
+    out = {}
+    for chunk in (TRL_CHUNK, CPU_CHUNK):
+        h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        logprobs, entropy, *_ = ChunkedLogProbFunction.apply(h, w, None, targets, 1.0, chunk, None, 1.0, ("entropy",))
+        logprobs.sum().backward()
+        out[chunk] = (logprobs.detach(), entropy, h.grad, w.grad)
+    for a, b in zip(out[TRL_CHUNK], out[CPU_CHUNK]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert HeadProbe(trl_s=1.0, cpu_s=0.5).chunk == CPU_CHUNK
+    assert HeadProbe(trl_s=1.0, cpu_s=0.95).chunk == TRL_CHUNK  # within the 10% margin: TRL's default stays
+
+
+def test_levers_set_and_record_trls_chunk(tiny_model_dir, tmp_path, monkeypatch):
+    import torch
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+
+    from tasks import train_levers
+
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", train_levers.TRL_CHUNK)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    train_levers.head_probe.cache_clear()
+    monkeypatch.setattr(train_levers, "time_lm_head", lambda v, h, bf16, chunk: 1.0 if chunk == train_levers.TRL_CHUNK else 0.4)
+    levers = train_levers.apply(model, padding_free=True, device="cpu", bf16=False)
+    assert levers["attention"] == PACKED and levers["lm_head_vocab_chunk"] == train_levers.CPU_CHUNK
+    assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == train_levers.CPU_CHUNK
+    assert "0.40 s at 4096" in levers["lm_head_vocab_chunk_reason"]
+    levers = train_levers.apply(model, padding_free=True, device="cuda", bf16=False)  # Triton's tuning: untouched
+    assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == train_levers.TRL_CHUNK == levers["lm_head_vocab_chunk"]
+    train_levers.head_probe.cache_clear()

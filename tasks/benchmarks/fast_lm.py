@@ -287,39 +287,52 @@ class SharedPrefixLM(HFLM):
     def _prefill_rows(self, owns: list[list[int]], shared: int, extra: dict):
         """Each row's own tokens (after `shared` prefix tokens) through the model, a few rows at a time.
 
-        Returns one cache for all rows, left-padded to the longest, which rows' tokens are real, and
-        each row's last logits. A chunk holds about PREFILL_TOKENS tokens and is padded only to its
-        own longest row: 32 long prompts in one pass (GSM8K) pad every row to the longest and attend
-        through a 32 x L x L mask, which ran ~30% slower per token here than 8 rows at a time.
+        Returns one cache for all rows (each chunk's padded to the longest row), which rows' tokens
+        are real, and each row's last logits. A chunk holds about PREFILL_TOKENS tokens and is
+        padded only to its own longest row: 32 long prompts in one pass (GSM8K) pad every row to the
+        longest and attend through a 32 x L x L mask, which ran ~30% slower per token here than 8
+        rows at a time. Rows that share nothing are padded on the right: a pad then follows every
+        real token, so causal attention alone (no mask) is exact for them, and SDPA's causal kernel
+        ran 12% faster than its masked one on GSM8K-sized prompts; decoding masks the pads.
         """
         width = max(map(len, owns))
         step = max(1, PREFILL_TOKENS // width)
+        right = not extra  # shared_prefix_attention takes left-padded rows and a 4D mask
         caches, reals, logits = [], [], []
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
         for start in range(0, len(owns), step):
             chunk = owns[start : start + step]
             w = max(map(len, chunk))
-            ids = torch.tensor([[pad] * (w - len(o)) + o for o in chunk], device=self.device)
-            real = torch.tensor([[False] * (w - len(o)) + [True] * len(o) for o in chunk], device=self.device)
-            # Positions continue from the prefix for each row's own tokens; pads get any valid position.
-            positions = (shared + real.long().cumsum(1) - 1).clamp(min=shared)
-            if extra:  # shared_prefix_attention: a 4D mask over own tokens; a pad sees itself, so no row is empty
+            if right:
+                ids = torch.tensor([o + [pad] * (w - len(o)) for o in chunk], device=self.device)
+                real = torch.tensor([[True] * len(o) + [False] * (w - len(o)) for o in chunk], device=self.device)
+                positions = shared + torch.arange(w, device=self.device).expand(len(chunk), w)
+                mask, last = None, [len(o) - 1 for o in chunk]
+            else:
+                ids = torch.tensor([[pad] * (w - len(o)) + o for o in chunk], device=self.device)
+                real = torch.tensor([[False] * (w - len(o)) + [True] * len(o) for o in chunk], device=self.device)
+                # Positions continue from the prefix for each row's own tokens; pads get any valid position.
+                positions = (shared + real.long().cumsum(1) - 1).clamp(min=shared)
+                # shared_prefix_attention: a 4D mask over own tokens; a pad sees itself, so no row is empty
                 eye = torch.eye(w, dtype=torch.bool, device=self.device)
                 mask = self._additive(((eye.new_ones(w, w).tril() & real[:, None, :]) | eye)[:, None])
-            else:
-                mask = real.long()
+                last = [w - 1] * len(chunk)
+            kept = sorted(set(last))  # logits only where some row ends
             cache = DynamicCache(config=self.model.config)
-            logits.append(self._forward(ids, cache, keep=1, attention_mask=mask, position_ids=positions,
-                                        **extra).logits[:, -1])
+            out = self._forward(ids, cache, keep=torch.tensor(kept, device=self.device), attention_mask=mask,
+                                position_ids=positions, **extra).logits
+            logits.append(out[torch.arange(len(chunk)), torch.tensor([kept.index(p) for p in last])])
             caches.append(cache)
-            reals.append(F.pad(real, (width - w, 0)))
+            reals.append(F.pad(real, (0, width - w) if right else (width - w, 0)))
         if len(caches) == 1:
             return caches[0], reals[0], logits[0]
-        # One cache: each chunk's keys and values left-padded (masked, so their values never count).
+        # One cache: each chunk's keys and values padded to the widest (masked, so their values never count).
         merged = DynamicCache(config=self.model.config)
+        gaps = [width - c.layers[0].keys.shape[2] for c in caches]
+        gaps = [(0, 0, 0, g) if right else (0, 0, g, 0) for g in gaps]
         for i in range(len(caches[0].layers)):
-            keys, values = ([F.pad(getattr(c.layers[i], kind), (0, 0, width - c.layers[i].keys.shape[2], 0))
-                             for c in caches] for kind in ("keys", "values"))
+            keys, values = ([F.pad(getattr(c.layers[i], kind), g) for c, g in zip(caches, gaps)]
+                            for kind in ("keys", "values"))
             merged.update(torch.cat(keys), torch.cat(values), i)
         return merged, torch.cat(reals), torch.cat(logits)
 

@@ -1,0 +1,95 @@
+"""Training levers for the CPU, applied where they pay and recorded in training/trainer_args.json.
+
+- Per-sequence attention for padding-free batches (tasks/packed_attention.py): the same maths as
+  transformers' block-diagonal mask, without the scores that the mask throws away.
+- The vocabulary chunk of TRL's fused LM head. TRL scores tokens against 32,768 vocabulary rows at
+  a time (tuned for its Triton kernel); on a CPU its torch fallback then makes ~a dozen fp32 passes
+  over a tokens x 32,768 tile, which falls out of the caches: with SmolLM2's 49k vocabulary and
+  570 tokens, 1.97 s of a 5.4 s bf16 step on a 2-core EPYC, 0.94 s at 4,096 rows (results equal to
+  1e-6). Whether a smaller chunk pays depends on the CPU's caches, so a short probe on this
+  machine decides (cached per machine, model shape and precision, like tasks/device.py's).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+from pydantic import BaseModel
+
+TRL_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE as TRL ships it
+CPU_CHUNK = 4096
+PROBE_TOKENS = 512  # about one padding-free step of 4 conversations
+
+
+class HeadProbe(BaseModel):
+    """Seconds of one fwd+bwd of TRL's chunked LM head at TRL's chunk and at CPU_CHUNK."""
+
+    trl_s: float
+    cpu_s: float
+
+    @property
+    def chunk(self) -> int:
+        return CPU_CHUNK if self.cpu_s < 0.9 * self.trl_s else TRL_CHUNK  # a 10% margin, as the bf16 probe
+
+
+def time_lm_head(vocab: int, hidden: int, bf16: bool, chunk: int, tokens: int = PROBE_TOKENS) -> float:
+    """Best of two fwd+bwd passes of TRL's ChunkedLogProbFunction at `chunk` vocabulary rows."""
+    import torch
+    from trl.kernels import ChunkedLogProbFunction
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, hidden, generator=g).requires_grad_(True)
+    w = (0.02 * torch.randn(vocab, hidden, generator=g)).requires_grad_(True)
+    targets = torch.randint(0, vocab, (tokens,), generator=g)
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logprobs = ChunkedLogProbFunction.apply(h, w, None, targets, 1.0, chunk, None, 1.0, ("entropy", "is_top1"))[0]
+        logprobs.sum().backward()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def head_probe(vocab: int, hidden: int, bf16: bool) -> HeadProbe:
+    """The probe once per process, and once per machine and shape on disk (~2-6 s for a 49k vocabulary)."""
+    from tasks.device import _machine_key
+    from tasks.runtime import atomic_write, cache_dir
+
+    path = cache_dir("probe") / f"lm-head-{_machine_key()}-{vocab}x{hidden}-{'bf16' if bf16 else 'fp32'}.json"
+    try:
+        return HeadProbe.model_validate_json(path.read_text())
+    except (OSError, ValueError):
+        result = HeadProbe(trl_s=time_lm_head(vocab, hidden, bf16, TRL_CHUNK),
+                           cpu_s=time_lm_head(vocab, hidden, bf16, CPU_CHUNK))
+        atomic_write(path, result.model_dump_json())
+        return result
+
+
+def apply(model, padding_free: bool, device: str, bf16: bool, enabled: bool = True) -> dict:
+    """Set the levers that pay here on `model` and TRL; return what was set and why (for trainer_args.json).
+
+    `enabled=False` sets TRL's and transformers' defaults (scripts/bench_training.py's baseline rows).
+    """
+    import trl.trainer.utils as trl_utils
+
+    from tasks.packed_attention import PACKED
+
+    levers: dict = {}
+    if padding_free and model.config._attn_implementation in ("sdpa", PACKED):
+        model.config._attn_implementation = PACKED if enabled else "sdpa"
+    levers["attention"] = model.config._attn_implementation
+    chunk, why = TRL_CHUNK, "TRL's default"
+    if device == "cpu" and enabled and hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
+        config = model.config.get_text_config()
+        probe = head_probe(config.vocab_size, config.hidden_size, bf16)
+        chunk = probe.chunk
+        why = (f"CPU probe: fused LM head fwd+bwd {probe.cpu_s:.2f} s at {CPU_CHUNK} vocabulary rows vs "
+               f"{probe.trl_s:.2f} s at {TRL_CHUNK}")
+    if hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = chunk  # read by TRL's LM head at every forward
+    levers["lm_head_vocab_chunk"] = chunk
+    levers["lm_head_vocab_chunk_reason"] = why
+    return levers
