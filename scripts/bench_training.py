@@ -136,7 +136,7 @@ def worker(name: str, model_dir: str, steps: int, warmup: int) -> dict:
         "padding_free": bool(args.padding_free),
         "bf16": bool(args.bf16),
         "torch_compile": bool(args.torch_compile),
-        "attention": levers["attention"],
+        "attention": levers["attention"] + (" (fp32)" if levers.get("attention_fp32_under_bf16") else ""),
         "lm_head_chunk": levers["lm_head_vocab_chunk"],
     }
 

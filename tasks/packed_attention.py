@@ -6,13 +6,14 @@ mask over the whole row and attends every token to all of it: with 4 sequences o
 4x the scores that count, and the masked kernel, slower than the causal one on CPU. Here each
 sequence runs through SDPA alone with `is_causal`: the same maths (tests/test_training_padding_free.py
 compares logits and gradients), one fwd+bwd of SmolLM2-135M on 4 packed rows 23% faster in fp32
-and 16% in bf16 on a 2-core EPYC (backbone only; docs/performance.md#training-levers).
+and 16% in bf16 on a 2-core EPYC (backbone only; docs/performance.md#training-here).
 
 Anything else (several rows, a KV cache, no position ids) goes to transformers' SDPA unchanged.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from itertools import pairwise
 
 import torch
@@ -22,6 +23,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 PACKED = "smolflow-packed"
+
+
+# Set by tasks/train_levers.py where its probe finds SDPA faster in fp32 than in bf16 on this CPU
+# (the CPU flash kernel in bf16 ran 2x slower than in fp32 on a Zen 4 EPYC): bf16 inputs are then
+# attended in fp32, which is also the more precise of the two.
+UPCAST = False
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -35,10 +42,33 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     pos = position_ids[0]
     # A sequence starts at 0 and wherever the position does not follow the previous one (as transformers finds them).
     starts = [0, *((torch.diff(pos) != 1).nonzero().flatten() + 1).tolist(), pos.shape[0]]
-    parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                            dropout_p=dropout, scale=scaling, enable_gqa=True)
-             for s, e in pairwise(starts)]
-    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+    lengths = [e - s for s, e in pairwise(starts)]
+    dtype = query.dtype
+    # Under autocast SDPA runs in bf16 even on fp32 inputs (RoPE leaves q and k in fp32).
+    upcast = UPCAST and query.device.type == "cpu" and (dtype != torch.float32 or torch.is_autocast_enabled("cpu"))
+    with torch.autocast(query.device.type, enabled=False) if upcast else nullcontext():
+        if upcast:
+            query, key, value = query.float(), key.float(), value.float()
+        # split, not slices: the backward of a split concatenates, a slice's fills a zero tensor per part
+        parts = [F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling,
+                                                enable_gqa=True)
+                 for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
+    return torch.cat(parts, dim=2).to(dtype).transpose(1, 2).contiguous(), None
+
+
+def time_attention(dtype, length: int = 140, reps: int = 3) -> float:
+    """Best fwd+bwd seconds of SDPA over one causal sequence of `length` tokens (SmolLM2's heads)."""
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 9, length, 64, generator=g).to(dtype).requires_grad_(True)
+    k, v = (torch.randn(1, 3, length, 64, generator=g).to(dtype).requires_grad_(True) for _ in range(2))
+    best = float("inf")
+    for _ in range(reps + 1):  # the first: kernel selection
+        start = time.perf_counter()
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 AttentionInterface.register(PACKED, packed_attention)

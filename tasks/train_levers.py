@@ -2,6 +2,8 @@
 
 - Per-sequence attention for padding-free batches (tasks/packed_attention.py): the same maths as
   transformers' block-diagonal mask, without the scores that the mask throws away.
+- With bf16 autocast, that attention in fp32 where a probe finds the CPU's SDPA kernel faster in
+  fp32 (it ran 2x slower in bf16 than in fp32 on a Zen 4 EPYC with bf16 units).
 - The vocabulary chunk of TRL's fused LM head. TRL scores tokens against 32,768 vocabulary rows at
   a time (tuned for its Triton kernel); on a CPU its torch fallback then makes ~a dozen fp32 passes
   over a tokens x 32,768 tile, which falls out of the caches: with SmolLM2's 49k vocabulary and
@@ -52,20 +54,47 @@ def time_lm_head(vocab: int, hidden: int, bf16: bool, chunk: int, tokens: int = 
     return best
 
 
-@functools.cache
-def head_probe(vocab: int, hidden: int, bf16: bool) -> HeadProbe:
-    """The probe once per process, and once per machine and shape on disk (~2-6 s for a 49k vocabulary)."""
+class AttentionProbe(BaseModel):
+    """Seconds of SDPA fwd+bwd over one 140-token sequence, in bf16 and in fp32."""
+
+    bf16_s: float
+    fp32_s: float
+
+    @property
+    def upcast(self) -> bool:
+        return self.fp32_s < 0.9 * self.bf16_s
+
+
+def _cached(name: str, kind: type[BaseModel], measure):
+    """A probe's result from disk (per machine: CPU flags, torch, threads), else measured and kept."""
     from tasks.device import _machine_key
     from tasks.runtime import atomic_write, cache_dir
 
-    path = cache_dir("probe") / f"lm-head-{_machine_key()}-{vocab}x{hidden}-{'bf16' if bf16 else 'fp32'}.json"
+    path = cache_dir("probe") / f"{name}-{_machine_key()}.json"
     try:
-        return HeadProbe.model_validate_json(path.read_text())
+        return kind.model_validate_json(path.read_text())
     except (OSError, ValueError):
-        result = HeadProbe(trl_s=time_lm_head(vocab, hidden, bf16, TRL_CHUNK),
-                           cpu_s=time_lm_head(vocab, hidden, bf16, CPU_CHUNK))
-        atomic_write(path, result.model_dump_json())
+        result = measure()
+        atomic_write(path, result.model_dump_json())  # a concurrent reader sees the old file or the whole new one
         return result
+
+
+@functools.cache
+def head_probe(vocab: int, hidden: int, bf16: bool) -> HeadProbe:
+    """The LM-head probe once per process, once per machine and shape on disk (~2-6 s for a 49k vocabulary)."""
+    return _cached(f"lm-head-{vocab}x{hidden}-{'bf16' if bf16 else 'fp32'}", HeadProbe, lambda: HeadProbe(
+        trl_s=time_lm_head(vocab, hidden, bf16, TRL_CHUNK), cpu_s=time_lm_head(vocab, hidden, bf16, CPU_CHUNK)))
+
+
+@functools.cache
+def attention_probe() -> AttentionProbe:
+    """The attention-precision probe once per process, once per machine on disk (~0.1 s)."""
+    import torch
+
+    from tasks.packed_attention import time_attention
+
+    return _cached("attention", AttentionProbe, lambda: AttentionProbe(
+        bf16_s=time_attention(torch.bfloat16), fp32_s=time_attention(torch.float32)))
 
 
 def apply(model, padding_free: bool, device: str, bf16: bool, enabled: bool = True) -> dict:
@@ -75,12 +104,19 @@ def apply(model, padding_free: bool, device: str, bf16: bool, enabled: bool = Tr
     """
     import trl.trainer.utils as trl_utils
 
-    from tasks.packed_attention import PACKED
+    from tasks import packed_attention
 
     levers: dict = {}
-    if padding_free and model.config._attn_implementation in ("sdpa", PACKED):
-        model.config._attn_implementation = PACKED if enabled else "sdpa"
+    if padding_free and model.config._attn_implementation in ("sdpa", packed_attention.PACKED):
+        model.config._attn_implementation = packed_attention.PACKED if enabled else "sdpa"
     levers["attention"] = model.config._attn_implementation
+    packed_attention.UPCAST = False
+    if levers["attention"] == packed_attention.PACKED and device == "cpu" and bf16:
+        probe = attention_probe()
+        packed_attention.UPCAST = probe.upcast
+        levers["attention_fp32_under_bf16"] = probe.upcast
+        levers["attention_reason"] = (f"CPU probe: SDPA fwd+bwd {probe.fp32_s * 1e3:.2f} ms in fp32 vs "
+                                      f"{probe.bf16_s * 1e3:.2f} ms in bf16")
     chunk, why = TRL_CHUNK, "TRL's default"
     if device == "cpu" and enabled and hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
         config = model.config.get_text_config()

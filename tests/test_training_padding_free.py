@@ -128,6 +128,38 @@ def test_levers_set_and_record_trls_chunk(tiny_model_dir, tmp_path, monkeypatch)
     assert levers["attention"] == PACKED and levers["lm_head_vocab_chunk"] == train_levers.CPU_CHUNK
     assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == train_levers.CPU_CHUNK
     assert "0.40 s at 4096" in levers["lm_head_vocab_chunk_reason"]
+    # bf16 autocast: attention in fp32 where the probe finds SDPA faster in fp32 (cached per machine)
+    from tasks import packed_attention
+
+    train_levers.attention_probe.cache_clear()
+    monkeypatch.setattr(packed_attention, "time_attention", lambda dtype: 0.004 if dtype == torch.bfloat16 else 0.002)
+    levers = train_levers.apply(model, padding_free=True, device="cpu", bf16=True)
+    assert levers["attention_fp32_under_bf16"] is True and packed_attention.UPCAST
+    assert "2.00 ms in fp32 vs 4.00 ms in bf16" in levers["attention_reason"]
+    levers = train_levers.apply(model, padding_free=True, device="cpu", bf16=False)
+    assert not packed_attention.UPCAST and "attention_fp32_under_bf16" not in levers
+    train_levers.attention_probe.cache_clear()
     levers = train_levers.apply(model, padding_free=True, device="cuda", bf16=False)  # Triton's tuning: untouched
     assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == train_levers.TRL_CHUNK == levers["lm_head_vocab_chunk"]
     train_levers.head_probe.cache_clear()
+
+
+def test_packed_attention_in_fp32_under_bf16_autocast(tiny_model_dir, monkeypatch):
+    """With the upcast lever, bf16 autocast attends in fp32: closer to the fp32 model than bf16 SDPA is."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks import packed_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    ids, positions = _packed_batch(model, [9, 14, 6])
+    with torch.no_grad():
+        reference = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        model.config._attn_implementation = packed_attention.PACKED
+        errors = {}
+        for upcast in (False, True):
+            monkeypatch.setattr(packed_attention, "UPCAST", upcast)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+            errors[upcast] = (logits.float() - reference).abs().mean().item()
+    assert errors[True] < errors[False], errors
