@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel
@@ -108,18 +109,23 @@ def _machine_key() -> str:
     return hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=None)
-def cached_probe() -> Probe:
-    """The probe once per process, and once per machine (CPU flags, torch, threads) on disk."""
+def cached_on_machine(name: str, kind: type[BaseModel], measure: Callable[[], BaseModel]):
+    """A probe's result from disk, once per machine (CPU flags, torch, threads), else measured and kept."""
     from tasks.runtime import atomic_write, cache_dir
 
-    path = cache_dir("probe") / f"cpu-{_machine_key()}.json"
+    path = cache_dir("probe") / f"{name}-{_machine_key()}.json"
     try:
-        return Probe.model_validate_json(path.read_text())
+        return kind.model_validate_json(path.read_text())
     except (OSError, ValueError):
-        result = probe_cpu()
+        result = measure()
         atomic_write(path, result.model_dump_json())  # a concurrent reader sees the old file or the whole new one
         return result
+
+
+@functools.lru_cache(maxsize=None)
+def cached_probe() -> Probe:
+    """The probe once per process, and once per machine on disk."""
+    return cached_on_machine("cpu", Probe, probe_cpu)
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,6 +19,8 @@ import time
 
 from pydantic import BaseModel
 
+from tasks.device import cached_on_machine
+
 TRL_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE as TRL ships it
 CPU_CHUNK = 4096
 PROBE_TOKENS = 512  # about one padding-free step of 4 conversations
@@ -65,24 +67,10 @@ class AttentionProbe(BaseModel):
         return self.fp32_s < 0.9 * self.bf16_s
 
 
-def _cached(name: str, kind: type[BaseModel], measure):
-    """A probe's result from disk (per machine: CPU flags, torch, threads), else measured and kept."""
-    from tasks.device import _machine_key
-    from tasks.runtime import atomic_write, cache_dir
-
-    path = cache_dir("probe") / f"{name}-{_machine_key()}.json"
-    try:
-        return kind.model_validate_json(path.read_text())
-    except (OSError, ValueError):
-        result = measure()
-        atomic_write(path, result.model_dump_json())  # a concurrent reader sees the old file or the whole new one
-        return result
-
-
 @functools.cache
 def head_probe(vocab: int, hidden: int, bf16: bool) -> HeadProbe:
     """The LM-head probe once per process, once per machine and shape on disk (~2-6 s for a 49k vocabulary)."""
-    return _cached(f"lm-head-{vocab}x{hidden}-{'bf16' if bf16 else 'fp32'}", HeadProbe, lambda: HeadProbe(
+    return cached_on_machine(f"lm-head-{vocab}x{hidden}-{'bf16' if bf16 else 'fp32'}", HeadProbe, lambda: HeadProbe(
         trl_s=time_lm_head(vocab, hidden, bf16, TRL_CHUNK), cpu_s=time_lm_head(vocab, hidden, bf16, CPU_CHUNK)))
 
 
@@ -93,7 +81,7 @@ def attention_probe() -> AttentionProbe:
 
     from tasks.packed_attention import time_attention
 
-    return _cached("attention", AttentionProbe, lambda: AttentionProbe(
+    return cached_on_machine("attention", AttentionProbe, lambda: AttentionProbe(
         bf16_s=time_attention(torch.bfloat16), fp32_s=time_attention(torch.float32)))
 
 
