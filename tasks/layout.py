@@ -49,7 +49,7 @@ class RunPaths:
 
     metrics = "training/metrics.json"
     log_history = "training/log_history.json"
-    trainer_args = "training/trainer_args.json"  # every TrainingArguments value as the Trainer ran them, + smolflow_levers
+    trainer_args = "training/trainer_args.json"  # every TrainingArguments value as run, + smolflow_levers
     curves = "training/curves.png"
     health = "training/health.json"
     health_md = "training/health.md"
