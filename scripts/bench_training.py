@@ -7,13 +7,15 @@ Configurations: `seed` (TRL defaults: gradient checkpointing, padded batches, fp
 (smolflow's knobs in fp32: checkpointing off, padding-free); `compile` (fp32 plus torch.compile);
 `bf16` (fp32 plus bf16 autocast: only worth it on CPUs with bf16 units); `smolflow` (smolflow's
 defaults as a run gets them: precision `auto`, decided by the probe in tasks/device.py);
+`seed-kept` (the seed plus only the freed-memory lever, which any script could use);
 `fp32-plain` and `bf16-plain` (the same without tasks/train_levers.py's CPU levers: transformers'
-SDPA over the packed row with its block-diagonal mask, TRL's LM-head chunk).
+SDPA over the packed row with its block-diagonal mask, TRL's LM-head chunk, glibc's malloc defaults).
 
 Each configuration runs in its own fresh process (so peak memory is its own), and the two are
 interleaved round by round, so load from other users of the machine hits both alike. Printed per
-configuration: real (non-padding) tokens/s, the ratio to the seed, peak RSS, mean loss on the
-timed steps, and MFU against an fp32 matmul peak measured in the same process with its threads.
+configuration: real (non-padding) tokens/s, the ratio to the seed, minor page faults per step,
+peak RSS, mean loss on the timed steps (after `--warmup` untimed ones: a nightly's hundreds of
+steps run in the steady state, not in the first steps' allocations), and MFU against an fp32 matmul peak measured in the same process with its threads.
 Not a test: numbers go to docs/training.md.
 """
 
@@ -29,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CONFIGS = ("seed", "fp32", "compile", "bf16", "smolflow", "fp32-plain", "bf16-plain")
+CONFIGS = ("seed", "seed-kept", "fp32", "compile", "bf16", "smolflow", "fp32-plain", "bf16-plain")
 DEFAULT_CONFIGS = "seed,fp32,compile,smolflow"
 
 
@@ -53,7 +55,7 @@ def trainer_args(name: str, out: str, steps: int):
     from tasks.config import TrainingConfig
     from tasks.training import sft_config
 
-    if name == "seed":  # TRL defaults: gradient checkpointing on, padded batches; the seed trains in fp32 here
+    if name.startswith("seed"):  # TRL defaults: gradient checkpointing on, padded batches; the seed trains in fp32 here
         return SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=4, bf16=False,
                          use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
                          logging_steps=1, learning_rate=5e-5, warmup_steps=0.1, seed=42)
@@ -83,7 +85,7 @@ def worker(name: str, model_dir: str, steps: int, warmup: int) -> dict:
     from tasks.training import prepare_splits
 
     # The seed leaves torch's default (all cores); smolflow sets its own (tasks.runtime), or --threads.
-    if name != "seed":
+    if not name.startswith("seed"):
         threads = set_torch_threads(int(os.environ.get("BENCH_THREADS", 0)) or None)
     else:
         torch.set_num_threads(int(os.environ.get("BENCH_SEED_THREADS", 0)) or torch.get_num_threads())
@@ -95,10 +97,13 @@ def worker(name: str, model_dir: str, steps: int, warmup: int) -> dict:
     args = trainer_args(name, f"/tmp/bench-training-{os.getpid()}", warmup + steps)
     # As tasks.training.fit does; the seed and the -plain rows keep transformers' and TRL's defaults.
     levers = train_levers.apply(model, args.padding_free, "cpu", args.bf16,
-                                enabled=name != "seed" and not name.endswith("-plain"))
-    train = prepare_splits({"train": data, "test": data}, tokenizer, TrainingConfig())[0] if name != "seed" else data
+                                enabled=not name.startswith("seed") and not name.endswith("-plain"))
+    if name == "seed-kept":  # the seed with only the allocator lever: what that lever alone is worth
+        levers["freed_memory_kept"] = train_levers.glibc() is not None
+    seed = name.startswith("seed")
+    train = data if seed else prepare_splits({"train": data, "test": data}, tokenizer, TrainingConfig())[0]
 
-    marks: list[tuple[float, int]] = []
+    marks: list[tuple[float, int, int]] = []  # after each step: clock, tokens so far, minor page faults so far
 
     class Counting(SFTTrainer):
         tokens = 0
@@ -110,13 +115,16 @@ def worker(name: str, model_dir: str, steps: int, warmup: int) -> dict:
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            marks.append((time.perf_counter(), trainer.tokens))
+            marks.append((time.perf_counter(), trainer.tokens, resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
 
-    trainer = Counting(model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[Clock()])
+    trim = train_levers.trim_callback(levers["freed_memory_kept"])
+    trainer = Counting(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                       callbacks=[Clock()] + ([trim] if trim else []))
     start = time.perf_counter()
-    trainer.train()
-    t0, n0 = marks[warmup - 1] if warmup else (start, 0)
-    t1, n1 = marks[-1]
+    with train_levers.freed_memory_kept(levers["freed_memory_kept"]):
+        trainer.train()
+    t0, n0, f0 = marks[warmup - 1] if warmup else (start, 0, 0)
+    t1, n1, f1 = marks[-1]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once: the LM head matmul
     tokens_per_s = (n1 - n0) / (t1 - t0)
@@ -138,6 +146,8 @@ def worker(name: str, model_dir: str, steps: int, warmup: int) -> dict:
         "torch_compile": bool(args.torch_compile),
         "attention": levers["attention"] + (" (fp32)" if levers.get("attention_fp32_under_bf16") else ""),
         "lm_head_chunk": levers["lm_head_vocab_chunk"],
+        "freed_memory_kept": levers["freed_memory_kept"],
+        "minor_faults_per_step": (f1 - f0) / max(1, steps),
     }
 
 
@@ -145,7 +155,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model directory (default: the built-in SmolLM2-135M)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration per round")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (steady state: the first steps allocate the optimizer state and page in fresh memory)")
     p.add_argument("--rounds", type=int, default=2, help="seed, smolflow, seed, smolflow, ...")
     p.add_argument("--threads", type=int, default=0, help="smolflow's torch threads (default: its own setting)")
     p.add_argument("--seed-threads", type=int, default=0, help="the seed's torch threads (default: torch's)")
@@ -186,17 +196,18 @@ def main() -> None:
 
     print(f"\nload average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; at end "
           + " ".join(f"{x:.2f}" for x in os.getloadavg()) + f"; {os.cpu_count()} CPUs")
-    print("| config | threads | grad ckpt | padding-free | attention | LM-head chunk | bf16 | compile | tokens/s | ratio | s/step | peak RSS MB "
-          "| MFU | matmul peak GFLOP/s | mean loss (timed steps) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| config | threads | grad ckpt | padding-free | attention | LM-head chunk | freed memory kept | bf16 | compile "
+          "| tokens/s | ratio | s/step | page faults/step | peak RSS MB | MFU | matmul peak GFLOP/s | mean loss (timed steps) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     seed_tps = total("seed", "tokens") / sum(x["s_per_step"] * x["steps"] for x in results["seed"])
     for name in configs:
         rs = results[name]
         tps = total(name, "tokens") / sum(x["s_per_step"] * x["steps"] for x in rs)
         mfu = sum(x["mfu"] for x in rs) / len(rs)
         print(f"| {name} | {rs[0]['threads']} | {rs[0]['gradient_checkpointing']} | {rs[0]['padding_free']} | "
-              f"{rs[0]['attention']} | {rs[0]['lm_head_chunk']} | {rs[0]['bf16']} | {rs[0]['torch_compile']} | {tps:.1f} | {tps / seed_tps:.2f}x | {total(name, 's_per_step') / len(rs):.2f} | "
-              f"{max(x['peak_rss_mb'] for x in rs):.0f} | {mfu:.1%} | "
+              f"{rs[0]['attention']} | {rs[0]['lm_head_chunk']} | {rs[0]['freed_memory_kept']} | {rs[0]['bf16']} | "
+              f"{rs[0]['torch_compile']} | {tps:.1f} | {tps / seed_tps:.2f}x | {total(name, 's_per_step') / len(rs):.2f} | "
+              f"{total(name, 'minor_faults_per_step') / len(rs):,.0f} | {max(x['peak_rss_mb'] for x in rs):.0f} | {mfu:.1%} | "
               f"{sum(x['matmul_peak_gflops'] for x in rs) / len(rs):.1f} | "
               f"{sum(x['loss_timed_steps'] for x in rs) / len(rs):.4f} |")
 

@@ -321,6 +321,8 @@ def fit(spec: FitSpec) -> dict:
     attention = model.config._attn_implementation
     levers = train_levers.apply(model, args.padding_free, "cpu" if args.use_cpu else spec.placement.device, args.bf16)
     callbacks = [checkpoint_uploader(run, spec.key), training_progress()]
+    if trim := train_levers.trim_callback(levers["freed_memory_kept"]):
+        callbacks.append(trim)
     if "wandb" in spec.report_to:  # a resumed training's W&B run gets the steps before the checkpoint too
         from tasks.tracking import resumed_curve
 
@@ -342,7 +344,8 @@ def fit(spec: FitSpec) -> dict:
     # The Trainer prints each log as a dict of strings; training_progress logs them as numbers.
     trainer.remove_callback(PrinterCallback)
     trainable = float(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))  # before a merge
-    train_output = trainer.train(resume_from_checkpoint=spec.resume)
+    with train_levers.freed_memory_kept(levers["freed_memory_kept"]):
+        train_output = trainer.train(resume_from_checkpoint=spec.resume)
     last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
     if last_eval is not None and last_eval.get("step") == trainer.state.global_step:
         eval_metrics = last_eval  # the Trainer just evaluated at the final step: not a second time

@@ -19,6 +19,7 @@ def test_padding_free_gives_the_padded_losses(tiny_ref, fixture_data, tmp_path):
         result = train_sft.fn(tiny_ref, tokens_of(tiny_ref, fixture_data, cfg), cfg, str(tmp_path / "runs" / f"pf-{padding_free}"), [])
         # Padding-free rows train with per-sequence attention (the padded ones with SDPA), recorded with the run.
         assert result.trainer_args["smolflow_levers"]["attention"] == (PACKED if padding_free else "sdpa")
+        assert result.trainer_args["smolflow_levers"]["freed_memory_kept"] is True  # glibc, CPU: kept while training
         losses[padding_free] = [h["loss"] for h in result.log_history if "loss" in h] + [result.metrics["eval_loss"]]
     assert len(losses[True]) == 4
     for a, b in zip(losses[True], losses[False]):
@@ -141,7 +142,63 @@ def test_levers_set_and_record_trls_chunk(tiny_model_dir, tmp_path, monkeypatch)
     train_levers.attention_probe.cache_clear()
     levers = train_levers.apply(model, padding_free=True, device="cuda", bf16=False)  # Triton's tuning: untouched
     assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == train_levers.TRL_CHUNK == levers["lm_head_vocab_chunk"]
+    assert levers["freed_memory_kept"] is False  # a GPU run's host memory is not the step's
     train_levers.head_probe.cache_clear()
+    assert train_levers.apply(model, padding_free=True, device="cpu", bf16=False, enabled=False)["freed_memory_kept"] is False
+
+
+def _rss_mb() -> float:
+    """This process's resident memory in MB."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _faults_to_fill(mb: int) -> int:
+    """Minor page faults taken to allocate, write and free `mb` MB, as a training step's big tensors are."""
+    import resource
+
+    import torch
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.empty(mb * 2**18).fill_(1.0)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    del block
+    return faults
+
+
+def test_freed_memory_is_kept_while_training_and_returned_after():
+    """Inside the lever a freed block stays in the process and is reused without page faults; with
+    glibc's defaults a block this big is unmapped when freed (and paged in afresh next time); the
+    periodic trim and the end of training give the kept pages back."""
+    from types import SimpleNamespace
+
+    from tasks import train_levers
+
+    if train_levers.glibc() is None:
+        pytest.skip("not glibc: the lever is off and recorded as off")
+    before = _rss_mb()
+    _faults_to_fill(1000)  # bigger than any free hole: mapped, and unmapped when freed
+    assert _rss_mb() < before + 100
+    with train_levers.freed_memory_kept(True):
+        _faults_to_fill(1000)
+        assert _rss_mb() > before + 900  # kept
+        assert _faults_to_fill(200) < 200 * 2**20 // 4096 // 20  # and reused without page faults
+        trim = train_levers.trim_callback(True, every=50)
+        trim.on_step_end(None, SimpleNamespace(global_step=49), None)
+        assert _rss_mb() > before + 900  # not a trim step
+        trim.on_step_end(None, SimpleNamespace(global_step=50), None)
+        assert _rss_mb() < before + 100  # a trim step: the free pages went back
+        _faults_to_fill(1000)
+        assert _rss_mb() > before + 900
+    assert _rss_mb() < before + 100  # trimmed when training ends
+    _faults_to_fill(1500)  # bigger than the hole left in the heap
+    assert _rss_mb() < before + 100  # glibc's defaults are back (inside, the 1500 MB would stay)
+    with train_levers.freed_memory_kept(False):  # off: nothing changes
+        _faults_to_fill(1500)
+        assert _rss_mb() < before + 100
+    assert train_levers.trim_callback(False) is None
 
 
 def test_packed_attention_in_fp32_under_bf16_autocast(tiny_model_dir, monkeypatch):
