@@ -16,6 +16,9 @@ interleaved round by round, so load from other users of the machine hits both al
 configuration: real (non-padding) tokens/s, the ratio to the seed, minor page faults per step,
 peak RSS, mean loss on the timed steps (after `--warmup` untimed ones: a nightly's hundreds of
 steps run in the steady state, not in the first steps' allocations), and MFU against an fp32 matmul peak measured in the same process with its threads.
+The training loss is each configuration's own measure (under bf16 autocast, in bf16), so the loss
+compared across configurations is the held-out one: the trained weights on the fixture's test
+conversations, in fp32 for all.
 Not a test: numbers go to docs/training.md.
 """
 
@@ -68,6 +71,30 @@ def trainer_args(name: str, out: str, steps: int):
     # Constructor arguments: SFTConfig attributes set afterwards were not all honoured.
     return sft_config(cfg, out, [], placement, torch_compile=name == "compile",
                       eval_strategy="no", save_strategy="no")
+
+
+def held_out_loss(model, model_dir: str) -> float:
+    """Mean token loss of the trained weights on the fixture's held-out conversations, measured the
+    same way for every configuration: fp32, no autocast, transformers' SDPA, one conversation per pass."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.runtime import FIXTURES
+    from tasks.tokenization import tokenize_split
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    test = load_dataset("json", data_files=str(FIXTURES / "everyday_conversations" / "test.jsonl"), split="train")
+    fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    fresh.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    fresh.eval()
+    total = count = 0
+    with torch.no_grad():
+        for ids in tokenize_split(test, tokenizer, 512, split="test")["input_ids"]:
+            row = torch.tensor([ids])
+            total += float(fresh(input_ids=row, labels=row).loss) * (len(ids) - 1)
+            count += len(ids) - 1
+    return total / count
 
 
 def worker(name: str, model_dir: str, steps: int, warmup: int) -> dict:
@@ -138,6 +165,7 @@ def worker(name: str, model_dir: str, steps: int, warmup: int) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "loss_timed_steps": sum(losses[warmup:]) / max(1, len(losses[warmup:])),
         "losses": losses,
+        "held_out_loss": held_out_loss(model, model_dir),
         "matmul_peak_gflops": peak / 1e9,
         "mfu": 6 * params * tokens_per_s / peak,  # model FLOPs (6N per token), not recompute
         "gradient_checkpointing": bool(args.gradient_checkpointing),
@@ -189,7 +217,7 @@ def main() -> None:
             res = json.loads(line[-1][7:])
             results[name].append(res)
             print(f"round {r + 1} {name}: {res['tokens_per_s']:.1f} tok/s, {res['s_per_step']:.2f} s/step, "
-                  f"losses {[round(x, 3) for x in res['losses']]}", flush=True)
+                  f"losses {[round(x, 3) for x in res['losses']]}, held-out {res['held_out_loss']:.4f}", flush=True)
 
     def total(name, key):
         return sum(x[key] for x in results[name])
@@ -197,8 +225,9 @@ def main() -> None:
     print(f"\nload average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; at end "
           + " ".join(f"{x:.2f}" for x in os.getloadavg()) + f"; {os.cpu_count()} CPUs")
     print("| config | threads | grad ckpt | padding-free | attention | LM-head chunk | freed memory kept | bf16 | compile "
-          "| tokens/s | ratio | s/step | page faults/step | peak RSS MB | MFU | matmul peak GFLOP/s | mean loss (timed steps) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| tokens/s | ratio | s/step | page faults/step | peak RSS MB | MFU | matmul peak GFLOP/s | mean loss (timed steps) "
+          "| held-out loss (fp32) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     seed_tps = total("seed", "tokens") / sum(x["s_per_step"] * x["steps"] for x in results["seed"])
     for name in configs:
         rs = results[name]
@@ -209,7 +238,8 @@ def main() -> None:
               f"{rs[0]['torch_compile']} | {tps:.1f} | {tps / seed_tps:.2f}x | {total(name, 's_per_step') / len(rs):.2f} | "
               f"{total(name, 'minor_faults_per_step') / len(rs):,.0f} | {max(x['peak_rss_mb'] for x in rs):.0f} | {mfu:.1%} | "
               f"{sum(x['matmul_peak_gflops'] for x in rs) / len(rs):.1f} | "
-              f"{sum(x['loss_timed_steps'] for x in rs) / len(rs):.4f} |")
+              f"{sum(x['loss_timed_steps'] for x in rs) / len(rs):.4f} | "
+              f"{sum(x['held_out_loss'] for x in rs) / len(rs):.4f} |")
 
 
 if __name__ == "__main__":
