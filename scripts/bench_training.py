@@ -51,7 +51,7 @@ def matmul_peak_flops(n: int = 1024, reps: int = 8) -> float:
     return 2 * n**3 / best
 
 
-def trainer_args(name: str, out: str, steps: int):
+def trainer_args(name: str, out: str, steps: int, seed: int = 42):
     """The seed's SFTConfig (TRL defaults, batch 4, fp32) or smolflow's sft_config defaults."""
     from trl import SFTConfig
 
@@ -61,11 +61,11 @@ def trainer_args(name: str, out: str, steps: int):
     if name.startswith("seed"):  # TRL defaults: gradient checkpointing on, padded batches; the seed trains in fp32 here
         return SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=4, bf16=False,
                          use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
-                         logging_steps=1, learning_rate=5e-5, warmup_steps=0.1, seed=42)
+                         logging_steps=1, learning_rate=5e-5, warmup_steps=0.1, seed=seed)
     from tasks.config import ExecutionConfig
     from tasks.device import resolve
 
-    cfg = TrainingConfig(max_steps=steps, logging_steps=1, save_steps=10_000, eval_steps=10_000)
+    cfg = TrainingConfig(max_steps=steps, logging_steps=1, save_steps=10_000, eval_steps=10_000, seed=seed)
     precision = {"fp32": "fp32", "compile": "fp32", "bf16": "bf16", "smolflow": "auto"}[name.removesuffix("-plain")]
     placement = resolve(ExecutionConfig(device="cpu", precision=precision))
     # Constructor arguments: SFTConfig attributes set afterwards were not all honoured.
@@ -97,7 +97,7 @@ def held_out_loss(model, model_dir: str) -> float:
     return total / count
 
 
-def worker(name: str, model_dir: str, steps: int, warmup: int) -> dict:
+def worker(name: str, model_dir: str, steps: int, warmup: int, seed: int = 42) -> dict:
     """Train `warmup + steps` steps with one configuration; time and count the last `steps`."""
     import resource
 
@@ -121,14 +121,13 @@ def worker(name: str, model_dir: str, steps: int, warmup: int) -> dict:
     data = load_dataset("json", data_files=str(FIXTURES / "everyday_conversations" / "train.jsonl"), split="train")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    args = trainer_args(name, f"/tmp/bench-training-{os.getpid()}", warmup + steps)
+    args = trainer_args(name, f"/tmp/bench-training-{os.getpid()}", warmup + steps, seed)
     # As tasks.training.fit does; the seed and the -plain rows keep transformers' and TRL's defaults.
     levers = train_levers.apply(model, args.padding_free, "cpu", args.bf16,
                                 enabled=not name.startswith("seed") and not name.endswith("-plain"))
     if name == "seed-kept":  # the seed with only the allocator lever: what that lever alone is worth
         levers["freed_memory_kept"] = train_levers.glibc() is not None
-    seed = name.startswith("seed")
-    train = data if seed else prepare_splits({"train": data, "test": data}, tokenizer, TrainingConfig())[0]
+    train = data if name.startswith("seed") else prepare_splits({"train": data, "test": data}, tokenizer, TrainingConfig())[0]
 
     marks: list[tuple[float, int, int]] = []  # after each step: clock, tokens so far, minor page faults so far
 
@@ -174,9 +173,21 @@ def worker(name: str, model_dir: str, steps: int, warmup: int) -> dict:
         "torch_compile": bool(args.torch_compile),
         "attention": levers["attention"] + (" (fp32)" if levers.get("attention_fp32_under_bf16") else ""),
         "lm_head_chunk": levers["lm_head_vocab_chunk"],
+        "lm_head": levers["lm_head"],
         "freed_memory_kept": levers["freed_memory_kept"],
         "minor_faults_per_step": (f1 - f0) / max(1, steps),
     }
+
+
+def _held_out(rs: list[dict]) -> str:
+    """Mean held-out loss; over several seeds, each seed's value too (their spread is the yardstick)."""
+    by_seed: dict[int, list[float]] = {}
+    for x in rs:
+        by_seed.setdefault(x["seed"], []).append(x["held_out_loss"])
+    mean = sum(x["held_out_loss"] for x in rs) / len(rs)
+    if len(by_seed) == 1:
+        return f"{mean:.4f}"
+    return f"{mean:.4f} (" + ", ".join(f"{s}: {sum(v) / len(v):.4f}" for s, v in sorted(by_seed.items())) + ")"
 
 
 def main() -> None:
@@ -187,6 +198,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="seed, smolflow, seed, smolflow, ...")
     p.add_argument("--threads", type=int, default=0, help="smolflow's torch threads (default: its own setting)")
     p.add_argument("--seed-threads", type=int, default=0, help="the seed's torch threads (default: torch's)")
+    p.add_argument("--seeds", default="42", help="comma-separated training seeds (batch order), each run per round: "
+                   "the spread of the held-out loss over seeds is what a precision's loss is compared with")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from {', '.join(CONFIGS)}")
     p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -194,7 +207,7 @@ def main() -> None:
     if "seed" not in configs or set(configs) - set(CONFIGS):
         p.error(f"--configs: need 'seed' (the baseline) and names from {', '.join(CONFIGS)}")
     if a.worker:
-        print("RESULT " + json.dumps(worker(a.worker, a.model, a.steps, a.warmup)))
+        print("RESULT " + json.dumps(worker(a.worker, a.model, a.steps, a.warmup, int(a.seeds))))
         return
     if a.model is None:
         from tasks.models import convert_builtin
@@ -206,17 +219,19 @@ def main() -> None:
         os.environ["BENCH_SEED_THREADS"] = str(a.seed_threads)
     load = os.getloadavg()
     results: dict[str, list[dict]] = {c: [] for c in configs}
-    for r in range(a.rounds):
+    seeds = [int(x) for x in a.seeds.split(",") if x]
+    for r, seed in ((r, seed) for r in range(a.rounds) for seed in seeds):
         for name in configs:
             cmd = [sys.executable, __file__, "--worker", name, "--model", a.model,
-                   "--steps", str(a.steps), "--warmup", str(a.warmup)]
+                   "--steps", str(a.steps), "--warmup", str(a.warmup), "--seeds", str(seed)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode or not line:
                 sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
             res = json.loads(line[-1][7:])
+            res["seed"] = seed
             results[name].append(res)
-            print(f"round {r + 1} {name}: {res['tokens_per_s']:.1f} tok/s, {res['s_per_step']:.2f} s/step, "
+            print(f"round {r + 1} seed {seed} {name}: {res['tokens_per_s']:.1f} tok/s, {res['s_per_step']:.2f} s/step, "
                   f"losses {[round(x, 3) for x in res['losses']]}, held-out {res['held_out_loss']:.4f}", flush=True)
 
     def total(name, key):
@@ -224,7 +239,7 @@ def main() -> None:
 
     print(f"\nload average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; at end "
           + " ".join(f"{x:.2f}" for x in os.getloadavg()) + f"; {os.cpu_count()} CPUs")
-    print("| config | threads | grad ckpt | padding-free | attention | LM-head chunk | freed memory kept | bf16 | compile "
+    print("| config | threads | grad ckpt | padding-free | attention | LM head (chunk) | freed memory kept | bf16 | compile "
           "| tokens/s | ratio | s/step | page faults/step | peak RSS MB | MFU | matmul peak GFLOP/s | mean loss (timed steps) "
           "| held-out loss (fp32) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -234,12 +249,12 @@ def main() -> None:
         tps = total(name, "tokens") / sum(x["s_per_step"] * x["steps"] for x in rs)
         mfu = sum(x["mfu"] for x in rs) / len(rs)
         print(f"| {name} | {rs[0]['threads']} | {rs[0]['gradient_checkpointing']} | {rs[0]['padding_free']} | "
-              f"{rs[0]['attention']} | {rs[0]['lm_head_chunk']} | {rs[0]['freed_memory_kept']} | {rs[0]['bf16']} | "
+              f"{rs[0]['attention']} | {rs[0]['lm_head']} ({rs[0]['lm_head_chunk']}) | {rs[0]['freed_memory_kept']} | {rs[0]['bf16']} | "
               f"{rs[0]['torch_compile']} | {tps:.1f} | {tps / seed_tps:.2f}x | {total(name, 's_per_step') / len(rs):.2f} | "
               f"{total(name, 'minor_faults_per_step') / len(rs):,.0f} | {max(x['peak_rss_mb'] for x in rs):.0f} | {mfu:.1%} | "
               f"{sum(x['matmul_peak_gflops'] for x in rs) / len(rs):.1f} | "
               f"{sum(x['loss_timed_steps'] for x in rs) / len(rs):.4f} | "
-              f"{sum(x['held_out_loss'] for x in rs) / len(rs):.4f} |")
+              f"{_held_out(rs)} |")
 
 
 if __name__ == "__main__":

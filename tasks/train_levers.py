@@ -4,12 +4,13 @@
   transformers' block-diagonal mask, without the scores that the mask throws away.
 - With bf16 autocast, that attention in fp32 where a probe finds the CPU's SDPA kernel faster in
   fp32 (it ran 2x slower in bf16 than in fp32 on a Zen 4 EPYC with bf16 units).
-- The vocabulary chunk of TRL's fused LM head. TRL scores tokens against 32,768 vocabulary rows at
-  a time (tuned for its Triton kernel); on a CPU its torch fallback then makes ~a dozen fp32 passes
-  over a tokens x 32,768 tile, which falls out of the caches: with SmolLM2's 49k vocabulary and
-  570 tokens, 1.97 s of a 5.4 s bf16 step on a 2-core EPYC, 0.94 s at 4,096 rows (results equal to
-  1e-6). Whether a smaller chunk pays depends on the CPU's caches, so a short probe on this
-  machine decides (cached per machine, model shape and precision, like tasks/device.py's).
+- TRL's fused LM head. TRL scores tokens against 32,768 vocabulary rows at a time (tuned for its
+  Triton kernel); on a CPU its torch fallback then makes ~a dozen fp32 passes over a tokens x
+  32,768 tile, which falls out of the caches: with SmolLM2's 49k vocabulary and 570 tokens, 1.97 s
+  of a 5.4 s bf16 step on a 2-core EPYC, 0.94 s at 4,096 rows (results equal to 1e-6). smolflow's
+  own CPU head (tasks/lm_head_cpu.py: fewer passes, the logits kept for the backward, bf16
+  gradient GEMMs rounded once) is faster again. Which of the three pays depends on the CPU, so a
+  short probe on this machine decides (cached per machine, model shape and precision).
 - Freed memory kept in the process while training on a CPU (glibc's malloc only). glibc returns a
   block of more than ~32 MB (TRL's 113 MB LM-head gradient, the weight casts) to the kernel when
   it is freed, so the next step takes fresh pages and the kernel zeroes each one: ~80,000 page
@@ -38,20 +39,30 @@ PROBE_TOKENS = 512  # about one padding-free step of 4 conversations
 
 
 class HeadProbe(BaseModel):
-    """Seconds of one fwd+bwd of TRL's chunked LM head at TRL's chunk and at CPU_CHUNK."""
+    """Seconds of one fwd+bwd of TRL's chunked LM head at TRL's chunk and at CPU_CHUNK, and of smolflow's."""
 
     trl_s: float
     cpu_s: float
+    smolflow_s: float
 
     @property
     def chunk(self) -> int:
         return CPU_CHUNK if self.cpu_s < 0.9 * self.trl_s else TRL_CHUNK  # a 10% margin, as the bf16 probe
 
+    @property
+    def ours(self) -> bool:
+        return self.smolflow_s < 0.9 * min(self.trl_s, self.cpu_s)
 
-def time_lm_head(vocab: int, hidden: int, bf16: bool, chunk: int, tokens: int = PROBE_TOKENS) -> float:
-    """Best of two fwd+bwd passes of TRL's ChunkedLogProbFunction at `chunk` vocabulary rows."""
+
+def time_lm_head(vocab: int, hidden: int, bf16: bool, chunk: int, ours: bool = False,
+                 tokens: int = PROBE_TOKENS) -> float:
+    """Best of two fwd+bwd passes of TRL's ChunkedLogProbFunction at `chunk` vocabulary rows (or smolflow's)."""
     import torch
     from trl.kernels import ChunkedLogProbFunction
+
+    from tasks.lm_head_cpu import Dispatch
+
+    function = Dispatch if ours else ChunkedLogProbFunction
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(tokens, hidden, generator=g).requires_grad_(True)
@@ -61,7 +72,7 @@ def time_lm_head(vocab: int, hidden: int, bf16: bool, chunk: int, tokens: int = 
     for _ in range(2):
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logprobs = ChunkedLogProbFunction.apply(h, w, None, targets, 1.0, chunk, None, 1.0, ("entropy", "is_top1"))[0]
+            logprobs = function.apply(h, w, None, targets, 1.0, chunk, None, 1.0, ("entropy", "is_top1"))[0]
         logprobs.sum().backward()
         best = min(best, time.perf_counter() - start)
     return best
@@ -80,9 +91,10 @@ class AttentionProbe(BaseModel):
 
 @functools.cache
 def head_probe(vocab: int, hidden: int, bf16: bool) -> HeadProbe:
-    """The LM-head probe once per process, once per machine and shape on disk (~2-6 s for a 49k vocabulary)."""
+    """The LM-head probe once per process, once per machine and shape on disk (~3-8 s for a 49k vocabulary)."""
     return cached_on_machine(f"lm-head-{vocab}x{hidden}-{'bf16' if bf16 else 'fp32'}", HeadProbe, lambda: HeadProbe(
-        trl_s=time_lm_head(vocab, hidden, bf16, TRL_CHUNK), cpu_s=time_lm_head(vocab, hidden, bf16, CPU_CHUNK)))
+        trl_s=time_lm_head(vocab, hidden, bf16, TRL_CHUNK), cpu_s=time_lm_head(vocab, hidden, bf16, CPU_CHUNK),
+        smolflow_s=time_lm_head(vocab, hidden, bf16, CPU_CHUNK, ours=True)))
 
 
 @functools.cache
@@ -154,7 +166,7 @@ def apply(model, padding_free: bool, device: str, bf16: bool, enabled: bool = Tr
     """
     import trl.trainer.utils as trl_utils
 
-    from tasks import packed_attention
+    from tasks import lm_head_cpu, packed_attention
 
     levers: dict = {}
     if padding_free and model.config._attn_implementation in ("sdpa", packed_attention.PACKED):
@@ -167,16 +179,17 @@ def apply(model, padding_free: bool, device: str, bf16: bool, enabled: bool = Tr
         levers["attention_fp32_under_bf16"] = probe.upcast
         levers["attention_reason"] = (f"CPU probe: SDPA fwd+bwd {probe.fp32_s * 1e3:.2f} ms in fp32 vs "
                                       f"{probe.bf16_s * 1e3:.2f} ms in bf16")
-    chunk, why = TRL_CHUNK, "TRL's default"
+    chunk, head, why = TRL_CHUNK, "trl", "TRL's default"
     if device == "cpu" and enabled and hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
         config = model.config.get_text_config()
         probe = head_probe(config.vocab_size, config.hidden_size, bf16)
-        chunk = probe.chunk
-        why = (f"CPU probe: fused LM head fwd+bwd {probe.cpu_s:.2f} s at {CPU_CHUNK} vocabulary rows vs "
-               f"{probe.trl_s:.2f} s at {TRL_CHUNK}")
+        chunk, head = probe.chunk, "smolflow-cpu" if probe.ours else "trl"
+        why = (f"CPU probe: fused LM head fwd+bwd {probe.smolflow_s:.2f} s smolflow's; TRL's {probe.cpu_s:.2f} s "
+               f"at {CPU_CHUNK} vocabulary rows, {probe.trl_s:.2f} s at {TRL_CHUNK}")
     if hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
         trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = chunk  # read by TRL's LM head at every forward
+    levers["lm_head"] = head if lm_head_cpu.install(head == "smolflow-cpu") else "trl"
     levers["lm_head_vocab_chunk"] = chunk
-    levers["lm_head_vocab_chunk_reason"] = why
+    levers["lm_head_reason"] = why
     levers["freed_memory_kept"] = enabled and device == "cpu" and glibc() is not None  # see freed_memory_kept
     return levers

@@ -109,8 +109,10 @@ def test_lm_head_chunk_gives_trls_results_and_is_decided_by_the_probe():
         out[chunk] = (logprobs.detach(), entropy, h.grad, w.grad)
     for a, b in zip(out[TRL_CHUNK], out[CPU_CHUNK]):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
-    assert HeadProbe(trl_s=1.0, cpu_s=0.5).chunk == CPU_CHUNK
-    assert HeadProbe(trl_s=1.0, cpu_s=0.95).chunk == TRL_CHUNK  # within the 10% margin: TRL's default stays
+    assert HeadProbe(trl_s=1.0, cpu_s=0.5, smolflow_s=1.0).chunk == CPU_CHUNK
+    assert HeadProbe(trl_s=1.0, cpu_s=0.95, smolflow_s=1.0).chunk == TRL_CHUNK  # within the 10% margin: TRL's stays
+    assert HeadProbe(trl_s=1.0, cpu_s=0.5, smolflow_s=0.4).ours
+    assert not HeadProbe(trl_s=1.0, cpu_s=0.5, smolflow_s=0.46).ours  # within 10% of TRL's best: TRL's
 
 
 def test_levers_set_and_record_trls_chunk(tiny_model_dir, tmp_path, monkeypatch):
@@ -122,13 +124,22 @@ def test_levers_set_and_record_trls_chunk(tiny_model_dir, tmp_path, monkeypatch)
 
     monkeypatch.setenv("SMOLFLOW_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", train_levers.TRL_CHUNK)
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", trl_utils._ChunkedLogProbFunction)  # restored after
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
     train_levers.head_probe.cache_clear()
-    monkeypatch.setattr(train_levers, "time_lm_head", lambda v, h, bf16, chunk: 1.0 if chunk == train_levers.TRL_CHUNK else 0.4)
+    from trl.kernels import ChunkedLogProbFunction
+
+    from tasks.lm_head_cpu import Dispatch
+
+    def timing(v, h, bf16, chunk, ours=False):
+        return 0.3 if ours else 1.0 if chunk == train_levers.TRL_CHUNK else 0.4
+
+    monkeypatch.setattr(train_levers, "time_lm_head", timing)
     levers = train_levers.apply(model, padding_free=True, device="cpu", bf16=False)
     assert levers["attention"] == PACKED and levers["lm_head_vocab_chunk"] == train_levers.CPU_CHUNK
     assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == train_levers.CPU_CHUNK
-    assert "0.40 s at 4096" in levers["lm_head_vocab_chunk_reason"]
+    assert levers["lm_head"] == "smolflow-cpu" and trl_utils._ChunkedLogProbFunction is Dispatch
+    assert "0.30 s smolflow's; TRL's 0.40 s at 4096" in levers["lm_head_reason"]
     # bf16 autocast: attention in fp32 where the probe finds SDPA faster in fp32 (cached per machine)
     from tasks import packed_attention
 
@@ -142,6 +153,7 @@ def test_levers_set_and_record_trls_chunk(tiny_model_dir, tmp_path, monkeypatch)
     train_levers.attention_probe.cache_clear()
     levers = train_levers.apply(model, padding_free=True, device="cuda", bf16=False)  # Triton's tuning: untouched
     assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == train_levers.TRL_CHUNK == levers["lm_head_vocab_chunk"]
+    assert levers["lm_head"] == "trl" and trl_utils._ChunkedLogProbFunction is ChunkedLogProbFunction
     assert levers["freed_memory_kept"] is False  # a GPU run's host memory is not the step's
     train_levers.head_probe.cache_clear()
     assert train_levers.apply(model, padding_free=True, device="cpu", bf16=False, enabled=False)["freed_memory_kept"] is False
