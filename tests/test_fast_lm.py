@@ -14,7 +14,7 @@ import torch
 from tasks.benchmarks import REGISTRY, fast_lm
 from tasks.benchmarks.fast_lm import ENGINE, SharedPrefixLM
 from tasks.benchmarks.mmlu import MMLU
-from tasks.benchmarks.prefixes import prefix_groups, prompt_batches, shared_prefix_attention
+from tasks.benchmarks.prefixes import pack_rows, prefix_groups, prompt_batches, shared_prefix_attention
 from tasks.config import BenchmarkConfig
 from tasks.runtime import FIXTURES
 
@@ -162,6 +162,16 @@ def test_bbh_generation_equals_hflm(tiny_model_dir, monkeypatch):
     assert len(shared) == 2 and min(shared) > 50, shared
 
 
+def test_rows_are_packed_first_fit_up_to_the_longest():
+    lengths = [400, 300, 250, 200, 190, 180, 170, 120, 110, 100, 90, 60, 50, 40, 30, 20]
+    passes = pack_rows(lengths, 4)
+    assert passes[0] == [[0], [1], [2], [3, 4]]  # 200 + 190 fit a 400-wide pass; 180 needs a fifth row
+    assert sorted(k for rows in passes for row in rows for k in row) == list(range(len(lengths)))  # each once
+    for rows in passes:
+        assert len(rows) <= 4 and all(sum(lengths[k] for k in row) <= lengths[rows[0][0]] for row in rows)
+    assert pack_rows([130, 129, 128], 2) == [[[0], [1]], [[2]]]  # similar lengths: one item per row
+
+
 @pytest.mark.parametrize("shots", [0, 3])
 def test_mmlu_cloze_and_lettered_equal_hflm(tiny_model_dir, mmlu_fewshot_dir, shots):
     for bench in (FewShotMMLU(), LetteredMMLU()):
@@ -169,6 +179,29 @@ def test_mmlu_cloze_and_lettered_equal_hflm(tiny_model_dir, mmlu_fewshot_dir, sh
         reference, fast = _both(tiny_model_dir, bench, cfg)
         assert reference.records[0]["prompt"].count("Answer:") == shots + 1  # the shots are there
         _same_choices(reference, fast)
+
+
+def test_items_packed_into_one_row_equal_hflm(tiny_model_dir, mmlu_fewshot_dir, tmp_path, monkeypatch):
+    """Several questions back to back in one row score as HFLM scores each alone: one long
+    question sets a pass's width, and the short ones behind it share rows."""
+    rows = [json.loads(line) for line in (mmlu_fewshot_dir / "test.jsonl").read_text().splitlines()]
+    subject = rows[0]["subject"]
+    mine = [r for r in rows if r["subject"] == subject]
+    long = mine[0] | {"question": " ".join([mine[0]["question"]] * 6)}
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [long, *mine[1:], *mine[1:]]))
+    (tmp_path / "dev.jsonl").write_text((mmlu_fewshot_dir / "dev.jsonl").read_text())
+    widest = []
+    score = SharedPrefixLM._score_packed
+
+    def spy(self, prefix, shared, rows):
+        widest.append(max(len(row) for row in rows))
+        return score(self, prefix, shared, rows)
+
+    monkeypatch.setattr(SharedPrefixLM, "_score_packed", spy)
+    for bench in (FewShotMMLU(), LetteredMMLU()):
+        cfg = BenchmarkConfig(name="mmlu", limit=8, num_fewshot=0, data=str(tmp_path), subsets=[subject])
+        _same_choices(*_both(tiny_model_dir, bench, cfg, batch_size=2))
+    assert max(widest) > 1  # some row held more than one question
 
 
 def test_benchmarks_run_and_record_the_engine(tiny_model_dir):

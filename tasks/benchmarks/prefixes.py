@@ -1,7 +1,8 @@
 """How requests share prompt prefixes: grouping, batching, and attention over a prefix stored once.
 
 The bookkeeping behind `SharedPrefixLM` (fast_lm.py): which scoring contexts share a few-shot block
-(`prefix_groups`), which generation prompts go in one batch (`prompt_batches`), and the attention
+(`prefix_groups`) and how they fill a forward pass's rows (`pack_rows`), which generation prompts
+go in one batch (`prompt_batches`), and the attention
 that lets a batch keep a shared prefix's keys and values once (`shared_prefix_attention`).
 """
 
@@ -74,6 +75,32 @@ def prompt_batches(prompts: list[str], size: int) -> list[list[int]]:
                    key=lambda i: -len(prompts[i]))
     kept = [b for b, s in zip(batches, shares) if len(b) == 1 or s >= LOOSE]
     return [loose[k : k + size] for k in range(0, len(loose), size)] + kept
+
+
+def pack_rows(lengths: list[int], rows: int) -> list[list[list[int]]]:
+    """Forward passes of at most `rows` rows, each row items back to back (indices into `lengths`,
+    sorted longest first), none wider than the pass's first item (first fit).
+
+    Sorting alone leaves the long end of a group padded (8 rows of 400, 300, ..., 170 tokens); here
+    shorter items fill the rows a longer one left room in, so less of a pass is padding.
+    """
+    passes: list[list[list[int]]] = []
+    i = 0
+    while i < len(lengths):
+        width, used, packed = lengths[i], [], []
+        while i < len(lengths):
+            row = next((r for r, u in enumerate(used) if u + lengths[i] <= width), None)
+            if row is None and len(used) == rows:
+                break
+            if row is None:
+                used.append(0)
+                packed.append([])
+                row = len(used) - 1
+            used[row] += lengths[i]
+            packed[row].append(i)
+            i += 1
+        passes.append(packed)
+    return passes
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
