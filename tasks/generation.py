@@ -8,9 +8,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from tasks.caching import BY_CONTENT
 from tasks.layout import RunPaths
 from tasks.models import ModelRef, load_model
-from tasks.caching import BY_CONTENT
 from tasks.runtime import retry_transient
 from tasks.storage import ArtifactStore
 
@@ -33,54 +33,45 @@ def generate(
     stop: list[str] | None = None,
     strip: bool = True,
 ) -> list[Sample]:
-    """Greedy completions for chat prompts, several at a time (left padding keeps them aligned).
+    """Greedy completions for chat prompts, several at a time, on smolflow's one generation engine.
 
     A prompt is one user message, or a whole conversation (a list of {role, content} messages,
     e.g. a judge's system + user prompt); a Sample's `prompt` is then the last message's text.
     chat_template=False sends each (string) prompt as raw text. A completion ends at EOS, at
     max_new_tokens, or just before the first of the `stop` strings; strip=False keeps its leading
-    whitespace (code continuations)."""
-    import torch
+    whitespace (code continuations). The engine is the benchmarks' (`SharedPrefixLM.greedy`,
+    tasks/benchmarks/fast_lm.py): a prefix the prompts share (the chat template's system prompt)
+    computed once, and a row leaving the batch when it ends, where transformers' `generate` runs
+    a batch until its longest row ends; greedy outputs equal `generate`'s (tests/test_fast_lm.py).
+    """
+    from tasks.benchmarks.fast_lm import engine
 
-    tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:  # base models often have none; padded positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
+    conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    if chat_template:
+        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    else:
+        texts = list(prompts)
+    # The template already holds the special tokens; don't let the tokenizer add a BOS again.
+    # Raw text gets what the tokenizer adds by itself (a BOS for Llama-style tokenizers).
+    rows = [tokenizer(t, add_special_tokens=not chat_template)["input_ids"] for t in texts]
+    eos = tokenizer.eos_token_id
     samples = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in batch]
-        if chat_template:
-            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-        else:
-            texts = list(batch)
-        # The template already holds the special tokens; don't let the tokenizer add a BOS again.
-        # Raw text gets what the tokenizer adds by itself (a BOS for Llama-style tokenizers).
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat_template)
-        inputs = inputs.to(model.device)
-        with torch.inference_mode():
-            out = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                **({"stop_strings": stop, "tokenizer": tokenizer} if stop else {}),
+    for prompt, ids in zip(prompts, engine(model, tokenizer, batch_size).greedy(texts, rows, stop or [], max_new_tokens, {eos})):
+        stopped = eos in ids
+        ids = ids[: ids.index(eos)] if stopped else ids
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        # Decoding stops once a stop string appears, but the last token may run past it.
+        text = text[: min((text.find(s) for s in stop or () if s in text), default=len(text))]
+        samples.append(
+            Sample(
+                prompt=prompt if isinstance(prompt, str) else prompt[-1]["content"],
+                completion=text.strip() if strip else text,
+                new_tokens=len(ids),
+                stopped_at_eos=stopped,
             )
-        for prompt, row in zip(batch, out[:, inputs["input_ids"].shape[1] :]):
-            ids = row.tolist()
-            stopped = tokenizer.eos_token_id in ids
-            ids = ids[: ids.index(tokenizer.eos_token_id)] if stopped else ids
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            # generate() halts once a stop string appears, but the last token may run past it.
-            text = text[: min((text.find(s) for s in stop or () if s in text), default=len(text))]
-            samples.append(
-                Sample(
-                    prompt=prompt if isinstance(prompt, str) else prompt[-1]["content"],
-                    completion=text.strip() if strip else text,
-                    new_tokens=len(ids),
-                    stopped_at_eos=stopped,
-                )
-            )
+        )
     return samples
 
 

@@ -179,9 +179,9 @@ class LmEvalBenchmark(Benchmark):
     def evaluate(self, model, tokenizer, cfg: BenchmarkConfig) -> BenchmarkResult:
         # lm-eval's HF backend plus shared-prefix KV reuse (tasks/benchmarks/fast_lm.py): the same
         # per-item results as HFLM, several times faster on few-shot and multiple-choice work.
-        from tasks.benchmarks.fast_lm import ENGINE, SharedPrefixLM
+        from tasks.benchmarks.fast_lm import ENGINE, engine
 
-        lm = SharedPrefixLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=str(model.device))
+        lm = engine(model, tokenizer, cfg.batch_size)
         result = self.evaluate_lm(lm, cfg)
         result.settings["engine"] = f"{ENGINE} (lm-eval {__import__('lm_eval').__version__} HFLM + shared-prefix KV cache)"
         return result

@@ -24,6 +24,8 @@ from the stock task YAMLs through lm-eval, so scores stay comparable with anyone
   fires for it, instead of running until the batch's longest row ends.
   Prompts with nothing in common (GSM8K draws each item's shots at random) are batched by length
   and use the model's own attention over each row's tokens.
+- greedy: the same decoding for prompts outside lm-eval (samples, the judge, HumanEval, custom
+  benchmarks, through tasks/generation.py): smolflow's one generation engine.
 
 Which requests share what, and the attention over a stored prefix: prefixes.py. Equal to HFLM up
 to float rounding (tests/test_fast_lm.py compares them item by item).
@@ -32,6 +34,7 @@ to float rounding (tests/test_fast_lm.py compares them item by item).
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from contextlib import contextmanager
 
@@ -49,6 +52,18 @@ ENGINE = "smolflow-hf"
 PREFILL_TOKENS = 4096
 # Generation kwargs that greedy decoding ignores anyway; anything else goes to HFLM unchanged.
 _GREEDY_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k"}
+
+
+def engine(model, tokenizer, batch_size: int | None) -> SharedPrefixLM:
+    """The engine around an already loaded model (HFLM's two warnings about that, which every
+    benchmark and every generation would log, are expected here and left out)."""
+    hf_log = logging.getLogger("lm_eval.models.huggingface")
+    level = hf_log.level
+    hf_log.setLevel(logging.ERROR)
+    try:
+        return SharedPrefixLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+    finally:
+        hf_log.setLevel(level)
 
 
 @register_model(ENGINE)
@@ -241,12 +256,35 @@ class SharedPrefixLM(HFLM):
         self._last_block = (tokens, kv)
         return kv, len(tokens)
 
+    def greedy(self, prompts: list[str], rows: list[list[int]], until: list[str], max_new_tokens: int,
+               eos_ids: set[int] | None = None) -> list[list[int]]:
+        """Greedy token ids for already tokenized prompts (`prompts` their texts), in their order.
+
+        The engine outside lm-eval (samples, the judge, HumanEval, custom benchmarks: tasks/generation.py):
+        batched as generate_until batches, each id list ending at the token that completed EOS
+        (`eos_ids`, default the model's) or a stop string, or at max_new_tokens.
+        """
+        out: list = [None] * len(rows)
+        size = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 16
+        self._last_block = None
+        for chunk in prompt_batches(prompts, size):
+            for i, ids in zip(chunk, self._greedy_rows([rows[i] for i in chunk], until, max_new_tokens, eos_ids)):
+                out[i] = ids
+        self._last_block = None
+        return out
+
     def _generate_batch(self, contexts: list[str], until: list[str], max_gen_toks: int) -> list[str]:
         """Greedy continuations of `contexts`, each cut at its first stop sequence as HFLM cuts it."""
         ids, mask = self.tok_batch_encode(
             contexts, left_truncate_len=self.max_length - max_gen_toks, truncation=self.truncation
         )
         rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]  # the same tokens HFLM feeds
+        generated = self._greedy_rows(rows, until, max_gen_toks)
+        return [postprocess_generated_text(self.tok_decode(g), until, None) for g in generated]
+
+    def _greedy_rows(self, rows: list[list[int]], until: list[str], max_gen_toks: int,
+                     eos_ids: set[int] | None = None) -> list[list[int]]:
+        """One batch's greedy token ids per row; a row leaves the batch when it stops."""
         shared = min(len(r) for r in rows) - 1
         for r in rows[1:]:
             shared = min(shared, common_prefix(rows[0], r))
@@ -265,7 +303,7 @@ class SharedPrefixLM(HFLM):
             next_pos = torch.tensor([len(r) for r in rows], device=self.device)
             # lm-eval's stop check: each stop string in the decoded last len(tokens)+2 generated tokens.
             windows = [(s, len(self.tokenizer.encode(s, add_special_tokens=False)) + 2) for s in until]
-            eos_ids = self._eos_ids()
+            eos_ids = self._eos_ids() if eos_ids is None else eos_ids
             active = list(range(batch))  # original row of each row still in the batch
             generated: list[list[int]] = [[] for _ in range(batch)]
             while True:
@@ -290,7 +328,7 @@ class SharedPrefixLM(HFLM):
                 logits = self._forward(tokens[:, None], cache, keep=1, attention_mask=mask_of(real),
                                        position_ids=next_pos[:, None], **extra).logits[:, -1]
                 next_pos = next_pos + 1
-        return [postprocess_generated_text(self.tok_decode(g), until, None) for g in generated]
+        return generated
 
     def _prefill_rows(self, owns: list[list[int]], shared: int, extra: dict):
         """Each row's own tokens (after `shared` prefix tokens) through the model, a few rows at a time.

@@ -2,10 +2,10 @@
 problem's unit tests on the completion in smolflow's sandbox (tasks/sandbox.py).
 
 lm-eval's stock humaneval task needs `evaluate.load("code_eval")`, which fails offline, and it
-runs model code without a sandbox; so generation and checking are smolflow's own, following the
-reference harness (openai/human-eval, Chen et al. 2021): raw prompt without a chat template,
-greedy decoding, stop at a new top-level statement, program = prompt + completion + test +
-`check(entry_point)`.
+runs model code without a sandbox; so generation (tasks/generation.py, on the engine the other
+benchmarks use) and checking are smolflow's own, following the reference harness
+(openai/human-eval, Chen et al. 2021): raw prompt without a chat template, greedy decoding, stop
+at a new top-level statement, program = prompt + completion + test + `check(entry_point)`.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class HumanEval(Benchmark):
         score = sum(passed) / len(passed)
         run_logger().info("humaneval: %d/%d passed (sandbox: %s)", sum(passed), len(passed), results[0].isolation)
         settings = {
-            "engine": "smolflow (tasks/generation.py generate + tasks/sandbox.py)",
+            "engine": "smolflow-hf greedy (tasks/generation.py on tasks/benchmarks/fast_lm.py) + tasks/sandbox.py",
             "num_fewshot": 0,
             "fewshot": {"source": "none (0-shot)"},
             "apply_chat_template": False,
