@@ -21,6 +21,7 @@ re-runs never re-judge, and a cached verdict is reproducible (alpaca_eval issue 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -126,13 +127,19 @@ def win_rate(preferences: list[float]) -> dict[str, Any]:
     """AlpacaEval's win rate (percent, ties half) and standard error over judged pairs."""
     if not preferences:
         return {"win_rate": None, "stderr": None, "n": 0, "wins": 0, "ties": 0, "losses": 0}
+    # Kept per list of preferences: importing alpaca_eval costs ~1.5 s, and a cached re-run judges
+    # the same pairs again (its verdicts come from the judgement cache).
+    version = importlib.metadata.version("alpaca_eval")
+    path = cache_dir("win-rates") / f"{hashlib.sha256(json.dumps([version, preferences]).encode()).hexdigest()}.json"
+    if path.exists():
+        return json.loads(path.read_text())
     with warnings.catch_warnings(), keep_root_level():
         warnings.simplefilter("ignore")
         from alpaca_eval.metrics import get_winrate
 
     out = get_winrate([{"preference": p} for p in preferences])
     stderr = float(out["standard_error"])
-    return {
+    result = {
         "win_rate": float(out["win_rate"]),
         "stderr": None if math.isnan(stderr) else stderr,
         "n": int(out["n_total"]),
@@ -140,6 +147,8 @@ def win_rate(preferences: list[float]) -> dict[str, Any]:
         "ties": int(out["n_draws"]),
         "losses": int(out["n_wins_base"]),
     }
+    atomic_write(path, json.dumps(result))
+    return result
 
 
 def judgement_key(identity: str, template: str, instruction: str, output_a: str, output_b: str) -> str:

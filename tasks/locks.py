@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from uuid import UUID
 
 from tasks.runtime import cache_dir, run_logger
 
@@ -44,6 +45,65 @@ def _ensure_limit(name: str) -> None:
         except ObjectNotFound:
             with contextlib.suppress(ObjectAlreadyExists):  # another run created it just now
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+
+
+@contextlib.contextmanager
+def _prefect_slot(name: str) -> Iterator[str]:
+    """The one slot of the global concurrency limit `name`, on a lease Prefect renews while the block
+    runs (as `prefect.concurrency.sync.concurrency(strict=True)` holds it), taken and given back
+    through `_post` so that a busy server costs milliseconds, not seconds."""
+    from prefect.concurrency._leases import maintain_concurrency_lease
+
+    taken = _post("/v2/concurrency_limits/increment-with-lease", name,
+                  {"names": [name], "slots": 1, "mode": "concurrency", "lease_duration": LEASE_S})
+    if not taken.get("limits"):
+        raise RuntimeError(f"no Prefect global concurrency limit named {name!r} on {prefect_server()}")
+    try:
+        with maintain_concurrency_lease(UUID(taken["lease_id"]), LEASE_S, raise_on_lease_renewal_failure=True):
+            yield taken["lease_id"]
+    finally:
+        _post("/v2/concurrency_limits/decrement-with-lease", name, {"lease_id": taken["lease_id"]})
+
+
+def _post(path: str, name: str, body: dict, busy_for_s: float = 120) -> dict:
+    """POST `body` to the Prefect server's `path`, retried: 423 (the slot is taken) after the server's
+    Retry-After, as long as it takes; 429/502/503 and dropped connections after 50 ms, doubling up
+    to 1 s, for `busy_for_s`.
+
+    Why not Prefect's client retries: it waits 2 s before retrying a 503 (and sleeps after the last
+    attempt too), and its SQLite server answers 503 when a write meets another one mid-transaction.
+    On a run's last task (the promotion) that cost 1.8-1.9 s in 3 of 4 cached re-runs joined to a
+    server here. So the request goes once through the Prefect client's HTTP session (its base URL
+    and auth headers; Prefect's private `_client`, pinned in constraints.txt), and is retried here.
+    """
+    import httpx
+    from prefect.client.orchestration import get_client
+
+    pause, deadline, waiting = 0.05, time.monotonic() + busy_for_s, False
+    with get_client(sync_client=True) as client:
+        http = client._client
+        while True:
+            request = http.build_request("POST", path, json=body)
+            if getattr(http, "enable_csrf_support", False):
+                http._add_csrf_headers(request)
+            try:
+                response = httpx.Client.send(http, request)
+            except httpx.TransportError:
+                if time.monotonic() >= deadline:
+                    raise
+                wait, pause = pause, min(2 * pause, 1.0)
+            else:
+                if response.status_code == 423:
+                    wait = float(response.headers.get("Retry-After", 1.0))
+                    if not waiting:
+                        run_logger().info("Waiting for %s, held by another run (Prefect global concurrency limit)", name)
+                        waiting = True
+                elif response.status_code in (429, 502, 503) and time.monotonic() < deadline:
+                    wait, pause = pause, min(2 * pause, 1.0)
+                else:
+                    response.raise_for_status()
+                    return response.json() if response.content else {}
+            time.sleep(wait)
 
 
 @contextlib.contextmanager
@@ -76,10 +136,8 @@ def exclusive(name: str, holder: str = "") -> Iterator[dict]:
     api = prefect_server()
     with contextlib.ExitStack() as stack:
         if api is not None:
-            from prefect.concurrency.sync import concurrency
-
             _ensure_limit(name)
-            stack.enter_context(concurrency(name, occupy=1, lease_duration=LEASE_S, strict=True))
+            stack.enter_context(_prefect_slot(name))
         # Always the file lock as well: a CLI run without the server must not train beside a served one.
         how = stack.enter_context(file_lock(name, holder)) | ({"prefect_api": api} if api else {})
         how["waited_s"] = round(time.monotonic() - start, 3)

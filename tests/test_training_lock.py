@@ -74,3 +74,27 @@ def test_two_runs_started_together_never_train_at_once(shared, tiny_model_dir, t
     a, b = sorted((json.loads((tmp_path / "runs" / n / "phase.json").read_text()) for n in "ab"),
                   key=lambda p: p["begin"])
     assert a["end"] <= b["begin"], f"training phases overlap: {a} and {b}"
+
+
+def test_the_server_slot_is_taken_inside_and_given_back_after_an_error(tmp_path, monkeypatch):
+    """exclusive() on the Prefect server: its limit's one slot is taken inside the block and given
+    back when the block ends, an exception included (released, not left for the lease to expire)."""
+    from prefect.client.orchestration import get_client
+
+    from tasks.locks import exclusive
+
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(tmp_path))
+    name = "smolflow-test-slot"
+
+    def active() -> int:
+        with get_client(sync_client=True) as client:
+            return client.read_global_concurrency_limit_by_name(name).active_slots
+
+    assert PREFECT_API_URL.value()
+    with pytest.raises(RuntimeError, match="inside"), exclusive(name, "test") as how:
+        assert how["prefect_api"] == PREFECT_API_URL.value() and active() == 1
+        raise RuntimeError("inside")
+    assert active() == 0
+    with exclusive(name, "test"):  # and taken again at once
+        assert active() == 1
+    assert active() == 0
