@@ -347,3 +347,16 @@ def test_stderr_is_na_for_few_pairs_or_all_ties_and_the_builtin_judge_is_called_
     assert mixed.n == 12 and mixed.stderr is not None and mixed.stderr_note is None and mixed.note is None
     few = judge(PrefersStar(), many[:3], ["a★", "b", "c★"], ["x", "y", "z"])
     assert few.stderr is None and few.stderr_note == "fewer than 10 pairs"
+
+
+def test_win_rate_is_alpaca_evals_and_kept_per_preference_list(tmp_path, monkeypatch):
+    """alpaca_eval computes it once per list of preferences (its import is ~1.5 s of a cached re-run)."""
+    from tasks.judge import win_rate
+
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(tmp_path))
+    first = win_rate([2.0, 1.0, 1.5, 2.0])
+    assert (first["win_rate"], first["n"], first["wins"], first["ties"], first["losses"]) == (62.5, 4, 2, 1, 1)
+    kept = list((tmp_path / "win-rates").iterdir())
+    assert len(kept) == 1 and json.loads(kept[0].read_text()) == first
+    assert win_rate([2.0, 1.0, 1.5, 2.0]) == first
+    assert win_rate([1.0, 1.0])["win_rate"] == 0.0 and len(list((tmp_path / "win-rates").iterdir())) == 2
