@@ -10,7 +10,16 @@ everyday-conversations online, the shipped fixture offline), then scores the tun
 benchmark at its reference setting (MMLU cloze 0-shot, BBH 3-shot, GSM8K 5-shot, MATH-500 Minerva
 4-shot, HumanEval 0-shot: SmolLM2's published profile, docs/benchmarks.md). Prints training
 tokens/s and MFU (model FLOPs, 6N per token, against a bf16 matmul peak measured on the same GPU)
-and seconds per benchmark; writes everything to --out as JSON. Without CUDA it stops at once.
+and seconds per benchmark, each with its data source; writes everything to --out as JSON. Without
+CUDA it stops at once; `--device cpu` runs the same code on a CPU, to check the script where no GPU
+is (tests/test_gpu_run.py does, on a tiny model), not for numbers.
+
+Offline (`HF_HUB_OFFLINE=1`, as `make run` sets it, and as a machine that reaches no hub must run it),
+the model is the built-in SmolLM2-135M-Instruct and the data the shipped fixtures, which the table
+marks `fixture`: timings then hold, scores do not stand next to published ones.
+Training is timed per optimizer step, evaluation between steps left out, after the first
+min(10, half) steps; it trains as tasks/training.py's `fit` does (sft_config and the levers of
+tasks/train_levers.py that pay on the device, recorded under `levers`).
 """
 
 from __future__ import annotations
@@ -26,29 +35,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PROFILE = ("mmlu", "bbh", "gsm8k", "math", "humaneval")
 
 
-def require_cuda() -> str:
+def require_device(device: str) -> str:
+    """The device's name; without CUDA (and --device cuda) stop at once, before anything loads."""
     import torch
 
+    if device == "cpu":
+        import platform
+
+        return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     if not torch.cuda.is_available():
         sys.exit(f"gpu_run.py needs a CUDA GPU, and torch {torch.__version__} sees none "
                  f"(CUDA build: {torch.version.cuda or 'no, a CPU-only torch'}). Run it on a GPU machine "
-                 "with a CUDA build of torch; on CPUs use scripts/bench_training.py instead.")
+                 "with a CUDA build of torch; on CPUs use scripts/bench_training.py for numbers, "
+                 "and --device cpu to check this script.")
     return torch.cuda.get_device_name(0)
 
 
-def gpu_peak_flops(dtype_name: str, n: int = 8192, reps: int = 10) -> float:
-    """Best matmul FLOP/s on this GPU in the training dtype: the MFU denominator."""
+def sync(device: str) -> None:
+    """Wait for the GPU's queued work, so the clock reads finished work (a CPU has none queued)."""
     import torch
 
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_flops(device: str, dtype_name: str, reps: int = 10) -> float:
+    """Best matmul FLOP/s on this device in the training dtype: the MFU denominator."""
+    import torch
+
+    n = 8192 if device == "cuda" else 1024
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    torch.cuda.synchronize()
+    sync(device)
     best = float("inf")
     for _ in range(reps):
         start = time.perf_counter()
         a @ b
-        torch.cuda.synchronize()
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
@@ -58,6 +82,7 @@ def train(args, placement, out_dir: Path) -> dict:
     from transformers import TrainerCallback
     from trl import SFTTrainer
 
+    from tasks import train_levers
     from tasks.config import DataConfig, TrainingConfig
     from tasks.data import load_chat_dataset
     from tasks.models import load_model, resolve_model
@@ -72,7 +97,7 @@ def train(args, placement, out_dir: Path) -> dict:
 
     splits = load_from_disk(data.path)
     train_ds, test_ds = prepare_splits(splits, tokenizer, cfg)
-    marks: list[tuple[float, int]] = []
+    steps: list[tuple[float, int]] = []  # per optimizer step: seconds, tokens (evaluation in between not counted)
 
     class Counting(SFTTrainer):
         tokens = 0
@@ -83,27 +108,36 @@ def train(args, placement, out_dir: Path) -> dict:
             return super().training_step(model, inputs, num_items_in_batch)
 
     class Clock(TrainerCallback):
+        started = 0.0
+        tokens = 0
+
+        def on_step_begin(self, a, state, control, **kw):
+            sync(placement.device)
+            self.started, self.tokens = time.perf_counter(), trainer.tokens
+
         def on_step_end(self, a, state, control, **kw):
-            import torch
+            sync(placement.device)
+            steps.append((time.perf_counter() - self.started, trainer.tokens - self.tokens))
 
-            torch.cuda.synchronize()
-            marks.append((time.perf_counter(), trainer.tokens))
-
-    trainer = Counting(model=model, args=sft_config(cfg, str(out_dir / "checkpoints"), [], placement,
-                                                    save_strategy="no"),
-                       train_dataset=train_ds, eval_dataset=test_ds, processing_class=tokenizer, callbacks=[Clock()])
-    output = trainer.train()
-    warm = min(10, len(marks) - 1)  # the first steps include CUDA start-up and kernel selection
-    (t0, n0), (t1, n1) = marks[warm], marks[-1]
-    tokens_per_s = (n1 - n0) / (t1 - t0)
+    sft_args = sft_config(cfg, str(out_dir / "checkpoints"), [], placement, save_strategy="no")
+    # As tasks.training.fit trains: the levers that pay on this device (CPU ones only on a CPU).
+    levers = train_levers.apply(model, sft_args.padding_free, placement.device, sft_args.bf16)
+    trim = train_levers.trim_callback(levers["freed_memory_kept"])
+    trainer = Counting(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=test_ds,
+                       processing_class=tokenizer, callbacks=[Clock()] + ([trim] if trim else []))
+    with train_levers.freed_memory_kept(levers["freed_memory_kept"]):
+        output = trainer.train()
+    timed = steps[min(10, len(steps) // 2):]  # the first steps include start-up and kernel selection
+    tokens_per_s = sum(n for _, n in timed) / sum(t for t, _ in timed)
     params = sum(p.numel() for p in model.parameters())
-    peak = gpu_peak_flops(placement.precision)
+    peak = peak_flops(placement.device, placement.precision)
     trainer.save_model(str(out_dir / "model"))
     tokenizer.save_pretrained(str(out_dir / "model"))
     return {"model": args.model, "steps": trainer.state.global_step, "train_loss": output.training_loss,
             "eval_loss": trainer.evaluate()["eval_loss"], "tokens_per_s": tokens_per_s,
             "mfu": 6 * params * tokens_per_s / peak, "matmul_peak_tflops": peak / 1e12,
-            "train_runtime_s": output.metrics["train_runtime"], "precision": placement.precision}
+            "train_runtime_s": output.metrics["train_runtime"], "precision": placement.precision,
+            "timed_steps": len(timed), "levers": levers}
 
 
 def score(args, placement, model_dir: Path) -> list[dict]:
@@ -131,8 +165,10 @@ def score(args, placement, model_dir: Path) -> list[dict]:
                 model.eval()
             result = REGISTRY[name].evaluate(model, tokenizer, cfg)
         seconds = time.perf_counter() - started
-        rows.append({"benchmark": name, "n": result.n, "score": result.score, "seconds": seconds,
-                     "s_per_item": seconds / max(1, result.n), "backend": args.backend})
+        # Offline (no hub) the items are the shipped fixtures: the data source goes with every row.
+        rows.append({"benchmark": name, "metric": result.metric, "n": result.n, "score": result.score,
+                     "seconds": seconds, "s_per_item": seconds / max(1, result.n), "backend": args.backend,
+                     "data": result.provenance.get("source", "?")})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -146,25 +182,32 @@ def main() -> None:
     p.add_argument("--benchmarks", nargs="+", default=list(PROFILE), choices=PROFILE)
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="lm-eval backend for scoring")
     p.add_argument("--out", default="gpu_run.json")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: check this script end to end where no GPU is (its numbers are a CPU's, not for docs/)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: every core, as a run)")
     args = p.parse_args()
-    gpu = require_cuda()
+    from tasks.runtime import set_torch_threads
+
+    set_torch_threads(args.threads or None)
+    gpu = require_device(args.device)
 
     from tasks.config import ExecutionConfig
     from tasks.device import publish
 
-    placement = publish(ExecutionConfig(device="cuda"))  # bf16 where the GPU supports it
-    print(f"GPU: {gpu}; {placement.precision} ({placement.reason})", flush=True)
+    placement = publish(ExecutionConfig(device=args.device))  # bf16 where the device supports it
+    print(f"device: {gpu}; {placement.precision} ({placement.reason})", flush=True)
     out_dir = Path(args.out).with_suffix("")
     out_dir.mkdir(parents=True, exist_ok=True)
     training = train(args, placement, out_dir)
     print(json.dumps(training), flush=True)
     benchmarks = score(args, placement, out_dir / "model")
-    Path(args.out).write_text(json.dumps({"gpu": gpu, "training": training, "benchmarks": benchmarks}, indent=2))
-    print(f"\nGPU {gpu}: {training['tokens_per_s']:.0f} training tokens/s, MFU {training['mfu']:.1%} "
+    Path(args.out).write_text(json.dumps({"device": gpu, "training": training, "benchmarks": benchmarks}, indent=2))
+    print(f"\n{gpu}: {training['tokens_per_s']:.0f} training tokens/s, MFU {training['mfu']:.1%} "
           f"({training['precision']}, {training['steps']} steps, eval loss {training['eval_loss']:.4f})")
-    print("| benchmark | n | score | seconds | s/item |\n|---|---|---|---|---|")
+    print("| benchmark | data | n | score | seconds | s/item |\n|---|---|---|---|---|---|")
     for r in benchmarks:
-        print(f"| {r['benchmark']} | {r['n']} | {r['score']:.3f} | {r['seconds']:.0f} | {r['s_per_item']:.3f} |")
+        print(f"| {r['benchmark']} | {r['data']} | {r['n']} | {r['score']:.3f} | {r['seconds']:.0f} | "
+              f"{r['s_per_item']:.3f} |")
 
 
 if __name__ == "__main__":

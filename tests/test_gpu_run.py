@@ -1,0 +1,53 @@
+"""scripts/gpu_run.py where no GPU is: a session lent one has minutes of it, so the script must work
+the first time. `--device cpu` runs its code end to end (training as `fit` trains, then every
+benchmark of the published profile) on a tiny real-architecture model."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = ["mmlu", "bbh", "gsm8k", "math", "humaneval"]
+
+
+def gpu_run(args: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_run.py"), *args], cwd=cwd, text=True,
+                          check=False, capture_output=True, timeout=timeout, env=os.environ | {"PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_end_to_end_on_a_cpu(tiny_model_dir, tmp_path):
+    out = tmp_path / "gpu_run.json"
+    done = gpu_run(["--device", "cpu", "--threads", "1", "--model", str(tiny_model_dir), "--steps", "4",
+                    "--limit", "1", "--batch-size", "4", "--out", str(out)], tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    training = result["training"]
+    assert training["steps"] == 4 and training["timed_steps"] == 2  # the first half is warm-up
+    assert training["tokens_per_s"] > 0 and 0 < training["mfu"] and training["matmul_peak_tflops"] > 0
+    assert math.isfinite(training["train_loss"]) and math.isfinite(training["eval_loss"])
+    assert training["levers"]["attention"] == "smolflow-packed"  # trained as fit() trains: padding-free rows
+    assert (tmp_path / "gpu_run" / "model" / "config.json").exists()  # the tuned model the benchmarks scored
+    rows = result["benchmarks"]
+    assert [r["benchmark"] for r in rows] == PROFILE
+    for r in rows:
+        assert r["n"] >= 1 and r["seconds"] > 0 and 0 <= r["score"] <= 1, r
+    # Offline: the shipped fixtures, and HumanEval's real problems bundled with its package; the table says which.
+    assert [r["data"] for r in rows] == ["fixture"] * 4 + ["bundled"]
+    assert f"| gsm8k | fixture | {rows[2]['n']} |" in done.stdout
+    assert result["device"].startswith("CPU") and "1 threads" in result["device"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this would start the full run")
+def test_without_a_gpu_it_stops_at_once_and_says_why(tmp_path):
+    done = gpu_run(["--steps", "1"], tmp_path, timeout=120)
+    assert done.returncode == 1
+    assert "gpu_run.py needs a CUDA GPU" in done.stderr and "--device cpu to check this script" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "gpu_run").exists()  # stopped before anything was made
