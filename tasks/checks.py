@@ -45,18 +45,57 @@ def check_benchmark_subsets(config: RunConfig) -> None:
 
 
 def check_benchmark_data(config: RunConfig) -> None:
-    """Each lm-eval benchmark's data reads and its few-shot examples exist apart from the scored items."""
+    """Each lm-eval benchmark's data reads and its few-shot examples exist apart from the scored items.
+
+    A benchmark that passed with the same settings, files (sizes and times), lm-eval and smolflow
+    code is not checked again: the check itself is quick, but it loads lm-eval's task loader and
+    datasets, ~1.1-1.7 s of a cached re-run that otherwise imports neither."""
     from tasks.benchmarks import REGISTRY
     from tasks.benchmarks.base import LmEvalBenchmark
+    from tasks.runtime import atomic_write
 
     for i, b in enumerate(config.benchmarks):
         bench = REGISTRY[b.name]
         if not isinstance(bench, LmEvalBenchmark):
             continue
         try:
+            passed = _passed_record(bench, b)
+            if passed.exists():
+                continue
             bench.check(b)
         except ValueError as err:
             raise ConfigError(f"benchmarks[{i}] ({b.name}): {err}") from None
+        atomic_write(passed, b.model_dump_json())
+
+
+def _passed_record(bench, cfg) -> Path:
+    """Where a passed check of `cfg` is recorded: keyed by everything its outcome depends on."""
+    import hashlib
+    import json
+    import os
+    from importlib.metadata import version
+
+    from tasks.runtime import cache_dir, hub_offline
+
+    local = bench.local_source(cfg)  # raises, naming the field, for a path that is not there
+    files = sorted(p for p in local.rglob("*") if p.is_file()) if local is not None and local.is_dir() else [local]
+    what = {"benchmark": cfg.model_dump(mode="json"), "offline": hub_offline(), "lm_eval": version("lm_eval"),
+            "code": _benchmark_code(), "files": [[str(p.resolve()), (st := os.stat(p)).st_size, st.st_mtime_ns]
+                                                for p in files if p is not None]}
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+    return cache_dir("checks") / f"benchmark-{bench.name}-{key[:16]}.json"
+
+
+@functools.cache
+def _benchmark_code() -> str:
+    """A digest of the code the benchmark checks run (tasks/benchmarks/ and this file)."""
+    import hashlib
+
+    here = Path(__file__)
+    digest = hashlib.sha256(here.read_bytes())
+    for path in sorted((here.parent / "benchmarks").glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=4)

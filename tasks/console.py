@@ -12,9 +12,12 @@ The libraries are loud in different ways, each handled where it starts:
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.util
 import io
 import logging
 import os
+import sys
 
 ENV = "SMOLFLOW_VERBOSE"
 
@@ -82,22 +85,56 @@ def configure_logging(verbose_: bool | None = None) -> bool:
 
 
 def _library_switches(verbose_: bool) -> None:
-    import datasets
     import huggingface_hub.utils
     import transformers
 
     if verbose_:
         transformers.logging.set_verbosity_warning()
         transformers.logging.enable_progress_bar()
-        datasets.logging.set_verbosity_warning()
-        datasets.enable_progress_bars()
         huggingface_hub.utils.enable_progress_bars()
     else:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
+    # datasets only once something imports it: importing it just to quiet it cost ~1 s of every
+    # cached re-run, which never reads a dataset (tasks/data.py finds unchanged data without it).
+    if "datasets" in sys.modules:
+        _datasets_switches()
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport("datasets", _datasets_switches))
+
+
+def _datasets_switches() -> None:
+    import datasets
+
+    if verbose():  # the mode as it is when datasets is imported (configure_logging set it)
+        datasets.logging.set_verbosity_warning()
+        datasets.enable_progress_bars()
+    else:
         datasets.logging.set_verbosity_error()
         datasets.disable_progress_bars()
-        huggingface_hub.utils.disable_progress_bars()
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs `then()` right after the module `name` is first imported (then steps aside)."""
+
+    def __init__(self, name: str, then) -> None:
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            run, then = spec.loader.exec_module, self.then
+
+            def exec_module(module):
+                run(module)
+                then()
+
+            spec.loader.exec_module = exec_module  # this spec's own loader object
+        return spec
 
 
 @contextlib.contextmanager

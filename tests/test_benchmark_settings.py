@@ -327,3 +327,32 @@ def test_published_profile_expands_to_the_model_cards_settings(tmp_path, monkeyp
         RunConfig(benchmarks="leaderboard")
     with pytest.raises(ConfigError, match=r"benchmarks\[0\] \(mmlu\).*needs the Hugging Face hub, but HF_HUB_OFFLINE=1"):
         check_benchmark_data(cfg)
+
+
+def test_a_passed_benchmark_data_check_is_repeated_only_when_something_changed(tmp_path, monkeypatch):
+    """A cached re-run skips the check it passed (it loads lm-eval's task loader and datasets, ~1 s);
+    other settings or changed files are checked afresh, and what is wrong then is named."""
+    import shutil
+
+    from tasks.benchmarks.base import LmEvalBenchmark
+    from tasks.checks import ConfigError, check_benchmark_data
+    from tasks.runtime import FIXTURES
+
+    shutil.copytree(FIXTURES / "gsm8k", tmp_path / "gsm8k")
+
+    def config(shots: int) -> RunConfig:
+        return RunConfig(benchmarks=[{"name": "gsm8k", "data": str(tmp_path / "gsm8k"), "num_fewshot": shots}])
+
+    checked = []
+    real = LmEvalBenchmark.check
+    monkeypatch.setattr(LmEvalBenchmark, "check", lambda self, cfg: checked.append(cfg.num_fewshot) or real(self, cfg))
+    check_benchmark_data(config(2))
+    check_benchmark_data(config(2))
+    assert checked == [2]
+    check_benchmark_data(config(3))
+    assert checked == [2, 3]
+    with (tmp_path / "gsm8k" / "test.jsonl").open("a") as f:
+        f.write("{not json\n")
+    with pytest.raises(ConfigError, match=r"benchmarks\[0\] \(gsm8k\): .*test\.jsonl:\d+"):
+        check_benchmark_data(config(2))
+    assert checked == [2, 3, 2]

@@ -306,3 +306,31 @@ def test_prompt_completion_pairs_become_conversations_and_are_checked(tmp_path):
     _write_jsonl(folder / "train.jsonl", [{"prompt": "Hi", "completion": "Hello"}, {"prompt": "Empty answer?", "completion": ""}])
     with pytest.raises(BadRowsError, match=r"split 'train': \S+/train.jsonl:2: messages\[1\]\.content is empty"):
         load_chat_dataset.fn(DataConfig(dataset=str(folder)))
+
+
+def test_an_unchanged_check_is_found_without_importing_datasets(tmp_path):
+    """A cached re-run reads no dataset, so its data check is found from the files' sizes and
+    times alone (importing datasets was ~1 s of a ~9 s re-run); a changed file is read afresh."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _write_jsonl(tmp_path / "train.jsonl", [_chat(i) for i in range(4)])
+    _write_jsonl(tmp_path / "test.jsonl", [_chat(9)])
+    code = ("import json, sys; from tasks.config import DataConfig; from tasks.data import load_chat_dataset; "
+            f"ref = load_chat_dataset.fn(DataConfig(dataset={str(tmp_path)!r})); "
+            "print(json.dumps({'datasets': 'datasets' in sys.modules, 'ref': ref.model_dump(mode='json')}))")
+    root = str(Path(__file__).resolve().parents[1])
+
+    def fresh_process() -> dict:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                              env=os.environ | {"PYTHONPATH": root})
+        return json.loads(done.stdout.splitlines()[-1])
+
+    first, second = fresh_process(), fresh_process()
+    assert first["datasets"] and not second["datasets"]
+    assert first["ref"] == second["ref"] and second["ref"]["rows"] == {"train": 4, "test": 1}
+    _write_jsonl(tmp_path / "train.jsonl", [_chat(0), {"messages": []}])
+    with pytest.raises(BadRowsError, match="train"):
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
