@@ -123,13 +123,31 @@ def ray_runner(execution: ExecutionConfig):
     from prefect_ray import RayTaskRunner
 
     env = {k: os.environ[k] for k in _FORWARD if k in os.environ}
-    api = get_current_settings().api.url
+    api = get_current_settings().api.url or _temporary_server(execution)
     if api:
         env["PREFECT_API_URL"] = str(api)
     init = {"include_dashboard": False, "runtime_env": {"env_vars": env}}
     if execution.ray_num_cpus and not execution.ray_address:
         init["num_cpus"] = execution.ray_num_cpus
     return RayTaskRunner(address=execution.ray_address, init_kwargs=init)
+
+
+def _temporary_server(execution: ExecutionConfig) -> str | None:
+    """The temporary Prefect server this process reports to when no PREFECT_API_URL is set, for a
+    local cluster's workers: without it each worker started a temporary server of its own (seconds
+    of CPU per worker) and the benchmark task runs went there, missing from the flow's server."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the one Prefect's client starts when no API URL is set
+    if not server.running:
+        return None
+    if execution.ray_address:  # workers on other machines cannot reach 127.0.0.1
+        run_logger().warning(
+            "execution.ray_address=%s: the cluster's workers cannot reach this process's temporary Prefect "
+            "server, so they report the benchmark task runs to temporary servers of their own; set "
+            "PREFECT_API_URL to a server every machine reaches to see them", execution.ray_address)
+        return None
+    return server.api_url
 
 
 def _jobs(benchmarks, custom, judge, shard_size):
@@ -177,8 +195,22 @@ def score_base_and_tuned(
     return score_models({"base": base, "tuned": tuned}, benchmarks, custom, judge)
 
 
+def work(params: dict) -> float:
+    """Estimated work of a job (items x cost per item), to submit the longest first."""
+    if "cfg" in params:
+        return REGISTRY[params["cfg"].name].work(params["cfg"])
+    return 2.0 * len(params["bench"].selected())  # a custom benchmark: short 0-shot generations
+
+
+def submission_order(jobs) -> list[int]:
+    """Job indices longest first (ties in job order): with every task queued at once, a long task
+    that starts last leaves the other workers idle while it runs (GSM8K behind MMLU's shards)."""
+    return sorted(range(len(jobs)), key=lambda i: -work(jobs[i][2]))
+
+
 def _score_on_ray(execution, jobs, models, parts, bar) -> None:
-    """Submit every job for every model at once; collect the results in submission order."""
+    """Submit every job for every model at once, longest first; collect the results in job order
+    (a benchmark's shards in subset order)."""
     import ray
     from prefect_ray.context import remote_options
 
@@ -187,11 +219,14 @@ def _score_on_ray(execution, jobs, models, parts, bar) -> None:
         gpus = ray.cluster_resources().get("GPU", 0)
         run_logger().info("Scoring %d benchmark tasks on Ray (%s)", len(models) * len(jobs), ray.cluster_resources())
         with remote_options(**({"num_gpus": 1} if gpus else {"num_cpus": 1})):
-            futures = [((name, role), runner.submit(job, {"model_ref": model, "role": role, **params}))
-                       for name, job, params in jobs for role, model in models.items()]
-        for done, (key, future) in enumerate(futures):
-            parts[key].append(future.result())
-            bar.update(done + 1, f"{key[0]}: {key[1]} model scored")
+            futures = {(i, role): runner.submit(jobs[i][1], {"model_ref": model, "role": role, **jobs[i][2]})
+                       for i in submission_order(jobs) for role, model in models.items()}
+        done = 0
+        for i, (name, _, _) in enumerate(jobs):
+            for role in models:
+                parts[(name, role)].append(futures[(i, role)].result())
+                done += 1
+                bar.update(done, f"{name}: " + ("the model" if role == "model" else f"the {role} model") + " scored")
 
 
 def comparison_row(base: BenchmarkResult, tuned: BenchmarkResult) -> dict:

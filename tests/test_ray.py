@@ -12,7 +12,7 @@ from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
 from tasks.config import BenchmarkConfig, ExecutionConfig
 from tasks.device import publish, unpublish
-from tasks.evaluation import score_base_and_tuned, shards
+from tasks.evaluation import _jobs, ray_runner, score_base_and_tuned, shards, submission_order
 
 BENCHMARKS = [
     # limit 3, not conftest's 2: a task cached by another test must not stand in for Ray's work
@@ -50,6 +50,58 @@ def test_mmlu_is_sharded_by_subject():
     assert shards(BENCHMARKS[1], 1) == [BENCHMARKS[1]]  # GSM8K has no subsets
 
 
+def test_the_longest_tasks_are_submitted_first():
+    """Every task is queued at once; one long task starting last would leave the other workers idle
+    while it runs (GSM8K behind MMLU's shards), so the longest go first, ties in config order."""
+    from tasks.benchmarks.custom import load_definition
+    from tasks.runtime import FIXTURES
+
+    subjects = ["astronomy", "high_school_biology", "high_school_mathematics"]
+    benchmarks = [BenchmarkConfig(name="mmlu", limit=3, subsets=subjects), BenchmarkConfig(name="gsm8k", limit=20),
+                  BenchmarkConfig(name="mmlu", limit=None, subsets=subjects), BenchmarkConfig(name="humaneval", limit=None)]
+    custom = [load_definition(FIXTURES / "custom" / "capitals.yaml")]  # 8 short generations x 2
+    jobs = _jobs(benchmarks, custom, None, 1)
+    order = [(jobs[i][0], getattr(jobs[i][2].get("cfg"), "limit", None), getattr(jobs[i][2].get("cfg"), "subsets", None))
+             for i in submission_order(jobs)]
+    assert order == [
+        ("humaneval", None, None),  # 164 items x 9.5
+        *[("mmlu", None, [s]) for s in subjects],  # ~246 questions each (14,042 over 57 subjects)
+        ("gsm8k", 20, None),  # 20 x 7
+        ("custom/capitals", None, None),
+        *[("mmlu", 3, [s]) for s in subjects],  # 3 questions each, in subject order
+    ]
+
+
+def test_a_local_cluster_reports_to_the_temporary_server_of_the_flow():
+    """Without PREFECT_API_URL Prefect starts a temporary server for the flow; a local cluster's
+    workers get its address (each started a server of its own before, and the benchmark task runs
+    went there, missing from the flow's); a remote cluster's workers cannot reach it."""
+    from prefect import get_client
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    def forwarded(execution):
+        return ray_runner(execution).init_kwargs["runtime_env"]["env_vars"].get("PREFECT_API_URL")
+
+    @flow
+    def placement() -> tuple:
+        with get_client(sync_client=True) as client:
+            used = str(client.api_url).rstrip("/")
+        return used, forwarded(ExecutionConfig(task_runner="ray")), forwarded(
+            ExecutionConfig(task_runner="ray", ray_address="ray://head:10001"))
+
+    server = SubprocessASGIServer()
+    was_running = server.running
+    try:
+        with temporary_settings(restore_defaults={PREFECT_API_URL}):
+            used, local, remote = placement()
+    finally:
+        if not was_running:
+            server.stop()
+    assert used.startswith("http://127.0.0.1:") and local == used
+    assert remote is None
+
+
 @pytest.mark.slow
 def test_ray_gives_the_sequential_results(tiny_ref, tiny_base_model_dir, monkeypatch):
     from tasks.models import resolve_model
@@ -60,8 +112,9 @@ def test_ray_gives_the_sequential_results(tiny_ref, tiny_base_model_dir, monkeyp
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
     try:
-        on_ray = score(tiny_ref, tuned, ExecutionConfig(precision="fp32", task_runner="ray", ray_num_cpus=2,
-                                                          shard_size=1))
+        state = score(tiny_ref, tuned, ExecutionConfig(precision="fp32", task_runner="ray", ray_num_cpus=2,
+                                                         shard_size=1), return_state=True)
+        on_ray = state.result()
         assert list(Path(ray_tmp).glob("ray/session_*")), "no Ray session was started"  # RAY_TMPDIR/ray/
         deadline = time.monotonic() + 60  # ray.shutdown() signals its processes; they exit soon after
         while left := _processes_under(ray_tmp):
@@ -81,3 +134,12 @@ def test_ray_gives_the_sequential_results(tiny_ref, tiny_base_model_dir, monkeyp
     assert on_ray["mmlu"]["base"].settings["shards"] == 2 and on_ray["mmlu"]["base"].n == 6
     assert on_ray["mmlu"]["base"].settings["subsets"] == ["astronomy", "high_school_biology"]
     assert os.environ.get("SMOLFLOW_EXECUTION") is None
+    # The workers reported their task runs to the flow's server, under the flow run
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    names = sorted(r.name for r in runs if r.name.startswith("benchmark-"))
+    assert names == ["benchmark-gsm8k-base", "benchmark-gsm8k-tuned"] + ["benchmark-mmlu-base"] * 2 + ["benchmark-mmlu-tuned"] * 2
+    assert all(r.state.is_completed() for r in runs if r.name.startswith("benchmark-"))

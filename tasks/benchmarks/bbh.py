@@ -31,6 +31,8 @@ class BBH(LmEvalBenchmark):
     stock_yaml = "bbh/fewshot/{subset}.yaml"
     metric = "exact_match,strip"
     reference = "SmolLM2 model card, BBH 3-shot (lighteval); lm-eval bbh/fewshot (Suzgun et al. 2022 prompts)"
+    full_items = 6511
+    cost_per_item = 1.6
     extraction = "the generation up to the first stop sequence, stripped of surrounding whitespace, compared exactly with the target"
     # The stock task compares the raw generation, but after "A:" models answer " True" (with the
     # leading space the few-shot examples put there), which never equals "True": every model

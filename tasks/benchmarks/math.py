@@ -31,6 +31,8 @@ class MATH(LmEvalBenchmark):
     stock_yaml = "minerva_math/minerva_math500.yaml"
     metric = "math_verify,none"
     reference = "Minerva MATH format, 4-shot, no chat template (SmolLM2 model cards: MATH 4-shot); lm-eval minerva_math"
+    full_items = 500
+    cost_per_item = 6.0
     reference_shots = 4
     extraction = "math-verify: last \\boxed{} / final answer of the output vs the gold solution's"
 

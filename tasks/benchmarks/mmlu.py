@@ -32,6 +32,7 @@ class MMLU(LmEvalBenchmark):
     # not penalised for being long; lighteval's cloze numbers are length-normalised the same way.
     metric = "acc_norm,none"
     reference = "lighteval mmlu_cloze as in the SmolLM2 model card (0-shot, no chat template); lm-eval mmlu/continuation"
+    full_items = 14042
     extraction = "multiple choice: the choice with the highest length-normalised log-likelihood"
     subsets = _stock_subjects()
     reference_shots = 0
