@@ -100,9 +100,10 @@ def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     """Score one model (hub id, local folder, builtin:..., or an earlier run's id) without training."""
     from flows.evaluate import evaluate
-    from tasks.checks import check_run
+    from tasks.checks import check_hub, check_run
 
     config = parse_config(rest)
+    check_hub(config, training=False)
     check_run(config)
     with join_running_server():
         _print(evaluate(config=config))

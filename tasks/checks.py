@@ -218,6 +218,74 @@ def _check_model(source: str) -> None:
                               "(HF_HUB_OFFLINE=1); use 'builtin:smollm2-135m-instruct' or a local model directory")
 
 
+def _hub_model_to_fetch(source: str) -> bool:
+    """Whether `source` is a hub id whose files are not in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from tasks.models import resolve_source
+
+    concrete = resolve_source(source)
+    if "/" not in concrete or concrete.startswith((".", "/", "~")) or Path(concrete).expanduser().exists():
+        return False  # builtin:, a local folder, or an earlier run's id (smolflow eval)
+    return not isinstance(try_to_load_from_cache(concrete, "config.json"), str)
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub (HF_ENDPOINT) cannot be reached now, or None when it answers at all."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answered: reachable (the request's own status does not matter)
+    except (urllib.error.URLError, OSError) as err:  # DNS, refused, timeout
+        return f"{constants.ENDPOINT} is unreachable ({getattr(err, 'reason', err)})"
+    return None
+
+
+def check_hub(config: RunConfig, training: bool = True) -> None:
+    """Online, with something to fetch from the hub (a model not in the cache, hub data): one quick
+    request, so a machine without a network fails here in seconds with the fix, not minutes later
+    in the flow with tracebacks. Served runs skip this; their tasks retry network failures."""
+    from tasks.benchmarks import REGISTRY
+    from tasks.benchmarks.base import LmEvalBenchmark
+    from tasks.runtime import hub_offline
+
+    if hub_offline():
+        return
+    fetches = [f"model={config.model!r}"] if _hub_model_to_fetch(config.model) else []
+    if training and not _data_here(config.data.dataset):
+        fetches.append(f"data.dataset={config.data.dataset!r}")
+    if not training and config.judge.enabled and config.judge.reference == "base" and _hub_model_to_fetch("auto"):
+        fetches.append("judge.reference='base' (the default model, 'auto')")
+    for i, b in enumerate(config.benchmarks):
+        try:
+            hub_data = isinstance(REGISTRY[b.name], LmEvalBenchmark) and REGISTRY[b.name].local_source(b) is None
+        except ValueError:  # a missing local path: the benchmark check names it
+            hub_data = False
+        if hub_data:
+            fetches.append(f"benchmarks[{i}] ({b.name}) data={b.data!r}")
+    # judge.model 'auto' is the built-in model, online too (tasks/judge_backends.py)
+    if config.judge.enabled and config.judge.backend == "local" and config.judge.model != "auto" \
+            and _hub_model_to_fetch(config.judge.model):
+        fetches.append(f"judge.model={config.judge.model!r}")
+    if fetches and (why := hub_unreachable()):
+        raise ConfigError(
+            f"{', '.join(fetches)} {'needs' if len(fetches) == 1 else 'need'} the Hugging Face hub, but {why}. "
+            "Offline, set HF_HUB_OFFLINE=1 (`make run` does): 'auto' then means the built-in SmolLM2-135M-Instruct "
+            "and the shipped fixtures, and hub ids are read from the local cache; or give local paths")
+
+
+def _data_here(source: str) -> bool:
+    """Whether data.dataset names local data (a fixture, a path) rather than a hub dataset."""
+    from tasks.data import FIXTURE_PREFIX
+
+    return source.startswith((FIXTURE_PREFIX, ".", "/", "~")) or Path(source).expanduser().exists()
+
+
 def _model_dir_here(source: str):
     """The model's local directory when it is here without downloading or converting, else None."""
 
@@ -234,14 +302,13 @@ def check_inputs(config: RunConfig) -> None:
     missing path or split or a bad row is one message within seconds, not a failed flow run. Hub
     data online is left to the flow's task, which retries network failures."""
 
-    from tasks.data import FIXTURE_PREFIX, load_chat_dataset
+    from tasks.data import load_chat_dataset
     from tasks.runtime import hub_offline
     from tasks.special_tokens import control_tokens_of
 
     _check_model(config.model)
-    source = config.data.dataset
-    here = source.startswith((FIXTURE_PREFIX, ".", "/", "~")) or Path(source).expanduser().exists()
-    if not here and not hub_offline():  # hub data (also `auto` online)
+    check_hub(config)
+    if not _data_here(config.data.dataset) and not hub_offline():  # hub data (also `auto` online)
         return
     model_dir = _model_dir_here(config.model)  # else ChatML's control tokens (the flow checks the model's)
     tokens = control_tokens_of(model_dir, config.template) if model_dir is not None else None
@@ -267,6 +334,7 @@ def validate_everything(config: RunConfig) -> tuple[list[str], dict[str, str]]:
     resolved = attempt("auto", resolve_autos, config) or {}
     attempt("cross-checks", check_run, config)
     attempt("model", _check_model, config.model)
+    attempt("hub", check_hub, config)
     attempt("data", load_chat_dataset.fn, config.data)  # every row checked; no model involved
     for i, b in enumerate(config.benchmarks):
         attempt(f"benchmarks[{i}] ({b.name}) data", REGISTRY[b.name].data_files, b)

@@ -16,7 +16,9 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.locks import file_lock
-from tasks.runtime import atomic_dir, cache_dir, hub_offline, remembered_digest, retry_transient, sha256_files
+from tasks.runtime import (
+    atomic_dir, cache_dir, hub_offline, is_transient, remembered_digest, retry_transient, sha256_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +111,13 @@ def download_hub_model(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=list(_MODEL_FILES)))
     except LocalEntryNotFoundError as err:
-        raise RuntimeError(
-            f"model={repo_id!r} is not in the local Hugging Face cache and the hub is unreachable "
-            f"or disabled (HF_HUB_OFFLINE). Use model='{BUILTIN}' (offline SmolLM2) or a local "
-            "model directory."
-        ) from err
+        message = (f"model={repo_id!r} is not in the local Hugging Face cache and the hub is unreachable "
+                   f"or disabled (HF_HUB_OFFLINE). Use model='{BUILTIN}' (offline SmolLM2) or a local "
+                   "model directory.")
+        cause = err.__cause__ or err.__context__
+        if not hub_offline() and is_transient(cause):  # a network failure, not a setting: worth a retry
+            raise ConnectionError(f"{message} ({type(cause).__name__}: {cause})") from err
+        raise RuntimeError(message) from err
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])

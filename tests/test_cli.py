@@ -57,6 +57,27 @@ def test_user_errors_name_file_line_and_field_and_exit_2(env, tmp_path):
     assert out.returncode == 2 and "benchmarks[0].subsets: unknown ['astrology']" in out.stderr
 
 
+def test_an_unreachable_hub_fails_before_the_flow_with_the_fix(env, tmp_path):
+    """Online (HF_HUB_OFFLINE=0) on a machine that cannot reach the hub: one message naming what
+    needs it and the offline switch, within seconds, before Prefect; not tracebacks from the flow."""
+    online = env | {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    root = tmp_path / "runs"
+    out = smolflow(online, "run", "--output.artifacts-uri", str(root))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert ("model='auto', data.dataset='auto', benchmarks[0] (gsm8k) data='auto' need the Hugging Face hub, "
+            "but http://127.0.0.1:9 is unreachable") in out.stderr
+    assert "set HF_HUB_OFFLINE=1" in out.stderr
+    assert "Beginning flow run" not in out.stdout + out.stderr and not root.exists()
+    out = smolflow(online, "eval", "--model", "HuggingFaceTB/SmolLM2-360M", "--judge.enabled", "false",
+                   "--benchmarks", '[{"name": "gsm8k", "data": "fixture"}]', "--output.artifacts-uri", str(root))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "model='HuggingFaceTB/SmolLM2-360M' needs the Hugging Face hub" in out.stderr and not root.exists()
+    # Nothing to fetch (the built-in model, the fixtures): the hub is never asked
+    out = smolflow(online, "validate", "--model", "builtin:smollm2-135m-instruct", "--data.dataset",
+                   "fixture:everyday-conversations", "--benchmarks", '[{"name": "gsm8k", "data": "fixture"}]')
+    assert out.returncode == 0 and "hub" not in out.stderr, out.stderr[-2000:]
+
+
 def test_bad_data_and_missing_model_fail_before_the_flow_starts(env, tmp_path):
     data = tmp_path / "data"
     data.mkdir()

@@ -65,6 +65,24 @@ def test_hub_id_offline_gives_a_clear_error():
         resolve_model.fn("HuggingFaceTB/SmolLM2-135M")
 
 
+def test_an_unreachable_hub_is_retried_and_offline_mode_is_not(monkeypatch):
+    """A refused connection may succeed on a later attempt, so resolve_model's retries take it;
+    HF_HUB_OFFLINE=1 fails alike every time, so it is tried once (tests/test_retries.py)."""
+    from huggingface_hub import constants
+
+    from tasks.models import download_hub_model
+    from tasks.runtime import is_transient
+
+    with pytest.raises(RuntimeError, match="not in the local Hugging Face cache") as offline:
+        download_hub_model("HuggingFaceTB/SmolLM2-360M")
+    assert not is_transient(offline.value)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused
+    with pytest.raises(ConnectionError, match="not in the local Hugging Face cache.*ConnectError") as online:
+        download_hub_model("HuggingFaceTB/SmolLM2-360M")
+    assert is_transient(online.value)
+
+
 def test_auto_offline_is_the_builtin_model():
     from tasks.models import resolve_source
 
