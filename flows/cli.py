@@ -81,13 +81,14 @@ def join_running_server(url: str = LOCAL_SERVER):
 
 def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     """Fine-tune and evaluate, as the smolflow-finetune flow."""
-    from tasks.checks import check_inputs, check_run
+    from tasks.checks import check_hub_reachable, check_inputs, check_run
     from tasks.console import configure_logging
 
     config = parse_config(rest)
     configure_logging()  # the checks read the data: quiet unless --verbose, as the flow will be
     # Fail within seconds, before Prefect, W&B or any run file is started: the model and the data
     # first (a few seconds), then the cross-checks (trying SFTConfig imports TRL: ~8 s here).
+    check_hub_reachable(config)
     check_inputs(config)
     check_run(config)
     from flows.finetune import finetune
@@ -100,10 +101,10 @@ def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     """Score one model (hub id, local folder, builtin:..., or an earlier run's id) without training."""
     from flows.evaluate import evaluate
-    from tasks.checks import check_hub, check_run
+    from tasks.checks import check_hub_reachable, check_run
 
     config = parse_config(rest)
-    check_hub(config, training=False)
+    check_hub_reachable(config, training=False)
     check_run(config)
     with join_running_server():
         _print(evaluate(config=config))

@@ -246,10 +246,11 @@ def hub_unreachable(timeout: float = 5.0) -> str | None:
     return None
 
 
-def check_hub(config: RunConfig, training: bool = True) -> None:
+def check_hub_reachable(config: RunConfig, training: bool = True) -> None:
     """Online, with something to fetch from the hub (a model not in the cache, hub data): one quick
     request, so a machine without a network fails here in seconds with the fix, not minutes later
-    in the flow with tracebacks. Served runs skip this; their tasks retry network failures."""
+    in the flow with tracebacks. Only the `smolflow` command asks: a served run's tasks retry network
+    failures instead (a nightly must survive a short outage)."""
     from tasks.benchmarks import REGISTRY
     from tasks.benchmarks.base import LmEvalBenchmark
     from tasks.runtime import hub_offline
@@ -272,6 +273,8 @@ def check_hub(config: RunConfig, training: bool = True) -> None:
     if config.judge.enabled and config.judge.backend == "local" and config.judge.model != "auto" \
             and _hub_model_to_fetch(config.judge.model):
         fetches.append(f"judge.model={config.judge.model!r}")
+    if training and config.output.push_to_hub:
+        fetches.append(f"output.push_to_hub={config.output.push_to_hub!r}")
     if fetches and (why := hub_unreachable()):
         raise ConfigError(
             f"{', '.join(fetches)} {'needs' if len(fetches) == 1 else 'need'} the Hugging Face hub, but {why}. "
@@ -307,7 +310,6 @@ def check_inputs(config: RunConfig) -> None:
     from tasks.special_tokens import control_tokens_of
 
     _check_model(config.model)
-    check_hub(config)
     if not _data_here(config.data.dataset) and not hub_offline():  # hub data (also `auto` online)
         return
     model_dir = _model_dir_here(config.model)  # else ChatML's control tokens (the flow checks the model's)
@@ -334,7 +336,7 @@ def validate_everything(config: RunConfig) -> tuple[list[str], dict[str, str]]:
     resolved = attempt("auto", resolve_autos, config) or {}
     attempt("cross-checks", check_run, config)
     attempt("model", _check_model, config.model)
-    attempt("hub", check_hub, config)
+    attempt("hub", check_hub_reachable, config)
     attempt("data", load_chat_dataset.fn, config.data)  # every row checked; no model involved
     for i, b in enumerate(config.benchmarks):
         attempt(f"benchmarks[{i}] ({b.name}) data", REGISTRY[b.name].data_files, b)

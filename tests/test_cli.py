@@ -72,9 +72,13 @@ def test_an_unreachable_hub_fails_before_the_flow_with_the_fix(env, tmp_path):
                    "--benchmarks", '[{"name": "gsm8k", "data": "fixture"}]', "--output.artifacts-uri", str(root))
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "model='HuggingFaceTB/SmolLM2-360M' needs the Hugging Face hub" in out.stderr and not root.exists()
+    local = ["--model", "builtin:smollm2-135m-instruct", "--data.dataset", "fixture:everyday-conversations",
+             "--benchmarks", '[{"name": "gsm8k", "data": "fixture"}]']
+    out = smolflow(online, "run", *local, "--output.push-to-hub", "me/smol-tuned", "--output.artifacts-uri", str(root))
+    assert out.returncode == 2 and "output.push_to_hub='me/smol-tuned' needs the Hugging Face hub" in out.stderr
+    assert not root.exists()  # not an hour of training, then a failed push
     # Nothing to fetch (the built-in model, the fixtures): the hub is never asked
-    out = smolflow(online, "validate", "--model", "builtin:smollm2-135m-instruct", "--data.dataset",
-                   "fixture:everyday-conversations", "--benchmarks", '[{"name": "gsm8k", "data": "fixture"}]')
+    out = smolflow(online, "validate", *local)
     assert out.returncode == 0 and "hub" not in out.stderr, out.stderr[-2000:]
 
 
