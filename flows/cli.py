@@ -35,6 +35,22 @@ DEFAULT_ROOT = "./smolflow-runs"
 LOCAL_SERVER = os.environ.get("SMOLFLOW_LOCAL_SERVER", "http://127.0.0.1:4200/api")  # `smolflow serve`'s default
 
 
+class FlowFailed(Exception):
+    """A flow run failed; Prefect has logged its traceback, the command says it in one line."""
+
+
+def run_flow(flow, config):
+    """The flow's result. A bad setting or file found inside it stays a user error (exit 2); any
+    other failure becomes one line (exit 1) under the traceback Prefect logged, not a second one."""
+    try:
+        return flow(config=config)
+    except (UserError, ValueError, FileNotFoundError):
+        raise
+    except Exception as err:
+        raise FlowFailed(f"the {flow.name} flow run failed: {type(err).__name__}: {err} "
+                         "(its traceback is in the log above; --debug raises it here too)") from err
+
+
 def _print(obj) -> None:
     print(yaml.safe_dump(obj, sort_keys=False, allow_unicode=True, width=120), end="")
 
@@ -94,7 +110,7 @@ def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     from flows.finetune import finetune
 
     with join_running_server():
-        _print(finetune(config=config))
+        _print(run_flow(finetune, config))
     return 0
 
 
@@ -107,7 +123,7 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     check_hub_reachable(config, training=False)
     check_run(config)
     with join_running_server():
-        _print(evaluate(config=config))
+        _print(run_flow(evaluate, config))
     return 0
 
 
@@ -187,7 +203,7 @@ def cmd_arena_run(args: argparse.Namespace, rest: list[str]) -> int:
 
     config = parse_config(rest, model=ArenaConfig)
     with join_running_server():
-        _print(arena(config=config))
+        _print(run_flow(arena, config))
     return 0
 
 
@@ -286,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"smolflow {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except FlowFailed as err:
+        if debug:
+            raise
+        print(f"smolflow {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     finally:

@@ -82,6 +82,41 @@ def test_an_unreachable_hub_fails_before_the_flow_with_the_fix(env, tmp_path):
     assert out.returncode == 0 and "hub" not in out.stderr, out.stderr[-2000:]
 
 
+def test_a_hub_error_is_retried_then_the_command_ends_in_one_line(env, tmp_path):
+    """The hub answers, but with 500s: the check before the flow passes (it is reachable), the
+    model's task retries the server error, then the run fails and the command says so in one line
+    with exit 1, under Prefect's log of the failure (not a second Python traceback)."""
+    import http.server
+    import threading
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def answer(self):
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    online = env | {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
+                    "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}"}
+    try:
+        out = smolflow(online, "run", "--data.dataset", "fixture:everyday-conversations", "--benchmarks",
+                       '[{"name": "gsm8k", "data": "fixture"}]', "--output.artifacts-uri", str(tmp_path / "runs"))
+    finally:
+        server.shutdown()
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert out.stderr.count("Task run 'resolve_model") >= 3 and "Retry 2/2" in out.stderr  # 3 attempts
+    last = out.stderr.rstrip().splitlines()
+    error = next(line for line in last if line.startswith("smolflow run: error:"))
+    assert "the smolflow-finetune flow run failed: ConnectionError" in error and "500" in out.stderr
+    assert "Traceback" not in out.stderr[out.stderr.index("smolflow run: error:"):]
+
+
 def test_bad_data_and_missing_model_fail_before_the_flow_starts(env, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
