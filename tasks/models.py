@@ -111,13 +111,13 @@ def download_hub_model(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=list(_MODEL_FILES)))
     except LocalEntryNotFoundError as err:
-        message = (f"model={repo_id!r} is not in the local Hugging Face cache and the hub is unreachable "
-                   f"or disabled (HF_HUB_OFFLINE). Use model='{BUILTIN}' (offline SmolLM2) or a local "
-                   "model directory.")
+        instead = f"Use model='{BUILTIN}' (offline SmolLM2) or a local model directory."
         cause = err.__cause__ or err.__context__
-        if not hub_offline() and is_transient(cause):  # a network failure, not a setting: worth a retry
-            raise ConnectionError(f"{message} ({type(cause).__name__}: {cause})") from err
-        raise RuntimeError(message) from err
+        if not hub_offline() and is_transient(cause):  # a network or server failure: worth a retry
+            raise ConnectionError(f"model={repo_id!r} is not in the local Hugging Face cache, and the hub failed "
+                                  f"({type(cause).__name__}: {cause}). {instead}") from err
+        raise RuntimeError(f"model={repo_id!r} is not in the local Hugging Face cache and the hub is unreachable "
+                           f"or disabled (HF_HUB_OFFLINE). {instead}") from err
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
