@@ -1,15 +1,16 @@
 """Benchmarks one after another vs fanned out on Ray, side by side: `smolflow eval` twice.
 
-    .venv/bin/python scripts/bench_ray.py [--items 20]
+    .venv/bin/python scripts/bench_ray.py [--items 20] [--item-shards 2]
 
 Scores the built-in SmolLM2-135M-Instruct on MMLU (cloze, real dev questions), BBH (real
 examples), GSM8K and MATH (fixtures repeated; data as in scripts/bench_eval.py) with the same
 settings twice, each in a fresh `smolflow eval` process with a fresh Prefect home and cache (so
 nothing is answered from a cache): once with `execution.task_runner: local` (the default: one
 benchmark after another, all torch threads) and once with `ray` (a local Ray cluster on this
-machine's cores, MMLU subjects and BBH tasks in shards, one torch thread per task). Prints the
-wall time of each and whether every item's output is the same. Not a test: the table goes to
-docs/performance.md (the equality itself is tests/test_ray.py's).
+machine's cores, MMLU subjects and BBH tasks in shards, one torch thread per task), and with
+`--item-shards N` a third time on Ray with GSM8K and MATH also split into N item shards. Prints
+the wall time of each and how many items' outputs equal the local run's. Not a test: the table
+goes to docs/performance.md (the equality itself is tests/test_ray.py's).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--items", type=int, default=20, help="items per benchmark")
     ap.add_argument("--shard-size", type=int, default=2, help="MMLU subjects / BBH tasks per Ray task")
+    ap.add_argument("--item-shards", type=int, default=0, help="also run on Ray with GSM8K/MATH in this many item shards")
     args = ap.parse_args()
     from scripts.bench_eval import build_data
     from tasks.models import convert_builtin
@@ -44,36 +46,39 @@ def main() -> None:
         benchmarks = [{"name": name, "data": data[name][0], "subsets": data[name][1], "limit": data[name][2]}
                       for name in ("mmlu", "bbh", "gsm8k", "math")]
         rows, records = [], {}
-        for runner in ("local", "ray"):
-            home = work / runner
+        ray = ["--execution.task-runner", "ray", "--execution.shard-size", str(args.shard_size), "--torch-threads", "1"]
+        runs = {"local": [], "ray": ray}
+        if args.item_shards:
+            runs[f"ray, item_shards {args.item_shards}"] = ray + ["--execution.item-shards", str(args.item_shards)]
+        for n, (runner, extra) in enumerate(runs.items()):
+            home = work / f"run{n}"
             (home / "cache").mkdir(parents=True)
             (home / "cache" / "models").symlink_to(Path.home() / ".cache" / "smolflow" / "models")
             env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
                 "PREFECT_HOME": str(home / "prefect"), "SMOLFLOW_CACHE": str(home / "cache"),
                 "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "SMOLFLOW_LOCAL_SERVER": "http://127.0.0.1:9/api"}
-            extra = ["--execution.task-runner", "ray", "--execution.shard-size", str(args.shard_size),
-                     "--torch-threads", "1"] if runner == "ray" else []
             start = time.perf_counter()
             proc = subprocess.run(
                 [str(SMOLFLOW), "eval", "--model", "builtin:smollm2-135m-instruct", "--benchmarks", json.dumps(benchmarks),
                  "--judge.enabled", "false", "--wandb.mode", "disabled", "--output.artifacts-uri", str(home / "runs"),
-                 "--output.run-id", runner, *extra], env=env, cwd=ROOT, capture_output=True, text=True)
+                 "--output.run-id", f"run{n}", *extra], env=env, cwd=ROOT, capture_output=True, text=True)
             wall = time.perf_counter() - start
             if proc.returncode != 0:
                 sys.exit(f"{runner}: smolflow eval failed:\n{proc.stderr[-3000:]}")
-            out = home / "runs" / "runs" / runner / "benchmarks"
+            out = home / "runs" / "runs" / f"run{n}" / "benchmarks"
             records[runner] = {b["name"]: [json.loads(line)["output"] for line in
                                            (out / b["name"] / "model.jsonl").read_text().splitlines()]
                                for b in benchmarks}
             rows.append((runner, wall))
-        same = {name: f"{sum(a == b for a, b in zip(records['local'][name], records['ray'][name]))}/{len(records['local'][name])}"
-                for name in records["local"]}
+        same = {runner: {name: f"{sum(a == b for a, b in zip(records['local'][name], outputs[name]))}/{len(records['local'][name])}"
+                         for name in records["local"]} for runner, outputs in records.items() if runner != "local"}
         items = {name: len(records["local"][name]) for name in records["local"]}
         print(f"SmolLM2-135M-Instruct, {os.cpu_count()} CPUs, items per benchmark: {items}\n")
         print("| execution.task_runner | wall s | vs local |\n|---|---|---|")
         for runner, wall in rows:
             print(f"| {runner} | {wall:.1f} | {rows[0][1] / wall:.2f}x |")
-        print(f"\nper-item outputs identical: {same}")
+        for runner, agree in same.items():
+            print(f"\n{runner}: per-item outputs identical to local: {agree}")
         print(f"torch threads: local {os.cpu_count()} on one task at a time, ray 1 per task; precision: auto")
     finally:
         shutil.rmtree(work, ignore_errors=True)

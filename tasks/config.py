@@ -179,11 +179,16 @@ class ExecutionConfig(_Section):
         None, ge=1, description="ray only: MMLU subjects / BBH tasks per shard, each shard its own task "
         "(None: one task per benchmark and model).",
     )
+    item_shards: int | None = Field(
+        None, ge=2, description="ray only: GSM8K, MATH and HumanEval each split into this many tasks, task k "
+        "scoring items k, k+n, k+2n, ... with the few-shot examples the whole run draws; merged back item "
+        "for item (None: one task per benchmark and model).",
+    )
 
     @model_validator(mode="after")
     def _ray_only(self) -> ExecutionConfig:
-        if self.task_runner != "ray" and (self.ray_address or self.ray_num_cpus or self.shard_size):
-            raise ValueError("execution.ray_address, ray_num_cpus and shard_size need execution.task_runner 'ray'")
+        if self.task_runner != "ray" and (self.ray_address or self.ray_num_cpus or self.shard_size or self.item_shards):
+            raise ValueError("execution.ray_address, ray_num_cpus, shard_size and item_shards need execution.task_runner 'ray'")
         return self
 
 

@@ -1,10 +1,11 @@
 """Evaluation stage: score one model on one benchmark, as its own cached Prefect task, and save
 every score with the one comparison into the run folder.
 
-With `execution.task_runner: ray` every (benchmark, model) pair, and with `execution.shard_size`
-every shard of MMLU subjects or BBH tasks, is submitted at once to prefect-ray's RayTaskRunner and
-runs on the Ray cluster's workers; shards are merged back into one result per benchmark, item for
-item what the sequential run gives.
+With `execution.task_runner: ray` every (benchmark, model) pair, with `execution.shard_size`
+every shard of MMLU subjects or BBH tasks, and with `execution.item_shards` every n-th-item part of
+GSM8K, MATH or HumanEval (benchmarks/parts.py), is submitted at once to prefect-ray's
+RayTaskRunner and runs on the Ray cluster's workers; shards are merged back into one result per
+benchmark, item for item what the sequential run gives.
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ BY_CONTENT_ANY_ROLE = (ContentInputs() - "role") + TASK_SOURCE
     retry_delay_seconds=10,
     task_run_name="benchmark-{cfg.name}-{role}",
 )
-def run_benchmark(model_ref: ModelRef, cfg: BenchmarkConfig, role: str = "model") -> BenchmarkResult:
-    """Score a model on a benchmark; cached on the model's content fingerprint and the settings."""
+def run_benchmark(model_ref: ModelRef, cfg: BenchmarkConfig, role: str = "model",
+                  part: tuple[int, int] | None = None) -> BenchmarkResult:
+    """Score a model on a benchmark (or part k of n of its items); cached on the model's content
+    fingerprint and the settings."""
     model, tokenizer = load_model(model_ref)
     model.eval()
-    return REGISTRY[cfg.name].evaluate(model, tokenizer, cfg)
+    return REGISTRY[cfg.name].evaluate(model, tokenizer, cfg, part)
 
 
 def subset_names(cfg: BenchmarkConfig) -> list[str]:
@@ -72,11 +75,21 @@ def shards(cfg: BenchmarkConfig, size: int | None) -> list[BenchmarkConfig]:
     return [cfg.model_copy(update={"subsets": names[i : i + size]}) for i in range(0, len(names), size)]
 
 
+def item_parts(cfg: BenchmarkConfig, n: int | None) -> list[tuple[int, int] | None]:
+    """Parts (k, n) of a benchmark without subsets, at most one per item scored; [None]: whole."""
+    n = min(n or 1, cfg.limit or n or 1)
+    if n < 2 or REGISTRY[cfg.name].subsets:
+        return [None]
+    return [(k, n) for k in range(n)]
+
+
 def merge_shards(parts: list[BenchmarkResult]) -> BenchmarkResult:
     """One result from the results of a benchmark's shards: records in order, micro-averaged score
     (what lm-eval's weight_by_size groups and a sequential multi-subset run report)."""
     if len(parts) == 1:
         return parts[0]
+    if "part" in parts[0].settings:
+        return merge_item_parts(parts)
     records, metrics, subsets = [], {}, []
     for part in parts:
         records += part.records
@@ -105,6 +118,45 @@ def merge_shards(parts: list[BenchmarkResult]) -> BenchmarkResult:
         comparability=parts_of_key,
         lm_eval_files={name: text for p in parts for name, text in p.lm_eval_files.items()},
     )
+
+
+def merge_item_parts(parts: list[BenchmarkResult]) -> BenchmarkResult:
+    """One result from parts 0..n-1 of a benchmark's items: records and per-item metric values
+    back in item order, every metric recomputed over all of them as the whole run computes it."""
+    from tasks.benchmarks.parts import aggregate, interleave, merge_values
+
+    first = parts[0]
+    records = interleave([p.records for p in parts])
+    settings = {k: v for k, v in first.settings.items() if k != "part"} | {"shards": len(parts)}
+    if any(p.item_values for p in parts):  # lm-eval: its mean and stderr over the merged items
+        metrics = {k: float(v) for k, v in aggregate(merge_values([p.item_values for p in parts])).items() if v != "N/A"}
+        score, stderr = metrics.get(first.metric, 0.0), metrics.get(_stderr_key(first.metric))
+    else:  # HumanEval: pass@1 over the problems
+        correct = [float(r["correct"]) for r in records]
+        score, stderr = (sum(correct) / len(correct) if correct else 0.0), stderr_of_mean(correct)
+        metrics = {first.metric: score}
+    key, parts_of_key = comparability(first.name, first.provenance, records, settings, first.metric)
+    return first.model_copy(update={
+        "score": score, "stderr": stderr, "n": len(records), "settings": settings, "metrics": metrics,
+        "records": records, "seconds": sum(p.seconds for p in parts), "comparability_key": key,
+        "comparability": parts_of_key, "item_values": {},
+        "lm_eval_files": _files_of_parts(parts),
+    })
+
+
+def _files_of_parts(parts: list[BenchmarkResult]) -> dict[str, str]:
+    """lm-eval's files of every part: each its own results_<date>.json and samples (lm-eval's
+    tools read them as one run per part); two parts written within the same microsecond keep both."""
+    files: dict[str, str] = {}
+    for i, part in enumerate(parts):
+        for name, text in part.lm_eval_files.items():
+            files[name if name not in files else f"part{i}_{name}"] = text
+    return files
+
+
+def _stderr_key(metric: str) -> str:
+    name, _, filt = metric.partition(",")
+    return f"{name}_stderr,{filt}"
 
 
 def merged_fewshot(parts: list[BenchmarkResult]) -> dict:
@@ -150,9 +202,10 @@ def _temporary_server(execution: ExecutionConfig) -> str | None:
     return server.api_url
 
 
-def _jobs(benchmarks, custom, judge, shard_size):
+def _jobs(benchmarks, custom, judge, shard_size, item_shards=None):
     """(name, task, parameters without the model and role) per job; a benchmark's shards share its name."""
-    jobs = [(cfg.name, run_benchmark, {"cfg": part}) for cfg in benchmarks for part in shards(cfg, shard_size)]
+    jobs = [(cfg.name, run_benchmark, {"cfg": sub} | ({"part": part} if part else {}))
+            for cfg in benchmarks for sub in shards(cfg, shard_size) for part in item_parts(cfg, item_shards)]
     # Only a judge scorer gets the judge settings, so editing them never re-scores the others.
     jobs += [(f"custom/{b.name}", run_custom_benchmark,
               {"bench": b, "judge_cfg": judge if b.scorer == "judge_rubric" else None}) for b in custom]
@@ -171,7 +224,7 @@ def score_models(
 
     execution = active()
     ray = execution.task_runner == "ray"
-    jobs = _jobs(benchmarks, custom, judge, execution.shard_size if ray else None)
+    jobs = _jobs(benchmarks, custom, judge, *((execution.shard_size, execution.item_shards) if ray else (None, None)))
     names = list(dict.fromkeys(name for name, _, _ in jobs))
     bar = Progress("smolflow-benchmark-progress", "Benchmarks scored", len(models) * len(jobs))
     parts: dict[tuple[str, str], list[BenchmarkResult]] = {(n, r): [] for n in names for r in models}
@@ -198,7 +251,7 @@ def score_base_and_tuned(
 def work(params: dict) -> float:
     """Estimated work of a job (items x cost per item), to submit the longest first."""
     if "cfg" in params:
-        return REGISTRY[params["cfg"].name].work(params["cfg"])
+        return REGISTRY[params["cfg"].name].work(params["cfg"]) / params.get("part", (0, 1))[1]
     return 2.0 * len(params["bench"].selected())  # a custom benchmark: short 0-shot generations
 
 

@@ -1,4 +1,5 @@
-"""Benchmark fan-out on a real local Ray cluster: the same per-item results as the sequential run."""
+"""Benchmark fan-out on a real local Ray cluster (MMLU in subject shards, GSM8K in item shards): the
+same per-item results as the sequential run."""
 
 import os
 import shutil
@@ -113,7 +114,7 @@ def test_ray_gives_the_sequential_results(tiny_ref, tiny_base_model_dir, monkeyp
     monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
     try:
         state = score(tiny_ref, tuned, ExecutionConfig(precision="fp32", task_runner="ray", ray_num_cpus=2,
-                                                         shard_size=1), return_state=True)
+                                                         shard_size=1, item_shards=2), return_state=True)
         on_ray = state.result()
         assert list(Path(ray_tmp).glob("ray/session_*")), "no Ray session was started"  # RAY_TMPDIR/ray/
         deadline = time.monotonic() + 60  # ray.shutdown() signals its processes; they exit soon after
@@ -133,6 +134,7 @@ def test_ray_gives_the_sequential_results(tiny_ref, tiny_base_model_dir, monkeyp
             assert ray_result.stderr == seq_result.stderr and ray_result.metrics == seq_result.metrics
     assert on_ray["mmlu"]["base"].settings["shards"] == 2 and on_ray["mmlu"]["base"].n == 6
     assert on_ray["mmlu"]["base"].settings["subsets"] == ["astronomy", "high_school_biology"]
+    assert on_ray["gsm8k"]["base"].settings["shards"] == 2 and on_ray["gsm8k"]["base"].n == 3  # items 0, 2 | 1
     assert os.environ.get("SMOLFLOW_EXECUTION") is None
     # The workers reported their task runs to the flow's server, under the flow run
     from prefect import get_client
@@ -141,5 +143,5 @@ def test_ray_gives_the_sequential_results(tiny_ref, tiny_base_model_dir, monkeyp
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     names = sorted(r.name for r in runs if r.name.startswith("benchmark-"))
-    assert names == ["benchmark-gsm8k-base", "benchmark-gsm8k-tuned"] + ["benchmark-mmlu-base"] * 2 + ["benchmark-mmlu-tuned"] * 2
+    assert names == ["benchmark-gsm8k-base"] * 2 + ["benchmark-gsm8k-tuned"] * 2 + ["benchmark-mmlu-base"] * 2 + ["benchmark-mmlu-tuned"] * 2
     assert all(r.state.is_completed() for r in runs if r.name.startswith("benchmark-"))

@@ -14,7 +14,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
@@ -22,6 +22,9 @@ from tasks.benchmarks.rows import read_rows, write_jsonl  # noqa: F401 - the ben
 from tasks.config import BenchmarkConfig
 from tasks.console import quiet_bars
 from tasks.runtime import FIXTURES, hub_offline, split_of
+
+if TYPE_CHECKING:
+    from tasks.benchmarks.parts import Part
 
 
 class BenchmarkResult(BaseModel):
@@ -41,6 +44,8 @@ class BenchmarkResult(BaseModel):
     # lm-eval's own results_<date>.json and samples_<task>_<date>.jsonl, by file name, for the caller
     # to store next to smolflow's files; kept out of model_dump() (summary.json) for their size.
     lm_eval_files: dict[str, str] = Field(default_factory=dict, exclude=True)
+    # An item shard's per-item metric values by "metric,filter" (parts.py), to merge shards exactly.
+    item_values: dict[str, list[float]] = Field(default_factory=dict, exclude=True)
 
 
 class Benchmark(abc.ABC):
@@ -95,8 +100,8 @@ class Benchmark(abc.ABC):
         return chosen * min(cfg.limit or per_part, per_part) * self.cost_per_item
 
     @abc.abstractmethod
-    def evaluate(self, model, tokenizer, cfg: BenchmarkConfig) -> BenchmarkResult:
-        """Score a loaded model on this benchmark."""
+    def evaluate(self, model, tokenizer, cfg: BenchmarkConfig, part: Part | None = None) -> BenchmarkResult:
+        """Score a loaded model on this benchmark (on one part of its items: parts.py)."""
 
 
 def stderr_of_mean(values: list) -> float | None:
@@ -190,18 +195,19 @@ class LmEvalBenchmark(Benchmark):
                 for s in samples if not filt or filt == "none" or s.get("filter") == filt]
         return [r | {"subset": subset} for r in rows] if subset else rows
 
-    def evaluate(self, model, tokenizer, cfg: BenchmarkConfig) -> BenchmarkResult:
+    def evaluate(self, model, tokenizer, cfg: BenchmarkConfig, part: Part | None = None) -> BenchmarkResult:
         # lm-eval's HF backend plus shared-prefix KV reuse (tasks/benchmarks/fast_lm.py): the same
         # per-item results as HFLM, several times faster on few-shot and multiple-choice work.
         from tasks.benchmarks.fast_lm import ENGINE, engine
 
         lm = engine(model, tokenizer, cfg.batch_size)
-        result = self.evaluate_lm(lm, cfg)
+        result = self.evaluate_lm(lm, cfg, part)
         result.settings["engine"] = f"{ENGINE} (lm-eval {__import__('lm_eval').__version__} HFLM + shared-prefix KV cache)"
         return result
 
-    def evaluate_lm(self, lm, cfg: BenchmarkConfig) -> BenchmarkResult:
+    def evaluate_lm(self, lm, cfg: BenchmarkConfig, part: Part | None = None) -> BenchmarkResult:
         """Score any lm-eval `LM` (the HF model above, or e.g. one that answers from the gold)."""
+        from tasks.benchmarks.parts import PartLM, describe, restrict
         from lm_eval import simple_evaluate
         from lm_eval.loggers import EvaluationTracker
         from lm_eval.tasks import TaskManager
@@ -214,7 +220,7 @@ class LmEvalBenchmark(Benchmark):
             specs = self.task_configs(cfg, Path(workdir))
             shots = [fewshot_source(self.name, spec) for spec in specs]  # refuses examples from scored items
             out = simple_evaluate(
-                model=lm,
+                model=PartLM(lm, part) if part else lm,
                 tasks=specs,
                 task_manager=TaskManager(include_defaults=False),
                 limit=cfg.limit,
@@ -223,9 +229,14 @@ class LmEvalBenchmark(Benchmark):
                 apply_chat_template=self.apply_chat_template,
                 evaluation_tracker=tracker,
             )
+            values = restrict(out, part) if part else {}
             files = lm_eval_files(out, tracker)
         dtype = getattr(getattr(lm, "model", None), "dtype", None)  # None: an LM that is no torch model
-        return self.result(cfg, specs, shots, out, files, time.perf_counter() - started, dtype)
+        result = self.result(cfg, specs, shots, out, files, time.perf_counter() - started, dtype)
+        if part:
+            result.settings["part"] = describe(part)
+            result.item_values = values[specs[0]["task"]]
+        return result
 
     def result(self, cfg: BenchmarkConfig, specs: list[dict], shots: list[dict], out: dict,
                files: dict[str, str], seconds: float, dtype=None) -> BenchmarkResult:
@@ -245,7 +256,7 @@ class LmEvalBenchmark(Benchmark):
                 if isinstance(v, (int, float)) and "," in k:
                     metrics[f"{subset}/{k}" if len(specs) > 1 else k] = float(v)
         if len(specs) == 1:
-            score = out["results"][names[0]][primary]
+            score = out["results"][names[0]].get(primary, 0.0)  # absent: an item shard with no items
             stderr = out["results"][names[0]].get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
         else:  # micro-average over every item of every subset, as lm-eval's weight_by_size groups do
             score = sum(r["correct"] for r in records) / len(records)

@@ -15,12 +15,15 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks.config import BenchmarkConfig
 from tasks.benchmarks.provenance import comparability
 from tasks.benchmarks.base import Benchmark, BenchmarkResult, stderr_of_mean
 from tasks.sandbox import Limits, run_python
+
+if TYPE_CHECKING:
+    from tasks.benchmarks.parts import Part
 
 # Codex paper / human-eval reference stop sequences: the function body ends where a new
 # top-level block starts.
@@ -114,7 +117,8 @@ class HumanEval(Benchmark):
         ]
         return records, results
 
-    def evaluate(self, model, tokenizer, cfg: BenchmarkConfig) -> BenchmarkResult:
+    def evaluate(self, model, tokenizer, cfg: BenchmarkConfig, part: Part | None = None) -> BenchmarkResult:
+        from tasks.benchmarks.parts import describe
         from tasks.runtime import run_logger
 
         started = time.perf_counter()
@@ -122,15 +126,17 @@ class HumanEval(Benchmark):
             raise ValueError(f"benchmarks[humaneval].num_fewshot={cfg.num_fewshot}: HumanEval is 0-shot; leave it unset")
         problems, source = self.problems(cfg)
         problems = problems[: cfg.limit] if cfg.limit else problems
+        problems = problems[part[0]::part[1]] if part else problems
         from tasks.generation import generate
 
         samples = generate(model, tokenizer, [p["prompt"] for p in problems], self.max_new_tokens, cfg.batch_size,
-                           chat_template=False, stop=STOP, strip=False)
+                           chat_template=False, stop=STOP, strip=False) if problems else []
         outputs = [s.completion for s in samples]
         records, results = self.score(problems, outputs)
         passed = [r["correct"] for r in records]
-        score = sum(passed) / len(passed)
-        run_logger().info("humaneval: %d/%d passed (sandbox: %s)", sum(passed), len(passed), results[0].isolation)
+        score = sum(passed) / len(passed) if passed else 0.0  # none: an item shard with no items
+        isolation = results[0].isolation if results else None
+        run_logger().info("humaneval: %d/%d passed (sandbox: %s)", sum(passed), len(passed), isolation)
         settings = {
             "engine": "smolflow-hf greedy (tasks/generation.py on tasks/benchmarks/fast_lm.py) + tasks/sandbox.py",
             "num_fewshot": 0,
@@ -138,12 +144,12 @@ class HumanEval(Benchmark):
             "apply_chat_template": False,
             "generation_kwargs": {"do_sample": False, "max_new_tokens": self.max_new_tokens, "until": STOP},
             "answer_extraction": "completion truncated at the first stop sequence; passes if check(entry_point) exits cleanly",
-            "sandbox": {**self.limits.__dict__, "isolation": results[0].isolation},
+            "sandbox": {**self.limits.__dict__, "isolation": isolation},
             "limit": cfg.limit,
             "data": source,
             "reference": self.reference,
             "dtype": str(model.dtype).removeprefix("torch."),
-        }
+        } | ({"part": describe(part)} if part else {})
         prov = provenance(self, cfg, source, full=cfg.limit is None or cfg.limit >= len(self.problems(cfg)[0]))
         key, parts = comparability(self.name, prov, records, settings, "pass@1")
         return BenchmarkResult(
