@@ -7,10 +7,10 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from tests.test_benchmarks import AnswerKey
 from tasks.benchmarks import REGISTRY
 from tasks.config import BenchmarkConfig, ExecutionConfig
 from tasks.evaluation import _jobs, merge_shards, run_benchmark, submission_order, work
+from tests.test_benchmarks import AnswerKey
 
 
 class SomeRight(AnswerKey):

@@ -207,12 +207,12 @@ class LmEvalBenchmark(Benchmark):
 
     def evaluate_lm(self, lm, cfg: BenchmarkConfig, part: Part | None = None) -> BenchmarkResult:
         """Score any lm-eval `LM` (the HF model above, or e.g. one that answers from the gold)."""
-        from tasks.benchmarks.parts import PartLM, describe, restrict
         from lm_eval import simple_evaluate
         from lm_eval.loggers import EvaluationTracker
         from lm_eval.tasks import TaskManager
 
         from tasks.benchmarks.fewshot import fewshot_source, lm_eval_files
+        from tasks.benchmarks.parts import PartLM, describe, restrict
 
         started = time.perf_counter()
         tracker = EvaluationTracker()
