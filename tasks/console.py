@@ -86,22 +86,27 @@ def configure_logging(verbose_: bool | None = None) -> bool:
 
 def _library_switches(verbose_: bool) -> None:
     import huggingface_hub.utils
-    import transformers
 
     if verbose_:
+        huggingface_hub.utils.enable_progress_bars()
+    else:
+        huggingface_hub.utils.disable_progress_bars()
+    # transformers and datasets only once something imports them: importing them just to quiet
+    # them cost ~1 s each of every cached re-run (transformers imports torch), which loads no model
+    # and reads no dataset (tasks/data.py finds unchanged data without it).
+    after_import("transformers", _transformers_switches, key="console")
+    after_import("datasets", _datasets_switches, key="console")
+
+
+def _transformers_switches() -> None:
+    import transformers
+
+    if verbose():  # the mode as it is when transformers is imported (configure_logging set it)
         transformers.logging.set_verbosity_warning()
         transformers.logging.enable_progress_bar()
-        huggingface_hub.utils.enable_progress_bars()
     else:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-        huggingface_hub.utils.disable_progress_bars()
-    # datasets only once something imports it: importing it just to quiet it cost ~1 s of every
-    # cached re-run, which never reads a dataset (tasks/data.py finds unchanged data without it).
-    if "datasets" in sys.modules:
-        _datasets_switches()
-    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport("datasets", _datasets_switches))
 
 
 def _datasets_switches() -> None:
@@ -115,22 +120,42 @@ def _datasets_switches() -> None:
         datasets.disable_progress_bars()
 
 
+def after_import(name: str, then, key: str) -> None:
+    """Run `then()` now if module `name` is imported, else right after its first import (a later
+    call with the same name and key replaces a pending one): settings for a heavy library that a
+    process may never import (a cached re-run loads no model)."""
+    for finder in [f for f in sys.meta_path if isinstance(f, _AfterImport) and (f.name, f.key) == (name, key)]:
+        sys.meta_path.remove(finder)
+    if name in sys.modules:
+        then()
+    else:
+        sys.meta_path.insert(0, _AfterImport(name, then, key))
+
+
 class _AfterImport(importlib.abc.MetaPathFinder):
     """Runs `then()` right after the module `name` is first imported (then steps aside)."""
 
-    def __init__(self, name: str, then) -> None:
-        self.name, self.then = name, then
+    def __init__(self, name: str, then, key: str) -> None:
+        self.name, self.then, self.key = name, then, key
 
     def find_spec(self, fullname, path, target=None):
         if fullname != self.name:
             return None
+        # Stepped aside while the real finders look (no recursion), then back: importlib.util.find_spec
+        # (a look-up, no import: tasks/checks.py reads transformers' source) asks here too.
+        index = sys.meta_path.index(self)
         sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(index, self)
         if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
             run, then = spec.loader.exec_module, self.then
 
             def exec_module(module):
                 run(module)
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
                 then()
 
             spec.loader.exec_module = exec_module  # this spec's own loader object

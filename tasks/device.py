@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -96,8 +97,9 @@ def probe_cpu(n: int = 256, budget_s: float = 0.2) -> Probe:
 
 def _machine_key() -> str:
     import hashlib
+    from importlib.metadata import version
 
-    import torch
+    from tasks.runtime import torch_threads
 
     flags = ""
     try:
@@ -105,7 +107,7 @@ def _machine_key() -> str:
             flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         pass
-    what = f"{platform.node()}|{platform.processor()}|{flags}|{torch.__version__}|{torch.get_num_threads()}"
+    what = f"{platform.node()}|{platform.processor()}|{flags}|{version('torch')}|{torch_threads()}"
     return hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
@@ -128,14 +130,29 @@ def cached_probe() -> Probe:
     return cached_on_machine("cpu", Probe, probe_cpu)
 
 
+def _cpu_only_torch() -> bool:
+    """Whether the installed torch is a CPU-only build (PyTorch's CPU wheels: '2.13.0+cpu'), which
+    can see no GPU: then the decision needs no torch import (~1.5 s of a cached re-run)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch").endswith("+cpu")
+    except PackageNotFoundError:
+        return False
+
+
 @functools.lru_cache(maxsize=None)
 def _resolve(cfg_json: str) -> Placement:
-    import torch
-
     cfg = ExecutionConfig.model_validate_json(cfg_json)
-    cuda = torch.cuda.is_available()
+    if "torch" not in sys.modules and _cpu_only_torch():
+        cuda = cuda_bf16 = False
+    else:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        cuda_bf16 = cuda and torch.cuda.is_bf16_supported()
     needs_probe = cfg.precision == "auto" and not (cfg.device == "cuda" or (cfg.device == "auto" and cuda))
-    return decide(cfg, cuda, cuda and torch.cuda.is_bf16_supported(), cached_probe() if needs_probe else None)
+    return decide(cfg, cuda, cuda_bf16, cached_probe() if needs_probe else None)
 
 
 def resolve(cfg: ExecutionConfig | None = None) -> Placement:

@@ -53,10 +53,10 @@ def builtin_gguf() -> Path:
 
 def builtin_target() -> Path:
     """Where the built-in model is (or will be) converted: named by the GGUF's hash."""
-    import transformers
+    from importlib.metadata import version  # transformers' own __version__, without importing it (and torch)
 
     key = _gguf_key(builtin_gguf())
-    return cache_dir("models") / f"smollm2-135m-instruct-{key}-tf{transformers.__version__}"
+    return cache_dir("models") / f"smollm2-135m-instruct-{key}-tf{version('transformers')}"
 
 
 @functools.lru_cache(maxsize=2)

@@ -43,12 +43,31 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+_threads: list[int] = []  # the count set_torch_threads last asked for
+
+
 def set_torch_threads(n: int | None) -> int:
-    import torch
+    """torch's thread count: now if torch is imported, else as it is (its import takes ~1.5 s, and a
+    cached re-run may never load a model)."""
+    import sys
+
+    from tasks.console import after_import
 
     n = n or default_threads()
-    torch.set_num_threads(n)
+    _threads[:] = [n]
+    after_import("torch", lambda: sys.modules["torch"].set_num_threads(n), key="threads")
     return n
+
+
+def torch_threads() -> int:
+    """The threads torch runs with (set_torch_threads' count, without importing torch for it)."""
+    import sys
+
+    if "torch" in sys.modules or not _threads:
+        import torch
+
+        return torch.get_num_threads()
+    return _threads[0]
 
 
 def sha256_stream(f: BinaryIO, digest=None):

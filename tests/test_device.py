@@ -87,3 +87,45 @@ def test_published_settings_reach_models_and_trainer_then_end(tiny_ref, tmp_path
     finally:
         device.unpublish()
     assert os.environ.get(device.ENV) is None
+
+
+def test_a_cached_decision_imports_no_torch_and_torch_still_gets_its_settings(tmp_path):
+    """A cached re-run loads no model, so the run's settings are made without importing torch or
+    transformers (~2 s of a ~9 s re-run): the device decision from the CPU build's version and the
+    probe kept on disk, the thread count and the libraries' quiet logging applied when (if) they
+    are imported. A fresh process, twice: the first measures the probe, the second finds it."""
+    if not device._cpu_only_torch():
+        pytest.skip("a CUDA build of torch must be asked whether a GPU is there")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import json, sys\n"
+        "from tasks.config import ExecutionConfig\n"
+        "from tasks.console import configure_logging\n"
+        "from tasks.device import publish\n"
+        "from tasks.runtime import set_torch_threads\n"
+        "configure_logging(False)\n"
+        "threads = set_torch_threads(1)\n"
+        "placement = publish(ExecutionConfig())\n"
+        "before = {m: m in sys.modules for m in ('torch', 'transformers')}\n"
+        "import importlib.util; importlib.util.find_spec('transformers')  # a look-up must not disarm the switch\n"
+        "import torch, transformers\n"
+        "print(json.dumps({'before': before, 'placement': placement.model_dump(mode='json'), 'threads': torch.get_num_threads(),\n"
+        "                  'transformers_level': transformers.logging.get_verbosity()}))\n")
+    root = str(Path(__file__).resolve().parents[1])
+
+    def fresh_process() -> dict:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                              env=os.environ | {"PYTHONPATH": root, "SMOLFLOW_CACHE": str(tmp_path)})
+        return json.loads(done.stdout.splitlines()[-1])
+
+    first, second = fresh_process(), fresh_process()
+    assert first["before"]["torch"]  # the probe measured: torch imported for it
+    assert second["before"] == {"torch": False, "transformers": False}
+    assert second["placement"] == first["placement"] and second["placement"]["device"] == "cpu"
+    assert second["placement"]["probe"]["threads"] == 1
+    assert first["threads"] == second["threads"] == 1  # set once torch came in
+    assert second["transformers_level"] == 40  # logging.ERROR: quiet, as configure_logging(False) asks
