@@ -2,6 +2,11 @@
 
     .venv/bin/python scripts/bench_rerun.py                    # the embedded defaults (real SmolLM2)
     .venv/bin/python scripts/bench_rerun.py -- --training.max-steps 10
+    .venv/bin/python scripts/bench_rerun.py --baseline /tmp/before   # also another checkout's code
+
+With --baseline DIR (e.g. `git worktree add /tmp/before HEAD~1`), that checkout's code runs the
+same command too, its own first run and its joined re-runs taking turns with this checkout's, so
+a change to the re-run is measured against the code before it in one command.
 
 1. first run, nothing cached, no Prefect server (the flow starts a temporary one, as `make run` does);
 2. the same command again: every computing task is answered from Prefect's cache;
@@ -67,10 +72,13 @@ def settle(pgid: int, timeout: float = 120) -> None:
     sys.exit("the Prefect server did not settle")
 
 
-def timed_run(env: dict, args: list[str], log: Path) -> float:
+def timed_run(env: dict, args: list[str], log: Path, tree: Path = ROOT) -> float:
+    """Wall seconds of one `smolflow run` with the code of checkout `tree` (the same virtualenv)."""
+    if tree != ROOT:  # ahead of the editable install's finder, which points at this checkout
+        env = env | {"PYTHONPATH": str(tree)}
     start = time.perf_counter()
     with log.open("w") as out:
-        proc = subprocess.run([str(SMOLFLOW), "run", *args], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.run([str(SMOLFLOW), "run", *args], env=env, cwd=tree, stdout=out, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"smolflow run failed ({proc.returncode}); see {log}:\n{log.read_text()[-3000:]}")
@@ -81,7 +89,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("settings", nargs="*", help="settings passed to `smolflow run` (after --)")
     ap.add_argument("--repeat", type=int, default=3, help="cached re-runs of each kind (median shown)")
+    ap.add_argument("--baseline", type=Path, help="another checkout of smolflow to measure side by side")
     args = ap.parse_args()
+    baseline = args.baseline.resolve() if args.baseline else None
     sys.path.insert(0, str(ROOT))
     from tasks.models import convert_builtin
 
@@ -102,6 +112,8 @@ def main() -> None:
         rows = []
         first = timed_run(env, settings, work / "first.log")
         rows.append(("first run (nothing cached, temporary Prefect server)", [first]))
+        if baseline:  # its own first run: its task code differs, so it has no cached results of ours
+            base_first = timed_run(env, settings, work / "base-first.log", baseline)
         again = [timed_run(env, settings, work / f"again{i}.log") for i in range(args.repeat)]
         rows.append(("same command again (cached, temporary Prefect server)", again))
         server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--port", str(port)], env=env,
@@ -115,10 +127,13 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     sys.exit("the Prefect server did not start")
                 time.sleep(1)
-        joined = []
-        for i in range(args.repeat):
+        joined, base_joined = [], []
+        for i in range(args.repeat):  # taking turns, so a change in the machine's speed hits both
             settle(server.pid)
             joined.append(timed_run(env, settings, work / f"joined{i}.log"))
+            if baseline:
+                settle(server.pid)
+                base_joined.append(timed_run(env, settings, work / f"base-joined{i}.log", baseline))
         rows.append(("same command again (cached, joins the running server)", joined))
         print(f"`smolflow run {' '.join(args.settings)}` ({os.cpu_count()} CPUs, load average at start "
               f"{load:.1f})\n")
@@ -126,6 +141,11 @@ def main() -> None:
         for label, times in rows:
             median = statistics.median(times)
             print(f"| {label} | {median:.1f} | {100 * median / first:.1f}% | {', '.join(f'{t:.1f}' for t in times)} |")
+        if baseline:
+            print(f"\nbaseline {baseline}: first run {base_first:.1f} s, joined re-runs "
+                  f"{', '.join(f'{t:.1f}' for t in base_joined)} (median {statistics.median(base_joined):.1f} s, "
+                  f"{100 * statistics.median(base_joined) / base_first:.1f}% of its first run); this checkout's "
+                  f"joined re-run is {statistics.median(base_joined) / statistics.median(joined):.2f}x faster")
     finally:
         if server is not None:
             os.killpg(server.pid, 15)
