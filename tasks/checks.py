@@ -351,7 +351,7 @@ def plan(config: RunConfig) -> list[str]:
              "generate_samples (base)", "tokenize_dataset", "train_sft", "publish_model", "generate_samples (tuned)",
              "save_samples", "assess_training", "save_training"]
     for b in config.benchmarks:
-        steps += [f"benchmark-{b.name} (base)", f"benchmark-{b.name} (tuned)"]
+        steps += [f"benchmark-{b.name} (base{_on_ray(config, b)})", f"benchmark-{b.name} (tuned{_on_ray(config, b)})"]
     try:
         names = [d.name for d in load_definitions(config.custom_benchmarks)]
     except Exception:
@@ -363,3 +363,14 @@ def plan(config: RunConfig) -> list[str]:
         steps += ["generate_samples (judge instructions)", "judge_pairs"]
     steps += ["regression_gate", "write_report", "write_manifest", "set_latest"]
     return steps + (["promote (if the gate passes)"] if config.gate.enabled else [])
+
+
+def _on_ray(config: RunConfig, cfg) -> str:
+    """', 4 tasks on Ray' where a benchmark is split into shards (subsets or items) on Ray."""
+    execution = config.execution
+    if execution.task_runner != "ray":
+        return ""
+    from tasks.evaluation import item_parts, shards
+
+    count = len(shards(cfg, execution.shard_size)) * len(item_parts(cfg, execution.item_shards))
+    return f", {count} tasks on Ray" if count > 1 else ", on Ray"

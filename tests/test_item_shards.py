@@ -69,3 +69,17 @@ def test_item_shards_split_only_benchmarks_without_subsets():
     assert [jobs[i][0] for i in submission_order(jobs)][:1] == ["gsm8k"]  # 20 x 7 / 4 = 35 > math's 2 x 6 / 2
     with pytest.raises(ValidationError, match="item_shards need execution.task_runner 'ray'"):
         ExecutionConfig(item_shards=4)
+
+
+def test_validate_lists_the_tasks_each_benchmark_becomes_on_ray():
+    from tasks.checks import plan
+    from tasks.config import RunConfig
+
+    config = RunConfig.model_validate({
+        "execution": {"task_runner": "ray", "shard_size": 1, "item_shards": 4},
+        "benchmarks": [{"name": "gsm8k", "limit": 20}, {"name": "mmlu", "limit": 3, "subsets": ["astronomy", "high_school_biology"]},
+                       {"name": "math", "limit": 1}]})
+    steps = plan(config)
+    assert "benchmark-gsm8k (base, 4 tasks on Ray)" in steps and "benchmark-mmlu (tuned, 2 tasks on Ray)" in steps
+    assert "benchmark-math (base, on Ray)" in steps  # one item: one task
+    assert "benchmark-gsm8k (base)" in plan(RunConfig.model_validate({"benchmarks": [{"name": "gsm8k"}]}))
