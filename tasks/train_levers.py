@@ -134,7 +134,7 @@ def freed_memory_kept(on: bool) -> Iterator[None]:
         yield
         return
     libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    libc.mallopt(M_TRIM_THRESHOLD, -1)  # mallopt(3): -1 turns trimming off (2**31 - 1 still trimmed a >2 GiB top)
     try:
         yield
     finally:

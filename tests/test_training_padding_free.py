@@ -213,6 +213,37 @@ def test_freed_memory_is_kept_while_training_and_returned_after():
         gc.enable()
 
 
+def test_freed_memory_over_2_gib_is_kept_too():
+    """A heap past 1 GiB (a long-lived worker's) makes the kept block over 2 GiB: the lever must not
+    trim it either (an M_TRIM_THRESHOLD of 2**31 - 1 did; -1 turns trimming off). In a fresh process,
+    so the heap is grown here on purpose."""
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes, gc\n"
+        "from tasks import train_levers\n"
+        "from tests import test_training_padding_free as t\n"
+        "libc = train_levers.glibc()\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
+        "blocks = [libc.malloc(100 * 1024) for _ in range(12000)]  # under the mmap threshold: brk heap\n"
+        "for b in blocks[:-1]:\n"
+        "    libc.free(b)  # the last one pins the heap's size\n"
+        "assert t._heap_mb() > 1100, t._heap_mb()\n"
+        "from transformers import TrainerCallback\n"
+        "gc.collect(); gc.disable()\n"
+        "t._check_freed_memory_lever(libc, train_levers)\n"
+    )
+    from tasks import train_levers
+
+    if train_levers.glibc() is None:
+        pytest.skip("not glibc: the lever is off and recorded as off")
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def _check_freed_memory_lever(libc, train_levers) -> None:
     """The readings of test_freed_memory_is_kept_while_training_and_returned_after, garbage collection off."""
     from types import SimpleNamespace
