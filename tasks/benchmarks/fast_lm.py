@@ -19,7 +19,8 @@ from the stock task YAMLs through lm-eval, so scores stay comparable with anyone
   own tokens, which are left-padded *after* the prefix (mask over the pads, position ids that
   continue from the prefix), so every row sees exactly the positions it would alone. A decode
   step thus reads the block once per batch, not once per row, and larger batches pay (MATH 4-shot
-  at batch 32: 4.5x HFLM at 8, docs/performance.md). A row
+  at batch 32: 4.5x HFLM at 8, docs/performance.md); the rows' own tokens are prefilled through
+  SDPA over [prefix, own] keys (BBH 3-shot in fp32: 0.66 -> 0.50 s/item). A row
   leaves the batch (its cache rows are dropped) as soon as it emits EOS or lm-eval's stop check
   fires for it, instead of running until the batch's longest row ends.
   Prompts with nothing in common (GSM8K draws each item's shots at random) are batched by length
