@@ -14,7 +14,7 @@ import torch
 from tasks.benchmarks import REGISTRY, fast_lm
 from tasks.benchmarks.fast_lm import ENGINE, SharedPrefixLM
 from tasks.benchmarks.mmlu import MMLU
-from tasks.benchmarks.prefixes import pack_rows, prefix_groups, prompt_batches, shared_prefix_attention
+from tasks.benchmarks.prefixes import GROUP_COST, prefix_groups, prompt_batches, scoring_passes, shared_prefix_attention
 from tasks.config import BenchmarkConfig
 from tasks.runtime import FIXTURES
 
@@ -88,9 +88,31 @@ def test_prefix_groups_share_the_few_shot_block():
     shots = tuple(range(100, 140))
     contexts = [shots + (1, 2), shots + (3,), (7, 8, 9), shots + (1, 5, 6)]
     groups = prefix_groups(contexts)
-    assert groups == [(0, [(7, 8, 9)]), (40, [shots + (1, 2), shots + (1, 5, 6), shots + (3,)])]
+    assert sorted(groups) == [(0, [(7, 8, 9)]), (40, [shots + (1, 2), shots + (1, 5, 6), shots + (3,)])]
     # Each member keeps a token of its own; a lone context is run whole.
     assert prefix_groups([shots]) == [(0, [shots])]
+    assert prefix_groups([]) == []
+
+
+def test_prefix_groups_share_a_short_header_across_a_subject_and_a_long_passage_within_it():
+    """MMLU 0-shot: a subject's questions share only its ~15-token header, and most begin with a
+    word no neighbour begins with. They form one group sharing the header (one group per first
+    word, or whole questions in one-row passes, cost more), while three questions on one long
+    passage share it in a group of their own."""
+    header = {s: (s, *range(200, 214)) for s in (1, 2)}  # two subjects' 15-token headers, differing at the first token
+    questions = [(1000 + q, *range(3000 + 40 * q, 3000 + 40 * q + 60)) for q in range(20)]  # no two start alike
+    passage = tuple(range(5000, 5300))
+    on_passage = [passage + (6000 + q, 6001 + q) for q in range(3)]
+    contexts = [header[s] + q for s in (1, 2) for q in questions] + [header[1] + p for p in on_passage]
+    groups = sorted(prefix_groups(contexts), key=lambda g: -len(g[1]))
+    assert [(shared, len(members)) for shared, members in groups] == [(15, 20), (15, 20), (315, 3)]
+    assert {m[:15] for m in groups[0][1]} == {header[1]} and sorted(groups[2][1]) == sorted(header[1] + p for p in on_passage)
+    # Two questions sharing a few tokens beyond the header: not worth a group (GROUP_COST) of their own.
+    pair = [header[1] + (9000, 9001, 9002, q) for q in (1, 2)]
+    assert [(s, len(m)) for s, m in prefix_groups([header[1] + q for q in questions] + pair)] == [(15, 22)]
+    # What nothing is shared by fills one group (shared 0), not a one-row pass each.
+    assert [(s, len(m)) for s, m in prefix_groups(questions)] == [(0, 20)]
+    assert GROUP_COST > 3
 
 
 def test_generation_batches_never_mix_two_few_shot_blocks():
@@ -162,14 +184,13 @@ def test_bbh_generation_equals_hflm(tiny_model_dir, monkeypatch):
     assert len(shared) == 2 and min(shared) > 50, shared
 
 
-def test_rows_are_packed_first_fit_up_to_the_longest():
+def test_scoring_passes_hold_what_their_rows_would():
     lengths = [400, 300, 250, 200, 190, 180, 170, 120, 110, 100, 90, 60, 50, 40, 30, 20]
-    passes = pack_rows(lengths, 4)
-    assert passes[0] == [[0], [1], [2], [3, 4]]  # 200 + 190 fit a 400-wide pass; 180 needs a fifth row
-    assert sorted(k for rows in passes for row in rows for k in row) == list(range(len(lengths)))  # each once
-    for rows in passes:
-        assert len(rows) <= 4 and all(sum(lengths[k] for k in row) <= lengths[rows[0][0]] for row in rows)
-    assert pack_rows([130, 129, 128], 2) == [[[0], [1]], [[2]]]  # similar lengths: one item per row
+    passes = scoring_passes(lengths, 4)
+    assert passes[0] == [0, 1, 2, 3, 4, 5]  # 1,520 tokens of a 4 x 400 budget; 170 more would pass it
+    assert [k for chunk in passes for k in chunk] == list(range(len(lengths)))  # each once, in order
+    assert all(sum(lengths[k] for k in chunk) <= 4 * lengths[chunk[0]] for chunk in passes)
+    assert scoring_passes([130, 129, 128], 2) == [[0, 1], [2]]
 
 
 @pytest.mark.parametrize("shots", [0, 3])
@@ -183,7 +204,7 @@ def test_mmlu_cloze_and_lettered_equal_hflm(tiny_model_dir, mmlu_fewshot_dir, sh
 
 def test_items_packed_into_one_row_equal_hflm(tiny_model_dir, mmlu_fewshot_dir, tmp_path, monkeypatch):
     """Several questions back to back in one row score as HFLM scores each alone: one long
-    question sets a pass's width, and the short ones behind it share rows."""
+    question sets a pass's budget, and the short ones behind it share its row."""
     rows = [json.loads(line) for line in (mmlu_fewshot_dir / "test.jsonl").read_text().splitlines()]
     subject = rows[0]["subject"]
     mine = [r for r in rows if r["subject"] == subject]
@@ -193,15 +214,15 @@ def test_items_packed_into_one_row_equal_hflm(tiny_model_dir, mmlu_fewshot_dir, 
     widest = []
     score = SharedPrefixLM._score_packed
 
-    def spy(self, prefix, shared, rows):
-        widest.append(max(len(row) for row in rows))
-        return score(self, prefix, shared, rows)
+    def spy(self, prefix, shared, items):
+        widest.append(len(items))
+        return score(self, prefix, shared, items)
 
     monkeypatch.setattr(SharedPrefixLM, "_score_packed", spy)
     for bench in (FewShotMMLU(), LetteredMMLU()):
         cfg = BenchmarkConfig(name="mmlu", limit=8, num_fewshot=0, data=str(tmp_path), subsets=[subject])
         _same_choices(*_both(tiny_model_dir, bench, cfg, batch_size=2))
-    assert max(widest) > 1  # some row held more than one question
+    assert max(widest) > 1  # some pass held more than one question
 
 
 def test_benchmarks_run_and_record_the_engine(tiny_model_dir):

@@ -4,14 +4,13 @@
 replaced; prompts, few-shot sampling, stop sequences, answer extraction and metrics still come
 from the stock task YAMLs through lm-eval, so scores stay comparable with anyone else's.
 
-- loglikelihood: contexts sorted token-wise sit next to the ones they share a prefix with (one
-  task's few-shot block); that prefix is run once per group. Then several contexts per forward
-  pass, each holding its own tokens followed by all its choices' continuations, kept apart by a
-  custom 4D attention mask: a context is computed once, not once per choice. Longest first, and
-  short contexts share a row where a longer one left room (`pack_rows`), so little of a pass is
-  padding (MMLU lettered 0-shot in bf16: 0.24 -> 0.22 s/item, docs/performance.md). Only the
-  positions that score continuation tokens get logits (the 49k-wide vocabulary projection and
-  log-softmax over every position is much of HFLM's cost).
+- loglikelihood: contexts that share a prefix (a subject's few-shot block, or only its header)
+  are grouped (`prefix_groups`); that prefix is run once per group. Then several contexts per
+  forward pass, back to back in one row with no padding, each holding its own tokens followed by
+  all its choices' continuations: a context is computed once, not once per choice, and
+  `segment_attention` attends each item to the prefix and itself alone. Only the positions that
+  score continuation tokens get logits (the 49k-wide vocabulary projection and log-softmax over
+  every position is much of HFLM's cost).
 - generate_until (greedy only; sampling goes to HFLM): a batch's longest common token prefix (the
   few-shot block) is computed once (and reused by the next batches behind the same block), and its
   keys and values are kept once for the whole batch:
@@ -46,7 +45,15 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from transformers import DynamicCache
 
-from tasks.benchmarks.prefixes import CASCADE, MIN_SHARED, common_prefix, pack_rows, prefix_groups, prompt_batches
+from tasks.benchmarks.prefixes import (
+    CASCADE,
+    MIN_SHARED,
+    SEGMENTS,
+    common_prefix,
+    prefix_groups,
+    prompt_batches,
+    scoring_passes,
+)
 
 ENGINE = "smolflow-hf"
 # Tokens per prefill forward pass in generation (rows x padded length): larger passes ran slower per token.
@@ -111,78 +118,72 @@ class SharedPrefixLM(HFLM):
         for shared, members in prefix_groups(list(by_context)):
             prefix = self._prefill(list(members[0][:shared]))
             size = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 8
-            # Longest item first, so rows of a forward pass are close in length (in token order, 45%
-            # of the tokens of 50 MMLU 0-shot questions were padding, this way 17%), and shorter
-            # items fill the room longer ones leave in a row (pack_rows).
+            # Longest item first, so a pass's budget (`size` rows of its longest item) is set by
+            # items of about the same length.
             widths = {c: len(c) - shared + sum(len(requests[i][2]) - 1 for i in by_context[c]) for c in members}
             members.sort(key=lambda c: -widths[c])
-            for rows in pack_rows([widths[c] for c in members], size):
-                chunk = [members[k] for row in rows for k in row]
-                items = [[(members[k][shared:], [requests[i][2] for i in by_context[members[k]]]) for k in row]
-                         for row in rows]
-                for context, scored in zip(chunk, self._score_packed(prefix, shared, items)):
+            for chunk in scoring_passes([widths[c] for c in members], size):
+                contexts = [members[k] for k in chunk]
+                items = [(c[shared:], [requests[i][2] for i in by_context[c]]) for c in contexts]
+                for context, scored in zip(contexts, self._score_packed(prefix, shared, items)):
                     for i, answer in zip(by_context[context], scored):
                         results[i] = answer
                         if requests[i][0] is not None:
                             self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
         return results
 
-    def _score_packed(self, prefix: DynamicCache, shared: int, rows):
+    def _score_packed(self, prefix: DynamicCache, shared: int, items):
         """(log-likelihood, is-greedy) per continuation, for several contexts in one forward pass.
 
-        `rows` holds, per row, its items (a context's own tokens, its continuations) back to back.
-        An item is its context's tokens, then every continuation but its last token, one after
-        another; a custom 4D mask lets each continuation see the prefix, its context and itself,
-        never its siblings or another item, and position ids restart after the context for each
-        continuation. So a context is computed once, not once per choice, and only scored
-        positions get logits. Returned per item, row by row.
+        `items` go back to back in one row, nothing padded: an item is its context's own tokens
+        (after the `shared` prefix), then every continuation but its last token, one after another,
+        position ids restarting after the context for each continuation. `segment_attention` lets
+        each continuation see the prefix, its context and itself, never its siblings or another
+        item. So a context is computed once, not once per choice, and only scored positions get
+        logits.
         """
-        width = max(sum(len(own) + sum(len(c) - 1 for c in conts) for own, conts in row) for row in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        positions = torch.full((len(rows), width), shared, dtype=torch.long)
-        allowed = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)  # pads: themselves only
-        picks = []  # per item: its row, and per continuation the positions whose logits score its tokens
-        for b, row in enumerate(rows):
-            at = 0
-            for own, conts in row:
-                o = len(own)
-                ids[b, at : at + o] = torch.tensor(own)
-                positions[b, at : at + o] = shared + torch.arange(o)
-                allowed[b, at : at + o, at : at + o] = torch.ones(o, o, dtype=torch.bool).tril()
-                start, item_picks = at + o, []
-                for cont in conts:
-                    t = len(cont) - 1
-                    ids[b, start : start + t] = torch.tensor(cont[:-1], dtype=torch.long)
-                    positions[b, start : start + t] = shared + o + torch.arange(t)
-                    allowed[b, start : start + t, at : at + o] = True
-                    allowed[b, start : start + t, start : start + t] = torch.ones(t, t, dtype=torch.bool).tril()
-                    item_picks.append([at + o - 1, *range(start, start + t)])
-                    start += t
-                picks.append((b, item_picks))
-                at = start
-        dtype = self.model.dtype
-        mask = torch.cat([torch.ones(len(rows), width, shared, dtype=torch.bool), allowed], dim=2)[:, None]
-        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
-        cache = self._fork(prefix, len(rows))
-        scored_at = sorted({(b, p) for b, item_picks in picks for spots in item_picks for p in spots})
-        with torch.no_grad():
+        ids, positions, segments, picks = [], [], [], []  # picks: per continuation, the positions scoring it
+        for own, conts in items:
+            start, o = len(ids), len(own)
+            ids += own
+            positions += range(shared, shared + o)
+            length = o + sum(len(c) - 1 for c in conts)
+            allowed = torch.zeros(length, length, dtype=torch.bool)
+            allowed[:o, :o] = True
+            at, item_picks = o, []
+            for cont in conts:
+                t = len(cont) - 1
+                ids += cont[:-1]
+                positions += range(shared + o, shared + o + t)
+                allowed[at : at + t, :o] = True
+                allowed[at : at + t, at : at + t] = True
+                item_picks.append([start + o - 1, *range(start + at, start + at + t)])
+                at += t
+            # Causal within the context and within each continuation (both blocks are lower-triangular).
+            allowed &= torch.ones(length, length, dtype=torch.bool).tril()
+            allowed = torch.cat([torch.ones(length, shared, dtype=torch.bool), allowed], dim=1)
+            segments.append((start, length, self._additive(allowed[None, None]).to(self.device)))
+            picks.append(item_picks)
+        cache = self._fork(prefix, 1)
+        scored_at = sorted({p for item_picks in picks for spots in item_picks for p in spots})
+        with torch.no_grad(), self._attention(SEGMENTS):
             hidden = self.model.get_decoder()(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
+                input_ids=torch.tensor([ids], device=self.device),
+                position_ids=torch.tensor([positions], device=self.device),
+                past_key_values=cache, use_cache=True, segments=segments,
             ).last_hidden_state
-            logits = self.model.get_output_embeddings()(hidden[[b for b, _ in scored_at], [p for _, p in scored_at]])
-        logprobs = F.log_softmax(logits.float(), dim=-1)
-        where = {spot: k for k, spot in enumerate(scored_at)}
-        out = []
-        for (b, item_picks), (_, conts) in zip(picks, (item for row in rows for item in row)):
-            scored = []
-            for cont, spots in zip(conts, item_picks):
-                lp = logprobs[[where[(b, p)] for p in spots]]
-                target = torch.tensor(cont, device=lp.device)
-                scored.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
-            out.append(scored)
-        return out
+            logits = self.model.get_output_embeddings()(hidden[0, scored_at]).float()
+        # log-softmax at the scored tokens only: logit - logsumexp (the full log-softmax writes
+        # every position's 49k log-probabilities, to read back one of them).
+        norm, greedy = torch.logsumexp(logits, dim=-1).tolist(), logits.argmax(-1).tolist()
+        where = {p: k for k, p in enumerate(scored_at)}
+        # Per continuation token: which scored position predicts it, and the token.
+        at = [[[(where[p], t) for p, t in zip(spots, cont)] for spots, cont in zip(item_picks, conts)]
+              for item_picks, (_, conts) in zip(picks, items)]
+        flat = [pair for item in at for cont in item for pair in cont]
+        chosen = iter(logits[[k for k, _ in flat], [t for _, t in flat]].tolist())
+        return [[(sum(next(chosen) - norm[k] for k, _ in cont), all(greedy[k] == t for k, t in cont)) for cont in item]
+                for item in at]
 
     # ---- generate_until ------------------------------------------------------------------------
 
