@@ -11,8 +11,8 @@
   own CPU head (tasks/lm_head_cpu.py: fewer passes, the logits kept for the backward, bf16
   gradient GEMMs rounded once) is faster again. Which of the three pays depends on the CPU, so a
   short probe on this machine decides (cached per machine, model shape and precision).
-- Freed memory kept in the process while training on a CPU (glibc's malloc only). glibc returns a
-  block of more than ~32 MB (TRL's 113 MB LM-head gradient, the weight casts) to the kernel when
+- Freed memory kept in the process while training on a CPU (glibc's malloc only, tasks/memory.py).
+  glibc returns a block of more than ~32 MB (TRL's 113 MB LM-head gradient, the weight casts) to the kernel when
   it is freed, so the next step takes fresh pages and the kernel zeroes each one: ~80,000 page
   faults and ~0.35 s of system time per bf16 step on the 2-core EPYC, 12% of the step. Kept, the
   next step reuses them. Kept blocks fragment the heap (RSS +~200 MB over 40 steps), so every
@@ -22,16 +22,13 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from pydantic import BaseModel
 
 from tasks.device import cached_on_machine
+from tasks.memory import TRIM_EVERY, freed_memory_kept, glibc  # noqa: F401 (training's levers, named here)
 
 TRL_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE as TRL ships it
 CPU_CHUNK = 4096
@@ -106,41 +103,6 @@ def attention_probe() -> AttentionProbe:
 
     return cached_on_machine("attention", AttentionProbe, lambda: AttentionProbe(
         bf16_s=time_attention(torch.bfloat16), fp32_s=time_attention(torch.float32)))
-
-
-# mallopt(3) parameters and glibc's defaults (malloc.h); setting them turns the dynamic mmap threshold off.
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-TRIM_DEFAULT, MMAP_MAX_DEFAULT = 128 * 1024, 65536
-TRIM_EVERY = 50  # steps; a trim costs the next step ~4x its usual page faults
-
-
-@functools.cache
-def glibc():
-    """The C library if it is glibc (it has mallopt and malloc_trim), else None (musl, macOS)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version.restype = ctypes.c_char_p
-        libc.gnu_get_libc_version()
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except (OSError, AttributeError):
-        return None
-
-
-@contextmanager
-def freed_memory_kept(on: bool) -> Iterator[None]:
-    """Inside, glibc keeps what the process frees (no mmap for big blocks, no trim); after, its defaults again."""
-    libc = glibc() if on else None
-    if libc is None:
-        yield
-        return
-    libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, -1)  # mallopt(3): -1 turns trimming off (2**31 - 1 still trimmed a >2 GiB top)
-    try:
-        yield
-    finally:
-        libc.mallopt(M_MMAP_MAX, MMAP_MAX_DEFAULT)
-        libc.mallopt(M_TRIM_THRESHOLD, TRIM_DEFAULT)
-        libc.malloc_trim(0)  # what the run no longer uses goes back to the kernel
 
 
 def trim_callback(on: bool, every: int = TRIM_EVERY):

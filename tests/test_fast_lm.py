@@ -228,10 +228,22 @@ def test_items_packed_into_one_row_equal_hflm(tiny_model_dir, mmlu_fewshot_dir, 
 def test_benchmarks_run_and_record_the_engine(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tasks import memory
+
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    result = REGISTRY["gsm8k"].evaluate(model, AutoTokenizer.from_pretrained(tiny_model_dir), BenchmarkConfig(name="gsm8k", limit=2))
+    # While the model runs, glibc keeps freed memory (tasks/memory.py), and only then.
+    kept = []
+    model.register_forward_pre_hook(lambda module, args: kept.append(memory._depth > 0))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    result = REGISTRY["gsm8k"].evaluate(model, tokenizer, BenchmarkConfig(name="gsm8k", limit=2))
     assert result.settings["engine"].startswith(ENGINE) and result.settings["dtype"] == "float32"
     assert result.n == 2
+    on = memory.glibc() is not None
+    assert result.settings["freed_memory_kept"] is on and kept and set(kept) == {on}
+    assert memory._depth == 0  # glibc's defaults are back
+    kept.clear()
+    REGISTRY["mmlu"].evaluate(model, tokenizer, BenchmarkConfig(name="mmlu", limit=2))  # scoring, not generating
+    assert kept and set(kept) == {on}
 
 
 # Real model, greedy generation to the stop string in both engines: ~1-2 min of CPU (574 s wall

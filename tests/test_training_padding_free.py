@@ -270,6 +270,12 @@ def _check_freed_memory_lever(libc, train_levers) -> None:
         _faults_to_fill(big)
         assert _rss_mb() > trimmed + big - 100  # and what is freed after a trim is kept again
     assert _rss_mb() < before + 100  # trimmed when training ends
+    with train_levers.freed_memory_kept(True):
+        with train_levers.freed_memory_kept(True):  # nested (the scoring engine inside training): a no-op
+            pass
+        _faults_to_fill(big)
+        assert _rss_mb() > before + big - 100  # still kept: the outer one restores glibc's settings
+    assert _rss_mb() < before + 100
     _faults_to_fill(int(_heap_mb()) + 500)  # bigger than the heap: inside the lever it would stay
     assert _rss_mb() < before + 100  # glibc's defaults are back
     with train_levers.freed_memory_kept(False):  # off: nothing changes

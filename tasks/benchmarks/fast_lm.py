@@ -33,6 +33,7 @@ to float rounding (tests/test_fast_lm.py compares them item by item).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import defaultdict
@@ -54,6 +55,7 @@ from tasks.benchmarks.prefixes import (
     prompt_batches,
     scoring_passes,
 )
+from tasks.memory import freed_memory_kept, glibc
 
 ENGINE = "smolflow-hf"
 # Tokens per prefill forward pass in generation (rows x padded length): larger passes ran slower per token.
@@ -74,11 +76,29 @@ def engine(model, tokenizer, batch_size: int | None) -> SharedPrefixLM:
         hf_log.setLevel(level)
 
 
+def _keeping_freed_memory(method):
+    """`method` with freed memory kept in the process on a CPU (tasks/memory.py): each scoring pass's
+    activations and each decode step's grown KV cache reuse the process's pages instead of fresh,
+    zeroed ones (fresh processes, fp32, 1 thread: MMLU cloze 0-shot 6-9% faster, GSM8K 2-4%)."""
+
+    @functools.wraps(method)
+    def kept(self, *args, **kwargs):
+        with freed_memory_kept(self.keeps_freed_memory):
+            return method(self, *args, **kwargs)
+
+    return kept
+
+
 @register_model(ENGINE)
 class SharedPrefixLM(HFLM):
     """HFLM that computes a shared prompt prefix once per group of requests and reuses its KV cache."""
 
     _last_block: tuple[list[int], list] | None = None  # generation: the last batch's prefix and its keys
+
+    @property
+    def keeps_freed_memory(self) -> bool:
+        """Whether the engine keeps freed memory while it works (on a CPU, with glibc), recorded in each result."""
+        return torch.device(self.device).type == "cpu" and glibc() is not None
 
     def _forward(self, ids: torch.Tensor, cache: DynamicCache, keep: int = 0, **kwargs):
         """One forward pass extending `cache`; logits for the last `keep` positions (0: all)."""
@@ -102,6 +122,7 @@ class SharedPrefixLM(HFLM):
 
     # ---- loglikelihood -------------------------------------------------------------------------
 
+    @_keeping_freed_memory
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if self.backend != "causal":
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
@@ -187,6 +208,7 @@ class SharedPrefixLM(HFLM):
 
     # ---- generate_until ------------------------------------------------------------------------
 
+    @_keeping_freed_memory
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if self.backend != "causal":
             return super().generate_until(requests, disable_tqdm)
@@ -258,6 +280,7 @@ class SharedPrefixLM(HFLM):
         self._last_block = (tokens, kv)
         return kv, len(tokens)
 
+    @_keeping_freed_memory
     def greedy(self, prompts: list[str], rows: list[list[int]], until: list[str], max_new_tokens: int,
                eos_ids: set[int] | None = None) -> list[list[int]]:
         """Greedy token ids for already tokenized prompts (`prompts` their texts), in their order.
