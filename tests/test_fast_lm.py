@@ -14,7 +14,14 @@ import torch
 from tasks.benchmarks import REGISTRY, fast_lm
 from tasks.benchmarks.fast_lm import ENGINE, SharedPrefixLM
 from tasks.benchmarks.mmlu import MMLU
-from tasks.benchmarks.prefixes import GROUP_COST, prefix_groups, prompt_batches, scoring_passes, shared_prefix_attention
+from tasks.benchmarks.prefixes import (
+    GROUP_COST,
+    prefix_groups,
+    prompt_batches,
+    scoring_passes,
+    segment_attention,
+    shared_prefix_attention,
+)
 from tasks.config import BenchmarkConfig
 from tasks.runtime import FIXTURES
 
@@ -182,6 +189,21 @@ def test_bbh_generation_equals_hflm(tiny_model_dir, monkeypatch):
     assert len(reference.records) == 9  # 5 + 4: three batches of one task, two of the other
     # Each task's 3-shot block computed once, though its items span several batches.
     assert len(shared) == 2 and min(shared) > 50, shared
+
+
+def test_segment_attention_refuses_to_run_without_its_segments():
+    """A model whose layers drop the forward's keyword arguments would let packed items attend to
+    each other: that must fail loudly, not score wrong."""
+    q = k = v = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="keyword arguments"):
+        segment_attention(torch.nn.Linear(1, 1), q, k, v, None, scaling=1.0)
+    # With them, one item of 3 tokens after a 1-token prefix: each query sees the prefix and itself.
+    k = torch.randn(1, 1, 4, 8)
+    q, v = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 4, 8)
+    mask = torch.zeros(1, 1, 3, 4).masked_fill(~torch.ones(3, 4, dtype=torch.bool).tril(1), float("-inf"))
+    out, _ = segment_attention(None, q, k, v, None, scaling=0.5, segments=[(0, 3, mask)])
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5)
+    assert torch.allclose(out, expected.transpose(1, 2), atol=1e-6)
 
 
 def test_scoring_passes_hold_what_their_rows_would():

@@ -189,9 +189,9 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     row, nearly all of them masked (a row of 11 x 516 tokens holding 50 MMLU questions spent a
     seventh of its time there), and its mask would grow with the square of the row.
     """
-    if segments is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+    if segments is None:  # without them the items would attend to each other: never a silent wrong score
+        raise RuntimeError(f"{type(module).__name__} did not pass the forward's keyword arguments to its attention, "
+                           "so smolflow-hf cannot keep packed items apart; score this model with lm-eval's 'hf' backend")
     shared = key.shape[2] - query.shape[2]  # the prefix's keys come first in the row's cache
     out = torch.empty_like(query)
     for start, length, mask in segments:
