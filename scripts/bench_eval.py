@@ -145,10 +145,11 @@ def short(dtype: str) -> str:
     return {"float32": "fp32", "bfloat16": "bf16"}[dtype]
 
 
-def agreement(hf, fast) -> tuple[int, float]:
-    """Items with identical output (multiple choice: the same pick) and the largest log-likelihood gap."""
+def agreement(hf: list[dict], fast: list[dict]) -> tuple[int, float]:
+    """Items of two runs' records with identical output (multiple choice: the same pick) and the
+    largest log-likelihood gap."""
     same, gap = 0, 0.0
-    for a, b in zip(hf.records, fast.records, strict=True):
+    for a, b in zip(hf, fast, strict=True):
         if isinstance(a["output"], dict):
             same += a["extracted"] == b["extracted"]
             gap = max([gap] + [abs(a["output"][k] - b["output"][k]) for k in a["output"]])
@@ -257,7 +258,7 @@ def main() -> None:
             fast, fast_cpu, fast_wall = timed["smolflow-hf", args.dtype]
             for dtype in hf_dtypes:
                 hf, hf_cpu, hf_wall = timed["HFLM", dtype]
-                same, gap = agreement(hf, fast)
+                same, gap = agreement(hf.records, fast.records)
                 delta = sum(r["correct"] for r in fast.records) - sum(r["correct"] for r in hf.records)
                 rates.setdefault(label, (hf_cpu, fast_cpu))  # the suite: against the first HFLM dtype
                 rows.append(f"| {label} | {short(dtype)} / {short(args.dtype)} | {hf.n} | {hf_cpu:.2f} | {fast_cpu:.2f} | "

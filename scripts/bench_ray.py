@@ -74,7 +74,7 @@ def main() -> None:
                                            (out / b["name"] / "model.jsonl").read_text().splitlines()]
                                for b in benchmarks}
             rows.append((runner, wall))
-        same = {runner: {name: agreement(records["local"][name], runs_records[name]) for name in records["local"]}
+        same = {runner: {name: alike(records["local"][name], runs_records[name]) for name in records["local"]}
                 for runner, runs_records in records.items() if runner != "local"}
         items = {name: len(records["local"][name]) for name in records["local"]}
         print(f"SmolLM2-135M-Instruct, {os.cpu_count()} CPUs, items per benchmark: {items}\n")
@@ -88,15 +88,14 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def agreement(local: list[dict], other: list[dict]) -> str:
-    """'50/50' items alike: the same generated text, or for multiple choice the same pick and
-    verdict, with the largest difference of a choice's log-likelihood."""
-    assert [(r.get("subset"), r["doc_id"]) for r in local] == [(r.get("subset"), r["doc_id"]) for r in other], "items differ"
-    same = sum((a["extracted"], a["correct"]) == (b["extracted"], b["correct"])
-               and (isinstance(a["output"], dict) or a["output"] == b["output"]) for a, b in zip(local, other))
-    diffs = [abs(a["output"][k] - b["output"][k]) for a, b in zip(local, other)
-             if isinstance(a["output"], dict) for k in a["output"]]
-    return f"{same}/{len(local)}" + (f", log-likelihoods within {max(diffs):.0e}" if diffs else "")
+def alike(local: list[dict], other: list[dict]) -> str:
+    """'50/50' items alike (generated text, or a multiple-choice pick), with the largest
+    log-likelihood difference where there are log-likelihoods."""
+    assert [(r.get("subset"), r["doc_id"]) for r in local] == [(r.get("subset"), r["doc_id"]) for r in other]
+    from scripts.bench_eval import agreement
+
+    same, gap = agreement(local, other)
+    return f"{same}/{len(local)}" + (f", log-likelihoods within {gap:.0e}" if isinstance(local[0]["output"], dict) else "")
 
 
 if __name__ == "__main__":
