@@ -103,7 +103,7 @@ class SharedPrefixLM(HFLM):
     def _forward(self, ids: torch.Tensor, cache: DynamicCache, keep: int = 0, **kwargs):
         """One forward pass extending `cache`; logits for the last `keep` positions (0: all)."""
         with torch.no_grad():
-            return self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep, **kwargs)
+            return self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=keep, **kwargs)
 
     def _prefill(self, tokens: list[int]) -> DynamicCache:
         """The KV cache of `tokens` (empty for none), one row."""
@@ -191,7 +191,7 @@ class SharedPrefixLM(HFLM):
             hidden = self.model.get_decoder()(
                 input_ids=torch.tensor([ids], device=self.device),
                 position_ids=torch.tensor([positions], device=self.device),
-                past_key_values=cache, use_cache=True, segments=segments,
+                cache=cache, use_cache=True, segments=segments,
             ).last_hidden_state
             logits = self.model.get_output_embeddings()(hidden[0, scored_at]).float()
         # log-softmax at the scored tokens only: logit - logsumexp (the full log-softmax writes
