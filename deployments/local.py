@@ -12,7 +12,6 @@ skip this and run `PREFECT_API_URL=... python -m deployments.serve`.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import socket
@@ -21,6 +20,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from tasks.leftovers import die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT_IN_USE = 2  # exit status when the port is taken
@@ -45,11 +46,8 @@ def check_port_free(port: int) -> None:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the parent dies, even by SIGKILL (Linux prctl)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
+    """In the child before exec: get SIGTERM (a graceful stop) when the parent dies, even by SIGKILL."""
+    die_with_parent(sig=signal.SIGTERM)
 
 
 def descendants(pid: int) -> dict[int, str]:
@@ -111,6 +109,11 @@ def server_env(port: int, home: Path | None = None) -> dict[str, str]:
     )
     if home is not None:
         env["PREFECT_HOME"] = str(home)
+    # A deployment's concurrency slot is held under a lease that its run renews. Prefect keeps
+    # leases in memory by default: a server restarted after its runner died (kill -9, a reboot)
+    # had lost the lease but not the slot, so the deployment never ran again. On disk (PREFECT_HOME)
+    # the lease survives the restart and expires, and the server frees the slot.
+    env.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem")
     return env
 
 

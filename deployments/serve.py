@@ -12,14 +12,19 @@ with SMOLFLOW_ALERT_BLOCK set it (re)creates the alert automations first.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
+import time
 
 from prefect import serve
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.events import DeploymentEventTrigger
 
 from deployments.alerts import BLOCK_ENV, ensure_alerts
+from deployments.local import descendants
 from flows.arena import arena
 from flows.finetune import finetune
 
@@ -54,7 +59,26 @@ def deployments():
     return [nightly, on_demand, after_nightly]
 
 
+def end_with_supervisor(grace_s: float = 20) -> None:
+    """When the process that started this one dies (`make serve` SIGKILLed), this one gets SIGTERM
+    (PR_SET_PDEATHSIG) and Prefect's runner shuts down gracefully, but with the server gone too it
+    kept retrying the API for minutes, and its flow run lived on. After `grace_s`, end it all."""
+    supervisor = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(1)
+        time.sleep(grace_s)
+        for pid in descendants(os.getpid()):  # flow runs start sessions of their own
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-supervisor", daemon=True).start()
+
+
 if __name__ == "__main__":
+    end_with_supervisor()
     if os.environ.get(BLOCK_ENV):  # alerts through the user's notification block (deployments/alerts.py)
         try:
             ensure_alerts()

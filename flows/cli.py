@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import yaml
 
-from tasks.config_args import UserError, config_help, parse_config
+from tasks.config_args import UserError, config_help, locate, parse_config
 
 EXIT_USER_ERROR = 2
 DEFAULT_ROOT = "./smolflow-runs"
@@ -135,9 +135,10 @@ def cmd_validate(args: argparse.Namespace, rest: list[str]) -> int:
     problems, resolved = validate_everything(config)
     _print({"resolved": resolved, "config": config.model_dump(mode="json"), "tasks": plan(config)})
     for problem in problems:
-        print(f"smolflow validate: {problem}", file=sys.stderr)
+        what, _, message = problem.partition(": ")
+        print(f"smolflow validate: {what}: {locate(rest, message)}", file=sys.stderr)
     print("OK: everything checks out" if not problems else f"{len(problems)} problem(s)", file=sys.stderr)
-    return 0 if not problems else 1
+    return 0 if not problems else EXIT_USER_ERROR
 
 
 def cmd_runs(args: argparse.Namespace, rest: list[str]) -> int:
@@ -276,13 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
 # no telemetry calls from a machine that may be offline, and time for a temporary Prefect server's
 # first start (its database set-up can take over the 20 s default on a busy 2-core machine).
 ENV_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-                "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+                "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
+                # Months of nightlies: the server also deletes finished flow runs (with their logs and
+                # artifacts) after its retention period (90 days), not only old events. The run
+                # folders under output.artifacts_uri are the lasting record.
+                "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs"}
 
 
 def main(argv: list[str] | None = None) -> int:
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)  # before anything imports prefect
     program = argv is None  # the `smolflow` command, not a caller passing its own arguments
+    if program:
+        from tasks.leftovers import exit_on_termination
+
+        exit_on_termination()  # `kill` stops a run as Ctrl-C does: its temporary server stops with it
     argv = list(sys.argv[1:] if argv is None else argv)
     debug, verbose = "--debug" in argv, "--verbose" in argv
     argv = [a for a in argv if a not in ("--debug", "--verbose")]
@@ -300,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, FileNotFoundError) as err:
         if debug:
             raise
-        print(f"smolflow {args.command}: error: {err}", file=sys.stderr)
+        message = str(err) if isinstance(err, UserError) else locate(rest, str(err))
+        print(f"smolflow {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except FlowFailed as err:
         if debug:

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config import WandbConfig, _Section
+from tasks.config import WandbConfig, _Section, endpoint_problem
 
 
 class ArenaJudgeConfig(_Section):
@@ -29,8 +29,7 @@ class ArenaJudgeConfig(_Section):
 
     @model_validator(mode="after")
     def _endpoint(self) -> ArenaJudgeConfig:
-        if self.backend == "openai" and (not self.base_url or self.model == "auto"):
-            raise ValueError("arena judge: backend 'openai' needs judge.base_url and judge.model")
+        endpoint_problem(self, "judge.")
         return self
 
 

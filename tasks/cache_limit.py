@@ -39,7 +39,7 @@ class Decision(BaseModel):
     complete: bool | None = None  # runs: whether it has a manifest
 
 
-KINDS = ("models", "downloads", "datasets", "tokenized", "tokenizers", "digests", "judgements", "work")
+KINDS = ("models", "downloads", "datasets", "tokenized", "tokenizers", "digests", "judgements", "arena-answers", "work")
 _STAGING = re.compile(r"\.tmp\d+$")
 
 

@@ -9,6 +9,7 @@ compute; `smolflow validate` runs the same function.
 
 from __future__ import annotations
 
+import difflib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,10 @@ def check_benchmark_subsets(config: RunConfig) -> None:
             raise ConfigError(f"benchmarks[{i}].subsets: {b.name} has no subsets; leave it unset")
         unknown = [s for s in b.subsets if s not in known]
         if unknown:
-            raise ConfigError(f"benchmarks[{i}].subsets: unknown {unknown} for {b.name}; choose from {', '.join(known)}")
+            near = {s: m[0] for s in unknown if (m := difflib.get_close_matches(s, known, n=1))}
+            hint = "; did you mean " + ", ".join(f"{m!r} for {s!r}" for s, m in near.items()) + "?" if near else ""
+            raise ConfigError(f"benchmarks[{i}].subsets: unknown {unknown} for {b.name}{hint} "
+                              f"(known: {', '.join(known)})")
 
 
 def check_benchmark_data(config: RunConfig) -> None:
@@ -167,6 +171,7 @@ def check_run(config: RunConfig) -> Checked:
     from tasks.judge import judge_inputs
 
     check_training(config)
+    check_lora_targets(config)
     check_benchmark_subsets(config)
     check_benchmark_data(config)
     custom = load_definitions(config.custom_benchmarks)
@@ -216,6 +221,36 @@ def _check_model(source: str) -> None:
         if not isinstance(try_to_load_from_cache(concrete, "config.json"), str):
             raise ConfigError(f"model={source!r}: not in the local Hugging Face cache and the hub is disabled "
                               "(HF_HUB_OFFLINE=1); use 'builtin:smollm2-135m-instruct' or a local model directory")
+
+
+def check_lora_targets(config: RunConfig) -> None:
+    """training.peft.target_modules name modules the model has (peft says so only once the trainer
+    is built, after the model is loaded and sampled). Checked on the model's architecture built
+    without weights, when its config.json is on this machine; else left to peft."""
+    peft = config.training.peft
+    if peft is None or peft.target_modules == ["all-linear"]:
+        return
+    from tasks.models import BUILTIN, builtin_gguf, builtin_target, resolve_source
+
+    concrete = resolve_source(config.model)
+    if concrete == BUILTIN and not builtin_gguf().is_file():
+        return  # _check_model names what is missing
+    folder = builtin_target() if concrete == BUILTIN else Path(concrete).expanduser()
+    if not (folder / "config.json").is_file():
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in peft.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        known = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        near = {t: m[0] for t in missing if (m := difflib.get_close_matches(t, known, n=1))}
+        hint = "; did you mean " + ", ".join(f"{m!r} for {t!r}" for t, m in near.items()) + "?" if near else ""
+        raise ConfigError(f"training.peft.target_modules: {missing} match no module of {concrete!r}{hint} "
+                          f"(its linear layers: {', '.join(known)}; or ['all-linear'])")
 
 
 def _hub_model_to_fetch(source: str) -> bool:

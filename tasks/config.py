@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 BENCHMARKS = ("mmlu", "bbh", "gsm8k", "math", "humaneval")  # one module each in tasks/benchmarks/
 
@@ -30,6 +30,40 @@ DEFAULT_PROMPTS = [
 class _Section(BaseModel):
     # Reject unknown keys: a typo in a YAML file or the UI's JSON must not be silently ignored.
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1: `tolerance: yes` would allow any drop, `max_train_rows: on` one row.
+        if isinstance(value, bool) and info.field_name:
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = set(get_args(annotation) or (annotation,))
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"needs a number, got {str(value).lower()}")
+        return value
+
+
+def unused(section: BaseModel, names: tuple[str, ...], prefix: str, why: str) -> None:
+    """Refuse (ValueError naming them) settings among `names` moved off their defaults that would
+    have no effect, `why` saying when they apply: a setting is never silently ignored."""
+    fields = type(section).model_fields
+    moved = [n for n in names if getattr(section, n) != fields[n].get_default(call_default_factory=True)]
+    if moved:
+        raise ValueError(f"{', '.join(prefix + n for n in moved)}: {why}; remove {'them' if len(moved) > 1 else 'it'}")
+
+
+def endpoint_problem(judge: BaseModel, prefix: str) -> None:
+    """A judge's backend and the settings that belong to it agree (ValueError naming the field)."""
+    from urllib.parse import urlsplit
+
+    if judge.base_url and (urlsplit(judge.base_url).username or urlsplit(judge.base_url).password):
+        raise ValueError(f"{prefix}base_url: holds a user name or password, which the run's config would record "
+                         f"(config.json, report, W&B); put the key in {prefix}api_key_env or {prefix}api_key_secret")
+    if judge.backend == "openai" and (not judge.base_url or judge.model == "auto"):
+        raise ValueError(f"{prefix}backend 'openai' needs {prefix}base_url and {prefix}model (the endpoint's model name)")
+    if judge.backend == "local":
+        unused(judge, ("base_url", "api_key_env", "api_key_secret"), prefix,
+               f"only the 'openai' backend uses them (set {prefix}backend: openai)")
 
 
 class DataConfig(_Section):
@@ -57,6 +91,13 @@ class DataConfig(_Section):
         "reject: a bad row (see bad_rows); escape: keep the row, with a zero-width space after the token's "
         "first character so it tokenizes as plain text, never as a control token (counted in the report).",
     )
+
+
+    @model_validator(mode="after")
+    def _seed_shuffles(self) -> DataConfig:
+        if not self.shuffle:
+            unused(self, ("seed",), "data.", "it seeds the shuffle, which is off (set data.shuffle: true)")
+        return self
 
 
 class TemplateConfig(_Section):
@@ -150,6 +191,13 @@ class TrainingConfig(_Section):
         description="Data-parallel training processes (DDP under torchrun: gloo on CPU, NCCL on GPUs). "
         "Each gets per_device_train_batch_size rows, so the global batch grows with it.",
     )
+
+
+    @model_validator(mode="after")
+    def _epochs_apply(self) -> TrainingConfig:
+        if self.max_steps != -1:
+            unused(self, ("num_train_epochs",), "training.", "used only when training.max_steps is -1")
+        return self
 
 
 class ExecutionConfig(_Section):
@@ -309,8 +357,7 @@ class JudgeConfig(_Section):
 
     @model_validator(mode="after")
     def _endpoint(self) -> JudgeConfig:
-        if self.backend == "openai" and (not self.base_url or self.model == "auto"):
-            raise ValueError("judge: backend 'openai' needs judge.base_url and judge.model (the endpoint's model name)")
+        endpoint_problem(self, "judge.")
         return self
 
 
@@ -345,6 +392,12 @@ class OutputConfig(_Section):
         None, description="Name of a Prefect Secret block holding the hub token (used instead of HF_TOKEN when set)."
     )
     hub_private: bool = Field(True, description="Create the hub repo as private if it does not exist yet.")
+
+    @model_validator(mode="after")
+    def _hub_settings_apply(self) -> OutputConfig:
+        if self.push_to_hub is None:
+            unused(self, ("hub_token_secret", "hub_private"), "output.", "they apply to a hub push (set output.push_to_hub)")
+        return self
 
     @field_validator("artifacts_uri")
     @classmethod
@@ -394,6 +447,12 @@ class WandbConfig(_Section):
     log_model: bool = Field(
         False, description="Also upload the tuned model as a W&B model artifact (copied into the W&B run; large)."
     )
+
+    @model_validator(mode="after")
+    def _tracked(self) -> WandbConfig:
+        if self.mode == "disabled":
+            unused(self, ("project", "entity", "log_model"), "wandb.", "nothing is logged with wandb.mode 'disabled'")
+        return self
 
 
 class RunConfig(_Section):

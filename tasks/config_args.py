@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
@@ -19,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tasks.config import RunConfig
-from tasks.yamlfile import at, key_lines, yaml_error
+from tasks.yamlfile import at, key_lines, read_text, yaml_error
 
 
 class UserError(ValueError):
@@ -30,7 +31,7 @@ def _field_key(flag: str) -> tuple[str, ...]:
     return tuple(part.replace("-", "_") for part in flag.split("."))
 
 
-def split_flags(argv: list[str]) -> tuple[str | None, list[tuple[tuple[str, ...], str, str]]]:
+def split_flags(argv: list[str]) -> tuple[str | None, list[tuple[tuple[str, ...], str | None, str]]]:
     """(config file, [(field path, value, flag as typed)]) from the command line."""
     config, flags, i = None, [], 0
     while i < len(argv):
@@ -42,7 +43,7 @@ def split_flags(argv: list[str]) -> tuple[str | None, list[tuple[tuple[str, ...]
             if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 value, i = argv[i + 1], i + 1
             elif name != "config":
-                value = "true"  # a bare flag switches a boolean on
+                value = None  # a bare flag: on, for a boolean (parse_config checks)
             else:
                 raise UserError("--config needs a file: --config FILE.yaml")
         if name == "config":
@@ -57,11 +58,13 @@ def _read_config_file(path: str) -> tuple[dict, dict[tuple, int]]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"--config {path}: no such file")
-    text = file.read_text(encoding="utf-8")
+    text = read_text(file, UserError)
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise UserError(yaml_error(path, err)) from None
+    if data is None:  # an empty file (or only comments): every default
+        data = {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config file is a mapping of sections (model, data, training, ...), "
                         f"got {type(data).__name__}")
@@ -74,6 +77,18 @@ def _set(data: dict, key: tuple[str, ...], value: Any) -> None:
         if not isinstance(data, dict):
             raise UserError(f"--{'.'.join(key)}: {part} is not a section")
     data[key[-1]] = value
+
+
+def _is_flag(model: type[BaseModel], key: tuple[str, ...]) -> bool:
+    """Whether the setting at `key` is a boolean, which a bare flag switches on (unknown: True, so
+    validation names the unknown setting)."""
+    annotation: Any = model
+    for part in key:
+        models = [a for a in (get_args(annotation) or (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not models or part not in models[0].model_fields:
+            return True
+        annotation = models[0].model_fields[part].annotation
+    return bool in (get_args(annotation) or (annotation,))
 
 
 def _fields(model: type[BaseModel]) -> list[str]:
@@ -96,8 +111,8 @@ def _explain(err: dict, model: type[BaseModel] = RunConfig) -> str:
         near = difflib.get_close_matches(str(loc[-1]), _fields(section), n=1)
         return f"{field}: unknown setting" + (f"; did you mean {near[0]!r}?" if near else "") + \
             f" (known: {', '.join(_fields(section))})"
-    if err["type"] == "value_error":
-        return f"{field}: {msg}"
+    if err["type"] == "value_error":  # a section's own check names its fields already
+        return msg if msg.startswith(f"{field}.") else f"{field}: {msg}"
     return f"{field}: {msg}, got {err.get('input')!r}"
 
 
@@ -109,11 +124,18 @@ def parse_config(argv: list[str], defaults: dict | None = None, model: type[Base
     data = (defaults or {}) | data
     where: dict[tuple, str] = {}
     for key, raw, flag in flags:
+        if raw is None:
+            if not _is_flag(model, key):
+                raise UserError(f"{flag} needs a value: {flag} VALUE (only true/false settings may be given bare)")
+            raw = "true"
+        key_lines(raw, f"flag {flag}", UserError)  # a key given twice in a flag's mapping is refused too
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        _set(data, key, raw if value is None and raw else value)
+        # `null` / `~` is YAML's None (back to a setting's default of None); an empty value stays
+        # the empty text, for the field's own check to refuse or accept.
+        _set(data, key, raw if raw == "" else value)
         where[key] = f"flag {flag}"
     try:
         return model.model_validate(data)
@@ -125,6 +147,27 @@ def parse_config(argv: list[str], defaults: dict | None = None, model: type[Base
             origin = origin or (at(path, lines, loc) if path else "defaults")
             found.append(f"{origin}: {_explain(e, model)}")
         raise UserError("\n".join(found)) from None
+
+
+_FIELD = re.compile(r"([a-z_]+(?:\.[a-z_0-9]+|\[\d+\])+)[:= ]")
+
+
+def locate(argv: list[str], message: str) -> str:
+    """`message` of a check after parsing, which starts with a field (`training.sft_args.x: ...`),
+    prefixed with where that field was set: `file:line` or `flag --x` (unchanged if neither)."""
+    found = _FIELD.match(message)
+    if not found:
+        return message
+    key = tuple(int(p) if p.isdigit() else p for p in re.findall(r"[a-z_0-9]+", found.group(1)))
+    path, flags = split_flags(argv)
+    for flag_key, _, flag in reversed(flags):  # the last flag setting it wins, as in parse_config
+        if key[: len(flag_key)] == flag_key or flag_key[: len(key)] == key:
+            return f"flag {flag}: {message}"
+    if path:
+        lines = key_lines(read_text(path, UserError), path, UserError)
+        if any(key[:n] in lines for n in range(1, len(key) + 1)):
+            return f"{at(path, lines, key)}: {message}"
+    return message
 
 
 def config_help(model: type[BaseModel] = RunConfig) -> str:

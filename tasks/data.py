@@ -117,6 +117,9 @@ def load_raw(cfg: DataConfig) -> tuple:
     from datasets import DatasetDict, load_dataset
 
     source, local = _source(cfg)
+    if local is not None and cfg.subset not in (None, DataConfig.model_fields["subset"].default):
+        raise ValueError(f"data.subset={cfg.subset!r}: only hub datasets have subsets, and {source!r} is local "
+                         "files; remove data.subset (or set it to null)")
     if local is not None:
         builder, files = local_data_files(local)
         # Split by split: datasets otherwise fixes the schema from the first split it reads and

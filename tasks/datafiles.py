@@ -91,12 +91,17 @@ class Origin:
 def _values(file: str):
     """Each row of a JSON array or JSON-lines file as (value, None), or (None, why it is not JSON)."""
     if _is_array(file):  # one document: unreadable means the whole file is
-        with open(file, encoding="utf-8") as f:
-            try:
-                values = json.load(f)
-            except json.JSONDecodeError as err:
-                raise UnreadableError(f"{file}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}); "
-                                      "fix the syntax, or write the rows as JSON lines (one object per line)") from err
+        with open(file, "rb") as f:
+            data = f.read()
+        try:
+            values = json.loads(data)  # bytes: UTF-8 (with or without a byte-order mark)
+        except UnicodeDecodeError as err:
+            line = data.count(b"\n", 0, err.start) + 1
+            raise UnreadableError(f"{file}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); "
+                                  "save the file as UTF-8") from err
+        except json.JSONDecodeError as err:
+            raise UnreadableError(f"{file}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}); "
+                                  "fix the syntax, or write the rows as JSON lines (one object per line)") from err
         yield from ((v, None) for v in values)
         return
     with open(file, "rb") as f:
@@ -133,8 +138,13 @@ def read_lines(files: list[str]):
     from datasets import Dataset, Features, Json, Value
 
     features = Features({"messages": Json(), READ_PROBLEM: Value("string")})
-    return Dataset.from_generator(_line_rows, features=features,
-                                  gen_kwargs={"files": files, "stamps": [_stamp(f) for f in files]})
+    try:
+        return Dataset.from_generator(_line_rows, features=features,
+                                      gen_kwargs={"files": files, "stamps": [_stamp(f) for f in files]})
+    except Exception as err:  # datasets wraps what the generator raised in its own error
+        if isinstance(err.__cause__, UnreadableError):
+            raise err.__cause__ from None
+        raise
 
 
 def _casts_parts_to_strings(ds) -> bool:
@@ -153,10 +163,31 @@ def _casts_parts_to_strings(ds) -> bool:
     return any(pc.any(pc.starts_with(pc.list_flatten(chunk).field("content"), "[{")).as_py() for chunk in column.chunks)
 
 
+def _utf8(file: str) -> bool:
+    """Whether the whole file is UTF-8 text (Arrow's JSON reader passes other bytes through into
+    strings that fail only when a row is read)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def read_split(dataset: str, builder: str, files: list[str], split: str):
     """One split of local files, every row's shape kept as written."""
     from datasets import load_dataset
 
+    if builder == "json" and not any(_row_lines(f, _stamp(f)) for f in files):
+        raise UnreadableError(f"data.dataset={dataset!r}: split {split!r} has no rows ({', '.join(files)} "
+                              "empty or blank); add rows in the `messages` schema, or remove the file")
+    if builder == "json" and not all(_utf8(f) for f in files):
+        return read_lines(files)  # each line that is not UTF-8 becomes a bad row naming its line
     try:
         ds = load_dataset(builder, data_files={split: files}, split=split)
         if builder != "json" or not _casts_parts_to_strings(ds):

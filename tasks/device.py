@@ -176,7 +176,7 @@ def publish(cfg: ExecutionConfig) -> Placement:
     return resolve(cfg)
 
 
-def unpublish(*_hook_args) -> None:
+def unpublish(*_hook_args, **_hook_kwargs) -> None:
     """Undo the latest `publish` (a Prefect flow hook): later work in the process is unaffected."""
     if _previous:
         before = _previous.pop()

@@ -42,6 +42,7 @@ from tasks.judge_backends import JudgeBackend, make_backend, redact_url
 from tasks.models import ModelRef
 from tasks.layout import RunPaths
 from tasks.runtime import FIXTURES, atomic_write, cache_dir, retry_transient, run_logger
+from tasks.yamlfile import read_text
 from tasks.storage import ArtifactStore
 
 TEMPLATE_NAME = "alpaca_eval:chatgpt/basic_prompt.txt"
@@ -255,14 +256,14 @@ def _rows(path: Path, field: str) -> list[tuple[str, dict]]:
     """(where, row) of a .json list or .jsonl file, each checked for a non-empty `instruction`."""
     if not path.is_file():
         raise ValueError(f"judge.{field}: {path} is not a file; give a .json/.jsonl file in AlpacaEval's schema")
-    text = path.read_text()
+    text = read_text(path, ValueError)
     whole = path.suffix == ".json" and text.lstrip().startswith("[")  # AlpacaEval's own files: one JSON list
     rows, lineno = [], 0
     try:
         if whole:
             rows = [(f"{path} item {i}", row) for i, row in enumerate(json.loads(text), 1)]
         else:
-            for lineno, line in enumerate(text.splitlines(), 1):
+            for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
                 if line.strip():
                     rows.append((f"{path} line {lineno}", json.loads(line)))
     except json.JSONDecodeError as err:

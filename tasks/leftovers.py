@@ -1,4 +1,5 @@
-"""Reap what a killed run left behind: the temporary Prefect server of a SIGKILLed flow process.
+"""Leave nothing behind: children that die with their parent, a SIGTERM that exits like Ctrl-C, and
+reaping what a killed run left anyway: the temporary Prefect server of a SIGKILLed flow process.
 
 Without PREFECT_API_URL every flow process starts a temporary Prefect server (uvicorn) and stops it
 at exit; a SIGKILL skips that, and the server lives on, re-parented to PID 1. The next run reaps
@@ -14,6 +15,32 @@ import time
 from pathlib import Path
 
 SERVER_MARK = b"prefect.server.api.server:create_app"
+
+
+def die_with_parent(parent: int | None = None, sig: int = signal.SIGKILL) -> None:
+    """Linux: send this process `sig` when its parent dies, even by SIGKILL (call it in the child,
+    e.g. as Popen's preexec_fn). `parent`: exit now if that parent already died before the call."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: no such safety net
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
+
+
+def exit_on_termination() -> None:
+    """SIGTERM and SIGHUP (`kill`, a closed terminal) end the process as Ctrl-C does: by an
+    exception, so `finally` blocks and atexit hooks run (the temporary Prefect server is stopped).
+    Their default action kills the process on the spot, and Prefect re-raises SIGTERM with the
+    handler it found when a flow run ends on one: this one."""
+
+    def leave(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, leave)
 
 
 def _running(pid: int) -> bool:

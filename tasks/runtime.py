@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -263,6 +264,8 @@ def is_transient(err: BaseException | None) -> bool:
             "EndpointConnectionError", "ConnectionClosedError", "HTTPClientError", "ReadTimeoutError",
         ):
             return True
+        if type(err) is OSError and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            return False  # a full or read-only disk fails the same way again
         if type(err) is OSError or name in ("ChunkedEncodingError",):  # a bare I/O error of the store
             return True
         err = err.__cause__ or err.__context__

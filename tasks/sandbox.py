@@ -21,6 +21,7 @@ still (no memory limit, writes anywhere, sockets allowed), which is why smolflow
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import resource
@@ -34,6 +35,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from tasks.leftovers import die_with_parent
 
 _INIT = Path(__file__).with_name("sandbox_init.py")
 _UNSHARE_FLAGS = ("--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--net", "--propagation", "private")
@@ -107,10 +110,19 @@ def isolation_mode() -> str:
     return "full"
 
 
-def _rlimits(limits: Limits):
-    """The weak mode's only confinement, set between fork and exec."""
+def _dies_with(parent: int):
+    """Between fork and exec: the program is killed when this process dies, even by SIGKILL. Only
+    this process enforces the wall-clock limit, and RLIMIT_CPU never fires for a sleeping program.
+    (In the full mode that is `unshare`, whose --kill-child takes the namespace with it.)"""
+    return functools.partial(die_with_parent, parent)
+
+
+def _rlimits(limits: Limits, first=None):
+    """The weak mode's only confinement, set between fork and exec (after `first`, if given)."""
 
     def preexec():
+        if first is not None:
+            first()
         mb = 1 << 20
         resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb, limits.memory_mb * mb))
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s))
@@ -204,11 +216,12 @@ def run_python(program: str, limits: Limits = Limits()) -> SandboxResult:
         (host / "program.py").write_text(program + tail)
         if full:
             env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/tmp/work"}
-            command, cwd, preexec = _command(host, limits, uid, env), "/", None
+            command, cwd, preexec = _command(host, limits, uid, env), "/", _dies_with(os.getpid())
         else:
             (host / "work").mkdir()
             env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": str(host / "work")}
-            command, cwd, preexec = [interpreter(False), "-I", "-B", str(host / "program.py")], host / "work", _rlimits(limits)
+            command, cwd, preexec = ([interpreter(False), "-I", "-B", str(host / "program.py")], host / "work",
+                                     _rlimits(limits, _dies_with(os.getpid())))
         with open(logs / "out", "wb") as out, open(logs / "err", "wb") as err:
             proc = subprocess.Popen(
                 command, cwd=cwd, env=env, stdin=subprocess.PIPE,

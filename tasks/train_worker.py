@@ -16,7 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from tasks.training import FitSpec, die_with_parent, fit
+from tasks.leftovers import die_with_parent
+from tasks.training import FitSpec, fit
 
 
 def main(spec_path: str) -> None:

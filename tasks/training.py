@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from tasks.config import TrainingConfig
 from tasks.device import Placement, resolve
+from tasks.leftovers import die_with_parent
 from tasks.locks import TRAINING_LOCK, exclusive
 from tasks.models import ModelRef, fingerprint_dir, load_model
 from tasks.progress import training_progress
@@ -63,6 +64,19 @@ MANAGED = {name: f"training.{name}" for name in (
     "output_dir": "output.artifacts_uri (checkpoints go to the run folder)",
     "resume_from_checkpoint": "output.run_id (a re-run of the same run id resumes)",
 }
+# SFTConfig fields that act on raw text or on loading the model: smolflow loads the model and hands
+# TRL conversations already templated and tokenized, so TRL would ignore them, or change the
+# tokenizer's template or EOS after the data was tokenized with the old ones (and publish that).
+NOT_APPLICABLE = {
+    "chat_template_path": "use template.chat_template (the data is tokenized with it before training)",
+    "eos_token": "the chat template decides EOS (template.chat_template); the data is tokenized with it before training",
+    "pad_token": "smolflow sets the pad token when it loads the model",
+    "completion_only_loss": "rows are conversations, not prompt/completion pairs; use template.assistant_only_loss",
+    "dataset_text_field": "the data reaches TRL tokenized (data.dataset, template.chat_template)",
+    "truncation_mode": "the data reaches TRL tokenized and cut to training.max_length",
+    "model_init_kwargs": "smolflow loads the model (model, execution.precision)",
+    "trust_remote_code": "smolflow loads the model (model)",
+}
 
 
 def sft_overrides(cfg: TrainingConfig) -> dict:
@@ -83,6 +97,8 @@ def sft_overrides(cfg: TrainingConfig) -> dict:
         where = f"training.sft_args.{name}"
         if name in MANAGED:
             raise ValueError(f"{where}: smolflow sets this SFTConfig field itself; use {MANAGED[name]} instead")
+        if name in NOT_APPLICABLE:
+            raise ValueError(f"{where}: would have no effect or undo smolflow's own: {NOT_APPLICABLE[name]}")
         if name not in fields:
             close = [f for f in sorted(fields) if name.lower() in f or f in name.lower()][:5]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -92,6 +108,14 @@ def sft_overrides(cfg: TrainingConfig) -> dict:
         except ValidationError as err:
             kind = getattr(hints[name], "__name__", str(hints[name]))
             raise ValueError(f"{where}: {value!r} is not a valid {kind} ({err.errors()[0]['msg']})") from None
+    if out.get("packing") and cfg.padding_free:
+        raise ValueError("training.sft_args.packing: packs rows up to training.max_length, which padding-free batches "
+                         "do without; set training.padding_free: false as well (or drop packing)")
+    for beta in ("adam_beta1", "adam_beta2"):  # torch's optimizer refuses them only when training starts
+        if beta in out and not 0 <= out[beta] < 1:
+            raise ValueError(f"training.sft_args.{beta}: {out[beta]} is not in [0, 1)")
+    if out.get("adam_epsilon", 0) < 0 or out.get("max_grad_norm", 0) < 0:
+        raise ValueError("training.sft_args: adam_epsilon and max_grad_norm may not be negative")
     return out
 
 
@@ -399,20 +423,6 @@ def publish_model(model: ModelRef, run_uri: str) -> ModelRef:
 
 
 # ---- several processes: torchrun runs tasks/train_worker.py, which calls fit on each rank ----
-
-
-def die_with_parent(parent: int | None = None) -> None:
-    """Linux: SIGKILL this process when its parent dies. torchrun starts each rank in a session of
-    its own, so a killed run would otherwise leave ranks behind, blocked in a collective."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux: no such safety net
-    if parent is not None and os.getppid() != parent:  # it died before the line above took effect
-        os._exit(1)
 
 
 def launch(spec: FitSpec) -> dict:

@@ -6,7 +6,19 @@ key given twice (YAML would silently keep the last one).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import yaml
+
+
+def read_text(path: str | Path, error: type[Exception] = ValueError) -> str:
+    """A file the user wrote, as UTF-8 text; `error` names its file:line if it is not UTF-8."""
+    data = Path(path).expanduser().read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark (some Windows editors write one) is not text
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8") from None
 
 
 def key_lines(text: str, where: str, error: type[Exception] = ValueError) -> dict[tuple, int]:

@@ -169,8 +169,8 @@ def test_validate_resolves_autos_lists_tasks_and_fails_on_missing_data(env, tmp_
     assert "hand-written items" in shown["resolved"]["benchmarks[0].data"]
     assert "benchmark-gsm8k (tuned)" in shown["tasks"] and "train_sft" in shown["tasks"]
     missing = smolflow(env, "validate", "--data.dataset", str(tmp_path / "nope"), "--model", str(tmp_path))
-    assert missing.returncode == 1
-    assert "data: data.dataset=" in missing.stderr and "no such file or directory" in missing.stderr
+    assert missing.returncode == 2
+    assert "data: flag --data.dataset: data.dataset=" in missing.stderr and "no such file or directory" in missing.stderr
     assert f"model: model={str(tmp_path)!r}: not a model directory" in missing.stderr
 
 

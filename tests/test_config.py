@@ -1,5 +1,7 @@
 """The run configuration: defaults that run offline, bad values named before any compute."""
 
+import json
+import re
 import time
 
 import pytest
@@ -7,7 +9,7 @@ from pydantic import ValidationError
 
 from tasks.config import RunConfig
 from flows.finetune import finetune
-from tasks.config_args import parse_config
+from tasks.config_args import UserError, locate, parse_config
 
 
 def test_defaults_are_valid_and_offline_ready():
@@ -56,3 +58,106 @@ def test_cli_reads_yaml_then_flags_on_top(tmp_path):
     assert cfg.training.max_steps == 7
     assert cfg.training.learning_rate == 0.0002
     assert cfg.model == "/models/x"
+
+
+def _refused(argv: list[str]) -> str:
+    with pytest.raises(UserError) as err:
+        parse_config(argv)
+    return str(err.value)
+
+
+def test_true_false_never_becomes_a_number(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("training:\n  max_steps: yes\ngate:\n  tolerance: on\ndata:\n  max_train_rows: true\n")
+    message = _refused(["--config", str(path)])
+    for where, field in ((2, "training.max_steps"), (4, "gate.tolerance"), (6, "data.max_train_rows")):
+        assert f"{path}:{where}: {field}: needs a number, got true" in message
+    # A bare flag switches a boolean on; any other setting needs its value.
+    assert parse_config(["--gate.allow-incomparable", "--judge.enabled", "false"]).gate.allow_incomparable is True
+    assert _refused(["--gate.tolerance"]) == "--gate.tolerance needs a value: --gate.tolerance VALUE (only true/false settings may be given bare)"
+    assert "unknown setting" in _refused(["--gate.tolerence"])
+
+
+def test_null_on_the_command_line_is_none_and_an_empty_value_is_checked(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("training:\n  peft: {r: 8}\n")
+    assert parse_config(["--config", str(path)]).training.peft.r == 8
+    cfg = parse_config(["--config", str(path), "--training.peft", "null", "--output.run-id", "~"])
+    assert cfg.training.peft is None and cfg.output.run_id is None
+    assert "output.run_id: run_id '' must be a non-empty name" in _refused(["--output.run_id", ""])
+    assert "judge.limit: Input should be a valid integer" in _refused(["--judge.limit", ""])
+
+
+def test_odd_files_and_flag_values_are_refused_naming_where(tmp_path):
+    path = tmp_path / "run.yaml"
+    for text, expected in (("[]\n", "a config file is a mapping of sections"), ("0\n", "got int"),
+                           ("# only a comment\n", None)):
+        path.write_text(text)
+        if expected is None:
+            assert parse_config(["--config", str(path)]) == RunConfig()
+        else:
+            assert expected in _refused(["--config", str(path)])
+    path.write_bytes("model: caf\u00e9\n".encode("latin-1"))
+    assert _refused(["--config", str(path)]) == f"{path}:1: not UTF-8 text (byte 0xe9); save the file as UTF-8"
+    assert "flag --training:1: key 'max_steps' appears twice" in _refused(["--training", "{max_steps: 1, max_steps: 2}"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--training.num-train-epochs", "3"], "training.num_train_epochs: used only when training.max_steps is -1"),
+        (["--data.seed", "7"], "data.seed: it seeds the shuffle, which is off (set data.shuffle: true)"),
+        (["--judge.base-url", "http://x/v1", "--judge.api-key-env", "K"],
+         "judge.base_url, judge.api_key_env: only the 'openai' backend uses them"),
+        (["--output.hub-token-secret", "hub"], "output.hub_token_secret: they apply to a hub push"),
+        (["--wandb.mode", "disabled", "--wandb.log-model"], "wandb.log_model: nothing is logged with wandb.mode 'disabled'"),
+        (["--judge.backend", "openai", "--judge.model", "m", "--judge.base-url", "http://me:pw@127.0.0.1:8000/v1"],
+         "judge.base_url: holds a user name or password, which the run's config would record"),
+    ],
+)
+def test_a_setting_that_would_have_no_effect_is_refused(argv, message):
+    assert message in _refused(argv)
+
+
+def test_the_same_settings_are_accepted_where_they_apply():
+    cfg = parse_config(["--training.num-train-epochs", "3", "--training.max-steps", "-1", "--data.seed", "7",
+                        "--data.shuffle", "--judge.backend", "openai", "--judge.base-url", "http://x/v1",
+                        "--judge.model", "m", "--output.push-to-hub", "me/model", "--output.hub-private", "false"])
+    assert (cfg.training.num_train_epochs, cfg.data.seed, cfg.judge.base_url, cfg.output.hub_private) == (3, 7, "http://x/v1", False)
+    RunConfig.model_validate(RunConfig().model_dump())  # the UI sends every field, defaults included
+
+
+@pytest.mark.parametrize(
+    ("sft_args", "message"),
+    [
+        ({"eos_token": "<|endoftext|>"}, "the chat template decides EOS"),
+        ({"chat_template_path": "t.jinja"}, "use template.chat_template"),
+        ({"completion_only_loss": True}, "use template.assistant_only_loss"),
+        ({"model_init_kwargs": {"dtype": "bfloat16"}}, "smolflow loads the model"),
+        ({"packing": True}, "set training.padding_free: false as well"),
+        ({"adam_beta1": 5}, "adam_beta1: 5.0 is not in [0, 1)"),
+    ],
+)
+def test_sft_args_that_would_be_ignored_undo_smolflows_own_or_fail_late_are_refused(sft_args, message):
+    from tasks.training import sft_overrides
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sft_overrides(parse_config(["--training.sft-args", json.dumps(sft_args)]).training)
+
+
+def test_cross_check_errors_name_the_file_line_or_flag(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("judge:\n  enabled: false\ntraining:\n  sft_args:\n    max_grad_normz: 0.5\n")
+    argv = ["--config", str(path), "--benchmarks", "[{name: mmlu, subsets: [astronmy]}]"]
+    assert locate(argv, "training.sft_args.max_grad_normz: no such field") == f"{path}:5: training.sft_args.max_grad_normz: no such field"
+    assert locate(argv, "benchmarks[0].subsets: unknown") == "flag --benchmarks: benchmarks[0].subsets: unknown"
+    assert locate(argv, "model: not found") == "model: not found"  # set nowhere: the default
+
+
+def test_lora_modules_the_model_lacks_are_named_before_it_loads(tiny_model_dir):
+    from tasks.checks import ConfigError, check_lora_targets
+
+    config = parse_config(["--model", str(tiny_model_dir), "--training.peft", "{target_modules: [q_projj, v_proj]}"])
+    with pytest.raises(ConfigError, match=r"\['q_projj'\] match no module of .*did you mean 'q_proj' for 'q_projj'\?"):
+        check_lora_targets(config)
+    check_lora_targets(parse_config(["--model", str(tiny_model_dir), "--training.peft", "{target_modules: [self_attn.q_proj, v_proj]}"]))

@@ -147,6 +147,9 @@ def _write(folder: Path, definition: str = GOOD, items: str | None = ITEMS, name
         (_scorer("judge_rubric"), ITEMS, "bench.yaml:6:", "missing required key `scorer_args.rubric`"),
         (GOOD, '{"prompt": "", "answer": "x"}\n', "items.jsonl:1:", "`prompt` must be non-empty text"),
         (GOOD.replace("scorer_args: {}", "scorer_args: {"), ITEMS, "bench.yaml:", "not valid YAML"),
+        # an empty gold answer: `contains` would pass every output, exact matches only an empty one
+        (_scorer("contains"), ITEMS + '{"prompt": "Capital of Peru?", "answer": ["Lima", " "]}\n', "items.jsonl:3:",
+         "answer ' ' is empty: every output contains it"),
     ],
 )
 def test_broken_definition_is_rejected_with_file_line_and_fix(tmp_path, definition, items, where, message):
@@ -156,6 +159,19 @@ def test_broken_definition_is_rejected_with_file_line_and_fix(tmp_path, definiti
     text = str(err.value)
     assert str(tmp_path / where) in text, text
     assert re.search(message, text), text
+
+
+def test_items_split_on_newlines_only_and_bytes_that_are_not_utf8_are_named(tmp_path):
+    # U+2028 inside a JSON string is text, not a line break (str.splitlines would break it there).
+    items = '{"prompt": "Two\u2028lines?", "answer": "Yes"}\n{"prompt": "Capital of Japan?", "answer": "Tokyo"}\n'
+    loaded = load_definition(_write(tmp_path, items=items))
+    assert [(i.line, i.prompt) for i in loaded.items] == [(1, "Two\u2028lines?"), (2, "Capital of Japan?")]
+    (tmp_path / "items.jsonl").write_bytes(ITEMS.encode() + '{"prompt": "Caf\u00e9?", "answer": "x"}\n'.encode("latin-1"))
+    with pytest.raises(CustomBenchmarkError, match=r"items.jsonl:3: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"):
+        load_definition(tmp_path / "bench.yaml")
+    (tmp_path / "bench.yaml").write_bytes(GOOD.replace("capitals", "capit\u00e4ls").encode("latin-1"))
+    with pytest.raises(CustomBenchmarkError, match=r"bench.yaml:1: not UTF-8 text \(byte 0xe4\)"):
+        load_definition(tmp_path / "bench.yaml")
 
 
 def test_json_definition_errors_name_their_line_and_bad_messages(tmp_path):

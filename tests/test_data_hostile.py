@@ -224,3 +224,35 @@ def test_the_seed_tutorials_tool_call_shape_loads_and_renders(tmp_path, tiny_ref
     tokenizer = AutoTokenizer.from_pretrained(tiny_ref.path)
     text = tokenizer.apply_chat_template(messages, chat_template=shipped_text("llama3"), tokenize=False)
     assert '"name": "calculator"' in text and '"city": "Paris"' in text and "56088" in text
+
+
+def test_bytes_that_are_not_utf8_are_a_named_bad_row_or_a_named_file(tmp_path):
+    lines = [json.dumps(_chat(1)), json.dumps(_chat(2)).replace("hi 2", "caf\u00e9")]
+    (tmp_path / "train.jsonl").write_bytes(lines[0].encode() + b"\n" + lines[1].encode("latin-1") + b"\n")
+    _write(tmp_path / "test.jsonl", [json.dumps(_chat(3))])
+    with pytest.raises(BadRowsError) as err:
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    assert f"{tmp_path / 'train.jsonl'}:2: not valid JSON (not UTF-8 text)" in str(err.value)
+    ref = load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), bad_rows="drop"))
+    assert ref.rows["train"] == 1 and ref.dropped["train"] == {"not valid JSON": 1}  # nothing else lost
+    # One JSON array: the file as a whole, at the line of the first bad byte.
+    (tmp_path / "train.jsonl").unlink()
+    (tmp_path / "train.json").write_bytes(f"[{lines[0]},\n{lines[1]}]".encode("latin-1"))
+    (tmp_path / "test.jsonl").rename(tmp_path / "test.json")
+    (tmp_path / "test.json").write_text(f"[{json.dumps(_chat(3))}]")
+    with pytest.raises(BadRowsError, match=rf"{tmp_path / 'train.json'}:2: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"):
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    (tmp_path / "train.json").write_text('[{"messages": [}]\n')
+    with pytest.raises(BadRowsError, match=rf"{tmp_path / 'train.json'}:1: not valid JSON \(Expecting value at column 16\)"):
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+
+
+def test_an_empty_split_and_a_subset_of_local_files_are_named(tmp_path):
+    _write(tmp_path / "train.jsonl", ["", "  "])
+    _write(tmp_path / "test.jsonl", [json.dumps(_chat(3))])
+    with pytest.raises(BadRowsError, match=r"split 'train' has no rows \(.*train.jsonl empty or blank\)"):
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    _write(tmp_path / "train.jsonl", [json.dumps(_chat(1))])
+    with pytest.raises(ValueError, match="data.subset='all': only hub datasets have subsets"):
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), subset="all"))
+    assert load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), subset=None)).rows == {"train": 1, "test": 1}

@@ -30,12 +30,12 @@ wait()
 """
 
 
-@pytest.mark.slow
-def test_a_killed_flows_temporary_server_is_reaped_at_the_next_start(tmp_path):
+def _flow_with_its_server(tmp_path: Path, script: str) -> tuple[subprocess.Popen, list[int]]:
+    """A flow process started with `script`, once its flow runs: (process, its temporary server's pids)."""
     home, ready = tmp_path / "prefect-home", tmp_path / "ready"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env |= {"PREFECT_HOME": str(home), "PYTHONPATH": str(ROOT), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
-    proc = subprocess.Popen([sys.executable, "-c", FLOW, str(ready)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", script, str(ready)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 400
@@ -45,6 +45,18 @@ def test_a_killed_flows_temporary_server_is_reaped_at_the_next_start(tmp_path):
             time.sleep(0.5)
         servers = [pid for pid in descendants(proc.pid) if SERVER_MARK in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert servers, "the flow runs without a temporary server"
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, servers
+
+
+@pytest.mark.slow
+def test_a_killed_flows_temporary_server_is_reaped_at_the_next_start(tmp_path):
+    home = tmp_path / "prefect-home"
+    proc, servers = _flow_with_its_server(tmp_path, FLOW)
+    try:
         assert orphaned_servers(str(home)) == []  # its parent lives: not an orphan, never touched
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -54,3 +66,23 @@ def test_a_killed_flows_temporary_server_is_reaped_at_the_next_start(tmp_path):
     assert orphaned_servers(str(tmp_path / "another-home")) == []  # another project's are not ours
     assert sorted(reap_orphaned_servers(str(home))) == sorted(servers)
     assert not any(_running(pid) for pid in servers)
+
+
+@pytest.mark.slow
+def test_a_sigterm_stops_the_flow_and_its_temporary_server(tmp_path):
+    # `smolflow` calls exit_on_termination first: `kill` (systemd, docker, a closed terminal) then
+    # unwinds the process as Ctrl-C does, and Prefect's exit hook stops the server.
+    script = "from tasks.leftovers import exit_on_termination\nexit_on_termination()\n" + FLOW
+    proc, servers = _flow_with_its_server(tmp_path, script)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_running(pid) for pid in servers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(_running(pid) for pid in servers), "the temporary server outlived its flow"
+    assert orphaned_servers(str(tmp_path / "prefect-home")) == []

@@ -1,5 +1,6 @@
 """Only transient failures are retried: a deterministic error fails on its first attempt, fast."""
 
+import errno
 import os
 from pathlib import Path
 
@@ -41,6 +42,15 @@ def test_a_deterministic_error_is_tried_once(exc):
 ])
 def test_a_transient_error_is_retried(exc):
     assert _attempts_until_done(exc) == 3
+
+
+def test_a_full_disk_is_not_retried():
+    # A real ENOSPC (Linux's /dev/full): another attempt would fill the same disk again.
+    with pytest.raises(OSError) as full, open("/dev/full", "wb", buffering=0) as f:
+        f.write(b"x")
+    assert type(full.value) is OSError and full.value.errno == errno.ENOSPC
+    assert _attempts_until_done(full.value) == 1
+    assert not is_transient(OSError(errno.EROFS, "Read-only file system"))
 
 
 def test_http_5xx_is_transient_and_4xx_is_not():

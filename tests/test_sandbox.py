@@ -157,3 +157,33 @@ def test_weak_mode_must_be_chosen_and_says_so(monkeypatch):
     monkeypatch.setenv("SMOLFLOW_SANDBOX", "weak")
     result = run_python("print('hi')\n", FAST)
     assert result.passed and result.isolation == "rlimits only (SMOLFLOW_SANDBOX=weak)"
+
+
+@pytest.mark.parametrize("mode", ["namespaces", "weak"])
+def test_a_program_dies_with_a_sigkilled_parent(mode, tmp_path):
+    # Only the parent enforces the wall-clock limit, and a sleeping program never hits RLIMIT_CPU.
+    from deployments.local import descendants
+    from tasks.leftovers import _running
+
+    if mode == "namespaces" and os.geteuid() != 0:
+        pytest.skip("namespaces and the uid switch need root")
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    if mode == "weak":
+        env |= {"SMOLFLOW_UNSHARE": "/nonexistent/unshare", "SMOLFLOW_SANDBOX": "weak"}
+    script = ("from tasks.sandbox import Limits, run_python\n"
+              "run_python('import time\\nwhile True: time.sleep(1)\\n', Limits(timeout_s=600))")
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (children := descendants(parent.pid)):
+            assert parent.poll() is None and time.monotonic() < deadline, "the program never started"
+            time.sleep(0.2)
+        time.sleep(1)  # the whole chain (unshare, its init, the program) is up
+        children = descendants(parent.pid)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while [pid for pid in children if _running(pid)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in children if _running(pid)], f"outlived their parent: {children}"

@@ -39,7 +39,7 @@ from prefect import task
 from prefect.cache_policies import TASK_SOURCE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.yamlfile import at, key_lines, yaml_error
+from tasks.yamlfile import at, key_lines, read_text, yaml_error
 from tasks.config import JudgeConfig
 from tasks.benchmarks import scorers
 from tasks.benchmarks.base import BenchmarkResult, stderr_of_mean
@@ -137,7 +137,7 @@ def _explain(err: dict, allowed: list[str]) -> str:
 
 
 def _parse(path: Path) -> tuple[Any, dict[tuple, int]]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, CustomBenchmarkError)
     try:
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as err:
@@ -214,7 +214,8 @@ def _check_item(raw: Any, d: Definition) -> tuple[Item | None, str | None]:
 
 def _read_items(path: Path, d: Definition, where: str) -> list[Item]:
     items, problems = [], []
-    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also split inside JSON strings holding U+2028.
+    for number, text in enumerate(read_text(path, CustomBenchmarkError).split("\n"), start=1):
         if not text.strip():
             continue  # blank lines (a trailing newline, spacing) are not items
         try:

@@ -218,7 +218,9 @@ EXTRACTORS: dict[str, Callable[..., Any]] = {
 
 
 def gold_problem(scorer: str, gold) -> str | None:
-    """Why a gold answer can never be matched by this scorer (None: it can)."""
+    """Why a gold answer can never be matched by this scorer, or always would be (None: neither)."""
+    if isinstance(gold, str) and not gold.strip():
+        return f"answer {gold!r} is empty: every output contains it, and only an empty one equals it; write the answer"
     if scorer == "numeric" and parse_number(gold) is None:
         return f"answer {gold!r} holds no number, which the numeric scorer needs"
     if scorer == "math_verify":
