@@ -9,13 +9,16 @@ kept as a JSON value, a broken line kept as a bad row that the row checks name a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from tasks.runtime import split_of
+from tasks.runtime import cache_dir, split_of
 
 FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 READ_PROBLEM = "_read_problem"  # column of the line-by-line reader: why a line is not a row
@@ -133,13 +136,13 @@ def _line_rows(files: list[str], stamps: list[tuple]):
                 yield {"messages": value.get("messages"), READ_PROBLEM: None}
 
 
-def read_lines(files: list[str]):
+def read_lines(files: list[str], arrow: Path):
     """A split read row by row: `messages` as JSON values plus why a row could not be read."""
     from datasets import Dataset, Features, Json, Value
 
     features = Features({"messages": Json(), READ_PROBLEM: Value("string")})
     try:
-        return Dataset.from_generator(_line_rows, features=features,
+        return Dataset.from_generator(_line_rows, features=features, cache_dir=str(arrow),
                                       gen_kwargs={"files": files, "stamps": [_stamp(f) for f in files]})
     except Exception as err:  # datasets wraps what the generator raised in its own error
         if isinstance(err.__cause__, UnreadableError):
@@ -179,6 +182,33 @@ def _utf8(file: str) -> bool:
     return True
 
 
+# datasets keeps an Arrow copy of the local files it reads, a new one (in ~/.cache/huggingface)
+# each time a file changes: a nightly on data that changes daily grew it by a copy a night. The
+# copies go to SMOLFLOW_CACHE/datasets/arrow-<files> instead, where only the newest is kept.
+OTHERS_WRITING_S = 600  # a copy younger than this may be another process's, still being written
+
+
+def _arrow_dir(files: list[str]) -> Path:
+    """Where datasets keeps its Arrow copies of these files (by path: one folder whatever they hold)."""
+    key = hashlib.sha256("\n".join(sorted(os.path.realpath(f) for f in files)).encode()).hexdigest()[:16]
+    return cache_dir("datasets", f"arrow-{key}")
+
+
+def _keep_only(ds, arrow: Path):
+    """`ds`, after deleting the Arrow copies in `arrow` that it does not read (earlier versions of
+    the files; Linux keeps a deleted file readable while another process has it mapped)."""
+    used = [Path(f["filename"]).resolve() for f in ds.cache_files]
+    kept = {p.name for u in used for p in u.parents}
+    old = time.time() - OTHERS_WRITING_S
+    for path in [p for builder in arrow.iterdir() if builder.is_dir() for p in builder.iterdir()]:
+        if path.name not in kept and path.stat().st_mtime < old:
+            shutil.rmtree(path, ignore_errors=True)
+    for lock in arrow.glob("*.lock"):  # datasets' lock file per copy, named after it
+        if not any(name in lock.name for name in kept if name.startswith("default-")) and lock.stat().st_mtime < old:
+            lock.unlink(missing_ok=True)
+    return ds
+
+
 def read_split(dataset: str, builder: str, files: list[str], split: str):
     """One split of local files, every row's shape kept as written."""
     from datasets import load_dataset
@@ -186,12 +216,13 @@ def read_split(dataset: str, builder: str, files: list[str], split: str):
     if builder == "json" and not any(_row_lines(f, _stamp(f)) for f in files):
         raise UnreadableError(f"data.dataset={dataset!r}: split {split!r} has no rows ({', '.join(files)} "
                               "empty or blank); add rows in the `messages` schema, or remove the file")
+    arrow = _arrow_dir(files)
     if builder == "json" and not all(_utf8(f) for f in files):
-        return read_lines(files)  # each line that is not UTF-8 becomes a bad row naming its line
+        return _keep_only(read_lines(files, arrow), arrow)  # a line that is not UTF-8: a bad row naming its line
     try:
-        ds = load_dataset(builder, data_files={split: files}, split=split)
+        ds = load_dataset(builder, data_files={split: files}, split=split, cache_dir=str(arrow))
         if builder != "json" or not _casts_parts_to_strings(ds):
-            return ds
+            return _keep_only(ds, arrow)
     except Exception as err:  # datasets wraps Arrow's parse and cast errors in several types
         if builder != "json":
             raise UnreadableError(
@@ -201,4 +232,4 @@ def read_split(dataset: str, builder: str, files: list[str], split: str):
     # datasets' JSON loader fixes the schema from the first rows it reads and casts every later row
     # to it (content given as a list of parts later is silently turned into a JSON string), and one
     # line that is not a JSON object fails the whole file: read such files line by line.
-    return read_lines(files)
+    return _keep_only(read_lines(files, arrow), arrow)

@@ -256,3 +256,25 @@ def test_an_empty_split_and_a_subset_of_local_files_are_named(tmp_path):
     with pytest.raises(ValueError, match="data.subset='all': only hub datasets have subsets"):
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), subset="all"))
     assert load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), subset=None)).rows == {"train": 1, "test": 1}
+
+
+def test_a_changed_file_leaves_one_arrow_copy_not_one_per_version(tmp_path, monkeypatch):
+    # datasets writes an Arrow copy per version of a file's contents: a nightly on data that
+    # changes every day kept them all. Only the copy of the current version stays.
+    import tasks.datafiles as datafiles
+
+    monkeypatch.setattr(datafiles, "OTHERS_WRITING_S", 0)
+    rows = [json.dumps(_chat(i)) for i in range(3)]
+    _write(tmp_path / "test.jsonl", [json.dumps(_chat(9))])
+    copies = []
+    for n in (1, 2, 3):
+        _write(tmp_path / "train.jsonl", rows[:n])
+        assert load_chat_dataset.fn(DataConfig(dataset=str(tmp_path))).rows["train"] == n
+        arrow = datafiles._arrow_dir([str(tmp_path / "train.jsonl")])
+        copies.append(sorted(p.name for p in arrow.glob("*/default-*")))
+    assert [len(c) for c in copies] == [1, 1, 1] and len({c[0] for c in copies}) == 3, copies
+    # A split that needs the line-by-line reader (a bad line) is kept the same way.
+    _write(tmp_path / "train.jsonl", [*rows, "{not json"])
+    ref = load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), bad_rows="drop"))
+    assert ref.rows["train"] == 3
+    assert [p.parent.name for p in arrow.glob("*/default-*")] == ["generator"]
