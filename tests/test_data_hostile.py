@@ -261,7 +261,7 @@ def test_an_empty_split_and_a_subset_of_local_files_are_named(tmp_path):
 def test_a_changed_file_leaves_one_arrow_copy_not_one_per_version(tmp_path, monkeypatch):
     # datasets writes an Arrow copy per version of a file's contents: a nightly on data that
     # changes every day kept them all. Only the copy of the current version stays.
-    import tasks.datafiles as datafiles
+    from tasks import datafiles
 
     monkeypatch.setattr(datafiles, "OTHERS_WRITING_S", 0)
     rows = [json.dumps(_chat(i)) for i in range(3)]
