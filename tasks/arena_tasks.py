@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -183,4 +184,18 @@ def log_wandb(cfg: ArenaConfig, board: dict[str, Any], run_id: str, store: Artif
     # finish() can return a moment before W&B's service has closed the run file (seen here under
     # load: a copy taken right away lacked the summary); teardown waits for the service to exit.
     wandb.teardown()
-    return store.upload_dir(Path(local) / "wandb", f"wandb/{run_id}")
+    uploaded = store.upload_dir(Path(local) / "wandb", f"wandb/{run_id}")
+    shutil.rmtree(local, ignore_errors=True)  # uploaded: nothing reads the local copy again
+    keep_newest_wandb(store)
+    return uploaded
+
+
+WANDB_KEPT = 30  # arena runs whose W&B files stay under arena/wandb/ (one per nightly: a month)
+
+
+def keep_newest_wandb(store: ArtifactStore, keep: int = WANDB_KEPT) -> list[str]:
+    """Delete all but the newest `keep` arena runs' W&B folders (run ids start with their UTC time)."""
+    runs = sorted({path.split("/", 1)[0] for path in store.list_files("wandb")})
+    for run_id in runs[:-keep]:
+        store.fs.rm(store._path(f"wandb/{run_id}"), recursive=True)
+    return runs[:-keep]

@@ -15,6 +15,7 @@ from flows.arena import arena
 from tasks.arena_config import ArenaConfig
 from tasks.arena_store import append_vote, arena_store, read_votes
 from tasks.models import ModelRef, fingerprint_dir, resolve_model
+from tasks.runtime import cache_dir
 from tasks.storage import ArtifactStore, set_pointer, write_manifest
 from tests.conftest import _tiny_llama
 from tests.test_flow import _task_states
@@ -82,6 +83,7 @@ def test_arena_flow_end_to_end_with_votes_and_cache(tiny_model_dir, tiny_models,
     summary = json.loads(out.stdout)["summary"]
     assert summary["arena/human_votes"] == 0 and summary["arena/rating/base"] == 1000.0
     assert "arena/leaderboard" in summary  # the table
+    assert not (cache_dir("work") / offline.parent.name).exists()  # uploaded, then the local copy goes
 
     # People prefer the extra model over the base four times: the next run counts it, from cache.
     extra = keys[str(tiny_models[2])]
@@ -104,3 +106,14 @@ def test_bad_prompt_file_is_named_before_any_model_loads(tmp_path):
         arena.fn(config=ArenaConfig(artifacts_uri=str(tmp_path / "none"), prompts=str(bad), torch_threads=1))
     with pytest.raises(ValueError, match="unsupported scheme"):
         ArenaConfig(artifacts_uri="http://example.com/x")
+
+
+def test_only_the_newest_arena_wandb_folders_stay(tmp_path):
+    from tasks.arena_tasks import keep_newest_wandb
+
+    store = ArtifactStore(str(tmp_path))
+    runs = [f"arena-20261201-02{m:02d}00-run" for m in range(5)]
+    for run_id in runs:
+        store.write_text(f"wandb/{run_id}/offline-run-x/run.wandb", "x")
+    assert keep_newest_wandb(store, keep=3) == runs[:2]
+    assert sorted(p.name for p in (tmp_path / "wandb").iterdir()) == runs[2:]
