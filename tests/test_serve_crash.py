@@ -67,15 +67,14 @@ def test_a_sigkilled_supervisor_leaves_no_serve_process_or_flow_run_behind(tmp_p
                                   cwd=ROOT, env=_env(home), stdout=out, stderr=subprocess.STDOUT)
     children: dict[int, str] = {}
     try:
-        _wait_for_deployments(api, 900, log, parent)
+        on_demand = _wait_for_deployments(api, 900, log, parent, "smolflow-finetune/on-demand")
         with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-            on_demand = client.read_deployment_by_name("smolflow-finetune/on-demand")
             run = client.create_flow_run_from_deployment(on_demand.id, parameters={"config": config.model_dump(mode="json")})
             deadline = time.monotonic() + 600
             while client.read_flow_run(run.id).state.type != StateType.RUNNING:
                 assert parent.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(1)
-        time.sleep(5)
+        time.sleep(2)
         children = descendants(parent.pid)
         assert len(children) >= 3, children  # the server, the serve process, the flow run and theirs
         parent.kill()

@@ -31,12 +31,13 @@ def _env(home: Path) -> dict[str, str]:
     return env | {"PREFECT_HOME": str(home), "PYTHONPATH": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 
-def _wait_for_deployments(api: str, deadline_s: float, log: Path, parent: subprocess.Popen | None = None):
+def _wait_for_deployments(api: str, deadline_s: float, log: Path, parent: subprocess.Popen | None = None,
+                          name: str = "smolflow-finetune/nightly"):
     with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         deadline = time.monotonic() + deadline_s
         while True:
             try:
-                return client.read_deployment_by_name("smolflow-finetune/nightly")
+                return client.read_deployment_by_name(name)  # serve registers them one by one
             except Exception:
                 alive = parent is None or parent.poll() is None
                 assert alive and time.monotonic() < deadline, log.read_text()[-3000:]
