@@ -2,6 +2,7 @@
 
     python scripts/bench_eval.py [--items 8] [--threads 1] [--cases gsm8k-5shot mmlu-cloze-0shot ...]
     python scripts/bench_eval.py --dtype auto --hf-dtype float32 bfloat16    # precision as a run picks it
+    python scripts/bench_eval.py --device cuda --dtype auto --hf-dtype bfloat16  # on a GPU: compare wall seconds
 
 Runs the real SmolLM2-135M-Instruct through the stock lm-eval tasks twice per case, once with
 lm-eval's `HFLM` and once with `SharedPrefixLM` (tasks/benchmarks/fast_lm.py), in this one
@@ -192,6 +193,8 @@ def main() -> None:
                         help="HFLM's dtype(s), each a baseline row (default: smolflow-hf's); float32 is how "
                              "lm-eval runs the fp32 checkpoint smolflow converts")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where both engines run (cuda: compare the wall columns; the CPU ones count the host only)")
     args = parser.parse_args()
 
     import torch
@@ -212,19 +215,20 @@ def main() -> None:
         from tasks.config import ExecutionConfig
         from tasks.device import resolve
 
-        placement = resolve(ExecutionConfig(device="cpu", precision="auto"))
+        placement = resolve(ExecutionConfig(device=args.device, precision="auto"))
         args.dtype = "bfloat16" if placement.precision == "bf16" else "float32"
         print(f"execution.precision auto -> {placement.precision} ({placement.reason})")
     convert_builtin()
     base, tokenizer = load_model(resolve_model.fn("builtin:smollm2-135m-instruct"))
     dtypes = sorted({args.dtype, *(args.hf_dtype or [args.dtype])})
-    models = {d: copy.deepcopy(base).to(getattr(torch, d)).eval() for d in dtypes}  # .to() is in place
+    models = {d: copy.deepcopy(base).to(getattr(torch, d)).to(args.device).eval() for d in dtypes}  # .to() is in place
     model = models[args.dtype]
     hf_dtypes = args.hf_dtype or [args.dtype]
     hf_batch = args.hf_batch_size or args.batch_size
     print(f"SmolLM2-135M-Instruct: smolflow-hf {args.dtype}, HFLM {' and '.join(hf_dtypes)}; "
           f"{args.threads} torch thread(s), batch size {args.batch_size} (HFLM: {hf_batch}), "
-          f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}")
+          f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}"
+          + (f"; on {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ""))
     rows, rates = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         data = build_data(Path(tmp), args.items, args.bbh_per_task, args.mmlu_per_subject)
@@ -260,7 +264,8 @@ def main() -> None:
                 hf, hf_cpu, hf_wall = timed["HFLM", dtype]
                 same, gap = agreement(hf.records, fast.records)
                 delta = sum(r["correct"] for r in fast.records) - sum(r["correct"] for r in hf.records)
-                rates.setdefault(label, (hf_cpu, fast_cpu))  # the suite: against the first HFLM dtype
+                # the suite: against the first HFLM dtype; on a GPU by wall seconds (the host waits on the device)
+                rates.setdefault(label, (hf_cpu, fast_cpu) if args.device == "cpu" else (hf_wall, fast_wall))
                 rows.append(f"| {label} | {short(dtype)} / {short(args.dtype)} | {hf.n} | {hf_cpu:.2f} | {fast_cpu:.2f} | "
                             f"{hf_cpu / fast_cpu:.2f}x | {hf_wall:.2f} | {fast_wall:.2f} | {hf_wall / fast_wall:.2f}x | "
                             f"{same}/{hf.n} ({100 * same / hf.n:.0f}%) | {gap:.1e} | {delta:+d} |")
@@ -271,7 +276,12 @@ def main() -> None:
     print("\n".join(rows))
     if set(SUITE) <= set(rates):
         hf_total, fast_total = (sum(n * rates[c][k] for c, n in SUITE.items()) for k in (0, 1))
-        print(f"\nSeed suite on one model ({', '.join(f'{c} x {n}' for c, n in SUITE.items())}), {args.threads} thread(s), CPU hours: lm-eval HF "
+        suite = f"\nSeed suite on one model ({', '.join(f'{c} x {n}' for c, n in SUITE.items())}), "
+        if args.device == "cuda":  # one GPU runs one benchmark at a time here: wall hours, not split over cores
+            print(suite + f"one GPU, wall hours: lm-eval HF {hf_total / 3600:.2f} h, smolflow-hf "
+                  f"{fast_total / 3600:.2f} h ({hf_total / fast_total:.2f}x)")
+            return
+        print(suite + f"{args.threads} thread(s), CPU hours: lm-eval HF "
               f"{hf_total / 3600:.2f} h, smolflow-hf {fast_total / 3600:.2f} h ({hf_total / fast_total:.2f}x); "
               f"on {os.cpu_count()} cores, benchmarks as parallel tasks (execution.task_runner: ray): "
               f"smolflow-hf {fast_total / 3600 / (os.cpu_count() or 1):.2f} h of wall time")

@@ -19,7 +19,9 @@ the model is the built-in SmolLM2-135M-Instruct and the data the shipped fixture
 marks `fixture`: timings then hold, scores do not stand next to published ones.
 Training is timed per optimizer step, evaluation between steps left out, after the first
 min(10, half) steps; it trains as tasks/training.py's `fit` does (sft_config and the levers of
-tasks/train_levers.py that pay on the device, recorded under `levers`).
+tasks/train_levers.py that pay on the device, recorded under `levers`). Then, side by side in the
+same process (`--no-seed` skips it), the seed tutorial's own SFTConfig for the same steps on the same
+data, and a table of both: tokens/s, the ratio, and each one's held-out loss measured alike.
 """
 
 from __future__ import annotations
@@ -77,11 +79,14 @@ def peak_flops(device: str, dtype_name: str, reps: int = 10) -> float:
     return 2 * n**3 / best
 
 
-def train(args, placement, out_dir: Path) -> dict:
-    """The seed's SFT run (batch 4, lr 5e-5, `steps` steps) with smolflow's settings, timed per token."""
+def train(args, placement, out_dir: Path, config: str = "smolflow") -> dict:
+    """`steps` SFT steps, timed per token: smolflow's settings (as tasks/training.py's `fit` trains), or
+    `seed`, the seed tutorial's SFTConfig (batch 4, lr 5e-5, TRL's defaults: gradient checkpointing,
+    padded batches, bf16 autocast where the device has it) on the raw conversations, as it trains."""
     from transformers import TrainerCallback
-    from trl import SFTTrainer
+    from trl import SFTConfig, SFTTrainer
 
+    from bench_training import held_out_loss  # scripts/ is on sys.path: this script's folder
     from tasks import train_levers
     from tasks.config import DataConfig, TrainingConfig
     from tasks.data import load_chat_dataset
@@ -96,14 +101,13 @@ def train(args, placement, out_dir: Path) -> dict:
     from datasets import load_from_disk
 
     splits = load_from_disk(data.path)
-    train_ds, test_ds = prepare_splits(splits, tokenizer, cfg)
     steps: list[tuple[float, int]] = []  # per optimizer step: seconds, tokens (evaluation in between not counted)
 
     class Counting(SFTTrainer):
         tokens = 0
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            mask = inputs.get("attention_mask")
+            mask = inputs.get("attention_mask")  # padded batches; padding-free ones hold real tokens only
             self.tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
             return super().training_step(model, inputs, num_items_in_batch)
 
@@ -119,9 +123,18 @@ def train(args, placement, out_dir: Path) -> dict:
             sync(placement.device)
             steps.append((time.perf_counter() - self.started, trainer.tokens - self.tokens))
 
-    sft_args = sft_config(cfg, str(out_dir / "checkpoints"), [], placement, save_strategy="no")
-    # As tasks.training.fit trains: the levers that pay on this device (CPU ones only on a CPU).
-    levers = train_levers.apply(model, sft_args.padding_free, placement.device, sft_args.bf16)
+    if config == "seed":  # the seed's cell (it sets eval_steps but no eval_strategy: no evaluation), plus
+        # smolflow's 10% warm-up, as scripts/bench_training.py's seed row: the schedule is no speed lever,
+        # and the held-out losses then compare the levers alone
+        sft_args = SFTConfig(output_dir=str(out_dir / "checkpoints"), max_steps=args.steps, per_device_train_batch_size=4,
+                             learning_rate=5e-5, warmup_steps=0.1, logging_steps=10, save_strategy="no", report_to=[],
+                             bf16=placement.precision == "bf16", use_cpu=placement.device == "cpu", disable_tqdm=True)
+        train_ds, test_ds = splits["train"], None
+    else:
+        sft_args = sft_config(cfg, str(out_dir / "checkpoints"), [], placement, save_strategy="no")
+        train_ds, test_ds = prepare_splits(splits, tokenizer, cfg)
+    # As tasks.training.fit trains: the levers that pay on this device (CPU ones only on a CPU); the seed: none.
+    levers = train_levers.apply(model, sft_args.padding_free, placement.device, sft_args.bf16, enabled=config != "seed")
     trim = train_levers.trim_callback(levers["freed_memory_kept"])
     trainer = Counting(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=test_ds,
                        processing_class=tokenizer, callbacks=[Clock()] + ([trim] if trim else []))
@@ -131,13 +144,19 @@ def train(args, placement, out_dir: Path) -> dict:
     tokens_per_s = sum(n for _, n in timed) / sum(t for t, _ in timed)
     params = sum(p.numel() for p in model.parameters())
     peak = peak_flops(placement.device, placement.precision)
-    trainer.save_model(str(out_dir / "model"))
-    tokenizer.save_pretrained(str(out_dir / "model"))
-    return {"model": args.model, "steps": trainer.state.global_step, "train_loss": output.training_loss,
-            "eval_loss": trainer.evaluate()["eval_loss"], "tokens_per_s": tokens_per_s,
+    model_dir = out_dir / ("model" if config == "smolflow" else f"model-{config}")
+    trainer.save_model(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    return {"config": config, "model": args.model, "steps": trainer.state.global_step,
+            "train_loss": output.training_loss,
+            "eval_loss": trainer.evaluate()["eval_loss"] if test_ds is not None else None,
+            # both configurations' weights on the fixture's held-out conversations, measured alike (fp32, CPU)
+            "held_out_loss": held_out_loss(trainer.model, str(model_dir)),
+            "tokens_per_s": tokens_per_s, "tokens": trainer.tokens,
             "mfu": 6 * params * tokens_per_s / peak, "matmul_peak_tflops": peak / 1e12,
             "train_runtime_s": output.metrics["train_runtime"], "precision": placement.precision,
-            "timed_steps": len(timed), "levers": levers}
+            "bf16_autocast": bool(sft_args.bf16), "gradient_checkpointing": bool(sft_args.gradient_checkpointing),
+            "padding_free": bool(sft_args.padding_free), "timed_steps": len(timed), "levers": levers}
 
 
 def score(args, placement, model_dir: Path) -> list[dict]:
@@ -185,6 +204,8 @@ def main() -> None:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: check this script end to end where no GPU is (its numbers are a CPU's, not for docs/)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: every core, as a run)")
+    p.add_argument("--no-seed", dest="seed", action="store_false",
+                   help="skip the baseline: the seed tutorial's SFTConfig, the same steps on the same data after smolflow's")
     args = p.parse_args()
     from tasks.runtime import set_torch_threads
 
@@ -194,16 +215,33 @@ def main() -> None:
     from tasks.config import ExecutionConfig
     from tasks.device import publish
 
-    placement = publish(ExecutionConfig(device=args.device))  # bf16 where the device supports it
-    print(f"device: {gpu}; {placement.precision} ({placement.reason})", flush=True)
+    # On a GPU the decision a run makes (execution.device and precision auto), checked: it must pick the GPU.
+    placement = publish(ExecutionConfig(device="auto" if args.device == "cuda" else "cpu"))
+    print(f"device: {gpu}; execution.device auto -> {placement.device}, precision auto -> {placement.precision} "
+          f"({placement.reason})", flush=True)
+    if placement.device != args.device:
+        sys.exit(f"gpu_run.py: execution.device auto chose {placement.device} on a machine with {gpu}")
     out_dir = Path(args.out).with_suffix("")
     out_dir.mkdir(parents=True, exist_ok=True)
     training = train(args, placement, out_dir)
     print(json.dumps(training), flush=True)
-    benchmarks = score(args, placement, out_dir / "model")
-    Path(args.out).write_text(json.dumps({"device": gpu, "training": training, "benchmarks": benchmarks}, indent=2))
+    seed = None
+    if args.seed:  # side by side in this process, on the same device, after smolflow's (kernels warm for both)
+        seed = train(args, placement, out_dir, config="seed")
+        print(json.dumps(seed), flush=True)
+    found = {"device": gpu, "training": training, "seed_training": seed, "benchmarks": []}
+    Path(args.out).write_text(json.dumps(found, indent=2))  # kept, should a benchmark then fail
+    benchmarks = found["benchmarks"] = score(args, placement, out_dir / "model")
+    Path(args.out).write_text(json.dumps(found, indent=2))
     print(f"\n{gpu}: {training['tokens_per_s']:.0f} training tokens/s, MFU {training['mfu']:.1%} "
           f"({training['precision']}, {training['steps']} steps, eval loss {training['eval_loss']:.4f})")
+    print("| training | bf16 autocast | grad ckpt | padding-free | attention | tokens/s | ratio | MFU | "
+          "held-out loss (fp32) |\n|---|---|---|---|---|---|---|---|---|")
+    for t in [x for x in (seed, training) if x]:
+        ratio = t["tokens_per_s"] / (seed or training)["tokens_per_s"]
+        print(f"| {t['config']} | {t['bf16_autocast']} | {t['gradient_checkpointing']} | {t['padding_free']} | "
+              f"{t['levers']['attention']} | {t['tokens_per_s']:.0f} | {ratio:.2f}x | {t['mfu']:.1%} | "
+              f"{t['held_out_loss']:.4f} |")
     print("| benchmark | data | n | score | seconds | s/item |\n|---|---|---|---|---|---|")
     for r in benchmarks:
         print(f"| {r['benchmark']} | {r['data']} | {r['n']} | {r['score']:.3f} | {r['seconds']:.0f} | "

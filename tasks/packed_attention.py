@@ -39,10 +39,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if not one_packed_row:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **kwargs)
-    pos = position_ids[0]
-    # A sequence starts at 0 and wherever the position does not follow the previous one (as transformers finds them).
-    starts = [0, *((torch.diff(pos) != 1).nonzero().flatten() + 1).tolist(), pos.shape[0]]
-    lengths = [e - s for s, e in pairwise(starts)]
+    lengths = _lengths(position_ids)
     dtype = query.dtype
     # Under autocast SDPA runs in bf16 even on fp32 inputs (RoPE leaves q and k in fp32).
     upcast = UPCAST and query.device.type == "cpu" and (dtype != torch.float32 or torch.is_autocast_enabled("cpu"))
@@ -54,6 +51,21 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
                                                 enable_gqa=True)
                  for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     return torch.cat(parts, dim=2).to(dtype).transpose(1, 2).contiguous(), None
+
+
+_last: tuple = (None, [])  # (position_ids, their lengths): every layer of one forward gets the same tensor
+
+
+def _lengths(position_ids: torch.Tensor) -> list[int]:
+    """Lengths of the sequences in one packed row, found once per forward: on a GPU `.tolist()` waits
+    for the device, which once per layer would stall the kernel queue 30 times a step."""
+    global _last
+    if position_ids is not _last[0]:  # held here, so no other tensor can have its identity
+        pos = position_ids[0]
+        # A sequence starts at 0 and wherever the position does not follow the previous one (as transformers finds them).
+        starts = [0, *((torch.diff(pos) != 1).nonzero().flatten() + 1).tolist(), pos.shape[0]]
+        _last = (position_ids, [e - s for s, e in pairwise(starts)])
+    return _last[1]
 
 
 def time_attention(dtype, length: int = 140, reps: int = 3) -> float:

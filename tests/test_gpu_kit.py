@@ -69,7 +69,7 @@ def test_the_device_script_waits_for_every_part_then_installs_and_runs(tmp_path)
 
     repo = tmp_path / "repo"  # what a call sends: the working tree, plus the one part it carries
     (repo / "scripts").mkdir(parents=True)
-    for script in ("gpu_device.sh", "gpu_run.py"):
+    for script in ("gpu_device.sh", "gpu_run.py", "bench_eval.py"):
         shutil.copy(ROOT / "scripts" / script, repo / "scripts")
     site, out = tmp_path / "site", tmp_path / "out"
     env = os.environ | {"PYTHON": sys.executable, "SMOLFLOW_KIT_STASH": str(tmp_path / "stash"),
@@ -98,3 +98,11 @@ def test_the_device_script_waits_for_every_part_then_installs_and_runs(tmp_path)
     log = (out / "gpu_run.log").read_text()
     assert "| transformers" in log and "| lm_eval" in log  # the versions it ran with
     assert "--steps STEPS" in log  # gpu_run.py's own help: it ran, with the arguments passed on
+
+    # Another script next, no part carried: the kit is installed already, so it runs at once.
+    installed.write_text("# kept\n")
+    env["GPU_SCRIPT"] = "scripts/bench_eval.py"
+    done = call(None, "--help")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert installed.read_text() == "# kept\n"  # not installed again
+    assert "--device {cpu,cuda}" in (out / "bench_eval.log").read_text()

@@ -34,6 +34,15 @@ def test_the_gpu_script_runs_end_to_end_on_a_cpu(tiny_model_dir, tmp_path):
     assert math.isfinite(training["train_loss"]) and math.isfinite(training["eval_loss"])
     assert training["levers"]["attention"] == "smolflow-packed"  # trained as fit() trains: padding-free rows
     assert (tmp_path / "gpu_run" / "model" / "config.json").exists()  # the tuned model the benchmarks scored
+    # The baseline side by side: the seed's SFTConfig (TRL defaults) on the same data, for the same steps.
+    seed = result["seed_training"]
+    assert seed["config"] == "seed" and seed["steps"] == 4 and seed["tokens_per_s"] > 0
+    assert seed["gradient_checkpointing"] and not seed["padding_free"] and seed["levers"]["attention"] == "sdpa"
+    assert not training["gradient_checkpointing"] and training["padding_free"]
+    assert math.isfinite(seed["held_out_loss"]) and math.isfinite(training["held_out_loss"])
+    ratio = training["tokens_per_s"] / seed["tokens_per_s"]
+    assert f"| smolflow | {training['bf16_autocast']} | False | True | smolflow-packed | " in done.stdout
+    assert f"| {ratio:.2f}x |" in done.stdout
     rows = result["benchmarks"]
     assert [r["benchmark"] for r in rows] == PROFILE
     for r in rows:
