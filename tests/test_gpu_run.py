@@ -25,11 +25,13 @@ def gpu_run(args: list[str], cwd: Path, timeout: int, **env: str) -> subprocess.
 def test_the_gpu_script_runs_end_to_end_on_a_cpu(tiny_model_dir, tmp_path):
     out = tmp_path / "gpu_run.json"
     done = gpu_run(["--device", "cpu", "--threads", "1", "--model", str(tiny_model_dir), "--steps", "4",
-                    "--limit", "1", "--batch-size", "4", "--out", str(out)], tmp_path, timeout=600)
+                    "--profile-steps", "1", "--limit", "1", "--batch-size", "4", "--out", str(out)], tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(out.read_text())
     training = result["training"]
-    assert training["steps"] == 4 and training["timed_steps"] == 2  # the first half is warm-up
+    assert training["steps"] == 4 and training["timed_steps"] == 1  # the first half is warm-up, the last profiled
+    assert "profile of smolflow's last 1 steps, per step: host" in done.stdout and "aten::mm" in done.stdout
+    assert "profile of seed's last 1 steps" in done.stdout
     assert training["tokens_per_s"] > 0 and 0 < training["mfu"] and training["matmul_peak_tflops"] > 0
     assert math.isfinite(training["train_loss"]) and math.isfinite(training["eval_loss"])
     assert training["levers"]["attention"] == "smolflow-packed"  # trained as fit() trains: padding-free rows
