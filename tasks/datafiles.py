@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from tasks.runtime import cache_dir, split_of
+from tasks.yamlfile import KeyTwice, json_loads, unique_keys
 
 FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 READ_PROBLEM = "_read_problem"  # column of the line-by-line reader: why a line is not a row
@@ -91,13 +92,31 @@ class Origin:
         return f"split {self.split!r} row {row + 1}"
 
 
+def _array_values(data: bytes):
+    """The rows of a JSON array that json has read whole: each again, keys checked, one by one."""
+    text, plain, checked = data.decode(json.detect_encoding(data)), json.JSONDecoder(), json.JSONDecoder(object_pairs_hook=unique_keys)
+    at = text.index("[") + 1
+    while True:
+        while text[at] in " \t\r\n,":
+            at += 1
+        if text[at] == "]":
+            return
+        try:
+            value, end = checked.raw_decode(text, at)
+            yield value, None
+        except KeyTwice as err:
+            end = plain.raw_decode(text, at)[1]
+            yield None, str(err)
+        at = end
+
+
 def _values(file: str):
     """Each row of a JSON array or JSON-lines file as (value, None), or (None, why it is not JSON)."""
     if _is_array(file):  # one document: unreadable means the whole file is
         with open(file, "rb") as f:
             data = f.read()
         try:
-            values = json.loads(data)  # bytes: UTF-8 (with or without a byte-order mark)
+            json.loads(data)  # bytes: UTF-8 (with or without a byte-order mark)
         except UnicodeDecodeError as err:
             line = data.count(b"\n", 0, err.start) + 1
             raise UnreadableError(f"{file}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); "
@@ -105,14 +124,16 @@ def _values(file: str):
         except json.JSONDecodeError as err:
             raise UnreadableError(f"{file}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}); "
                                   "fix the syntax, or write the rows as JSON lines (one object per line)") from err
-        yield from ((v, None) for v in values)
+        yield from _array_values(data)
         return
     with open(file, "rb") as f:
         for line in f:  # binary lines end at b"\n" only, one at a time
             if not line.strip():
                 continue  # as datasets reads it: no row (Origin counts lines the same way)
             try:
-                yield json.loads(line), None
+                yield json_loads(line), None
+            except KeyTwice as err:
+                yield None, str(err)
             except UnicodeDecodeError:
                 yield None, "not valid JSON (not UTF-8 text)"
             except json.JSONDecodeError as err:
@@ -164,6 +185,20 @@ def _casts_parts_to_strings(ds) -> bool:
             and pa.types.is_string(item.field("content").type)):
         return False
     return any(pc.any(pc.starts_with(pc.list_flatten(chunk).field("content"), "[{")).as_py() for chunk in column.chunks)
+
+
+@lru_cache(maxsize=16)
+def _key_twice(file: str, stamp: tuple) -> bool:
+    """Whether a JSON array file has an object with a key twice (datasets' loader would keep the last
+    silently; Arrow's JSON-lines reader refuses such a line, and smolflow then reads line by line)."""
+    try:
+        with open(file, "rb") as f:
+            json.load(f, object_pairs_hook=unique_keys)
+    except KeyTwice:
+        return True
+    except ValueError:  # not JSON or not UTF-8: the readers below name that
+        pass
+    return False
 
 
 def _utf8(file: str) -> bool:
@@ -219,6 +254,8 @@ def read_split(dataset: str, builder: str, files: list[str], split: str):
     arrow = _arrow_dir(files)
     if builder == "json" and not all(_utf8(f) for f in files):
         return _keep_only(read_lines(files, arrow), arrow)  # a line that is not UTF-8: a bad row naming its line
+    if builder == "json" and any(_is_array(f) and _key_twice(f, _stamp(f)) for f in files):
+        return _keep_only(read_lines(files, arrow), arrow)  # the row with a key twice: a bad row, named
     try:
         ds = load_dataset(builder, data_files={split: files}, split=split, cache_dir=str(arrow))
         if builder != "json" or not _casts_parts_to_strings(ds):

@@ -42,7 +42,7 @@ from tasks.judge_backends import JudgeBackend, make_backend, redact_url
 from tasks.models import ModelRef
 from tasks.layout import RunPaths
 from tasks.runtime import FIXTURES, atomic_write, cache_dir, retry_transient, run_logger
-from tasks.yamlfile import read_text
+from tasks.yamlfile import KeyTwice, json_loads, read_text
 from tasks.storage import ArtifactStore
 
 TEMPLATE_NAME = "alpaca_eval:chatgpt/basic_prompt.txt"
@@ -261,11 +261,13 @@ def _rows(path: Path, field: str) -> list[tuple[str, dict]]:
     rows, lineno = [], 0
     try:
         if whole:
-            rows = [(f"{path} item {i}", row) for i, row in enumerate(json.loads(text), 1)]
+            rows = [(f"{path} item {i}", row) for i, row in enumerate(json_loads(text), 1)]
         else:
             for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
                 if line.strip():
-                    rows.append((f"{path} line {lineno}", json.loads(line)))
+                    rows.append((f"{path} line {lineno}", json_loads(line)))
+    except KeyTwice as err:
+        raise ValueError(f"judge.{field}: {path}{'' if whole else f' line {lineno}'}: {err}") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"judge.{field}: {path} line {err.lineno if whole else lineno} is not valid JSON "
                          f"({err.msg}); fix or remove that line") from None

@@ -219,6 +219,8 @@ def reason_kind(problem: str) -> str:
         return "duplicate row"
     if problem.startswith("not valid JSON"):
         return "not valid JSON"
+    if problem.startswith("key ") and " twice in one object" in problem:
+        return "a key twice in one object"
     kind = re.sub(r"\[\d+\]", "[i]", problem)
     kind = re.sub(r"\.role is .*", ".role is not a known role", kind)
     kind = re.sub(r"has type .*", "has an unknown part type", kind)

@@ -1,11 +1,12 @@
 """YAML/JSON files the user writes (run configs, custom benchmark definitions): where each key is.
 
 `key_lines` maps every key path to its 1-based line, so an error can say file:line, and refuses a
-key given twice (YAML would silently keep the last one).
+key given twice (YAML would silently keep the last one); `json_loads` does the same for JSON rows.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -19,6 +20,26 @@ def read_text(path: str | Path, error: type[Exception] = ValueError) -> str:
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise error(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8") from None
+
+
+class KeyTwice(ValueError):
+    """A JSON object with a key twice, whose first value json would drop without a word."""
+
+
+def unique_keys(pairs: list[tuple]) -> dict:
+    """json's object_pairs_hook: the object, each key once (KeyTwice otherwise)."""
+    found: dict = {}
+    for key, value in pairs:
+        if key in found:
+            raise KeyTwice(f"key {key!r} twice in one object (JSON readers keep only the last value; "
+                           "write each key once)")
+        found[key] = value
+    return found
+
+
+def json_loads(text: str | bytes):
+    """json.loads for files the user wrote: a key twice in one object raises KeyTwice."""
+    return json.loads(text, object_pairs_hook=unique_keys)
 
 
 def key_lines(text: str, where: str, error: type[Exception] = ValueError) -> dict[tuple, int]:

@@ -82,6 +82,10 @@ def test_rows_holding_u0085_and_u2028_are_read_and_a_broken_line_is_named(tmp_pa
         f.write('{"question": "cut off\n')
     with pytest.raises(ValueError, match=r"mmlu/test\.jsonl:3: not valid JSON"):
         REGISTRY["mmlu"].evaluate_lm(AnswerKey(right=True), BenchmarkConfig(name="mmlu", data=str(folder)))
+    lines = (folder / "test.jsonl").read_text().split("\n")
+    (folder / "test.jsonl").write_text(lines[0] + "\n" + lines[1].replace('"answer": 1', '"answer": 0, "answer": 1') + "\n")
+    with pytest.raises(ValueError, match=r"mmlu/test\.jsonl:2: key 'answer' twice in one object"):
+        REGISTRY["mmlu"].evaluate_lm(AnswerKey(right=True), BenchmarkConfig(name="mmlu", data=str(folder)))
 
 
 # 1. MMLU's lettered format, 5-shot from the dev split; num_fewshot is honoured and recorded.

@@ -136,6 +136,8 @@ def _write(folder: Path, definition: str = GOOD, items: str | None = ITEMS, name
          r"no `answer` \(answer_field\); keys present: \['gold', 'prompt'\]; add it or set answer_field"),
         (GOOD, ITEMS + '{"prompt": "Capital of Peru?" "answer": "Lima"}\n', "items.jsonl:3:",
          "not valid JSON .*each line must be one complete JSON object"),
+        (GOOD, ITEMS + '{"prompt": "Capital of Peru?", "answer": "Quito", "answer": "Lima"}\n', "items.jsonl:3:",
+         r"key 'answer' twice in one object \(JSON readers keep only the last value; write each key once\)"),
         (GOOD.replace("max_new_tokens", "max_new_token"), ITEMS, "bench.yaml:7:",
          "unknown key `max_new_token`: did you mean `max_new_tokens`?"),
         # beyond the required cases: wrong types, key rules, duplicate keys, unmatchable golds

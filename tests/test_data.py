@@ -157,6 +157,24 @@ def test_a_line_that_is_not_json_is_one_bad_row_not_a_lost_file(tmp_path):
     assert ref.rows == {"train": 2, "test": 1} and ref.dropped["train"] == {"not valid JSON": 1}
 
 
+def test_a_key_written_twice_is_a_bad_row_not_a_silently_lost_value(tmp_path):
+    # json keeps the last of two equal keys; the first value (here the user's real question) would vanish.
+    twice = '{"messages": [{"role": "user", "content": "lost", "content": "kept"}, {"role": "assistant", "content": "a"}]}'
+    (tmp_path / "train.jsonl").write_text(json.dumps(_chat(0)) + "\n" + twice + "\n" + json.dumps(_chat(1)) + "\n")
+    _write_jsonl(tmp_path / "test.jsonl", [_chat(2)])
+    with pytest.raises(BadRowsError, match=r"1 bad row\(s\) in split 'train': \S+/train.jsonl:2: key 'content' twice "
+                                           r"in one object \(JSON readers keep only the last value; write each key once\)"):
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    ref = load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), bad_rows="drop"))
+    assert ref.rows == {"train": 2, "test": 1} and ref.dropped["train"] == {"a key twice in one object": 1}
+    # A JSON array file: datasets' own loader would keep the last `messages` ([]) without a word.
+    (tmp_path / "train.jsonl").unlink()
+    (tmp_path / "train.json").write_text("[\n" + json.dumps(_chat(0)) + ",\n"
+                                         '{"messages": [{"role": "user", "content": "hi"}], "messages": []}\n]\n')
+    with pytest.raises(BadRowsError, match=r"train.json row 2: key 'messages' twice in one object"):
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+
+
 def _ids(ref, split="train"):
     from datasets import load_from_disk
 

@@ -219,6 +219,8 @@ def test_reference_file_is_matched_by_instruction(tiny_ref, tiny_model_dir, judg
         ("instructions", '{"instruction": "ok"}\n{"prompt": "wrong field"}\n',
          r"judge.instructions: .*line 2 has no non-empty `instruction`"),
         ("instructions", "\n", r"judge.instructions: .* has no rows"),
+        ("instructions", '{"instruction": "ok"}\n{"instruction": "lost", "instruction": "kept"}\n',
+         r"judge.instructions: .*bad.jsonl line 2: key 'instruction' twice in one object"),
         ("reference", '{"instruction": "Hello! How are you?"}\n', r"judge.reference: .*line 1 has no `output` string"),
         ("reference", '{"instruction": "Other", "output": "x"}\n',
          r"judge.reference: .*no output for 1 of 1 instructions \('Hello! How are you\?'\)"),

@@ -39,7 +39,7 @@ from prefect import task
 from prefect.cache_policies import TASK_SOURCE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.yamlfile import at, key_lines, read_text, yaml_error
+from tasks.yamlfile import KeyTwice, at, json_loads, key_lines, read_text, yaml_error
 from tasks.config import JudgeConfig
 from tasks.benchmarks import scorers
 from tasks.benchmarks.base import BenchmarkResult, stderr_of_mean
@@ -219,7 +219,10 @@ def _read_items(path: Path, d: Definition, where: str) -> list[Item]:
         if not text.strip():
             continue  # blank lines (a trailing newline, spacing) are not items
         try:
-            raw = json.loads(text)
+            raw = json_loads(text)
+        except KeyTwice as err:
+            problems.append(f"{path}:{number}: {err}")
+            continue
         except json.JSONDecodeError as err:
             problems.append(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}); "
                             "each line must be one complete JSON object")

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tasks.yamlfile import KeyTwice, json_loads
+
 
 def read_rows(path: str) -> list[dict[str, Any]]:
     """Rows of a local .json/.jsonl/.parquet file; a line that is not a JSON object is named file:line."""
@@ -15,7 +17,10 @@ def read_rows(path: str) -> list[dict[str, Any]]:
         return pd.read_parquet(path).to_dict("records")
     text = Path(path).read_text(encoding="utf-8")
     if path.endswith(".json") and text.lstrip().startswith("["):
-        return json.loads(text)
+        try:
+            return json_loads(text)
+        except KeyTwice as err:
+            raise ValueError(f"{path}: {err}") from None
     rows = []
     # Split on "\n" only: str.splitlines also breaks at U+0085 and U+2028, which real rows contain
     # inside their strings (two cais/mmlu "all" test rows hold U+0085).
@@ -23,7 +28,9 @@ def read_rows(path: str) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json_loads(line)
+        except KeyTwice as err:
+            raise ValueError(f"{path}:{number}: {err}") from None
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}); "
                              "fix that line (one JSON object per line)") from None
