@@ -357,6 +357,9 @@ class JudgeConfig(_Section):
 
     @model_validator(mode="after")
     def _endpoint(self) -> JudgeConfig:
+        if not self.enabled:
+            unused(self, tuple(n for n in type(self).model_fields if n != "enabled"), "judge.",
+                   "judge.enabled is false, so the judge does not run")
         endpoint_problem(self, "judge.")
         return self
 
@@ -434,6 +437,12 @@ class GateConfig(_Section):
         description="Promote even when no benchmark score is comparable with the reference's (other data, "
         "items, n-shot, format, template, generation or scorer). Off: no comparable evidence, no promotion.",
     )
+
+    @model_validator(mode="after")
+    def _off(self) -> GateConfig:
+        if not self.enabled:
+            unused(self, ("tolerance", "allow_incomparable"), "gate.", "gate.enabled is false, so nothing is promoted")
+        return self
 
 
 class WandbConfig(_Section):
@@ -515,6 +524,6 @@ class RunConfig(_Section):
         names = [b.name for b in self.benchmarks]
         if len(names) != len(set(names)):
             raise ValueError(f"benchmarks: each benchmark may appear once, got {names}")
-        if self.judge.max_new_tokens is None:
+        if self.judge.max_new_tokens is None and self.judge.enabled:  # off: left unset (nothing judges)
             self.judge.max_new_tokens = self.sampling.max_new_tokens
         return self

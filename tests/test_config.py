@@ -113,6 +113,10 @@ def test_odd_files_and_flag_values_are_refused_naming_where(tmp_path):
         (["--wandb.mode", "disabled", "--wandb.log-model"], "wandb.log_model: nothing is logged with wandb.mode 'disabled'"),
         (["--judge.backend", "openai", "--judge.model", "m", "--judge.base-url", "http://me:pw@127.0.0.1:8000/v1"],
          "judge.base_url: holds a user name or password, which the run's config would record"),
+        (["--judge.enabled", "false", "--judge.limit", "3", "--judge.model", "m"],
+         "judge.model, judge.limit: judge.enabled is false, so the judge does not run; remove them"),
+        (["--gate.enabled", "false", "--gate.tolerance", "0.02"],
+         "gate.tolerance: gate.enabled is false, so nothing is promoted; remove it"),
     ],
 )
 def test_a_setting_that_would_have_no_effect_is_refused(argv, message):
@@ -125,6 +129,8 @@ def test_the_same_settings_are_accepted_where_they_apply():
                         "--judge.model", "m", "--output.push-to-hub", "me/model", "--output.hub-private", "false"])
     assert (cfg.training.num_train_epochs, cfg.data.seed, cfg.judge.base_url, cfg.output.hub_private) == (3, 7, "http://x/v1", False)
     RunConfig.model_validate(RunConfig().model_dump())  # the UI sends every field, defaults included
+    off = RunConfig(judge={"enabled": False}, gate={"enabled": False})
+    RunConfig.model_validate(off.model_dump())  # switched off in the UI: the other fields come at their defaults
 
 
 @pytest.mark.parametrize(
