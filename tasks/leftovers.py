@@ -1,5 +1,6 @@
 """Leave nothing behind: children that die with their parent, a SIGTERM that exits like Ctrl-C, and
-reaping what a killed run left anyway: the temporary Prefect server of a SIGKILLed flow process.
+reaping what a killed run left anyway: the temporary Prefect server of a SIGKILLed flow process, and
+its temporary folders (`temp_dir`).
 
 Without PREFECT_API_URL every flow process starts a temporary Prefect server (uvicorn) and stops it
 at exit; a SIGKILL skips that, and the server lives on, re-parented to PID 1. The next run reaps
@@ -10,7 +11,9 @@ service needs nothing: wandb-core watches its parent's pid and exits with it.)
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,3 +93,15 @@ def reap_orphaned_servers(prefect_home: str | None = None, timeout: float = 10) 
 
         run_logger().warning("Stopped %d temporary Prefect server(s) left by a killed run: pids %s", len(pids), pids)
     return pids
+
+
+def temp_dir(kind: str) -> tempfile.TemporaryDirectory:
+    """A throwaway folder named after this process (smolflow-<kind>-<pid>-...), removed on exit as
+    any; one whose process is gone (SIGKILLed: no cleanup ran) is removed when the next is made."""
+    root = Path(tempfile.gettempdir())
+    mark = f"smolflow-{kind}-"
+    for path in root.glob(mark + "*"):
+        pid = path.name[len(mark):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{mark}{os.getpid()}-")

@@ -31,12 +31,11 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.leftovers import die_with_parent
+from tasks.leftovers import die_with_parent, temp_dir
 
 _INIT = Path(__file__).with_name("sandbox_init.py")
 _UNSHARE_FLAGS = ("--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--net", "--propagation", "private")
@@ -209,7 +208,7 @@ def run_python(program: str, limits: Limits = Limits()) -> SandboxResult:
     token = secrets.token_hex(16)
     tail = "\nimport sys as __sb_sys\nprint('\\n' + __sb_sys.stdin.readline().strip(), flush=True)\n"
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="smolflow-sandbox-") as host_dir:
+    with temp_dir("sandbox") as host_dir:
         host = Path(host_dir)  # root-only (0700): the program's source, its output, PID 1's status
         logs = host / "logs"
         logs.mkdir()

@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from prefect import task
@@ -27,7 +26,7 @@ from pydantic import BaseModel
 
 from tasks.config import TrainingConfig
 from tasks.device import Placement, resolve
-from tasks.leftovers import die_with_parent
+from tasks.leftovers import die_with_parent, temp_dir
 from tasks.locks import TRAINING_LOCK, exclusive
 from tasks.models import ModelRef, fingerprint_dir, load_model
 from tasks.progress import training_progress
@@ -430,7 +429,7 @@ def launch(spec: FitSpec) -> dict:
     import torch
 
     n = spec.cfg.num_processes
-    with tempfile.TemporaryDirectory(prefix="smolflow-ddp-") as tmp:
+    with temp_dir("ddp") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(spec.model_dump_json())
         env = os.environ | {

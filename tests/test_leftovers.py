@@ -86,3 +86,34 @@ def test_a_sigterm_stops_the_flow_and_its_temporary_server(tmp_path):
         time.sleep(0.5)
     assert not any(_running(pid) for pid in servers), "the temporary server outlived its flow"
     assert orphaned_servers(str(tmp_path / "prefect-home")) == []
+
+
+SANDBOXED = """
+import sys
+from tasks.sandbox import Limits, run_python
+run_python("import time; time.sleep(120)", Limits(timeout_s=120))
+"""
+
+
+def test_a_killed_runs_sandbox_folder_goes_when_the_next_is_made(tmp_path, monkeypatch):
+    # A HumanEval program runs in a throwaway folder; a SIGKILL of its run skips the cleanup, so the
+    # folder (program, output) would stay in $TMPDIR for good: the next sandbox removes it.
+    import tempfile
+
+    from tasks.leftovers import temp_dir
+
+    env = os.environ | {"TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", SANDBOXED], cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (left := list(tmp_path.glob(f"smolflow-sandbox-{proc.pid}-*/program.py"))):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the sandboxed program never started"
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    assert left[0].exists()  # what the killed run left
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with temp_dir("sandbox") as mine:
+        assert not left[0].parent.exists()  # the dead run's folder is gone
+        assert Path(mine).name.startswith(f"smolflow-sandbox-{os.getpid()}-")
+    assert not list(tmp_path.iterdir())  # and this one went at its end, as before
