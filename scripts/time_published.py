@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from tasks.config import PROFILES, BenchmarkConfig  # noqa: E402
+from tasks.config_eval import PROFILES, BenchmarkConfig  # noqa: E402
 from tasks.runtime import FIXTURES  # noqa: E402
 
 FULL = {"mmlu": 14042, "bbh": 6511, "gsm8k": 1319}  # test items of cais/mmlu, BBH's 27 tasks, openai/gsm8k

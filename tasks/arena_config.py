@@ -10,10 +10,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config import WandbConfig, _Section, endpoint_problem
+from tasks.config import WandbConfig
+from tasks.config_base import Section, endpoint_problem
 
 
-class ArenaJudgeConfig(_Section):
+class ArenaJudgeConfig(Section):
     """Who judges the battles: the same backends as the fine-tune run's judge (tasks/judge.py)."""
 
     enabled: bool = Field(True, description="Judge scheduled battles (both orders each); off: people's votes only.")
@@ -33,7 +34,7 @@ class ArenaJudgeConfig(_Section):
         return self
 
 
-class ArenaConfig(_Section):
+class ArenaConfig(Section):
     """Blind battles between models (nightly runs, the base, any model id), a Bradley-Terry leaderboard."""
 
     artifacts_uri: str = Field(

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-BENCHMARKS = ("mmlu", "bbh", "gsm8k", "math", "humaneval")  # one module each in tasks/benchmarks/
+from tasks.config_base import Section, unused
+from tasks.config_eval import BENCHMARKS, BenchmarkConfig, JudgeConfig, expand_benchmarks
 
 DEFAULT_PROMPTS = [
     "Hello! How are you?",
@@ -27,46 +28,7 @@ DEFAULT_PROMPTS = [
 ]
 
 
-class _Section(BaseModel):
-    # Reject unknown keys: a typo in a YAML file or the UI's JSON must not be silently ignored.
-    model_config = ConfigDict(extra="forbid")
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        # pydantic reads true as 1: `tolerance: yes` would allow any drop, `max_train_rows: on` one row.
-        if isinstance(value, bool) and info.field_name:
-            annotation = cls.model_fields[info.field_name].annotation
-            kinds = set(get_args(annotation) or (annotation,))
-            if bool not in kinds and kinds & {int, float}:
-                raise ValueError(f"needs a number, got {str(value).lower()}")
-        return value
-
-
-def unused(section: BaseModel, names: tuple[str, ...], prefix: str, why: str) -> None:
-    """Refuse (ValueError naming them) settings among `names` moved off their defaults that would
-    have no effect, `why` saying when they apply: a setting is never silently ignored."""
-    fields = type(section).model_fields
-    moved = [n for n in names if getattr(section, n) != fields[n].get_default(call_default_factory=True)]
-    if moved:
-        raise ValueError(f"{', '.join(prefix + n for n in moved)}: {why}; remove {'them' if len(moved) > 1 else 'it'}")
-
-
-def endpoint_problem(judge: BaseModel, prefix: str) -> None:
-    """A judge's backend and the settings that belong to it agree (ValueError naming the field)."""
-    from urllib.parse import urlsplit
-
-    if judge.base_url and (urlsplit(judge.base_url).username or urlsplit(judge.base_url).password):
-        raise ValueError(f"{prefix}base_url: holds a user name or password, which the run's config would record "
-                         f"(config.json, report, W&B); put the key in {prefix}api_key_env or {prefix}api_key_secret")
-    if judge.backend == "openai" and (not judge.base_url or judge.model == "auto"):
-        raise ValueError(f"{prefix}backend 'openai' needs {prefix}base_url and {prefix}model (the endpoint's model name)")
-    if judge.backend == "local":
-        unused(judge, ("base_url", "api_key_env", "api_key_secret"), prefix,
-               f"only the 'openai' backend uses them (set {prefix}backend: openai)")
-
-
-class DataConfig(_Section):
+class DataConfig(Section):
     """Which chat dataset to fine-tune on (rows in smoltalk's `messages` schema)."""
 
     dataset: str = Field(
@@ -100,7 +62,7 @@ class DataConfig(_Section):
         return self
 
 
-class TemplateConfig(_Section):
+class TemplateConfig(Section):
     """How conversations become tokens: the chat template and which tokens count in the loss."""
 
     chat_template: str = Field(
@@ -126,7 +88,7 @@ class TemplateConfig(_Section):
                          "nor an existing .jinja file: pick a name or give the file's path")
 
 
-class PeftConfig(_Section):
+class PeftConfig(Section):
     """LoRA adapters (peft) instead of full fine-tuning; the published model has them merged in."""
 
     r: int = Field(16, ge=1, le=1024, description="LoRA rank: the size of each adapter's low-rank update.")
@@ -140,7 +102,7 @@ class PeftConfig(_Section):
     )
 
 
-class TrainingConfig(_Section):
+class TrainingConfig(Section):
     """Fine-tuning settings, passed to TRL's SFTConfig (plus any other SFTConfig field in sft_args)."""
 
     max_steps: int = Field(
@@ -200,7 +162,7 @@ class TrainingConfig(_Section):
         return self
 
 
-class ExecutionConfig(_Section):
+class ExecutionConfig(Section):
     """Where and how models run: device, precision, and how benchmark tasks are spread out."""
 
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -240,7 +202,7 @@ class ExecutionConfig(_Section):
         return self
 
 
-class SamplingConfig(_Section):
+class SamplingConfig(Section):
     """Greedy samples generated before and after training, for a side-by-side look."""
 
     prompts: list[str] = Field(
@@ -250,121 +212,7 @@ class SamplingConfig(_Section):
     max_new_tokens: int = Field(100, ge=1, le=4096, description="Longest answer generated per prompt, in tokens.")
 
 
-class BenchmarkConfig(_Section):
-    """One benchmark to score the base and the tuned model on."""
-
-    name: Literal[BENCHMARKS] = Field("gsm8k", description=f"One of: {', '.join(BENCHMARKS)}.")
-    limit: int | None = Field(10, ge=1, description="Score at most this many items (None: all).")
-    num_fewshot: int | None = Field(None, ge=0, description="None: the benchmark's reference setting.")
-    data: str = Field(
-        "auto",
-        description="Hub dataset id, a local directory/file in the hub schema, or 'fixture'. "
-        "'auto': the hub online, the shipped fixture offline.",
-    )
-    batch_size: int = Field(
-        8, ge=1,
-        description="Items scored per forward pass. lm-eval generation (GSM8K, BBH, MATH) gains from 32 "
-        "(docs/performance.md); the `published` profile sets it.",
-    )
-    subsets: list[str] | None = Field(
-        None,
-        min_length=1,
-        description="MMLU subjects (e.g. high_school_physics) or BBH tasks (e.g. boolean_expressions) to "
-        "score; limit then applies per subset. None: every subset in the data.",
-    )
-    format: Literal["cloze", "mcq"] | None = Field(
-        None,
-        description="MMLU only. 'cloze': each choice's text scored (lm-eval mmlu/continuation, acc_norm; "
-        "the SmolLM2 card's setting); 'mcq': lettered A-D (lm-eval's default `mmlu` task, acc). None: cloze.",
-    )
-    variant: Literal["answer_only", "cot"] | None = Field(
-        None,
-        description="BBH only. 'answer_only': lm-eval bbh/fewshot (3-shot); 'cot': bbh/cot_fewshot "
-        "(3-shot chain of thought, exact_match,get-answer). None: answer_only.",
-    )
-
-    @model_validator(mode="after")
-    def _settings_apply(self) -> BenchmarkConfig:
-        # A setting the benchmark would ignore is an error, not a silent no-op.
-        if self.format is not None and self.name != "mmlu":
-            raise ValueError(f"format: only mmlu has a format (cloze | mcq); remove it from {self.name}")
-        if self.variant is not None and self.name != "bbh":
-            raise ValueError(f"variant: only bbh has a variant (answer_only | cot); remove it from {self.name}")
-        if self.name == "humaneval" and self.num_fewshot not in (None, 0):
-            raise ValueError(f"num_fewshot: humaneval is 0-shot; got {self.num_fewshot}, leave it unset")
-        return self
-
-
-# Named benchmark lists accepted wherever a list is (`benchmarks: published`). `published` is the
-# SmolLM2-135M-Instruct model card's setting: MMLU cloze over all 57 subjects (0-shot), BBH 3-shot
-# answer-only over all 27 tasks, GSM8K 5-shot, every item, from the hub. `published:DIR` reads local
-# mirrors in the hub schema instead: DIR/mmlu, DIR/bbh, DIR/gsm8k. Generation runs 32 rows a batch,
-# where smolflow-hf is fastest (docs/performance.md); the batch size never changes a score.
-PROFILES: dict[str, list[dict]] = {
-    "published": [
-        {"name": "mmlu", "format": "cloze", "num_fewshot": 0, "limit": None},
-        {"name": "bbh", "variant": "answer_only", "num_fewshot": 3, "limit": None, "batch_size": 32},
-        {"name": "gsm8k", "num_fewshot": 5, "limit": None, "batch_size": 32},
-    ],
-}
-
-
-def expand_benchmarks(value):
-    """A profile name ('published' or 'published:DIR') -> its list of benchmark settings; lists pass."""
-    if not isinstance(value, str):
-        return value
-    name, _, folder = value.partition(":")
-    if name not in PROFILES:
-        raise ValueError(f"benchmarks: unknown profile {value!r}; give a list, or one of {', '.join(PROFILES)}")
-    if folder:
-        root = Path(folder).expanduser()
-        return [b | {"data": str(root / b["name"])} for b in PROFILES[name]]
-    return [b | {"data": "hub"} for b in PROFILES[name]]
-
-
-class JudgeConfig(_Section):
-    """AlpacaEval-style pairwise judge: the tuned model's answers against a reference's."""
-
-    enabled: bool = Field(True, description="Judge the tuned model's answers (both orders per pair).")
-    instructions: str = Field(
-        "samples",
-        description="'samples': the run's sample prompts; 'fixture': the shipped AlpacaEval-style set; "
-        "or a local .json/.jsonl file in AlpacaEval's schema (`instruction` per row).",
-    )
-    reference: str = Field(
-        "base",
-        description="'base': the base model's answers; or a local .json/.jsonl file with "
-        "`instruction` and `output` per row (AlpacaEval's reference outputs).",
-    )
-    backend: Literal["local", "openai"] = Field(
-        "local", description="local: a transformers model on this machine; openai: any OpenAI-compatible endpoint."
-    )
-    model: str = Field(
-        "auto",
-        description="local: hub id or model directory ('auto': the built-in SmolLM2-135M-Instruct, a weak judge); "
-        "openai: the endpoint's model name.",
-    )
-    base_url: str | None = Field(None, description="openai backend: e.g. http://127.0.0.1:8000/v1 (vLLM, TGI, Ollama).")
-    api_key_env: str = Field("OPENAI_API_KEY", description="openai backend: environment variable holding the key.")
-    api_key_secret: str | None = Field(
-        None, description="openai backend: name of a Prefect Secret block holding the key (used when set)."
-    )
-    limit: int | None = Field(None, ge=1, description="Judge at most this many instructions.")
-    max_new_tokens: int | None = Field(
-        None, ge=1, le=4096,
-        description="Answer length. None: sampling.max_new_tokens, so the run's own samples are judged as they are.",
-    )
-
-    @model_validator(mode="after")
-    def _endpoint(self) -> JudgeConfig:
-        if not self.enabled:
-            unused(self, tuple(n for n in type(self).model_fields if n != "enabled"), "judge.",
-                   "judge.enabled is false, so the judge does not run")
-        endpoint_problem(self, "judge.")
-        return self
-
-
-class OutputConfig(_Section):
+class OutputConfig(Section):
     """Where the run's artifacts go, and how much of them (and of the local cache) is kept."""
 
     artifacts_uri: str = Field(
@@ -424,7 +272,7 @@ class OutputConfig(_Section):
         return repo
 
 
-class GateConfig(_Section):
+class GateConfig(Section):
     """Regression gate: move the `promoted` pointer to this run only if it did not regress."""
 
     enabled: bool = Field(True, description="Off: never promote (the decision is still recorded).")
@@ -445,7 +293,7 @@ class GateConfig(_Section):
         return self
 
 
-class WandbConfig(_Section):
+class WandbConfig(Section):
     """Weights & Biases tracking."""
 
     mode: Literal["auto", "online", "offline", "disabled"] = Field(
@@ -464,7 +312,7 @@ class WandbConfig(_Section):
         return self
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     """Everything one fine-tune-and-evaluate run needs."""
 
     model: str = Field(

@@ -1,0 +1,126 @@
+"""What a run measures besides the loss: the benchmarks (one section each, or a named profile) and
+the AlpacaEval-style judge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from tasks.config_base import Section, endpoint_problem, unused
+
+BENCHMARKS = ("mmlu", "bbh", "gsm8k", "math", "humaneval")  # one module each in tasks/benchmarks/
+
+class BenchmarkConfig(Section):
+    """One benchmark to score the base and the tuned model on."""
+
+    name: Literal[BENCHMARKS] = Field("gsm8k", description=f"One of: {', '.join(BENCHMARKS)}.")
+    limit: int | None = Field(10, ge=1, description="Score at most this many items (None: all).")
+    num_fewshot: int | None = Field(None, ge=0, description="None: the benchmark's reference setting.")
+    data: str = Field(
+        "auto",
+        description="Hub dataset id, a local directory/file in the hub schema, or 'fixture'. "
+        "'auto': the hub online, the shipped fixture offline.",
+    )
+    batch_size: int = Field(
+        8, ge=1,
+        description="Items scored per forward pass. lm-eval generation (GSM8K, BBH, MATH) gains from 32 "
+        "(docs/performance.md); the `published` profile sets it.",
+    )
+    subsets: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="MMLU subjects (e.g. high_school_physics) or BBH tasks (e.g. boolean_expressions) to "
+        "score; limit then applies per subset. None: every subset in the data.",
+    )
+    format: Literal["cloze", "mcq"] | None = Field(
+        None,
+        description="MMLU only. 'cloze': each choice's text scored (lm-eval mmlu/continuation, acc_norm; "
+        "the SmolLM2 card's setting); 'mcq': lettered A-D (lm-eval's default `mmlu` task, acc). None: cloze.",
+    )
+    variant: Literal["answer_only", "cot"] | None = Field(
+        None,
+        description="BBH only. 'answer_only': lm-eval bbh/fewshot (3-shot); 'cot': bbh/cot_fewshot "
+        "(3-shot chain of thought, exact_match,get-answer). None: answer_only.",
+    )
+
+    @model_validator(mode="after")
+    def _settings_apply(self) -> BenchmarkConfig:
+        # A setting the benchmark would ignore is an error, not a silent no-op.
+        if self.format is not None and self.name != "mmlu":
+            raise ValueError(f"format: only mmlu has a format (cloze | mcq); remove it from {self.name}")
+        if self.variant is not None and self.name != "bbh":
+            raise ValueError(f"variant: only bbh has a variant (answer_only | cot); remove it from {self.name}")
+        if self.name == "humaneval" and self.num_fewshot not in (None, 0):
+            raise ValueError(f"num_fewshot: humaneval is 0-shot; got {self.num_fewshot}, leave it unset")
+        return self
+
+
+# Named benchmark lists accepted wherever a list is (`benchmarks: published`). `published` is the
+# SmolLM2-135M-Instruct model card's setting: MMLU cloze over all 57 subjects (0-shot), BBH 3-shot
+# answer-only over all 27 tasks, GSM8K 5-shot, every item, from the hub. `published:DIR` reads local
+# mirrors in the hub schema instead: DIR/mmlu, DIR/bbh, DIR/gsm8k. Generation runs 32 rows a batch,
+# where smolflow-hf is fastest (docs/performance.md); the batch size never changes a score.
+PROFILES: dict[str, list[dict]] = {
+    "published": [
+        {"name": "mmlu", "format": "cloze", "num_fewshot": 0, "limit": None},
+        {"name": "bbh", "variant": "answer_only", "num_fewshot": 3, "limit": None, "batch_size": 32},
+        {"name": "gsm8k", "num_fewshot": 5, "limit": None, "batch_size": 32},
+    ],
+}
+
+
+def expand_benchmarks(value):
+    """A profile name ('published' or 'published:DIR') -> its list of benchmark settings; lists pass."""
+    if not isinstance(value, str):
+        return value
+    name, _, folder = value.partition(":")
+    if name not in PROFILES:
+        raise ValueError(f"benchmarks: unknown profile {value!r}; give a list, or one of {', '.join(PROFILES)}")
+    if folder:
+        root = Path(folder).expanduser()
+        return [b | {"data": str(root / b["name"])} for b in PROFILES[name]]
+    return [b | {"data": "hub"} for b in PROFILES[name]]
+
+
+class JudgeConfig(Section):
+    """AlpacaEval-style pairwise judge: the tuned model's answers against a reference's."""
+
+    enabled: bool = Field(True, description="Judge the tuned model's answers (both orders per pair).")
+    instructions: str = Field(
+        "samples",
+        description="'samples': the run's sample prompts; 'fixture': the shipped AlpacaEval-style set; "
+        "or a local .json/.jsonl file in AlpacaEval's schema (`instruction` per row).",
+    )
+    reference: str = Field(
+        "base",
+        description="'base': the base model's answers; or a local .json/.jsonl file with "
+        "`instruction` and `output` per row (AlpacaEval's reference outputs).",
+    )
+    backend: Literal["local", "openai"] = Field(
+        "local", description="local: a transformers model on this machine; openai: any OpenAI-compatible endpoint."
+    )
+    model: str = Field(
+        "auto",
+        description="local: hub id or model directory ('auto': the built-in SmolLM2-135M-Instruct, a weak judge); "
+        "openai: the endpoint's model name.",
+    )
+    base_url: str | None = Field(None, description="openai backend: e.g. http://127.0.0.1:8000/v1 (vLLM, TGI, Ollama).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai backend: environment variable holding the key.")
+    api_key_secret: str | None = Field(
+        None, description="openai backend: name of a Prefect Secret block holding the key (used when set)."
+    )
+    limit: int | None = Field(None, ge=1, description="Judge at most this many instructions.")
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=4096,
+        description="Answer length. None: sampling.max_new_tokens, so the run's own samples are judged as they are.",
+    )
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> JudgeConfig:
+        if not self.enabled:
+            unused(self, tuple(n for n in type(self).model_fields if n != "enabled"), "judge.",
+                   "judge.enabled is false, so the judge does not run")
+        endpoint_problem(self, "judge.")
+        return self
