@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tasks.config import WandbConfig
-from tasks.config_base import Section, endpoint_problem
+from tasks.config_base import Section, judge_problem
 
 
 class ArenaJudgeConfig(Section):
@@ -30,7 +30,7 @@ class ArenaJudgeConfig(Section):
 
     @model_validator(mode="after")
     def _endpoint(self) -> ArenaJudgeConfig:
-        endpoint_problem(self, "judge.")
+        judge_problem(self, "judge.")
         return self
 
 

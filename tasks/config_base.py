@@ -33,8 +33,12 @@ def unused(section: BaseModel, names: tuple[str, ...], prefix: str, why: str) ->
         raise ValueError(f"{', '.join(prefix + n for n in moved)}: {why}; remove {'them' if len(moved) > 1 else 'it'}")
 
 
-def endpoint_problem(judge: BaseModel, prefix: str) -> None:
-    """A judge's backend and the settings that belong to it agree (ValueError naming the field)."""
+def judge_problem(judge: BaseModel, prefix: str) -> None:
+    """A judge's settings take effect (ValueError naming the field): none moved while it is off, and
+    its backend and the settings that belong to it agree (the run's judge and the arena's)."""
+    if not judge.enabled:
+        unused(judge, tuple(n for n in type(judge).model_fields if n != "enabled"), prefix,
+               f"{prefix}enabled is false, so the judge does not run")
     from urllib.parse import urlsplit
 
     if judge.base_url and (urlsplit(judge.base_url).username or urlsplit(judge.base_url).password):

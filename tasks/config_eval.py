@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config_base import Section, endpoint_problem, unused
+from tasks.config_base import Section, judge_problem
 
 BENCHMARKS = ("mmlu", "bbh", "gsm8k", "math", "humaneval")  # one module each in tasks/benchmarks/
 
@@ -119,8 +119,5 @@ class JudgeConfig(Section):
 
     @model_validator(mode="after")
     def _endpoint(self) -> JudgeConfig:
-        if not self.enabled:
-            unused(self, tuple(n for n in type(self).model_fields if n != "enabled"), "judge.",
-                   "judge.enabled is false, so the judge does not run")
-        endpoint_problem(self, "judge.")
+        judge_problem(self, "judge.")
         return self

@@ -190,6 +190,8 @@ def tiny_run_config(model_dir: Path, artifacts: str, **overrides):
         "judge": {"model": str(model_dir)},  # a tiny judge: its verdicts are noise, the code path is real
         "torch_threads": 1,
     }
+    if overrides.get("judge", {}).get("enabled") is False:
+        base["judge"] = {}  # judge settings with the judge off are refused (they would have no effect)
     for key, value in overrides.items():
         base[key] = base[key] | value if isinstance(value, dict) else value
     return RunConfig.model_validate(base)

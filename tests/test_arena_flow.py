@@ -106,6 +106,8 @@ def test_bad_prompt_file_is_named_before_any_model_loads(tmp_path):
         arena.fn(config=ArenaConfig(artifacts_uri=str(tmp_path / "none"), prompts=str(bad), torch_threads=1))
     with pytest.raises(ValueError, match="unsupported scheme"):
         ArenaConfig(artifacts_uri="http://example.com/x")
+    with pytest.raises(ValueError, match="judge.model: judge.enabled is false, so the judge does not run"):
+        ArenaConfig(judge={"enabled": False, "model": "HuggingFaceTB/SmolLM2-360M-Instruct"})
 
 
 def test_only_the_newest_arena_wandb_folders_stay(tmp_path):
