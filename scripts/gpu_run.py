@@ -96,10 +96,10 @@ def train(args, placement, out_dir: Path, config: str = "smolflow") -> dict:
     """`steps` SFT steps, timed per token: smolflow's settings (as tasks/training.py's `fit` trains), or
     `seed`, the seed tutorial's SFTConfig (batch 4, lr 5e-5, TRL's defaults: gradient checkpointing,
     padded batches, bf16 autocast where the device has it) on the raw conversations, as it trains."""
+    from bench_training import held_out_loss  # scripts/ is on sys.path: this script's folder
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from bench_training import held_out_loss  # scripts/ is on sys.path: this script's folder
     from tasks import train_levers
     from tasks.config import DataConfig, TrainingConfig
     from tasks.data import load_chat_dataset
@@ -241,7 +241,8 @@ def main() -> None:
                    help="skip the baseline: the seed tutorial's SFTConfig, the same steps on the same data after smolflow's")
     args = p.parse_args()
     if not 0 <= args.profile_steps <= args.steps // 4:
-        p.error(f"--profile-steps {args.profile_steps}: at most a quarter of --steps ({args.steps // 4}), so steps remain to time")
+        p.error(f"--profile-steps {args.profile_steps}: at most a quarter of --steps ({args.steps // 4}), "
+                "so steps remain to time")
     from tasks.runtime import set_torch_threads
 
     set_torch_threads(args.threads or None)

@@ -94,7 +94,8 @@ class Origin:
 
 def _array_values(data: bytes):
     """The rows of a JSON array that json has read whole: each again, keys checked, one by one."""
-    text, plain, checked = data.decode(json.detect_encoding(data)), json.JSONDecoder(), json.JSONDecoder(object_pairs_hook=unique_keys)
+    text = data.decode(json.detect_encoding(data))
+    plain, checked = json.JSONDecoder(), json.JSONDecoder(object_pairs_hook=unique_keys)
     at = text.index("[") + 1
     while True:
         while text[at] in " \t\r\n,":
