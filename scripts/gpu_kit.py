@@ -47,10 +47,12 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
              "manylinux2014_x86_64", "manylinux1_x86_64")
 CALL_LIMIT = 64 * 2**20  # what one device call carries, working tree included
 # The last call: gpu_run.py (smolflow's training and the seed's side by side, their last 5 steps profiled, then
-# the benchmark profile), then bench_eval.py's engines side by side on the GPU.
+# the benchmark profile), then bench_eval.py's engines side by side on the GPU, then the probe (a bare step,
+# and the same step as one CUDA graph).
 LAST_CALL = ("--steps 200 --profile-steps 5; GPU_SCRIPT=scripts/bench_eval.py bash scripts/gpu_device.sh --device cuda "
              "--dtype auto --hf-dtype bfloat16 --items 64 --mmlu-per-subject 32 --bbh-per-task 32 --batch-size 32 "
-             "--hf-batch-size 32 --cases gsm8k-5shot mmlu-letter-0shot mmlu-cloze-0shot bbh-3shot math-4shot humaneval-0shot")
+             "--hf-batch-size 32 --cases gsm8k-5shot mmlu-letter-0shot mmlu-cloze-0shot bbh-3shot math-4shot humaneval-0shot; "
+             "timeout 120 python3 scripts/gpu_probe.py > $OUT/gpu_probe.log 2>&1")
 
 
 def pins() -> dict[str, str]:
