@@ -88,10 +88,11 @@ def test_a_sigterm_stops_the_flow_and_its_temporary_server(tmp_path):
     assert orphaned_servers(str(tmp_path / "prefect-home")) == []
 
 
+# The program only has to outlive the moment its run is SIGKILLed (~seconds in); the limit bounds
+# it should the test fail before the kill.
 SANDBOXED = """
-import sys
 from tasks.sandbox import Limits, run_python
-run_python("import time; time.sleep(120)", Limits(timeout_s=120))
+run_python("import time; time.sleep(60)", Limits(timeout_s=60))
 """
 
 
@@ -104,13 +105,28 @@ def test_a_killed_runs_sandbox_folder_goes_when_the_next_is_made(tmp_path, monke
 
     env = os.environ | {"TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", SANDBOXED], cwd=ROOT, env=env, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not (left := list(tmp_path.glob(f"smolflow-sandbox-{proc.pid}-*/program.py"))):
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "the sandboxed program never started"
-        time.sleep(0.2)
-    proc.kill()
-    proc.wait()
+    program: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 60
+        while not (left := list(tmp_path.glob(f"smolflow-sandbox-{proc.pid}-*/program.py"))) or not program:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the sandboxed program never started"
+            program = descendants(proc.pid)  # the sandbox and the program it runs
+            time.sleep(0.2)
+        proc.kill()
+        proc.wait()
+        # The sleeping program dies with its run (PR_SET_PDEATHSIG), not 60 s later.
+        deadline = time.monotonic() + 10
+        while alive := [pid for pid in program if _running(pid)]:
+            assert time.monotonic() < deadline, f"sandboxed processes outlived their killed run: {alive}"
+            time.sleep(0.2)
+    finally:
+        for pid in [proc.pid, *program]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        proc.wait()
     assert left[0].exists()  # what the killed run left
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with temp_dir("sandbox") as mine:
