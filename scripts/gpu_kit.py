@@ -4,7 +4,7 @@
     # then, on the device machine (the `device` tool's `run`), one call per part, back to back:
     #   carry [".kit/part-1"]   bash scripts/gpu_device.sh
     #   ...
-    #   carry [".kit/part-N"]   bash scripts/gpu_device.sh --steps 200 --profile-steps 5; GPU_SCRIPT=scripts/bench_eval.py ...
+    #   carry [".kit/part-N"]   bash scripts/gpu_device.sh --steps 300 ...; GPU_SCRIPT=scripts/gpu_step.py ...
 
 The device's image (Python 3.12, a CUDA torch, transformers, accelerate, no network) lacks TRL,
 lm-eval, datasets, Prefect and the rest of what gpu_run.py imports; a call carries at most 64 MiB,
@@ -47,12 +47,12 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
              "manylinux2014_x86_64", "manylinux1_x86_64")
 CALL_LIMIT = 64 * 2**20  # what one device call carries, working tree included
 # The last call: gpu_run.py (smolflow's training and the seed's side by side, their last 5 steps profiled, then
-# the benchmark profile), then bench_eval.py's engines side by side on the GPU, then the probe (a bare step,
-# and the same step as one CUDA graph).
-LAST_CALL = ("--steps 200 --profile-steps 5; GPU_SCRIPT=scripts/bench_eval.py bash scripts/gpu_device.sh --device cuda "
-             "--dtype auto --hf-dtype bfloat16 --items 64 --mmlu-per-subject 32 --bbh-per-task 32 --batch-size 32 "
-             "--hf-batch-size 32 --cases gsm8k-5shot mmlu-letter-0shot mmlu-cloze-0shot bbh-3shot math-4shot humaneval-0shot; "
-             "timeout 120 python3 scripts/gpu_probe.py > $OUT/gpu_probe.log 2>&1")
+# the benchmark profile at 64 items each), then gpu_step.py's rows (a training step broken down, cuDNN attention
+# on and off), then bench_eval.py's generation cases on the GPU (HumanEval's never finished within a call yet).
+LAST_CALL = ("--steps 300 --profile-steps 5 --limit 64; GPU_SCRIPT=scripts/gpu_step.py bash scripts/gpu_device.sh "
+             "--out /tmp/gpu-run/gpu_step.json --trainer-steps 0; GPU_SCRIPT=scripts/bench_eval.py timeout 150 bash "
+             "scripts/gpu_device.sh --device cuda --dtype auto --hf-dtype bfloat16 --items 64 --batch-size 32 "
+             "--hf-batch-size 32 --cases humaneval-0shot gsm8k-5shot")
 
 
 def pins() -> dict[str, str]:
@@ -141,9 +141,10 @@ def main() -> None:
     for k, part in enumerate(parts, 1):
         args_hint = f" {LAST_CALL}" if k == len(parts) else ""
         print(f'  run(carry=["{os.path.relpath(part, ROOT)}"], command="bash scripts/gpu_device.sh{args_hint}")')
-    print("one call after another, at once (the machine stays warm ~30 s); the last one runs gpu_run.py, then\n"
-          "bench_eval.py on the GPU (timeout_s 560). Sized from the first GPU session (2026-12-04, docs/performance.md#gpu):\n"
-          "a training step took ~0.46 s there, so the seed's 1000 steps twice would not fit in a session's 15 minutes.")
+    print("one call after another, at once (the machine stays warm ~30 s); the last one runs gpu_run.py, gpu_step.py,\n"
+          "then bench_eval.py on the GPU (timeout_s 560). Sized from the second GPU session (2026-12-04,\n"
+          "docs/performance.md#gpu): "
+          "a step took 0.18 s (smolflow) and 0.33 s (the seed) there; the seed's 1000 steps, both, would take ~9 minutes.")
 
 
 if __name__ == "__main__":

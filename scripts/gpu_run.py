@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -82,14 +83,31 @@ def peak_flops(device: str, dtype_name: str, reps: int = 10) -> float:
     return 2 * n**3 / best
 
 
+LAUNCH = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+SYNC = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync")
+MALLOC = ("cudaMalloc", "cudaFree")
+
+
+def counts(prof, steps: int) -> dict:
+    """Per step, from torch's profiler: kernel launches, host-device syncs (and copies), cudaMalloc/cudaFree
+    calls (the caching allocator missing), host ms of ops and busy device ms."""
+    events = prof.key_averages()
+
+    def calls(names) -> float:
+        return sum(e.count for e in events if e.key in names) / steps
+
+    return {"launches": calls(LAUNCH), "syncs": calls(SYNC), "mallocs": calls(MALLOC),
+            "host_ms": sum(e.self_cpu_time_total for e in events) / steps / 1e3,
+            "device_ms": sum(getattr(e, "self_device_time_total", 0) for e in events) / steps / 1e3}
+
+
 def profile_table(prof, steps: int, config: str) -> str:
     """Where a step's time goes, per step: host (CPU) and device time in all, then the heaviest host ops."""
-    events = prof.key_averages()
-    host = sum(e.self_cpu_time_total for e in events) / steps / 1e3
-    device = sum(getattr(e, "self_device_time_total", 0) for e in events) / steps / 1e3
-    return (f"\nprofile of {config}'s last {steps} steps, per step: host {host:.1f} ms of ops, device {device:.1f} ms "
-            "(host far above device: the GPU waits on Python and kernel launches)\n"
-            + events.table(sort_by="self_cpu_time_total", row_limit=15))
+    c = counts(prof, steps)
+    return (f"\nprofile of {config}'s last {steps} steps, per step: host {c['host_ms']:.1f} ms of ops, device "
+            f"{c['device_ms']:.1f} ms, {c['launches']:.0f} kernel launches, {c['syncs']:.0f} syncs or copies, "
+            f"{c['mallocs']:.0f} cudaMalloc/cudaFree (host far above device: the GPU waits on Python and launches)\n"
+            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 def train(args, placement, out_dir: Path, config: str = "smolflow") -> dict:
@@ -138,6 +156,7 @@ def train(args, placement, out_dir: Path, config: str = "smolflow") -> dict:
 
     class Profile(TrainerCallback):  # the last `--profile-steps` steps under torch's profiler (not timed)
         prof = None
+        counts: dict = {}
 
         def on_step_begin(self, a, state, control, **kw):
             if args.profile_steps and state.global_step == a.max_steps - args.profile_steps:
@@ -151,6 +170,7 @@ def train(args, placement, out_dir: Path, config: str = "smolflow") -> dict:
             if self.prof is not None:
                 sync(placement.device)
                 self.prof.__exit__(None, None, None)
+                self.counts = counts(self.prof, args.profile_steps)
                 print(profile_table(self.prof, args.profile_steps, config), flush=True)
 
     if config == "seed":  # the seed's cell (it sets eval_steps but no eval_strategy: no evaluation), plus
@@ -166,8 +186,9 @@ def train(args, placement, out_dir: Path, config: str = "smolflow") -> dict:
     # As tasks.training.fit trains: the levers that pay on this device (CPU ones only on a CPU); the seed: none.
     levers = train_levers.apply(model, sft_args.padding_free, placement.device, sft_args.bf16, enabled=config != "seed")
     trim = train_levers.trim_callback(levers["freed_memory_kept"])
+    profiled = Profile()
     trainer = Counting(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=test_ds,
-                       processing_class=tokenizer, callbacks=[Clock(), Profile()] + ([trim] if trim else []))
+                       processing_class=tokenizer, callbacks=[Clock(), profiled] + ([trim] if trim else []))
     with train_levers.freed_memory_kept(levers["freed_memory_kept"]):
         output = trainer.train()
     # the first steps include start-up and kernel selection; the profiled ones the profiler's own cost
@@ -184,6 +205,7 @@ def train(args, placement, out_dir: Path, config: str = "smolflow") -> dict:
             # both configurations' weights on the fixture's held-out conversations, measured alike (fp32, CPU)
             "held_out_loss": held_out_loss(trainer.model, str(model_dir)),
             "tokens_per_s": tokens_per_s, "tokens": trainer.tokens,
+            "step_ms": 1e3 * statistics.median(t for t, _ in timed), "profile": profiled.counts,
             "mfu": 6 * params * tokens_per_s / peak, "matmul_peak_tflops": peak / 1e12,
             "train_runtime_s": output.metrics["train_runtime"], "precision": placement.precision,
             "bf16_autocast": bool(sft_args.bf16), "gradient_checkpointing": bool(sft_args.gradient_checkpointing),

@@ -1,7 +1,8 @@
 """Training levers for the CPU, applied where they pay and recorded in training/trainer_args.json.
 
 - Per-sequence attention for padding-free batches (tasks/packed_attention.py): the same maths as
-  transformers' block-diagonal mask, without the scores that the mask throws away.
+  transformers' block-diagonal mask, without the scores that the mask throws away. CPU only: on a
+  GPU the scores cost nothing next to the host's time per call, and per-sequence calls cost more.
 - With bf16 autocast, that attention in fp32 where a probe finds the CPU's SDPA kernel faster in
   fp32 (it ran 2x slower in bf16 than in fp32 on a Zen 4 EPYC with bf16 units).
 - TRL's fused LM head. TRL scores tokens against 32,768 vocabulary rows at a time (tuned for its
@@ -30,6 +31,9 @@ from pydantic import BaseModel
 from tasks.device import cached_on_machine
 from tasks.memory import TRIM_EVERY, freed_memory_kept, glibc  # noqa: F401 (training's levers, named here)
 
+# Measured on the first GPU lent (an H200, bf16; scripts/gpu_step.py, docs/performance.md#gpu).
+CUDA_ATTENTION = ("GPU: transformers' SDPA over the block-diagonal mask (H200: 127 ms a bare step vs 193 ms per "
+                  "sequence, and TRL's Trainer 700 ms a step per sequence: cuDNN's host time per new length)")
 TRL_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE as TRL ships it
 CPU_CHUNK = 4096
 PROBE_TOKENS = 512  # about one padding-free step of 4 conversations
@@ -132,7 +136,12 @@ def apply(model, padding_free: bool, device: str, bf16: bool, enabled: bool = Tr
 
     levers: dict = {}
     if padding_free and model.config._attn_implementation in ("sdpa", packed_attention.PACKED):
-        model.config._attn_implementation = packed_attention.PACKED if enabled else "sdpa"
+        # On a GPU, transformers' SDPA over the block-diagonal mask: per-sequence SDPA calls went to cuDNN,
+        # which spent ~1 ms of host time per call on sequence lengths it had not seen (see CUDA_ATTENTION).
+        per_sequence = enabled and device == "cpu"
+        model.config._attn_implementation = packed_attention.PACKED if per_sequence else "sdpa"
+        if enabled and not per_sequence:
+            levers["attention_reason"] = CUDA_ATTENTION
     levers["attention"] = model.config._attn_implementation
     packed_attention.UPCAST = False
     if levers["attention"] == packed_attention.PACKED and device == "cpu" and bf16:

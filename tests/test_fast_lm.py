@@ -247,6 +247,28 @@ def test_items_packed_into_one_row_equal_hflm(tiny_model_dir, mmlu_fewshot_dir, 
     assert max(widest) > 1  # some pass held more than one question
 
 
+def test_off_the_cpu_scoring_goes_to_hflms_batches(tiny_model_dir, mmlu_fewshot_dir, monkeypatch):
+    """On a GPU the packed passes cost more host time than they save (docs/performance.md#gpu):
+    loglikelihood requests go to HFLM's own batches there, recorded, with HFLM's results."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    lm = fast_lm.engine(model, AutoTokenizer.from_pretrained(tiny_model_dir), 4)
+    assert lm.packs_scoring  # the decision: by the device the model is on
+    lm._device = torch.device("cuda")  # a device object, no GPU needed
+    assert not lm.packs_scoring
+    packed = []
+    monkeypatch.setattr(SharedPrefixLM, "_score_packed", lambda self, *a: packed.append(1))  # must not be reached
+    monkeypatch.setattr(SharedPrefixLM, "packs_scoring", property(lambda self: False))
+    cfg = BenchmarkConfig(name="mmlu", limit=2, num_fewshot=0, data=str(mmlu_fewshot_dir))
+    reference, fast = _both(tiny_model_dir, FewShotMMLU(), cfg)
+    _same_choices(reference, fast, tolerance=0)
+    assert not packed
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    result = REGISTRY["mmlu"].evaluate(model, tokenizer, BenchmarkConfig(name="mmlu", limit=2))
+    assert result.settings["scoring_passes"] == "HFLM batches" and not packed
+
+
 def test_benchmarks_run_and_record_the_engine(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -264,8 +286,9 @@ def test_benchmarks_run_and_record_the_engine(tiny_model_dir):
     assert result.settings["freed_memory_kept"] is on and kept and set(kept) == {on}
     assert memory._depth == 0  # glibc's defaults are back
     kept.clear()
-    REGISTRY["mmlu"].evaluate(model, tokenizer, BenchmarkConfig(name="mmlu", limit=2))  # scoring, not generating
+    result = REGISTRY["mmlu"].evaluate(model, tokenizer, BenchmarkConfig(name="mmlu", limit=2))  # scoring, not generating
     assert kept and set(kept) == {on}
+    assert result.settings["scoring_passes"] == "packed, shared prefixes"  # on a CPU
 
 
 # Real model, greedy generation to the stop string in both engines: ~1-2 min of CPU (574 s wall

@@ -152,6 +152,9 @@ def test_levers_set_and_record_trls_chunk(tiny_model_dir, tmp_path, monkeypatch)
     assert not packed_attention.UPCAST and "attention_fp32_under_bf16" not in levers
     train_levers.attention_probe.cache_clear()
     levers = train_levers.apply(model, padding_free=True, device="cuda", bf16=False)  # Triton's tuning: untouched
+    # On a GPU: transformers' SDPA over the block-diagonal mask, and why (measured on an H200)
+    assert levers["attention"] == "sdpa" == model.config._attn_implementation
+    assert levers["attention_reason"] == train_levers.CUDA_ATTENTION and "H200" in levers["attention_reason"]
     assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == train_levers.TRL_CHUNK == levers["lm_head_vocab_chunk"]
     assert levers["lm_head"] == "trl" and trl_utils._ChunkedLogProbFunction is ChunkedLogProbFunction
     assert levers["freed_memory_kept"] is False  # a GPU run's host memory is not the step's

@@ -4,13 +4,13 @@
 replaced; prompts, few-shot sampling, stop sequences, answer extraction and metrics still come
 from the stock task YAMLs through lm-eval, so scores stay comparable with anyone else's.
 
-- loglikelihood: contexts that share a prefix (a subject's few-shot block, or only its header)
-  are grouped (`prefix_groups`); that prefix is run once per group. Then several contexts per
-  forward pass, back to back in one row with no padding, each holding its own tokens followed by
-  all its choices' continuations: a context is computed once, not once per choice, and
-  `segment_attention` attends each item to the prefix and itself alone. Only the positions that
-  score continuation tokens get logits (the 49k-wide vocabulary projection and log-softmax over
-  every position is much of HFLM's cost).
+- loglikelihood (on a CPU; on a GPU HFLM's own batches, see `packs_scoring`): contexts that
+  share a prefix (a subject's few-shot block, or only its header) are grouped (`prefix_groups`);
+  that prefix is run once per group. Then several contexts per forward pass, back to back in one
+  row with no padding, each holding its own tokens followed by all its choices' continuations:
+  a context is computed once, not once per choice, and `segment_attention` attends each item to
+  the prefix and itself alone. Only the positions that score continuation tokens get logits (the
+  49k-wide vocabulary projection and log-softmax over every position is much of HFLM's cost).
 - generate_until (greedy only; sampling goes to HFLM): a batch's longest common token prefix (the
   few-shot block) is computed once (and reused by the next batches behind the same block), and its
   keys and values are kept once for the whole batch:
@@ -100,6 +100,14 @@ class SharedPrefixLM(HFLM):
         """Whether the engine keeps freed memory while it works (on a CPU, with glibc), recorded in each result."""
         return torch.device(self.device).type == "cpu" and glibc() is not None
 
+    @property
+    def packs_scoring(self) -> bool:
+        """Whether loglikelihood requests go through the packed, prefix-sharing passes below (on a CPU), or
+        HFLM's own batches (elsewhere). On a GPU the step is the host's: the packed passes' per-item masks
+        and reads cost more than the compute they save (H200, bf16: MMLU 0-shot at 0.39-0.44x HFLM's
+        speed, scripts/bench_eval.py, docs/performance.md#gpu); generation keeps this engine (1.1-1.4x)."""
+        return torch.device(self.device).type == "cpu"
+
     def _forward(self, ids: torch.Tensor, cache: DynamicCache, keep: int = 0, **kwargs):
         """One forward pass extending `cache`; logits for the last `keep` positions (0: all)."""
         with torch.no_grad():
@@ -124,7 +132,7 @@ class SharedPrefixLM(HFLM):
 
     @_keeping_freed_memory
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-        if self.backend != "causal":
+        if self.backend != "causal" or not self.packs_scoring:
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         results: list = [None] * len(requests)
         # Requests that need left-truncation keep HFLM's exact handling (rare: prompts past max_length).
