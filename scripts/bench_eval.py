@@ -224,6 +224,14 @@ def main() -> None:
     models = {d: copy.deepcopy(base).to(getattr(torch, d)).to(args.device).eval() for d in dtypes}  # .to() is in place
     model = models[args.dtype]
     hf_dtypes = args.hf_dtype or [args.dtype]
+    if args.device == "cuda":  # the GPU's first-call costs (context, cuBLAS, kernel loading) before any clock runs:
+        # on the H200 the first case's HFLM run paid them, and MMLU lettered read 1.45x with both on one code path
+        ids = torch.ones(args.batch_size, 64, dtype=torch.long, device=args.device)
+        with torch.no_grad():
+            for m in models.values():
+                m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id)
+        torch.cuda.synchronize()
     hf_batch = args.hf_batch_size or args.batch_size
     print(f"SmolLM2-135M-Instruct: smolflow-hf {args.dtype}, HFLM {' and '.join(hf_dtypes)}; "
           f"{args.threads} torch thread(s), batch size {args.batch_size} (HFLM: {hf_batch}), "
