@@ -83,5 +83,36 @@ def time_attention(dtype, length: int = 140, reps: int = 3) -> float:
     return best
 
 
+def time_packing(device: str, dtype, reps: int = 3) -> tuple[float, float]:
+    """Best fwd+bwd seconds of one padding-free row of 4 sequences (SmolLM2's heads): (this module's
+    one call per sequence, transformers' SDPA over the block-diagonal mask). Each pass draws new
+    sequence lengths, as training's batches bring: a GPU's kernel library may plan per new shape."""
+    import time
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=True)
+    best = [float("inf"), float("inf")]
+    for rep in range(reps + 1):  # the first: kernel selection, not timed
+        lengths = torch.randint(100, 180, (4,), generator=g).tolist()
+        n = sum(lengths)
+        pos = torch.cat([torch.arange(k) for k in lengths])[None].to(device)
+        seq = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths)).to(device)
+        mask = ((seq[:, None] == seq[None, :]) & torch.ones(n, n, dtype=torch.bool, device=device).tril())[None, None]
+        q = torch.randn(1, 9, n, 64, generator=g).to(device, dtype).requires_grad_(True)
+        k, v = (torch.randn(1, 3, n, 64, generator=g).to(device, dtype).requires_grad_(True) for _ in range(2))
+        for i, run in enumerate((lambda: packed_attention(module, q, k, v, None, position_ids=pos),
+                                 lambda: sdpa_attention_forward(module, q, k, v, mask))):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()[0].sum().backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if rep:
+                best[i] = min(best[i], time.perf_counter() - start)
+    return best[0], best[1]
+
+
 AttentionInterface.register(PACKED, packed_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, sdpa_mask)  # the fallback above needs SDPA's mask

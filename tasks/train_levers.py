@@ -1,8 +1,8 @@
 """Training levers for the CPU, applied where they pay and recorded in training/trainer_args.json.
 
 - Per-sequence attention for padding-free batches (tasks/packed_attention.py): the same maths as
-  transformers' block-diagonal mask, without the scores that the mask throws away. CPU only: on a
-  GPU the scores cost nothing next to the host's time per call, and per-sequence calls cost more.
+  transformers' block-diagonal mask, without the scores that the mask throws away. On a GPU a
+  short probe decides (on the H200 measured, each call's host time outweighed the scores saved).
 - With bf16 autocast, that attention in fp32 where a probe finds the CPU's SDPA kernel faster in
   fp32 (it ran 2x slower in bf16 than in fp32 on a Zen 4 EPYC with bf16 units).
 - TRL's fused LM head. TRL scores tokens against 32,768 vocabulary rows at a time (tuned for its
@@ -31,9 +31,6 @@ from pydantic import BaseModel
 from tasks.device import cached_on_machine
 from tasks.memory import TRIM_EVERY, freed_memory_kept, glibc  # noqa: F401 (training's levers, named here)
 
-# Measured on the first GPU lent (an H200, bf16; scripts/gpu_step.py, docs/performance.md#gpu).
-CUDA_ATTENTION = ("GPU: transformers' SDPA over the block-diagonal mask (H200: 127 ms a bare step vs 193 ms per "
-                  "sequence, and TRL's Trainer 700 ms a step per sequence: cuDNN's host time per new length)")
 TRL_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE as TRL ships it
 CPU_CHUNK = 4096
 PROBE_TOKENS = 512  # about one padding-free step of 4 conversations
@@ -79,6 +76,18 @@ def time_lm_head(vocab: int, hidden: int, bf16: bool, chunk: int, ours: bool = F
     return best
 
 
+class PackingProbe(BaseModel):
+    """Seconds of SDPA fwd+bwd over one padding-free row of 4 sequences: one call per sequence, and
+    one over the block-diagonal mask."""
+
+    per_sequence_s: float
+    block_mask_s: float
+
+    @property
+    def per_sequence(self) -> bool:
+        return self.per_sequence_s < self.block_mask_s
+
+
 class AttentionProbe(BaseModel):
     """Seconds of SDPA fwd+bwd over one 140-token sequence, in bf16 and in fp32."""
 
@@ -96,6 +105,24 @@ def head_probe(vocab: int, hidden: int, bf16: bool) -> HeadProbe:
     return cached_on_machine(f"lm-head-{vocab}x{hidden}-{'bf16' if bf16 else 'fp32'}", HeadProbe, lambda: HeadProbe(
         trl_s=time_lm_head(vocab, hidden, bf16, TRL_CHUNK), cpu_s=time_lm_head(vocab, hidden, bf16, CPU_CHUNK),
         smolflow_s=time_lm_head(vocab, hidden, bf16, CPU_CHUNK, ours=True)))
+
+
+@functools.cache
+def packing_probe(device: str, bf16: bool) -> PackingProbe:
+    """The packed-attention probe on a GPU, once per process, once per machine and GPU on disk (~0.1 s).
+
+    One call per sequence skips the scores the mask throws away (4 sequences: three quarters of
+    them), which pays on CPUs. On the first GPU lent (an H200) it made a training step 4x slower:
+    cuDNN spent ~1-2 ms of host time a call planning for each sequence length it had not seen
+    (docs/performance.md#gpu)."""
+    import torch
+
+    from tasks.packed_attention import time_packing
+
+    where = device if device != "cuda" else "cuda-" + "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name())
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return cached_on_machine(f"packing-{where}-{'bf16' if bf16 else 'fp32'}", PackingProbe,
+                             lambda: PackingProbe(**dict(zip(("per_sequence_s", "block_mask_s"), time_packing(device, dtype)))))
 
 
 @functools.cache
@@ -135,15 +162,19 @@ def apply(model, padding_free: bool, device: str, bf16: bool, enabled: bool = Tr
     from tasks import lm_head_cpu, packed_attention
 
     levers: dict = {}
+    packed_attention.UPCAST = False  # set below where it pays; not while the packing probe runs
     if padding_free and model.config._attn_implementation in ("sdpa", packed_attention.PACKED):
-        # On a GPU, transformers' SDPA over the block-diagonal mask: per-sequence SDPA calls went to cuDNN,
-        # which spent ~1 ms of host time per call on sequence lengths it had not seen (see CUDA_ATTENTION).
+        # On a CPU per sequence, as measured over whole steps on both CPUs (16-23% faster; on bf16 units with
+        # the fp32 upcast below). On a GPU the kernel library decides what a call costs, so a probe does.
         per_sequence = enabled and device == "cpu"
+        if enabled and device != "cpu":
+            packing = packing_probe(device, bf16)
+            per_sequence = packing.per_sequence
+            levers["attention_reason"] = (f"{device} probe: SDPA fwd+bwd over 4 packed sequences "
+                                          f"{packing.per_sequence_s * 1e3:.2f} ms one call per sequence vs "
+                                          f"{packing.block_mask_s * 1e3:.2f} ms over the block mask")
         model.config._attn_implementation = packed_attention.PACKED if per_sequence else "sdpa"
-        if enabled and not per_sequence:
-            levers["attention_reason"] = CUDA_ATTENTION
     levers["attention"] = model.config._attn_implementation
-    packed_attention.UPCAST = False
     if levers["attention"] == packed_attention.PACKED and device == "cpu" and bf16:
         probe = attention_probe()
         packed_attention.UPCAST = probe.upcast

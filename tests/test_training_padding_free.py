@@ -151,15 +151,40 @@ def test_levers_set_and_record_trls_chunk(tiny_model_dir, tmp_path, monkeypatch)
     levers = train_levers.apply(model, padding_free=True, device="cpu", bf16=False)
     assert not packed_attention.UPCAST and "attention_fp32_under_bf16" not in levers
     train_levers.attention_probe.cache_clear()
-    levers = train_levers.apply(model, padding_free=True, device="cuda", bf16=False)  # Triton's tuning: untouched
-    # On a GPU: transformers' SDPA over the block-diagonal mask, and why (measured on an H200)
-    assert levers["attention"] == "sdpa" == model.config._attn_implementation
-    assert levers["attention_reason"] == train_levers.CUDA_ATTENTION and "H200" in levers["attention_reason"]
+    # On a GPU a probe picks the attention for packed rows (no GPU here: its result stands in), and the reason says so
+    probes = {True: train_levers.PackingProbe(per_sequence_s=0.012, block_mask_s=0.0013),  # the H200's cuDNN
+              False: train_levers.PackingProbe(per_sequence_s=0.001, block_mask_s=0.002)}
+    for faster_masked in (False, True):
+        monkeypatch.setattr(train_levers, "packing_probe", lambda device, bf16: probes[faster_masked])
+        levers = train_levers.apply(model, padding_free=True, device="cuda", bf16=False)  # Triton's tuning: untouched
+        assert levers["attention"] == ("sdpa" if faster_masked else PACKED) == model.config._attn_implementation
+        assert levers["attention_reason"].startswith("cuda probe: SDPA fwd+bwd over 4 packed sequences")
+    assert "12.00 ms one call per sequence vs 1.30 ms over the block mask" in levers["attention_reason"]
     assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == train_levers.TRL_CHUNK == levers["lm_head_vocab_chunk"]
     assert levers["lm_head"] == "trl" and trl_utils._ChunkedLogProbFunction is ChunkedLogProbFunction
     assert levers["freed_memory_kept"] is False  # a GPU run's host memory is not the step's
     train_levers.head_probe.cache_clear()
     assert train_levers.apply(model, padding_free=True, device="cpu", bf16=False, enabled=False)["freed_memory_kept"] is False
+
+
+def test_the_packing_probe_times_both_attentions_on_new_lengths_each_pass(monkeypatch):
+    """The probe a GPU run makes, run here on the CPU: both ways over the same packed rows, every pass
+    with lengths not seen before (a kernel library's per-shape planning is what it must catch)."""
+    import torch
+
+    from tasks import packed_attention
+
+    seen = []
+    lengths = packed_attention._lengths
+
+    def spy(position_ids):
+        seen.append(tuple(lengths(position_ids)))
+        return seen[-1]
+
+    monkeypatch.setattr(packed_attention, "_lengths", spy)
+    per_sequence, block_mask = packed_attention.time_packing("cpu", torch.float32, reps=3)
+    assert per_sequence > 0 and block_mask > 0
+    assert len(seen) == 4 and len(set(seen)) == 4 and all(len(s) == 4 for s in seen)  # 4 sequences, new each pass
 
 
 def _rss_mb() -> float:
