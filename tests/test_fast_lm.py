@@ -247,26 +247,37 @@ def test_items_packed_into_one_row_equal_hflm(tiny_model_dir, mmlu_fewshot_dir, 
     assert max(widest) > 1  # some pass held more than one question
 
 
-def test_off_the_cpu_scoring_goes_to_hflms_batches(tiny_model_dir, mmlu_fewshot_dir, monkeypatch):
-    """On a GPU the packed passes cost more host time than they save (docs/performance.md#gpu):
-    loglikelihood requests go to HFLM's own batches there, recorded, with HFLM's results."""
+def test_off_the_cpu_a_probe_picks_packed_passes_or_hflms_batches(tiny_model_dir, mmlu_fewshot_dir, monkeypatch):
+    """On a GPU the packed passes can cost more host time than they save (the H200: 0.4x HFLM's
+    speed, docs/performance.md#gpu), so there a probe picks; HFLM's path gives HFLM's exact results."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tasks.benchmarks import scoring_probe
+
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    lm = fast_lm.engine(model, AutoTokenizer.from_pretrained(tiny_model_dir), 4)
-    assert lm.packs_scoring  # the decision: by the device the model is on
-    lm._device = torch.device("cuda")  # a device object, no GPU needed
-    assert not lm.packs_scoring
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lm = fast_lm.engine(model, tokenizer, 4)
+    assert lm.scoring_choice == (True, "CPU: packed passes (MMLU 4-17x HFLM's speed on the CPUs measured)")
+    # The probe itself, run here on the CPU: both paths over the same MMLU-shaped requests.
+    packed_s, hflm_s = scoring_probe.time_scoring(lm, lm._packed_loglikelihood)
+    assert packed_s > 0 and hflm_s > 0
+    lm._device = torch.device("cuda")  # a device object, no GPU needed; the probe's timings stand in
+    for found, packs in (((0.2, 0.5), True), ((0.5, 0.2), False)):
+        scoring_probe._found.clear()
+        monkeypatch.setattr(scoring_probe, "time_scoring", lambda lm, packed: found)
+        assert lm.scoring_choice == (packs, f"cuda probe, 16 MMLU-shaped items: packed passes {found[0] * 1e3:.0f} ms, "
+                                            f"HFLM batches {found[1] * 1e3:.0f} ms")
+        assert lm.packs_scoring is packs
+    scoring_probe._found.clear()
+    # HFLM's path when the probe says so: HFLM's results exactly, and recorded with the result.
     packed = []
-    monkeypatch.setattr(SharedPrefixLM, "_score_packed", lambda self, *a: packed.append(1))  # must not be reached
-    monkeypatch.setattr(SharedPrefixLM, "packs_scoring", property(lambda self: False))
+    monkeypatch.setattr(SharedPrefixLM, "_packed_loglikelihood", lambda self, *a: packed.append(1))  # not reached
+    monkeypatch.setattr(SharedPrefixLM, "scoring_choice", property(lambda self: (False, "a probe's pick")))
     cfg = BenchmarkConfig(name="mmlu", limit=2, num_fewshot=0, data=str(mmlu_fewshot_dir))
     reference, fast = _both(tiny_model_dir, FewShotMMLU(), cfg)
     _same_choices(reference, fast, tolerance=0)
-    assert not packed
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     result = REGISTRY["mmlu"].evaluate(model, tokenizer, BenchmarkConfig(name="mmlu", limit=2))
-    assert result.settings["scoring_passes"] == "HFLM batches" and not packed
+    assert result.settings["scoring_passes"] == "HFLM batches (a probe's pick)" and not packed
 
 
 def test_benchmarks_run_and_record_the_engine(tiny_model_dir):
@@ -288,7 +299,7 @@ def test_benchmarks_run_and_record_the_engine(tiny_model_dir):
     kept.clear()
     result = REGISTRY["mmlu"].evaluate(model, tokenizer, BenchmarkConfig(name="mmlu", limit=2))  # scoring, not generating
     assert kept and set(kept) == {on}
-    assert result.settings["scoring_passes"] == "packed, shared prefixes"  # on a CPU
+    assert result.settings["scoring_passes"].startswith("packed, shared prefixes (CPU: ")  # on a CPU
 
 
 # Real model, greedy generation to the stop string in both engines: ~1-2 min of CPU (574 s wall

@@ -204,7 +204,8 @@ class LmEvalBenchmark(Benchmark):
         result = self.evaluate_lm(lm, cfg, part)
         result.settings["engine"] = f"{ENGINE} (lm-eval {__import__('lm_eval').__version__} HFLM + shared-prefix KV cache)"
         result.settings["freed_memory_kept"] = lm.keeps_freed_memory  # a speed lever, same maths: not in comparability
-        result.settings["scoring_passes"] = "packed, shared prefixes" if lm.packs_scoring else "HFLM batches"  # likewise
+        packs, why = lm.scoring_choice  # likewise a speed lever
+        result.settings["scoring_passes"] = ("packed, shared prefixes" if packs else "HFLM batches") + f" ({why})"
         return result
 
     def evaluate_lm(self, lm, cfg: BenchmarkConfig, part: Part | None = None) -> BenchmarkResult:

@@ -4,7 +4,7 @@
 replaced; prompts, few-shot sampling, stop sequences, answer extraction and metrics still come
 from the stock task YAMLs through lm-eval, so scores stay comparable with anyone else's.
 
-- loglikelihood (on a CPU; on a GPU HFLM's own batches, see `packs_scoring`): contexts that
+- loglikelihood (on a CPU; on a GPU where a probe finds it faster, scoring_probe.py): contexts that
   share a prefix (a subject's few-shot block, or only its header) are grouped (`prefix_groups`);
   that prefix is run once per group. Then several contexts per forward pass, back to back in one
   row with no padding, each holding its own tokens followed by all its choices' continuations:
@@ -102,11 +102,16 @@ class SharedPrefixLM(HFLM):
 
     @property
     def packs_scoring(self) -> bool:
-        """Whether loglikelihood requests go through the packed, prefix-sharing passes below (on a CPU), or
-        HFLM's own batches (elsewhere). On a GPU the step is the host's: the packed passes' per-item masks
-        and reads cost more than the compute they save (H200, bf16: MMLU 0-shot at 0.39-0.44x HFLM's
-        speed, scripts/bench_eval.py, docs/performance.md#gpu); generation keeps this engine (1.1-1.4x)."""
-        return torch.device(self.device).type == "cpu"
+        """Whether loglikelihood requests go through the packed, prefix-sharing passes below, or HFLM's
+        own batches: on a CPU the packed passes, elsewhere what a probe finds faster (scoring_probe.py)."""
+        return self.scoring_choice[0]
+
+    @property
+    def scoring_choice(self) -> tuple[bool, str]:
+        """(packs_scoring, why), recorded with each result."""
+        from tasks.benchmarks.scoring_probe import packs_scoring
+
+        return packs_scoring(self, self._packed_loglikelihood)
 
     def _forward(self, ids: torch.Tensor, cache: DynamicCache, keep: int = 0, **kwargs):
         """One forward pass extending `cache`; logits for the last `keep` positions (0: all)."""
@@ -134,6 +139,10 @@ class SharedPrefixLM(HFLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if self.backend != "causal" or not self.packs_scoring:
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        return self._packed_loglikelihood(requests, override_bs)
+
+    def _packed_loglikelihood(self, requests, override_bs: int | None = None):
+        """(log-likelihood, is-greedy) per request, through the packed, prefix-sharing passes."""
         results: list = [None] * len(requests)
         # Requests that need left-truncation keep HFLM's exact handling (rare: prompts past max_length).
         long = [i for i, (_, c, k) in enumerate(requests) if len(c) + len(k) > self.max_length + 1]
