@@ -232,6 +232,9 @@ def main() -> None:
                 m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                            pad_token_id=tokenizer.pad_token_id)
         torch.cuda.synchronize()
+        from tasks.benchmarks.fast_lm import engine
+
+        print(f"smolflow-hf scoring: {engine(model, tokenizer, args.batch_size).scoring_choice[1]}", flush=True)
     hf_batch = args.hf_batch_size or args.batch_size
     print(f"SmolLM2-135M-Instruct: smolflow-hf {args.dtype}, HFLM {' and '.join(hf_dtypes)}; "
           f"{args.threads} torch thread(s), batch size {args.batch_size} (HFLM: {hf_batch}), "
