@@ -3,7 +3,8 @@
     python scripts/bench_host.py           # both tables, each configuration in its own process
 
 On the first GPU lent (docs/performance.md#gpu) the GPU waited on the host, and a Trainer step took
-4x a bare PyTorch step. Two measurements here say whether that comes from the Trainer's side:
+4x a bare PyTorch step (the cause, found on the GPU by scripts/gpu_step.py: cuDNN's host time per
+per-sequence attention call). Two measurements here say whether that comes from the Trainer's side:
 - `ops`: top-level aten calls per step (torch's profiler; what the host dispatches, on a GPU about
   one kernel launch each) of the real SmolLM2-135M on the fixture, fp32: a bare loop over a batch of
   4 x 135 tokens, smolflow's Trainer with the levers it sets on a GPU, and the seed's Trainer;
