@@ -96,9 +96,14 @@ def counts(prof, steps: int) -> dict:
     def calls(names) -> float:
         return sum(e.count for e in events if e.key in names) / steps
 
+    from torch.autograd import DeviceType
+
+    # Device time of the device's own events (kernels, copies), as torch's table sums it: an op's row
+    # also carries the time of the kernels it launched, and summing both counts them twice.
+    on_device = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
     return {"launches": calls(LAUNCH), "syncs": calls(SYNC), "mallocs": calls(MALLOC),
             "host_ms": sum(e.self_cpu_time_total for e in events) / steps / 1e3,
-            "device_ms": sum(getattr(e, "self_device_time_total", 0) for e in events) / steps / 1e3}
+            "device_ms": sum(e.self_device_time_total for e in on_device) / steps / 1e3}
 
 
 def profile_table(prof, steps: int, config: str) -> str:
@@ -157,6 +162,10 @@ def train(args, placement, out_dir: Path, config: str = "smolflow") -> dict:
     class Profile(TrainerCallback):  # the last `--profile-steps` steps under torch's profiler (not timed)
         prof = None
         counts: dict = {}
+        evaluations = 0  # inside the profiled window: none, or the profile is not the steps'
+
+        def on_evaluate(self, a, state, control, **kw):
+            self.evaluations += self.prof is not None
 
         def on_step_begin(self, a, state, control, **kw):
             if args.profile_steps and state.global_step == a.max_steps - args.profile_steps:
@@ -166,12 +175,13 @@ def train(args, placement, out_dir: Path, config: str = "smolflow") -> dict:
                 self.prof = profile(activities=kinds)
                 self.prof.__enter__()
 
-        def on_train_end(self, a, state, control, **kw):
-            if self.prof is not None:
+        def on_step_end(self, a, state, control, **kw):  # the last step's end: before the evaluation after it
+            if self.prof is not None and state.global_step == a.max_steps:
                 sync(placement.device)
                 self.prof.__exit__(None, None, None)
-                self.counts = counts(self.prof, args.profile_steps)
+                self.counts = counts(self.prof, args.profile_steps) | {"evaluations_profiled": self.evaluations}
                 print(profile_table(self.prof, args.profile_steps, config), flush=True)
+                self.prof = None
 
     if config == "seed":  # the seed's cell (it sets eval_steps but no eval_strategy: no evaluation), plus
         # smolflow's 10% warm-up, as scripts/bench_training.py's seed row: the schedule is no speed lever,

@@ -26,6 +26,10 @@ def main(spec_path: str) -> None:
     die_with_parent()
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    rank_gpu = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and rank_gpu < torch.cuda.device_count():
+        # each rank's own GPU before `fit` runs anything there (its probes): else every rank would use GPU 0
+        torch.cuda.set_device(rank_gpu)
     result = fit(FitSpec.model_validate_json(Path(spec_path).read_text()))
     if int(os.environ.get("RANK", "0")) == 0:
         target = Path(os.environ["SMOLFLOW_FIT_RESULT"])

@@ -32,6 +32,8 @@ def test_the_gpu_script_runs_end_to_end_on_a_cpu(tiny_model_dir, tmp_path):
     assert training["steps"] == 4 and training["timed_steps"] == 1  # the first half is warm-up, the last profiled
     assert "profile of smolflow's last 1 steps, per step: host" in done.stdout and "aten::mm" in done.stdout
     assert "profile of seed's last 1 steps" in done.stdout
+    # The profile holds the steps alone: it ends before the evaluation the Trainer runs after the last step.
+    assert training["profile"]["evaluations_profiled"] == 0 == result["seed_training"]["profile"]["evaluations_profiled"]
     assert training["tokens_per_s"] > 0 and 0 < training["mfu"] and training["matmul_peak_tflops"] > 0
     assert math.isfinite(training["train_loss"]) and math.isfinite(training["eval_loss"])
     assert training["levers"]["attention"] == "smolflow-packed"  # trained as fit() trains: padding-free rows

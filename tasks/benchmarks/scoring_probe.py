@@ -15,7 +15,7 @@ import weakref
 import torch
 from lm_eval.models.huggingface import HFLM
 
-ITEMS, HEADER, OWN, CHOICES = 16, 48, 80, 4  # a subject's header, a question, four one-token answers
+ITEMS, HEADER, OWN, CHOICES = 16, 48, 80, 4  # a subject's header, questions of ~OWN tokens, four one-token answers
 
 _found: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (packed s, HFLM s)
 
@@ -29,16 +29,19 @@ def time_scoring(lm, packed) -> tuple[float, float]:
         return torch.randint(100, vocab, (n,), generator=g).tolist()
 
     header, answers = tokens(HEADER), tokens(CHOICES)
-    requests = [(None, header + own, [a]) for own in (tokens(OWN) for _ in range(ITEMS)) for a in answers]
+    device = torch.device(lm.device)
     best = [float("inf"), float("inf")]
     for rep in range(3):  # the first: warm-up (kernel selection, allocations)
+        # Questions of new lengths every pass, as real items bring (a GPU's kernels may plan per shape).
+        own = [tokens(int(n)) for n in torch.randint(OWN // 2, 2 * OWN, (ITEMS,), generator=g)]
+        requests = [(None, header + q, [a]) for q in own for a in answers]
         for i, run in enumerate((lambda: packed(requests), lambda: HFLM._loglikelihood_tokens(lm, requests, True))):
-            if lm.device.type == "cuda":
-                torch.cuda.synchronize()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             start = time.perf_counter()
             run()
-            if lm.device.type == "cuda":
-                torch.cuda.synchronize()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             if rep:
                 best[i] = min(best[i], time.perf_counter() - start)
     return best[0], best[1]
