@@ -122,9 +122,13 @@ def main() -> None:
     p.add_argument("--warm", type=int, default=5)
     p.add_argument("--trainer-steps", type=int, default=40, help="gpu_run.py's Trainer steps per configuration (0: skip)")
     p.add_argument("--out", default="gpu_step.json")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: every core, as a run)")
     args = p.parse_args()
     if args.trainer_steps and args.trainer_steps < 8:  # gpu_run.py times the steps between its warm-up half and the 2 profiled
         p.error(f"--trainer-steps {args.trainer_steps}: 0 (skip the Trainers) or at least 8, so steps remain to time")
+    from tasks.runtime import set_torch_threads
+
+    set_torch_threads(args.threads or None)  # as gpu_run.py: a run's threads, or --threads
     import torch
     from gpu_run import require_device, train
     from trl.trainer.utils import add_fused_lm_head
