@@ -20,7 +20,9 @@ def test_auto_on_cpu_follows_the_probe():
     slow = decide(auto, cuda=False, cuda_bf16=False, probe=SLOW_BF16)
     assert (fast.device, fast.precision) == ("cpu", "bf16")
     assert (slow.device, slow.precision) == ("cpu", "fp32")
-    assert "bf16 matmul 2.0 ms vs fp32 10.0 ms" in fast.reason and fast.probe == FAST_BF16
+    assert "bf16 matmul 2 ms vs fp32 10 ms" in fast.reason and fast.probe == FAST_BF16
+    amx = decide(auto, cuda=False, cuda_bf16=False, probe=Probe(fp32_s=0.00021, bf16_s=0.000032, threads=1))
+    assert "bf16 matmul 0.032 ms vs fp32 0.21 ms" in amx.reason  # an AMX CPU's probe, not "0.0 ms"
     tie = decide(auto, cuda=False, cuda_bf16=False, probe=Probe(fp32_s=0.010, bf16_s=0.0095, threads=1))
     assert tie.precision == "fp32"  # within 10%: not worth bf16's rounding
 

@@ -16,6 +16,7 @@ from tasks.benchmarks.fast_lm import ENGINE, SharedPrefixLM
 from tasks.benchmarks.mmlu import MMLU
 from tasks.benchmarks.prefixes import (
     GROUP_COST,
+    masked_sdpa,
     prefix_groups,
     prompt_batches,
     scoring_passes,
@@ -167,6 +168,20 @@ def test_shared_prefix_attention_equals_attention_over_the_whole_cache():
         want, _ = sdpa_attention_forward(module, query, full_k, full_v, whole, scaling=dim**-0.5)
         assert got.shape == want.shape == (rows, q, heads, dim)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_attention_repeats_kv_heads_where_sdpa_would_not_group_them():
+    """CUDA's SDPA takes a mask with grouped kv heads only in its math kernel, so there the heads are
+    repeated: both ways give the same attention (checked here on the CPU, which groups them)."""
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 9, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    mask = torch.zeros(2, 1, 5, 7).masked_fill(torch.rand(2, 1, 5, 7) < 0.3, torch.finfo(torch.float32).min)
+    mask[..., 0] = 0  # every query sees a key
+    grouped = masked_sdpa(query, key, value, mask, 0.35)
+    torch.testing.assert_close(masked_sdpa(query, key, value, mask, 0.35, grouped=False), grouped)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1), attn_mask=mask, scale=0.35)
+    torch.testing.assert_close(grouped, want)
 
 
 @pytest.mark.parametrize("prefill_tokens", [4096, 1])

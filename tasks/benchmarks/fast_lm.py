@@ -21,7 +21,8 @@ from the stock task YAMLs through lm-eval, so scores stay comparable with anyone
   at batch 32: 4.5x HFLM at 8, docs/performance.md); the rows' own tokens are prefilled through
   SDPA over [prefix, own] keys (BBH 3-shot in fp32: 0.66 -> 0.50 s/item). A row
   leaves the batch (its cache rows are dropped) as soon as it emits EOS or lm-eval's stop check
-  fires for it, instead of running until the batch's longest row ends.
+  fires for it, instead of running until the batch's longest row ends. Decoding writes each new
+  token's keys and values in place (kv_room.py), not by copying the whole cache every step.
   Prompts with nothing in common (GSM8K draws each item's shots at random) are batched by length
   and use the model's own attention over each row's tokens.
 - greedy: the same decoding for prompts outside lm-eval (samples, the judge, HumanEval, custom
@@ -46,6 +47,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from transformers import DynamicCache
 
+from tasks.benchmarks.kv_room import leaving, with_room
 from tasks.benchmarks.prefixes import (
     CASCADE,
     MIN_SHARED,
@@ -342,6 +344,7 @@ class SharedPrefixLM(HFLM):
             mask_of = lambda seen: seen.long()  # noqa: E731
         with self._attention(implementation):
             cache, real, logits = self._prefill_rows([r[shared:] for r in rows], shared, extra)
+            cache = with_room(cache, max_gen_toks)  # decoding writes in place (kv_room.py)
             next_pos = torch.tensor([len(r) for r in rows], device=self.device)
             # lm-eval's stop check: each stop string in the decoded last len(tokens)+2 generated tokens.
             windows = [(s, len(self.tokenizer.encode(s, add_special_tokens=False)) + 2) for s in until]
@@ -362,6 +365,7 @@ class SharedPrefixLM(HFLM):
                 if not keep:
                     break
                 if len(keep) < len(active):  # finished rows leave: drop their cache rows
+                    keep = leaving(keep, len(active))  # rows past the new end fill the freed slots
                     sel = torch.tensor(keep, device=self.device)
                     cache.batch_select_indices(sel)
                     real, next_pos, tokens = real[sel], next_pos[sel], tokens[sel]

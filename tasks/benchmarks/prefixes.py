@@ -12,7 +12,7 @@ from itertools import pairwise
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward, use_gqa_in_sdpa
 
 CASCADE = "smolflow-shared-prefix"  # shared_prefix_attention, registered with transformers
 SEGMENTS = "smolflow-segments"  # segment_attention, registered with transformers
@@ -174,9 +174,20 @@ def _prefill_attention(query, key, value, attention_mask, prefix_k, prefix_v, sc
     keys = torch.cat([prefix_k.expand(rows, -1, -1, -1), key], dim=2)
     values = torch.cat([prefix_v.expand(rows, -1, -1, -1), value], dim=2)
     mask = torch.cat([attention_mask.new_zeros(*attention_mask.shape[:-1], length), attention_mask], dim=-1)
-    out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
-                                                           enable_gqa=True)
-    return out.transpose(1, 2).contiguous()
+    return masked_sdpa(query, keys, values, mask, scaling).transpose(1, 2).contiguous()
+
+
+def masked_sdpa(query, key, value, mask, scaling, grouped: bool | None = None):
+    """SDPA over fewer kv heads than query heads, with a mask. On a CPU SDPA groups the heads itself
+    (`enable_gqa`); on CUDA a mask with `enable_gqa` falls back to SDPA's math kernel (transformers'
+    `use_gqa_in_sdpa` says when), so there each kv head is repeated for its query heads first."""
+    if grouped is None:
+        grouped = query.device.type == "cpu" or use_gqa_in_sdpa(mask, key, value)
+    if not grouped:
+        groups = query.shape[1] // key.shape[1]
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                            enable_gqa=grouped)
 
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, segments=None,
@@ -198,8 +209,7 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
         own, queries = slice(shared + start, shared + start + length), slice(start, start + length)
         keys = torch.cat([key[:, :, :shared], key[:, :, own]], dim=2)
         values = torch.cat([value[:, :, :shared], value[:, :, own]], dim=2)
-        out[:, :, queries] = torch.nn.functional.scaled_dot_product_attention(  # 4D: SDPA's fused CPU kernel
-            query[:, :, queries], keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
+        out[:, :, queries] = masked_sdpa(query[:, :, queries], keys, values, mask, scaling)  # 4D: SDPA's fused CPU kernel
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -1,0 +1,75 @@
+"""The decoding cache with room (tasks/benchmarks/kv_room.py) holds what transformers' DynamicCache holds."""
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from tasks.benchmarks.kv_room import RoomyLayer, leaving
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """No flow here: no Prefect server to start."""
+    yield
+
+
+def _kv(rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(rows, 3, length, 8), torch.randn(rows, 3, length, 8)
+
+
+@pytest.mark.parametrize("order", ["leaving", "any"])
+def test_a_roomy_layer_holds_what_a_dynamic_layer_holds(order):
+    torch.manual_seed(0)
+    first = _kv(5, 7)
+    plain, roomy = DynamicLayer(), RoomyLayer(*first, room=3)
+    plain.update(*first)
+    steps = [("add", 1), ("add", 1), ("drop", [0, 3]), ("add", 1), ("add", 2), ("drop", [2]), ("add", 1)]  # grows past its room
+    rows = 5
+    for what, arg in steps:
+        if what == "add":
+            new = _kv(rows, arg)
+            want, got = plain.update(*new), roomy.update(*new)
+        else:
+            keep = [s for s in range(rows) if s not in arg]
+            keep = leaving(keep, rows) if order == "leaving" else keep[::-1]
+            sel = torch.tensor(keep)
+            plain.batch_select_indices(sel)
+            roomy.batch_select_indices(sel)
+            rows = len(keep)
+            want, got = (plain.keys, plain.values), (roomy.keys, roomy.values)
+        for a, b in zip(want, got, strict=True):
+            assert torch.equal(a, b)
+        assert roomy.get_seq_length() == plain.get_seq_length()
+    assert roomy.get_seq_length() == 7 + 1 + 1 + 1 + 2 + 1
+
+
+def test_rows_that_stay_keep_their_slot_and_the_tail_fills_the_holes():
+    assert leaving([0, 1, 2], 3) == [0, 1, 2]
+    assert leaving([1, 2], 3) == [2, 1]
+    assert leaving([0, 2, 4, 5], 6) == [0, 4, 2, 5]
+    assert leaving([5], 6) == [5]
+    for keep in ([0, 2, 3, 7], [1, 4, 5, 6, 7], [6, 7]):
+        order = leaving(keep, 8)
+        assert sorted(order) == keep
+        assert all(order[s] == s for s in keep if s < len(keep))
+
+
+def test_rows_leaving_at_different_steps_get_the_tokens_they_get_without_stopping(builtin_dir):
+    """Rows stop at different steps (each at a token of its own made an EOS id) and leave the batch
+    from different slots; every row's tokens are its unstopped tokens cut after its first EOS id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.benchmarks.fast_lm import engine
+
+    # The real model: a random tiny one repeats one token per row, so no row would stop on its own token.
+    model = AutoModelForCausalLM.from_pretrained(builtin_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(builtin_dir)
+    prompts = ["The cat sat on", "One two three four five", "Hello", "A much longer prompt about the weather today"]
+    rows = [tokenizer.encode(p) for p in prompts]
+    lm = engine(model, tokenizer, batch_size=4)
+    full = lm.greedy(prompts, rows, [], 12, eos_ids={-1})
+    assert all(len(f) == 12 for f in full)
+    eos = {full[0][2], full[2][5], full[3][8]}  # rows 0, 2, 3 stop early (the others may too)
+    cut = [f[: next((i + 1 for i, t in enumerate(f) if t in eos), len(f))] for f in full]
+    assert len({len(c) for c in cut}) >= 3, cut  # at least three different stopping steps
+    assert lm.greedy(prompts, rows, [], 12, eos_ids=eos) == cut
