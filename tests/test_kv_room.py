@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from tasks.benchmarks.kv_room import RoomyLayer, leaving
+from tasks.benchmarks.kv_room import RoomyLayer, leaving, with_room
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +42,17 @@ def test_a_roomy_layer_holds_what_a_dynamic_layer_holds(order):
             assert torch.equal(a, b)
         assert roomy.get_seq_length() == plain.get_seq_length()
     assert roomy.get_seq_length() == 7 + 1 + 1 + 1 + 2 + 1
+
+
+def test_only_full_attention_layers_get_room():
+    """A sliding-window layer drops old tokens as it grows: it keeps its own rules (and an empty
+    layer has nothing to copy yet)."""
+    cache = DynamicCache()
+    cache.layers = [DynamicLayer(), DynamicSlidingWindowLayer(sliding_window=4), DynamicLayer()]
+    for layer in cache.layers[:2]:
+        layer.update(*_kv(2, 6))
+    kinds = [type(layer) for layer in with_room(cache, 8).layers]
+    assert kinds == [RoomyLayer, DynamicSlidingWindowLayer, DynamicLayer]
 
 
 def test_rows_that_stay_keep_their_slot_and_the_tail_fills_the_holes():

@@ -57,8 +57,13 @@ class RoomyLayer(DynamicLayer):
 
 
 def with_room(cache: DynamicCache, room: int) -> DynamicCache:
-    """`cache` (every layer filled) with `room` spare positions per layer, for decoding in place."""
-    cache.layers = [RoomyLayer(layer.keys, layer.values, room) for layer in cache.layers]
+    """`cache` with `room` spare positions in each filled full-attention layer, for decoding in place.
+
+    Other layer kinds (sliding-window layers that drop old tokens, linear-attention states of hybrid
+    models) keep their own update rules: only a plain `DynamicLayer` becomes a `RoomyLayer`."""
+    cache.layers = [RoomyLayer(layer.keys, layer.values, room)
+                    if type(layer) is DynamicLayer and layer.get_seq_length() > 0 else layer
+                    for layer in cache.layers]
     return cache
 
 
