@@ -291,7 +291,10 @@ def main() -> None:
         sys.exit(f"gpu_run.py: execution.device auto chose {placement.device} on a machine with {gpu}")
     out_dir = Path(args.out).with_suffix("")
     out_dir.mkdir(parents=True, exist_ok=True)
-    training = train(args, placement, out_dir)
+    try:
+        training = train(args, placement, out_dir)
+    except ConnectionError as e:  # the hub unreachable: one line and the fix, not a chained traceback
+        sys.exit(f"gpu_run.py: {e}\n(offline, set HF_HUB_OFFLINE=1: --model auto is then the built-in SmolLM2)")
     print(json.dumps(training), flush=True)
     seed = None
     if args.seed:  # side by side in this process, on the same device, after smolflow's (kernels warm for both)

@@ -64,3 +64,14 @@ def test_without_a_gpu_it_stops_at_once_and_says_why(tmp_path):
     assert "gpu_run.py needs a CUDA GPU" in done.stderr and "--device cpu to check this script" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "gpu_run").exists()  # stopped before anything was made
+
+
+def test_an_unreachable_hub_ends_in_one_line_with_the_fix(tmp_path):
+    """--model auto online with no hub to reach (a closed port here): the error and what to set, no traceback."""
+    done = gpu_run(["--device", "cpu", "--threads", "1", "--steps", "4", "--out", str(tmp_path / "r.json")], tmp_path,
+                   timeout=300, HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9",
+                   HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-2:]
+    assert "is not in the local Hugging Face cache" in last[0] and "HF_HUB_OFFLINE=1" in last[1]
