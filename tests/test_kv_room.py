@@ -42,6 +42,8 @@ def test_a_roomy_layer_holds_what_a_dynamic_layer_holds(order):
             assert torch.equal(a, b)
         assert roomy.get_seq_length() == plain.get_seq_length()
     assert roomy.get_seq_length() == 7 + 1 + 1 + 1 + 2 + 1
+    with pytest.raises(NotImplementedError):  # would leave its buffers stale: refused, not wrong
+        roomy.crop(-1)
 
 
 def test_only_full_attention_layers_get_room():

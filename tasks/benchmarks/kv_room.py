@@ -55,6 +55,12 @@ class RoomyLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self._n
 
+    def _unsupported(self, *args, **kwargs):
+        # DynamicLayer's versions would change `keys` alone and leave the buffers and length stale.
+        raise NotImplementedError("RoomyLayer serves smolflow's decode loop: update and batch_select_indices only")
+
+    crop = reset = reorder_cache = batch_repeat_interleave = offload = prefetch = _unsupported
+
 
 def with_room(cache: DynamicCache, room: int) -> DynamicCache:
     """`cache` with `room` spare positions in each filled full-attention layer, for decoding in place.
