@@ -68,12 +68,17 @@ def test_rows_that_stay_keep_their_slot_and_the_tail_fills_the_holes():
         assert all(order[s] == s for s in keep if s < len(keep))
 
 
-def test_rows_leaving_at_different_steps_get_the_tokens_they_get_without_stopping(builtin_dir):
+@pytest.mark.parametrize("room", [256, 4])
+def test_rows_leaving_at_different_steps_get_the_tokens_they_get_without_stopping(builtin_dir, monkeypatch, room):
     """Rows stop at different steps (each at a token of its own made an EOS id) and leave the batch
-    from different slots; every row's tokens are its unstopped tokens cut after its first EOS id."""
+    from different slots; every row's tokens are its unstopped tokens cut after its first EOS id.
+    With room for 4 tokens the cache also grows twice while rows decode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tasks.benchmarks import fast_lm
     from tasks.benchmarks.fast_lm import engine
+
+    monkeypatch.setattr(fast_lm, "ROOM", room)
 
     # The real model: a random tiny one repeats one token per row, so no row would stop on its own token.
     model = AutoModelForCausalLM.from_pretrained(builtin_dir).eval()

@@ -62,6 +62,9 @@ from tasks.memory import freed_memory_kept, glibc
 ENGINE = "smolflow-hf"
 # Tokens per prefill forward pass in generation (rows x padded length): larger passes ran slower per token.
 PREFILL_TOKENS = 4096
+# Decode positions the KV cache holds up front (kv_room.py; it doubles when they run out): all of GSM8K's
+# 256, without reserving a long max_gen_toks for rows that mostly stop early.
+ROOM = 256
 # Generation kwargs that greedy decoding ignores anyway; anything else goes to HFLM unchanged.
 _GREEDY_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k"}
 
@@ -344,7 +347,7 @@ class SharedPrefixLM(HFLM):
             mask_of = lambda seen: seen.long()  # noqa: E731
         with self._attention(implementation):
             cache, real, logits = self._prefill_rows([r[shared:] for r in rows], shared, extra)
-            cache = with_room(cache, max_gen_toks)  # decoding writes in place (kv_room.py)
+            cache = with_room(cache, min(max_gen_toks, ROOM))  # decoding writes in place (kv_room.py)
             next_pos = torch.tensor([len(r) for r in rows], device=self.device)
             # lm-eval's stop check: each stop string in the decoded last len(tokens)+2 generated tokens.
             windows = [(s, len(self.tokenizer.encode(s, add_special_tokens=False)) + 2) for s in until]
