@@ -20,30 +20,46 @@ def _kv(rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("order", ["leaving", "any"])
 def test_a_roomy_layer_holds_what_a_dynamic_layer_holds(order):
+    """Every way a cache layer changes (new tokens past the room, rows leaving, beam reordering with
+    repeats, repeating rows, cropping, offloading, a reset and a new start) leaves a RoomyLayer with
+    the keys and values a DynamicLayer has after the same calls, and its next tokens in the right place."""
     torch.manual_seed(0)
     first = _kv(5, 7)
     plain, roomy = DynamicLayer(), RoomyLayer(*first, room=3)
     plain.update(*first)
-    steps = [("add", 1), ("add", 1), ("drop", [0, 3]), ("add", 1), ("add", 2), ("drop", [2]), ("add", 1)]  # grows past its room
-    rows = 5
+    steps = [("add", 1), ("add", 1), ("drop", [0, 3]), ("add", 1), ("add", 2), ("drop", [2]),  # grows past its room
+             ("add", 1), ("reorder", [1, 1, 0]), ("add", 1), ("repeat", 2), ("add", 1), ("crop", -3), ("add", 2),
+             ("offload", None), ("prefetch", None), ("add", 1), ("reset", None), ("add", 4), ("add", 1)]
+    rows, lengths = 5, 7
     for what, arg in steps:
         if what == "add":
             new = _kv(rows, arg)
-            want, got = plain.update(*new), roomy.update(*new)
-        else:
+            plain.update(*new), roomy.update(*new)
+        elif what == "drop":
             keep = [s for s in range(rows) if s not in arg]
             keep = leaving(keep, rows) if order == "leaving" else keep[::-1]
-            sel = torch.tensor(keep)
-            plain.batch_select_indices(sel)
-            roomy.batch_select_indices(sel)
+            plain.batch_select_indices(torch.tensor(keep))
+            roomy.batch_select_indices(torch.tensor(keep))
             rows = len(keep)
-            want, got = (plain.keys, plain.values), (roomy.keys, roomy.values)
-        for a, b in zip(want, got, strict=True):
-            assert torch.equal(a, b)
-        assert roomy.get_seq_length() == plain.get_seq_length()
-    assert roomy.get_seq_length() == 7 + 1 + 1 + 1 + 2 + 1
-    with pytest.raises(NotImplementedError):  # would leave its buffers stale: refused, not wrong
-        roomy.crop(-1)
+        elif what == "reorder":
+            plain.reorder_cache(torch.tensor(arg)), roomy.reorder_cache(torch.tensor(arg))
+            rows = len(arg)
+        elif what == "repeat":
+            plain.batch_repeat_interleave(arg), roomy.batch_repeat_interleave(arg)
+            rows *= arg
+        else:
+            getattr(plain, what)(*([] if arg is None else [arg]))
+            getattr(roomy, what)(*([] if arg is None else [arg]))
+        lengths = 0 if what == "reset" else lengths + arg if what in ("add", "crop") else lengths
+        if what == "reset":
+            assert not roomy.is_initialized and roomy.keys is None and roomy.get_seq_length() == 0
+            continue
+        for a, b in zip((plain.keys, plain.values), (roomy.keys, roomy.values), strict=True):
+            assert torch.equal(a, b), (what, arg)
+        assert roomy.get_seq_length() == plain.get_seq_length() == lengths
+        assert roomy.get_mask_sizes(1) == plain.get_mask_sizes(1)
+    with pytest.raises(ValueError):  # as DynamicLayer: the legacy positive crop is refused
+        roomy.crop(2)
 
 
 def test_only_full_attention_layers_get_room():

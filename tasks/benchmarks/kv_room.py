@@ -15,13 +15,23 @@ from transformers.cache_utils import DynamicLayer
 
 
 class RoomyLayer(DynamicLayer):
-    """A `DynamicLayer` whose keys and values are views into buffers with spare positions."""
+    """A `DynamicLayer` whose keys and values are views into buffers with spare positions.
+
+    Every DynamicLayer method that changes the cache acts on the buffers, so the views, the length
+    and the next write position always agree (tests/test_kv_room.py checks each against DynamicLayer)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
         super().__init__()
+        self._room = room
+        self._fill(keys, values)
+
+    def _fill(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.device, self.is_initialized = keys.device, True
-        self._k, self._v = (self._with_room(t, room) for t in (keys, values))
+        self._k, self._v = (self._with_room(t, self._room) for t in (keys, values))
         self._n = keys.shape[-2]
+        self._views()
+
+    def _views(self) -> None:
         self.keys, self.values = self._k[..., : self._n, :], self._v[..., : self._n, :]
 
     @staticmethod
@@ -32,13 +42,16 @@ class RoomyLayer(DynamicLayer):
         return buffer
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:  # after reset(): start again from these states
+            self._fill(key_states, value_states)
+            return self.keys, self.values
         new = key_states.shape[-2]
         if self._n + new > self._k.shape[-2]:  # out of room: grow by as much again (rare: room is sized up front)
             self._k, self._v = (self._with_room(t[..., : self._n, :], self._n + new) for t in (self._k, self._v))
         self._k[..., self._n : self._n + new, :] = key_states
         self._v[..., self._n : self._n + new, :] = value_states
         self._n += new
-        self.keys, self.values = self._k[..., : self._n, :], self._v[..., : self._n, :]
+        self._views()
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -50,16 +63,40 @@ class RoomyLayer(DynamicLayer):
         else:  # rows from the tail fill the slots of rows that left; then the buffers end at n rows
             self._k[moved], self._v[moved] = self._k[indices[moved]], self._v[indices[moved]]
             self._k, self._v = self._k[:n], self._v[:n]
-        self.keys, self.values = self._k[..., : self._n, :], self._v[..., : self._n, :]
+        self._views()
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self._k, self._v = (t.index_select(0, beam_idx.to(t.device)) for t in (self._k, self._v))
+        self._views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._k, self._v = (t.repeat_interleave(repeats, dim=0) for t in (self._k, self._v))
+        self._views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:  # as DynamicLayer: the legacy positive form is refused
+            raise ValueError(f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported.")
+        if not self.is_initialized:
+            return
+        self._n -= min(abs(tokens_to_remove), self._n)  # the freed positions become room again
+        self._views()
+
+    def reset(self) -> None:
+        self._k = self._v = self.keys = self.values = None
+        self._n, self.is_initialized = 0, False
+
+    def offload(self) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k.to("cpu", non_blocking=True), self._v.to("cpu", non_blocking=True)
+            self._views()
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self._k.device != self.device:
+            self._k, self._v = self._k.to(self.device, non_blocking=True), self._v.to(self.device, non_blocking=True)
+            self._views()
 
     def get_seq_length(self) -> int:
         return self._n
-
-    def _unsupported(self, *args, **kwargs):
-        # DynamicLayer's versions would change `keys` alone and leave the buffers and length stale.
-        raise NotImplementedError("RoomyLayer serves smolflow's decode loop: update and batch_select_indices only")
-
-    crop = reset = reorder_cache = batch_repeat_interleave = offload = prefetch = _unsupported
 
 
 def with_room(cache: DynamicCache, room: int) -> DynamicCache:
