@@ -10,6 +10,9 @@ defaults as a run gets them: precision `auto`, decided by the probe in tasks/dev
 `seed-kept` (the seed plus only the freed-memory lever, which any script could use);
 `fp32-plain` and `bf16-plain` (the same without tasks/train_levers.py's CPU levers: transformers'
 SDPA over the packed row with its block-diagonal mask, TRL's LM-head chunk, glibc's malloc defaults).
+Two levers measured and not kept: `fp32-bf16mm` (fp32, but oneDNN rounds every fp32 matmul's inputs
+to bf16 and accumulates in fp32: where bf16's loss gap comes from) and `bf16-regional` (bf16 with
+each decoder layer's norms and MLP under torch.compile, dynamic shapes: one compile for every length).
 
 Each configuration runs in its own fresh process (so peak memory is its own), and the two are
 interleaved round by round, so load from other users of the machine hits both alike. Printed per
@@ -34,7 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CONFIGS = ("seed", "seed-kept", "fp32", "compile", "bf16", "smolflow", "fp32-plain", "bf16-plain")
+CONFIGS = ("seed", "seed-kept", "fp32", "compile", "bf16", "smolflow", "fp32-plain", "bf16-plain",
+           "fp32-bf16mm", "bf16-regional")
 DEFAULT_CONFIGS = "seed,fp32,compile,smolflow"
 
 
@@ -66,7 +70,7 @@ def trainer_args(name: str, out: str, steps: int, seed: int = 42):
     from tasks.device import resolve
 
     cfg = TrainingConfig(max_steps=steps, logging_steps=1, save_steps=10_000, eval_steps=10_000, seed=seed)
-    precision = {"fp32": "fp32", "compile": "fp32", "bf16": "bf16", "smolflow": "auto"}[name.removesuffix("-plain")]
+    precision = {"fp32": "fp32", "compile": "fp32", "bf16": "bf16", "smolflow": "auto"}[name.split("-")[0]]
     placement = resolve(ExecutionConfig(device="cpu", precision=precision))
     # Constructor arguments: SFTConfig attributes set afterwards were not all honoured.
     return sft_config(cfg, out, [], placement, torch_compile=name == "compile",
@@ -85,6 +89,7 @@ def held_out_loss(model, model_dir: str) -> float:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     test = load_dataset("json", data_files=str(FIXTURES / "everyday_conversations" / "test.jsonl"), split="train")
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"  # full fp32 matmuls whatever the configuration set
     fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     fresh.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     fresh.eval()
@@ -127,6 +132,12 @@ def worker(name: str, model_dir: str, steps: int, warmup: int, seed: int = 42) -
                                 enabled=not name.startswith("seed") and not name.endswith("-plain"))
     if name == "seed-kept":  # the seed with only the allocator lever: what that lever alone is worth
         levers["freed_memory_kept"] = train_levers.glibc() is not None
+    if name == "fp32-bf16mm":  # fp32 tensors; oneDNN's matmuls round inputs to bf16 (held_out_loss resets it)
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    if name == "bf16-regional":  # the 30 layers share one compiled graph per module kind
+        for layer in model.model.layers:
+            for module in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+                module.compile(dynamic=True)
     train = data if name.startswith("seed") else prepare_splits({"train": data, "test": data}, tokenizer, TrainingConfig())[0]
 
     marks: list[tuple[float, int, int]] = []  # after each step: clock, tokens so far, minor page faults so far
@@ -170,7 +181,7 @@ def worker(name: str, model_dir: str, steps: int, warmup: int, seed: int = 42) -
         "gradient_checkpointing": bool(args.gradient_checkpointing),
         "padding_free": bool(args.padding_free),
         "bf16": bool(args.bf16),
-        "torch_compile": bool(args.torch_compile),
+        "torch_compile": "regional" if name == "bf16-regional" else bool(args.torch_compile),
         "attention": levers["attention"] + (" (fp32)" if levers.get("attention_fp32_under_bf16") else ""),
         "lm_head_chunk": levers["lm_head_vocab_chunk"],
         "lm_head": levers["lm_head"],
