@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=20, help="items per benchmark")
     ap.add_argument("--shard-size", type=int, default=2, help="MMLU subjects / BBH tasks per Ray task")
     ap.add_argument("--item-shards", type=int, default=0, help="also run on Ray with GSM8K/MATH in this many item shards")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="execution.precision of every run")
     args = ap.parse_args()
     from scripts.bench_eval import build_data
     from tasks.models import convert_builtin
@@ -49,7 +50,7 @@ def main() -> None:
         data = build_data(work, args.items)
         benchmarks = [{"name": name, "data": data[name][0], "subsets": data[name][1], "limit": data[name][2]}
                       for name in ("mmlu", "bbh", "gsm8k", "math")]
-        rows, records = [], {}
+        rows, records, keys = [], {}, {}
         ray = ["--execution.task-runner", "ray", "--execution.shard-size", str(args.shard_size), "--torch-threads", "1"]
         runs = {"local": [], "ray": ray}
         if args.item_shards:
@@ -65,7 +66,8 @@ def main() -> None:
             proc = subprocess.run(
                 [str(SMOLFLOW), "eval", "--model", "builtin:smollm2-135m-instruct", "--benchmarks", json.dumps(benchmarks),
                  "--judge.enabled", "false", "--wandb.mode", "disabled", "--output.artifacts-uri", str(home / "runs"),
-                 "--output.run-id", f"run{n}", *extra], env=env, cwd=ROOT, capture_output=True, text=True)
+                 "--output.run-id", f"run{n}", "--execution.precision", args.precision, *extra],
+                env=env, cwd=ROOT, capture_output=True, text=True)
             wall = time.perf_counter() - start
             if proc.returncode != 0:
                 sys.exit(f"{runner}: smolflow eval failed:\n{proc.stderr[-3000:]}")
@@ -73,6 +75,8 @@ def main() -> None:
             records[runner] = {b["name"]: [json.loads(line) for line in
                                            (out / b["name"] / "model.jsonl").read_text().splitlines()]
                                for b in benchmarks}
+            keys[runner] = {b["name"]: json.loads((out / b["name"] / "model.summary.json").read_text())["comparability_key"]
+                            for b in benchmarks}
             rows.append((runner, wall))
         same = {runner: {name: alike(records["local"][name], runs_records[name]) for name in records["local"]}
                 for runner, runs_records in records.items() if runner != "local"}
@@ -83,7 +87,10 @@ def main() -> None:
             print(f"| {runner} | {wall:.1f} | {rows[0][1] / wall:.2f}x |")
         for runner, agree in same.items():
             print(f"\n{runner}: items alike with local: {agree}")
-        print(f"torch threads: local {os.cpu_count()} on one task at a time, ray 1 per task; precision: auto")
+            # In reduced precision the arrangement is part of the key (tasks/benchmarks/provenance.py).
+            print(f"{runner}: comparability key equal to local's: "
+                  f"{ {name: keys[runner][name] == keys['local'][name] for name in keys['local']} }")
+        print(f"torch threads: local {os.cpu_count()} on one task at a time, ray 1 per task; precision: {args.precision}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

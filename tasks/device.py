@@ -96,6 +96,39 @@ def probe_cpu(n: int = 256, budget_s: float = 0.2) -> Probe:
     return Probe(fp32_s=times[torch.float32], bf16_s=times[torch.bfloat16], threads=torch.get_num_threads())
 
 
+# CPU units that pick different matmul and attention kernels (x86, then Arm).
+_UNITS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "asimd", "bf16", "sve")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu() -> str:
+    """The CPU's model name and which of _UNITS it has, from /proc/cpuinfo (else platform's name)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:  # the first processor's block is enough
+                if not line.strip():
+                    break
+                field, _, value = line.partition(":")
+                fields.setdefault(field.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or fields.get("Model") or platform.processor() or platform.machine()
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return f"{name} ({' '.join(u for u in _UNITS if u in flags) or 'none of ' + '/'.join(_UNITS)})"
+
+
+def kernels(device) -> str:
+    """What picks the compute kernels on `device`: a GPU's name, or the CPU's model and units. In bf16
+    the kernels' rounding shows in per-item results, so it is part of a bf16 score's key."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpu() if device.type == "cpu" else device.type
+
+
 def _machine_key() -> str:
     import hashlib
     from importlib.metadata import version

@@ -98,8 +98,11 @@ def merge_shards(parts: list[BenchmarkResult]) -> BenchmarkResult:
         # a one-subset shard reports unprefixed metrics; a multi-subset run prefixes them by subset
         metrics |= {f"{names[0]}/{k}": v for k, v in part.metrics.items()} if len(names) == 1 else part.metrics
     correct = [float(r["correct"]) for r in records]
-    settings = parts[0].settings | {"subsets": subsets, "shards": len(parts), "fewshot": merged_fewshot(parts)}
-    # Keyed as the same run unsharded would be (same items, settings and few-shot record).
+    # split: the subsets each run scored together, which in reduced precision moves per-item results.
+    settings = parts[0].settings | {"subsets": subsets, "shards": len(parts), "fewshot": merged_fewshot(parts),
+                                    "split": [len(p.settings.get("subsets") or []) for p in parts]}
+    # Keyed as the same run unsharded would be (same items, settings and few-shot record); in reduced
+    # precision the split is a part of the key too (tasks/benchmarks/provenance.py).
     every = parts[0].settings.get("limit") is None and set(subsets) == set(REGISTRY[parts[0].name].subsets)
     provenance = with_every_item(parts[0].provenance, every)
     key, parts_of_key = comparability(parts[0].name, provenance, records, settings, parts[0].metric)
@@ -127,7 +130,8 @@ def merge_item_parts(parts: list[BenchmarkResult]) -> BenchmarkResult:
 
     first = parts[0]
     records = interleave([p.records for p in parts])
-    settings = {k: v for k, v in first.settings.items() if k != "part"} | {"shards": len(parts)}
+    settings = {k: v for k, v in first.settings.items() if k != "part"} | {
+        "shards": len(parts), "split": f"{len(parts)} runs, item i in run i mod {len(parts)}"}
     if any(p.item_values for p in parts):  # lm-eval: its mean and stderr over the merged items
         metrics = {k: float(v) for k, v in aggregate(merge_values([p.item_values for p in parts])).items() if v != "N/A"}
         score, stderr = metrics.get(first.metric, 0.0), metrics.get(_stderr_key(first.metric))

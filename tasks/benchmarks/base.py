@@ -216,6 +216,7 @@ class LmEvalBenchmark(Benchmark):
 
         from tasks.benchmarks.fewshot import fewshot_source, lm_eval_files
         from tasks.benchmarks.parts import PartLM, describe, restrict
+        from tasks.benchmarks.provenance import arrangement
 
         started = time.perf_counter()
         tracker = EvaluationTracker()
@@ -234,16 +235,19 @@ class LmEvalBenchmark(Benchmark):
             )
             values = restrict(out, part) if part else {}
             files = lm_eval_files(out, tracker)
-        dtype = getattr(getattr(lm, "model", None), "dtype", None)  # None: an LM that is no torch model
-        result = self.result(cfg, specs, shots, out, files, time.perf_counter() - started, dtype)
+        model = getattr(lm, "model", None)
+        dtype = getattr(model, "dtype", None)  # None: an LM that is no torch model
+        how = arrangement(model, cfg.batch_size) if dtype is not None else {}
+        result = self.result(cfg, specs, shots, out, files, time.perf_counter() - started, dtype, how)
         if part:
             result.settings["part"] = describe(part)
             result.item_values = values[specs[0]["task"]]
         return result
 
     def result(self, cfg: BenchmarkConfig, specs: list[dict], shots: list[dict], out: dict,
-               files: dict[str, str], seconds: float, dtype=None) -> BenchmarkResult:
-        """The BenchmarkResult of one lm-eval run: score, records, settings, provenance, key."""
+               files: dict[str, str], seconds: float, dtype=None, how: dict | None = None) -> BenchmarkResult:
+        """The BenchmarkResult of one lm-eval run: score, records, settings, provenance, key; `how`: the
+        model's arrangement (provenance.arrangement)."""
         from tasks.benchmarks.provenance import comparability, provenance
 
         names = [s["task"] for s in specs]
@@ -284,7 +288,7 @@ class LmEvalBenchmark(Benchmark):
             "data": files_used or f"{self.hub[0]} ({self.hub[1]})",
             "reference": self.reference,
             "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,  # moves scores: in the key
-        }
+        } | (how or {})
         full = cfg.limit is None and (not self.subsets or cfg.subsets is None)
         prov = provenance(self.name, self.hub, cfg.data, self.source_files(cfg), self.is_reference(cfg, config), full)
         key, parts = comparability(self.name, prov, records, settings, primary)

@@ -346,11 +346,11 @@ def evaluate_custom(model, tokenizer, bench: CustomBenchmark, judge_cfg: JudgeCo
     records, metrics = score_outputs(bench, [s.completion for s in samples], judge)
     run_logger().info("custom/%s: %d/%d correct (%s)", bench.name, sum(r["correct"] for r in records),
                       len(records), bench.scorer)
-    from tasks.benchmarks.provenance import custom_provenance
+    from tasks.benchmarks.provenance import arrangement, custom_provenance
 
-    dtype = str(model.dtype).removeprefix("torch.")
+    dtype, how = str(model.dtype).removeprefix("torch."), arrangement(model, bench.batch_size)
     return BenchmarkResult(
-        **custom_provenance(bench, records, judge.identity if judge is not None else None, dtype),
+        **custom_provenance(bench, records, judge.identity if judge is not None else None, dtype, how),
         name=f"custom/{bench.name}",
         score=metrics[bench.scorer],
         stderr=stderr_of_mean([float(r["correct"]) for r in records]),
@@ -361,7 +361,7 @@ def evaluate_custom(model, tokenizer, bench: CustomBenchmark, judge_cfg: JudgeCo
             "items_in_file": len(bench.items),
             "judge": judge.identity if judge is not None else None,
             "dtype": dtype,
-        },
+        } | how,
         metrics=metrics,
         records=records,
         seconds=time.perf_counter() - started,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import BenchmarkConfig
-from tasks.benchmarks.provenance import comparability
+from tasks.benchmarks.provenance import arrangement, comparability
 from tasks.benchmarks.base import Benchmark, BenchmarkResult, stderr_of_mean
 from tasks.sandbox import Limits, run_python
 
@@ -149,7 +149,7 @@ class HumanEval(Benchmark):
             "data": source,
             "reference": self.reference,
             "dtype": str(model.dtype).removeprefix("torch."),
-        } | ({"part": describe(part)} if part else {})
+        } | arrangement(model, cfg.batch_size) | ({"part": describe(part)} if part else {})
         prov = provenance(self, cfg, source, full=cfg.limit is None or cfg.limit >= len(self.problems(cfg)[0]))
         key, parts = comparability(self.name, prov, records, settings, "pass@1")
         return BenchmarkResult(

@@ -5,6 +5,11 @@ A score is comparable with another only when everything that moves it besides th
 the data (its bytes, or hub id and revision), the very items scored, the few-shot setting and its
 examples, the prompt format/variant, the chat template, the generation settings and the scorer.
 Those parts are hashed into `comparability_key`; the gate and the trend compare equal keys only.
+In reduced precision the arrangement is a part too: which kernels ran (CPU model and units, or the
+GPU), the CPU threads, the batch size and how the items were split into runs. In fp32 these move
+no pick and no generated text, only a log-likelihood's last recorded digit (Ray against a local
+run, 50 items per benchmark). In bf16 they move answers: on a Xeon with AMX, 19 of 50 MATH
+generations matched between a local run and Ray item shards (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -138,6 +143,21 @@ def log_fixture_once(name: str) -> None:
         logging.getLogger("smolflow").warning("%s (%s)", FIXTURE_NOTE, name)
 
 
+ARRANGEMENT = ("kernels", "torch_threads", "batch_size", "split")
+
+
+def arrangement(model, batch_size: int | None) -> dict[str, Any]:
+    """How a model computed a score's items, as settings: recorded with every score, in its key only
+    in reduced precision. CPU threads only on the CPU (a GPU's kernels do not depend on them)."""
+    import torch
+
+    from tasks.device import kernels
+
+    cpu = model.device.type == "cpu"
+    return {"kernels": kernels(model.device), "torch_threads": torch.get_num_threads() if cpu else None,
+            "batch_size": batch_size}
+
+
 def comparability(name: str, prov: dict[str, Any], records: list[dict], settings: dict[str, Any],
                   metric: str) -> tuple[str, dict[str, Any]]:
     """(key, parts): a hash of everything besides the model that moves the score, and the parts."""
@@ -159,15 +179,26 @@ def comparability(name: str, prov: dict[str, Any], records: list[dict], settings
         "precision": settings.get("dtype"),
         "scorer": f"{metric} | {settings.get('engine')} | {settings.get('stock_task')} | "
                   f"{digest(settings.get('answer_extraction'))} | {SCORER_VERSION}",
-    }
+    } | arranged(settings)
     return digest(parts), parts
 
 
-def custom_provenance(bench, records: list[dict], judge: str | None, dtype: str | None) -> dict[str, Any]:
+def arranged(settings: dict[str, Any]) -> dict[str, Any]:
+    """The arrangement part of a key: only in reduced precision (see the module's docstring), so
+    fp32 keys stay what they were."""
+    if settings.get("dtype") in (None, "float32"):
+        return {}
+    return {"arrangement": {k: settings.get(k) for k in ARRANGEMENT}}
+
+
+def custom_provenance(bench, records: list[dict], judge: str | None, dtype: str | None,
+                      how: dict[str, Any] | None = None) -> dict[str, Any]:
     """Provenance and key of a custom benchmark's score: its fingerprint covers the definition, the
-    items and the scoring code; with the items scored, the judge and the precision it is the key."""
+    items and the scoring code; with the items scored, the judge, the precision (and in reduced
+    precision `how`, the arrangement) it is the key."""
     parts = {"benchmark": f"custom/{bench.name}", "data": bench.fingerprint, "n": len(records),
              "items": digest([r["doc_id"] for r in records]), "judge": judge, "precision": dtype}
+    parts |= arranged((how or {}) | {"dtype": dtype})
     return {"provenance": {"source": "local", "path": str(bench.path), "sha256": bench.fingerprint,
                            "comparable_to_published": False, "note": "custom benchmark: your items, no published scores"},
             "comparability_key": digest(parts), "comparability": parts}
@@ -184,6 +215,13 @@ def why_not_comparable(a: dict[str, Any] | None, b: dict[str, Any] | None) -> st
             shown.append(f"n {a.get(k)} vs {b.get(k)}")
         elif k in ("num_fewshot", "format", "chat_template", "benchmark", "precision"):
             shown.append(f"{k} {a.get(k)} vs {b.get(k)}")
+        elif k == "arrangement":  # reduced precision: name what moved (a precision apart says it all)
+            if a.get("precision") != b.get("precision"):
+                continue
+            x, y = a.get(k) or {}, b.get(k) or {}
+            moved = [f"{f} {x.get(f)} vs {y.get(f)}" for f in ARRANGEMENT if x.get(f) != y.get(f)]
+            shown.append("computed differently in reduced precision (" + ("; ".join(moved) if x and y else
+                         "arrangement not recorded on " + ("the reference" if not x else "this score")) + ")")
         else:
             shown.append(f"different {k}")
     return ", ".join(shown) or "different keys"
