@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="execution.precision of every run")
     args = ap.parse_args()
     from scripts.bench_eval import build_data
+    from tasks.benchmarks.provenance import why_not_comparable
     from tasks.models import convert_builtin
 
     convert_builtin()
@@ -75,7 +76,7 @@ def main() -> None:
             records[runner] = {b["name"]: [json.loads(line) for line in
                                            (out / b["name"] / "model.jsonl").read_text().splitlines()]
                                for b in benchmarks}
-            keys[runner] = {b["name"]: json.loads((out / b["name"] / "model.summary.json").read_text())["comparability_key"]
+            keys[runner] = {b["name"]: json.loads((out / b["name"] / "model.summary.json").read_text())["comparability"]
                             for b in benchmarks}
             rows.append((runner, wall))
         same = {runner: {name: alike(records["local"][name], runs_records[name]) for name in records["local"]}
@@ -88,8 +89,8 @@ def main() -> None:
         for runner, agree in same.items():
             print(f"\n{runner}: items alike with local: {agree}")
             # In reduced precision the arrangement is part of the key (tasks/benchmarks/provenance.py).
-            print(f"{runner}: comparability key equal to local's: "
-                  f"{ {name: keys[runner][name] == keys['local'][name] for name in keys['local']} }")
+            print(f"{runner}: comparable with local (same key): "
+                  f"{ {name: why_not_comparable(keys['local'][name], keys[runner][name]) if keys[runner][name] != keys['local'][name] else 'yes' for name in keys['local']} }")
         print(f"torch threads: local {os.cpu_count()} on one task at a time, ray 1 per task; precision: {args.precision}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -306,7 +306,7 @@ def test_benchmarks_run_and_record_the_engine(tiny_model_dir):
     model.register_forward_pre_hook(lambda module, args: kept.append(memory._depth > 0))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     result = REGISTRY["gsm8k"].evaluate(model, tokenizer, BenchmarkConfig(name="gsm8k", limit=2))
-    assert result.settings["engine"].startswith(ENGINE) and result.settings["dtype"] == "float32"
+    assert result.settings["backend"].startswith(ENGINE) and result.settings["dtype"] == "float32"
     assert result.n == 2
     on = memory.glibc() is not None
     assert result.settings["freed_memory_kept"] is on and kept and set(kept) == {on}

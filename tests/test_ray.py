@@ -132,6 +132,8 @@ def test_ray_gives_the_sequential_results(tiny_ref, tiny_base_model_dir, monkeyp
             assert ray_result.records == seq_result.records, f"{name} {which}: per-item results differ"
             assert ray_result.n == seq_result.n and ray_result.score == seq_result.score
             assert ray_result.stderr == seq_result.stderr and ray_result.metrics == seq_result.metrics
+            # fp32: comparable with the sequential run (merged shards once got another key: the engine string)
+            assert ray_result.comparability_key == seq_result.comparability_key
     assert on_ray["mmlu"]["base"].settings["shards"] == 2 and on_ray["mmlu"]["base"].n == 6
     assert on_ray["mmlu"]["base"].settings["subsets"] == ["astronomy", "high_school_biology"]
     assert on_ray["gsm8k"]["base"].settings["shards"] == 2 and on_ray["gsm8k"]["base"].n == 3  # items 0, 2 | 1

@@ -202,7 +202,9 @@ class LmEvalBenchmark(Benchmark):
 
         lm = engine(model, tokenizer, cfg.batch_size)
         result = self.evaluate_lm(lm, cfg, part)
-        result.settings["engine"] = f"{ENGINE} (lm-eval {__import__('lm_eval').__version__} HFLM + shared-prefix KV cache)"
+        # The model backend under lm-eval ("engine", in the key, stays what evaluate_lm keyed): a shard's
+        # merged result is keyed from these settings again and must get the whole run's key.
+        result.settings["backend"] = f"{ENGINE} (lm-eval's HFLM + shared-prefix KV cache)"
         result.settings["freed_memory_kept"] = lm.keeps_freed_memory  # a speed lever, same maths: not in comparability
         packs, why = lm.scoring_choice  # likewise a speed lever
         result.settings["scoring_passes"] = ("packed, shared prefixes" if packs else "HFLM batches") + f" ({why})"
