@@ -113,7 +113,8 @@ def _cpu() -> str:
                 fields.setdefault(field.strip(), value.strip())
     except OSError:
         pass
-    name = fields.get("model name") or fields.get("Model") or platform.processor() or platform.machine()
+    part = f"{platform.machine()} CPU part {fields['CPU part']}" if "CPU part" in fields else None  # Arm: no model name
+    name = fields.get("model name") or part or platform.processor() or platform.machine()
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
     return f"{name} ({' '.join(u for u in _UNITS if u in flags) or 'none of ' + '/'.join(_UNITS)})"
 
