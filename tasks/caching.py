@@ -27,5 +27,20 @@ class ContentInputs(CachePolicy):
         return ContentInputs(exclude=[*self.exclude, name])
 
 
+@dataclass
+class Version(CachePolicy):
+    """A constant in the key: a new value makes results cached by older code compute again, where
+    TASK_SOURCE (the task function's own source) does not see the change."""
+
+    value: str = ""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        return self.value
+
+
 # The policy of every expensive task: same content + same settings + same code = cached.
 BY_CONTENT = ContentInputs() + TASK_SOURCE
+# Benchmark results hold their comparability key. 2 (2026-12-04): bf16 keys hold the arrangement,
+# and merged shards are keyed as the whole run. Older cached results would carry the old keys, so a
+# cached base and a fresh tuned score would never compare.
+RESULTS = Version("benchmark-results-2")

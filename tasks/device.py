@@ -122,6 +122,8 @@ def _cpu() -> str:
 def kernels(device) -> str:
     """What picks the compute kernels on `device`: a GPU's name, or the CPU's model and units. In bf16
     the kernels' rounding shows in per-item results, so it is part of a bf16 score's key."""
+    if str(device).split(":")[0] == "cpu":  # without importing torch: a cached re-run may never load a model
+        return _cpu()
     import torch
 
     device = torch.device(device)
@@ -222,6 +224,12 @@ def unpublish(*_hook_args, **_hook_kwargs) -> None:
 
 
 def cache_token() -> str:
-    """What a cached model result depends on besides its inputs: device and precision used."""
+    """What a cached model result depends on besides its inputs: device and precision used; in bf16
+    also the kernels and CPU threads, which move bf16 results (docs/benchmarks.md), so a Ray run at
+    one thread per task never reuses a base score computed at two."""
+    from tasks.runtime import torch_threads
+
     p = resolve()
-    return json.dumps([p.device, p.precision])
+    if p.precision == "fp32":
+        return json.dumps([p.device, p.precision])
+    return json.dumps([p.device, p.precision, kernels(p.device), torch_threads() if p.device == "cpu" else None])

@@ -27,7 +27,7 @@ from tasks.compare import compare
 from tasks.config import BenchmarkConfig, ExecutionConfig, JudgeConfig
 from tasks.layout import RunPaths
 from tasks.models import ModelRef, load_model
-from tasks.caching import ContentInputs
+from tasks.caching import RESULTS, ContentInputs
 from tasks.runtime import retry_transient, run_logger
 from tasks.storage import ArtifactStore
 
@@ -38,7 +38,7 @@ _FORWARD = ("SMOLFLOW_EXECUTION", "SMOLFLOW_CACHE", "HF_HUB_OFFLINE", "HF_DATASE
 
 # The role only names the task run ("benchmark-gsm8k-base"): the same model scores the same under
 # any role, so it stays out of the cache key.
-BY_CONTENT_ANY_ROLE = (ContentInputs() - "role") + TASK_SOURCE
+BY_CONTENT_ANY_ROLE = (ContentInputs() - "role") + TASK_SOURCE + RESULTS
 
 
 @task(

@@ -112,10 +112,13 @@ def test_a_cached_decision_imports_no_torch_and_torch_still_gets_its_settings(tm
         "configure_logging(False)\n"
         "threads = set_torch_threads(1)\n"
         "placement = publish(ExecutionConfig())\n"
+        "from tasks.device import cache_token\n"
+        "token = cache_token()  # a cached task's key, bf16's included\n"
         "before = {m: m in sys.modules for m in ('torch', 'transformers')}\n"
         "import importlib.util; importlib.util.find_spec('transformers')  # a look-up must not disarm the switch\n"
         "import torch, transformers\n"
         "print(json.dumps({'before': before, 'placement': placement.model_dump(mode='json'), 'threads': torch.get_num_threads(),\n"
+        "                  'token': json.loads(token),\n"
         "                  'transformers_level': transformers.logging.get_verbosity()}))\n")
     root = str(Path(__file__).resolve().parents[1])
 
@@ -128,6 +131,8 @@ def test_a_cached_decision_imports_no_torch_and_torch_still_gets_its_settings(tm
     assert first["before"]["torch"]  # the probe measured: torch imported for it
     assert second["before"] == {"torch": False, "transformers": False}
     assert second["placement"] == first["placement"] and second["placement"]["device"] == "cpu"
+    assert second["token"] == first["token"] and second["token"][:2] == ["cpu", second["placement"]["precision"]]
+    assert second["token"][2:] == ([] if second["placement"]["precision"] == "fp32" else [device.kernels("cpu"), 1])
     assert second["placement"]["probe"]["threads"] == 1
     assert first["threads"] == second["threads"] == 1  # set once torch came in
     assert second["transformers_level"] == 40  # logging.ERROR: quiet, as configure_logging(False) asks
@@ -149,3 +154,32 @@ def test_kernels_name_the_cpu_model_and_its_units():
     assert described.startswith(name + " (")
     units = described[len(name) + 2:-1].split()
     assert units and set(units) <= set(_UNITS) and [u for u in _UNITS if u in flags] == units
+
+
+def test_bf16_cache_keys_hold_the_kernels_and_threads():
+    # bf16 results move with the kernels and the threads (docs/benchmarks.md): a cached bf16 result
+    # answers only where both are the same (a Ray task at 1 thread recomputes a base score made at
+    # 2); fp32 results do not move, and their keys stay [device, precision].
+    import json
+
+    from tasks.benchmarks.custom import run_custom_benchmark
+    from tasks.caching import RESULTS
+    from tasks.evaluation import run_benchmark
+    from tasks.runtime import set_torch_threads, torch_threads
+
+    before, tokens = torch_threads(), {}
+    try:
+        for precision in ("fp32", "bf16"):
+            device.publish(ExecutionConfig(device="cpu", precision=precision))
+            try:
+                for n in (1, 2):
+                    set_torch_threads(n)
+                    tokens[precision, n] = json.loads(device.cache_token())
+            finally:
+                device.unpublish()
+    finally:
+        set_torch_threads(before)
+    assert tokens["fp32", 1] == tokens["fp32", 2] == ["cpu", "fp32"]
+    assert tokens["bf16", 1] == ["cpu", "bf16", device.kernels("cpu"), 1] and tokens["bf16", 2][3] == 2
+    # Results cached by code that keyed them otherwise are computed again (tasks/caching.py RESULTS).
+    assert all(RESULTS in t.cache_policy.policies for t in (run_benchmark, run_custom_benchmark))

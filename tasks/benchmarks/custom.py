@@ -44,7 +44,7 @@ from tasks.config import JudgeConfig
 from tasks.benchmarks import scorers
 from tasks.benchmarks.base import BenchmarkResult, stderr_of_mean
 from tasks.models import ModelRef, load_model
-from tasks.caching import ContentInputs
+from tasks.caching import RESULTS, ContentInputs
 from tasks.runtime import retry_transient, run_logger
 
 DOCS = "docs/benchmarks.md#custom-benchmarks"
@@ -368,7 +368,7 @@ def evaluate_custom(model, tokenizer, bench: CustomBenchmark, judge_cfg: JudgeCo
     )
 
 
-@task(cache_policy=(ContentInputs() - "role") + TASK_SOURCE, retries=1, retry_condition_fn=retry_transient,
+@task(cache_policy=(ContentInputs() - "role") + TASK_SOURCE + RESULTS, retries=1, retry_condition_fn=retry_transient,
       retry_delay_seconds=10, task_run_name="custom-{bench.name}-{role}")
 def run_custom_benchmark(
     model_ref: ModelRef, bench: CustomBenchmark, judge_cfg: JudgeConfig | None = None, role: str = "model"
