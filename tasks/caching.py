@@ -43,4 +43,4 @@ BY_CONTENT = ContentInputs() + TASK_SOURCE
 # Benchmark results hold their comparability key. 2 (2026-12-04): bf16 keys hold the arrangement,
 # and merged shards are keyed as the whole run. Older cached results would carry the old keys, so a
 # cached base and a fresh tuned score would never compare.
-RESULTS = Version("benchmark-results-2")
+RESULTS = Version(value="benchmark-results-2")  # by name: the first fields are CachePolicy's (key_storage, ...)

@@ -183,3 +183,4 @@ def test_bf16_cache_keys_hold_the_kernels_and_threads():
     assert tokens["bf16", 1] == ["cpu", "bf16", device.kernels("cpu"), 1] and tokens["bf16", 2][3] == 2
     # Results cached by code that keyed them otherwise are computed again (tasks/caching.py RESULTS).
     assert all(RESULTS in t.cache_policy.policies for t in (run_benchmark, run_custom_benchmark))
+    assert RESULTS.key_storage is None  # Prefect's own (the run's result storage), not a folder named after the version
