@@ -4,11 +4,16 @@ Tiny models are random-init Llamas with the real SmolLM2 tokenizer (taken from t
 GGUF), so every code path is the real one while a training step takes well under a second.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Before prefect/transformers are imported anywhere: offline, quiet, isolated state.
 _HOME = tempfile.mkdtemp(prefix="smolflow-tests-")
+# Gone when the process that made it exits (its servers and workers are stopped by then); rmtree
+# removes the cache's link to the shared models, not the models.
+atexit.register(shutil.rmtree, _HOME, True)
 os.environ.update(
     HF_HUB_OFFLINE="1",
     HF_DATASETS_OFFLINE="1",
