@@ -8,7 +8,8 @@ settings twice, each in a fresh `smolflow eval` process with a fresh Prefect hom
 nothing is answered from a cache): once with `execution.task_runner: local` (the default: one
 benchmark after another, all torch threads) and once with `ray` (a local Ray cluster on this
 machine's cores, MMLU subjects and BBH tasks in shards, one torch thread per task), and with
-`--item-shards N` a third time on Ray with GSM8K and MATH also split into N item shards. Prints
+`--item-shards N` a third time on Ray with GSM8K and MATH also split into N item shards (and with
+`--one-thread` locally on one torch thread: what one task gains from the other cores). Prints
 the wall time of each, how many items' answers equal the local run's, and the largest difference
 of a multiple-choice log-likelihood. Those differ in the last recorded digit (1e-4) on some items:
 a shard packs other items into a batch than the whole run does, and in fp32 a matmul of another
@@ -40,6 +41,9 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=2, help="MMLU subjects / BBH tasks per Ray task")
     ap.add_argument("--item-shards", type=int, default=0, help="also run on Ray with GSM8K/MATH in this many item shards")
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="execution.precision of every run")
+    ap.add_argument("--one-thread", action="store_true",
+                    help="also run locally on 1 torch thread: how far one task already scales over the cores, "
+                         "i.e. what Ray can add at most")
     args = ap.parse_args()
     from scripts.bench_eval import build_data
     from tasks.benchmarks.provenance import why_not_comparable
@@ -54,6 +58,8 @@ def main() -> None:
         rows, records, keys = [], {}, {}
         ray = ["--execution.task-runner", "ray", "--execution.shard-size", str(args.shard_size), "--torch-threads", "1"]
         runs = {"local": [], "ray": ray}
+        if args.one_thread:  # local at 2 threads vs 1: the cores one task leaves idle are Ray's whole gain
+            runs = {"local": [], "local, 1 thread": ["--torch-threads", "1"], "ray": ray}
         if args.item_shards:
             runs[f"ray, item_shards {args.item_shards}"] = ray + ["--execution.item-shards", str(args.item_shards)]
         for n, (runner, extra) in enumerate(runs.items()):

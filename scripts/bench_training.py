@@ -13,6 +13,9 @@ SDPA over the packed row with its block-diagonal mask, TRL's LM-head chunk, glib
 Two levers measured and not kept: `fp32-bf16mm` (fp32, but oneDNN rounds every fp32 matmul's inputs
 to bf16 and accumulates in fp32: where bf16's loss gap comes from) and `bf16-regional` (bf16 with
 each decoder layer's norms and MLP under torch.compile, dynamic shapes: one compile for every length).
+`fp32-ddp2` and `bf16-ddp2`: `training.num_processes: 2` as a run does it (torchrun, gloo, the
+cores split between the ranks), each rank half the seed's batch, so the global batch and the
+optimizer's steps stay the seed's; tokens/s counts both ranks.
 
 Each configuration runs in its own fresh process (so peak memory is its own), and the two are
 interleaved round by round, so load from other users of the machine hits both alike. Printed per
@@ -38,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CONFIGS = ("seed", "seed-kept", "fp32", "compile", "bf16", "smolflow", "fp32-plain", "bf16-plain",
-           "fp32-bf16mm", "bf16-regional")
+           "fp32-bf16mm", "bf16-regional", "fp32-ddp2", "bf16-ddp2")
 DEFAULT_CONFIGS = "seed,fp32,compile,smolflow"
 
 
@@ -55,6 +58,11 @@ def matmul_peak_flops(n: int = 1024, reps: int = 8) -> float:
     return 2 * n**3 / best
 
 
+def ranks(name: str) -> int:
+    """How many data-parallel processes a configuration trains on."""
+    return 2 if name.endswith("-ddp2") else 1
+
+
 def trainer_args(name: str, out: str, steps: int, seed: int = 42):
     """The seed's SFTConfig (TRL defaults, batch 4, fp32) or smolflow's sft_config defaults."""
     from trl import SFTConfig
@@ -69,7 +77,8 @@ def trainer_args(name: str, out: str, steps: int, seed: int = 42):
     from tasks.config import ExecutionConfig
     from tasks.device import resolve
 
-    cfg = TrainingConfig(max_steps=steps, logging_steps=1, save_steps=10_000, eval_steps=10_000, seed=seed)
+    cfg = TrainingConfig(max_steps=steps, logging_steps=1, save_steps=10_000, eval_steps=10_000, seed=seed,
+                         per_device_train_batch_size=4 // ranks(name))  # the global batch stays the seed's 4
     precision = {"fp32": "fp32", "compile": "fp32", "bf16": "bf16", "smolflow": "auto"}[name.split("-")[0]]
     placement = resolve(ExecutionConfig(device="cpu", precision=precision))
     # Constructor arguments: SFTConfig attributes set afterwards were not all honoured.
@@ -162,15 +171,25 @@ def worker(name: str, model_dir: str, steps: int, warmup: int, seed: int = 42) -
         trainer.train()
     t0, n0, f0 = marks[warmup - 1] if warmup else (start, 0, 0)
     t1, n1, f1 = marks[-1]
+    world, tokens = ranks(name), n1 - n0
+    if world > 1:  # every rank's tokens; each step ends together (the gradients' all-reduce)
+        import torch.distributed as dist
+
+        counted = torch.tensor([tokens])
+        dist.all_reduce(counted)
+        tokens = int(counted)
+        if dist.get_rank() != 0:
+            return {}
+        peak *= world  # each rank measured its own cores' peak, at the same time as the other
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once: the LM head matmul
-    tokens_per_s = (n1 - n0) / (t1 - t0)
+    tokens_per_s = tokens / (t1 - t0)
     return {
         "config": name,
-        "threads": threads,
+        "threads": f"{world}x{threads}" if world > 1 else threads,
         "steps": steps,
         "s_per_step": (t1 - t0) / steps,
-        "tokens": n1 - n0,
+        "tokens": tokens,
         "tokens_per_s": tokens_per_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "loss_timed_steps": sum(losses[warmup:]) / max(1, len(losses[warmup:])),
@@ -218,7 +237,9 @@ def main() -> None:
     if "seed" not in configs or set(configs) - set(CONFIGS):
         p.error(f"--configs: need 'seed' (the baseline) and names from {', '.join(CONFIGS)}")
     if a.worker:
-        print("RESULT " + json.dumps(worker(a.worker, a.model, a.steps, a.warmup, int(a.seeds))))
+        result = worker(a.worker, a.model, a.steps, a.warmup, int(a.seeds))
+        if result:  # a DDP rank other than 0 has nothing to report
+            print("RESULT " + json.dumps(result))
         return
     if a.model is None:
         from tasks.models import convert_builtin
@@ -235,7 +256,12 @@ def main() -> None:
         for name in configs:
             cmd = [sys.executable, __file__, "--worker", name, "--model", a.model,
                    "--steps", str(a.steps), "--warmup", str(a.warmup), "--seeds", str(seed)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            env = os.environ
+            if ranks(name) > 1:  # as tasks.training.launch starts the ranks: each its share of the cores
+                cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks(name)}"]
+                share = str(max(1, (a.threads or os.cpu_count() or 1) // ranks(name)))
+                env = os.environ | {"OMP_NUM_THREADS": share, "BENCH_THREADS": share}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode or not line:
                 sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")

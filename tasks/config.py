@@ -151,7 +151,9 @@ class TrainingConfig(Section):
     num_processes: int = Field(
         1, ge=1, le=64,
         description="Data-parallel training processes (DDP under torchrun: gloo on CPU, NCCL on GPUs). "
-        "Each gets per_device_train_batch_size rows, so the global batch grows with it.",
+        "Each gets per_device_train_batch_size rows, so the global batch grows with it. Made for GPUs: "
+        "on the CPU the ranks split this machine's cores, and the gradients' all-reduce costs more than "
+        "that gains (docs/performance.md).",
     )
 
 
