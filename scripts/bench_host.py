@@ -16,10 +16,13 @@ Not a test; numbers go to docs/performance.md.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -95,7 +98,8 @@ def worker(what: str, config: str) -> dict:
         for step in range(steps):
             measured(step, one)
     else:
-        out = f"/tmp/bench-host-{os.getpid()}"
+        out = tempfile.mkdtemp(prefix="bench-host-")  # the Trainer's output_dir (nothing saved); removed at exit
+        atexit.register(shutil.rmtree, out, True)
         if config == "seed":
             args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=4, learning_rate=5e-5,
                              save_strategy="no", report_to=[], bf16=False, use_cpu=True, disable_tqdm=True)

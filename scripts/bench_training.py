@@ -31,10 +31,13 @@ Not a test: numbers go to docs/training.md.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -135,7 +138,9 @@ def worker(name: str, model_dir: str, steps: int, warmup: int, seed: int = 42) -
     data = load_dataset("json", data_files=str(FIXTURES / "everyday_conversations" / "train.jsonl"), split="train")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    args = trainer_args(name, f"/tmp/bench-training-{os.getpid()}", warmup + steps, seed)
+    out = tempfile.mkdtemp(prefix="bench-training-")  # the Trainer's output_dir (nothing saved); removed at exit
+    atexit.register(shutil.rmtree, out, True)
+    args = trainer_args(name, out, warmup + steps, seed)
     # As tasks.training.fit does; the seed and the -plain rows keep transformers' and TRL's defaults.
     levers = train_levers.apply(model, args.padding_free, "cpu", args.bf16,
                                 enabled=not name.startswith("seed") and not name.endswith("-plain"))
@@ -258,7 +263,10 @@ def main() -> None:
                    "--steps", str(a.steps), "--warmup", str(a.warmup), "--seeds", str(seed)]
             env = os.environ
             if ranks(name) > 1:  # as tasks.training.launch starts the ranks: each its share of the cores
-                cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks(name)}"]
+                logs = tempfile.mkdtemp(prefix="bench-torchrun-")  # else torchrun keeps a /tmp/torchelastic_* a launch
+                atexit.register(shutil.rmtree, logs, True)
+                cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks(name)}",
+                            f"--log-dir={logs}"]
                 share = str(max(1, (a.threads or os.cpu_count() or 1) // ranks(name)))
                 env = os.environ | {"OMP_NUM_THREADS": share, "BENCH_THREADS": share}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import task
@@ -26,6 +29,7 @@ from tasks.benchmarks.custom import CustomBenchmark, run_custom_benchmark
 from tasks.compare import compare
 from tasks.config import BenchmarkConfig, ExecutionConfig, JudgeConfig
 from tasks.layout import RunPaths
+from tasks.leftovers import processes_under
 from tasks.models import ModelRef, load_model
 from tasks.caching import RESULTS, ContentInputs
 from tasks.runtime import retry_transient, run_logger
@@ -271,7 +275,8 @@ def _score_on_ray(execution, jobs, models, parts, bar) -> None:
     import ray
     from prefect_ray.context import remote_options
 
-    with ray_runner(execution) as runner:
+    runner = ray_runner(execution)
+    with _session_removed(runner), runner:  # the cluster stops first, then its folder goes
         # One GPU per task where the cluster has GPUs; else Ray's default share of one CPU.
         gpus = ray.cluster_resources().get("GPU", 0)
         run_logger().info("Scoring %d benchmark tasks on Ray (%s)", len(models) * len(jobs), ray.cluster_resources())
@@ -284,6 +289,32 @@ def _score_on_ray(execution, jobs, models, parts, bar) -> None:
                 parts[(name, role)].append(futures[(i, role)].result())
                 done += 1
                 bar.update(done, f"{name}: " + ("the model" if role == "model" else f"the {role} model") + " scored")
+
+
+@contextmanager
+def _session_removed(runner):
+    """Remove the session folder of the local cluster `runner` started (its logs and sockets, in
+    RAY_TMPDIR/ray or /tmp/ray) once the cluster has stopped. Ray keeps every session's folder, so a
+    nightly on a local cluster grew /tmp by ~0.5 MB a night. A joined cluster's is not ours."""
+    try:
+        yield
+    finally:
+        context = getattr(runner, "_ray_context", None)  # ray.init's RayContext, which prefect-ray keeps
+        # ray.init() joins the cluster at RAY_ADDRESS when set: then the session is that cluster's
+        started = not runner.address and not os.environ.get("RAY_ADDRESS") and getattr(runner, "_owns_ray", False)
+        if context is not None and started:
+            _remove_session(Path(context.address_info["session_dir"]))
+
+
+def _remove_session(session: Path) -> None:
+    """The session folder, once no process names it any more, and Ray's link to it as the latest."""
+    deadline = time.monotonic() + 30  # ray.shutdown() signals its processes; they exit soon after
+    while processes_under(str(session)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    shutil.rmtree(session, ignore_errors=True)
+    latest = session.parent / "session_latest"
+    if latest.is_symlink() and Path(os.readlink(latest)).name == session.name:
+        latest.unlink(missing_ok=True)
 
 
 def comparison_row(base: BenchmarkResult, tuned: BenchmarkResult) -> dict:

@@ -95,6 +95,18 @@ def reap_orphaned_servers(prefect_home: str | None = None, timeout: float = 10) 
     return pids
 
 
+def processes_under(folder: str) -> list[int]:
+    """Live processes whose command line names `folder` (read from /proc: `ps` cuts long lines)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if folder.encode() in Path(f"/proc/{pid}/cmdline").read_bytes() and _running(int(pid)):
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
 def temp_dir(kind: str) -> tempfile.TemporaryDirectory:
     """A throwaway folder named after this process (smolflow-<kind>-<pid>-...), removed on exit as
     any; one whose process is gone (SIGKILLed: no cleanup ran) is removed when the next is made."""

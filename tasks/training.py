@@ -442,8 +442,9 @@ def launch(spec: FitSpec) -> dict:
         else:  # measured (scripts/bench_training.py, *-ddp2): 0.60-0.77x one process on all the cores
             run_logger().warning("training.num_processes=%d on the CPU: on one machine the gradients' all-reduce "
                                  "costs more than splitting the cores gains; 1 process is faster there", n)
+        # --log-dir in our folder: by default torchrun makes a /tmp/torchelastic_* folder a launch and keeps it
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               "-m", "tasks.train_worker", str(spec_path)]
+               f"--log-dir={Path(tmp) / 'torchrun'}", "-m", "tasks.train_worker", str(spec_path)]
         run_logger().info("Training on %d processes: %s", n, " ".join(cmd))
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               preexec_fn=functools.partial(die_with_parent, os.getpid()))

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def losses(history: list[dict]) -> list[float]:
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume_after_a_kill(tiny_ref, fixture_data, tmp_path, monkeypatch, caplog):
+    tmp = Path(tempfile.gettempdir())
+    torchrun_logs = set(tmp.glob("torchelastic_*"))  # torchrun's own default: one folder a launch, kept
     # The same global batch of 4: 1 process x 4 rows, or 2 processes x 2 rows each.
     one = train_sft.fn(tiny_ref, tokens_of(tiny_ref, fixture_data, TrainingConfig(**KNOBS)), TrainingConfig(per_device_train_batch_size=4, **KNOBS),
                        str(tmp_path / "runs" / "one"), [])
@@ -79,3 +82,7 @@ def test_two_processes_match_one_and_resume_after_a_kill(tiny_ref, fixture_data,
     for step, (x, y) in enumerate(zip(a, b), 1):
         assert abs(x - y) <= 0.02 * abs(x), f"step {step}: 1 process {x:.4f}, 2 processes {y:.4f} ({a} vs {b})"
     assert run.exists("model/model.safetensors") and not run.exists("checkpoints")
+    # Nothing left in /tmp: torchrun logged into launch's folder, and the killed launch's folder was
+    # removed by the next launch (its process is gone)
+    assert set(tmp.glob("torchelastic_*")) == torchrun_logs
+    assert not list(tmp.glob(f"smolflow-ddp-{proc.pid}-*"))
