@@ -30,6 +30,12 @@ os.environ.update(
     SMOLFLOW_LOCAL_SERVER="http://127.0.0.1:9/api",
 )
 os.makedirs(os.path.join(_HOME, "cache"))
+# Every temporary file of the tests and their subprocesses under _HOME, so it goes with it: wandb
+# makes two folders at import and removes them at exit, which the tests' SIGKILLed processes skip
+# (~20 folders in /tmp a run before).
+os.makedirs(os.path.join(_HOME, "tmp"))
+os.environ["TMPDIR"] = os.path.join(_HOME, "tmp")
+tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 _SHARED_MODELS = os.path.expanduser("~/.cache/smolflow/models")
 os.makedirs(_SHARED_MODELS, exist_ok=True)
 os.symlink(_SHARED_MODELS, os.path.join(_HOME, "cache", "models"))
