@@ -98,6 +98,11 @@ def main() -> None:
             print(f"{runner}: comparable with local (same key): "
                   f"{ {name: why_not_comparable(keys['local'][name], keys[runner][name]) if keys[runner][name] != keys['local'][name] else 'yes' for name in keys['local']} }")
         print(f"torch threads: local {os.cpu_count()} on one task at a time, ray 1 per task; precision: {args.precision}")
+        walls = dict(rows)
+        if "local, 1 thread" in walls:  # Ray runs one-thread tasks side by side: at most cores x one thread's speed
+            scaling = walls["local, 1 thread"] / walls["local"]
+            print(f"one task on {os.cpu_count()} threads runs {scaling:.2f}x its speed on 1: the most Ray can gain "
+                  f"over the local run on this machine is {os.cpu_count() / scaling:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
