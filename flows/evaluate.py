@@ -46,7 +46,7 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
         found = model_of_run(root, config.model)
         model = ModelRef(**found) if found else resolve_model(config.model)
         scores = score_models({"model": model}, config.benchmarks, checked.custom, config.judge)
-        save_scores(run.uri, scores)
+        rows = save_scores(run.uri, scores)
         judgement = None
         if config.judge.enabled:
             # 'base' has no meaning without a fine-tune: the reference is the default model (`auto`).
@@ -62,4 +62,4 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
         write_manifest(run.uri, {"run_id": run_id, "kind": "eval", "tuned_model": model.model_dump(),
                                  "torch_threads": threads, "execution": placement.model_dump(mode="json"), "completed_at": datetime.now(timezone.utc).isoformat()})
         set_latest(root, flow_run.flow_name, run_id)
-        return summary | {"model": model.path, "manifest": run.url(RunPaths.manifest)}
+        return summary | {"model": model.path, "benchmarks": rows, "manifest": run.url(RunPaths.manifest)}

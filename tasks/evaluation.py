@@ -333,12 +333,20 @@ def source_note(result: BenchmarkResult) -> str:
     return str(result.provenance.get("note") or result.provenance.get("source") or result.settings.get("data") or "")
 
 
-def scores_markdown(scores: dict[str, dict[str, BenchmarkResult]]) -> str:
+def score_row(role: str, result: BenchmarkResult) -> dict:
+    """One model's score, for runs without a base/tuned pair (smolflow eval): what the summary prints."""
+    return {"benchmark": result.name, "model": role, "metric": result.metric, "n": result.n,
+            "score": round(result.score, 4), "stderr": None if result.stderr is None else round(result.stderr, 4),
+            "source": source_note(result), "comparable_to_published": bool(result.provenance.get("comparable_to_published")),
+            "comparability_key": result.comparability_key}
+
+
+def scores_markdown(rows: list[dict]) -> str:
     """One row per benchmark and model, for runs without a base/tuned pair (smolflow eval)."""
-    rows = "".join(f"| {name} | {role} | {r.metric} | {r.n} | {r.score:.4f} | "
-                   f"{'n/a' if r.stderr is None else f'{r.stderr:.4f}'} | {source_note(r)} |\n"
-                   for name, pair in scores.items() for role, r in pair.items())
-    return "| benchmark | model | metric | n | score | stderr | source |\n|---|---|---|---|---|---|---|\n" + rows
+    cells = lambda r: [r["benchmark"], r["model"], r["metric"], r["n"], f"{r['score']:.4f}",  # noqa: E731
+                       "n/a" if r["stderr"] is None else f"{r['stderr']:.4f}", r["source"]]
+    return ("| benchmark | model | metric | n | score | stderr | source |\n|---|---|---|---|---|---|---|\n"
+            + "".join("| " + " | ".join(map(str, cells(r))) + " |\n" for r in rows))
 
 
 def benchmarks_markdown(table: list[dict]) -> str:
@@ -355,7 +363,8 @@ def benchmarks_markdown(table: list[dict]) -> str:
 @task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10])
 def save_scores(run_uri: str, scores: dict[str, dict[str, BenchmarkResult]]) -> list[dict]:
     """Every score's records and summary, comparison.json and the report's benchmarks section, in the
-    run folder (the gate and the trend read them from there), and a Prefect table artifact."""
+    run folder (the gate and the trend read them from there), and a Prefect table artifact; return
+    the comparison rows, or each model's score where no base/tuned pair was scored (smolflow eval)."""
     run = ArtifactStore(run_uri)
     table = []
     for name, pair in scores.items():
@@ -370,8 +379,10 @@ def save_scores(run_uri: str, scores: dict[str, dict[str, BenchmarkResult]]) -> 
     if table or not scores:
         run.write_json(RunPaths.comparison, table)
         run.write_text(RunPaths.section("benchmarks"), benchmarks_markdown(table))
-    else:
-        run.write_text(RunPaths.section("benchmarks"), scores_markdown(scores))
-    if table:
-        create_table_artifact(key="smolflow-benchmarks", table=table, description="Base vs tuned scores")
-    return table
+        if table:
+            create_table_artifact(key="smolflow-benchmarks", table=table, description="Base vs tuned scores")
+        return table
+    rows = [score_row(role, result) for pair in scores.values() for role, result in pair.items()]
+    run.write_text(RunPaths.section("benchmarks"), scores_markdown(rows))
+    create_table_artifact(key="smolflow-benchmarks", table=rows, description="Scores")
+    return rows

@@ -196,8 +196,14 @@ def test_eval_runs_lists_and_compares(env, tiny_model_dir, tmp_path):
     first = smolflow(env, *_eval_args(root, str(tiny_model_dir), 2), "--output.run-id", "eval-a")
     assert first.returncode == 0, first.stderr[-3000:]
     summary = __import__("yaml").safe_load(first.stdout)
-    assert summary["benchmarks"] == [] and (root / "runs/eval-a/benchmarks/gsm8k/model.summary.json").is_file()
     assert (root / "runs/eval-a/report/report.html").is_file() and (root / "runs/eval-a/manifest.json").is_file()
+    saved = json.loads((root / "runs/eval-a/benchmarks/gsm8k/model.summary.json").read_text())
+    # What it prints is what it saved: the model's score (an eval run once printed `benchmarks: []`).
+    [row] = summary["benchmarks"]
+    assert row["benchmark"] == "gsm8k" and row["model"] == "model" and row["n"] == 2 == saved["n"]
+    assert row["score"] == round(saved["score"], 4) and row["comparability_key"] == saved["comparability_key"]
+    assert f"| gsm8k | model | {saved['metric']} | 2 | {saved['score']:.4f} |" in (
+        root / "runs/eval-a/report/report.md").read_text()
     # The evaluated model of a run id is that run's model: same fingerprint, so the cached score is reused.
     # No API URL set, but `smolflow serve`'s server (here the session's) answers: the run reports to it.
     unset = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | {"SMOLFLOW_LOCAL_SERVER": env["PREFECT_API_URL"]}
