@@ -6,7 +6,7 @@ the arena, triggered by each completed nightly run.
 `flow.serve` needs no work pool or worker: this process registers the deployments, polls the
 server and runs each flow run as a subprocess. Both deployments take the RunConfig as their
 parameter, so the Prefect UI shows its form with descriptions, defaults and validation. Stopping
-this process leaves both deployments and the nightly schedule active (docs/operations-serve.md);
+this process leaves both deployments and the nightly schedule active (docs/operations.md, "Serving and restarts");
 with SMOLFLOW_ALERT_BLOCK set it (re)creates the alert automations first.
 """
 

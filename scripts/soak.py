@@ -1,7 +1,7 @@
 """Soak: N consecutive nightly-like runs of the real flow on a tiny model; disk use after each.
 
     .venv/bin/python scripts/soak.py                 # 10 runs, keep_runs=2, 3 training steps each
-    .venv/bin/python scripts/soak.py --runs 10 --keep-runs 3   # the table in docs/operations-disk.md
+    .venv/bin/python scripts/soak.py --runs 10 --keep-runs 3   # the table in docs/operations.md, "Soak"
 
 Each "night" trains afresh (its own training seed, as new data would), publishes, evaluates and
 applies retention like a nightly run. The model is a random 2-layer Llama with the real SmolLM2
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=10)
     # 2: the acceptance (after run 2 + one run folder) then has a run folder of margin; with 3 the
-    # steady state is exactly that bound (docs/operations-disk.md).
+    # steady state is exactly that bound (docs/operations.md, "Disk").
     ap.add_argument("--keep-runs", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--dir", default=None, help="work folder (default: a new temporary one)")

@@ -224,7 +224,7 @@ class OutputConfig(Section):
     keep_runs: int = Field(
         14, ge=1,
         description="Completed runs kept under artifacts_uri after each run (newest first); the runs that a "
-        "`latest` or `promoted` pointer names are never deleted (docs/operations-disk.md).",
+        "`latest` or `promoted` pointer names are never deleted (docs/operations.md, section 'Disk').",
     )
     keep_incomplete_hours: float = Field(
         24, ge=0,

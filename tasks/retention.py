@@ -1,6 +1,6 @@
 """Disk bounds for unattended runs: run-folder retention on the artifact root (local or S3).
 
-Rules (docs/operations-disk.md):
+Rules (docs/operations.md, "Disk"):
 - Completed runs (with manifest.json), newest completion first: the first `keep_runs` stay; every
   run a pointer names (`pointers/<flow>/latest.json`, `promoted.json`, any flow) stays whatever
   its age; the rest are deleted.
