@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import sys
+import warnings
 
 ENV = "SMOLFLOW_VERBOSE"
 
@@ -26,6 +27,9 @@ _CHATTY = ("httpx", "httpcore", "urllib3", "filelock", "fsspec", "s3fs", "botoco
            "lm_eval", "accelerate", "peft", "trl", "wandb")
 # Warnings about how smolflow calls a library on purpose: said once per process at most, never when quiet.
 _EXPECTED = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model through `pretrained`")
+# Libraries' deprecation notices (e.g. peft asking transformers' `is_gradient_checkpointing`) are for
+# their callers' developers, not for whoever runs a run: shown only when verbose.
+_DEPRECATIONS = ("ignore", None, FutureWarning, r"(transformers|peft|trl|accelerate|datasets|lm_eval|huggingface_hub)(\.|$)")
 
 
 def verbose() -> bool:
@@ -80,6 +84,11 @@ def configure_logging(verbose_: bool | None = None) -> bool:
         (handler.removeFilter if verbose_ else handler.addFilter)(_FILTER)
     if root.level < logging.WARNING and not verbose_:
         root.setLevel(logging.WARNING)  # Prefect's default, lowered by alpaca_eval's import
+    action, _, category, module = _DEPRECATIONS
+    warnings.filterwarnings(action, category=category, module=module)  # once, however often this runs
+    if verbose_:
+        warnings.filters[:] = [f for f in warnings.filters if not (f[0] == action and f[2] is category
+                                                                   and getattr(f[3], "pattern", None) == module)]
     _library_switches(verbose_)
     return verbose_
 

@@ -60,3 +60,31 @@ def test_verbose_shows_library_logs(collected, monkeypatch):
         logging.getLogger().setLevel(logging.WARNING)
     assert sum("`pretrained` model kwarg" in line for line in collected.lines) == 2
     assert sum(line.startswith("httpx: HTTP Request") for line in collected.lines) == 2
+
+
+def _peft_warnings() -> list[str]:
+    """The Python warnings that wrapping a model in LoRA raises, as `training.peft` does."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
+    with warnings.catch_warnings(record=True) as caught:  # keeps the filters configure_logging set
+        get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    return [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+def test_library_deprecation_notices_only_when_verbose(collected, monkeypatch):
+    # A LoRA run printed transformers' FutureWarning about `is_gradient_checkpointing` (asked by peft)
+    # in the middle of the quiet console.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", FutureWarning)  # Python's default; pyproject's pytest settings ignore them
+        configure_logging(False)
+        assert not any("is_gradient_checkpointing" in w for w in _peft_warnings())
+        monkeypatch.setenv("SMOLFLOW_VERBOSE", "1")
+        configure_logging()
+        assert any(w.startswith("FutureWarning") and "is_gradient_checkpointing" in w for w in _peft_warnings())
