@@ -39,14 +39,21 @@ class DataConfig(Section):
     )
     subset: str | None = Field("everyday-conversations", description="Hub config name (smoltalk subset).")
     train_split: str = Field("train", description="Split to train on.")
-    test_split: str = Field("test", description="Split for eval loss; must exist.")
+    test_split: str = Field("test", description="Split for eval loss; must exist, unless test_size carves it.")
+    test_size: int | float | None = Field(
+        None, gt=0,
+        description="For data without a test split (e.g. one .jsonl file): hold out this many rows (a whole number, "
+        "e.g. 200) or this fraction (e.g. 0.05) of the train split as the test split, picked with `seed`, the same "
+        "rows every run. None: the dataset's own test split.",
+    )
     max_train_rows: int | None = Field(None, ge=1, description="Use at most this many training rows.")
     max_test_rows: int | None = Field(None, ge=1, description="Use at most this many test rows.")
     bad_rows: Literal["strict", "drop"] = Field(
         "strict", description="strict: stop and list the first bad rows; drop: train without them and count them."
     )
     shuffle: bool = Field(False, description="Shuffle each split (with `seed`) before the row limits apply.")
-    seed: int = Field(42, description="Seed of the shuffle: the same seed picks the same rows every run.")
+    seed: int = Field(42, description="Seed of the shuffle and of test_size's held-out rows: the same seed picks the "
+                      "same rows every run.")
     special_tokens_in_text: Literal["reject", "escape"] = Field(
         "reject",
         description="A special token of the model's tokenizer (e.g. ChatML's im_start marker) typed inside message text. "
@@ -57,9 +64,18 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _seed_shuffles(self) -> DataConfig:
-        if not self.shuffle:
-            unused(self, ("seed",), "data.", "it seeds the shuffle, which is off (set data.shuffle: true)")
+        if not self.shuffle and self.test_size is None:
+            unused(self, ("seed",), "data.", "it seeds the shuffle and test_size's held-out rows, and neither is on "
+                   "(set data.shuffle: true or data.test_size)")
         return self
+
+    @field_validator("test_size")
+    @classmethod
+    def _fraction_under_one(cls, value: int | float | None) -> int | float | None:
+        if isinstance(value, float) and value >= 1:
+            raise ValueError("a fraction of the train split is under 1 (e.g. 0.05); a number of rows is a whole "
+                             "number (e.g. 200)")
+        return value
 
 
 class TemplateConfig(Section):

@@ -21,6 +21,7 @@ splits); what stays in memory is one short digest and flag per row, never the co
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -66,6 +67,7 @@ class DatasetRef(BaseModel):
     special_tokens: list[str] = []
     # split -> {what: rows}: 'special tokens escaped', 'seed tool-call shorthand' (rewritten, kept).
     rewritten: dict[str, dict[str, int]] = {}
+    held_out: str | None = None  # how data.test_size made the test split, when it did
 
     def markdown(self) -> str:
         """Source, rows per split, fingerprint, rows dropped and rewritten by reason, special tokens, for the report."""
@@ -79,7 +81,8 @@ class DatasetRef(BaseModel):
             for split, counts in self.rewritten.items() if counts
         )
         tokens = f"\nSpecial tokens typed in text ({len(self.special_tokens)} checked): {self.special_tokens_in_text}\n"
-        return f"Source `{self.source}` · {rows} · fingerprint `{self.fingerprint}`\n{dropped}{rewritten}{tokens}"
+        held = f" ({self.held_out})" if self.held_out else ""
+        return f"Source `{self.source}` · {rows}{held} · fingerprint `{self.fingerprint}`\n{dropped}{rewritten}{tokens}"
 
 
 class BadRowsError(ValueError):
@@ -285,6 +288,40 @@ def _recorded(index: Path) -> DatasetRef | None:
     return ref if (Path(ref.path) / "dataset_dict.json").exists() else None
 
 
+def hold_out(raw, origins: dict, cfg: DataConfig) -> tuple:
+    """(raw, origins, what was done) with the test split carved out of the train split (data.test_size): rows
+    picked with data.seed, the same every run, each part in the file's order (data.shuffle still
+    applies after). Held-out rows keep their names (file:line) in every message about them."""
+    import math
+
+    import numpy as np
+    from datasets import DatasetDict
+
+    if cfg.test_split in raw:
+        raise ValueError(f"data.test_size={cfg.test_size}: the dataset has its own {cfg.test_split!r} split; remove "
+                         "data.test_size to evaluate on it, or set data.test_split to a name the dataset lacks")
+    if cfg.train_split not in raw:
+        return raw, origins, None  # load_chat_dataset names the missing split
+    source, n = raw[cfg.train_split], len(raw[cfg.train_split])
+    k = cfg.test_size if isinstance(cfg.test_size, int) else math.ceil(n * cfg.test_size)
+    if not 0 < k < n:
+        raise ValueError(f"data.test_size={cfg.test_size}: holds out {k} of the {n} rows of split {cfg.train_split!r}, "
+                         f"leaving {n - k} to train on; hold out fewer")
+    held = np.zeros(n, dtype=bool)
+    held[np.random.default_rng(cfg.seed).permutation(n)[:k]] = True
+    parts, named = {}, {}
+    for split, rows in ((cfg.train_split, np.flatnonzero(~held)), (cfg.test_split, np.flatnonzero(held))):
+        parts[split] = part = source.select(rows)
+        # datasets cuts consecutive rows as a slice of the table (no index map): count its offset.
+        offset = int(rows[0]) if part._indices is None else 0
+        named[split] = dataclasses.replace(origins[cfg.train_split], split=cfg.train_split,
+                                           first=origins[cfg.train_split].first + offset)
+    note = (f"{cfg.test_split} held out from {cfg.train_split}: {k} of its {n} rows, before checks and limits "
+            f"(data.test_size={cfg.test_size}, seed {cfg.seed})")
+    log.info("Dataset %s: %s", cfg.dataset, note)
+    return DatasetDict({**raw, **parts}), {**origins, **named}, note
+
+
 @task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
 def load_chat_dataset(cfg: DataConfig, special_tokens: list[str] | None = None) -> DatasetRef:
     """Load the train/test splits, check every row, and save them for the stages that follow."""
@@ -307,11 +344,15 @@ def load_chat_dataset(cfg: DataConfig, special_tokens: list[str] | None = None) 
     import pyarrow
 
     pyarrow.default_memory_pool().release_unused()
+    held_out = None
+    if cfg.test_size is not None:
+        raw, origins, held_out = hold_out(raw, origins, cfg)
     for key, split in (("train", cfg.train_split), ("test", cfg.test_split)):
         if split not in raw:
+            carve = " or hold out part of the train split with data.test_size (e.g. 0.05)" if key == "test" else ""
             raise ValueError(
                 f"data.{key}_split={split!r} is not in the dataset (splits: {sorted(raw)}); "
-                f"set data.{key}_split to one of them"
+                f"set data.{key}_split to one of them{carve}"
             )
     index = _checked_index(cfg, raw, tokens)
     if (ref := _recorded(index)) is not None:
@@ -344,7 +385,7 @@ def load_chat_dataset(cfg: DataConfig, special_tokens: list[str] | None = None) 
     ref = DatasetRef(
         source=cfg.dataset, path=str(target), fingerprint=fingerprint, rows={k: len(v) for k, v in saved.items()},
         dropped=dropped, shapes=shapes, special_tokens_in_text=cfg.special_tokens_in_text, special_tokens=tokens,
-        rewritten=rewritten,
+        rewritten=rewritten, held_out=held_out,
     )
     for record in (index, quick):
         if record is not None:

@@ -80,8 +80,10 @@ class Origin:
     split: str
     builder: str = ""
     files: list[str] = field(default_factory=list)  # in read order; none for hub data
+    first: int = 0  # rows of the source before row 0: a split cut out of another as one slice (data.test_size)
 
     def where(self, row: int) -> str:
+        row += self.first
         for file in self.files:
             n = _row_count(file, self.builder)
             if row < n:

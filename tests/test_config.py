@@ -106,7 +106,7 @@ def test_odd_files_and_flag_values_are_refused_naming_where(tmp_path):
     ("argv", "message"),
     [
         (["--training.num-train-epochs", "3"], "training.num_train_epochs: used only when training.max_steps is -1"),
-        (["--data.seed", "7"], "data.seed: it seeds the shuffle, which is off (set data.shuffle: true)"),
+        (["--data.seed", "7"], "data.seed: it seeds the shuffle and test_size's held-out rows, and neither is on (set data.shuffle: true or data.test_size)"),
         (["--judge.base-url", "http://x/v1", "--judge.api-key-env", "K"],
          "judge.base_url, judge.api_key_env: only the 'openai' backend uses them"),
         (["--output.hub-token-secret", "hub"], "output.hub_token_secret: they apply to a hub push"),

@@ -85,8 +85,55 @@ def test_missing_messages_column_says_which_schema(tmp_path):
 
 def test_missing_split_names_the_parameter(tmp_path):
     _write_jsonl(tmp_path / "train.jsonl", [_chat(0)])
-    with pytest.raises(ValueError, match=r"data.test_split='test' is not in the dataset"):
+    with pytest.raises(ValueError, match=r"data.test_split='test' is not in the dataset.*data.test_size"):
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+
+
+def test_test_size_holds_out_the_same_rows_of_one_file_every_run(tmp_path):
+    one_file = _write_jsonl(tmp_path / "chats.jsonl", [_chat(i) for i in range(40)])  # read as split 'train'
+    ref = load_chat_dataset.fn(DataConfig(dataset=str(one_file), test_size=0.1))
+    train, test = _ids(ref), _ids(ref, "test")
+    assert ref.rows == {"train": 36, "test": 4} and not set(train) & set(test)
+    assert "test: 4 rows (test held out from train: 4 of its 40 rows, before checks and limits (data.test_size=0.1, " \
+           "seed 42))" in ref.markdown()  # the report's data section
+    assert sorted(train + test) == sorted(f"hi {i}" for i in range(40))
+    assert train == sorted(train, key=lambda t: int(t.split()[1]))  # each part in the file's order
+    assert _ids(load_chat_dataset.fn(DataConfig(dataset=str(one_file), test_size=4)), "test") == test  # 4 rows = 10%
+    other = load_chat_dataset.fn(DataConfig(dataset=str(one_file), test_size=4, seed=7))
+    assert _ids(other, "test") != test and other.fingerprint != ref.fingerprint
+    # data.shuffle and the row limits apply to the parts, after the hold-out
+    limited = load_chat_dataset.fn(DataConfig(dataset=str(one_file), test_size=0.1, max_test_rows=2))
+    assert _ids(limited, "test") == test[:2]
+
+
+def test_test_size_is_refused_where_it_cannot_take_effect(tmp_path):
+    _write_jsonl(tmp_path / "train.jsonl", [_chat(i) for i in range(5)])
+    _write_jsonl(tmp_path / "test.jsonl", [_chat(9)])
+    with pytest.raises(ValueError, match=r"data.test_size=0.2: the dataset has its own 'test' split; remove data.test_size"):
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), test_size=0.2))
+    with pytest.raises(ValueError, match=r"data.test_size=5: holds out 5 of the 5 rows of split 'train', leaving 0"):
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path / "train.jsonl"), test_size=5))
+    for bad, says in ((1.5, "a fraction of the train split is under 1"), (0, "greater than 0")):
+        with pytest.raises(ValueError, match=says):
+            DataConfig(test_size=bad)
+    DataConfig(test_size=0.05, seed=3)  # the seed picks the held-out rows: not refused without a shuffle
+    with pytest.raises(ValueError, match="data.seed: it seeds the shuffle and test_size's held-out rows"):
+        DataConfig(seed=3)
+
+
+# Seed 0 holds out row 9 alone and seed 42 row 0 alone: datasets cuts one row, or consecutive rows, as a
+# slice of the file with no index map (the train part of seed 42: rows 1-11); 3 rows of seed 42: 0, 6, 7.
+@pytest.mark.parametrize("seed,size,split", [(0, 1, "test"), (42, 1, "train"), (42, 3, "test"), (42, 3, "train")])
+def test_held_out_and_kept_bad_rows_are_named_by_their_place_in_the_file(tmp_path, seed, size, split):
+    import numpy as np
+
+    held = sorted(int(i) for i in np.random.default_rng(seed).permutation(12)[:size])
+    bad = held[-1] if split == "test" else max(set(range(12)) - set(held))
+    rows = [_chat(i) for i in range(12)]
+    rows[bad] = {"messages": [{"role": "user", "content": "only a question"}]}
+    one_file = _write_jsonl(tmp_path / "chats.jsonl", rows)
+    with pytest.raises(BadRowsError, match=rf"split '{split}'.*chats.jsonl:{bad + 1}: no assistant turn"):
+        load_chat_dataset.fn(DataConfig(dataset=str(one_file), test_size=size, seed=seed, shuffle=True))
 
 
 def test_hub_id_offline_explains_how_to_use_local_files():
