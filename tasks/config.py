@@ -64,6 +64,10 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _seed_shuffles(self) -> DataConfig:
+        if self.test_split == self.train_split:
+            raise ValueError(f"data.test_split={self.test_split!r} is also data.train_split: the eval loss would be "
+                             "measured on the rows trained on; for data without a test split, hold out rows with "
+                             "data.test_size (e.g. 0.05)")
         if not self.shuffle and self.test_size is None:
             unused(self, ("seed",), "data.", "it seeds the shuffle and test_size's held-out rows, and neither is on "
                    "(set data.shuffle: true or data.test_size)")

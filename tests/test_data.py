@@ -117,6 +117,8 @@ def test_test_size_is_refused_where_it_cannot_take_effect(tmp_path):
         with pytest.raises(ValueError, match=says):
             DataConfig(test_size=bad)
     DataConfig(test_size=0.05, seed=3)  # the seed picks the held-out rows: not refused without a shuffle
+    with pytest.raises(ValueError, match="data.test_split='train' is also data.train_split: the eval loss would be"):
+        DataConfig(test_split="train")  # once the only way to run on a single file, evaluating on trained rows
     with pytest.raises(ValueError, match="data.seed: it seeds the shuffle and test_size's held-out rows"):
         DataConfig(seed=3)
 
