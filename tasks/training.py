@@ -1,20 +1,16 @@
 """Training stage: supervised fine-tuning with TRL's SFTTrainer, eval loss on the test split.
 
-Resumable: every `save_steps` the Trainer's checkpoint (model, optimizer, scheduler, RNG, step)
-is copied to `<run>/checkpoints/checkpoint-N/` and a `COMPLETE` marker is written last, so a
-retried task, or the flow re-run for the same run id, continues from the newest complete
-checkpoint instead of step 0. A checkpoint without the marker was cut off mid-save: ignored.
+Resumable: a retried task, or the flow re-run for the same run id, continues from the newest
+complete checkpoint instead of step 0 (tasks/checkpoints.py).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
 import posixpath
-import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +20,7 @@ from prefect import task
 from prefect.cache_policies import TASK_SOURCE
 from pydantic import BaseModel
 
+from tasks.checkpoints import checkpoint_uploader, find_checkpoint, remove_checkpoints, resume_key, step_of
 from tasks.config import TrainingConfig
 from tasks.device import Placement, resolve
 from tasks.leftovers import die_with_parent, temp_dir
@@ -37,8 +34,6 @@ from tasks import train_levers
 from tasks.tokenization import TokenizedRef, load_tokenized, tokenize_split
 from tasks.transfer import locate_model, place_dir, release_work, run_root
 
-MARKER = "COMPLETE"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class TrainResult(BaseModel):
@@ -197,74 +192,6 @@ def prepare_splits(splits, tokenizer, cfg: TrainingConfig, assistant_only_loss: 
 # ---- checkpoints: resume after a crash ----------------------------------------------------
 
 
-def resume_key(base: ModelRef, tokens: TokenizedRef, cfg: TrainingConfig) -> str:
-    """What a checkpoint must have been trained from to be resumed: same model, tokens (data,
-    template, max_length, loss mask) and knobs (another max_steps would distort the LR schedule,
-    so it starts afresh)."""
-    what = {"model": base.fingerprint, "tokens": tokens.key, "cfg": cfg.model_dump(mode="json")}
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _steps(names, is_complete) -> list[int]:
-    return sorted((int(m[1]) for n in names if (m := _CHECKPOINT.match(n)) and is_complete(n)), reverse=True)
-
-
-def _marker_ok(text: str, key: str) -> bool:
-    try:
-        return json.loads(text).get("key") == key
-    except ValueError:
-        return False
-
-
-def find_checkpoint(work: Path, run: ArtifactStore, key: str) -> Path | None:
-    """The newest complete checkpoint for this key: local work dir first, else the run folder's
-    copy (downloaded into the work dir). None: start from step 0."""
-    local = work / "checkpoints"
-    names = [p.name for p in local.iterdir()] if local.is_dir() else []
-    mine = _steps(names, lambda n: (local / n / MARKER).is_file() and _marker_ok((local / n / MARKER).read_text(), key))
-    if mine:
-        return local / f"checkpoint-{mine[0]}"
-    remote = run.child("checkpoints")
-    files = remote.list_files()
-    names = {f.split("/")[0] for f in files if "/" in f}
-    done = {f.split("/")[0] for f in files if f.endswith("/" + MARKER)}
-    for step in _steps(names, lambda n: n in done):
-        name = f"checkpoint-{step}"
-        with remote.fs.open(remote.child(name, MARKER).root, "r") as f:
-            if not _marker_ok(f.read(), key):
-                continue
-        shutil.rmtree(local, ignore_errors=True)  # unfinished or foreign local saves: not to be rotated in
-        return remote.download_dir(name, local / name)
-    return None
-
-
-def _remove(store: ArtifactStore) -> None:
-    if store.exists():
-        store.fs.rm(store.root, recursive=True)
-
-
-def checkpoint_uploader(run: ArtifactStore, key: str, keep: int = 2):
-    """A TrainerCallback that copies each saved checkpoint to the run folder, marker last."""
-    from transformers import TrainerCallback
-
-    class UploadCheckpoints(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if not state.is_world_process_zero:  # DDP: one uploader; the checkpoint folder is shared
-                return
-            name = f"checkpoint-{state.global_step}"
-            local = Path(args.output_dir) / name
-            marker = json.dumps({"step": state.global_step, "key": key})
-            remote = run.child("checkpoints")
-            remote.upload_dir(local, name)  # every file the Trainer wrote (on_save comes after them)
-            remote.write_text(f"{name}/{MARKER}", marker)  # then the marker, last
-            (local / MARKER).write_text(marker)
-            for old in _steps({f.split("/")[0] for f in remote.list_files() if "/" in f}, lambda n: True)[keep:]:
-                _remove(remote.child(f"checkpoint-{old}"))
-            run_logger().info("Checkpoint %s saved to %s", name, remote.url(name))
-
-    return UploadCheckpoints()
-
-
 @task(cache_policy=(ContentInputs() - "run_uri" - "report_to") + TASK_SOURCE, retries=1, retry_delay_seconds=10,
       retry_condition_fn=retry_transient)
 def train_sft(
@@ -291,8 +218,8 @@ def _train_sft(base: ModelRef, tokenized: TokenizedRef, cfg: TrainingConfig, run
     resume = find_checkpoint(work, run, key)
     if resume is None:  # stale checkpoints of other settings must not be rotated in or resumed
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
-        _remove(run.child("checkpoints"))
-    resumed_from = int(_CHECKPOINT.match(resume.name)[1]) if resume else 0
+        remove_checkpoints(run)
+    resumed_from = step_of(resume) if resume else 0
     log.info("Training from step %d%s on %d process(es)", resumed_from,
              f" (resuming {resume})" if resume else "", cfg.num_processes)
     spec = FitSpec(base=base, tokenized=tokenized, cfg=cfg, work=str(work), run_uri=run_uri, key=key,
@@ -304,7 +231,7 @@ def _train_sft(base: ModelRef, tokenized: TokenizedRef, cfg: TrainingConfig, run
     final = work / "model"
     fingerprint = fingerprint_dir(final)
     uri, _ = place_dir(str(final), run, "model")  # a local root hard-links: no second copy of the weights
-    _remove(run.child("checkpoints"))  # the final model supersedes them; they are GBs on real models
+    remove_checkpoints(run)  # the final model supersedes them; they are GBs on real models
     release_work(work, run, fingerprint)
     metrics = fitted["metrics"] | {"resumed_from_step": float(resumed_from)}
     log.info("Training done: %s", metrics)

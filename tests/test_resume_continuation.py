@@ -16,7 +16,8 @@ from tasks import training
 from tasks.config import TrainingConfig, WandbConfig
 from tasks.storage import ArtifactStore
 from tasks.tracking import finish_run, fold_in_earlier_attempts, start_wandb
-from tasks.training import MARKER, train_sft
+from tasks.checkpoints import MARKER
+from tasks.training import train_sft
 from tests.conftest import tokens_of
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,8 @@ import pytest
 
 from tasks.config import TrainingConfig
 from tasks.storage import ArtifactStore
-from tasks.training import MARKER, find_checkpoint, resume_key, train_sft
+from tasks.checkpoints import MARKER, find_checkpoint, resume_key
+from tasks.training import train_sft
 from tests.conftest import tokens_of
 
 ROOT = Path(__file__).resolve().parents[1]

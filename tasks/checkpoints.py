@@ -1,0 +1,101 @@
+"""Resumable training: every `save_steps` the Trainer's checkpoint (model, optimizer, scheduler, RNG,
+step) is copied to `<run>/checkpoints/checkpoint-N/` and a `COMPLETE` marker is written last, so a
+retried task, or the flow re-run for the same run id, continues from the newest complete
+checkpoint instead of step 0. A checkpoint without the marker was cut off mid-save: ignored; one
+whose marker names other settings (another `resume_key`) is never resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+from tasks.config import TrainingConfig
+from tasks.models import ModelRef
+from tasks.runtime import run_logger
+from tasks.storage import ArtifactStore
+from tasks.tokenization import TokenizedRef
+
+MARKER = "COMPLETE"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def resume_key(base: ModelRef, tokens: TokenizedRef, cfg: TrainingConfig) -> str:
+    """What a checkpoint must have been trained from to be resumed: same model, tokens (data,
+    template, max_length, loss mask) and knobs (another max_steps would distort the LR schedule,
+    so it starts afresh)."""
+    what = {"model": base.fingerprint, "tokens": tokens.key, "cfg": cfg.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _steps(names, is_complete) -> list[int]:
+    return sorted((int(m[1]) for n in names if (m := _CHECKPOINT.match(n)) and is_complete(n)), reverse=True)
+
+
+def _marker_ok(text: str, key: str) -> bool:
+    try:
+        return json.loads(text).get("key") == key
+    except ValueError:
+        return False
+
+
+def find_checkpoint(work: Path, run: ArtifactStore, key: str) -> Path | None:
+    """The newest complete checkpoint for this key: local work dir first, else the run folder's
+    copy (downloaded into the work dir). None: start from step 0."""
+    local = work / "checkpoints"
+    names = [p.name for p in local.iterdir()] if local.is_dir() else []
+    mine = _steps(names, lambda n: (local / n / MARKER).is_file() and _marker_ok((local / n / MARKER).read_text(), key))
+    if mine:
+        return local / f"checkpoint-{mine[0]}"
+    remote = run.child("checkpoints")
+    files = remote.list_files()
+    names = {f.split("/")[0] for f in files if "/" in f}
+    done = {f.split("/")[0] for f in files if f.endswith("/" + MARKER)}
+    for step in _steps(names, lambda n: n in done):
+        name = f"checkpoint-{step}"
+        with remote.fs.open(remote.child(name, MARKER).root, "r") as f:
+            if not _marker_ok(f.read(), key):
+                continue
+        shutil.rmtree(local, ignore_errors=True)  # unfinished or foreign local saves: not to be rotated in
+        return remote.download_dir(name, local / name)
+    return None
+
+
+def _remove(store: ArtifactStore) -> None:
+    if store.exists():
+        store.fs.rm(store.root, recursive=True)
+
+
+def remove_checkpoints(run: ArtifactStore) -> None:
+    """Delete the run folder's checkpoints (stale ones, or all once the final model is saved)."""
+    _remove(run.child("checkpoints"))
+
+
+def step_of(checkpoint: Path) -> int:
+    """The step a checkpoint folder (checkpoint-N) was saved at."""
+    return int(_CHECKPOINT.match(checkpoint.name)[1])
+
+
+def checkpoint_uploader(run: ArtifactStore, key: str, keep: int = 2):
+    """A TrainerCallback that copies each saved checkpoint to the run folder, marker last."""
+    from transformers import TrainerCallback
+
+    class UploadCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:  # DDP: one uploader; the checkpoint folder is shared
+                return
+            name = f"checkpoint-{state.global_step}"
+            local = Path(args.output_dir) / name
+            marker = json.dumps({"step": state.global_step, "key": key})
+            remote = run.child("checkpoints")
+            remote.upload_dir(local, name)  # every file the Trainer wrote (on_save comes after them)
+            remote.write_text(f"{name}/{MARKER}", marker)  # then the marker, last
+            (local / MARKER).write_text(marker)
+            for old in _steps({f.split("/")[0] for f in remote.list_files() if "/" in f}, lambda n: True)[keep:]:
+                _remove(remote.child(f"checkpoint-{old}"))
+            run_logger().info("Checkpoint %s saved to %s", name, remote.url(name))
+
+    return UploadCheckpoints()
