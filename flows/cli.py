@@ -238,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_runs)
     p = sub.add_parser("compare", help=cmd_compare.__doc__)
-    p.add_argument("run_a")
-    p.add_argument("run_b")
+    p.add_argument("run_a", help="a run id under --root (`smolflow runs` lists them)")
+    p.add_argument("run_b", help="the run to compare it with")
     p.add_argument("--root", default=DEFAULT_ROOT, help="artifact root (default %(default)s)")
     p.add_argument("--all", action="store_true", help="show every setting, not only those that differ")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -264,11 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_arena_run, takes_settings=True)
     p = arena_sub.add_parser("serve", help=cmd_arena_serve.__doc__)
     p.add_argument("--root", default=DEFAULT_ROOT, help="artifact root the arena flow wrote to (default %(default)s)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port of the vote page (default %(default)s)")
     p.set_defaults(fn=cmd_arena_serve)
     p = sub.add_parser("serve", help=cmd_serve.__doc__)
-    p.add_argument("--port", type=int, default=4200)
+    p.add_argument("--port", type=int, default=4200,
+                   help="port of the Prefect server and UI (default %(default)s); a busy port exits 2")
     p.set_defaults(fn=cmd_serve)
     return parser
 

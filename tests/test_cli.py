@@ -42,6 +42,23 @@ def test_help_lists_every_subcommand(env):
     assert arena.returncode == 0 and "--last-runs" in arena.stdout
 
 
+def test_every_option_and_argument_says_what_it_is():
+    import argparse
+
+    from flows.cli import build_parser
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+            elif not isinstance(action, argparse._HelpAction):
+                yield f"{path} {action.dest}", action.help
+
+    undocumented = [where for where, text in walk(build_parser(), "smolflow") if not text]
+    assert not undocumented  # `smolflow compare --help` once listed bare run_a, run_b
+
+
 def test_user_errors_name_file_line_and_field_and_exit_2(env, tmp_path):
     bad = tmp_path / "run.yaml"
     bad.write_text("training:\n  max_steps: 5\n  learning_rate: fast\n")
