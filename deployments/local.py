@@ -174,7 +174,8 @@ def _stop_on_signal(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, default=4200)
+    parser.add_argument("--port", type=int, default=4200,
+                        help="port of the Prefect server and UI (default %(default)s); a busy port exits 2")
     parser.add_argument("--startup-timeout", type=float, default=300,
                         help="seconds to wait for the server to answer (its first start sets up the database)")
     args = parser.parse_args(argv)
