@@ -116,10 +116,11 @@ def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     """Score one model (hub id, local folder, builtin:..., or an earlier run's id) without training."""
-    from flows.evaluate import evaluate
+    from flows.evaluate import check_eval_settings, evaluate
     from tasks.checks import check_hub_reachable, check_run
 
     config = parse_config(rest)
+    check_eval_settings(config)
     check_hub_reachable(config, training=False)
     check_run(config)
     with join_running_server():

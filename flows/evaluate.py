@@ -9,6 +9,7 @@ settings (same content fingerprint) is never scored again, whichever flow asked 
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 
 from prefect import flow
@@ -16,6 +17,7 @@ from prefect.runtime import flow_run
 
 from tasks.checks import check_run
 from tasks.config import RunConfig
+from tasks.config_base import unused
 from tasks.console import configure_logging
 from tasks.device import publish, unpublish
 from tasks.evaluation import save_scores, score_models
@@ -23,9 +25,30 @@ from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
 from tasks.models import ModelRef, resolve_model
 from tasks.reporting import write_report
+from tasks.retention import tidy_up
 from tasks.runs import model_of_run, status_recorded
 from tasks.runtime import code_version, flow_run_link, run_logger, set_torch_threads
 from tasks.storage import ArtifactStore, set_latest, write_manifest
+
+
+def check_eval_settings(config: RunConfig) -> None:
+    """smolflow eval scores a model and trains nothing: a setting of a stage it does not run (data,
+    template, training, samples, gate, hub push, W&B), moved off its default, would have no effect,
+    so it is refused, naming it (ValueError). Retention (output.keep_*) applies to eval runs too."""
+    scoring_only = "smolflow eval scores a model and trains nothing, so it has no {} (smolflow run does)"
+    for section, what in (("data", "training data"), ("template", "chat template to apply"),
+                          ("training", "training"), ("gate", "promotion gate")):
+        unused(getattr(config, section), tuple(type(getattr(config, section)).model_fields), f"{section}.",
+               scoring_only.format(what))
+    judge_reads_prompts = config.judge.enabled and config.judge.instructions == "samples"
+    unused(config.sampling, ("max_new_tokens",) + (() if judge_reads_prompts else ("prompts",)), "sampling.",
+           scoring_only.format("before/after samples") + "; sampling.prompts serves only as the judge's "
+           "instructions (judge.instructions: samples)")
+    unused(config.output, ("push_to_hub", "hub_token_secret", "hub_private"), "output.",
+           scoring_only.format("new model to push"))
+    if config.wandb.mode != "disabled":  # 'disabled' says what eval does anyway
+        unused(config.wandb, tuple(type(config.wandb).model_fields), "wandb.", "smolflow eval logs nothing to W&B; "
+               "its scores are in the run folder, its report and the Prefect UI")
 
 
 # unpublish: the run's device/precision/task-runner settings end with it (tasks/device.py).
@@ -34,6 +57,8 @@ from tasks.storage import ArtifactStore, set_latest, write_manifest
 def evaluate(config: RunConfig = RunConfig()) -> dict:
     """Model -> benchmarks + custom benchmarks -> judge (against `judge.reference`) -> report -> manifest."""
     configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1 (smolflow --verbose)
+    started = time.time()  # cache entries used from now on are this run's: never evicted at its end
+    check_eval_settings(config)
     threads = set_torch_threads(config.torch_threads)
     checked = check_run(config)
     placement = publish(config.execution)  # as in smolflow-finetune: every model, and Ray if asked
@@ -62,4 +87,6 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
         write_manifest(run.uri, {"run_id": run_id, "kind": "eval", "tuned_model": model.model_dump(),
                                  "torch_threads": threads, "execution": placement.model_dump(mode="json"), "completed_at": datetime.now(timezone.utc).isoformat()})
         set_latest(root, flow_run.flow_name, run_id)
+        # Last: old runs and the cache over its bound go, as after a fine-tune (output.keep_*).
+        tidy_up(config.output, run_id, [model.path] + ([reference.path] if judgement else []), started)
         return summary | {"model": model.path, "benchmarks": rows, "manifest": run.url(RunPaths.manifest)}

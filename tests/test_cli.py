@@ -266,6 +266,23 @@ def test_eval_runs_lists_and_compares(env, tiny_model_dir, tmp_path):
     dry = smolflow(env, "gc", "--root", str(root), "--dry-run", "--keep-runs", "1")
     assert dry.returncode == 0 and "dry run: nothing deleted" in dry.stdout and "| delete | run | eval-a |" in dry.stdout
     assert (root / "runs/eval-a/manifest.json").is_file()  # listed, not deleted
+    # Retention applies after an eval run as after a fine-tune (it once never ran there).
+    kept = smolflow(env, *_eval_args(root, str(tiny_model_dir), 2), "--output.run-id", "eval-c", "--output.keep-runs", "1")
+    assert kept.returncode == 0, kept.stderr[-3000:]
+    assert (root / "runs/eval-c/manifest.json").is_file()
+    assert not any((root / "runs" / old).exists() for old in ("eval-a", "eval-b", "eval-bf16"))
+
+
+def test_eval_refuses_the_settings_of_stages_it_does_not_run(env, tmp_path):
+    for flag, value, says in (("--training.max-steps", "5", "training.max_steps: smolflow eval scores a model and "
+                               "trains nothing, so it has no training (smolflow run does); remove it"),
+                              ("--wandb.mode", "offline", "wandb.mode: smolflow eval logs nothing to W&B"),
+                              ("--data.dataset", "x.jsonl", "data.dataset: smolflow eval scores a model"),
+                              ("--sampling.max-new-tokens", "5", "sampling.max_new_tokens: smolflow eval")):
+        out = smolflow(env, "eval", "--model", "builtin:smollm2-135m-instruct", flag, value,
+                       "--output.artifacts-uri", str(tmp_path))
+        assert out.returncode == 2 and f"smolflow eval: error: flag {flag}: {says}" in out.stderr, out.stderr[-2000:]
+    assert not tmp_path.joinpath("runs").exists()  # refused before any run folder
 
 
 @pytest.mark.slow
