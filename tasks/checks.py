@@ -170,6 +170,10 @@ def check_run(config: RunConfig) -> Checked:
     from tasks.benchmarks.custom import load_definitions
     from tasks.judge import judge_inputs
 
+    if config.execution.device == "cuda":  # a device this machine lacks: said now, not once the flow starts
+        from tasks.device import resolve
+
+        resolve(config.execution)
     check_training(config)
     check_lora_targets(config)
     check_benchmark_subsets(config)

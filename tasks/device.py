@@ -61,7 +61,7 @@ class Placement(BaseModel):
 def decide(cfg: ExecutionConfig, cuda: bool, cuda_bf16: bool, probe: Probe | None) -> Placement:
     """The pure decision, from what the machine offers (`probe` is needed only for CPU + auto)."""
     if cfg.device == "cuda" and not cuda:
-        raise RuntimeError("execution.device is 'cuda' but no CUDA device is visible: use 'auto' or 'cpu'")
+        raise ValueError("execution.device: 'cuda', but no CUDA device is visible here: use 'auto' or 'cpu'")
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
     if cfg.precision != "auto":
         return Placement(device=device, precision=cfg.precision, requested=cfg, reason="set in execution.precision",

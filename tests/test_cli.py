@@ -285,6 +285,18 @@ def test_eval_refuses_the_settings_of_stages_it_does_not_run(env, tmp_path):
     assert not tmp_path.joinpath("runs").exists()  # refused before any run folder
 
 
+def test_a_device_this_machine_lacks_is_a_user_error_before_the_flow(env, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for command in ("run", "validate"):
+        out = smolflow(env, command, "--execution.device", "cuda", "--output.artifacts-uri", str(tmp_path))
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "flag --execution.device: execution.device: 'cuda', but no CUDA device is visible here" in out.stderr
+        assert "Beginning flow run" not in out.stdout + out.stderr  # it once failed the flow (exit 1), validate said OK
+
+
 @pytest.mark.slow
 def test_eval_of_the_builtin_model_scores_the_default_benchmark(env, tmp_path):
     out = smolflow(env, "eval", "--model", "builtin:smollm2-135m-instruct", "--benchmarks",

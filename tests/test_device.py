@@ -41,7 +41,7 @@ def test_forced_settings_win_and_cuda_without_gpu_fails():
     forced = decide(ExecutionConfig(precision="fp32"), cuda=False, cuda_bf16=False, probe=FAST_BF16)
     assert forced.precision == "fp32" and forced.reason == "set in execution.precision"
     assert decide(ExecutionConfig(precision="bf16"), cuda=False, cuda_bf16=False, probe=SLOW_BF16).precision == "bf16"
-    with pytest.raises(RuntimeError, match="execution.device is 'cuda' but no CUDA device"):
+    with pytest.raises(ValueError, match="execution.device: .cuda., but no CUDA device is visible here"):
         decide(ExecutionConfig(device="cuda"), cuda=False, cuda_bf16=False, probe=None)
 
 
