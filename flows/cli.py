@@ -97,7 +97,7 @@ def join_running_server(url: str = LOCAL_SERVER):
 
 def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     """Fine-tune and evaluate, as the smolflow-finetune flow."""
-    from tasks.checks import check_hub_reachable, check_inputs, check_run
+    from tasks.checks import check_hub_reachable, check_inputs, check_run, check_store
     from tasks.console import configure_logging
 
     config = parse_config(rest)
@@ -107,6 +107,7 @@ def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     check_hub_reachable(config)
     check_inputs(config)
     check_run(config)
+    check_store(config.output.artifacts_uri)
     from flows.finetune import finetune
 
     with join_running_server():
@@ -117,12 +118,13 @@ def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     """Score one model (hub id, local folder, builtin:..., or an earlier run's id) without training."""
     from flows.evaluate import check_eval_settings, evaluate
-    from tasks.checks import check_hub_reachable, check_run
+    from tasks.checks import check_hub_reachable, check_run, check_store
 
     config = parse_config(rest)
     check_eval_settings(config)
     check_hub_reachable(config, training=False)
     check_run(config)
+    check_store(config.output.artifacts_uri)
     with join_running_server():
         _print(run_flow(evaluate, config))
     return 0
@@ -313,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         message = str(err) if isinstance(err, UserError) else locate(rest, str(err))
         print(f"smolflow {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:  # tasks.storage's StorageError: S3 credentials, endpoint or bucket to fix
+        storage = sys.modules.get("tasks.storage")  # not imported here: it costs ~0.9 s (Prefect)
+        if debug or storage is None or not isinstance(err, storage.StorageError):
+            raise
+        print(f"smolflow {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except FlowFailed as err:
         if debug:

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks.checks import check_run
+from tasks.checks import check_run, check_store
 from tasks.config import RunConfig
 from tasks.config_base import unused
 from tasks.console import configure_logging
@@ -61,6 +61,7 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
     check_eval_settings(config)
     threads = set_torch_threads(config.torch_threads)
     checked = check_run(config)
+    check_store(config.output.artifacts_uri)  # S3 credentials and bucket: before the first write
     placement = publish(config.execution)  # as in smolflow-finetune: every model, and Ray if asked
     root = config.output.artifacts_uri
     run_id = config.output.run_id or f"eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.runtime import deployment, flow_run
 
-from tasks.checks import check_inputs, check_run, resolve_autos
+from tasks.checks import check_inputs, check_run, check_store, resolve_autos
 from tasks.config import RunConfig
 from tasks.console import configure_logging
 from tasks.data import load_chat_dataset
@@ -51,6 +51,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     reap_orphaned_servers()  # a temporary Prefect server that a SIGKILLed earlier run left behind
     check_inputs(config)  # a missing model, path or split, or a bad row: failed before anything is written
     checked = check_run(config)  # the user's files are read and checked before any compute
+    check_store(config.output.artifacts_uri)  # S3 credentials and bucket: before the first write
     run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     run = ArtifactStore(config.output.artifacts_uri).child(run_dir(run_id))
     run.write_json(RunPaths.config, config.model_dump(mode="json"))

@@ -165,6 +165,17 @@ def trial_sft_config(cfg) -> None:
             raise ConfigError(f"training.sft_args {cfg.sft_args}: SFTConfig refused them: {err}") from None
 
 
+def check_store(uri: str) -> None:
+    """The artifact root can be written now (S3: credentials, endpoint, bucket); ConfigError naming
+    output.artifacts_uri, before any run folder, model or data is touched."""
+    from tasks.storage import ArtifactStore, StorageError
+
+    try:
+        ArtifactStore(uri).check_access()
+    except StorageError as err:
+        raise ConfigError(f"output.artifacts_uri: {err}") from None
+
+
 def check_run(config: RunConfig) -> Checked:
     """All cross-checks of a run, in one place; raises ConfigError/ValueError naming the field."""
     from tasks.benchmarks.custom import load_definitions
@@ -374,6 +385,7 @@ def validate_everything(config: RunConfig) -> tuple[list[str], dict[str, str]]:
 
     resolved = attempt("auto", resolve_autos, config) or {}
     attempt("cross-checks", check_run, config)
+    attempt("artifacts", check_store, config.output.artifacts_uri)
     attempt("model", _check_model, config.model)
     attempt("hub", check_hub_reachable, config)
     attempt("data", load_chat_dataset.fn, config.data)  # every row checked; no model involved

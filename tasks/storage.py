@@ -141,6 +141,12 @@ class ArtifactStore:
                                      type(err).__name__, err, attempt + 1, len(self.retry_delays) + 1, delay)
                 time.sleep(delay)
 
+    def check_access(self) -> None:
+        """Raise StorageError unless this root can be used now (on S3: credentials, endpoint and
+        bucket; a local root always can), so a run says so before it starts, not at its first write."""
+        if self.is_s3 and not self.exists() and not self._bucket_exists():
+            raise StorageError(f"S3 storage error for {self.uri}: {_s3_problem(self, FileNotFoundError(self.uri))}.")
+
     def _bucket_exists(self) -> bool:
         try:
             return self.fs.exists(self.bucket)

@@ -285,6 +285,26 @@ def test_eval_refuses_the_settings_of_stages_it_does_not_run(env, tmp_path):
     assert not tmp_path.joinpath("runs").exists()  # refused before any run folder
 
 
+def test_an_unusable_s3_root_is_one_line_before_anything_starts(env, s3_bucket, s3_server, monkeypatch):
+    # Once: `run` started the flow and failed at its first write (exit 1, a traceback in the log);
+    # `validate` said OK; `runs`/`compare`/`gc` ended in a traceback.
+    here = dict(os.environ, PREFECT_API_URL=env["PREFECT_API_URL"], PYTHONPATH=str(ROOT))  # the server's AWS_*
+    missing = "s3://no-such-bucket-" + os.urandom(4).hex() + "/smolflow"
+    out = smolflow(here, "run", "--output.artifacts-uri", missing)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert (f"smolflow run: error: flag --output.artifacts-uri: output.artifacts_uri: S3 storage error for {missing}: "
+            f"bucket '{missing[5:].split('/')[0]}' does not exist") in out.stderr
+    assert "Beginning flow run" not in out.stdout + out.stderr
+    assert "artifacts: flag --output.artifacts-uri" in smolflow(here, "validate", "--output.artifacts-uri", missing).stderr
+    wrong = here | {"AWS_SECRET_ACCESS_KEY": "wrong-" + os.urandom(8).hex()}
+    for args in (["runs", "--root", s3_bucket], ["gc", "--root", s3_bucket, "--dry-run"],
+                 ["run", "--output.artifacts-uri", s3_bucket + "/smolflow"]):
+        out = smolflow(wrong, *args)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert "access denied by AWS_ENDPOINT_URL=" in out.stderr and wrong["AWS_SECRET_ACCESS_KEY"] not in out.stderr
+    assert smolflow(here, "runs", "--root", s3_bucket).returncode == 0  # the right credentials: an empty listing
+
+
 def test_a_device_this_machine_lacks_is_a_user_error_before_the_flow(env, tmp_path):
     import torch
 
