@@ -98,6 +98,7 @@ def join_running_server(url: str = LOCAL_SERVER):
 def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     """Fine-tune and evaluate, as the smolflow-finetune flow."""
     from tasks.checks import check_hub_reachable, check_inputs, check_run, check_store
+    from tasks.judge_backends import check_endpoint
     from tasks.console import configure_logging
 
     config = parse_config(rest)
@@ -108,6 +109,7 @@ def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     check_inputs(config)
     check_run(config)
     check_store(config.output.artifacts_uri)
+    check_endpoint(config.judge)
     from flows.finetune import finetune
 
     with join_running_server():
@@ -119,12 +121,14 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     """Score one model (hub id, local folder, builtin:..., or an earlier run's id) without training."""
     from flows.evaluate import check_eval_settings, evaluate
     from tasks.checks import check_hub_reachable, check_run, check_store
+    from tasks.judge_backends import check_endpoint
 
     config = parse_config(rest)
     check_eval_settings(config)
     check_hub_reachable(config, training=False)
     check_run(config)
     check_store(config.output.artifacts_uri)
+    check_endpoint(config.judge)
     with join_running_server():
         _print(run_flow(evaluate, config))
     return 0

@@ -374,6 +374,7 @@ def validate_everything(config: RunConfig) -> tuple[list[str], dict[str, str]]:
     """Every check a run would make before its first model computation: (problems, resolved autos)."""
     from tasks.benchmarks import REGISTRY
     from tasks.data import load_chat_dataset
+    from tasks.judge_backends import check_endpoint
 
     problems = []
 
@@ -386,6 +387,7 @@ def validate_everything(config: RunConfig) -> tuple[list[str], dict[str, str]]:
     resolved = attempt("auto", resolve_autos, config) or {}
     attempt("cross-checks", check_run, config)
     attempt("artifacts", check_store, config.output.artifacts_uri)
+    attempt("judge", check_endpoint, config.judge)
     attempt("model", _check_model, config.model)
     attempt("hub", check_hub_reachable, config)
     attempt("data", load_chat_dataset.fn, config.data)  # every row checked; no model involved

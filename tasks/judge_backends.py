@@ -67,14 +67,47 @@ class OpenAIBackend(JudgeBackend):
         self.client = OpenAI(base_url=base_url, api_key=api_key, max_retries=max_retries, timeout=timeout)
 
     def chat(self, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
+        import openai
+
+        where = redact_url(str(self.client.base_url))
         answers = []
         for messages in conversations:
             # max_tokens, not max_completion_tokens: vLLM, TGI, Ollama and transformers serve all take it.
-            response = self.client.chat.completions.create(
-                model=self.model, messages=messages, temperature=0, max_tokens=max_new_tokens
-            )
+            try:
+                response = self.client.chat.completions.create(
+                    model=self.model, messages=messages, temperature=0, max_tokens=max_new_tokens
+                )
+            except openai.APIConnectionError as err:  # after the SDK's retries; still transient for the task's
+                raise ConnectionError(f"judge.base_url={where!r}: no answer ({err}); check the URL and that the "
+                                      "server is running") from err
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
+                raise PermissionError(f"judge: {where} refused the API key (HTTP {err.status_code}); check "
+                                      "judge.api_key_env / judge.api_key_secret") from None
+            except openai.NotFoundError as err:
+                raise ValueError(f"judge.model={self.model!r}: {where} answered HTTP 404 ({err.message}); check the "
+                                 "model name and judge.base_url") from None
             answers.append((response.choices[0].message.content or "").strip())
         return answers
+
+
+def check_endpoint(cfg: JudgeConfig, timeout: float = 10.0) -> None:
+    """An OpenAI-compatible judge answers at judge.base_url and takes the key (one GET /models):
+    said in seconds by the `smolflow` command, not after an hour of training. ValueError naming the
+    setting; a server without /models passes. Served runs do not ask: their judge task retries."""
+    if not (cfg.enabled and cfg.backend == "openai"):
+        return
+    import httpx
+
+    where = redact_url(cfg.base_url)
+    try:
+        response = httpx.get(where + "/models", headers={"Authorization": f"Bearer {api_key(cfg)}"}, timeout=timeout)
+    except httpx.HTTPError as err:
+        raise ValueError(f"judge.base_url={where!r}: no answer ({type(err).__name__}: {err}); check the URL and "
+                         "that the server is running") from None
+    if response.status_code in (401, 403):
+        source = (f"the Prefect Secret block judge.api_key_secret={cfg.api_key_secret!r}" if cfg.api_key_secret
+                  else f"the environment variable judge.api_key_env={cfg.api_key_env!r}")
+        raise ValueError(f"judge: {where} refused the API key (HTTP {response.status_code}); check {source}")
 
 
 def redact_url(url: str) -> str:

@@ -305,6 +305,19 @@ def test_an_unusable_s3_root_is_one_line_before_anything_starts(env, s3_bucket, 
     assert smolflow(here, "runs", "--root", s3_bucket).returncode == 0  # the right credentials: an empty listing
 
 
+def test_an_unreachable_judge_endpoint_is_said_before_training(env, tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    judge = ["--judge.backend", "openai", "--judge.base-url", nowhere, "--judge.model", "m"]
+    started = time.monotonic()
+    out = smolflow(env, "run", *judge, "--output.artifacts-uri", str(tmp_path))
+    assert out.returncode == 2 and time.monotonic() - started < 60, out.stderr[-2000:]  # it once trained first
+    assert f"flag --judge.base-url: judge.base_url='{nowhere}': no answer (ConnectError" in out.stderr
+    assert "Beginning flow run" not in out.stdout + out.stderr and not (tmp_path / "runs").exists()
+    assert "judge: flag --judge.base-url" in smolflow(env, "validate", *judge).stderr
+
+
 def test_a_device_this_machine_lacks_is_a_user_error_before_the_flow(env, tmp_path):
     import torch
 

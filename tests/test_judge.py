@@ -336,6 +336,26 @@ def test_openai_endpoint_judges_with_the_key_and_never_records_it(
         assert key not in text
 
 
+def test_an_endpoint_that_cannot_judge_is_named_with_the_setting_to_fix(served_judge):
+    from tasks.judge_backends import check_endpoint
+
+    base_url, model = served_judge
+    check_endpoint(JudgeConfig(backend="openai", base_url=base_url, model=model))  # answers: passes
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    down = JudgeConfig(backend="openai", base_url=nowhere, model=model)
+    with pytest.raises(ValueError, match=rf"judge.base_url='{nowhere}': no answer \(ConnectError"):
+        check_endpoint(down)
+    # At run time, after the SDK's retries: the setting is named, and it is still a transient failure.
+    from tasks.judge_backends import OpenAIBackend
+    from tasks.runtime import is_transient
+
+    with pytest.raises(ConnectionError, match=rf"judge.base_url='{nowhere}': no answer") as err:
+        OpenAIBackend(nowhere, model, "EMPTY", max_retries=0).chat([[{"role": "user", "content": "hi"}]], 4)
+    assert is_transient(err.value)
+
+
 def test_stderr_is_na_for_few_pairs_or_all_ties_and_the_builtin_judge_is_called_weak(judgement_cache):
     from tasks.judge import WEAK_JUDGE
 
