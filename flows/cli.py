@@ -208,8 +208,10 @@ def cmd_arena_run(args: argparse.Namespace, rest: list[str]) -> int:
     """Arena battles between nightly models, judged, rated Bradley-Terry style (the smolflow-arena flow)."""
     from flows.arena import arena
     from tasks.arena_config import ArenaConfig
+    from tasks.judge_backends import check_endpoint
 
     config = parse_config(rest, model=ArenaConfig)
+    check_endpoint(config.judge)  # the arena's judge has the run judge's endpoint settings
     with join_running_server():
         _print(run_flow(arena, config))
     return 0

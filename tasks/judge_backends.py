@@ -90,7 +90,7 @@ class OpenAIBackend(JudgeBackend):
         return answers
 
 
-def check_endpoint(cfg: JudgeConfig, timeout: float = 10.0) -> None:
+def check_endpoint(cfg: JudgeConfig, timeout: float = 10.0) -> None:  # or the arena's judge: the same fields
     """An OpenAI-compatible judge answers at judge.base_url and takes the key (one GET /models):
     said in seconds by the `smolflow` command, not after an hour of training. ValueError naming the
     setting; a server without /models passes. Served runs do not ask: their judge task retries."""

@@ -316,6 +316,8 @@ def test_an_unreachable_judge_endpoint_is_said_before_training(env, tmp_path):
     assert f"flag --judge.base-url: judge.base_url='{nowhere}': no answer (ConnectError" in out.stderr
     assert "Beginning flow run" not in out.stdout + out.stderr and not (tmp_path / "runs").exists()
     assert "judge: flag --judge.base-url" in smolflow(env, "validate", *judge).stderr
+    arena = smolflow(env, "arena", "run", *judge, "--artifacts-uri", str(tmp_path))
+    assert arena.returncode == 2 and f"judge.base_url='{nowhere}': no answer" in arena.stderr, arena.stderr[-2000:]
 
 
 def test_a_device_this_machine_lacks_is_a_user_error_before_the_flow(env, tmp_path):
