@@ -97,19 +97,17 @@ def join_running_server(url: str = LOCAL_SERVER):
 
 def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     """Fine-tune and evaluate, as the smolflow-finetune flow."""
-    from tasks.checks import check_hub_reachable, check_inputs, check_run, check_store
-    from tasks.judge_backends import check_endpoint
+    from tasks.checks import check_inputs, check_run
+    from tasks.reachable import check_reachable
     from tasks.console import configure_logging
 
     config = parse_config(rest)
     configure_logging()  # the checks read the data: quiet unless --verbose, as the flow will be
     # Fail within seconds, before Prefect, W&B or any run file is started: the model and the data
     # first (a few seconds), then the cross-checks (trying SFTConfig imports TRL: ~8 s here).
-    check_hub_reachable(config)
+    check_reachable(config)  # the hub, the store, the judge's endpoint, a Ray cluster: before the inputs
     check_inputs(config)
     check_run(config)
-    check_store(config.output.artifacts_uri)
-    check_endpoint(config.judge)
     from flows.finetune import finetune
 
     with join_running_server():
@@ -120,15 +118,13 @@ def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     """Score one model (hub id, local folder, builtin:..., or an earlier run's id) without training."""
     from flows.evaluate import check_eval_settings, evaluate
-    from tasks.checks import check_hub_reachable, check_run, check_store
-    from tasks.judge_backends import check_endpoint
+    from tasks.checks import check_run
+    from tasks.reachable import check_reachable
 
     config = parse_config(rest)
     check_eval_settings(config)
-    check_hub_reachable(config, training=False)
+    check_reachable(config, training=False)
     check_run(config)
-    check_store(config.output.artifacts_uri)
-    check_endpoint(config.judge)
     with join_running_server():
         _print(run_flow(evaluate, config))
     return 0

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks.checks import check_run, check_store
+from tasks.checks import check_run
 from tasks.config import RunConfig
 from tasks.config_base import unused
 from tasks.console import configure_logging
@@ -24,6 +24,7 @@ from tasks.evaluation import save_scores, score_models
 from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
 from tasks.models import ModelRef, resolve_model
+from tasks.reachable import check_store
 from tasks.reporting import write_report
 from tasks.retention import tidy_up
 from tasks.runs import model_of_run, status_recorded

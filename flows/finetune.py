@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.runtime import deployment, flow_run
 
-from tasks.checks import check_inputs, check_run, check_store, resolve_autos
+from tasks.checks import check_inputs, check_run, resolve_autos
 from tasks.config import RunConfig
 from tasks.console import configure_logging
 from tasks.data import load_chat_dataset
@@ -26,6 +26,7 @@ from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
 from tasks.leftovers import reap_orphaned_servers
 from tasks.models import resolve_model
+from tasks.reachable import check_store
 from tasks.special_tokens import control_tokens
 from tasks.reporting import write_report
 from tasks.retention import tidy_up

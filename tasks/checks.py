@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import RunConfig
-
-
-class ConfigError(ValueError):
-    """A setting that names something that does not exist; the message names the field."""
+from tasks.config_base import ConfigError
+from tasks.reachable import check_hub_reachable, check_ray_address, check_store, data_here
 
 
 @dataclass
@@ -165,17 +163,6 @@ def trial_sft_config(cfg) -> None:
             raise ConfigError(f"training.sft_args {cfg.sft_args}: SFTConfig refused them: {err}") from None
 
 
-def check_store(uri: str) -> None:
-    """The artifact root can be written now (S3: credentials, endpoint, bucket); ConfigError naming
-    output.artifacts_uri, before any run folder, model or data is touched."""
-    from tasks.storage import ArtifactStore, StorageError
-
-    try:
-        ArtifactStore(uri).check_access()
-    except StorageError as err:
-        raise ConfigError(f"output.artifacts_uri: {err}") from None
-
-
 def check_run(config: RunConfig) -> Checked:
     """All cross-checks of a run, in one place; raises ConfigError/ValueError naming the field."""
     from tasks.benchmarks.custom import load_definitions
@@ -268,77 +255,6 @@ def check_lora_targets(config: RunConfig) -> None:
                           f"(its linear layers: {', '.join(known)}; or ['all-linear'])")
 
 
-def _hub_model_to_fetch(source: str) -> bool:
-    """Whether `source` is a hub id whose files are not in the local Hugging Face cache."""
-    from huggingface_hub import try_to_load_from_cache
-
-    from tasks.models import resolve_source
-
-    concrete = resolve_source(source)
-    if "/" not in concrete or concrete.startswith((".", "/", "~")) or Path(concrete).expanduser().exists():
-        return False  # builtin:, a local folder, or an earlier run's id (smolflow eval)
-    return not isinstance(try_to_load_from_cache(concrete, "config.json"), str)
-
-
-def hub_unreachable(timeout: float = 5.0) -> str | None:
-    """Why the Hugging Face hub (HF_ENDPOINT) cannot be reached now, or None when it answers at all."""
-    import urllib.error
-    import urllib.request
-
-    from huggingface_hub import constants
-
-    try:
-        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return None  # it answered: reachable (the request's own status does not matter)
-    except (urllib.error.URLError, OSError) as err:  # DNS, refused, timeout
-        return f"{constants.ENDPOINT} is unreachable ({getattr(err, 'reason', err)})"
-    return None
-
-
-def check_hub_reachable(config: RunConfig, training: bool = True) -> None:
-    """Online, with something to fetch from the hub (a model not in the cache, hub data): one quick
-    request, so a machine without a network fails here in seconds with the fix, not minutes later
-    in the flow with tracebacks. Only the `smolflow` command asks: a served run's tasks retry network
-    failures instead (a nightly must survive a short outage)."""
-    from tasks.benchmarks import REGISTRY
-    from tasks.benchmarks.base import LmEvalBenchmark
-    from tasks.runtime import hub_offline
-
-    if hub_offline():
-        return
-    fetches = [f"model={config.model!r}"] if _hub_model_to_fetch(config.model) else []
-    if training and not _data_here(config.data.dataset):
-        fetches.append(f"data.dataset={config.data.dataset!r}")
-    if not training and config.judge.enabled and config.judge.reference == "base" and _hub_model_to_fetch("auto"):
-        fetches.append("judge.reference='base' (the default model, 'auto')")
-    for i, b in enumerate(config.benchmarks):
-        try:
-            hub_data = isinstance(REGISTRY[b.name], LmEvalBenchmark) and REGISTRY[b.name].local_source(b) is None
-        except ValueError:  # a missing local path: the benchmark check names it
-            hub_data = False
-        if hub_data:
-            fetches.append(f"benchmarks[{i}] ({b.name}) data={b.data!r}")
-    # judge.model 'auto' is the built-in model, online too (tasks/judge_backends.py)
-    if config.judge.enabled and config.judge.backend == "local" and config.judge.model != "auto" \
-            and _hub_model_to_fetch(config.judge.model):
-        fetches.append(f"judge.model={config.judge.model!r}")
-    if training and config.output.push_to_hub:
-        fetches.append(f"output.push_to_hub={config.output.push_to_hub!r}")
-    if fetches and (why := hub_unreachable()):
-        raise ConfigError(
-            f"{', '.join(fetches)} {'needs' if len(fetches) == 1 else 'need'} the Hugging Face hub, but {why}. "
-            "Offline, set HF_HUB_OFFLINE=1 (`make run` does): 'auto' then means the built-in SmolLM2-135M-Instruct "
-            "and the shipped fixtures, and hub ids are read from the local cache; or give local paths")
-
-
-def _data_here(source: str) -> bool:
-    """Whether data.dataset names local data (a fixture, a path) rather than a hub dataset."""
-    from tasks.data import FIXTURE_PREFIX
-
-    return source.startswith((FIXTURE_PREFIX, ".", "/", "~")) or Path(source).expanduser().exists()
-
-
 def _model_dir_here(source: str):
     """The model's local directory when it is here without downloading or converting, else None."""
 
@@ -360,7 +276,7 @@ def check_inputs(config: RunConfig) -> None:
     from tasks.special_tokens import control_tokens_of
 
     _check_model(config.model)
-    if not _data_here(config.data.dataset) and not hub_offline():  # hub data (also `auto` online)
+    if not data_here(config.data.dataset) and not hub_offline():  # hub data (also `auto` online)
         return
     model_dir = _model_dir_here(config.model)  # else ChatML's control tokens (the flow checks the model's)
     tokens = control_tokens_of(model_dir, config.template) if model_dir is not None else None
@@ -388,6 +304,7 @@ def validate_everything(config: RunConfig) -> tuple[list[str], dict[str, str]]:
     attempt("cross-checks", check_run, config)
     attempt("artifacts", check_store, config.output.artifacts_uri)
     attempt("judge", check_endpoint, config.judge)
+    attempt("ray", check_ray_address, config.execution)
     attempt("model", _check_model, config.model)
     attempt("hub", check_hub_reachable, config)
     attempt("data", load_chat_dataset.fn, config.data)  # every row checked; no model involved

@@ -24,6 +24,10 @@ class Section(BaseModel):
         return value
 
 
+class ConfigError(ValueError):
+    """A setting that names something that does not exist; the message names the field."""
+
+
 def unused(section: BaseModel, names: tuple[str, ...], prefix: str, why: str) -> None:
     """Refuse (ValueError naming them) settings among `names` moved off their defaults that would
     have no effect, `why` saying when they apply: a setting is never silently ignored."""

@@ -320,6 +320,22 @@ def test_an_unreachable_judge_endpoint_is_said_before_training(env, tmp_path):
     assert arena.returncode == 2 and f"judge.base_url='{nowhere}': no answer" in arena.stderr, arena.stderr[-2000:]
 
 
+def test_a_ray_cluster_that_does_not_answer_is_said_before_training(env, tmp_path):
+    from tasks.config import ExecutionConfig
+    from tasks.reachable import check_ray_address
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_ray_address(ExecutionConfig(task_runner="ray", ray_address=f"ray://127.0.0.1:{listening.getsockname()[1]}"))
+    port = _free_port()
+    out = smolflow(env, "run", "--execution.task-runner", "ray", "--execution.ray-address", f"127.0.0.1:{port}",
+                   "--output.artifacts-uri", str(tmp_path))
+    assert out.returncode == 2, out.stderr[-2000:]  # it once trained, then failed joining the cluster
+    assert (f"flag --execution.ray-address: execution.ray_address='127.0.0.1:{port}': nothing answers at "
+            f"127.0.0.1:{port}") in out.stderr and "Beginning flow run" not in out.stdout + out.stderr
+
+
 def test_a_device_this_machine_lacks_is_a_user_error_before_the_flow(env, tmp_path):
     import torch
 

@@ -1,0 +1,122 @@
+"""What a run reaches outside this process answers now: the Hugging Face hub, the artifact store
+(S3), a Ray cluster, and (tasks/judge_backends.py) a judge's endpoint. The `smolflow` command asks
+once before a run starts, so a wrong address or credential is one line naming the setting within
+seconds, not a failure after an hour of training. A served run asks only about its store (before
+its first write); its tasks retry the network (a nightly must survive a short outage).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from tasks.config import ExecutionConfig, RunConfig
+from tasks.config_base import ConfigError
+
+
+def check_reachable(config: RunConfig, training: bool = True) -> None:
+    """Everything below, in one call: `smolflow run` (training) and `smolflow eval`."""
+    from tasks.judge_backends import check_endpoint
+
+    check_hub_reachable(config, training)
+    check_store(config.output.artifacts_uri)
+    check_endpoint(config.judge)
+    check_ray_address(config.execution)
+
+
+def check_ray_address(execution: ExecutionConfig, timeout: float = 5.0) -> None:
+    """A cluster named host:port by execution.ray_address accepts a connection: said before training,
+    not when the benchmarks start on Ray. Other forms ('auto', no port) are left to Ray."""
+    address = execution.ray_address
+    if execution.task_runner != "ray" or not address:
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not (host and port.isdigit()):
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConfigError(f"execution.ray_address={address!r}: nothing answers at {host}:{port} "
+                          f"({err.strerror or err}); start the cluster (`ray start --head`) or fix the address") from None
+
+
+def check_store(uri: str) -> None:
+    """The artifact root can be written now (S3: credentials, endpoint, bucket); ConfigError naming
+    output.artifacts_uri, before any run folder, model or data is touched."""
+    from tasks.storage import ArtifactStore, StorageError
+
+    try:
+        ArtifactStore(uri).check_access()
+    except StorageError as err:
+        raise ConfigError(f"output.artifacts_uri: {err}") from None
+
+
+def _hub_model_to_fetch(source: str) -> bool:
+    """Whether `source` is a hub id whose files are not in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from tasks.models import resolve_source
+
+    concrete = resolve_source(source)
+    if "/" not in concrete or concrete.startswith((".", "/", "~")) or Path(concrete).expanduser().exists():
+        return False  # builtin:, a local folder, or an earlier run's id (smolflow eval)
+    return not isinstance(try_to_load_from_cache(concrete, "config.json"), str)
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub (HF_ENDPOINT) cannot be reached now, or None when it answers at all."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answered: reachable (the request's own status does not matter)
+    except (urllib.error.URLError, OSError) as err:  # DNS, refused, timeout
+        return f"{constants.ENDPOINT} is unreachable ({getattr(err, 'reason', err)})"
+    return None
+
+
+def check_hub_reachable(config: RunConfig, training: bool = True) -> None:
+    """Online, with something to fetch from the hub (a model not in the cache, hub data): one quick
+    request, so a machine without a network fails here in seconds with the fix, not minutes later
+    in the flow with tracebacks. Only the `smolflow` command asks: a served run's tasks retry network
+    failures instead (a nightly must survive a short outage)."""
+    from tasks.benchmarks import REGISTRY
+    from tasks.benchmarks.base import LmEvalBenchmark
+    from tasks.runtime import hub_offline
+
+    if hub_offline():
+        return
+    fetches = [f"model={config.model!r}"] if _hub_model_to_fetch(config.model) else []
+    if training and not data_here(config.data.dataset):
+        fetches.append(f"data.dataset={config.data.dataset!r}")
+    if not training and config.judge.enabled and config.judge.reference == "base" and _hub_model_to_fetch("auto"):
+        fetches.append("judge.reference='base' (the default model, 'auto')")
+    for i, b in enumerate(config.benchmarks):
+        try:
+            hub_data = isinstance(REGISTRY[b.name], LmEvalBenchmark) and REGISTRY[b.name].local_source(b) is None
+        except ValueError:  # a missing local path: the benchmark check names it
+            hub_data = False
+        if hub_data:
+            fetches.append(f"benchmarks[{i}] ({b.name}) data={b.data!r}")
+    # judge.model 'auto' is the built-in model, online too (tasks/judge_backends.py)
+    if config.judge.enabled and config.judge.backend == "local" and config.judge.model != "auto" \
+            and _hub_model_to_fetch(config.judge.model):
+        fetches.append(f"judge.model={config.judge.model!r}")
+    if training and config.output.push_to_hub:
+        fetches.append(f"output.push_to_hub={config.output.push_to_hub!r}")
+    if fetches and (why := hub_unreachable()):
+        raise ConfigError(
+            f"{', '.join(fetches)} {'needs' if len(fetches) == 1 else 'need'} the Hugging Face hub, but {why}. "
+            "Offline, set HF_HUB_OFFLINE=1 (`make run` does): 'auto' then means the built-in SmolLM2-135M-Instruct "
+            "and the shipped fixtures, and hub ids are read from the local cache; or give local paths")
+
+
+def data_here(source: str) -> bool:
+    """Whether data.dataset names local data (a fixture, a path) rather than a hub dataset."""
+    from tasks.data import FIXTURE_PREFIX
+
+    return source.startswith((FIXTURE_PREFIX, ".", "/", "~")) or Path(source).expanduser().exists()
