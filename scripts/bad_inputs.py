@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -106,6 +107,14 @@ def flow_cases(work: Path, model: str) -> dict[str, tuple[str, list[str]]]:
         "unknown-template": ("unknown chat template name", config("unknown-template", template={"chat_template": "chatml2"})),
         "missing-custom-benchmark": ("custom benchmark file that does not exist",
                                      config("missing-custom-benchmark", custom_benchmarks=["./no/such/benchmark.yaml"])),
+        "judge-down": ("OpenAI-compatible judge endpoint that does not answer",
+                       config("judge-down", judge={"enabled": True, "backend": "openai", "model": "m",
+                                                   "base_url": f"http://127.0.0.1:{free_port()}/v1"})),
+        "s3-no-credentials": ("S3 artifact root without AWS credentials",
+                              config("s3-no-credentials", output={"artifacts_uri": "s3://smolflow-bad-inputs/runs"})),
+        "ray-down": ("Ray cluster address where nothing answers",
+                     config("ray-down", execution={"task_runner": "ray", "ray_address": f"127.0.0.1:{free_port()}"})),
+        "cuda-missing": ("`execution.device: cuda` on a machine without CUDA", config("cuda-missing", execution={"device": "cuda"})),
     }
 
 
@@ -213,6 +222,7 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=str(work / "prefect"),
                SMOLFLOW_CACHE=str(work / "cache"))
+    env = {k: v for k, v in env.items() if not k.startswith("AWS_")}  # the S3 case is about having none
     # The built-in model's conversion is shared with the user's cache (once per machine).
     (work / "cache").mkdir()
     (work / "cache" / "models").symlink_to(Path(os.environ.get("SMOLFLOW_CACHE", Path.home() / ".cache/smolflow")) / "models")
@@ -232,11 +242,12 @@ def main() -> None:
             message = message.replace(str(work), "$WORK")  # the script's temporary folder
             rows.append([f"{what} [`{name}`]", f"{seconds:.1f}", str(rc), "yes" if traceback else "no", message])
             print(f"{name}: {seconds:.1f} s, exit {rc}", file=sys.stderr)
+        if not opts.only or "sandbox" in opts.only:
+            rows += [[name, seconds, "", "", outcome] for name, seconds, outcome in sandbox_rows()]
     finally:
         if server:
             stop_server(server)
-    if not opts.only or "sandbox" in opts.only:
-        rows += [[name, seconds, "", "", outcome] for name, seconds, outcome in sandbox_rows()]
+        shutil.rmtree(work, ignore_errors=True)  # the tiny model, data, runs and Prefect home
     print(table(rows))
 
 
