@@ -31,6 +31,7 @@ def check_ray_address(execution: ExecutionConfig, timeout: float = 5.0) -> None:
     if execution.task_runner != "ray" or not address:
         return
     host, _, port = address.split("://", 1)[-1].rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
     if not (host and port.isdigit()):
         return
     try:
