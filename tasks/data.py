@@ -316,8 +316,8 @@ def hold_out(raw, origins: dict, cfg: DataConfig) -> tuple:
         offset = int(rows[0]) if part._indices is None else 0
         named[split] = dataclasses.replace(origins[cfg.train_split], split=cfg.train_split,
                                            first=origins[cfg.train_split].first + offset)
-    note = (f"{cfg.test_split} held out from {cfg.train_split}: {k} of its {n} rows, before checks and limits "
-            f"(data.test_size={cfg.test_size}, seed {cfg.seed})")
+    note = (f"{cfg.test_split} held out from {cfg.train_split}: {k} of its {n} rows, before checks and limits; "
+            f"data.test_size={cfg.test_size}, seed {cfg.seed}")
     log.info("Dataset %s: %s", cfg.dataset, note)
     return DatasetDict({**raw, **parts}), {**origins, **named}, note
 

@@ -94,8 +94,8 @@ def test_test_size_holds_out_the_same_rows_of_one_file_every_run(tmp_path):
     ref = load_chat_dataset.fn(DataConfig(dataset=str(one_file), test_size=0.1))
     train, test = _ids(ref), _ids(ref, "test")
     assert ref.rows == {"train": 36, "test": 4} and not set(train) & set(test)
-    assert "test: 4 rows (test held out from train: 4 of its 40 rows, before checks and limits (data.test_size=0.1, " \
-           "seed 42))" in ref.markdown()  # the report's data section
+    assert "test: 4 rows (test held out from train: 4 of its 40 rows, before checks and limits; data.test_size=0.1, " \
+           "seed 42)" in ref.markdown()  # the report's data section
     assert sorted(train + test) == sorted(f"hi {i}" for i in range(40))
     assert train == sorted(train, key=lambda t: int(t.split()[1]))  # each part in the file's order
     assert _ids(load_chat_dataset.fn(DataConfig(dataset=str(one_file), test_size=4)), "test") == test  # 4 rows = 10%
