@@ -28,14 +28,15 @@ from tasks.reachable import check_store
 from tasks.reporting import write_report
 from tasks.retention import tidy_up
 from tasks.runs import model_of_run, status_recorded
-from tasks.runtime import code_version, flow_run_link, run_logger, set_torch_threads
+from tasks.runtime import cache_dir, code_version, flow_run_link, run_logger, set_torch_threads
 from tasks.storage import ArtifactStore, set_latest, write_manifest
+from tasks.tracking import finish_eval_wandb, start_wandb, wandb_link
 
 
 def check_eval_settings(config: RunConfig) -> None:
     """smolflow eval scores a model and trains nothing: a setting of a stage it does not run (data,
-    template, training, samples, gate, hub push, W&B), moved off its default, would have no effect,
-    so it is refused, naming it (ValueError). Retention (output.keep_*) applies to eval runs too."""
+    template, training, samples, gate, hub push, a model for W&B), moved off its default, would have
+    no effect, so it is refused, naming it (ValueError). Retention (output.keep_*) and W&B apply."""
     scoring_only = "smolflow eval scores a model and trains nothing, so it has no {} (smolflow run does)"
     for section, what in (("data", "training data"), ("template", "chat template to apply"),
                           ("training", "training"), ("gate", "promotion gate")):
@@ -47,9 +48,7 @@ def check_eval_settings(config: RunConfig) -> None:
            "instructions (judge.instructions: samples)")
     unused(config.output, ("push_to_hub", "hub_token_secret", "hub_private"), "output.",
            scoring_only.format("new model to push"))
-    if config.wandb.mode != "disabled":  # 'disabled' says what eval does anyway
-        unused(config.wandb, tuple(type(config.wandb).model_fields), "wandb.", "smolflow eval logs nothing to W&B; "
-               "its scores are in the run folder, its report and the Prefect UI")
+    unused(config.wandb, ("log_model",), "wandb.", scoring_only.format("new model to log"))
 
 
 # unpublish: the run's device/precision/task-runner settings end with it (tasks/device.py).
@@ -68,6 +67,8 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
     run_id = config.output.run_id or f"eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     run = ArtifactStore(root).child(run_dir(run_id))
     run.write_json(RunPaths.config, config.model_dump(mode="json"))
+    wb = start_wandb(config.wandb, run_id, config.model_dump(mode="json"), cache_dir("work", run_id),
+                     flow_run.get_name(), job_type="eval")
 
     with status_recorded(run):
         found = model_of_run(root, config.model)
@@ -85,7 +86,9 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
                 judgement = run_judge(reference, model, config.judge, config.sampling.prompts)
         write_judge(run, judgement)
         summary = write_report(run.uri, config.model_dump(mode="json"), None,
-                               {"Prefect flow run": flow_run_link(), "code": code_version()})
+                               {"W&B run": wandb_link(wb, run.uri), "Prefect flow run": flow_run_link(),
+                                "code": code_version()})
+        finish_eval_wandb(wb, run, rows, judgement, cache_dir("work", run_id))
         write_manifest(run.uri, {"run_id": run_id, "kind": "eval", "tuned_model": model.model_dump(),
                                  "torch_threads": threads, "execution": placement.model_dump(mode="json"), "completed_at": datetime.now(timezone.utc).isoformat()})
         set_latest(root, flow_run.flow_name, run_id)

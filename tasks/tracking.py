@@ -25,7 +25,7 @@ def wandb_mode(cfg: WandbConfig) -> str:
 
 
 def start_wandb(cfg: WandbConfig, run_id: str, config: dict, local_dir: Path, group: str | None,
-                tags: list[str] | None = None):
+                tags: list[str] | None = None, job_type: str = "finetune"):
     """Start the run's W&B run (or return None when disabled); tags e.g. the Prefect deployment."""
     mode = wandb_mode(cfg)
     if mode == "disabled":
@@ -40,7 +40,7 @@ def start_wandb(cfg: WandbConfig, run_id: str, config: dict, local_dir: Path, gr
         id=run_id,  # the same run id continues the same W&B run when a run is re-executed
         name=run_id,
         group=group,
-        job_type="finetune",
+        job_type=job_type,
         tags=tags or None,
         mode=mode,
         dir=str(local_dir),
@@ -262,6 +262,31 @@ def gate_summary(decision, promoted: bool) -> dict:
         return {"promoted": promoted}
     return {"promoted": promoted, "gate/promoted": promoted, "gate/against": decision.against,
             "gate/reasons": list(decision.reasons)}
+
+
+def finish_eval_wandb(wb_run, run, rows: list[dict], judge, local_dir: Path) -> None:
+    """An eval run's W&B run (smolflow eval): the scores table, bench/<name>/score keys the runs
+    table can sort, the judge's summary, the run folder's files; closed, its files kept in the run
+    folder as a fine-tune's are."""
+    if wb_run is None:
+        return
+    import wandb
+
+    columns = ["benchmark", "model", "metric", "n", "score", "stderr", "source", "comparable_to_published"]
+    table = wandb.Table(columns=columns)
+    summary = {"run_uri": run.uri}
+    for row in rows:
+        table.add_data(*(row[c] for c in columns))
+        summary |= {f"bench/{row['benchmark']}/{key}": row[key] for key in ("score", "source", "comparable_to_published")}
+    if judge is not None:
+        summary |= {f"judge/{k}": getattr(judge, k) for k in ("win_rate", "stderr", "n", "wins", "ties", "losses",
+                                                                "parse_failures") if getattr(judge, k) is not None}
+    with staging_inside(wb_run):
+        wb_run.log({"benchmarks": table})
+        wb_run.summary.update(summary)
+        log_run_files(wb_run, run)
+    finish_run(wb_run, [])
+    run.upload_dir(local_dir / "wandb", "wandb")
 
 
 def finish_wandb(wb_run, run, trained, before, after, scores: dict, health, promoted: bool, local_dir: Path,

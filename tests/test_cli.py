@@ -276,7 +276,7 @@ def test_eval_runs_lists_and_compares(env, tiny_model_dir, tmp_path):
 def test_eval_refuses_the_settings_of_stages_it_does_not_run(env, tmp_path):
     for flag, value, says in (("--training.max-steps", "5", "training.max_steps: smolflow eval scores a model and "
                                "trains nothing, so it has no training (smolflow run does); remove it"),
-                              ("--wandb.mode", "offline", "wandb.mode: smolflow eval logs nothing to W&B"),
+                              ("--wandb.log-model", "true", "wandb.log_model: smolflow eval scores a model"),
                               ("--data.dataset", "x.jsonl", "data.dataset: smolflow eval scores a model"),
                               ("--sampling.max-new-tokens", "5", "sampling.max_new_tokens: smolflow eval")):
         out = smolflow(env, "eval", "--model", "builtin:smollm2-135m-instruct", flag, value,
@@ -349,13 +349,22 @@ def test_a_device_this_machine_lacks_is_a_user_error_before_the_flow(env, tmp_pa
 
 
 @pytest.mark.slow
-def test_eval_of_the_builtin_model_scores_the_default_benchmark(env, tmp_path):
+def test_eval_of_the_builtin_model_scores_the_default_benchmark_into_wandb(env, tmp_path):
+    from tests.test_flow import wandb_summary
+
     out = smolflow(env, "eval", "--model", "builtin:smollm2-135m-instruct", "--benchmarks",
                    '[{"name": "gsm8k", "limit": 1}]', "--output.artifacts-uri", str(tmp_path),
-                   "--wandb.mode", "disabled", "--torch-threads", "1", "--output.run-id", "builtin")
+                   "--wandb.mode", "offline", "--torch-threads", "1", "--output.run-id", "builtin")
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "runs/builtin/benchmarks/gsm8k/model.summary.json").read_text())
     assert summary["n"] == 1 and summary["metric"] == "exact_match,strict-match" and 0 <= summary["score"] <= 1
+    # An eval run is a W&B run too (it once logged nothing): scores, the table, the report's files.
+    recorded = wandb_summary(tmp_path / "runs/builtin")
+    assert recorded["summary"]["bench/gsm8k/score"] == round(summary["score"], 4)
+    assert "benchmarks" in recorded["summary"] and recorded["config"]["model"] == "builtin:smollm2-135m-instruct"
+    files = {p.name for p in (tmp_path / "runs/builtin/wandb").rglob("*") if p.is_file()}
+    assert "report.md" in files  # the run folder's files, copied into the W&B run
+    assert "W&B run" in (tmp_path / "runs/builtin/report/report.md").read_text()
 
 
 def _free_port() -> int:
