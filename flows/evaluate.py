@@ -24,7 +24,6 @@ from tasks.evaluation import save_scores, score_models
 from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
 from tasks.models import ModelRef, resolve_model
-from tasks.reachable import check_store
 from tasks.reporting import write_report
 from tasks.retention import tidy_up
 from tasks.runs import model_of_run, status_recorded
@@ -61,7 +60,6 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
     check_eval_settings(config)
     threads = set_torch_threads(config.torch_threads)
     checked = check_run(config)
-    check_store(config.output.artifacts_uri)  # S3 credentials and bucket: before the first write
     placement = publish(config.execution)  # as in smolflow-finetune: every model, and Ray if asked
     root = config.output.artifacts_uri
     run_id = config.output.run_id or f"eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"

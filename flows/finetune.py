@@ -26,7 +26,6 @@ from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
 from tasks.leftovers import reap_orphaned_servers
 from tasks.models import resolve_model
-from tasks.reachable import check_store
 from tasks.special_tokens import control_tokens
 from tasks.reporting import write_report
 from tasks.retention import tidy_up
@@ -52,7 +51,6 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     reap_orphaned_servers()  # a temporary Prefect server that a SIGKILLed earlier run left behind
     check_inputs(config)  # a missing model, path or split, or a bad row: failed before anything is written
     checked = check_run(config)  # the user's files are read and checked before any compute
-    check_store(config.output.artifacts_uri)  # S3 credentials and bucket: before the first write
     run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     run = ArtifactStore(config.output.artifacts_uri).child(run_dir(run_id))
     run.write_json(RunPaths.config, config.model_dump(mode="json"))

@@ -1,8 +1,9 @@
 """What a run reaches outside this process answers now: the Hugging Face hub, the artifact store
 (S3), a Ray cluster, and (tasks/judge_backends.py) a judge's endpoint. The `smolflow` command asks
 once before a run starts, so a wrong address or credential is one line naming the setting within
-seconds, not a failure after an hour of training. A served run asks only about its store (before
-its first write); its tasks retry the network (a nightly must survive a short outage).
+seconds, not a failure after an hour of training. A served run asks nothing: its tasks and its
+store's writes retry the network (a nightly must survive a short outage), and a setting that is
+wrong for good (credentials, a missing bucket) fails its first write at once.
 """
 
 from __future__ import annotations
