@@ -219,8 +219,12 @@ class ExecutionConfig(Section):
 
     @model_validator(mode="after")
     def _ray_only(self) -> ExecutionConfig:
-        if self.task_runner != "ray" and (self.ray_address or self.ray_num_cpus or self.shard_size or self.item_shards):
-            raise ValueError("execution.ray_address, ray_num_cpus, shard_size and item_shards need execution.task_runner 'ray'")
+        if self.task_runner != "ray":
+            unused(self, ("ray_address", "ray_num_cpus", "shard_size", "item_shards"), "execution.",
+                   "it needs execution.task_runner 'ray'")
+        if self.ray_address and self.ray_num_cpus:
+            raise ValueError("execution.ray_num_cpus: it sizes the local cluster a run starts; a joined cluster "
+                             "(execution.ray_address) keeps its own size; remove it")
         return self
 
 

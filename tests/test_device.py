@@ -50,8 +50,11 @@ def test_invalid_values_are_rejected_naming_the_field(field, value):
     with pytest.raises(ValidationError) as err:
         RunConfig.model_validate({"execution": {field: value}})
     assert f"execution.{field}" in str(err.value)
-    with pytest.raises(ValidationError, match="need execution.task_runner 'ray'"):
+    with pytest.raises(ValidationError, match="execution.ray_address: it needs execution.task_runner 'ray'"):
         RunConfig.model_validate({"execution": {"ray_address": "auto"}})
+    # Once silently ignored: a joined cluster keeps its own size.
+    with pytest.raises(ValidationError, match="execution.ray_num_cpus: it sizes the local cluster a run starts"):
+        RunConfig.model_validate({"execution": {"task_runner": "ray", "ray_address": "auto", "ray_num_cpus": 2}})
 
 
 def test_probe_is_measured_once_per_machine(tmp_path, monkeypatch):

@@ -67,7 +67,7 @@ def test_item_shards_split_only_benchmarks_without_subsets():
         ("mmlu", None)]
     assert work(jobs[0][2]) == work({"cfg": benchmarks[0]}) / 4
     assert [jobs[i][0] for i in submission_order(jobs)][:1] == ["gsm8k"]  # 20 x 7 / 4 = 35 > math's 2 x 6 / 2
-    with pytest.raises(ValidationError, match="item_shards need execution.task_runner 'ray'"):
+    with pytest.raises(ValidationError, match="execution.item_shards: it needs execution.task_runner 'ray'"):
         ExecutionConfig(item_shards=4)
 
 
