@@ -202,7 +202,7 @@ def resolve_autos(config: RunConfig) -> dict[str, str]:
     return out
 
 
-def _check_model(source: str) -> None:
+def check_model(source: str) -> None:
     """The model can be found without loading it: a GGUF for builtin, config.json locally, the hub cache offline."""
 
     from tasks.models import BUILTIN, builtin_gguf, resolve_source
@@ -236,7 +236,7 @@ def check_lora_targets(config: RunConfig) -> None:
 
     concrete = resolve_source(config.model)
     if concrete == BUILTIN and not builtin_gguf().is_file():
-        return  # _check_model names what is missing
+        return  # check_model names what is missing
     folder = builtin_target() if concrete == BUILTIN else Path(concrete).expanduser()
     if not (folder / "config.json").is_file():
         return
@@ -275,7 +275,7 @@ def check_inputs(config: RunConfig) -> None:
     from tasks.runtime import hub_offline
     from tasks.special_tokens import control_tokens_of
 
-    _check_model(config.model)
+    check_model(config.model)
     if not data_here(config.data.dataset) and not hub_offline():  # hub data (also `auto` online)
         return
     model_dir = _model_dir_here(config.model)  # else ChatML's control tokens (the flow checks the model's)
@@ -305,7 +305,7 @@ def validate_everything(config: RunConfig) -> tuple[list[str], dict[str, str]]:
     attempt("artifacts", check_store, config.output.artifacts_uri)
     attempt("judge", check_endpoint, config.judge)
     attempt("ray", check_ray_address, config.execution)
-    attempt("model", _check_model, config.model)
+    attempt("model", check_model, config.model)
     attempt("hub", check_hub_reachable, config)
     attempt("data", load_chat_dataset.fn, config.data)  # every row checked; no model involved
     for i, b in enumerate(config.benchmarks):

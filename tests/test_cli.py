@@ -244,7 +244,13 @@ def test_eval_runs_lists_and_compares(env, tiny_model_dir, tmp_path):
     assert a["settings"]["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[auto]
     assert (in_bf16["comparability_key"] == a["comparability_key"]) == (auto == "bf16")
     assert json.loads((root / "runs/eval-bf16/manifest.json").read_text())["execution"]["precision"] == "bf16"
-    failed = smolflow(env, *_eval_args(root, str(tmp_path / "no-model"), 2), "--output.run-id", "eval-bad")
+    missing = smolflow(env, *_eval_args(root, str(tmp_path / "no-model"), 2), "--output.run-id", "eval-missing")
+    assert missing.returncode == 2 and "not a model directory" in missing.stderr  # found out before the flow
+    assert not (root / "runs/eval-missing").exists()
+    broken = tmp_path / "broken-model"  # passes that check (a config.json), fails loading in the flow
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    failed = smolflow(env, *_eval_args(root, str(broken), 2), "--output.run-id", "eval-bad")
     assert failed.returncode == 2 and "Traceback" not in failed.stderr.split("smolflow eval: error")[-1]
     assert json.loads((root / "runs/eval-bad/status.json").read_text())["state"] == "failed"
 
@@ -252,7 +258,7 @@ def test_eval_runs_lists_and_compares(env, tiny_model_dir, tmp_path):
     assert listed.returncode == 0
     rows = {r["run_id"]: r for r in json.loads(listed.stdout)}
     assert rows["eval-a"]["status"] == "complete" and rows["eval-a"]["scores"]["gsm8k"] == round(a["score"], 4)
-    assert rows["eval-bad"]["status"] == "failed" and "not a model directory" in rows["eval-bad"]["why"]
+    assert rows["eval-bad"]["status"] == "failed" and rows["eval-bad"]["why"].startswith("ValueError: ")
     assert "failed (ValueError" in smolflow(env, "runs", "--root", str(root)).stdout
 
     compared = smolflow(env, "compare", "eval-a", "eval-b", "--root", str(root))
@@ -282,6 +288,10 @@ def test_eval_refuses_the_settings_of_stages_it_does_not_run(env, tmp_path):
         out = smolflow(env, "eval", "--model", "builtin:smollm2-135m-instruct", flag, value,
                        "--output.artifacts-uri", str(tmp_path))
         assert out.returncode == 2 and f"smolflow eval: error: flag {flag}: {says}" in out.stderr, out.stderr[-2000:]
+    # A hub model that is not cached, offline: said before the flow (it once failed in it, exit 1).
+    out = smolflow(env | {"HF_HUB_OFFLINE": "1"}, "eval", "--model", "HuggingFaceTB/SmolLM2-360M",
+                   "--output.artifacts-uri", str(tmp_path))
+    assert out.returncode == 2 and "not in the local Hugging Face cache" in out.stderr, out.stderr[-2000:]
     assert not tmp_path.joinpath("runs").exists()  # refused before any run folder
 
 
