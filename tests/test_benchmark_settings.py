@@ -421,3 +421,24 @@ def test_a_passed_benchmark_data_check_is_repeated_only_when_something_changed(t
     with pytest.raises(ConfigError, match=r"benchmarks\[0\] \(gsm8k\): .*test\.jsonl:\d+"):
         check_benchmark_data(config(2))
     assert checked == [2, 3, 2]
+
+
+def test_local_benchmark_files_leave_no_arrow_copies_in_datasets_cache(tmp_path):
+    """datasets keeps an Arrow copy per file path and modification time, forever: MMLU's per-subject
+    files are written anew for every evaluation, so each one left a copy a subject (57 a night)."""
+    from datasets import config as datasets_config
+
+    from tasks.benchmarks.base import FIXTURES
+
+    cache = datasets_config.HF_DATASETS_CACHE
+
+    def entries():
+        return set(cache.iterdir()) | set((cache / "json").glob("*")) if cache.exists() else set()
+
+    before = entries()
+    mmlu = BenchmarkConfig(name="mmlu", subsets=["abstract_algebra"], data=str(_mmlu_dir(tmp_path)), limit=2)
+    gsm8k = BenchmarkConfig(name="gsm8k", data=str(FIXTURES / "gsm8k"), limit=2)
+    for _ in range(2):
+        assert REGISTRY["mmlu"].evaluate_lm(GoldOrWrong(right=True), mmlu).score == 1.0
+        assert REGISTRY["gsm8k"].evaluate_lm(GoldOrWrong(right=True), gsm8k).score == 1.0
+    assert entries() == before

@@ -104,6 +104,23 @@ class Benchmark(abc.ABC):
         """Score a loaded model on this benchmark (on one part of its items: parts.py)."""
 
 
+def arrow_in(specs: list[dict[str, Any]], workdir: Path) -> list[dict[str, Any]]:
+    """Point `datasets`' Arrow copies of local benchmark files into this evaluation's own folder.
+
+    `datasets` keeps one copy per file path and modification time in ~/.cache/huggingface/datasets
+    and never deletes any: MMLU's per-subject files are written anew into a temporary folder for
+    every evaluation, so each evaluation left a copy of the data and a lock file per subject there
+    (57 a night for full MMLU, for as long as the nightly ran). Converting the files again costs
+    less than a second; hub datasets keep datasets' own cache (one copy per revision)."""
+    out = []
+    for spec in specs:
+        kwargs = spec.get("dataset_kwargs") or {}
+        if kwargs.get("data_files"):
+            spec = spec | {"dataset_kwargs": kwargs | {"cache_dir": str(workdir / "arrow")}}
+        out.append(spec)
+    return out
+
+
 def stderr_of_mean(values: list) -> float | None:
     """Standard error of a mean of 0/1 (or real) scores; None for fewer than two."""
     n = len(values)
@@ -223,7 +240,7 @@ class LmEvalBenchmark(Benchmark):
         started = time.perf_counter()
         tracker = EvaluationTracker()
         with tempfile.TemporaryDirectory() as workdir, quiet_bars():  # lm-eval's tqdm bars, unless verbose
-            specs = self.task_configs(cfg, Path(workdir))
+            specs = arrow_in(self.task_configs(cfg, Path(workdir)), Path(workdir))
             shots = [fewshot_source(self.name, spec) for spec in specs]  # refuses examples from scored items
             out = simple_evaluate(
                 model=PartLM(lm, part) if part else lm,
