@@ -26,11 +26,12 @@ from tasks.arena_tasks import (
     schedule_battles,
     unique_models,
 )
+from tasks.caching import results_storage
 from tasks.models import resolve_model
 from tasks.runtime import set_torch_threads
 
 
-@flow(name="smolflow-arena")
+@flow(name="smolflow-arena", result_storage=results_storage())
 def arena(config: ArenaConfig = ArenaConfig()) -> dict:
     """Models -> answers -> battles (most informative first) -> judge + people's votes -> ratings -> leaderboard."""
     set_torch_threads(config.torch_threads)

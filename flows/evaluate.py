@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.runtime import flow_run
 
+from tasks.caching import results_storage
 from tasks.checks import check_run
 from tasks.config import RunConfig
 from tasks.config_base import unused
@@ -51,8 +52,8 @@ def check_eval_settings(config: RunConfig) -> None:
 
 
 # unpublish: the run's device/precision/task-runner settings end with it (tasks/device.py).
-@flow(name="smolflow-evaluate", on_completion=[unpublish], on_failure=[unpublish], on_crashed=[unpublish],
-      on_cancellation=[unpublish])
+@flow(name="smolflow-evaluate", result_storage=results_storage(),  # under the cache bound: tasks/caching.py
+      on_completion=[unpublish], on_failure=[unpublish], on_crashed=[unpublish], on_cancellation=[unpublish])
 def evaluate(config: RunConfig = RunConfig()) -> dict:
     """Model -> benchmarks + custom benchmarks -> judge (against `judge.reference`) -> report -> manifest."""
     configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1 (smolflow --verbose)

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.runtime import deployment, flow_run
 
+from tasks.caching import results_storage
 from tasks.checks import check_inputs, check_run, resolve_autos
 from tasks.config import RunConfig
 from tasks.console import configure_logging
@@ -40,8 +41,8 @@ from tasks.transfer import model_exists
 
 
 # unpublish: the run's device/precision settings end with it (tasks/device.py).
-@flow(name="smolflow-finetune", on_completion=[unpublish], on_failure=[unpublish], on_crashed=[unpublish],
-      on_cancellation=[unpublish])
+@flow(name="smolflow-finetune", result_storage=results_storage(),  # under the cache bound: tasks/caching.py
+      on_completion=[unpublish], on_failure=[unpublish], on_crashed=[unpublish], on_cancellation=[unpublish])
 def finetune(config: RunConfig = RunConfig()) -> dict:
     """Data -> template -> tokens -> samples -> SFT -> samples -> health -> benchmarks + judge -> gate -> report -> manifest."""
     configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1 (smolflow --verbose)

@@ -6,10 +6,12 @@
 Each "night" trains afresh (its own training seed, as new data would), publishes, evaluates and
 applies retention like a nightly run. The model is a random 2-layer Llama with the real SmolLM2
 tokenizer (as in the tests), so every code path is the real one in seconds. Disk use is the
-artifact root plus SMOLFLOW_CACHE, each file counted once (hard links shared between run folders
-are one set of blocks). The shared converted built-in model (only its tokenizer is used) is linked
-in from ~/.cache/smolflow/models and not counted. Acceptance: disk after the last run <= disk after
-run 2 + one run folder.
+artifact root plus SMOLFLOW_CACHE plus what else a run writes: Prefect's result storage folder
+(PREFECT_HOME/storage) and the Hugging Face cache (HF_HOME: datasets' Arrow copies), each file
+counted once (hard links shared between run folders are one set of blocks). Prefect's database is
+shown apart: it keeps each flow run for 90 days (docs/operations.md, "Disk"). The shared converted
+built-in model (only its tokenizer is used) is linked in from ~/.cache/smolflow/models and not
+counted. Acceptance: disk after the last run <= disk after run 2 + one run folder.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def main(argv: list[str]) -> int:
         (cache / "models").symlink_to(shared)
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                       WANDB_SILENT="true", WANDB_MODE="offline", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                      PREFECT_HOME=str(work / "prefect"), SMOLFLOW_CACHE=str(cache),
+                      PREFECT_HOME=str(work / "prefect"), SMOLFLOW_CACHE=str(cache), HF_HOME=str(work / "hf"),
                       PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="600")  # busy machines start slowly
     os.environ.pop("WANDB_API_KEY", None)
     sys.path.insert(0, str(ROOT))
@@ -95,7 +97,7 @@ def main(argv: list[str]) -> int:
             "training": {"max_steps": args.steps, "logging_steps": 1, "eval_steps": 2, "save_steps": 2,
                          "max_length": 256, "seed": night},
             "sampling": {"prompts": ["Hello! How are you?", "Any tips for a rainy day?"], "max_new_tokens": 8},
-            "benchmarks": [{"name": "gsm8k", "limit": 2, "batch_size": 2}],
+            "benchmarks": [{"name": "gsm8k", "limit": 2, "batch_size": 2}, {"name": "mmlu", "limit": 1}],
             "judge": {"model": str(model)},
             "output": {"artifacts_uri": str(artifacts), "run_id": f"night-{night:02d}", "keep_runs": args.keep_runs},
             "wandb": {"mode": "offline"},
@@ -107,13 +109,16 @@ def main(argv: list[str]) -> int:
         runs = sorted(p.name for p in (artifacts / "runs").iterdir())
         run_sizes.append(disk_bytes(artifacts / "runs" / f"night-{night:02d}"))
         a, c = disk_bytes(artifacts), disk_bytes(cache)
+        ps, h = disk_bytes(work / "prefect" / "storage"), disk_bytes(work / "hf")
+        db = sum(disk_bytes(f) for f in (work / "prefect").glob("prefect.db*"))
         works = sorted(p.name for p in (cache / "work").iterdir()) if (cache / "work").exists() else []
-        totals.append(a + c)
-        rows.append(f"| {night} | {seconds:.0f} | {len(runs)} | {a / 1e6:.1f} | {c / 1e6:.1f} | {(a + c) / 1e6:.1f} | "
-                    f"{len(works)} |")
+        totals.append(a + c + ps + h)
+        rows.append(f"| {night} | {seconds:.0f} | {len(runs)} | {a / 1e6:.1f} | {c / 1e6:.1f} | {ps / 1e6:.1f} | "
+                    f"{h / 1e6:.1f} | {totals[-1] / 1e6:.1f} | {len(works)} | {db / 1e6:.1f} |")
         print(rows[-1], flush=True)
-    print("\n| run | seconds | run folders | artifacts MB | SMOLFLOW_CACHE MB | total MB | work dirs |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| run | seconds | run folders | artifacts MB | SMOLFLOW_CACHE MB | Prefect storage MB | HF cache MB "
+          "| total MB | work dirs | Prefect database MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if len(totals) >= 2:
         bound = totals[1] + max(run_sizes)

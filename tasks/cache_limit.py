@@ -2,7 +2,8 @@
 
 An entry is one child of a managed folder: models/<name> (the converted built-in model and
 templated models), downloads/<fingerprint>, datasets/<fingerprint> (+ checked-*.json indexes),
-tokenized/<key>, tokenizers/<key>.json, digests/<key>, judgements/<key>.json, work/<run_id>.
+tokenized/<key>, tokenizers/<key>.json, digests/<key>, judgements/<key>.json, results/<key> (Prefect's
+task results: tasks/caching.py), checks/<benchmark>-<key>.json, win-rates/<key>.json, work/<run_id>.
 Each is re-made when missing (the built-in model is converted again, a download fetched again,
 a file hashed again, ...), so evicting one costs time, never a run.
 Never evicted: what the current run used (named, or used/written since it started), a
@@ -39,7 +40,8 @@ class Decision(BaseModel):
     complete: bool | None = None  # runs: whether it has a manifest
 
 
-KINDS = ("models", "downloads", "datasets", "tokenized", "tokenizers", "digests", "judgements", "arena-answers", "work")
+KINDS = ("models", "downloads", "datasets", "tokenized", "tokenizers", "digests", "judgements", "arena-answers",
+         "results", "checks", "win-rates", "work")
 _STAGING = re.compile(r"\.tmp\d+$")
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prefect.cache_policies import TASK_SOURCE, CachePolicy, Inputs
+from prefect.settings import get_current_settings
 
+from tasks.cache_limit import cache_root
 from tasks.device import cache_token
 
 
@@ -44,3 +47,14 @@ BY_CONTENT = ContentInputs() + TASK_SOURCE
 # and merged shards are keyed as the whole run. Older cached results would carry the old keys, so a
 # cached base and a fresh tuned score would never compare.
 RESULTS = Version(value="benchmark-results-2")  # by name: the first fields are CachePolicy's (key_storage, ...)
+
+
+def results_storage() -> Path | None:
+    """Where smolflow's flows keep their tasks' results (what a cache hit hands back):
+    SMOLFLOW_CACHE/results, under the cache bound (`output.cache_max_gb`), least recently used
+    first. Prefect's default, ~/.prefect/storage, is never cleaned: a nightly on the full suite adds
+    ~130 MB there (every benchmark's per-item records and lm-eval's samples). A default storage
+    block in Prefect's settings (e.g. an S3 bucket shared by several machines) keeps them instead."""
+    if get_current_settings().results.default_storage_block:
+        return None
+    return cache_root() / "results"

@@ -156,9 +156,19 @@ class GcReport(BaseModel):
     freed_bytes: int
 
     def table(self) -> str:
+        """Each run folder, work dir and deleted entry on its own row; other kept cache entries one row
+        per folder and reason (a month of nightlies keeps thousands of small results and verdicts)."""
         verb = "would free" if self.dry_run else "freed"
-        rows = "".join(f"| {d.action} | {d.kind} | {d.name} | {d.bytes / 1e6:.1f} | {d.reason} |\n"
-                       for d in sorted(self.decisions, key=lambda d: (d.action != "delete", d.kind, d.name)))
+        rows, kept = [], {}
+        for d in sorted(self.decisions, key=lambda d: (d.action != "delete", d.kind, d.name)):
+            if d.kind == "cache" and d.action == "keep" and not d.name.startswith("work/"):
+                group = kept.setdefault((d.name.split("/")[0], d.reason), [0, 0])
+                group[0], group[1] = group[0] + 1, group[1] + d.bytes
+            else:
+                rows.append(f"| {d.action} | {d.kind} | {d.name} | {d.bytes / 1e6:.1f} | {d.reason} |\n")
+        rows += [f"| keep | cache | {folder}/ ({n} {'entry' if n == 1 else 'entries'}) | {size / 1e6:.1f} | {why} |\n"
+                 for (folder, why), (n, size) in kept.items()]
+        rows = "".join(rows)
         return (f"gc of {self.root} and cache {self.cache}: {verb} {self.freed_bytes / 1e6:.1f} MB"
                 f"{' (dry run: nothing deleted)' if self.dry_run else ''}\n\n"
                 f"| action | kind | name | MB | why |\n|---|---|---|---|---|\n{rows}")

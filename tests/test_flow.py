@@ -1,6 +1,7 @@
 """The whole pipeline as one Prefect flow on a tiny model: every artifact, then the cache."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
 from flows.finetune import finetune
+from tasks.cache_limit import cache_root
 from tasks.runtime import FIXTURES
 from tasks.storage import ArtifactStore, read_pointer
 from tests.conftest import tiny_run_config
@@ -41,6 +43,17 @@ EXPECTED = [
     "gate/decision.json",
     "manifest.json",
 ]
+
+
+def _unpickled(path: Path):
+    """The object in one of Prefect's result files: a task's record (JSON: metadata + the pickled
+    result, base64), or the flow's own return value (the pickle alone, base64)."""
+    import base64
+
+    import cloudpickle
+
+    text = path.read_text()
+    return cloudpickle.loads(base64.b64decode(json.loads(text)["result"] if text.startswith("{") else text))
 
 
 def _task_states(flow_run_id, wait_s: float = 60) -> dict[str, set[str]]:
@@ -106,10 +119,16 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     config = tiny_run_config(tiny_model_dir, str(tmp_path / "artifacts"),
                              custom_benchmarks=[str(FIXTURES / "custom" / "capitals.yaml")])
 
+    results, prefect_storage = cache_root() / "results", Path(os.environ["PREFECT_HOME"]) / "storage"
+    results_before, prefect_before = set(results.glob("*")), set(prefect_storage.glob("*"))
     state = finetune(config=config, return_state=True)
     summary = state.result()
     run_uri = summary["run"]
     manifest = check_run_folder(run_uri)
+    # The tasks' results are kept in smolflow's cache, under its bound, not in Prefect's storage
+    # folder, which nothing cleans (tasks/caching.py).
+    new_results = set(results.glob("*")) - results_before
+    assert new_results and set(prefect_storage.glob("*")) == prefect_before
 
     store = ArtifactStore(run_uri)
     samples = [json.loads(line) for line in (Path(run_uri) / "samples/samples.jsonl").read_text().splitlines()]
@@ -186,11 +205,18 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     assert summary["promoted"] == decision["promote"] == (promoted is not None)
     assert read_pointer(str(tmp_path / "artifacts"), "smolflow-finetune", "latest")["run_id"] == run_uri.rsplit("/", 1)[-1]
 
+    # Evicting a result (the cache bound) costs its task's time, never the run: drop the custom
+    # benchmark's two results, and those two tasks score again while the rest stays cached.
+    evicted = [p for p in new_results if "capitals" in getattr(_unpickled(p), "name", "")]
+    assert len(evicted) == 2, [type(_unpickled(p)).__name__ for p in new_results]
+    for path in evicted:
+        path.unlink()
     again = finetune(config=config, return_state=True)
     states = _task_states(again.state_details.flow_run_id)
     # Everything that computes is reused, also where the tuned model now lies in a new folder.
-    for name in ("prepare_chat_template", "tokenize_dataset", "train_sft", "generate_samples", "benchmark", "custom"):
+    for name in ("prepare_chat_template", "tokenize_dataset", "train_sft", "generate_samples", "benchmark"):
         assert states[name] == {"Cached"}, states
+    assert states["custom"] == {"Completed"}, states
     second = again.result()
     assert second["run"] != run_uri
     assert second["model"] == second["run"] + "/model"  # the reused model, copied into this run

@@ -95,6 +95,31 @@ def test_cache_bound_evicts_least_recently_used_first_never_what_the_run_uses(tm
     assert plan_cache(max_gb=None) and all(d.action == "keep" for d in plan_cache(max_gb=None))
 
 
+def test_prefect_results_checks_and_win_rates_are_bounded_and_kept_ones_summed_up(tmp_path, monkeypatch):
+    """Prefect's task results (tasks/caching.py) and the benchmark-check and win-rate records grow
+    by a few a night: they are cache entries too, and the table sums up the kept ones by folder."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(cache))
+    now, mb = time.time(), 2**20
+    for i, age_h in enumerate([300, 200, 100, 2, 1]):
+        (cache / "results").mkdir(parents=True, exist_ok=True)
+        (cache / "results" / f"key{i}").write_bytes(bytes(mb))
+        os.utime(cache / "results" / f"key{i}", (now - age_h * 3600,) * 2)
+    for name in ("checks/benchmark-gsm8k-0123.json", "win-rates/4567.json"):
+        (cache / name).parent.mkdir(parents=True)
+        (cache / name).write_text("{}")
+    one = usage(cache / "results" / "key0")[0]
+
+    report = gc(str(tmp_path / "artifacts"), cache_max_gb=3.5 * one / 1e9)
+    assert [d.name for d in report.decisions if d.action == "delete"] == ["results/key0", "results/key1"]
+    assert sorted(p.name for p in (cache / "results").iterdir()) == ["key2", "key3", "key4"]
+    assert {d.name for d in report.decisions} >= {"checks/benchmark-gsm8k-0123.json", "win-rates/4567.json"}
+    table = report.table()
+    assert "| delete | cache | results/key0 |" in table and "| delete | cache | results/key1 |" in table
+    assert "| keep | cache | results/ (3 entries) | 3.1 | within the cache bound |" in table
+    assert "| keep | cache | checks/ (1 entry) |" in table and "results/key2" not in table
+
+
 def _snapshot(*roots: Path) -> dict[str, tuple[int, float]]:
     return {str(p): (p.stat().st_size, p.stat().st_mtime) for r in roots for p in r.rglob("*") if p.is_file()}
 
