@@ -162,7 +162,7 @@ def publish_leaderboard(root: str, human_votes: bool, rounds: int, seed: int) ->
 
 def log_wandb(cfg: ArenaConfig, board: dict[str, Any], run_id: str, store: ArtifactStore) -> str | None:
     """The leaderboard as a W&B table (offline files by default), kept under arena/wandb/."""
-    from tasks.tracking import wandb_mode
+    from tasks.tracking import staging_inside, wandb_mode
 
     mode = wandb_mode(cfg.wandb)
     if mode == "disabled":
@@ -176,7 +176,8 @@ def log_wandb(cfg: ArenaConfig, board: dict[str, Any], run_id: str, store: Artif
     table = wandb.Table(columns=["rank", "model", "key", "rating", "lower", "upper", "battles"])
     for r in board["rows"]:
         table.add_data(r["rank"], r["name"], r["model"], r["rating"], r["lower"], r["upper"], r["battles"])
-    wb.log({"arena/leaderboard": table})
+    with staging_inside(wb):  # the table's file travels with the run (else W&B stages it in ~/.local/share)
+        wb.log({"arena/leaderboard": table})
     wb.summary.update({f"arena/rating/{r['name']}": r["rating"] for r in board["rows"]}
                       | {"arena/judge_battles": board["judge_battles"], "arena/human_votes": board["human_votes"],
                          "arena/verdict": board["verdict"]})

@@ -83,6 +83,9 @@ def test_arena_flow_end_to_end_with_votes_and_cache(tiny_model_dir, tiny_models,
     summary = json.loads(out.stdout)["summary"]
     assert summary["arena/human_votes"] == 0 and summary["arena/rating/base"] == 1000.0
     assert "arena/leaderboard" in summary  # the table
+    # ... whose file is staged inside the run's W&B folder, so it syncs from there (it was left in
+    # ~/.local/share/wandb/artifacts/staging, one file an arena run, and missing from the folder).
+    assert any(b'"rank"' in p.read_bytes() for p in offline.glob("staging/**/*") if p.is_file())
     assert not (cache_dir("work") / offline.parent.name).exists()  # uploaded, then the local copy goes
 
     # People prefer the extra model over the base four times: the next run counts it, from cache.
