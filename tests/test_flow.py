@@ -116,7 +116,9 @@ def wandb_summary(run_dir: Path) -> dict:
 def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_path, monkeypatch):
     secret = "s3cr3t-never-logged-0123456789"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    config = tiny_run_config(tiny_model_dir, str(tmp_path / "artifacts"),
+    # A training seed of its own: flows run earlier by this worker's other tests (also in their
+    # subprocesses, which share SMOLFLOW_CACHE and so its results) must not make this first run a cache hit.
+    config = tiny_run_config(tiny_model_dir, str(tmp_path / "artifacts"), training={"seed": 7013},
                              custom_benchmarks=[str(FIXTURES / "custom" / "capitals.yaml")])
 
     results, prefect_storage = cache_root() / "results", Path(os.environ["PREFECT_HOME"]) / "storage"
