@@ -232,7 +232,8 @@ def test_lm_evals_own_files_are_written_and_read_by_its_tooling(tmp_path):
     assert results["results"][task]["acc,none"] == result.score == 1.0
     assert results["n-shot"][task] == 5 and results["configs"][task]["num_fewshot"] == 5
     (samples_file,) = get_sample_results_filenames(paths)
-    samples = load_dataset("json", data_files=samples_file, split="train")  # as lm-eval's hub tooling loads them
+    # As lm-eval's hub tooling loads them (its Arrow copy in tmp_path, not in datasets' cache for good).
+    samples = load_dataset("json", data_files=samples_file, split="train", cache_dir=str(tmp_path / "arrow"))
     assert samples.num_rows == 2 and list(samples["acc"]) == [1.0, 1.0]
     assert "lm_eval_files" not in result.model_dump()  # not in summary.json; the caller stores the files
 
