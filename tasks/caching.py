@@ -53,8 +53,10 @@ def results_storage() -> Path | None:
     """Where smolflow's flows keep their tasks' results (what a cache hit hands back):
     SMOLFLOW_CACHE/results, under the cache bound (`output.cache_max_gb`), least recently used
     first. Prefect's default, ~/.prefect/storage, is never cleaned: a nightly on the full suite adds
-    ~130 MB there (every benchmark's per-item records and lm-eval's samples). A default storage
-    block in Prefect's settings (e.g. an S3 bucket shared by several machines) keeps them instead."""
-    if get_current_settings().results.default_storage_block:
+    ~130 MB there (every benchmark's per-item records and lm-eval's samples). Where Prefect's
+    settings name a place (a default storage block, e.g. an S3 bucket shared by several machines,
+    or a local storage path), that place keeps them instead, unbounded by smolflow."""
+    results = get_current_settings().results
+    if results.default_storage_block or "local_storage_path" in results.model_fields_set:
         return None
     return cache_root() / "results"

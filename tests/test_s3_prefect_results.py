@@ -78,11 +78,13 @@ def test_the_script_names_an_unusable_bucket(s3_bucket: str, s3_server, tmp_path
 
 
 
-def test_smolflow_keeps_its_results_in_its_cache_unless_a_default_storage_block_is_set(tmp_path: Path):
-    """Without a block, the flows' task results go under SMOLFLOW_CACHE (bounded; tests/test_flow.py
-    checks a real run); with PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK, the block keeps them, as above."""
+def test_smolflow_keeps_its_results_in_its_cache_unless_prefect_is_told_where(tmp_path: Path):
+    """By default the flows' task results go under SMOLFLOW_CACHE (bounded; tests/test_flow.py checks a
+    real run); where Prefect's settings name a place (a default storage block, as above, or a local
+    storage path), that place keeps them."""
     code = "from tasks.caching import results_storage; print('STORAGE', results_storage())"
     env = _env(tmp_path, "home", SMOLFLOW_CACHE=str(tmp_path / "cache"))
     assert f"STORAGE {tmp_path / 'cache' / 'results'}\n" in _run(["-c", code], env).stdout
-    env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = "s3-bucket/shared-results"
-    assert "STORAGE None\n" in _run(["-c", code], env).stdout
+    for name, value in (("PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK", "s3-bucket/shared-results"),
+                        ("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(tmp_path / "mine"))):
+        assert "STORAGE None\n" in _run(["-c", code], env | {name: value}).stdout, name  # Prefect's, as set
