@@ -289,6 +289,19 @@ def finish_eval_wandb(wb_run, run, rows: list[dict], judge, local_dir: Path) -> 
     run.upload_dir(local_dir / "wandb", "wandb")
 
 
+def log_model_artifact(wb_run, model: str, promoted: bool) -> None:
+    """The tuned model as a W&B model artifact (what `run.log_model` logs), except that its files are
+    not also copied into W&B's artifact cache (~/.cache/wandb/artifacts) on upload: W&B empties that
+    cache only when the disk is full, and a nightly would add a model's copy (~0.5 GB) every night."""
+    import wandb
+
+    from tasks.models import local_model_dir
+
+    artifact = wandb.Artifact(f"{wb_run.id}-model", type="model")
+    artifact.add_dir(str(local_model_dir(model)), skip_cache=True)
+    wb_run.log_artifact(artifact, aliases=["latest", "promoted"] if promoted else ["latest"])
+
+
 def finish_wandb(wb_run, run, trained, before, after, scores: dict, health, promoted: bool, local_dir: Path,
                  judge=None, decision=None, log_model: bool = False) -> None:
     """Log tables, the run folder's files, the gate and the summary (and the model if asked), tag a
@@ -301,10 +314,7 @@ def finish_wandb(wb_run, run, trained, before, after, scores: dict, health, prom
         log_results(wb_run, before, after, scores, summary, health, judge)
         log_run_files(wb_run, run)
         if log_model:
-            from tasks.models import local_model_dir
-
-            wb_run.log_model(str(local_model_dir(trained.model)), name=f"{wb_run.id}-model",
-                             aliases=["latest", "promoted"] if promoted else ["latest"])
+            log_model_artifact(wb_run, trained.model, promoted)
     if promoted:
         wb_run.tags = (*wb_run.tags, "promoted")
     finish_run(wb_run, earlier)

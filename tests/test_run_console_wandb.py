@@ -114,6 +114,8 @@ def test_wandb_run_carries_report_tables_curves_model_and_gate(user_run):
             assert (offline / entry["local_path"].split(f"/{offline.name}/", 1)[1]).is_file()
     model = next(a for a in artifacts if a["type"] == "model")
     assert "model.safetensors" in {e["path"] for e in model["manifest"]["contents"]}
+    # Uploaded without a copy into W&B's artifact cache, which W&B empties only when the disk is full.
+    assert all(e.get("skip_cache") is True for e in model["manifest"]["contents"])
 
     summary = {}
     for r in records:
