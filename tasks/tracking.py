@@ -291,8 +291,8 @@ def finish_eval_wandb(wb_run, run, rows: list[dict], judge, local_dir: Path) -> 
 
 def log_model_artifact(wb_run, model: str, promoted: bool) -> None:
     """The tuned model as a W&B model artifact (what `run.log_model` logs), except that its files are
-    not also copied into W&B's artifact cache (~/.cache/wandb/artifacts) on upload: W&B empties that
-    cache only when the disk is full, and a nightly would add a model's copy (~0.5 GB) every night."""
+    not also copied into W&B's artifact cache (~/.cache/wandb/artifacts) on upload: nothing trims that
+    cache on a schedule, and a nightly would add a model's copy (~0.5 GB) every night."""
     import wandb
 
     from tasks.models import local_model_dir
