@@ -158,7 +158,7 @@ def cmd_runs(args: argparse.Namespace, rest: list[str]) -> int:
     shown = [r | {"promoted": "yes" if r["promoted"] else "",
                   "scores": " ".join(f"{k}={v}" for k, v in r["scores"].items()),
                   "source": "; ".join(sorted(set(r["sources"].values()))),
-                  "status": r["status"] + (f" ({r['why']})" if r["status"] == "failed" else "")} for r in rows]
+                  "status": r["status"] + (f" ({r['why']})" if r["status"] in ("failed", "stopped") else "")} for r in rows]
     print(_table(shown, ["run_id", "started", "status", "promoted", "scores", "source"]) if rows
           else f"no runs under {args.root}")
     return 0

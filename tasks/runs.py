@@ -1,11 +1,12 @@
 """Reading runs back: each run's status, a listing of an artifact root, two runs side by side.
 
-A run folder says where it stands: `manifest.json` (complete) > `status.json` saying failed (why,
-when) > anything else (incomplete: running, or killed before it could say so).
+A run folder says where it stands: `manifest.json` (complete) > `status.json` saying failed or
+stopped (why, when) > anything else (incomplete: running, or killed before it could say so).
 """
 
 from __future__ import annotations
 
+import signal
 import traceback
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -27,14 +28,26 @@ def failure_reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {message}" if message else "".join(traceback.format_exception_only(err)).strip()
 
 
+def stop_reason(err: BaseException) -> str | None:
+    """Why a run that was stopped on purpose stopped (Ctrl-C, a cancel in Prefect); None: it failed."""
+    from prefect.exceptions import TerminationSignal
+
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C or SIGINT)"
+    if isinstance(err, TerminationSignal):  # Prefect's cancel, or serve/worker stopped, send SIGTERM
+        return (f"stopped by {signal.Signals(err.signal).name}: cancelled in Prefect, or the process "
+                "running it was stopped")
+    return None
+
+
 def run_status(run: ArtifactStore) -> dict[str, Any]:
-    """{'state': complete | failed | incomplete, 'why', 'at'} of one run folder."""
+    """{'state': complete | failed | stopped | incomplete, 'why', 'at'} of one run folder."""
     if run.exists(RunPaths.manifest):
         manifest = run.read_json(RunPaths.manifest)
         return {"state": "complete", "why": None, "at": manifest.get("completed_at")}
     if run.exists(RunPaths.status):
         status = run.read_json(RunPaths.status)
-        if status.get("state") == "failed":
+        if status.get("state") in ("failed", "stopped"):
             return status
     return {"state": "incomplete", "why": "no manifest: still running, or stopped before it could finish", "at": None}
 
@@ -145,12 +158,13 @@ def model_of_run(root: str, run_id: str) -> dict[str, Any] | None:
 
 @contextmanager
 def status_recorded(run: ArtifactStore):
-    """status.json says 'running' during the block, 'failed' (why, when) if it raises; the manifest,
-    written last, is what marks a run complete."""
+    """status.json says 'running' during the block, 'failed' (why, when) if it raises, 'stopped' if
+    it was interrupted or cancelled; the manifest, written last, is what marks a run complete."""
     write_status(run, "running", started_at=datetime.now(timezone.utc).isoformat())
     started = run.read_json(RunPaths.status)["started_at"]
     try:
         yield run
     except BaseException as err:
-        write_status(run, "failed", failure_reason(err), started_at=started)
+        stopped = stop_reason(err)
+        write_status(run, "stopped" if stopped else "failed", stopped or failure_reason(err), started_at=started)
         raise

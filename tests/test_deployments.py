@@ -4,6 +4,7 @@ UI's Run button uses, and bad parameters rejected with the field named."""
 import socket
 import time
 from datetime import timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -97,6 +98,63 @@ def test_bad_parameters_from_the_ui_are_rejected_naming_the_field(served):
             on_demand.id, parameters={"config": {"training": {"learning_rate": "fast"}}}
         )
     assert "learning_rate" in str(err.value)
+
+
+def _flow_run_processes(flow_run_id) -> list[int]:
+    """Pids of processes running this flow run (Prefect's runner gives each its id in the environment)."""
+    from tasks.leftovers import _environ
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and _environ(int(entry.name)).get(b"PREFECT__FLOW_RUN_ID") == str(flow_run_id).encode():
+                found.append(int(entry.name))
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
+def _wait_final(client, run_id, within_s: float):
+    deadline = time.monotonic() + within_s
+    while not (run := client.read_flow_run(run_id)).state.is_final():
+        assert time.monotonic() < deadline, f"flow run still {run.state.name}"
+        time.sleep(1)
+    return run
+
+
+@pytest.mark.slow
+def test_a_run_cancelled_while_training_stops_says_so_and_frees_the_slot(served, tiny_model_dir, tmp_path):
+    """Cancel in the UI (the API call its button makes) while the model trains: the run's process
+    ends, the run folder says 'stopped' (it said 'failed: prefect.exceptions.TerminationSignal'),
+    and the deployment's one slot is free for the next run."""
+    from prefect.client.schemas.filters import FlowRunFilterId
+    from prefect.states import Cancelling
+
+    client, _, on_demand = served
+    artifacts = str(tmp_path / "artifacts")
+    config = tiny_run_config(tiny_model_dir, artifacts, output={"run_id": "cancelled"}, judge={"enabled": False},
+                             training={"max_steps": 2000, "eval_steps": 5000, "save_steps": 5000})
+    run = client.create_flow_run_from_deployment(on_demand.id, parameters={"config": config.model_dump(mode="json")})
+    deadline = time.monotonic() + 300
+    while True:  # until training runs
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        if any(t.name.startswith("train_sft") and t.state and t.state.is_running() for t in tasks):
+            break
+        assert time.monotonic() < deadline and not client.read_flow_run(run.id).state.is_final(), tasks
+        time.sleep(1)
+    assert _flow_run_processes(run.id)
+    client.set_flow_run_state(run.id, Cancelling())
+    assert _wait_final(client, run.id, 120).state.is_cancelled()
+    deadline = time.monotonic() + 30
+    while (left := _flow_run_processes(run.id)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, left
+    status = ArtifactStore(artifacts).child("runs", "cancelled").read_json("status.json")
+    assert status["state"] == "stopped" and status["why"].startswith("stopped by SIGTERM: cancelled in Prefect")
+
+    nxt = tiny_run_config(tiny_model_dir, artifacts, output={"run_id": "next"}, judge={"enabled": False})
+    after = client.create_flow_run_from_deployment(on_demand.id, parameters={"config": nxt.model_dump(mode="json")})
+    assert _wait_final(client, after.id, 300).state.is_completed()
 
 
 @pytest.mark.slow
