@@ -26,7 +26,7 @@ from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
 from tasks.models import ModelRef, resolve_model
 from tasks.reporting import write_report
-from tasks.retention import tidy_up
+from tasks.retention import tidy_after_failure, tidy_up
 from tasks.runs import model_of_run, status_recorded
 from tasks.runtime import cache_dir, code_version, flow_run_link, run_logger, set_torch_threads
 from tasks.storage import ArtifactStore, set_latest, write_manifest
@@ -53,7 +53,8 @@ def check_eval_settings(config: RunConfig) -> None:
 
 # unpublish: the run's device/precision/task-runner settings end with it (tasks/device.py).
 @flow(name="smolflow-evaluate", result_storage=results_storage(),  # under the cache bound: tasks/caching.py
-      on_completion=[unpublish], on_failure=[unpublish], on_crashed=[unpublish], on_cancellation=[unpublish])
+      on_completion=[unpublish], on_failure=[unpublish, tidy_after_failure], on_crashed=[unpublish],
+      on_cancellation=[unpublish])
 def evaluate(config: RunConfig = RunConfig()) -> dict:
     """Model -> benchmarks + custom benchmarks -> judge (against `judge.reference`) -> report -> manifest."""
     configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1 (smolflow --verbose)

@@ -29,7 +29,7 @@ from tasks.leftovers import reap_orphaned_servers
 from tasks.models import resolve_model
 from tasks.special_tokens import control_tokens
 from tasks.reporting import write_report
-from tasks.retention import tidy_up
+from tasks.retention import tidy_after_failure, tidy_up
 from tasks.runs import status_recorded
 from tasks.runtime import cache_dir, code_version, flow_run_link, set_torch_threads
 from tasks.storage import ArtifactStore, set_latest, write_manifest
@@ -42,7 +42,8 @@ from tasks.transfer import model_exists
 
 # unpublish: the run's device/precision settings end with it (tasks/device.py).
 @flow(name="smolflow-finetune", result_storage=results_storage(),  # under the cache bound: tasks/caching.py
-      on_completion=[unpublish], on_failure=[unpublish], on_crashed=[unpublish], on_cancellation=[unpublish])
+      on_completion=[unpublish], on_failure=[unpublish, tidy_after_failure], on_crashed=[unpublish],
+      on_cancellation=[unpublish])
 def finetune(config: RunConfig = RunConfig()) -> dict:
     """Data -> template -> tokens -> samples -> SFT -> samples -> health -> benchmarks + judge -> gate -> report -> manifest."""
     configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1 (smolflow --verbose)

@@ -4,11 +4,13 @@ Rules (docs/operations.md, "Disk"):
 - Completed runs (with manifest.json), newest completion first: the first `keep_runs` stay; every
   run a pointer names (`pointers/<flow>/latest.json`, `promoted.json`, any flow) stays whatever
   its age; the rest are deleted.
-- Incomplete runs (no manifest: crashed, or still being written) are deleted only when both hold:
-  their newest object is older than the newest completed run's manifest (a later run has finished
-  since, so nobody is about to resume them), and nothing in them was written for
-  `keep_incomplete_hours` (a run still at work writes its config, previews, checkpoints, status
-  and benchmark files as it goes). Otherwise their resumable checkpoints stay.
+- Incomplete runs (no manifest: failed, stopped, crashed, or still being written) are deleted only
+  when nothing in them was written for `keep_incomplete_hours` (a run still at work writes its
+  config, previews, checkpoints, status and benchmark files as it goes) and either their newest
+  object is older than the newest completed run's manifest (a later run has finished since, so
+  nobody is about to resume them) or `keep_runs` newer incomplete runs exist (every night failing
+  must not fill the disk either). Otherwise their resumable checkpoints stay. Retention runs at the
+  end of every completed run and after a failed one (`tidy_after_failure`).
 - A run is deleted manifest first: readers (completed_runs, pointers) ignore a run without one, so
   a half-deleted run never looks complete.
 """
@@ -104,18 +106,26 @@ def plan_runs(root: str, keep_runs: int, keep_incomplete_hours: float, now: floa
             action, why = "delete", f"completed, number {rank} from the newest: beyond output.keep_runs={keep_runs}"
         out.append(Decision(kind="run", name=r.run_id, where=r.uri, bytes=r.bytes, action=action, reason=why,
                             complete=True))
-    for r in (r for r in runs if r.completed_at is None):
+    # Newest write first: when every night fails (bad data, a dead endpoint), the failed runs are
+    # bounded by keep_runs too, not only once a run completes again.
+    incomplete = sorted((r for r in runs if r.completed_at is None), key=lambda r: (r.last_write, r.run_id),
+                        reverse=True)
+    for rank, r in enumerate(incomplete, start=1):
         idle_h = (now - r.last_write) / HOUR
+        untouched = f"untouched for {idle_h:.1f} h (>= output.keep_incomplete_hours={keep_incomplete_hours:g})"
         if r.run_id in pinned:
             action, why = "keep", f"named by pointer {', '.join(pinned[r.run_id])}"
-        elif newest_done is None or r.last_write >= newest_done:
-            action, why = "keep", "incomplete, written after the newest completed run: may be running or resumable"
         elif idle_h < keep_incomplete_hours:
             action, why = "keep", (f"incomplete, last written {idle_h:.1f} h ago (< output.keep_incomplete_hours="
                                    f"{keep_incomplete_hours:g}): may still be running")
+        elif newest_done is not None and r.last_write < newest_done:
+            action, why = "delete", f"incomplete, older than the newest completed run and {untouched}"
+        elif rank > keep_runs:
+            action, why = "delete", (f"incomplete, number {rank} from the newest incomplete: beyond output.keep_runs="
+                                     f"{keep_runs} and {untouched}")
         else:
-            action, why = "delete", (f"incomplete, older than the newest completed run and untouched for "
-                                     f"{idle_h:.1f} h (>= output.keep_incomplete_hours={keep_incomplete_hours:g})")
+            action, why = "keep", (f"incomplete, {rank} of the {keep_runs} newest incomplete runs, written after the "
+                                   "newest completed run: resumable")
         out.append(Decision(kind="run", name=r.run_id, where=r.uri, bytes=r.bytes, action=action, reason=why,
                             complete=False))
     return out
@@ -221,3 +231,20 @@ def tidy_up(output: OutputConfig, run_id: str, in_use: list[str], started: float
                       report.freed_bytes / 1e6, len(deleted), output.keep_runs, output.cache_max_gb)
     publish_markdown("smolflow-retention", report.table(), description="Disk retention")
     return report
+
+
+def tidy_after_failure(flow, flow_run, state) -> None:
+    """Flow hook on failure: retention as after a completed run (the run's own folder, work dir and
+    what it used stay: all written since it started), so nights that keep failing stay bounded."""
+    from tasks.config import RunConfig
+
+    try:
+        output = RunConfig.model_validate(flow_run.parameters.get("config") or {}).output
+        since = flow_run.start_time.timestamp() if flow_run.start_time else time.time()
+        report = gc(output.artifacts_uri, keep_runs=output.keep_runs, keep_incomplete_hours=output.keep_incomplete_hours,
+                    cache_max_gb=output.cache_max_gb, since=since)
+    except Exception as err:  # a hook never hides the run's own failure
+        run_logger().warning("Retention after the failed run did not run: %s: %s", type(err).__name__, err)
+        return
+    deleted = [d for d in report.decisions if d.action == "delete"]
+    run_logger().info("Retention after the failed run: freed %.1f MB (%d deleted)", report.freed_bytes / 1e6, len(deleted))

@@ -44,10 +44,11 @@ def test_retention_keeps_the_newest_and_every_pointer_and_recent_incomplete_runs
     assert {n for n, d in plan.items() if d.action == "delete"} == {"r2", "r3"}
     assert "pointer smolflow-finetune/promoted" in plan["r1"].reason
     assert "may still be running" in plan["r0-crashed"].reason  # written minutes ago: kept
-    assert "written after the newest completed run" in plan["r9-running"].reason
+    assert "may still be running" in plan["r9-running"].reason
     # A day later the crashed run goes; the one written after the newest completed run stays.
-    later = {d.name: d.action for d in plan_runs(root, 2, 24, now=time.time() + 25 * 3600)}
-    assert later["r0-crashed"] == "delete" and later["r9-running"] == "keep"
+    later = {d.name: d for d in plan_runs(root, 2, 24, now=time.time() + 25 * 3600)}
+    assert later["r0-crashed"].action == "delete" and later["r9-running"].action == "keep"
+    assert "written after the newest completed run: resumable" in later["r9-running"].reason
 
     freed = apply_runs(list(plan.values()))
     assert freed == plan["r2"].bytes + plan["r3"].bytes > 0
@@ -58,6 +59,25 @@ def test_retention_keeps_the_newest_and_every_pointer_and_recent_incomplete_runs
     assert {r.run_id for r in scan_runs(root)} == {"r0-crashed", "r1", "r4", "r5", "r9-running"}
     assert store.exists("runs/r0-crashed/config.json") and store.exists("runs/r9-running/config.json")
     assert read_pointer(root, FLOW, "promoted")["run_id"] == "r1" and store.exists("runs/r1/model/model.safetensors")
+
+
+def test_nights_that_keep_failing_keep_only_keep_runs_incomplete_folders(tmp_path):
+    """No run completes for a week (bad data, a dead endpoint): retention, which also runs after a
+    failed run, keeps the newest keep_runs failed folders, not one more a night."""
+    root = str(tmp_path / "artifacts")
+    done = _run(root, "n0-done")
+    for path in Path(done.uri).rglob("*"):  # the last run that completed, a week ago
+        os.utime(path, (time.time() - 8 * 24 * 3600,) * 2)
+    for night in range(1, 6):
+        run = _run(root, f"n{night}-failed", complete=False)
+        for path in Path(run.uri).rglob("*"):  # written a night apart, the newest a day ago
+            os.utime(path, (time.time() - (7 - night) * 24 * 3600,) * 2)
+    plan = {d.name: d for d in plan_runs(root, keep_runs=2, keep_incomplete_hours=12)}
+    assert {n for n, d in plan.items() if d.action == "delete"} == {"n1-failed", "n2-failed", "n3-failed"}
+    assert "number 3 from the newest incomplete: beyond output.keep_runs=2" in plan["n3-failed"].reason
+    assert plan["n5-failed"].action == plan["n4-failed"].action == plan["n0-done"].action == "keep"
+    # Within keep_incomplete_hours a folder may belong to a run still at work: never deleted.
+    assert all(d.action == "keep" for d in plan_runs(root, keep_runs=2, keep_incomplete_hours=200))
 
 
 def _entry(path: Path, size: int, when: float) -> Path:

@@ -29,3 +29,28 @@ def test_completed_flow_run_removes_its_work_dir_and_old_runs(tiny_model_dir, tm
     assert completed_runs(root) == ["retention-flow"]  # keep_runs=1: the older completed run went
     assert not old.exists("manifest.json")
     verify_run(run.uri)  # nothing the manifest lists was touched by the clean-up
+
+
+def test_a_failed_flow_run_applies_retention_too(tiny_model_dir, tmp_path):
+    """Nights that keep failing must not each leave a folder for good: retention runs after a failed
+    run as after a completed one (the flow's on_failure hook)."""
+    import os
+    import time
+    from pathlib import Path
+
+    from prefect.states import State
+
+    root = str(tmp_path / "artifacts")
+    for night in (1, 2, 3):  # three failed nights, two days ago and before
+        run = ArtifactStore(root).child("runs", f"failed-{night}")
+        run.write_json("config.json", {})
+        run.write_json("status.json", {"state": "failed"})
+        for path in Path(run.uri).rglob("*"):
+            os.utime(path, (time.time() - (5 - night) * 24 * 3600,) * 2)
+    config = tiny_run_config(tiny_model_dir, root, output={"keep_runs": 1, "keep_incomplete_hours": 1},
+                             data={"dataset": str(tmp_path / "no-such-data.jsonl")})
+
+    state: State = finetune(config=config, return_state=True)
+
+    assert state.is_failed()
+    assert sorted(p.name for p in (tmp_path / "artifacts" / "runs").iterdir()) == ["failed-3"]
