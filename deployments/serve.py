@@ -27,6 +27,7 @@ from deployments.alerts import BLOCK_ENV, ensure_alerts
 from deployments.local import descendants
 from flows.arena import arena
 from flows.finetune import finetune
+from tasks.runtime import RUN_TIMEOUT_ENV, run_timeout
 
 
 def deployments():
@@ -77,8 +78,21 @@ def end_with_supervisor(grace_s: float = 20) -> None:
     threading.Thread(target=watch, name="end-with-supervisor", daemon=True).start()
 
 
+def default_run_timeout(hours: str = "23") -> None:
+    """A served run that hangs (a stuck endpoint, a deadlocked worker) would hold its deployment's one
+    slot for good, and every later nightly would wait behind it with no alert: unless told otherwise
+    (SMOLFLOW_RUN_TIMEOUT_HOURS, 0 for no limit), served runs end TimedOut after 23 hours, before the
+    next nightly is due. The flow runs read it when they import their flow (tasks/runtime.py)."""
+    os.environ.setdefault(RUN_TIMEOUT_ENV, hours)
+    run_timeout()  # a bad value: one line now, not a traceback in every flow run
+
+
 if __name__ == "__main__":
     end_with_supervisor()
+    try:
+        default_run_timeout()
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     if os.environ.get(BLOCK_ENV):  # alerts through the user's notification block (deployments/alerts.py)
         try:
             ensure_alerts()

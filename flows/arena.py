@@ -28,10 +28,10 @@ from tasks.arena_tasks import (
 )
 from tasks.caching import results_storage
 from tasks.models import resolve_model
-from tasks.runtime import set_torch_threads
+from tasks.runtime import run_timeout, set_torch_threads
 
 
-@flow(name="smolflow-arena", result_storage=results_storage())
+@flow(name="smolflow-arena", result_storage=results_storage(), timeout_seconds=run_timeout())
 def arena(config: ArenaConfig = ArenaConfig()) -> dict:
     """Models -> answers -> battles (most informative first) -> judge + people's votes -> ratings -> leaderboard."""
     set_torch_threads(config.torch_threads)

@@ -28,7 +28,7 @@ from tasks.models import ModelRef, resolve_model
 from tasks.reporting import write_report
 from tasks.retention import tidy_after_failure, tidy_up
 from tasks.runs import model_of_run, status_recorded
-from tasks.runtime import cache_dir, code_version, flow_run_link, run_logger, set_torch_threads
+from tasks.runtime import cache_dir, code_version, flow_run_link, run_logger, run_timeout, set_torch_threads
 from tasks.storage import ArtifactStore, set_latest, write_manifest
 from tasks.tracking import finish_eval_wandb, start_wandb, wandb_link
 
@@ -53,6 +53,7 @@ def check_eval_settings(config: RunConfig) -> None:
 
 # unpublish: the run's device/precision/task-runner settings end with it (tasks/device.py).
 @flow(name="smolflow-evaluate", result_storage=results_storage(),  # under the cache bound: tasks/caching.py
+      timeout_seconds=run_timeout(),  # SMOLFLOW_RUN_TIMEOUT_HOURS: a hung run ends, its slot frees
       on_completion=[unpublish], on_failure=[unpublish, tidy_after_failure], on_crashed=[unpublish],
       on_cancellation=[unpublish])
 def evaluate(config: RunConfig = RunConfig()) -> dict:

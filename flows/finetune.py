@@ -31,7 +31,7 @@ from tasks.special_tokens import control_tokens
 from tasks.reporting import write_report
 from tasks.retention import tidy_after_failure, tidy_up
 from tasks.runs import status_recorded
-from tasks.runtime import cache_dir, code_version, flow_run_link, set_torch_threads
+from tasks.runtime import cache_dir, code_version, flow_run_link, run_timeout, set_torch_threads
 from tasks.storage import ArtifactStore, set_latest, write_manifest
 from tasks.templates import prepare_chat_template, write_template_preview
 from tasks.tokenization import tokenize_dataset, write_token_stats
@@ -42,6 +42,7 @@ from tasks.transfer import model_exists
 
 # unpublish: the run's device/precision settings end with it (tasks/device.py).
 @flow(name="smolflow-finetune", result_storage=results_storage(),  # under the cache bound: tasks/caching.py
+      timeout_seconds=run_timeout(),  # SMOLFLOW_RUN_TIMEOUT_HOURS: a hung run ends, its slot frees
       on_completion=[unpublish], on_failure=[unpublish, tidy_after_failure], on_crashed=[unpublish],
       on_cancellation=[unpublish])
 def finetune(config: RunConfig = RunConfig()) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 from tasks.config import RunConfig
 from tasks.config_base import ConfigError
 from tasks.reachable import check_hub_reachable, check_ray_address, check_store, data_here
+from tasks.runtime import run_timeout
 
 
 @dataclass
@@ -305,6 +306,7 @@ def validate_everything(config: RunConfig) -> tuple[list[str], dict[str, str]]:
     attempt("artifacts", check_store, config.output.artifacts_uri)
     attempt("judge", check_endpoint, config.judge)
     attempt("ray", check_ray_address, config.execution)
+    attempt("environment", run_timeout)  # SMOLFLOW_RUN_TIMEOUT_HOURS, read when a flow is imported
     attempt("model", check_model, config.model)
     attempt("hub", check_hub_reachable, config)
     attempt("data", load_chat_dataset.fn, config.data)  # every row checked; no model involved

@@ -6,6 +6,7 @@ stopped (why, when) > anything else (incomplete: running, or killed before it co
 
 from __future__ import annotations
 
+import os
 import signal
 import traceback
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from typing import Any
 
 from tasks.compare import compare
 from tasks.layout import POINTERS, RUNS, RunPaths
+from tasks.runtime import RUN_TIMEOUT_ENV
 from tasks.storage import ArtifactStore
 
 
@@ -24,6 +26,10 @@ def write_status(run: ArtifactStore, state: str, why: str | None = None, **extra
 
 def failure_reason(err: BaseException) -> str:
     """One line for a status file: the error's own message, not a traceback."""
+    if type(err).__name__ == "CancelledError" and type(err).__module__.startswith("prefect."):
+        # What the flow's own code sees when Prefect's flow timeout fires (tasks/runtime.py run_timeout).
+        hours = os.environ.get(RUN_TIMEOUT_ENV, "")
+        return f"timed out: the run took longer than {RUN_TIMEOUT_ENV}={hours} h" if hours else "cancelled by Prefect"
     message = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"{type(err).__name__}: {message}" if message else "".join(traceback.format_exception_only(err)).strip()
 

@@ -23,6 +23,26 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+RUN_TIMEOUT_ENV = "SMOLFLOW_RUN_TIMEOUT_HOURS"
+
+
+def run_timeout() -> float | None:
+    """SMOLFLOW_RUN_TIMEOUT_HOURS in seconds (unset, empty, 0 or 'none': no limit), read when a flow
+    is imported: a flow run that takes longer ends TimedOut, so a hung nightly frees its
+    deployment's one slot for the next night and the failed-run alert fires (`smolflow serve`
+    sets 23 unless told otherwise)."""
+    value = os.environ.get(RUN_TIMEOUT_ENV, "").strip().lower()
+    if value in ("", "0", "none"):
+        return None
+    try:
+        hours = float(value)
+    except ValueError:
+        raise ValueError(f"{RUN_TIMEOUT_ENV}={value!r} is not a number of hours; set e.g. 23, or 0 for no limit") from None
+    if hours < 0:
+        raise ValueError(f"{RUN_TIMEOUT_ENV}={value!r}: hours must be positive (0: no limit)")
+    return hours * 3600
+
+
 def hub_offline() -> bool:
     """True when the Hugging Face hub must not be contacted (HF_HUB_OFFLINE=1)."""
     from huggingface_hub import constants

@@ -1,13 +1,23 @@
 """status.json of a run that ends early: 'failed' with the error, or 'stopped' when someone stopped
-it on purpose (Ctrl-C, a cancel in Prefect, which arrives as SIGTERM); `smolflow runs` shows which."""
+it on purpose (Ctrl-C, a cancel in Prefect, which arrives as SIGTERM); `smolflow runs` shows which.
+And SMOLFLOW_RUN_TIMEOUT_HOURS, which ends a run that hangs."""
 
+import json
+import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import yaml
 from prefect.exceptions import TerminationSignal
 
 from tasks.runs import list_runs, status_recorded
 from tasks.storage import ArtifactStore
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_run_stopped_on_purpose_says_stopped_and_a_failed_one_says_why(tmp_path):
@@ -23,3 +33,50 @@ def test_a_run_stopped_on_purpose_says_stopped_and_a_failed_one_says_why(tmp_pat
     assert rows["cancelled"]["status"] == "stopped"
     assert rows["cancelled"]["why"].startswith("stopped by SIGTERM: cancelled in Prefect")
     assert (rows["broken"]["status"], rows["broken"]["why"]) == ("failed", "ValueError: no such column 'messages'")
+
+
+def test_run_timeout_reads_hours_and_refuses_nonsense(monkeypatch):
+    from tasks.runtime import RUN_TIMEOUT_ENV, run_timeout
+
+    for value, seconds in (("", None), ("0", None), ("none", None), ("23", 23 * 3600), ("0.5", 1800)):
+        monkeypatch.setenv(RUN_TIMEOUT_ENV, value)
+        assert run_timeout() == seconds
+    for bad in ("abc", "-1"):
+        monkeypatch.setenv(RUN_TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=RUN_TIMEOUT_ENV):
+            run_timeout()
+
+
+def test_served_runs_get_a_timeout_unless_told_otherwise(monkeypatch):
+    from deployments.serve import default_run_timeout
+    from tasks.runtime import RUN_TIMEOUT_ENV
+
+    monkeypatch.delenv(RUN_TIMEOUT_ENV, raising=False)
+    default_run_timeout()
+    assert os.environ[RUN_TIMEOUT_ENV] == "23"
+    monkeypatch.setenv(RUN_TIMEOUT_ENV, "0")  # the operator's choice stays
+    default_run_timeout()
+    assert os.environ[RUN_TIMEOUT_ENV] == "0"
+
+
+@pytest.mark.slow
+def test_a_run_over_its_time_ends_timed_out_and_says_so(tiny_model_dir, tmp_path):
+    """A hung nightly would hold its deployment's slot for good: past SMOLFLOW_RUN_TIMEOUT_HOURS the
+    flow run ends (TimedOut, which the failed-run alert covers) and its folder says why."""
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.conftest import tiny_run_config
+
+    config = tiny_run_config(tiny_model_dir, str(tmp_path / "artifacts"), output={"run_id": "too-long"},
+                             judge={"enabled": False}, training={"max_steps": 100000, "eval_steps": 200000,
+                                                                 "save_steps": 200000})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    env = os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT),
+                        "SMOLFLOW_RUN_TIMEOUT_HOURS": "0.003"}  # 10.8 s
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(tmp_path / "run.yaml")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1 and time.monotonic() - started < 300, out.stderr[-3000:]
+    assert "FlowRunTimeoutError" in out.stderr  # the CLI's one error line
+    status = json.loads((tmp_path / "artifacts/runs/too-long/status.json").read_text())
+    assert status == status | {"state": "failed", "why": "timed out: the run took longer than SMOLFLOW_RUN_TIMEOUT_HOURS=0.003 h"}
