@@ -91,7 +91,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         summary = write_report(run.uri, config.model_dump(mode="json"), root, {
             "W&B run": wandb_link(wb, run.uri), "Prefect flow run": flow_run_link(), "code": code_version()})
         finish_wandb(wb, run, trained, before, after, scores, health, decision.promote, cache_dir("work", run_id),
-                     judgement, decision=decision, log_model=config.wandb.log_model)
+                     judgement, decision=decision, log_model=config.wandb.log_model, reused_from=reused_from)
         write_manifest(
             run.uri,
             {

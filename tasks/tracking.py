@@ -303,7 +303,7 @@ def log_model_artifact(wb_run, model: str, promoted: bool) -> None:
 
 
 def finish_wandb(wb_run, run, trained, before, after, scores: dict, health, promoted: bool, local_dir: Path,
-                 judge=None, decision=None, log_model: bool = False) -> None:
+                 judge=None, decision=None, log_model: bool = False, reused_from: str | None = None) -> None:
     """Log tables, the run folder's files, the gate and the summary (and the model if asked), tag a
     promoted run, close it, and keep its files in the run folder."""
     if wb_run is None:
@@ -311,6 +311,10 @@ def finish_wandb(wb_run, run, trained, before, after, scores: dict, health, prom
     summary = {"eval_loss": trained.metrics["eval_loss"], "run_uri": run.uri} | gate_summary(decision, promoted)
     with staging_inside(wb_run):
         earlier = fold_in_earlier_attempts(wb_run, trained.log_history)  # before the tables: steps in order
+        # A cached training (same model, data, settings) trains nothing here: its curve is the run's
+        # that trained it, logged again and said so, so every nightly in W&B has its loss curve.
+        if reused_from and replay_history(wb_run, trained.log_history):
+            summary["training/reused_from"] = reused_from
         log_results(wb_run, before, after, scores, summary, health, judge)
         log_run_files(wb_run, run)
         if log_model:

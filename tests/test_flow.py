@@ -221,6 +221,9 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     assert states["custom"] == {"Completed"}, states
     second = again.result()
     assert second["run"] != run_uri
+    # Its W&B run has the loss curve of the run that trained the model, and says whose it is.
+    reused = wandb_summary(Path(second["run"]))["summary"]
+    assert reused["train/loss"] == last_loss and reused["training/reused_from"] == run_uri + "/model"
     assert second["model"] == second["run"] + "/model"  # the reused model, copied into this run
     check_run_folder(second["run"])
     trend = ArtifactStore(second["run"]).fs.cat(str(Path(second["run"], "report/report.md"))).decode()
