@@ -162,7 +162,7 @@ def publish_leaderboard(root: str, human_votes: bool, rounds: int, seed: int) ->
 
 def log_wandb(cfg: ArenaConfig, board: dict[str, Any], run_id: str, store: ArtifactStore) -> str | None:
     """The leaderboard as a W&B table (offline files by default), kept under arena/wandb/."""
-    from tasks.tracking import staging_inside, wandb_mode
+    from tasks.tracking import finish_run, staging_inside, wandb_mode
 
     mode = wandb_mode(cfg.wandb)
     if mode == "disabled":
@@ -181,10 +181,7 @@ def log_wandb(cfg: ArenaConfig, board: dict[str, Any], run_id: str, store: Artif
     wb.summary.update({f"arena/rating/{r['name']}": r["rating"] for r in board["rows"]}
                       | {"arena/judge_battles": board["judge_battles"], "arena/human_votes": board["human_votes"],
                          "arena/verdict": board["verdict"]})
-    wb.finish()
-    # finish() can return a moment before W&B's service has closed the run file (seen here under
-    # load: a copy taken right away lacked the summary); teardown waits for the service to exit.
-    wandb.teardown()
+    finish_run(wb, [])  # closed for good before its files are copied
     uploaded = store.upload_dir(Path(local) / "wandb", f"wandb/{run_id}")
     shutil.rmtree(local, ignore_errors=True)  # uploaded: nothing reads the local copy again
     keep_newest_wandb(store)

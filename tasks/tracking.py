@@ -160,10 +160,16 @@ def fold_in_earlier_attempts(wb_run, log_history: list[dict]) -> list[Path]:
 
 def finish_run(wb_run, earlier: list[Path]) -> None:
     """Close the W&B run, then remove the earlier attempts' folders it now holds."""
+    import wandb
+
     wb_run.finish()
-    # Only now: finish() returns once the transaction log is written and closed. A crash before this
-    # leaves the earlier folders in place, and the next attempt folds them in again (the curve from
-    # its checkpoint, their files), so two or more earlier folders are handled the same way.
+    # finish() can return a moment before W&B's service has closed the run file: under load a copy
+    # taken right away lacked the summary (the arena saw it, then a CI run's eval). teardown waits
+    # for the service to exit; the next run in this process starts a new one.
+    wandb.teardown()
+    # Only now: the transaction log is written and closed. A crash before this leaves the earlier
+    # folders in place, and the next attempt folds them in again (the curve from its checkpoint,
+    # their files), so two or more earlier folders are handled the same way.
     for folder in earlier:
         shutil.rmtree(folder, ignore_errors=True)
 
