@@ -13,13 +13,19 @@ Rules (docs/operations.md, "Disk"):
   end of every completed run and after a failed one (`tidy_after_failure`).
 - A run is deleted manifest first: readers (completed_runs, pointers) ignore a run without one, so
   a half-deleted run never looks complete.
+- W&B's service (wandb-core) writes two debug logs per W&B run (`core-debug-*.log`,
+  `symon-debug-*.log`) into a folder of its own choosing and never deletes one: those older than
+  `WANDB_LOG_DAYS` go too (`plan_wandb_logs`).
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
+import re
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal
 
 from prefect import task
@@ -31,6 +37,7 @@ from tasks.config import OutputConfig
 from tasks.prefect_markdown import publish_markdown
 from tasks.runtime import retry_transient, run_logger
 from tasks.storage import ArtifactStore
+
 
 def _when(info: dict[str, Any]) -> float:
     """Modification time (epoch seconds) from an fsspec info dict: local `mtime`, S3 `LastModified`."""
@@ -153,6 +160,45 @@ def apply_runs(decisions: list[Decision], dry_run: bool = False) -> int:
     return freed
 
 
+WANDB_LOG_DAYS = 14.0
+_WANDB_LOG = re.compile(r"(core|symon)-debug-\d{8}_\d{6}\.log$")
+
+
+def wandb_logs_dir() -> Path:
+    """The folder wandb-core (0.31) writes its debug logs to: $WANDB_CACHE_DIR/wandb/logs, else
+    $XDG_CACHE_HOME/wandb/logs, else ~/.cache/wandb/logs (tests/test_retention.py checks a real run's)."""
+    base = os.environ.get("WANDB_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "wandb" / "logs"
+
+
+def plan_wandb_logs(keep_days: float = WANDB_LOG_DAYS, now: float | None = None) -> list[Decision]:
+    """wandb-core's debug logs (two a W&B run, a few KB, kept forever by W&B) older than keep_days:
+    delete; newer ones (a run's problem is looked at within days) and every other file there: keep."""
+    now, folder = time.time() if now is None else now, wandb_logs_dir()
+    out = []
+    for f in sorted(folder.glob("*-debug-*.log")) if folder.is_dir() else []:
+        if not _WANDB_LOG.match(f.name) or not f.is_file():
+            continue
+        st = f.stat()
+        old = now - st.st_mtime > keep_days * 24 * HOUR
+        why = (f"W&B service debug log older than {keep_days:g} days" if old
+               else f"W&B service debug log, written within {keep_days:g} days")
+        out.append(Decision(kind="log", name=f.name, where=str(f), bytes=st.st_size, action="delete" if old else "keep",
+                            reason=why))
+    return out
+
+
+def apply_logs(decisions: list[Decision], dry_run: bool = False) -> int:
+    """Delete the logs marked delete (unless dry_run); returns the bytes freed (or to be freed)."""
+    freed = 0
+    for d in decisions:
+        if d.kind == "log" and d.action == "delete":
+            if not dry_run:
+                Path(d.where).unlink(missing_ok=True)
+            freed += d.bytes
+    return freed
+
+
 # ---- gc: runs + cache in one report; the end-of-run step -------------------------------------
 
 
@@ -166,19 +212,22 @@ class GcReport(BaseModel):
     freed_bytes: int
 
     def table(self) -> str:
-        """Each run folder, work dir and deleted entry on its own row; other kept cache entries one row
-        per folder and reason (a month of nightlies keeps thousands of small results and verdicts)."""
+        """Each run folder, work dir and deleted cache entry on its own row; other kept cache entries
+        one row per folder and reason (a month of nightlies keeps thousands of small results and
+        verdicts); W&B's debug logs one row per action."""
         verb = "would free" if self.dry_run else "freed"
-        rows, kept = [], {}
-        for d in sorted(self.decisions, key=lambda d: (d.action != "delete", d.kind, d.name)):
-            if d.kind == "cache" and d.action == "keep" and not d.name.startswith("work/"):
-                group = kept.setdefault((d.name.split("/")[0], d.reason), [0, 0])
+        rows, grouped = [], {}
+        for d in self.decisions:
+            if d.kind == "log" or (d.kind == "cache" and d.action == "keep" and not d.name.startswith("work/")):
+                folder = str(Path(d.where).parent) if d.kind == "log" else d.name.split("/")[0]
+                group = grouped.setdefault((d.action, d.kind, folder, d.reason), [0, 0])
                 group[0], group[1] = group[0] + 1, group[1] + d.bytes
             else:
-                rows.append(f"| {d.action} | {d.kind} | {d.name} | {d.bytes / 1e6:.1f} | {d.reason} |\n")
-        rows += [f"| keep | cache | {folder}/ ({n} {'entry' if n == 1 else 'entries'}) | {size / 1e6:.1f} | {why} |\n"
-                 for (folder, why), (n, size) in kept.items()]
-        rows = "".join(rows)
+                rows.append((d.action != "delete", d.kind, d.name, d.bytes, d.reason))
+        rows += [(action != "delete", kind, f"{folder}/ ({n} {'entry' if n == 1 else 'entries'})", size, why)
+                 for (action, kind, folder, why), (n, size) in grouped.items()]
+        rows = "".join(f"| {'keep' if kept else 'delete'} | {kind} | {name} | {size / 1e6:.1f} | {why} |\n"
+                       for kept, kind, name, size, why in sorted(rows))
         return (f"gc of {self.root} and cache {self.cache}: {verb} {self.freed_bytes / 1e6:.1f} MB"
                 f"{' (dry run: nothing deleted)' if self.dry_run else ''}\n\n"
                 f"| action | kind | name | MB | why |\n|---|---|---|---|---|\n{rows}")
@@ -208,8 +257,10 @@ def gc(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incomplete_ho
     freed += apply_cache(work, dry_run)
     cache = plan_cache(max_gb, list(in_use), since, keep_incomplete_hours, skip={d.where for d in work})
     freed += apply_cache(cache, dry_run)
+    logs = plan_wandb_logs()
+    freed += apply_logs(logs, dry_run)
     return GcReport(root=ArtifactStore(root).uri, cache=str(cache_root()), dry_run=dry_run,
-                    decisions=runs + work + cache, freed_bytes=freed)
+                    decisions=runs + work + cache + logs, freed_bytes=freed)
 
 
 def gc_command(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incomplete_hours: float = 24.0) -> int:

@@ -28,6 +28,9 @@ os.environ.update(
     # A `smolflow serve` left running on this machine must not receive the tests' runs (flows/cli.py
     # joins a server it finds there); tests that want a server give PREFECT_API_URL.
     SMOLFLOW_LOCAL_SERVER="http://127.0.0.1:9/api",
+    # W&B's service writes two debug logs per run into its cache folder (~/.cache/wandb/logs):
+    # the tests' ~1,000 W&B runs a session put theirs here.
+    WANDB_CACHE_DIR=os.path.join(_HOME, "wandb-cache"),
 )
 os.makedirs(os.path.join(_HOME, "cache"))
 # Every temporary file of the tests and their subprocesses under _HOME, so it goes with it: wandb

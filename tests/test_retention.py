@@ -2,6 +2,8 @@
 gc's dry run, and no needless model copy between run folders."""
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 
 from tasks.cache_limit import plan_cache, usage
 from tasks.models import fingerprint_dir, resolve_model
-from tasks.retention import apply_runs, gc, plan_runs, scan_runs
+from tasks.retention import WANDB_LOG_DAYS, apply_runs, gc, plan_runs, scan_runs, wandb_logs_dir
 from tasks.storage import ArtifactStore, completed_runs, read_pointer, set_pointer, write_manifest
 from tasks.training import publish_model
 from tasks.transfer import place_dir
@@ -165,6 +167,39 @@ def test_gc_dry_run_lists_but_deletes_nothing_then_gc_frees(tmp_path, monkeypatc
     assert {(d.kind, d.name) for d in done.decisions if d.action == "delete"} == deleted
     assert sorted(completed_runs(root)) == ["r3", "r4"]
     assert not (cache / "work" / "r1").exists() and not (cache / "tokenized" / "stale").exists()
+
+
+@pytest.mark.parametrize("variable", ["WANDB_CACHE_DIR", "XDG_CACHE_HOME"])
+def test_old_wandb_service_logs_go_and_recent_ones_stay(variable, tmp_path, monkeypatch):
+    """wandb-core writes debug logs (core-debug-*, symon-debug-*) for every W&B run into a folder
+    it picks and never deletes them: gc finds that folder as wandb-core does and drops those older
+    than WANDB_LOG_DAYS, nothing else there."""
+    monkeypatch.delenv("WANDB_CACHE_DIR", raising=False)
+    monkeypatch.setenv(variable, str(tmp_path / "wbcache"))
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(tmp_path / "cache"))
+    run = ("import wandb; r = wandb.init(project='p', mode='offline', dir=%r); r.log({'a': 1}); r.finish()"
+           % str(tmp_path))
+    subprocess.run([sys.executable, "-c", run], check=True, env=os.environ, timeout=120)
+    logs = wandb_logs_dir()
+    written = sorted(p.name for p in logs.glob("core-debug-*.log"))
+    assert len(written) == 1, f"a real W&B run's service log is not where gc looks ({logs})"
+
+    now = time.time()
+    old = {"core-debug-20260101_000000.log": WANDB_LOG_DAYS + 1, "symon-debug-20260101_000001.log": WANDB_LOG_DAYS + 30}
+    for name, age_days in [*old.items(), ("core-debug-20261201_000000.log", WANDB_LOG_DAYS - 1),
+                           ("notes.log", 400), ("core-debug-keep.log", 400)]:
+        (logs / name).write_text("x" * 1000)
+        os.utime(logs / name, (now - age_days * 86400,) * 2)
+
+    assert gc(str(tmp_path / "artifacts"), dry_run=True).freed_bytes == 2000
+    assert set(old) <= {p.name for p in logs.iterdir()}  # a dry run deletes nothing
+    report = gc(str(tmp_path / "artifacts"))
+    assert sorted(d.name for d in report.decisions if d.action == "delete") == sorted(old)
+    assert not any((logs / name).exists() for name in old)
+    assert {"core-debug-20261201_000000.log", "notes.log", "core-debug-keep.log", *written} <= {
+        p.name for p in logs.iterdir()}
+    table = report.table()
+    assert f"| delete | log | {logs}/ (2 entries) | 0.0 | W&B service debug log older than 14 days |" in table
 
 
 def test_publishing_a_cached_model_links_it_and_survives_its_first_run_being_deleted(tiny_model_dir, tmp_path):
