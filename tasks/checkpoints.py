@@ -99,3 +99,22 @@ def checkpoint_uploader(run: ArtifactStore, key: str, keep: int = 2):
             run_logger().info("Checkpoint %s saved to %s", name, remote.url(name))
 
     return UploadCheckpoints()
+
+
+class AlreadyAtMaxSteps(Exception):
+    """Raised by `stop_at_max_steps` before a step that max_steps does not allow."""
+
+
+def stop_at_max_steps():
+    """A TrainerCallback that ends training before a step past max_steps. transformers' Trainer
+    resumed from a checkpoint saved at max_steps (a run stopped after its last save, or a retry after
+    a failed upload) skips the batches already seen, then trains the epoch's next one before it
+    checks max_steps: one step too many, at a learning rate the schedule never meant to reach."""
+    from transformers import TrainerCallback
+
+    class StopAtMaxSteps(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.max_steps > 0 and state.global_step >= state.max_steps:
+                raise AlreadyAtMaxSteps(state.global_step)
+
+    return StopAtMaxSteps()

@@ -20,7 +20,8 @@ from prefect import task
 from prefect.cache_policies import TASK_SOURCE
 from pydantic import BaseModel
 
-from tasks.checkpoints import checkpoint_uploader, find_checkpoint, remove_checkpoints, resume_key, step_of
+from tasks.checkpoints import (AlreadyAtMaxSteps, checkpoint_uploader, find_checkpoint, remove_checkpoints, resume_key,
+                               step_of, stop_at_max_steps)
 from tasks.config import TrainingConfig
 from tasks.device import Placement, resolve
 from tasks.leftovers import die_with_parent, temp_dir
@@ -270,7 +271,7 @@ def fit(spec: FitSpec) -> dict:
     args = sft_config(cfg, str(work / "checkpoints"), spec.report_to, spec.placement)
     attention = model.config._attn_implementation
     levers = train_levers.apply(model, args.padding_free, "cpu" if args.use_cpu else spec.placement.device, args.bf16)
-    callbacks = [checkpoint_uploader(run, spec.key), training_progress()]
+    callbacks = [checkpoint_uploader(run, spec.key), training_progress(), stop_at_max_steps()]
     if trim := train_levers.trim_callback(levers["freed_memory_kept"]):
         callbacks.append(trim)
     if "wandb" in spec.report_to:  # a resumed training's W&B run gets the steps before the checkpoint too
@@ -295,7 +296,10 @@ def fit(spec: FitSpec) -> dict:
     trainer.remove_callback(PrinterCallback)
     trainable = float(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))  # before a merge
     with train_levers.freed_memory_kept(levers["freed_memory_kept"]):
-        train_output = trainer.train(resume_from_checkpoint=spec.resume)
+        try:
+            train_output = trainer.train(resume_from_checkpoint=spec.resume)
+        except AlreadyAtMaxSteps:  # resumed from the last step's checkpoint: its weights are the result
+            train_output = nothing_left_to_train(trainer)
     last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
     if last_eval is not None and last_eval.get("step") == trainer.state.global_step:
         eval_metrics = last_eval  # the Trainer just evaluated at the final step: not a second time
@@ -307,7 +311,8 @@ def fit(spec: FitSpec) -> dict:
         save_final(trainer, tokenizer, work / "model")
     trainer.accelerator.wait_for_everyone()
     metrics = {
-        "train_loss": train_output.training_loss,
+        "train_loss": whole_run_train_loss(trainer.state.log_history, step_of(Path(spec.resume)) if spec.resume else 0,
+                                           train_output.training_loss, trainer.state.global_step),
         "eval_loss": eval_metrics["eval_loss"],
         "eval_perplexity": math.exp(min(eval_metrics["eval_loss"], 50)),
         "steps": float(trainer.state.global_step),
@@ -319,6 +324,30 @@ def fit(spec: FitSpec) -> dict:
         metrics["trainable_params"] = trainable
     return {"metrics": metrics, "log_history": trainer.state.log_history,
             "trainer_args": json.loads(trainer.args.to_json_string()) | {"smolflow_levers": levers}}
+
+
+def nothing_left_to_train(trainer):
+    """What trainer.train returns, for a resume whose checkpoint is already at max_steps (the
+    Trainer has loaded its weights and state): no step ran in this attempt."""
+    from transformers.trainer_utils import TrainOutput
+
+    return TrainOutput(trainer.state.global_step, float("nan"), {"train_runtime": 0.0, "train_samples_per_second": 0.0})
+
+
+def whole_run_train_loss(log_history: list[dict], resumed_from: int, loss_since: float, steps: int) -> float:
+    """The mean training loss over every step, also for a resumed run, whose Trainer averages only
+    the steps of its own attempt: the steps up to the resume from the losses logged there (each the
+    mean of its logging window), the rest from the Trainer."""
+    logged = sorted((h["step"], h["loss"]) for h in log_history if "loss" in h and h.get("step", 0) <= resumed_from)
+    if resumed_from <= 0 or not logged:
+        return loss_since
+    total, previous = 0.0, 0
+    for step, loss in logged:
+        total, previous = total + loss * (step - previous), step
+    before = total / previous
+    if steps <= resumed_from:
+        return before
+    return (before * resumed_from + loss_since * (steps - resumed_from)) / steps
 
 
 def train_or_reuse(base: ModelRef, tokens: TokenizedRef, cfg: TrainingConfig, run_uri: str,

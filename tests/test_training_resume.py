@@ -66,6 +66,9 @@ def test_sigkilled_training_resumes_from_the_newest_complete_checkpoint(tiny_ref
     # The Trainer restored its log history: one train-loss row per step, before and after the kill.
     steps = [h["step"] for h in result.log_history if "loss" in h]
     assert steps == list(range(1, cfg.max_steps + 1))
+    # The train loss is the mean over all steps, not over those after the resume only.
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    assert result.metrics["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-4)
     assert run.exists("model/model.safetensors")
     assert not run.exists("checkpoints"), "checkpoints are removed once the final model is saved"
 
@@ -98,3 +101,40 @@ def test_find_checkpoint_skips_unmarked_and_foreign_checkpoints(where, tiny_ref,
     local.mkdir(parents=True)
     (local / MARKER).write_text(json.dumps({"step": 5, "key": key}))
     assert find_checkpoint(work, run, key) == local
+
+
+def test_a_retry_after_the_last_checkpoint_trains_no_step_past_max_steps(tiny_ref, fixture_data, tmp_path, monkeypatch):
+    """Every step and its last checkpoint done, then the model's upload fails (a storage error,
+    retried by Prefect): the retry resumes at max_steps and must not train a step more. The
+    constant schedule makes an extra step change the weights."""
+    import tasks.training as training
+    from safetensors.torch import load_file
+
+    cfg = TrainingConfig(max_steps=6, save_steps=3, logging_steps=1, eval_steps=3, max_length=128,
+                         lr_scheduler_type="constant", warmup_ratio=0.0)
+    run = ArtifactStore(str(tmp_path / "artifacts" / "runs" / "retry-1"))
+    tokens = tokens_of(tiny_ref, fixture_data, cfg)
+    place_dir, failed = training.place_dir, []
+
+    def upload_fails_once(*args, **kwargs):
+        if not failed:
+            failed.append(True)
+            raise OSError("connection reset while uploading the model")
+        return place_dir(*args, **kwargs)
+
+    monkeypatch.setattr(training, "place_dir", upload_fails_once)
+    with pytest.raises(OSError, match="connection reset"):
+        train_sft.fn(tiny_ref, tokens, cfg, run.uri, [])
+    assert complete_steps(run) == [3, 6]
+    work = Path(os.environ["SMOLFLOW_CACHE"]) / "work" / "retry-1" / "checkpoints" / "checkpoint-6"
+    last = load_file(str(work / "model.safetensors"))
+
+    result = train_sft.fn(tiny_ref, tokens, cfg, run.uri, [])
+    assert result.metrics["resumed_from_step"] == 6
+    assert result.metrics["steps"] == 6
+    assert [h["step"] for h in result.log_history if "loss" in h] == list(range(1, 7))
+    assert [h["step"] for h in result.log_history if "eval_loss" in h] == [3, 6]
+    final = load_file(str(Path(result.model.path) / "model.safetensors"))
+    assert final.keys() == last.keys() and all(final[k].equal(last[k]) for k in last)
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    assert result.metrics["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
