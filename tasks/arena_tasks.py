@@ -49,9 +49,10 @@ def load_prompts(cfg: ArenaConfig) -> list[str]:
 
 @task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
 def gather_runs(cfg: ArenaConfig) -> tuple[list[ArenaModel], ModelRef | None]:
-    """The promoted run and the newest N completed runs as contestants, and the newest run's base model."""
-    manifests = sorted((read_run(cfg.artifacts_uri, run_id) for run_id in completed_runs(cfg.artifacts_uri)),
-                       key=lambda m: m.get("completed_at", ""))
+    """The promoted run and the newest N completed fine-tunes as contestants, and the newest one's base model."""
+    # `smolflow eval` runs share the root; they trained nothing and have no base model.
+    manifests = sorted((m for m in (read_run(cfg.artifacts_uri, run_id) for run_id in completed_runs(cfg.artifacts_uri))
+                        if m.get("kind") != "eval"), key=lambda m: m.get("completed_at", ""))
     chosen = manifests[-cfg.last_runs:] if cfg.last_runs else []
     pointer = read_pointer(cfg.artifacts_uri, cfg.flow_name, "promoted") if cfg.promoted else None
     promoted = next((m for m in manifests if pointer and m["run_id"] == pointer["run_id"]), None)

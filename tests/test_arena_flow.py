@@ -14,6 +14,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from flows.arena import arena
 from tasks.arena_config import ArenaConfig
 from tasks.arena_store import append_vote, arena_store, read_votes
+from tasks.arena_tasks import gather_runs
 from tasks.models import ModelRef, fingerprint_dir, resolve_model
 from tasks.runtime import cache_dir
 from tasks.storage import ArtifactStore, set_pointer, write_manifest
@@ -100,6 +101,20 @@ def test_arena_flow_end_to_end_with_votes_and_cache(tiny_model_dir, tiny_models,
     after = next(r["rating"] for r in again["rows"] if r["name"] == str(tiny_models[2]))
     assert store.read_json("leaderboard.json")["human_votes"] == 4 and after > before + 50
     assert _task_states(state.state_details.flow_run_id)["answer_prompts"] == {"Cached"}
+
+
+def test_eval_runs_in_the_root_are_not_contestants(tiny_model_dir, tiny_models, tmp_path):
+    """`smolflow eval` writes its runs into the same root (kind eval, no base model): the newest run
+    being one must not break the arena, nor make it a contestant."""
+    root = tmp_path / "artifacts"
+    base = resolve_model.fn(str(tiny_model_dir))
+    make_run(root, "r1", tiny_models[0], base, "2026-11-30T02:30:00+00:00")
+    evaluated = ArtifactStore(str(root)).child("runs", "eval-1")
+    write_manifest.fn(evaluated.uri, {"run_id": "eval-1", "kind": "eval", "completed_at": "2026-12-01T02:30:00+00:00",
+                                      "tuned_model": base.model_dump()})
+    contestants, newest_base = gather_runs.fn(ArenaConfig(artifacts_uri=str(root), last_runs=3))
+    assert [c.name for c in contestants] == ["run r1"]
+    assert newest_base == base
 
 
 def test_bad_prompt_file_is_named_before_any_model_loads(tmp_path):
