@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from tasks.leftovers import die_with_parent
+from tasks.runtime import run_timeout
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT_IN_USE = 2  # exit status when the port is taken
@@ -179,6 +180,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--startup-timeout", type=float, default=300,
                         help="seconds to wait for the server to answer (its first start sets up the database)")
     args = parser.parse_args(argv)
+    try:  # before the server starts: the deployments read it when they import the flows
+        run_timeout()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     # kill, systemd and docker send SIGTERM; a closed terminal SIGHUP: both stop like Ctrl-C.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _stop_on_signal)

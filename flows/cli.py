@@ -186,7 +186,8 @@ def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
     """A local Prefect server (UI) plus the process that runs the deployments, until Ctrl-C."""
     # exec, not import: deployments sit above flows, and signals then reach the server's parent directly.
-    os.execv(sys.executable, [sys.executable, "-m", "deployments.local", "--port", str(args.port)])
+    os.execv(sys.executable, [sys.executable, "-m", "deployments.local", "--port", str(args.port),
+                              "--startup-timeout", str(args.startup_timeout)])
 
 
 def cmd_alerts(args: argparse.Namespace, rest: list[str]) -> int:
@@ -278,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help=cmd_serve.__doc__)
     p.add_argument("--port", type=int, default=4200,
                    help="port of the Prefect server and UI (default %(default)s); a busy port exits 2")
+    p.add_argument("--startup-timeout", type=float, default=300,
+                   help="seconds to wait for the server to answer (default %(default)s; its first start sets up the database)")
     p.set_defaults(fn=cmd_serve)
     return parser
 

@@ -59,6 +59,25 @@ def test_served_runs_get_a_timeout_unless_told_otherwise(monkeypatch):
     assert os.environ[RUN_TIMEOUT_ENV] == "0"
 
 
+def test_serve_with_a_bad_timeout_says_so_in_one_line_before_starting_anything(tmp_path):
+    """`smolflow serve` checks SMOLFLOW_RUN_TIMEOUT_HOURS before its server starts (the flows read it
+    at import, where it was a traceback after the server was up)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"SMOLFLOW_RUN_TIMEOUT_HOURS": "abc", "PREFECT_HOME": str(tmp_path / "home")}
+    start = time.monotonic()
+    out = subprocess.run([str(Path(sys.executable).parent / "smolflow"), "serve", "--port", str(port),
+                          "--startup-timeout", "60"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: SMOLFLOW_RUN_TIMEOUT_HOURS='abc' is not a number of hours; set e.g. 23, or 0 for no limit"]
+    assert "Prefect UI" not in out.stdout and time.monotonic() - start < 30
+    assert not (tmp_path / "home").exists()  # no server, no database
+
+
 @pytest.mark.slow
 def test_a_run_over_its_time_ends_timed_out_and_says_so(tiny_model_dir, tmp_path):
     """A hung nightly would hold its deployment's slot for good: past SMOLFLOW_RUN_TIMEOUT_HOURS the
