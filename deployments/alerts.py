@@ -36,16 +36,17 @@ def save_webhook_block(url: str, name: str = DEFAULT_BLOCK) -> str:
     return f"custom-webhook/{name}"
 
 
-def _block_document_id(slug: str):
+def _block_document_id(slug: str, named_by: str = BLOCK_ENV):
+    """The saved block's id; `named_by` is where the slug came from (the variable, or --block)."""
     from prefect.blocks.core import Block
 
     if "/" not in slug:
-        raise ValueError(f"{BLOCK_ENV}={slug!r}: write it as '<block type slug>/<block name>', "
+        raise ValueError(f"{named_by}={slug!r}: write it as '<block type slug>/<block name>', "
                          f"e.g. custom-webhook/{DEFAULT_BLOCK}")
     try:
         return Block.load(slug)._block_document_id
     except ValueError as err:
-        raise ValueError(f"{BLOCK_ENV}={slug!r}: no such notification block on the Prefect server ({err}). "
+        raise ValueError(f"{named_by}={slug!r}: no such notification block on the Prefect server ({err}). "
                          "Create it in the UI (Blocks) or with: python -m deployments.alerts --webhook-url URL") from None
 
 
@@ -93,10 +94,11 @@ def ensure_alerts(block: str | None = None, nightly_tag: str = "nightly") -> lis
     """Create (or replace) the alert automations on the configured server; their ids."""
     from prefect.automations import Automation
 
+    named_by = "--block" if block else BLOCK_ENV
     block = block or os.environ.get(BLOCK_ENV)
     if not block:
         raise ValueError(f"no notification block: set {BLOCK_ENV}=<type>/<name> or pass --block/--webhook-url")
-    block_id = _block_document_id(block)
+    block_id = _block_document_id(block, named_by)
     ids = []
     for automation in automations(block_id, nightly_tag):
         while True:  # drop the earlier versions of this automation (none the first time)

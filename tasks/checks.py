@@ -185,7 +185,7 @@ def check_run(config: RunConfig) -> Checked:
 def resolve_autos(config: RunConfig) -> dict[str, str]:
     """What each `auto` means on this machine now (hub or offline): {setting: concrete value}."""
     from tasks.benchmarks import REGISTRY
-    from tasks.data import FIXTURE_PREFIX, HUB_DEFAULT
+    from tasks.data import FIXTURE_PREFIX, HUB_DEFAULT, hub_subset
     from tasks.models import BUILTIN, resolve_source
     from tasks.runtime import hub_offline
 
@@ -193,6 +193,9 @@ def resolve_autos(config: RunConfig) -> dict[str, str]:
     out = {"model": resolve_source(config.model)} if config.model == "auto" else {}
     if config.data.dataset == "auto":
         out["data.dataset"] = FIXTURE_PREFIX + "everyday-conversations" if offline else HUB_DEFAULT[0]
+    dataset = out.get("data.dataset", config.data.dataset)
+    if config.data.subset == "auto" and not dataset.startswith(FIXTURE_PREFIX) and not Path(dataset).expanduser().exists():
+        out["data.subset"] = str(hub_subset(config.data, dataset))
     for i, b in enumerate(config.benchmarks):
         if b.data == "auto":
             bench = REGISTRY[b.name]

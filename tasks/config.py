@@ -37,7 +37,9 @@ class DataConfig(Section):
         "file or a directory of them, or 'fixture:everyday-conversations'. "
         "'auto': the hub's smoltalk online, the shipped fixture offline.",
     )
-    subset: str | None = Field("everyday-conversations", description="Hub config name (smoltalk subset).")
+    subset: str | None = Field(
+        "auto", description="Hub config name. 'auto': everyday-conversations for HuggingFaceTB/smoltalk (the default "
+        "dataset, which needs one), none for any other dataset.")
     train_split: str = Field("train", description="Split to train on.")
     test_split: str = Field("test", description="Split for eval loss; must exist, unless test_size carves it.")
     test_size: int | float | None = Field(
@@ -398,6 +400,9 @@ class RunConfig(Section):
         names = [b.name for b in self.benchmarks]
         if len(names) != len(set(names)):
             raise ValueError(f"benchmarks: each benchmark may appear once, got {names}")
+        if not self.benchmarks and self.gate.enabled:
+            unused(self.gate, ("tolerance",), "gate.", "it is the drop allowed to a benchmark score, and benchmarks is "
+                   "empty (with none, only gate.allow_incomparable: true promotes)")
         if self.judge.max_new_tokens is None and self.judge.enabled:  # off: left unset (nothing judges)
             self.judge.max_new_tokens = self.sampling.max_new_tokens
         return self

@@ -115,12 +115,20 @@ def _source(cfg: DataConfig) -> tuple[str, Path | None]:
     return source, None
 
 
+def hub_subset(cfg: DataConfig, source: str) -> str | None:
+    """The hub config to load: data.subset, where 'auto' is smoltalk's everyday-conversations for
+    smoltalk and none for any other dataset (most have no configs, or a default one)."""
+    if cfg.subset != "auto":
+        return cfg.subset
+    return HUB_DEFAULT[1] if source == HUB_DEFAULT[0] else None
+
+
 def load_raw(cfg: DataConfig) -> tuple:
     """(the DatasetDict the config names, before any checks; {split: Origin} to name its rows)."""
     from datasets import DatasetDict, load_dataset
 
     source, local = _source(cfg)
-    if local is not None and cfg.subset not in (None, DataConfig.model_fields["subset"].default):
+    if local is not None and cfg.subset not in (None, "auto"):
         raise ValueError(f"data.subset={cfg.subset!r}: only hub datasets have subsets, and {source!r} is local "
                          "files; remove data.subset (or set it to null)")
     if local is not None:
@@ -132,11 +140,12 @@ def load_raw(cfg: DataConfig) -> tuple:
         except UnreadableError as err:
             raise BadRowsError(str(err)) from err
         return raw, {split: Origin(split, builder, files[split]) for split in files}
+    subset = hub_subset(cfg, source)
     try:
-        raw = load_dataset(source, cfg.subset)
+        raw = load_dataset(source, subset)
     except ConnectionError as err:
         raise RuntimeError(
-            f"data.dataset={source!r} (subset {cfg.subset!r}) is not cached locally and the hub is "
+            f"data.dataset={source!r} (subset {subset!r}) is not cached locally and the hub is "
             "unreachable or disabled (HF_HUB_OFFLINE). Point data.dataset at local files instead: a "
             ".jsonl/.parquet file or a directory with train.jsonl and test.jsonl in the `messages` "
             "schema, or use 'fixture:everyday-conversations'."

@@ -82,8 +82,9 @@ def decide(
         if c["regressed"]:
             reasons.append(f"{name} dropped {-c['delta']:.4f} (from {ref.score:.4f} to {new.score:.4f}), "
                            f"more than its tolerance {c['allowed_drop']:.4f}")
-    if tuned and not compared and not allow_incomparable:
-        reasons.append("no benchmark score is comparable with the reference's, so there is no evidence the model "
+    if not compared and not allow_incomparable:
+        reasons.append(("no benchmark score is comparable with the reference's" if tuned else
+                        "no benchmark was scored (benchmarks is empty)") + ", so there is no evidence the model "
                        "did not regress; set gate.allow_incomparable: true to promote anyway")
     reasons += [f"training health: {sign}" for sign in blocking_health or []]
     return GateDecision(promote=not reasons, against=against, reasons=reasons, table=table, not_comparable=incomparable)

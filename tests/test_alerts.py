@@ -99,6 +99,7 @@ def test_alerts_script_names_a_missing_block(capsys):
     assert main(["--block", "custom-webhook/no-such-block"]) == 2
     err = capsys.readouterr().err
     assert "no-such-block" in err and "--webhook-url" in err and "Traceback" not in err
+    assert err.startswith("error: --block='custom-webhook/no-such-block': no such notification block")
 
 
 def test_rerunning_replaces_the_automations(alerts):

@@ -247,6 +247,25 @@ def test_bytes_that_are_not_utf8_are_a_named_bad_row_or_a_named_file(tmp_path):
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
 
 
+def test_the_default_subset_is_smoltalks_only(monkeypatch):
+    """data.subset 'auto' asks smoltalk for everyday-conversations and any other hub dataset for no
+    config (it was passed to every dataset, which most do not have); what it means is recorded."""
+    from tasks.checks import resolve_autos
+    from tasks.config import RunConfig
+    from tasks.data import hub_subset
+
+    assert hub_subset(DataConfig(), "HuggingFaceTB/smoltalk") == "everyday-conversations"
+    assert hub_subset(DataConfig(), "HuggingFaceH4/ultrachat_200k") is None
+    assert hub_subset(DataConfig(subset="all"), "HuggingFaceTB/smoltalk") == "all"
+    assert hub_subset(DataConfig(subset=None), "HuggingFaceTB/smoltalk") is None
+    other = RunConfig.model_validate({"data": {"dataset": "HuggingFaceH4/ultrachat_200k"}})
+    assert resolve_autos(other)["data.subset"] == "None"
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    assert resolve_autos(RunConfig())["data.subset"] == "everyday-conversations"
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert "data.subset" not in resolve_autos(RunConfig())  # the shipped fixture: no subsets
+
+
 def test_an_empty_split_and_a_subset_of_local_files_are_named(tmp_path):
     _write(tmp_path / "train.jsonl", ["", "  "])
     _write(tmp_path / "test.jsonl", [json.dumps(_chat(3))])

@@ -34,6 +34,19 @@ def test_blocking_health_sign_rejects_even_with_better_scores():
     assert not d.promote and d.reasons == ["training health: overfitting from step 20"]
 
 
+def test_no_benchmarks_is_no_evidence_and_a_tolerance_for_them_is_refused():
+    """benchmarks: [] gave an empty table and `promoted: true`; with nothing compared, only
+    gate.allow_incomparable promotes, and a tolerance (for benchmark drops) has nothing to act on."""
+    from tasks.config import RunConfig
+
+    d = decide({}, {}, "base model")
+    assert not d.promote and d.reasons[0].startswith("no benchmark was scored (benchmarks is empty)")
+    assert decide({}, {}, "base model", allow_incomparable=True).promote
+    with pytest.raises(ValueError, match=r"gate.tolerance: it is the drop allowed to a benchmark score"):
+        RunConfig.model_validate({"benchmarks": [], "gate": {"tolerance": 0.05}})
+    RunConfig.model_validate({"benchmarks": [], "gate": {"allow_incomparable": True}})
+
+
 def _completed_run(root, run_id: str, scores: dict[str, float], base: dict[str, float] | None = None) -> str:
     """A run folder holding saved scores where evaluation puts them (tuned, and base if given)."""
     run = ArtifactStore(root).child("runs", run_id)
