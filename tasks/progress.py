@@ -18,7 +18,7 @@ class Progress:
 
     def __init__(self, key: str, description: str, total: int):
         self.key, self.description, self.total, self.id = key, description, max(total, 1), None
-        self.started, self.tenth, self.start_done = time.monotonic(), -1, None
+        self.started, self.tenth, self.start_done, self.shown = time.monotonic(), -1, None, -1
         try:
             get_run_context()
         except MissingContextError:
@@ -27,7 +27,8 @@ class Progress:
 
     def update(self, done: float, description: str | None = None) -> None:
         percent = min(100.0, 100.0 * done / self.total)
-        if self.id is not None:
+        if self.id is not None and int(percent) != self.shown:  # one API call a percent, not one a step
+            self.shown = int(percent)
             self._call(update_progress_artifact, self.id, percent, description=description)
         tenth = int(percent // 10)
         if tenth != self.tenth:  # a line when a new tenth is reached (0%, 10%, ... 100%)
@@ -66,25 +67,35 @@ def _duration(seconds: float) -> str:
 
 
 def training_progress():
-    """A TrainerCallback that moves a progress artifact with the optimizer steps, at each log."""
+    """A TrainerCallback that moves a progress artifact with the optimizer steps (a line at each
+    tenth of them), with the latest logged losses."""
     from transformers import TrainerCallback
 
     class TrainingProgress(TrainerCallback):
         bar: Progress | None = None
+        losses: dict[str, float] = {}
+
+        def detail(self, state) -> str:
+            loss, eval_loss = self.losses.get("loss"), self.losses.get("eval_loss")
+            return (f"step {state.global_step} of {state.max_steps}"
+                    + (f", train loss {loss:.4f}" if loss is not None else "")
+                    + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""))
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.bar = Progress("smolflow-training-progress", "Training steps", state.max_steps)
-            self.bar.update(state.global_step, f"step {state.global_step} of {state.max_steps}")
+            self.bar, self.losses = Progress("smolflow-training-progress", "Training steps", state.max_steps), {}
+            self.bar.update(state.global_step, self.detail(state))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None and not control.should_log:  # a logging step: on_log moves it, with its loss
+                self.bar.update(state.global_step, self.detail(state))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
             if verbose():  # the Trainer's whole log entry, numbers as numbers
                 run_logger().info("Trainer log: %s", {k: v for k, v in logs.items() if k != "total_flos"})
+            self.losses |= {k: logs[k] for k in ("loss", "eval_loss") if logs.get(k) is not None}
             if self.bar is not None:
-                loss, eval_loss = logs.get("loss"), logs.get("eval_loss")
-                self.bar.update(state.global_step, f"step {state.global_step} of {state.max_steps}"
-                                + (f", train loss {loss:.4f}" if loss is not None else "")
-                                + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""))
+                self.bar.update(state.global_step, self.detail(state))
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.bar is not None:

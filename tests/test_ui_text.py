@@ -32,3 +32,34 @@ def test_progress_line_has_percent_and_eta():
     bar.started -= 40  # as if 40 s went by for 10 steps: 20 steps left take 80 s
     assert bar.line(10, "step 10 of 30") == "Training steps: 33% (step 10 of 30), ETA 1m20s"
     assert bar.line(30).startswith("Training steps: 100%, done in 40s")
+
+
+def test_training_progress_prints_a_line_at_each_tenth_between_logging_steps(tmp_path, caplog):
+    """Driven by transformers' own flow callback, as in the Trainer's loop: 30 steps logged every 5
+    print a line at 0%, each tenth and 100% (steps 3, 6, 9, 12, ...), with the latest logged loss."""
+    import logging
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import DefaultFlowCallback
+
+    from tasks.progress import training_progress
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=30, logging_steps=5, report_to=[])
+    state, control = TrainerState(max_steps=30, logging_steps=5), TrainerControl()
+    flow, progress = DefaultFlowCallback(), training_progress()
+    logger = logging.getLogger("smolflow")
+    logger.addHandler(caplog.handler)  # it may not propagate to the root logger caplog listens on
+    with caplog.at_level(logging.INFO, logger="smolflow"):
+        progress.on_train_begin(args, state, control)
+        for step in range(1, 31):
+            state.global_step = step
+            control = flow.on_step_end(args, state, control)
+            progress.on_step_end(args, state, control)
+            if control.should_log:
+                progress.on_log(args, state, control, logs={"loss": 3.0 - step / 10})
+                control.should_log = False
+    logger.removeHandler(caplog.handler)
+    lines = list(dict.fromkeys(r.getMessage() for r in caplog.records if r.getMessage().startswith("Training steps")))
+    assert [line.split(":")[1].split("%")[0].strip() for line in lines] == [str(p) for p in range(0, 101, 10)]
+    assert lines[4].startswith("Training steps: 40% (step 12 of 30, train loss 2.0000), ETA")
+    assert lines[-1].startswith("Training steps: 100% (step 30 of 30, train loss 0.0000), done in")
