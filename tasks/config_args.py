@@ -142,14 +142,24 @@ def parse_config(argv: list[str], defaults: dict | None = None, model: type[Base
     except ValidationError as err:
         found = []
         for e in err.errors():
-            loc = tuple(e["loc"])
-            origin = next((w for k, w in where.items() if loc[: len(k)] == k or k[: len(loc)] == loc), None)
-            origin = origin or (at(path, lines, loc) if path else "defaults")
-            found.append(f"{origin}: {_explain(e, model)}")
+            loc, explained = tuple(e["loc"]), _explain(e, model)
+            # A section's own check (e.g. wandb.project while wandb.mode is disabled) fails at the
+            # section and names its field first: blame where that field was set.
+            named = _FIELD.match(explained)
+            key = _key(named.group(1)) if named and _key(named.group(1))[: len(loc)] == loc else loc
+            origin = next((w for k, w in reversed(where.items()) if key[: len(k)] == k), None)
+            origin = origin or next((w for k, w in where.items() if loc[: len(k)] == k or k[: len(loc)] == loc), None)
+            origin = origin or (at(path, lines, key if key in lines else loc) if path else "defaults")
+            found.append(f"{origin}: {explained}")
         raise UserError("\n".join(found)) from None
 
 
 _FIELD = re.compile(r"([a-z_]+(?:\.[a-z_0-9]+|\[\d+\])+)[:= ]")
+
+
+def _key(field: str) -> tuple:
+    """('training', 'sft_args', 'x') for 'training.sft_args.x'; list indexes as ints."""
+    return tuple(int(p) if p.isdigit() else p for p in re.findall(r"[a-z_0-9]+", field))
 
 
 def locate(argv: list[str], message: str) -> str:
@@ -158,7 +168,7 @@ def locate(argv: list[str], message: str) -> str:
     found = _FIELD.match(message)
     if not found:
         return message
-    key = tuple(int(p) if p.isdigit() else p for p in re.findall(r"[a-z_0-9]+", found.group(1)))
+    key = _key(found.group(1))
     path, flags = split_flags(argv)
     for flag_key, _, flag in reversed(flags):  # the last flag setting it wins, as in parse_config
         if key[: len(flag_key)] == flag_key or flag_key[: len(key)] == key:

@@ -160,6 +160,24 @@ def test_cross_check_errors_name_the_file_line_or_flag(tmp_path):
     assert locate(argv, "model: not found") == "model: not found"  # set nowhere: the default
 
 
+def test_a_section_check_blames_the_flag_or_line_of_the_field_it_names(tmp_path):
+    """A section's own check fails at the section; the flag (or line) to blame is the named field's,
+    not the section's first flag (`flag --wandb.mode: wandb.project: ...` before)."""
+    for argv, expected in (
+        (["--wandb.mode", "disabled", "--wandb.project", "x"], "flag --wandb.project: wandb.project: nothing is logged"),
+        (["--judge.enabled", "false", "--judge.limit", "3"], "flag --judge.limit: judge.limit: judge.enabled is false"),
+        (["--execution.task-runner", "local", "--execution.ray-num-cpus", "2"],
+         "flag --execution.ray-num-cpus: execution.ray_num_cpus: it needs execution.task_runner 'ray'"),
+    ):
+        with pytest.raises(UserError) as err:
+            parse_config(argv)
+        assert str(err.value).startswith(expected)
+    path = tmp_path / "run.yaml"
+    path.write_text("wandb:\n  mode: disabled\n  project: x\n")
+    with pytest.raises(UserError, match=re.escape(f"{path}:3: wandb.project: nothing is logged")):
+        parse_config(["--config", str(path)])
+
+
 def test_lora_modules_the_model_lacks_are_named_before_it_loads(tiny_model_dir):
     from tasks.checks import ConfigError, check_lora_targets
 
