@@ -307,11 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug, verbose = "--debug" in argv, "--verbose" in argv
     argv = [a for a in argv if a not in ("--debug", "--verbose")]
-    if verbose:
-        from tasks.console import configure_logging
+    from tasks.console import configure_logging
 
+    if verbose:
         os.environ["SMOLFLOW_VERBOSE"] = "1"  # the flow (and its subprocesses) read it too
-        configure_logging(True)
+    # Every command quiet unless --verbose (validate and eval read data and load models before any flow).
+    configure_logging(True if verbose else None)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "takes_settings", False):

@@ -9,8 +9,10 @@ kept as a JSON value, a broken line kept as a bad row that the row checks name a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -247,6 +249,24 @@ def _keep_only(ds, arrow: Path):
     return ds
 
 
+JSON_LOGGER = "datasets.packaged_modules.json.json"
+
+
+@contextlib.contextmanager
+def _unlogged(name: str):
+    """Silence a library logger for a while, unless verbose (its ERROR lines read like a crash)."""
+    from tasks.console import verbose
+
+    logger = logging.getLogger(name)
+    before = logger.level
+    if not verbose():
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 def read_split(dataset: str, builder: str, files: list[str], split: str):
     """One split of local files, every row's shape kept as written."""
     from datasets import load_dataset
@@ -260,7 +280,8 @@ def read_split(dataset: str, builder: str, files: list[str], split: str):
     if builder == "json" and any(_is_array(f) and _key_twice(f, _stamp(f)) for f in files):
         return _keep_only(read_lines(files, arrow), arrow)  # the row with a key twice: a bad row, named
     try:
-        ds = load_dataset(builder, data_files={split: files}, split=split, cache_dir=str(arrow))
+        with _unlogged(JSON_LOGGER):  # a JSON line datasets cannot parse is read below, and named if bad
+            ds = load_dataset(builder, data_files={split: files}, split=split, cache_dir=str(arrow))
         if builder != "json" or not _casts_parts_to_strings(ds):
             return _keep_only(ds, arrow)
     except Exception as err:  # datasets wraps Arrow's parse and cast errors in several types

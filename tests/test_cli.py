@@ -191,6 +191,18 @@ def test_validate_resolves_autos_lists_tasks_and_fails_on_missing_data(env, tmp_
     assert f"model: model={str(tmp_path)!r}: not a model directory" in missing.stderr
 
 
+def test_validate_is_quiet_a_bad_json_line_is_one_problem_line(env, tmp_path):
+    """No datasets bars, and no datasets ERROR lines for a line smolflow reads and names itself."""
+    good = '{"messages": [{"role": "user", "content": "hi %d"}, {"role": "assistant", "content": "hello"}]}'
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join([good % 1, "not json", good % 2, good % 3, good % 4]) + "\n")
+    out = smolflow(env, "validate", "--judge.enabled", "false", "--data.dataset", str(data), "--data.test-size", "0.2")
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"smolflow validate: data: 1 bad row(s) in split 'train': {data}:2: not valid JSON (Expecting value at column 1). "
+        "Fix or remove these rows, or set data.bad_rows='drop' to train without them.", "1 problem(s)"]
+
+
 def _eval_args(root: Path, model: str, limit: int) -> list[str]:
     bench = json.dumps([{"name": "gsm8k", "limit": limit, "batch_size": 2}])
     return ["eval", "--model", model, "--benchmarks", bench, "--output.artifacts-uri", str(root),
