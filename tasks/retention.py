@@ -24,6 +24,7 @@ import os
 import posixpath
 import re
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +58,7 @@ class RunInfo(BaseModel):
     files: int
     last_write: float  # newest object's modification time
     completed_at: float | None  # manifest.json's modification time; None: incomplete
+    links: dict[int, tuple[int, int]] = {}  # local files with other hard links: inode -> (size, link count)
 
 
 def scan_runs(root: str) -> list[RunInfo]:
@@ -71,9 +73,11 @@ def scan_runs(root: str) -> list[RunInfo]:
         run_id, _, inside = rel.partition("/")
         if not inside:
             continue  # a stray file directly under runs/
-        r = runs.setdefault(run_id, {"bytes": 0, "files": 0, "last_write": 0.0, "completed_at": None})
+        r = runs.setdefault(run_id, {"bytes": 0, "files": 0, "last_write": 0.0, "completed_at": None, "links": {}})
         when = _when(info)
         r["bytes"] += int(info.get("size") or 0)
+        if (info.get("nlink") or 1) > 1 and info.get("ino"):  # a cached model is hard-linked between runs
+            r["links"][int(info["ino"])] = (int(info.get("size") or 0), int(info["nlink"]))
         r["files"] += 1
         r["last_write"] = max(r["last_write"], when)
         if inside == "manifest.json":
@@ -135,6 +139,30 @@ def plan_runs(root: str, keep_runs: int, keep_incomplete_hours: float, now: floa
                                    "newest completed run: resumable")
         out.append(Decision(kind="run", name=r.run_id, where=r.uri, bytes=r.bytes, action=action, reason=why,
                             complete=False))
+    return _count_shared_once(out, runs)
+
+
+def _count_shared_once(decisions: list[Decision], runs: list[RunInfo]) -> list[Decision]:
+    """A deleted run frees only the blocks nothing else holds: a file hard-linked into a kept run,
+    into the cache or another folder (more links than the runs hold), or already counted for
+    another deleted run, frees nothing (else three runs sharing one 543 MB model 'free' 1.6 GB)."""
+    by_id = {r.run_id: r for r in runs}
+    held = Counter(ino for r in runs for ino in r.links)
+    kept = {ino for d in decisions if d.action == "keep" for ino in by_id[d.name].links}
+    counted: set[int] = set()
+    out = []
+    for d in decisions:
+        shared = 0
+        if d.action == "delete":
+            for ino, (size, nlink) in by_id[d.name].links.items():
+                if ino in kept or ino in counted or nlink > held[ino]:
+                    shared += size
+                else:
+                    counted.add(ino)
+        if shared:
+            d = d.model_copy(update={"bytes": d.bytes - shared, "reason": f"{d.reason} ({shared / 1e6:.1f} MB of it "
+                                     "hard-linked elsewhere: freed with its last link)"})
+        out.append(d)
     return out
 
 

@@ -169,6 +169,37 @@ def test_gc_dry_run_lists_but_deletes_nothing_then_gc_frees(tmp_path, monkeypatc
     assert not (cache / "work" / "r1").exists() and not (cache / "tokenized" / "stale").exists()
 
 
+def test_a_model_hard_linked_between_runs_is_freed_once_and_only_with_its_last_link(tmp_path, monkeypatch):
+    """Cached re-runs hard-link one model into each run folder: deleting those runs frees it once,
+    and not at all while a kept run (or any other folder) still links it."""
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(tmp_path / "cache"))
+    root = str(tmp_path / "artifacts")
+    runs = [_run(root, f"r{i}") for i in range(1, 5)]
+    model = Path(runs[0].root) / "model" / "model.safetensors"
+    model.write_bytes(os.urandom(2**20))
+    for run in runs[1:3]:  # r2 and r3 reuse r1's model; r4 trained its own
+        (Path(run.root) / "model" / "model.safetensors").unlink()
+        os.link(model, Path(run.root) / "model" / "model.safetensors")
+    for i, run in enumerate(runs):  # completion order r1..r4
+        os.utime(Path(run.root) / "manifest.json", (time.time() - (4 - i) * 3600,) * 2)
+    own = sum(p.stat().st_size for p in Path(runs[0].root).rglob("*") if p.is_file()) - 2**20
+
+    def freed(keep_runs):
+        return {d.name: d.bytes for d in gc(root, dry_run=True, keep_runs=keep_runs).decisions
+                if d.kind == "run" and d.action == "delete"}
+
+    # keep r4, r3: r3 still links the model, so deleting r1 and r2 frees only their own files
+    assert freed(2) == {"r1": own, "r2": own}
+    # keep r4 only: r1-r3 go, and the model's blocks are freed once, with the first of them
+    three = freed(1)
+    assert sorted(three.values()) == [own, own, own + 2**20]
+    report = gc(root, dry_run=True, keep_runs=1)
+    assert report.freed_bytes == sum(three.values()) + sum(d.bytes for d in report.decisions
+                                                           if d.kind != "run" and d.action == "delete")
+    os.link(model, tmp_path / "elsewhere.safetensors")  # another link outside the runs: freed by none
+    assert sorted(freed(1).values()) == [own, own, own]
+
+
 @pytest.mark.parametrize("variable", ["WANDB_CACHE_DIR", "XDG_CACHE_HOME"])
 def test_old_wandb_service_logs_go_and_recent_ones_stay(variable, tmp_path, monkeypatch):
     """wandb-core writes debug logs (core-debug-*, symon-debug-*) for every W&B run into a folder
