@@ -20,6 +20,9 @@ class Sample(BaseModel):
     completion: str
     new_tokens: int
     stopped_at_eos: bool  # False: the model hit max_new_tokens without ending its turn
+    # An answer cut off at max_new_tokens, let go on (generate_samples): the tokens it took to end
+    # its turn, or None if it did not within RUNAWAY_FACTOR x the limit (a runaway, not a long answer).
+    ends_within: int | None = None
 
 
 def generate(
@@ -77,12 +80,22 @@ def generate(
     return samples
 
 
+RUNAWAY_FACTOR = 4
+
+
 @task(cache_policy=BY_CONTENT, retries=1, retry_condition_fn=retry_transient)
 def generate_samples(model_ref: ModelRef, prompts: list[str], max_new_tokens: int) -> list[Sample]:
-    """Greedy answers of one model to the run's sample prompts."""
+    """Greedy answers of one model to the run's sample prompts (a cut-off one also let go on, to
+    tell a long answer from one that never ends: the training-health format sign)."""
     model, tokenizer = load_model(model_ref)
     model.eval()
-    return generate(model, tokenizer, prompts, max_new_tokens)
+    samples = generate(model, tokenizer, prompts, max_new_tokens)
+    cut = [i for i, s in enumerate(samples) if not s.stopped_at_eos]
+    if cut:  # greedy: the longer answer starts with the shown one
+        longer = generate(model, tokenizer, [prompts[i] for i in cut], RUNAWAY_FACTOR * max_new_tokens)
+        for i, s in zip(cut, longer):
+            samples[i] = samples[i].model_copy(update={"ends_within": s.new_tokens if s.stopped_at_eos else None})
+    return samples
 
 
 def _cell(text: str) -> str:

@@ -15,7 +15,7 @@ from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from pydantic import BaseModel
 
-from tasks.generation import Sample
+from tasks.generation import RUNAWAY_FACTOR, Sample
 from tasks.layout import RunPaths
 from tasks.prefect_markdown import publish_markdown
 from tasks.runtime import figure_png, retry_transient
@@ -146,18 +146,24 @@ def check_format(samples: list[Sample]) -> Sign:
     """After-training answers that never stop (no EOS) or write template pieces (role tags)."""
     if not samples:
         return Sign(name="format", fired=False, numbers={}, summary="no samples to check", advice="")
-    no_eos = [s.prompt for s in samples if not s.stopped_at_eos]
+    # A sample cut off at the token limit that ends its turn when let go on (generate_samples) is
+    # a long answer; one that did not end within RUNAWAY_FACTOR x the limit, or was not let go on, never stops.
+    long = [s for s in samples if not s.stopped_at_eos and s.ends_within is not None]
+    no_eos = [s.prompt for s in samples if not s.stopped_at_eos and s.ends_within is None]
     broken = [s.prompt for s in samples if ROLE_LINE.search(s.completion)]
     fired = bool(no_eos or broken)
-    parts = [f"{len(no_eos)}/{len(samples)} samples did not stop at EOS"] if no_eos else []
+    parts = [f"{len(no_eos)}/{len(samples)} samples did not stop at EOS"
+             + (f" (not within {RUNAWAY_FACTOR}x the token limit)" if any(not s.stopped_at_eos for s in samples) else "")
+             ] if no_eos else []
     parts += [f"{len(broken)}/{len(samples)} contain role tags or template tokens (e.g. {broken[0]!r})"] if broken else []
+    longer = (f"; {len(long)} longer than the token limit ended at "
+              f"{', '.join(str(s.ends_within) for s in long)} tokens") if long else ""
     return Sign(
         name="format", fired=fired,
-        numbers={"samples": len(samples), "no_eos": len(no_eos), "template_breaks": len(broken)},
-        summary="; ".join(parts) if fired else f"all {len(samples)} samples stopped at EOS without role tags",
+        numbers={"samples": len(samples), "no_eos": len(no_eos), "template_breaks": len(broken), "long": len(long)},
+        summary=("; ".join(parts) if fired else f"all {len(samples)} samples end their turn (EOS) without role tags") + longer,
         advice="Check that the chat template ends each assistant turn with the EOS token the model "
-        "generates, train longer on complete conversations, or raise sampling.max_new_tokens if the "
-        "answers are merely long." if fired else "",
+        "generates, or train longer on complete conversations." if fired else "",
     )
 
 

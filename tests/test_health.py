@@ -61,6 +61,24 @@ def test_format_fires_on_runaway_answers_and_role_tags():
     assert not check_format(GOOD).fired
 
 
+def test_an_answer_longer_than_the_limit_is_told_from_one_that_never_ends(builtin_dir):
+    """The real SmolLM2 at a 6-token limit: its greeting is cut off but ends its turn when let go
+    on (a long answer: the format sign stays quiet and says so); a story runs past 4x the limit."""
+    from tasks.generation import RUNAWAY_FACTOR, generate_samples
+    from tasks.models import resolve_model
+
+    hello, story = generate_samples.fn(resolve_model.fn(str(builtin_dir)), ["Hi!", "Write a long story about a dragon."], 6)
+    assert not hello.stopped_at_eos and hello.new_tokens == 6 and 6 < hello.ends_within <= RUNAWAY_FACTOR * 6
+    assert not story.stopped_at_eos and story.ends_within is None
+    quiet = check_format([hello])
+    assert not quiet.fired and quiet.numbers["long"] == 1
+    assert quiet.summary == f"all 1 samples end their turn (EOS) without role tags; 1 longer than the token limit " \
+        f"ended at {hello.ends_within} tokens"
+    loud = check_format([hello, story])
+    assert loud.fired and loud.numbers["no_eos"] == 1
+    assert loud.summary.startswith("1/2 samples did not stop at EOS (not within 4x the token limit)")
+
+
 def test_short_histories_do_not_fire_and_say_why():
     report = assess(history([2.5, 2.4], {2: 2.45}), GOOD)
     assert report.healthy
