@@ -77,7 +77,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         reused_from = None if trained.model.path.rstrip("/") == run.url(RunPaths.model) else trained.model.path
         trained.model = publish_model(trained.model, run.uri)  # a cache hit points at an earlier run
         run.write_json(RunPaths.trainer_args, trained.trainer_args)  # every Trainer setting as it ran
-        after = generate_samples(trained.model, prompts, max_new)
+        after = generate_samples(trained.model, prompts, max_new, let_go_on=True)  # long answer or runaway?
         save_samples(run.uri, before, after)
         health = assess_training(trained.log_history, after)
         save_training(run.uri, trained.metrics, trained.log_history, health, reused_from)

@@ -84,13 +84,14 @@ RUNAWAY_FACTOR = 4
 
 
 @task(cache_policy=BY_CONTENT, retries=1, retry_condition_fn=retry_transient)
-def generate_samples(model_ref: ModelRef, prompts: list[str], max_new_tokens: int) -> list[Sample]:
-    """Greedy answers of one model to the run's sample prompts (a cut-off one also let go on, to
-    tell a long answer from one that never ends: the training-health format sign)."""
+def generate_samples(model_ref: ModelRef, prompts: list[str], max_new_tokens: int,
+                     let_go_on: bool = False) -> list[Sample]:
+    """Greedy answers of one model to the run's sample prompts; let_go_on: a cut-off one is let go
+    on to tell a long answer from one that never ends (the training-health format sign)."""
     model, tokenizer = load_model(model_ref)
     model.eval()
     samples = generate(model, tokenizer, prompts, max_new_tokens)
-    cut = [i for i, s in enumerate(samples) if not s.stopped_at_eos]
+    cut = [i for i, s in enumerate(samples) if not s.stopped_at_eos] if let_go_on else []
     if cut:  # greedy: the longer answer starts with the shown one
         longer = generate(model, tokenizer, [prompts[i] for i in cut], RUNAWAY_FACTOR * max_new_tokens)
         for i, s in zip(cut, longer):

@@ -67,7 +67,9 @@ def test_an_answer_longer_than_the_limit_is_told_from_one_that_never_ends(builti
     from tasks.generation import RUNAWAY_FACTOR, generate_samples
     from tasks.models import resolve_model
 
-    hello, story = generate_samples.fn(resolve_model.fn(str(builtin_dir)), ["Hi!", "Write a long story about a dragon."], 6)
+    ref = resolve_model.fn(str(builtin_dir))
+    hello, story = generate_samples.fn(ref, ["Hi!", "Write a long story about a dragon."], 6, let_go_on=True)
+    assert generate_samples.fn(ref, ["Hi!"], 6)[0].ends_within is None  # not let go on: as the judge's answers
     assert not hello.stopped_at_eos and hello.new_tokens == 6 and 6 < hello.ends_within <= RUNAWAY_FACTOR * 6
     assert not story.stopped_at_eos and story.ends_within is None
     quiet = check_format([hello])
