@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,10 @@ TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
 SHIPPED = ("chatml", "chatml-assistant-only", "mistral", "llama3")
 CHOICES = ("model", *SHIPPED)
 PREVIEW_KEY = "smolflow-chat-templates"
+# Written next to a templated model whose vocabulary the template stage grew (e.g. Llama-3's <|eot_id|>
+# as SmolLM2's EOS, ChatML's tokens cloned in): the new token ids, whose embedding rows nothing has
+# trained yet. Training makes them trainable under LoRA (tasks/lora.py, new_token_rows).
+ADDED_TOKENS_FILE = "smolflow_added_tokens.json"
 PREVIEW_PATH = RunPaths.template_preview
 # The renderings every preview compares, and the markers each writes as text.
 COMPARED = {"ChatML (SmolLM2-Instruct)": "chatml", "Mistral-Instruct": "mistral", "Llama-3-Instruct": "llama3"}
@@ -298,14 +303,25 @@ def _apply(model, tokenizer, name: str, text: str | None):
     return model, tokenizer, source, changed
 
 
-def _save(model, tokenizer, base: ModelRef, name: str, text: str) -> ModelRef:
+def _save(model, tokenizer, base: ModelRef, name: str, text: str, added: list[int]) -> ModelRef:
     slug = name if name in CHOICES else "file"
-    target = cache_dir("models") / f"{base.fingerprint[:16]}-{slug}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    # "-added": folders saved before ADDED_TOKENS_FILE existed lack it; they are not reused
+    target = cache_dir("models") / (f"{base.fingerprint[:16]}-{slug}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+                                    + ("-added" if added else ""))
     if not (target / "config.json").exists():
         with atomic_dir(target) as staging:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
+            if added:
+                (Path(staging) / ADDED_TOKENS_FILE).write_text(json.dumps(
+                    {"token_ids": added, "tokens": tokenizer.convert_ids_to_tokens(added)}, indent=1) + "\n")
     return ModelRef(source=base.source, path=str(target), fingerprint=fingerprint_dir(target))
+
+
+def added_token_ids(model_dir: Path) -> list[int]:
+    """The ids of the tokens the template stage added to this model's vocabulary ([] if none)."""
+    path = Path(model_dir) / ADDED_TOKENS_FILE
+    return [int(i) for i in json.loads(path.read_text())["token_ids"]] if path.is_file() else []
 
 
 @task(cache_policy=BY_CONTENT + TemplateText(), retries=1, retry_condition_fn=retry_transient)
@@ -314,7 +330,7 @@ def prepare_chat_template(base: ModelRef, data: DatasetRef, cfg: TemplateConfig 
     from datasets import load_from_disk
 
     model, tokenizer = load_model(base, as_stored=True)  # saved again below: keep the stored weights
-    own = tokenizer.chat_template
+    own, vocabulary = tokenizer.chat_template, len(tokenizer)
     name, text = effective_template(cfg, own)
     if text is None and not own:  # a base model without a template: ChatML, as SmolLM2-Instruct has it
         name, text = "chatml", shipped_text("chatml")
@@ -327,8 +343,8 @@ def prepare_chat_template(base: ModelRef, data: DatasetRef, cfg: TemplateConfig 
         check_assistant_mask(tokenizer, label)
     splits = load_from_disk(data.path)
     shapes = check_shapes(tokenizer, label, data, splits)
-    if changed:
-        base = _save(model, tokenizer, base, name, tokenizer.chat_template)
+    if changed:  # the ids past the original vocabulary are the tokens added (ChatML cloned in, the EOS)
+        base = _save(model, tokenizer, base, name, tokenizer.chat_template, list(range(vocabulary, len(tokenizer))))
     example = as_written(splits["train"][0]["messages"])  # as tokenization renders it: no Arrow nulls
     rendered = _render(tokenizer, example)
     run_logger().info("Chat template: %s, EOS %r. First training example as rendered:\n%s",

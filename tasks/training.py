@@ -25,12 +25,14 @@ from tasks.checkpoints import (AlreadyAtMaxSteps, checkpoint_uploader, find_chec
 from tasks.config import TrainingConfig
 from tasks.device import Placement, resolve
 from tasks.leftovers import die_with_parent, temp_dir
+from tasks.lora import head_without_bias, lora_config, new_token_rows
 from tasks.locks import TRAINING_LOCK, exclusive
-from tasks.models import ModelRef, fingerprint_dir, load_model
+from tasks.models import ModelRef, fingerprint_dir, load_model, local_model_dir
 from tasks.progress import training_progress
 from tasks.caching import BY_CONTENT, ContentInputs
 from tasks.runtime import cache_dir, run_logger, retry_transient
 from tasks.storage import ArtifactStore
+from tasks.templates import added_token_ids
 from tasks import train_levers
 from tasks.tokenization import TokenizedRef, load_tokenized, tokenize_split
 from tasks.transfer import locate_model, place_dir, release_work, run_root
@@ -50,6 +52,11 @@ MANAGED = {name: f"training.{name}" for name in (
     "lr_scheduler_type", "weight_decay", "optim", "logging_steps", "eval_steps", "save_steps", "max_length",
     "padding_free", "seed")} | {
     "warmup_steps": "training.warmup_ratio", "warmup_ratio": "training.warmup_ratio",
+    # The strategies go with smolflow's every-N-steps settings: "no" would silently drop the checkpoints
+    # (resume), the eval loss curve, or the loss curve the health check reads.
+    "save_strategy": "training.save_steps (a checkpoint every N steps: a retried run resumes from it)",
+    "eval_strategy": "training.eval_steps (eval loss on the test split every N steps)",
+    "logging_strategy": "training.logging_steps (the loss curve, which the health check reads, every N steps)",
     "gradient_checkpointing": "training.gradient_checkpointing",
     "activation_checkpointing": "training.gradient_checkpointing",
     "assistant_only_loss": "template.assistant_only_loss",
@@ -66,7 +73,9 @@ NOT_APPLICABLE = {
     "chat_template_path": "use template.chat_template (the data is tokenized with it before training)",
     "eos_token": "the chat template decides EOS (template.chat_template); the data is tokenized with it before training",
     "pad_token": "smolflow sets the pad token when it loads the model",
-    "completion_only_loss": "rows are conversations, not prompt/completion pairs; use template.assistant_only_loss",
+    "completion_only_loss": "smolflow turns prompt/completion rows into a user and an assistant turn and tokenizes "
+                            "them itself; for the loss on the completions only (TRL's default for such rows) set "
+                            "template.assistant_only_loss: true",
     "dataset_text_field": "the data reaches TRL tokenized (data.dataset, template.chat_template)",
     "truncation_mode": "the data reaches TRL tokenized and cut to training.max_length",
     "model_init_kwargs": "smolflow loads the model (model, execution.precision)",
@@ -154,19 +163,6 @@ def sft_config(cfg: TrainingConfig, output_dir: str, report_to: list[str], place
     ) | extra  # e.g. torch_compile, no evaluation or saving for scripts/bench_training.py
     # sft_args last: they may override the device defaults above (e.g. bf16 on a CPU with bf16 units).
     return SFTConfig(**(args | sft_overrides(cfg)))
-
-
-def lora_config(cfg: TrainingConfig):
-    """peft's LoraConfig for training.peft (None: full fine-tuning)."""
-    if cfg.peft is None:
-        return None
-    from peft import LoraConfig
-
-    targets = cfg.peft.target_modules
-    return LoraConfig(
-        r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout, task_type="CAUSAL_LM",
-        target_modules=targets[0] if targets == ["all-linear"] else targets,  # peft's shorthand is a string
-    )
 
 
 def save_final(trainer, tokenizer, target: Path) -> None:
@@ -271,6 +267,12 @@ def fit(spec: FitSpec) -> dict:
     args = sft_config(cfg, str(work / "checkpoints"), spec.report_to, spec.placement)
     attention = model.config._attn_implementation
     levers = train_levers.apply(model, args.padding_free, "cpu" if args.use_cpu else spec.placement.device, args.bf16)
+    added = added_token_ids(local_model_dir(spec.base)) if cfg.peft is not None else []
+    if new_rows := new_token_rows(model, added):
+        shown = ", ".join(f"{t!r} id {i}" for t, i in zip(tokenizer.convert_ids_to_tokens(added[:8]), added))
+        run_logger().info("LoRA: also training the rows of the %d token(s) the chat template added (%s%s): LoRA "
+                          "alone leaves them at their initial values, and the model would never learn to emit them",
+                          len(added), shown, " ..." if len(added) > 8 else "")
     callbacks = [checkpoint_uploader(run, spec.key), training_progress(), stop_at_max_steps()]
     if trim := train_levers.trim_callback(levers["freed_memory_kept"]):
         callbacks.append(trim)
@@ -285,13 +287,15 @@ def fit(spec: FitSpec) -> dict:
             train_dataset=train,
             eval_dataset=test,
             processing_class=tokenizer,
-            peft_config=lora_config(cfg),
+            peft_config=lora_config(cfg, new_rows),
             callbacks=callbacks,
         )
     except ValueError as err:
         if cfg.peft is not None and "target" in str(err).lower():  # peft: a module name the model lacks
             raise ValueError(f"training.peft.target_modules={cfg.peft.target_modules}: {err}") from None
         raise
+    if new_rows:
+        head_without_bias(trainer.model)
     # The Trainer prints each log as a dict of strings; training_progress logs them as numbers.
     trainer.remove_callback(PrinterCallback)
     trainable = float(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))  # before a merge
@@ -323,7 +327,9 @@ def fit(spec: FitSpec) -> dict:
     if cfg.peft is not None:
         metrics["trainable_params"] = trainable
     return {"metrics": metrics, "log_history": trainer.state.log_history,
-            "trainer_args": json.loads(trainer.args.to_json_string()) | {"smolflow_levers": levers}}
+            "trainer_args": json.loads(trainer.args.to_json_string()) | {"smolflow_levers": levers}
+            | ({"smolflow_lora_new_tokens": {"tokens": tokenizer.convert_ids_to_tokens(added)} | new_rows}
+               if new_rows else {})}
 
 
 def nothing_left_to_train(trainer):

@@ -18,6 +18,13 @@ from tests.conftest import tokens_of
         ({"training": {"sft_args": {"learning_rate": 0.1}}}, "use training.learning_rate instead"),
         ({"training": {"sft_args": {"warmup_steps": 3}}}, "use training.warmup_ratio instead"),
         ({"training": {"sft_args": {"hub_token": "x"}}}, "training.sft_args.hub_token"),
+        # "no" would silently drop the checkpoints (resume), the eval loss, the loss curve the health check reads
+        ({"training": {"sft_args": {"save_strategy": "no"}}},
+         "training.sft_args.save_strategy: smolflow sets this SFTConfig field itself; use training.save_steps"),
+        ({"training": {"sft_args": {"eval_strategy": "no"}}},
+         "training.sft_args.eval_strategy: smolflow sets this SFTConfig field itself; use training.eval_steps"),
+        ({"training": {"sft_args": {"logging_strategy": "no"}}},
+         "training.sft_args.logging_strategy: smolflow sets this SFTConfig field itself; use training.logging_steps"),
         ({"training": {"sft_args": {"max_grad_norm": "big"}}}, "training.sft_args.max_grad_norm: 'big' is not a valid float"),
         ({"training": {"optim": "adamw_torchh"}}, "training.optim: unknown 'adamw_torchh'"),
         ({"training": {"lr_scheduler_type": "cosinus"}}, "training.lr_scheduler_type: unknown 'cosinus'"),
