@@ -14,9 +14,10 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.checks_training import check_lora_targets, check_template, check_training, model_dir_here
 from tasks.config import RunConfig
 from tasks.config_base import ConfigError
-from tasks.reachable import check_hub_reachable, check_ray_address, check_store, data_here
+from tasks.reachable import check_hub_reachable, check_ray_address, check_store, check_wandb, data_here
 from tasks.runtime import run_timeout
 
 
@@ -101,69 +102,6 @@ def _benchmark_code() -> str:
     return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=4)
-def _enum_values(module: str, name: str) -> list[str]:
-    """The string values of enum `name` in transformers' `module`, read from its source: importing
-    trainer_utils/training_args pulls in torch, accelerate and peft (~6 s here), and every run
-    checks these names before anything starts. Only the class's own lines are parsed (the whole
-    module takes ~0.3 s). Falls back to the import if the source moved."""
-    import ast
-    import importlib
-    import importlib.util
-    import itertools
-
-    spec = importlib.util.find_spec("transformers")  # a submodule's spec would import the package
-    source = Path(spec.submodule_search_locations[0]) / f"{module}.py" if spec else None
-    text = source.read_text() if source and source.is_file() else ""
-    start = text.find(f"\nclass {name}(")
-    if start >= 0:
-        head, *rest = text[start + 1:].splitlines()
-        body = itertools.takewhile(lambda line: not line.strip() or line[0].isspace(), rest)
-        node = ast.parse("\n".join([head, *body])).body[0]
-        values = [s.value.value for s in node.body if isinstance(s, ast.Assign)
-                  and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str)]
-        if values:
-            return values
-    return [e.value for e in getattr(importlib.import_module(f"transformers.{module}"), name)]
-
-
-def check_schedule(cfg) -> None:
-    """The optimizer and scheduler names exist in this transformers (ValueError naming the field)."""
-    for field, module, enum in (("lr_scheduler_type", "trainer_utils", "SchedulerType"),
-                                ("optim", "training_args", "OptimizerNames")):
-        value, known = getattr(cfg, field), _enum_values(module, enum)
-        if value not in known:
-            raise ValueError(f"training.{field}: unknown {value!r}; choose from {', '.join(known)}")
-
-
-def check_training(config: RunConfig) -> None:
-    """Optimizer and scheduler names, `training.sft_args` against TRL's SFTConfig, and a possible hub push."""
-    from tasks.hub import check_hub
-    from tasks.training import sft_overrides
-
-    try:
-        check_schedule(config.training)
-        if sft_overrides(config.training):
-            trial_sft_config(config.training)
-        check_hub(config.output)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
-def trial_sft_config(cfg) -> None:
-    """Build the run's SFTConfig once, so values TRL/transformers refuse together (e.g. bf16 where the
-    device has none) are named now rather than after the model and data are loaded."""
-    import tempfile
-
-    from tasks.training import sft_config
-
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            sft_config(cfg, tmp, [])
-        except ValueError as err:
-            raise ConfigError(f"training.sft_args {cfg.sft_args}: SFTConfig refused them: {err}") from None
-
-
 def check_run(config: RunConfig) -> Checked:
     """All cross-checks of a run, in one place; raises ConfigError/ValueError naming the field."""
     from tasks.benchmarks.custom import load_definitions
@@ -174,6 +112,7 @@ def check_run(config: RunConfig) -> Checked:
 
         resolve(config.execution)
     check_training(config)
+    check_template(config)
     check_lora_targets(config)
     check_benchmark_subsets(config)
     check_benchmark_data(config)
@@ -203,13 +142,18 @@ def resolve_autos(config: RunConfig) -> dict[str, str]:
                                             "comparable to published scores)" if offline else f"hub {bench.hub[0]}")
     if config.judge.enabled and config.judge.backend == "local" and config.judge.model == "auto":
         out["judge.model"] = BUILTIN
+    if config.wandb.mode == "auto":  # the mode W&B runs in (tasks/tracking.py asks the same, cached)
+        from tasks.reachable import auto_wandb_mode
+
+        mode, why = auto_wandb_mode(config.wandb)
+        out["wandb.mode"] = f"{mode} ({why})" if why else mode
     return out
 
 
 def check_model(source: str) -> None:
     """The model can be found without loading it: a GGUF for builtin, config.json locally, the hub cache offline."""
 
-    from tasks.models import BUILTIN, builtin_gguf, resolve_source
+    from tasks.models import BUILTIN, builtin_gguf, local_model_problem, resolve_source
     from tasks.runtime import hub_offline
 
     concrete = resolve_source(source)
@@ -219,54 +163,14 @@ def check_model(source: str) -> None:
     elif concrete.startswith("builtin:"):
         raise ConfigError(f"model={source!r}: the only built-in model is {BUILTIN!r}")
     elif Path(concrete).expanduser().exists() or concrete.startswith((".", "/", "~")):
-        if not (Path(concrete).expanduser() / "config.json").is_file():
-            raise ConfigError(f"model={source!r}: not a model directory (need config.json + weights)")
+        if problem := local_model_problem(Path(concrete).expanduser()):
+            raise ConfigError(f"model={source!r}: {problem}")
     elif hub_offline():
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(concrete, "config.json"), str):
             raise ConfigError(f"model={source!r}: not in the local Hugging Face cache and the hub is disabled "
                               "(HF_HUB_OFFLINE=1); use 'builtin:smollm2-135m-instruct' or a local model directory")
-
-
-def check_lora_targets(config: RunConfig) -> None:
-    """training.peft.target_modules name modules the model has (peft says so only once the trainer
-    is built, after the model is loaded and sampled). Checked on the model's architecture built
-    without weights, when its config.json is on this machine; else left to peft."""
-    peft = config.training.peft
-    if peft is None or peft.target_modules == ["all-linear"]:
-        return
-    from tasks.models import BUILTIN, builtin_gguf, builtin_target, resolve_source
-
-    concrete = resolve_source(config.model)
-    if concrete == BUILTIN and not builtin_gguf().is_file():
-        return  # check_model names what is missing
-    folder = builtin_target() if concrete == BUILTIN else Path(concrete).expanduser()
-    if not (folder / "config.json").is_file():
-        return
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
-    names = [name for name, _ in model.named_modules()]
-    missing = [t for t in peft.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
-        known = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        near = {t: m[0] for t in missing if (m := difflib.get_close_matches(t, known, n=1))}
-        hint = "; did you mean " + ", ".join(f"{m!r} for {t!r}" for t, m in near.items()) + "?" if near else ""
-        raise ConfigError(f"training.peft.target_modules: {missing} match no module of {concrete!r}{hint} "
-                          f"(its linear layers: {', '.join(known)}; or ['all-linear'])")
-
-
-def _model_dir_here(source: str):
-    """The model's local directory when it is here without downloading or converting, else None."""
-
-    from tasks.models import BUILTIN, builtin_target, resolve_source
-
-    concrete = resolve_source(source)
-    path = builtin_target() if concrete == BUILTIN else Path(concrete).expanduser()
-    return path if (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file() else None
 
 
 def check_inputs(config: RunConfig) -> None:
@@ -282,7 +186,7 @@ def check_inputs(config: RunConfig) -> None:
     check_model(config.model)
     if not data_here(config.data.dataset) and not hub_offline():  # hub data (also `auto` online)
         return
-    model_dir = _model_dir_here(config.model)  # else ChatML's control tokens (the flow checks the model's)
+    model_dir = model_dir_here(config.model)  # else ChatML's control tokens (the flow checks the model's)
     tokens = control_tokens_of(model_dir, config.template) if model_dir is not None else None
     try:
         load_chat_dataset.fn(config.data, tokens)
@@ -309,6 +213,7 @@ def validate_everything(config: RunConfig) -> tuple[list[str], dict[str, str]]:
     attempt("artifacts", check_store, config.output.artifacts_uri)
     attempt("judge", check_endpoint, config.judge)
     attempt("ray", check_ray_address, config.execution)
+    attempt("wandb", check_wandb, config.wandb)
     attempt("environment", run_timeout)  # SMOLFLOW_RUN_TIMEOUT_HOURS, read when a flow is imported
     attempt("model", check_model, config.model)
     attempt("hub", check_hub_reachable, config)

@@ -325,7 +325,8 @@ class WandbConfig(Section):
     """Weights & Biases tracking."""
 
     mode: Literal["auto", "online", "offline", "disabled"] = Field(
-        "auto", description="'auto': online when WANDB_API_KEY is set, else offline files."
+        "auto", description="'auto': online when WANDB_API_KEY is set and W&B's host answers, else offline files "
+        "(with one warning line saying why when a key is set)."
     )
     project: str = Field("smolflow", description="W&B project the run is logged to.")
     entity: str | None = Field(None, description="W&B team or user; None: the key's default entity.")

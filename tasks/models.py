@@ -120,6 +120,27 @@ def download_hub_model(repo_id: str) -> Path:
                            f"or disabled (HF_HUB_OFFLINE). {instead}") from err
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def local_model_problem(path: Path) -> str | None:
+    """Why a local folder is not a model transformers loads whole (None: it is one), with the fix."""
+    if not path.is_dir():
+        return "not a model directory (need config.json + weights)"
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return ("a LoRA/peft adapter (adapter_config.json), not a whole model: merge it into its base first "
+                "(peft: PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out), with the "
+                "base's tokenizer), or give the id of the smolflow run that trained it")
+    if not (path / "config.json").is_file():
+        return "not a model directory (need config.json + weights)"
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        return "no weights in it (*.safetensors or pytorch_model*.bin)"
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return (f"no tokenizer files in it (one of {', '.join(TOKENIZER_FILES)}): save the base model's tokenizer "
+                "there too (tokenizer.save_pretrained(folder))")
+    return None
+
+
 @task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
 def resolve_model(source: str) -> ModelRef:
     """Find (download or convert) the model and fingerprint its files."""
@@ -130,10 +151,10 @@ def resolve_model(source: str) -> ModelRef:
         path = convert_builtin()
     elif concrete.startswith("builtin:"):
         raise ValueError(f"model={source!r}: the only built-in model is {BUILTIN!r}")
-    elif Path(concrete).expanduser().is_dir():
-        path = Path(concrete).expanduser().resolve()
     elif Path(concrete).expanduser().exists() or concrete.startswith((".", "/", "~")):
-        raise ValueError(f"model={source!r}: not a model directory (need config.json + weights)")
+        path = Path(concrete).expanduser().resolve()
+        if problem := local_model_problem(path):
+            raise ValueError(f"model={source!r}: {problem}")
     else:
         path = download_hub_model(concrete)
     if not (path / "config.json").exists():

@@ -3,12 +3,18 @@
 once before a run starts, so a wrong address or credential is one line naming the setting within
 seconds, not a failure after an hour of training. A served run asks nothing: its tasks and its
 store's writes retry the network (a nightly must survive a short outage), and a setting that is
-wrong for good (credentials, a missing bucket) fails its first write at once.
+wrong for good (credentials, a missing bucket) fails its first write at once. W&B is the exception
+both ways: `wandb.mode: auto` asks its host in every run (served ones too) and falls back to offline
+files when it does not answer (tasks/tracking.py), and `online` is refused up front without a key
+or a host that answers.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
+import time
 from pathlib import Path
 
 from tasks.config import ExecutionConfig, RunConfig
@@ -23,6 +29,7 @@ def check_reachable(config: RunConfig, training: bool = True) -> None:
     check_store(config.output.artifacts_uri)
     check_endpoint(config.judge)
     check_ray_address(config.execution)
+    check_wandb(config.wandb)
 
 
 def check_ray_address(execution: ExecutionConfig, timeout: float = 5.0) -> None:
@@ -122,3 +129,105 @@ def data_here(source: str) -> bool:
     from tasks.data import FIXTURE_PREFIX
 
     return source.startswith((FIXTURE_PREFIX, ".", "/", "~")) or Path(source).expanduser().exists()
+
+
+# ---- Weights & Biases --------------------------------------------------------------------------
+
+WANDB_DEFAULT_URL = "https://api.wandb.ai"
+WANDB_PROBE_S = 3.0  # the whole probe, name lookup included: a run without a network waits no longer
+_WANDB_PROBE_TTL_S = 120.0  # one answer serves a run's checks, its resolved.json and its wandb.init
+_wandb_probes: dict[str, tuple[float, str | None]] = {}
+
+
+def wandb_base_url() -> str:
+    """The server W&B would talk to: WANDB_BASE_URL, else W&B's cloud."""
+    return (os.environ.get("WANDB_BASE_URL") or "").strip().rstrip("/") or WANDB_DEFAULT_URL
+
+
+def endpoint_unreachable(url: str, timeout: float = WANDB_PROBE_S) -> str | None:
+    """Why `url` does not answer an HTTP request within `timeout` seconds in all (DNS included,
+    which urllib's own timeout does not bound), or None when it answers at all (any status)."""
+    import urllib.error
+    import urllib.request
+
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            outcome.append(None)
+        except urllib.error.HTTPError:
+            outcome.append(None)  # it answered: reachable (the request's own status does not matter)
+        except (urllib.error.URLError, OSError, ValueError) as err:  # DNS, refused, timeout, a bad URL
+            outcome.append(str(getattr(err, "reason", None) or err))
+
+    thread = threading.Thread(target=probe, name="smolflow-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    if not outcome:
+        return f"no answer within {timeout:g} s"
+    return outcome[0]
+
+
+def wandb_unreachable() -> str | None:
+    """Why W&B's host cannot be reached now ('<url> is unreachable (...)'), or None; one probe per
+    host serves the next two minutes of this process."""
+    url = wandb_base_url()
+    now = time.monotonic()
+    cached = _wandb_probes.get(url)
+    if cached is None or now - cached[0] > _WANDB_PROBE_TTL_S:
+        why = endpoint_unreachable(url)
+        cached = _wandb_probes[url] = (now, f"{url} is unreachable ({why})" if why else None)
+    return cached[1]
+
+
+def auto_wandb_mode(cfg) -> tuple[str, str | None]:
+    """(the mode W&B runs in, why `auto` fell back to offline although a key is set, or None):
+    'auto' is online when WANDB_API_KEY is set and W&B's host answers, else offline."""
+    if cfg.mode != "auto":
+        return cfg.mode, None
+    if not os.environ.get("WANDB_API_KEY"):
+        return "offline", None
+    if why := wandb_unreachable():
+        return "offline", f"WANDB_API_KEY is set but {why}"
+    return "online", None
+
+
+def wandb_key_found() -> bool:
+    """Whether wandb.init would find credentials without prompting: WANDB_API_KEY,
+    WANDB_IDENTITY_TOKEN_FILE, or a .netrc entry for the host (NETRC or ~/.netrc, as `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    try:
+        from wandb.sdk.lib.wbauth.wbnetrc import read_netrc_auth
+
+        return bool(read_netrc_auth(host=wandb_base_url()))
+    except ImportError:  # another wandb: read the file as it does
+        import netrc
+        from urllib.parse import urlsplit
+
+        path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+        try:
+            creds = netrc.netrc(path).authenticators(urlsplit(wandb_base_url()).netloc)
+        except (OSError, netrc.NetrcParseError):
+            return False
+        return bool(creds and creds[2])
+    except Exception:  # a key in a form W&B refuses: wandb.init says why
+        return True
+
+
+def check_wandb(cfg) -> None:
+    """wandb.mode 'online' can log: a key is configured and W&B's host answers (in a few seconds),
+    not `UsageError: No API key configured` or a CommError after the model is loaded. 'auto' needs
+    no check: it falls back to offline files (tasks/tracking.py)."""
+    if cfg.mode != "online":
+        return
+    if not wandb_key_found():
+        from urllib.parse import urlsplit
+
+        raise ConfigError(f"wandb.mode='online': no W&B API key (WANDB_API_KEY is not set and ~/.netrc has no "
+                          f"entry for machine {urlsplit(wandb_base_url()).netloc}); export WANDB_API_KEY or run "
+                          "`wandb login`, or set wandb.mode to 'auto' (online when a key is set) or 'offline'")
+    if why := wandb_unreachable():
+        raise ConfigError(f"wandb.mode='online': {why}; fix the network (or WANDB_BASE_URL), or set wandb.mode "
+                          "to 'auto' (offline files when W&B cannot be reached; `wandb sync` them later) or 'offline'")

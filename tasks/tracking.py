@@ -1,4 +1,5 @@
-"""Weights & Biases: one run per flow run, offline files by default, online when a key is set.
+"""Weights & Biases: one run per flow run, offline files by default, online when a key is set and
+W&B's host answers (`wandb.mode: auto`; else offline files and one warning line saying why).
 
 The Trainer's own W&B callback logs the loss curves into the run started here; this module adds
 the samples table, benchmark scores, the gate's decision and the summary, and copies the run
@@ -19,9 +20,18 @@ from tasks.config import WandbConfig
 
 
 def wandb_mode(cfg: WandbConfig) -> str:
-    if cfg.mode == "auto":
-        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    return cfg.mode
+    """The mode W&B runs in. 'auto': online when WANDB_API_KEY is set and W&B's host (WANDB_BASE_URL,
+    else api.wandb.ai) answers within a few seconds; else offline files, with one warning line saying
+    why when a key is set, rather than a CommError after the model is loaded."""
+    from tasks.reachable import auto_wandb_mode
+
+    mode, why = auto_wandb_mode(cfg)
+    if why:
+        from tasks.runtime import run_logger
+
+        run_logger().warning("wandb.mode 'auto': logging offline, %s; `wandb sync` the run folder's wandb/ "
+                             "later, or set wandb.mode 'offline' to skip this check", why)
+    return mode
 
 
 def start_wandb(cfg: WandbConfig, run_id: str, config: dict, local_dir: Path, group: str | None,

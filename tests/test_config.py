@@ -179,7 +179,8 @@ def test_a_section_check_blames_the_flag_or_line_of_the_field_it_names(tmp_path)
 
 
 def test_lora_modules_the_model_lacks_are_named_before_it_loads(tiny_model_dir):
-    from tasks.checks import ConfigError, check_lora_targets
+    from tasks.checks import ConfigError
+    from tasks.checks_training import check_lora_targets
 
     config = parse_config(["--model", str(tiny_model_dir), "--training.peft", "{target_modules: [q_projj, v_proj]}"])
     with pytest.raises(ConfigError, match=r"\['q_projj'\] match no module of .*did you mean 'q_proj' for 'q_projj'\?"):

@@ -92,8 +92,30 @@ def test_auto_offline_is_the_builtin_model():
 
 
 def test_directory_without_config_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match=r"not a model directory \(need config.json \+ weights\)"):
         resolve_model.fn(str(tmp_path))
+
+
+def test_an_adapter_folder_and_a_model_without_tokenizer_are_named_with_the_fix(tiny_model_dir, tmp_path):
+    """What axolotl and peft leave (an adapter), and a model saved without its tokenizer, are named
+    before anything loads (the latter failed deep in a benchmark, blaming sentencepiece)."""
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"a LoRA/peft adapter \(adapter_config.json\), not a whole model: merge"):
+        resolve_model.fn(str(adapter))
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, bare)
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.json"):
+        (bare / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=r"no tokenizer files in it .*tokenizer.save_pretrained"):
+        resolve_model.fn(str(bare))
+    (bare / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"no weights in it"):
+        resolve_model.fn(str(bare))
 
 
 def test_a_deleted_cached_model_is_reported_not_crashed(tmp_path):

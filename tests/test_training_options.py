@@ -40,7 +40,7 @@ def test_optimizer_and_scheduler_names_read_from_source_are_transformers_enums()
     from transformers.trainer_utils import SchedulerType
     from transformers.training_args import OptimizerNames
 
-    from tasks.checks import _enum_values
+    from tasks.checks_training import _enum_values
 
     assert _enum_values("trainer_utils", "SchedulerType") == [e.value for e in SchedulerType]
     assert _enum_values("training_args", "OptimizerNames") == [e.value for e in OptimizerNames]
