@@ -212,22 +212,29 @@ def flow_run_link() -> str | None:
 
 def code_version() -> str:
     """smolflow's version, plus the git commit (and '+dirty') when running from a checkout."""
-    import subprocess
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         text = f"smolflow {version('smolflow')}"
     except PackageNotFoundError:
         text = "smolflow (not installed)"
+    commit = git_commit()
+    return f"{text}, git {commit}" if commit else text
+
+
+def git_commit() -> str | None:
+    """smolflow's git commit ('+dirty' with uncommitted changes) when it runs from a checkout, else None."""
+    import subprocess
+
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                                 text=True, timeout=5, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=5).stdout.strip()
-        return f"{text}, git {commit}{'+dirty' if dirty else ''}"
+        return f"{commit}{'+dirty' if dirty else ''}"
     except (OSError, subprocess.SubprocessError):
-        return text
+        return None
 
 
 def run_logger():

@@ -165,6 +165,20 @@ def test_gsm8k_gold_scores_100_and_wrong_answers_0():
     assert right.records[0]["prompt"].count("Question: ") == 6  # 5 train examples + the item
 
 
+def test_lm_evals_results_record_smolflows_commit_and_git_says_nothing(tmp_path, monkeypatch, capfd):
+    """Started outside any git repository, an evaluation printed git's 'fatal: not a git
+    repository' (lm-eval asks git about the working directory); the results carry smolflow's commit."""
+    from tasks.evaluation import save_scores
+    from tasks.runtime import git_commit
+
+    monkeypatch.chdir(tmp_path)
+    result = REGISTRY["gsm8k"].evaluate_lm(GoldOrWrong(right=True), BenchmarkConfig(name="gsm8k", data="fixture", limit=2))
+    assert "not a git repository" not in capfd.readouterr().err
+    save_scores.fn(str(tmp_path / "run"), {"gsm8k": {"model": result}})
+    (results,) = (tmp_path / "run" / "benchmarks" / "gsm8k" / "lm-eval" / "model").glob("results_*.json")
+    assert json.loads(results.read_text())["git_hash"] == git_commit() is not None
+
+
 def test_bbh_chain_of_thought_variant():
     cfg = BenchmarkConfig(name="bbh", variant="cot", subsets=["web_of_lies"], data="fixture")
     right = REGISTRY["bbh"].evaluate_lm(GoldOrWrong(right=True), cfg)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from tasks.benchmarks.rows import read_rows, write_jsonl  # noqa: F401 - the benchmarks' row helpers
 from tasks.config import BenchmarkConfig
 from tasks.console import quiet_bars
-from tasks.runtime import FIXTURES, hub_offline, split_of
+from tasks.runtime import FIXTURES, git_commit, hub_offline, split_of
 
 if TYPE_CHECKING:
     from tasks.benchmarks.parts import Part
@@ -102,6 +102,15 @@ class Benchmark(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, model, tokenizer, cfg: BenchmarkConfig, part: Part | None = None) -> BenchmarkResult:
         """Score a loaded model on this benchmark (on one part of its items: parts.py)."""
+
+
+def record_smolflow_commit() -> None:
+    """lm-eval's results record the git commit of the working directory, whatever repository a run
+    was started in, and outside one git prints 'fatal: not a git repository' (twice an evaluation):
+    they record smolflow's own commit instead (None when smolflow is not a checkout)."""
+    import lm_eval.evaluator
+
+    lm_eval.evaluator.get_git_commit_hash = git_commit
 
 
 def arrow_in(specs: list[dict[str, Any]], workdir: Path) -> list[dict[str, Any]]:
@@ -237,6 +246,7 @@ class LmEvalBenchmark(Benchmark):
         from tasks.benchmarks.parts import PartLM, describe, restrict
         from tasks.benchmarks.provenance import arrangement
 
+        record_smolflow_commit()
         started = time.perf_counter()
         tracker = EvaluationTracker()
         with tempfile.TemporaryDirectory() as workdir, quiet_bars():  # lm-eval's tqdm bars, unless verbose
