@@ -208,6 +208,11 @@ def check_rows(ds, split: str, policy: str = "strict", num_proc: int | None = No
     from datasets import Features, Json
 
     origin = origin or Origin(split)
+    if "messages" in ds.column_names and "system" in ds.column_names:  # LLaMA-Factory's and Alpaca's layout
+        raise BadRowsError(
+            f"split {split!r} has a `system` column, which smolflow does not read (each row's system prompt "
+            "would be lost): put it in each row as the first message, {role: system, content: ...}, and drop "
+            "the column")
     if "messages" not in ds.column_names:
         raise BadRowsError(
             f"split {split!r} has no `messages` column (columns: {ds.column_names}); "

@@ -161,6 +161,21 @@ def _content_problem(i: int, m: dict) -> str | None:
     return None
 
 
+# Per-turn loss switches other tools read (axolotl's `weight: 0` / `train: false`): smolflow trains on
+# whole conversations, or on assistant turns only (template.assistant_only_loss), never per turn.
+_TURN_SWITCHES = {"weight": lambda v: v not in (None, 1, 1.0, True), "train": lambda v: v not in (None, True),
+                  "training": lambda v: v not in (None, True)}
+
+
+def _turn_switch_problem(i: int, m: dict) -> str | None:
+    for key, masks in _TURN_SWITCHES.items():
+        if key in m and masks(m[key]):
+            return (f"messages[{i}].{key}={m[key]!r}: per-turn loss switches are not read (the turn would be "
+                    "trained on); remove the key, or set template.assistant_only_loss: true to train on assistant "
+                    "turns only")
+    return None
+
+
 def _tool_calls_problem(i: int, m: dict) -> str | None:
     calls = m.get("tool_calls")
     if calls is None:
@@ -193,7 +208,7 @@ def row_problem(messages) -> str | None:
             return f"messages[{i}] is not a dict"
         if m.get("role") not in ROLES:
             return f"messages[{i}].role is {m.get('role')!r}, expected one of {sorted(ROLES)}"
-        if problem := _tool_calls_problem(i, m) or _content_problem(i, m):
+        if problem := _tool_calls_problem(i, m) or _content_problem(i, m) or _turn_switch_problem(i, m):
             return problem
     if any(m["role"] == "system" for m in messages[1:]):
         return "a system message that is not first (templates only accept it as messages[0])"

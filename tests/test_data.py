@@ -76,6 +76,22 @@ def test_bad_rows_are_named_with_split_row_and_reason(tmp_path, bad_row, reason)
     _assert_bad_row_named(tmp_path, bad_row, reason)
 
 
+def test_fields_other_tools_read_are_refused_not_silently_dropped(tmp_path):
+    """A top-level `system` column (LLaMA-Factory, Alpaca) and a per-turn `weight: 0` / `train:
+    false` (axolotl) were read as nothing: the system prompt lost, the masked turn trained on."""
+    weighted = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]}
+    _assert_bad_row_named(tmp_path, weighted, "messages[1].weight=0: per-turn loss switches are not read")
+    untrained = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "train": False}]}
+    _assert_bad_row_named(tmp_path, untrained, "messages[1].train=False: per-turn loss switches are not read")
+    kept = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 1}]}
+    _write_jsonl(tmp_path / "train.jsonl", [_chat(0), _chat(1), kept])
+    assert load_chat_dataset.fn(DataConfig(dataset=str(tmp_path))).rows["train"] == 3  # weight 1 changes nothing
+    _write_jsonl(tmp_path / "train.jsonl", [_chat(i) | {"system": "You are terse."} for i in range(3)])
+    with pytest.raises(BadRowsError, match=r"split 'train' has a `system` column, which smolflow does not read.*"
+                                           r"first message, \{role: system"):
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+
+
 def test_missing_messages_column_says_which_schema(tmp_path):
     _write_jsonl(tmp_path / "train.jsonl", [{"text": "a"}])
     _write_jsonl(tmp_path / "test.jsonl", [{"text": "b"}])
