@@ -44,6 +44,10 @@ class GateDecision(BaseModel):
     table: list[dict]  # per benchmark: reference, tuned, delta, tolerance, ok (and why not comparable)
     reference_run: str | None = None  # the promoted run compared with (None: the base model)
     not_comparable: list[str] = []  # "<benchmark>: not comparable (why)": listed, no evidence either way
+    weak: list[str] = []  # "<benchmark>: ..." where noise hides drops over WEAK_DROP: said, not a reason
+
+
+WEAK_DROP = 0.10  # an allowed drop above this (10 points) is said in the decision: the gate cannot see less
 
 
 def comparable(ref: Score, new: Score) -> str | None:
@@ -62,7 +66,7 @@ def decide(
 ) -> GateDecision:
     """The gate's verdict from scores alone (pure: the tests drive it directly). Only scores with
     equal comparability keys are evidence; with none, no promotion unless allow_incomparable."""
-    table, reasons, incomparable, compared = [], [], [], 0
+    table, reasons, incomparable, weak, compared = [], [], [], [], 0
     for name, new in sorted(tuned.items()):
         ref = reference.get(name)
         if ref is None:  # a newly added benchmark has nothing to regress against
@@ -79,6 +83,9 @@ def decide(
         c = compare(ref, new, tolerance)
         table.append({"benchmark": name, "reference": c["reference"], "tuned": c["new"], "delta": c["delta"],
                       "tolerance": c["allowed_drop"], "ok": not c["regressed"], "comparable": "yes"})
+        if tolerance is None and c["allowed_drop"] > WEAK_DROP:
+            weak.append(f"{name}: on {new.n or '?'} items a drop of up to {c['allowed_drop']:.2f} is within noise, so "
+                        "smaller regressions pass unseen; raise its benchmarks[].limit for a sharper gate")
         if c["regressed"]:
             reasons.append(f"{name} dropped {-c['delta']:.4f} (from {ref.score:.4f} to {new.score:.4f}), "
                            f"more than its tolerance {c['allowed_drop']:.4f}")
@@ -87,7 +94,8 @@ def decide(
                         "no benchmark was scored (benchmarks is empty)") + ", so there is no evidence the model "
                        "did not regress; set gate.allow_incomparable: true to promote anyway")
     reasons += [f"training health: {sign}" for sign in blocking_health or []]
-    return GateDecision(promote=not reasons, against=against, reasons=reasons, table=table, not_comparable=incomparable)
+    return GateDecision(promote=not reasons, against=against, reasons=reasons, table=table, not_comparable=incomparable,
+                        weak=weak)
 
 
 def section(decision: GateDecision) -> str:
@@ -101,7 +109,9 @@ def section(decision: GateDecision) -> str:
     why = "".join(f"- {reason}\n" for reason in decision.reasons)
     apart = "".join(f"- {line} - not evidence either way\n" for line in decision.not_comparable)
     apart = f"\nNot compared:\n\n{apart}" if apart else ""
-    return (f"{verdict}, compared with the {decision.against}.\n\n{why}{apart}\n"
+    weak = "".join(f"- {line}\n" for line in decision.weak)
+    weak = f"\nWeak evidence:\n\n{weak}" if weak else ""
+    return (f"{verdict}, compared with the {decision.against}.\n\n{why}{apart}{weak}\n"
             f"| benchmark | reference | tuned | delta | tolerance | |\n|---|---|---|---|---|---|\n{rows}")
 
 

@@ -24,6 +24,21 @@ def test_drop_within_noise_promotes_and_beyond_noise_rejects():
     assert "mmlu dropped 0.1000" in rejected.reasons[0] and "tolerance 0.0849" in rejected.reasons[0]
 
 
+def test_a_gate_too_noisy_to_see_a_10_point_drop_says_so():
+    """GSM8K at its default 10 items: a drop under ~0.3 is within noise. Promoted, but the decision
+    says how large a drop it cannot see, and how to sharpen it; a fixed tolerance says nothing."""
+    from tasks.gate import section
+
+    d = decide({"gsm8k": Score(score=0.2, stderr=0.133, n=10)}, {"gsm8k": Score(score=0.3, stderr=0.153, n=10)}, "x")
+    assert d.promote and d.weak == ["gsm8k: on 10 items a drop of up to 0.41 is within noise, so smaller regressions "
+                                    "pass unseen; raise its benchmarks[].limit for a sharper gate"]
+    assert "Weak evidence:\n\n- gsm8k: on 10 items" in section(d)
+    sharp = decide({"mmlu": Score(score=0.5, stderr=0.01, n=2000)}, {"mmlu": Score(score=0.5, stderr=0.01, n=2000)}, "x")
+    assert sharp.weak == [] and "Weak evidence" not in section(sharp)
+    assert decide({"gsm8k": Score(score=0.2, stderr=0.133, n=10)}, {"gsm8k": Score(score=0.3, stderr=0.153, n=10)}, "x",
+                  tolerance=0.05).weak == []
+
+
 def test_fixed_tolerance_overrides_the_stderr_rule():
     ref = {"gsm8k": Score(score=0.50, stderr=0.2)}
     assert not decide({"gsm8k": Score(score=0.45, stderr=0.2)}, ref, "x", tolerance=0.01).promote
