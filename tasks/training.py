@@ -83,6 +83,10 @@ NOT_APPLICABLE = {
 }
 
 
+# SFTConfig fields TRL has renamed, as tutorials and older configs still spell them.
+RENAMED = {"max_seq_length": "training.max_length (TRL renamed it)"}
+
+
 def sft_overrides(cfg: TrainingConfig) -> dict:
     """training.sft_args checked against SFTConfig's fields and their types, values converted
     (ValueError naming `training.sft_args.<name>`)."""
@@ -104,6 +108,8 @@ def sft_overrides(cfg: TrainingConfig) -> dict:
         if name in NOT_APPLICABLE:
             raise ValueError(f"{where}: would have no effect or undo smolflow's own: {NOT_APPLICABLE[name]}")
         if name not in fields:
+            if name in RENAMED:
+                raise ValueError(f"{where}: TRL's SFTConfig has no field {name!r} any more; use {RENAMED[name]}")
             close = [f for f in sorted(fields) if name.lower() in f or f in name.lower()][:5]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ValueError(f"{where}: TRL's SFTConfig has no field {name!r}{hint}; see SFTConfig's documentation")
