@@ -73,6 +73,8 @@ NOT_APPLICABLE = {
     "chat_template_path": "use template.chat_template (the data is tokenized with it before training)",
     "eos_token": "the chat template decides EOS (template.chat_template); the data is tokenized with it before training",
     "pad_token": "smolflow sets the pad token when it loads the model",
+    "save_only_model": "checkpoints would lack the optimizer and scheduler state a retried or re-run training "
+                       "resumes from (the checkpoints are removed once the final model is saved anyway)",
     "completion_only_loss": "smolflow turns prompt/completion rows into a user and an assistant turn and tokenizes "
                             "them itself; for the loss on the completions only (TRL's default for such rows) set "
                             "template.assistant_only_loss: true",
