@@ -259,9 +259,14 @@ def test_eval_runs_lists_and_compares(env, tiny_model_dir, tmp_path):
     missing = smolflow(env, *_eval_args(root, str(tmp_path / "no-model"), 2), "--output.run-id", "eval-missing")
     assert missing.returncode == 2 and "not a model directory" in missing.stderr  # found out before the flow
     assert not (root / "runs/eval-missing").exists()
-    broken = tmp_path / "broken-model"  # passes that check (a config.json), fails loading in the flow
+    broken = tmp_path / "broken-model"  # passes that check (config.json, weights, tokenizer), fails loading in the flow
     broken.mkdir()
     (broken / "config.json").write_text("{}")
+    weightless = smolflow(env, *_eval_args(root, str(broken), 2), "--output.run-id", "eval-weightless")
+    assert weightless.returncode == 2 and "no weights in it" in weightless.stderr
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # a real tokenizer: the empty config.json is what breaks
+        (broken / name).write_bytes((tiny_model_dir / name).read_bytes())
     failed = smolflow(env, *_eval_args(root, str(broken), 2), "--output.run-id", "eval-bad")
     assert failed.returncode == 2 and "Traceback" not in failed.stderr.split("smolflow eval: error")[-1]
     assert json.loads((root / "runs/eval-bad/status.json").read_text())["state"] == "failed"
