@@ -74,6 +74,10 @@ def set_torch_threads(n: int | None) -> int:
 
     from tasks.console import after_import
 
+    if n and n > default_threads():  # a config written for a bigger machine: said, not silently slow
+        run_logger().warning("torch_threads=%d is more than the %d core(s) this process may use: oversubscribed "
+                             "cores make torch far slower (~10x seen); set torch_threads to at most %d, or null for "
+                             "every core", n, default_threads(), default_threads())
     n = n or default_threads()
     _threads[:] = [n]
     after_import("torch", lambda: sys.modules["torch"].set_num_threads(n), key="threads")

@@ -187,3 +187,25 @@ def test_bf16_cache_keys_hold_the_kernels_and_threads():
     # Results cached by code that keyed them otherwise are computed again (tasks/caching.py RESULTS).
     assert all(RESULTS in t.cache_policy.policies for t in (run_benchmark, run_custom_benchmark))
     assert RESULTS.key_storage is None  # Prefect's own (the run's result storage), not a folder named after the version
+
+
+def test_more_torch_threads_than_cores_is_said(caplog):
+    """A config written for a bigger machine (torch_threads: 64 on 2 cores) oversubscribes them
+    (~10x slower seen here): one warning line, not silence."""
+    import logging
+
+    from tasks.runtime import default_threads, set_torch_threads
+
+    logger = logging.getLogger("smolflow")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="smolflow"):
+            assert set_torch_threads(default_threads() + 1) == default_threads() + 1
+            set_torch_threads(default_threads())
+    finally:
+        logger.removeHandler(caplog.handler)
+        set_torch_threads(1)  # the tests run on one thread
+    warnings = [r.getMessage() for r in caplog.records if "torch_threads" in r.getMessage()]
+    assert warnings == [f"torch_threads={default_threads() + 1} is more than the {default_threads()} core(s) this "
+                        "process may use: oversubscribed cores make torch far slower (~10x seen); set torch_threads "
+                        f"to at most {default_threads()}, or null for every core"]
