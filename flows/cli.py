@@ -156,10 +156,11 @@ def cmd_runs(args: argparse.Namespace, rest: list[str]) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     shown = [r | {"promoted": "yes" if r["promoted"] else "",
+                  "loss (train/eval)": _losses(r["losses"]) if r["losses"] else "",
                   "scores": " ".join(f"{k}={v}" for k, v in r["scores"].items()),
                   "source": "; ".join(sorted(set(r["sources"].values()))),
                   "status": r["status"] + (f" ({r['why']})" if r["status"] in ("failed", "stopped") else "")} for r in rows]
-    print(_table(shown, ["run_id", "started", "status", "promoted", "scores", "source"]) if rows
+    print(_table(shown, ["run_id", "started", "status", "promoted", "loss (train/eval)", "scores", "source"]) if rows
           else f"no runs under {args.root}")
     return 0
 
@@ -179,8 +180,13 @@ def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
     print(f"\nSettings{'' if args.all else ' that differ'} (* = differs)")
     print(_table(diff, ["mark", "setting", "a", "b"]) if diff else "  none: same settings")
     print(f"\nHealthy: A {result['health']['a']} · B {result['health']['b']}")
+    print(f"Training loss (train/eval): A {_losses(result['training']['a'])} · B {_losses(result['training']['b'])}")
     print(f"Data: A {result['data']['a']}\n      B {result['data']['b']}")
     return 0
+
+
+def _losses(losses: dict) -> str:
+    return "/".join(str(losses.get(k, "-")) for k in ("train_loss", "eval_loss")) if losses else "none (no training)"
 
 
 def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:

@@ -99,8 +99,15 @@ def list_runs(root: str) -> list[dict[str, Any]]:
         status = run_status(run)
         started = _read(run, RunPaths.status, {}).get("started_at") or run_id[:15]
         rows.append({"run_id": run_id, "started": started, "status": status["state"], "why": status.get("why"),
-                     "promoted": run_id in promoted, "scores": headline(run), "sources": sources(run)})
+                     "promoted": run_id in promoted, "losses": losses(run), "scores": headline(run),
+                     "sources": sources(run)})
     return rows
+
+
+def losses(run: ArtifactStore) -> dict[str, float]:
+    """{train_loss, eval_loss} of a run's training, rounded ({} for an eval run or before training ended)."""
+    metrics = _read(run, RunPaths.metrics, {}) or {}
+    return {k: round(metrics[k], 4) for k in ("train_loss", "eval_loss") if isinstance(metrics.get(k), (int, float))}
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -141,11 +148,12 @@ def compare_runs(root: str, run_a: str, run_b: str) -> dict[str, Any]:
     settings = [{"setting": k, "a": ca.get(k), "b": cb.get(k), "differs": ca.get(k) != cb.get(k)}
                 for k in sorted(set(ca) | set(cb))]
     health = {"a": _read(a, RunPaths.health, {}).get("healthy"), "b": _read(b, RunPaths.health, {}).get("healthy")}
+    training = {"a": losses(a), "b": losses(b)}
     data = {side: (_read(run, RunPaths.manifest, {}) or {}).get("dataset", {}) for side, run in (("a", a), ("b", b))}
     data = {side: {k: d.get(k) for k in ("source", "fingerprint", "rows")} for side, d in data.items()}
     status = {"a": run_status(a)["state"], "b": run_status(b)["state"]}
     return {"runs": {"a": run_a, "b": run_b}, "status": status, "scores": scores, "settings": settings,
-            "health": health, "data": data}
+            "health": health, "training": training, "data": data}
 
 
 def model_of_run(root: str, run_id: str) -> dict[str, Any] | None:

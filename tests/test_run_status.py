@@ -35,6 +35,26 @@ def test_a_run_stopped_on_purpose_says_stopped_and_a_failed_one_says_why(tmp_pat
     assert (rows["broken"]["status"], rows["broken"]["why"]) == ("failed", "ValueError: no such column 'messages'")
 
 
+def test_runs_and_compare_show_each_runs_training_loss(tmp_path):
+    """A nightly's first question after its scores: did training go as usual? `smolflow runs` and
+    `compare` show the train and eval loss (none for an eval run)."""
+    from tasks.runs import compare_runs
+
+    root = ArtifactStore(str(tmp_path))
+    for run_id, metrics in (("n1", {"train_loss": 1.95432, "eval_loss": 1.84239, "steps": 30.0}), ("e1", None)):
+        run = root.child("runs", run_id)
+        run.write_json("config.json", {})
+        if metrics:
+            run.write_json("training/metrics.json", metrics)
+    rows = {r["run_id"]: r for r in list_runs(str(tmp_path))}
+    assert rows["n1"]["losses"] == {"train_loss": 1.9543, "eval_loss": 1.8424} and rows["e1"]["losses"] == {}
+    assert compare_runs(str(tmp_path), "n1", "e1")["training"] == {"a": {"train_loss": 1.9543, "eval_loss": 1.8424},
+                                                                  "b": {}}
+    shown = subprocess.run([str(Path(sys.executable).parent / "smolflow"), "runs", "--root", str(tmp_path)],
+                           capture_output=True, text=True, timeout=120).stdout
+    assert "loss (train/eval)" in shown and "1.9543/1.8424" in shown
+
+
 def test_run_timeout_reads_hours_and_refuses_nonsense(monkeypatch):
     from tasks.runtime import RUN_TIMEOUT_ENV, run_timeout
 
