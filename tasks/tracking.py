@@ -100,8 +100,6 @@ _WANDB_OWN = {"wandb-metadata.json", "wandb-summary.json", "config.yaml", "requi
 def replay_history(wb_run, log_history: list[dict], up_to: float = float("inf")) -> int:
     """Log the Trainer's rows whose step this W&B run has not logged yet (up to `up_to`), keyed as
     the Trainer's W&B callback keys them; returns how many."""
-    from transformers.integrations.integration_utils import rewrite_logs
-
     # A fresh W&B process (the re-run) has an empty summary; one that already logged steps (e.g. a
     # Prefect retry in the same process) must not get them twice.
     logged = wb_run.summary.get("train/global_step") or 0
@@ -112,8 +110,16 @@ def replay_history(wb_run, log_history: list[dict], up_to: float = float("inf"))
     for row in rows:
         logs = {k: v for k, v in row.items() if k != "step"}
         wb_run.summary.update({k: logs.pop(k) for k in _ONCE if k in logs})
-        wb_run.log(rewrite_logs(logs) | {"train/global_step": row["step"]})
+        wb_run.log(trainer_keys(logs) | {"train/global_step": row["step"]})
     return len(rows)
+
+
+def trainer_keys(logs: dict) -> dict:
+    """A Trainer log row keyed as its W&B callback keys it (transformers' `rewrite_logs`: eval_x ->
+    eval/x, test_x -> test/x, anything else train/x), without importing transformers' integrations:
+    ~5 s of a cached re-run, which loads no model (tests/test_run_console_wandb.py checks both agree)."""
+    return {(f"eval/{k[5:]}" if k.startswith("eval_") else f"test/{k[5:]}" if k.startswith("test_")
+             else f"train/{k}"): v for k, v in logs.items()}
 
 
 def resumed_curve():

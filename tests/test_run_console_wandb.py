@@ -126,3 +126,15 @@ def test_wandb_run_carries_report_tables_curves_model_and_gate(user_run):
     assert summary["gate/against"] == decision["against"]
     assert summary["gate/reasons"] == decision["reasons"]
     assert summary["gate/promoted"] is decision["promote"]
+
+
+def test_replayed_rows_are_keyed_as_the_trainers_wandb_callback_keys_them():
+    """tracking.trainer_keys stands in for transformers' rewrite_logs (whose import costs a cached
+    re-run ~5 s): both give the same keys."""
+    from transformers.integrations.integration_utils import rewrite_logs
+
+    from tasks.tracking import trainer_keys
+
+    row = {"loss": 2.1, "grad_norm": 0.5, "learning_rate": 1e-4, "epoch": 0.3, "eval_loss": 1.9, "eval_runtime": 2.0,
+           "test_accuracy": 0.4, "train_runtime": 12.0, "evaluation": 1, "tested": 2}
+    assert trainer_keys(row) == rewrite_logs(row)
