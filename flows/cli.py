@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import yaml
 
+from tasks.config import NOT_IN_EVAL
 from tasks.config_args import UserError, config_help, locate, parse_config
 
 EXIT_USER_ERROR = 2
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, fn in CONFIG_COMMANDS.items():
         p = sub.add_parser(name, help=fn.__doc__.splitlines()[0], add_help=False,
-                           description=fn.__doc__ + "\n\n" + config_help(),
+                           description=fn.__doc__ + "\n\n" + config_help(leave_out=NOT_IN_EVAL if name == "eval" else None),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("-h", "--help", action="help", help="list every setting")
         p.set_defaults(fn=fn, takes_settings=True)

@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 
 from tasks.caching import results_storage
 from tasks.checks import check_run
-from tasks.config import RunConfig
+from tasks.config import NOT_IN_EVAL, RunConfig
 from tasks.config_base import unused
 from tasks.console import configure_logging
 from tasks.device import publish, unpublish
@@ -38,17 +38,18 @@ def check_eval_settings(config: RunConfig) -> None:
     template, training, samples, gate, hub push, a model for W&B), moved off its default, would have
     no effect, so it is refused, naming it (ValueError). Retention (output.keep_*) and W&B apply."""
     scoring_only = "smolflow eval scores a model and trains nothing, so it has no {} (smolflow run does)"
-    for section, what in (("data", "training data"), ("template", "chat template to apply"),
-                          ("training", "training"), ("gate", "promotion gate")):
-        unused(getattr(config, section), tuple(type(getattr(config, section)).model_fields), f"{section}.",
-               scoring_only.format(what))
+    what = {"data": "training data", "template": "chat template to apply", "training": "training",
+            "gate": "promotion gate", "sampling": "before/after samples", "output": "new model to push",
+            "wandb": "new model to log"}
     judge_reads_prompts = config.judge.enabled and config.judge.instructions == "samples"
-    unused(config.sampling, ("max_new_tokens",) + (() if judge_reads_prompts else ("prompts",)), "sampling.",
-           scoring_only.format("before/after samples") + "; sampling.prompts serves only as the judge's "
-           "instructions (judge.instructions: samples)")
-    unused(config.output, ("push_to_hub", "hub_token_secret", "hub_private"), "output.",
-           scoring_only.format("new model to push"))
-    unused(config.wandb, ("log_model",), "wandb.", scoring_only.format("new model to log"))
+    for section, fields in NOT_IN_EVAL.items():
+        part = getattr(config, section)
+        fields = tuple(type(part).model_fields) if fields is None else fields
+        if section == "sampling" and not judge_reads_prompts:
+            fields += ("prompts",)
+        why = scoring_only.format(what[section]) + ("; sampling.prompts serves only as the judge's instructions "
+                                                    "(judge.instructions: samples)" if section == "sampling" else "")
+        unused(part, fields, f"{section}.", why)
 
 
 # unpublish: the run's device/precision/task-runner settings end with it (tasks/device.py).

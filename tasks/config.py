@@ -407,3 +407,11 @@ class RunConfig(Section):
         if self.judge.max_new_tokens is None and self.judge.enabled:  # off: left unset (nothing judges)
             self.judge.max_new_tokens = self.sampling.max_new_tokens
         return self
+
+
+# The settings of the stages `smolflow eval` does not run (a whole section, or some of its fields):
+# refused there when moved off their defaults (flows/evaluate.py check_eval_settings) and left out
+# of `smolflow eval --help`. sampling.prompts stays: it is the judge's instructions by default.
+NOT_IN_EVAL: dict[str, tuple[str, ...] | None] = {
+    "data": None, "template": None, "training": None, "gate": None, "sampling": ("max_new_tokens",),
+    "output": ("push_to_hub", "hub_token_secret", "hub_private"), "wandb": ("log_model",)}

@@ -180,12 +180,16 @@ def locate(argv: list[str], message: str) -> str:
     return message
 
 
-def config_help(model: type[BaseModel] = RunConfig) -> str:
-    """Every setting as a flag, with its default and description."""
-    out = []
+def config_help(model: type[BaseModel] = RunConfig, leave_out: dict | None = None) -> str:
+    """Every setting as a flag, with its default and description; `leave_out`: {section: None (all of
+    it) or its fields} a command does not take."""
+    out, leave_out = [], leave_out or {}
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, info in model.model_fields.items():
+            section = prefix.rstrip(".")
+            if (not prefix and name in leave_out and leave_out[name] is None) or name in (leave_out.get(section) or ()):
+                continue
             flag = f"{prefix}{name}".replace("_", "-")
             ann = info.annotation
             if isinstance(ann, type) and issubclass(ann, BaseModel):

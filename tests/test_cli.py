@@ -40,6 +40,11 @@ def test_help_lists_every_subcommand(env):
     assert fields.returncode == 0 and "--training.max-steps" in fields.stdout and "--output.artifacts-uri" in fields.stdout
     arena = smolflow(env, "arena", "run", "--help")
     assert arena.returncode == 0 and "--last-runs" in arena.stdout
+    # eval lists only what it takes: the settings it refuses (tests below) are not offered
+    scoring = smolflow(env, "eval", "--help").stdout
+    assert "--benchmarks" in scoring and "--judge.enabled" in scoring and "--output.keep-runs" in scoring
+    assert not any(f in scoring for f in ("--training.", "--data.", "--template.", "--gate.", "--sampling.max-new-tokens",
+                                          "--output.push-to-hub", "--wandb.log-model"))
 
 
 def test_every_option_and_argument_says_what_it_is():
