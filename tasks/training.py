@@ -336,6 +336,8 @@ def fit(spec: FitSpec) -> dict:
         metrics["trainable_params"] = trainable
     return {"metrics": metrics, "log_history": trainer.state.log_history,
             "trainer_args": json.loads(trainer.args.to_json_string()) | {"smolflow_levers": levers}
+            # TRL's max_length is null with padding-free batches: smolflow cut the rows before TRL saw them
+            | {"smolflow_rows_cut_to": cfg.max_length}
             | ({"smolflow_lora_new_tokens": {"tokens": tokenizer.convert_ids_to_tokens(added)} | new_rows}
                if new_rows else {})}
 

@@ -20,6 +20,9 @@ def test_padding_free_gives_the_padded_losses(tiny_ref, fixture_data, tmp_path):
         # Padding-free rows train with per-sequence attention (the padded ones with SDPA), recorded with the run.
         assert result.trainer_args["smolflow_levers"]["attention"] == (PACKED if padding_free else "sdpa")
         assert result.trainer_args["smolflow_levers"]["freed_memory_kept"] is True  # glibc, CPU: kept while training
+        # TRL's own max_length is off with padding-free batches; the record says where the rows were cut
+        assert result.trainer_args["max_length"] == (None if padding_free else 256)
+        assert result.trainer_args["smolflow_rows_cut_to"] == 256
         losses[padding_free] = [h["loss"] for h in result.log_history if "loss" in h] + [result.metrics["eval_loss"]]
     assert len(losses[True]) == 4
     for a, b in zip(losses[True], losses[False]):
