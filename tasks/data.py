@@ -37,7 +37,7 @@ from tasks.config import DataConfig
 from tasks.datafiles import READ_PROBLEM, Origin, UnreadableError, local_data_files, read_split
 from tasks.rows import (  # noqa: F401 - as_written, row_problem, row_shapes: used from here by other stages
     CHATML_TOKENS, SHAPES, as_written, may_hold_token, normalize, pairs_to_messages, reason_kind, row_json, row_problem,
-    row_shapes, special_token_problem, token_pattern,
+    row_shapes, sharegpt_to_messages, special_token_problem, token_pattern,
 )
 from tasks.runtime import FIXTURES, atomic_dir, atomic_write, cache_dir, default_threads, hub_offline, retry_transient
 
@@ -180,9 +180,19 @@ def _pairs_to_messages(batch):
     return {"messages": [pairs_to_messages(p, c) for p, c in zip(batch["prompt"], batch["completion"])]}
 
 
+def _sharegpt_to_messages(batch):
+    systems = batch["system"] if "system" in batch else [None] * len(batch["conversations"])
+    return {"messages": [sharegpt_to_messages(c, s) for c, s in zip(batch["conversations"], systems)]}
+
+
 def as_messages(ds, split: str):
     """Rows in `messages` form: prompt/completion pairs (TRL's schema, text or conversational) become a
-    user turn and an assistant turn, then face the same checks as any conversation."""
+    user turn and an assistant turn, ShareGPT's `conversations` ({from, value} turns, plus its
+    `system` prompt) messages; then they face the same checks as any conversation."""
+    if "messages" not in ds.column_names and "conversations" in ds.column_names:
+        log.info("Split %r has ShareGPT `conversations`: reading each {from, value} turn as a message", split)
+        return ds.map(_sharegpt_to_messages, batched=True, remove_columns=ds.column_names, load_from_cache_file=False,
+                      desc=f"conversations -> messages ({split})")
     if "messages" in ds.column_names or not {"prompt", "completion"} <= set(ds.column_names):
         return ds
     log.info("Split %r has prompt/completion columns: turning each pair into a user and an assistant turn", split)
@@ -216,7 +226,8 @@ def check_rows(ds, split: str, policy: str = "strict", num_proc: int | None = No
     if "messages" not in ds.column_names:
         raise BadRowsError(
             f"split {split!r} has no `messages` column (columns: {ds.column_names}); "
-            "rows must be in smoltalk's schema: messages=[{role, content}, ...], or prompt/completion pairs"
+            "rows must be in smoltalk's schema: messages=[{role, content}, ...], or prompt/completion pairs, "
+            "or ShareGPT's conversations=[{from, value}, ...]"
         )
     # Never from datasets' map cache: it keys module-level functions by name, not code, so a
     # cached result could predate a change to the checks. The result (a reason, a digest and a few

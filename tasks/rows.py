@@ -117,6 +117,25 @@ def normalize(messages, pattern: re.Pattern | None = None, escape: bool = False)
     return out, sorted(set(changes))
 
 
+# ShareGPT's speakers (axolotl, LLaMA-Factory, FastChat) as chat roles.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "system": "system", "tool": "tool", "observation": "tool"}
+
+
+def sharegpt_to_messages(conversation, system=None) -> object:
+    """A ShareGPT row ({from, value} turns, and the format's optional `system` prompt) as messages;
+    turns of another shape are kept as they are, for the row checks to name."""
+    if not isinstance(conversation, list):
+        return conversation
+    turns = [{"role": SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t["value"]}
+             | {k: v for k, v in t.items() if k not in ("from", "value")}
+             if isinstance(t, dict) and "from" in t and "value" in t else t for t in conversation]
+    starts_with_system = bool(turns) and isinstance(turns[0], dict) and turns[0].get("role") == "system"
+    if isinstance(system, str) and system.strip() and not starts_with_system:
+        turns.insert(0, {"role": "system", "content": system})
+    return turns
+
+
 def pairs_to_messages(prompt, completion) -> list:
     """TRL's prompt/completion pair (plain text, or lists of messages) as one conversation."""
     def turns(value, role):

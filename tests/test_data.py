@@ -92,6 +92,29 @@ def test_fields_other_tools_read_are_refused_not_silently_dropped(tmp_path):
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
 
 
+def test_sharegpt_conversations_become_messages_with_their_system_prompt(tmp_path):
+    """axolotl's and LLaMA-Factory's ShareGPT rows ({from, value} turns, a `system` prompt) are read as
+    conversations and checked like any; a bad speaker is named by its row."""
+    from datasets import load_from_disk
+
+    def row(i, system=None):
+        out = {"conversations": [{"from": "human", "value": f"Hi {i}"}, {"from": "gpt", "value": f"Hello {i}!"}]}
+        return out | ({"system": system} if system is not None else {})
+
+    _write_jsonl(tmp_path / "train.jsonl", [row(0, "Be brief."), row(1, ""), row(2, "Be kind.")])
+    _write_jsonl(tmp_path / "test.jsonl", [row(3)])
+    ref = load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    train = load_from_disk(ref.path)["train"]["messages"]
+    assert [[(m["role"], m["content"]) for m in t] for t in train] == [
+        [("system", "Be brief."), ("user", "Hi 0"), ("assistant", "Hello 0!")],
+        [("user", "Hi 1"), ("assistant", "Hello 1!")],
+        [("system", "Be kind."), ("user", "Hi 2"), ("assistant", "Hello 2!")]]
+    bad = {"conversations": [{"from": "narrator", "value": "Once"}, {"from": "gpt", "value": "upon"}]}
+    _write_jsonl(tmp_path / "train.jsonl", [row(0), row(1), bad])
+    with pytest.raises(BadRowsError, match=r"train.jsonl:3: messages\[0\].role is 'narrator'"):
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+
+
 def test_missing_messages_column_says_which_schema(tmp_path):
     _write_jsonl(tmp_path / "train.jsonl", [{"text": "a"}])
     _write_jsonl(tmp_path / "test.jsonl", [{"text": "b"}])
