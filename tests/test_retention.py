@@ -210,7 +210,10 @@ def test_old_wandb_service_logs_go_and_recent_ones_stay(variable, tmp_path, monk
     monkeypatch.setenv("SMOLFLOW_CACHE", str(tmp_path / "cache"))
     run = ("import wandb; r = wandb.init(project='p', mode='offline', dir=%r); r.log({'a': 1}); r.finish()"
            % str(tmp_path))
-    subprocess.run([sys.executable, "-c", run], check=True, env=os.environ, timeout=120)
+    # Without WANDB_SERVICE: a W&B run earlier in this test process set it, and the child would
+    # join that process's service (whose logs are elsewhere) instead of starting its own.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    subprocess.run([sys.executable, "-c", run], check=True, env=env, timeout=120)
     logs = wandb_logs_dir()
     written = sorted(p.name for p in logs.glob("core-debug-*.log"))
     assert len(written) == 1, f"a real W&B run's service log is not where gc looks ({logs})"
