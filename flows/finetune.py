@@ -99,6 +99,8 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
                 "base_model": templated.model.model_dump(),
                 "tuned_model": trained.model.model_dump(),
                 "dataset": data.model_dump(),
+                "template": {"name": templated.template_name, "assistant_only_loss": templated.assistant_only,
+                             "why": templated.loss_why},  # what template.assistant_only_loss 'auto' decided
                 "resolved": run.read_json(RunPaths.resolved),
                 "torch_threads": threads,
                 "execution": placement.model_dump(mode="json"),

@@ -200,7 +200,7 @@ def check_template(config: RunConfig) -> None:
     sampled. With 'model', the model's own template is read when the model is here (else the flow
     checks it once it is)."""
     cfg = config.template
-    if not cfg.assistant_only_loss:
+    if cfg.assistant_only_loss is not True:  # 'auto' falls back to every token where markers are missing
         return
     from tasks.special_tokens import tokenizer_facts
     from tasks.templates import effective_template, template_choice

@@ -93,11 +93,25 @@ class TemplateConfig(Section):
         "'chatml', 'chatml-assistant-only', 'mistral', 'llama3': a template shipped in tasks/chat_templates/; "
         "or a path to a local .jinja file.",
     )
-    assistant_only_loss: bool = Field(
-        False,
+    assistant_only_loss: bool | Literal["auto"] = Field(
+        "auto",
         description="Train only on assistant tokens (TRL's assistant_only_loss). Needs a template with "
-        "{% generation %} markers: with 'model' or 'chatml' smolflow switches to 'chatml-assistant-only'.",
+        "{% generation %} markers: with 'model' or 'chatml' smolflow switches to 'chatml-assistant-only'. "
+        "'auto': on for prompt/completion rows (TRL trains those on the completion only) and ShareGPT rows "
+        "(axolotl and LLaMA-Factory train those on the replies only), off for `messages` rows (TRL's and "
+        "the seed's default); off, with a warning, where the template cannot mark replies.",
     )
+
+    @field_validator("assistant_only_loss", mode="before")
+    @classmethod
+    def _on_off_or_auto(cls, value):
+        # One message for a bad value (pydantic's union gives one per member).
+        words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+        if isinstance(value, bool) or value == "auto":
+            return value
+        if isinstance(value, str) and value.lower() in words:
+            return words[value.lower()]
+        raise ValueError(f"{value!r} is none of true, false, 'auto'")
 
     @field_validator("chat_template")
     @classmethod

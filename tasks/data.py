@@ -68,6 +68,9 @@ class DatasetRef(BaseModel):
     # split -> {what: rows}: 'special tokens escaped', 'seed tool-call shorthand' (rewritten, kept).
     rewritten: dict[str, dict[str, int]] = {}
     held_out: str | None = None  # how data.test_size made the test split, when it did
+    # The train split's rows as read: 'messages', 'prompt/completion' (TRL's pairs) or 'sharegpt'
+    # (`conversations`); template.assistant_only_loss 'auto' decides by it.
+    layout: str = "messages"
 
     def markdown(self) -> str:
         """Source, rows per split, fingerprint, rows dropped and rewritten by reason, special tokens, for the report."""
@@ -82,7 +85,8 @@ class DatasetRef(BaseModel):
         )
         tokens = f"\nSpecial tokens typed in text ({len(self.special_tokens)} checked): {self.special_tokens_in_text}\n"
         held = f" ({self.held_out})" if self.held_out else ""
-        return f"Source `{self.source}` · {rows}{held} · fingerprint `{self.fingerprint}`\n{dropped}{rewritten}{tokens}"
+        read = f" · read from {self.layout} rows" if self.layout != "messages" else ""
+        return f"Source `{self.source}`{read} · {rows}{held} · fingerprint `{self.fingerprint}`\n{dropped}{rewritten}{tokens}"
 
 
 class BadRowsError(ValueError):
@@ -185,15 +189,25 @@ def _sharegpt_to_messages(batch):
     return {"messages": [sharegpt_to_messages(c, s) for c, s in zip(batch["conversations"], systems)]}
 
 
+def layout_of(ds) -> str:
+    """How the rows are laid out, as as_messages reads them: 'messages', 'sharegpt' or 'prompt/completion'."""
+    if "messages" not in ds.column_names and "conversations" in ds.column_names:
+        return "sharegpt"
+    if "messages" not in ds.column_names and {"prompt", "completion"} <= set(ds.column_names):
+        return "prompt/completion"
+    return "messages"
+
+
 def as_messages(ds, split: str):
     """Rows in `messages` form: prompt/completion pairs (TRL's schema, text or conversational) become a
     user turn and an assistant turn, ShareGPT's `conversations` ({from, value} turns, plus its
     `system` prompt) messages; then they face the same checks as any conversation."""
-    if "messages" not in ds.column_names and "conversations" in ds.column_names:
+    layout = layout_of(ds)
+    if layout == "sharegpt":
         log.info("Split %r has ShareGPT `conversations`: reading each {from, value} turn as a message", split)
         return ds.map(_sharegpt_to_messages, batched=True, remove_columns=ds.column_names, load_from_cache_file=False,
                       desc=f"conversations -> messages ({split})")
-    if "messages" in ds.column_names or not {"prompt", "completion"} <= set(ds.column_names):
+    if layout == "messages":
         return ds
     log.info("Split %r has prompt/completion columns: turning each pair into a user and an assistant turn", split)
     return ds.map(_pairs_to_messages, batched=True, remove_columns=ds.column_names, load_from_cache_file=False,
@@ -386,6 +400,7 @@ def load_chat_dataset(cfg: DataConfig, special_tokens: list[str] | None = None) 
             atomic_write(quick, ref.model_dump_json())
         return ref
     splits, dropped, shapes, rewritten = {}, {}, dict.fromkeys(SHAPES, 0), {}
+    layout = layout_of(raw[cfg.train_split])
     limits = {"train": cfg.max_train_rows, "test": cfg.max_test_rows}
     escape = cfg.special_tokens_in_text == "escape"
     for key, split in (("train", cfg.train_split), ("test", cfg.test_split)):
@@ -410,7 +425,7 @@ def load_chat_dataset(cfg: DataConfig, special_tokens: list[str] | None = None) 
     ref = DatasetRef(
         source=cfg.dataset, path=str(target), fingerprint=fingerprint, rows={k: len(v) for k, v in saved.items()},
         dropped=dropped, shapes=shapes, special_tokens_in_text=cfg.special_tokens_in_text, special_tokens=tokens,
-        rewritten=rewritten, held_out=held_out,
+        rewritten=rewritten, held_out=held_out, layout=layout,
     )
     for record in (index, quick):
         if record is not None:

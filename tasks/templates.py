@@ -64,6 +64,7 @@ class TemplatedModel(BaseModel):
     rendered_example: str  # the first training conversation as the model will see it
     template_name: str = "model"  # the template used: 'model', a shipped name, or the .jinja path
     assistant_only: bool = False  # loss on assistant replies (and their EOS) only
+    loss_why: str = ""  # how template.assistant_only_loss 'auto' decided it, when it did
     eos_token: str = ""  # what every assistant turn ends with and generation stops on
     shapes: dict[str, int] = {}  # rows with tool_calls / tool replies / content parts (train + test)
     preview: str = ""  # markdown: the renderings under ChatML, Mistral, Llama-3 and this run's template
@@ -116,11 +117,22 @@ class TemplateText(CachePolicy):
         return hashlib.sha256(text.encode()).hexdigest() if text is not None else None
 
 
-def effective_template(cfg: TemplateConfig, own: str | None) -> tuple[str, str | None]:
+def assistant_only_wanted(cfg: TemplateConfig, layout: str) -> tuple[bool, str]:
+    """template.assistant_only_loss for rows laid out as `layout` (tasks/data.py layout_of): (on, why)."""
+    if cfg.assistant_only_loss != "auto":
+        return bool(cfg.assistant_only_loss), ""
+    if layout == "prompt/completion":
+        return True, "auto: prompt/completion rows, as TRL trains them"
+    if layout == "sharegpt":
+        return True, "auto: ShareGPT rows, as axolotl and LLaMA-Factory train them"
+    return False, "auto: messages rows, as TRL trains them"
+
+
+def effective_template(cfg: TemplateConfig, own: str | None, assistant_only: bool | None = None) -> tuple[str, str | None]:
     """The template to train with: template.chat_template, switched to the ChatML template with
-    {% generation %} markers when assistant-only loss needs them."""
+    {% generation %} markers when assistant-only loss (`assistant_only`, else the setting) needs them."""
     name, text = template_choice(cfg.chat_template)
-    if not cfg.assistant_only_loss:
+    if not (cfg.assistant_only_loss is True if assistant_only is None else assistant_only):
         return name, text
     from trl.chat_template_utils import has_generation_markers
 
@@ -331,7 +343,16 @@ def prepare_chat_template(base: ModelRef, data: DatasetRef, cfg: TemplateConfig 
 
     model, tokenizer = load_model(base, as_stored=True)  # saved again below: keep the stored weights
     own, vocabulary = tokenizer.chat_template, len(tokenizer)
-    name, text = effective_template(cfg, own)
+    on, why = assistant_only_wanted(cfg, data.layout)
+    try:
+        name, text = effective_template(cfg, own, on)
+    except TemplateError:
+        if cfg.assistant_only_loss != "auto":
+            raise
+        on, why = False, (f"auto: {data.layout} rows, but template.chat_template={cfg.chat_template!r} cannot mark "
+                          "the replies ({% generation %}); 'chatml-assistant-only' or 'llama3' can")
+        run_logger().warning("template.assistant_only_loss %s", why)
+        name, text = effective_template(cfg, own, False)
     if text is None and not own:  # a base model without a template: ChatML, as SmolLM2-Instruct has it
         name, text = "chatml", shipped_text("chatml")
     model, tokenizer, source, changed = _apply(model, tokenizer, name, text)
@@ -339,7 +360,7 @@ def prepare_chat_template(base: ModelRef, data: DatasetRef, cfg: TemplateConfig 
     if source == "model":
         label += f" ({Path(base.path).name}'s own template)"
     changed = ensure_eos(model, tokenizer, label) or changed
-    if cfg.assistant_only_loss:
+    if on:
         check_assistant_mask(tokenizer, label)
     splits = load_from_disk(data.path)
     shapes = check_shapes(tokenizer, label, data, splits)
@@ -351,8 +372,8 @@ def prepare_chat_template(base: ModelRef, data: DatasetRef, cfg: TemplateConfig 
                       source, tokenizer.eos_token, rendered)
     return TemplatedModel(
         model=base, template_source=source, rendered_example=rendered, template_name=name,
-        assistant_only=cfg.assistant_only_loss, eos_token=tokenizer.eos_token, shapes=shapes,
-        preview=preview_markdown(tokenizer, example, cfg.assistant_only_loss, source),
+        assistant_only=on, loss_why=why, eos_token=tokenizer.eos_token, shapes=shapes,
+        preview=preview_markdown(tokenizer, example, on, source, why),
     )
 
 
@@ -393,12 +414,12 @@ def _token_table(tokenizer, messages, assistant_only: bool, limit: int = 300) ->
 
 
 def preview_markdown(tokenizer, messages: list[dict], assistant_only: bool,
-                     template_label: str = "this run's template") -> str:
+                     template_label: str = "this run's template", why: str = "") -> str:
     """The conversation and a built-in one under ChatML, Mistral, Llama-3 and the tokenizer's own
     template (special tokens visible), plus the token ids of `messages` with their loss mask."""
     eos = tokenizer.eos_token
     loss = ("assistant replies and their EOS only (assistant_only_loss: system, user and tool tokens are -100)"
-            if assistant_only else "every token (system, user and assistant turns)")
+            if assistant_only else "every token (system, user and assistant turns)") + (f"; {why}" if why else "")
     parts = [
         "# Chat templates",
         f"This run's template: **{html.escape(template_label)}**. EOS: {_cell(eos)} (id {tokenizer.eos_token_id}): "
@@ -431,7 +452,8 @@ def write_template_preview(run: ArtifactStore, templated: TemplatedModel) -> str
     run.write_text(RunPaths.rendered_example, templated.rendered_example)
     run.write_text(RunPaths.section("template"), (
         f"Template: {templated.template_source} · loss on "
-        f"{'assistant replies only' if templated.assistant_only else 'every token'} · turns end with "
+        f"{'assistant replies only' if templated.assistant_only else 'every token'}"
+        f"{f' ({templated.loss_why})' if templated.loss_why else ''} · turns end with "
         f"`{templated.eos_token}` · preview under other templates: `{PREVIEW_PATH}`\n\n"
         f"The first training conversation as the model sees it:\n\n```text\n{templated.rendered_example}\n```\n"))
     publish_markdown(PREVIEW_KEY, templated.preview,

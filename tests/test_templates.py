@@ -212,6 +212,46 @@ def test_assistant_only_with_a_template_without_markers_is_refused(tiny_ref, fix
         prepare_chat_template.fn(tiny_ref, fixture_data, TemplateConfig(chat_template="mistral", assistant_only_loss=True))
 
 
+def _pairs_ref(tmp_path: Path, layout: str) -> DatasetRef:
+    folder = tmp_path / layout.replace("/", "-")
+    folder.mkdir()
+    rows = {"prompt/completion": [{"prompt": "What is 2+2?", "completion": "4"}],
+            "sharegpt": [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}]}
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[layout]))
+    return load_chat_dataset.fn(DataConfig(dataset=str(folder)))
+
+
+@pytest.mark.parametrize("layout", ["prompt/completion", "sharegpt"])
+def test_auto_trains_pairs_and_sharegpt_rows_on_the_replies_as_their_tools_do(tiny_ref, tmp_path, layout):
+    """template.assistant_only_loss 'auto' (the default): TRL trains prompt/completion rows on the
+    completion only, axolotl and LLaMA-Factory ShareGPT rows on the replies; the run says so."""
+    data = _pairs_ref(tmp_path, layout)
+    assert data.layout == layout and f"read from {layout} rows" in data.markdown()
+    out = prepare_chat_template.fn(tiny_ref, data, TemplateConfig())
+    assert out.assistant_only and out.template_name == "chatml-assistant-only"
+    assert out.loss_why.lower().startswith(f"auto: {layout} rows, as ")
+    assert "Trained on: assistant replies and their EOS only (assistant_only_loss: system, user and tool tokens " \
+           f"are -100); {out.loss_why}." in out.preview
+    _, tokenizer = load_model(out.model)
+    messages = load_from_disk(data.path)["train"][0]["messages"]
+    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    kept = [i for i, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]
+    assert tokenizer.decode(kept) == messages[-1]["content"] + tokenizer.eos_token  # the reply and its EOS only
+
+
+def test_auto_trains_messages_rows_on_every_token_and_falls_back_where_a_template_cannot_mark(
+        tiny_ref, fixture_data, tmp_path, caplog):
+    out = prepare_chat_template.fn(tiny_ref, fixture_data, TemplateConfig())
+    assert fixture_data.layout == "messages" and not out.assistant_only and out.template_name == "model"
+    assert out.loss_why == "auto: messages rows, as TRL trains them"
+    pairs = _pairs_ref(tmp_path, "prompt/completion")
+    out = prepare_chat_template.fn(tiny_ref, pairs, TemplateConfig(chat_template="mistral"))
+    assert not out.assistant_only and out.template_name == "mistral"  # explicit true is refused instead (above)
+    assert "template.chat_template='mistral' cannot mark the replies" in out.loss_why
+    assert "template.assistant_only_loss auto: prompt/completion rows, but" in caplog.text
+
+
 def test_generation_block_without_the_eos_is_refused(tiny_ref, fixture_data, tmp_path):
     path = tmp_path / "eos-outside.jinja"
     path.write_text(shipped_text("chatml-assistant-only").replace(
