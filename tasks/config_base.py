@@ -3,6 +3,7 @@ refused, and so are settings that would have no effect (a setting is never silen
 
 from __future__ import annotations
 
+import re
 from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
@@ -37,19 +38,48 @@ def unused(section: BaseModel, names: tuple[str, ...], prefix: str, why: str) ->
         raise ValueError(f"{', '.join(prefix + n for n in moved)}: {why}; remove {'them' if len(moved) > 1 else 'it'}")
 
 
+# The judge sends its key to base_url, and both come from the run's settings, which anyone who can
+# start a run (the Prefect UI's Run button) writes: so a setting may pick a judge key, never another
+# service's credential (AWS_SECRET_ACCESS_KEY, HF_TOKEN, WANDB_API_KEY, the hub token's Secret block).
+JUDGE_KEY_ENV = re.compile(r"[A-Z][A-Z0-9_]*_API_KEY")
+NOT_JUDGE_KEYS = {"WANDB_API_KEY", "PREFECT_API_KEY"}
+JUDGE_KEY_BLOCK = re.compile(r"[a-z0-9-]*api-key")
+QUERY_SECRETS = re.compile(r"key|token|secret|sig|passw|auth", re.I)  # URL query names that carry credentials
+
+
+def judge_key_problem(judge: BaseModel, prefix: str) -> None:
+    """The judge's key source names a judge key (ValueError naming the field), and its URL holds none."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    if not JUDGE_KEY_ENV.fullmatch(judge.api_key_env) or judge.api_key_env in NOT_JUDGE_KEYS:
+        raise ValueError(
+            f"{prefix}api_key_env={judge.api_key_env!r}: the judge sends this variable to {prefix}base_url, so it must "
+            f"be a judge's key: a name ending in _API_KEY other than {', '.join(sorted(NOT_JUDGE_KEYS))} "
+            "(e.g. OPENAI_API_KEY, JUDGE_API_KEY)")
+    if judge.api_key_secret is not None and not JUDGE_KEY_BLOCK.fullmatch(judge.api_key_secret):
+        raise ValueError(
+            f"{prefix}api_key_secret={judge.api_key_secret!r}: the judge sends this Secret block to {prefix}base_url, "
+            "so it must be a judge's key: a block name ending in 'api-key' (e.g. 'judge-api-key')")
+    if not judge.base_url:
+        return
+    url = urlsplit(judge.base_url)
+    if url.username or url.password:
+        raise ValueError(f"{prefix}base_url: holds a user name or password, which the run's config would record "
+                         f"(config.json, report, W&B); put the key in {prefix}api_key_env or {prefix}api_key_secret")
+    if any(QUERY_SECRETS.search(name) for name, _ in parse_qsl(url.query, keep_blank_values=True)):
+        raise ValueError(f"{prefix}base_url: its query holds a key or token, which the run's config would record "
+                         f"(config.json, report, W&B); put the key in {prefix}api_key_env or {prefix}api_key_secret")
+
+
 def judge_problem(judge: BaseModel, prefix: str) -> None:
     """A judge's settings take effect (ValueError naming the field): none moved while it is off, and
     its backend and the settings that belong to it agree (the run's judge and the arena's)."""
     if not judge.enabled:
         unused(judge, tuple(n for n in type(judge).model_fields if n != "enabled"), prefix,
                f"{prefix}enabled is false, so the judge does not run")
-    from urllib.parse import urlsplit
-
-    if judge.base_url and (urlsplit(judge.base_url).username or urlsplit(judge.base_url).password):
-        raise ValueError(f"{prefix}base_url: holds a user name or password, which the run's config would record "
-                         f"(config.json, report, W&B); put the key in {prefix}api_key_env or {prefix}api_key_secret")
-    if judge.backend == "openai" and (not judge.base_url or judge.model == "auto"):
-        raise ValueError(f"{prefix}backend 'openai' needs {prefix}base_url and {prefix}model (the endpoint's model name)")
     if judge.backend == "local":
         unused(judge, ("base_url", "api_key_env", "api_key_secret"), prefix,
                f"only the 'openai' backend uses them (set {prefix}backend: openai)")
+    judge_key_problem(judge, prefix)
+    if judge.backend == "openai" and (not judge.base_url or judge.model == "auto"):
+        raise ValueError(f"{prefix}backend 'openai' needs {prefix}base_url and {prefix}model (the endpoint's model name)")

@@ -107,9 +107,12 @@ class JudgeConfig(Section):
         "openai: the endpoint's model name.",
     )
     base_url: str | None = Field(None, description="openai backend: e.g. http://127.0.0.1:8000/v1 (vLLM, TGI, Ollama).")
-    api_key_env: str = Field("OPENAI_API_KEY", description="openai backend: environment variable holding the key.")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="openai backend: environment variable holding the key; a name ending in "
+        "_API_KEY (the judge sends it to base_url: never another service's credential).")
     api_key_secret: str | None = Field(
-        None, description="openai backend: name of a Prefect Secret block holding the key (used when set)."
+        None, description="openai backend: name of a Prefect Secret block holding the key (used when set), "
+        "ending in 'api-key'."
     )
     limit: int | None = Field(None, ge=1, description="Judge at most this many instructions.")
     max_new_tokens: int | None = Field(

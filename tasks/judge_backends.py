@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import abc
 import os
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from tasks.config import JudgeConfig
 from tasks.models import BUILTIN, ModelRef, load_model, resolve_model
-from tasks.runtime import secret
+from tasks.runtime import redact_url, secret
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 PLACEHOLDER_KEY = "EMPTY"  # what local OpenAI-compatible servers (vLLM, transformers serve) accept
@@ -108,16 +108,6 @@ def check_endpoint(cfg: JudgeConfig, timeout: float = 10.0) -> None:  # or the a
         source = (f"the Prefect Secret block judge.api_key_secret={cfg.api_key_secret!r}" if cfg.api_key_secret
                   else f"the environment variable judge.api_key_env={cfg.api_key_env!r}")
         raise ValueError(f"judge: {where} refused the API key (HTTP {response.status_code}); check {source}")
-
-
-def redact_url(url: str) -> str:
-    """The URL without user:password@, which must not reach cache keys, results or logs."""
-    parts = urlsplit(url)
-    if parts.password is None and parts.username is None:
-        return url.rstrip("/")
-    host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc)).rstrip("/")
 
 
 def api_key(cfg: JudgeConfig) -> str:

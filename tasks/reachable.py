@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tasks.config import ExecutionConfig, RunConfig
 from tasks.config_base import ConfigError
+from tasks.runtime import redact_url
 
 
 def check_reachable(config: RunConfig, training: bool = True) -> None:
@@ -177,7 +178,7 @@ def wandb_unreachable() -> str | None:
     cached = _wandb_probes.get(url)
     if cached is None or now - cached[0] > _WANDB_PROBE_TTL_S:
         why = endpoint_unreachable(url)
-        cached = _wandb_probes[url] = (now, f"{url} is unreachable ({why})" if why else None)
+        cached = _wandb_probes[url] = (now, f"{redact_url(url)} is unreachable ({why})" if why else None)
     return cached[1]
 
 
@@ -226,7 +227,7 @@ def check_wandb(cfg) -> None:
         from urllib.parse import urlsplit
 
         raise ConfigError(f"wandb.mode='online': no W&B API key (WANDB_API_KEY is not set and ~/.netrc has no "
-                          f"entry for machine {urlsplit(wandb_base_url()).netloc}); export WANDB_API_KEY or run "
+                          f"entry for machine {urlsplit(redact_url(wandb_base_url())).netloc}); export WANDB_API_KEY or run "
                           "`wandb login`, or set wandb.mode to 'auto' (online when a key is set) or 'offline'")
     if why := wandb_unreachable():
         raise ConfigError(f"wandb.mode='online': {why}; fix the network (or WANDB_BASE_URL), or set wandb.mode "

@@ -192,6 +192,21 @@ def figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
+def redact_url(url: str) -> str:
+    """The URL without user:password@ and without a query that holds a key or token: what may reach
+    cache keys, results, messages and logs."""
+    from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+    from tasks.config_base import QUERY_SECRETS
+
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        parts = parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else ""))
+    if any(QUERY_SECRETS.search(name) for name, _ in parse_qsl(parts.query, keep_blank_values=True)):
+        parts = parts._replace(query="(redacted)")
+    return urlunsplit(parts).rstrip("/")
+
+
 def secret(block: str, field: str, instead: str) -> str:
     """The value of the Prefect Secret block `block`; a ValueError naming the setting `field` (and
     what to do `instead`) when no such block exists. Secrets never pass through the config."""

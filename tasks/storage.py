@@ -34,7 +34,8 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import layout
 from tasks.layout import RunPaths
-from tasks.runtime import atomic_write, remembered_digest, retry_transient, run_logger, sha256_file, sha256_stream
+from tasks.runtime import (atomic_write, redact_url, remembered_digest, retry_transient, run_logger, sha256_file,
+                           sha256_stream)
 
 # s3fs uploads a file of at least twice this size as a multipart upload in parts of this size
 # (S3's minimum part is 5 MiB); a failed part fails the upload, which is then retried whole.
@@ -75,7 +76,7 @@ def _s3_problem(store: ArtifactStore, err: Exception) -> str | None:
     from botocore.exceptions import ConnectionError as EndpointError, NoCredentialsError
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    where = f"AWS_ENDPOINT_URL={endpoint}" if endpoint else "AWS (AWS_ENDPOINT_URL is not set)"
+    where = f"AWS_ENDPOINT_URL={redact_url(endpoint)}" if endpoint else "AWS (AWS_ENDPOINT_URL is not set)"
     if isinstance(err, PermissionError):
         return (f"access denied by {where} ({err}). Check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY: "
                 "they must be valid for that endpoint and allowed to use this bucket")

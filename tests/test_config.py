@@ -113,6 +113,17 @@ def test_odd_files_and_flag_values_are_refused_naming_where(tmp_path):
         (["--wandb.mode", "disabled", "--wandb.log-model"], "wandb.log_model: nothing is logged with wandb.mode 'disabled'"),
         (["--judge.backend", "openai", "--judge.model", "m", "--judge.base-url", "http://me:pw@127.0.0.1:8000/v1"],
          "judge.base_url: holds a user name or password, which the run's config would record"),
+        # The judge sends its key to base_url, both from settings anyone who can start a run writes.
+        (["--judge.backend", "openai", "--judge.model", "m", "--judge.base-url", "http://evil.example/v1",
+          "--judge.api-key-env", "AWS_SECRET_ACCESS_KEY"], "judge.api_key_env='AWS_SECRET_ACCESS_KEY': the judge "
+         "sends this variable to judge.base_url, so it must be a judge's key: a name ending in _API_KEY other than"),
+        (["--judge.backend", "openai", "--judge.model", "m", "--judge.base-url", "http://evil.example/v1",
+          "--judge.api-key-env", "WANDB_API_KEY"], "judge.api_key_env='WANDB_API_KEY': the judge sends"),
+        (["--judge.backend", "openai", "--judge.model", "m", "--judge.base-url", "http://evil.example/v1",
+          "--judge.api-key-secret", "hub-token"], "judge.api_key_secret='hub-token': the judge sends this Secret "
+         "block to judge.base_url, so it must be a judge's key: a block name ending in 'api-key'"),
+        (["--judge.backend", "openai", "--judge.model", "m", "--judge.base-url", "http://127.0.0.1:8000/v1?api-key=abc"],
+         "judge.base_url: its query holds a key or token, which the run's config would record"),
         (["--judge.enabled", "false", "--judge.limit", "3", "--judge.model", "m"],
          "judge.model, judge.limit: judge.enabled is false, so the judge does not run; remove them"),
         (["--gate.enabled", "false", "--gate.tolerance", "0.02"],
@@ -126,7 +137,8 @@ def test_a_setting_that_would_have_no_effect_is_refused(argv, message):
 def test_the_same_settings_are_accepted_where_they_apply():
     cfg = parse_config(["--training.num-train-epochs", "3", "--training.max-steps", "-1", "--data.seed", "7",
                         "--data.shuffle", "--judge.backend", "openai", "--judge.base-url", "http://x/v1",
-                        "--judge.model", "m", "--output.push-to-hub", "me/model", "--output.hub-private", "false"])
+                        "--judge.model", "m", "--output.push-to-hub", "me/model", "--output.hub-private", "false",
+                        "--judge.api-key-env", "JUDGE_API_KEY"])
     assert (cfg.training.num_train_epochs, cfg.data.seed, cfg.judge.base_url, cfg.output.hub_private) == (3, 7, "http://x/v1", False)
     RunConfig.model_validate(RunConfig().model_dump())  # the UI sends every field, defaults included
     off = RunConfig(judge={"enabled": False}, gate={"enabled": False})

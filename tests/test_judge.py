@@ -254,10 +254,10 @@ def test_api_key_sources(monkeypatch):
     assert api_key(local) == PLACEHOLDER_KEY
     monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
     assert api_key(remote) == "sk-from-env"
-    Secret(value="sk-from-block").save("judge-key-sources", overwrite=True)
-    assert api_key(remote.model_copy(update={"api_key_secret": "judge-key-sources"})) == "sk-from-block"
-    with pytest.raises(ValueError, match="judge.api_key_secret='no-such-block'"):
-        api_key(remote.model_copy(update={"api_key_secret": "no-such-block"}))
+    Secret(value="sk-from-block").save("judge-sources-api-key", overwrite=True)
+    assert api_key(remote.model_copy(update={"api_key_secret": "judge-sources-api-key"})) == "sk-from-block"
+    with pytest.raises(ValueError, match="judge.api_key_secret='no-such-api-key'"):
+        api_key(remote.model_copy(update={"api_key_secret": "no-such-api-key"}))
     # Credentials in the URL stay out of the judge's identity (cache keys, results).
     with_password = remote.model_copy(update={"base_url": "https://user:hunter2@api.example.com/v1"})
     assert make_backend(with_password).identity == "openai:https://api.example.com/v1:gpt-x"
@@ -308,11 +308,11 @@ def test_openai_endpoint_judges_with_the_key_and_never_records_it(
 
     base_url, model = served_judge
     key = f"sk-test-{key_source}-0123456789"
-    monkeypatch.setenv("SMOLFLOW_JUDGE_TEST_KEY", "sk-not-this-one" if key_source == "secret_block" else key)
-    cfg = JudgeConfig(backend="openai", base_url=base_url, model=model, api_key_env="SMOLFLOW_JUDGE_TEST_KEY")
+    monkeypatch.setenv("SMOLFLOW_JUDGE_TEST_API_KEY", "sk-not-this-one" if key_source == "secret_block" else key)
+    cfg = JudgeConfig(backend="openai", base_url=base_url, model=model, api_key_env="SMOLFLOW_JUDGE_TEST_API_KEY")
     if key_source == "secret_block":
-        Secret(value=key).save("judge-test-key", overwrite=True)
-        cfg = cfg.model_copy(update={"api_key_secret": "judge-test-key"})  # the block wins over the variable
+        Secret(value=key).save("judge-test-api-key", overwrite=True)
+        cfg = cfg.model_copy(update={"api_key_secret": "judge-test-api-key"})  # the block wins over the variable
 
     backend = Counting(make_backend(cfg))
     sent = _sent_keys(backend.inner)

@@ -88,6 +88,16 @@ def test_online_with_a_closed_port_is_refused_within_seconds(no_wandb_key, monke
     assert time.perf_counter() - started < 5
 
 
+def test_credentials_in_wandb_base_url_stay_out_of_the_message(no_wandb_key, monkeypatch, closed_port):
+    from tasks.reachable import check_wandb
+
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://wbuser:wbPASSinURL555@127.0.0.1:{closed_port}")
+    with pytest.raises(ConfigError, match=rf"'online': http://127\.0\.0\.1:{closed_port} is unreachable") as refused:
+        check_wandb(WandbConfig(mode="online"))
+    assert "wbPASS" not in str(refused.value) and "wbuser" not in str(refused.value)
+
+
 def test_online_to_the_real_wandb_host_without_a_network_is_refused(no_wandb_key, monkeypatch):
     if _wandb_reachable_here():
         pytest.skip("this machine reaches api.wandb.ai")
