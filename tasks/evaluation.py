@@ -16,11 +16,12 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NO_CACHE, TASK_SOURCE
+from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CachePolicy
 
 from tasks.benchmarks.provenance import comparability, with_every_item
 from tasks.benchmarks import REGISTRY, BenchmarkResult
@@ -40,9 +41,20 @@ from tasks.storage import ArtifactStore
 _FORWARD = ("SMOLFLOW_EXECUTION", "SMOLFLOW_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME",
             "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "TOKENIZERS_PARALLELISM", "WANDB_MODE")
 
+
+@dataclass
+class BenchmarkData(CachePolicy):
+    """The benchmark's items as they are now (Benchmark.data_identity): `data` names a path or
+    'auto', whose files can change, or whose meaning does online and offline."""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        cfg = (inputs or {}).get("cfg")
+        return REGISTRY[cfg.name].data_identity(cfg) if cfg is not None else None
+
+
 # The role only names the task run ("benchmark-gsm8k-base"): the same model scores the same under
 # any role, so it stays out of the cache key.
-BY_CONTENT_ANY_ROLE = (ContentInputs() - "role") + TASK_SOURCE + RESULTS
+BY_CONTENT_ANY_ROLE = (ContentInputs() - "role") + BenchmarkData() + TASK_SOURCE + RESULTS
 
 
 @task(

@@ -126,6 +126,13 @@ def api_key(cfg: JudgeConfig) -> str:
     )
 
 
+def judge_identity(cfg: JudgeConfig) -> str:
+    """The `identity` make_backend(cfg) would have, without a key or a loaded model (cache keys)."""
+    if cfg.backend == "openai":
+        return f"openai:{redact_url(cfg.base_url)}:{cfg.model}"
+    return f"local:{resolve_model.fn(BUILTIN if cfg.model == 'auto' else cfg.model).fingerprint}"
+
+
 def make_backend(cfg: JudgeConfig) -> JudgeBackend:
     """The judge the config names ('auto' local: the built-in SmolLM2-135M-Instruct)."""
     if cfg.backend == "openai":

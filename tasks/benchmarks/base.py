@@ -68,6 +68,14 @@ class Benchmark(abc.ABC):
             raise ValueError(f"benchmarks[{self.name}].data={cfg.data!r}: no such file or directory")
         return folder
 
+    def data_identity(self, cfg: BenchmarkConfig) -> str:
+        """What the items are now, for the cache key: the local files' bytes, or the hub id and revision
+        (`auto` resolved), so an edited file or a switch between fixture and hub is scored afresh."""
+        from tasks.benchmarks.provenance import files_digest, hub_identity
+
+        folder = self.local_source(cfg)
+        return hub_identity(self.hub) if folder is None else "files:" + files_digest(folder)
+
     def data_files(self, cfg: BenchmarkConfig) -> dict[str, str] | None:
         """Local files per split (each row checked to parse), or None to use the hub dataset."""
         folder = self.local_source(cfg)

@@ -31,12 +31,13 @@ import difflib
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from prefect import task
-from prefect.cache_policies import TASK_SOURCE
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.yamlfile import KeyTwice, at, json_loads, key_lines, read_text, yaml_error
@@ -368,7 +369,20 @@ def evaluate_custom(model, tokenizer, bench: CustomBenchmark, judge_cfg: JudgeCo
     )
 
 
-@task(cache_policy=(ContentInputs() - "role") + TASK_SOURCE + RESULTS, retries=1, retry_condition_fn=retry_transient,
+@dataclass
+class JudgeIdentity(CachePolicy):
+    """What the judge of a judge_rubric benchmark is (its model's content, or endpoint and model):
+    judge.model names a path or 'auto', whose model can change under the same name."""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        from tasks.judge_backends import judge_identity
+
+        judge = (inputs or {}).get("judge_cfg")
+        return judge_identity(judge) if judge is not None else None
+
+
+@task(cache_policy=(ContentInputs() - "role") + JudgeIdentity() + TASK_SOURCE + RESULTS, retries=1,
+      retry_condition_fn=retry_transient,
       retry_delay_seconds=10, task_run_name="custom-{bench.name}-{role}")
 def run_custom_benchmark(
     model_ref: ModelRef, bench: CustomBenchmark, judge_cfg: JudgeConfig | None = None, role: str = "model"

@@ -98,6 +98,13 @@ class HumanEval(Benchmark):
             raise ValueError(f"benchmarks[humaneval].data={source!r}: no such file or directory")
         return read_problems(path), str(path)
 
+    def data_identity(self, cfg: BenchmarkConfig) -> str:
+        from tasks.benchmarks.provenance import files_digest
+
+        if cfg.data in ("auto", "fixture", "hub"):  # the bundled file, whatever the hub says (see problems)
+            return "files:" + files_digest(bundled_file())
+        return "files:" + files_digest(Path(cfg.data).expanduser())
+
     def score(self, problems: list[dict], outputs: list[str]) -> tuple[list[dict], list]:
         """Per-item records for raw model outputs (truncated at the stop sequences, then run)."""
         completions = [truncate(o) for o in outputs]

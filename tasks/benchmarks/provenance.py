@@ -55,6 +55,18 @@ def hub_revision(repo: str) -> str | None:
         return None
 
 
+def files_digest(path: Path) -> str:
+    """The sha256 of a file, or of every file under a folder (remembered by their identity)."""
+    from tasks.runtime import remembered_digest, sha256_files
+
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return remembered_digest("files", files, lambda: sha256_files(files))
+
+
+def hub_identity(hub: tuple[str, str | None]) -> str:
+    return f"hub:{hub[0]}:{hub[1]}@{hub_revision(hub[0]) or 'unresolved'}"
+
+
 # Test items in the complete hub sets: a local folder holding exactly these many is taken for a mirror.
 FULL_SIZE = {"mmlu": 14042, "bbh": 6511, "gsm8k": 1319, "math": 500, "humaneval": 164}
 

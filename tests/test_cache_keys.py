@@ -1,0 +1,56 @@
+"""What a cached score is keyed on beyond its settings: the benchmark's items as they are now (an
+edited local file, or `data: auto` meaning the hub online and the fixture offline) and the judge a
+judge_rubric benchmark is scored by (its model's content, not its path)."""
+
+import shutil
+import socket
+
+from tasks.benchmarks import REGISTRY
+from tasks.config import BenchmarkConfig, JudgeConfig
+from tasks.evaluation import run_benchmark
+from tasks.runtime import FIXTURES
+
+
+def test_an_edited_benchmark_file_is_scored_afresh(tiny_ref, tmp_path):
+    shutil.copytree(FIXTURES / "gsm8k", tmp_path / "gsm8k")
+    cfg = BenchmarkConfig(name="gsm8k", limit=2, num_fewshot=0, data=str(tmp_path / "gsm8k"))
+    first = run_benchmark(tiny_ref, cfg, return_state=True)
+    assert first.name == "Completed", first
+    assert run_benchmark(tiny_ref, cfg, return_state=True).name == "Cached"
+    test = tmp_path / "gsm8k" / "test.jsonl"
+    lines = test.read_text().splitlines(keepends=True)
+    test.write_text(lines[1] + lines[0] + "".join(lines[2:]))  # the same items, the first two swapped
+    again = run_benchmark(tiny_ref, cfg, return_state=True)
+    assert again.name == "Completed", "a score of the file as it was answered for the file as it is"
+    golds = [[r["gold"] for r in s.result().records] for s in (first, again)]
+    assert golds[0] == golds[1][::-1] and golds[0][0] != golds[0][1]
+    assert again.result().provenance["sha256"] != first.result().provenance["sha256"]
+
+
+def test_data_auto_is_keyed_on_what_it_means_here(monkeypatch):
+    from huggingface_hub import constants
+
+    with socket.socket() as sock:  # a local port nothing listens on: the hub "answers" with a refusal
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+
+    gsm8k = REGISTRY["gsm8k"]
+    offline = gsm8k.data_identity(BenchmarkConfig(name="gsm8k"))
+    assert offline == gsm8k.data_identity(BenchmarkConfig(name="gsm8k", data="fixture")) and offline.startswith("files:")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port}")  # no hub answers: unresolved
+    online = gsm8k.data_identity(BenchmarkConfig(name="gsm8k"))
+    assert online == "hub:openai/gsm8k:main@unresolved" != offline
+
+
+def test_a_judge_rubric_score_follows_the_judges_content_not_its_path(tiny_model_dir, builtin_dir, tmp_path):
+    from tasks.benchmarks.custom import JudgeIdentity
+
+    link = tmp_path / "judge"
+    link.symlink_to(tiny_model_dir)
+    key = JudgeIdentity().compute_key(None, {"judge_cfg": JudgeConfig(model=str(link))}, {})
+    assert key == JudgeIdentity().compute_key(None, {"judge_cfg": JudgeConfig(model=str(tiny_model_dir))}, {})
+    link.unlink()
+    link.symlink_to(builtin_dir)  # the same setting, another model
+    assert JudgeIdentity().compute_key(None, {"judge_cfg": JudgeConfig(model=str(link))}, {}) != key
+    assert JudgeIdentity().compute_key(None, {"judge_cfg": None}, {}) is None
