@@ -27,7 +27,7 @@ from tasks.benchmarks.provenance import comparability, with_every_item
 from tasks.benchmarks import REGISTRY, BenchmarkResult
 from tasks.benchmarks.base import stderr_of_mean
 from tasks.benchmarks.custom import CustomBenchmark, run_custom_benchmark
-from tasks.compare import compare
+from tasks.compare import compare, item_values, paired_stderr
 from tasks.config import BenchmarkConfig, ExecutionConfig, JudgeConfig
 from tasks.layout import RunPaths
 from tasks.leftovers import processes_under
@@ -331,10 +331,10 @@ def _remove_session(session: Path) -> None:
 
 def comparison_row(base: BenchmarkResult, tuned: BenchmarkResult) -> dict:
     """One line of comparison.json: the scores and the one comparison (tasks/compare.py)."""
-    c = compare(base, tuned)
-    same = base.comparability_key == tuned.comparability_key
+    same = base.comparability_key == tuned.comparability_key  # then the same items: compared item by item
+    c = compare(base, tuned, paired=paired_stderr(item_values(base.records), item_values(tuned.records)) if same else None)
     return {"benchmark": base.name, "metric": base.metric, "n": tuned.n, "base": c["reference"],
-            "tuned": c["new"], "delta": c["delta"] if same else None, "stderr": c["stderr"],
+            "tuned": c["new"], "delta": c["delta"] if same else None, "stderr": c["stderr"], "noise": c["noise"],
             "beyond_noise": c["beyond_noise"] and same, "comparable": same,
             "source": source_note(tuned), "comparable_to_published": bool(tuned.provenance.get("comparable_to_published")),
             "comparability_key": tuned.comparability_key}
@@ -365,10 +365,13 @@ def benchmarks_markdown(table: list[dict]) -> str:
     if not table:
         return "No benchmark selected.\n"
     delta = lambda r: "not comparable" if r["delta"] is None else f"{r['delta']:+}"  # noqa: E731
-    return ("| benchmark | metric | n | base | tuned | delta | beyond noise (> 2 combined stderr) | source |\n"
+    noise = lambda r: ("n/a" if r["delta"] is None else  # noqa: E731
+                       f"{r['beyond_noise']} (stderr {r['stderr']}, {r.get('noise', 'independent')})"
+                       if r["stderr"] is not None else "unknown (under 2 items)")
+    return ("| benchmark | metric | n | base | tuned | delta | beyond noise (> 2 stderr of the difference) | source |\n"
             "|---|---|---|---|---|---|---|---|\n" + "".join(
                 f"| {r['benchmark']} | {r['metric']} | {r['n']} | {r['base']} | {r['tuned']} | {delta(r)} | "
-                f"{r['beyond_noise']} | {r['source']} |\n" for r in table)
+                f"{noise(r)} | {r['source']} |\n" for r in table)
             + f"\nPer item and every setting: `{RunPaths.benchmarks}/<name>/{{base,tuned}}.jsonl`, `.summary.json`\n")
 
 

@@ -4,14 +4,15 @@ training-health check raised no blocking sign. A rejected model stays in its run
 
 from __future__ import annotations
 
+import json
 import posixpath
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from tasks.compare import compare
+from tasks.compare import compare, item_values, paired_stderr
 from tasks.config import GateConfig
 from tasks.layout import RunPaths, run_dir
 from tasks.locks import PROMOTION_LOCK, exclusive
@@ -28,6 +29,8 @@ class Score(BaseModel):
     # Scores without one (older runs, hand-made) compare only with each other.
     comparability_key: str | None = None
     comparability: dict[str, Any] | None = None
+    # Per item (compare.item_values), to compare two models on the same items item by item.
+    items: dict[str, float] | None = Field(None, exclude=True)
 
     @classmethod
     def of(cls, result: Any) -> Score:
@@ -80,15 +83,24 @@ def decide(
                           "delta": None, "tolerance": None, "ok": True, "comparable": f"no: {why}"})
             continue
         compared += 1
-        c = compare(ref, new, tolerance)
+        c = compare(ref, new, tolerance, paired=paired_stderr(ref.items, new.items))
         table.append({"benchmark": name, "reference": c["reference"], "tuned": c["new"], "delta": c["delta"],
-                      "tolerance": c["allowed_drop"], "ok": not c["regressed"], "comparable": "yes"})
-        if tolerance is None and c["allowed_drop"] > WEAK_DROP:
+                      "tolerance": c["allowed_drop"], "ok": not c["regressed"], "comparable": "yes",
+                      "stderr": c["stderr"], "noise": c["noise"]})
+        sharpen = ("add items to its file" if name.startswith("custom/") else "raise its benchmarks[].limit")
+        if tolerance is None and c["noise"] == "unknown":
+            weak.append(f"{name}: on {new.n or '?'} item(s) there is no standard error, so any drop counts as a "
+                        f"regression and no gain is evidence; {sharpen} for a real gate")
+        elif tolerance is None and c["allowed_drop"] > WEAK_DROP:
             weak.append(f"{name}: on {new.n or '?'} items a drop of up to {c['allowed_drop']:.2f} is within noise, so "
-                        "smaller regressions pass unseen; raise its benchmarks[].limit for a sharper gate")
+                        f"smaller regressions pass unseen; {sharpen} for a sharper gate")
         if c["regressed"]:
             reasons.append(f"{name} dropped {-c['delta']:.4f} (from {ref.score:.4f} to {new.score:.4f}), "
                            f"more than its tolerance {c['allowed_drop']:.4f}")
+    for name in sorted(set(reference) - set(tuned)):  # dropped from tonight's benchmarks: said, not judged
+        incomparable.append(f"{name}: not scored tonight (the {against} has it)")
+        table.append({"benchmark": name, "reference": round(reference[name].score, 4), "tuned": None, "delta": None,
+                      "tolerance": None, "ok": True, "comparable": "no: not scored tonight"})
     if not compared and not allow_incomparable:
         reasons.append(("no benchmark score is comparable with the reference's" if tuned else
                         "no benchmark was scored (benchmarks is empty)") + ", so there is no evidence the model "
@@ -126,8 +138,14 @@ def read_scores(run: ArtifactStore, role: str, names: list[str] | None = None) -
     """A run folder's saved scores of one model ('base' or 'tuned'), by benchmark (evaluation wrote them)."""
     if names is None:
         names = [row["benchmark"] for row in run.read_json(RunPaths.comparison)] if run.exists(RunPaths.comparison) else []
-    return {name: Score(**run.read_json(RunPaths.benchmark_summary(name, role)))
-            for name in names if run.exists(RunPaths.benchmark_summary(name, role))}
+    scores = {}
+    for name in names:
+        if run.exists(RunPaths.benchmark_summary(name, role)):
+            scores[name] = Score(**run.read_json(RunPaths.benchmark_summary(name, role)))
+            if run.exists(records := RunPaths.benchmark_records(name, role)):
+                rows = [json.loads(line) for line in run.read_text(records).splitlines() if line.strip()]
+                scores[name].items = item_values(rows) or None
+    return scores
 
 
 def reference_scores(root: str, flow_name: str, names, run: ArtifactStore | None) -> tuple[dict[str, Score], str, str | None]:
@@ -137,7 +155,8 @@ def reference_scores(root: str, flow_name: str, names, run: ArtifactStore | None
     if pointer is None:
         base = read_scores(run, "base", list(names)) if run is not None else {}
         return base, "base model (first run: nothing promoted yet)", None
-    return (read_scores(ArtifactStore(pointer["run_uri"]), "tuned", list(names)), f"promoted run {pointer['run_id']}",
+    # Every benchmark the promoted run has: one missing tonight is named in the decision.
+    return (read_scores(ArtifactStore(pointer["run_uri"]), "tuned"), f"promoted run {pointer['run_id']}",
             pointer["run_id"])
 
 

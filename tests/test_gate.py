@@ -109,3 +109,50 @@ def test_gate_off_never_promotes_and_says_so(tmp_path):
     d = regression_gate.fn(root, FLOW, run_uri, GateConfig(enabled=False), [])
     assert not d.promote and "gate.enabled: false" in d.reasons[-1]
     assert "gate.enabled: false" in ArtifactStore(run_uri).read_text(RunPaths.section("gate"))
+
+
+def _records(correct: list[bool]) -> str:
+    return "".join(f'{{"doc_id": {i}, "correct": {str(c).lower()}}}\n' for i, c in enumerate(correct))
+
+
+def test_the_same_items_are_compared_item_by_item(tmp_path):
+    """0.60 -> 0.50 on the same 100 items, 10 lost and none gained: as two independent scores the
+    allowed drop is 0.14 and the model passed; item by item the difference's stderr is 0.03, a
+    regression. Read from the run folders' per-item records, as a nightly does."""
+    import math
+
+    root = str(tmp_path)
+    base = [i < 60 for i in range(100)]
+    tuned = [i < 50 for i in range(100)]
+    stderr = lambda v: math.sqrt(sum(v) / len(v) * (1 - sum(v) / len(v)) / (len(v) - 1))  # noqa: E731
+    run = ArtifactStore(root).child("runs", "r1")
+    for role, values in (("base", base), ("tuned", tuned)):
+        run.write_json(RunPaths.benchmark_summary("mmlu", role), {"name": "mmlu", "score": sum(values) / 100,
+                                                                  "stderr": stderr(values), "n": 100})
+        run.write_text(RunPaths.benchmark_records("mmlu", role), _records(values))
+    run.write_json(RunPaths.comparison, [{"benchmark": "mmlu"}])
+    independent = decide({"mmlu": Score(score=0.5, stderr=stderr(tuned), n=100)},
+                         {"mmlu": Score(score=0.6, stderr=stderr(base), n=100)}, "x")
+    assert independent.promote and independent.table[0]["tolerance"] == 0.1407
+    d = regression_gate.fn(root, FLOW, run.uri, GateConfig(), [])
+    assert not d.promote and d.table[0]["noise"] == "paired" and d.table[0]["stderr"] == 0.0302
+    assert d.reasons == ["mmlu dropped 0.1000 (from 0.6000 to 0.5000), more than its tolerance 0.0603"]
+
+
+def test_no_stderr_is_unknown_noise_not_none():
+    """One item each: no standard error. Any drop counts, and the decision says the evidence is weak."""
+    d = decide({"custom/capitals": Score(score=0.0, n=1)}, {"custom/capitals": Score(score=1.0, n=1)}, "x")
+    assert not d.promote and d.table[0]["noise"] == "unknown" and d.table[0]["stderr"] is None
+    assert d.weak == ["custom/capitals: on 1 item(s) there is no standard error, so any drop counts as a regression "
+                      "and no gain is evidence; add items to its file for a real gate"]
+
+
+def test_a_benchmark_the_promoted_run_has_but_tonight_lacks_is_named(tmp_path):
+    root = str(tmp_path)
+    _completed_run(root, "good", {"gsm8k": 0.40, "mmlu": 0.5})
+    promote.fn(root, FLOW, "good")
+    tonight = _completed_run(root, "tonight", {"gsm8k": 0.40}, base={"gsm8k": 0.3})
+    d = regression_gate.fn(root, FLOW, tonight, GateConfig(), [])
+    assert d.promote and d.not_comparable == ["mmlu: not scored tonight (the promoted run good has it)"]
+    assert "- mmlu: not scored tonight (the promoted run good has it) - not evidence either way" in \
+        (tmp_path / "runs/tonight/gate/decision.md").read_text()
