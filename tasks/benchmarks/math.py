@@ -14,14 +14,12 @@ from tasks.benchmarks.base import LmEvalBenchmark
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, int]:
-    """math-verify with its signal timeouts off. The stock function also does so with timeouts
-    on, and its Minerva exact match uses signal.alarm too, which silently scores 0 when Prefect
-    runs the task in a worker thread; so only math-verify is kept."""
-    from math_verify import parse, verify
+    """math-verify, under a time limit in a child process (tasks/mathcheck.py). The stock function
+    uses signal timeouts, and its Minerva exact match signal.alarm too, which silently scores 0
+    when Prefect runs the task in a worker thread; so only math-verify is kept."""
+    from tasks.mathcheck import check
 
-    gold = parse(doc["solution"], parsing_timeout=None)
-    pred = parse(results[0], parsing_timeout=None)
-    return {"math_verify": int(verify(gold, pred, timeout_seconds=None))}
+    return {"math_verify": int(check(doc["solution"], results[0])[0])}
 
 
 class MATH(LmEvalBenchmark):
@@ -43,8 +41,8 @@ class MATH(LmEvalBenchmark):
         }
 
     def record(self, sample: dict, key: str) -> dict[str, Any]:
-        from math_verify import parse
+        from tasks.mathcheck import check
 
         row = super().record(sample, key)
-        parsed = parse(row["output"] or "", parsing_timeout=None)
-        return row | {"extracted": str(parsed[-1]) if parsed else None, "gold": sample["doc"]["solution"]}
+        extracted = check(sample["doc"]["solution"], row["output"] or "")[1]
+        return row | {"extracted": extracted, "gold": sample["doc"]["solution"]}

@@ -100,10 +100,9 @@ def regex_extract(output: str, pattern: str, group: int | str = 1, ignore_case: 
 
 
 def math_extract(output: str) -> str | None:
-    from math_verify import parse
+    from tasks.mathcheck import check
 
-    parsed = parse(output, parsing_timeout=None)
-    return str(parsed[-1]) if parsed else None
+    return check("", output)[1]
 
 
 # --- scorers: (output, gold, **args) -> bool -------------------------------------------------

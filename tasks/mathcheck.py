@@ -1,0 +1,81 @@
+"""math-verify under a time limit. Its parse and verify run sympy on model output, and some outputs
+never finish (`\\boxed{9^{9^{9^{9}}}}` spins for minutes); its own timeouts use signal.alarm, which
+works only in a main thread, and Prefect runs tasks in worker threads. So every check runs in one
+child process (this file run as a script: it imports math-verify only, and reads its stdin to the
+end, so it ends with its parent), killed and replaced when a check passes the limit: that answer
+counts wrong."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+
+LIMIT_S = 10.0  # math-verify's own default is 5 s per parse and per verify
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_child: subprocess.Popen | None = None
+
+
+def _check(gold: str, output: str) -> tuple[bool, str | None]:
+    """In the child's main thread, where math-verify's own signal timeouts (5 s) work too."""
+    from math_verify import parse, verify
+
+    parsed_gold, parsed = parse(gold), parse(output)
+    return bool(verify(parsed_gold, parsed)), (str(parsed[-1]) if parsed else None)
+
+
+def _stop() -> None:
+    global _child
+    child, _child = _child, None
+    if child is not None:
+        child.kill()  # a check that never ends takes no signal politely
+        child.wait()
+        child.stdin.close()
+        child.stdout.close()
+
+
+atexit.register(_stop)
+
+
+def _reply(child: subprocess.Popen, deadline: float) -> str | None:
+    """The child's next line, or None at the deadline."""
+    line = b""
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([child.stdout], [], [], left)[0]:
+            return None
+        chunk = os.read(child.stdout.fileno(), 1 << 16)
+        if not chunk:
+            raise RuntimeError(f"the math-verify process ended (exit code {child.wait()})")
+        line += chunk
+    return line.decode()
+
+
+def check(gold: str, output: str, limit: float = LIMIT_S) -> tuple[bool, str | None]:
+    """(output's answer equals gold's, the answer math-verify extracted); (False, None) after `limit` s."""
+    global _child
+    with _lock:  # one child, one check at a time (also from several threads)
+        if _child is None or _child.poll() is not None:
+            _child = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      env=os.environ | {"OMP_NUM_THREADS": "1"})
+        _child.stdin.write((json.dumps([gold, output]) + "\n").encode())
+        _child.stdin.flush()
+        line = _reply(_child, time.monotonic() + limit)
+        if line is None:
+            _stop()
+            log.warning("math-verify gave up on an answer after %g s (counted wrong): %.80r", limit, output)
+            return False, None
+        correct, extracted = json.loads(line)
+        return correct, extracted
+
+
+if __name__ == "__main__":  # the child: one JSON line in, one out, until stdin ends
+    for request in sys.stdin:
+        print(json.dumps(_check(*json.loads(request))), flush=True)
