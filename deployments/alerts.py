@@ -21,6 +21,7 @@ from tasks.gate import REJECTED_EVENT
 
 BLOCK_ENV = "SMOLFLOW_ALERT_BLOCK"  # "<block type slug>/<block name>", e.g. custom-webhook/smolflow-alerts
 DEFAULT_BLOCK = "smolflow-alerts"
+URL_ENV = "SMOLFLOW_ALERT_WEBHOOK_URL"  # the webhook URL, for `smolflow alerts` without it on the command line
 FAILED_NIGHTLY = "smolflow: nightly run failed"
 REJECTED = "smolflow: promotion rejected"
 FAILED_STATES = ("prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut")
@@ -30,8 +31,11 @@ def save_webhook_block(url: str, name: str = DEFAULT_BLOCK) -> str:
     """Save a Custom Webhook notification block that POSTs {"subject", "text"} as JSON; its slug."""
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
+    # The URL is the credential (Slack's and Teams' hold their token in the path): kept in the
+    # block's secrets, which Prefect stores encrypted and shows masked, and substituted at send time.
     CustomWebhookNotificationBlock(
-        name=name, url=url, json_data={"subject": "{{subject}}", "text": "{{body}}"},
+        name=name, url="{{webhook_url}}", secrets={"webhook_url": url},
+        json_data={"subject": "{{subject}}", "text": "{{body}}"},
     ).save(name, overwrite=True)
     return f"custom-webhook/{name}"
 
@@ -113,11 +117,14 @@ def ensure_alerts(block: str | None = None, nightly_tag: str = "nightly") -> lis
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--block", help=f"a saved notification block, <type>/<name> (default: ${BLOCK_ENV})")
-    parser.add_argument("--webhook-url", help=f"save a Custom Webhook block '{DEFAULT_BLOCK}' posting to this URL")
+    parser.add_argument("--webhook-url", help=f"save a Custom Webhook block '{DEFAULT_BLOCK}' posting to this URL "
+                        f"(kept as a secret); '-' reads it from stdin, and ${URL_ENV} gives it too, both out of `ps`")
     parser.add_argument("--nightly-tag", default="nightly", help="alert on failed flow runs with this tag")
     args = parser.parse_args(argv)
     try:
-        block = save_webhook_block(args.webhook_url) if args.webhook_url else args.block
+        url = (sys.stdin.readline().strip() if args.webhook_url == "-" else
+               args.webhook_url or (None if args.block else os.environ.get(URL_ENV)))
+        block = save_webhook_block(url) if url else args.block
         ids = ensure_alerts(block, args.nightly_tag)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -155,8 +155,11 @@ def reference_scores(root: str, flow_name: str, names, run: ArtifactStore | None
     if pointer is None:
         base = read_scores(run, "base", list(names)) if run is not None else {}
         return base, "base model (first run: nothing promoted yet)", None
-    # Every benchmark the promoted run has: one missing tonight is named in the decision.
-    return (read_scores(ArtifactStore(pointer["run_uri"]), "tuned"), f"promoted run {pointer['run_id']}",
+    promoted = ArtifactStore(pointer["run_uri"])
+    # Tonight's benchmarks and every one the promoted run has: one missing tonight is named in the decision.
+    theirs = [row["benchmark"] for row in promoted.read_json(RunPaths.comparison)] \
+        if promoted.exists(RunPaths.comparison) else []
+    return (read_scores(promoted, "tuned", sorted({*names, *theirs})), f"promoted run {pointer['run_id']}",
             pointer["run_id"])
 
 

@@ -107,3 +107,11 @@ def test_rerunning_replaces_the_automations(alerts):
     with get_client(sync_client=True) as client:
         for name in (FAILED_NIGHTLY, REJECTED):
             assert len(client.read_automations_by_name(name)) == 1
+
+
+def test_the_webhook_url_is_kept_as_a_secret(alerts):
+    """A webhook URL is a credential (Slack's token is in its path): the block stores it among its
+    secrets, which the server returns masked, and the alerts above still reach it (substituted)."""
+    with get_client(sync_client=True) as client:
+        doc = client.read_block_document_by_name("smolflow-alerts-test", "custom-webhook", include_secrets=False)
+    assert doc.data["url"] == "{{webhook_url}}" and "127.0.0.1" not in str(doc.data)
