@@ -176,7 +176,7 @@ def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
         return 0
     a, b = args.run_a, args.run_b
     print(f"A = {a} ({result['status']['a']})\nB = {b} ({result['status']['b']})\n\nScores (tuned model)")
-    print(_table(result["scores"], ["benchmark", "a", "b", "delta", "beyond_noise", "n_a", "n_b", "source"]))
+    print(_table(result["scores"], ["benchmark", "a", "b", "delta", "stderr", "beyond_noise", "n_a", "n_b", "source"]))
     diff = [s | {"mark": "*" if s["differs"] else ""} for s in result["settings"] if s["differs"] or args.all]
     print(f"\nSettings{'' if args.all else ' that differ'} (* = differs)")
     print(_table(diff, ["mark", "setting", "a", "b"]) if diff else "  none: same settings")

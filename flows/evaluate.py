@@ -16,7 +16,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from tasks.caching import results_storage
-from tasks.checks import check_run
+from tasks.checks import check_run, resolve_autos
 from tasks.config import NOT_IN_EVAL, RunConfig
 from tasks.config_base import unused
 from tasks.console import configure_logging
@@ -30,7 +30,7 @@ from tasks.retention import tidy_after_failure, tidy_up
 from tasks.runs import model_of_run, status_recorded
 from tasks.runtime import cache_dir, code_version, flow_run_link, run_logger, run_timeout, set_torch_threads
 from tasks.storage import ArtifactStore, set_latest, write_manifest
-from tasks.tracking import finish_eval_wandb, start_wandb, wandb_link
+from tasks.tracking import close_on_stop, finish_eval_wandb, start_flow_wandb, wandb_link
 
 
 def check_eval_settings(config: RunConfig) -> None:
@@ -69,10 +69,11 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
     run_id = config.output.run_id or f"eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     run = ArtifactStore(root).child(run_dir(run_id))
     run.write_json(RunPaths.config, config.model_dump(mode="json"))
-    wb = start_wandb(config.wandb, run_id, config.model_dump(mode="json"), cache_dir("work", run_id),
-                     flow_run.get_name(), job_type="eval")
+    work = cache_dir("work", run_id)
+    # Its W&B config leaves out the sections eval refuses; grouped by deployment (or flow), as a fine-tune's.
+    wb = start_flow_wandb(config, run_id, work, resolve_autos(config), job_type="eval", leave_out=NOT_IN_EVAL)
 
-    with status_recorded(run):
+    with status_recorded(run, close_on_stop(wb, run, work)):  # a failed run says so in its folder and W&B
         found = model_of_run(root, config.model)
         model = ModelRef(**found) if found else resolve_model(config.model)
         scores = score_models({"model": model}, config.benchmarks, checked.custom, config.judge)
@@ -90,7 +91,7 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
         summary = write_report(run.uri, config.model_dump(mode="json"), None,
                                {"W&B run": wandb_link(wb, run.uri), "Prefect flow run": flow_run_link(),
                                 "code": code_version()})
-        finish_eval_wandb(wb, run, rows, judgement, cache_dir("work", run_id))
+        finish_eval_wandb(wb, run, scores, judgement, work)
         write_manifest(run.uri, {"run_id": run_id, "kind": "eval", "tuned_model": model.model_dump(),
                                  "torch_threads": threads, "execution": placement.model_dump(mode="json"), "completed_at": datetime.now(timezone.utc).isoformat()})
         set_latest(root, flow_run.flow_name, run_id)

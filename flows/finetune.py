@@ -10,7 +10,7 @@ import time
 from datetime import datetime, timezone
 
 from prefect import flow
-from prefect.runtime import deployment, flow_run
+from prefect.runtime import flow_run
 
 from tasks.caching import results_storage
 from tasks.checks import check_inputs, check_run, resolve_autos
@@ -35,7 +35,7 @@ from tasks.runtime import cache_dir, code_version, flow_run_link, run_timeout, s
 from tasks.storage import ArtifactStore, set_latest, write_manifest
 from tasks.templates import prepare_chat_template, write_template_preview
 from tasks.tokenization import tokenize_dataset, write_token_stats
-from tasks.tracking import finish_wandb, start_wandb, wandb_link
+from tasks.tracking import close_on_stop, finish_wandb, log_wandb, start_flow_wandb, wandb_link
 from tasks.training import publish_model, train_or_reuse
 from tasks.transfer import model_exists
 
@@ -57,12 +57,12 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     run = ArtifactStore(config.output.artifacts_uri).child(run_dir(run_id))
     run.write_json(RunPaths.config, config.model_dump(mode="json"))
-    run.write_json(RunPaths.resolved, resolve_autos(config))  # what each `auto` meant here, now
-    tags = [deployment.name] if deployment.name else None  # which schedule/deployment started it
-    wb = start_wandb(config.wandb, run_id, config.model_dump(mode="json"), cache_dir("work", run_id),
-                     flow_run.get_name(), tags)
+    resolved = resolve_autos(config)  # what each `auto` meant here, now
+    run.write_json(RunPaths.resolved, resolved)
+    work = cache_dir("work", run_id)
+    wb = start_flow_wandb(config, run_id, work, resolved)  # grouped by deployment (or flow), Prefect run in its config
 
-    with status_recorded(run):  # a failed run says so, and why, in its folder
+    with status_recorded(run, close_on_stop(wb, run, work)):  # a failed run says so, and why, in its folder and W&B
         base = resolve_model(config.model)
         data = load_chat_dataset(config.data, control_tokens(base, config.template))  # special tokens typed in text
         templated = prepare_chat_template(base, data, config.template)
@@ -90,8 +90,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         decision = regression_gate(root, flow_run.flow_name, run.uri, config.gate, health.blocking())
         summary = write_report(run.uri, config.model_dump(mode="json"), root, {
             "W&B run": wandb_link(wb, run.uri), "Prefect flow run": flow_run_link(), "code": code_version()})
-        finish_wandb(wb, run, trained, before, after, scores, health, decision.promote, cache_dir("work", run_id),
-                     judgement, decision=decision, log_model=config.wandb.log_model, reused_from=reused_from)
+        earlier = log_wandb(wb, run, trained, before, after, scores, health, judgement, decision, reused_from)
         write_manifest(
             run.uri,
             {
@@ -112,6 +111,8 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         if promoted:  # compare-and-swap: re-checked against whatever was promoted since the gate
             promoted = promote(root, flow_run.flow_name, run_id, decision, config.gate.tolerance,
                                config.gate.allow_incomparable) is not None
+        # Only now does W&B say promoted (summary, tag, the model's alias); the manifest is re-hashed over its files.
+        finish_wandb(wb, run, work, promoted, earlier, trained.model if config.wandb.log_model else None)
         hub = None
         if config.output.push_to_hub and promoted:  # never a rejected model
             hub = push_model(trained.model, config.output, run_id)

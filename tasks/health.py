@@ -59,10 +59,11 @@ class HealthReport(BaseModel):
         return [f"{s.name}: {s.summary}" for s in self.signs if s.fired and s.name in BLOCKING]
 
     def summary(self) -> dict:
-        """Flat keys for the W&B run summary."""
-        out: dict = {"health/healthy": self.healthy}
+        """Flat keys for the W&B run summary: health/<sign>/fired (true: the warning sign fired, not
+        "that part is fine"), its numbers, and health/warnings, the signs that fired."""
+        out: dict = {"health/healthy": self.healthy, "health/warnings": [s.name for s in self.signs if s.fired]}
         for s in self.signs:
-            out[f"health/{s.name}"] = s.fired
+            out[f"health/{s.name}/fired"] = s.fired
             out.update({f"health/{s.name}/{k}": v for k, v in s.numbers.items() if v is not None})
         return out
 

@@ -6,16 +6,17 @@ stopped (why, when) > anything else (incomplete: running, or killed before it co
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import traceback
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
-from tasks.compare import compare
+from tasks.compare import compare, item_values, paired_stderr
 from tasks.layout import POINTERS, RUNS, RunPaths
-from tasks.runtime import RUN_TIMEOUT_ENV
+from tasks.runtime import RUN_TIMEOUT_ENV, run_logger
 from tasks.storage import ArtifactStore
 
 
@@ -124,6 +125,14 @@ class _Score:
         self.score, self.stderr = row["score"], row.get("stderr")
 
 
+def _items(run: ArtifactStore, name: str) -> dict[str, float] | None:
+    """The tuned (or evaluated) model's per-item values on a benchmark (compare.item_values), if recorded."""
+    path = next((p for role in ("tuned", "model") if run.exists(p := RunPaths.benchmark_records(name, role))), None)
+    if path is None:
+        return None
+    return item_values([json.loads(line) for line in run.read_text(path).splitlines() if line.strip()]) or None
+
+
 def compare_runs(root: str, run_a: str, run_b: str) -> dict[str, Any]:
     """Scores (with the one comparison), settings, health and data of two runs, side by side."""
     store = ArtifactStore(root)
@@ -137,12 +146,19 @@ def compare_runs(root: str, run_a: str, run_b: str) -> dict[str, Any]:
         row = {"benchmark": name, "a": sa and round(sa["score"], 4), "b": sb and round(sb["score"], 4),
                "n_a": sa and sa.get("n"), "n_b": sb and sb.get("n")}
         if sa and sb:
-            # Only scores measured the same way (equal comparability keys) have a delta.
+            # Only scores measured the same way (equal comparability keys) have a delta: then on the
+            # same items, compared item by item as the gate does.
             comparable = sa.get("comparability_key") == sb.get("comparability_key")
-            c = compare(_Score(sa), _Score(sb))
-            row |= {"delta": c["delta"] if comparable else "not comparable",
-                    "beyond_noise": c["beyond_noise"] and comparable,
-                    "source": ((sb.get("provenance") or {}).get("note") or "")}
+            notes = [(s.get("provenance") or {}).get("note") or "" for s in (sa, sb)]
+            row["source"] = notes[1] if notes[0] == notes[1] else f"A: {notes[0]}; B: {notes[1]}"
+            if comparable:
+                c = compare(_Score(sa), _Score(sb), paired=paired_stderr(_items(a, name), _items(b, name)))
+                row |= {"delta": c["delta"], "beyond_noise": c["beyond_noise"], "stderr": c["stderr"]}
+            else:
+                from tasks.benchmarks.provenance import why_not_comparable
+
+                row |= {"delta": f"not comparable ({why_not_comparable(sa.get('comparability'), sb.get('comparability'))})",
+                        "beyond_noise": "n/a"}
         scores.append(row)
     ca, cb = _flat(_read(a, RunPaths.config, {})), _flat(_read(b, RunPaths.config, {}))
     settings = [{"setting": k, "a": ca.get(k), "b": cb.get(k), "differs": ca.get(k) != cb.get(k)}
@@ -171,9 +187,10 @@ def model_of_run(root: str, run_id: str) -> dict[str, Any] | None:
 
 
 @contextmanager
-def status_recorded(run: ArtifactStore):
+def status_recorded(run: ArtifactStore, on_stop: Callable[[dict], None] | None = None):
     """status.json says 'running' during the block, 'failed' (why, when) if it raises, 'stopped' if
-    it was interrupted or cancelled; the manifest, written last, is what marks a run complete."""
+    it was interrupted or cancelled; the manifest, written last, is what marks a run complete.
+    on_stop gets that status (e.g. the W&B run says it too: tasks/tracking.py close_on_stop)."""
     write_status(run, "running", started_at=datetime.now(timezone.utc).isoformat())
     started = run.read_json(RunPaths.status)["started_at"]
     try:
@@ -181,4 +198,9 @@ def status_recorded(run: ArtifactStore):
     except BaseException as err:
         stopped = stop_reason(err)
         write_status(run, "stopped" if stopped else "failed", stopped or failure_reason(err), started_at=started)
+        if on_stop is not None:
+            try:
+                on_stop(run.read_json(RunPaths.status))
+            except Exception as also:  # never hides the run's own error, which status.json has
+                run_logger().warning("After the run stopped: %s: %s", type(also).__name__, also)
         raise

@@ -15,8 +15,9 @@ import os
 import shutil
 from pathlib import Path
 
-from tasks.evaluation import comparison_row
+from tasks.evaluation import comparison_row, score_row
 from tasks.config import WandbConfig
+from tasks.tracking_keys import bench_keys, bench_summary, gate_summary, judge_logs, rounded
 
 
 def wandb_mode(cfg: WandbConfig) -> str:
@@ -35,7 +36,7 @@ def wandb_mode(cfg: WandbConfig) -> str:
 
 
 def start_wandb(cfg: WandbConfig, run_id: str, config: dict, local_dir: Path, group: str | None,
-                tags: list[str] | None = None, job_type: str = "finetune"):
+                tags: list[str] | None = None, job_type: str = "finetune", notes: str | None = None):
     """Start the run's W&B run (or return None when disabled); tags e.g. the Prefect deployment."""
     mode = wandb_mode(cfg)
     if mode == "disabled":
@@ -52,12 +53,39 @@ def start_wandb(cfg: WandbConfig, run_id: str, config: dict, local_dir: Path, gr
         group=group,
         job_type=job_type,
         tags=tags or None,
+        notes=notes,
         mode=mode,
         dir=str(local_dir),
         config=config,
         resume="allow",
         reinit="finish_previous",
     )
+
+
+def start_flow_wandb(config, run_id: str, local_dir: Path, resolved: dict, job_type: str = "finetune",
+                     leave_out: dict | None = None):
+    """start_wandb for a flow run: grouped by the deployment when served (every `nightly` together,
+    a resumed run in the same group), else by the flow's name; the Prefect flow run (id, name,
+    deployment, page) in the config under `prefect` and its page in the notes; what each `auto`
+    resolved to under `resolved`; a flow's refused sections (`leave_out`: eval's NOT_IN_EVAL) left out."""
+    from prefect.runtime import deployment, flow_run
+
+    from tasks.runtime import flow_run_link
+
+    link = flow_run_link()
+    logged = config.model_dump(mode="json")
+    for section, fields in (leave_out or {}).items():  # None: the whole section
+        for field in () if fields is None else fields:
+            logged.get(section, {}).pop(field, None)
+        if fields is None:
+            logged.pop(section, None)
+    logged["resolved"] = {k: v for k, v in resolved.items()
+                          if (leave_out or {}).get(k.split(".")[0].split("[")[0], ()) is not None}
+    logged["prefect"] = {"flow_run_id": flow_run.id, "flow_run_name": flow_run.get_name(),
+                         "deployment": deployment.name, "flow_run_link": link}
+    return start_wandb(config.wandb, run_id, logged, local_dir, deployment.name or flow_run.flow_name,
+                       [deployment.name] if deployment.name else None, job_type,
+                       notes=f"Prefect flow run: {link}" if link else None)
 
 
 def _skip_unused_launch_import() -> None:
@@ -174,11 +202,11 @@ def fold_in_earlier_attempts(wb_run, log_history: list[dict]) -> list[Path]:
     return earlier
 
 
-def finish_run(wb_run, earlier: list[Path]) -> None:
+def finish_run(wb_run, earlier: list[Path], exit_code: int = 0) -> None:
     """Close the W&B run, then remove the earlier attempts' folders it now holds."""
     import wandb
 
-    wb_run.finish()
+    wb_run.finish(exit_code=exit_code)
     # finish() can return a moment before W&B's service has closed the run file: under load a copy
     # taken right away lacked the summary (the arena saw it, then a CI run's eval). teardown waits
     # for the service to exit; the next run in this process starts a new one.
@@ -200,36 +228,16 @@ def log_results(wb_run, samples_before, samples_after, scores: dict, summary: di
     table = wandb.Table(columns=["prompt", "before", "after", "after_stopped_at_eos"])
     for b, a in zip(samples_before, samples_after):
         table.add_data(b.prompt, b.completion, a.completion, a.stopped_at_eos)
-    columns = ["benchmark", "metric", "n", "base", "tuned", "delta", "beyond_noise", "comparable", "source"]
+    columns = ["benchmark", "metric", "n", "base", "base_stderr", "tuned", "tuned_stderr", "delta", "beyond_noise",
+               "comparable", "comparability_key", "source"]
     bench = wandb.Table(columns=columns)
-    for row in (comparison_row(pair["base"], pair["tuned"]) for pair in scores.values()):
-        bench.add_data(*(row[c] for c in columns))
-    tables = {"samples": table, "benchmarks": bench}
-    if judge is not None:
-        pairs = wandb.Table(columns=["instruction", "tuned", "reference", "verdict_tuned_as_a", "verdict_tuned_as_b",
-                                     "preference"])
-        for r in judge.records:
-            pairs.add_data(r["instruction"], r["output"], r["reference_output"], r["verdict_tuned_as_a"],
-                           r["verdict_tuned_as_b"], r["preference"])
-        tables["judge_pairs"] = pairs
-        summary = summary | {f"judge/{k}": getattr(judge, k)
-                             for k in ("win_rate", "stderr", "n", "wins", "ties", "losses", "parse_failures")
-                             if getattr(judge, k) is not None}
-    wb_run.log(tables)
-    wb_run.summary.update(summary | bench_summary(scores) | (health.summary() if health is not None else {}))
-
-
-def bench_summary(scores: dict) -> dict:
-    """bench/<name>/{base,tuned,delta}: flat keys the W&B runs table can sort and chart across runs."""
-    out = {}
     for name, pair in scores.items():
-        row = comparison_row(pair["base"], pair["tuned"])
-        out |= {f"bench/{name}/base": pair["base"].score, f"bench/{name}/tuned": pair["tuned"].score,
-                f"bench/{name}/beyond_noise": row["beyond_noise"], f"bench/{name}/source": row["source"],
-                f"bench/{name}/comparable_to_published": row["comparable_to_published"]}
-        if row["delta"] is not None:  # scores measured differently have no delta
-            out[f"bench/{name}/delta"] = row["delta"]
-    return out
+        row = comparison_row(pair["base"], pair["tuned"]) | {f"{role}_stderr": rounded(pair[role].stderr)
+                                                              for role in ("base", "tuned")}
+        bench.add_data(*(row[c] for c in columns))
+    tables, judged = judge_logs(judge)
+    wb_run.log({"samples": table, "benchmarks": bench} | tables)
+    wb_run.summary.update(summary | judged | bench_summary(scores) | (health.summary() if health is not None else {}))
 
 
 def wandb_link(wb_run, run_uri: str) -> str | None:
@@ -277,71 +285,111 @@ def log_run_files(wb_run, run) -> list[str]:
     return names
 
 
-def gate_summary(decision, promoted: bool) -> dict:
-    """gate/promoted, gate/against (the base model or the promoted run), gate/reasons (why not; empty
-    when promoted)."""
-    if decision is None:
-        return {"promoted": promoted}
-    return {"promoted": promoted, "gate/promoted": promoted, "gate/against": decision.against,
-            "gate/reasons": list(decision.reasons)}
-
-
-def finish_eval_wandb(wb_run, run, rows: list[dict], judge, local_dir: Path) -> None:
-    """An eval run's W&B run (smolflow eval): the scores table, bench/<name>/score keys the runs
-    table can sort, the judge's summary, the run folder's files; closed, its files kept in the run
-    folder as a fine-tune's are."""
+def finish_eval_wandb(wb_run, run, scores: dict, judge, local_dir: Path) -> None:
+    """An eval run's W&B run (smolflow eval): the scores table, bench/<name>/* keys named as a
+    fine-tune's (its model is the `tuned` one), the judge's pairs and summary, the run folder's
+    files; closed, its files kept in the run folder as a fine-tune's are."""
     if wb_run is None:
         return
     import wandb
 
-    columns = ["benchmark", "model", "metric", "n", "score", "stderr", "source", "comparable_to_published"]
+    columns = ["benchmark", "model", "metric", "n", "score", "stderr", "source", "comparable_to_published",
+               "comparability_key"]
     table = wandb.Table(columns=columns)
     summary = {"run_uri": run.uri}
-    for row in rows:
-        table.add_data(*(row[c] for c in columns))
-        summary |= {f"bench/{row['benchmark']}/{key}": row[key] for key in ("score", "source", "comparable_to_published")}
-    if judge is not None:
-        summary |= {f"judge/{k}": getattr(judge, k) for k in ("win_rate", "stderr", "n", "wins", "ties", "losses",
-                                                                "parse_failures") if getattr(judge, k) is not None}
+    for name, pair in scores.items():
+        for role, result in pair.items():
+            row = score_row(role, result)
+            table.add_data(*(row[c] for c in columns))
+            summary |= bench_keys(name, "tuned", result)
+    tables, judged = judge_logs(judge)
     with staging_inside(wb_run):
-        wb_run.log({"benchmarks": table})
-        wb_run.summary.update(summary)
+        wb_run.log({"benchmarks": table} | tables)
+        wb_run.summary.update(summary | judged)
         log_run_files(wb_run, run)
     finish_run(wb_run, [])
     run.upload_dir(local_dir / "wandb", "wandb")
 
 
-def log_model_artifact(wb_run, model: str, promoted: bool) -> None:
-    """The tuned model as a W&B model artifact (what `run.log_model` logs), except that its files are
-    not also copied into W&B's artifact cache (~/.cache/wandb/artifacts) on upload: nothing trims that
-    cache on a schedule, and a nightly would add a model's copy (~0.5 GB) every night."""
+def log_model_artifact(wb_run, model, promoted: bool) -> None:
+    """The tuned model as a W&B model artifact (what `run.log_model` logs), in one collection per
+    flow (`smolflow-finetune-model`), so its aliases `latest` and `promoted` move from night to night
+    as W&B's model registry expects; its files are not also copied into W&B's artifact cache
+    (~/.cache/wandb/artifacts) on upload: nothing trims that cache, and a nightly would add a
+    model's copy (~0.5 GB) every night."""
     import wandb
+    from prefect.runtime import flow_run
 
     from tasks.models import local_model_dir
 
-    artifact = wandb.Artifact(f"{wb_run.id}-model", type="model")
+    artifact = wandb.Artifact(f"{flow_run.flow_name or 'smolflow-finetune'}-model", type="model")
     artifact.add_dir(str(local_model_dir(model)), skip_cache=True)
     wb_run.log_artifact(artifact, aliases=["latest", "promoted"] if promoted else ["latest"])
 
 
-def finish_wandb(wb_run, run, trained, before, after, scores: dict, health, promoted: bool, local_dir: Path,
-                 judge=None, decision=None, log_model: bool = False, reused_from: str | None = None) -> None:
-    """Log tables, the run folder's files, the gate and the summary (and the model if asked), tag a
-    promoted run, close it, and keep its files in the run folder."""
+def log_wandb(wb_run, run, trained, before, after, scores: dict, health, judge=None, decision=None,
+              reused_from: str | None = None) -> list[Path]:
+    """Before the manifest: tables, the run folder's files, the gate's verdict and the summary, with
+    smolflow's whole-run train_loss (the Trainer's own is the mean since a resume); returns the
+    earlier attempts' folders, which finish_wandb removes once the run is closed."""
     if wb_run is None:
-        return
-    summary = {"eval_loss": trained.metrics["eval_loss"], "run_uri": run.uri} | gate_summary(decision, promoted)
+        return []
+    summary = {"eval_loss": trained.metrics["eval_loss"], "train_loss": trained.metrics["train_loss"],
+               "run_uri": run.uri} | gate_summary(decision)
     with staging_inside(wb_run):
         earlier = fold_in_earlier_attempts(wb_run, trained.log_history)  # before the tables: steps in order
-        # A cached training (same model, data, settings) trains nothing here: its curve is the run's
-        # that trained it, logged again and said so, so every nightly in W&B has its loss curve.
-        if reused_from and replay_history(wb_run, trained.log_history):
-            summary["training/reused_from"] = reused_from
+        # A cached training (same model, data, settings) trains nothing here: its curve and Trainer
+        # settings are the run's that trained it, logged again and said so.
+        if reused_from:
+            wb_run.config.update(trained.trainer_args, allow_val_change=True)  # as the Trainer's callback
+            if replay_history(wb_run, trained.log_history):
+                summary["training/reused_from"] = reused_from
         log_results(wb_run, before, after, scores, summary, health, judge)
         log_run_files(wb_run, run)
-        if log_model:
-            log_model_artifact(wb_run, trained.model, promoted)
+    return earlier
+
+
+def finish_wandb(wb_run, run, local_dir: Path, promoted: bool, earlier: list[Path] = (), model=None) -> None:
+    """Once promote() has returned (its compare-and-swap may still reject what the gate passed):
+    promoted in the summary, the tag and the model's alias; close the run, keep its folder in the
+    run folder (the manifest, written before promotion, re-hashed over it)."""
+    if wb_run is None:
+        return
+    wb_run.summary["promoted"] = promoted
+    if model is not None:
+        with staging_inside(wb_run):
+            log_model_artifact(wb_run, model, promoted)
     if promoted:
         wb_run.tags = (*wb_run.tags, "promoted")
     finish_run(wb_run, earlier)
+    keep_in_run_folder(run, local_dir, gone=[folder.name for folder in earlier])
+
+
+def keep_in_run_folder(run, local_dir: Path, gone: list[str] = ()) -> None:
+    """Upload the W&B folder into the run folder's wandb/ (what `wandb sync runs/*/wandb/offline-run-*`
+    reads); drop the copies of earlier attempts now folded in; re-hash a manifest written before."""
+    from tasks.layout import RunPaths
+    from tasks.storage import write_manifest
+
+    for name in gone:  # uploaded when that attempt failed: the closed run now holds it
+        if run.exists(f"wandb/{name}"):
+            run.fs.rm(run._path(f"wandb/{name}"), recursive=True)
     run.upload_dir(local_dir / "wandb", "wandb")
+    if run.exists(RunPaths.manifest):  # it hashes every object of the run folder, these too
+        manifest = run.read_json(RunPaths.manifest)
+        write_manifest.fn(run.uri, {k: v for k, v in manifest.items() if k not in ("run", "objects", "versions")})
+
+
+def close_on_stop(wb_run, run, local_dir: Path):
+    """For status_recorded: a failed, stopped or timed-out run's W&B run says so (status/state and
+    status/why, as status.json), ends with exit code 1 (W&B: failed, not finished) and its folder goes
+    into the run folder as a completed run's; earlier attempts' folders stay beside it."""
+    def closed(status: dict) -> None:
+        # Not started (disabled), or closed already: a failure after finish_wandb (hub push, retention).
+        if wb_run is None or getattr(wb_run, "_is_finished", False):
+            return
+        wb_run.summary.update({"status/state": status["state"], "status/why": status["why"]})
+        finish_run(wb_run, [], exit_code=1)
+        keep_in_run_folder(run, local_dir)
+
+    return closed

@@ -292,7 +292,7 @@ def test_eval_runs_lists_and_compares(env, tiny_model_dir, tmp_path):
     assert smolflow(env, "compare", "eval-a", "nope", "--root", str(root)).returncode == 2
 
     dry = smolflow(env, "gc", "--root", str(root), "--dry-run", "--keep-runs", "1")
-    assert dry.returncode == 0 and "dry run: nothing deleted" in dry.stdout and "| delete | run | eval-a |" in dry.stdout
+    assert dry.returncode == 0 and "dry run: nothing deleted" in dry.stdout and "| eval-a | delete | run |" in dry.stdout
     assert (root / "runs/eval-a/manifest.json").is_file()  # listed, not deleted
     # Retention applies after an eval run as after a fine-tune (it once never ran there).
     kept = smolflow(env, *_eval_args(root, str(tiny_model_dir), 2), "--output.run-id", "eval-c", "--output.keep-runs", "1")
@@ -392,7 +392,7 @@ def test_eval_of_the_builtin_model_scores_the_default_benchmark_into_wandb(env, 
     assert summary["n"] == 1 and summary["metric"] == "exact_match,strict-match" and 0 <= summary["score"] <= 1
     # An eval run is a W&B run too (it once logged nothing): scores, the table, the report's files.
     recorded = wandb_summary(tmp_path / "runs/builtin")
-    assert recorded["summary"]["bench/gsm8k/score"] == round(summary["score"], 4)
+    assert recorded["summary"]["bench/gsm8k/tuned"] == round(summary["score"], 4)  # named as a fine-tune's
     assert "benchmarks" in recorded["summary"] and recorded["config"]["model"] == "builtin:smollm2-135m-instruct"
     files = {p.name for p in (tmp_path / "runs/builtin/wandb").rglob("*") if p.is_file()}
     assert "report.md" in files  # the run folder's files, copied into the W&B run

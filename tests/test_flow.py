@@ -189,7 +189,8 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     bench = summary["benchmarks"][0]
     assert recorded["summary"]["bench/gsm8k/tuned"] == pytest.approx(bench["tuned"], abs=1e-4)
     assert recorded["summary"]["bench/gsm8k/delta"] == pytest.approx(bench["delta"], abs=1e-4)
-    assert recorded["summary"]["gate/promoted"] == summary["promoted"]  # the gate's decision, with its reasons
+    assert recorded["summary"]["promoted"] == summary["promoted"]  # set once promote() returned
+    assert recorded["summary"]["gate/passed"] is summary["promoted"]  # first run: no re-check rejects it
     assert recorded["summary"]["gate/reasons"] == summary["gate"]
     assert recorded["config"]["training"]["max_steps"] == 3
     # No secret from the environment ends up in any artifact (W&B files included).

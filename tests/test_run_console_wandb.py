@@ -125,7 +125,7 @@ def test_wandb_run_carries_report_tables_curves_model_and_gate(user_run):
     decision = json.loads((run / "gate" / "decision.json").read_text())
     assert summary["gate/against"] == decision["against"]
     assert summary["gate/reasons"] == decision["reasons"]
-    assert summary["gate/promoted"] is decision["promote"]
+    assert summary["gate/passed"] is decision["promote"]
 
 
 def test_replayed_rows_are_keyed_as_the_trainers_wandb_callback_keys_them():

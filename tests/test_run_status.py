@@ -119,3 +119,29 @@ def test_a_run_over_its_time_ends_timed_out_and_says_so(tiny_model_dir, tmp_path
     assert "FlowRunTimeoutError" in out.stderr  # the CLI's one error line
     status = json.loads((tmp_path / "artifacts/runs/too-long/status.json").read_text())
     assert status == status | {"state": "failed", "why": "timed out: the run took longer than SMOLFLOW_RUN_TIMEOUT_HOURS=0.003 h"}
+
+
+def test_compare_two_runs_item_by_item_and_says_why_scores_are_not_comparable(tmp_path):
+    """`smolflow compare`: two runs on the same items compare item by item (as the gate does); scores
+    measured differently get the reason, not a `beyond_noise: False`; both runs' sources are shown."""
+    from tasks.layout import RunPaths
+    from tasks.runs import compare_runs
+
+    root = ArtifactStore(str(tmp_path))
+    for run_id, correct, key, n in (("a", [i < 60 for i in range(100)], "k1", 100),
+                                    ("b", [i < 50 for i in range(100)], "k1", 100),
+                                    ("c", [i < 5 for i in range(10)], "k2", 10)):
+        run = root.child("runs", run_id)
+        run.write_json("config.json", {})
+        run.write_json(RunPaths.comparison, [{"benchmark": "mmlu", "tuned": sum(correct) / n}])
+        run.write_json(RunPaths.benchmark_summary("mmlu", "tuned"), {
+            "name": "mmlu", "score": sum(correct) / n, "stderr": 0.05, "n": n, "comparability_key": key,
+            "comparability": {"n": n, "data": "d"}, "provenance": {"note": f"{n} fixture items"}})
+        run.write_text(RunPaths.benchmark_records("mmlu", "tuned"),
+                       "".join(json.dumps({"doc_id": i, "correct": c}) + "\n" for i, c in enumerate(correct)))
+    (same,) = compare_runs(str(tmp_path), "a", "b")["scores"]
+    assert (same["delta"], same["stderr"], same["beyond_noise"]) == (-0.1, 0.0302, True)  # independent: 0.0707, False
+    assert same["source"] == "100 fixture items"
+    (apart,) = compare_runs(str(tmp_path), "a", "c")["scores"]
+    assert apart["delta"] == "not comparable (n 100 vs 10)" and apart["beyond_noise"] == "n/a"
+    assert apart["source"] == "A: 100 fixture items; B: 10 fixture items"

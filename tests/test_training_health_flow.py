@@ -46,4 +46,4 @@ def test_flow_reports_training_health_and_curves(tiny_model_dir, tmp_path):
 
     recorded = wandb_summary(run)["summary"]
     assert recorded["health/healthy"] == health["healthy"]
-    assert recorded["health/format"] == signs["format"]["fired"]
+    assert recorded["health/format/fired"] == signs["format"]["fired"]
