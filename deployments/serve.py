@@ -27,7 +27,13 @@ from deployments.alerts import BLOCK_ENV, ensure_alerts
 from deployments.local import descendants
 from flows.arena import arena
 from flows.finetune import finetune
+from tasks.config import OutputConfig
 from tasks.runtime import RUN_TIMEOUT_ENV, run_timeout
+
+
+_DEFAULT_ROOT = OutputConfig.model_fields["artifacts_uri"].default
+NIGHTLY_ROOT = ("{% if flow_run %}{{ flow_run.parameters.get('config', {}).get('output', {}).get('artifacts_uri', '"
+                + _DEFAULT_ROOT + "') }}{% else %}" + _DEFAULT_ROOT + "{% endif %}")
 
 
 def deployments():
@@ -52,6 +58,9 @@ def deployments():
         triggers=[DeploymentEventTrigger(
             expect={"prefect.flow-run.Completed"},
             match_related={"prefect.resource.role": "deployment", "prefect.resource.name": nightly.name},
+            # The arena reads the runs where the nightly wrote them (rendered by the server from the
+            # completed run's parameters), not the arena's own default root.
+            parameters={"config": {"artifacts_uri": NIGHTLY_ROOT}},
         )],
         concurrency_limit=1,
         tags=["smolflow", "arena"],

@@ -175,7 +175,7 @@ def test_run_button_starts_a_run_with_changed_parameters(served, tiny_model_dir,
 
 
 @pytest.mark.slow
-def test_arena_deployment_is_triggered_by_a_completed_nightly_run(served):
+def test_arena_deployment_is_triggered_by_a_completed_nightly_run(served, tmp_path):
     import httpx
     from prefect.events import Event
 
@@ -184,14 +184,21 @@ def test_arena_deployment_is_triggered_by_a_completed_nightly_run(served):
     (automation,) = client.read_automations_by_name("after-nightly__automation_1")
     assert automation.trigger.expect == {"prefect.flow-run.Completed"}
     assert automation.actions[0].deployment_id == arena.id
-    # What the server records when a nightly flow run completes; the automation answers with an arena run.
+    # A nightly run that wrote elsewhere than the default root (created finished: nothing runs it), and
+    # what the server records when it completes; the automation answers with an arena run over its root.
+    from prefect.states import Completed
+
+    elsewhere = str(tmp_path / "nightly-root")
+    done = client.create_flow_run_from_deployment(
+        nightly.id, parameters={"config": {"output": {"artifacts_uri": elsewhere}}}, state=Completed())
     # Posted straight to this module's server (emit_event would use the process's events client).
-    event = Event(event="prefect.flow-run.Completed", resource={"prefect.resource.id": "prefect.flow-run.nightly-test"},
+    event = Event(event="prefect.flow-run.Completed", resource={"prefect.resource.id": f"prefect.flow-run.{done.id}"},
                   related=[{"prefect.resource.id": f"prefect.deployment.{nightly.id}",
                             "prefect.resource.role": "deployment", "prefect.resource.name": "nightly"}])
     httpx.post(str(client.api_url).rstrip("/") + "/events", json=[event.model_dump(mode="json")],
                timeout=30).raise_for_status()
     deadline = time.monotonic() + 120
-    while not client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[arena.id]))):
+    while not (runs := client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[arena.id])))):
         assert time.monotonic() < deadline, "no arena run 120 s after a nightly run completed"
         time.sleep(2)
+    assert runs[0].parameters["config"]["artifacts_uri"] == elsewhere  # not the arena's default ./smolflow-runs
