@@ -355,6 +355,12 @@ class WandbConfig(Section):
         return self
 
 
+def _list_or_profile(schema: dict) -> None:
+    """benchmarks' JSON schema: the list, or a profile name (expand_benchmarks reads both)."""
+    listed = {k: schema.pop(k) for k in ("type", "items") if k in schema}
+    schema["anyOf"] = [listed, {"type": "string", "pattern": "^published(:.+)?$"}]
+
+
 class RunConfig(Section):
     """Everything one fine-tune-and-evaluate run needs."""
 
@@ -377,6 +383,7 @@ class RunConfig(Section):
         description=f"Built-in benchmarks scored on the base and the tuned model ({', '.join(BENCHMARKS)}), "
         "or a profile name: 'published' (the SmolLM2 card's MMLU cloze, BBH 3-shot, GSM8K 5-shot from the hub) "
         "or 'published:DIR' (local mirrors DIR/mmlu, DIR/bbh, DIR/gsm8k).",
+        json_schema_extra=_list_or_profile,  # the Prefect UI's form and its server check read the schema
     )
     custom_benchmarks: list[str] = Field(
         default_factory=list,

@@ -19,6 +19,7 @@ class Progress:
     def __init__(self, key: str, description: str, total: int):
         self.key, self.description, self.total, self.id = key, description, max(total, 1), None
         self.started, self.tenth, self.start_done, self.shown = time.monotonic(), -1, None, -1
+        self.said: str | None = None  # the description last sent with the artifact
         try:
             get_run_context()
         except MissingContextError:
@@ -27,8 +28,9 @@ class Progress:
 
     def update(self, done: float, description: str | None = None) -> None:
         percent = min(100.0, 100.0 * done / self.total)
-        if self.id is not None and int(percent) != self.shown:  # one API call a percent, not one a step
-            self.shown = int(percent)
+        # One API call a percent, not one a step; at 100% each new description too (the last eval, "done").
+        if self.id is not None and (int(percent) != self.shown or (percent >= 100 and description != self.said)):
+            self.shown, self.said = int(percent), description
             self._call(update_progress_artifact, self.id, percent, description=description)
         tenth = int(percent // 10)
         if tenth != self.tenth:  # a line when a new tenth is reached (0%, 10%, ... 100%)

@@ -1,6 +1,8 @@
 """What the Prefect UI shows: a description on every RunConfig field, none it strips as HTML,
 progress lines with percent and ETA."""
 
+import pytest
+
 from tasks.config import RunConfig
 from tasks.progress import Progress
 
@@ -63,3 +65,40 @@ def test_training_progress_prints_a_line_at_each_tenth_between_logging_steps(tmp
     assert [line.split(":")[1].split("%")[0].strip() for line in lines] == [str(p) for p in range(0, 101, 10)]
     assert lines[4].startswith("Training steps: 40% (step 12 of 30, train loss 2.0000), ETA")
     assert lines[-1].startswith("Training steps: 100% (step 30 of 30, train loss 0.0000), done in")
+
+
+def test_the_progress_artifact_ends_with_the_last_description_at_100_percent():
+    """At 100% the final eval's log and "done" arrive after the last percent: the artifact shows them
+    (it kept "step 4 of 4, eval loss <an earlier one>")."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    @flow
+    def steps() -> str:
+        bar = Progress("smolflow-test-progress", "Training steps", 4)
+        for step in range(1, 5):
+            bar.update(step, f"step {step} of 4")
+        bar.update(4, "step 4 of 4, eval loss 2.5474")
+        bar.update(4, "done: 4 steps")
+        return str(bar.id)
+
+    artifact_id = steps()
+    with get_client(sync_client=True) as client:
+        artifact = client.read_artifacts()  # the newest first is not guaranteed: find ours
+    ours = [a for a in artifact if str(a.id) == artifact_id]
+    assert ours and ours[0].data == 100 and ours[0].description == "done: 4 steps"
+
+
+def test_the_ui_form_takes_a_benchmark_profile_as_the_command_line_does():
+    """The Prefect server checks a run's parameters against the flow's schema: 'published' was
+    described there but refused ("is not valid under any of the given schemas")."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+    from flows.finetune import finetune
+
+    schema = parameter_schema(finetune.fn).model_dump_for_openapi()
+    for ok in ("published", "published:/data/mirrors", [{"name": "gsm8k", "limit": 3}]):
+        validate({"config": {"benchmarks": ok}}, schema, raise_on_error=True, ignore_required=True)
+    with pytest.raises(ValidationError, match="config.benchmarks"):
+        validate({"config": {"benchmarks": "nope"}}, schema, raise_on_error=True, ignore_required=True)
