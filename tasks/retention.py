@@ -254,11 +254,12 @@ class GcReport(BaseModel):
                 rows.append((d.action != "delete", d.kind, d.name, d.bytes, d.reason))
         rows += [(action != "delete", kind, f"{folder}/ ({n} {'entry' if n == 1 else 'entries'})", size, why)
                  for (action, kind, folder, why), (n, size) in grouped.items()]
-        rows = "".join(f"| {'keep' if kept else 'delete'} | {kind} | {name} | {size / 1e6:.1f} | {why} |\n"
+        # The name first: where the UI narrows the table, the first column labels each row.
+        rows = "".join(f"| {name} | {'keep' if kept else 'delete'} | {kind} | {size / 1e6:.1f} | {why} |\n"
                        for kept, kind, name, size, why in sorted(rows))
         return (f"gc of {self.root} and cache {self.cache}: {verb} {self.freed_bytes / 1e6:.1f} MB"
                 f"{' (dry run: nothing deleted)' if self.dry_run else ''}\n\n"
-                f"| action | kind | name | MB | why |\n|---|---|---|---|---|\n{rows}")
+                f"| name | action | kind | MB | why |\n|---|---|---|---|---|\n{rows}")
 
 
 def plan_work_dirs(root: str, cache_root, done: set[str]) -> list[Decision]:

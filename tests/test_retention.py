@@ -137,9 +137,9 @@ def test_prefect_results_checks_and_win_rates_are_bounded_and_kept_ones_summed_u
     assert sorted(p.name for p in (cache / "results").iterdir()) == ["key2", "key3", "key4"]
     assert {d.name for d in report.decisions} >= {"checks/benchmark-gsm8k-0123.json", "win-rates/4567.json"}
     table = report.table()
-    assert "| delete | cache | results/key0 |" in table and "| delete | cache | results/key1 |" in table
-    assert "| keep | cache | results/ (3 entries) | 3.1 | within the cache bound |" in table
-    assert "| keep | cache | checks/ (1 entry) |" in table and "results/key2" not in table
+    assert "| results/key0 | delete | cache |" in table and "| results/key1 | delete | cache |" in table
+    assert "| results/ (3 entries) | keep | cache | 3.1 | within the cache bound |" in table
+    assert "| checks/ (1 entry) | keep | cache |" in table and "results/key2" not in table
 
 
 def _snapshot(*roots: Path) -> dict[str, tuple[int, float]]:
@@ -161,7 +161,7 @@ def test_gc_dry_run_lists_but_deletes_nothing_then_gc_frees(tmp_path, monkeypatc
     deleted = {(d.kind, d.name) for d in report.decisions if d.action == "delete"}
     assert deleted == {("run", "r1"), ("run", "r2"), ("work", "work/r1"), ("cache", "tokenized/stale")}
     assert report.freed_bytes == sum(d.bytes for d in report.decisions if d.action == "delete") > 0
-    assert "dry run: nothing deleted" in report.table() and "| delete | run | r1 |" in report.table()
+    assert "dry run: nothing deleted" in report.table() and "| r1 | delete | run |" in report.table()
 
     done = gc(root, dry_run=False, keep_runs=2, cache_max_gb=0)
     assert {(d.kind, d.name) for d in done.decisions if d.action == "delete"} == deleted
@@ -233,7 +233,7 @@ def test_old_wandb_service_logs_go_and_recent_ones_stay(variable, tmp_path, monk
     assert {"core-debug-20261201_000000.log", "notes.log", "core-debug-keep.log", *written} <= {
         p.name for p in logs.iterdir()}
     table = report.table()
-    assert f"| delete | log | {logs}/ (2 entries) | 0.0 | W&B service debug log older than 14 days |" in table
+    assert f"| {logs}/ (2 entries) | delete | log | 0.0 | W&B service debug log older than 14 days |" in table
 
 
 def test_publishing_a_cached_model_links_it_and_survives_its_first_run_being_deleted(tiny_model_dir, tmp_path):

@@ -110,7 +110,8 @@ def provenance(name: str, hub: tuple[str, str | None], data: str, files: dict[st
                 "not comparable to published scores")
     elif comparable:
         note = ("comparable to published scores" if source["source"] == "hub" else
-                f"comparable to published scores: a local mirror of {hub[0]} (as many items; sha256 recorded)")
+                f"comparable to published scores if these are {hub[0]}'s items: local files with as many "
+                "(taken for a mirror by their count; their sha256 is recorded, not checked against the hub's)")
     else:
         why = [w for w, bad in (("a subset of the items (limit)", not full_set),
                                 ("settings other than the reference's", not reference_settings)) if bad]
