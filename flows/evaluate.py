@@ -29,6 +29,7 @@ from tasks.reporting import write_report
 from tasks.retention import tidy_after_failure, tidy_up
 from tasks.runs import model_of_run, status_recorded
 from tasks.runtime import cache_dir, code_version, flow_run_link, run_logger, run_timeout, set_torch_threads
+from tasks.sandbox import hide_from_sandbox
 from tasks.storage import ArtifactStore, set_latest, write_manifest
 from tasks.tracking import close_on_stop, finish_eval_wandb, start_flow_wandb, wandb_link
 
@@ -65,6 +66,7 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
     threads = set_torch_threads(config.torch_threads)
     checked = check_run(config)
     placement = publish(config.execution)  # as in smolflow-finetune: every model, and Ray if asked
+    hide_from_sandbox(config.output.artifacts_uri)  # HumanEval's programs cannot read the runs
     root = config.output.artifacts_uri
     run_id = config.output.run_id or f"eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     run = ArtifactStore(root).child(run_dir(run_id))

@@ -32,6 +32,7 @@ from tasks.reporting import write_report
 from tasks.retention import tidy_after_failure, tidy_up
 from tasks.runs import status_recorded
 from tasks.runtime import cache_dir, code_version, flow_run_link, run_timeout, set_torch_threads
+from tasks.sandbox import hide_from_sandbox
 from tasks.storage import ArtifactStore, set_latest, write_manifest
 from tasks.templates import prepare_chat_template, write_template_preview
 from tasks.tokenization import tokenize_dataset, write_token_stats
@@ -51,6 +52,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     started = time.time()  # cache entries used from now on are this run's: never evicted at its end
     threads = set_torch_threads(config.torch_threads)
     placement = publish(config.execution)  # every model this run loads goes where this says
+    hide_from_sandbox(config.output.artifacts_uri)  # HumanEval's programs cannot read the runs
     reap_orphaned_servers()  # a temporary Prefect server that a SIGKILLed earlier run left behind
     check_inputs(config)  # a missing model, path or split, or a bad row: failed before anything is written
     checked = check_run(config)  # the user's files are read and checked before any compute

@@ -155,6 +155,17 @@ def hidden_paths() -> list[str]:
     return sorted(p for p in found if p not in _NEVER_HIDDEN and not any(_inside(p, s) for s in ("/proc", "/sys", "/dev")))
 
 
+def hide_from_sandbox(uri: str) -> None:
+    """A local artifacts root (other runs' data, models and outputs) joins SMOLFLOW_SANDBOX_HIDE for
+    this process and what it starts (Ray workers get it too: tasks/evaluation.py _FORWARD)."""
+    if "://" in uri and not uri.startswith("file://"):
+        return  # s3://: nothing on this machine to hide
+    path = os.path.realpath(os.path.expanduser(uri.removeprefix("file://")))
+    current = [p for p in os.environ.get("SMOLFLOW_SANDBOX_HIDE", "").split(os.pathsep) if p]
+    if path not in current:
+        os.environ["SMOLFLOW_SANDBOX_HIDE"] = os.pathsep.join([*current, path])
+
+
 @functools.cache
 def _prefixes(python: str) -> tuple[str, ...]:
     """Where `python` finds itself and its stdlib: bound back into the sandbox if hidden."""

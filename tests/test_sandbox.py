@@ -376,3 +376,30 @@ def test_echoing_stdin_does_not_fake_a_humaneval_pass():
     assert all({"reads stdin", "os._exit"} <= set(r["tamper_signs"]) for r in records)
     clean, _ = HumanEval().score(problems[:1], [problems[0]["canonical_solution"]])
     assert clean[0]["correct"] and clean[0]["tamper_signs"] == []
+
+
+@needs_root
+def test_the_runs_artifacts_root_is_hidden_wherever_it_is(monkeypatch):
+    """A run root outside the hidden places (here under /var/lib, which stays visible) holds other
+    runs' data and models: a flow hides its own root (hide_from_sandbox) from the programs it runs."""
+    import shutil
+    import uuid
+
+    from tasks.sandbox import hide_from_sandbox
+
+    root = Path("/var/lib") / f"smolflow-sandbox-test-{uuid.uuid4().hex[:8]}"
+    (root / "runs").mkdir(parents=True)
+    try:
+        root.chmod(0o755), (root / "runs").chmod(0o755)
+        (root / "runs" / "secret.json").write_text('{"answer": 42}')
+        (root / "runs" / "secret.json").chmod(0o644)
+        program = f"print(open({str(root / 'runs' / 'secret.json')!r}).read())\n"
+        assert '"answer": 42' in run_python(program, FAST).stdout  # visible until the flow hides it
+        monkeypatch.delenv("SMOLFLOW_SANDBOX_HIDE", raising=False)
+        hide_from_sandbox(str(root))
+        hidden = run_python(program, FAST)
+        assert not hidden.passed and '"answer": 42' not in hidden.stdout and "No such file" in hidden.stderr
+        hide_from_sandbox("s3://bucket/runs")  # nothing local to hide
+        assert os.environ["SMOLFLOW_SANDBOX_HIDE"] == str(root)
+    finally:
+        shutil.rmtree(root)
