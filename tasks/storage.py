@@ -369,4 +369,24 @@ def read_pointer(root: str, flow_name: str, name: str) -> dict[str, Any] | None:
 @task(cache_policy=NO_CACHE, retries=3, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10, 30])
 def set_latest(root: str, flow_name: str, run_id: str) -> str:
     """Point the flow's `latest` at this run, once its manifest is written."""
-    return set_pointer(root, flow_name, "latest", run_id)
+    from tasks.locks import PROMOTION_LOCK, exclusive
+
+    with exclusive(PROMOTION_LOCK, f"latest {run_id}"):  # pointers move one at a time (rewrite_manifest)
+        return set_pointer(root, flow_name, "latest", run_id)
+
+
+def rewrite_manifest(run: ArtifactStore, flow_name: str) -> None:
+    """Hash a completed run folder again (files came after its manifest: the W&B run's, uploaded
+    once it closed, after promotion), and give the pointers that still name the run the new
+    manifest's sha256; one moved to another run meanwhile stays (under the promotion lock)."""
+    from tasks.locks import PROMOTION_LOCK, exclusive
+
+    manifest = run.read_json(RunPaths.manifest)
+    write_manifest.fn(run.uri, {k: v for k, v in manifest.items() if k not in ("run", "objects", "versions")})
+    root, run_id = posixpath.dirname(posixpath.dirname(run.uri.rstrip("/"))), posixpath.basename(run.uri.rstrip("/"))
+    with exclusive(PROMOTION_LOCK, f"re-point {run_id}"):
+        for name in ("latest", "promoted"):
+            pointer = read_pointer(root, flow_name, name)
+            if pointer is not None and pointer["run_id"] == run_id:
+                ArtifactStore(root).write_json(layout.pointer(flow_name, name),
+                                               pointer | {"manifest_sha256": run.sha256(RunPaths.manifest)})

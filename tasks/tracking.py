@@ -368,16 +368,17 @@ def finish_wandb(wb_run, run, local_dir: Path, promoted: bool, earlier: list[Pat
 def keep_in_run_folder(run, local_dir: Path, gone: list[str] = ()) -> None:
     """Upload the W&B folder into the run folder's wandb/ (what `wandb sync runs/*/wandb/offline-run-*`
     reads); drop the copies of earlier attempts now folded in; re-hash a manifest written before."""
+    from prefect.runtime import flow_run
+
     from tasks.layout import RunPaths
-    from tasks.storage import write_manifest
+    from tasks.storage import rewrite_manifest
 
     for name in gone:  # uploaded when that attempt failed: the closed run now holds it
         if run.exists(f"wandb/{name}"):
             run.fs.rm(run._path(f"wandb/{name}"), recursive=True)
     run.upload_dir(local_dir / "wandb", "wandb")
     if run.exists(RunPaths.manifest):  # it hashes every object of the run folder, these too
-        manifest = run.read_json(RunPaths.manifest)
-        write_manifest.fn(run.uri, {k: v for k, v in manifest.items() if k not in ("run", "objects", "versions")})
+        rewrite_manifest(run, flow_run.flow_name or "smolflow-finetune")
 
 
 def close_on_stop(wb_run, run, local_dir: Path):

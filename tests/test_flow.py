@@ -207,6 +207,9 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     promoted = read_pointer(str(tmp_path / "artifacts"), "smolflow-finetune", "promoted")
     assert summary["promoted"] == decision["promote"] == (promoted is not None)
     assert read_pointer(str(tmp_path / "artifacts"), "smolflow-finetune", "latest")["run_id"] == run_uri.rsplit("/", 1)[-1]
+    # The manifest was written again once the W&B run closed (after promotion): the pointers follow it.
+    for pointer in (promoted, read_pointer(str(tmp_path / "artifacts"), "smolflow-finetune", "latest")):
+        assert pointer is None or pointer["manifest_sha256"] == store.sha256("manifest.json")
 
     # Evicting a result (the cache bound) costs its task's time, never the run: drop the custom
     # benchmark's two results, and those two tasks score again while the rest stays cached.
