@@ -54,3 +54,18 @@ def test_a_judge_rubric_score_follows_the_judges_content_not_its_path(tiny_model
     link.symlink_to(builtin_dir)  # the same setting, another model
     assert JudgeIdentity().compute_key(None, {"judge_cfg": JudgeConfig(model=str(link))}, {}) != key
     assert JudgeIdentity().compute_key(None, {"judge_cfg": None}, {}) is None
+
+
+def test_offline_a_hub_benchmark_is_keyed_on_its_cached_revision(monkeypatch, tmp_path):
+    """Offline, hub data comes from the local cache: its revision (refs/main) is the one recorded, so
+    scores of two cached revisions are not taken for the same items ('unresolved' both)."""
+    from huggingface_hub import constants
+
+    from tasks.benchmarks.provenance import hub_identity
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert hub_identity(("openai/gsm8k", "main")) == "hub:openai/gsm8k:main@unresolved"  # not cached
+    ref = tmp_path / "datasets--openai--gsm8k" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    ref.write_text("e53f048856ff4f594e959d75785d2c2d37b678ee")
+    assert hub_identity(("openai/gsm8k", "main")) == "hub:openai/gsm8k:main@e53f048856ff4f594e959d75785d2c2d37b678ee"

@@ -43,10 +43,22 @@ def digest(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def hub_revision(repo: str) -> str | None:
-    """The hub dataset's current commit, or None offline / unreachable (recorded as unresolved)."""
-    if hub_offline():
+def cached_revision(repo: str) -> str | None:
+    """The commit of the hub dataset in the local Hugging Face cache (what an offline run reads), or None."""
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}" / "refs" / "main"
+    try:
+        return ref.read_text().strip() or None
+    except OSError:
         return None
+
+
+def hub_revision(repo: str) -> str | None:
+    """The hub dataset's current commit; offline, the cached copy's (two scores from different cached
+    revisions are not comparable); None when neither is known (recorded as unresolved)."""
+    if hub_offline():
+        return cached_revision(repo)
     try:
         from huggingface_hub import HfApi
 
