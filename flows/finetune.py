@@ -72,14 +72,14 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
             templated = prepare_chat_template.with_options(refresh_cache=True)(base, data, config.template)
         write_template_preview(run, templated)
         prompts, max_new = config.sampling.prompts, config.sampling.max_new_tokens
-        before = generate_samples(templated.model, prompts, max_new)
+        before = generate_samples(templated.model, prompts, max_new, role="base")
         tokens = tokenize_dataset(templated.model, data, config.training.max_length, templated.assistant_only)
         write_token_stats(run, tokens.stats, data)
         trained = train_or_reuse(templated.model, tokens, config.training, run.uri, ["wandb"] if wb else [])
         reused_from = None if trained.model.path.rstrip("/") == run.url(RunPaths.model) else trained.model.path
         trained.model = publish_model(trained.model, run.uri)  # a cache hit points at an earlier run
         run.write_json(RunPaths.trainer_args, trained.trainer_args)  # every Trainer setting as it ran
-        after = generate_samples(trained.model, prompts, max_new, let_go_on=True)  # long answer or runaway?
+        after = generate_samples(trained.model, prompts, max_new, let_go_on=True, role="tuned")  # long answer or runaway?
         save_samples(run.uri, before, after)
         health = assess_training(trained.log_history, after)
         save_training(run.uri, trained.metrics, trained.log_history, health, reused_from)

@@ -228,7 +228,7 @@ def plan(config: RunConfig) -> list[str]:
     from tasks.benchmarks.custom import load_definitions
 
     steps = ["resolve_model", "load_chat_dataset", "prepare_chat_template", "write_template_preview",
-             "generate_samples (base)", "tokenize_dataset", "train_sft", "publish_model", "generate_samples (tuned)",
+             "samples (base)", "tokenize_dataset", "train_sft", "publish_model", "samples (tuned)",
              "save_samples", "assess_training", "save_training"]
     for b in config.benchmarks:
         steps += [f"benchmark-{b.name} (base{_on_ray(config, b)})", f"benchmark-{b.name} (tuned{_on_ray(config, b)})"]
@@ -240,7 +240,7 @@ def plan(config: RunConfig) -> list[str]:
         steps += [f"custom-{name} (base)", f"custom-{name} (tuned)"]
     steps += ["save_scores"]
     if config.judge.enabled:
-        steps += ["generate_samples (judge instructions)", "judge_pairs"]
+        steps += ["samples (judged, reference: the judge's instructions)", "judge_pairs"]
     steps += ["regression_gate", "write_report", "write_manifest", "set_latest"]
     return steps + (["promote (if the gate passes)"] if config.gate.enabled else [])
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import NO_CACHE, TASK_SOURCE
 from pydantic import BaseModel
 
-from tasks.caching import BY_CONTENT
+from tasks.caching import ContentInputs
 from tasks.layout import RunPaths
 from tasks.models import ModelRef, load_model
 from tasks.runtime import retry_transient
@@ -83,9 +83,12 @@ def generate(
 RUNAWAY_FACTOR = 4
 
 
-@task(cache_policy=BY_CONTENT, retries=1, retry_condition_fn=retry_transient)
+# The role only names the task run in the UI ("samples-base", "samples-tuned"): not in the key,
+# so the judge's answers of the same model to the same prompts are the run's samples, cached.
+@task(cache_policy=(ContentInputs() - "role") + TASK_SOURCE, retries=1, retry_condition_fn=retry_transient,
+      task_run_name="samples-{role}")
 def generate_samples(model_ref: ModelRef, prompts: list[str], max_new_tokens: int,
-                     let_go_on: bool = False) -> list[Sample]:
+                     let_go_on: bool = False, role: str = "model") -> list[Sample]:
     """Greedy answers of one model to the run's sample prompts; let_go_on: a cut-off one is let go
     on to tell a long answer from one that never ends (the training-health format sign)."""
     model, tokenizer = load_model(model_ref)

@@ -326,9 +326,10 @@ def run_judge(base: ModelRef, tuned: ModelRef, cfg: JudgeConfig, sample_prompts:
     instructions, references = judge_inputs(cfg, sample_prompts)
     # generate_samples is a cached task: with judge.max_new_tokens == sampling.max_new_tokens and
     # instructions 'samples', these are the run's own before/after samples, not a second generation.
-    outputs = [s.completion for s in generate_samples(tuned, instructions, cfg.max_new_tokens)]
+    outputs = [s.completion for s in generate_samples(tuned, instructions, cfg.max_new_tokens, role="judged")]
     if references is None:
-        references = [s.completion for s in generate_samples(base, instructions, cfg.max_new_tokens)]
+        references = [s.completion for s in generate_samples(base, instructions, cfg.max_new_tokens,
+                                                             role="reference")]
     return judge_pairs(instructions, outputs, references, cfg)
 
 

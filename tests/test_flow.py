@@ -199,6 +199,10 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
             assert secret.encode() not in path.read_bytes(), path
     states = _task_states(state.state_details.flow_run_id)
     assert states["train_sft"] == {"Completed"}
+    with get_client(sync_client=True) as client:  # the UI tells the samples apart by model
+        names = {r.name for r in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))}
+    assert {"samples-base", "samples-tuned"} <= names, names
     progress = _progress(state.state_details.flow_run_id)  # both bars ran to the end
     assert progress == {"smolflow-training-progress": 100.0, "smolflow-benchmark-progress": 100.0}
     # The gate compared with the base model (first run) and moved `promoted` only if it passed.
@@ -220,7 +224,7 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     again = finetune(config=config, return_state=True)
     states = _task_states(again.state_details.flow_run_id)
     # Everything that computes is reused, also where the tuned model now lies in a new folder.
-    for name in ("prepare_chat_template", "tokenize_dataset", "train_sft", "generate_samples", "benchmark"):
+    for name in ("prepare_chat_template", "tokenize_dataset", "train_sft", "samples", "benchmark"):
         assert states[name] == {"Cached"}, states
     assert states["custom"] == {"Completed"}, states
     second = again.result()
