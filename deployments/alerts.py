@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         url = (sys.stdin.readline().strip() if args.webhook_url == "-" else
                args.webhook_url or (None if args.block else os.environ.get(URL_ENV)))
+        if args.webhook_url == "-" and not url:
+            raise ValueError("--webhook-url -: no URL on stdin (give it as the first line)")
         block = save_webhook_block(url) if url else args.block
         ids = ensure_alerts(block, args.nightly_tag)
     except ValueError as err:

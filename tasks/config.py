@@ -107,8 +107,12 @@ class TemplateConfig(Section):
     def _on_off_or_auto(cls, value):
         # One message for a bad value (pydantic's union gives one per member).
         words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
-        if isinstance(value, bool) or value == "auto":
+        if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.lower() == "auto":
+            return "auto"
         if isinstance(value, str) and value.lower() in words:
             return words[value.lower()]
         raise ValueError(f"{value!r} is none of true, false, 'auto'")

@@ -201,7 +201,8 @@ def redact_url(url: str) -> str:
 
     parts = urlsplit(url)
     if parts.username is not None or parts.password is not None:
-        parts = parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else ""))
+        host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""  # IPv6
+        parts = parts._replace(netloc=host + (f":{parts.port}" if parts.port else ""))
     if any(QUERY_SECRETS.search(name) for name, _ in parse_qsl(parts.query, keep_blank_values=True)):
         parts = parts._replace(query="(redacted)")
     return urlunsplit(parts).rstrip("/")

@@ -346,6 +346,11 @@ def prepare_chat_template(base: ModelRef, data: DatasetRef, cfg: TemplateConfig 
     on, why = assistant_only_wanted(cfg, data.layout)
     try:
         name, text = effective_template(cfg, own, on)
+        if cfg.assistant_only_loss == "auto" and cfg.chat_template == "model" and name != "model" and own \
+                and own != shipped_text("chatml"):
+            # 'auto' swaps a model's own template only for the identical text with markers (SmolLM2's
+            # ChatML), never another model's ChatML (its own system prompt); `true` asks for the swap.
+            raise TemplateError(f"{cfg.chat_template!r} is not SmolLM2's ChatML")
     except TemplateError:
         if cfg.assistant_only_loss != "auto":
             raise

@@ -63,7 +63,8 @@ def gate_summary(decision) -> dict:
     out = {"gate/passed": decision.promote, "gate/against": decision.against, "gate/reasons": list(decision.reasons),
            "gate/reference_run": decision.reference_run or "base model"}
     for row in decision.table:
+        if row.get("comparable") != "yes":  # new, not comparable, or not scored tonight: nothing was judged
+            continue
         out |= {f"gate/{row['benchmark']}/{key}": row[col] for key, col in (
-            ("reference", "reference"), ("delta", "delta"), ("allowed_drop", "tolerance"), ("ok", "ok"))
-            if row[col] is not None}  # a new or incomparable benchmark has no reference delta
+            ("reference", "reference"), ("delta", "delta"), ("allowed_drop", "tolerance"), ("ok", "ok"))}
     return out

@@ -115,3 +115,11 @@ def test_the_webhook_url_is_kept_as_a_secret(alerts):
     with get_client(sync_client=True) as client:
         doc = client.read_block_document_by_name("smolflow-alerts-test", "custom-webhook", include_secrets=False)
     assert doc.data["url"] == "{{webhook_url}}" and "127.0.0.1" not in str(doc.data)
+
+
+def test_an_empty_webhook_url_on_stdin_is_an_error(monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["--webhook-url", "-"]) == 2
+    assert capsys.readouterr().err.startswith("error: --webhook-url -: no URL on stdin")

@@ -344,3 +344,30 @@ def test_write_template_preview_writes_the_run_file_and_the_prefect_artifact(tin
     assert "### This run: llama3" in templated.preview and "<|eot_id|>" in templated.preview
     artifact = Artifact.get(PREVIEW_KEY)
     assert artifact is not None and json.loads(json.dumps(artifact.data)) == templated.preview
+
+
+def test_auto_keeps_another_models_chatml_and_its_system_prompt(tiny_model_dir, tmp_path):
+    """A Qwen-style ChatML (its own default system prompt, no markers): 'auto' does not swap in
+    SmolLM2's template with markers (that needs assistant_only_loss: true); every token, with a warning."""
+    import shutil
+
+    from tasks.models import resolve_model
+
+    other = tmp_path / "qwen-like"
+    shutil.copytree(tiny_model_dir, other)
+    qwen = shipped_text("chatml").replace("You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+                                          "You are Qwen, a helpful assistant")
+    for f in ("chat_template.jinja",):
+        (other / f).write_text(qwen)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    out = prepare_chat_template.fn(resolve_model.fn(str(other)), _pairs_ref(tmp_path, "prompt/completion"),
+                                   TemplateConfig())
+    assert not out.assistant_only and out.template_name == "model" and "You are Qwen" in out.rendered_example
+    assert "cannot mark the replies" in out.loss_why
+
+
+@pytest.mark.parametrize(("given", "read"), [(1, True), (0, False), ("AUTO", "auto"), ("off", False)])
+def test_assistant_only_loss_takes_what_a_bool_took(given, read):
+    assert TemplateConfig(assistant_only_loss=given).assistant_only_loss == read
