@@ -113,11 +113,12 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         if promoted:  # compare-and-swap: re-checked against whatever was promoted since the gate
             promoted = promote(root, flow_run.flow_name, run_id, decision, config.gate.tolerance,
                                config.gate.allow_incomparable) is not None
-        # Only now does W&B say promoted (summary, tag, the model's alias); the manifest is re-hashed over its files.
-        finish_wandb(wb, run, work, promoted, earlier, trained.model if config.wandb.log_model else None)
         hub = None
         if config.output.push_to_hub and promoted:  # never a rejected model
             hub = push_model(trained.model, config.output, run_id)
+        # Only now does W&B say promoted (summary, tag, the model's alias); a failed hub push above still
+        # closes it failed (close_on_stop). The manifest is re-hashed over its files.
+        finish_wandb(wb, run, work, promoted, earlier, trained.model if config.wandb.log_model else None)
         # Last, once manifest, pointers and hub push are done: work dir, old runs, cache over its bound.
         tidy_up(config.output, run_id, [base.path, templated.model.path, trained.model.path, data.path, tokens.path],
                 started)
