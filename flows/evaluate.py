@@ -26,7 +26,7 @@ from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
 from tasks.models import ModelRef, resolve_model
 from tasks.reporting import write_report
-from tasks.retention import tidy_after_failure, tidy_up
+from tasks.retention import drop_work_dir, tidy_after_failure, tidy_up
 from tasks.runs import model_of_run, status_recorded
 from tasks.runtime import cache_dir, code_version, flow_run_link, run_logger, run_timeout, set_torch_threads
 from tasks.sandbox import hide_from_sandbox
@@ -93,10 +93,13 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
         summary = write_report(run.uri, config.model_dump(mode="json"), None,
                                {"W&B run": wandb_link(wb, run.uri), "Prefect flow run": flow_run_link(),
                                 "code": code_version()})
-        finish_eval_wandb(wb, run, scores, judgement, work)
         write_manifest(run.uri, {"run_id": run_id, "kind": "eval", "tuned_model": model.model_dump(),
-                                 "torch_threads": threads, "execution": placement.model_dump(mode="json"), "completed_at": datetime.now(timezone.utc).isoformat()})
+                                 "torch_threads": threads, "execution": placement.model_dump(mode="json"),
+                                 "completed_at": datetime.now(timezone.utc).isoformat()})
         set_latest(root, flow_run.flow_name, run_id)
-        # Last: old runs and the cache over its bound go, as after a fine-tune (output.keep_*).
+        # Old runs and the cache over its bound go, as after a fine-tune (output.keep_*).
         tidy_up(config.output, run_id, [model.path] + ([reference.path] if judgement else []), started)
+        # Last, so a failure above closes the W&B run failed (close_on_stop); the manifest is re-hashed.
+        finish_eval_wandb(wb, run, scores, judgement, work)
+        drop_work_dir(run_id)
         return summary | {"model": model.path, "benchmarks": rows, "manifest": run.url(RunPaths.manifest)}

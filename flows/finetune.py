@@ -29,7 +29,7 @@ from tasks.leftovers import reap_orphaned_servers
 from tasks.models import resolve_model
 from tasks.special_tokens import control_tokens
 from tasks.reporting import write_report
-from tasks.retention import tidy_after_failure, tidy_up
+from tasks.retention import drop_work_dir, tidy_after_failure, tidy_up
 from tasks.runs import status_recorded
 from tasks.runtime import cache_dir, code_version, flow_run_link, run_timeout, set_torch_threads
 from tasks.sandbox import hide_from_sandbox
@@ -116,12 +116,13 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         hub = None
         if config.output.push_to_hub and promoted:  # never a rejected model
             hub = push_model(trained.model, config.output, run_id)
-        # Only now does W&B say promoted (summary, tag, the model's alias); a failed hub push above still
-        # closes it failed (close_on_stop). The manifest is re-hashed over its files.
-        finish_wandb(wb, run, work, promoted, earlier, trained.model if config.wandb.log_model else None)
-        # Last, once manifest, pointers and hub push are done: work dir, old runs, cache over its bound.
+        # Once manifest, pointers and hub push are done: old runs, cache over its bound.
         tidy_up(config.output, run_id, [base.path, templated.model.path, trained.model.path, data.path, tokens.path],
                 started)
+        # Only now does W&B say promoted (summary, tag, the model's alias); a failure above (hub push,
+        # retention) still closes it failed (close_on_stop). The manifest is re-hashed over its files.
+        finish_wandb(wb, run, work, promoted, earlier, trained.model if config.wandb.log_model else None)
+        drop_work_dir(run_id)
         return summary | {"manifest": run.url(RunPaths.manifest), "promoted": promoted,
                           "gate": decision.reasons} | ({"hub": hub} if config.output.push_to_hub else {})
 

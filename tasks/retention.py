@@ -262,29 +262,33 @@ class GcReport(BaseModel):
                 f"| name | action | kind | MB | why |\n|---|---|---|---|---|\n{rows}")
 
 
-def plan_work_dirs(root: str, cache_root, done: set[str]) -> list[Decision]:
+def plan_work_dirs(root: str, cache_root, done: set[str], keep: set[str] = frozenset()) -> list[Decision]:
     """work/<run_id> folders of runs under root that completed (the run folder holds everything) or
-    are being deleted. Work dirs of other roots' runs are left to the cache bound."""
+    are being deleted, but `keep` (the current run's: its W&B run is still open). Work dirs of other
+    roots' runs are left to the cache bound."""
 
     folder = cache_root / "work"
     if folder.is_symlink() or not folder.is_dir():
         return []
     return [Decision(kind="work", name=f"work/{w.name}", where=str(w), bytes=usage(w)[0], action="delete",
                      reason=f"its run under {root} completed or is deleted: nothing in it is needed")
-            for w in sorted(folder.iterdir()) if w.name in done and not w.is_symlink()]
+            for w in sorted(folder.iterdir()) if w.name in done and not w.is_symlink() and w.name not in keep]
 
 
 def gc(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incomplete_hours: float = 24.0,
        cache_max_gb: float | None | Literal["env"] = "env", in_use: list[str] = (),
-       since: float | None = None) -> GcReport:
-    """Apply run retention to root and the size bound to SMOLFLOW_CACHE; dry_run lists without deleting."""
+       since: float | None = None, running: str | None = None) -> GcReport:
+    """Apply run retention to root and the size bound to SMOLFLOW_CACHE; dry_run lists without deleting
+    (`running`: the run calling it, whose work dir stays)."""
 
     max_gb = default_max_gb() if cache_max_gb == "env" else cache_max_gb
     runs = plan_runs(root, keep_runs, keep_incomplete_hours)
     freed = apply_runs(runs, dry_run)
-    work = plan_work_dirs(root, cache_root(), {d.name for d in runs if d.complete or d.action == "delete"})
+    work = plan_work_dirs(root, cache_root(), {d.name for d in runs if d.complete or d.action == "delete"},
+                          keep={running} if running else set())
     freed += apply_cache(work, dry_run)
-    cache = plan_cache(max_gb, list(in_use), since, keep_incomplete_hours, skip={d.where for d in work})
+    own = [str(cache_root() / "work" / running)] if running else []
+    cache = plan_cache(max_gb, [*in_use, *own], since, keep_incomplete_hours, skip={d.where for d in work})
     freed += apply_cache(cache, dry_run)
     logs = plan_wandb_logs()
     freed += apply_logs(logs, dry_run)
@@ -301,16 +305,21 @@ def gc_command(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incom
 
 @task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
 def tidy_up(output: OutputConfig, run_id: str, in_use: list[str], started: float) -> GcReport:
-    """End of a completed run: drop its work dir, apply retention, bound the cache (never what it used)."""
-    remove_entry(cache_root() / "work" / run_id)  # checkpoints are gone, model and W&B files uploaded
+    """End of a completed run, before its W&B run closes (a failure here closes it failed, as
+    status.json says): apply retention, bound the cache (never what it used, nor its work dir)."""
     mark_used(list(in_use))
     report = gc(output.artifacts_uri, keep_runs=output.keep_runs, keep_incomplete_hours=output.keep_incomplete_hours,
-                cache_max_gb=output.cache_max_gb, in_use=list(in_use), since=started)
+                cache_max_gb=output.cache_max_gb, in_use=list(in_use), since=started, running=run_id)
     deleted = [d for d in report.decisions if d.action == "delete"]
     run_logger().info("Retention: freed %.1f MB (%d deleted); keep_runs=%d, cache_max_gb=%s",
                       report.freed_bytes / 1e6, len(deleted), output.keep_runs, output.cache_max_gb)
     publish_markdown("smolflow-retention", report.table(), description="Disk retention")
     return report
+
+
+def drop_work_dir(run_id: str) -> None:
+    """The very end of a completed run: its checkpoints are gone, its model and W&B files uploaded."""
+    remove_entry(cache_root() / "work" / run_id)
 
 
 def tidy_after_failure(flow, flow_run, state) -> None:

@@ -199,7 +199,11 @@ def redact_url(url: str) -> str:
 
     from tasks.config_base import QUERY_SECRETS
 
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises on a port that is not a number
+    except ValueError:
+        return "(a URL that does not parse)"
     if parts.username is not None or parts.password is not None:
         host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""  # IPv6
         parts = parts._replace(netloc=host + (f":{parts.port}" if parts.port else ""))

@@ -89,6 +89,25 @@ def _s3_problem(store: ArtifactStore, err: Exception) -> str | None:
     return None  # e.g. a missing object in an existing bucket: FileNotFoundError as usual
 
 
+def _endpoint_problem(endpoint: str | None) -> str | None:
+    """Why AWS_ENDPOINT_URL cannot work, said before botocore does it in a traceback (or retries it)."""
+    from urllib.parse import urlsplit
+
+    if not endpoint:
+        return None
+    try:
+        parts = urlsplit(endpoint)
+        parts.port  # noqa: B018 -- raises on a port that is not a number
+    except ValueError as err:
+        return f"AWS_ENDPOINT_URL is not a URL ({err}). Set it to e.g. http://127.0.0.1:8333"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"AWS_ENDPOINT_URL={redact_url(endpoint)} is not an http(s)://host[:port] URL. Set it to e.g. http://127.0.0.1:8333"
+    if parts.username is not None or parts.password is not None:
+        return (f"AWS_ENDPOINT_URL={redact_url(endpoint)} carries credentials (user:password@), which S3 does not "
+                "take from the URL. Remove them and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    return None
+
+
 def _clear_s3_errors(method):
     """Re-raise S3 access failures in `method` as StorageError, naming the object's URI."""
     signature = inspect.signature(method)
@@ -127,6 +146,8 @@ class ArtifactStore:
         # a fresh one per store picks up the current environment (e.g. corrected credentials).
         # No listings cache: a reader must see objects another process wrote a moment ago.
         s3 = {"skip_instance_cache": True, "use_listings_cache": False, "default_block_size": part_size}
+        if self.is_s3 and (problem := _endpoint_problem(os.environ.get("AWS_ENDPOINT_URL"))):
+            raise StorageError(f"S3 storage error for {self.uri}: {problem}.")
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **(s3 if self.is_s3 else {}))
         self.bucket = self.root.split("/")[0] if self.is_s3 else ""
 

@@ -288,7 +288,8 @@ def log_run_files(wb_run, run) -> list[str]:
 def finish_eval_wandb(wb_run, run, scores: dict, judge, local_dir: Path) -> None:
     """An eval run's W&B run (smolflow eval): the scores table, bench/<name>/* keys named as a
     fine-tune's (its model is the `tuned` one), the judge's pairs and summary, the run folder's
-    files; closed, its files kept in the run folder as a fine-tune's are."""
+    files; closed last (after manifest, pointer and retention), its files kept in the run folder as
+    a fine-tune's are."""
     if wb_run is None:
         return
     import wandb
@@ -308,7 +309,7 @@ def finish_eval_wandb(wb_run, run, scores: dict, judge, local_dir: Path) -> None
         wb_run.summary.update(summary | judged)
         log_run_files(wb_run, run)
     finish_run(wb_run, [])
-    run.upload_dir(local_dir / "wandb", "wandb")
+    keep_in_run_folder(run, local_dir)  # after the manifest: re-hashed over these files
 
 
 def log_model_artifact(wb_run, model, promoted: bool) -> None:

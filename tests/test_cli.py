@@ -334,6 +334,9 @@ def test_an_unusable_s3_root_is_one_line_before_anything_starts(env, s3_bucket, 
         out = smolflow(wrong, *args)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert "access denied by AWS_ENDPOINT_URL=" in out.stderr and wrong["AWS_SECRET_ACCESS_KEY"] not in out.stderr
+    with_password = here | {"AWS_ENDPOINT_URL": here["AWS_ENDPOINT_URL"].replace("://", "://admin:hunter2@")}
+    out = smolflow(with_password, "runs", "--root", s3_bucket)  # once a traceback, after retries
+    assert out.returncode == 2 and "carries credentials" in out.stderr and "hunter2" not in out.stderr, out.stderr[-2000:]
     assert smolflow(here, "runs", "--root", s3_bucket).returncode == 0  # the right credentials: an empty listing
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import socket
 import traceback
@@ -138,6 +139,18 @@ def test_unreachable_endpoint(s3_bucket: str, s3_server, monkeypatch: pytest.Mon
         ArtifactStore(s3_bucket).exists("manifest.json")
     assert endpoint in str(error.value) and "AWS_ENDPOINT_URL" in str(error.value)
     assert s3_server.secret_key not in _error_text(error.value)
+
+
+def test_an_endpoint_that_cannot_work_is_one_message_before_any_request(monkeypatch: pytest.MonkeyPatch):
+    # user:password@ in the URL once ended in botocore's traceback ("Cannot combine AUTHORIZATION
+    # header ..."), retried as if transient; a scheme botocore refuses, too.
+    for endpoint, says in (("http://admin:hunter2@127.0.0.1:8333", "carries credentials (user:password@)"),
+                           ("ftp://127.0.0.1:8333", "is not an http(s)://host[:port] URL"),
+                           ("http://127.0.0.1:port", "is not a URL"), ("http://[::1", "is not a URL")):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        with pytest.raises(StorageError, match=re.escape(says)) as error:
+            ArtifactStore("s3://bucket/runs")
+        assert "hunter2" not in str(error.value) and "s3://bucket/runs" in str(error.value)
 
 
 def test_server_repr_hides_secret(s3_server):

@@ -25,7 +25,7 @@ from tasks.generation import Sample
 from tasks.health import HealthReport, Sign
 from tasks.judge import JudgeResult
 from tasks.models import ModelRef
-from tasks.storage import ArtifactStore, verify_run, write_manifest
+from tasks.storage import ArtifactStore, read_pointer, verify_run, write_manifest
 from tasks.tracking import finish_eval_wandb, finish_wandb, log_wandb, start_flow_wandb, start_wandb
 from tasks.training import TrainResult
 
@@ -156,20 +156,23 @@ def test_wandb_run_is_grouped_by_flow_with_the_prefect_run_and_resolved_autos_in
             assert not set(fields) & set(config.get(section, {}))
 
 
-def _start_run(tmp_path: Path, tiny_model_dir: Path, run_id: str, **env) -> tuple[subprocess.Popen, Path]:
+def _start_run(tmp_path: Path, tiny_model_dir: Path, run_id: str, training: dict | None = None, before: str = "",
+               **env) -> tuple[subprocess.Popen, Path]:
+    """`smolflow run` in a child process (its own session); `before`: Python run before the CLI's main."""
     from prefect.settings import PREFECT_API_URL
 
     from tests.conftest import tiny_run_config
 
+    training = training or {"max_steps": 100000, "eval_steps": 200000, "save_steps": 200000}
     config = tiny_run_config(tiny_model_dir, str(tmp_path / "artifacts"), output={"run_id": run_id},
-                             judge={"enabled": False}, training={"max_steps": 100000, "eval_steps": 200000,
-                                                                 "save_steps": 200000})
+                             judge={"enabled": False}, training=training)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
     # Its own W&B service: a W&B run earlier in this test process set WANDB_SERVICE, and a run that joins
     # that service loses its records when the test process's next W&B run tears the service down.
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {
         "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT)} | env
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--config", str(tmp_path / "run.yaml")],
+    main = f"{before}\nimport sys\nfrom flows.cli import main\nsys.exit(main())"
+    proc = subprocess.Popen([sys.executable, "-c", main, "run", "--config", str(tmp_path / "run.yaml")],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     return proc, tmp_path / "artifacts" / "runs" / run_id
@@ -190,6 +193,24 @@ def test_a_failed_run_ends_its_wandb_run_failed_in_the_run_folder(tiny_model_dir
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 1, out[-3000:]
     _says_it_ended(run_dir, "failed")
+
+
+@pytest.mark.slow
+def test_a_failure_in_retention_at_the_very_end_ends_its_wandb_run_failed(tiny_model_dir, tmp_path):
+    # Retention ran after the W&B run closed "finished": a failure there left W&B saying the run
+    # succeeded while status.json said failed. The fault is injected into the child process only;
+    # the flow, Prefect and W&B are real.
+    boom = ("import tasks.retention as r\n"
+            "def gc(*a, **k): raise OSError(28, 'No space left on device (injected by the test)')\n"
+            "r.gc = gc")
+    proc, run_dir = _start_run(tmp_path, tiny_model_dir, "retention-fails", training={"max_steps": 2}, before=boom)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1, out[-3000:]
+    latest = read_pointer(str(tmp_path / "artifacts"), "smolflow-finetune", "latest")
+    assert latest and latest["run_id"] == "retention-fails", out[-3000:]  # it got that far: manifest, pointers
+    _says_it_ended(run_dir, "failed")
+    assert "No space left on device" in json.loads((run_dir / "status.json").read_text())["why"]
+    verify_run(str(run_dir))  # the manifest still hashes every file, the W&B folder's too
 
 
 @pytest.mark.slow
