@@ -262,17 +262,24 @@ class GcReport(BaseModel):
                 f"| name | action | kind | MB | why |\n|---|---|---|---|---|\n{rows}")
 
 
-def plan_work_dirs(root: str, cache_root, done: set[str], keep: set[str] = frozenset()) -> list[Decision]:
+def plan_work_dirs(root: str, cache_root, done: set[str], keep: set[str] = frozenset(),
+                   running_hours: float = 24.0, now: float | None = None) -> list[Decision]:
     """work/<run_id> folders of runs under root that completed (the run folder holds everything) or
-    are being deleted, but `keep` (the current run's: its W&B run is still open). Work dirs of other
-    roots' runs are left to the cache bound."""
-
-    folder = cache_root / "work"
+    are being deleted, untouched for `running_hours`: a run writes its manifest before its W&B run
+    (in its work dir) closes, and another run's gc or `smolflow gc` may come in between. `keep`:
+    the calling run's. Other work dirs are left to the cache bound (which keeps fresh ones)."""
+    folder, now = cache_root / "work", time.time() if now is None else now
     if folder.is_symlink() or not folder.is_dir():
         return []
-    return [Decision(kind="work", name=f"work/{w.name}", where=str(w), bytes=usage(w)[0], action="delete",
-                     reason=f"its run under {root} completed or is deleted: nothing in it is needed")
-            for w in sorted(folder.iterdir()) if w.name in done and not w.is_symlink() and w.name not in keep]
+    out = []
+    for w in sorted(folder.iterdir()):
+        if w.name not in done or w.is_symlink() or w.name in keep:
+            continue
+        size, last = usage(w)
+        if now - last >= running_hours * HOUR:
+            out.append(Decision(kind="work", name=f"work/{w.name}", where=str(w), bytes=size, action="delete",
+                                reason=f"its run under {root} completed or is deleted: nothing in it is needed"))
+    return out
 
 
 def gc(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incomplete_hours: float = 24.0,
@@ -285,7 +292,7 @@ def gc(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incomplete_ho
     runs = plan_runs(root, keep_runs, keep_incomplete_hours)
     freed = apply_runs(runs, dry_run)
     work = plan_work_dirs(root, cache_root(), {d.name for d in runs if d.complete or d.action == "delete"},
-                          keep={running} if running else set())
+                          keep={running} if running else set(), running_hours=keep_incomplete_hours)
     freed += apply_cache(work, dry_run)
     own = [str(cache_root() / "work" / running)] if running else []
     cache = plan_cache(max_gb, [*in_use, *own], since, keep_incomplete_hours, skip={d.where for d in work})

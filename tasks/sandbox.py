@@ -170,10 +170,14 @@ def hide_from_sandbox(uri: str) -> None:
 
 @functools.cache
 def _prefixes(python: str) -> tuple[str, ...]:
-    """Where `python` finds itself and its stdlib: bound back into the sandbox if hidden."""
+    """Where `python` finds itself and its stdlib: bound back into the sandbox if hidden. A venv's
+    own folder too (`-S` makes a venv report its base's prefix): a checkout's .venv, say."""
     code = "import sys; print(sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, sep='\\n')"
     out = subprocess.run([python, "-I", "-S", "-c", code], capture_output=True, text=True, check=True, timeout=30).stdout
-    return tuple(sorted({os.path.realpath(p) for p in out.splitlines() if p} | {os.path.dirname(os.path.realpath(python))}))
+    venv = os.path.dirname(os.path.dirname(os.path.abspath(python)))
+    venvs = {os.path.realpath(venv)} if os.path.isfile(os.path.join(venv, "pyvenv.cfg")) else set()
+    found = {os.path.realpath(p) for p in out.splitlines() if p} | venvs
+    return tuple(sorted(found | {os.path.dirname(os.path.realpath(python))}))
 
 
 def _rlimits(limits: Limits, memory_mb: int, processes: int) -> None:

@@ -152,7 +152,9 @@ def test_gc_dry_run_lists_but_deletes_nothing_then_gc_frees(tmp_path, monkeypatc
     for i in range(1, 5):
         _run(root, f"r{i}")
     set_pointer(root, FLOW, "latest", "r4")
-    _entry(cache / "work" / "r1", 4096, time.time())  # a completed run's leftover work dir
+    _entry(cache / "work" / "r1", 4096, time.time() - 25 * 3600)  # a completed run's leftover work dir
+    # A completed run's fresh work dir: its W&B run may still be open (closed after the manifest).
+    _entry(cache / "work" / "r3", 4096, time.time())
     _entry(cache / "tokenized" / "stale", 2**20, time.time() - 48 * 3600)
     before = _snapshot(Path(root), cache)
 
@@ -162,11 +164,13 @@ def test_gc_dry_run_lists_but_deletes_nothing_then_gc_frees(tmp_path, monkeypatc
     assert deleted == {("run", "r1"), ("run", "r2"), ("work", "work/r1"), ("cache", "tokenized/stale")}
     assert report.freed_bytes == sum(d.bytes for d in report.decisions if d.action == "delete") > 0
     assert "dry run: nothing deleted" in report.table() and "| r1 | delete | run |" in report.table()
+    assert "| work/r3 | keep | cache |" in report.table() and "a run may still be using it" in report.table()
 
     done = gc(root, dry_run=False, keep_runs=2, cache_max_gb=0)
     assert {(d.kind, d.name) for d in done.decisions if d.action == "delete"} == deleted
     assert sorted(completed_runs(root)) == ["r3", "r4"]
     assert not (cache / "work" / "r1").exists() and not (cache / "tokenized" / "stale").exists()
+    assert (cache / "work" / "r3").exists()
 
 
 def test_a_model_hard_linked_between_runs_is_freed_once_and_only_with_its_last_link(tmp_path, monkeypatch):

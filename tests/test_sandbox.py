@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks import sandbox
 from tasks.benchmarks.humaneval import bundled_file, check, read_problems
 from tasks.sandbox import Limits, SandboxUnavailable, run_python
 
@@ -330,8 +331,9 @@ def test_host_folders_are_hidden_and_the_interpreter_still_works(monkeypatch):
             f"for target in {targets!r}:\n"
             "    action, path = target.split(' ', 1)\n"
             "    try:\n"
-            "        seen = os.listdir(path) if action == 'listdir' else open(path, 'rb').read(20)\n"
-            "        print('reached' if seen else 'refused (empty)', path, seen)\n"  # a checkout outside /work: an empty tmpfs
+            # A checkout outside /work is an empty tmpfs, or holds only its .venv when that is the interpreter's.
+            "        seen = [e for e in os.listdir(path) if e != '.venv'] if action == 'listdir' else open(path, 'rb').read(20)\n"
+            "        print('reached' if seen else 'refused (empty)', path, seen)\n"
             "    except OSError as e:\n"
             "        print('refused', path, e.errno)\n"
             "import json, decimal, sqlite3\n"  # the stdlib, C extensions included
@@ -343,6 +345,30 @@ def test_host_folders_are_hidden_and_the_interpreter_still_works(monkeypatch):
     assert result.passed, result.stderr
     assert "reached" not in result.stdout and result.stdout.count("refused") == 4, result.stdout
     assert "hidden host dirs" in result.isolation
+
+
+def test_the_checkout_is_hidden_wherever_it_lives_and_whatever_the_current_folder(tmp_path, monkeypatch):
+    # CI clones to /check/work/main: outside every fixed hidden folder, and tests run from anywhere.
+    monkeypatch.chdir(tmp_path)
+    assert str(Path(sandbox.__file__).resolve().parents[1]) in sandbox.hidden_paths()
+
+
+@needs_root
+def test_a_venv_inside_a_hidden_folder_still_runs_the_program(tmp_path, monkeypatch):
+    # `make setup` makes <checkout>/.venv; on a host whose venv is built on the system Python, that
+    # venv is the sandbox's interpreter, and `python -S` reports the base prefix, not the venv's.
+    project = Path(tempfile.mkdtemp(prefix="smolflow-test-", dir="/var/lib"))
+    try:
+        os.chmod(project, 0o755)
+        subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(project / ".venv")], check=True, timeout=120)
+        (project / "secret.txt").write_text("not for the program\n")
+        monkeypatch.setenv("SMOLFLOW_SANDBOX_PYTHON", str(project / ".venv" / "bin" / "python"))
+        monkeypatch.setenv("SMOLFLOW_SANDBOX_HIDE", str(project))
+        result = run_python(f"import os, sys\nprint(sys.prefix)\nprint(sorted(os.listdir({str(project)!r})))\n", FAST)
+    finally:
+        shutil.rmtree(project)
+    assert result.passed, result.stderr
+    assert result.stdout.splitlines()[:2] == [str(project / ".venv"), "['.venv']"], result.stdout
 
 
 @needs_root
