@@ -79,7 +79,7 @@ def alive(procs: dict[int, str]) -> list[int]:
     live = []
     for pid, start in procs.items():
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
         except OSError:
             continue
         if fields[19] == start and fields[0] != "Z":

@@ -85,7 +85,7 @@ def generate(folder: Path, rows: int, seed: int = 0, batch: int = 50_000, shard:
 def _pss_anon(pid: int) -> int:
     """PSS of a process's anonymous memory (its heap: not the pages of memory-mapped files, which
     the kernel may drop whenever it needs the memory), in bytes."""
-    with open(f"/proc/{pid}/smaps_rollup") as f:
+    with open(f"/proc/{pid}/smaps_rollup", encoding="utf-8") as f:
         return next((int(line.split()[1]) * 1024 for line in f if line.startswith("Pss_Anon:")), 0)
 
 

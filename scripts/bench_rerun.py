@@ -51,7 +51,7 @@ def group_cpu(pgid: int) -> float:
     total = 0.0
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
         except OSError:
             continue
         if int(fields[2]) == pgid:
@@ -77,11 +77,11 @@ def timed_run(env: dict, args: list[str], log: Path, tree: Path = ROOT) -> float
     if tree != ROOT:  # ahead of the editable install's finder, which points at this checkout
         env = env | {"PYTHONPATH": str(tree)}
     start = time.perf_counter()
-    with log.open("w") as out:
+    with log.open("w", encoding="utf-8") as out:
         proc = subprocess.run([str(SMOLFLOW), "run", *args], env=env, cwd=tree, stdout=out, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        sys.exit(f"smolflow run failed ({proc.returncode}); see {log}:\n{log.read_text()[-3000:]}")
+        sys.exit(f"smolflow run failed ({proc.returncode}); see {log}:\n{log.read_text(encoding='utf-8')[-3000:]}")
     return seconds
 
 

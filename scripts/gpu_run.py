@@ -301,9 +301,9 @@ def main() -> None:
         seed = train(args, placement, out_dir, config="seed")
         print(json.dumps(seed), flush=True)
     found = {"device": gpu, "training": training, "seed_training": seed, "benchmarks": []}
-    Path(args.out).write_text(json.dumps(found, indent=2))  # kept, should a benchmark then fail
+    Path(args.out).write_text(json.dumps(found, indent=2), encoding="utf-8")  # kept, should a benchmark then fail
     benchmarks = found["benchmarks"] = score(args, placement, out_dir / "model")
-    Path(args.out).write_text(json.dumps(found, indent=2))
+    Path(args.out).write_text(json.dumps(found, indent=2), encoding="utf-8")
     print(f"\n{gpu}: {training['tokens_per_s']:.0f} training tokens/s, MFU {training['mfu']:.1%} "
           f"({training['precision']}, {training['steps']} steps, eval loss {training['eval_loss']:.4f})")
     print("| training | bf16 autocast | grad ckpt | padding-free | attention | tokens/s | ratio | MFU | "

@@ -162,7 +162,7 @@ def main() -> None:
                              "tokens_per_s": t["tokens_per_s"], "levers": t["levers"]} | t["profile"])
             print(json.dumps(trainers[-1]), flush=True)
     Path(args.out).write_text(json.dumps({"device": gpu, "precision": placement.precision, "rows": rows,
-                                          "trainers": trainers}, indent=2))
+                                          "trainers": trainers}, indent=2), encoding="utf-8")
     print(f"\n{gpu}, {placement.precision}: a training step of SmolLM2-135M on 4 fixture conversations\n"
           "| step | tokens | ms/step | launches/step | syncs/step | cudaMalloc+Free/step | device busy ms/step |\n"
           "|---|---|---|---|---|---|---|")

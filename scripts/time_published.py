@@ -34,8 +34,8 @@ PUBLISHED = {"mmlu": 29.3, "bbh": 28.2, "gsm8k": 1.4}  # SmolLM2-135M-Instruct m
 
 def cycled(src: Path, dst: Path, n: int) -> None:
     """Copy src's JSONL rows to dst, repeated until there are n (the other files copied as they are)."""
-    rows = [line for line in src.read_text().split("\n") if line.strip()]
-    dst.write_text("".join(r + "\n" for r in itertools.islice(itertools.cycle(rows), n)))
+    rows = [line for line in src.read_text(encoding="utf-8").split("\n") if line.strip()]
+    dst.write_text("".join(r + "\n" for r in itertools.islice(itertools.cycle(rows), n)), encoding="utf-8")
 
 
 def fixture_mirror(root: Path, items: int) -> Path:

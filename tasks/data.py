@@ -323,7 +323,7 @@ def _recorded(index: Path) -> DatasetRef | None:
     """The DatasetRef an earlier check recorded at `index`, if its saved copy is still there."""
     if not index.exists():
         return None
-    ref = DatasetRef.model_validate_json(index.read_text())
+    ref = DatasetRef.model_validate_json(index.read_text(encoding="utf-8"))
     return ref if (Path(ref.path) / "dataset_dict.json").exists() else None
 
 

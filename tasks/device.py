@@ -105,7 +105,7 @@ def _cpu() -> str:
     """The CPU's model name and which of _UNITS it has, from /proc/cpuinfo (else platform's name)."""
     fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:  # the first processor's block is enough
                 if not line.strip():
                     break
@@ -140,7 +140,7 @@ def _machine_key() -> str:
 
     flags = ""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
             flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         pass

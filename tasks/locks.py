@@ -111,7 +111,7 @@ def file_lock(name: str, holder: str, directory: Path | None = None) -> Iterator
     """Hold an exclusive flock on <directory, default SMOLFLOW_CACHE/locks>/<name>.lock; waits for
     the current holder."""
     path = (directory or cache_dir("locks")) / f"{name}.lock"
-    with open(path, "a+") as f:
+    with open(path, "a+", encoding="utf-8") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

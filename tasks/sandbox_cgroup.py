@@ -18,7 +18,7 @@ _CGROUPS = Path(os.environ.get("SMOLFLOW_CGROUP_ROOT", "/sys/fs/cgroup"))
 def cgroup_dirs(name: str) -> list[Path]:
     """The cgroup v1 memory and pids folders for one sandbox, below this process's own cgroups
     (so whatever bounds smolflow bounds the sandbox too); [] where they cannot be made."""
-    own = dict(line.split(":", 2)[1:] for line in Path("/proc/self/cgroup").read_text().splitlines())
+    own = dict(line.split(":", 2)[1:] for line in Path("/proc/self/cgroup").read_text(encoding="utf-8").splitlines())
     dirs = []
     try:
         for controller in ("memory", "pids"):

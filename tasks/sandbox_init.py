@@ -113,7 +113,7 @@ def start(spec: dict, program: str, status) -> int:
                             ("NPROC", spec["processes"]), ("CORE", 0)):
             limit = getattr(resource, f"RLIMIT_{name}")
             resource.setrlimit(limit, (value, value))
-        with open("/proc/self/oom_score_adj", "w") as f:
+        with open("/proc/self/oom_score_adj", "w", encoding="utf-8") as f:
             f.write("1000")  # the cgroup OOM killer's first choice (lowering PID 1's own is refused here)
         os.setgroups([])
         os.setgid(spec["uid"])

@@ -30,7 +30,7 @@ def main(spec_path: str) -> None:
     if torch.cuda.is_available() and rank_gpu < torch.cuda.device_count():
         # each rank's own GPU before `fit` runs anything there (its probes): else every rank would use GPU 0
         torch.cuda.set_device(rank_gpu)
-    result = fit(FitSpec.model_validate_json(Path(spec_path).read_text()))
+    result = fit(FitSpec.model_validate_json(Path(spec_path).read_text(encoding="utf-8")))
     if int(os.environ.get("RANK", "0")) == 0:
         target = Path(os.environ["SMOLFLOW_FIT_RESULT"])
         tmp = target.with_name(target.name + ".tmp")

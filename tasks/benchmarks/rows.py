@@ -42,7 +42,7 @@ def read_rows(path: str) -> list[dict[str, Any]]:
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
     # ASCII escapes: the file round-trips any row, whatever line breaks its strings hold.
-    path.write_text("".join(json.dumps(r, ensure_ascii=True, default=_plain) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r, ensure_ascii=True, default=_plain) + "\n" for r in rows), encoding="utf-8")
     return str(path)
 
 
