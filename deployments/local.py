@@ -121,10 +121,9 @@ def server_env(port: int, home: Path | None = None) -> dict[str, str]:
 def start_server(port: int, home: Path | None = None, log: Path | None = None, timeout: float = 120) -> subprocess.Popen:
     """Start `prefect server start` on 127.0.0.1:port and wait until its API is healthy."""
     check_port_free(port)
-    prefect = Path(sys.executable).parent / "prefect"
     out = open(log, "ab") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(
-        [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+    proc = subprocess.Popen(  # `-m`: a `pip install --user` puts the `prefect` script elsewhere than the interpreter
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=server_env(port, home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         preexec_fn=_die_with_parent,
     )

@@ -59,17 +59,20 @@ def _environ(pid: int) -> dict[bytes, bytes]:
 
 
 def orphaned_servers(prefect_home: str | None = None) -> list[int]:
-    """Pids of temporary Prefect servers whose parent died (now PID 1's) and whose PREFECT_HOME is ours."""
+    """Pids of temporary Prefect servers whose parent died (now PID 1's) and whose PREFECT_HOME is ours.
+    Temporary: Prefect starts those with PREFECT__SERVER_EPHEMERAL=1; a server someone started with
+    `prefect server start --background` looks the same otherwise (PID 1's too) and is theirs to stop."""
     home = (prefect_home if prefect_home is not None else os.environ.get("PREFECT_HOME", "")).encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            ppid = int((entry / "stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[1])
             if ppid != 1 or SERVER_MARK not in (entry / "cmdline").read_bytes():
                 continue
-            if _environ(int(entry.name)).get(b"PREFECT_HOME", b"") == home:
+            environ = _environ(int(entry.name))
+            if environ.get(b"PREFECT_HOME", b"") == home and environ.get(b"PREFECT__SERVER_EPHEMERAL") == b"1":
                 found.append(int(entry.name))
         except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
             continue

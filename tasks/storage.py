@@ -17,10 +17,7 @@ when complete, and local writes go through a temporary file and a rename.
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 import json
-import os
 import posixpath
 import re
 import time
@@ -34,8 +31,8 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import layout
 from tasks.layout import RunPaths
-from tasks.runtime import (atomic_write, redact_url, remembered_digest, retry_transient, run_logger, sha256_file,
-                           sha256_stream)
+from tasks.runtime import atomic_write, remembered_digest, retry_transient, run_logger, sha256_file, sha256_stream
+from tasks.storage_errors import StorageError, clear_s3_errors, endpoint_problem, local_problem, s3_problem, transient
 
 # s3fs uploads a file of at least twice this size as a multipart upload in parts of this size
 # (S3's minimum part is 5 MiB); a failed part fails the upload, which is then retried whole.
@@ -43,11 +40,6 @@ PART_SIZE = 16 * 2**20
 # Backoff between whole-upload attempts on transient errors (connection refused or reset,
 # timeouts, 5xx): ~1 min in all, on top of botocore's own quick retries of each request.
 UPLOAD_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
-
-
-class StorageError(OSError):
-    """An S3 store could not be used: bad credentials, unreachable endpoint or missing bucket.
-    The message names the URI and what to check, never the secret key."""
 
 
 class IncompleteRunError(FileNotFoundError):
@@ -58,75 +50,6 @@ class IntegrityError(RuntimeError):
     """Stored bytes do not match the run's manifest (size or sha256)."""
 
 
-def _transient(err: BaseException | None) -> bool:
-    """Connection drops, timeouts and 5xx answers are worth another try; nothing else is."""
-    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
-
-    while err is not None:  # s3fs re-raises botocore errors as OSError "from" them
-        if isinstance(err, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):
-            return True
-        if isinstance(err, ClientError) and err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def _s3_problem(store: ArtifactStore, err: Exception) -> str | None:
-    """What to tell the user about an S3 failure; None for errors that speak for themselves."""
-    from botocore.exceptions import ConnectionError as EndpointError, NoCredentialsError
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    where = f"AWS_ENDPOINT_URL={redact_url(endpoint)}" if endpoint else "AWS (AWS_ENDPOINT_URL is not set)"
-    if isinstance(err, PermissionError):
-        return (f"access denied by {where} ({err}). Check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY: "
-                "they must be valid for that endpoint and allowed to use this bucket")
-    if isinstance(err, NoCredentialsError):
-        return f"no credentials for {where}. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-    if isinstance(err, EndpointError):
-        return f"cannot connect to {where} ({err}). Check AWS_ENDPOINT_URL and that the S3 server is running"
-    if isinstance(err, FileNotFoundError) and not store._bucket_exists():
-        return f"bucket {store.bucket!r} does not exist at {where}. Create it, or check the URI and AWS_ENDPOINT_URL"
-    return None  # e.g. a missing object in an existing bucket: FileNotFoundError as usual
-
-
-def _endpoint_problem(endpoint: str | None) -> str | None:
-    """Why AWS_ENDPOINT_URL cannot work, said before botocore does it in a traceback (or retries it)."""
-    from urllib.parse import urlsplit
-
-    if not endpoint:
-        return None
-    try:
-        parts = urlsplit(endpoint)
-        parts.port  # noqa: B018 -- raises on a port that is not a number
-    except ValueError as err:
-        return f"AWS_ENDPOINT_URL is not a URL ({err}). Set it to e.g. http://127.0.0.1:8333"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"AWS_ENDPOINT_URL={redact_url(endpoint)} is not an http(s)://host[:port] URL. Set it to e.g. http://127.0.0.1:8333"
-    if parts.username is not None or parts.password is not None:
-        return (f"AWS_ENDPOINT_URL={redact_url(endpoint)} carries credentials (user:password@), which S3 does not "
-                "take from the URL. Remove them and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
-    return None
-
-
-def _clear_s3_errors(method):
-    """Re-raise S3 access failures in `method` as StorageError, naming the object's URI."""
-    signature = inspect.signature(method)
-
-    @functools.wraps(method)
-    def wrapper(self: ArtifactStore, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except StorageError:
-            raise
-        except Exception as err:
-            problem = _s3_problem(self, err) if self.is_s3 else None
-            if problem is None:
-                raise
-            url = self.url(signature.bind(self, *args, **kwargs).arguments.get("rel", ""))
-            message, secret = f"S3 storage error for {url}: {problem}.", os.environ.get("AWS_SECRET_ACCESS_KEY")
-            raise StorageError(message.replace(secret, "***") if secret else message) from err
-
-    return wrapper
 
 
 class ArtifactStore:
@@ -146,7 +69,7 @@ class ArtifactStore:
         # a fresh one per store picks up the current environment (e.g. corrected credentials).
         # No listings cache: a reader must see objects another process wrote a moment ago.
         s3 = {"skip_instance_cache": True, "use_listings_cache": False, "default_block_size": part_size}
-        if self.is_s3 and (problem := _endpoint_problem(os.environ.get("AWS_ENDPOINT_URL"))):
+        if self.is_s3 and (problem := endpoint_problem()):
             raise StorageError(f"S3 storage error for {self.uri}: {problem}.")
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **(s3 if self.is_s3 else {}))
         self.bucket = self.root.split("/")[0] if self.is_s3 else ""
@@ -157,7 +80,7 @@ class ArtifactStore:
             try:
                 return fn(*args, **kwargs)
             except Exception as err:
-                if delay is None or not self.is_s3 or not _transient(err):
+                if delay is None or not self.is_s3 or not transient(err):
                     raise
                 run_logger().warning("%s failed (%s: %s); attempt %d of %d in %g s", what,
                                      type(err).__name__, err, attempt + 1, len(self.retry_delays) + 1, delay)
@@ -165,9 +88,12 @@ class ArtifactStore:
 
     def check_access(self) -> None:
         """Raise StorageError unless this root can be used now (on S3: credentials, endpoint and
-        bucket; a local root always can), so a run says so before it starts, not at its first write."""
+        bucket; locally: the folder, or the nearest one above it that exists, writable), so a run
+        says so before it starts, not at its first write. Nothing is created."""
         if self.is_s3 and not self.exists() and not self._bucket_exists():
-            raise StorageError(f"S3 storage error for {self.uri}: {_s3_problem(self, FileNotFoundError(self.uri))}.")
+            raise StorageError(f"S3 storage error for {self.uri}: {s3_problem(self, FileNotFoundError(self.uri))}.")
+        if not self.is_s3 and (problem := local_problem(self.root)):
+            raise StorageError(f"{self.uri}: {problem}")
 
     def _bucket_exists(self) -> bool:
         try:
@@ -187,7 +113,7 @@ class ArtifactStore:
     def url(self, rel: str = "") -> str:
         return posixpath.join(self.uri, rel) if rel else self.uri
 
-    @_clear_s3_errors
+    @clear_s3_errors
     def write_bytes(self, rel: str, data: bytes) -> str:
         """Write one object whole: readers see the old one or the new one, never a part."""
         path = self._path(rel)
@@ -203,7 +129,7 @@ class ArtifactStore:
     def write_json(self, rel: str, obj: Any) -> str:
         return self.write_text(rel, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
-    @_clear_s3_errors
+    @clear_s3_errors
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open(self._path(rel), "rb") as f:
             return f.read()
@@ -214,11 +140,11 @@ class ArtifactStore:
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
-    @_clear_s3_errors
+    @clear_s3_errors
     def exists(self, rel: str = "") -> bool:
         return self.fs.exists(self._path(rel))
 
-    @_clear_s3_errors
+    @clear_s3_errors
     def upload_dir(self, local: Path, rel: str) -> str:
         """Copy a local directory's files (recursively) to rel/."""
         for file in sorted(Path(local).rglob("*")):
@@ -232,7 +158,7 @@ class ArtifactStore:
                     self.fs.put_file(str(file), dest)
         return self.url(rel)
 
-    @_clear_s3_errors
+    @clear_s3_errors
     def download_dir(self, rel: str, local: Path) -> Path:
         local = Path(local)
         base = self._path(rel).rstrip("/")
@@ -242,19 +168,19 @@ class ArtifactStore:
             self._retrying(f"download of {path}", self.fs.get_file, path, str(target))
         return local
 
-    @_clear_s3_errors
+    @clear_s3_errors
     def list_files(self, rel: str = "") -> list[str]:
         base = self._path(rel).rstrip("/")
         if not self.fs.exists(base):
             return []
         return sorted(posixpath.relpath(p, base) for p in self.fs.find(base))
 
-    @_clear_s3_errors
+    @clear_s3_errors
     def glob(self, pattern: str) -> list[str]:
         """Paths (relative to the root) matching a glob pattern, e.g. 'runs/*/manifest.json'."""
         return sorted(posixpath.relpath(p, self.root) for p in self.fs.glob(self._path(pattern)))
 
-    @_clear_s3_errors
+    @clear_s3_errors
     def sha256(self, rel: str) -> str:
         if not self.is_s3:  # a run's (hard-linked) model is hashed once, not once per run
             path = Path(self._path(rel))
@@ -262,7 +188,7 @@ class ArtifactStore:
         with self.fs.open(self._path(rel), "rb") as f:
             return sha256_stream(f).hexdigest()
 
-    @_clear_s3_errors
+    @clear_s3_errors
     def size(self, rel: str) -> int:
         return int(self.fs.size(self._path(rel)))
 

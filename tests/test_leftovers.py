@@ -4,6 +4,7 @@ Slow-ish (~15-30 s): a real temporary server has to start in the killed process.
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,6 +67,37 @@ def test_a_killed_flows_temporary_server_is_reaped_at_the_next_start(tmp_path):
     assert orphaned_servers(str(tmp_path / "another-home")) == []  # another project's are not ours
     assert sorted(reap_orphaned_servers(str(home))) == sorted(servers)
     assert not any(_running(pid) for pid in servers)
+
+
+@pytest.mark.slow
+def test_a_background_server_someone_started_is_never_reaped(tmp_path):
+    # `prefect server start --background` leaves a uvicorn with the same command line, re-parented
+    # to PID 1: every `smolflow run` stopped it (and, on port 4200, the server the run itself used).
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PREFECT_HOME": str(home)}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    prefect = [sys.executable, "-m", "prefect", "server"]
+    subprocess.run([*prefect, "start", "--background", "--port", str(port)], env=env, cwd=tmp_path, check=True,
+                   capture_output=True, timeout=300)
+    try:
+        deadline = time.monotonic() + 300
+        while not (servers := [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                               if _is_server_of(pid, home)]):
+            assert time.monotonic() < deadline, "the background server never started"
+            time.sleep(0.5)
+        assert reap_orphaned_servers(str(home)) == [] and all(_running(pid) for pid in servers)
+    finally:
+        subprocess.run([*prefect, "stop"], env=env, cwd=tmp_path, capture_output=True, timeout=120)
+
+
+def _is_server_of(pid: int, home: Path) -> bool:
+    try:
+        return (SERVER_MARK in Path(f"/proc/{pid}/cmdline").read_bytes()
+                and f"PREFECT_HOME={home}".encode() in Path(f"/proc/{pid}/environ").read_bytes())
+    except OSError:
+        return False
 
 
 @pytest.mark.slow

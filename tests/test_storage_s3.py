@@ -145,12 +145,25 @@ def test_an_endpoint_that_cannot_work_is_one_message_before_any_request(monkeypa
     # user:password@ in the URL once ended in botocore's traceback ("Cannot combine AUTHORIZATION
     # header ..."), retried as if transient; a scheme botocore refuses, too.
     for endpoint, says in (("http://admin:hunter2@127.0.0.1:8333", "carries credentials (user:password@)"),
+                           ("http://admin:hunter2/x@127.0.0.1:8333", "carries credentials"),  # '/' in the password
+                           ("http://admin:1234/hunter2@127.0.0.1:8333", "carries credentials"),
                            ("ftp://127.0.0.1:8333", "is not an http(s)://host[:port] URL"),
                            ("http://127.0.0.1:port", "is not a URL"), ("http://[::1", "is not a URL")):
         monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
         with pytest.raises(StorageError, match=re.escape(says)) as error:
             ArtifactStore("s3://bucket/runs")
         assert "hunter2" not in str(error.value) and "s3://bucket/runs" in str(error.value)
+    # The setting s3fs uses is checked, by its name: the service's own endpoint wins over the generic one.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:8333")
+    ArtifactStore("s3://bucket/runs")  # AWS_ENDPOINT_URL (still ftp://) is not used
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", "s3.example")
+    with pytest.raises(StorageError, match=re.escape("FSSPEC_S3_ENDPOINT_URL=s3.example is not an http(s)")):
+        ArtifactStore("s3://bucket/runs")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://[::1")
+    for name in ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true")  # botocore then ignores AWS_ENDPOINT_URL
+    ArtifactStore("s3://bucket/runs")
 
 
 def test_server_repr_hides_secret(s3_server):
