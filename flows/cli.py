@@ -53,7 +53,20 @@ def run_flow(flow, config):
 
 
 def _print(obj) -> None:
-    print(yaml.safe_dump(obj, sort_keys=False, allow_unicode=True, width=120), end="")
+    text = yaml.safe_dump(obj, sort_keys=False, allow_unicode=True, width=120)
+    try:
+        text.encode(getattr(sys.stdout, "encoding", None) or "utf-8")
+    except UnicodeEncodeError:  # a latin-1 terminal or pipe: YAML's own "\u2248" escapes, which read back the same
+        text = yaml.safe_dump(obj, sort_keys=False, width=120)
+    print(text, end="")
+
+
+def _safe_streams() -> None:
+    """stdout and stderr write what their encoding can't hold as \\uXXXX escapes instead of raising:
+    under a non-UTF-8 locale (LANG=en_US.ISO-8859-1) a prompt with '≈' in it ended the command."""
+    for stream in (sys.stdout, sys.stderr):
+        if callable(getattr(stream, "reconfigure", None)):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -310,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     if program:
         from tasks.leftovers import exit_on_termination
 
+        _safe_streams()  # the process's own streams; a caller's stay as it set them
         exit_on_termination()  # `kill` stops a run as Ctrl-C does: its temporary server stops with it
     argv = list(sys.argv[1:] if argv is None else argv)
     debug, verbose = "--debug" in argv, "--verbose" in argv

@@ -98,9 +98,10 @@ def answer_prompts(model: ModelRef, prompts: list[str], max_new_tokens: int) -> 
             path = folder / f"{_answer_key(model.fingerprint, sample.prompt, max_new_tokens)}.json"
             staging = path.with_suffix(".tmp")
             staging.write_text(json.dumps({"prompt": sample.prompt, "answer": sample.completion,
-                                           "new_tokens": sample.new_tokens, "stopped_at_eos": sample.stopped_at_eos}))
+                                           "new_tokens": sample.new_tokens, "stopped_at_eos": sample.stopped_at_eos}),
+                              encoding="utf-8")
             staging.replace(path)
-    return [json.loads(path.read_text()) for path in paths]
+    return [json.loads(path.read_text(encoding="utf-8")) for path in paths]
 
 
 @task(cache_policy=NO_CACHE)

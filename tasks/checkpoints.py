@@ -47,7 +47,7 @@ def find_checkpoint(work: Path, run: ArtifactStore, key: str) -> Path | None:
     copy (downloaded into the work dir). None: start from step 0."""
     local = work / "checkpoints"
     names = [p.name for p in local.iterdir()] if local.is_dir() else []
-    mine = _steps(names, lambda n: (local / n / MARKER).is_file() and _marker_ok((local / n / MARKER).read_text(), key))
+    mine = _steps(names, lambda n: (local / n / MARKER).is_file() and _marker_ok((local / n / MARKER).read_text(encoding="utf-8"), key))
     if mine:
         return local / f"checkpoint-{mine[0]}"
     remote = run.child("checkpoints")
@@ -56,7 +56,7 @@ def find_checkpoint(work: Path, run: ArtifactStore, key: str) -> Path | None:
     done = {f.split("/")[0] for f in files if f.endswith("/" + MARKER)}
     for step in _steps(names, lambda n: n in done):
         name = f"checkpoint-{step}"
-        with remote.fs.open(remote.child(name, MARKER).root, "r") as f:
+        with remote.fs.open(remote.child(name, MARKER).root, "r", encoding="utf-8") as f:
             if not _marker_ok(f.read(), key):
                 continue
         shutil.rmtree(local, ignore_errors=True)  # unfinished or foreign local saves: not to be rotated in
@@ -93,7 +93,7 @@ def checkpoint_uploader(run: ArtifactStore, key: str, keep: int = 2):
             remote = run.child("checkpoints")
             remote.upload_dir(local, name)  # every file the Trainer wrote (on_save comes after them)
             remote.write_text(f"{name}/{MARKER}", marker)  # then the marker, last
-            (local / MARKER).write_text(marker)
+            (local / MARKER).write_text(marker, encoding="utf-8")
             for old in _steps({f.split("/")[0] for f in remote.list_files() if "/" in f}, lambda n: True)[keep:]:
                 _remove(remote.child(f"checkpoint-{old}"))
             run_logger().info("Checkpoint %s saved to %s", name, remote.url(name))

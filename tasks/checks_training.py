@@ -27,7 +27,7 @@ def _enum_values(module: str, name: str) -> list[str]:
 
     spec = importlib.util.find_spec("transformers")  # a submodule's spec would import the package
     source = Path(spec.submodule_search_locations[0]) / f"{module}.py" if spec else None
-    text = source.read_text() if source and source.is_file() else ""
+    text = source.read_text(encoding="utf-8") if source and source.is_file() else ""
     start = text.find(f"\nclass {name}(")
     if start >= 0:
         head, *rest = text[start + 1:].splitlines()

@@ -154,7 +154,7 @@ def cached_on_machine(name: str, kind: type[BaseModel], measure: Callable[[], Ba
 
     path = cache_dir("probe") / f"{name}-{_machine_key()}.json"
     try:
-        return kind.model_validate_json(path.read_text())
+        return kind.model_validate_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         result = measure()
         atomic_write(path, result.model_dump_json())  # a concurrent reader sees the old file or the whole new one

@@ -90,7 +90,7 @@ class JudgeResult(BaseModel):
 def template_text() -> str:
     # Located, not imported: importing alpaca_eval costs ~3 s and the template is a plain file.
     root = Path(importlib.util.find_spec("alpaca_eval").submodule_search_locations[0])
-    return (root / "evaluators_configs" / "chatgpt" / "basic_prompt.txt").read_text()
+    return (root / "evaluators_configs" / "chatgpt" / "basic_prompt.txt").read_text(encoding="utf-8")
 
 
 def conversation(template: str, instruction: str, output_a: str, output_b: str) -> list[dict]:
@@ -133,7 +133,7 @@ def win_rate(preferences: list[float]) -> dict[str, Any]:
     version = importlib.metadata.version("alpaca_eval")
     path = cache_dir("win-rates") / f"{hashlib.sha256(json.dumps([version, preferences]).encode()).hexdigest()}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     with warnings.catch_warnings(), keep_root_level():
         warnings.simplefilter("ignore")
         from alpaca_eval.metrics import get_winrate
@@ -159,7 +159,8 @@ def judgement_key(identity: str, template: str, instruction: str, output_a: str,
 
 def _cached(key: str) -> str | None:
     path = cache_dir("judgements") / f"{key}.json"
-    return json.loads(path.read_text())["raw"] if path.exists() else None
+    # UTF-8 as atomic_write wrote it: the locale's encoding (latin-1, say) returned mojibake.
+    return json.loads(path.read_text(encoding="utf-8"))["raw"] if path.exists() else None
 
 
 def _store(key: str, identity: str, raw: str) -> None:

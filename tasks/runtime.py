@@ -142,7 +142,7 @@ def remembered_digest(kind: str, paths: list[Path], compute: Callable[[], str]) 
 
     kept = cache_dir("digests") / hashlib.sha256(json.dumps([kind, stats]).encode()).hexdigest()[:32]
     try:
-        return kept.read_text()
+        return kept.read_text(encoding="utf-8")
     except FileNotFoundError:
         value = compute()
         atomic_write(kept, value)

@@ -62,7 +62,7 @@ def tokenizer_facts(model_dir: Path) -> tuple[list[str], str | None]:
     key = json.dumps([str(model_dir.resolve()), files, version("transformers")])
     path = cache_dir("tokenizers") / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
     if path.is_file():
-        facts = json.loads(path.read_text())
+        facts = json.loads(path.read_text(encoding="utf-8"))
         return facts["tokens"], facts["chat_template"]
     from transformers import AutoTokenizer
 

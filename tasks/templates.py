@@ -28,6 +28,7 @@ from tasks.caching import BY_CONTENT
 from tasks.prefect_markdown import publish_markdown
 from tasks.runtime import atomic_dir, cache_dir, retry_transient, run_logger
 from tasks.storage import ArtifactStore
+from tasks.yamlfile import read_text
 
 TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
 SHIPPED = ("chatml", "chatml-assistant-only", "mistral", "llama3")
@@ -78,7 +79,7 @@ class TemplateError(ValueError):
 
 
 def shipped_text(name: str) -> str:
-    return (TEMPLATE_DIR / f"{name}.jinja").read_text()
+    return (TEMPLATE_DIR / f"{name}.jinja").read_text(encoding="utf-8")
 
 
 def template_choice(value: str) -> tuple[str, str | None]:
@@ -89,7 +90,8 @@ def template_choice(value: str) -> tuple[str, str | None]:
         return value, shipped_text(value)
     path = Path(value).expanduser()
     if path.is_file():
-        return str(path.resolve()), path.read_text()
+        # As UTF-8 whatever the locale (a latin-1 one trained on mojibake), without a byte-order mark.
+        return str(path.resolve()), read_text(path, TemplateError)
     choices = ", ".join(repr(c) for c in CHOICES)
     if value.endswith(".jinja") or "/" in value or value.startswith((".", "~")):
         raise TemplateError(f"template.chat_template={value!r}: no such file ({path.resolve()}). "
@@ -326,14 +328,15 @@ def _save(model, tokenizer, base: ModelRef, name: str, text: str, added: list[in
             tokenizer.save_pretrained(staging)
             if added:
                 (Path(staging) / ADDED_TOKENS_FILE).write_text(json.dumps(
-                    {"token_ids": added, "tokens": tokenizer.convert_ids_to_tokens(added)}, indent=1) + "\n")
+                    {"token_ids": added, "tokens": tokenizer.convert_ids_to_tokens(added)}, indent=1) + "\n",
+                    encoding="utf-8")
     return ModelRef(source=base.source, path=str(target), fingerprint=fingerprint_dir(target))
 
 
 def added_token_ids(model_dir: Path) -> list[int]:
     """The ids of the tokens the template stage added to this model's vocabulary ([] if none)."""
     path = Path(model_dir) / ADDED_TOKENS_FILE
-    return [int(i) for i in json.loads(path.read_text())["token_ids"]] if path.is_file() else []
+    return [int(i) for i in json.loads(path.read_text(encoding="utf-8"))["token_ids"]] if path.is_file() else []
 
 
 @task(cache_policy=BY_CONTENT + TemplateText(), retries=1, retry_condition_fn=retry_transient)

@@ -217,7 +217,7 @@ def tokenized_splits(model: ModelRef, data: DatasetRef, max_length: int, assista
     key = cache_key(data, tokenizer_fingerprint(model_dir), template_text(tokenizer), max_length, assistant_only_loss)
     target = cache_dir("tokenized") / key[:16]
     if (target / "stats.json").exists():
-        meta = json.loads((target / "stats.json").read_text())
+        meta = json.loads((target / "stats.json").read_text(encoding="utf-8"))
         return TokenizedRef(path=str(target), key=key, rows=meta["rows"], stats=meta["stats"], cached=True)
     import numpy as np
 
@@ -239,7 +239,7 @@ def tokenized_splits(model: ModelRef, data: DatasetRef, max_length: int, assista
             stats[split], rows[split] = split_stats(lengths, max_length, no_loss), len(ds) - no_loss
         token_stats = TokenStats(max_length=max_length, splits=stats)
         meta = {"rows": rows, "stats": token_stats.model_dump(), "files": files}
-        (staging / "stats.json").write_text(json.dumps(meta))
+        (staging / "stats.json").write_text(json.dumps(meta), encoding="utf-8")
     return TokenizedRef(path=str(target), key=key, rows=rows, stats=token_stats, cached=False)
 
 
@@ -249,7 +249,7 @@ def load_tokenized(ref: TokenizedRef):
     from datasets import Dataset, concatenate_datasets
 
     path = Path(ref.path)
-    files = json.loads((path / "stats.json").read_text())["files"]
+    files = json.loads((path / "stats.json").read_text(encoding="utf-8"))["files"]
     out = []
     for split in SPLITS:
         ds = concatenate_datasets([Dataset.from_file(str(path / name)) for name in files[split]])

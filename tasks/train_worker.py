@@ -34,7 +34,7 @@ def main(spec_path: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         target = Path(os.environ["SMOLFLOW_FIT_RESULT"])
         tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(result))
+        tmp.write_text(json.dumps(result), encoding="utf-8")
         tmp.rename(target)  # atomic: the parent never reads half a result
 
 

@@ -403,7 +403,7 @@ def launch(spec: FitSpec) -> dict:
     n = spec.cfg.num_processes
     with temp_dir("ddp") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-        spec_path.write_text(spec.model_dump_json())
+        spec_path.write_text(spec.model_dump_json(), encoding="utf-8")
         env = os.environ | {
             "SMOLFLOW_FIT_RESULT": str(result_path),
             # Each rank gets its share of the cores: oversubscribed threads made torch ~10x slower.
@@ -418,9 +418,9 @@ def launch(spec: FitSpec) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                f"--log-dir={Path(tmp) / 'torchrun'}", "-m", "tasks.train_worker", str(spec_path)]
         run_logger().info("Training on %d processes: %s", n, " ".join(cmd))
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                               preexec_fn=functools.partial(die_with_parent, os.getpid()))
         if proc.returncode != 0 or not result_path.exists():
             raise RuntimeError(f"training on {n} processes failed (exit {proc.returncode}); last output:\n"
                                + proc.stdout[-4000:])
-        return json.loads(result_path.read_text())
+        return json.loads(result_path.read_text(encoding="utf-8"))

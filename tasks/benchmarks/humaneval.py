@@ -60,7 +60,7 @@ def read_problems(path: str | Path) -> list[dict[str, Any]]:
         rows = pd.read_parquet(path).to_dict("records")
     else:
         opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt") as f:
+        with opener(path, "rt", encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
     for i, row in enumerate(rows):
         missing = [k for k in FIELDS if k not in row]

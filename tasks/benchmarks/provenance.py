@@ -49,7 +49,7 @@ def cached_revision(repo: str) -> str | None:
 
     ref = Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}" / "refs" / "main"
     try:
-        return ref.read_text().strip() or None
+        return ref.read_text(encoding="utf-8").strip() or None
     except OSError:
         return None
 
