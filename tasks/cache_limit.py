@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from tasks.runtime import run_logger
+from tasks.runtime import cache_root, run_logger
 
 HOUR = 3600.0
 
@@ -44,9 +44,6 @@ KINDS = ("models", "downloads", "datasets", "tokenized", "tokenizers", "digests"
          "results", "checks", "win-rates", "work")
 _STAGING = re.compile(r"\.tmp\d+$")
 
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SMOLFLOW_CACHE", Path.home() / ".cache" / "smolflow"))
 
 
 def default_max_gb() -> float | None:

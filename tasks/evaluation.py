@@ -38,8 +38,9 @@ from tasks.storage import ArtifactStore
 
 # What a Ray worker needs of this process's environment to load the same models the same way and
 # report to the same Prefect server (without PREFECT_API_URL each worker starts a server of its own).
-_FORWARD = ("SMOLFLOW_EXECUTION", "SMOLFLOW_CACHE", "SMOLFLOW_SANDBOX_HIDE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME",
-            "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "TOKENIZERS_PARALLELISM", "WANDB_MODE")
+_FORWARD = ("SMOLFLOW_EXECUTION", "SMOLFLOW_CACHE", "XDG_CACHE_HOME", "SMOLFLOW_SANDBOX_HIDE", "HF_HUB_OFFLINE",
+            "HF_DATASETS_OFFLINE", "HF_HOME", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "TOKENIZERS_PARALLELISM",
+            "WANDB_MODE")
 
 
 @dataclass

@@ -15,10 +15,16 @@ from typing import BinaryIO
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+def cache_root() -> Path:
+    """smolflow's local cache: SMOLFLOW_CACHE, else $XDG_CACHE_HOME/smolflow, else ~/.cache/smolflow.
+    `~` expanded: systemd units, .env files and `docker -e` pass it literally."""
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "smolflow")
+    return Path(os.path.expanduser(os.environ.get("SMOLFLOW_CACHE") or default)).absolute()
+
+
 def cache_dir(*parts: str) -> Path:
-    """A directory under smolflow's local cache (SMOLFLOW_CACHE, default ~/.cache/smolflow)."""
-    root = Path(os.environ.get("SMOLFLOW_CACHE", Path.home() / ".cache" / "smolflow"))
-    path = root.joinpath(*parts)
+    """A directory under smolflow's local cache (`cache_root`), made if missing."""
+    path = cache_root().joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -251,7 +257,13 @@ def git_commit() -> str | None:
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        return None  # installed into site-packages: a git repository around it is someone else's
     try:
+        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        if Path(top).resolve() != root:
+            return None  # a copy inside another project's repository: its commit is not smolflow's
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                                 text=True, timeout=5, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],

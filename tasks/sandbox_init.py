@@ -120,7 +120,9 @@ def start(spec: dict, program: str, status) -> int:
         os.setuid(spec["uid"])
         _no_user_namespaces(ctypes.CDLL(None, use_errno=True))
         os.chdir(WORK)
-        os.execve(spec["python"], [spec["python"], "-I", "-B", "-c", spec["runner"], program], spec["env"])
+        # -X utf8: the program's stdio is UTF-8 whatever locale exists (-I ignores PYTHONUTF8).
+        argv = [spec["python"], "-I", "-B", "-X", "utf8", "-c", spec["runner"], program]
+        os.execve(spec["python"], argv, spec["env"])
     except BaseException as err:  # noqa: BLE001 - anything here is a setup failure
         status.write(f"setup could not start the program: {err}\n")
         status.flush()
@@ -128,13 +130,15 @@ def start(spec: dict, program: str, status) -> int:
 
 
 def parse(argv: list[str]) -> dict:
-    """KEY=VALUE arguments, then `--`, then the program's environment as KEY=VALUE."""
+    """KEY=VALUE arguments (`hide=` and `keep=` once per folder: no separator a path could hold),
+    then `--`, then the program's environment as KEY=VALUE."""
     cut = argv.index("--")
-    spec = dict(a.split("=", 1) for a in argv[:cut])
+    pairs = [a.split("=", 1) for a in argv[:cut]]
+    spec = {k: v for k, v in pairs if k not in ("hide", "keep")}
     for key in ("uid", "disk_mb", "memory_mb", "cpu_s", "file_mb", "processes", "host_mnt", "host_net"):
         spec[key] = int(spec[key])
     for key in ("hide", "keep"):
-        spec[key] = [p for p in spec[key].split(os.pathsep) if p]
+        spec[key] = [v for k, v in pairs if k == key]
     spec["env"] = dict(a.split("=", 1) for a in argv[cut + 1:])
     return spec
 

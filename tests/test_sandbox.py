@@ -3,17 +3,14 @@ passes every canonical HumanEval solution."""
 
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tasks import sandbox
 from tasks.benchmarks.humaneval import bundled_file, check, read_problems
 from tasks.sandbox import Limits, SandboxUnavailable, run_python
 
@@ -310,68 +307,6 @@ def test_weak_mode_as_root_drops_root_and_kills_every_descendant(monkeypatch, tm
 
 
 @needs_root
-def test_host_folders_are_hidden_and_the_interpreter_still_works(monkeypatch):
-    # A run root outside every fixed hidden place and outside /tmp (which the sandbox covers anyway):
-    # ./smolflow-runs below the current folder, as `output.root` defaults to.
-    base = Path(tempfile.mkdtemp(prefix="smolflow-test-", dir="/var/lib"))
-    try:
-        record = base / "smolflow-runs" / "runs" / "other-run" / "records.jsonl"
-        record.parent.mkdir(parents=True)
-        record.write_text("other run's data\n")
-        os.chmod(record, 0o644)
-        for d in (base, *record.parents):
-            if d == base.parent:
-                break
-            os.chmod(d, 0o755)
-        monkeypatch.chdir(base)
-        checkout = Path(__file__).resolve().parents[1]
-        targets = [f"listdir {checkout}", f"read {checkout / '.git' / 'config'}", f"read {record}", f"read {bundled_file()}"]
-        program = (
-            "import os, sys\n"
-            f"for target in {targets!r}:\n"
-            "    action, path = target.split(' ', 1)\n"
-            "    try:\n"
-            # A checkout outside /work is an empty tmpfs, or holds only its .venv when that is the interpreter's.
-            "        seen = [e for e in os.listdir(path) if e != '.venv'] if action == 'listdir' else open(path, 'rb').read(20)\n"
-            "        print('reached' if seen else 'refused (empty)', path, seen)\n"
-            "    except OSError as e:\n"
-            "        print('refused', path, e.errno)\n"
-            "import json, decimal, sqlite3\n"  # the stdlib, C extensions included
-            "print('python', sys.version.split()[0])\n"
-        )
-        result = run_python(program, FAST)
-    finally:
-        shutil.rmtree(base)
-    assert result.passed, result.stderr
-    assert "reached" not in result.stdout and result.stdout.count("refused") == 4, result.stdout
-    assert "hidden host dirs" in result.isolation
-
-
-def test_the_checkout_is_hidden_wherever_it_lives_and_whatever_the_current_folder(tmp_path, monkeypatch):
-    # CI clones to /check/work/main: outside every fixed hidden folder, and tests run from anywhere.
-    monkeypatch.chdir(tmp_path)
-    assert str(Path(sandbox.__file__).resolve().parents[1]) in sandbox.hidden_paths()
-
-
-@needs_root
-def test_a_venv_inside_a_hidden_folder_still_runs_the_program(tmp_path, monkeypatch):
-    # `make setup` makes <checkout>/.venv; on a host whose venv is built on the system Python, that
-    # venv is the sandbox's interpreter, and `python -S` reports the base prefix, not the venv's.
-    project = Path(tempfile.mkdtemp(prefix="smolflow-test-", dir="/var/lib"))
-    try:
-        os.chmod(project, 0o755)
-        subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(project / ".venv")], check=True, timeout=120)
-        (project / "secret.txt").write_text("not for the program\n")
-        monkeypatch.setenv("SMOLFLOW_SANDBOX_PYTHON", str(project / ".venv" / "bin" / "python"))
-        monkeypatch.setenv("SMOLFLOW_SANDBOX_HIDE", str(project))
-        result = run_python(f"import os, sys\nprint(sys.prefix)\nprint(sorted(os.listdir({str(project)!r})))\n", FAST)
-    finally:
-        shutil.rmtree(project)
-    assert result.passed, result.stderr
-    assert result.stdout.splitlines()[:2] == [str(project / ".venv"), "['.venv']"], result.stdout
-
-
-@needs_root
 def test_no_new_user_namespaces_but_processes_and_threads_work():
     program = (
         "import ctypes, subprocess, threading\n"
@@ -403,30 +338,3 @@ def test_echoing_stdin_does_not_fake_a_humaneval_pass():
     assert all({"reads stdin", "os._exit"} <= set(r["tamper_signs"]) for r in records)
     clean, _ = HumanEval().score(problems[:1], [problems[0]["canonical_solution"]])
     assert clean[0]["correct"] and clean[0]["tamper_signs"] == []
-
-
-@needs_root
-def test_the_runs_artifacts_root_is_hidden_wherever_it_is(monkeypatch):
-    """A run root outside the hidden places (here under /var/lib, which stays visible) holds other
-    runs' data and models: a flow hides its own root (hide_from_sandbox) from the programs it runs."""
-    import shutil
-    import uuid
-
-    from tasks.sandbox import hide_from_sandbox
-
-    root = Path("/var/lib") / f"smolflow-sandbox-test-{uuid.uuid4().hex[:8]}"
-    (root / "runs").mkdir(parents=True)
-    try:
-        root.chmod(0o755), (root / "runs").chmod(0o755)
-        (root / "runs" / "secret.json").write_text('{"answer": 42}')
-        (root / "runs" / "secret.json").chmod(0o644)
-        program = f"print(open({str(root / 'runs' / 'secret.json')!r}).read())\n"
-        assert '"answer": 42' in run_python(program, FAST).stdout  # visible until the flow hides it
-        monkeypatch.delenv("SMOLFLOW_SANDBOX_HIDE", raising=False)
-        hide_from_sandbox(str(root))
-        hidden = run_python(program, FAST)
-        assert not hidden.passed and '"answer": 42' not in hidden.stdout and "No such file" in hidden.stderr
-        hide_from_sandbox("s3://bucket/runs")  # nothing local to hide
-        assert os.environ["SMOLFLOW_SANDBOX_HIDE"] == str(root)
-    finally:
-        shutil.rmtree(root)
