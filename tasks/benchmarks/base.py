@@ -68,6 +68,12 @@ class Benchmark(abc.ABC):
             raise ValueError(f"benchmarks[{self.name}].data={cfg.data!r}: no such file or directory")
         return folder
 
+    def auto_source(self, offline: bool) -> str:
+        """What `data: auto` reads here (for `smolflow validate`'s resolved settings)."""
+        if offline:
+            return f"fixture (tasks/fixtures/{self.fixture}: hand-written items, not comparable to published scores)"
+        return f"hub {self.hub[0]}"
+
     def data_identity(self, cfg: BenchmarkConfig) -> str:
         """What the items are now, for the cache key: the local files' bytes, or the hub id and revision
         (`auto` resolved), so an edited file or a switch between fixture and hub is scored afresh."""

