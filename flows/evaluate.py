@@ -31,7 +31,7 @@ from tasks.runs import model_of_run, status_recorded
 from tasks.runtime import cache_dir, code_version, flow_run_link, run_logger, run_timeout, set_torch_threads
 from tasks.sandbox import hide_from_sandbox
 from tasks.storage import ArtifactStore, set_latest, write_manifest
-from tasks.tracking import close_on_stop, finish_eval_wandb, start_flow_wandb, wandb_link
+from tasks.tracking import close_on_stop, close_wandb, log_eval_wandb, start_flow_wandb, wandb_link
 
 
 def check_eval_settings(config: RunConfig) -> None:
@@ -93,6 +93,7 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
         summary = write_report(run.uri, config.model_dump(mode="json"), None,
                                {"W&B run": wandb_link(wb, run.uri), "Prefect flow run": flow_run_link(),
                                 "code": code_version()})
+        log_eval_wandb(wb, run, scores, judgement)
         write_manifest(run.uri, {"run_id": run_id, "kind": "eval", "tuned_model": model.model_dump(),
                                  "torch_threads": threads, "execution": placement.model_dump(mode="json"),
                                  "completed_at": datetime.now(timezone.utc).isoformat()})
@@ -100,6 +101,6 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
         # Old runs and the cache over its bound go, as after a fine-tune (output.keep_*).
         tidy_up(config.output, run_id, [model.path] + ([reference.path] if judgement else []), started)
         # Last, so a failure above closes the W&B run failed (close_on_stop); the manifest is re-hashed.
-        finish_eval_wandb(wb, run, scores, judgement, work)
+        close_wandb(wb, run, work)
         drop_work_dir(run_id)
         return summary | {"model": model.path, "benchmarks": rows, "manifest": run.url(RunPaths.manifest)}

@@ -285,11 +285,10 @@ def log_run_files(wb_run, run) -> list[str]:
     return names
 
 
-def finish_eval_wandb(wb_run, run, scores: dict, judge, local_dir: Path) -> None:
-    """An eval run's W&B run (smolflow eval): the scores table, bench/<name>/* keys named as a
-    fine-tune's (its model is the `tuned` one), the judge's pairs and summary, the run folder's
-    files; closed last (after manifest, pointer and retention), its files kept in the run folder as
-    a fine-tune's are."""
+def log_eval_wandb(wb_run, run, scores: dict, judge) -> None:
+    """An eval run's W&B run (smolflow eval), before its manifest: the scores table, bench/<name>/*
+    keys named as a fine-tune's (its model is the `tuned` one), the judge's pairs and summary, the
+    run folder's files. Closed last (close_wandb), so a failure after this still says failed."""
     if wb_run is None:
         return
     import wandb
@@ -308,8 +307,15 @@ def finish_eval_wandb(wb_run, run, scores: dict, judge, local_dir: Path) -> None
         wb_run.log({"benchmarks": table} | tables)
         wb_run.summary.update(summary | judged)
         log_run_files(wb_run, run)
+
+
+def close_wandb(wb_run, run, local_dir: Path) -> None:
+    """Close an eval run's W&B run once everything else is done; its files go into the run folder
+    (the manifest, written before, re-hashed over them)."""
+    if wb_run is None:
+        return
     finish_run(wb_run, [])
-    keep_in_run_folder(run, local_dir)  # after the manifest: re-hashed over these files
+    keep_in_run_folder(run, local_dir)
 
 
 def log_model_artifact(wb_run, model, promoted: bool) -> None:

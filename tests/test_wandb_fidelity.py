@@ -26,7 +26,7 @@ from tasks.health import HealthReport, Sign
 from tasks.judge import JudgeResult
 from tasks.models import ModelRef
 from tasks.storage import ArtifactStore, read_pointer, verify_run, write_manifest
-from tasks.tracking import finish_eval_wandb, finish_wandb, log_wandb, start_flow_wandb, start_wandb
+from tasks.tracking import close_on_stop, finish_wandb, log_eval_wandb, log_wandb, start_flow_wandb, start_wandb
 from tasks.training import TrainResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,13 +112,20 @@ def test_eval_wandb_run_names_scores_as_a_finetune_and_logs_the_judge_pairs(tmp_
     run = ArtifactStore(str(tmp_path / "artifacts")).child("runs", "e1")
     run.write_json("config.json", {})
     wb = start_wandb(WandbConfig(mode="offline"), "e1", {}, tmp_path / "work", "smolflow-evaluate", job_type="eval")
-    finish_eval_wandb(wb, run, {"gsm8k": {"model": _result("gsm8k", 0.123456, 0.0456789)}}, _judge(), tmp_path / "work")
+    log_eval_wandb(wb, run, {"gsm8k": {"model": _result("gsm8k", 0.123456, 0.0456789)}}, _judge())
+    write_manifest.fn(run.uri, {"run_id": "e1", "kind": "eval", "completed_at": "now"})
+    # Retention comes next, then the W&B run closes: a failure in between closes it failed, the
+    # scores logged already (they once were logged only at the close, so a failed run had none).
+    close_on_stop(wb, run, tmp_path / "work")({"state": "failed", "why": "OSError: retention failed"})
 
-    summary = recorded(Path(run.uri))["summary"]
+    seen = recorded(Path(run.uri))
+    summary = seen["summary"]
     assert (summary["bench/gsm8k/tuned"], summary["bench/gsm8k/tuned_stderr"]) == (0.1235, 0.0457)
     assert summary["bench/gsm8k/metric"] == "exact_match,strict-match" and summary["bench/gsm8k/comparability_key"] == "k1"
     assert "bench/gsm8k/score" not in summary
     assert "judge_pairs" in summary and summary["judge/wins"] == 1
+    assert seen["state"] == "failed" and summary["status/why"] == "OSError: retention failed"
+    verify_run(run.uri)  # the manifest, re-hashed over the W&B files
 
 
 def test_wandb_run_is_grouped_by_flow_with_the_prefect_run_and_resolved_autos_in_its_config(tmp_path):
