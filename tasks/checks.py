@@ -48,6 +48,21 @@ def check_benchmark_subsets(config: RunConfig) -> None:
                               f"(known: {', '.join(known)})")
 
 
+def check_sandbox(config: RunConfig) -> None:
+    """HumanEval runs model-written code only in the sandbox: a machine that cannot give one (not
+    root, no util-linux) is said now, not once training is done. A remote Ray cluster's workers
+    run it, not this machine: theirs is checked when they score."""
+    from tasks.sandbox import SandboxUnavailable, isolation_mode
+
+    remote = config.execution.task_runner == "ray" and config.execution.ray_address not in (None, "", "local")
+    for i, b in enumerate(config.benchmarks):
+        if b.name == "humaneval" and not remote:
+            try:
+                isolation_mode()
+            except SandboxUnavailable as err:
+                raise ConfigError(f"benchmarks[{i}] (humaneval): {err}") from None
+
+
 def check_benchmark_data(config: RunConfig) -> None:
     """Each lm-eval benchmark's data reads and its few-shot examples exist apart from the scored items.
 
@@ -115,6 +130,7 @@ def check_run(config: RunConfig) -> Checked:
     check_template(config)
     check_lora_targets(config)
     check_benchmark_subsets(config)
+    check_sandbox(config)
     check_benchmark_data(config)
     custom = load_definitions(config.custom_benchmarks)
     instructions, references = judge_inputs(config.judge, config.sampling.prompts) if config.judge.enabled else ([], None)

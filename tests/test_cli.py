@@ -361,6 +361,21 @@ def test_a_local_root_that_cannot_be_written_is_one_line_before_anything_starts(
     assert out.returncode == 2 and f"{file_root} is a file, not a folder" in out.stderr, out.stderr[-2000:]
 
 
+def test_humaneval_without_a_sandbox_is_refused_before_training(env, tmp_path):
+    # As a user without root, a run trained (hours at full size), then failed at HumanEval's first item.
+    # No util-linux `unshare` here (SMOLFLOW_UNSHARE names a missing one): the same refusal, as root too.
+    nowhere = env | {"SMOLFLOW_UNSHARE": str(tmp_path / "no-unshare"), "HF_HUB_OFFLINE": "1"}
+    humaneval = ["--benchmarks", '[{"name": "humaneval", "limit": 1}]', "--output.artifacts-uri", str(tmp_path)]
+    started = time.monotonic()
+    out = smolflow(nowhere, "run", *humaneval)
+    assert out.returncode == 2 and time.monotonic() - started < 60, out.stderr[-2000:]
+    assert "flag --benchmarks: benchmarks[0] (humaneval): the HumanEval sandbox needs" in out.stderr
+    assert "SMOLFLOW_SANDBOX=weak" in out.stderr and not (tmp_path / "runs").exists()
+    assert "cross-checks: flag --benchmarks: benchmarks[0] (humaneval)" in smolflow(nowhere, "validate", *humaneval).stderr
+    weak = smolflow(nowhere | {"SMOLFLOW_SANDBOX": "weak"}, "validate", *humaneval)  # chosen: accepted
+    assert weak.returncode == 0, weak.stderr[-2000:]
+
+
 def test_an_unreachable_judge_endpoint_is_said_before_training(env, tmp_path):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
