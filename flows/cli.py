@@ -69,6 +69,12 @@ def _safe_streams() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+def _short(text: str | None, n: int = 72) -> str:
+    """One line of a table: the whole text is in the run's status.json (and `runs --json`)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def _table(rows: list[dict], columns: list[str]) -> str:
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
@@ -173,7 +179,8 @@ def cmd_runs(args: argparse.Namespace, rest: list[str]) -> int:
                   "loss (train/eval)": _losses(r["losses"]) if r["losses"] else "",
                   "scores": " ".join(f"{k}={v}" for k, v in r["scores"].items()),
                   "source": "; ".join(sorted(set(r["sources"].values()))),
-                  "status": r["status"] + (f" ({r['why']})" if r["status"] in ("failed", "stopped") else "")} for r in rows]
+                  "status": r["status"] + (f" ({_short(r['why'])})" if r["status"] in ("failed", "stopped") else "")}
+             for r in rows]
     print(_table(shown, ["run_id", "started", "status", "promoted", "loss (train/eval)", "scores", "source"]) if rows
           else f"no runs under {args.root}")
     return 0

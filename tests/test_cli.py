@@ -282,7 +282,9 @@ def test_eval_runs_lists_and_compares(env, tiny_model_dir, tmp_path):
     rows = {r["run_id"]: r for r in json.loads(listed.stdout)}
     assert rows["eval-a"]["status"] == "complete" and rows["eval-a"]["scores"]["gsm8k"] == round(a["score"], 4)
     assert rows["eval-bad"]["status"] == "failed" and rows["eval-bad"]["why"].startswith("ValueError: ")
-    assert "failed (ValueError" in smolflow(env, "runs", "--root", str(root)).stdout
+    table, why = smolflow(env, "runs", "--root", str(root)).stdout, " ".join(rows["eval-bad"]["why"].split())
+    assert "failed (ValueError" in table
+    assert (why in table) == (len(why) <= 72)  # a long reason is cut to one table cell; --json has it whole
 
     compared = smolflow(env, "compare", "eval-a", "eval-b", "--root", str(root))
     assert compared.returncode == 0 and "| " not in compared.stdout
