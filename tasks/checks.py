@@ -18,7 +18,7 @@ from tasks.checks_training import check_lora_targets, check_template, check_trai
 from tasks.config import RunConfig
 from tasks.config_base import ConfigError
 from tasks.reachable import check_hub_reachable, check_ray_address, check_store, check_wandb, data_here
-from tasks.runtime import run_timeout
+from tasks.runtime import cache_dir, run_timeout
 
 
 @dataclass
@@ -222,6 +222,7 @@ def validate_everything(config: RunConfig) -> tuple[list[str], dict[str, str]]:
         except Exception as err:  # every problem is reported, not only the first
             problems.append(f"{what}: {err}")
 
+    attempt("cache", cache_dir)  # first: most checks below need it (HOME=/, an unwritable SMOLFLOW_CACHE)
     resolved = attempt("auto", resolve_autos, config) or {}
     attempt("cross-checks", check_run, config)
     attempt("artifacts", check_store, config.output.artifacts_uri)

@@ -22,10 +22,19 @@ def cache_root() -> Path:
     return Path(os.path.expanduser(os.environ.get("SMOLFLOW_CACHE") or default)).absolute()
 
 
+class CacheUnusable(ValueError):
+    """The local cache cannot be made or written: a setting to change (SMOLFLOW_CACHE, HOME), not a
+    failure to retry; the CLI says it in one line."""
+
+
 def cache_dir(*parts: str) -> Path:
     """A directory under smolflow's local cache (`cache_root`), made if missing."""
     path = cache_root().joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # HOME=/ or unwritable (a service account, a container's user), a read-only disk
+        raise CacheUnusable(f"smolflow's cache {cache_root()} cannot be used ({err.strerror}: {err.filename}). "
+                            "Set SMOLFLOW_CACHE (or XDG_CACHE_HOME) to a folder this user can write") from None
     return path
 
 

@@ -44,3 +44,19 @@ def test_a_copy_inside_another_repository_does_not_report_its_commit(tmp_path):
     # smolflow's own checkout still reports its commit.
     ours = _python("from tasks.runtime import git_commit; print(git_commit())", {}, tmp_path)
     assert ours != "None" and len(ours.removesuffix("+dirty")) == 12
+
+
+def test_a_cache_that_cannot_be_made_is_one_line(tmp_path):
+    # HOME=/ (a service account) or an unwritable SMOLFLOW_CACHE ended `smolflow run` in a traceback.
+    # A file where a folder must be refuses root too.
+    (tmp_path / "a-file").write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "SMOLFLOW_CACHE"} | {
+        "SMOLFLOW_CACHE": str(tmp_path / "a-file" / "cache"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    smolflow = str(Path(sys.executable).parent / "smolflow")
+    for command in (["run", "--output.artifacts-uri", str(tmp_path / "runs")], ["validate"]):
+        out = subprocess.run([smolflow, *command], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert f"smolflow's cache {tmp_path / 'a-file' / 'cache'} cannot be used (Not a directory" in out.stderr
+        assert "Set SMOLFLOW_CACHE (or XDG_CACHE_HOME) to a folder this user can write" in out.stderr
+    assert out.stderr.splitlines()[0].startswith("smolflow validate: cache: smolflow's cache")
+    assert not (tmp_path / "runs").exists()
