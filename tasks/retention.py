@@ -35,6 +35,7 @@ from pydantic import BaseModel
 
 from tasks.cache_limit import HOUR, Decision, apply_cache, cache_root, default_max_gb, mark_used, plan_cache, remove_entry, usage
 from tasks.config import OutputConfig
+from tasks.layout import RunPaths
 from tasks.prefect_markdown import publish_markdown
 from tasks.runtime import retry_transient, run_logger
 from tasks.storage import ArtifactStore
@@ -99,6 +100,15 @@ def pinned_runs(root: str) -> dict[str, list[str]]:
     return pinned
 
 
+def _ended(root: str, run_id: str) -> str | None:
+    """'failed' or 'stopped' when an incomplete run's status.json says it ended so, else None."""
+    try:
+        state = ArtifactStore(root).child("runs", run_id).read_json(RunPaths.status).get("state")
+    except (FileNotFoundError, ValueError):
+        return None
+    return state if state in ("failed", "stopped") else None
+
+
 def plan_runs(root: str, keep_runs: int, keep_incomplete_hours: float, now: float | None = None) -> list[Decision]:
     """Which run folders under root to keep or delete, and why (nothing is deleted here)."""
     now = time.time() if now is None else now
@@ -127,8 +137,10 @@ def plan_runs(root: str, keep_runs: int, keep_incomplete_hours: float, now: floa
         if r.run_id in pinned:
             action, why = "keep", f"named by pointer {', '.join(pinned[r.run_id])}"
         elif idle_h < keep_incomplete_hours:
-            action, why = "keep", (f"incomplete, last written {idle_h:.1f} h ago (< output.keep_incomplete_hours="
-                                   f"{keep_incomplete_hours:g}): may still be running")
+            ended = _ended(root, r.run_id)  # failed or stopped: said so, not "may still be running"
+            action, why = "keep", (f"{ended or 'incomplete'}, last written {idle_h:.1f} h ago (< "
+                                   f"output.keep_incomplete_hours={keep_incomplete_hours:g}): "
+                                   + ("kept for a re-run with its run_id" if ended else "may still be running"))
         elif newest_done is not None and r.last_write < newest_done:
             action, why = "delete", f"incomplete, older than the newest completed run and {untouched}"
         elif rank > keep_runs:

@@ -270,3 +270,14 @@ def test_publishing_on_s3_copies_server_side(tiny_model_dir, s3_bucket, tmp_path
     copy = ArtifactStore(uri)
     assert copy.list_files() == files
     assert all(copy.sha256(f) == ArtifactStore(first.path).sha256(f) for f in files)
+
+
+def test_a_failed_runs_folder_is_kept_for_a_rerun_and_said_so(tmp_path):
+    # Its status.json says failed: "may still be running" (what gc said of it) was wrong.
+    root = str(tmp_path / "artifacts")
+    _run(root, "crashed", complete=False)
+    _run(root, "failed", complete=False).write_json("status.json", {"state": "failed", "why": "ValueError: x"})
+    plan = {d.name: d for d in plan_runs(root, keep_runs=2, keep_incomplete_hours=24)}
+    assert plan["failed"].action == "keep" and plan["failed"].reason.startswith("failed, last written")
+    assert "kept for a re-run with its run_id" in plan["failed"].reason
+    assert plan["crashed"].reason.startswith("incomplete,") and "may still be running" in plan["crashed"].reason
