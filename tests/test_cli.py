@@ -343,24 +343,28 @@ def test_an_unusable_s3_root_is_one_line_before_anything_starts(env, s3_bucket, 
     assert smolflow(here, "runs", "--root", s3_bucket).returncode == 0  # the right credentials: an empty listing
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="mounts a read-only tmpfs")
 def test_a_local_root_that_cannot_be_written_is_one_line_before_anything_starts(env, tmp_path):
     # `validate` said OK and `run` started the flow, then failed ~30 s in (EROFS at its first write).
-    readonly = tmp_path / "readonly"
-    readonly.mkdir()
-    for command in ("validate", "run"):
-        script = (f"mount -t tmpfs -o ro none {readonly} && "
-                  f"exec {SMOLFLOW} {command} --output.artifacts-uri {readonly}/smolflow-runs")
-        started = time.monotonic()
-        out = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,
-                             text=True, env=env, cwd=ROOT, timeout=300)
-        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
-        assert f"cannot write in {readonly} (a read-only file system)" in out.stderr, out.stderr[-2000:]
-        assert "Beginning flow run" not in out.stdout + out.stderr and time.monotonic() - started < 60
-    file_root = tmp_path / "a-file"
+    file_root = tmp_path / "a-file"  # a file where the root's folder must be: refused for anyone
     file_root.write_text("")
     out = smolflow(env, "validate", "--output.artifacts-uri", str(file_root / "runs"))
     assert out.returncode == 2 and f"{file_root} is a file, not a folder" in out.stderr, out.stderr[-2000:]
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    if os.geteuid() == 0:  # root writes through any mode: a read-only file system, in a mount namespace of its own
+        assert shutil.which("unshare"), "util-linux `unshare` is needed to mount a read-only tmpfs (apt-get install util-linux)"
+        wrap, why = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                     f'mount -t tmpfs -o ro none {closed} && exec "$@"', "sh"], "a read-only file system"
+    else:  # an ordinary user: a folder it may not write
+        closed.chmod(0o555)
+        wrap, why = [], "no write permission for this user"
+    for command in ("validate", "run"):
+        started = time.monotonic()
+        out = subprocess.run([*wrap, str(SMOLFLOW), command, "--output.artifacts-uri", f"{closed}/smolflow-runs"],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert f"cannot write in {closed} ({why})" in out.stderr, out.stderr[-2000:]
+        assert "Beginning flow run" not in out.stdout + out.stderr and time.monotonic() - started < 60
 
 
 def test_humaneval_without_a_sandbox_is_refused_before_training(env, tmp_path):
