@@ -16,8 +16,9 @@ export PREFECT_SERVER_ANALYTICS_ENABLED = false
 # Without a server, each run starts a temporary one; its first start (database set-up) can
 # take over the 20 s default on a busy 2-core machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
-# Prefect's task results and cache records live with the project, so re-runs hit the cache.
-export PREFECT_HOME ?= $(CURDIR)/.prefect
+# PREFECT_HOME stays Prefect's (~/.prefect, or the user's setting): `make run`/`make serve` and
+# `smolflow run`/`smolflow serve` share one server database and the user's Prefect profile. Task
+# results and cache records live in SMOLFLOW_CACHE/results (tasks/caching.py), not there.
 
 .PHONY: setup run test serve lock clean
 

@@ -26,6 +26,27 @@ from tasks.runtime import run_timeout
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT_IN_USE = 2  # exit status when the port is taken
+# -P: these processes run in the user's folder (served runs write ./smolflow-runs there); Python
+# would otherwise import a `tasks` or `flows` package found there instead of smolflow's.
+PYTHON = [sys.executable, "-P"]
+
+
+def folder_problem(folder: Path | None = None) -> str | None:
+    """Why served runs cannot run in `folder` (default: this one), or None. Prefect's flow-run
+    process imports the flow with the folder first on sys.path (prefect.utilities.importtools), so
+    a `flows` or `tasks` package or module of the user's there would be imported instead of
+    smolflow's, and every run would crash (a Prefect project often has both)."""
+    folder = (folder or Path.cwd()).resolve()
+    if folder == ROOT:
+        return None
+    for name in ("flows", "tasks"):
+        for found in (folder / name / "__init__.py", folder / f"{name}.py"):
+            if found.exists():
+                return (f"{found} would be imported instead of smolflow's own '{name}' in every served run: "
+                        "served runs run in the folder `smolflow serve` starts in, and Prefect imports flows from "
+                        "there. Start it from another folder, e.g. one for the runs: "
+                        "mkdir -p ~/smolflow && cd ~/smolflow && smolflow serve")
+    return None
 
 
 class PortInUseError(RuntimeError):
@@ -123,7 +144,7 @@ def start_server(port: int, home: Path | None = None, log: Path | None = None, t
     check_port_free(port)
     out = open(log, "ab") if log else subprocess.DEVNULL
     proc = subprocess.Popen(  # `-m`: a `pip install --user` puts the `prefect` script elsewhere than the interpreter
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        [*PYTHON, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=server_env(port, home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         preexec_fn=_die_with_parent,
     )
@@ -141,12 +162,18 @@ def start_server(port: int, home: Path | None = None, log: Path | None = None, t
     raise TimeoutError(f"prefect server on port {port} not healthy after {timeout:.0f} s")
 
 
-def start_serving(port: int, home: Path | None = None, log: Path | None = None) -> subprocess.Popen:
-    """Start deployments/serve.py against the server on `port`."""
+def start_serving(port: int, home: Path | None = None, log: Path | None = None,
+                  cwd: Path | None = None) -> subprocess.Popen:
+    """Start deployments/serve.py against the server on `port`, in `cwd` (default: this process's
+    folder): its flow runs run there, so a relative `output.artifacts_uri` (the default
+    ./smolflow-runs) is where `smolflow serve` was started, as for `smolflow run` and `smolflow runs`."""
     out = open(log, "ab") if log else None
+    env = server_env(port, home)
+    if (ROOT / "pyproject.toml").exists():  # a checkout: its code, whether or not it is installed
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return subprocess.Popen(
-        [sys.executable, "-m", "deployments.serve"],
-        cwd=ROOT, env=server_env(port, home), stdout=out, stderr=subprocess.STDOUT if out else None,
+        [*PYTHON, "-m", "deployments.serve"],
+        cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
         start_new_session=True, preexec_fn=_die_with_parent,
     )
 
@@ -183,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
         run_timeout()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if problem := folder_problem():
+        print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     # kill, systemd and docker send SIGTERM; a closed terminal SIGHUP: both stop like Ctrl-C.
     for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -22,9 +22,10 @@ import time
 from prefect import serve
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.events import DeploymentEventTrigger
+from prefect.types.entrypoint import EntrypointType
 
 from deployments.alerts import BLOCK_ENV, ensure_alerts
-from deployments.local import descendants
+from deployments.local import descendants, folder_problem
 from flows.arena import arena
 from flows.finetune import finetune
 from tasks.config import OutputConfig
@@ -36,9 +37,14 @@ NIGHTLY_ROOT = ("{% if flow_run %}{{ flow_run.parameters.get('config', {}).get('
                 + _DEFAULT_ROOT + "') }}{% else %}" + _DEFAULT_ROOT + "{% endif %}")
 
 
+# By module (flows.finetune.finetune), not by file path relative to this process's folder: that is
+# the user's folder (deployments/local.py), and the entrypoint the UI shows is the same from any.
+BY_MODULE = EntrypointType.MODULE_PATH
+
+
 def deployments():
     nightly = finetune.to_deployment(
-        name="nightly",
+        name="nightly", entrypoint_type=BY_MODULE,
         schedules=[CronSchedule(cron=os.environ.get("SMOLFLOW_NIGHTLY_CRON", "0 2 * * *"),
                                 timezone=os.environ.get("SMOLFLOW_TIMEZONE", "UTC"))],
         concurrency_limit=1,  # two nightly fine-tunes never train at once on one machine
@@ -46,7 +52,7 @@ def deployments():
         description="Nightly fine-tune and evaluation on the embedded defaults.",
     )
     on_demand = finetune.to_deployment(
-        name="on-demand",
+        name="on-demand", entrypoint_type=BY_MODULE,
         concurrency_limit=1,
         tags=["smolflow", "on-demand"],
         description="Run from the Prefect UI's Run button with any parameters.",
@@ -54,7 +60,7 @@ def deployments():
     # The arena re-rates the models whenever a nightly run completes (its new model joins the
     # battles), through an event trigger on that deployment; it can also be run by hand.
     after_nightly = arena.to_deployment(
-        name="after-nightly",
+        name="after-nightly", entrypoint_type=BY_MODULE,
         triggers=[DeploymentEventTrigger(
             expect={"prefect.flow-run.Completed"},
             match_related={"prefect.resource.role": "deployment", "prefect.resource.name": nightly.name},
@@ -102,6 +108,8 @@ if __name__ == "__main__":
         default_run_timeout()
     except ValueError as err:
         sys.exit(f"error: {err}")
+    if problem := folder_problem():
+        sys.exit(f"error: {problem}")
     if os.environ.get(BLOCK_ENV):  # alerts through the user's notification block (deployments/alerts.py)
         try:
             ensure_alerts()

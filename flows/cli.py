@@ -213,14 +213,14 @@ def _losses(losses: dict) -> str:
 def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
     """A local Prefect server (UI) plus the process that runs the deployments, until Ctrl-C."""
     # exec, not import: deployments sit above flows, and signals then reach the server's parent directly.
-    os.execv(sys.executable, [sys.executable, "-m", "deployments.local", "--port", str(args.port),
+    os.execv(sys.executable, [sys.executable, "-P", "-m", "deployments.local", "--port", str(args.port),
                               "--startup-timeout", str(args.startup_timeout)])
 
 
 def cmd_alerts(args: argparse.Namespace, rest: list[str]) -> int:
     """Create (or replace) the alert automations: a failed nightly, a rejected promotion."""
     # exec, not import: deployments sit above flows (deployments/alerts.py owns the automations).
-    os.execv(sys.executable, [sys.executable, "-m", "deployments.alerts", *rest])
+    os.execv(sys.executable, [sys.executable, "-P", "-m", "deployments.alerts", *rest])
 
 
 def cmd_gc(args: argparse.Namespace, rest: list[str]) -> int:

@@ -450,6 +450,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_serve_refuses_a_folder_whose_flows_package_served_runs_would_import(env, tmp_path):
+    """Served runs run in the folder `smolflow serve` starts in (their ./smolflow-runs is there), and
+    Prefect imports the flow with that folder first on sys.path: a Prefect project's own `flows`
+    package crashed every run. Refused before anything starts, naming the file and the way out."""
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows" / "__init__.py").write_text("", encoding="utf-8")
+    port = _free_port()
+    out = subprocess.run([str(SMOLFLOW), "serve", "--port", str(port)], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in env.items() if k != "PREFECT_API_URL"}, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith(f"error: {tmp_path / 'flows' / '__init__.py'} would be imported instead of smolflow's own 'flows'")
+    assert "Start it from another folder" in out.stderr and "Traceback" not in out.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # no server was started
+
+
 @pytest.mark.slow
 def test_serve_starts_a_server_with_both_deployments_and_stops_on_sigterm(env, tmp_path):
     port = _free_port()

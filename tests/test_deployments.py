@@ -41,8 +41,9 @@ def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prefect-server")
     port = _free_port()
     os.environ["SMOLFLOW_TIMEZONE"] = TIMEZONE
+    (tmp / "work").mkdir()  # served from a user's folder, not the checkout: runs go there
     server = start_server(port, home=tmp / "home", log=tmp / "server.log")
-    serving = start_serving(port, home=tmp / "home", log=tmp / "serve.log")
+    serving = start_serving(port, home=tmp / "home", log=tmp / "serve.log", cwd=tmp / "work")
     api = f"http://127.0.0.1:{port}/api"
     try:
         with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
@@ -57,7 +58,7 @@ def served(tmp_path_factory):
                     if time.monotonic() > deadline:
                         raise AssertionError((tmp / "serve.log").read_text()[-3000:])
                     time.sleep(1)
-            yield client, nightly, on_demand
+            yield client, nightly, on_demand, tmp / "work"
     finally:
         os.environ.pop("SMOLFLOW_TIMEZONE", None)
         stop(serving)
@@ -65,7 +66,7 @@ def served(tmp_path_factory):
 
 
 def test_nightly_schedule_produces_runs_at_two_am_local_time(served):
-    client, nightly, _ = served
+    client, nightly, _, _ = served
     assert nightly.schedules and nightly.schedules[0].schedule.cron == "0 2 * * *"
     assert nightly.schedules[0].schedule.timezone == TIMEZONE
     assert nightly.global_concurrency_limit.limit == 1  # two nightly runs never train at once
@@ -84,7 +85,7 @@ def test_nightly_schedule_produces_runs_at_two_am_local_time(served):
 
 
 def test_form_schema_has_descriptions_and_defaults(served):
-    _, _, on_demand = served
+    _, _, on_demand, _ = served
     schema = on_demand.parameter_openapi_schema
     config = schema["definitions"]["TrainingConfig"]["properties"]
     assert config["max_steps"]["default"] == 30 and "description" in config["max_steps"]
@@ -92,7 +93,7 @@ def test_form_schema_has_descriptions_and_defaults(served):
 
 
 def test_bad_parameters_from_the_ui_are_rejected_naming_the_field(served):
-    client, _, on_demand = served
+    client, _, on_demand, _ = served
     with pytest.raises(Exception) as err:
         client.create_flow_run_from_deployment(
             on_demand.id, parameters={"config": {"training": {"learning_rate": "fast"}}}
@@ -130,7 +131,7 @@ def test_a_run_cancelled_while_training_stops_says_so_and_frees_the_slot(served,
     from prefect.client.schemas.filters import FlowRunFilterId
     from prefect.states import Cancelling
 
-    client, _, on_demand = served
+    client, _, on_demand, _ = served
     artifacts = str(tmp_path / "artifacts")
     config = tiny_run_config(tiny_model_dir, artifacts, output={"run_id": "cancelled"}, judge={"enabled": False},
                              training={"max_steps": 2000, "eval_steps": 5000, "save_steps": 5000})
@@ -158,9 +159,12 @@ def test_a_run_cancelled_while_training_stops_says_so_and_frees_the_slot(served,
 
 
 @pytest.mark.slow
-def test_run_button_starts_a_run_with_changed_parameters(served, tiny_model_dir, tmp_path):
-    client, _, on_demand = served
-    config = tiny_run_config(tiny_model_dir, str(tmp_path / "artifacts"), output={"run_id": "from-the-ui"})
+def test_run_button_starts_a_run_with_changed_parameters(served, tiny_model_dir):
+    client, _, on_demand, work = served
+    assert on_demand.entrypoint == "flows.finetune.finetune"  # the same from any folder
+    # A relative root (as the default ./smolflow-runs) is the folder serve was started from, where
+    # `smolflow runs` looks; it was the checkout's (or site-packages', for a wheel).
+    config = tiny_run_config(tiny_model_dir, "ui-artifacts", output={"run_id": "from-the-ui"})
     run = client.create_flow_run_from_deployment(on_demand.id, parameters={"config": config.model_dump(mode="json")})
     deadline = time.monotonic() + 420
     while not (run := client.read_flow_run(run.id)).state.is_final():
@@ -168,7 +172,7 @@ def test_run_button_starts_a_run_with_changed_parameters(served, tiny_model_dir,
         time.sleep(2)
     assert run.state.is_completed(), run.state.message
     assert run.parameters["config"]["output"]["run_id"] == "from-the-ui"
-    run_uri = ArtifactStore(str(tmp_path / "artifacts")).child("runs", "from-the-ui").uri
+    run_uri = ArtifactStore(str(work / "ui-artifacts")).child("runs", "from-the-ui").uri
     check_run_folder(run_uri)
     keys = {a.key for a in client.read_artifacts() if a.flow_run_id == run.id}
     assert {"smolflow-report", "smolflow-benchmarks"} <= keys
@@ -179,7 +183,7 @@ def test_arena_deployment_is_triggered_by_a_completed_nightly_run(served, tmp_pa
     import httpx
     from prefect.events import Event
 
-    client, nightly, _ = served
+    client, nightly, _, _ = served
     arena = client.read_deployment_by_name("smolflow-arena/after-nightly")
     (automation,) = client.read_automations_by_name("after-nightly__automation_1")
     assert automation.trigger.expect == {"prefect.flow-run.Completed"}
