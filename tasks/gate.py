@@ -15,10 +15,9 @@ from pydantic import BaseModel, Field
 from tasks.compare import compare, item_values, paired_stderr
 from tasks.config import GateConfig
 from tasks.layout import RunPaths, run_dir
-from tasks.locks import PROMOTION_LOCK, exclusive
 from tasks.prefect_markdown import publish_markdown
 from tasks.runtime import retry_transient, run_logger
-from tasks.storage import ArtifactStore, read_pointer, set_pointer
+from tasks.storage import ArtifactStore, pointer_lock, read_pointer, set_pointer
 
 
 class Score(BaseModel):
@@ -202,7 +201,7 @@ def promote(root: str, flow_name: str, run_id: str, decision: GateDecision | Non
             tolerance: float | None = None, allow_incomparable: bool = False) -> str | None:
     """Move the flow's `promoted` pointer to this run (after its manifest is written), compare-and-swap:
     if another run was promoted since this run's gate, compare with that one first. None: rejected."""
-    with exclusive(PROMOTION_LOCK, f"promote {run_id}"):
+    with pointer_lock(root, f"promote {run_id}"):
         current = read_pointer(root, flow_name, "promoted")
         if decision is not None and (current["run_id"] if current else None) != decision.reference_run:
             # Two runs finishing together both passed a gate against the same old reference:

@@ -130,8 +130,9 @@ def file_lock(name: str, holder: str, directory: Path | None = None) -> Iterator
 
 
 @contextlib.contextmanager
-def exclusive(name: str, holder: str = "") -> Iterator[dict]:
-    """Run the block while no other smolflow process holds `name`; yields how it was held."""
+def exclusive(name: str, holder: str = "", directory: Path | None = None) -> Iterator[dict]:
+    """Run the block while no other smolflow process holds `name`; yields how it was held. The file
+    lock lives in `directory` (default SMOLFLOW_CACHE/locks)."""
     log, start = run_logger(), time.monotonic()
     api = prefect_server()
     with contextlib.ExitStack() as stack:
@@ -139,7 +140,7 @@ def exclusive(name: str, holder: str = "") -> Iterator[dict]:
             _ensure_limit(name)
             stack.enter_context(_prefect_slot(name))
         # Always the file lock as well: a CLI run without the server must not train beside a served one.
-        how = stack.enter_context(file_lock(name, holder)) | ({"prefect_api": api} if api else {})
+        how = stack.enter_context(file_lock(name, holder, directory)) | ({"prefect_api": api} if api else {})
         how["waited_s"] = round(time.monotonic() - start, 3)
         log.info("%s acquired after %.1f s (%s)", name, how["waited_s"],
                  "Prefect global concurrency limit + file lock" if api else "file lock")

@@ -16,6 +16,7 @@ when complete, and local writes go through a temporary file and a rename.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import posixpath
@@ -313,12 +314,24 @@ def read_pointer(root: str, flow_name: str, name: str) -> dict[str, Any] | None:
         return None
 
 
+def pointer_lock(root: str, holder: str) -> contextlib.AbstractContextManager[dict]:
+    """The promotion lock over `root`'s pointers, so that they move one at a time. On a local root its
+    file sits with them, so every process writing the root takes the same one, whatever its
+    SMOLFLOW_CACHE (another user's, a container's); on S3, SMOLFLOW_CACHE's, plus the Prefect
+    server's global concurrency limit when one is configured (tasks/locks.py)."""
+    from tasks.locks import PROMOTION_LOCK, exclusive
+
+    store, directory = ArtifactStore(root), None
+    if not store.is_s3:
+        directory = Path(store.root) / layout.POINTERS
+        directory.mkdir(parents=True, exist_ok=True)
+    return exclusive(PROMOTION_LOCK, holder, directory)
+
+
 @task(cache_policy=NO_CACHE, retries=3, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10, 30])
 def set_latest(root: str, flow_name: str, run_id: str) -> str:
     """Point the flow's `latest` at this run, once its manifest is written."""
-    from tasks.locks import PROMOTION_LOCK, exclusive
-
-    with exclusive(PROMOTION_LOCK, f"latest {run_id}"):  # pointers move one at a time (rewrite_manifest)
+    with pointer_lock(root, f"latest {run_id}"):  # pointers move one at a time (rewrite_manifest)
         return set_pointer(root, flow_name, "latest", run_id)
 
 
@@ -326,12 +339,10 @@ def rewrite_manifest(run: ArtifactStore, flow_name: str) -> None:
     """Hash a completed run folder again (files came after its manifest: the W&B run's, uploaded
     once it closed, after promotion), and give the pointers that still name the run the new
     manifest's sha256; one moved to another run meanwhile stays (under the promotion lock)."""
-    from tasks.locks import PROMOTION_LOCK, exclusive
-
     manifest = run.read_json(RunPaths.manifest)
     write_manifest.fn(run.uri, {k: v for k, v in manifest.items() if k not in ("run", "objects", "versions")})
     root, run_id = posixpath.dirname(posixpath.dirname(run.uri.rstrip("/"))), posixpath.basename(run.uri.rstrip("/"))
-    with exclusive(PROMOTION_LOCK, f"re-point {run_id}"):
+    with pointer_lock(root, f"re-point {run_id}"):
         for name in ("latest", "promoted"):
             pointer = read_pointer(root, flow_name, name)
             if pointer is not None and pointer["run_id"] == run_id:

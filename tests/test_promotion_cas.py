@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from prefect.settings import PREFECT_API_URL
 
 from tasks.config import GateConfig
@@ -44,15 +45,22 @@ def _finished_run(root: str, run_id: str, score: float):
     return decision
 
 
-def test_two_runs_finishing_together_the_second_is_compared_with_the_first(tmp_path):
+@pytest.mark.parametrize("between", ["prefect-server", "local-root"])
+def test_two_runs_finishing_together_the_second_is_compared_with_the_first(between, tmp_path):
     root = str(tmp_path / "artifacts")
     decisions = {"good": _finished_run(root, "good", 0.60), "worse": _finished_run(root, "worse", 0.40)}
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     env = os.environ | {"PYTHONPATH": str(ROOT), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    envs = [env, env]
+    if between == "local-root":  # no server, and caches of their own (two users): the root's lock file
+        # A rejected promotion posts its decision to Prefect: without a server, to a temporary one,
+        # whose start takes over Prefect's default 20 s on a loaded machine.
+        env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}
+        envs = [env | {"SMOLFLOW_CACHE": str(tmp_path / f"cache-{run_id}")} for run_id in decisions]
     procs = [subprocess.Popen([sys.executable, "-c", PROMOTE, root, run_id, d.model_dump_json(), str(barrier)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for run_id, d in decisions.items()]
+                              cwd=ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for (run_id, d), run_env in zip(decisions.items(), envs)]
     outcomes, logs = {}, {}
     for proc in procs:
         out, err = proc.communicate(timeout=300)
