@@ -60,8 +60,9 @@ def batches(tokenizer, rows: int = 4) -> dict:
             "packed": DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True)(examples)}
 
 
-def time_row(row: str, model, opt, batch: dict, device: str, bf16: bool, warm: int, steps: int) -> dict:
-    """Median ms of one optimizer step of `row` after `warm` steps, then two steps under the profiler."""
+def time_row(row: str, model, opt, batch: dict, device: str, bf16: bool, warm: int, steps: int,
+             profiled: int = 2) -> dict:
+    """Median ms of one optimizer step of `row` after `warm` steps, then `profiled` steps under the profiler."""
     import torch
     from gpu_run import counts
     from torch.profiler import ProfilerActivity, profile
@@ -107,11 +108,11 @@ def time_row(row: str, model, opt, batch: dict, device: str, bf16: bool, warm: i
         times.append((time.perf_counter() - start) * 1e3)
     kinds = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=kinds) as prof:
-        for _ in range(2):
+        for _ in range(profiled):
             one()
         sync()
     tokens = int(inputs["input_ids"].numel())
-    return {"row": row, "ms": statistics.median(times), "tokens": tokens} | counts(prof, 2)
+    return {"row": row, "ms": statistics.median(times), "tokens": tokens} | counts(prof, profiled)
 
 
 def main() -> None:
@@ -121,11 +122,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=15, help="timed steps per row, after --warm")
     p.add_argument("--warm", type=int, default=5)
     p.add_argument("--trainer-steps", type=int, default=40, help="gpu_run.py's Trainer steps per configuration (0: skip)")
+    p.add_argument("--profile-steps", type=int, default=2, help="steps under torch's profiler, per row and per Trainer")
     p.add_argument("--out", default="gpu_step.json")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: every core, as a run)")
     args = p.parse_args()
-    if args.trainer_steps and args.trainer_steps < 8:  # gpu_run.py times the steps between its warm-up half and the 2 profiled
-        p.error(f"--trainer-steps {args.trainer_steps}: 0 (skip the Trainers) or at least 8, so steps remain to time")
+    if args.profile_steps < 1:
+        p.error(f"--profile-steps {args.profile_steps}: at least 1")
+    least = 4 * args.profile_steps  # as gpu_run.py: it times the steps between its warm-up half and the profiled ones
+    if args.trainer_steps and args.trainer_steps < least:
+        p.error(f"--trainer-steps {args.trainer_steps}: 0 (skip the Trainers) or at least {least}, so steps remain to time")
     from tasks.runtime import set_torch_threads
 
     set_torch_threads(args.threads or None)  # as gpu_run.py: a run's threads, or --threads
@@ -149,14 +154,15 @@ def main() -> None:
     found = batches(tokenizer)
     rows = []
     for row in ROWS:
-        rows.append(time_row(row, model, opt, found[ROWS[row][0]], args.device, bf16, args.warm, args.steps))
+        rows.append(time_row(row, model, opt, found[ROWS[row][0]], args.device, bf16, args.warm, args.steps,
+                             args.profile_steps))
         print(json.dumps(rows[-1]), flush=True)
     del model, opt
     trainers = []
     if args.trainer_steps:
         out_dir = Path(args.out).with_suffix("")
         for config in ("smolflow", "seed"):
-            ns = SimpleNamespace(model=args.model, steps=args.trainer_steps, profile_steps=2)
+            ns = SimpleNamespace(model=args.model, steps=args.trainer_steps, profile_steps=args.profile_steps)
             t = train(ns, placement, out_dir, config=config)
             trainers.append({"row": f"Trainer ({config})", "ms": t["step_ms"], "tokens": round(t["tokens"] / t["steps"]),
                              "tokens_per_s": t["tokens_per_s"], "levers": t["levers"]} | t["profile"])

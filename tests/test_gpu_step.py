@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_step_breakdown_runs_every_row_on_a_cpu(tiny_model_dir, tmp_path):
     out = tmp_path / "gpu_step.json"
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_step.py"), "--device", "cpu", "--threads", "1", "--model",
-                           str(tiny_model_dir), "--steps", "1", "--warm", "0", "--trainer-steps", "8", "--out", str(out)],
+                           str(tiny_model_dir), "--steps", "1", "--warm", "0", "--profile-steps", "1", "--trainer-steps", "4", "--out", str(out)],
                           cwd=tmp_path, text=True, capture_output=True, timeout=600,
                           env=os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
