@@ -27,6 +27,7 @@ from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
 from tasks.leftovers import reap_orphaned_servers
 from tasks.models import resolve_model
+from tasks.reference import rescore_promoted
 from tasks.special_tokens import control_tokens
 from tasks.reporting import write_report
 from tasks.retention import drop_work_dir, tidy_after_failure, tidy_up
@@ -85,10 +86,13 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         save_training(run.uri, trained.metrics, trained.log_history, health, reused_from)
         scores = score_base_and_tuned(templated.model, trained.model, config.benchmarks, checked.custom, config.judge)
         save_scores(run.uri, scores)
+        root = config.output.artifacts_uri
+        # The promoted model again, on the benchmarks its saved scores were measured otherwise (the gate's reference).
+        rescore_promoted(root, flow_run.flow_name, run.uri, config.gate, scores, config.benchmarks, checked.custom,
+                         config.judge)
         judgement = run_judge(templated.model, trained.model, config.judge, prompts)
         write_judge(run, judgement)
 
-        root = config.output.artifacts_uri
         decision = regression_gate(root, flow_run.flow_name, run.uri, config.gate, health.blocking())
         summary = write_report(run.uri, config.model_dump(mode="json"), root, {
             "W&B run": wandb_link(wb, run.uri), "Prefect flow run": flow_run_link(), "code": code_version()})

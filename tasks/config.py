@@ -331,11 +331,18 @@ class GateConfig(Section):
         description="Promote even when no benchmark score is comparable with the reference's (other data, "
         "items, n-shot, format, template, generation or scorer). Off: no comparable evidence, no promotion.",
     )
+    rescore_promoted: bool = Field(
+        True,
+        description="When the promoted run's score of a benchmark was measured another way than tonight's (other "
+        "code, settings, precision or machine), score the promoted model again tonight and compare with that. "
+        "Off: such benchmarks are not compared (no evidence either way).",
+    )
 
     @model_validator(mode="after")
     def _off(self) -> GateConfig:
         if not self.enabled:
-            unused(self, ("tolerance", "allow_incomparable"), "gate.", "gate.enabled is false, so nothing is promoted")
+            unused(self, ("tolerance", "allow_incomparable", "rescore_promoted"), "gate.",
+                   "gate.enabled is false, so nothing is promoted")
         return self
 
 

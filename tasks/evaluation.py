@@ -376,6 +376,15 @@ def benchmarks_markdown(table: list[dict]) -> str:
             + f"\nPer item and every setting: `{RunPaths.benchmarks}/<name>/{{base,tuned}}.jsonl`, `.summary.json`\n")
 
 
+def save_result(run: ArtifactStore, name: str, role: str, result: BenchmarkResult) -> None:
+    """One model's score of one benchmark in the run folder: per-item records, the summary, lm-eval's files."""
+    run.write_text(RunPaths.benchmark_records(name, role),
+                   "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in result.records))
+    run.write_json(RunPaths.benchmark_summary(name, role), result.model_dump(exclude={"records"}))
+    for filename, text in result.lm_eval_files.items():  # readable by lm-eval's own tooling
+        run.write_text(RunPaths.benchmark_lm_eval(name, role, filename), text)
+
+
 @task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10])
 def save_scores(run_uri: str, scores: dict[str, dict[str, BenchmarkResult]]) -> list[dict]:
     """Every score's records and summary, comparison.json and the report's benchmarks section, in the
@@ -385,11 +394,7 @@ def save_scores(run_uri: str, scores: dict[str, dict[str, BenchmarkResult]]) -> 
     table = []
     for name, pair in scores.items():
         for role, result in pair.items():
-            run.write_text(RunPaths.benchmark_records(name, role),
-                           "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in result.records))
-            run.write_json(RunPaths.benchmark_summary(name, role), result.model_dump(exclude={"records"}))
-            for filename, text in result.lm_eval_files.items():  # readable by lm-eval's own tooling
-                run.write_text(RunPaths.benchmark_lm_eval(name, role, filename), text)
+            save_result(run, name, role, result)
         if "base" in pair and "tuned" in pair:
             table.append(comparison_row(pair["base"], pair["tuned"]))
     if table or not scores:

@@ -149,7 +149,8 @@ def read_scores(run: ArtifactStore, role: str, names: list[str] | None = None) -
 
 def reference_scores(root: str, flow_name: str, names, run: ArtifactStore | None) -> tuple[dict[str, Score], str, str | None]:
     """Read `promoted` now: (its tuned scores, "against" text, its run id); the base model's scores
-    of `run` when nothing is promoted yet."""
+    of `run` when nothing is promoted yet. Where `run` scored the promoted model again tonight
+    (tasks/reference.py: its saved score was measured another way), those scores stand in."""
     pointer = read_pointer(root, flow_name, "promoted")
     if pointer is None:
         base = read_scores(run, "base", list(names)) if run is not None else {}
@@ -158,8 +159,12 @@ def reference_scores(root: str, flow_name: str, names, run: ArtifactStore | None
     # Tonight's benchmarks and every one the promoted run has: one missing tonight is named in the decision.
     theirs = [row["benchmark"] for row in promoted.read_json(RunPaths.comparison)] \
         if promoted.exists(RunPaths.comparison) else []
-    return (read_scores(promoted, "tuned", sorted({*names, *theirs})), f"promoted run {pointer['run_id']}",
-            pointer["run_id"])
+    scores, against = read_scores(promoted, "tuned", sorted({*names, *theirs})), f"promoted run {pointer['run_id']}"
+    again = run.read_json(RunPaths.promoted_rescored) if run is not None and run.exists(RunPaths.promoted_rescored) else None
+    if again and again["run_id"] == pointer["run_id"]:  # another run promoted since: its own scores
+        scores |= read_scores(run, "promoted", again["benchmarks"])
+        against += f" (its model scored again tonight on {', '.join(again['benchmarks'])})"
+    return scores, against, pointer["run_id"]
 
 
 def emit_rejection(flow_name: str, run_id: str, decision: GateDecision) -> None:

@@ -57,6 +57,7 @@ class RunPaths:
 
     benchmarks = "benchmarks"
     comparison = "benchmarks/comparison.json"
+    promoted_rescored = "benchmarks/promoted.json"  # the promoted run whose model was scored again (tasks/reference.py)
 
     judge_pairs = "judge/pairs.jsonl"
     judge_summary = "judge/summary.json"

@@ -208,5 +208,5 @@ def tiny_run_config(model_dir: Path, artifacts: str, **overrides):
     if overrides.get("judge", {}).get("enabled") is False:
         base["judge"] = {}  # judge settings with the judge off are refused (they would have no effect)
     for key, value in overrides.items():
-        base[key] = base[key] | value if isinstance(value, dict) else value
+        base[key] = base.get(key, {}) | value if isinstance(value, dict) else value
     return RunConfig.model_validate(base)
