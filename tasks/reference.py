@@ -21,6 +21,7 @@ from tasks.layout import RunPaths
 from tasks.models import ModelRef
 from tasks.runtime import run_logger
 from tasks.storage import ArtifactStore, read_pointer
+from tasks.transfer import model_exists
 
 ROLE = "promoted"
 
@@ -41,8 +42,9 @@ def rescore_promoted(root: str, flow_name: str, run_uri: str, gate: GateConfig,
         return []
     log = run_logger()
     model = promoted.read_json(RunPaths.manifest).get("tuned_model")
-    if model is None:  # a run folder older than the manifest's model record
-        log.warning("Promoted run %s records no tuned model: its scores cannot be measured again", pointer["run_id"])
+    if model is None or not model_exists(model["path"]):  # before the manifest named it; deleted by hand
+        log.warning("Promoted run %s's model is not in its run folder, so it cannot be scored again: %s not "
+                    "compared", pointer["run_id"], ", ".join(why))
         return []
     for name, reason in why.items():
         log.info("Promoted run %s's %s was measured another way (%s): scoring its model again tonight",

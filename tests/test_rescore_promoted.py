@@ -4,6 +4,7 @@ gate.allow_incomparable. Now the promoted model is scored again tonight's way an
 with that; gate.rescore_promoted: false keeps the old behaviour. Two tiny real flow runs, one root."""
 
 import json
+import shutil
 from pathlib import Path
 
 from flows.finetune import finetune
@@ -59,3 +60,6 @@ def test_the_promoted_model_is_scored_again_where_its_score_was_measured_another
     # Off: nothing is scored again (the gate then lists the benchmark as not comparable, as before).
     scores = {"gsm8k": {"tuned": read_scores(ArtifactStore(str(c)), "tuned")["gsm8k"]}}
     assert rescore_promoted(str(root), "smolflow-finetune", str(c), GateConfig(rescore_promoted=False), scores, []) == []
+    # On, with the promoted model deleted by hand: said, and the gate goes on without it (no failed run).
+    shutil.rmtree(root / "runs" / "a" / "model")
+    assert rescore_promoted(str(root), "smolflow-finetune", str(c), GateConfig(), scores, []) == []
