@@ -1,7 +1,7 @@
 """Run smolflow's deployments on this machine: a Prefect server (offline, SQLite) plus the
 process that executes them.
 
-    python -m deployments.local [--port 4200]      # or: make serve
+    python -m deployments.local [--port 4200] [--config FILE] [settings ...]   # or: make serve
 
 prints the UI address and keeps both running until Ctrl-C, SIGTERM or SIGHUP, which stop every
 child (and their children) before this process exits; a busy port is an error (exit 2), never an
@@ -163,16 +163,17 @@ def start_server(port: int, home: Path | None = None, log: Path | None = None, t
 
 
 def start_serving(port: int, home: Path | None = None, log: Path | None = None,
-                  cwd: Path | None = None) -> subprocess.Popen:
+                  cwd: Path | None = None, settings: list[str] = ()) -> subprocess.Popen:
     """Start deployments/serve.py against the server on `port`, in `cwd` (default: this process's
     folder): its flow runs run there, so a relative `output.artifacts_uri` (the default
-    ./smolflow-runs) is where `smolflow serve` was started, as for `smolflow run` and `smolflow runs`."""
+    ./smolflow-runs) is where `smolflow serve` was started, as for `smolflow run` and `smolflow runs`.
+    `settings` ([--config FILE] [--section.field VALUE ...]): the fine-tune deployments' parameters."""
     out = open(log, "ab") if log else None
     env = server_env(port, home)
     if (ROOT / "pyproject.toml").exists():  # a checkout: its code, whether or not it is installed
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return subprocess.Popen(
-        [*PYTHON, "-m", "deployments.serve"],
+        [*PYTHON, "-m", "deployments.serve", *settings],
         cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
         start_new_session=True, preexec_fn=_die_with_parent,
     )
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="port of the Prefect server and UI (default %(default)s); a busy port exits 2")
     parser.add_argument("--startup-timeout", type=float, default=300,
                         help="seconds to wait for the server to answer (its first start sets up the database)")
-    args = parser.parse_args(argv)
+    args, settings = parser.parse_known_args(argv)  # the rest: the nightly's settings (deployments/serve.py)
     try:  # before the server starts: the deployments read it when they import the flows
         run_timeout()
     except ValueError as err:
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         server = start_server(args.port, timeout=args.startup_timeout)
         print(f"Prefect UI: http://127.0.0.1:{args.port}  (API: http://127.0.0.1:{args.port}/api)", flush=True)
-        serving = start_serving(args.port)
+        serving = start_serving(args.port, settings=settings)
         code = serving.wait()  # returns only if serving ended by itself: report its status
         code = 128 - code if code < 0 else code  # killed by signal N: the shell convention 128+N
     except PortInUseError as err:

@@ -1,7 +1,7 @@
 """Serve smolflow's deployments from this process: a nightly fine-tune, an on-demand one, and
 the arena, triggered by each completed nightly run.
 
-    PREFECT_API_URL=http://127.0.0.1:4200/api python -m deployments.serve
+    PREFECT_API_URL=http://127.0.0.1:4200/api python -m deployments.serve [--config FILE] [settings ...]
 
 `flow.serve` needs no work pool or worker: this process registers the deployments, polls the
 server and runs each flow run as a subprocess. Both deployments take the RunConfig as their
@@ -29,6 +29,7 @@ from deployments.local import descendants, folder_problem
 from flows.arena import arena
 from flows.finetune import finetune
 from tasks.config import OutputConfig
+from tasks.config_args import serve_config
 from tasks.runtime import RUN_TIMEOUT_ENV, run_timeout
 
 
@@ -42,8 +43,12 @@ NIGHTLY_ROOT = ("{% if flow_run %}{{ flow_run.parameters.get('config', {}).get('
 BY_MODULE = EntrypointType.MODULE_PATH
 
 
-def deployments():
+def deployments(settings: dict | None = None):
+    """The deployments; `settings` ({"config": ...}, tasks.config_args.serve_config): the parameters
+    of the nightly and the defaults of the on-demand form. Given at each start, as Prefect's serve
+    replaces a deployment's parameters then (an edit made in the UI would not survive a restart)."""
     nightly = finetune.to_deployment(
+        parameters=settings or {},
         name="nightly", entrypoint_type=BY_MODULE,
         schedules=[CronSchedule(cron=os.environ.get("SMOLFLOW_NIGHTLY_CRON", "0 2 * * *"),
                                 timezone=os.environ.get("SMOLFLOW_TIMEZONE", "UTC"))],
@@ -52,6 +57,7 @@ def deployments():
         description="Nightly fine-tune and evaluation on the embedded defaults.",
     )
     on_demand = finetune.to_deployment(
+        parameters=settings or {},
         name="on-demand", entrypoint_type=BY_MODULE,
         concurrency_limit=1,
         tags=["smolflow", "on-demand"],
@@ -110,6 +116,10 @@ if __name__ == "__main__":
         sys.exit(f"error: {err}")
     if problem := folder_problem():
         sys.exit(f"error: {problem}")
+    try:
+        settings = serve_config(sys.argv[1:])
+    except ValueError as err:  # UserError: where and what to change, one message
+        sys.exit(f"error: {err}")
     if os.environ.get(BLOCK_ENV):  # alerts through the user's notification block (deployments/alerts.py)
         try:
             ensure_alerts()
@@ -117,4 +127,4 @@ if __name__ == "__main__":
             sys.exit(f"error: {err}")  # exit status 1, one line, no traceback
     # Prefect's default pauses every schedule on shutdown (and drops the scheduled runs), so a
     # restart would silently end the nightly: a stopped serve process leaves the deployments as they are.
-    serve(*deployments(), pause_on_shutdown=False)
+    serve(*deployments(settings), pause_on_shutdown=False)

@@ -5,7 +5,7 @@
     smolflow validate  [--config FILE] [settings ...]                check everything, run nothing heavy
     smolflow runs      [--root URI]                                  list the runs under an artifact root
     smolflow compare   RUN_A RUN_B [--root URI]                      two runs side by side
-    smolflow serve     [--port 4200]                                 Prefect server + the deployments
+    smolflow serve     [--port 4200] [settings ...]                  Prefect server + the deployments (the nightly's settings)
     smolflow gc        [--root URI] [--dry-run]                      apply retention, bound the caches
     smolflow alerts    --webhook-url URL | --block TYPE/NAME         notify on a failed nightly / rejected model
     smolflow arena run [settings ...] | arena serve [--root URI]     blind battles, leaderboard, vote page
@@ -211,10 +211,14 @@ def _losses(losses: dict) -> str:
 
 
 def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
-    """A local Prefect server (UI) plus the process that runs the deployments, until Ctrl-C."""
+    """A local Prefect server (UI) plus the process that runs the deployments, until Ctrl-C; settings
+    ([--config FILE] [--section.field VALUE ...]) are the nightly's and the on-demand form's."""
+    from tasks.config_args import serve_config
+
+    serve_config(rest)  # a bad setting: one line and exit 2 now, not a failed run every night
     # exec, not import: deployments sit above flows, and signals then reach the server's parent directly.
     os.execv(sys.executable, [sys.executable, "-P", "-m", "deployments.local", "--port", str(args.port),
-                              "--startup-timeout", str(args.startup_timeout)])
+                              "--startup-timeout", str(args.startup_timeout), *rest])
 
 
 def cmd_alerts(args: argparse.Namespace, rest: list[str]) -> int:
@@ -308,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port of the Prefect server and UI (default %(default)s); a busy port exits 2")
     p.add_argument("--startup-timeout", type=float, default=300,
                    help="seconds to wait for the server to answer (default %(default)s; its first start sets up the database)")
-    p.set_defaults(fn=cmd_serve)
+    p.set_defaults(fn=cmd_serve, takes_settings=True)
     return parser
 
 

@@ -154,6 +154,15 @@ def parse_config(argv: list[str], defaults: dict | None = None, model: type[Base
         raise UserError("\n".join(found)) from None
 
 
+def serve_config(argv: list[str]) -> dict:
+    """`smolflow serve`'s settings as the served deployments' parameter: only what was set (the
+    defaults stay the code's, so an upgrade's new defaults apply after a restart)."""
+    config = parse_config(argv)
+    if config.output.run_id is not None:  # every night would resume (or overwrite) that one run
+        raise UserError(locate(argv, "output.run_id: served runs get a new run id each; remove it"))
+    return {"config": config.model_dump(mode="json", exclude_unset=True)}
+
+
 _FIELD = re.compile(r"([a-z_]+(?:\.[a-z_0-9]+|\[\d+\])+)[:= ]")
 
 

@@ -450,6 +450,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_serve_refuses_bad_nightly_settings_before_anything_starts(env, tmp_path):
+    """`smolflow serve`'s settings are the nightly's: a bad one would fail every night; a fixed
+    run_id would make every night resume one run. Both refused at once, naming the flag."""
+    env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    for flags, said in ((["--training.max-steps", "many"], "flag --training.max-steps: training.max_steps:"),
+                        (["--output.run-id", "nightly"], "flag --output.run-id: output.run_id: served runs get a new run id")):
+        out = subprocess.run([str(SMOLFLOW), "serve", "--port", str(_free_port()), *flags], capture_output=True,
+                             text=True, timeout=120, env=env, cwd=tmp_path)
+        assert out.returncode == 2 and out.stderr.startswith(f"smolflow serve: error: {said}"), out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
+
+
 def test_serve_refuses_a_folder_whose_flows_package_served_runs_would_import(env, tmp_path):
     """Served runs run in the folder `smolflow serve` starts in (their ./smolflow-runs is there), and
     Prefect imports the flow with that folder first on sys.path: a Prefect project's own `flows`

@@ -42,8 +42,11 @@ def served(tmp_path_factory):
     port = _free_port()
     os.environ["SMOLFLOW_TIMEZONE"] = TIMEZONE
     (tmp / "work").mkdir()  # served from a user's folder, not the checkout: runs go there
+    # The nightly's settings, as `smolflow serve --config FILE --section.field VALUE` passes them.
+    (tmp / "work" / "nightly.yaml").write_text("training:\n  max_steps: 7\n", encoding="utf-8")
     server = start_server(port, home=tmp / "home", log=tmp / "server.log")
-    serving = start_serving(port, home=tmp / "home", log=tmp / "serve.log", cwd=tmp / "work")
+    serving = start_serving(port, home=tmp / "home", log=tmp / "serve.log", cwd=tmp / "work",
+                            settings=["--config", "nightly.yaml", "--benchmarks", '[{"name": "gsm8k", "limit": 3}]'])
     api = f"http://127.0.0.1:{port}/api"
     try:
         with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
@@ -77,6 +80,7 @@ def test_nightly_schedule_produces_runs_at_two_am_local_time(served):
     )):
         assert time.monotonic() < deadline, "the scheduler produced no upcoming nightly runs"
         time.sleep(2)
+    assert all(r.parameters == nightly.parameters for r in runs)  # each night runs serve's settings
     starts = sorted(r.expected_start_time for r in runs)
     for start in starts:
         local = start.astimezone(ZoneInfo(TIMEZONE))
@@ -85,11 +89,15 @@ def test_nightly_schedule_produces_runs_at_two_am_local_time(served):
 
 
 def test_form_schema_has_descriptions_and_defaults(served):
-    _, _, on_demand, _ = served
+    _, nightly, on_demand, _ = served
     schema = on_demand.parameter_openapi_schema
     config = schema["definitions"]["TrainingConfig"]["properties"]
     assert config["max_steps"]["default"] == 30 and "description" in config["max_steps"]
     assert "RunConfig" in schema["definitions"]
+    # What serve was given (file, then flags) is the nightly's parameter and the Run form's start;
+    # only the settings given: the rest stay the code's defaults.
+    given = {"config": {"training": {"max_steps": 7}, "benchmarks": [{"name": "gsm8k", "limit": 3}]}}
+    assert nightly.parameters == on_demand.parameters == given
 
 
 def test_bad_parameters_from_the_ui_are_rejected_naming_the_field(served):
