@@ -472,7 +472,8 @@ def test_serve_refuses_a_folder_whose_flows_package_served_runs_would_import(env
     out = subprocess.run([str(SMOLFLOW), "serve", "--port", str(port)], capture_output=True, text=True, timeout=120,
                          env={k: v for k, v in env.items() if k != "PREFECT_API_URL"}, cwd=tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.startswith(f"error: {tmp_path / 'flows' / '__init__.py'} would be imported instead of smolflow's own 'flows'")
+    found = tmp_path / "flows" / "__init__.py"
+    assert out.stderr.startswith(f"error: {found} would be imported instead of smolflow's own 'flows'")
     assert "Start it from another folder" in out.stderr and "Traceback" not in out.stderr
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # no server was started
