@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from tasks.leftovers import die_with_parent
-from tasks.runtime import run_timeout
+from tasks.runtime import run_timeout, shadowing
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT_IN_USE = 2  # exit status when the port is taken
@@ -35,10 +35,14 @@ def folder_problem(folder: Path | None = None) -> str | None:
     """Why served runs cannot run in `folder` (default: this one), or None. Prefect's flow-run
     process imports the flow with the folder first on sys.path (prefect.utilities.importtools), so
     a `flows` or `tasks` package or module of the user's there would be imported instead of
-    smolflow's, and every run would crash (a Prefect project often has both)."""
-    folder = (folder or Path.cwd()).resolve()
-    if folder == ROOT:
+    smolflow's, and every run would crash."""
+    if (found := shadowing(folder)) is None:
         return None
+    name = found.parent.name if found.name == "__init__.py" else found.stem
+    return (f"{found} would be imported instead of smolflow's own '{name}' in every served run: "
+            "served runs run in the folder `smolflow serve` starts in, and Prefect imports flows from "
+            "there. Start it from another folder, e.g. one for the runs: "
+            "mkdir -p ~/smolflow && cd ~/smolflow && smolflow serve")
     for name in ("flows", "tasks"):
         for found in (folder / name / "__init__.py", folder / f"{name}.py"):
             if found.exists():

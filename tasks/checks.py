@@ -18,7 +18,7 @@ from tasks.checks_training import check_lora_targets, check_template, check_trai
 from tasks.config import RunConfig
 from tasks.config_base import ConfigError
 from tasks.reachable import check_hub_reachable, check_ray_address, check_store, check_wandb, data_here
-from tasks.runtime import cache_dir, run_timeout
+from tasks.runtime import cache_dir, run_timeout, shadowing
 
 
 @dataclass
@@ -61,6 +61,19 @@ def check_sandbox(config: RunConfig) -> None:
                 isolation_mode()
             except SandboxUnavailable as err:
                 raise ConfigError(f"benchmarks[{i}] (humaneval): {err}") from None
+
+
+def check_worker_imports(config: RunConfig) -> None:
+    """DDP's ranks (`python -m tasks.train_worker`) and a local Ray cluster's workers start with this
+    folder first on their import path: a `tasks` or `flows` package here would be imported instead
+    of smolflow's, and they would fail at their first import. Said now."""
+    ray_here = config.execution.task_runner == "ray" and config.execution.ray_address in (None, "", "local")
+    for field, used in (("training.num_processes", config.training.num_processes > 1),
+                        ("execution.task_runner", ray_here)):
+        if used and (found := shadowing()) is not None:
+            raise ConfigError(f"{field}: its worker processes would import {found} instead of smolflow's own "
+                              "package (they put this folder first on their import path); run smolflow from "
+                              "another folder")
 
 
 def check_benchmark_data(config: RunConfig) -> None:
@@ -131,6 +144,7 @@ def check_run(config: RunConfig) -> Checked:
     check_lora_targets(config)
     check_benchmark_subsets(config)
     check_sandbox(config)
+    check_worker_imports(config)
     check_benchmark_data(config)
     custom = load_definitions(config.custom_benchmarks)
     instructions, references = judge_inputs(config.judge, config.sampling.prompts) if config.judge.enabled else ([], None)

@@ -15,6 +15,20 @@ from typing import BinaryIO
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+def shadowing(folder: Path | None = None) -> Path | None:
+    """The file in `folder` (default: this one) that Python would import instead of smolflow's own
+    `flows` or `tasks` package in a process whose import path starts there (`python -m`, Prefect's
+    flow-run process, Ray's workers), or None. A Prefect project often has both."""
+    folder = (folder or Path.cwd()).resolve()
+    if folder == Path(__file__).resolve().parents[1]:  # smolflow's own checkout
+        return None
+    for name in ("flows", "tasks"):
+        for found in (folder / name / "__init__.py", folder / f"{name}.py"):
+            if found.exists():
+                return found
+    return None
+
+
 def cache_root() -> Path:
     """smolflow's local cache: SMOLFLOW_CACHE, else $XDG_CACHE_HOME/smolflow, else ~/.cache/smolflow.
     `~` expanded: systemd units, .env files and `docker -e` pass it literally."""

@@ -314,3 +314,24 @@ def test_check_run_includes_the_template_check():
     with pytest.raises(ValueError, match=r"^template\.assistant_only_loss=true needs"):
         check_run(parse_config(["--judge.enabled", "false", "--template.assistant-only-loss",
                                 "--template.chat-template", "mistral"]))
+
+
+def test_workers_that_would_import_this_folders_tasks_package_are_refused(tmp_path, monkeypatch):
+    """Run from a folder with a `tasks` package of its own (a Prefect project), DDP's ranks and a local
+    Ray cluster's workers import that one (their import path starts there) and fail: said at
+    validation, naming the setting. One process and no Ray import nothing from the folder."""
+    from tasks.checks import check_worker_imports
+
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "__init__.py").write_text("raise ImportError('the folder\\'s own tasks')\n", encoding="utf-8")
+    # What a rank does from here: the folder's package is imported, not smolflow's.
+    rank = subprocess.run([sys.executable, "-m", "tasks.train_worker"], cwd=tmp_path, capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=60)
+    assert rank.returncode == 1 and "ImportError: the folder's own tasks" in rank.stderr
+    monkeypatch.chdir(tmp_path)
+    for settings, field in (({"training": {"num_processes": 2}}, "training.num_processes"),
+                            ({"execution": {"task_runner": "ray"}}, "execution.task_runner")):
+        with pytest.raises(ConfigError, match=f"^{field}: its worker processes would import {tmp_path}/tasks/__init__.py"):
+            check_worker_imports(RunConfig.model_validate(settings))
+    check_worker_imports(RunConfig())
+    check_worker_imports(RunConfig.model_validate({"execution": {"task_runner": "ray", "ray_address": "ray://head:10001"}}))
