@@ -21,6 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tasks.config_args import serve_config
 from tasks.leftovers import die_with_parent
 from tasks.runtime import run_timeout, shadowing
 
@@ -218,6 +219,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if problem := folder_problem():
         print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    try:  # the nightly's settings: checked before the server starts, not in the serve process after it
+        serve_config(settings)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     # kill, systemd and docker send SIGTERM; a closed terminal SIGHUP: both stop like Ctrl-C.
     for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -93,3 +93,11 @@ def test_a_busy_port_is_an_error_not_an_attachment(tmp_path):
     assert out.returncode == 2, out.stderr
     assert f"port {port} on 127.0.0.1 is already in use" in out.stderr and "--port" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_bad_nightly_setting_is_an_error_before_the_server_starts(tmp_path):
+    # `python -m deployments.local` with settings, as `make serve ARGS=...` passes them (a typo too).
+    out = subprocess.run([sys.executable, "-P", "-m", "deployments.local", "--port", str(_free_port()), "--prot", "4201"],
+                         cwd=tmp_path, env=_env(tmp_path / "home"), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error: flag --prot: prot: unknown setting"), out.stderr
+    assert not (tmp_path / "home").exists()  # no server was started (it would have made its database there)
