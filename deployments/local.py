@@ -44,14 +44,27 @@ def folder_problem(folder: Path | None = None) -> str | None:
             "served runs run in the folder `smolflow serve` starts in, and Prefect imports flows from "
             "there. Start it from another folder, e.g. one for the runs: "
             "mkdir -p ~/smolflow && cd ~/smolflow && smolflow serve")
-    for name in ("flows", "tasks"):
-        for found in (folder / name / "__init__.py", folder / f"{name}.py"):
-            if found.exists():
-                return (f"{found} would be imported instead of smolflow's own '{name}' in every served run: "
-                        "served runs run in the folder `smolflow serve` starts in, and Prefect imports flows from "
-                        "there. Start it from another folder, e.g. one for the runs: "
-                        "mkdir -p ~/smolflow && cd ~/smolflow && smolflow serve")
-    return None
+
+
+CRON_ENV, TIMEZONE_ENV = "SMOLFLOW_NIGHTLY_CRON", "SMOLFLOW_TIMEZONE"
+
+
+def nightly_schedule():
+    """The nightly's schedule: SMOLFLOW_NIGHTLY_CRON (default 0 2 * * *) in SMOLFLOW_TIMEZONE (default
+    UTC). A bad value is a ValueError naming the variable, raised before the server starts (Prefect's
+    own check would otherwise end the serve process in a traceback, with the server already up)."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    cron, zone = os.environ.get(CRON_ENV, "0 2 * * *"), os.environ.get(TIMEZONE_ENV, "UTC")
+    try:
+        return CronSchedule(cron=cron, timezone=zone)
+    except ValidationError as err:
+        if any(e["loc"] == ("timezone",) for e in err.errors()):
+            raise ValueError(f"{TIMEZONE_ENV}={zone!r} is not an IANA time zone; set e.g. UTC, "
+                             "Europe/Berlin or America/New_York") from None
+        raise ValueError(f"{CRON_ENV}={cron!r} is not a cron schedule; set five fields (minute hour "
+                         "day-of-month month day-of-week), e.g. '0 2 * * *' for 02:00 every day") from None
 
 
 class PortInUseError(RuntimeError):
@@ -212,8 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--startup-timeout", type=float, default=300,
                         help="seconds to wait for the server to answer (its first start sets up the database)")
     args, settings = parser.parse_known_args(argv)  # the rest: the nightly's settings (deployments/serve.py)
-    try:  # before the server starts: the deployments read it when they import the flows
+    try:  # before the server starts: the deployments read them when they import the flows
         run_timeout()
+        nightly_schedule()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -20,12 +20,11 @@ import threading
 import time
 
 from prefect import serve
-from prefect.client.schemas.schedules import CronSchedule
 from prefect.events import DeploymentEventTrigger
 from prefect.types.entrypoint import EntrypointType
 
 from deployments.alerts import BLOCK_ENV, ensure_alerts
-from deployments.local import descendants, folder_problem
+from deployments.local import descendants, folder_problem, nightly_schedule
 from flows.arena import arena
 from flows.finetune import finetune
 from tasks.config import OutputConfig
@@ -50,8 +49,7 @@ def deployments(settings: dict | None = None):
     nightly = finetune.to_deployment(
         parameters=settings or {},
         name="nightly", entrypoint_type=BY_MODULE,
-        schedules=[CronSchedule(cron=os.environ.get("SMOLFLOW_NIGHTLY_CRON", "0 2 * * *"),
-                                timezone=os.environ.get("SMOLFLOW_TIMEZONE", "UTC"))],
+        schedules=[nightly_schedule()],
         concurrency_limit=1,  # two nightly fine-tunes never train at once on one machine
         tags=["smolflow", "nightly"],
         description="Nightly fine-tune and evaluation on the embedded defaults.",
@@ -112,6 +110,7 @@ if __name__ == "__main__":
     end_with_supervisor()
     try:
         default_run_timeout()
+        nightly_schedule()
     except ValueError as err:
         sys.exit(f"error: {err}")
     if problem := folder_problem():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import inspect
 import json
 import os
 import sys
@@ -259,6 +260,16 @@ def cmd_arena_serve(args: argparse.Namespace, rest: list[str]) -> int:
 # ---- parser ----------------------------------------------------------------------------------
 
 CONFIG_COMMANDS: dict[str, Callable] = {"run": cmd_run, "eval": cmd_eval, "validate": cmd_validate}
+_SETTINGS = "[--config FILE] [--section.field VALUE ...]"
+USAGE = {"run": f"smolflow run {_SETTINGS}", "validate": f"smolflow validate {_SETTINGS}",
+         "eval": f"smolflow eval --model MODEL_OR_RUN_ID {_SETTINGS}", "arena run": f"smolflow arena run {_SETTINGS}",
+         "serve": f"smolflow serve [--port PORT] [--startup-timeout SECONDS] {_SETTINGS}"}
+NOT_SERVED = {"output": ("run_id",)}  # every night would reuse one run folder (tasks.config_args.serve_config)
+SERVE_ENV = """Environment (the first three checked before the server starts: a bad value exits 2):
+  SMOLFLOW_NIGHTLY_CRON       the nightly's schedule (default: 0 2 * * *)
+  SMOLFLOW_TIMEZONE           the schedule's IANA time zone (default: UTC)
+  SMOLFLOW_RUN_TIMEOUT_HOURS  a served run still going after this long ends TimedOut (default: 23; 0: no limit)
+  SMOLFLOW_ALERT_BLOCK        a Prefect notification block (TYPE/NAME) to alert on a failed nightly or a rejected model"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="show library logs and progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, fn in CONFIG_COMMANDS.items():
-        p = sub.add_parser(name, help=fn.__doc__.splitlines()[0], add_help=False,
+        p = sub.add_parser(name, help=fn.__doc__.splitlines()[0], add_help=False, usage=USAGE[name],
                            description=fn.__doc__ + "\n\n" + config_help(leave_out=NOT_IN_EVAL if name == "eval" else None),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("-h", "--help", action="help", help="list every setting")
@@ -297,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     arena_sub = arena.add_subparsers(dest="arena_command", metavar="ARENA_COMMAND", required=True)
     from tasks.arena_config import ArenaConfig
 
-    p = arena_sub.add_parser("run", help=cmd_arena_run.__doc__, add_help=False,
+    p = arena_sub.add_parser("run", help=cmd_arena_run.__doc__, add_help=False, usage=USAGE["arena run"],
                              description=cmd_arena_run.__doc__ + "\n\n" + config_help(ArenaConfig),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-h", "--help", action="help", help="list every setting")
@@ -307,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port of the vote page (default %(default)s)")
     p.set_defaults(fn=cmd_arena_serve)
-    p = sub.add_parser("serve", help=cmd_serve.__doc__)
+    p = sub.add_parser("serve", help=cmd_serve.__doc__, usage=USAGE["serve"],
+                       description=f"{inspect.cleandoc(cmd_serve.__doc__)}\n\n{SERVE_ENV}\n\n{config_help(leave_out=NOT_SERVED)}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--port", type=int, default=4200,
                    help="port of the Prefect server and UI (default %(default)s); a busy port exits 2")
     p.add_argument("--startup-timeout", type=float, default=300,

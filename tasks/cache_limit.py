@@ -52,9 +52,12 @@ def default_max_gb() -> float | None:
     if value in ("", "none"):
         return None
     try:
-        return float(value)
+        gb = float(value)
     except ValueError:
-        raise ValueError(f"SMOLFLOW_CACHE_MAX_GB={value!r} is not a number of GB; set e.g. 20, or 'none'") from None
+        gb = -1.0
+    if not 0 <= gb < float("inf"):  # -3 or nan would evict the whole cache
+        raise ValueError(f"SMOLFLOW_CACHE_MAX_GB={value!r} is not a number of GB; set e.g. 20 (0 or more), or 'none'")
+    return gb
 
 
 def usage(path: Path, seen: set[tuple[int, int]] | None = None) -> tuple[int, float]:

@@ -212,4 +212,6 @@ def config_help(model: type[BaseModel] = RunConfig, leave_out: dict | None = Non
             out.append(f"  --{flag} (default: {shown})\n      {info.description or ''}".rstrip())
 
     walk(model, "")
-    return "Settings (each also accepts underscores, and --flag=VALUE):\n" + "\n".join(out) + "\n"
+    return ("Settings: --config FILE, a YAML or JSON file of them nested by section (e.g. `training: {max_steps: "
+            "100}`), then any flag below on top of it; each flag also accepts underscores and --flag=VALUE, and values "
+            "are read as YAML (lists and dicts work):\n" + "\n".join(out) + "\n")

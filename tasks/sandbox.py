@@ -97,8 +97,12 @@ def unshare_binary() -> str | None:
 def isolation_mode() -> str:
     """'full' (namespaces, tmpfs, own uid) or 'weak' (SMOLFLOW_SANDBOX=weak); otherwise a clear
     error: model-written code must never run less confined without someone choosing that."""
-    if os.environ.get("SMOLFLOW_SANDBOX") == "weak":
+    chosen = os.environ.get("SMOLFLOW_SANDBOX", "")
+    if chosen == "weak":
         return "weak"
+    if chosen not in ("", "full"):  # a typo ("Weak", "week") must not pick for the user either way
+        raise SandboxUnavailable(f"SMOLFLOW_SANDBOX={chosen!r} is not a sandbox mode: set SMOLFLOW_SANDBOX=weak "
+                                 "(rlimits + timeout + scrubbed environment only), or unset it (full isolation)")
     missing = []
     if os.geteuid() != 0:
         missing.append("root (namespaces, mounts and the switch to a fresh uid need it)")

@@ -39,6 +39,13 @@ def test_help_lists_every_subcommand(env):
         assert f"    {command} " in out.stdout
     fields = smolflow(env, "run", "--help")
     assert fields.returncode == 0 and "--training.max-steps" in fields.stdout and "--output.artifacts-uri" in fields.stdout
+    assert fields.stdout.startswith("usage: smolflow run [--config FILE] [--section.field VALUE ...]")
+    assert "Settings: --config FILE, a YAML or JSON file" in fields.stdout
+    # serve takes the same settings (the nightly's) except a fixed run id, and says what it reads from the environment
+    served = smolflow(env, "serve", "--help").stdout
+    assert "--config FILE" in served and "--training.max-steps" in served and "--output.keep-runs" in served
+    assert "--output.run-id" not in served and "--output.run-id" in fields.stdout
+    assert all(f"  {name} " in served for name in ("SMOLFLOW_NIGHTLY_CRON", "SMOLFLOW_TIMEZONE", "SMOLFLOW_RUN_TIMEOUT_HOURS"))
     arena = smolflow(env, "arena", "run", "--help")
     assert arena.returncode == 0 and "--last-runs" in arena.stdout
     # eval lists only what it takes: the settings it refuses (tests below) are not offered
@@ -460,6 +467,22 @@ def test_serve_refuses_bad_nightly_settings_before_anything_starts(env, tmp_path
                              text=True, timeout=120, env=env, cwd=tmp_path)
         assert out.returncode == 2 and out.stderr.startswith(f"smolflow serve: error: {said}"), out.stderr[-2000:]
         assert "Traceback" not in out.stderr
+
+
+def test_serve_refuses_a_bad_schedule_before_anything_starts(env, tmp_path):
+    """SMOLFLOW_NIGHTLY_CRON and SMOLFLOW_TIMEZONE: Prefect's own check ended the serve process in a
+    traceback, after the server had started. One line naming the variable, exit 2, no server."""
+    env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    for name, value, said in (("SMOLFLOW_NIGHTLY_CRON", "0 25 * * *", "is not a cron schedule; set five fields"),
+                              ("SMOLFLOW_TIMEZONE", "Europe/Berln", "is not an IANA time zone")):
+        port = _free_port()
+        out = subprocess.run([str(SMOLFLOW), "serve", "--port", str(port)], capture_output=True, text=True,
+                             timeout=120, env=dict(env, **{name: value}), cwd=tmp_path)
+        assert out.returncode == 2 and out.stderr == f"error: {name}={value!r} {said}" + out.stderr.split(said)[1]
+        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # no server was started
+    assert not list(tmp_path.iterdir())
 
 
 def test_serve_refuses_a_folder_whose_flows_package_served_runs_would_import(env, tmp_path):

@@ -173,6 +173,20 @@ def test_gc_dry_run_lists_but_deletes_nothing_then_gc_frees(tmp_path, monkeypatc
     assert (cache / "work" / "r3").exists()
 
 
+@pytest.mark.parametrize("value", ["-3", "nan", "inf", "twenty"])
+def test_gc_refuses_a_cache_bound_that_is_not_a_size(value, tmp_path, monkeypatch):
+    # -3 or nan passed and would have evicted everything in the cache; refused before any decision
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SMOLFLOW_CACHE_MAX_GB", value)
+    _entry(tmp_path / "cache" / "tokenized" / "kept", 4096, time.time() - 48 * 3600)
+    with pytest.raises(ValueError, match=rf"SMOLFLOW_CACHE_MAX_GB='{value}' is not a number of GB; set e.g. 20"):
+        gc(str(tmp_path / "artifacts"), dry_run=False, keep_runs=2, cache_max_gb="env")
+    assert (tmp_path / "cache" / "tokenized" / "kept").exists()
+    monkeypatch.setenv("SMOLFLOW_CACHE_MAX_GB", "none")  # unbounded: said so, kept
+    gc(str(tmp_path / "artifacts"), dry_run=False, keep_runs=2, cache_max_gb="env")
+    assert (tmp_path / "cache" / "tokenized" / "kept").exists()
+
+
 def test_a_model_hard_linked_between_runs_is_freed_once_and_only_with_its_last_link(tmp_path, monkeypatch):
     """Cached re-runs hard-link one model into each run folder: deleting those runs frees it once,
     and not at all while a kept run (or any other folder) still links it."""

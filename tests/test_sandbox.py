@@ -152,6 +152,14 @@ def test_missing_unshare_is_an_error_not_a_silent_fallback(monkeypatch):
         run_python("print(1)\n", FAST)
 
 
+@pytest.mark.parametrize("typed", ["Weak", "week", "none"])
+def test_an_unknown_sandbox_mode_is_an_error_not_a_guess(monkeypatch, typed):
+    # as root it silently meant full isolation, without root the refusal said to set what was set
+    monkeypatch.setenv("SMOLFLOW_SANDBOX", typed)
+    with pytest.raises(SandboxUnavailable, match=rf"SMOLFLOW_SANDBOX='{typed}' is not a sandbox mode: set SMOLFLOW_SANDBOX=weak"):
+        run_python("print(1)\n", FAST)
+
+
 def test_weak_mode_must_be_chosen_and_says_so(monkeypatch):
     monkeypatch.setenv("SMOLFLOW_UNSHARE", "/nonexistent/unshare")
     monkeypatch.setenv("SMOLFLOW_SANDBOX", "weak")
