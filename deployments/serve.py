@@ -42,12 +42,13 @@ NIGHTLY_ROOT = ("{% if flow_run %}{{ flow_run.parameters.get('config', {}).get('
 BY_MODULE = EntrypointType.MODULE_PATH
 
 
-def deployments(settings: dict | None = None):
-    """The deployments; `settings` ({"config": ...}, tasks.config_args.serve_config): the parameters
-    of the nightly and the defaults of the on-demand form. Given at each start, as Prefect's serve
-    replaces a deployment's parameters then (an edit made in the UI would not survive a restart)."""
+def deployments(settings: tuple[dict, dict] = ({}, {})):
+    """The deployments; `settings` (tasks.config_args.serve_config): the parameters of the nightly
+    and the defaults of the on-demand form, and those of the arena. Given at each start, as Prefect's
+    serve replaces a deployment's parameters then (an edit made in the UI would not survive a restart)."""
+    finetuning, arena_settings = settings
     nightly = finetune.to_deployment(
-        parameters=settings or {},
+        parameters=finetuning,
         name="nightly", entrypoint_type=BY_MODULE,
         schedules=[nightly_schedule()],
         concurrency_limit=1,  # two nightly fine-tunes never train at once on one machine
@@ -55,7 +56,7 @@ def deployments(settings: dict | None = None):
         description="Nightly fine-tune and evaluation on the embedded defaults.",
     )
     on_demand = finetune.to_deployment(
-        parameters=settings or {},
+        parameters=finetuning,
         name="on-demand", entrypoint_type=BY_MODULE,
         concurrency_limit=1,
         tags=["smolflow", "on-demand"],
@@ -63,14 +64,18 @@ def deployments(settings: dict | None = None):
     )
     # The arena re-rates the models whenever a nightly run completes (its new model joins the
     # battles), through an event trigger on that deployment; it can also be run by hand.
+    arena_config = arena_settings.get("config", {})
+    root = finetuning.get("config", {}).get("output", {}).get("artifacts_uri")  # serve's, for a run by hand
     after_nightly = arena.to_deployment(
         name="after-nightly", entrypoint_type=BY_MODULE,
+        parameters={"config": arena_config | ({"artifacts_uri": root} if root else {})},
         triggers=[DeploymentEventTrigger(
             expect={"prefect.flow-run.Completed"},
             match_related={"prefect.resource.role": "deployment", "prefect.resource.name": nightly.name},
             # The arena reads the runs where the nightly wrote them (rendered by the server from the
-            # completed run's parameters), not the arena's own default root.
-            parameters={"config": {"artifacts_uri": NIGHTLY_ROOT}},
+            # completed run's parameters), not the arena's own default root. These replace the
+            # deployment's parameters: serve's arena settings go in again.
+            parameters={"config": arena_config | {"artifacts_uri": NIGHTLY_ROOT}},
         )],
         concurrency_limit=1,
         tags=["smolflow", "arena"],

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import yaml
 
 from tasks.config import NOT_IN_EVAL
-from tasks.config_args import UserError, config_help, locate, parse_config
+from tasks.config_args import ServeConfig, UserError, config_help, locate, parse_config
 
 EXIT_USER_ERROR = 2
 DEFAULT_ROOT = "./smolflow-runs"
@@ -213,7 +213,8 @@ def _losses(losses: dict) -> str:
 
 def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
     """A local Prefect server (UI) plus the process that runs the deployments, until Ctrl-C; settings
-    ([--config FILE] [--section.field VALUE ...]) are the nightly's and the on-demand form's."""
+    ([--config FILE] [--section.field VALUE ...]) are the nightly's and the on-demand form's, those
+    under `arena` the after-nightly arena's."""
     from tasks.config_args import serve_config
 
     serve_config(rest)  # a bad setting: one line and exit 2 now, not a failed run every night
@@ -264,7 +265,8 @@ _SETTINGS = "[--config FILE] [--section.field VALUE ...]"
 USAGE = {"run": f"smolflow run {_SETTINGS}", "validate": f"smolflow validate {_SETTINGS}",
          "eval": f"smolflow eval --model MODEL_OR_RUN_ID {_SETTINGS}", "arena run": f"smolflow arena run {_SETTINGS}",
          "serve": f"smolflow serve [--port PORT] [--startup-timeout SECONDS] {_SETTINGS}"}
-NOT_SERVED = {"output": ("run_id",)}  # every night would reuse one run folder (tasks.config_args.serve_config)
+# every night would reuse one run folder; the arena reads the nightly's root (tasks.config_args.serve_config)
+NOT_SERVED = {"output": ("run_id",), "arena": ("artifacts_uri",)}
 SERVE_ENV = """Environment (the first three checked before the server starts: a bad value exits 2):
   SMOLFLOW_NIGHTLY_CRON       the nightly's schedule (default: 0 2 * * *)
   SMOLFLOW_TIMEZONE           the schedule's IANA time zone (default: UTC)
@@ -309,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     from tasks.arena_config import ArenaConfig
 
     p = arena_sub.add_parser("run", help=cmd_arena_run.__doc__, add_help=False, usage=USAGE["arena run"],
-                             description=cmd_arena_run.__doc__ + "\n\n" + config_help(ArenaConfig),
+                             description=cmd_arena_run.__doc__ + "\n\n"
+                             + config_help(ArenaConfig, example="judge: {enabled: false}"),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-h", "--help", action="help", help="list every setting")
     p.set_defaults(fn=cmd_arena_run, takes_settings=True)
@@ -319,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port of the vote page (default %(default)s)")
     p.set_defaults(fn=cmd_arena_serve)
     p = sub.add_parser("serve", help=cmd_serve.__doc__, usage=USAGE["serve"],
-                       description=f"{inspect.cleandoc(cmd_serve.__doc__)}\n\n{SERVE_ENV}\n\n{config_help(leave_out=NOT_SERVED)}",
+                       description=(f"{inspect.cleandoc(cmd_serve.__doc__)}\n\n{SERVE_ENV}\n\n"
+                                    f"{config_help(ServeConfig, leave_out=NOT_SERVED)}"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--port", type=int, default=4200,
                    help="port of the Prefect server and UI (default %(default)s); a busy port exits 2")

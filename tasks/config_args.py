@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
+from tasks.arena_config import ArenaConfig
 from tasks.config import RunConfig
 from tasks.yamlfile import at, key_lines, read_text, yaml_error
 
@@ -154,13 +155,24 @@ def parse_config(argv: list[str], defaults: dict | None = None, model: type[Base
         raise UserError("\n".join(found)) from None
 
 
-def serve_config(argv: list[str]) -> dict:
-    """`smolflow serve`'s settings as the served deployments' parameter: only what was set (the
-    defaults stay the code's, so an upgrade's new defaults apply after a restart)."""
-    config = parse_config(argv)
+class ServeConfig(RunConfig):
+    """`smolflow serve`'s settings: the nightly's, plus the arena that runs after each nightly."""
+
+    arena: ArenaConfig = Field(default_factory=ArenaConfig, description=(
+        "The after-nightly arena's settings (`smolflow arena run --help`); its artifacts_uri is the nightly's."))
+
+
+def serve_config(argv: list[str]) -> tuple[dict, dict]:
+    """`smolflow serve`'s settings as the served deployments' parameters, (fine-tune, arena): only
+    what was set (the defaults stay the code's, so an upgrade's new defaults apply after a restart)."""
+    config = parse_config(argv, model=ServeConfig)
     if config.output.run_id is not None:  # every night would resume (or overwrite) that one run
         raise UserError(locate(argv, "output.run_id: served runs get a new run id each; remove it"))
-    return {"config": config.model_dump(mode="json", exclude_unset=True)}
+    if "artifacts_uri" in config.arena.model_fields_set:  # two roots: the arena would rate none of the nightly's runs
+        raise UserError(locate(argv, "arena.artifacts_uri: the arena reads the nightly's runs, under output.artifacts_uri; "
+                                     "remove it"))
+    arena = config.arena.model_dump(mode="json", exclude_unset=True)
+    return {"config": config.model_dump(mode="json", exclude_unset=True, exclude={"arena"})}, {"config": arena}
 
 
 _FIELD = re.compile(r"([a-z_]+(?:\.[a-z_0-9]+|\[\d+\])+)[:= ]")
@@ -189,7 +201,8 @@ def locate(argv: list[str], message: str) -> str:
     return message
 
 
-def config_help(model: type[BaseModel] = RunConfig, leave_out: dict | None = None) -> str:
+def config_help(model: type[BaseModel] = RunConfig, leave_out: dict | None = None,
+                example: str = "training: {max_steps: 100}") -> str:
     """Every setting as a flag, with its default and description; `leave_out`: {section: None (all of
     it) or its fields} a command does not take."""
     out, leave_out = [], leave_out or {}
@@ -212,6 +225,6 @@ def config_help(model: type[BaseModel] = RunConfig, leave_out: dict | None = Non
             out.append(f"  --{flag} (default: {shown})\n      {info.description or ''}".rstrip())
 
     walk(model, "")
-    return ("Settings: --config FILE, a YAML or JSON file of them nested by section (e.g. `training: {max_steps: "
-            "100}`), then any flag below on top of it; each flag also accepts underscores and --flag=VALUE, and values "
+    return (f"Settings: --config FILE, a YAML or JSON file of them nested by section (e.g. `{example}`), "
+            "then any flag below on top of it; each flag also accepts underscores and --flag=VALUE, and values "
             "are read as YAML (lists and dicts work):\n" + "\n".join(out) + "\n")

@@ -462,7 +462,10 @@ def test_serve_refuses_bad_nightly_settings_before_anything_starts(env, tmp_path
     run_id would make every night resume one run. Both refused at once, naming the flag."""
     env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
     for flags, said in ((["--training.max-steps", "many"], "flag --training.max-steps: training.max_steps:"),
-                        (["--output.run-id", "nightly"], "flag --output.run-id: output.run_id: served runs get a new run id")):
+                        (["--output.run-id", "nightly"], "flag --output.run-id: output.run_id: served runs get a new run id"),
+                        (["--arena.max-battles", "many"], "flag --arena.max-battles: arena.max_battles: Input should be"),
+                        (["--arena.artifacts-uri", "elsewhere"], "flag --arena.artifacts-uri: arena.artifacts_uri: the "
+                                                                 "arena reads the nightly's runs")):
         out = subprocess.run([str(SMOLFLOW), "serve", "--port", str(_free_port()), *flags], capture_output=True,
                              text=True, timeout=120, env=env, cwd=tmp_path)
         assert out.returncode == 2 and out.stderr.startswith(f"smolflow serve: error: {said}"), out.stderr[-2000:]

@@ -43,10 +43,12 @@ def served(tmp_path_factory):
     os.environ["SMOLFLOW_TIMEZONE"] = TIMEZONE
     (tmp / "work").mkdir()  # served from a user's folder, not the checkout: runs go there
     # The nightly's settings, as `smolflow serve --config FILE --section.field VALUE` passes them.
-    (tmp / "work" / "nightly.yaml").write_text("training:\n  max_steps: 7\n", encoding="utf-8")
+    (tmp / "work" / "nightly.yaml").write_text("training:\n  max_steps: 7\narena:\n  judge:\n    enabled: false\n",
+                                                encoding="utf-8")
     server = start_server(port, home=tmp / "home", log=tmp / "server.log")
     serving = start_serving(port, home=tmp / "home", log=tmp / "serve.log", cwd=tmp / "work",
-                            settings=["--config", "nightly.yaml", "--benchmarks", '[{"name": "gsm8k", "limit": 3}]'])
+                            settings=["--config", "nightly.yaml", "--benchmarks", '[{"name": "gsm8k", "limit": 3}]',
+                                      "--arena.max-battles", "2"])
     api = f"http://127.0.0.1:{port}/api"
     try:
         with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
@@ -193,6 +195,8 @@ def test_arena_deployment_is_triggered_by_a_completed_nightly_run(served, tmp_pa
 
     client, nightly, _, _ = served
     arena = client.read_deployment_by_name("smolflow-arena/after-nightly")
+    arena_settings = {"judge": {"enabled": False}, "max_battles": 2}  # serve's --config file's `arena:` and a flag
+    assert arena.parameters == {"config": arena_settings}  # a run by hand from the UI: serve's settings
     (automation,) = client.read_automations_by_name("after-nightly__automation_1")
     assert automation.trigger.expect == {"prefect.flow-run.Completed"}
     assert automation.actions[0].deployment_id == arena.id
@@ -213,4 +217,5 @@ def test_arena_deployment_is_triggered_by_a_completed_nightly_run(served, tmp_pa
     while not (runs := client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[arena.id])))):
         assert time.monotonic() < deadline, "no arena run 120 s after a nightly run completed"
         time.sleep(2)
-    assert runs[0].parameters["config"]["artifacts_uri"] == elsewhere  # not the arena's default ./smolflow-runs
+    # the nightly's root, not the arena's default ./smolflow-runs; serve's arena settings kept
+    assert runs[0].parameters["config"] == arena_settings | {"artifacts_uri": elsewhere}
