@@ -225,17 +225,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--startup-timeout", type=float, default=300,
                         help="seconds to wait for the server to answer (its first start sets up the database)")
     args, settings = parser.parse_known_args(argv)  # the rest: the nightly's settings (deployments/serve.py)
-    try:  # before the server starts: the deployments read them when they import the flows
-        run_timeout()
-        nightly_schedule()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     if problem := folder_problem():
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-    try:  # the nightly's settings: checked before the server starts, not in the serve process after it
+    # Checked before the server starts, not in the serve process after it: the nightly's settings,
+    # then the environment that the deployments read (the schedule's check imports Prefect).
+    try:
         serve_config(settings)
+        run_timeout()
+        nightly_schedule()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
