@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tasks.config_args import serve_config
 from tasks.leftovers import die_with_parent
-from tasks.runtime import run_timeout, shadowing
+from tasks.runtime import env_defaults, run_timeout, shadowing
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT_IN_USE = 2  # exit status when the port is taken
@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--startup-timeout", type=float, default=300,
                         help="seconds to wait for the server to answer (its first start sets up the database)")
     args, settings = parser.parse_known_args(argv)  # the rest: the nightly's settings (deployments/serve.py)
+    env_defaults()  # the server's flow-run vacuum among them, when started as `python -m deployments.local`
     if problem := folder_problem():
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

@@ -31,6 +31,7 @@ import yaml
 
 from tasks.config import NOT_IN_EVAL
 from tasks.config_args import ServeConfig, UserError, config_help, locate, parse_config
+from tasks.runtime import env_defaults
 
 EXIT_USER_ERROR = 2
 DEFAULT_ROOT = "./smolflow-runs"
@@ -333,20 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Defaults the command sets for itself (the Makefile sets them too), so `smolflow` works outside make:
-# no telemetry calls from a machine that may be offline, and time for a temporary Prefect server's
-# first start (its database set-up can take over the 20 s default on a busy 2-core machine).
-ENV_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-                "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
-                # Months of nightlies: the server also deletes finished flow runs (with their logs and
-                # artifacts) after its retention period (90 days), not only old events. The run
-                # folders under output.artifacts_uri are the lasting record.
-                "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs"}
-
-
 def main(argv: list[str] | None = None) -> int:
-    for key, value in ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)  # before anything imports prefect
+    env_defaults()  # before anything imports prefect
     program = argv is None  # the `smolflow` command, not a caller passing its own arguments
     if program:
         from tasks.leftovers import exit_on_termination

@@ -12,6 +12,24 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+# Defaults every smolflow process sets for itself and its children (the `smolflow` command, and
+# `python -m deployments.local`, which `make serve` documents): no telemetry calls from a machine
+# that may be offline, and time for a temporary Prefect server's first start (its database set-up
+# can take over the 20 s default on a busy 2-core machine).
+ENV_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+                "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
+                # Months of nightlies: the server also deletes finished flow runs (with their logs and
+                # artifacts) after its retention period (90 days), not only old events. The run
+                # folders under output.artifacts_uri are the lasting record.
+                "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs"}
+
+
+def env_defaults() -> None:
+    """ENV_DEFAULTS, where the user has not set them; before anything imports Prefect."""
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 

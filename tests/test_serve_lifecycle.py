@@ -27,7 +27,7 @@ def _free_port() -> int:
 
 
 def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API") and k != "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED"}
     return env | {"PREFECT_HOME": str(home), "PYTHONPATH": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 
@@ -64,6 +64,10 @@ def test_sigterm_stops_every_child_and_the_nightly_survives_a_restart(tmp_path):
         assert not nightly.paused
         children = descendants(parent.pid)  # the server, the serve process and all of theirs
         assert len(children) >= 2, children
+        # Started as `python -m deployments.local`, the server too deletes finished flow runs after 90 days
+        (server,) = [pid for pid in children if b"server\0start" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        environ = Path(f"/proc/{server}/environ").read_bytes().split(b"\0")
+        assert b"PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED=events,flow_runs" in environ
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(timeout=120) == 0, log.read_text()[-3000:]
         _all_gone(children, 60, log)
