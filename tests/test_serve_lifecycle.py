@@ -27,7 +27,8 @@ def _free_port() -> int:
 
 
 def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API") and k != "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED"}
+    dropped = ("PREFECT_API", "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED")  # the latter: deployments.local sets it
+    env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
     return env | {"PREFECT_HOME": str(home), "PYTHONPATH": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 
