@@ -73,6 +73,9 @@ def cache_dir(*parts: str) -> Path:
 RUN_TIMEOUT_ENV = "SMOLFLOW_RUN_TIMEOUT_HOURS"
 
 
+MAX_TIMEOUT_HOURS = 24 * 365
+
+
 def run_timeout() -> float | None:
     """SMOLFLOW_RUN_TIMEOUT_HOURS in seconds (unset, empty, 0 or 'none': no limit), read when a flow
     is imported: a flow run that takes longer ends TimedOut, so a hung nightly frees its
@@ -85,9 +88,10 @@ def run_timeout() -> float | None:
         hours = float(value)
     except ValueError:
         raise ValueError(f"{RUN_TIMEOUT_ENV}={value!r} is not a number of hours; set e.g. 23, or 0 for no limit") from None
-    if hours < 0:
-        raise ValueError(f"{RUN_TIMEOUT_ENV}={value!r}: hours must be positive (0: no limit)")
-    return hours * 3600
+    # inf, nan or 1e300 passed here, then failed every run in Prefect's timer (time_t overflow)
+    if not 0 <= hours <= MAX_TIMEOUT_HOURS:
+        raise ValueError(f"{RUN_TIMEOUT_ENV}={value!r}: set hours from 0 to {MAX_TIMEOUT_HOURS} (a year; 0: no limit)")
+    return hours * 3600 or None
 
 
 def hub_offline() -> bool:

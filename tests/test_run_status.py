@@ -58,10 +58,18 @@ def test_runs_and_compare_show_each_runs_training_loss(tmp_path):
 def test_run_timeout_reads_hours_and_refuses_nonsense(monkeypatch):
     from tasks.runtime import RUN_TIMEOUT_ENV, run_timeout
 
-    for value, seconds in (("", None), ("0", None), ("none", None), ("23", 23 * 3600), ("0.5", 1800)):
+    import signal
+
+    from tasks.runtime import MAX_TIMEOUT_HOURS
+
+    for value, seconds in (("", None), ("0", None), ("0.0", None), ("none", None), ("23", 23 * 3600), ("0.5", 1800),
+                           (str(MAX_TIMEOUT_HOURS), MAX_TIMEOUT_HOURS * 3600)):
         monkeypatch.setenv(RUN_TIMEOUT_ENV, value)
         assert run_timeout() == seconds
-    for bad in ("abc", "-1"):
+    # the largest fits the timer Prefect's flow timeout sets (inf and 1e300 overflowed it in every run)
+    signal.setitimer(signal.ITIMER_REAL, MAX_TIMEOUT_HOURS * 3600)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    for bad in ("abc", "-1", "inf", "nan", "1e300"):
         monkeypatch.setenv(RUN_TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match=RUN_TIMEOUT_ENV):
             run_timeout()
