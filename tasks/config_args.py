@@ -48,6 +48,8 @@ def split_flags(argv: list[str]) -> tuple[str | None, list[tuple[tuple[str, ...]
             else:
                 raise UserError("--config needs a file: --config FILE.yaml")
         if name == "config":
+            if config is not None:  # the second replaced the first, silently: which one did the user mean?
+                raise UserError(f"--config given twice ({config}, {value}): give one file; flags override its settings")
             config = value
         else:
             flags.append((_field_key(name), value, f"--{name}"))

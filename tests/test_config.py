@@ -100,6 +100,11 @@ def test_odd_files_and_flag_values_are_refused_naming_where(tmp_path):
     path.write_bytes("model: caf\u00e9\n".encode("latin-1"))
     assert _refused(["--config", str(path)]) == f"{path}:1: not UTF-8 text (byte 0xe9); save the file as UTF-8"
     assert "flag --training:1: key 'max_steps' appears twice" in _refused(["--training", "{max_steps: 1, max_steps: 2}"])
+    # two files: the second replaced the first, whose settings (and its syntax errors) went unseen
+    other = tmp_path / "other.yaml"
+    other.write_text("training:\n  max_steps: 7\n", encoding="utf-8")
+    assert _refused(["--config", str(other), "--config", str(path)]) == (
+        f"--config given twice ({other}, {path}): give one file; flags override its settings")
 
 
 @pytest.mark.parametrize(
