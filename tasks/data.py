@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.config import DataConfig
-from tasks.datafiles import READ_PROBLEM, Origin, UnreadableError, local_data_files, read_split
+from tasks.datafiles import FORMATS, READ_PROBLEM, Origin, UnreadableError, local_data_files, read_split
 from tasks.rows import (  # noqa: F401 - as_written, row_problem, row_shapes: used from here by other stages
     CHATML_TOKENS, SHAPES, as_written, may_hold_token, normalize, pairs_to_messages, reason_kind, row_json, row_problem,
     row_shapes, sharegpt_to_messages, special_token_problem, token_pattern,
@@ -114,9 +114,16 @@ def _source(cfg: DataConfig) -> tuple[str, Path | None]:
     local = Path(source).expanduser()
     if local.exists():
         return source, local
-    if source.startswith((".", "/", "~")):
-        raise ValueError(f"data.dataset={cfg.dataset!r}: no such file or directory")
+    if names_a_path(source):
+        raise ValueError(f"data.dataset={cfg.dataset!r}: no such file or directory (from {Path.cwd()})")
     return source, None
+
+
+def names_a_path(source: str) -> bool:
+    """Whether data.dataset, found nowhere, was meant as a path: it starts like one, has a data
+    file's suffix, or more than one slash (a hub id is `name` or `owner/name`). `d/x.jsonl` was
+    once looked up on the hub, and the message said so."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or Path(source).suffix.lower() in FORMATS
 
 
 def hub_subset(cfg: DataConfig, source: str) -> str | None:

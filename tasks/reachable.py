@@ -127,9 +127,9 @@ def check_hub_reachable(config: RunConfig, training: bool = True) -> None:
 
 def data_here(source: str) -> bool:
     """Whether data.dataset names local data (a fixture, a path) rather than a hub dataset."""
-    from tasks.data import FIXTURE_PREFIX
+    from tasks.data import FIXTURE_PREFIX, names_a_path
 
-    return source.startswith((FIXTURE_PREFIX, ".", "/", "~")) or Path(source).expanduser().exists()
+    return source.startswith(FIXTURE_PREFIX) or names_a_path(source) or Path(source).expanduser().exists()
 
 
 # ---- Weights & Biases --------------------------------------------------------------------------

@@ -183,9 +183,11 @@ def test_hub_id_offline_explains_how_to_use_local_files():
     assert "HF_HUB_OFFLINE" in str(err.value) and "local files" in str(err.value)
 
 
-def test_nonexistent_local_path_is_named():
-    with pytest.raises(ValueError, match="no such file or directory"):
-        load_chat_dataset.fn(DataConfig(dataset="./does/not/exist"))
+@pytest.mark.parametrize("path", ["./does/not/exist", "data/train.jsonl", "d/x.parquet", "runs/a/b"])
+def test_nonexistent_local_path_is_named(path):
+    # `data/train.jsonl` (README's own example) was looked up on the hub, and the message said so
+    with pytest.raises(ValueError, match=rf"data.dataset='{path}': no such file or directory \(from "):
+        load_chat_dataset.fn(DataConfig(dataset=path))
 
 
 @pytest.mark.parametrize(
