@@ -80,16 +80,17 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
         model = ModelRef(**found) if found else resolve_model(config.model)
         scores = score_models({"model": model}, config.benchmarks, checked.custom, config.judge)
         rows = save_scores(run.uri, scores)
-        judgement = None
+        judgement, skipped = None, "judge.enabled: false"
         if config.judge.enabled:
             # 'base' has no meaning without a fine-tune: the reference is the default model (`auto`).
             reference = resolve_model("auto") if config.judge.reference == "base" else model
             if reference.fingerprint == model.fingerprint and config.judge.reference == "base":
-                run_logger().info("Judge skipped: the evaluated model is the default model itself; "
-                                  "set judge.reference to a file of reference outputs to judge it")
+                skipped = ("the evaluated model is the default model, the judge's reference (judge.reference: base); "
+                           "set judge.reference to a file of reference outputs to judge it")
+                run_logger().info("Judge skipped: %s", skipped)
             else:
                 judgement = run_judge(reference, model, config.judge, config.sampling.prompts)
-        write_judge(run, judgement)
+        write_judge(run, judgement, skipped)
         summary = write_report(run.uri, config.model_dump(mode="json"), None,
                                {"W&B run": wandb_link(wb, run.uri), "Prefect flow run": flow_run_link(),
                                 "code": code_version()})

@@ -343,10 +343,11 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
 
-def judge_markdown(judge: JudgeResult | None) -> str:
-    """Win rate with its counts and settings, and a few pairs; the rest is in judge/pairs.jsonl."""
+def judge_markdown(judge: JudgeResult | None, skipped: str = "judge.enabled: false") -> str:
+    """Win rate with its counts and settings, and a few pairs; the rest is in judge/pairs.jsonl.
+    Not run: `skipped` says why."""
     if judge is None:
-        return "Not run (judge.enabled: false).\n"
+        return f"Not run ({skipped}).\n"
     s = judge.settings
     rate = "n/a (no pair judged in both orders)" if judge.win_rate is None else (
         f"**{judge.win_rate:.1f}%**" + (f" ± {judge.stderr:.1f}" if judge.stderr is not None
@@ -367,9 +368,10 @@ def judge_markdown(judge: JudgeResult | None) -> str:
     return head + "| instruction | tuned | reference | preference (2 = tuned better, 1.5 = tie) |\n|---|---|---|---|\n" + rows
 
 
-def write_judge(run: ArtifactStore, result: JudgeResult | None) -> None:
-    """The judged pairs, the summary and the report's judge section in the run folder, and a Prefect table artifact."""
-    run.write_text(RunPaths.section("judge"), judge_markdown(result))
+def write_judge(run: ArtifactStore, result: JudgeResult | None, skipped: str = "judge.enabled: false") -> None:
+    """The judged pairs, the summary and the report's judge section in the run folder, and a Prefect
+    table artifact; not run (None): the section says why (`skipped`)."""
+    run.write_text(RunPaths.section("judge"), judge_markdown(result, skipped))
     if result is None:
         return
     run.write_text(RunPaths.judge_pairs, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records))

@@ -478,6 +478,9 @@ def test_eval_of_the_builtin_model_scores_the_default_benchmark_into_wandb(env, 
     files = {p.name for p in (tmp_path / "runs/builtin/wandb").rglob("*") if p.is_file()}
     assert "report.md" in files  # the run folder's files, copied into the W&B run
     assert "W&B run" in (tmp_path / "runs/builtin/report/report.md").read_text()
+    # the judge's reference is this model itself: skipped, and the report says so (it said "judge.enabled: false")
+    assert (tmp_path / "runs/builtin/report/sections/judge.md").read_text().startswith(
+        "Not run (the evaluated model is the default model, the judge's reference (judge.reference: base); set ")
 
 
 def _free_port() -> int:
