@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from tasks.console import quiet_bars
 from tasks.locks import file_lock
 from tasks.runtime import (
-    atomic_dir, cache_dir, hub_offline, is_transient, remembered_digest, retry_transient, sha256_files,
+    atomic_dir, cache_dir, hub_offline, is_transient, remembered_digest, retry_transient, run_logger, sha256_files,
 )
 
-log = logging.getLogger(__name__)
 
 BUILTIN = "builtin:smollm2-135m-instruct"
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -81,9 +80,11 @@ def _convert(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("Converting %s to safetensors (once per machine, ~20 s)", gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # In the run's log (the console and the UI): the run is otherwise silent for this long.
+    run_logger().info("Converting the built-in model %s to safetensors (once per machine, ~20-60 s)", gguf.name)
+    with quiet_bars():  # transformers' GGUF reader draws a tqdm bar that its progress-bar switch misses
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF loader flags the model as quantized, and Trainer/save_pretrained refuse such a
     # model; the same weights in a plain model of the same config train and save normally.
     config = quantized.config

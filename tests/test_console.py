@@ -88,3 +88,18 @@ def test_library_deprecation_notices_only_when_verbose(collected, monkeypatch):
         monkeypatch.setenv("SMOLFLOW_VERBOSE", "1")
         configure_logging()
         assert any(w.startswith("FutureWarning") and "is_gradient_checkpointing" in w for w in _peft_warnings())
+
+
+def test_the_gguf_readers_bar_is_swallowed_unless_verbose(capfd, monkeypatch):
+    # The built-in model's conversion (tasks/models.py) drew this bar in quiet runs: transformers'
+    # GGUF reader uses tqdm directly, which its progress-bar switch does not reach.
+    from transformers.modeling_gguf_pytorch_utils import tqdm
+
+    from tasks.console import ENV, quiet_bars
+
+    for setting, shown in (("", False), ("1", True)):
+        monkeypatch.setenv(ENV, setting)
+        with quiet_bars():
+            for _ in tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+                pass
+        assert ("de-quantizing" in capfd.readouterr().err) is shown
