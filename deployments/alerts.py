@@ -40,6 +40,17 @@ def save_webhook_block(url: str, name: str = DEFAULT_BLOCK) -> str:
     return f"custom-webhook/{name}"
 
 
+def check_webhook_url(url: str, given_by: str) -> None:
+    """An http(s) URL with a host; `not a url` was saved, and every alert then failed to send. The
+    value is never echoed: the URL is the credential."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{given_by}: not a webhook URL (it must start with https:// or http:// and name a host, "
+                         "e.g. https://hooks.slack.com/services/...; not shown here, as it is a credential)")
+
+
 def _block_document_id(slug: str, named_by: str = BLOCK_ENV):
     """The saved block's id; `named_by` is where the slug came from (the variable, or --block)."""
     from prefect.blocks.core import Block
@@ -115,7 +126,8 @@ def ensure_alerts(block: str | None = None, nightly_tag: str = "nightly") -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="smolflow alerts", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--block", help=f"a saved notification block, <type>/<name> (default: ${BLOCK_ENV})")
     parser.add_argument("--webhook-url", help=f"save a Custom Webhook block '{DEFAULT_BLOCK}' posting to this URL "
                         f"(kept as a secret); '-' reads it from stdin, and ${URL_ENV} gives it too, both out of `ps`")
@@ -126,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                args.webhook_url or (None if args.block else os.environ.get(URL_ENV)))
         if args.webhook_url == "-" and not url:
             raise ValueError("--webhook-url -: no URL on stdin (give it as the first line)")
+        if url:
+            check_webhook_url(url, "--webhook-url" if args.webhook_url else URL_ENV)
         block = save_webhook_block(url) if url else args.block
         ids = ensure_alerts(block, args.nightly_tag)
     except ValueError as err:

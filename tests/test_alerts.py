@@ -123,3 +123,13 @@ def test_an_empty_webhook_url_on_stdin_is_an_error(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     assert main(["--webhook-url", "-"]) == 2
     assert capsys.readouterr().err.startswith("error: --webhook-url -: no URL on stdin")
+
+
+@pytest.mark.parametrize("given", ["notaurl", "ftp://example.org/hook", "https:///no-host", "hooks.slack.com/services/T0/B0/x"])
+def test_a_webhook_url_that_is_not_one_is_refused_without_echoing_it(given, monkeypatch, capsys):
+    # it was saved, and every alert then failed to send; the value is a credential: never printed
+    assert main(["--webhook-url", given]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --webhook-url: not a webhook URL (it must start with https://") and given not in err
+    monkeypatch.setenv("SMOLFLOW_ALERT_WEBHOOK_URL", given)
+    assert main([]) == 2 and capsys.readouterr().err.startswith("error: SMOLFLOW_ALERT_WEBHOOK_URL: not a webhook URL")
