@@ -186,6 +186,11 @@ def resolve_autos(config: RunConfig) -> dict[str, str]:
             out[f"benchmarks[{i}].data"] = REGISTRY[b.name].auto_source(offline)
     if config.judge.enabled and config.judge.backend == "local" and config.judge.model == "auto":
         out["judge.model"] = BUILTIN
+    if "auto" in (config.execution.device, config.execution.precision):  # the run's own decision (tasks/device.py)
+        from tasks.device import resolve
+
+        placement = resolve(config.execution)
+        out["execution.device"], out["execution.precision"] = placement.device, f"{placement.precision} ({placement.reason})"
     if config.wandb.mode == "auto":  # the mode W&B runs in (tasks/tracking.py asks the same, cached)
         from tasks.reachable import auto_wandb_mode
 

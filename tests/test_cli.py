@@ -197,6 +197,13 @@ def test_validate_resolves_autos_lists_tasks_and_fails_on_missing_data(env, tmp_
     assert shown["resolved"]["model"] == "builtin:smollm2-135m-instruct"
     assert shown["resolved"]["data.dataset"] == "fixture:everyday-conversations"
     assert "hand-written items" in shown["resolved"]["benchmarks[0].data"]
+    # the device and precision the run will use, decided here as the run decides (tasks/device.py)
+    from tasks.config import ExecutionConfig
+    from tasks.device import resolve
+
+    placement = resolve(ExecutionConfig())
+    assert shown["resolved"]["execution.device"] == placement.device
+    assert shown["resolved"]["execution.precision"].startswith(f"{placement.precision} (")
     assert "benchmark-gsm8k (tuned)" in shown["tasks"] and "train_sft" in shown["tasks"]
     missing = smolflow(env, "validate", "--data.dataset", str(tmp_path / "nope"), "--model", str(tmp_path))
     assert missing.returncode == 2
