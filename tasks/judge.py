@@ -42,7 +42,7 @@ from tasks.judge_backends import JudgeBackend, make_backend, redact_url
 from tasks.models import ModelRef
 from tasks.layout import RunPaths
 from tasks.runtime import FIXTURES, atomic_write, cache_dir, retry_transient, run_logger
-from tasks.yamlfile import KeyTwice, json_loads, read_text
+from tasks.yamlfile import KeyTwice, json_list_items, json_loads, read_text
 from tasks.storage import ArtifactStore
 
 TEMPLATE_NAME = "alpaca_eval:chatgpt/basic_prompt.txt"
@@ -262,7 +262,7 @@ def _rows(path: Path, field: str) -> list[tuple[str, dict]]:
     rows, lineno = [], 0
     try:
         if whole:
-            rows = [(f"{path} item {i}", row) for i, row in enumerate(json_loads(text), 1)]
+            rows = [(f"{path} item {i} (line {line})", row) for i, (line, row) in enumerate(json_list_items(text), 1)]
         else:
             for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
                 if line.strip():

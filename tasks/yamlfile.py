@@ -7,6 +7,7 @@ key given twice (YAML would silently keep the last one); `json_loads` does the s
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -40,6 +41,40 @@ def unique_keys(pairs: list[tuple]) -> dict:
 def json_loads(text: str | bytes):
     """json.loads for files the user wrote: a key twice in one object raises KeyTwice."""
     return json.loads(text, object_pairs_hook=unique_keys)
+
+
+def json_list_items(text: str) -> list[tuple[int, object]]:
+    """(line, item) of each item of a JSON list, read as json_loads reads it; a key twice is a
+    KeyTwice naming the item and its line (AlpacaEval's files are one list of hundreds of rows)."""
+    decoder = json.JSONDecoder(object_pairs_hook=unique_keys)
+    space = re.compile(r"\s*")
+    i = space.match(text).end()
+    if text[i:i + 1] != "[":
+        return [(1, item) for item in json_loads(text)]  # not a list: json's own error, or the caller's
+    items, i = [], space.match(text, i + 1).end()
+    while text[i:i + 1] != "]":
+        line = text.count("\n", 0, i) + 1
+        try:
+            item, i = decoder.raw_decode(text, i)
+        except KeyTwice as err:
+            raise KeyTwice(f"item {len(items) + 1} (line {line}): {err}") from None
+        except json.JSONDecodeError:
+            json_loads(text)  # json's own message, with its line
+            raise
+        items.append((line, item))
+        i = space.match(text, i).end()
+        if text[i:i + 1] == ",":
+            i = space.match(text, i + 1).end()
+            if text[i:i + 1] == "]":  # a trailing comma, which json refuses
+                json_loads(text)
+                raise json.JSONDecodeError("Expecting value", text, i)
+        elif text[i:i + 1] != "]":  # a missing comma or bracket: json's own message, with its line
+            json_loads(text)
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
+    if text[space.match(text, i + 1).end():]:  # text after the list
+        json_loads(text)
+        raise json.JSONDecodeError("Extra data", text, i + 1)
+    return items
 
 
 def key_lines(text: str, where: str, error: type[Exception] = ValueError) -> dict[tuple, int]:

@@ -235,6 +235,26 @@ def test_broken_files_are_rejected_naming_field_and_line(tmp_path, field, conten
         judge_inputs(JudgeConfig(**{field: str(path)}), ["Hello! How are you?"])
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('[\n  {"instruction": "ok"},\n  {"instruction": "lost",\n   "instruction": "kept"}\n]\n',
+         r"judge.instructions: .*bad.json: item 2 \(line 3\): key 'instruction' twice in one object"),
+        ('[\n  {"instruction": "ok"},\n  {"prompt": "wrong field"}\n]\n',
+         r"judge.instructions: .*bad.json item 2 \(line 3\) has no non-empty `instruction`"),
+        ('[\n  {"instruction": "ok"},\n]\n', r"judge.instructions: .*bad.json line 3 is not valid JSON"),
+        ('[\n  {"instruction": "ok"}\n  {"instruction": "no comma"}\n]\n',
+         r"bad.json line 3 is not valid JSON \(Expecting ',' delimiter\)"),
+    ],
+)
+def test_a_json_list_file_names_the_item_and_its_line(tmp_path, content, message):
+    # AlpacaEval's files are one JSON list of hundreds of rows: "bad.json: key twice" left the row to find
+    path = tmp_path / "bad.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        judge_inputs(JudgeConfig(instructions=str(path)), ["Hello! How are you?"])
+
+
 def test_fixture_instructions_are_in_alpaca_eval_schema():
     instructions, references = judge_inputs(JudgeConfig(instructions="fixture", reference=str(FIXTURE_REFERENCES)), [])
     rows = [json.loads(line) for line in FIXTURE_INSTRUCTIONS.read_text().splitlines()]
