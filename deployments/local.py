@@ -21,7 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tasks.config_args import serve_config
+from deployments.server_log import LOG_NAME, cap_log, log_tail, server_log
+from tasks.config_args import UserError, locate, serve_config
 from tasks.leftovers import die_with_parent
 from tasks.runtime import env_defaults, run_timeout, shadowing
 
@@ -169,7 +170,8 @@ def start_server(port: int, home: Path | None = None, log: Path | None = None, t
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with code {proc.returncode}" + (f"; see {log}" if log else ""))
+            raise RuntimeError(f"the Prefect server exited with code {proc.returncode} before answering"
+                               + (f"; its log: {log}" if log else ""))
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
                 if r.status == 200 and proc.poll() is None:  # answered by our server, not another one
@@ -177,7 +179,8 @@ def start_server(port: int, home: Path | None = None, log: Path | None = None, t
         except OSError:
             time.sleep(0.5)
     proc.terminate()
-    raise TimeoutError(f"prefect server on port {port} not healthy after {timeout:.0f} s")
+    raise TimeoutError(f"the Prefect server on port {port} did not answer within {timeout:.0f} s; give it longer "
+                       "with --startup-timeout SECONDS" + (f"; its log: {log}" if log else ""))
 
 
 def start_serving(port: int, home: Path | None = None, log: Path | None = None,
@@ -214,58 +217,148 @@ def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
             continue
 
 
-def _stop_on_signal(signum, frame) -> None:
-    raise KeyboardInterrupt  # unwinds main() through its `finally`, which stops the children
+def _ended(code: int) -> str:
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"code {code}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, default=4200,
-                        help="port of the Prefect server and UI (default %(default)s); a busy port exits 2")
-    parser.add_argument("--startup-timeout", type=float, default=300,
-                        help="seconds to wait for the server to answer (its first start sets up the database)")
-    args, settings = parser.parse_known_args(argv)  # the rest: the nightly's settings (deployments/serve.py)
-    env_defaults()  # the server's flow-run vacuum among them, when started as `python -m deployments.local`
+def watch(server: subprocess.Popen, serving: subprocess.Popen, log: Path, every: float = 1.0) -> int:
+    """Wait until either child ends; this process's exit status. A server that dies is said at once
+    (with the end of its log when it exited on an error) and ends everything with status 1, for a
+    restart policy: a runner left beside it retried the API for ~4 minutes in silence, then died in
+    a 200-line traceback. A serve process that ends by itself: its status (signal N: 128+N, as shells say)."""
+    while True:
+        if (code := server.poll()) is not None:
+            print(f"error: the Prefect server exited ({_ended(code)}); stopping the deployments. Its log: {log}",
+                  file=sys.stderr)
+            if code > 0:  # it said why; one killed by a signal (OOM, kill -9) did not, and its tail is its banner
+                print(log_tail(log), end="", file=sys.stderr)
+            sys.stderr.flush()
+            return 1
+        if (code := serving.poll()) is not None:
+            return 128 - code if code < 0 else code
+        cap_log(log)
+        time.sleep(every)
+
+
+def check_settings(settings: list[str]) -> None:
+    """What `smolflow run` checks before its flow (flows/cli.py cmd_run), on the config the served
+    fine-tunes will get: a missing data file, model or benchmark file is one line now, not a failed
+    nightly every night. Raises UserError/ValueError (ConfigError) or StorageError."""
+    from tasks.checks import check_inputs, check_run
+    from tasks.config import RunConfig
+    from tasks.console import configure_logging
+
+    finetuning, _ = serve_config(settings)
+    config = RunConfig.model_validate(finetuning["config"])  # as the deployment's runs validate it
+    configure_logging()  # the checks read the data: quiet unless --verbose, as `smolflow run`
+    # Not what `run` also asks of the network (the hub, the judge's endpoint, W&B): an outage while
+    # serve (re)starts would keep every later nightly from running; each served run asks it itself.
+    check_inputs(config)
+    check_run(config)
+
+
+def refuse_bad_input(settings: list[str]) -> None:
+    """Exit 2 with one `error:` line if anything the operator gave would fail, before the server starts:
+    the folder, the nightly's settings, then the environment the deployments read (the schedule's
+    check imports Prefect), then, with settings given, what they name (the embedded defaults need no
+    check, and serve's start stays fast)."""
     if problem := folder_problem():
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    # Checked before the server starts, not in the serve process after it: the nightly's settings,
-    # then the environment that the deployments read (the schedule's check imports Prefect).
+        _refuse(problem)
     try:
         serve_config(settings)
         run_timeout()
         nightly_schedule()
     except ValueError as err:
+        _refuse(str(err))
+    if not settings:
+        return
+    from tasks.storage import StorageError  # imported by the checks anyway
+
+    try:
+        check_settings(settings)
+    except (ValueError, FileNotFoundError, StorageError) as err:  # UserError, ConfigError: the message names the field
+        _refuse(str(err) if isinstance(err, UserError) else locate(settings, str(err)))  # + where it was set
+
+
+def _refuse(problem: str) -> None:
+    print(f"error: {problem}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _port(text: str) -> int:
+    """--port's type: a TCP port, or one line naming the fix (an OverflowError traceback at bind before)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a number from 1 to 65535, e.g. --port 4201")
+    return port
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2: not argparse's usage line first
+        _refuse(message)
+
+
+def _stop_on_signal(signum, frame) -> None:
+    raise KeyboardInterrupt  # unwinds main() through its `finally`, which stops the children
+
+
+def shutdown(server: subprocess.Popen | None, serving: subprocess.Popen | None) -> None:
+    """Stop both children and every process under this one: the serve process first (its runner
+    cancels a flow run in progress), then the server, then whatever of theirs is left."""
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the clean-up short
+        signal.signal(sig, signal.SIG_IGN)
+    leftovers = descendants(os.getpid())  # flow runs start sessions of their own: track them by pid
+    for proc in (serving, server):
+        if proc is not None:
+            stop(proc)
+    reap(leftovers)
+
+
+def supervise(port: int, startup_timeout: float, settings: list[str]) -> int:
+    """Start the server and the serve process, keep them running, stop both; the exit status."""
+    server = serving = log = None
+    try:
+        check_port_free(port)  # before the log is rotated: a second `smolflow serve` must not touch the first's
+        log = server_log()
+        print(f"Prefect server log: {log}", flush=True)
+        server = start_server(port, log=log, timeout=startup_timeout)
+        print(f"Prefect UI: http://127.0.0.1:{port}  (API: http://127.0.0.1:{port}/api)", flush=True)
+        serving = start_serving(port, settings=settings)
+        return watch(server, serving, log)
+    except PortInUseError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return PORT_IN_USE
+    except (RuntimeError, TimeoutError) as err:  # the server did not come up: say so and why, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        print(log_tail(log), end="", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        shutdown(server, serving)
+        if log is not None and log.name != LOG_NAME:  # the temp-folder fallback: shown above, not left behind
+            log.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=_port, default=4200,
+                        help="port of the Prefect server and UI (default %(default)s); a busy port exits 2")
+    parser.add_argument("--startup-timeout", type=float, default=300,
+                        help="seconds to wait for the server to answer (its first start sets up the database)")
+    args, settings = parser.parse_known_args(argv)  # the rest: the nightly's settings (deployments/serve.py)
+    env_defaults()  # the server's flow-run vacuum among them, when started as `python -m deployments.local`
+    try:
+        refuse_bad_input(settings)
+    except KeyboardInterrupt:  # Ctrl-C during the checks (seconds, with settings): nothing started yet
+        sys.exit(130)
     # kill, systemd and docker send SIGTERM; a closed terminal SIGHUP: both stop like Ctrl-C.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _stop_on_signal)
-    server = serving = None
-    code = 0
-    try:
-        server = start_server(args.port, timeout=args.startup_timeout)
-        print(f"Prefect UI: http://127.0.0.1:{args.port}  (API: http://127.0.0.1:{args.port}/api)", flush=True)
-        serving = start_serving(args.port, settings=settings)
-        code = serving.wait()  # returns only if serving ended by itself: report its status
-        code = 128 - code if code < 0 else code  # killed by signal N: the shell convention 128+N
-    except PortInUseError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(PORT_IN_USE)
-    except (RuntimeError, TimeoutError) as err:  # the server did not come up: say so, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        code = 1
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the clean-up short
-            signal.signal(sig, signal.SIG_IGN)
-        leftovers = descendants(os.getpid())  # flow runs start sessions of their own: track them by pid
-        for proc in (serving, server):
-            if proc is not None:
-                stop(proc)
-        reap(leftovers)
-    sys.exit(code)
+    sys.exit(supervise(args.port, args.startup_timeout, settings))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """`make serve` (python -m deployments.local) as an operator's supervisor sees it: SIGTERM stops
-every process it started, the deployments stay active across a restart, a busy port is refused.
-Real processes, a real `prefect server start`, real signals. ~60-90 s on 2 busy cores: it starts a
-server twice and imports the flow once (the price of testing the real supervisor)."""
+every process it started, the deployments stay active across a restart, a server that dies ends it
+all in one line, a server that cannot start shows why, a busy or impossible port and settings that
+name a missing file are refused. Real processes, a real `prefect server start`, real signals.
+~90-150 s on 2 busy cores: it starts a server four times and imports the flow twice (the price of
+testing the real supervisor)."""
 
 import os
 import signal
@@ -13,11 +15,13 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
 from deployments.local import alive, descendants, start_server, stop
+from deployments.server_log import TAIL_LINES, cap_log, server_log
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOLFLOW = Path(sys.executable).parent / "smolflow"
 
 
 def _free_port() -> int:
@@ -88,7 +92,7 @@ def test_sigterm_stops_every_child_and_the_nightly_survives_a_restart(tmp_path):
         stop(server)
 
 
-def test_a_busy_port_is_an_error_not_an_attachment(tmp_path):
+def test_a_busy_or_impossible_port_is_an_error_not_an_attachment(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -98,6 +102,12 @@ def test_a_busy_port_is_an_error_not_an_attachment(tmp_path):
     assert out.returncode == 2, out.stderr
     assert f"port {port} on 127.0.0.1 is already in use" in out.stderr and "--port" in out.stderr
     assert "Traceback" not in out.stderr
+    # No port at all: an OverflowError traceback at bind (exit 1) before; refused as the arguments are read.
+    for port in ("70000", "-5"):
+        out = subprocess.run([str(SMOLFLOW), "serve", "--port", port], cwd=ROOT, env=_env(tmp_path / "home"),
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and out.stderr == (f"error: argument --port: '{port}' is not a port: give a number "
+                                                      "from 1 to 65535, e.g. --port 4201\n"), out.stderr
 
 
 def test_a_bad_nightly_setting_is_an_error_before_the_server_starts(tmp_path):
@@ -106,3 +116,70 @@ def test_a_bad_nightly_setting_is_an_error_before_the_server_starts(tmp_path):
                          cwd=tmp_path, env=_env(tmp_path / "home"), capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.startswith("error: flag --prot: prot: unknown setting"), out.stderr
     assert not (tmp_path / "home").exists()  # no server was started (it would have made its database there)
+    # Well-formed settings that name a missing file: checked as `smolflow run` checks them, or every
+    # nightly failed on it. (The home is made by Prefect's import now; the server would add its database.)
+    port = _free_port()
+    out = subprocess.run([str(SMOLFLOW), "serve", "--port", str(port), "--data.dataset", "./nofile.jsonl"],
+                         cwd=tmp_path, env=_env(tmp_path / "home"), capture_output=True, text=True, timeout=60)
+    said = "error: flag --data.dataset: data.dataset='./nofile.jsonl': no such file or directory"
+    assert out.returncode == 2 and out.stderr.startswith(said) and out.stderr.count("\n") == 1, out.stderr
+    assert "Prefect" not in out.stdout and not list((tmp_path / "home").glob("*.db"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # no server was started
+
+
+@pytest.mark.slow
+def test_a_server_that_dies_stops_everything_at_once_in_one_line(tmp_path):
+    """kill -9 of the server (or the OOM killer): the supervisor waited on the serve process alone, beside
+    a defunct server, for ~4 minutes, then the runner died in a 200-line traceback. Now: one line, every
+    process stopped, exit status 1 for a restart policy. Its log is where the start said."""
+    port, home, log = _free_port(), tmp_path / "home", tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        parent = subprocess.Popen([sys.executable, "-m", "deployments.local", "--port", str(port),
+                                   "--startup-timeout", "600"],
+                                  cwd=ROOT, env=_env(home), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_deployments(f"http://127.0.0.1:{port}/api", 900, log, parent)
+        assert f"Prefect server log: {home / 'smolflow-server.log'}\n" in log.read_text()
+        assert "Check out the dashboard" in (home / "smolflow-server.log").read_text()  # the server's own output
+        children = descendants(parent.pid)
+        (server,) = [pid for pid in children if b"server\0start" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        os.kill(server, signal.SIGKILL)
+        assert parent.wait(timeout=30) == 1, log.read_text()[-3000:]  # before: up to ~4 minutes
+        _all_gone(children, 10, log)
+        said = f"error: the Prefect server exited (killed by SIGKILL); stopping the deployments. Its log: {home}"
+        assert said in log.read_text() and "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def test_a_server_that_cannot_start_says_why(tmp_path):
+    """Its output went nowhere: an unusable PREFECT_HOME said only `prefect server exited with code 3`.
+    Its log (here in the temp folder, as the home cannot be made) ends the error, a few lines of it."""
+    env = _env(tmp_path) | {"PREFECT_HOME": "/dev/null/prefect", "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "deployments.local", "--port", str(_free_port())], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr
+    log = out.stdout.split("Prefect server log: ")[1].split("\n")[0]
+    assert log.startswith(f"{tmp_path}/smolflow-prefect-server-")
+    assert not list(tmp_path.glob("smolflow-prefect-server-*"))  # shown below, then not left in the temp folder
+    line = f"error: the Prefect server exited with code 3 before answering; its log: {log}\n"
+    assert line in out.stderr, out.stderr
+    tail = out.stderr.split(line)[1].splitlines()
+    assert 0 < len(tail) <= TAIL_LINES and "unable to open database file" in "\n".join(tail), out.stderr
+
+
+def test_the_server_log_stays_bounded_over_months_of_restarts(tmp_path):
+    """Each start keeps the previous start's log as .1 (the crash a restart followed); one long run
+    caps its log in place, and the server's appends land at the new end, not past a hole."""
+    with temporary_settings(updates={PREFECT_HOME: str(tmp_path)}):
+        for night in ("first", "second", "third"):
+            (log := server_log()).write_text(night)
+    assert (log.read_text(), Path(f"{log}.1").read_text()) == ("third", "second")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smolflow-server.log", "smolflow-server.log.1"]
+    with open(log, "ab", buffering=0) as server:  # as the server holds it
+        server.write(b"x" * 100)
+        cap_log(log, limit=50)
+        server.write(b"after")
+    assert (log.read_bytes(), Path(f"{log}.1").read_bytes()) == (b"after", b"third" + b"x" * 100)
