@@ -24,6 +24,8 @@ import gc
 import inspect
 import json
 import os
+import select
+import signal
 import sys
 from collections.abc import Callable
 
@@ -175,7 +177,7 @@ def cmd_runs(args: argparse.Namespace, rest: list[str]) -> int:
 
     rows = list_runs(args.root)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2), flush=True)
         return 0
     shown = [r | {"promoted": "yes" if r["promoted"] else "",
                   "loss (train/eval)": _losses(r["losses"]) if r["losses"] else "",
@@ -183,8 +185,9 @@ def cmd_runs(args: argparse.Namespace, rest: list[str]) -> int:
                   "source": "; ".join(sorted(set(r["sources"].values()))),
                   "status": r["status"] + (f" ({_short(r['why'])})" if r["status"] in ("failed", "stopped") else "")}
              for r in rows]
+    # flush: a closed stdout (`| head -1`) raises here, where main ends quietly, not at the interpreter's exit
     print(_table(shown, ["run_id", "started", "status", "promoted", "loss (train/eval)", "scores", "source"]) if rows
-          else f"no runs under {args.root}")
+          else f"no runs under {args.root}", flush=True)
     return 0
 
 
@@ -194,7 +197,7 @@ def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
 
     result = compare_runs(args.root, args.run_a, args.run_b)
     if args.json:
-        print(json.dumps(result, indent=2, default=str))
+        print(json.dumps(result, indent=2, default=str), flush=True)
         return 0
     a, b = args.run_a, args.run_b
     print(f"A = {a} ({result['status']['a']})\nB = {b} ({result['status']['b']})\n\nScores (tuned model)")
@@ -204,7 +207,7 @@ def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
     print(_table(diff, ["mark", "setting", "a", "b"]) if diff else "  none: same settings")
     print(f"\nHealthy: A {result['health']['a']} · B {result['health']['b']}")
     print(f"Training loss (train/eval): A {_losses(result['training']['a'])} · B {_losses(result['training']['b'])}")
-    print(f"Data: A {result['data']['a']}\n      B {result['data']['b']}")
+    print(f"Data: A {result['data']['a']}\n      B {result['data']['b']}", flush=True)  # as in cmd_runs
     return 0
 
 
@@ -363,6 +366,18 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err) if isinstance(err, UserError) else locate(rest, str(err))
         print(f"smolflow {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:
+        # stdout's reader left (`smolflow runs | head -1`): end quietly as commands stopped by SIGPIPE do,
+        # with stdout on /dev/null so the interpreter's last flush cannot raise again (Python docs,
+        # "Note on SIGPIPE"). Only the command's own stdout: a caller's streams stay as it set them.
+        if debug or not program:
+            raise
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        if not any(events & select.POLLERR for _, events in poll.poll(0)):  # Linux: a pipe without reader
+            raise  # a broken pipe elsewhere (a socket), while stdout is still read: an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as err:  # tasks.storage's StorageError: S3 credentials, endpoint or bucket to fix
         storage = sys.modules.get("tasks.storage")  # not imported here: it costs ~0.9 s (Prefect)
         if debug or storage is None or not isinstance(err, storage.StorageError):

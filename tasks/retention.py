@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import sys
 import time
 from collections import Counter
 from datetime import datetime
@@ -31,12 +32,13 @@ from typing import Any, Literal
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from tasks.cache_limit import HOUR, Decision, apply_cache, cache_root, default_max_gb, mark_used, plan_cache, remove_entry, usage
 from tasks.config import OutputConfig
 from tasks.layout import RunPaths
 from tasks.prefect_markdown import publish_markdown
+from tasks.runs import runs_root
 from tasks.runtime import retry_transient, run_logger
 from tasks.storage import ArtifactStore
 
@@ -315,10 +317,34 @@ def gc(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incomplete_ho
                     decisions=runs + work + cache + logs, freed_bytes=freed)
 
 
+GC_FLAGS = {"keep_runs": "--keep-runs", "keep_incomplete_hours": "--keep-incomplete-hours"}
+
+
+def check_gc_flags(keep_runs: int, keep_incomplete_hours: float) -> None:
+    """The flags take what output.keep_runs and output.keep_incomplete_hours take (tasks/config.py):
+    --keep-runs 0 with --keep-incomplete-hours 0 deleted a run still being written. One line naming the flag."""
+    try:
+        OutputConfig(keep_runs=keep_runs, keep_incomplete_hours=keep_incomplete_hours)
+    except ValidationError as err:
+        e = err.errors()[0]
+        field = e["loc"][0]
+        flag, least = GC_FLAGS[field], e.get("ctx", {}).get("ge")
+        raise ValueError(f"{flag} {e['input']}: {e['msg'][0].lower()}{e['msg'][1:]}, as for output.{field}"
+                         + (f"; give {flag} {least:g} or more" if least is not None else "")) from None
+
+
 def gc_command(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incomplete_hours: float = 24.0) -> int:
-    """`smolflow gc [--dry-run]`: print what is (or would be) deleted and why; exit status 0."""
+    """`smolflow gc [--dry-run]`: print what is (or would be) deleted and why; exit status 0.
+    Flags the config would refuse, and a --root that cannot hold runs (tasks.runs.runs_root), are
+    refused in one line before anything is deleted; a local one that does not exist is said, and
+    SMOLFLOW_CACHE is bounded all the same (`smolflow gc` from a folder without runs)."""
+    check_gc_flags(keep_runs, keep_incomplete_hours)
+    try:
+        runs_root(root)
+    except FileNotFoundError as err:  # a local root with no runs (or a typo): said, and the cache is still bounded
+        print(f"smolflow gc: note: {err}; only SMOLFLOW_CACHE is bounded", file=sys.stderr)
     report = gc(root, dry_run=dry_run, keep_runs=keep_runs, keep_incomplete_hours=keep_incomplete_hours)
-    print(report.table())
+    print(report.table(), flush=True)  # a closed stdout (`| head`) raises here, for smolflow's main to end quietly
     return 0
 
 

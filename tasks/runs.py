@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import traceback
 from contextlib import contextmanager
@@ -15,9 +16,13 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from tasks.compare import compare, item_values, paired_stderr
+from tasks.config import OutputConfig
 from tasks.layout import POINTERS, RUNS, RunPaths
 from tasks.runtime import RUN_TIMEOUT_ENV, run_logger
-from tasks.storage import ArtifactStore
+from tasks.storage import ArtifactStore, StorageError
+
+# What the flows name their runs: `<UTC date>-<time>-<flow run name>`, `eval-` first for smolflow eval.
+RUN_ID = re.compile(r"(eval-)?\d{8}-[\w-]*")
 
 
 def write_status(run: ArtifactStore, state: str, why: str | None = None, **extra) -> None:
@@ -89,9 +94,33 @@ def sources(run: ArtifactStore) -> dict[str, str]:
     return out
 
 
+def runs_root(root: str) -> ArtifactStore:
+    """The store at `--root` of runs, compare and gc, or one line naming --root (exit 2) where it
+    can hold no runs: a scheme output.artifacts_uri refuses, a local folder that is missing or a
+    file, an S3 root whose credentials, endpoint or bucket do not work (a typo there once listed
+    "no runs", exit 0). An existing folder without runs is a root with none yet."""
+    try:
+        OutputConfig._known_scheme(root)  # the same schemes as output.artifacts_uri
+        store = ArtifactStore(root)
+        # S3 only: check_access's local half would refuse a read-only folder, which can be listed. A
+        # prefix first: exists() of a bucket alone says False for wrong credentials, which a prefix
+        # says as they are (access denied), and a root with runs needs no more requests.
+        if store.is_s3 and not store.exists(RUNS):
+            store.check_access()
+    except StorageError as err:
+        raise StorageError(f"--root: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"--root: {err}") from None
+    if not store.is_s3 and not os.path.isdir(store.root):
+        what = "is a file, not a folder" if os.path.exists(store.root) else "does not exist"
+        raise FileNotFoundError(f"--root: {store.root} {what}. Give the folder the runs were written to "
+                                "(their output.artifacts_uri)")
+    return store
+
+
 def list_runs(root: str) -> list[dict[str, Any]]:
     """Every run folder under root, oldest first: id, start time, status, promoted, headline scores."""
-    store = ArtifactStore(root)
+    store = runs_root(root)
     ids = sorted({path.split("/")[1] for path in store.glob(f"{RUNS}/*/{RunPaths.config}")})
     promoted = {store.read_json(p).get("run_id") for p in store.glob(f"{POINTERS}/*/promoted.json")}
     rows = []
@@ -135,7 +164,7 @@ def _items(run: ArtifactStore, name: str) -> dict[str, float] | None:
 
 def compare_runs(root: str, run_a: str, run_b: str) -> dict[str, Any]:
     """Scores (with the one comparison), settings, health and data of two runs, side by side."""
-    store = ArtifactStore(root)
+    store = runs_root(root)
     a, b = store.child(RUNS, run_a), store.child(RUNS, run_b)
     for run_id, run in ((run_a, a), (run_b, b)):
         if not run.exists(RunPaths.config):
@@ -173,11 +202,17 @@ def compare_runs(root: str, run_a: str, run_b: str) -> dict[str, Any]:
 
 
 def model_of_run(root: str, run_id: str) -> dict[str, Any] | None:
-    """The tuned model (a ModelRef's fields) of a completed run under root, or None if `run_id` names no run."""
+    """The tuned model (a ModelRef's fields) of a completed run under root, or None if `run_id` names no
+    run; ValueError if it has a run id's shape (RUN_ID) yet names neither a run nor a local folder."""
     if not run_id or "/" in run_id or run_id.startswith((".", "~")) or ":" in run_id:
         return None  # a path, a hub id (org/name) or builtin:...; not a run id
-    run = ArtifactStore(root).child(RUNS, run_id)
+    store = ArtifactStore(root)
+    run = store.child(RUNS, run_id)
     if not run.exists(RunPaths.config):
+        if RUN_ID.fullmatch(run_id) and not os.path.exists(run_id):  # a mistyped run id, not a model
+            raise ValueError(f"model={run_id!r}: no run {run_id!r} under {store.uri} (see "
+                             "`smolflow runs`; output.artifacts_uri picks the root), nor a model folder of "
+                             "that name here; a Hugging Face model is named org/name")
         return None
     status = run_status(run)
     if status["state"] != "complete":
