@@ -91,8 +91,11 @@ class ArtifactStore:
         """Raise StorageError unless this root can be used now (on S3: credentials, endpoint and
         bucket; locally: the folder, or the nearest one above it that exists, writable), so a run
         says so before it starts, not at its first write. Nothing is created."""
-        if self.is_s3 and not self.exists() and not self._bucket_exists():
-            raise StorageError(f"S3 storage error for {self.uri}: {s3_problem(self, FileNotFoundError(self.uri))}.")
+        if self.is_s3 and not self.exists():
+            try:  # exists() is False for a missing bucket and for wrong credentials alike: a listing says which
+                self.fs.ls(self.bucket, refresh=True)
+            except Exception as err:  # a new root in a bucket this process can list is fine
+                raise StorageError(f"S3 storage error for {self.uri}: {s3_problem(self, err) or err}.") from None
         if not self.is_s3 and (problem := local_problem(self.root)):
             raise StorageError(f"{self.uri}: {problem}")
 

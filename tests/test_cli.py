@@ -347,7 +347,8 @@ def test_an_unusable_s3_root_is_one_line_before_anything_starts(env, s3_bucket, 
     assert "artifacts: flag --output.artifacts-uri" in smolflow(here, "validate", "--output.artifacts-uri", missing).stderr
     wrong = here | {"AWS_SECRET_ACCESS_KEY": "wrong-" + os.urandom(8).hex()}
     for args in (["runs", "--root", s3_bucket], ["gc", "--root", s3_bucket, "--dry-run"],
-                 ["run", "--output.artifacts-uri", s3_bucket + "/smolflow"]):
+                 ["run", "--output.artifacts-uri", s3_bucket + "/smolflow"],
+                 ["validate", "--output.artifacts-uri", s3_bucket]):  # a bucket alone: it said "does not exist"
         out = smolflow(wrong, *args)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert "access denied by AWS_ENDPOINT_URL=" in out.stderr and wrong["AWS_SECRET_ACCESS_KEY"] not in out.stderr
