@@ -167,7 +167,8 @@ def check_scheduler_builds(cfg, args=None) -> None:
 def check_lora_targets(config: RunConfig) -> None:
     """training.peft.target_modules name modules the model has (peft says so only once the trainer
     is built, after the model is loaded and sampled). Checked on the model's architecture built
-    without weights, when its config.json is on this machine; else left to peft."""
+    without weights, when its config is on this machine (the built-in model's: in its GGUF until it
+    is converted); else left to peft."""
     peft = config.training.peft
     if peft is None or peft.target_modules == ["all-linear"]:
         return
@@ -177,13 +178,18 @@ def check_lora_targets(config: RunConfig) -> None:
     if concrete == BUILTIN and not builtin_gguf().is_file():
         return  # check_model names what is missing
     folder = builtin_target() if concrete == BUILTIN else Path(concrete).expanduser()
+    # A first run on this machine has no converted built-in model yet: its GGUF holds the config (~7 s
+    # to read; a typo once passed here and failed the run after its samples).
+    source = {"pretrained_model_name_or_path": folder}
     if not (folder / "config.json").is_file():
-        return
+        if concrete != BUILTIN:
+            return
+        source = {"pretrained_model_name_or_path": builtin_gguf().parent, "gguf_file": builtin_gguf().name}
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(**source))
     names = [name for name, _ in model.named_modules()]
     missing = [t for t in peft.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:

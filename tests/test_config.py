@@ -205,3 +205,18 @@ def test_lora_modules_the_model_lacks_are_named_before_it_loads(tiny_model_dir):
     with pytest.raises(ConfigError, match=r"\['q_projj'\] match no module of .*did you mean 'q_proj' for 'q_projj'\?"):
         check_lora_targets(config)
     check_lora_targets(parse_config(["--model", str(tiny_model_dir), "--training.peft", "{target_modules: [self_attn.q_proj, v_proj]}"]))
+
+
+def test_lora_modules_of_the_builtin_model_are_checked_before_its_first_conversion(tmp_path, monkeypatch):
+    # A fresh machine (no converted built-in model yet): the check passed, the run failed after its samples.
+    from tasks.checks import ConfigError
+    from tasks.checks_training import check_lora_targets
+    from tasks.models import builtin_target
+
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(tmp_path / "cache"))
+    config = parse_config(["--model", "builtin:smollm2-135m-instruct", "--training.peft", "{target_modules: [q_projx]}"])
+    with pytest.raises(ConfigError, match=r"\['q_projx'\] match no module of 'builtin:.*did you mean 'q_proj' for 'q_projx'\?"):
+        check_lora_targets(config)
+    check_lora_targets(config.model_copy(update={"training": config.training.model_copy(
+        update={"peft": config.training.peft.model_copy(update={"target_modules": ["q_proj", "v_proj"]})})}))
+    assert not builtin_target().exists()  # read from the GGUF, nothing converted
