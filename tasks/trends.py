@@ -108,7 +108,7 @@ def plot_trend(rows: list[tuple[str, dict]]) -> bytes:
     ax.set_ylim(-0.02, 1.02)  # the whole score range: one run must not zoom a 0.3 into a cliff
     ax.set_title(f"Tuned scores, last {len(rows)} run(s); one line per comparable setting")
     ax.grid(alpha=0.3)
-    if rows:
+    if ax.get_legend_handles_labels()[1]:  # runs without benchmarks have no line: matplotlib warned on the console
         ax.legend()
     return figure_png(fig)
 

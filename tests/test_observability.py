@@ -56,6 +56,14 @@ def test_trend_with_no_scores_still_draws_and_says_so(tmp_path):
     with pytest.raises(ValueError, match="n=0"):
         collect_scores(str(tmp_path), n=0)
     assert trend_markdown([]) == "No earlier runs with benchmark scores.\n"
+    # runs without benchmarks (`--benchmarks '[]'`): no line to label, and no matplotlib warning on the console
+    import warnings
+
+    _run(str(tmp_path), "20260101-000000-a", {})
+    current = _run(str(tmp_path), "20260102-000000-b", {}, complete=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert write_trend(str(tmp_path), current)[1].startswith(PNG)
 
 
 def _records(run_dir: Path) -> list[dict]:
