@@ -75,6 +75,18 @@ class DataConfig(Section):
                    "(set data.shuffle: true or data.test_size)")
         return self
 
+    @field_validator("test_size", mode="before")
+    @classmethod
+    def _a_number(cls, value):
+        # `0.5x` got one raw line per member of int | float, and no fix
+        if isinstance(value, str):
+            try:
+                float(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a number: a whole number of rows (e.g. 200) or a fraction "
+                                 "under 1 (e.g. 0.05)") from None
+        return value
+
     @field_validator("test_size")
     @classmethod
     def _fraction_under_one(cls, value: int | float | None) -> int | float | None:

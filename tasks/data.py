@@ -352,7 +352,7 @@ def hold_out(raw, origins: dict, cfg: DataConfig) -> tuple:
     k = cfg.test_size if isinstance(cfg.test_size, int) else math.ceil(n * cfg.test_size)
     if not 0 < k < n:
         raise ValueError(f"data.test_size={cfg.test_size}: holds out {k} of the {n} rows of split {cfg.train_split!r}, "
-                         f"leaving {n - k} to train on; hold out fewer")
+                         f"leaving {max(n - k, 0)} to train on; hold out fewer (at most {n - 1})")
     held = np.zeros(n, dtype=bool)
     held[np.random.default_rng(cfg.seed).permutation(n)[:k]] = True
     parts, named = {}, {}

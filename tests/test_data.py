@@ -152,7 +152,11 @@ def test_test_size_is_refused_where_it_cannot_take_effect(tmp_path):
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), test_size=0.2))
     with pytest.raises(ValueError, match=r"data.test_size=5: holds out 5 of the 5 rows of split 'train', leaving 0"):
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path / "train.jsonl"), test_size=5))
-    for bad, says in ((1.5, "a fraction of the train split is under 1"), (0, "greater than 0")):
+    with pytest.raises(ValueError, match=r"data.test_size=25: holds out 25 of the 5 rows .* leaving 0 to train on; "
+                       r"hold out fewer \(at most 4\)"):  # it said "leaving -20"
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path / "train.jsonl"), test_size=25))
+    for bad, says in ((1.5, "a fraction of the train split is under 1"), (0, "greater than 0"),
+                      ("0.5x", "'0.5x' is not a number: a whole number of rows"), ("", "'' is not a number")):
         with pytest.raises(ValueError, match=says):
             DataConfig(test_size=bad)
     DataConfig(test_size=0.05, seed=3)  # the seed picks the held-out rows: not refused without a shuffle
