@@ -37,7 +37,7 @@ from tasks.config import DataConfig
 from tasks.datafiles import FORMATS, READ_PROBLEM, Origin, UnreadableError, local_data_files, read_split
 from tasks.rows import (  # noqa: F401 - as_written, row_problem, row_shapes: used from here by other stages
     CHATML_TOKENS, SHAPES, as_written, may_hold_token, normalize, pairs_to_messages, reason_kind, row_json, row_problem,
-    row_shapes, sharegpt_to_messages, special_token_problem, token_pattern,
+    row_shapes, sharegpt_problem, sharegpt_to_messages, special_token_problem, token_pattern,
 )
 from tasks.runtime import FIXTURES, atomic_dir, atomic_write, cache_dir, default_threads, hub_offline, retry_transient
 
@@ -193,7 +193,9 @@ def _pairs_to_messages(batch):
 
 def _sharegpt_to_messages(batch):
     systems = batch["system"] if "system" in batch else [None] * len(batch["conversations"])
-    return {"messages": [sharegpt_to_messages(c, s) for c, s in zip(batch["conversations"], systems)]}
+    return {"messages": [sharegpt_to_messages(c, s) for c, s in zip(batch["conversations"], systems)],
+            # named as written; "" for none: a first batch of None only would type the column null
+            READ_PROBLEM: [sharegpt_problem(c) or "" for c in batch["conversations"]]}
 
 
 def layout_of(ds) -> str:

@@ -148,7 +148,7 @@ def _values(file: str):
 def _line_rows(files: list[str], stamps: list[tuple]):
     """Rows of JSON / JSON-lines files one by one; `stamps` (mtime, size) make datasets' generator
     cache miss when a file changes."""
-    from tasks.rows import pairs_to_messages
+    from tasks.rows import pairs_to_messages, sharegpt_problem, sharegpt_to_messages
 
     for file in files:
         for value, problem in _values(file):
@@ -158,6 +158,10 @@ def _line_rows(files: list[str], stamps: list[tuple]):
                 yield {"messages": None, READ_PROBLEM: problem}
             elif "messages" not in value and {"prompt", "completion"} <= set(value):
                 yield {"messages": pairs_to_messages(value["prompt"], value["completion"]), READ_PROBLEM: None}
+            elif "messages" not in value and "conversations" in value:  # ShareGPT, as tasks/data.py reads it
+                conversation = value["conversations"]
+                yield {"messages": sharegpt_to_messages(conversation, value.get("system")),
+                       READ_PROBLEM: sharegpt_problem(conversation)}
             else:
                 yield {"messages": value.get("messages"), READ_PROBLEM: None}
 

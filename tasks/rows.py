@@ -136,6 +136,15 @@ def sharegpt_to_messages(conversation, system=None) -> object:
     return turns
 
 
+def sharegpt_problem(conversation) -> str | None:
+    """A `from` ShareGPT does not define, named as the user wrote it (converted, it was reported as
+    `messages[i].role`, a field the file does not have)."""
+    for j, turn in enumerate(conversation if isinstance(conversation, list) else []):
+        if isinstance(turn, dict) and "from" in turn and turn["from"] not in SHAREGPT_ROLES:
+            return f"conversations[{j}].from is {turn['from']!r}, expected one of {sorted(SHAREGPT_ROLES)}"
+    return None
+
+
 def pairs_to_messages(prompt, completion) -> list:
     """TRL's prompt/completion pair (plain text, or lists of messages) as one conversation."""
     def turns(value, role):

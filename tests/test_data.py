@@ -111,8 +111,17 @@ def test_sharegpt_conversations_become_messages_with_their_system_prompt(tmp_pat
         [("system", "Be kind."), ("user", "Hi 2"), ("assistant", "Hello 2!")]]
     bad = {"conversations": [{"from": "narrator", "value": "Once"}, {"from": "gpt", "value": "upon"}]}
     _write_jsonl(tmp_path / "train.jsonl", [row(0), row(1), bad])
-    with pytest.raises(BadRowsError, match=r"train.jsonl:3: messages\[0\].role is 'narrator'"):
+    # named as the file has it (it said messages[0].role, which a ShareGPT file has not)
+    with pytest.raises(BadRowsError, match=r"train.jsonl:3: conversations\[0\].from is 'narrator', expected one of "
+                                           r"\['assistant', 'gpt', 'human'"):
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    # one line that is not JSON: every other row was "missing `messages`" (the line reader knew no ShareGPT)
+    (tmp_path / "train.jsonl").write_text((tmp_path / "train.jsonl").read_text() + '{"conversations": [\n')
+    with pytest.raises(BadRowsError, match=r"2 bad row\(s\) in split 'train': \S*train.jsonl:3: conversations\[0\]"
+                                           r".from is 'narrator'.*; \S*train.jsonl:4: not valid JSON"):
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    kept = load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), bad_rows="drop"))
+    assert kept.rows["train"] == 2 and sum(kept.dropped["train"].values()) == 2
 
 
 def test_missing_messages_column_says_which_schema(tmp_path):
