@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from deployments.server_log import LOG_NAME, cap_log, log_tail, server_log
-from tasks.config_args import UserError, locate, serve_config
+from tasks.config_args import UserError, locate, port_number, serve_config
 from tasks.leftovers import die_with_parent
 from tasks.runtime import env_defaults, run_timeout, shadowing
 
@@ -285,17 +285,6 @@ def _refuse(problem: str) -> None:
     sys.exit(2)
 
 
-def _port(text: str) -> int:
-    """--port's type: a TCP port, or one line naming the fix (an OverflowError traceback at bind before)."""
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a number from 1 to 65535, e.g. --port 4201")
-    return port
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2: not argparse's usage line first
         _refuse(message)
@@ -345,7 +334,7 @@ def supervise(port: int, startup_timeout: float, settings: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=_port, default=4200,
+    parser.add_argument("--port", type=port_number, default=4200,
                         help="port of the Prefect server and UI (default %(default)s); a busy port exits 2")
     parser.add_argument("--startup-timeout", type=float, default=300,
                         help="seconds to wait for the server to answer (its first start sets up the database)")

@@ -32,7 +32,7 @@ from collections.abc import Callable
 import yaml
 
 from tasks.config import NOT_IN_EVAL
-from tasks.config_args import ServeConfig, UserError, config_help, locate, parse_config
+from tasks.config_args import ServeConfig, UserError, config_help, locate, parse_config, port_number
 from tasks.runtime import env_defaults
 
 EXIT_USER_ERROR = 2
@@ -245,10 +245,12 @@ def cmd_arena_run(args: argparse.Namespace, rest: list[str]) -> int:
     """Arena battles between nightly models, judged, rated Bradley-Terry style (the smolflow-arena flow)."""
     from flows.arena import arena
     from tasks.arena_config import ArenaConfig
+    from tasks.arena_tasks import check_arena_inputs
     from tasks.judge_backends import check_endpoint
 
     config = parse_config(rest, model=ArenaConfig)
     check_endpoint(config.judge)  # the arena's judge has the run judge's endpoint settings
+    check_arena_inputs(config)  # docs/arena.md: prompts and models checked before the flow, as `run` does
     with join_running_server():
         _print(run_flow(arena, config))
     return 0
@@ -323,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = arena_sub.add_parser("serve", help=cmd_arena_serve.__doc__)
     p.add_argument("--root", default=DEFAULT_ROOT, help="artifact root the arena flow wrote to (default %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port of the vote page (default %(default)s)")
+    p.add_argument("--port", type=port_number, default=7860,
+                   help="port of the vote page (default %(default)s); a busy port exits 2")
     p.set_defaults(fn=cmd_arena_serve)
     p = sub.add_parser("serve", help=cmd_serve.__doc__, usage=USAGE["serve"],
                        description=(f"{inspect.cleandoc(cmd_serve.__doc__)}\n\n{SERVE_ENV}\n\n"

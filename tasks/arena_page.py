@@ -15,18 +15,24 @@ from __future__ import annotations
 import html
 import random
 import secrets
+import socket
 from typing import Any
 from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
 from starlette.routing import Route
 
 from tasks.arena import BASE_RATING, win_probability
 from tasks.arena_store import append_vote, arena_store, current_board, read_answers, read_models
+from tasks.config_args import UserError
 
 CHOICES = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
+# Battles shown but not voted on yet: a page served for months would otherwise keep every one it
+# ever showed. Beyond the cap the oldest is forgotten (its vote then reads as expired, nothing counted).
+MAX_PENDING = 10_000
+EXPIRED = "<p id='expired' class='reveal'>That battle had expired (or was already voted on): your vote was not counted.</p>"
 PAGE_ROUNDS = 100  # bootstrap rounds for the page's leaderboard: recomputed on every view
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;color:#222}
 .prompt{background:#f3f3f7;padding:.8em 1em;border-radius:6px;white-space:pre-wrap}
@@ -52,7 +58,23 @@ def _leaderboard_html(board: dict[str, Any] | None) -> str:
             f"<th>model</th><th>rating</th><th>95% interval</th><th>battles</th></tr>{rows}</table>")
 
 
-def make_app(root: str, seed: int | None = None) -> Starlette:
+def _remember(pending: dict[str, dict[str, Any]], battle_id: str, battle: dict[str, Any], cap: int) -> None:
+    """Keep `battle` for its vote, forgetting the oldest beyond `cap` (dicts keep insertion order)."""
+    pending[battle_id] = battle
+    while len(pending) > cap:
+        del pending[next(iter(pending))]
+
+
+async def _form(request: Request) -> dict[str, str] | None:
+    """The urlencoded form (Starlette's request.form() needs python-multipart); None if not UTF-8."""
+    try:
+        text = (await request.body()).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return {k: v[0] for k, v in parse_qs(text).items()}
+
+
+def make_app(root: str, seed: int | None = None, max_pending: int = MAX_PENDING) -> Starlette:
     """The vote page over the arena under `root` (local path, file:// or s3://)."""
     store = arena_store(root)
     rng = random.Random(seed)
@@ -77,16 +99,17 @@ def make_app(root: str, seed: int | None = None) -> Starlette:
                   "answer_a": read_answers(store, a).get(prompt, ""),
                   "answer_b": read_answers(store, b).get(prompt, "")}
         battle_id = secrets.token_urlsafe(12)
-        pending[battle_id] = battle
+        _remember(pending, battle_id, battle, max_pending)
         return battle | {"id": battle_id}
 
     async def index(request: Request) -> HTMLResponse:
+        notice = EXPIRED if request.query_params.get("expired") else ""  # else the vote vanishes silently
         battle = new_battle()
         if battle is None:
             return _page("smolflow arena", "<h1>smolflow arena</h1>" + _leaderboard_html(None))
         buttons = "".join(f"<button type='submit' name='choice' value='{c}'>{label}</button>"
                           for c, label in CHOICES.items())
-        body = (f"<h1>smolflow arena</h1><p>Which answer is better? The models stay hidden until you vote.</p>"
+        body = (f"<h1>smolflow arena</h1>{notice}<p>Which answer is better? The models stay hidden until you vote.</p>"
                 f"<div class='prompt' id='prompt'>{html.escape(battle['prompt'])}</div><div class='pair'>"
                 f"<div class='answer' id='answer-a'><h3>Model A</h3><pre>{html.escape(battle['answer_a'])}</pre></div>"
                 f"<div class='answer' id='answer-b'><h3>Model B</h3><pre>{html.escape(battle['answer_b'])}</pre></div>"
@@ -94,12 +117,15 @@ def make_app(root: str, seed: int | None = None) -> Starlette:
                 f"value='{battle['id']}'>{buttons}</form>")
         return _page("smolflow arena", body + _leaderboard_html(current_board(store, rounds=PAGE_ROUNDS)))
 
-    async def vote(request: Request) -> HTMLResponse | RedirectResponse:
-        # The form is urlencoded: parsed here, since Starlette's request.form() needs python-multipart.
-        form = {k: v[0] for k, v in parse_qs((await request.body()).decode()).items()}
-        battle = pending.pop(form.get("battle", ""), None)
+    async def vote(request: Request) -> HTMLResponse | PlainTextResponse | RedirectResponse:
+        form = await _form(request)
+        if form is None:
+            return PlainTextResponse("the form is not UTF-8: send it from the arena page", status_code=400)
         choice = form.get("choice", "")
-        if battle is None or choice not in CHOICES:
+        if choice not in CHOICES:  # checked before the battle is taken: a bad request must not use it up
+            return PlainTextResponse(f"choice must be one of {', '.join(CHOICES)}", status_code=400)
+        battle = pending.pop(form.get("battle", ""), None)
+        if battle is None:
             # A page from before a restart, or a vote cast twice: nothing recorded, a fresh battle.
             return RedirectResponse("./?expired=1", status_code=303)
         append_vote(store, {k: battle[k] for k in ("prompt", "model_a", "model_b", "name_a", "name_b")}
@@ -118,10 +144,30 @@ def make_app(root: str, seed: int | None = None) -> Starlette:
                              Route("/leaderboard.json", leaderboard_json)])
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the URL is printed: a busy port is one line (UserError), and
+    uvicorn serves this very socket, so nothing can take the port in between."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as err:
+        raise UserError(f"--host {host!r}: {err.strerror or err}; give an address of this machine") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart may reuse it at once
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise UserError(f"port {port} on {host} is not free ({err.strerror}): stop what listens there, "
+                        f"or pick another: --port {port + 1 if port < 65535 else 7860}") from None
+    sock.listen(2048)
+    return sock
+
+
 def arena_serve(root: str, host: str = "127.0.0.1", port: int = 7860) -> None:
     """Serve the vote page until interrupted (`smolflow arena serve`)."""
     import uvicorn
 
+    sock = bind(host, port)
     print(f"smolflow arena: http://{host}:{port}/  (votes go to {arena_store(root).url('votes')})", flush=True)
-    uvicorn.run(make_app(root), host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(make_app(root), log_level="warning")).run(sockets=[sock])
 

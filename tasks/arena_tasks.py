@@ -47,6 +47,18 @@ def load_prompts(cfg: ArenaConfig) -> list[str]:
         raise ValueError(str(err).replace("judge.instructions", "arena prompts")) from None
 
 
+def check_arena_inputs(cfg: ArenaConfig) -> None:
+    """The prompt file and every model the user listed, found without loading a model: `smolflow arena run`
+    calls it before the flow, so a typo costs a second and one line, not a Prefect server and a Failed run."""
+    from tasks.checks import check_model
+
+    load_prompts(cfg)  # the flow's own reader: the same file:line message it would give
+    for i, source in enumerate(cfg.models):
+        check_model(source, f"models[{i}]")
+    if cfg.base_model != "auto":
+        check_model(cfg.base_model, "base_model")
+
+
 @task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
 def gather_runs(cfg: ArenaConfig) -> tuple[list[ArenaModel], ModelRef | None]:
     """The promoted run and the newest N completed fine-tunes as contestants, and the newest one's base model."""

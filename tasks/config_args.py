@@ -10,6 +10,7 @@ Flags apply on top of the file. A bad value is reported as `file:line: field: pr
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import re
@@ -230,3 +231,15 @@ def config_help(model: type[BaseModel] = RunConfig, leave_out: dict | None = Non
     return (f"Settings: --config FILE, a YAML or JSON file of them nested by section (e.g. `{example}`), "
             "then any flag below on top of it; each flag also accepts underscores and --flag=VALUE, and values "
             "are read as YAML (lists and dicts work):\n" + "\n".join(out) + "\n")
+
+
+def port_number(text: str) -> int:
+    """argparse type of a --port: 1 to 65535, refused as the arguments are read (a bind then failed
+    in an OverflowError traceback, after the URL was printed)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a number from 1 to 65535")
+    return port

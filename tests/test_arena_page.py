@@ -125,3 +125,83 @@ def test_votes_in_chromium_survive_a_restart_and_move_the_leaderboard(tmp_path):
         assert all(v["model_a"] != v["model_b"] and v["prompt"] in PROMPTS and v["source"] == "human" for v in votes)
     finally:
         stop_page(server)
+
+
+# ---- bad votes over plain HTTP: the real app on a real socket, in a thread (no browser needed) ----
+
+import re  # noqa: E402
+import threading  # noqa: E402
+import urllib.error  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+
+
+@contextmanager
+def page_in_thread(root: Path, **options):
+    """make_app served by uvicorn on a free port in this process; yields the base URL."""
+    import uvicorn
+
+    from tasks.arena_page import make_app
+
+    server = uvicorn.Server(uvicorn.Config(make_app(str(root), seed=0, **options), host="127.0.0.1",
+                                           port=_free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the page did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def battle_id(url: str) -> str:
+    with urllib.request.urlopen(url + "/", timeout=30) as r:
+        return re.search(r"name='battle' value='([^']+)'", r.read().decode()).group(1)
+
+
+def post(url: str, body: bytes) -> tuple[int, str]:
+    """Status and text of POST /vote (a 303 is followed, as a browser does)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url + "/vote", data=body), timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_bad_choice_and_non_utf8_body_are_400_and_keep_the_battle(tmp_path):
+    root = tmp_path / "artifacts"
+    make_arena(root)
+    with page_in_thread(root) as url:
+        battle = battle_id(url)
+        status, text = post(url, f"battle={battle}&choice=zzz".encode())
+        assert status == 400 and "choice must be one of" in text
+        status, text = post(url, b"battle=\xff\xfe&choice=a")
+        assert status == 400 and "UTF-8" in text
+        status, text = post(url, f"battle={battle}&choice=a".encode())  # the battle is still there
+        assert status == 200 and "id='reveal'" in text
+    assert [v["outcome"] for v in read_votes(arena_store(str(root)))] == ["a"]
+
+
+def test_expired_battle_says_the_vote_was_not_counted(tmp_path):
+    root = tmp_path / "artifacts"
+    make_arena(root)
+    with page_in_thread(root) as url:
+        status, text = post(url, b"battle=bogus&choice=a")
+        assert status == 200 and "id='expired'" in text and "not counted" in text
+        assert "id='expired'" not in urllib.request.urlopen(url + "/", timeout=30).read().decode()
+    assert read_votes(arena_store(str(root))) == []
+
+
+def test_pending_battles_are_bounded_oldest_forgotten_first(tmp_path):
+    root = tmp_path / "artifacts"
+    make_arena(root)
+    with page_in_thread(root, max_pending=2) as url:
+        oldest, middle, newest = battle_id(url), battle_id(url), battle_id(url)
+        assert "id='reveal'" in post(url, f"battle={newest}&choice=b".encode())[1]
+        assert "id='reveal'" in post(url, f"battle={middle}&choice=tie".encode())[1]
+        # Last: its redirect's page shows (and so remembers) a new battle, which would push the others out.
+        assert "id='expired'" in post(url, f"battle={oldest}&choice=a".encode())[1]  # dropped past the cap
+    assert [v["outcome"] for v in read_votes(arena_store(str(root)))] == ["b", "tie"]
