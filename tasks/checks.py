@@ -84,8 +84,10 @@ def check_benchmark_data(config: RunConfig) -> None:
     datasets, ~1.1-1.7 s of a cached re-run that otherwise imports neither."""
     from tasks.benchmarks import REGISTRY
     from tasks.benchmarks.base import LmEvalBenchmark
+    from tasks.benchmarks.custom import check_judge_enabled
     from tasks.runtime import atomic_write
 
+    check_judge_enabled(config.custom_benchmarks, config.judge.enabled)
     for i, b in enumerate(config.benchmarks):
         bench = REGISTRY[b.name]
         if not isinstance(bench, LmEvalBenchmark):
@@ -276,7 +278,13 @@ def validate_everything(config: RunConfig) -> tuple[list[str], dict[str, str]]:
     attempt("hub", check_hub_reachable, config)
     attempt("data", load_chat_dataset.fn, config.data)  # every row checked; no model involved
     for i, b in enumerate(config.benchmarks):
-        attempt(f"benchmarks[{i}] ({b.name}) data", REGISTRY[b.name].data_files, b)
+        # check_run (cross-checks) stops at its first problem, so each benchmark's files are read here
+        # too; a problem it already reported is not listed twice.
+        try:
+            REGISTRY[b.name].data_files(b)
+        except Exception as err:
+            if not any(str(err) in p for p in problems):
+                problems.append(f"benchmarks[{i}] ({b.name}) data: {err}")
     return problems, resolved
 
 

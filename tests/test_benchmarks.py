@@ -103,10 +103,10 @@ def test_subsets_are_validated_against_the_benchmark():
 def test_bad_local_rows_are_named(tmp_path):
     bad = tmp_path / "test.jsonl"
     bad.write_text(json.dumps({"question": "q", "subject": "astronomy", "choices": ["a", "b"], "answer": 0}) + "\n")
-    with pytest.raises(ValueError, match="row 0: need `choices` \\(4 strings\\)"):
+    with pytest.raises(ValueError, match="test.jsonl:1: need `choices` \\(4 strings\\)"):
         REGISTRY["mmlu"].evaluate_lm(AnswerKey(right=True), BenchmarkConfig(name="mmlu", data=str(tmp_path)))
     (tmp_path / "he.jsonl").write_text(json.dumps({"task_id": "x", "prompt": "def f():\n"}) + "\n")
-    with pytest.raises(ValueError, match="row 0: missing field"):
+    with pytest.raises(ValueError, match="he.jsonl:1: missing field"):
         read_problems(tmp_path / "he.jsonl")
 
 

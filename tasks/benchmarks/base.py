@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from tasks.benchmarks.rows import read_rows, write_jsonl  # noqa: F401 - the benchmarks' row helpers
+from tasks.benchmarks.rows import need_strings, read_numbered, read_rows, write_jsonl  # noqa: F401 - the benchmarks' row helpers
 from tasks.config import BenchmarkConfig
 from tasks.console import quiet_bars
 from tasks.runtime import FIXTURES, git_commit, hub_offline, split_of
@@ -48,6 +48,17 @@ class BenchmarkResult(BaseModel):
     item_values: dict[str, list[float]] = Field(default_factory=dict, exclude=True)
 
 
+DATA_WORDS = ("auto", "hub", "fixture")  # the values of `data` that are not paths (local_source)
+
+
+def did_you_mean(data: str) -> str:
+    """'did you mean 'fixture'? ' for a near miss of a DATA_WORDS value (a typo reads as a path)."""
+    import difflib
+
+    near = difflib.get_close_matches(data, DATA_WORDS, n=1)
+    return f"did you mean {near[0]!r}? " if near else ""
+
+
 class Benchmark(abc.ABC):
     """A benchmark: where its data comes from and how to score a model on it."""
 
@@ -55,6 +66,7 @@ class Benchmark(abc.ABC):
     hub: tuple[str, str | None]  # (dataset id, config) of the reference data
     fixture: str  # directory under tasks/fixtures/ in the hub schema
     reference: str  # where the default settings come from
+    row_fields: tuple[str, ...] = ()  # string fields every local row needs (checked in data_files)
 
     def local_source(self, cfg: BenchmarkConfig) -> Path | None:
         """The local file or folder `cfg.data` names ('auto' offline: the fixture), or None for the hub."""
@@ -65,7 +77,8 @@ class Benchmark(abc.ABC):
             return None
         folder = FIXTURES / self.fixture if source == "fixture" else Path(source).expanduser()
         if not folder.exists():
-            raise ValueError(f"benchmarks[{self.name}].data={cfg.data!r}: no such file or directory")
+            raise ValueError(f"benchmarks[{self.name}].data={cfg.data!r}: no such file or directory; "
+                             f"{did_you_mean(cfg.data)}use auto, hub, fixture or a local file/folder in the hub schema")
         return folder
 
     def auto_source(self, offline: bool) -> str:
@@ -93,8 +106,9 @@ class Benchmark(abc.ABC):
             files = {split_of(f): str(f) for f in sorted(folder.iterdir()) if f.suffix in (".jsonl", ".json", ".parquet")}
         if "test" not in files:
             raise ValueError(f"benchmarks[{self.name}].data={cfg.data!r}: need a test.jsonl (or .parquet) there")
-        for path in files.values():
-            read_rows(path)  # a broken line is named here (file:line), not deep inside `datasets`
+        for path in files.values():  # a broken line is named here (file:line), not deep inside `datasets`
+            for where, row in read_numbered(path):
+                need_strings(where, row, self.row_fields)
         return files
 
     subsets: tuple[str, ...] = ()  # named parts (MMLU subjects, BBH tasks); empty: not split

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import BenchmarkConfig
-from tasks.benchmarks.base import LmEvalBenchmark, read_rows
+from tasks.benchmarks.base import LmEvalBenchmark, need_strings, read_numbered
 
 
 def _stock_tasks() -> tuple[str, ...]:
@@ -76,9 +76,8 @@ class BBH(LmEvalBenchmark):
             else:
                 if task not in files:
                     raise ValueError(f"benchmarks[bbh].subsets: no {task}.jsonl in {cfg.data!r}")
-                for i, row in enumerate(read_rows(files[task])):
-                    if not isinstance(row.get("input"), str) or not isinstance(row.get("target"), str):
-                        raise ValueError(f"{files[task]} row {i}: need string fields `input` and `target`")
+                for where, row in read_numbered(files[task]):
+                    need_strings(where, row, ("input", "target"))
                 # The few-shot examples live in the stock YAML, so only a test split is needed.
                 spec |= {"dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": {"test": files[task]}}}
             specs.append(self.shots(spec, cfg))

@@ -289,6 +289,18 @@ def load_definitions(paths: list[str]) -> list[CustomBenchmark]:
 # --- scoring ----------------------------------------------------------------------------------
 
 
+def check_judge_enabled(paths: list[str], judge_enabled: bool) -> None:
+    """A judge_rubric benchmark asks the run's judge; with judge.enabled: false it would still load
+    and run it, so a setting that says "no judge" is refused rather than silently ignored."""
+    if judge_enabled:
+        return
+    for i, bench in enumerate(load_definitions(paths)):
+        if bench.scorer == "judge_rubric":
+            raise CustomBenchmarkError(
+                f"custom_benchmarks[{i}] ({bench.path}): scorer judge_rubric needs the judge, but judge.enabled "
+                "is false; set judge.enabled: true, or give this benchmark another scorer")
+
+
 def score_outputs(bench: CustomBenchmark, outputs: list[str], judge=None) -> tuple[list[dict], dict[str, float]]:
     """Per-item records and metrics for model outputs, one per selected item, in order."""
     items, args = bench.selected(), bench.scorer_args

@@ -28,6 +28,7 @@ class GSM8K(LmEvalBenchmark):
     full_items = 1319
     cost_per_item = 7.0
     reference_shots = 5
+    row_fields = ("question", "answer")  # the stock YAML's doc_to_text and doc_to_target
 
     def needs_fixed(self, cfg: BenchmarkConfig) -> bool:
         files = self.data_files(cfg)

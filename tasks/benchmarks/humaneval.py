@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from tasks.config import BenchmarkConfig
 from tasks.benchmarks.provenance import arrangement, comparability
-from tasks.benchmarks.base import Benchmark, BenchmarkResult, stderr_of_mean
+from tasks.benchmarks.base import Benchmark, BenchmarkResult, did_you_mean, stderr_of_mean
 from tasks.sandbox import Limits, run_python
 
 if TYPE_CHECKING:
@@ -57,16 +57,17 @@ def read_problems(path: str | Path) -> list[dict[str, Any]]:
     if path.suffix == ".parquet":
         import pandas as pd
 
-        rows = pd.read_parquet(path).to_dict("records")
+        numbered = [(f"{path} row {n}", row) for n, row in enumerate(pd.read_parquet(path).to_dict("records"), start=1)]
     else:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt", encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    for i, row in enumerate(rows):
+            # file:line, 1-based with blank lines counted, as an editor shows it
+            numbered = [(f"{path}:{n}", json.loads(line)) for n, line in enumerate(f, start=1) if line.strip()]
+    for where, row in numbered:
         missing = [k for k in FIELDS if k not in row]
         if missing:
-            raise ValueError(f"{path} row {i}: missing field(s) {missing}; HumanEval rows need {list(FIELDS)}")
-    return rows
+            raise ValueError(f"{where}: missing field(s) {missing}; HumanEval rows need {list(FIELDS)}")
+    return [row for _, row in numbered]
 
 
 def truncate(completion: str) -> str:
@@ -113,7 +114,8 @@ class HumanEval(Benchmark):
                 raise ValueError(f"benchmarks[humaneval].data={source!r}: need a test.jsonl (or .jsonl.gz/.parquet) there")
             path = files[0]
         if not path.exists():
-            raise ValueError(f"benchmarks[humaneval].data={source!r}: no such file or directory")
+            raise ValueError(f"benchmarks[humaneval].data={source!r}: no such file or directory; {did_you_mean(source)}"
+                             "use auto, hub, fixture or a local .jsonl(.gz)/.parquet file or folder")
         return read_problems(path), str(path)
 
     def data_identity(self, cfg: BenchmarkConfig) -> str:

@@ -32,6 +32,7 @@ class MATH(LmEvalBenchmark):
     full_items = 500
     cost_per_item = 6.0
     reference_shots = 4
+    row_fields = ("problem", "solution")  # the prompt, and the gold that process_results checks against
     extraction = "math-verify: last \\boxed{} / final answer of the output vs the gold solution's"
 
     def overrides(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import BenchmarkConfig
-from tasks.benchmarks.base import LmEvalBenchmark, read_rows, write_jsonl
+from tasks.benchmarks.base import LmEvalBenchmark, read_numbered, write_jsonl
 
 
 def _stock_subjects() -> tuple[str, ...]:
@@ -51,14 +51,8 @@ class MMLU(LmEvalBenchmark):
         local: dict[str, dict[str, list]] = {}
         if files is not None:  # one file with a `subject` column, as cais/mmlu's "all" config
             for split, path in files.items():
-                for i, row in enumerate(read_rows(path)):
-                    subject = row.get("subject")
-                    if subject not in self.subsets:
-                        raise ValueError(
-                            f"{path} row {i}: subject={subject!r} is not an MMLU subject (e.g. {self.subsets[0]!r})"
-                        )
-                    if not isinstance(row.get("answer"), int) or len(row.get("choices") or []) != 4:
-                        raise ValueError(f"{path} row {i}: need `choices` (4 strings) and `answer` (int 0-3)")
+                for where, row in read_numbered(path):
+                    subject = self.check_row(where, row)
                     local.setdefault(subject, {}).setdefault(split, []).append(row)
         chosen = cfg.subsets or (sorted(local) if files is not None else list(self.subsets))
         specs = []
@@ -73,6 +67,21 @@ class MMLU(LmEvalBenchmark):
                 spec |= self.local(data, spec)
             specs.append(self.shots(spec, cfg))
         return specs
+
+    def check_row(self, where: str, row: dict[str, Any]) -> str:
+        """The row's subject, once the row is one lm-eval can score: an answer out of range passes
+        validation, then fails as an IndexError inside lm-eval after the model is loaded."""
+        subject = row.get("subject")
+        if subject not in self.subsets:
+            raise ValueError(f"{where}: subject={subject!r} is not an MMLU subject (e.g. {self.subsets[0]!r})")
+        choices, answer = row.get("choices"), row.get("answer")
+        choices = choices.tolist() if hasattr(choices, "tolist") else choices  # parquet rows hold arrays
+        four = isinstance(choices, list) and len(choices) == 4 and all(isinstance(c, str) for c in choices)
+        # bool is an int to Python, but True is no choice index a file means.
+        if not four or isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < 4:
+            raise ValueError(f"{where}: need `choices` (4 strings) and `answer` (int 0-3, the index of the "
+                             f"right choice); got choices={choices!r}, answer={answer!r}")
+        return subject
 
     def record(self, sample: dict, key: str) -> dict[str, Any]:
         # lm-eval's own choice: argmax of the log-likelihoods (acc), or of log-likelihood / length of

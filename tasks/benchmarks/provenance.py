@@ -111,7 +111,7 @@ def provenance(name: str, hub: tuple[str, str | None], data: str, files: dict[st
         fixture = all(Path(p).resolve().is_relative_to(FIXTURES.resolve()) for p in files.values())
         source = {"source": "fixture" if fixture else "local", "path": data if not fixture else str(FIXTURES / name),
                   "files": dict(sorted(files.items())), "sha256": sha}
-        rows = _test_rows(files) if not fixture else 0
+        rows = _test_rows(files)
         source["test_items"] = rows
         real = not fixture and rows == FULL_SIZE.get(name)
     comparable = real and reference_settings and full_set
