@@ -162,6 +162,9 @@ def _line_rows(files: list[str], stamps: list[tuple]):
                 conversation = value["conversations"]
                 yield {"messages": sharegpt_to_messages(conversation, value.get("system")),
                        READ_PROBLEM: sharegpt_problem(conversation)}
+            elif "messages" in value and "system" in value:  # as tasks/data.py refuses the column: never lost silently
+                yield {"messages": None, READ_PROBLEM: "a `system` field next to `messages`, which smolflow does not "
+                       "read: put it in the row as the first message, {role: system, content: ...}"}
             else:
                 yield {"messages": value.get("messages"), READ_PROBLEM: None}
 

@@ -90,6 +90,12 @@ def test_fields_other_tools_read_are_refused_not_silently_dropped(tmp_path):
     with pytest.raises(BadRowsError, match=r"split 'train' has a `system` column, which smolflow does not read.*"
                                            r"first message, \{role: system"):
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    # with a line that is not JSON the file is read line by line: the system field was dropped there, and
+    # `bad_rows: drop` trained without it
+    (tmp_path / "train.jsonl").write_text((tmp_path / "train.jsonl").read_text() + "{not json\n")
+    with pytest.raises(BadRowsError, match=r"train.jsonl:1: a `system` field next to `messages`, which smolflow does "
+                                           r"not read: put it in the row as the first message"):
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
 
 
 def test_sharegpt_conversations_become_messages_with_their_system_prompt(tmp_path):
