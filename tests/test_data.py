@@ -54,6 +54,13 @@ def test_changed_data_changes_the_fingerprint(tmp_path):
     assert load_chat_dataset.fn(DataConfig(dataset=str(tmp_path))).fingerprint != first.fingerprint
 
 
+def _refused_with_a_line_not_json(folder, says: str) -> None:
+    """train.jsonl plus one line that is not JSON (then read line by line, not by Arrow): refused, saying `says`."""
+    (folder / "train.jsonl").write_text((folder / "train.jsonl").read_text() + "{not json\n")
+    with pytest.raises(BadRowsError, match=says):
+        load_chat_dataset.fn(DataConfig(dataset=str(folder)))
+
+
 def _assert_bad_row_named(tmp_path, bad_row, reason):
     """A bad third training row stops the load with its split, file:line (1-based) and reason."""
     _write_jsonl(tmp_path / "train.jsonl", [_chat(0), _chat(1), bad_row])
@@ -90,12 +97,9 @@ def test_fields_other_tools_read_are_refused_not_silently_dropped(tmp_path):
     with pytest.raises(BadRowsError, match=r"split 'train' has a `system` column, which smolflow does not read.*"
                                            r"first message, \{role: system"):
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
-    # with a line that is not JSON the file is read line by line: the system field was dropped there, and
-    # `bad_rows: drop` trained without it
-    (tmp_path / "train.jsonl").write_text((tmp_path / "train.jsonl").read_text() + "{not json\n")
-    with pytest.raises(BadRowsError, match=r"train.jsonl:1: a `system` field next to `messages`, which smolflow does "
-                                           r"not read: put it in the row as the first message"):
-        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    # read line by line, the system field was dropped, and `bad_rows: drop` trained without it
+    _refused_with_a_line_not_json(tmp_path, r"train.jsonl:1: a `system` field next to `messages`, which smolflow "
+                                            r"does not read: put it in the row as the first message")
 
 
 def test_sharegpt_conversations_become_messages_with_their_system_prompt(tmp_path):
@@ -121,11 +125,9 @@ def test_sharegpt_conversations_become_messages_with_their_system_prompt(tmp_pat
     with pytest.raises(BadRowsError, match=r"train.jsonl:3: conversations\[0\].from is 'narrator', expected one of "
                                            r"\['assistant', 'gpt', 'human'"):
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
-    # one line that is not JSON: every other row was "missing `messages`" (the line reader knew no ShareGPT)
-    (tmp_path / "train.jsonl").write_text((tmp_path / "train.jsonl").read_text() + '{"conversations": [\n')
-    with pytest.raises(BadRowsError, match=r"2 bad row\(s\) in split 'train': \S*train.jsonl:3: conversations\[0\]"
-                                           r".from is 'narrator'.*; \S*train.jsonl:4: not valid JSON"):
-        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    # every other row was "missing `messages`" (the line-by-line reader knew no ShareGPT)
+    _refused_with_a_line_not_json(tmp_path, r"2 bad row\(s\) in split 'train': \S*train.jsonl:3: conversations\[0\]"
+                                            r".from is 'narrator'.*; \S*train.jsonl:4: not valid JSON")
     kept = load_chat_dataset.fn(DataConfig(dataset=str(tmp_path), bad_rows="drop"))
     assert kept.rows["train"] == 2 and sum(kept.dropped["train"].values()) == 2
 
