@@ -33,6 +33,7 @@ import yaml
 
 from tasks.config import NOT_IN_EVAL
 from tasks.config_args import ServeConfig, UserError, config_help, locate, parse_config, port_number
+from tasks.leftovers import own_temp_root
 from tasks.runtime import env_defaults
 
 EXIT_USER_ERROR = 2
@@ -342,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     env_defaults()  # before anything imports prefect
+    own_temp_root()  # before anything imports wandb: a SIGKILLed run's temporary files go with the next start
     program = argv is None  # the `smolflow` command, not a caller passing its own arguments
     if program:
         from tasks.leftovers import exit_on_termination

@@ -24,6 +24,7 @@ from tasks.device import publish, unpublish
 from tasks.evaluation import save_scores, score_models
 from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
+from tasks.leftovers import own_temp_root
 from tasks.models import ModelRef, resolve_model
 from tasks.reporting import write_report
 from tasks.retention import drop_work_dir, tidy_after_failure, tidy_up
@@ -60,6 +61,7 @@ def check_eval_settings(config: RunConfig) -> None:
       on_cancellation=[unpublish])
 def evaluate(config: RunConfig = RunConfig()) -> dict:
     """Model -> benchmarks + custom benchmarks -> judge (against `judge.reference`) -> report -> manifest."""
+    own_temp_root()  # this process's temporary files: a SIGKILLed run's go with the next start
     configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1 (smolflow --verbose)
     started = time.time()  # cache entries used from now on are this run's: never evicted at its end
     check_eval_settings(config)

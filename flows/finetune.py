@@ -25,7 +25,7 @@ from tasks.health import assess_training, save_training
 from tasks.hub import push_model
 from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
-from tasks.leftovers import reap_orphaned_servers
+from tasks.leftovers import own_temp_root, reap_orphaned_servers
 from tasks.models import resolve_model
 from tasks.reference import rescore_promoted
 from tasks.special_tokens import control_tokens
@@ -49,6 +49,7 @@ from tasks.transfer import model_exists
       on_cancellation=[unpublish])
 def finetune(config: RunConfig = RunConfig()) -> dict:
     """Data -> template -> tokens -> samples -> SFT -> samples -> health -> benchmarks + judge -> gate -> report -> manifest."""
+    own_temp_root()  # this process's temporary files: a SIGKILLed run's go with the next start
     configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1 (smolflow --verbose)
     started = time.time()  # cache entries used from now on are this run's: never evicted at its end
     threads = set_torch_threads(config.torch_threads)

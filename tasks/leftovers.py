@@ -1,6 +1,6 @@
 """Leave nothing behind: children that die with their parent, a SIGTERM that exits like Ctrl-C, and
 reaping what a killed run left anyway: the temporary Prefect server of a SIGKILLed flow process, and
-its temporary folders (`temp_dir`).
+its temporary folders (`own_temp_root`, `temp_dir`).
 
 Without PREFECT_API_URL every flow process starts a temporary Prefect server (uvicorn) and stops it
 at exit; a SIGKILL skips that, and the server lives on, re-parented to PID 1. The next run reaps
@@ -10,6 +10,7 @@ service needs nothing: wandb-core watches its parent's pid and exits with it.)
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -110,13 +111,38 @@ def processes_under(folder: str) -> list[int]:
     return found
 
 
-def temp_dir(kind: str) -> tempfile.TemporaryDirectory:
-    """A throwaway folder named after this process (smolflow-<kind>-<pid>-...), removed on exit as
-    any; one whose process is gone (SIGKILLed: no cleanup ran) is removed when the next is made."""
-    root = Path(tempfile.gettempdir())
-    mark = f"smolflow-{kind}-"
+def own_temp_root() -> str:
+    """Point this process's temporary files (tempfile's, so every library's) into a folder of its own,
+    smolflow-tmp-<pid>-..., removed at exit; one whose process is gone is removed now. A SIGKILL skips
+    every cleanup: without this, wandb's import-time folders (tmp*wandb-media, tmp*wandb-artifacts)
+    and whatever lm-eval or datasets had open would stay in $TMPDIR for good. Call it first thing,
+    before wandb is imported. In-process only (not $TMPDIR): children that import smolflow get their
+    own; a forked child that exits through atexit does not remove its parent's."""
+    current = tempfile.gettempdir()
+    if Path(current).name.startswith(f"smolflow-tmp-{os.getpid()}-"):
+        return current  # already ours (the CLI runs the flow in its own process)
+    root = Path(current)
+    if root.name.startswith("smolflow-tmp-"):
+        root = root.parent  # a forked child: a folder of its own beside its parent's
+    _reap(root, "smolflow-tmp-")
+    folder = tempfile.mkdtemp(prefix=f"smolflow-tmp-{os.getpid()}-", dir=root)
+    owner = os.getpid()
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
+    tempfile.tempdir = folder
+    return folder
+
+
+def _reap(root: Path, mark: str) -> None:
+    """Remove root's folders named <mark><pid>-... whose process is gone."""
     for path in root.glob(mark + "*"):
         pid = path.name[len(mark):].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def temp_dir(kind: str) -> tempfile.TemporaryDirectory:
+    """A throwaway folder named after this process (smolflow-<kind>-<pid>-...), removed on exit as
+    any; one whose process is gone (SIGKILLed: no cleanup ran) is removed when the next is made."""
+    mark = f"smolflow-{kind}-"
+    _reap(Path(tempfile.gettempdir()), mark)
     return tempfile.TemporaryDirectory(prefix=f"{mark}{os.getpid()}-")

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from tasks.leftovers import die_with_parent
+from tasks.leftovers import die_with_parent, own_temp_root
 from tasks.training import FitSpec, fit
 
 
@@ -24,6 +24,7 @@ def main(spec_path: str) -> None:
     import torch
 
     die_with_parent()
+    own_temp_root()  # a rank SIGKILLed with its parent leaves no temporary files for good
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rank_gpu = int(os.environ.get("LOCAL_RANK", "0"))

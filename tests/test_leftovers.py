@@ -165,3 +165,42 @@ def test_a_killed_runs_sandbox_folder_goes_when_the_next_is_made(tmp_path, monke
         assert not left[0].parent.exists()  # the dead run's folder is gone
         assert Path(mine).name.startswith(f"smolflow-sandbox-{os.getpid()}-")
     assert not list(tmp_path.iterdir())  # and this one went at its end, as before
+
+
+TEMP_USER = """
+import sys, time
+from pathlib import Path
+from tasks.leftovers import own_temp_root
+own_temp_root()
+import wandb  # makes tmp*wandb-media and tmp*wandb-artifacts at import, removed only at a clean exit
+Path(sys.argv[1]).touch()
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_a_killed_processs_temporary_files_go_when_the_next_starts(tmp_path):
+    # wandb's import-time folders (and lm-eval's, datasets') outlived a SIGKILL in $TMPDIR for good.
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"TMPDIR": str(temp), "PYTHONPATH": str(ROOT)}
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", TEMP_USER, str(ready), "600"], cwd=ROOT, env=env,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the process never got going"
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    (left,) = temp.iterdir()  # everything it made is in one folder named after it
+    assert left.name.startswith(f"smolflow-tmp-{proc.pid}-")
+    assert {p.name.split("wandb-")[-1] for p in left.glob("tmp*wandb-*")} == {"media", "artifacts"}
+    ready.unlink()
+    done = subprocess.run([sys.executable, "-c", TEMP_USER, str(ready), "0"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ready.exists()
+    assert not list(temp.iterdir())  # the killed one's folder went at the start, its own at its exit
