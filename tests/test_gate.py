@@ -139,6 +139,25 @@ def test_the_same_items_are_compared_item_by_item(tmp_path):
     assert d.reasons == ["mmlu dropped 0.1000 (from 0.6000 to 0.5000), more than its tolerance 0.0603"]
 
 
+def test_models_that_agree_on_every_item_are_not_noise_free(tmp_path):
+    """Both models right on 1 of 3 GSM8K items, the same one: the per-item differences have no spread,
+    and the allowed drop was 0.0 with no "Weak evidence". Three items cannot show that; the error is
+    that of one item in n having differed, so 3 items are weak evidence and 300 are not."""
+    root = str(tmp_path)
+    for n, values in ((3, [True, False, False]), (300, [i < 100 for i in range(300)])):
+        run = ArtifactStore(root).child("runs", f"r{n}")
+        for role in ("base", "tuned"):
+            run.write_json(RunPaths.benchmark_summary("gsm8k", role), {"name": "gsm8k", "score": sum(values) / n,
+                                                                       "stderr": 0.1, "n": n})
+            run.write_text(RunPaths.benchmark_records("gsm8k", role), _records(values))
+        run.write_json(RunPaths.comparison, [{"benchmark": "gsm8k"}])
+        d = regression_gate.fn(root, FLOW, run.uri, GateConfig(), [])
+        assert d.promote and d.table[0]["noise"] == "paired"
+        assert d.table[0]["stderr"] == round(1 / n, 4) and d.table[0]["tolerance"] == round(2 / n, 4)
+        assert d.weak == ([] if n == 300 else ["gsm8k: on 3 items a drop of up to 0.67 is within noise, so smaller "
+                                               "regressions pass unseen; raise its benchmarks[].limit for a sharper gate"])
+
+
 def test_no_stderr_is_unknown_noise_not_none():
     """One item each: no standard error. Any drop counts, and the decision says the evidence is weak."""
     d = decide({"custom/capitals": Score(score=0.0, n=1)}, {"custom/capitals": Score(score=1.0, n=1)}, "x")
