@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 
 from tasks.caching import results_storage
 from tasks.checks import check_run, resolve_autos
-from tasks.config import NOT_IN_EVAL, RunConfig
+from tasks.config import NOT_IN_EVAL, RunConfig, resolved_in
 from tasks.config_base import unused
 from tasks.console import configure_logging
 from tasks.device import publish, unpublish
@@ -74,8 +74,12 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
     run = ArtifactStore(root).child(run_dir(run_id))
     run.write_json(RunPaths.config, config.model_dump(mode="json"))
     work = cache_dir("work", run_id)
+    # What each `auto` meant, as a fine-tune records it (resolved.json: the report's "Resolved on this
+    # machine", e.g. why W&B logged offline, and the manifest), less the sections eval does not run.
+    resolved = resolved_in(resolve_autos(config), NOT_IN_EVAL)
+    run.write_json(RunPaths.resolved, resolved)
     # Its W&B config leaves out the sections eval refuses; grouped by deployment (or flow), as a fine-tune's.
-    wb = start_flow_wandb(config, run_id, work, resolve_autos(config), job_type="eval", leave_out=NOT_IN_EVAL)
+    wb = start_flow_wandb(config, run_id, work, resolved, job_type="eval", leave_out=NOT_IN_EVAL)
 
     with status_recorded(run, close_on_stop(wb, run, work)):  # a failed run says so in its folder and W&B
         found = model_of_run(root, config.model)
@@ -97,7 +101,7 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
                                {"W&B run": wandb_link(wb, run.uri), "Prefect flow run": flow_run_link(),
                                 "code": code_version()})
         log_eval_wandb(wb, run, scores, judgement)
-        write_manifest(run.uri, {"run_id": run_id, "kind": "eval", "tuned_model": model.model_dump(),
+        write_manifest(run.uri, {"run_id": run_id, "kind": "eval", "tuned_model": model.model_dump(), "resolved": resolved,
                                  "torch_threads": threads, "execution": placement.model_dump(mode="json"),
                                  "completed_at": datetime.now(timezone.utc).isoformat()})
         set_latest(root, flow_run.flow_name, run_id)

@@ -459,3 +459,8 @@ class RunConfig(Section):
 NOT_IN_EVAL: dict[str, tuple[str, ...] | None] = {
     "data": None, "template": None, "training": None, "gate": None, "sampling": ("max_new_tokens",),
     "output": ("push_to_hub", "hub_token_secret", "hub_private"), "wandb": ("log_model",)}
+
+
+def resolved_in(resolved: dict[str, str], leave_out: dict | None) -> dict[str, str]:
+    """resolve_autos' answers less those of the sections a flow leaves out whole (eval: NOT_IN_EVAL)."""
+    return {k: v for k, v in resolved.items() if (leave_out or {}).get(k.split(".")[0].split("[")[0], ()) is not None}

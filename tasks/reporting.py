@@ -41,7 +41,10 @@ def links_markdown(run: ArtifactStore, about: dict[str, str | None]) -> str:
            ("loss curves", RunPaths.curves), ("gate decision", RunPaths.gate_md), ("judge pairs", RunPaths.judge_pairs),
            ("template preview", RunPaths.template_preview), ("manifest", RunPaths.manifest)]
     lines = [f"- run folder: `{run.uri}`"]
-    lines += [f"- [{label}](../{path})" for label, path in rel]
+    # Only what this run wrote: an eval run has no model, curves, gate or template preview, and a
+    # run with the judge off has no pairs. The manifest is written after the report, always.
+    lines += [f"- [{label}](../{path})" for label, path in rel
+              if path == RunPaths.manifest or run.exists(path.rstrip("/"))]
     for label, value in about.items():
         if value:
             lines.append(f"- {label}: [{value}]({value})" if value.startswith("http") else f"- {label}: `{value}`")
@@ -106,8 +109,11 @@ def write_report(
     run.write_text(RunPaths.report, report)
     run.write_text(RunPaths.report_html, to_html(run, report, f"smolflow run {run_id}"))
     # Relative images resolve only next to the run folder; the UI shows the plots in their own artifacts.
-    publish_markdown("smolflow-report", re.sub(r"!\[[^\]]*\]\(\.\./[^)]*\)\n*", "", report),
-                     description="smolflow run report")
+    # Relative links resolve only next to the run folder too: in the UI, the link's target is named
+    # where it lies (a local path or s3:// URI a browser page cannot open anyway).
+    in_ui = re.sub(r"!\[[^\]]*\]\(\.\./[^)]*\)\n*", "", report)
+    in_ui = re.sub(r"\[([^\]]*)\]\(\.\./([^)]*)\)", lambda m: f"{m.group(1)}: `{run.url(m.group(2))}`", in_ui)
+    publish_markdown("smolflow-report", in_ui, description="smolflow run report")
     read = lambda rel: run.read_json(rel) if run.exists(rel) else None  # noqa: E731
     judged = read(RunPaths.judge_summary)
     if judged:

@@ -278,7 +278,12 @@ def secret(block: str, field: str, instead: str) -> str:
 def flow_run_link() -> str | None:
     """The Prefect UI's page of the current flow run (None outside a flow or without a UI)."""
     from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_UI_URL
 
+    # Prefect builds it as f"{PREFECT_UI_URL}/flow-runs/..." even where that is None: a run on its
+    # own temporary server (no UI, gone after the run) linked to "None/flow-runs/flow-run/<id>".
+    if not PREFECT_UI_URL.value():
+        return None
     try:
         return flow_run.ui_url
     except Exception:  # no API configured: nothing to link to

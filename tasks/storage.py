@@ -207,6 +207,9 @@ def package_versions() -> dict[str, str]:
             versions[name] = version(name)
         except PackageNotFoundError:
             versions[name] = "not installed"
+    from tasks.runtime import code_version
+
+    versions["smolflow"] = code_version()  # the report's "code": version and git commit (+dirty)
     return versions
 
 

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from tasks.evaluation import comparison_row, score_row
-from tasks.config import WandbConfig
+from tasks.config import WandbConfig, resolved_in
 from tasks.tracking_keys import bench_keys, bench_summary, gate_summary, judge_logs, rounded
 
 
@@ -79,10 +79,14 @@ def start_flow_wandb(config, run_id: str, local_dir: Path, resolved: dict, job_t
             logged.get(section, {}).pop(field, None)
         if fields is None:
             logged.pop(section, None)
-    logged["resolved"] = {k: v for k, v in resolved.items()
-                          if (leave_out or {}).get(k.split(".")[0].split("[")[0], ()) is not None}
+    logged["resolved"] = resolved_in(resolved, leave_out)
     logged["prefect"] = {"flow_run_id": flow_run.id, "flow_run_name": flow_run.get_name(),
                          "deployment": deployment.name, "flow_run_link": link}
+    # Which code and packages produced the run, as the manifest records them: W&B's own git capture
+    # sees nothing, its run directory being under SMOLFLOW_CACHE, outside the checkout.
+    from tasks.storage import package_versions
+
+    logged["versions"] = package_versions()
     return start_wandb(config.wandb, run_id, logged, local_dir, deployment.name or flow_run.flow_name,
                        [deployment.name] if deployment.name else None, job_type,
                        notes=f"Prefect flow run: {link}" if link else None)

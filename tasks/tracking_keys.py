@@ -35,6 +35,7 @@ def bench_keys(name: str, role: str, result) -> dict:
     key, source): one naming for both flows, so the W&B runs table sorts nightlies and evals together
     (an eval's model is its `tuned`, as in the run folder's headline scores)."""
     out = {f"bench/{name}/{role}": rounded(result.score), f"bench/{name}/{role}_stderr": rounded(result.stderr),
+           f"bench/{name}/{role}_n": result.n,  # how many items: 0.3333 of 3 is not 0.3333 of 300
            f"bench/{name}/metric": result.metric, f"bench/{name}/comparability_key": result.comparability_key,
            f"bench/{name}/source": source_note(result),
            f"bench/{name}/comparable_to_published": bool(result.provenance.get("comparable_to_published"))}

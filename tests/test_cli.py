@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -473,6 +474,7 @@ def test_a_device_this_machine_lacks_is_a_user_error_before_the_flow(env, tmp_pa
 def test_eval_of_the_builtin_model_scores_the_default_benchmark_into_wandb(env, tmp_path):
     from tests.test_flow import wandb_summary
 
+    env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}  # no server: a temporary one, as `smolflow eval` alone
     out = smolflow(env, "eval", "--model", "builtin:smollm2-135m-instruct", "--benchmarks",
                    '[{"name": "gsm8k", "limit": 1}]', "--output.artifacts-uri", str(tmp_path),
                    "--wandb.mode", "offline", "--torch-threads", "1", "--output.run-id", "builtin")
@@ -485,7 +487,23 @@ def test_eval_of_the_builtin_model_scores_the_default_benchmark_into_wandb(env, 
     assert "benchmarks" in recorded["summary"] and recorded["config"]["model"] == "builtin:smollm2-135m-instruct"
     files = {p.name for p in (tmp_path / "runs/builtin/wandb").rglob("*") if p.is_file()}
     assert "report.md" in files  # the run folder's files, copied into the W&B run
-    assert "W&B run" in (tmp_path / "runs/builtin/report/report.md").read_text()
+    report = (tmp_path / "runs/builtin/report/report.md").read_text()
+    assert "W&B run" in report
+    # The report links only what the run wrote: an eval has no model, curves, gate or judge pairs.
+    links = re.findall(r"\]\(\.\./([^)]*)\)", report)
+    assert "benchmarks/" in links and all((tmp_path / "runs/builtin" / link).exists() for link in links), links
+    # A temporary server has no UI: no "None/flow-runs/..." link (Prefect's ui_url without a UI URL).
+    assert "None/" not in report and "Prefect flow run" not in report
+    assert recorded["config"]["prefect"]["flow_run_link"] is None and recorded["config"]["prefect"]["flow_run_id"]
+    # What each `auto` meant, as a fine-tune records it (eval wrote no resolved.json).
+    resolved = json.loads((tmp_path / "runs/builtin/resolved.json").read_text())
+    assert resolved["execution.precision"].split()[0] in ("fp32", "bf16") and "data.dataset" not in resolved
+    manifest = json.loads((tmp_path / "runs/builtin/manifest.json").read_text())
+    assert manifest["resolved"] == resolved and "Resolved on this machine" in report
+    # Which code ran, in the manifest and in W&B (whose own git capture sees nothing from the cache).
+    assert manifest["versions"]["smolflow"] == recorded["config"]["versions"]["smolflow"]
+    assert manifest["versions"]["smolflow"].startswith("smolflow ")
+    assert recorded["summary"]["bench/gsm8k/tuned_n"] == 1  # 0.3333 of 3 is not 0.3333 of 300
     # the judge's reference is this model itself: skipped, and the report says so (it said "judge.enabled: false")
     assert (tmp_path / "runs/builtin/report/sections/judge.md").read_text().startswith(
         "Not run (the evaluated model is the default model, the judge's reference (judge.reference: base); set ")

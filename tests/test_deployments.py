@@ -184,8 +184,11 @@ def test_run_button_starts_a_run_with_changed_parameters(served, tiny_model_dir)
     assert run.parameters["config"]["output"]["run_id"] == "from-the-ui"
     run_uri = ArtifactStore(str(work / "ui-artifacts")).child("runs", "from-the-ui").uri
     check_run_folder(run_uri)
-    keys = {a.key for a in client.read_artifacts() if a.flow_run_id == run.id}
-    assert {"smolflow-report", "smolflow-benchmarks"} <= keys
+    artifacts = {a.key: a for a in client.read_artifacts() if a.flow_run_id == run.id}
+    assert {"smolflow-report", "smolflow-benchmarks"} <= set(artifacts)
+    # The report's links are relative to the run folder, dead in the UI: there they name where the file lies.
+    shown = artifacts["smolflow-report"].data
+    assert "](../" not in shown and f"tuned model: `{run_uri}/model/`" in shown
 
 
 @pytest.mark.slow
