@@ -39,6 +39,7 @@ class Sign(BaseModel):
     summary: str  # one sentence with the numbers
     numbers: dict[str, float | int | None]
     advice: str  # what to change; empty when the sign did not fire
+    checked: bool = True  # False: too little to tell (e.g. under 3 eval points), which is not "ok"
 
 
 class HealthReport(BaseModel):
@@ -48,8 +49,11 @@ class HealthReport(BaseModel):
     def markdown(self) -> str:
         head = "Healthy: no warning signs." if self.healthy else "Warning signs: " + ", ".join(
             s.name for s in self.signs if s.fired) + "."
+        unchecked = [s.name for s in self.signs if not s.checked]
+        head += f" Not checked (too little to tell): {', '.join(unchecked)}." if unchecked else ""
         rows = "".join(
-            f"| {'⚠️' if s.fired else 'ok'} {s.name} | {s.summary} | {s.advice or '-'} |\n" for s in self.signs
+            f"| {'⚠️' if s.fired else 'ok' if s.checked else 'not checked'} {s.name} | {s.summary} | {s.advice or '-'} |\n"
+            for s in self.signs
         )
         return f"{head}\n\n| sign | what the numbers say | advice |\n|---|---|---|\n{rows}"
 
@@ -60,10 +64,12 @@ class HealthReport(BaseModel):
 
     def summary(self) -> dict:
         """Flat keys for the W&B run summary: health/<sign>/fired (true: the warning sign fired, not
-        "that part is fine"), its numbers, and health/warnings, the signs that fired."""
+        "that part is fine"), health/<sign>/checked (false: too little to tell), its numbers, and
+        health/warnings, the signs that fired."""
         out: dict = {"health/healthy": self.healthy, "health/warnings": [s.name for s in self.signs if s.fired]}
         for s in self.signs:
             out[f"health/{s.name}/fired"] = s.fired
+            out[f"health/{s.name}/checked"] = s.checked
             out.update({f"health/{s.name}/{k}": v for k, v in s.numbers.items() if v is not None})
         return out
 
@@ -85,7 +91,7 @@ def check_overfitting(log_history: list[dict]) -> Sign:
     train, evals = series(log_history, "loss"), series(log_history, "eval_loss")
     if len(evals) < 3 or len(train) < 2:
         return Sign(name="overfitting", fired=False, numbers={"eval_points": len(evals)},
-                    summary=f"not enough eval points to tell ({len(evals)} < 3)", advice="")
+                    summary=f"not enough eval points to tell ({len(evals)} < 3)", advice="", checked=False)
     turn_step, best = min(evals, key=lambda p: p[1])
     last_step, last = evals[-1]
     train_at_turn = min(train, key=lambda p: abs(p[0] - turn_step))[1]
@@ -106,7 +112,8 @@ def check_underfitting(log_history: list[dict]) -> Sign:
     train = series(log_history, "loss")
     if len(train) < 3:
         return Sign(name="underfitting", fired=False, numbers={"train_points": len(train)},
-                    summary=f"not enough train-loss points to tell ({len(train)} < 3)", advice="")
+                    summary=f"not enough train-loss points to tell ({len(train)} < 3)", advice="",
+                    checked=False)
     start, end = _edge_mean(train, last=False), _edge_mean(train, last=True)
     drop = (start - end) / start if start > 0 else 0.0
     fired = drop < MIN_DROP
@@ -124,7 +131,7 @@ def check_memorisation(log_history: list[dict]) -> Sign:
     """Train loss extremely low, or far below eval loss: the model recites rather than generalises."""
     train, evals = series(log_history, "loss"), series(log_history, "eval_loss")
     if not train:
-        return Sign(name="memorisation", fired=False, numbers={}, summary="no train loss logged", advice="")
+        return Sign(name="memorisation", fired=False, numbers={}, summary="no train loss logged", advice="", checked=False)
     end = _edge_mean(train, last=True)
     last_eval = evals[-1][1] if evals else None
     gap = last_eval - end if last_eval is not None else None
@@ -146,7 +153,7 @@ def check_memorisation(log_history: list[dict]) -> Sign:
 def check_format(samples: list[Sample]) -> Sign:
     """After-training answers that never stop (no EOS) or write template pieces (role tags)."""
     if not samples:
-        return Sign(name="format", fired=False, numbers={}, summary="no samples to check", advice="")
+        return Sign(name="format", fired=False, numbers={}, summary="no samples to check", advice="", checked=False)
     # A sample cut off at the token limit that ends its turn when let go on (generate_samples) is
     # a long answer; one that did not end within RUNAWAY_FACTOR x the limit, or was not let go on, never stops.
     long = [s for s in samples if not s.stopped_at_eos and s.ends_within is not None]

@@ -27,6 +27,20 @@ def test_a_healthy_curve_raises_no_sign():
     assert "Healthy" in report.markdown() and report.summary()["health/healthy"] is True
 
 
+def test_a_sign_with_too_little_to_tell_is_not_checked_rather_than_ok():
+    """Two eval points: overfitting cannot be told. The report said "ok overfitting" and W&B only
+    fired: false; both say it was not checked."""
+    report = assess(history([2.5 - 0.03 * i for i in range(8)], {4: 2.4, 8: 2.3}), GOOD)
+    assert report.healthy and [s.name for s in report.signs if not s.checked] == ["overfitting"]
+    text = report.markdown()
+    assert text.startswith("Healthy: no warning signs. Not checked (too little to tell): overfitting.")
+    assert "| not checked overfitting | not enough eval points to tell (2 < 3) |" in text
+    assert "| ok underfitting |" in text
+    summary = report.summary()
+    assert summary["health/overfitting/checked"] is False and summary["health/underfitting/checked"] is True
+    assert "Not checked" not in assess(HEALTHY, GOOD).markdown()
+
+
 def test_overfitting_fires_with_the_step_where_eval_turned():
     log = history([2.5 - 0.1 * i for i in range(20)], {5: 2.3, 10: 2.1, 15: 2.3, 20: 2.6})
     report = assess(log, GOOD)
