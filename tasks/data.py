@@ -54,7 +54,7 @@ _CODE = hashlib.sha256(Path(__file__).read_bytes() + Path(__file__).with_name("r
 class DatasetRef(BaseModel):
     """A prepared dataset on local disk (datasets' Arrow format) and what it is."""
 
-    source: str
+    source: str  # what data.dataset named (`auto`: what it meant here), with a hub subset
     path: str
     fingerprint: str
     rows: dict[str, int]
@@ -379,7 +379,9 @@ def load_chat_dataset(cfg: DataConfig, special_tokens: list[str] | None = None) 
     # datasets is imported); the saved copy is content-addressed.
     # special_tokens: the model's (tasks/special_tokens.py); ChatML's when the caller has no model.
     tokens = sorted(set(CHATML_TOKENS if special_tokens is None else special_tokens))
-    local = _source(cfg)[1]
+    source, local = _source(cfg)
+    if local is None and (subset := hub_subset(cfg, source)):
+        source += f" (subset {subset})"
     quick = _files_index(cfg, local, tokens) if local is not None else None
     if quick is not None and (ref := _recorded(quick)) is not None:
         log.info("Dataset %s: unchanged since checked, %s rows", cfg.dataset, ref.rows)
@@ -432,7 +434,7 @@ def load_chat_dataset(cfg: DataConfig, special_tokens: list[str] | None = None) 
     saved = load_from_disk(str(target))
     log.info("Dataset %s: %s", cfg.dataset, {k: len(v) for k, v in saved.items()})
     ref = DatasetRef(
-        source=cfg.dataset, path=str(target), fingerprint=fingerprint, rows={k: len(v) for k, v in saved.items()},
+        source=source, path=str(target), fingerprint=fingerprint, rows={k: len(v) for k, v in saved.items()},
         dropped=dropped, shapes=shapes, special_tokens_in_text=cfg.special_tokens_in_text, special_tokens=tokens,
         rewritten=rewritten, held_out=held_out, layout=layout,
     )

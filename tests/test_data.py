@@ -29,6 +29,10 @@ def test_fixture_is_smoltalk_shaped_and_big_enough(fixture_data):
 def test_same_data_gives_same_fingerprint_and_saved_copy(fixture_data):
     again = load_chat_dataset.fn(DataConfig(dataset="fixture:everyday-conversations"))
     assert again.fingerprint == fixture_data.fingerprint and again.path == fixture_data.path
+    # `auto` is the same data offline, and the run's records say which (they said "Source `auto`").
+    auto = load_chat_dataset.fn(DataConfig())
+    assert auto.fingerprint == again.fingerprint and auto.source == "fixture:everyday-conversations"
+    assert auto.markdown().startswith("Source `fixture:everyday-conversations` · ")
 
 
 def test_local_directory_of_jsonl_with_row_limits(tmp_path):
