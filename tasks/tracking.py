@@ -125,6 +125,7 @@ def _skip_unused_launch_import() -> None:
 
 # Logged by transformers' WandbCallback into the summary, not as history rows (its on_log).
 _ONCE = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos")
+_COST = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos")  # the training's, not the loss
 # W&B's own files in a run's files/ folder, written afresh by every process: not carried over.
 _WANDB_OWN = {"wandb-metadata.json", "wandb-summary.json", "config.yaml", "requirements.txt"}
 
@@ -355,6 +356,12 @@ def log_wandb(wb_run, run, trained, before, after, scores: dict, health, judge=N
             wb_run.config.update(trained.trainer_args, allow_val_change=True)  # as the Trainer's callback
             if replay_history(wb_run, trained.log_history):
                 summary["training/reused_from"] = reused_from
+                # Its cost was the earlier run's: kept apart, so a sum over runs counts it once.
+                for key in _COST:
+                    if (value := wb_run.summary.get(key)) is not None:
+                        summary[f"training/reused/{key}"] = value
+                        del wb_run.summary[key]
+                summary["train_runtime"] = 0.0  # no training time was spent in this run
         log_results(wb_run, before, after, scores, summary, health, judge)
         log_run_files(wb_run, run)
     return earlier

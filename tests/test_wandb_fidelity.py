@@ -70,7 +70,8 @@ def test_finetune_wandb_run_says_what_the_run_folder_says(tiny_model_dir, tmp_pa
     # A resumed run: the Trainer's own train_loss is the mean since the resume (say 0.5); smolflow's,
     # over every step, is 1.5. Its training was reused (a cached night): the Trainer logged no config.
     trained = TrainResult(model=model, metrics={"train_loss": 1.5, "eval_loss": 1.25},
-                          log_history=[{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0, "train_loss": 0.5}],
+                          log_history=[{"step": 1, "loss": 2.0},
+                                       {"step": 2, "loss": 1.0, "train_loss": 0.5, "train_runtime": 49.3, "total_flos": 7.0}],
                           trainer_args={"learning_rate": 0.0002, "max_steps": 2})
     scores = {"gsm8k": {"base": _result("gsm8k", 0.2, 0.05), "tuned": _result("gsm8k", 0.3, 0.06)}}
     decision = decide({"gsm8k": Score.of(scores["gsm8k"]["tuned"])}, {"gsm8k": Score.of(scores["gsm8k"]["base"])},
@@ -90,6 +91,9 @@ def test_finetune_wandb_run_says_what_the_run_folder_says(tiny_model_dir, tmp_pa
     recs, seen = records(Path(run.uri)), recorded(Path(run.uri))
     summary = seen["summary"]
     assert summary["train_loss"] == 1.5  # smolflow's whole-run mean, as in metrics.json
+    # The reused training's cost was the earlier run's: summed over runs, it counts once.
+    assert summary["train_runtime"] == 0 and summary["training/reused/train_runtime"] == 49.3
+    assert "total_flos" not in summary and summary["training/reused/total_flos"] == 7.0
     assert summary["gate/passed"] is True and summary["promoted"] is False
     assert "gate/promoted" not in summary
     assert "promoted" not in seen.get("tags", [])
