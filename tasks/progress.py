@@ -76,12 +76,15 @@ def training_progress():
     class TrainingProgress(TrainerCallback):
         bar: Progress | None = None
         losses: dict[str, float] = {}
+        eval_step: int | None = None
 
         def detail(self, state) -> str:
             loss, eval_loss = self.losses.get("loss"), self.losses.get("eval_loss")
+            # The Trainer logs a step's train loss before it evaluates: an eval loss is an earlier step's then.
+            at = f" (step {self.eval_step})" if self.eval_step != state.global_step else ""
             return (f"step {state.global_step} of {state.max_steps}"
                     + (f", train loss {loss:.4f}" if loss is not None else "")
-                    + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""))
+                    + (f", eval loss {eval_loss:.4f}{at}" if eval_loss is not None else ""))
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.bar, self.losses = Progress("smolflow-training-progress", "Training steps", state.max_steps), {}
@@ -96,6 +99,8 @@ def training_progress():
             if verbose():  # the Trainer's whole log entry, numbers as numbers
                 run_logger().info("Trainer log: %s", {k: v for k, v in logs.items() if k != "total_flos"})
             self.losses |= {k: logs[k] for k in ("loss", "eval_loss") if logs.get(k) is not None}
+            if logs.get("eval_loss") is not None:
+                self.eval_step = state.global_step
             if self.bar is not None:
                 self.bar.update(state.global_step, self.detail(state))
 

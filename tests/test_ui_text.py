@@ -60,11 +60,15 @@ def test_training_progress_prints_a_line_at_each_tenth_between_logging_steps(tmp
             if control.should_log:
                 progress.on_log(args, state, control, logs={"loss": 3.0 - step / 10})
                 control.should_log = False
+            if step % 10 == 0:  # as the Trainer: a step's train loss is logged, then it evaluates
+                progress.on_log(args, state, control, logs={"eval_loss": 2.6 - step / 100})
     logger.removeHandler(caplog.handler)
     lines = list(dict.fromkeys(r.getMessage() for r in caplog.records if r.getMessage().startswith("Training steps")))
     assert [line.split(":")[1].split("%")[0].strip() for line in lines] == [str(p) for p in range(0, 101, 10)]
-    assert lines[4].startswith("Training steps: 40% (step 12 of 30, train loss 2.0000), ETA")
-    assert lines[-1].startswith("Training steps: 100% (step 30 of 30, train loss 0.0000), done in")
+    # An eval loss is an earlier step's: said (the last line showed step 20's as if it were step 30's).
+    assert lines[4].startswith("Training steps: 40% (step 12 of 30, train loss 2.0000, eval loss 2.5000 (step 10)), ETA")
+    assert lines[-1].startswith("Training steps: 100% (step 30 of 30, train loss 0.0000, eval loss 2.4000 (step 20)), "
+                                "done in")
 
 
 def test_the_progress_artifact_ends_with_the_last_description_at_100_percent():
