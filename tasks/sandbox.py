@@ -152,6 +152,10 @@ def _weak_preexec(limits: Limits, cgroup: list[Path], uid: int | None, memory_mb
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
+        # A new, empty session keyring: smolflow's (inherited) holds its keys and would carry
+        # data from one program to the next (x86_64 keyctl = 250, aarch64 = 219).
+        import ctypes
+        ctypes.CDLL(None).syscall({"x86_64": 250, "aarch64": 219}.get(os.uname().machine, -1), 1, None)
         die_with_parent(parent)  # after the uid switch, which clears the parent-death signal
 
     return preexec
@@ -178,6 +182,36 @@ def _pids_of(uid: int) -> list[int]:
             return None
 
     return [int(e) for e in os.listdir("/proc") if e.isdigit() and owner(e) == uid]
+
+
+def _claimed_uids() -> list[tuple[int, int]]:
+    """[start, end) ranges of uids that belong to someone: accounts (/etc/passwd) and the
+    subordinate ranges of rootless containers (/etc/subuid, /etc/subgid: 231072+ is typical)."""
+    ranges = []
+    for path, fields in (("/etc/passwd", (2, None)), ("/etc/subuid", (1, 2)), ("/etc/subgid", (1, 2))):
+        try:
+            lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split(":")
+            try:
+                start = int(parts[fields[0]])
+                ranges.append((start, start + (int(parts[fields[1]]) if fields[1] else 1)))
+            except (IndexError, ValueError):
+                continue
+    return ranges
+
+
+def _fresh_uid() -> int:
+    """A uid for one run that no account, no subordinate range and no running process uses: the
+    program may read and write what that uid owns, and _kill_all kills every process under it."""
+    claimed = _claimed_uids()
+    for _ in range(100):
+        uid = random.randrange(200_000, 2_000_000)
+        if not any(start <= uid < end for start, end in claimed) and not _pids_of(uid):
+            return uid
+    raise SandboxUnavailable("no free uid in 200000-2000000 for the sandbox (all claimed by /etc/subuid or in use)")
 
 
 def _kill_all(proc: subprocess.Popen, uid: int | None) -> None:
@@ -223,6 +257,16 @@ def _command(host: Path, limits: Limits, uid: int, env: dict, memory_mb: int, pr
             "--", *(f"{k}={v}" for k, v in env.items())]
 
 
+def _signal_name(number: int) -> str:
+    """SIGKILL, SIGRTMIN+6, ...: any signal a program may die of (signal.Signals names only some:
+    a real-time signal such as 40 has no member, and the ValueError would end the whole evaluation)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        rtmin = getattr(signal, "SIGRTMIN", None)
+        return f"SIGRTMIN+{number - rtmin}" if rtmin is not None and number > rtmin else f"signal {number}"
+
+
 def _outcome(host: Path, rc: int | None, timed_out: bool, oom_kills: int) -> tuple[int | None, str]:
     """(return code, status) from PID 1's status file: 'exit N' or 'signal N' (a setup failure raises)."""
     status = (host / "status").read_text(encoding="utf-8").strip() if (host / "status").exists() else ""
@@ -236,13 +280,13 @@ def _outcome(host: Path, rc: int | None, timed_out: bool, oom_kills: int) -> tup
         err = (host / "logs" / "err").read_bytes()[-500:].decode(errors="replace").strip()
         raise SandboxUnavailable(f"sandbox did not start (exit {rc}): {err or 'no message'}")
     kind, number = status.split()[:2]
-    return (-int(number), f"killed by {signal.Signals(int(number)).name}") if kind == "signal" else \
+    return (-int(number), f"killed by {_signal_name(int(number))}") if kind == "signal" else \
         (int(number), "passed" if int(number) == 0 else "failed")
 
 
 def _weak_status(rc: int | None, timed_out: bool) -> str:
     return "timeout" if timed_out else "passed" if rc == 0 else \
-        f"killed by {signal.Signals(-rc).name}" if rc < 0 else "failed"
+        f"killed by {_signal_name(-rc)}" if rc < 0 else "failed"
 
 
 def _launch(command: list[str], cwd, env: dict, preexec, logs: Path, token: str, timeout_s: float):
@@ -274,12 +318,13 @@ def run_python(program: str, limits: Limits = Limits()) -> SandboxResult:
     """Run a Python program in the sandbox; it passes if it exits 0 having reached its end."""
     full = isolation_mode() == "full"
     # A uid no one else uses, so RLIMIT_NPROC counts only this run and cleanup can find its processes.
-    uid = random.randrange(200_000, 2_000_000) if full or os.geteuid() == 0 else None
+    uid = _fresh_uid() if full or os.geteuid() == 0 else None
     # The end-of-program token comes on stdin and is printed by the runner after the program
     # returned (_RUNNER), so `os._exit(0)` halfway through does not count as passing.
     token = secrets.token_hex(16)
     started = time.perf_counter()
-    cgroup = cgroup_dirs(f"smolflow-sandbox-{os.getpid()}-{token[:12]}") if os.geteuid() == 0 else []
+    # Its own random part: the program reads its cgroup's name (/proc/self/cgroup), so no part of the token.
+    cgroup = cgroup_dirs(f"smolflow-sandbox-{os.getpid()}-{secrets.token_hex(6)}") if os.geteuid() == 0 else []
     try:
         memory_mb, processes, bound = _bounds(limits, cgroup, 2 if full else 0)  # + unshare and PID 1
         with temp_dir("sandbox") as host_dir:

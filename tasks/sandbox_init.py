@@ -23,6 +23,7 @@ _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC = 0x1, 0x2, 0x
 # World-writable places besides /tmp: each becomes a folder of the same tmpfs, so one cap covers all.
 _ALSO_WRITABLE = ("/var/tmp", "/dev/shm", "/run/lock")
 WORK = "/tmp/work"
+_KEYCTL = {"x86_64": 250, "aarch64": 219}  # the keyctl syscall
 
 
 def _mount(libc, source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
@@ -64,14 +65,20 @@ def _hide(libc, spec: dict) -> None:
 def _no_user_namespaces(libc) -> None:
     """A seccomp filter (no library: classic BPF by hand) refusing unshare/clone with
     CLONE_NEWUSER (EPERM) and clone3, whose flags it cannot read (ENOSYS: libc falls back to
-    clone), so the program cannot become root of a namespace of its own. x86_64 and aarch64."""
-    arch, unshare, clone = {"x86_64": (0xC000003E, 272, 56), "aarch64": (0xC00000B7, 97, 220)}[os.uname().machine]
+    clone), so the program cannot become root of a namespace of its own; and the kernel keyring
+    calls (EPERM). x86_64 and aarch64."""
+    arch, unshare, clone, keys = {"x86_64": (0xC000003E, 272, 56, (248, 249, 250)),
+                                  "aarch64": (0xC00000B7, 97, 220, (217, 218, 219))}[os.uname().machine]
     allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
     ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
-    program = [(ld, 0, 0, 4), (jeq, 0, 8, arch), (ld, 0, 0, 0),  # another ABI (i386 via int 0x80): refused
-               (jge, 6, 0, 0x40000000),  # x32 syscalls: refused
-               (jeq, 6, 0, 435), (jeq, 1, 0, unshare), (jeq, 0, 2, clone),  # clone3, unshare, clone
-               (ld, 0, 0, 16), (jset, 1, 0, 0x10000000),  # flags (first argument) & CLONE_NEWUSER
+    # Jump offsets count from the next instruction: 12 = allow, 13 = eperm, 14 = enosys.
+    program = [(ld, 0, 0, 4), (jeq, 0, 11, arch), (ld, 0, 0, 0),  # 0-2: another ABI (i386 via int 0x80): refused
+               (jge, 9, 0, 0x40000000),  # 3: x32 syscalls: refused
+               # 4-6: add_key, request_key, keyctl: the session keyring is smolflow's (its keys, and a
+               # place where one program leaves data for the next)
+               (jeq, 8, 0, keys[0]), (jeq, 7, 0, keys[1]), (jeq, 6, 0, keys[2]),
+               (jeq, 6, 0, 435), (jeq, 1, 0, unshare), (jeq, 0, 2, clone),  # 7-9: clone3, unshare, clone
+               (ld, 0, 0, 16), (jset, 1, 0, 0x10000000),  # 10-11: flags (first argument) & CLONE_NEWUSER
                (ret, 0, 0, allow), (ret, 0, 0, eperm), (ret, 0, 0, enosys)]
     filters = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in program))
     fprog = struct.pack("HxxxxxxQ", len(program), ctypes.addressof(filters))
@@ -86,12 +93,21 @@ def setup(spec: dict) -> str:
     with open(spec["program"], encoding="utf-8") as f:  # read before /tmp (where it lies) is covered
         source = f.read()
     _mount(libc, "tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={spec['disk_mb']}m,mode=1777")
+    # The host's services listen on unix sockets under /run (/var/run): D-Bus, PostgreSQL, Docker,
+    # nscd... A socket bound to a path ignores the network namespace, so /run becomes an empty
+    # read-only tmpfs holding only /run/lock (bound to the sandbox's tmpfs below).
+    run_empty = os.path.isdir("/run")
+    if run_empty:
+        _mount(libc, "tmpfs", "/run", "tmpfs", _MS_NOSUID | _MS_NODEV, "size=64k,nr_inodes=64,mode=755")
+        os.mkdir("/run/lock", 0o755)
     for place in _ALSO_WRITABLE:
         if os.path.isdir(place):
             inside = "/tmp/." + place.strip("/").replace("/", "_")
             os.mkdir(inside, 0o1777)
             os.chmod(inside, 0o1777)  # mkdir's mode is cut by the umask
             _mount(libc, inside, place, None, _MS_BIND, None)
+    if run_empty:
+        _mount(libc, "none", "/run", None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV, None)
     _hide(libc, spec)
     os.mkdir(WORK, 0o700)
     program = os.path.join(WORK, "program.py")
@@ -118,7 +134,10 @@ def start(spec: dict, program: str, status) -> int:
         os.setgroups([])
         os.setgid(spec["uid"])
         os.setuid(spec["uid"])
-        _no_user_namespaces(ctypes.CDLL(None, use_errno=True))
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syscall(_KEYCTL[os.uname().machine], 1, None) < 0:  # KEYCTL_JOIN_SESSION_KEYRING: a new, empty one
+            raise OSError(ctypes.get_errno(), "could not leave smolflow's session keyring")
+        _no_user_namespaces(libc)
         os.chdir(WORK)
         # -X utf8: the program's stdio is UTF-8 whatever locale exists (-I ignores PYTHONUTF8).
         argv = [spec["python"], "-I", "-B", "-X", "utf8", "-c", spec["runner"], program]

@@ -72,7 +72,15 @@ def _library_places() -> list[str]:
               env("HF_XET_CACHE", os.path.join(hf_home, "xet")), os.path.dirname(env("HF_TOKEN_PATH", "")),
               env("HF_DATASETS_CACHE", os.path.join(hf_home, "datasets")),
               env("HF_MODULES_CACHE", os.path.join(hf_home, "modules")),
-              *[env(k, "") for k in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")]]
+              *[env(k, "") for k in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")],
+              env("PREFECT_LOCAL_STORAGE_PATH", ""),  # Prefect's persisted task results
+              # credential files named by the environment (wandb's .netrc, boto3's, GCP's): their folders
+              *[os.path.dirname(env(k, "")) for k in ("NETRC", "WANDB_IDENTITY_TOKEN_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+                                                       "AWS_CONFIG_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                                                       "GOOGLE_APPLICATION_CREDENTIALS")],
+              # Prefect's database when it is a SQLite file elsewhere (sqlite+aiosqlite:////srv/prefect.db)
+              os.path.dirname(env("PREFECT_API_DATABASE_CONNECTION_URL", "").partition(":///")[2])
+              if env("PREFECT_API_DATABASE_CONNECTION_URL", "").startswith("sqlite") else ""]
     try:  # fixed when first imported: the environment may have changed since
         from huggingface_hub import constants as hub
 

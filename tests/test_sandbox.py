@@ -348,3 +348,106 @@ def test_echoing_stdin_does_not_fake_a_humaneval_pass():
     assert all({"reads stdin", "os._exit"} <= set(r["tamper_signs"]) for r in records)
     clean, _ = HumanEval().score(problems[:1], [problems[0]["canonical_solution"]])
     assert clean[0]["correct"] and clean[0]["tamper_signs"] == []
+
+
+# Audit (2026-12-05) regressions: a program's own death, the keyring, /run's sockets, the uid.
+
+@pytest.mark.parametrize("mode", ["namespaces", "weak"])
+def test_a_real_time_signal_is_a_failure_not_a_crash_of_the_evaluation(mode, monkeypatch):
+    if mode == "namespaces" and os.geteuid() != 0:
+        pytest.skip("namespaces and the uid switch need root")
+    if mode == "weak":
+        monkeypatch.setenv("SMOLFLOW_SANDBOX", "weak")
+    result = run_python("import os\nos.kill(os.getpid(), 40)\n", FAST)  # signal.Signals(40) has no member
+    assert not result.passed and result.status == "killed by SIGRTMIN+6" and result.returncode == -40
+
+
+def _keyctl(*args):
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).syscall(*args)
+
+
+@needs_root
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the script's syscall numbers are x86_64's")
+@pytest.mark.parametrize("mode", ["namespaces", "weak"])
+def test_the_session_keyring_is_not_shared(mode, monkeypatch):
+    # As systemd (KeyringMode=private) and runc give a service: a session keyring of its own.
+    if mode == "weak":
+        monkeypatch.setenv("SMOLFLOW_SANDBOX", "weak")
+    script = (
+        "import ctypes, sys\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "libc.syscall(250, 1, None)\n"  # KEYCTL_JOIN_SESSION_KEYRING
+        "v = b'smolflow-parent-secret'\n"
+        "libc.syscall(248, b'user', b'parent', v, len(v), -3)\n"
+        "from tasks.sandbox import Limits, run_python\n"
+        "read = ('import ctypes\\nlibc = ctypes.CDLL(None, use_errno=True)\\nb = ctypes.create_string_buffer(64)\\n'\n"
+        "        'k = libc.syscall(250, 10, -3, b\"user\", b\"parent\", 0)\\nprint(b.raw[:max(libc.syscall(250, 11, k, b, 64), 0)])\\n'\n"
+        "        'print(libc.syscall(248, b\"user\", b\"planted\", b\"x\", 1, -3))\\n')\n"
+        "first, second = run_python(read, Limits(timeout_s=5)), run_python(read, Limits(timeout_s=5))\n"
+        "print(first.stdout, second.stdout)\n"
+        "libc.syscall(250, 10, -3, b'user', b'planted', 0) < 0 or sys.exit('a program wrote into our keyring')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.returncode == 0, out.stderr
+    assert "smolflow-parent-secret" not in out.stdout
+
+
+@needs_root
+def test_unix_sockets_of_host_services_are_out_of_reach():
+    path = f"/run/smolflow-test-{os.getpid()}.sock"  # /run: where D-Bus, PostgreSQL and Docker listen
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(path)
+        os.chmod(path, 0o777)
+        server.listen()
+        result = run_python(f"import socket\nsocket.socket(socket.AF_UNIX).connect({path!r})\n", FAST)
+        assert not result.passed and "FileNotFoundError" in result.stderr
+        assert run_python("open('/run/lock/x', 'w').write('ok')\n", FAST).passed  # /run/lock stays writable
+    finally:
+        server.close()
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+@needs_root
+def test_the_cgroup_name_holds_no_part_of_the_token(monkeypatch):
+    import tasks.sandbox
+
+    tokens = []
+    real = tasks.sandbox.secrets.token_hex
+    monkeypatch.setattr(tasks.sandbox.secrets, "token_hex", lambda n=None: tokens.append(real(n)) or tokens[-1])
+    result = run_python("print(open('/proc/self/cgroup').read())\n", FAST)
+    assert result.passed
+    assert not any(t[:8] in result.stdout for t in tokens if len(t) == 32)
+
+
+@needs_root
+def test_the_sandbox_uid_is_one_no_process_uses(monkeypatch):
+    import random
+    import tasks.sandbox
+
+    taken = 231_073  # say a rootless container's subordinate uid, with a process running
+    holder = subprocess.Popen(["sleep", "60"], preexec_fn=lambda: (os.setgid(taken), os.setuid(taken)))
+    try:
+        draws = iter([taken, taken + 1])
+        monkeypatch.setattr(random, "randrange", lambda a, b: next(draws))
+        result = run_python("import os\nprint(os.getuid())\n", FAST)
+        assert result.passed and str(taken + 1) in result.stdout
+        assert holder.poll() is None, "the sandbox's clean-up killed a process that was not its own"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_completions_that_fake_a_pass_are_flagged():
+    from tasks.benchmarks.humaneval import tamper_signs
+
+    steal = ("    import inspect as _i\n"
+             "    _f = [x.frame for x in _i.stack() if 'token' in _i.getargvalues(x.frame).locals][0]\n"
+             "    raise SystemExit\n")
+    assert {"frames/gc", "sys.exit"} <= set(tamper_signs(steal))
+    assert "__eq__ override" in tamper_signs("    return type('R', (), {'__eq__': lambda s, o: True})()\n")
+    assert not [p["task_id"] for p in read_problems(bundled_file()) if tamper_signs(p["canonical_solution"])]

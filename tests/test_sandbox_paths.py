@@ -146,6 +146,24 @@ def test_home_and_the_libraries_credential_folders_are_hidden(monkeypatch):
         shutil.rmtree(base)
 
 
+def test_credential_files_and_prefect_stores_named_by_the_environment_are_hidden(monkeypatch):
+    """NETRC, AWS_SHARED_CREDENTIALS_FILE ... name files anywhere; Prefect's results and a SQLite
+    database may live outside PREFECT_HOME. Their folders stayed visible to the program."""
+    base = _private_tree({f"{name}/secret": "x\n" for name in ("netrc", "aws", "aws-config", "gcp", "wandb-token",
+                                                               "results", "db")}, tempfile.gettempdir())
+    try:
+        for var, rel in (("NETRC", "netrc/secret"), ("AWS_SHARED_CREDENTIALS_FILE", "aws/secret"),
+                         ("AWS_CONFIG_FILE", "aws-config/secret"), ("GOOGLE_APPLICATION_CREDENTIALS", "gcp/secret"),
+                         ("WANDB_IDENTITY_TOKEN_FILE", "wandb-token/secret")):
+            monkeypatch.setenv(var, str(base / rel))
+        monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(base / "results"))
+        monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{base}/db/prefect.db")
+        hidden = set(sandbox.hidden_paths())
+        assert {str(base / name) for name in ("netrc", "aws", "aws-config", "gcp", "wandb-token", "results", "db")} <= hidden
+    finally:
+        shutil.rmtree(base)
+
+
 @needs_root
 def test_home_and_the_libraries_credential_folders_are_hidden_in_a_run_and_a_venv_in_home_works(monkeypatch):
     # HOME=/var/local with ~/.prefect/profiles.toml (PREFECT_API_KEY) was readable by the program.
