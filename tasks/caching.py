@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,8 +45,33 @@ class Version(CachePolicy):
         return self.value
 
 
+@functools.cache
+def result_shape(fn) -> str:
+    """A digest of the fields of what `fn` returns (its return annotation, nested models included)."""
+    from pydantic import TypeAdapter
+
+    hint = typing.get_type_hints(fn).get("return")
+    try:
+        schema = TypeAdapter(hint).json_schema()
+    except Exception:  # a type pydantic cannot describe: its name at least
+        schema = repr(hint)
+    return hashlib.sha256(json.dumps(schema, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ResultShape(CachePolicy):
+    """The fields of the task's result in the key. TASK_SOURCE sees the task function's own source,
+    not the models it returns: a field added to one (health's `Sign.checked`) left results cached by
+    older code coming back without it, and the next task failed on the missing attribute."""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        return result_shape(task_ctx.task.fn)
+
+
+# The code part of every cached task's key: the function's source and the shape of its result.
+CODE = TASK_SOURCE + ResultShape()
 # The policy of every expensive task: same content + same settings + same code = cached.
-BY_CONTENT = ContentInputs() + TASK_SOURCE
+BY_CONTENT = ContentInputs() + CODE
 # Benchmark results hold their comparability key. 2 (2026-12-04): bf16 keys hold the arrangement,
 # and merged shards are keyed as the whole run. Older cached results would carry the old keys, so a
 # cached base and a fresh tuned score would never compare.

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CachePolicy
+from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from tasks.benchmarks.provenance import comparability, with_every_item
 from tasks.benchmarks import REGISTRY, BenchmarkResult
@@ -32,7 +32,7 @@ from tasks.config import BenchmarkConfig, ExecutionConfig, JudgeConfig
 from tasks.layout import RunPaths
 from tasks.leftovers import processes_under
 from tasks.models import ModelRef, load_model
-from tasks.caching import RESULTS, ContentInputs
+from tasks.caching import CODE, RESULTS, ContentInputs
 from tasks.runtime import retry_transient, run_logger
 from tasks.storage import ArtifactStore
 
@@ -55,7 +55,7 @@ class BenchmarkData(CachePolicy):
 
 # The role only names the task run ("benchmark-gsm8k-base"): the same model scores the same under
 # any role, so it stays out of the cache key.
-BY_CONTENT_ANY_ROLE = (ContentInputs() - "role") + BenchmarkData() + TASK_SOURCE + RESULTS
+BY_CONTENT_ANY_ROLE = (ContentInputs() - "role") + BenchmarkData() + CODE + RESULTS
 
 
 @task(

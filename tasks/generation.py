@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE, TASK_SOURCE
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from tasks.caching import ContentInputs
+from tasks.caching import CODE, ContentInputs
 from tasks.layout import RunPaths
 from tasks.models import ModelRef, load_model
 from tasks.runtime import retry_transient
@@ -85,7 +85,7 @@ RUNAWAY_FACTOR = 4
 
 # The role only names the task run in the UI ("samples-base", "samples-tuned"): not in the key,
 # so the judge's answers of the same model to the same prompts are the run's samples, cached.
-@task(cache_policy=(ContentInputs() - "role") + TASK_SOURCE, retries=1, retry_condition_fn=retry_transient,
+@task(cache_policy=(ContentInputs() - "role") + CODE, retries=1, retry_condition_fn=retry_transient,
       task_run_name="samples-{role}")
 def generate_samples(model_ref: ModelRef, prompts: list[str], max_new_tokens: int,
                      let_go_on: bool = False, role: str = "model") -> list[Sample]:

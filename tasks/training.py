@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import TASK_SOURCE
 from pydantic import BaseModel
 
 from tasks.checkpoints import (AlreadyAtMaxSteps, checkpoint_uploader, find_checkpoint, remove_checkpoints, resume_key,
@@ -29,7 +28,7 @@ from tasks.lora import head_without_bias, lora_config, new_token_rows
 from tasks.locks import TRAINING_LOCK, exclusive
 from tasks.models import ModelRef, fingerprint_dir, load_model, local_model_dir
 from tasks.progress import training_progress
-from tasks.caching import BY_CONTENT, ContentInputs
+from tasks.caching import BY_CONTENT, CODE, ContentInputs
 from tasks.runtime import cache_dir, run_logger, retry_transient
 from tasks.storage import ArtifactStore
 from tasks.templates import added_token_ids
@@ -197,7 +196,7 @@ def prepare_splits(splits, tokenizer, cfg: TrainingConfig, assistant_only_loss: 
 # ---- checkpoints: resume after a crash ----------------------------------------------------
 
 
-@task(cache_policy=(ContentInputs() - "run_uri" - "report_to") + TASK_SOURCE, retries=1, retry_delay_seconds=10,
+@task(cache_policy=(ContentInputs() - "run_uri" - "report_to") + CODE, retries=1, retry_delay_seconds=10,
       retry_condition_fn=retry_transient)
 def train_sft(
     base: ModelRef, tokens: TokenizedRef, cfg: TrainingConfig, run_uri: str, report_to: list[str],

@@ -69,3 +69,47 @@ def test_offline_a_hub_benchmark_is_keyed_on_its_cached_revision(monkeypatch, tm
     ref.parent.mkdir(parents=True)
     ref.write_text("e53f048856ff4f594e959d75785d2c2d37b678ee")
     assert hub_identity(("openai/gsm8k", "main")) == "hub:openai/gsm8k:main@e53f048856ff4f594e959d75785d2c2d37b678ee"
+
+
+SHAPED = '''
+from pydantic import BaseModel
+from prefect import task
+from prefect.cache_policies import INPUTS
+from tasks.caching import CODE
+
+
+class Sign(BaseModel):
+    name: str
+{extra}
+
+class Report(BaseModel):
+    signs: list[Sign]
+
+
+@task(cache_policy=INPUTS + CODE, persist_result=True)
+def assess(name: str) -> Report:
+    return Report(signs=[Sign(name=name)])
+'''
+
+
+def test_a_result_model_that_gained_a_field_is_computed_afresh(tmp_path, monkeypatch):
+    """The task's source is the same, the model it returns gained a field (health's Sign.checked):
+    the result cached by the older code came back without it, and the next task failed on it."""
+    import importlib
+    import sys
+    import uuid
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = f"shaped_{uuid.uuid4().hex[:8]}"  # a new key for each test session's cache
+    states = []
+    for extra in ("", "    checked: bool = True\n"):
+        (tmp_path / f"{name}.py").write_text(SHAPED.replace("{extra}", extra))
+        sys.modules.pop(name, None)
+        importlib.invalidate_caches()
+        module = importlib.import_module(name)
+        states.append(module.assess("overfitting", return_state=True))
+        again = module.assess("overfitting", return_state=True)
+        assert again.name == "Cached" and again.result().signs[0].name == "overfitting"
+    sys.modules.pop(name, None)
+    assert [s.name for s in states] == ["Completed", "Completed"]  # not the older code's result
+    assert states[1].result().signs[0].checked is True

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 from prefect import task
-from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.yamlfile import KeyTwice, at, json_loads, key_lines, read_text, yaml_error
@@ -45,7 +45,7 @@ from tasks.config import JudgeConfig
 from tasks.benchmarks import scorers
 from tasks.benchmarks.base import BenchmarkResult, stderr_of_mean
 from tasks.models import ModelRef, load_model
-from tasks.caching import RESULTS, ContentInputs
+from tasks.caching import CODE, RESULTS, ContentInputs
 from tasks.runtime import retry_transient, run_logger
 
 DOCS = "docs/benchmarks.md#custom-benchmarks"
@@ -393,7 +393,7 @@ class JudgeIdentity(CachePolicy):
         return judge_identity(judge) if judge is not None else None
 
 
-@task(cache_policy=(ContentInputs() - "role") + JudgeIdentity() + TASK_SOURCE + RESULTS, retries=1,
+@task(cache_policy=(ContentInputs() - "role") + JudgeIdentity() + CODE + RESULTS, retries=1,
       retry_condition_fn=retry_transient,
       retry_delay_seconds=10, task_run_name="custom-{bench.name}-{role}")
 def run_custom_benchmark(
