@@ -4,7 +4,9 @@
 #
 #   docker build -t smolflow:latest .
 #   prefect work-pool create smolflow-docker --type docker
-#   prefect deploy --all --pool smolflow-docker --job-variable image=smolflow:latest
+#   for d in pool-on-demand pool-nightly; do   # by name: `--all` ignores --pool and --job-variable
+#     env -u SMOLFLOW_ROOT prefect deploy -n $d --no-prompt --pool smolflow-docker --job-variable image=smolflow:latest
+#   done                                       # the worker's machine needs prefect-docker
 #
 # CPU torch by default (constraints.txt pins the CPU build). For a GPU image, build with
 # --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 and run it with GPUs visible.
@@ -18,6 +20,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     WANDB_SILENT=true \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \
     SMOLFLOW_ROOT=/opt/smolflow \
+    SMOLFLOW_RUN_TIMEOUT_HOURS=23 \
     SMOLFLOW_CACHE=/var/cache/smolflow
 
 WORKDIR /opt/smolflow

@@ -4,18 +4,14 @@ every score with the one comparison into the run folder.
 With `execution.task_runner: ray` every (benchmark, model) pair, with `execution.shard_size`
 every shard of MMLU subjects or BBH tasks, and with `execution.item_shards` every n-th-item part of
 GSM8K, MATH or HumanEval (benchmarks/parts.py), is submitted at once to prefect-ray's
-RayTaskRunner and runs on the Ray cluster's workers; shards are merged back into one result per
-benchmark, item for item what the sequential run gives.
+RayTaskRunner and runs on the Ray cluster's workers (tasks/ray_scoring.py); shards are merged back
+into one result per benchmark, item for item what the sequential run gives.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,20 +24,12 @@ from tasks.benchmarks import REGISTRY, BenchmarkResult
 from tasks.benchmarks.base import stderr_of_mean
 from tasks.benchmarks.custom import CustomBenchmark, run_custom_benchmark
 from tasks.compare import compare, item_values, paired_stderr
-from tasks.config import BenchmarkConfig, ExecutionConfig, JudgeConfig
+from tasks.config import BenchmarkConfig, JudgeConfig
 from tasks.layout import RunPaths
-from tasks.leftovers import processes_under
 from tasks.models import ModelRef, load_model
 from tasks.caching import CODE, RESULTS, ContentInputs
-from tasks.runtime import retry_transient, run_logger
+from tasks.runtime import retry_transient
 from tasks.storage import ArtifactStore
-
-# What a Ray worker needs of this process's environment to load the same models the same way and
-# report to the same Prefect server (without PREFECT_API_URL each worker starts a server of its own).
-_FORWARD = ("SMOLFLOW_EXECUTION", "SMOLFLOW_CACHE", "XDG_CACHE_HOME", "SMOLFLOW_SANDBOX_HIDE", "HF_HUB_OFFLINE",
-            "HF_DATASETS_OFFLINE", "HF_HOME", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "TOKENIZERS_PARALLELISM",
-            "WANDB_MODE")
-
 
 @dataclass
 class BenchmarkData(CachePolicy):
@@ -189,40 +177,6 @@ def merged_fewshot(parts: list[BenchmarkResult]) -> dict:
     return merged
 
 
-def ray_runner(execution: ExecutionConfig):
-    """prefect-ray's RayTaskRunner: joins `ray_address`, or starts a local cluster for the scoring
-    (stopped after it), with this process's settings forwarded to its workers."""
-    from prefect.settings import get_current_settings
-    from prefect_ray import RayTaskRunner
-
-    env = {k: os.environ[k] for k in _FORWARD if k in os.environ}
-    api = get_current_settings().api.url or _temporary_server(execution)
-    if api:
-        env["PREFECT_API_URL"] = str(api)
-    init = {"include_dashboard": False, "runtime_env": {"env_vars": env}}
-    if execution.ray_num_cpus and not execution.ray_address:
-        init["num_cpus"] = execution.ray_num_cpus
-    return RayTaskRunner(address=execution.ray_address, init_kwargs=init)
-
-
-def _temporary_server(execution: ExecutionConfig) -> str | None:
-    """The temporary Prefect server this process reports to when no PREFECT_API_URL is set, for a
-    local cluster's workers: without it each worker started a temporary server of its own (seconds
-    of CPU per worker) and the benchmark task runs went there, missing from the flow's server."""
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the one Prefect's client starts when no API URL is set
-    if not server.running:
-        return None
-    if execution.ray_address:  # workers on other machines cannot reach 127.0.0.1
-        run_logger().warning(
-            "execution.ray_address=%s: the cluster's workers cannot reach this process's temporary Prefect "
-            "server, so they report the benchmark task runs to temporary servers of their own; set "
-            "PREFECT_API_URL to a server every machine reaches to see them", execution.ray_address)
-        return None
-    return server.api_url
-
-
 def _jobs(benchmarks, custom, judge, shard_size, item_shards=None):
     """(name, task, parameters without the model and role) per job; a benchmark's shards share its name."""
     jobs = [(cfg.name, run_benchmark, {"cfg": sub} | ({"part": part} if part else {}))
@@ -255,7 +209,9 @@ def score_models(
                 bar.update(i * len(models) + j, f"{name}: scoring " + ("the model" if role == "model" else f"the {role} model"))
                 parts[(name, role)].append(job(model_ref=model, role=role, **params))
     else:
-        _score_on_ray(execution, jobs, models, parts, bar)
+        from tasks.ray_scoring import score_on_ray
+
+        score_on_ray(execution, jobs, models, parts, bar)
     scores = {name: {role: merge_shards(parts[(name, role)]) for role in models} for name in names}
     bar.update(bar.total, f"done: {', '.join(scores)}")
     return scores
@@ -267,67 +223,6 @@ def score_base_and_tuned(
 ) -> dict[str, dict[str, BenchmarkResult]]:
     """score_models for a fine-tuning run: the base and the tuned model."""
     return score_models({"base": base, "tuned": tuned}, benchmarks, custom, judge)
-
-
-def work(params: dict) -> float:
-    """Estimated work of a job (items x cost per item), to submit the longest first."""
-    if "cfg" in params:
-        return REGISTRY[params["cfg"].name].work(params["cfg"]) / params.get("part", (0, 1))[1]
-    return 2.0 * len(params["bench"].selected())  # a custom benchmark: short 0-shot generations
-
-
-def submission_order(jobs) -> list[int]:
-    """Job indices longest first (ties in job order): with every task queued at once, a long task
-    that starts last leaves the other workers idle while it runs (GSM8K behind MMLU's shards)."""
-    return sorted(range(len(jobs)), key=lambda i: -work(jobs[i][2]))
-
-
-def _score_on_ray(execution, jobs, models, parts, bar) -> None:
-    """Submit every job for every model at once, longest first; collect the results in job order
-    (a benchmark's shards in subset order)."""
-    import ray
-    from prefect_ray.context import remote_options
-
-    runner = ray_runner(execution)
-    with _session_removed(runner), runner:  # the cluster stops first, then its folder goes
-        # One GPU per task where the cluster has GPUs; else Ray's default share of one CPU.
-        gpus = ray.cluster_resources().get("GPU", 0)
-        run_logger().info("Scoring %d benchmark tasks on Ray (%s)", len(models) * len(jobs), ray.cluster_resources())
-        with remote_options(**({"num_gpus": 1} if gpus else {"num_cpus": 1})):
-            futures = {(i, role): runner.submit(jobs[i][1], {"model_ref": model, "role": role, **jobs[i][2]})
-                       for i in submission_order(jobs) for role, model in models.items()}
-        done = 0
-        for i, (name, _, _) in enumerate(jobs):
-            for role in models:
-                parts[(name, role)].append(futures[(i, role)].result())
-                done += 1
-                bar.update(done, f"{name}: " + ("the model" if role == "model" else f"the {role} model") + " scored")
-
-
-@contextmanager
-def _session_removed(runner):
-    """Remove the session folder of the local cluster `runner` started (its logs and sockets, in
-    RAY_TMPDIR/ray or /tmp/ray) once the cluster has stopped. Ray keeps every session's folder, so a
-    nightly on a local cluster grew /tmp by ~0.5 MB a night. A joined cluster's is not ours."""
-    try:
-        yield
-    finally:
-        context = getattr(runner, "_ray_context", None)  # ray.init's RayContext, which prefect-ray keeps
-        # ray.init() joins the cluster at RAY_ADDRESS when set: then the session is that cluster's
-        started = not runner.address and not os.environ.get("RAY_ADDRESS") and getattr(runner, "_owns_ray", False)
-        if context is not None and started:
-            _remove_session(Path(context.address_info["session_dir"]))
-
-
-def _remove_session(session: Path) -> None:
-    """The session folder, once no process names it any more, and Ray's link to it as the latest."""
-    deadline = time.monotonic() + 30  # ray.shutdown() signals its processes; they exit soon after
-    while processes_under(str(session)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    shutil.rmtree(session, ignore_errors=True)
-    latest = session.parent / "session_latest"
-    if latest.is_symlink() and Path(os.readlink(latest)).name == session.name:
-        latest.unlink(missing_ok=True)
 
 
 def comparison_row(base: BenchmarkResult, tuned: BenchmarkResult) -> dict:

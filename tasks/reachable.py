@@ -35,10 +35,22 @@ def check_reachable(config: RunConfig, training: bool = True) -> None:
 
 def check_ray_address(execution: ExecutionConfig, timeout: float = 5.0) -> None:
     """A cluster named host:port by execution.ray_address accepts a connection: said before training,
-    not when the benchmarks start on Ray. Other forms ('auto', no port) are left to Ray."""
+    not when the benchmarks start on Ray. 'auto' is the cluster `ray start` left on this machine (or
+    RAY_ADDRESS): without one, prefect-ray's bare ray.init() would quietly start a cluster instead."""
     address = execution.ray_address
     if execution.task_runner != "ray" or not address:
         return
+    if address == "auto":
+        from ray._private.utils import read_ray_address  # what ray.init("auto") reads: RAY_TMPDIR's ray_current_cluster
+
+        address = os.environ.get("RAY_ADDRESS") or read_ray_address()
+        if not address:
+            raise ConfigError("execution.ray_address='auto': no Ray cluster was started on this machine (`ray start "
+                              "--head`) and RAY_ADDRESS is not set; start one, give its address, or remove "
+                              "execution.ray_address for a cluster of the run's own")
+    if "://" not in address and ":" not in address:
+        raise ConfigError(f"execution.ray_address={address!r}: not a Ray address; use host:port, ray://host:10001 "
+                          "or auto")
     host, _, port = address.split("://", 1)[-1].rpartition(":")
     host = host.strip("[]")  # [::1]:6379
     if not (host and port.isdigit()):

@@ -113,7 +113,7 @@ def hidden_paths() -> list[str]:
 
 def hide_from_sandbox(uri: str) -> None:
     """A local artifacts root (other runs' data, models and outputs) joins SMOLFLOW_SANDBOX_HIDE for
-    this process and what it starts (Ray workers get it too: tasks/evaluation.py _FORWARD)."""
+    this process and what it starts (Ray workers get it too: tasks/ray_scoring.py _FORWARD)."""
     if "://" in uri and not uri.startswith("file://"):
         return  # s3://: nothing on this machine to hide
     path = os.path.realpath(os.path.expanduser(uri.removeprefix("file://")))

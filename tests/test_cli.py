@@ -456,6 +456,15 @@ def test_a_ray_cluster_that_does_not_answer_is_said_before_training(env, tmp_pat
     assert out.returncode == 2, out.stderr[-2000:]  # it once trained, then failed joining the cluster
     assert (f"flag --execution.ray-address: execution.ray_address='127.0.0.1:{port}': nothing answers at "
             f"127.0.0.1:{port}") in out.stderr and "Beginning flow run" not in out.stdout + out.stderr
+    # `auto` with no cluster started here: prefect-ray's bare ray.init() quietly started one (and
+    # left its session folder); a value that is no address at all passed too.
+    here = env | {"RAY_TMPDIR": str(tmp_path / "ray-tmp")}
+    here.pop("RAY_ADDRESS", None)
+    for address, said in (("auto", "execution.ray_address='auto': no Ray cluster was started on this machine"),
+                          ("foo", "execution.ray_address='foo': not a Ray address; use host:port")):
+        out = smolflow(here, "validate", "--execution.task-runner", "ray", "--execution.ray-address", address,
+                       "--judge.enabled", "false")
+        assert out.returncode == 2 and said in out.stderr, out.stderr[-2000:]
 
 
 def test_a_device_this_machine_lacks_is_a_user_error_before_the_flow(env, tmp_path):

@@ -9,7 +9,8 @@ from pydantic import ValidationError
 
 from tasks.benchmarks import REGISTRY
 from tasks.config import BenchmarkConfig, ExecutionConfig
-from tasks.evaluation import _jobs, merge_shards, run_benchmark, submission_order, work
+from tasks.evaluation import _jobs, merge_shards, run_benchmark
+from tasks.ray_scoring import submission_order, work
 from tests.test_benchmarks import AnswerKey
 
 

@@ -13,8 +13,9 @@ from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
 from tasks.config import BenchmarkConfig, ExecutionConfig
 from tasks.device import publish, unpublish
-from tasks.evaluation import _jobs, ray_runner, score_base_and_tuned, shards, submission_order
+from tasks.evaluation import _jobs, score_base_and_tuned, shards
 from tasks.leftovers import processes_under
+from tasks.ray_scoring import ray_runner, submission_order
 
 BENCHMARKS = [
     # limit 3, not conftest's 2: a task cached by another test must not stand in for Ray's work
@@ -58,6 +59,16 @@ def test_the_longest_tasks_are_submitted_first():
         ("custom/capitals", None, None),
         *[("mmlu", 3, [s]) for s in subjects],  # 3 questions each, in subject order
     ]
+
+
+def test_no_address_is_a_cluster_of_the_runs_own(monkeypatch):
+    """A bare ray.init() joins a cluster `ray start` left on the machine (and the run then removed its
+    session folder): "local" always starts one. RAY_ADDRESS, which Ray reads, still joins that one."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_runner(ExecutionConfig(task_runner="ray")).address == "local"
+    assert ray_runner(ExecutionConfig(task_runner="ray", ray_address="10.0.0.1:6379")).address == "10.0.0.1:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    assert ray_runner(ExecutionConfig(task_runner="ray")).address == "10.0.0.2:6379"
 
 
 def test_a_local_cluster_reports_to_the_temporary_server_of_the_flow():
@@ -136,3 +147,52 @@ def test_ray_gives_the_sequential_results(tiny_ref, tiny_base_model_dir, monkeyp
     names = sorted(r.name for r in runs if r.name.startswith("benchmark-"))
     assert names == ["benchmark-gsm8k-base"] * 2 + ["benchmark-gsm8k-tuned"] * 2 + ["benchmark-mmlu-base"] * 2 + ["benchmark-mmlu-tuned"] * 2
     assert all(r.state.is_completed() for r in runs if r.name.startswith("benchmark-"))
+
+
+@pytest.mark.slow
+def test_a_sigterm_while_scoring_on_ray_stops_the_run_as_anywhere_else(tiny_model_dir, tmp_path):
+    """ray.init() replaces the run's SIGTERM handler with its own sys.exit: a cancel in Prefect or a
+    stopped worker while scoring on Ray ended the run 'failed (SystemExit: 1)', exit 1. As a
+    sequential run: 'stopped', exit 143, and nothing of the cluster left."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    root = Path(__file__).resolve().parents[1]
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: unix socket paths are limited
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "WANDB_SERVICE")}
+    env |= {"PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(root), "RAY_TMPDIR": ray_tmp}
+    bench = json.dumps([{"name": "gsm8k", "limit": 8, "batch_size": 1}])
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "smolflow"), "--verbose", "eval", "--model", str(tiny_model_dir),
+         "--benchmarks", bench, "--execution.task-runner", "ray", "--execution.ray-num-cpus", "2",
+         "--execution.item-shards", "4", "--execution.precision", "fp32", "--judge.enabled", "false",
+         "--wandb.mode", "disabled", "--output.artifacts-uri", str(tmp_path), "--output.run-id", "stopped-on-ray"],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stdout:  # the log line comes once Ray is up and the run's handler is back
+            seen.append(line)
+            if "benchmark tasks on Ray" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    try:
+        out = "".join(seen) + rest
+        assert any("benchmark tasks on Ray" in line for line in seen), out[-3000:]
+        assert proc.returncode == 143, out[-3000:]
+        status = json.loads((tmp_path / "runs/stopped-on-ray/status.json").read_text())
+        assert status["state"] == "stopped" and status["why"].startswith("stopped by SIGTERM"), status
+        deadline = time.monotonic() + 60
+        while left := processes_under(ray_tmp):
+            assert time.monotonic() < deadline, f"Ray processes left after the stop: {left}"
+            time.sleep(0.5)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
