@@ -31,6 +31,15 @@ wait()
 """
 
 
+def _wait_for(ready: Path, proc: subprocess.Popen, seconds: float, never: str) -> None:
+    """Until `proc` touches `ready`; fails with its stderr if it exits first."""
+    deadline = time.monotonic() + seconds
+    while not ready.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, never
+        time.sleep(0.2)
+
+
 def _flow_with_its_server(tmp_path: Path, script: str) -> tuple[subprocess.Popen, list[int]]:
     """A flow process started with `script`, once its flow runs: (process, its temporary server's pids)."""
     home, ready = tmp_path / "prefect-home", tmp_path / "ready"
@@ -39,11 +48,7 @@ def _flow_with_its_server(tmp_path: Path, script: str) -> tuple[subprocess.Popen
     proc = subprocess.Popen([sys.executable, "-c", script, str(ready)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 400
-        while not ready.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the flow never started"
-            time.sleep(0.5)
+        _wait_for(ready, proc, 400, "the flow never started")
         servers = [pid for pid in descendants(proc.pid) if SERVER_MARK in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert servers, "the flow runs without a temporary server"
     except BaseException:
@@ -187,11 +192,7 @@ def test_a_killed_processs_temporary_files_go_when_the_next_starts(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", TEMP_USER, str(ready), "600"], cwd=ROOT, env=env,
                             stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the process never got going"
-            time.sleep(0.2)
+        _wait_for(ready, proc, 120, "the process never got going")
     finally:
         proc.kill()
         proc.wait()
