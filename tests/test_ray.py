@@ -164,13 +164,15 @@ def test_a_sigterm_while_scoring_on_ray_stops_the_run_as_anywhere_else(tiny_mode
     root = Path(__file__).resolve().parents[1]
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: unix socket paths are limited
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "WANDB_SERVICE")}
-    env |= {"PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(root), "RAY_TMPDIR": ray_tmp}
+    temp = tmp_path / "tmp"  # the run's and its Ray workers' temporary files
+    temp.mkdir()
+    env |= {"PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(root), "RAY_TMPDIR": ray_tmp, "TMPDIR": str(temp)}
     bench = json.dumps([{"name": "gsm8k", "limit": 8, "batch_size": 1}])
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "smolflow"), "--verbose", "eval", "--model", str(tiny_model_dir),
          "--benchmarks", bench, "--execution.task-runner", "ray", "--execution.ray-num-cpus", "2",
          "--execution.item-shards", "4", "--execution.precision", "fp32", "--judge.enabled", "false",
-         "--wandb.mode", "disabled", "--output.artifacts-uri", str(tmp_path), "--output.run-id", "stopped-on-ray"],
+         "--wandb.mode", "disabled", "--output.artifacts-uri", str(tmp_path / "runs-root"), "--output.run-id", "stopped-on-ray"],
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen = []
     try:
@@ -188,11 +190,15 @@ def test_a_sigterm_while_scoring_on_ray_stops_the_run_as_anywhere_else(tiny_mode
         out = "".join(seen) + rest
         assert any("benchmark tasks on Ray" in line for line in seen), out[-3000:]
         assert proc.returncode == 143, out[-3000:]
-        status = json.loads((tmp_path / "runs/stopped-on-ray/status.json").read_text())
+        status = json.loads((tmp_path / "runs-root/runs/stopped-on-ray/status.json").read_text())
         assert status["state"] == "stopped" and status["why"].startswith("stopped by SIGTERM"), status
         deadline = time.monotonic() + 60
         while left := processes_under(ray_tmp):
             assert time.monotonic() < deadline, f"Ray processes left after the stop: {left}"
             time.sleep(0.5)
+        # The killed workers' temporary files (datasets' Arrow files) go when the next smolflow process starts.
+        reap = "from tasks.leftovers import own_temp_root; own_temp_root()"
+        subprocess.run([sys.executable, "-c", reap], cwd=root, env=env, check=True, timeout=60)
+        assert sorted(p.name for p in temp.iterdir()) == []
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
