@@ -95,7 +95,8 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
                            "set judge.reference to a file of reference outputs to judge it")
                 run_logger().info("Judge skipped: %s", skipped)
             else:
-                judgement = run_judge(reference, model, config.judge, config.sampling.prompts)
+                judgement = run_judge(reference, model, config.judge, config.sampling.prompts,
+                                      config.sampling.max_new_tokens)
         write_judge(run, judgement, skipped)
         summary = write_report(run.uri, config.model_dump(mode="json"), None,
                                {"W&B run": wandb_link(wb, run.uri), "Prefect flow run": flow_run_link(),

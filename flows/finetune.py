@@ -91,7 +91,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         # The promoted model again, on the benchmarks its saved scores were measured otherwise (the gate's reference).
         rescore_promoted(root, flow_run.flow_name, run.uri, config.gate, scores, config.benchmarks, checked.custom,
                          config.judge)
-        judgement = run_judge(templated.model, trained.model, config.judge, prompts)
+        judgement = run_judge(templated.model, trained.model, config.judge, prompts, max_new)
         write_judge(run, judgement)
 
         decision = regression_gate(root, flow_run.flow_name, run.uri, config.gate, health.blocking())

@@ -186,6 +186,8 @@ def resolve_autos(config: RunConfig) -> dict[str, str]:
     for i, b in enumerate(config.benchmarks):
         if b.data == "auto":
             out[f"benchmarks[{i}].data"] = REGISTRY[b.name].auto_source(offline)
+    if config.judge.enabled and config.judge.max_new_tokens is None:
+        out["judge.max_new_tokens"] = f"{config.sampling.max_new_tokens} (sampling.max_new_tokens)"
     if config.judge.enabled and config.judge.backend == "local" and config.judge.model == "auto":
         out["judge.model"] = BUILTIN
     if "auto" in (config.execution.device, config.execution.precision):  # the run's own decision (tasks/device.py)

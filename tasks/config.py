@@ -448,8 +448,9 @@ class RunConfig(Section):
         if not self.benchmarks and self.gate.enabled:
             unused(self.gate, ("tolerance",), "gate.", "it is the drop allowed to a benchmark score, and benchmarks is "
                    "empty (with none, only gate.allow_incomparable: true promotes)")
-        if self.judge.max_new_tokens is None and self.judge.enabled:  # off: left unset (nothing judges)
-            self.judge.max_new_tokens = self.sampling.max_new_tokens
+        # judge.max_new_tokens None stays None, and the judge uses sampling.max_new_tokens (run_judge):
+        # filled in here, the Prefect form's default (RunConfig()) and every config.json carried 100,
+        # so the judge no longer followed sampling.max_new_tokens and judge.enabled: false was refused.
         return self
 
 

@@ -318,12 +318,16 @@ def judge_inputs(cfg: JudgeConfig, sample_prompts: list[str]) -> tuple[list[str]
     return instructions, load_references(Path(cfg.reference).expanduser(), instructions)[0]
 
 
-def run_judge(base: ModelRef, tuned: ModelRef, cfg: JudgeConfig, sample_prompts: list[str]) -> JudgeResult | None:
-    """Answers of the tuned model (and of the base model, when it is the reference), judged."""
+def run_judge(base: ModelRef, tuned: ModelRef, cfg: JudgeConfig, sample_prompts: list[str],
+              sample_max_new_tokens: int) -> JudgeResult | None:
+    """Answers of the tuned model (and of the base model, when it is the reference), judged;
+    judge.max_new_tokens None: sampling.max_new_tokens (recorded as used in the judge's settings)."""
     from tasks.generation import generate_samples
 
     if not cfg.enabled:
         return None
+    if cfg.max_new_tokens is None:
+        cfg = cfg.model_copy(update={"max_new_tokens": sample_max_new_tokens})
     instructions, references = judge_inputs(cfg, sample_prompts)
     # generate_samples is a cached task: with judge.max_new_tokens == sampling.max_new_tokens and
     # instructions 'samples', these are the run's own before/after samples, not a second generation.

@@ -177,7 +177,8 @@ def test_run_judge_end_to_end_with_the_local_model(tiny_ref, tiny_model_dir, jud
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     cfg = JudgeConfig(model=str(tiny_model_dir), instructions="fixture", limit=2, max_new_tokens=6)
-    result = run_judge(tiny_ref, tiny_ref, cfg, sample_prompts=["unused"])
+    result = run_judge(tiny_ref, tiny_ref, cfg, sample_prompts=["unused"], sample_max_new_tokens=99)
+    assert result.settings["max_new_tokens"] == 6  # its own, set: not the samples' length
     assert [r["instruction"] for r in result.records] == [r["instruction"] for r in FIXTURE_ROWS[:2]]
     assert result.n + sum(r["preference"] is None for r in result.records) == result.pairs
     assert result.wins + result.ties + result.losses == result.n
@@ -202,12 +203,12 @@ def test_run_judge_end_to_end_with_the_local_model(tiny_ref, tiny_model_dir, jud
 
 
 def test_reference_file_is_matched_by_instruction(tiny_ref, tiny_model_dir, judgement_cache):
-    cfg = JudgeConfig(model=str(tiny_model_dir), instructions="samples", reference=str(FIXTURE_REFERENCES),
-                      max_new_tokens=4)
+    cfg = JudgeConfig(model=str(tiny_model_dir), instructions="samples", reference=str(FIXTURE_REFERENCES))
     prompts = [FIXTURE_ROWS[3]["instruction"], FIXTURE_ROWS[1]["instruction"]]  # not in file order
-    result = run_judge(tiny_ref, tiny_ref, cfg, prompts)
+    result = run_judge(tiny_ref, tiny_ref, cfg, prompts, 4)
     assert [r["reference_output"] for r in result.records] == [FIXTURE_ROWS[3]["output"], FIXTURE_ROWS[1]["output"]]
-    assert run_judge(tiny_ref, tiny_ref, cfg.model_copy(update={"enabled": False}), prompts) is None
+    assert result.settings["max_new_tokens"] == 4  # unset: the samples' length (sampling.max_new_tokens)
+    assert run_judge(tiny_ref, tiny_ref, cfg.model_copy(update={"enabled": False}), prompts, 4) is None
 
 
 @pytest.mark.parametrize(

@@ -106,3 +106,23 @@ def test_the_ui_form_takes_a_benchmark_profile_as_the_command_line_does():
         validate({"config": {"benchmarks": ok}}, schema, raise_on_error=True, ignore_required=True)
     with pytest.raises(ValidationError, match="config.benchmarks"):
         validate({"config": {"benchmarks": "nope"}}, schema, raise_on_error=True, ignore_required=True)
+
+
+def test_the_ui_forms_default_lets_the_judge_follow_the_samples_and_be_switched_off():
+    """The form's default (RunConfig()) carried judge.max_new_tokens: 100, filled in from sampling: a
+    run from the UI with the judge unticked was refused for a field nobody set, and one with a shorter
+    sampling.max_new_tokens judged at 100 tokens."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.finetune import finetune
+    from tasks.checks import resolve_autos
+    from tasks.config import RunConfig
+
+    schema = parameter_schema(finetune.fn).model_dump_for_openapi()
+    form = schema["properties"]["config"]["default"]
+    assert form["judge"]["max_new_tokens"] is None
+    form["judge"]["enabled"] = False
+    assert finetune.validate_parameters({"config": form})["config"].judge.enabled is False
+    shorter = RunConfig.model_validate({"sampling": {"max_new_tokens": 20}})
+    assert shorter.judge.max_new_tokens is None  # run_judge uses the samples' 20, recorded as resolved:
+    assert resolve_autos(shorter)["judge.max_new_tokens"] == "20 (sampling.max_new_tokens)"
