@@ -27,7 +27,7 @@ from tasks.layout import RunPaths, run_dir
 from tasks.leftovers import own_temp_root
 from tasks.models import ModelRef, resolve_model
 from tasks.reporting import write_report
-from tasks.retention import drop_work_dir, tidy_after_failure, tidy_up
+from tasks.retention import drop_work_dir, tidy_after_failure, tidy_before_run, tidy_up
 from tasks.runs import model_of_run, status_recorded
 from tasks.runtime import cache_dir, code_version, flow_run_link, run_logger, run_timeout, set_torch_threads
 from tasks.sandbox import hide_from_sandbox
@@ -57,8 +57,8 @@ def check_eval_settings(config: RunConfig) -> None:
 # unpublish: the run's device/precision/task-runner settings end with it (tasks/device.py).
 @flow(name="smolflow-evaluate", result_storage=results_storage(),  # under the cache bound: tasks/caching.py
       timeout_seconds=run_timeout(),  # SMOLFLOW_RUN_TIMEOUT_HOURS: a hung run ends, its slot frees
-      on_completion=[unpublish], on_failure=[unpublish, tidy_after_failure], on_crashed=[unpublish],
-      on_cancellation=[unpublish])
+      on_completion=[unpublish], on_failure=[unpublish, tidy_after_failure], on_crashed=[unpublish, tidy_after_failure],
+      on_cancellation=[unpublish, tidy_after_failure])  # stopped (SIGTERM, a cancel) runs are bounded too
 def evaluate(config: RunConfig = RunConfig()) -> dict:
     """Model -> benchmarks + custom benchmarks -> judge (against `judge.reference`) -> report -> manifest."""
     own_temp_root()  # this process's temporary files: a SIGKILLed run's go with the next start
@@ -71,6 +71,7 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
     hide_from_sandbox(config.output.artifacts_uri)  # HumanEval's programs cannot read the runs
     root = config.output.artifacts_uri
     run_id = config.output.run_id or f"eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
+    tidy_before_run(config.output, run_id)  # as in smolflow-finetune: killed runs and a full disk
     run = ArtifactStore(root).child(run_dir(run_id))
     run.write_json(RunPaths.config, config.model_dump(mode="json"))
     work = cache_dir("work", run_id)

@@ -30,7 +30,7 @@ from tasks.models import resolve_model
 from tasks.reference import rescore_promoted
 from tasks.special_tokens import control_tokens
 from tasks.reporting import write_report
-from tasks.retention import drop_work_dir, tidy_after_failure, tidy_up
+from tasks.retention import drop_work_dir, tidy_after_failure, tidy_before_run, tidy_up
 from tasks.runs import status_recorded
 from tasks.runtime import cache_dir, code_version, flow_run_link, run_timeout, set_torch_threads
 from tasks.sandbox import hide_from_sandbox
@@ -45,8 +45,8 @@ from tasks.transfer import model_exists
 # unpublish: the run's device/precision settings end with it (tasks/device.py).
 @flow(name="smolflow-finetune", result_storage=results_storage(),  # under the cache bound: tasks/caching.py
       timeout_seconds=run_timeout(),  # SMOLFLOW_RUN_TIMEOUT_HOURS: a hung run ends, its slot frees
-      on_completion=[unpublish], on_failure=[unpublish, tidy_after_failure], on_crashed=[unpublish],
-      on_cancellation=[unpublish])
+      on_completion=[unpublish], on_failure=[unpublish, tidy_after_failure], on_crashed=[unpublish, tidy_after_failure],
+      on_cancellation=[unpublish, tidy_after_failure])  # stopped (SIGTERM, a cancel) nights are bounded too
 def finetune(config: RunConfig = RunConfig()) -> dict:
     """Data -> template -> tokens -> samples -> SFT -> samples -> health -> benchmarks + judge -> gate -> report -> manifest."""
     own_temp_root()  # this process's temporary files: a SIGKILLed run's go with the next start
@@ -59,6 +59,9 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     check_inputs(config)  # a missing model, path or split, or a bad row: failed before anything is written
     checked = check_run(config)  # the user's files are read and checked before any compute
     run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
+    # Retention before anything is written: a night that is SIGKILLed (OOM killer, reboot) runs no
+    # end-of-run hook, and a full disk must be freed before this run's first write, not after it failed.
+    tidy_before_run(config.output, run_id)
     run = ArtifactStore(config.output.artifacts_uri).child(run_dir(run_id))
     run.write_json(RunPaths.config, config.model_dump(mode="json"))
     resolved = resolve_autos(config)  # what each `auto` meant here, now

@@ -111,10 +111,14 @@ def _ended(root: str, run_id: str) -> str | None:
     return state if state in ("failed", "stopped") else None
 
 
-def plan_runs(root: str, keep_runs: int, keep_incomplete_hours: float, now: float | None = None) -> list[Decision]:
-    """Which run folders under root to keep or delete, and why (nothing is deleted here)."""
+def plan_runs(root: str, keep_runs: int, keep_incomplete_hours: float, now: float | None = None,
+              running: str | None = None) -> list[Decision]:
+    """Which run folders under root to keep or delete, and why (nothing is deleted here); `running`:
+    the calling run's id, never deleted (a re-run of an old failed run id resumes its checkpoints)."""
     now = time.time() if now is None else now
     runs, pinned = scan_runs(root), pinned_runs(root)
+    if running:
+        pinned.setdefault(running, []).append("the run being started (output.run_id)")
     # Newest completion first; S3 times have 1 s resolution, so ties go by run id (time-stamped by default).
     complete = sorted((r for r in runs if r.completed_at is not None), key=lambda r: (r.completed_at, r.run_id),
                       reverse=True)
@@ -303,7 +307,7 @@ def gc(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incomplete_ho
     (`running`: the run calling it, whose work dir stays)."""
 
     max_gb = default_max_gb() if cache_max_gb == "env" else cache_max_gb
-    runs = plan_runs(root, keep_runs, keep_incomplete_hours)
+    runs = plan_runs(root, keep_runs, keep_incomplete_hours, running=running)
     freed = apply_runs(runs, dry_run)
     work = plan_work_dirs(root, cache_root(), {d.name for d in runs if d.complete or d.action == "delete"},
                           keep={running} if running else set(), running_hours=keep_incomplete_hours)
@@ -360,6 +364,23 @@ def tidy_up(output: OutputConfig, run_id: str, in_use: list[str], started: float
                       report.freed_bytes / 1e6, len(deleted), output.keep_runs, output.cache_max_gb)
     publish_markdown("smolflow-retention", report.table(), description="Disk retention")
     return report
+
+
+def tidy_before_run(output: OutputConfig, run_id: str) -> None:
+    """Start of a run, before its first write: the same retention as at the end of one (never this
+    run's own folder or work dir). Runs that end by SIGKILL (the OOM killer, a reboot, a supervisor's
+    kill) run no hook, so without this a nightly killed every night left a run folder and a work dir
+    of checkpoints a night, for good; and a disk filled by a failed night's checkpoints stayed full
+    until keep_runs more nights had failed."""
+    try:  # the cache's bound stays the run ends' business: here it would evict what this run is about to reuse
+        report = gc(output.artifacts_uri, keep_runs=output.keep_runs, keep_incomplete_hours=output.keep_incomplete_hours,
+                    cache_max_gb=None, running=run_id)
+    except Exception as err:  # never the reason a run does not start
+        run_logger().warning("Retention before the run did not run: %s: %s", type(err).__name__, err)
+        return
+    deleted = [d for d in report.decisions if d.action == "delete"]
+    if deleted:
+        run_logger().info("Retention before the run: freed %.1f MB (%d deleted)", report.freed_bytes / 1e6, len(deleted))
 
 
 def drop_work_dir(run_id: str) -> None:

@@ -54,3 +54,44 @@ def test_a_failed_flow_run_applies_retention_too(tiny_model_dir, tmp_path):
 
     assert state.is_failed()
     assert sorted(p.name for p in (tmp_path / "artifacts" / "runs").iterdir()) == ["failed-3"]
+
+
+def test_killed_nights_are_cleared_when_the_next_run_starts(tiny_model_dir, tmp_path, monkeypatch):
+    """A SIGKILLed night (the OOM killer, a reboot) runs no hook: its run folder and work dir of
+    checkpoints stayed for good, a night at a time. The next run applies retention before its
+    first write, never to its own folder (a re-run of an old run id resumes its checkpoints)."""
+    import os
+    import time
+    from pathlib import Path
+
+    import flows.finetune
+    from tasks.config import OutputConfig
+    from tasks.retention import tidy_before_run
+
+    root = str(tmp_path / "artifacts")
+    for night in (1, 2, 3, 4):  # killed mid-training, days ago: status 'running' for ever, checkpoints
+        run = ArtifactStore(root).child("runs", f"killed-{night}")
+        run.write_json("config.json", {})
+        run.write_json("status.json", {"state": "running"})
+        run.write_text("checkpoints/checkpoint-4/model.safetensors", "x" * 1000)
+        work = cache_root() / "work" / f"killed-{night}"
+        (work / "checkpoint-4").mkdir(parents=True)
+        (work / "checkpoint-4" / "model.safetensors").write_text("x" * 1000)
+        for path in [*Path(run.uri).rglob("*"), *work.rglob("*"), work]:
+            os.utime(path, (time.time() - (6 - night) * 24 * 3600,) * 2)
+    tidy_before_run(OutputConfig(artifacts_uri=root, keep_runs=1, keep_incomplete_hours=1), "killed-1")
+    left = sorted(p.name for p in (tmp_path / "artifacts" / "runs").iterdir())
+    assert left == ["killed-1", "killed-4"]  # the newest, and the one being started again
+    assert sorted(p.name for p in (cache_root() / "work").glob("killed-*")) == ["killed-1", "killed-4"]  # resumable
+
+    # The flow does it first thing, before anything of the new run is written.
+    seen = []
+
+    def first(output, run_id):
+        seen.append((run_id, (Path(root) / "runs" / run_id).exists()))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(flows.finetune, "tidy_before_run", first)
+    config = tiny_run_config(tiny_model_dir, root, output={"run_id": "next-night"})
+    assert finetune(config=config, return_state=True).is_failed()
+    assert seen == [("next-night", False)]
