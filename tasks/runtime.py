@@ -205,8 +205,12 @@ def atomic_write(path: Path | str, data: bytes | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    staging.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(staging, path)  # atomic on one file system
+    try:
+        staging.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(staging, path)  # atomic on one file system
+    except BaseException:  # a full disk (ENOSPC) or an interrupt: no partial staging file left behind
+        staging.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,3 +62,14 @@ def test_a_cache_that_cannot_be_made_is_one_line(tmp_path):
         assert "Set SMOLFLOW_CACHE (or XDG_CACHE_HOME) to a folder this user can write" in out.stderr
     assert out.stderr.splitlines()[0].startswith("smolflow validate: cache: smolflow's cache")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_atomic_write_leaves_no_staging_file(tmp_path):
+    """A full disk (ENOSPC) mid-write left `status.json.tmp<pid>` files in run folders for good; any
+    failure between the staging write and the rename leaves nothing now (here: the target is a folder)."""
+    from tasks.runtime import atomic_write
+
+    (tmp_path / "status.json").mkdir()
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "status.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
