@@ -443,11 +443,14 @@ class RunConfig(Section):
         if t.max_steps == 0 or t.max_steps < -1:
             raise ValueError("training.max_steps must be positive, or -1 to use training.num_train_epochs")
         names = [b.name for b in self.benchmarks]
-        if len(names) != len(set(names)):
-            raise ValueError(f"benchmarks: each benchmark may appear once, got {names}")
-        if not self.benchmarks and self.gate.enabled:
-            unused(self.gate, ("tolerance",), "gate.", "it is the drop allowed to a benchmark score, and benchmarks is "
-                   "empty (with none, only gate.allow_incomparable: true promotes)")
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"benchmarks[{i}].name: {name!r} is listed twice; each benchmark may appear once, "
+                                 f"got {names}")
+        if not self.benchmarks and not self.custom_benchmarks and self.gate.enabled:
+            # custom benchmarks join the gate (tasks/gate.py: custom/<name>) and the promoted run's re-score
+            unused(self.gate, ("tolerance", "rescore_promoted"), "gate.", "they act on benchmark scores, and "
+                   "benchmarks and custom_benchmarks are empty (with none, only gate.allow_incomparable: true promotes)")
         # judge.max_new_tokens None stays None, and the judge uses sampling.max_new_tokens (run_judge):
         # filled in here, the Prefect form's default (RunConfig()) and every config.json carried 100,
         # so the judge no longer followed sampling.max_new_tokens and judge.enabled: false was refused.

@@ -116,7 +116,9 @@ def _explain(err: dict, model: type[BaseModel] = RunConfig) -> str:
         return f"{field}: unknown setting" + (f"; did you mean {near[0]!r}?" if near else "") + \
             f" (known: {', '.join(_fields(section))})"
     if err["type"] == "value_error":  # a section's own check names its fields already
-        return msg if msg.startswith(f"{field}.") else f"{field}: {msg}"
+        # RunConfig's own checks (loc ()) name a field of a section (training.max_steps, gate.tolerance):
+        # kept as they are, so parse_config blames where that field was set, not the first flag given.
+        return msg if msg.startswith(f"{field}.") or (not loc and _FIELD.match(msg)) else f"{field}: {msg}"
     return f"{field}: {msg}, got {err.get('input')!r}"
 
 

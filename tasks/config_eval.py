@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tasks.config_base import Section, judge_problem
 
@@ -44,6 +44,15 @@ class BenchmarkConfig(Section):
         description="BBH only. 'answer_only': lm-eval bbh/fewshot (3-shot); 'cot': bbh/cot_fewshot "
         "(3-shot chain of thought, exact_match,get-answer). None: answer_only.",
     )
+
+    @field_validator("subsets")
+    @classmethod
+    def _each_once(cls, value: list[str] | None) -> list[str] | None:
+        # a subset named twice was scored twice: its items counted twice in the score, n and stderr
+        twice = sorted({s for i, s in enumerate(value or []) if s in value[:i]})
+        if twice:
+            raise ValueError(f"{', '.join(map(repr, twice))} listed more than once; name each subset once")
+        return value
 
     @model_validator(mode="after")
     def _settings_apply(self) -> BenchmarkConfig:

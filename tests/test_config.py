@@ -34,12 +34,30 @@ def test_defaults_are_valid_and_offline_ready():
         ({"output": {"run_id": "../escape"}}, "output.run_id"),
         ({"wandb": {"mode": "loud"}}, "wandb.mode"),
         ({"sampling": {"prompts": []}}, "sampling.prompts"),
+        # a subset named twice was scored twice (its items counted twice in n, score and stderr)
+        ({"benchmarks": [{"name": "mmlu", "subsets": ["astronomy", "astronomy"]}]}, "benchmarks.0.subsets"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_field(patch, field):
     with pytest.raises(ValidationError) as err:
         RunConfig.model_validate(patch)
     assert field in str(err.value)
+
+
+def test_a_whole_config_check_blames_where_its_field_was_set(tmp_path):
+    """RunConfig's own checks (training.max_steps, a benchmark listed twice) blamed the first flag
+    given, and lost the file's line."""
+    with pytest.raises(UserError) as err:
+        parse_config(["--wandb.project", "x", "--training.max-steps", "0"])
+    assert str(err.value).startswith("flag --training.max-steps: training.max_steps must be positive")
+    path = tmp_path / "run.yaml"
+    path.write_text("wandb:\n  project: x\ntraining:\n  max_steps: 0\n")
+    with pytest.raises(UserError) as err:
+        parse_config(["--config", str(path)])
+    assert str(err.value).startswith(f"{path}:4: training.max_steps must be positive")
+    with pytest.raises(UserError) as err:
+        parse_config(["--wandb.project", "x", "--benchmarks", "[{name: gsm8k}, {name: gsm8k}]"])
+    assert str(err.value).startswith("flag --benchmarks: benchmarks[1].name: 'gsm8k' is listed twice")
 
 
 def test_the_flow_rejects_bad_parameters_before_any_compute():

@@ -1,5 +1,7 @@
 """Regression gate: promote, reject and first-run cases, on real run folders."""
 
+from pathlib import Path
+
 import pytest
 
 from tasks.config import GateConfig
@@ -57,9 +59,14 @@ def test_no_benchmarks_is_no_evidence_and_a_tolerance_for_them_is_refused():
     d = decide({}, {}, "base model")
     assert not d.promote and d.reasons[0].startswith("no benchmark was scored (benchmarks is empty)")
     assert decide({}, {}, "base model", allow_incomparable=True).promote
-    with pytest.raises(ValueError, match=r"gate.tolerance: it is the drop allowed to a benchmark score"):
+    with pytest.raises(ValueError, match=r"gate.tolerance: they act on benchmark scores"):
         RunConfig.model_validate({"benchmarks": [], "gate": {"tolerance": 0.05}})
+    with pytest.raises(ValueError, match=r"gate.rescore_promoted: they act on benchmark scores"):  # accepted, did nothing
+        RunConfig.model_validate({"benchmarks": [], "gate": {"rescore_promoted": False}})
     RunConfig.model_validate({"benchmarks": [], "gate": {"allow_incomparable": True}})
+    # Custom benchmarks are gated too (custom/<name>): a tolerance for them was refused.
+    capitals = str(Path(__file__).resolve().parents[1] / "tasks/fixtures/custom/capitals.jsonl")
+    RunConfig.model_validate({"benchmarks": [], "custom_benchmarks": [capitals], "gate": {"tolerance": 0.05}})
 
 
 def _completed_run(root, run_id: str, scores: dict[str, float], base: dict[str, float] | None = None) -> str:
