@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from tasks.config_base import Section, unused
-from tasks.config_eval import BENCHMARKS, BenchmarkConfig, JudgeConfig, expand_benchmarks
+from tasks.config_eval import BENCHMARKS, BY_ITEM, BY_SUBSET, BenchmarkConfig, JudgeConfig, expand_benchmarks
 
 DEFAULT_PROMPTS = [
     "Hello! How are you?",
@@ -371,6 +371,14 @@ class WandbConfig(Section):
         False, description="Also upload the tuned model as a W&B model artifact (copied into the W&B run; large)."
     )
 
+    @field_validator("project", "entity")
+    @classmethod
+    def _wandb_name(cls, value: str | None) -> str | None:
+        # wandb.init refuses these (UsageError) once the run has started; an empty name logs nowhere named
+        if value is not None and (not value.strip() or any(c in value for c in "/\\#?%:")):
+            raise ValueError(f"{value!r}: W&B names are non-empty and contain none of / \\ # ? % :")
+        return value
+
     @model_validator(mode="after")
     def _tracked(self) -> WandbConfig:
         if self.mode == "disabled":
@@ -451,6 +459,12 @@ class RunConfig(Section):
             # custom benchmarks join the gate (tasks/gate.py: custom/<name>) and the promoted run's re-score
             unused(self.gate, ("tolerance", "rescore_promoted"), "gate.", "they act on benchmark scores, and "
                    "benchmarks and custom_benchmarks are empty (with none, only gate.allow_incomparable: true promotes)")
+        listed = set(names)
+        for field, kinds, what in (("shard_size", BY_SUBSET, "MMLU subjects / BBH tasks"),
+                                   ("item_shards", BY_ITEM, "GSM8K, MATH or HumanEval items")):
+            if getattr(self.execution, field) is not None and not listed & set(kinds):
+                raise ValueError(f"execution.{field}: it splits {what}, and benchmarks lists none of "
+                                 f"{', '.join(kinds)}; remove it")
         # judge.max_new_tokens None stays None, and the judge uses sampling.max_new_tokens (run_judge):
         # filled in here, the Prefect form's default (RunConfig()) and every config.json carried 100,
         # so the judge no longer followed sampling.max_new_tokens and judge.enabled: false was refused.

@@ -11,6 +11,8 @@ from pydantic import Field, field_validator, model_validator
 from tasks.config_base import Section, judge_problem
 
 BENCHMARKS = ("mmlu", "bbh", "gsm8k", "math", "humaneval")  # one module each in tasks/benchmarks/
+# How a benchmark splits into Ray tasks (tasks/evaluation.py shards / item_parts): by subset, or by item.
+BY_SUBSET, BY_ITEM = ("mmlu", "bbh"), ("gsm8k", "math", "humaneval")
 
 class BenchmarkConfig(Section):
     """One benchmark to score the base and the tuned model on."""

@@ -36,6 +36,12 @@ def test_defaults_are_valid_and_offline_ready():
         ({"sampling": {"prompts": []}}, "sampling.prompts"),
         # a subset named twice was scored twice (its items counted twice in n, score and stderr)
         ({"benchmarks": [{"name": "mmlu", "subsets": ["astronomy", "astronomy"]}]}, "benchmarks.0.subsets"),
+        # settings that split benchmarks none of the listed ones can be split by: accepted, did nothing
+        ({"execution": {"task_runner": "ray", "shard_size": 2}}, "execution.shard_size"),
+        ({"execution": {"task_runner": "ray", "item_shards": 2}, "benchmarks": [{"name": "mmlu"}]}, "execution.item_shards"),
+        # W&B refused these once the run had started (UsageError), leaving a run folder without a status
+        ({"wandb": {"project": "a/b"}}, "wandb.project"),
+        ({"wandb": {"project": " "}}, "wandb.project"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_field(patch, field):
