@@ -204,17 +204,27 @@ def check_template(config: RunConfig) -> None:
     """template.assistant_only_loss needs a template with {% generation %} markers: the same decision
     the flow's prepare_chat_template makes (tasks/templates.py), made before the model is loaded and
     sampled. With 'model', the model's own template is read when the model is here (else the flow
-    checks it once it is)."""
+    checks it once it is). A template file of the user's must end each assistant reply, as the flow
+    requires: checked here too, when the model (its tokenizer) is here."""
     cfg = config.template
-    if cfg.assistant_only_loss is not True:  # 'auto' falls back to every token where markers are missing
-        return
     from tasks.special_tokens import tokenizer_facts
-    from tasks.templates import effective_template, template_choice
+    from tasks.templates import SHIPPED, TemplateError, effective_template, end_of_turn, template_choice
 
     name, text = template_choice(cfg.chat_template)  # TemplateError (a ValueError) naming the field
+    model_dir = model_dir_here(config.model)
+    if text is not None and name not in SHIPPED and model_dir is not None:  # it failed in the flow, after the data
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer.chat_template = text
+        try:
+            end_of_turn(tokenizer, repr(cfg.chat_template))
+        except TemplateError as err:
+            raise ConfigError(f"template.chat_template={cfg.chat_template!r}: {err}") from None
+    if cfg.assistant_only_loss is not True:  # 'auto' falls back to every token where markers are missing
+        return
     own = None
     if name == "model":
-        model_dir = model_dir_here(config.model)
         if model_dir is None:
             return
         own = tokenizer_facts(model_dir)[1]

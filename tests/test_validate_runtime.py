@@ -297,6 +297,18 @@ def test_assistant_only_loss_on_a_template_without_markers_is_refused(tmp_path):
     _template_check("--template.chat-template", "mistral")  # without assistant-only loss: fine
 
 
+def test_a_template_file_that_never_ends_a_reply_is_refused_before_the_run(tiny_model_dir, tmp_path):
+    """validate said OK; the run then failed in the flow (a failed run folder) without naming the field."""
+    endless = tmp_path / "endless.jinja"
+    endless.write_text("hello {{ messages[0]['content'] }}")
+    with pytest.raises(ValueError, match=rf"^template\.chat_template='{endless}': template '{endless}' writes "
+                                         r"nothing after an assistant reply"):
+        _template_check("--model", str(tiny_model_dir), "--template.chat-template", str(endless))
+    good = tmp_path / "good.jinja"
+    good.write_text("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+    _template_check("--model", str(tiny_model_dir), "--template.chat-template", str(good))
+
+
 def test_the_models_own_template_is_read_when_the_model_is_here(tiny_model_dir, tmp_path):
     import shutil
 
