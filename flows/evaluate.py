@@ -52,6 +52,14 @@ def check_eval_settings(config: RunConfig) -> None:
         why = scoring_only.format(what[section]) + ("; sampling.prompts serves only as the judge's instructions "
                                                     "(judge.instructions: samples)" if section == "sampling" else "")
         unused(part, fields, f"{section}.", why)
+    judge = config.judge
+    if judge.enabled and judge.reference == "base":
+        from tasks.models import resolve_source
+
+        if resolve_source(config.model) == resolve_source("auto"):  # the flow skips the judge (its own reference)
+            unused(judge, tuple(n for n in type(judge).model_fields if n not in ("enabled", "reference")), "judge.",
+                   f"the judge is skipped: model={config.model!r} is the default model, the judge's reference "
+                   "(judge.reference: base); set judge.reference to a file of reference outputs, or judge.enabled: false")
 
 
 # unpublish: the run's device/precision/task-runner settings end with it (tasks/device.py).

@@ -324,7 +324,11 @@ def test_eval_refuses_the_settings_of_stages_it_does_not_run(env, tmp_path):
                                "trains nothing, so it has no training (smolflow run does); remove it"),
                               ("--wandb.log-model", "true", "wandb.log_model: smolflow eval scores a model"),
                               ("--data.dataset", "x.jsonl", "data.dataset: smolflow eval scores a model"),
-                              ("--sampling.max-new-tokens", "5", "sampling.max_new_tokens: smolflow eval")):
+                              ("--sampling.max-new-tokens", "5", "sampling.max_new_tokens: smolflow eval"),
+                              # the default model is the judge's own reference: the judge is skipped, its
+                              # settings were silently ignored
+                              ("--judge.limit", "2", "judge.limit: the judge is skipped: "
+                               "model='builtin:smollm2-135m-instruct' is the default model")):
         out = smolflow(env, "eval", "--model", "builtin:smollm2-135m-instruct", flag, value,
                        "--output.artifacts-uri", str(tmp_path))
         assert out.returncode == 2 and f"smolflow eval: error: flag {flag}: {says}" in out.stderr, out.stderr[-2000:]
