@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 
 from tasks.caching import results_storage
 from tasks.checks import check_run, resolve_autos
-from tasks.config import NOT_IN_EVAL, RunConfig, resolved_in
+from tasks.config import NOT_IN_EVAL, RunConfig, as_run, resolved_in
 from tasks.config_base import unused
 from tasks.console import configure_logging
 from tasks.device import publish, unpublish
@@ -81,7 +81,7 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
     run_id = config.output.run_id or f"eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     tidy_before_run(config.output, run_id)  # as in smolflow-finetune: killed runs and a full disk
     run = ArtifactStore(root).child(run_dir(run_id))
-    run.write_json(RunPaths.config, config.model_dump(mode="json"))
+    run.write_json(RunPaths.config, as_run(config, NOT_IN_EVAL))
     work = cache_dir("work", run_id)
     # What each `auto` meant, as a fine-tune records it (resolved.json: the report's "Resolved on this
     # machine", e.g. why W&B logged offline, and the manifest), less the sections eval does not run.
@@ -107,7 +107,7 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
                 judgement = run_judge(reference, model, config.judge, config.sampling.prompts,
                                       config.sampling.max_new_tokens)
         write_judge(run, judgement, skipped)
-        summary = write_report(run.uri, config.model_dump(mode="json"), None,
+        summary = write_report(run.uri, as_run(config, NOT_IN_EVAL), None,
                                {"W&B run": wandb_link(wb, run.uri), "Prefect flow run": flow_run_link(),
                                 "code": code_version()})
         log_eval_wandb(wb, run, scores, judgement)

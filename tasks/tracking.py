@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from tasks.evaluation import comparison_row, score_row
-from tasks.config import WandbConfig, resolved_in
+from tasks.config import WandbConfig, as_run, resolved_in
 from tasks.tracking_keys import bench_keys, bench_summary, gate_summary, judge_logs, rounded
 
 
@@ -73,12 +73,7 @@ def start_flow_wandb(config, run_id: str, local_dir: Path, resolved: dict, job_t
     from tasks.runtime import flow_run_link
 
     link = flow_run_link()
-    logged = config.model_dump(mode="json")
-    for section, fields in (leave_out or {}).items():  # None: the whole section
-        for field in () if fields is None else fields:
-            logged.get(section, {}).pop(field, None)
-        if fields is None:
-            logged.pop(section, None)
+    logged = as_run(config, leave_out)
     logged["resolved"] = resolved_in(resolved, leave_out)
     logged["prefect"] = {"flow_run_id": flow_run.id, "flow_run_name": flow_run.get_name(),
                          "deployment": deployment.name, "flow_run_link": link}

@@ -513,6 +513,9 @@ def test_eval_of_the_builtin_model_scores_the_default_benchmark_into_wandb(env, 
     assert resolved["execution.precision"].split()[0] in ("fp32", "bf16") and "data.dataset" not in resolved
     manifest = json.loads((tmp_path / "runs/builtin/manifest.json").read_text())
     assert manifest["resolved"] == resolved and "Resolved on this machine" in report
+    # The config as eval ran it: no training, data, gate or template defaults as if it had trained.
+    ran = json.loads((tmp_path / "runs/builtin/config.json").read_text())
+    assert not {"training", "data", "gate", "template"} & set(ran) and "max_steps" not in report
     # Which code ran, in the manifest and in W&B (whose own git capture sees nothing from the cache).
     assert manifest["versions"]["smolflow"] == recorded["config"]["versions"]["smolflow"]
     assert manifest["versions"]["smolflow"].startswith("smolflow ")
