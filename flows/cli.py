@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import yaml
 
-from tasks.config import NOT_IN_EVAL
+from tasks.config_eval import NOT_IN_EVAL
 from tasks.config_args import ServeConfig, UserError, config_help, locate, parse_config, port_number
 from tasks.leftovers import own_temp_root
 from tasks.runtime import env_defaults

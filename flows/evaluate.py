@@ -17,7 +17,8 @@ from prefect.runtime import flow_run
 
 from tasks.caching import results_storage
 from tasks.checks import check_run, resolve_autos
-from tasks.config import NOT_IN_EVAL, RunConfig, as_run, resolved_in
+from tasks.config import RunConfig
+from tasks.config_eval import NOT_IN_EVAL, as_run, resolved_in
 from tasks.config_base import unused
 from tasks.console import configure_logging
 from tasks.device import publish, unpublish

@@ -135,3 +135,28 @@ class JudgeConfig(Section):
     def _endpoint(self) -> JudgeConfig:
         judge_problem(self, "judge.")
         return self
+
+
+# The settings of the stages `smolflow eval` does not run (a whole section, or some of its fields):
+# refused there when moved off their defaults (flows/evaluate.py check_eval_settings) and left out
+# of `smolflow eval --help`. sampling.prompts stays: it is the judge's instructions by default.
+NOT_IN_EVAL: dict[str, tuple[str, ...] | None] = {
+    "data": None, "template": None, "training": None, "gate": None, "sampling": ("max_new_tokens",),
+    "output": ("push_to_hub", "hub_token_secret", "hub_private"), "wandb": ("log_model",)}
+
+
+def as_run(config, leave_out: dict | None = None) -> dict:
+    """The config as a flow ran it (JSON), less the sections and fields it does not run (eval:
+    NOT_IN_EVAL, whose defaults its config.json, report and W&B listed as if it had trained)."""
+    dumped = config.model_dump(mode="json")
+    for section, fields in (leave_out or {}).items():  # None: the whole section
+        for field in () if fields is None else fields:
+            dumped.get(section, {}).pop(field, None)
+        if fields is None:
+            dumped.pop(section, None)
+    return dumped
+
+
+def resolved_in(resolved: dict[str, str], leave_out: dict | None) -> dict[str, str]:
+    """resolve_autos' answers less those of the sections a flow leaves out whole (eval: NOT_IN_EVAL)."""
+    return {k: v for k, v in resolved.items() if (leave_out or {}).get(k.split(".")[0].split("[")[0], ()) is not None}

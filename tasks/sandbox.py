@@ -154,7 +154,6 @@ def _weak_preexec(limits: Limits, cgroup: list[Path], uid: int | None, memory_mb
             os.setuid(uid)
         # A new, empty session keyring: smolflow's (inherited) holds its keys and would carry
         # data from one program to the next (x86_64 keyctl = 250, aarch64 = 219).
-        import ctypes
         ctypes.CDLL(None).syscall({"x86_64": 250, "aarch64": 219}.get(os.uname().machine, -1), 1, None)
         die_with_parent(parent)  # after the uid switch, which clears the parent-death signal
 

@@ -16,7 +16,8 @@ import shutil
 from pathlib import Path
 
 from tasks.evaluation import comparison_row, score_row
-from tasks.config import WandbConfig, as_run, resolved_in
+from tasks.config import WandbConfig
+from tasks.config_eval import as_run, resolved_in
 from tasks.tracking_keys import bench_keys, bench_summary, gate_summary, judge_logs, rounded
 
 

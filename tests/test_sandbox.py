@@ -427,7 +427,6 @@ def test_the_cgroup_name_holds_no_part_of_the_token(monkeypatch):
 @needs_root
 def test_the_sandbox_uid_is_one_no_process_uses(monkeypatch):
     import random
-    import tasks.sandbox
 
     taken = 231_073  # say a rootless container's subordinate uid, with a process running
     holder = subprocess.Popen(["sleep", "60"], preexec_fn=lambda: (os.setgid(taken), os.setuid(taken)))

@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from tasks.benchmarks.base import BenchmarkResult
-from tasks.config import NOT_IN_EVAL, RunConfig, WandbConfig
+from tasks.config import RunConfig, WandbConfig
+from tasks.config_eval import NOT_IN_EVAL
 from tasks.gate import Score, decide
 from tasks.generation import Sample
 from tasks.health import HealthReport, Sign
