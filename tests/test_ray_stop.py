@@ -1,0 +1,67 @@
+"""A run stopped (SIGTERM) while scoring on a real local Ray cluster ends 'stopped', as anywhere else,
+and leaves nothing behind. Apart from test_ray.py so that pytest-xdist runs the two side by side."""
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.leftovers import processes_under
+
+
+@pytest.mark.slow
+def test_a_sigterm_while_scoring_on_ray_stops_the_run_as_anywhere_else(tiny_model_dir, tmp_path):
+    """ray.init() replaces the run's SIGTERM handler with its own sys.exit: a cancel in Prefect or a
+    stopped worker while scoring on Ray ended the run 'failed (SystemExit: 1)', exit 1. As a
+    sequential run: 'stopped', exit 143, and nothing of the cluster left."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    root = Path(__file__).resolve().parents[1]
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: unix socket paths are limited
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "WANDB_SERVICE")}
+    temp = tmp_path / "tmp"  # the run's and its Ray workers' temporary files
+    temp.mkdir()
+    env |= {"PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(root), "RAY_TMPDIR": ray_tmp, "TMPDIR": str(temp)}
+    bench = json.dumps([{"name": "gsm8k", "limit": 8, "batch_size": 1}])
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "smolflow"), "--verbose", "eval", "--model", str(tiny_model_dir),
+         "--benchmarks", bench, "--execution.task-runner", "ray", "--execution.ray-num-cpus", "2",
+         "--execution.item-shards", "4", "--execution.precision", "fp32", "--judge.enabled", "false",
+         "--wandb.mode", "disabled", "--output.artifacts-uri", str(tmp_path / "runs-root"), "--output.run-id", "stopped-on-ray"],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stdout:  # the log line comes once Ray is up and the run's handler is back
+            seen.append(line)
+            if "benchmark tasks on Ray" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    try:
+        out = "".join(seen) + rest
+        assert any("benchmark tasks on Ray" in line for line in seen), out[-3000:]
+        assert proc.returncode == 143, out[-3000:]
+        status = json.loads((tmp_path / "runs-root/runs/stopped-on-ray/status.json").read_text())
+        assert status["state"] == "stopped" and status["why"].startswith("stopped by SIGTERM"), status
+        deadline = time.monotonic() + 60
+        while left := processes_under(ray_tmp):
+            assert time.monotonic() < deadline, f"Ray processes left after the stop: {left}"
+            time.sleep(0.5)
+        # The killed workers' temporary files (datasets' Arrow files) go when the next smolflow process starts.
+        reap = "from tasks.leftovers import own_temp_root; own_temp_root()"
+        subprocess.run([sys.executable, "-c", reap], cwd=root, env=env, check=True, timeout=60)
+        assert sorted(p.name for p in temp.iterdir()) == []
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
