@@ -235,7 +235,11 @@ def watch(server: subprocess.Popen, serving: subprocess.Popen, log: Path, every:
             sys.stderr.flush()
             return 1
         if (code := serving.poll()) is not None:
-            return 128 - code if code < 0 else code
+            try:  # its runner dies of a killed server (the API gone) before that server is reapable
+                server.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                return 128 - code if code < 0 else code
+            continue  # the server ended too: said above, as the cause
         cap_log(log)
         time.sleep(every)
 
