@@ -369,25 +369,27 @@ def _keyctl(*args):
 
 
 @needs_root
-@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the script's syscall numbers are x86_64's")
 @pytest.mark.parametrize("mode", ["namespaces", "weak"])
 def test_the_session_keyring_is_not_shared(mode, monkeypatch):
     # As systemd (KeyringMode=private) and runc give a service: a session keyring of its own.
     if mode == "weak":
         monkeypatch.setenv("SMOLFLOW_SANDBOX", "weak")
+    # add_key and keyctl on the two machines the sandbox's seccomp filter knows (tasks/sandbox_init.py)
+    add_key, keyctl = {"x86_64": (248, 250), "aarch64": (217, 219)}[os.uname().machine]
     script = (
         "import ctypes, sys\n"
         "libc = ctypes.CDLL(None, use_errno=True)\n"
-        "libc.syscall(250, 1, None)\n"  # KEYCTL_JOIN_SESSION_KEYRING
+        f"libc.syscall({keyctl}, 1, None)\n"  # KEYCTL_JOIN_SESSION_KEYRING
         "v = b'smolflow-parent-secret'\n"
-        "libc.syscall(248, b'user', b'parent', v, len(v), -3)\n"
+        f"libc.syscall({add_key}, b'user', b'parent', v, len(v), -3)\n"
         "from tasks.sandbox import Limits, run_python\n"
         "read = ('import ctypes\\nlibc = ctypes.CDLL(None, use_errno=True)\\nb = ctypes.create_string_buffer(64)\\n'\n"
-        "        'k = libc.syscall(250, 10, -3, b\"user\", b\"parent\", 0)\\nprint(b.raw[:max(libc.syscall(250, 11, k, b, 64), 0)])\\n'\n"
-        "        'print(libc.syscall(248, b\"user\", b\"planted\", b\"x\", 1, -3))\\n')\n"
+        f"        'k = libc.syscall({keyctl}, 10, -3, b\"user\", b\"parent\", 0)\\n'\n"
+        f"        'print(b.raw[:max(libc.syscall({keyctl}, 11, k, b, 64), 0)])\\n'\n"
+        f"        'print(libc.syscall({add_key}, b\"user\", b\"planted\", b\"x\", 1, -3))\\n')\n"
         "first, second = run_python(read, Limits(timeout_s=5)), run_python(read, Limits(timeout_s=5))\n"
         "print(first.stdout, second.stdout)\n"
-        "libc.syscall(250, 10, -3, b'user', b'planted', 0) < 0 or sys.exit('a program wrote into our keyring')\n"
+        f"libc.syscall({keyctl}, 10, -3, b'user', b'planted', 0) < 0 or sys.exit('a program wrote into our keyring')\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                          env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
