@@ -14,6 +14,7 @@ import atexit
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +53,46 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _identity() -> dict[str, str]:
+    """This machine, boot and pid namespace: where a pid means the same process."""
+    def read(path: str, how=Path.read_text) -> str:
+        try:
+            return str(how(Path(path))).strip()
+        except OSError:
+            return ""
+    return {"host": socket.gethostname(), "boot_id": read("/proc/sys/kernel/random/boot_id"),
+            "pid_ns": read("/proc/self/ns/pid", Path.readlink)}
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot ("" if none): with the pid, one process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def process_mark() -> dict[str, str | int]:
+    """Who this process is, for a file that says it is working (a run's status.json): host, boot,
+    pid namespace, pid and start time, so that a reader can tell when it is gone (`process_gone`)."""
+    return {**_identity(), "pid": os.getpid(), "pid_start": _start_time(os.getpid())}
+
+
+def process_gone(mark: dict) -> bool | None:
+    """Whether the process `process_mark` described is gone: True when it ran on this machine and
+    its pid is dead or was reused (SIGKILL, the out-of-memory killer), or the machine restarted
+    since; None when this reader cannot tell (another machine or container, no mark)."""
+    here = _identity()
+    if not mark.get("pid") or not mark.get("boot_id") or mark.get("host") != here["host"]:
+        return None
+    if mark["boot_id"] != here["boot_id"]:
+        return True  # same machine, restarted since: no process survives a reboot
+    if mark.get("pid_ns") != here["pid_ns"]:
+        return None  # another container on this kernel: its pids are not ours to read
+    pid = int(mark["pid"])
+    return not (_running(pid) and _start_time(pid) == str(mark.get("pid_start")))
 
 
 def _environ(pid: int) -> dict[bytes, bytes]:

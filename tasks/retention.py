@@ -36,9 +36,8 @@ from pydantic import BaseModel, ValidationError
 
 from tasks.cache_limit import HOUR, Decision, apply_cache, cache_root, default_max_gb, mark_used, plan_cache, remove_entry, usage
 from tasks.config import OutputConfig
-from tasks.layout import RunPaths
 from tasks.prefect_markdown import publish_markdown
-from tasks.runs import runs_root
+from tasks.runs import run_status, runs_root
 from tasks.runtime import retry_transient, run_logger
 from tasks.storage import ArtifactStore
 
@@ -103,9 +102,10 @@ def pinned_runs(root: str) -> dict[str, list[str]]:
 
 
 def _ended(root: str, run_id: str) -> str | None:
-    """'failed' or 'stopped' when an incomplete run's status.json says it ended so, else None."""
+    """'failed' or 'stopped' when an incomplete run ended so (its status.json says, or its process
+    is gone: tasks/runs.py run_status), else None."""
     try:
-        state = ArtifactStore(root).child("runs", run_id).read_json(RunPaths.status).get("state")
+        state = run_status(ArtifactStore(root).child("runs", run_id))["state"]
     except (FileNotFoundError, ValueError):
         return None
     return state if state in ("failed", "stopped") else None

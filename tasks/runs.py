@@ -18,6 +18,7 @@ from typing import Any, Callable
 from tasks.compare import compare, item_values, paired_stderr
 from tasks.config import OutputConfig
 from tasks.layout import POINTERS, RUNS, RunPaths
+from tasks.leftovers import process_gone, process_mark
 from tasks.runtime import RUN_TIMEOUT_ENV, run_logger
 from tasks.storage import ArtifactStore, StorageError
 
@@ -57,10 +58,23 @@ def run_status(run: ArtifactStore) -> dict[str, Any]:
     if run.exists(RunPaths.manifest):
         manifest = run.read_json(RunPaths.manifest)
         return {"state": "complete", "why": None, "at": manifest.get("completed_at")}
-    if run.exists(RunPaths.status):
-        status = run.read_json(RunPaths.status)
-        if status.get("state") in ("failed", "stopped"):
-            return status
+    status = run.read_json(RunPaths.status) if run.exists(RunPaths.status) else {}
+    if status.get("state") in ("failed", "stopped"):
+        return status
+    if status.get("state") == "running":
+        # A SIGKILL, the out-of-memory killer or a power cut leaves "running" for good: the process
+        # that wrote it says whether it still lives, where this reader can see it (tasks/leftovers.py).
+        who = f"pid {status.get('pid')} on {status.get('host')}, started {status.get('started_at')}"
+        gone = process_gone(status)
+        if gone:
+            return {**status, "state": "failed", "at": None,
+                    "why": f"killed: the process running it ({who}) ended without a word (SIGKILL, the "
+                           "out-of-memory killer, or the machine restarted)"}
+        if gone is False:
+            return {**status, "state": "incomplete", "why": f"running ({who})", "at": None}
+        if status.get("pid"):
+            return {**status, "state": "incomplete", "at": None,
+                    "why": f"no manifest: running ({who}; not this machine, which cannot tell), or killed there"}
     return {"state": "incomplete", "why": "no manifest: still running, or stopped before it could finish", "at": None}
 
 
@@ -226,7 +240,7 @@ def status_recorded(run: ArtifactStore, on_stop: Callable[[dict], None] | None =
     """status.json says 'running' during the block, 'failed' (why, when) if it raises, 'stopped' if
     it was interrupted or cancelled; the manifest, written last, is what marks a run complete.
     on_stop gets that status (e.g. the W&B run says it too: tasks/tracking.py close_on_stop)."""
-    write_status(run, "running", started_at=datetime.now(timezone.utc).isoformat())
+    write_status(run, "running", started_at=datetime.now(timezone.utc).isoformat(), **process_mark())
     started = run.read_json(RunPaths.status)["started_at"]
     try:
         yield run

@@ -35,6 +35,48 @@ def test_a_run_stopped_on_purpose_says_stopped_and_a_failed_one_says_why(tmp_pat
     assert (rows["broken"]["status"], rows["broken"]["why"]) == ("failed", "ValueError: no such column 'messages'")
 
 
+def test_a_killed_run_says_killed_not_running_forever(tmp_path):
+    """A SIGKILL (the out-of-memory killer's) skips every handler: status.json said 'running' for good,
+    and `smolflow runs`, `gc` and `eval --model <run>` called it "may still be running". The process
+    that wrote it is named there, so a reader on the same machine tells a live run from a dead one."""
+    holder = ("import sys, time; from tasks.runs import status_recorded; from tasks.storage import ArtifactStore\n"
+              "run = ArtifactStore(sys.argv[1]).child('runs', sys.argv[2]); run.write_json('config.json', {})\n"
+              "with status_recorded(run):\n    print('in', flush=True); time.sleep(600)\n")
+    procs = {}
+    for run_id in ("live", "killed"):
+        procs[run_id] = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path), run_id], cwd=ROOT,
+                                         stdout=subprocess.PIPE, text=True)
+        assert procs[run_id].stdout.readline() == "in\n"
+    procs["killed"].kill()
+    procs["killed"].wait(timeout=30)
+    # Written elsewhere (another machine on a shared S3 root): this reader cannot tell, and says so.
+    elsewhere = ArtifactStore(str(tmp_path)).child("runs", "elsewhere")
+    elsewhere.write_json("config.json", {})
+    elsewhere.write_json("status.json", {"state": "running", "pid": 4242, "host": "gpu-node-7", "boot_id": "x",
+                                         "started_at": "2026-12-05T02:00:00+00:00"})
+    try:
+        rows = {r["run_id"]: r for r in list_runs(str(tmp_path))}
+        assert rows["killed"]["status"] == "failed", rows["killed"]
+        assert rows["killed"]["why"].startswith(f"killed: the process running it (pid {procs['killed'].pid} on ")
+        assert rows["live"]["status"] == "incomplete"
+        assert rows["live"]["why"].startswith(f"running (pid {procs['live'].pid} on "), rows["live"]
+        assert rows["elsewhere"]["status"] == "incomplete" and "on gpu-node-7" in rows["elsewhere"]["why"]
+        # gc keeps both young runs, and says which one ended (kept for a re-run) and which may be running.
+        gc = subprocess.run([str(Path(sys.executable).parent / "smolflow"), "gc", "--dry-run", "--root", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            env=dict(os.environ, SMOLFLOW_CACHE=str(tmp_path / "cache")))
+        lines = {line.split("|")[1].strip(): line for line in gc.stdout.splitlines() if line.count("|") > 3}
+        assert "failed, last written" in lines["killed"] and "kept for a re-run" in lines["killed"], gc.stdout
+        assert "may still be running" in lines["live"], gc.stdout
+    finally:
+        procs["live"].kill()
+        procs["live"].wait(timeout=30)
+    # The same pid given to another process later (a reuse) is not the run's: its start time differs.
+    status = json.loads((tmp_path / "runs/live/status.json").read_text())
+    (tmp_path / "runs/live/status.json").write_text(json.dumps(status | {"pid": os.getpid()}))
+    assert {r["run_id"]: r for r in list_runs(str(tmp_path))}["live"]["status"] == "failed"
+
+
 def test_runs_and_compare_show_each_runs_training_loss(tmp_path):
     """A nightly's first question after its scores: did training go as usual? `smolflow runs` and
     `compare` show the train and eval loss (none for an eval run)."""
