@@ -18,6 +18,7 @@ from tasks.models import ModelRef
 from tasks.runtime import run_logger
 from tasks.storage import ArtifactStore
 from tasks.tokenization import TokenizedRef
+from tasks.transfer import place_dir
 
 MARKER = "COMPLETE"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -91,7 +92,9 @@ def checkpoint_uploader(run: ArtifactStore, key: str, keep: int = 2):
             local = Path(args.output_dir) / name
             marker = json.dumps({"step": state.global_step, "key": key})
             remote = run.child("checkpoints")
-            remote.upload_dir(local, name)  # every file the Trainer wrote (on_save comes after them)
+            # Every file the Trainer wrote (on_save comes after them); on a local root as hard links:
+            # a checkpoint (weights and AdamW state, ~1.6 GB for 135M parameters) takes its room once.
+            place_dir(str(local), remote, name)
             remote.write_text(f"{name}/{MARKER}", marker)  # then the marker, last
             (local / MARKER).write_text(marker, encoding="utf-8")
             for old in _steps({f.split("/")[0] for f in remote.list_files() if "/" in f}, lambda n: True)[keep:]:

@@ -54,6 +54,11 @@ def test_sigkilled_training_resumes_from_the_newest_complete_checkpoint(tiny_ref
     assert not run.exists("model"), "the killed run must not have finished"
     done = complete_steps(run)
     assert done and max(done) < cfg.max_steps
+    # On a local root the run folder's copy of a checkpoint shares the work dir's blocks (hard links),
+    # so a checkpoint (GBs on a real model) takes its room once, not twice.
+    newest = f"checkpoints/checkpoint-{max(done)}/model.safetensors"
+    work = Path(os.environ["SMOLFLOW_CACHE"]) / "work" / "crash-1" / newest
+    assert (Path(run.root) / newest).stat().st_ino == work.stat().st_ino
 
     # A save cut off mid-way: files but no marker, at a later step. It must be ignored.
     run.write_bytes(f"checkpoints/checkpoint-{max(done) + 1}/model.safetensors", b"half-written")
