@@ -31,7 +31,7 @@ HOUR = 3600.0
 class Decision(BaseModel):
     """What happens to one run folder or cache entry, and why."""
 
-    kind: Literal["run", "cache", "work", "log"]
+    kind: Literal["run", "checkpoints", "cache", "work", "log"]
     name: str  # run id, or the cache entry's path below SMOLFLOW_CACHE
     where: str  # full URI or path
     bytes: int

@@ -70,9 +70,18 @@ def _remove(store: ArtifactStore) -> None:
         store.fs.rm(store.root, recursive=True)
 
 
-def remove_checkpoints(run: ArtifactStore) -> None:
-    """Delete the run folder's checkpoints (stale ones, or all once the final model is saved)."""
-    _remove(run.child("checkpoints"))
+def remove_checkpoints(run: ArtifactStore, work: Path | None = None) -> None:
+    """Delete the run folder's checkpoints (stale ones, or all once the final model is saved), and
+    the work dir's too if given; markers first, so that a deletion cut off midway leaves nothing
+    that looks like a complete checkpoint."""
+    remote = run.child("checkpoints")
+    for rel in remote.glob(f"*/{MARKER}"):
+        remote.fs.rm(remote._path(rel))
+    _remove(remote)
+    if work is not None:
+        for marker in work.glob(f"checkpoints/*/{MARKER}"):
+            marker.unlink(missing_ok=True)
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
 
 
 def step_of(checkpoint: Path) -> int:

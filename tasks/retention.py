@@ -9,8 +9,10 @@ Rules (docs/operations.md, "Disk"):
   config, previews, checkpoints, status and benchmark files as it goes) and either their newest
   object is older than the newest completed run's manifest (a later run has finished since, so
   nobody is about to resume them) or `keep_runs` newer incomplete runs exist (every night failing
-  must not fill the disk either). Otherwise their resumable checkpoints stay. Retention runs at the
-  end of every completed run and after a failed one (`tidy_after_failure`).
+  must not fill the disk either). Otherwise they stay, and the newest failed or stopped one keeps
+  its resumable checkpoints; older ones lose theirs (a disk filled by a failed night's checkpoints
+  stayed full for keep_runs nights). Retention runs at the start and end of every run and after a
+  failed one (`tidy_before_run`, `tidy_after_failure`).
 - A run is deleted manifest first: readers (completed_runs, pointers) ignore a run without one, so
   a half-deleted run never looks complete.
 - W&B's service (wandb-core) writes two debug logs per W&B run (`core-debug-*.log`,
@@ -35,6 +37,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ValidationError
 
 from tasks.cache_limit import HOUR, Decision, apply_cache, cache_root, default_max_gb, mark_used, plan_cache, remove_entry, usage
+from tasks.checkpoints import remove_checkpoints
 from tasks.config import OutputConfig
 from tasks.prefect_markdown import publish_markdown
 from tasks.runs import run_status, runs_root
@@ -60,6 +63,7 @@ class RunInfo(BaseModel):
     files: int
     last_write: float  # newest object's modification time
     completed_at: float | None  # manifest.json's modification time; None: incomplete
+    checkpoint_bytes: int = 0  # under checkpoints/: resumable training state, GBs on a real model
     links: dict[int, tuple[int, int]] = {}  # local files with other hard links: inode -> (size, link count)
 
 
@@ -75,9 +79,12 @@ def scan_runs(root: str) -> list[RunInfo]:
         run_id, _, inside = rel.partition("/")
         if not inside:
             continue  # a stray file directly under runs/
-        r = runs.setdefault(run_id, {"bytes": 0, "files": 0, "last_write": 0.0, "completed_at": None, "links": {}})
+        r = runs.setdefault(run_id, {"bytes": 0, "files": 0, "last_write": 0.0, "completed_at": None, "links": {},
+                                     "checkpoint_bytes": 0})
         when = _when(info)
         r["bytes"] += int(info.get("size") or 0)
+        if inside.startswith("checkpoints/"):
+            r["checkpoint_bytes"] += int(info.get("size") or 0)
         if (info.get("nlink") or 1) > 1 and info.get("ino"):  # a cached model is hard-linked between runs
             r["links"][int(info["ino"])] = (int(info.get("size") or 0), int(info["nlink"]))
         r["files"] += 1
@@ -137,6 +144,7 @@ def plan_runs(root: str, keep_runs: int, keep_incomplete_hours: float, now: floa
     # bounded by keep_runs too, not only once a run completes again.
     incomplete = sorted((r for r in runs if r.completed_at is None), key=lambda r: (r.last_write, r.run_id),
                         reverse=True)
+    ended_kept: list[RunInfo] = []  # failed or stopped, kept, with checkpoints: newest first
     for rank, r in enumerate(incomplete, start=1):
         idle_h = (now - r.last_write) / HOUR
         untouched = f"untouched for {idle_h:.1f} h (>= output.keep_incomplete_hours={keep_incomplete_hours:g})"
@@ -157,7 +165,28 @@ def plan_runs(root: str, keep_runs: int, keep_incomplete_hours: float, now: floa
                                    "newest completed run: resumable")
         out.append(Decision(kind="run", name=r.run_id, where=r.uri, bytes=r.bytes, action=action, reason=why,
                             complete=False))
+        if action == "keep" and r.run_id not in pinned and r.checkpoint_bytes and _ended(root, r.run_id):
+            ended_kept.append(r)
+    # Of the kept runs that failed or stopped, only the newest keeps its checkpoints: it is the one to
+    # resume. A night that failed on a full disk left its checkpoints among keep_runs kept failures,
+    # and every later night failed on the same full disk until keep_runs nights had passed.
+    for r in ended_kept[1:]:
+        out.append(Decision(kind="checkpoints", name=f"{r.run_id}/checkpoints", where=r.uri,
+                            bytes=r.checkpoint_bytes + _work_only_bytes(r), action="delete",
+                            reason=f"a newer failed or stopped run ({ended_kept[0].run_id}) is the one to resume: "
+                                   "the folder stays, its checkpoints go (a re-run of this id starts at step 0)"))
     return _count_shared_once(out, runs)
+
+
+def _work_checkpoints(run_id: str) -> Path:
+    return cache_root() / "work" / run_id / "checkpoints"
+
+
+def _work_only_bytes(r: RunInfo) -> int:
+    """Bytes of the work dir's checkpoints that the run folder's do not share (hard links count once)."""
+    folder = _work_checkpoints(r.run_id)
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    return sum(st.st_blocks * 512 for st in map(Path.lstat, files) if st.st_ino not in r.links)
 
 
 def _count_shared_once(decisions: list[Decision], runs: list[RunInfo]) -> list[Decision]:
@@ -166,12 +195,12 @@ def _count_shared_once(decisions: list[Decision], runs: list[RunInfo]) -> list[D
     another deleted run, frees nothing (else three runs sharing one 543 MB model 'free' 1.6 GB)."""
     by_id = {r.run_id: r for r in runs}
     held = Counter(ino for r in runs for ino in r.links)
-    kept = {ino for d in decisions if d.action == "keep" for ino in by_id[d.name].links}
+    kept = {ino for d in decisions if d.kind == "run" and d.action == "keep" for ino in by_id[d.name].links}
     counted: set[int] = set()
     out = []
     for d in decisions:
         shared = 0
-        if d.action == "delete":
+        if d.kind == "run" and d.action == "delete":  # (checkpoints: both of their links go, see plan_runs)
             for ino, (size, nlink) in by_id[d.name].links.items():
                 if ino in kept or ino in counted or nlink > held[ino]:
                     shared += size
@@ -202,6 +231,11 @@ def apply_runs(decisions: list[Decision], dry_run: bool = False) -> int:
                 delete_run(d.where)
             log.info("%s run %s (%.1f MB): %s", "Would delete" if dry_run else "Deleted", d.name, d.bytes / 1e6,
                      d.reason)
+            freed += d.bytes
+        elif d.kind == "checkpoints" and d.action == "delete":
+            if not dry_run:
+                remove_checkpoints(ArtifactStore(d.where), _work_checkpoints(d.name.split("/")[0]).parent)
+            log.info("%s %s (%.1f MB): %s", "Would delete" if dry_run else "Deleted", d.name, d.bytes / 1e6, d.reason)
             freed += d.bytes
     return freed
 

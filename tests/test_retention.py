@@ -295,3 +295,43 @@ def test_a_failed_runs_folder_is_kept_for_a_rerun_and_said_so(tmp_path):
     assert plan["failed"].action == "keep" and plan["failed"].reason.startswith("failed, last written")
     assert "kept for a re-run with its run_id" in plan["failed"].reason
     assert plan["crashed"].reason.startswith("incomplete,") and "may still be running" in plan["crashed"].reason
+
+
+def test_only_the_newest_failed_run_keeps_its_checkpoints(tmp_path, monkeypatch):
+    """A night that failed on a full disk kept its checkpoints (GBs) among keep_runs kept failures,
+    and every later night failed on the same full disk until keep_runs nights had passed. Of the
+    failed or stopped runs, the newest keeps its checkpoints (the one to resume); older ones keep
+    their folder (status, logs, W&B files) without them. A run still at work keeps everything."""
+    from tasks.leftovers import process_mark
+
+    cache, root = tmp_path / "cache", str(tmp_path / "artifacts")
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(cache))
+    for age_h, run_id, state in ((3, "night1", "failed"), (2, "night2", "stopped"), (1, "night3", "failed"),
+                                 (0, "night4", "running")):
+        run = _run(root, run_id, complete=False)
+        status = {"state": state, "why": "OSError: [Errno 28] No space left on device"}
+        run.write_json("status.json", status | (process_mark() if state == "running" else {}))
+        work = cache / "work" / run_id / "checkpoints" / "checkpoint-6"
+        work.mkdir(parents=True)
+        (work / "optimizer.pt").write_bytes(os.urandom(64 * 1024))
+        (work / "COMPLETE").write_text("{}")
+        place_dir(str(work), run.child("checkpoints"), "checkpoint-6")  # as the uploader: hard links
+        for path in [*Path(run.uri).rglob("*"), *work.rglob("*")]:
+            os.utime(path, (time.time() - age_h * 3600,) * 2)
+    report = gc(root, dry_run=True, keep_runs=14, keep_incomplete_hours=24, cache_max_gb=None)
+    trimmed = {d.name: d for d in report.decisions if d.kind == "checkpoints"}
+    assert set(trimmed) == {"night1/checkpoints", "night2/checkpoints"}, report.table()
+    assert all(d.action == "delete" and "(night3) is the one to resume" in d.reason for d in trimmed.values())
+    # Hard links count once: the run folder's and the work dir's copies are the same 64 KiB file.
+    assert 64 * 1024 <= trimmed["night1/checkpoints"].bytes < 2 * 64 * 1024
+    assert "| night1/checkpoints | delete | checkpoints |" in report.table()
+    assert (Path(root) / "runs/night1/checkpoints/checkpoint-6/COMPLETE").is_file()  # a dry run deletes nothing
+
+    gc(root, keep_runs=14, keep_incomplete_hours=24, cache_max_gb=None)
+    for run_id in ("night1", "night2"):
+        assert not (Path(root) / "runs" / run_id / "checkpoints").exists()
+        assert not (cache / "work" / run_id / "checkpoints").exists()
+        assert (Path(root) / "runs" / run_id / "status.json").is_file()  # the folder itself stays
+    for run_id in ("night3", "night4"):
+        assert (Path(root) / "runs" / run_id / "checkpoints/checkpoint-6/COMPLETE").is_file()
+        assert (cache / "work" / run_id / "checkpoints/checkpoint-6/optimizer.pt").is_file()
