@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from deployments.server_log import LOG_NAME, cap_log, log_tail, server_log
-from tasks.config_args import UserError, locate, port_number, serve_config
+from tasks.config_args import UserError, locate, port_number, seconds, serve_config
 from tasks.leftovers import die_with_parent
 from tasks.runtime import env_defaults, run_timeout, shadowing
 
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=port_number, default=4200,
                         help="port of the Prefect server and UI (default %(default)s); a busy port exits 2")
-    parser.add_argument("--startup-timeout", type=float, default=300,
+    parser.add_argument("--startup-timeout", type=seconds, default=300,
                         help="seconds to wait for the server to answer (its first start sets up the database)")
     args, settings = parser.parse_known_args(argv)  # the rest: the nightly's settings (deployments/serve.py)
     env_defaults()  # the server's flow-run vacuum among them, when started as `python -m deployments.local`

@@ -333,9 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description=(f"{inspect.cleandoc(cmd_serve.__doc__)}\n\n{SERVE_ENV}\n\n"
                                     f"{config_help(ServeConfig, leave_out=NOT_SERVED)}"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--port", type=int, default=4200,
+    # Checked by deployments/local.py, which this execs: one line, as for its other arguments.
+    p.add_argument("--port", default="4200",
                    help="port of the Prefect server and UI (default %(default)s); a busy port exits 2")
-    p.add_argument("--startup-timeout", type=float, default=300,
+    p.add_argument("--startup-timeout", default="300", metavar="SECONDS",
                    help="seconds to wait for the server to answer (default %(default)s; its first start sets up the database)")
     p.set_defaults(fn=cmd_serve, takes_settings=True)
     return parser

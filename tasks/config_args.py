@@ -245,3 +245,15 @@ def port_number(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a number from 1 to 65535")
     return port
+
+
+def seconds(text: str) -> float:
+    """argparse type of a wait in seconds: a finite number above 0 (`--startup-timeout -5` started
+    the server, then said it "did not answer within -5 s")."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds: give a number above 0, e.g. 300")
+    return value

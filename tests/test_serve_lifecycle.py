@@ -103,11 +103,17 @@ def test_a_busy_or_impossible_port_is_an_error_not_an_attachment(tmp_path):
     assert f"port {port} on 127.0.0.1 is already in use" in out.stderr and "--port" in out.stderr
     assert "Traceback" not in out.stderr
     # No port at all: an OverflowError traceback at bind (exit 1) before; refused as the arguments are read.
-    for port in ("70000", "-5"):
+    for port in ("70000", "-5", "abc"):
         out = subprocess.run([str(SMOLFLOW), "serve", "--port", port], cwd=ROOT, env=_env(tmp_path / "home"),
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and out.stderr == (f"error: argument --port: '{port}' is not a port: give a number "
                                                       "from 1 to 65535\n"), out.stderr
+    # A wait that is no wait: once the server was started, then "did not answer within -5 s".
+    for wait in ("-5", "0", "nan", "soon"):
+        out = subprocess.run([str(SMOLFLOW), "serve", "--startup-timeout", wait], cwd=ROOT, env=_env(tmp_path / "home"),
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and out.stderr == (f"error: argument --startup-timeout: '{wait}' is not a number of "
+                                                      "seconds: give a number above 0, e.g. 300\n"), out.stderr
 
 
 def test_a_bad_nightly_setting_is_an_error_before_the_server_starts(tmp_path):
