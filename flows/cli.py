@@ -236,7 +236,7 @@ def cmd_alerts(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_gc(args: argparse.Namespace, rest: list[str]) -> int:
     """Delete old runs (keep_runs; never latest or promoted) and bound SMOLFLOW_CACHE; --dry-run only lists."""
-    from tasks.retention import gc_command
+    from tasks.gc_command import gc_command
 
     return gc_command(args.root, dry_run=args.dry_run, keep_runs=args.keep_runs,
                       keep_incomplete_hours=args.keep_incomplete_hours)
@@ -309,9 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gc", help=cmd_gc.__doc__)
     p.add_argument("--root", default=DEFAULT_ROOT, help="artifact root (default %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="show what would be deleted and why; delete nothing")
-    p.add_argument("--keep-runs", type=int, default=14, help="completed runs to keep (default %(default)s)")
-    p.add_argument("--keep-incomplete-hours", type=float, default=24.0,
-                   help="incomplete runs younger than this may still be running: kept (default %(default)s)")
+    p.add_argument("--keep-runs", type=int, help="completed runs to keep (default: the newest run's "
+                   "output.keep_runs, else 14)")
+    p.add_argument("--keep-incomplete-hours", type=float,
+                   help="incomplete runs younger than this may still be running: kept (default: the newest run's "
+                   "output.keep_incomplete_hours, else 24)")
     p.set_defaults(fn=cmd_gc)
     arena = sub.add_parser("arena", help="blind battles between models: run the arena flow, or serve its vote page")
     arena_sub = arena.add_subparsers(dest="arena_command", metavar="ARENA_COMMAND", required=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-import sys
 import time
 from collections import Counter
 from datetime import datetime
@@ -34,13 +33,13 @@ from typing import Any, Literal
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from tasks.cache_limit import HOUR, Decision, apply_cache, cache_root, default_max_gb, mark_used, plan_cache, remove_entry, usage
 from tasks.checkpoints import remove_checkpoints
 from tasks.config import OutputConfig
 from tasks.prefect_markdown import publish_markdown
-from tasks.runs import run_status, runs_root
+from tasks.runs import run_status
 from tasks.runtime import retry_transient, run_logger
 from tasks.storage import ArtifactStore
 
@@ -119,10 +118,14 @@ def _ended(root: str, run_id: str) -> str | None:
 
 
 def plan_runs(root: str, keep_runs: int, keep_incomplete_hours: float, now: float | None = None,
-              running: str | None = None) -> list[Decision]:
+              running: str | None = None, said: dict[str, str] | None = None) -> list[Decision]:
     """Which run folders under root to keep or delete, and why (nothing is deleted here); `running`:
-    the calling run's id, never deleted (a re-run of an old failed run id resumes its checkpoints)."""
+    the calling run's id, never deleted (a re-run of an old failed run id resumes its checkpoints);
+    `said`: how the reasons name each setting (`smolflow gc`: the flag, or whose setting it is)."""
     now = time.time() if now is None else now
+    said = {"keep_runs": f"output.keep_runs={keep_runs}",
+            "keep_incomplete_hours": f"output.keep_incomplete_hours={keep_incomplete_hours:g}"} | (said or {})
+    keep, hours = said["keep_runs"], said["keep_incomplete_hours"]
     runs, pinned = scan_runs(root), pinned_runs(root)
     if running:
         pinned.setdefault(running, []).append("the run being started (output.run_id)")
@@ -135,9 +138,9 @@ def plan_runs(root: str, keep_runs: int, keep_incomplete_hours: float, now: floa
         if r.run_id in pinned:
             action, why = "keep", f"named by pointer {', '.join(pinned[r.run_id])}"
         elif rank <= keep_runs:
-            action, why = "keep", f"completed, {rank} of the {keep_runs} newest (output.keep_runs)"
+            action, why = "keep", f"completed, {rank} of the {keep_runs} newest ({keep})"
         else:
-            action, why = "delete", f"completed, number {rank} from the newest: beyond output.keep_runs={keep_runs}"
+            action, why = "delete", f"completed, number {rank} from the newest: beyond {keep}"
         out.append(Decision(kind="run", name=r.run_id, where=r.uri, bytes=r.bytes, action=action, reason=why,
                             complete=True))
     # Newest write first: when every night fails (bad data, a dead endpoint), the failed runs are
@@ -147,22 +150,21 @@ def plan_runs(root: str, keep_runs: int, keep_incomplete_hours: float, now: floa
     ended_kept: list[RunInfo] = []  # failed or stopped, kept, with checkpoints: newest first
     for rank, r in enumerate(incomplete, start=1):
         idle_h = (now - r.last_write) / HOUR
-        untouched = f"untouched for {idle_h:.1f} h (>= output.keep_incomplete_hours={keep_incomplete_hours:g})"
+        untouched = f"untouched for {idle_h:.1f} h (>= {hours})"
         if r.run_id in pinned:
             action, why = "keep", f"named by pointer {', '.join(pinned[r.run_id])}"
         elif idle_h < keep_incomplete_hours:
             ended = _ended(root, r.run_id)  # failed or stopped: said so, not "may still be running"
             action, why = "keep", (f"{ended or 'incomplete'}, last written {idle_h:.1f} h ago (< "
-                                   f"output.keep_incomplete_hours={keep_incomplete_hours:g}): "
+                                   f"{hours}): "
                                    + ("kept for a re-run with its run_id" if ended else "may still be running"))
         elif newest_done is not None and r.last_write < newest_done:
             action, why = "delete", f"incomplete, older than the newest completed run and {untouched}"
         elif rank > keep_runs:
-            action, why = "delete", (f"incomplete, number {rank} from the newest incomplete: beyond output.keep_runs="
-                                     f"{keep_runs} and {untouched}")
+            action, why = "delete", f"incomplete, number {rank} from the newest incomplete: beyond {keep} and {untouched}"
         else:
-            action, why = "keep", (f"incomplete, {rank} of the {keep_runs} newest incomplete runs, written after the "
-                                   "newest completed run: resumable")
+            action, why = "keep", (f"incomplete, {rank} of the {keep_runs} newest incomplete runs ({keep}), written "
+                                   "after the newest completed run: resumable")
         out.append(Decision(kind="run", name=r.run_id, where=r.uri, bytes=r.bytes, action=action, reason=why,
                             complete=False))
         if action == "keep" and r.run_id not in pinned and r.checkpoint_bytes and _ended(root, r.run_id):
@@ -336,12 +338,12 @@ def plan_work_dirs(root: str, cache_root, done: set[str], keep: set[str] = froze
 
 def gc(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incomplete_hours: float = 24.0,
        cache_max_gb: float | None | Literal["env"] = "env", in_use: list[str] = (),
-       since: float | None = None, running: str | None = None) -> GcReport:
+       since: float | None = None, running: str | None = None, said: dict[str, str] | None = None) -> GcReport:
     """Apply run retention to root and the size bound to SMOLFLOW_CACHE; dry_run lists without deleting
-    (`running`: the run calling it, whose work dir stays)."""
+    (`running`: the run calling it, whose work dir stays; `said`: see plan_runs)."""
 
     max_gb = default_max_gb() if cache_max_gb == "env" else cache_max_gb
-    runs = plan_runs(root, keep_runs, keep_incomplete_hours, running=running)
+    runs = plan_runs(root, keep_runs, keep_incomplete_hours, running=running, said=said)
     freed = apply_runs(runs, dry_run)
     work = plan_work_dirs(root, cache_root(), {d.name for d in runs if d.complete or d.action == "delete"},
                           keep={running} if running else set(), running_hours=keep_incomplete_hours)
@@ -353,37 +355,6 @@ def gc(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incomplete_ho
     freed += apply_logs(logs, dry_run)
     return GcReport(root=ArtifactStore(root).uri, cache=str(cache_root()), dry_run=dry_run,
                     decisions=runs + work + cache + logs, freed_bytes=freed)
-
-
-GC_FLAGS = {"keep_runs": "--keep-runs", "keep_incomplete_hours": "--keep-incomplete-hours"}
-
-
-def check_gc_flags(keep_runs: int, keep_incomplete_hours: float) -> None:
-    """The flags take what output.keep_runs and output.keep_incomplete_hours take (tasks/config.py):
-    --keep-runs 0 with --keep-incomplete-hours 0 deleted a run still being written. One line naming the flag."""
-    try:
-        OutputConfig(keep_runs=keep_runs, keep_incomplete_hours=keep_incomplete_hours)
-    except ValidationError as err:
-        e = err.errors()[0]
-        field = e["loc"][0]
-        flag, least = GC_FLAGS[field], e.get("ctx", {}).get("ge")
-        raise ValueError(f"{flag} {e['input']}: {e['msg'][0].lower()}{e['msg'][1:]}, as for output.{field}"
-                         + (f"; give {flag} {least:g} or more" if least is not None else "")) from None
-
-
-def gc_command(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incomplete_hours: float = 24.0) -> int:
-    """`smolflow gc [--dry-run]`: print what is (or would be) deleted and why; exit status 0.
-    Flags the config would refuse, and a --root that cannot hold runs (tasks.runs.runs_root), are
-    refused in one line before anything is deleted; a local one that does not exist is said, and
-    SMOLFLOW_CACHE is bounded all the same (`smolflow gc` from a folder without runs)."""
-    check_gc_flags(keep_runs, keep_incomplete_hours)
-    try:
-        runs_root(root)
-    except FileNotFoundError as err:  # a local root with no runs (or a typo): said, and the cache is still bounded
-        print(f"smolflow gc: note: {err}; only SMOLFLOW_CACHE is bounded", file=sys.stderr)
-    report = gc(root, dry_run=dry_run, keep_runs=keep_runs, keep_incomplete_hours=keep_incomplete_hours)
-    print(report.table(), flush=True)  # a closed stdout (`| head`) raises here, for smolflow's main to end quietly
-    return 0
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])

@@ -124,3 +124,29 @@ def test_eval_of_a_mistyped_run_id_says_no_such_run(env, tmp_path):  # noqa: F81
         _refused(out, f"smolflow eval: error: model={typo!r}: no run {typo!r} under {root} (see `smolflow runs`")
         assert "a Hugging Face model is named org/name" in out.stderr
     assert sorted(os.listdir(root / "runs")) == ["20261205-171128-gentle-panda"]  # refused before any run folder
+
+
+def test_gc_applies_the_retention_the_newest_run_was_configured_with(env, tmp_path):  # noqa: F811
+    # A bare `smolflow gc` applied keep_runs=14 to a nightly that keeps 30, and its table called that
+    # "output.keep_runs=14": the nightly's runs 15-30 would have gone, said to be by its own setting.
+    root = tmp_path / "root"
+    for night in range(1, 6):
+        run_id = f"2026120{night}-020000-night"
+        _run(root, run_id)
+        folder = root / "runs" / run_id
+        (folder / "config.json").write_text(json.dumps({"output": {"keep_runs": 3, "keep_incomplete_hours": 6}}))
+        (folder / "manifest.json").write_text(json.dumps({"run_id": run_id}))
+        for path in (folder, *folder.iterdir()):
+            os.utime(path, (time.time() - (6 - night) * 86400,) * 2)
+
+    def deleted(*flags) -> dict[str, str]:
+        out = smolflow(_own_cache(env, tmp_path), "gc", "--dry-run", "--root", str(root), *flags)
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines() if " | run | " in line]
+        return {name: why for name, action, _, _, why in rows if action == "delete"}
+
+    by_config = deleted()
+    assert sorted(by_config) == ["20261201-020000-night", "20261202-020000-night"], by_config
+    assert "beyond output.keep_runs of run 20261205-020000-night, the newest: 3" in by_config["20261201-020000-night"]
+    by_flag = deleted("--keep-runs", "4")
+    assert list(by_flag) == ["20261201-020000-night"] and "beyond --keep-runs: 4" in by_flag["20261201-020000-night"]
