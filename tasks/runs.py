@@ -68,8 +68,8 @@ def run_status(run: ArtifactStore) -> dict[str, Any]:
         gone = process_gone(status)
         if gone:
             return {**status, "state": "failed", "at": None,
-                    "why": f"killed: the process running it ({who}) ended without a word (SIGKILL, the "
-                           "out-of-memory killer, or the machine restarted)"}
+                    "why": f"killed: its process ended without a word (SIGKILL, the out-of-memory killer, or "
+                           f"the machine restarted): {who}"}
         if gone is False:
             return {**status, "state": "incomplete", "why": f"running ({who})", "at": None}
         if status.get("pid"):

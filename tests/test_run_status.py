@@ -57,7 +57,8 @@ def test_a_killed_run_says_killed_not_running_forever(tmp_path):
     try:
         rows = {r["run_id"]: r for r in list_runs(str(tmp_path))}
         assert rows["killed"]["status"] == "failed", rows["killed"]
-        assert rows["killed"]["why"].startswith(f"killed: the process running it (pid {procs['killed'].pid} on ")
+        assert rows["killed"]["why"].startswith("killed: its process ended without a word (SIGKILL, the out-of-memory")
+        assert f"): pid {procs['killed'].pid} on " in rows["killed"]["why"]
         assert rows["live"]["status"] == "incomplete"
         assert rows["live"]["why"].startswith(f"running (pid {procs['live'].pid} on "), rows["live"]
         assert rows["elsewhere"]["status"] == "incomplete" and "on gpu-node-7" in rows["elsewhere"]["why"]
