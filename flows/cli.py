@@ -142,7 +142,7 @@ def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     """Score one model (hub id, local folder, builtin:..., or an earlier run's id) without training."""
-    from flows.evaluate import check_eval_settings, evaluate
+    from flows.evaluate import check_eval_settings, check_eval_template, evaluate
     from tasks.checks import check_model, check_run
     from tasks.reachable import check_reachable
     from tasks.runs import model_of_run
@@ -152,7 +152,7 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     check_reachable(config, training=False)
     if model_of_run(config.output.artifacts_uri, config.model) is None:  # else that run's tuned model
         check_model(config.model)  # found without loading it, as `smolflow run` checks: before the flow
-    check_run(config)
+    check_eval_template(config, check_run(config).custom)
     with join_running_server():
         _print(run_flow(evaluate, config))
     return 0

@@ -63,6 +63,24 @@ def check_eval_settings(config: RunConfig) -> None:
                    "(judge.reference: base); set judge.reference to a file of reference outputs, or judge.enabled: false")
 
 
+def check_eval_template(config: RunConfig, custom: list) -> None:
+    """The evaluated model answers the judge's instructions, and the custom benchmarks with
+    chat_template: true, through its chat template: a model without one (a base model) failed there,
+    after the benchmarks before it, in transformers' words. Said before any model runs, naming what needs it."""
+    from tasks.checks import check_chat_template
+
+    needs, fixes = [], []
+    if config.judge.enabled:
+        needs.append("the judge's instructions (judge.enabled: true)")
+        fixes.append("judge.enabled: false")
+    if chat := [b for b in custom if b.chat_template]:
+        needs += [f"custom benchmark {b.name!r} (chat_template: true in {b.path})" for b in chat]
+        fixes.append("chat_template: false in " + ("that definition" if len(chat) == 1 else "those definitions"))
+    if needs:
+        check_chat_template(config.model, "model", f"answer {' or '.join(needs)}; evaluate a model with a chat "
+                            f"template, or set {' and '.join(fixes)}")
+
+
 # unpublish: the run's device/precision/task-runner settings end with it (tasks/device.py).
 @flow(name="smolflow-evaluate", result_storage=results_storage(),  # under the cache bound: tasks/caching.py
       timeout_seconds=run_timeout(),  # SMOLFLOW_RUN_TIMEOUT_HOURS: a hung run ends, its slot frees
@@ -76,6 +94,7 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
     check_eval_settings(config)
     threads = set_torch_threads(config.torch_threads)
     checked = check_run(config)
+    check_eval_template(config, checked.custom)
     placement = publish(config.execution)  # as in smolflow-finetune: every model, and Ray if asked
     hide_from_sandbox(config.output.artifacts_uri)  # HumanEval's programs cannot read the runs
     root = config.output.artifacts_uri

@@ -50,13 +50,23 @@ def load_prompts(cfg: ArenaConfig) -> list[str]:
 def check_arena_inputs(cfg: ArenaConfig) -> None:
     """The prompt file and every model the user listed, found without loading a model: `smolflow arena run`
     calls it before the flow, so a typo costs a second and one line, not a Prefect server and a Failed run."""
-    from tasks.checks import check_model
+    from tasks.checks import check_chat_template, check_model
 
     load_prompts(cfg)  # the flow's own reader: the same file:line message it would give
+    # Every contestant answers the prompts through its chat template: one without it (a base model)
+    # failed the flow once the others had answered, naming no setting.
+    answer = "answer the arena's prompts; give a model with a chat template (an instruction-tuned one)"
     for i, source in enumerate(cfg.models):
         check_model(source, f"models[{i}]")
+        check_chat_template(source, f"models[{i}]", answer)
     if cfg.base_model != "auto":
         check_model(cfg.base_model, "base_model")
+        check_chat_template(cfg.base_model, "base_model", answer)
+    judge = cfg.judge
+    if judge.enabled and judge.backend == "local" and judge.model != "auto":  # as a run's judge (tasks/checks.py)
+        check_model(judge.model, "judge.model")
+        check_chat_template(judge.model, "judge.model", "read a judging prompt; use an instruction-tuned model "
+                            "(e.g. judge.model: auto, the built-in SmolLM2-135M-Instruct)")
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])

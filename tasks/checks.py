@@ -226,11 +226,27 @@ def check_model(source: str, field: str = "model") -> None:
                               "(HF_HUB_OFFLINE=1); use 'builtin:smollm2-135m-instruct' or a local model directory")
 
 
+def check_chat_template(source: str, field: str, why: str) -> None:
+    """A model that must answer chat prompts (a judge, an evaluated model, an arena contestant) has a
+    chat template. Without one it fails at its first generation, after every stage before it (a
+    whole training for the judge) and in transformers' words, which name no setting. Checked where
+    the model is here (a hub model not downloaded yet is not)."""
+    from tasks.checks_training import model_dir_here
+    from tasks.special_tokens import tokenizer_facts
+
+    model_dir = model_dir_here(source)
+    if model_dir is not None and not tokenizer_facts(model_dir)[1]:
+        raise ConfigError(f"{field}={source!r} has no chat template, so it cannot {why}")
+
+
 def check_judge_model(config: RunConfig) -> None:
-    """A local judge's model, found as the run's model is: else the run trains, then fails at the judge."""
+    """A local judge's model, found as the run's model is, with a chat template: else the run trains,
+    then fails at the judge."""
     judge = config.judge
     if judge.enabled and judge.backend == "local" and judge.model != "auto":
         check_model(judge.model, "judge.model")
+        check_chat_template(judge.model, "judge.model", "read a judging prompt; use an instruction-tuned model "
+                            "(e.g. judge.model: auto, the built-in SmolLM2-135M-Instruct)")
 
 
 def check_inputs(config: RunConfig) -> None:

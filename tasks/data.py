@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.config import DataConfig
-from tasks.datafiles import FORMATS, READ_PROBLEM, Origin, UnreadableError, local_data_files, read_split
+from tasks.datafiles import FORMATS, READ_PROBLEM, Origin, UnreadableError, local_data_files, read_split, unread_files
 from tasks.rows import (  # noqa: F401 - as_written, row_problem, row_shapes: used from here by other stages
     CHATML_TOKENS, SHAPES, as_written, may_hold_token, normalize, pairs_to_messages, reason_kind, row_json, row_problem,
     row_shapes, sharegpt_problem, sharegpt_to_messages, special_token_problem, token_pattern,
@@ -399,6 +399,13 @@ def load_chat_dataset(cfg: DataConfig, special_tokens: list[str] | None = None) 
         raw, origins, held_out = hold_out(raw, origins, cfg)
     for key, split in (("train", cfg.train_split), ("test", cfg.test_split)):
         if split not in raw:
+            # Its file is there in a format not read (a .csv, a .jsonl.gz): the splits listed below would
+            # send the user looking for a missing file, or hold out a test split the data has.
+            if unread := (unread_files(local, split) if local is not None else []):
+                raise ValueError(
+                    f"data.{key}_split={split!r}: {', '.join(str(p) for p in unread)} is not read (smolflow reads "
+                    "uncompressed .json, .jsonl and .parquet files); convert it to JSON Lines or Parquet"
+                )
             carve = " or hold out part of the train split with data.test_size (e.g. 0.05)" if key == "test" else ""
             raise ValueError(
                 f"data.{key}_split={split!r} is not in the dataset (splits: {sorted(raw)}); "

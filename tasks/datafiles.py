@@ -47,6 +47,14 @@ def local_data_files(path: Path) -> tuple[str, dict[str, list[str]]]:
     return builders.pop(), splits
 
 
+def unread_files(path: Path, split: str) -> list[Path]:
+    """Files of a data directory named for `split` that local_data_files does not read: another
+    format (train.csv, train.jsonl.gz, train.JSONL). A split missing for that reason is said so."""
+    if not path.is_dir():
+        return []
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix not in FORMATS and split_of(p) == split)
+
+
 def _is_array(file: str) -> bool:
     with open(file, "rb") as f:
         return f.read(4096).lstrip()[:1] == b"["

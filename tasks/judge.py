@@ -287,7 +287,14 @@ def load_instructions(cfg: JudgeConfig, sample_prompts: list[str]) -> list[str]:
         instructions = list(sample_prompts)
     else:
         path = FIXTURE_INSTRUCTIONS if cfg.instructions == "fixture" else Path(cfg.instructions).expanduser()
-        instructions = [row["instruction"] for _, row in _rows(path, "instructions")]
+        instructions, first = [], {}
+        for where, row in _rows(path, "instructions"):
+            # The same instruction gets the same greedy answers and verdicts: twice, it would count twice
+            # in the win rate's n and shrink its stderr.
+            if (earlier := first.setdefault(row["instruction"], where)) is not where:
+                raise ValueError(f"judge.instructions: {where} repeats the instruction of {earlier} (it would be "
+                                 "judged, and counted, twice); remove one")
+            instructions.append(row["instruction"])
     return instructions[: cfg.limit] if cfg.limit else instructions
 
 
@@ -295,8 +302,9 @@ def load_references(path: Path, instructions: list[str]) -> tuple[list[str], lis
     """(outputs, generators) from an AlpacaEval reference-outputs file, matched by instruction."""
     by_instruction: dict[str, dict] = {}
     for where, row in _rows(path, "reference"):
-        if not isinstance(row.get("output"), str):
-            raise ValueError(f"judge.reference: {where} has no `output` string; each row needs "
+        # An empty reference answer loses to any answer: the win rate would measure nothing.
+        if not isinstance(row.get("output"), str) or not row["output"].strip():
+            raise ValueError(f"judge.reference: {where} has no non-empty `output` string; each row needs "
                              '{"instruction": "...", "output": "..."} (AlpacaEval\'s reference outputs)')
         by_instruction.setdefault(row["instruction"], row)  # the first answer to an instruction counts
     missing = [ins for ins in instructions if ins not in by_instruction]

@@ -158,12 +158,27 @@ def _render(tokenizer, messages, template: str | None = None) -> str:
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
 
 
+def _template_line(err: Exception) -> int | None:
+    """The line of the template an error is at: a syntax error carries it, a runtime error (an
+    undefined value, raise_exception()) has it in the traceback frame Jinja maps to the template."""
+    import traceback
+
+    from jinja2 import TemplateSyntaxError
+
+    if isinstance(err, TemplateSyntaxError) and err.lineno:
+        return err.lineno
+    lines = [frame.lineno for frame in traceback.extract_tb(err.__traceback__) if frame.filename == "<template>"]
+    return lines[-1] if lines else None
+
+
 def end_of_turn(tokenizer, label: str) -> str:
     """The text the template writes right after an assistant reply, e.g. '<|im_end|>' or '</s>'."""
     try:
         rendered = _render(tokenizer, _PROBE)
     except Exception as err:  # Jinja syntax or runtime errors, raise_exception() in the template
-        raise TemplateError(f"template {label} cannot render a plain user/assistant exchange: "
+        # The line, so a typo in a long .jinja is found without bisecting the file.
+        where = f" (line {line} of the template)" if (line := _template_line(err)) else ""
+        raise TemplateError(f"template {label} cannot render a plain user/assistant exchange{where}: "
                             f"{type(err).__name__}: {err}. Fix the template.") from err
     tail = rendered[rendered.rindex(_PROBE_ANSWER) + len(_PROBE_ANSWER):].split() if _PROBE_ANSWER in rendered else []
     if not tail:

@@ -152,6 +152,15 @@ def _write(folder: Path, definition: str = GOOD, items: str | None = ITEMS, name
         # an empty gold answer: `contains` would pass every output, exact matches only an empty one
         (_scorer("contains"), ITEMS + '{"prompt": "Capital of Peru?", "answer": ["Lima", " "]}\n', "items.jsonl:3:",
          "answer ' ' is empty: every output contains it"),
+        # the same prompt twice (a file appended to itself): scored twice, n doubled and the stderr shrunk
+        (GOOD, ITEMS + ITEMS, "items.jsonl:3:",
+         r"the same prompt as line 1 \(it would be scored, and counted, twice\)"),
+        (GOOD.replace("prompt_field: prompt", "messages_field: messages"),
+         '{"messages": [{"role": "user", "content": "Hi?"}], "answer": "x"}\n'
+         '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}], '
+         '"answer": "x"}\n'
+         '{"messages": [{"role": "user", "content": "Hi?"}], "answer": "y"}\n', "items.jsonl:3:",
+         "the same prompt as line 1 .*give that line a list of acceptable answers"),
     ],
 )
 def test_broken_definition_is_rejected_with_file_line_and_fix(tmp_path, definition, items, where, message):
@@ -254,6 +263,37 @@ def test_generation_with_raw_prompts_and_stop_strings(tiny_base_model_dir, tmp_p
         evaluate_custom(model, tokenizer, bench)
     raw = evaluate_custom(model, tokenizer, load_definition(_write(tmp_path, GOOD + "chat_template: false\n")))
     assert raw.n == 2 and raw.settings["chat_template"] is False
+
+
+def test_a_model_without_a_chat_template_is_refused_before_any_model_runs(tiny_base_model_dir, tiny_model_dir,
+                                                                          tmp_path):
+    """A base model as the judge (run, arena), as the evaluated model (eval: the judge's answers, chat
+    custom benchmarks) or as an arena contestant failed at its first generation: after training or the
+    other benchmarks, in transformers' words naming no setting. The checks before the flow say it."""
+    from flows.evaluate import check_eval_template
+    from tasks.arena_config import ArenaConfig
+    from tasks.arena_tasks import check_arena_inputs
+    from tasks.checks import check_judge_model
+    from tasks.config import RunConfig
+
+    base, chat = str(tiny_base_model_dir), str(tiny_model_dir)
+    with pytest.raises(ValueError, match=r"judge.model=.* has no chat template, so it cannot read a judging prompt"):
+        check_judge_model(RunConfig(judge={"model": base}))
+    check_judge_model(RunConfig(judge={"model": chat}))
+    bench = load_definition(_write(tmp_path))  # chat_template: true
+    with pytest.raises(ValueError, match=r"model=.* has no chat template, so it cannot answer the judge's instructions "
+                                         r"\(judge.enabled: true\) or custom benchmark 'capitals'"):
+        check_eval_template(RunConfig(model=base), [bench])
+    with pytest.raises(ValueError, match="set chat_template: false in that definition$"):
+        check_eval_template(RunConfig(model=base, judge={"enabled": False}), [bench])
+    check_eval_template(RunConfig(model=base, judge={"enabled": False}), [])  # raw prompts only (lm-eval): fine
+    check_eval_template(RunConfig(model=chat), [bench])
+    with pytest.raises(ValueError, match=r"models\[1\]=.* has no chat template, so it cannot answer the arena's "
+                                         r"prompts"):
+        check_arena_inputs(ArenaConfig(models=[chat, base]))
+    with pytest.raises(ValueError, match=r"judge.model=.* has no chat template"):
+        check_arena_inputs(ArenaConfig(judge={"model": base}))
+    check_arena_inputs(ArenaConfig(models=[chat], judge={"model": chat}))
 
 
 def test_run_custom_benchmark_is_cached_until_an_item_changes(tiny_ref, tmp_path):

@@ -149,6 +149,20 @@ def test_missing_split_names_the_parameter(tmp_path):
         load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
 
 
+@pytest.mark.parametrize("name", ["test.csv", "test.jsonl.gz", "test.JSONL"])
+def test_a_split_in_a_format_not_read_is_named_not_reported_missing(tmp_path, name):
+    """test.csv next to train.jsonl was skipped without a word: the message listed the splits ['train'] and
+    suggested data.test_size, which would hold out a test split the user has."""
+    import gzip
+
+    _write_jsonl(tmp_path / "train.jsonl", [_chat(0), _chat(1)])
+    (tmp_path / name).write_bytes(gzip.compress(b"{}\n") if name.endswith(".gz") else b"messages\nhi\n")
+    (tmp_path / "README.md").write_text("about this data")  # other files stay ignored
+    with pytest.raises(ValueError, match=rf"data.test_split='test': {tmp_path / name} is not read \(smolflow reads "
+                                         r"uncompressed .json, .jsonl and .parquet files\); convert it"):
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+
+
 def test_test_size_holds_out_the_same_rows_of_one_file_every_run(tmp_path):
     one_file = _write_jsonl(tmp_path / "chats.jsonl", [_chat(i) for i in range(40)])  # read as split 'train'
     ref = load_chat_dataset.fn(DataConfig(dataset=str(one_file), test_size=0.1))

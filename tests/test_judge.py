@@ -222,7 +222,14 @@ def test_reference_file_is_matched_by_instruction(tiny_ref, tiny_model_dir, judg
         ("instructions", "\n", r"judge.instructions: .* has no rows"),
         ("instructions", '{"instruction": "ok"}\n{"instruction": "lost", "instruction": "kept"}\n',
          r"judge.instructions: .*bad.jsonl line 2: key 'instruction' twice in one object"),
-        ("reference", '{"instruction": "Hello! How are you?"}\n', r"judge.reference: .*line 1 has no `output` string"),
+        ("reference", '{"instruction": "Hello! How are you?"}\n',
+         r"judge.reference: .*line 1 has no non-empty `output`"),
+        # an empty reference loses to any answer; an instruction twice is judged and counted twice
+        ("reference", '{"instruction": "Hello! How are you?", "output": " "}\n',
+         r"judge.reference: .*line 1 has no non-empty `output` string"),
+        ("instructions", '{"instruction": "a"}\n{"instruction": "b"}\n{"instruction": "a"}\n',
+         r"judge.instructions: .*bad.jsonl line 3 repeats the instruction of .*bad.jsonl line 1 \(it would be judged, "
+         r"and counted, twice\); remove one"),
         ("reference", '{"instruction": "Other", "output": "x"}\n',
          r"judge.reference: .*no output for 1 of 1 instructions \('Hello! How are you\?'\)"),
     ],

@@ -150,6 +150,24 @@ def test_template_that_never_ends_a_turn_is_refused(tiny_ref, fixture_data, tmp_
         prepare_chat_template.fn(tiny_ref, fixture_data, TemplateConfig(chat_template=str(path)))
 
 
+@pytest.mark.parametrize("text, line, error", [
+    # a syntax error: `{% endfor` left open on line 3, which Jinja finds on line 4
+    ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor\n"
+     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", 4, "TemplateSyntaxError"),
+    # a runtime error (after comment lines): content + 1
+    ("{#- a comment\n  on two lines -#}\n{%- for m in messages %}\n{{- m.content + 1 }}<|im_end|>\n{%- endfor %}", 4,
+     "TypeError"),
+    ("line one\n{{ raise_exception('only user turns') }}", 2, "TemplateError: only user turns"),
+], ids=["syntax", "runtime", "raise_exception"])
+def test_a_broken_jinja_file_is_refused_naming_its_line(tiny_ref, fixture_data, tmp_path, text, line, error):
+    """A template error named no line: in a long .jinja the typo had to be found by bisecting it."""
+    path = tmp_path / "broken.jinja"
+    path.write_text(text)
+    with pytest.raises(TemplateError, match=rf"cannot render a plain user/assistant exchange \(line {line} of the "
+                                            rf"template\): {error}"):
+        prepare_chat_template.fn(tiny_ref, fixture_data, TemplateConfig(chat_template=str(path)))
+
+
 def test_cache_key_follows_the_jinja_files_content(tiny_ref, fixture_data, tmp_path):
     path = tmp_path / "mine.jinja"
     path.write_text(shipped_text("llama3"))

@@ -215,6 +215,7 @@ def _check_item(raw: Any, d: Definition) -> tuple[Item | None, str | None]:
 
 def _read_items(path: Path, d: Definition, where: str) -> list[Item]:
     items, problems = [], []
+    first_line: dict[str, int] = {}  # prompt -> the line it is first on
     # Lines end at "\n" only: str.splitlines would also split inside JSON strings holding U+2028.
     for number, text in enumerate(read_text(path, CustomBenchmarkError).split("\n"), start=1):
         if not text.strip():
@@ -231,8 +232,16 @@ def _read_items(path: Path, d: Definition, where: str) -> list[Item]:
         item, why = _check_item(raw, d)
         if why:
             problems.append(f"{path}:{number}: {why}")
-        else:
-            items.append(item.model_copy(update={"line": number}))
+            continue
+        # Greedy decoding answers a prompt the same way each time: an item twice (a file appended to
+        # itself) would count twice in n and shrink the stderr the gate and "beyond noise" rely on.
+        prompt = json.dumps(item.prompt, sort_keys=True)
+        if prompt in first_line:
+            problems.append(f"{path}:{number}: the same prompt as line {first_line[prompt]} (it would be scored, and "
+                            "counted, twice); remove one, or give that line a list of acceptable answers")
+            continue
+        first_line[prompt] = number
+        items.append(item.model_copy(update={"line": number}))
     if problems:
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise CustomBenchmarkError(f"{len(problems)} bad item(s) for {where}:\n  " + "\n  ".join(problems[:10]) + more)
