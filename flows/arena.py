@@ -27,6 +27,7 @@ from tasks.arena_tasks import (
     unique_models,
 )
 from tasks.caching import results_storage
+from tasks.console import configure_logging
 from tasks.leftovers import own_temp_root
 from tasks.models import resolve_model
 from tasks.runtime import run_timeout, set_torch_threads
@@ -36,6 +37,7 @@ from tasks.runtime import run_timeout, set_torch_threads
 def arena(config: ArenaConfig = ArenaConfig()) -> dict:
     """Models -> answers -> battles (most informative first) -> judge + people's votes -> ratings -> leaderboard."""
     own_temp_root()  # this process's temporary files: a SIGKILLed run's go with the next start
+    configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1, as the other flows (a served run has no CLI in front)
     set_torch_threads(config.torch_threads)
     prompts = load_prompts(config)  # the prompt file is checked before any model loads
     runs, run_base = gather_runs(config)

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tasks.config import WandbConfig
-from tasks.config_base import Section, judge_problem
+from tasks.config_base import Section, judge_problem, unused
 
 
 class ArenaJudgeConfig(Section):
@@ -76,4 +76,5 @@ class ArenaConfig(Section):
                              "file:// or s3://")
         if "/" in self.flow_name or not self.flow_name:
             raise ValueError(f"flow_name {self.flow_name!r} must be a non-empty name without slashes")
+        unused(self.wandb, ("log_model",), "wandb.", "the arena trains no model, so there is none to upload")
         return self

@@ -59,23 +59,25 @@ def check_training(config: RunConfig) -> None:
         check_schedule(config.training)
         overrides = sft_overrides(config.training)
         check_packages(config.training, overrides)
-        args = trial_sft_config(config.training) if overrides else None
+        args = trial_sft_config(config.training, config.execution) if overrides else None
         check_scheduler_builds(config.training, args)
         check_hub(config.output)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
 
-def trial_sft_config(cfg):
-    """Build the run's SFTConfig once, so values TRL/transformers refuse together (e.g. bf16 where the
-    device has none) are named now rather than after the model and data are loaded; returns it."""
+def trial_sft_config(cfg, execution=None):
+    """Build the run's SFTConfig once, with the run's own device and precision (`execution`), so values
+    TRL/transformers refuse together (e.g. bf16 where the device has none, fp16 beside the bf16 that
+    precision 'auto' chose) are named now rather than after the model and data are loaded; returns it."""
     import tempfile
 
+    from tasks.device import resolve
     from tasks.training import sft_config
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            return sft_config(cfg, tmp, [])
+            return sft_config(cfg, tmp, [], resolve(execution) if execution is not None else None)
         except ValueError as err:
             raise ConfigError(f"training.sft_args {cfg.sft_args}: SFTConfig refused them: {err}") from None
 

@@ -60,6 +60,8 @@ MANAGED = {name: f"training.{name}" for name in (
     "activation_checkpointing": "training.gradient_checkpointing",
     "assistant_only_loss": "template.assistant_only_loss",
     "report_to": "wandb.mode",
+    # smolflow starts the W&B run before the Trainer, whose callback then keeps that run's name
+    "run_name": "output.run_id (the W&B run's name)",
     "push_to_hub": "output.push_to_hub", "hub_model_id": "output.push_to_hub",
     "hub_token": "output.hub_token_secret (or HF_TOKEN)", "hub_private_repo": "output.hub_private",
     "output_dir": "output.artifacts_uri (checkpoints go to the run folder)",
@@ -81,6 +83,11 @@ NOT_APPLICABLE = {
     "truncation_mode": "the data reaches TRL tokenized and cut to training.max_length",
     "model_init_kwargs": "smolflow loads the model (model, execution.precision)",
     "trust_remote_code": "smolflow loads the model (model)",
+    # The Trainer pushes nothing (push_to_hub is smolflow's) and reports to W&B alone (report_to).
+    **{name: "the Trainer pushes nothing; smolflow pushes the final merged model once (output.push_to_hub)"
+       for name in ("hub_strategy", "hub_always_push", "hub_revision")},
+    **{name: "only Trackio reads it, and smolflow reports to W&B (wandb.project)"
+       for name in ("project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id")},
 }
 
 
@@ -122,6 +129,10 @@ def sft_overrides(cfg: TrainingConfig) -> dict:
     if out.get("packing") and cfg.padding_free:
         raise ValueError("training.sft_args.packing: packs rows up to training.max_length, which padding-free batches "
                          "do without; set training.padding_free: false as well (or drop packing)")
+    for kwargs in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+        if kwargs in out and not cfg.gradient_checkpointing:  # the Trainer reads them only with checkpointing on
+            raise ValueError(f"training.sft_args.{kwargs}: applies only with checkpointing, which is off; set "
+                             "training.gradient_checkpointing: true as well (or drop it)")
     for beta in ("adam_beta1", "adam_beta2"):  # torch's optimizer refuses them only when training starts
         if beta in out and not 0 <= out[beta] < 1:
             raise ValueError(f"training.sft_args.{beta}: {out[beta]} is not in [0, 1)")

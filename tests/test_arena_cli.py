@@ -58,3 +58,11 @@ def test_arena_serve_refuses_a_busy_port_before_printing_the_url(tmp_path):
         port = busy.getsockname()[1]
         done = smolflow("arena", "serve", "--root", str(tmp_path), "--port", str(port), cwd=tmp_path)
     assert f"port {port}" in one_line_error(done) and "--port" in done.stderr
+
+
+def test_arena_run_refuses_wandb_log_model(tmp_path):
+    # The arena trains no model: wandb.log_model (RunConfig's "upload the tuned model") would do nothing.
+    done = smolflow("arena", "run", "--wandb.log-model", "true", "--judge.enabled", "false",
+                    "--artifacts-uri", str(tmp_path / "runs"), cwd=tmp_path)
+    assert "wandb.log_model" in one_line_error(done)
+    assert not (tmp_path / "runs").exists()

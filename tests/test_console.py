@@ -103,3 +103,28 @@ def test_the_gguf_readers_bar_is_swallowed_unless_verbose(capfd, monkeypatch):
             for _ in tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
                 pass
         assert ("de-quantizing" in capfd.readouterr().err) is shown
+
+
+def test_the_arena_flow_is_quiet_like_the_finetune_flow(tmp_path):
+    # A served or UI-started arena run (the after-nightly) has no CLI in front: the flow itself turns
+    # transformers' "Loading weights" bars off, as smolflow-finetune and smolflow-evaluate do.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import transformers\n"
+        "transformers.utils.logging.enable_progress_bar()  # a fresh process's default\n"
+        "from flows.arena import arena\n"
+        "from tasks.arena_config import ArenaConfig\n"
+        "try:\n"
+        "    arena.fn(ArenaConfig(prompts='missing.jsonl', judge={'enabled': False}))\n"
+        "except ValueError:\n"
+        "    pass  # the prompts file is missing: the flow stops there\n"
+        "print(transformers.utils.logging.is_progress_bar_enabled())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SMOLFLOW_VERBOSE"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=env | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert done.stdout.strip().splitlines()[-1:] == ["False"], done.stdout + done.stderr

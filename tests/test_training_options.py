@@ -26,6 +26,14 @@ from tests.conftest import tokens_of
         ({"training": {"sft_args": {"logging_strategy": "no"}}},
          "training.sft_args.logging_strategy: smolflow sets this SFTConfig field itself; use training.logging_steps"),
         ({"training": {"sft_args": {"max_grad_norm": "big"}}}, "training.sft_args.max_grad_norm: 'big' is not a valid float"),
+        # the W&B run is smolflow's, the hub push too: the Trainer would have taken these and done nothing
+        ({"training": {"sft_args": {"run_name": "mine"}}}, "training.sft_args.run_name: smolflow sets this SFTConfig "
+         "field itself; use output.run_id"),
+        ({"training": {"sft_args": {"hub_strategy": "all_checkpoints"}}}, "training.sft_args.hub_strategy: would have "
+         "no effect"),
+        ({"training": {"sft_args": {"project": "mine"}}}, "training.sft_args.project: would have no effect"),
+        ({"training": {"sft_args": {"gradient_checkpointing_kwargs": {"use_reentrant": False}}}},
+         "training.sft_args.gradient_checkpointing_kwargs: applies only with checkpointing, which is off"),
         ({"training": {"optim": "adamw_torchh"}}, "training.optim: unknown 'adamw_torchh'"),
         ({"training": {"lr_scheduler_type": "cosinus"}}, "training.lr_scheduler_type: unknown 'cosinus'"),
     ],
@@ -34,6 +42,15 @@ def test_bad_training_options_are_named_at_validation(patch, message):
     with pytest.raises(ConfigError) as err:
         check_run(RunConfig.model_validate(patch | {"judge": {"enabled": False}}))
     assert message in str(err.value)
+
+
+def test_sft_args_are_checked_with_the_runs_own_precision():
+    # The run's SFTConfig turns bf16 on where execution.precision resolves to bf16, so fp16 beside it
+    # is refused by transformers; validation built the trial SFTConfig as fp32 on the CPU and said OK.
+    config = RunConfig.model_validate({"execution": {"device": "cpu", "precision": "bf16"},
+                                       "training": {"sft_args": {"fp16": True}}, "judge": {"enabled": False}})
+    with pytest.raises(ConfigError, match="At most one of fp16 and bf16"):
+        check_run(config)
 
 
 def test_optimizer_and_scheduler_names_read_from_source_are_transformers_enums():
