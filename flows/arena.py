@@ -28,6 +28,7 @@ from tasks.arena_tasks import (
 )
 from tasks.caching import results_storage
 from tasks.console import configure_logging
+from tasks.layout import new_run_id
 from tasks.leftovers import own_temp_root
 from tasks.models import resolve_model
 from tasks.runtime import run_timeout, set_torch_threads
@@ -64,7 +65,7 @@ def arena(config: ArenaConfig = ArenaConfig()) -> dict:
         judged = judge_battles(battles, by_prompt, config.judge)
     write_judge_battles(store, judged)
     board = publish_leaderboard(config.artifacts_uri, config.human_votes, config.bootstrap_rounds, config.seed)
-    run_id = f"arena-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
+    run_id = new_run_id(f"arena-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}", flow_run.get_name())
     wandb_files = log_wandb(config, board, run_id, store)
     return {"leaderboard": board["files"], "verdict": board["verdict"], "wandb": wandb_files,
             "rows": [{k: r[k] for k in ("rank", "name", "rating", "lower", "upper", "battles")} for r in board["rows"]]}

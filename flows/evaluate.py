@@ -29,7 +29,7 @@ from tasks.leftovers import own_temp_root
 from tasks.models import ModelRef, resolve_model
 from tasks.reporting import write_report
 from tasks.retention import drop_work_dir, tidy_after_failure, tidy_before_run, tidy_up
-from tasks.runs import model_of_run, status_recorded
+from tasks.runs import flow_run_id, model_of_run, status_recorded
 from tasks.runtime import cache_dir, code_version, flow_run_link, run_logger, run_timeout, set_torch_threads
 from tasks.sandbox import hide_from_sandbox
 from tasks.storage import ArtifactStore, set_latest, write_manifest
@@ -98,7 +98,7 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
     placement = publish(config.execution)  # as in smolflow-finetune: every model, and Ray if asked
     hide_from_sandbox(config.output.artifacts_uri)  # HumanEval's programs cannot read the runs
     root = config.output.artifacts_uri
-    run_id = config.output.run_id or f"eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
+    run_id = config.output.run_id or flow_run_id(root, "eval-")  # a Retry in the UI: the same run
     tidy_before_run(config.output, run_id)  # as in smolflow-finetune: killed runs and a full disk
     run = ArtifactStore(root).child(run_dir(run_id))
     run.write_json(RunPaths.config, as_run(config, NOT_IN_EVAL))

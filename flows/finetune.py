@@ -31,7 +31,7 @@ from tasks.reference import rescore_promoted
 from tasks.special_tokens import control_tokens
 from tasks.reporting import write_report
 from tasks.retention import drop_work_dir, tidy_after_failure, tidy_before_run, tidy_up
-from tasks.runs import status_recorded
+from tasks.runs import flow_run_id, status_recorded
 from tasks.runtime import cache_dir, code_version, flow_run_link, run_timeout, set_torch_threads
 from tasks.sandbox import hide_from_sandbox
 from tasks.storage import ArtifactStore, set_latest, write_manifest
@@ -58,7 +58,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     reap_orphaned_servers()  # a temporary Prefect server that a SIGKILLed earlier run left behind
     check_inputs(config)  # a missing model, path or split, or a bad row: failed before anything is written
     checked = check_run(config)  # the user's files are read and checked before any compute
-    run_id = config.output.run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
+    run_id = config.output.run_id or flow_run_id(config.output.artifacts_uri)  # a Retry in the UI: the same run
     # Retention before anything is written: a night that is SIGKILLed (OOM killer, reboot) runs no
     # end-of-run hook, and a full disk must be freed before this run's first write, not after it failed.
     tidy_before_run(config.output, run_id)

@@ -318,8 +318,9 @@ class OutputConfig(Section):
     @field_validator("run_id")
     @classmethod
     def _safe_run_id(cls, run_id: str | None) -> str | None:
-        if run_id is not None and (not run_id or any(c in run_id for c in "/\\ ") or run_id.startswith(".")):
-            raise ValueError(f"run_id {run_id!r} must be a non-empty name without slashes or spaces")
+        # It names the run folder and the W&B run, which refuses any of :;,#?' (after the folder was made).
+        if run_id is not None and (not run_id or any(c in run_id for c in "/\\ :;,#?'") or run_id.startswith(".")):
+            raise ValueError(f"run_id {run_id!r} must be a non-empty name without slashes, spaces or any of :;,#?'")
         return run_id
 
     @field_validator("push_to_hub")

@@ -11,6 +11,7 @@ Paths are relative (posix) strings, joined to a local directory or an s3:// pref
 from __future__ import annotations
 
 import posixpath
+import re
 
 RUNS = "runs"
 POINTERS = "pointers"
@@ -19,6 +20,15 @@ POINTERS = "pointers"
 def run_dir(run_id: str) -> str:
     """A run's folder, relative to the artifact root."""
     return posixpath.join(RUNS, run_id)
+
+
+def new_run_id(stamp: str, flow_run_name: str | None) -> str:
+    """A new run's id: `stamp` (its start time) and the flow run's name. The Prefect UI's Run form
+    takes any text as the name ('lr sweep 2/3'), but the id names the run folder (a '/' made a
+    nested one, which no reader finds) and the W&B run (which refuses /:;,#?'): every run of other
+    characters than letters, digits, '_' and '-' becomes one '-' (the shape tasks.runs.RUN_ID knows)."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", flow_run_name or "").strip("-")
+    return f"{stamp}-{name or 'local'}"
 
 
 def pointer(flow_name: str, name: str) -> str:

@@ -396,10 +396,12 @@ def drop_work_dir(run_id: str) -> None:
 def tidy_after_failure(flow, flow_run, state) -> None:
     """Flow hook on failure: retention as after a completed run (the run's own folder, work dir and
     what it used stay: all written since it started), so nights that keep failing stay bounded."""
-    from tasks.config import RunConfig
+    from tasks.config import OutputConfig
 
     try:
-        output = RunConfig.model_validate(flow_run.parameters.get("config") or {}).output
+        # The output section alone: a run whose parameters Prefect refused (a bad value typed in the
+        # Run form) failed before it started, and retention needs no other section to be valid.
+        output = OutputConfig.model_validate((flow_run.parameters.get("config") or {}).get("output") or {})
         since = flow_run.start_time.timestamp() if flow_run.start_time else time.time()
         report = gc(output.artifacts_uri, keep_runs=output.keep_runs, keep_incomplete_hours=output.keep_incomplete_hours,
                     cache_max_gb=output.cache_max_gb, since=since)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from tasks.compare import compare, item_values, paired_stderr
 from tasks.config import OutputConfig
-from tasks.layout import POINTERS, RUNS, RunPaths
+from tasks.layout import POINTERS, RUNS, RunPaths, new_run_id, run_dir
 from tasks.leftovers import process_gone, process_mark
 from tasks.runtime import RUN_TIMEOUT_ENV, run_logger
 from tasks.storage import ArtifactStore, StorageError
@@ -51,6 +51,24 @@ def stop_reason(err: BaseException) -> str | None:
         return (f"stopped by {signal.Signals(err.signal).name}: cancelled in Prefect, or the process "
                 "running it was stopped")
     return None
+
+
+def flow_run_id(root: str, prefix: str = "") -> str:
+    """A new run's id (`prefix`, the time, the flow run's name), stamped with the time its flow run
+    first started, not this attempt's: the flow run page's Retry runs the same flow run again, and
+    with the same id it carries on in the earlier attempt's folder (its checkpoints: training resumes;
+    its W&B run; its status), as a re-run with that `output.run_id` does, rather than training from
+    step 0 in a new folder beside a stopped one. A retried run that had completed gets a new id:
+    run folders are written once."""
+    from prefect.context import FlowRunContext
+    from prefect.runtime import flow_run
+
+    context = FlowRunContext.get()
+    if started := context and context.flow_run and context.flow_run.start_time:
+        run_id = new_run_id(f"{prefix}{started.astimezone(timezone.utc):%Y%m%d-%H%M%S}", flow_run.get_name())
+        if not ArtifactStore(root).child(run_dir(run_id)).exists(RunPaths.manifest):
+            return run_id
+    return new_run_id(f"{prefix}{datetime.now(timezone.utc):%Y%m%d-%H%M%S}", flow_run.get_name())
 
 
 def run_status(run: ArtifactStore) -> dict[str, Any]:

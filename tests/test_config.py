@@ -32,6 +32,8 @@ def test_defaults_are_valid_and_offline_ready():
         ({"benchmarks": [{"name": "gsm8k", "limit": 0}]}, "benchmarks.0.limit"),
         ({"output": {"artifacts_uri": "ftp://host/x"}}, "output.artifacts_uri"),
         ({"output": {"run_id": "../escape"}}, "output.run_id"),
+        # W&B refuses these in its run id (UsageError once the run folder had been made)
+        ({"output": {"run_id": "exp:1"}}, "output.run_id"),
         ({"wandb": {"mode": "loud"}}, "wandb.mode"),
         ({"sampling": {"prompts": []}}, "sampling.prompts"),
         # a subset named twice was scored twice (its items counted twice in n, score and stderr)

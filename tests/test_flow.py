@@ -239,6 +239,42 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     assert manifest["tuned_model"]["fingerprint"] == ArtifactStore(second["run"]).read_json("manifest.json")["tuned_model"]["fingerprint"]
 
 
+@pytest.mark.slow
+def test_a_run_name_typed_in_the_run_form_gives_a_run_id_that_names_one_folder(tiny_model_dir, tmp_path):
+    """The Prefect UI's Run form takes any text as the flow run's name, and the run id is made from
+    it: 'sweep lr/2e-4' made runs/<time>-sweep lr/2e-4/ (nested, found by no reader) and W&B refused
+    the run (UsageError: Run ID cannot contain the characters /:;,#?')."""
+    config = tiny_run_config(tiny_model_dir, str(tmp_path / "artifacts"), benchmarks=[], judge={"enabled": False})
+    result = finetune.with_options(flow_run_name="sweep lr/2e-4: #3")(config)
+    run_id = Path(result["manifest"]).parent.name
+    assert run_id.endswith("-sweep-lr-2e-4-3")
+    assert [p.name for p in (tmp_path / "artifacts" / "runs").iterdir()] == [run_id]
+    assert json.loads((tmp_path / "artifacts" / "runs" / run_id / "manifest.json").read_text())["run_id"] == run_id
+
+
+@pytest.mark.slow
+def test_a_retried_flow_run_carries_on_in_its_first_attempts_run_folder(tiny_model_dir, tmp_path, monkeypatch):
+    """The flow run page's Retry runs the same flow run again (as a flow's retries do): the run id
+    came from the time of each attempt, so the retry trained again from step 0 in a new run folder,
+    beside the first attempt's, which stayed failed (or stopped) with its checkpoints."""
+    import flows.finetune as module
+
+    real, calls = module.save_samples, []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the first attempt fails after training")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "save_samples", fails_once)
+    config = tiny_run_config(tiny_model_dir, str(tmp_path / "artifacts"), benchmarks=[], judge={"enabled": False})
+    result = finetune.with_options(retries=1, retry_delay_seconds=0)(config)
+    assert len(calls) == 2
+    run_id = Path(result["manifest"]).parent.name
+    assert [p.name for p in (tmp_path / "artifacts" / "runs").iterdir()] == [run_id]
+
+
 def test_cli_help_lists_the_fields():
     out = subprocess.run([str(Path(sys.executable).parent / "smolflow"), "run", "--help"], capture_output=True,
                          text=True, timeout=120)

@@ -56,6 +56,33 @@ def test_a_failed_flow_run_applies_retention_too(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "artifacts" / "runs").iterdir()) == ["failed-3"]
 
 
+def test_a_run_whose_parameters_prefect_refused_applies_retention_without_a_warning(tiny_model_dir, tmp_path, caplog):
+    """A bad value typed in the Run form (here a setting that would have no effect) fails the flow run
+    at Prefect's parameter check; the failure hook then read the whole config, so it logged
+    'Retention after the failed run did not run: ValidationError ...' and retention did not run."""
+    import os
+    import time
+    from pathlib import Path
+
+    from prefect.states import State
+
+    root = str(tmp_path / "artifacts")
+    for night in (1, 2):
+        run = ArtifactStore(root).child("runs", f"failed-{night}")
+        run.write_json("status.json", {"state": "failed"})
+        for path in Path(run.uri).rglob("*"):
+            os.utime(path, (time.time() - (4 - night) * 24 * 3600,) * 2)
+    config = tiny_run_config(tiny_model_dir, root, output={"keep_runs": 1, "keep_incomplete_hours": 1}).model_dump(
+        mode="json")
+    config["training"]["num_train_epochs"] = 3  # used only when max_steps is -1: refused
+
+    state: State = finetune(config=config, return_state=True)
+
+    assert state.is_failed() and "num_train_epochs" in state.message
+    assert "did not run" not in caplog.text
+    assert sorted(p.name for p in (tmp_path / "artifacts" / "runs").iterdir()) == ["failed-2"]
+
+
 def test_killed_nights_are_cleared_when_the_next_run_starts(tiny_model_dir, tmp_path, monkeypatch):
     """A SIGKILLed night (the OOM killer, a reboot) runs no hook: its run folder and work dir of
     checkpoints stayed for good, a night at a time. The next run applies retention before its
