@@ -34,7 +34,7 @@ import yaml
 from tasks.config_eval import NOT_IN_EVAL
 from tasks.config_args import ServeConfig, UserError, config_help, locate, parse_config, port_number
 from tasks.leftovers import own_temp_root
-from tasks.runtime import env_defaults
+from tasks.runtime import env_defaults, redact_url
 
 EXIT_USER_ERROR = 2
 DEFAULT_ROOT = "./smolflow-runs"
@@ -115,7 +115,8 @@ def join_running_server(url: str = LOCAL_SERVER):
         yield None
         return
     os.environ["PREFECT_API_URL"] = url
-    print(f"smolflow: reporting to the Prefect server running at {url.removesuffix('/api')}", file=sys.stderr)
+    where = redact_url(url.removesuffix("/api"))  # SMOLFLOW_LOCAL_SERVER may hold user:password@
+    print(f"smolflow: reporting to the Prefect server running at {where}", file=sys.stderr)
     with temporary_settings(updates={PREFECT_API_URL: url}):
         yield url
 

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tasks.config import WandbConfig
-from tasks.config_base import Section, judge_problem, unused
+from tasks.config_base import Section, judge_problem, root_uri_problem, unused
 
 
 class ArenaJudgeConfig(Section):
@@ -71,9 +71,7 @@ class ArenaConfig(Section):
 
     @model_validator(mode="after")
     def _checks(self) -> ArenaConfig:
-        if "://" in self.artifacts_uri and not self.artifacts_uri.startswith(("file://", "s3://")):
-            raise ValueError(f"artifacts_uri: unsupported scheme in {self.artifacts_uri!r}: use a local path, "
-                             "file:// or s3://")
+        root_uri_problem(self.artifacts_uri, "artifacts_uri: ")
         if "/" in self.flow_name or not self.flow_name:
             raise ValueError(f"flow_name {self.flow_name!r} must be a non-empty name without slashes")
         unused(self.wandb, ("log_model",), "wandb.", "the arena trains no model, so there is none to upload")

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tasks.config_base import Section, unused
+from tasks.config_base import Section, root_uri_problem, unused
 from tasks.config_eval import BENCHMARKS, BY_ITEM, BY_SUBSET, BenchmarkConfig, JudgeConfig, expand_benchmarks
 
 DEFAULT_PROMPTS = [
@@ -311,8 +311,7 @@ class OutputConfig(Section):
     @field_validator("artifacts_uri")
     @classmethod
     def _known_scheme(cls, uri: str) -> str:
-        if "://" in uri and not uri.startswith(("file://", "s3://")):
-            raise ValueError(f"unsupported scheme in {uri!r}: use a local path, file:// or s3://")
+        root_uri_problem(uri)
         return uri
 
     @field_validator("run_id")

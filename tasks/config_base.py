@@ -47,6 +47,19 @@ JUDGE_KEY_BLOCK = re.compile(r"[a-z0-9-]*api-key")
 QUERY_SECRETS = re.compile(r"key|token|secret|sig|passw|auth", re.I)  # URL query names that carry credentials
 
 
+def root_uri_problem(uri: str, prefix: str = "") -> None:
+    """An artifact root smolflow can use (ValueError, after `prefix`): a local path, file:// or
+    s3://, without credentials in it."""
+    if "://" in uri and not uri.startswith(("file://", "s3://")):
+        raise ValueError(f"{prefix}unsupported scheme in {uri!r}: use a local path, file:// or s3://")
+    # s3://KEY:SECRET@bucket: S3 takes no credentials from the URI (the bucket would be named
+    # "KEY:SECRET@bucket"), and the setting is recorded (config.json, report, W&B, the served
+    # deployments' parameters in Prefect's UI). The value is not echoed: it holds the secret.
+    if uri.startswith("s3://") and "@" in uri.removeprefix("s3://").partition("/")[0]:
+        raise ValueError(f"{prefix}holds credentials (user:password@), which S3 does not take from the URI and "
+                         "the run would record; remove them and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+
+
 def judge_key_problem(judge: BaseModel, prefix: str) -> None:
     """The judge's key source names a judge key (ValueError naming the field), and its URL holds none."""
     from urllib.parse import parse_qsl, urlsplit

@@ -17,6 +17,7 @@ import importlib.util
 import io
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -68,6 +69,25 @@ class _Quiet(logging.Filter):
 _FILTER = _Quiet()
 
 
+_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^\s/?#@]+@", re.I)  # scheme://user:password@
+
+
+class _NoCredentials(logging.Filter):
+    """A URL's user:password@ out of the lines that print URLs: httpx logs every request's URL when
+    verbose, and Prefect's engine says "View at <UI URL>", which it derives from PREFECT_API_URL. With
+    a Prefect server behind basic auth (https://user:password@host/api) the password went to the
+    console, and from there into W&B's output.log, once per Prefect API call."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "@" in message:
+            record.msg, record.args = _USERINFO.sub(r"\1", message), ()
+        return True
+
+
+_NO_CREDENTIALS = _NoCredentials()
+
+
 def configure_logging(verbose_: bool | None = None) -> bool:
     """Quiet (default) or verbose console for this process and the processes it starts; returns
     the mode. None: from the environment (SMOLFLOW_VERBOSE)."""
@@ -78,6 +98,8 @@ def configure_logging(verbose_: bool | None = None) -> bool:
     level = logging.INFO if verbose_ else logging.WARNING
     for name in _CHATTY:
         logging.getLogger(name).setLevel(level)
+    for name in ("httpx", "prefect.flow_runs"):  # on the loggers that log the URLs: once, however often this runs
+        logging.getLogger(name).addFilter(_NO_CREDENTIALS)
     root = logging.getLogger()
     # On the handlers, not the loggers: a logger's filter misses what its children propagate.
     for handler in root.handlers:

@@ -97,7 +97,8 @@ def hub_unreachable(timeout: float = 5.0) -> str | None:
     except urllib.error.HTTPError:
         return None  # it answered: reachable (the request's own status does not matter)
     except (urllib.error.URLError, OSError) as err:  # DNS, refused, timeout
-        return f"{constants.ENDPOINT} is unreachable ({getattr(err, 'reason', err)})"
+        # HF_ENDPOINT may be a mirror behind basic auth: its user:password@ stays out of the message
+        return f"{redact_url(constants.ENDPOINT)} is unreachable ({getattr(err, 'reason', err)})"
     return None
 
 

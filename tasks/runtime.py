@@ -289,9 +289,12 @@ def flow_run_link() -> str | None:
     if not PREFECT_UI_URL.value():
         return None
     try:
-        return flow_run.ui_url
+        link = flow_run.ui_url
     except Exception:  # no API configured: nothing to link to
         return None
+    # Prefect derives the UI's address from PREFECT_API_URL, user:password@ included (a server behind
+    # basic auth); the link goes into the report, the Prefect artifacts and W&B's config and notes.
+    return link and redact_url(link)
 
 
 def code_version() -> str:

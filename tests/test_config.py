@@ -165,6 +165,26 @@ def test_a_setting_that_would_have_no_effect_is_refused(argv, message):
     assert message in _refused(argv)
 
 
+def test_an_s3_root_with_credentials_in_it_is_refused_without_echoing_them():
+    """s3://KEY:SECRET@bucket: S3 takes no credentials from the URI, and the setting is recorded
+    (config.json, W&B, the served deployments' parameters in Prefect's UI): refused, not echoed."""
+    from tasks.arena_config import ArenaConfig
+    from tasks.config_args import serve_config
+
+    root = "s3://AKIDEXAMPLE:hidden-key-1234@bucket/smolflow"
+    for refused in (lambda: parse_config(["--output.artifacts-uri", root]),
+                    lambda: serve_config(["--output.artifacts-uri", root]),
+                    lambda: serve_config(["--arena.artifacts-uri", root])):
+        with pytest.raises(UserError) as err:
+            refused()
+        assert "artifacts_uri: holds credentials (user:password@)" in str(err.value)
+        assert "hidden-key" not in str(err.value)
+    with pytest.raises(ValueError, match="artifacts_uri: holds credentials") as err:
+        ArenaConfig(artifacts_uri=root)
+    assert "hidden-key" not in str(err.value)
+    assert parse_config(["--output.artifacts-uri", "s3://bucket/a@b"]).output.artifacts_uri == "s3://bucket/a@b"
+
+
 def test_the_same_settings_are_accepted_where_they_apply():
     cfg = parse_config(["--training.num-train-epochs", "3", "--training.max-steps", "-1", "--data.seed", "7",
                         "--data.shuffle", "--judge.backend", "openai", "--judge.base-url", "http://x/v1",

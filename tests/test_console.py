@@ -128,3 +128,26 @@ def test_the_arena_flow_is_quiet_like_the_finetune_flow(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env=env | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     assert done.stdout.strip().splitlines()[-1:] == ["False"], done.stdout + done.stderr
+
+
+def test_verbose_httpx_lines_carry_no_password_from_a_url(collected, monkeypatch):
+    """A Prefect server behind basic auth (PREFECT_API_URL=https://user:password@host/api): verbose,
+    httpx logs every API call's URL, which went to the console and W&B's output.log as given."""
+    import httpx
+
+    monkeypatch.setenv("SMOLFLOW_VERBOSE", "1")
+    configure_logging()
+    with httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(200))) as client:
+        client.get("http://audit:SECRET-pw-1234@127.0.0.1:4280/api/health")
+    requests = [line for line in collected.lines if line.startswith("httpx: HTTP Request")]
+    assert requests == ['httpx: HTTP Request: GET http://127.0.0.1:4280/api/health "HTTP/1.1 200 OK"']
+    # Prefect's engine, quiet or not: "View at <PREFECT_UI_URL>...", derived from PREFECT_API_URL.
+    shown = []
+    handler = logging.Handler()
+    handler.emit = lambda record: shown.append(record.getMessage())
+    logging.getLogger("prefect.flow_runs").addHandler(handler)
+    try:
+        logging.getLogger("prefect.flow_runs").warning("View at %s/runs/flow-run/1", "http://audit:SECRET-pw-1234@host")
+    finally:
+        logging.getLogger("prefect.flow_runs").removeHandler(handler)
+    assert shown == ["View at http://host/runs/flow-run/1"]

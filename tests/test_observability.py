@@ -81,3 +81,20 @@ def test_wandb_run_is_tagged_with_its_deployment(tmp_path):
 
     run_record = next(r for r in _records(tmp_path) if r["type"] == "run")
     assert "nightly-deployment" in run_record["run"]["tags"]
+
+
+def test_the_prefect_link_carries_no_password_of_the_api_url():
+    """Prefect derives its UI's address from PREFECT_API_URL, user:password@ included; the link goes
+    into the report, the Prefect artifacts and W&B's config and notes."""
+    from prefect import flow
+    from prefect.settings import PREFECT_UI_URL, temporary_settings
+
+    from tasks.runtime import flow_run_link
+
+    @flow
+    def linked() -> str | None:
+        return flow_run_link()
+
+    with temporary_settings(updates={PREFECT_UI_URL: "http://audit:SECRET-pw-1234@127.0.0.1:4280"}):
+        link = linked()
+    assert link.startswith("http://127.0.0.1:4280/flow-runs/flow-run/") and "SECRET" not in link

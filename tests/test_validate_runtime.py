@@ -98,6 +98,17 @@ def test_credentials_in_wandb_base_url_stay_out_of_the_message(no_wandb_key, mon
     assert "wbPASS" not in str(refused.value) and "wbuser" not in str(refused.value)
 
 
+def test_credentials_in_hf_endpoint_stay_out_of_the_message(monkeypatch, closed_port):
+    from huggingface_hub import constants
+
+    from tasks.reachable import hub_unreachable
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://hfuser:hfPASSinURL555@127.0.0.1:{closed_port}")
+    why = hub_unreachable(timeout=2)
+    assert why.startswith(f"http://127.0.0.1:{closed_port} is unreachable")
+    assert "hfPASS" not in why and "hfuser" not in why
+
+
 def test_online_to_the_real_wandb_host_without_a_network_is_refused(no_wandb_key, monkeypatch):
     if _wandb_reachable_here():
         pytest.skip("this machine reaches api.wandb.ai")
