@@ -108,7 +108,9 @@ def merge_shards(parts: list[BenchmarkResult]) -> BenchmarkResult:
                                     "split": [len(p.settings.get("subsets") or []) for p in parts]}
     # Keyed as the same run unsharded would be (same items, settings and few-shot record); in reduced
     # precision the split is a part of the key too (tasks/benchmarks/provenance.py).
-    every = parts[0].settings.get("limit") is None and set(subsets) == set(REGISTRY[parts[0].name].subsets)
+    # Every item: no shard's limit left one out (results cached before that was recorded: no limit).
+    every = all(p.settings.get("left_out_by_limit", 0 if p.settings.get("limit") is None else 1) == 0 for p in parts) \
+        and set(subsets) == set(REGISTRY[parts[0].name].subsets)
     provenance = with_every_item(parts[0].provenance, every)
     key, parts_of_key = comparability(parts[0].name, provenance, records, settings, parts[0].metric)
     return BenchmarkResult(

@@ -241,14 +241,17 @@ def weak_judge_note(identity: str, settings: dict[str, Any]) -> str | None:
 
 
 @task(retries=1, retry_condition_fn=retry_transient, retry_delay_seconds=[10], cache_policy=NO_CACHE)
-def judge_pairs(instructions: list[str], outputs: list[str], references: list[str], cfg: JudgeConfig) -> JudgeResult:
-    """Judge the tuned model's answers against the references, both orders, AlpacaEval win rate."""
+def judge_pairs(instructions: list[str], outputs: list[str], references: list[str], cfg: JudgeConfig,
+                reference_model: dict[str, str] | None = None) -> JudgeResult:
+    """Judge the tuned model's answers against the references, both orders, AlpacaEval win rate;
+    `reference_model`: the model whose answers are the references (reference 'base')."""
     # Cached per judgement, not per task: a task-level key would hold the judge's *name*
     # (cfg.model), so a judge re-trained at the same path would replay stale verdicts.
     settings = {
         "backend": cfg.backend, "judge_model": cfg.model,
         "base_url": cfg.base_url and redact_url(cfg.base_url),
-        "instructions": cfg.instructions, "reference": cfg.reference, "max_new_tokens": cfg.max_new_tokens,
+        "instructions": cfg.instructions, "limit": cfg.limit, "reference": cfg.reference,
+        "reference_model": reference_model, "max_new_tokens": cfg.max_new_tokens,
     }
     return judge(make_backend(cfg), instructions, outputs, references, settings)
 
@@ -340,10 +343,14 @@ def run_judge(base: ModelRef, tuned: ModelRef, cfg: JudgeConfig, sample_prompts:
     # generate_samples is a cached task: with judge.max_new_tokens == sampling.max_new_tokens and
     # instructions 'samples', these are the run's own before/after samples, not a second generation.
     outputs = [s.completion for s in generate_samples(tuned, instructions, cfg.max_new_tokens, role="judged")]
+    reference_model = None
     if references is None:
         references = [s.completion for s in generate_samples(base, instructions, cfg.max_new_tokens,
                                                              role="reference")]
-    return judge_pairs(instructions, outputs, references, cfg)
+        # 'base' is the run's base model in a fine-tune, the default model in smolflow eval: which
+        # model answered is recorded, or two win rates "against base" read alike whatever it was.
+        reference_model = {"source": base.source, "path": base.path, "fingerprint": base.fingerprint}
+    return judge_pairs(instructions, outputs, references, cfg, reference_model)
 
 
 def _short(text: str | None, limit: int = 300) -> str:
@@ -365,7 +372,10 @@ def judge_markdown(judge: JudgeResult | None, skipped: str = "judge.enabled: fal
         f"**{judge.win_rate:.1f}%**" + (f" ± {judge.stderr:.1f}" if judge.stderr is not None
                                          else f" ± n/a ({judge.stderr_note or 'too few pairs'})"))
     head = (
-        f"Win rate of the tuned model against {s.get('reference')!r}: {rate} (AlpacaEval's definition: ties count "
+        f"Win rate of the tuned model against {s.get('reference')!r}"
+        + (f" (the answers of {ref['source']!r}, fingerprint {ref['fingerprint'][:12]})"
+           if (ref := s.get("reference_model")) else "")
+        + f": {rate} (AlpacaEval's definition: ties count "
         f"half) · n={judge.n} of {judge.pairs} pairs · {judge.wins} win / {judge.ties} tie / {judge.losses} loss · "
         f"{judge.parse_failures} unparseable verdict(s) · judge `{s.get('judge_identity')}` · both orders judged per pair · "
         f"length-controlled: {'n/a' if judge.lc_win_rate is None else f'{judge.lc_win_rate:.1f}%'}\n\n"

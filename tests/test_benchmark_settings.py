@@ -268,6 +268,35 @@ def test_fixture_scores_carry_their_provenance(caplog):
     assert sum(FIXTURE_NOTE in r.getMessage() for r in caplog.records) == 1  # once per run, not per benchmark
 
 
+def test_a_limit_at_or_above_the_items_is_every_item_not_a_subset(tmp_path, monkeypatch):
+    """`limit: 5000` on a full GSM8K mirror scores all 1319 items, the same items and key as no limit,
+    yet its provenance said "a subset of the items (limit)" and comparable_to_published false, so
+    `smolflow compare` and W&B showed two sources for one measurement. Here a 3-item folder stands
+    for the full set."""
+    from tasks.benchmarks import provenance
+    from tasks.evaluation import merge_shards
+
+    monkeypatch.setitem(provenance.FULL_SIZE, "gsm8k", 3)
+    folder = tmp_path / "gsm8k"
+    folder.mkdir()
+    row = lambda i: {"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}  # noqa: E731
+    _write(folder / "test.jsonl", [row(i) for i in range(3)])
+    _write(folder / "train.jsonl", [row(i) for i in range(100, 106)])
+    scored = {limit: REGISTRY["gsm8k"].evaluate_lm(GoldOrWrong(right=True), BenchmarkConfig(name="gsm8k", data=str(folder), limit=limit))
+              for limit in (None, 3, 5000, 2)}
+    assert {r.n for limit, r in scored.items() if limit != 2} == {3}
+    assert len({scored[limit].comparability_key for limit in (None, 3, 5000)}) == 1
+    for limit in (None, 3, 5000):
+        assert scored[limit].provenance == scored[None].provenance and scored[limit].provenance["comparable_to_published"]
+    assert [scored[limit].settings["left_out_by_limit"] for limit in (None, 3, 5000)] == [0, 0, 0]
+    assert scored[2].settings["left_out_by_limit"] == 1 and not scored[2].provenance["comparable_to_published"]
+    assert "a subset of the items (limit)" in scored[2].provenance["note"]
+    # Item shards (Ray, execution.item_shards) merge into the same provenance.
+    cfg = BenchmarkConfig(name="gsm8k", data=str(folder), limit=5000)
+    merged = merge_shards([REGISTRY["gsm8k"].evaluate_lm(GoldOrWrong(right=True), cfg, part) for part in ((0, 2), (1, 2))])
+    assert merged.comparability_key == scored[None].comparability_key and merged.provenance == scored[None].provenance
+
+
 # 7. The gate and the trend compare like with like only.
 def test_gate_does_not_compare_a_2_item_score_with_a_10_item_score():
     from tasks.gate import Score, decide
@@ -370,6 +399,38 @@ def test_a_reduced_precision_score_is_keyed_by_how_it_was_computed():
              for dtype in ("float32", "bfloat16") for threads in (1, 2)}
     assert keyed["float32", 1]["comparability_key"] == keyed["float32", 2]["comparability_key"]
     assert keyed["bfloat16", 1]["comparability_key"] != keyed["bfloat16", 2]["comparability_key"]
+
+
+def test_the_scoring_passes_a_gpu_probe_picked_are_part_of_a_reduced_precision_key(monkeypatch):
+    """Off the CPU a timing probe picks, per model, packed passes or HFLM's batches for MMLU
+    (scoring_probe.py): base and tuned, or two nights, could score one way and the other under one
+    key, though in bf16 the two round differently. In fp32 they agree item by item: one key."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tasks.gate import Score, decide
+
+    monkeypatch.setattr("tasks.device.kernels", lambda device: "NVIDIA H100 80GB HBM3")
+
+    def scored(dtype, packs, device="cuda", name="mmlu"):
+        lm = GoldOrWrong(right=True)
+        lm.model = SimpleNamespace(dtype=dtype, device=torch.device(device))
+        lm.scoring_choice = (packs, "cuda probe")
+        return REGISTRY[name].evaluate_lm(lm, BenchmarkConfig(name=name, data="fixture", limit=1))
+
+    bf16, fp32 = torch.bfloat16, torch.float32
+    packed, batches = scored(bf16, True), scored(bf16, False)
+    assert packed.comparability_key != batches.comparability_key
+    assert (packed.settings["scoring"], batches.settings["scoring"]) == ("packed", "HFLM batches")
+    d = decide({"mmlu": Score.of(batches)}, {"mmlu": Score.of(packed)}, "base model")
+    assert d.not_comparable == ["mmlu: not comparable (computed differently in reduced precision "
+                                "(scoring packed vs HFLM batches))"]
+    assert scored(bf16, True).comparability_key == packed.comparability_key
+    assert scored(fp32, True).comparability_key == scored(fp32, False).comparability_key
+    # Not recorded where there is no choice: on a CPU, and for generated answers.
+    assert "scoring" not in scored(bf16, True, device="cpu").settings
+    assert "scoring" not in scored(bf16, False, name="gsm8k").settings
 
 
 def test_trend_draws_one_series_per_comparability_key(tmp_path):

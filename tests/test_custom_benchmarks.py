@@ -265,6 +265,22 @@ def test_generation_with_raw_prompts_and_stop_strings(tiny_base_model_dir, tmp_p
     assert raw.n == 2 and raw.settings["chat_template"] is False
 
 
+def test_the_engine_recorded_is_the_one_that_generated_and_is_in_the_key(tiny_base_model_dir, tmp_path, monkeypatch):
+    """Custom benchmarks generate on smolflow-hf's engine (tasks/generation.py) since 2026-12-03, yet
+    their settings said transformers' generate, and the key left the engine out: scores of the two
+    engines (which stopped differently) shared one key."""
+    from tasks.benchmarks.fast_lm import ENGINE as FAST_LM, SharedPrefixLM
+    from tasks.models import load_model, resolve_model
+
+    used = []
+    greedy = SharedPrefixLM.greedy
+    monkeypatch.setattr(SharedPrefixLM, "greedy", lambda self, *a, **k: used.append(FAST_LM) or greedy(self, *a, **k))
+    model, tokenizer = load_model(resolve_model.fn(str(tiny_base_model_dir)))
+    result = evaluate_custom(model, tokenizer, load_definition(_write(tmp_path, GOOD + "chat_template: false\n")))
+    assert used and result.settings["engine"].startswith(f"{FAST_LM} greedy") and "transformers" not in result.settings["engine"]
+    assert result.comparability["engine"] == result.settings["engine"]
+
+
 def test_a_model_without_a_chat_template_is_refused_before_any_model_runs(tiny_base_model_dir, tiny_model_dir,
                                                                           tmp_path):
     """A base model as the judge (run, arena), as the evaluated model (eval: the judge's answers, chat

@@ -202,6 +202,26 @@ def test_run_judge_end_to_end_with_the_local_model(tiny_ref, tiny_model_dir, jud
     assert len(table) == 2 and table[0]["instruction"] == FIXTURE_ROWS[0]["instruction"]
 
 
+def test_the_reference_model_and_the_limit_are_recorded(tiny_ref, tiny_model_dir, judgement_cache, tmp_path):
+    """Reference 'base' is the run's base model in a fine-tune and the default model in smolflow eval;
+    the settings said only 'base' (and not the limit), so two win rates "against base" read alike
+    whichever model answered, on however many instructions."""
+    cfg = JudgeConfig(model=str(tiny_model_dir), instructions="fixture", limit=1, max_new_tokens=4)
+    result = run_judge(tiny_ref, tiny_ref, cfg, sample_prompts=["unused"], sample_max_new_tokens=4)
+    assert result.settings["reference_model"] == {"source": tiny_ref.source, "path": tiny_ref.path,
+                                                  "fingerprint": tiny_ref.fingerprint}
+    assert result.settings["limit"] == 1
+    run = ArtifactStore(str(tmp_path / "run"))
+    write_judge(run, result)
+    assert run.read_json("judge/summary.json")["settings"]["reference_model"]["fingerprint"] == tiny_ref.fingerprint
+    assert f"against 'base' (the answers of {tiny_ref.source!r}, fingerprint {tiny_ref.fingerprint[:12]})" in \
+        run.read_text("report/sections/judge.md")
+    # A file of reference outputs: no model answered.
+    from_file = run_judge(tiny_ref, tiny_ref, cfg.model_copy(update={"instructions": "samples", "reference": str(FIXTURE_REFERENCES)}),
+                          [FIXTURE_ROWS[0]["instruction"]], 4)
+    assert from_file.settings["reference_model"] is None and from_file.settings["limit"] == 1
+
+
 def test_reference_file_is_matched_by_instruction(tiny_ref, tiny_model_dir, judgement_cache):
     cfg = JudgeConfig(model=str(tiny_model_dir), instructions="samples", reference=str(FIXTURE_REFERENCES))
     prompts = [FIXTURE_ROWS[3]["instruction"], FIXTURE_ROWS[1]["instruction"]]  # not in file order

@@ -295,6 +295,14 @@ class LmEvalBenchmark(Benchmark):
         model = getattr(lm, "model", None)
         dtype = getattr(model, "dtype", None)  # None: an LM that is no torch model
         how = arrangement(model, cfg.batch_size) if dtype is not None else {}
+        choice = getattr(lm, "scoring_choice", None)
+        if how and choice is not None and model.device.type != "cpu" and any(
+                s.get("output_type") in ("loglikelihood", "multiple_choice") for s in specs):
+            # Off the CPU a timing probe picks the log-likelihood passes per model (scoring_probe.py),
+            # so a base and a tuned model, or two nights, can score MMLU one way and the other; in bf16
+            # the two ways round differently (acc moved on 1 of 12 fixture items here), so it is a
+            # part of the arrangement. On a CPU the passes are always the packed ones.
+            how["scoring"] = "packed" if choice[0] else "HFLM batches"
         result = self.result(cfg, specs, shots, out, files, time.perf_counter() - started, dtype, how)
         if part:
             result.settings["part"] = describe(part)
@@ -328,6 +336,12 @@ class LmEvalBenchmark(Benchmark):
         config = out["configs"][names[0]]
         files_used = (specs[0].get("dataset_kwargs") or {}).get("data_files")
         subsets = [n.removeprefix(f"smolflow_{self.name}_") for n in names] if self.subsets else None
+        # Items the limit left out, from lm-eval's own count of each task's items (an item shard's
+        # `restrict` changes only the effective count): a limit at or above the items scores every
+        # one, as no limit does, and was recorded as "a subset of the items (limit)".
+        counts = out.get("n-samples") or {}
+        left_out = 0 if cfg.limit is None else sum(
+            max(0, (counts.get(t) or {}).get("original", cfg.limit + 1) - cfg.limit) for t in names)
         settings = {
             "engine": "lm-eval " + __import__("lm_eval").__version__,
             "stock_task": self.stock_for(cfg),
@@ -342,11 +356,12 @@ class LmEvalBenchmark(Benchmark):
             "generation_kwargs": config.get("generation_kwargs"),
             "answer_extraction": config.get("filter_list") or self.extraction,
             "limit": f"{cfg.limit} per subset" if self.subsets and cfg.limit else cfg.limit,
+            "left_out_by_limit": left_out,
             "data": files_used or f"{self.hub[0]} ({self.hub[1]})",
             "reference": self.reference,
             "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,  # moves scores: in the key
         } | (how or {})
-        full = cfg.limit is None and (not self.subsets or cfg.subsets is None)
+        full = left_out == 0 and (not self.subsets or cfg.subsets is None)
         prov = provenance(self.name, self.hub, cfg.data, self.source_files(cfg), self.is_reference(cfg, config), full)
         key, parts = comparability(self.name, prov, records, settings, primary)
         return BenchmarkResult(

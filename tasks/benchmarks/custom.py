@@ -54,6 +54,13 @@ ROLES = ("system", "user", "assistant")
 CODE_VERSION = hashlib.sha256(Path(scorers.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest()
 
 
+# What generates and scores the answers: tasks/generation.py's engine since 2026-12-03 (e1a038c), when
+# the label still said transformers' generate and the key left it out, so scores of both engines
+# (transformers' stop_strings also matched across the prompt's end) shared one key. In the key now,
+# as HumanEval's: name the new engine here when it changes.
+ENGINE = "smolflow-hf greedy (tasks/generation.py on tasks/benchmarks/fast_lm.py) + tasks/benchmarks/scorers.py"
+
+
 class CustomBenchmarkError(ValueError):
     """A broken custom benchmark definition or item file (the message names file, line and fix)."""
 
@@ -372,14 +379,14 @@ def evaluate_custom(model, tokenizer, bench: CustomBenchmark, judge_cfg: JudgeCo
 
     dtype, how = str(model.dtype).removeprefix("torch."), arrangement(model, bench.batch_size)
     return BenchmarkResult(
-        **custom_provenance(bench, records, judge.identity if judge is not None else None, dtype, how),
+        **custom_provenance(bench, records, judge.identity if judge is not None else None, dtype, how, ENGINE),
         name=f"custom/{bench.name}",
         score=metrics[bench.scorer],
         stderr=stderr_of_mean([float(r["correct"]) for r in records]),
         n=len(records),
         metric=bench.scorer,
         settings=bench.model_dump(exclude={"items"}) | {
-            "engine": "smolflow custom: transformers greedy generation + tasks/benchmarks/scorers.py",
+            "engine": ENGINE,
             "items_in_file": len(bench.items),
             "judge": judge.identity if judge is not None else None,
             "dtype": dtype,

@@ -168,7 +168,8 @@ def log_fixture_once(name: str) -> None:
         logging.getLogger("smolflow").warning("%s (%s)", FIXTURE_NOTE, name)
 
 
-ARRANGEMENT = ("kernels", "torch_threads", "batch_size", "split")
+# scoring: the log-likelihood passes a GPU's probe picked (recorded off the CPU only: base.py).
+ARRANGEMENT = ("kernels", "torch_threads", "batch_size", "split", "scoring")
 
 
 def arrangement(model, batch_size: int | None) -> dict[str, Any]:
@@ -213,16 +214,17 @@ def arranged(settings: dict[str, Any]) -> dict[str, Any]:
     fp32 keys stay what they were."""
     if settings.get("dtype") in (None, "float32"):
         return {}
-    return {"arrangement": {k: settings.get(k) for k in ARRANGEMENT}}
+    # `scoring` only where it was recorded, so the keys of every other score stay what they were.
+    return {"arrangement": {k: settings.get(k) for k in ARRANGEMENT if k != "scoring" or settings.get(k) is not None}}
 
 
 def custom_provenance(bench, records: list[dict], judge: str | None, dtype: str | None,
-                      how: dict[str, Any] | None = None) -> dict[str, Any]:
+                      how: dict[str, Any] | None = None, engine: str | None = None) -> dict[str, Any]:
     """Provenance and key of a custom benchmark's score: its fingerprint covers the definition, the
-    items and the scoring code; with the items scored, the judge, the precision (and in reduced
-    precision `how`, the arrangement) it is the key."""
+    items and the scoring code; with the items scored, the judge, the precision, the generation
+    engine (and in reduced precision `how`, the arrangement) it is the key."""
     parts = {"benchmark": f"custom/{bench.name}", "data": bench.fingerprint, "n": len(records),
-             "items": digest([r["doc_id"] for r in records]), "judge": judge, "precision": dtype}
+             "items": digest([r["doc_id"] for r in records]), "judge": judge, "precision": dtype, "engine": engine}
     parts |= arranged((how or {}) | {"dtype": dtype})
     return {"provenance": {"source": "local", "path": str(bench.path), "sha256": bench.fingerprint,
                            "comparable_to_published": False, "note": "custom benchmark: your items, no published scores"},
