@@ -159,12 +159,16 @@ def server_env(port: int, home: Path | None = None) -> dict[str, str]:
 
 
 def start_server(port: int, home: Path | None = None, log: Path | None = None, timeout: float = 120) -> subprocess.Popen:
-    """Start `prefect server start` on 127.0.0.1:port and wait until its API is healthy."""
+    """Start `prefect server start` on 127.0.0.1:port (deployments/prefect_server.py: no webhook URL in
+    its log) and wait until its API is healthy."""
     check_port_free(port)
     out = open(log, "ab") if log else subprocess.DEVNULL
+    env = server_env(port, home)
+    if (ROOT / "pyproject.toml").exists():  # a checkout: its code, whether or not it is installed
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(  # `-m`: a `pip install --user` puts the `prefect` script elsewhere than the interpreter
-        [*PYTHON, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=server_env(port, home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        [*PYTHON, "-m", "deployments.prefect_server", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         preexec_fn=_die_with_parent,
     )
     deadline = time.monotonic() + timeout

@@ -70,7 +70,7 @@ def test_sigterm_stops_every_child_and_the_nightly_survives_a_restart(tmp_path):
         children = descendants(parent.pid)  # the server, the serve process and all of theirs
         assert len(children) >= 2, children
         # Started as `python -m deployments.local`, the server too deletes finished flow runs after 90 days
-        (server,) = [pid for pid in children if b"server\0start" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        (server,) = [pid for pid in children if b"deployments.prefect_server" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         environ = Path(f"/proc/{server}/environ").read_bytes().split(b"\0")
         assert b"PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED=events,flow_runs" in environ
         parent.send_signal(signal.SIGTERM)
@@ -149,7 +149,7 @@ def test_a_server_that_dies_stops_everything_at_once_in_one_line(tmp_path):
         assert f"Prefect server log: {home / 'smolflow-server.log'}\n" in log.read_text()
         assert "Check out the dashboard" in (home / "smolflow-server.log").read_text()  # the server's own output
         children = descendants(parent.pid)
-        (server,) = [pid for pid in children if b"server\0start" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        (server,) = [pid for pid in children if b"deployments.prefect_server" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         os.kill(server, signal.SIGKILL)
         assert parent.wait(timeout=30) == 1, log.read_text()[-3000:]  # before: up to ~4 minutes
         _all_gone(children, 10, log)

@@ -1,0 +1,82 @@
+"""The serve server's log holds no webhook URL: when the alert webhook answers an error, Prefect's
+webhook block logs httpx's `HTTPStatusError ... for url '<webhook URL>'` inside the server process,
+and a webhook's URL is its secret. A real server (as `smolflow serve` starts it), a real automation,
+a receiver that answers 404."""
+
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from deployments.local import server_env, start_server
+from deployments.prefect_server import redact_paths
+from tests.test_serve_lifecycle import _free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "T0K3N-do-not-log-" + "7" * 8
+
+FAIL_A_NIGHTLY = f"""
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.states import Failed
+from deployments.alerts import ensure_alerts, save_webhook_block
+import sys
+
+ensure_alerts(save_webhook_block(sys.argv[1], "smolflow-alerts-404"))
+
+@flow(name="smolflow-finetune")
+def stand_in() -> None:
+    pass
+
+with get_client(sync_client=True) as client:
+    run = client.create_flow_run(stand_in, name="nightly-that-failed", tags=["smolflow", "nightly"])
+    client.set_flow_run_state(run.id, Failed(message="dataset missing"), force=True)
+"""
+
+
+def test_urls_lose_their_paths_except_the_servers_own():
+    said = "Client error '404 Not Found' for url 'https://hooks.example.com/services/T0/B0/xyz?sig=1'"
+    assert redact_paths(said) == "Client error '404 Not Found' for url 'https://hooks.example.com/…'"
+    assert redact_paths("http://u:pw@host:8/a/b") == "http://host:8/…"
+    own = "see http://127.0.0.1:4200/api/health"
+    assert redact_paths(own, ("127.0.0.1:4200",)) == own
+
+
+@pytest.mark.slow
+def test_a_failing_webhook_leaves_no_url_in_the_server_log(tmp_path):
+    hits = []
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_POST(self):
+            hits.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    port, log = _free_port(), tmp_path / "server.log"
+    server = start_server(port, home=tmp_path / "home", log=log, timeout=300)
+    try:
+        env = server_env(port, tmp_path / "home") | {"PYTHONPATH": str(ROOT)}
+        hook = f"http://127.0.0.1:{receiver.server_address[1]}/hook/{SECRET}"
+        made = subprocess.run([sys.executable, "-c", FAIL_A_NIGHTLY, hook], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert made.returncode == 0, made.stderr[-3000:]
+        deadline = time.monotonic() + 120
+        while "404 Not Found" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(1)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        receiver.shutdown()
+    text = log.read_text(errors="replace")
+    assert hits and SECRET in hits[0], "the automation never called the webhook"
+    assert "404 Not Found" in text, text[-3000:]  # the failure is logged: what it names is the point
+    assert SECRET not in text and f"127.0.0.1:{receiver.server_address[1]}/…" in text, text[-3000:]
