@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Literal
@@ -70,9 +71,12 @@ def usage(path: Path, seen: set[tuple[int, int]] | None = None) -> tuple[int, fl
             st = p.lstat()
         except FileNotFoundError:
             continue  # removed while we walk
-        # A folder's atime changes whenever it is listed (this walk included): only its mtime counts.
-        last = max(last, st.st_mtime, st.st_atime if p.is_file() else 0.0)
-        if p.is_file() and not p.is_symlink() and (st.st_dev, st.st_ino) not in seen:
+        # A folder's atime changes whenever it is listed, a symlink's whenever it is followed (this
+        # walk included: W&B's debug.log and latest-run links kept a failed run's work dir "written
+        # 0.0 h ago" for good, so it outlived its deleted run folder): only their mtime counts.
+        regular = stat.S_ISREG(st.st_mode)
+        last = max(last, st.st_mtime, st.st_atime if regular else 0.0)
+        if regular and (st.st_dev, st.st_ino) not in seen:
             seen.add((st.st_dev, st.st_ino))
             total += st.st_blocks * 512
     return total, last

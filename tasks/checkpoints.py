@@ -84,6 +84,22 @@ def remove_checkpoints(run: ArtifactStore, work: Path | None = None) -> None:
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
 
 
+def drop_unfinished(work: Path, run: ArtifactStore) -> None:
+    """After a failed training: checkpoints without their marker (a save cut off by a full disk or
+    an interrupt) are never resumed, yet hold what the failed save wrote (on a full disk, the room
+    the next night needs); the complete ones stay, for a re-run of the run id."""
+    local = work / "checkpoints"
+    for folder in local.glob("checkpoint-*") if local.is_dir() else []:
+        if _CHECKPOINT.match(folder.name) and not (folder / MARKER).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+    remote = run.child("checkpoints")
+    files = remote.list_files()
+    done = {f.split("/")[0] for f in files if f.endswith("/" + MARKER)}
+    for name in {f.split("/")[0] for f in files if "/" in f} - done:
+        if _CHECKPOINT.match(name):
+            _remove(remote.child(name))
+
+
 def step_of(checkpoint: Path) -> int:
     """The step a checkpoint folder (checkpoint-N) was saved at."""
     return int(_CHECKPOINT.match(checkpoint.name)[1])

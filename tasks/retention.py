@@ -167,12 +167,17 @@ def plan_runs(root: str, keep_runs: int, keep_incomplete_hours: float, now: floa
                                    "after the newest completed run: resumable")
         out.append(Decision(kind="run", name=r.run_id, where=r.uri, bytes=r.bytes, action=action, reason=why,
                             complete=False))
-        if action == "keep" and r.run_id not in pinned and r.checkpoint_bytes and _ended(root, r.run_id):
+        if action == "keep" and r.run_id not in pinned and _ended(root, r.run_id):
             ended_kept.append(r)
     # Of the kept runs that failed or stopped, only the newest keeps its checkpoints: it is the one to
     # resume. A night that failed on a full disk left its checkpoints among keep_runs kept failures,
-    # and every later night failed on the same full disk until keep_runs nights had passed.
+    # and every later night failed on the same full disk until keep_runs nights had passed. The newest
+    # is the newest that ended, with checkpoints or not: a night that failed on that full disk before
+    # its first checkpoint reached the run folder left the older night's GBs in place, and the next
+    # night failed on them again. Checkpoints only in the work dir (a save cut off) go too.
     for r in ended_kept[1:]:
+        if not (r.checkpoint_bytes or _work_checkpoints(r.run_id).is_dir()):
+            continue
         out.append(Decision(kind="checkpoints", name=f"{r.run_id}/checkpoints", where=r.uri,
                             bytes=r.checkpoint_bytes + _work_only_bytes(r), action="delete",
                             reason=f"a newer failed or stopped run ({ended_kept[0].run_id}) is the one to resume: "

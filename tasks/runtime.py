@@ -392,6 +392,37 @@ def is_transient(err: BaseException | None) -> bool:
     return False
 
 
+# What writers that are not Python's own say for ENOSPC/EDQUOT: safetensors (Rust) "os error 28";
+# torch's checkpoint writer only "[enforce fail at inline_container.cc:...] . unexpected pos N vs M"
+# (and "file write failed"), which names neither the cause nor the folder.
+_FULL_SAID = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
+LOW_ROOM = 64 * 2**20  # bytes: below this a failed write is taken for a full disk
+
+
+def disk_full(err: BaseException, folder: Path | str) -> OSError | None:
+    """The error a failed write into `folder` should have raised when the disk is full: OSError(ENOSPC)
+    naming the folder, the room left and what the writer said; None when it is something else. A full
+    disk is named when the error says so (anywhere in its chain) or the file system has under LOW_ROOM
+    free, as after torch's writer ran out: its message never says so."""
+    chain, seen = [], err
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    said = any((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+               or any(words in str(e).lower() for words in _FULL_SAID) for e in chain)
+    try:
+        st = os.statvfs(folder)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    if not said and (free is None or free >= LOW_ROOM):
+        return None
+    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    room = f"{free / 1e6:.1f} MB free there" if free is not None else "room unknown"
+    return OSError(errno.ENOSPC, f"No space left on device ({room}; {type(err).__name__}: {message}). Free space "
+                                 f"on that file system, or lower output.keep_runs / output.cache_max_gb", str(folder))
+
+
 def retry_transient(task, task_run, state) -> bool:
     """Prefect `retry_condition_fn`: retry a failed task run only when its error is transient."""
     exc = state.data if isinstance(getattr(state, "data", None), BaseException) else None

@@ -19,8 +19,8 @@ from pathlib import Path
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.checkpoints import (AlreadyAtMaxSteps, checkpoint_uploader, find_checkpoint, remove_checkpoints, resume_key,
-                               step_of, stop_at_max_steps)
+from tasks.checkpoints import (AlreadyAtMaxSteps, checkpoint_uploader, drop_unfinished, find_checkpoint,
+                               remove_checkpoints, resume_key, step_of, stop_at_max_steps)
 from tasks.config import TrainingConfig
 from tasks.device import Placement, resolve
 from tasks.leftovers import die_with_parent, temp_dir
@@ -29,7 +29,7 @@ from tasks.locks import TRAINING_LOCK, exclusive
 from tasks.models import ModelRef, fingerprint_dir, load_model, local_model_dir
 from tasks.progress import training_progress
 from tasks.caching import BY_CONTENT, CODE, ContentInputs
-from tasks.runtime import cache_dir, run_logger, retry_transient
+from tasks.runtime import cache_dir, disk_full, run_logger, retry_transient
 from tasks.storage import ArtifactStore
 from tasks.templates import added_token_ids
 from tasks import train_levers
@@ -239,10 +239,18 @@ def _train_sft(base: ModelRef, tokenized: TokenizedRef, cfg: TrainingConfig, run
              f" (resuming {resume})" if resume else "", cfg.num_processes)
     spec = FitSpec(base=base, tokenized=tokenized, cfg=cfg, work=str(work), run_uri=run_uri, key=key,
                    resume=str(resume) if resume else None, report_to=report_to, placement=resolve())
-    if cfg.num_processes > 1:
-        fitted = launch(spec)
-    else:
-        fitted = fit(spec)
+    try:
+        fitted = launch(spec) if cfg.num_processes > 1 else fit(spec)
+    except BaseException as err:
+        # torch says a full disk as "[enforce fail at inline_container.cc:...] . unexpected pos": name it
+        full = disk_full(err, work) if isinstance(err, Exception) else None
+        try:  # a save cut off is never resumed, and on a full disk it holds the next night's room
+            drop_unfinished(work, run)
+        except Exception as also:  # never hides the training's own error
+            log.warning("Unfinished checkpoints not removed: %s: %s", type(also).__name__, also)
+        if full is not None:
+            raise full from err
+        raise
     final = work / "model"
     fingerprint = fingerprint_dir(final)
     uri, _ = place_dir(str(final), run, "model")  # a local root hard-links: no second copy of the weights

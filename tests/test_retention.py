@@ -335,3 +335,63 @@ def test_only_the_newest_failed_run_keeps_its_checkpoints(tmp_path, monkeypatch)
     for run_id in ("night3", "night4"):
         assert (Path(root) / "runs" / run_id / "checkpoints/checkpoint-6/COMPLETE").is_file()
         assert (cache / "work" / run_id / "checkpoints/checkpoint-6/optimizer.pt").is_file()
+
+
+def test_a_failed_runs_work_dir_goes_with_its_folder_though_gc_followed_its_links(tmp_path, monkeypatch):
+    """W&B leaves symlinks in a run's work dir (debug.log, latest-run, ...). Following one (gc's own
+    scan did) sets the link's atime to now, and the cache bound read it as the work dir's last use:
+    a failed run's work dir, checkpoints and all, looked "written 0.0 h ago" at every pass, so
+    retention deleted the run folder, kept the work dir, and no later pass knew whose it was."""
+    cache, root = tmp_path / "cache", str(tmp_path / "artifacts")
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(cache))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    failed = _run(root, "n1-failed", complete=False)
+    failed.write_json("status.json", {"state": "failed", "why": "OSError: [Errno 28] No space left on device"})
+    work = cache / "work" / "n1-failed"
+    (work / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (work / "checkpoints" / "checkpoint-2" / "optimizer.pt").write_bytes(os.urandom(64 * 1024))
+    log = tmp_path / "wandb-cache" / "core-debug-20261201_000000.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("log")
+    (work / "wandb").mkdir()
+    (work / "wandb" / "debug-core.log").symlink_to(log)
+    three_days = time.time() - 3 * 24 * 3600
+    for path in [*Path(failed.uri).rglob("*"), Path(failed.uri), *work.rglob("*"), work, log]:
+        os.utime(path, (three_days, three_days), follow_symlinks=False)
+    done = _run(root, "n2-done")  # a later night completed: the failed one is not to be resumed
+    for path in [*Path(done.uri).rglob("*"), Path(done.uri)]:
+        os.utime(path, (time.time() - 2 * 24 * 3600,) * 2)
+
+    first = gc(root, dry_run=True, keep_runs=14, keep_incomplete_hours=24, cache_max_gb=None)  # follows the link
+    assert {d.name: d.action for d in first.decisions if d.kind in ("run", "work")} == {
+        "n1-failed": "delete", "n2-done": "keep", "work/n1-failed": "delete"}, first.table()
+    report = gc(root, keep_runs=14, keep_incomplete_hours=24, cache_max_gb=None)
+    assert not (Path(root) / "runs" / "n1-failed").exists()
+    assert not work.exists(), report.table()  # its checkpoints with it: nothing left that no run owns
+
+
+def test_a_newer_failed_run_without_checkpoints_still_frees_the_older_ones(tmp_path, monkeypatch):
+    """The disk filled: night1 failed with two checkpoints; night2 failed on the same full disk while
+    saving its first (a partial checkpoint in its work dir, none in its run folder). night2 is the
+    newest failed run, so night1's checkpoints go; they stayed, being the newest *with* checkpoints
+    in the run folder, and night3 failed on them again (three nights until keep_runs let go)."""
+    cache, root = tmp_path / "cache", str(tmp_path / "artifacts")
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(cache))
+    for age_h, run_id, saved in ((25, "night1", True), (1, "night2", False)):
+        run = _run(root, run_id, complete=False)
+        run.write_json("status.json", {"state": "failed", "why": "OSError: [Errno 28] No space left on device"})
+        work = cache / "work" / run_id / "checkpoints" / "checkpoint-2"
+        work.mkdir(parents=True)
+        (work / "optimizer.pt").write_bytes(os.urandom(64 * 1024))  # night2's: cut off, no marker
+        if saved:
+            (work / "COMPLETE").write_text("{}")
+            place_dir(str(work), run.child("checkpoints"), "checkpoint-2")
+        for path in [*Path(run.uri).rglob("*"), *work.parents[1].rglob("*")]:
+            os.utime(path, (time.time() - age_h * 3600,) * 2)
+    report = gc(root, keep_runs=14, keep_incomplete_hours=24, cache_max_gb=None)
+    trimmed = {d.name: d for d in report.decisions if d.kind == "checkpoints"}
+    assert set(trimmed) == {"night1/checkpoints"}, report.table()
+    assert "(night2) is the one to resume" in trimmed["night1/checkpoints"].reason
+    assert not (Path(root) / "runs/night1/checkpoints").exists() and not (cache / "work/night1/checkpoints").exists()
+    assert (Path(root) / "runs/night1/status.json").is_file()  # the folder itself stays
+    assert (cache / "work/night2/checkpoints/checkpoint-2/optimizer.pt").is_file()  # the newest keeps its own

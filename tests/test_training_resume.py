@@ -143,3 +143,39 @@ def test_a_retry_after_the_last_checkpoint_trains_no_step_past_max_steps(tiny_re
     assert final.keys() == last.keys() and all(final[k].equal(last[k]) for k in last)
     losses = [h["loss"] for h in result.log_history if "loss" in h]
     assert result.metrics["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 60 MiB file system (tmpfs; needs root): room for one checkpoint of the tiny model, not two."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_is_named_and_leaves_no_half_written_checkpoint(tiny_ref, fixture_data, small_disk, monkeypatch):
+    """The disk fills while the Trainer saves its second checkpoint. torch's writer said only
+    "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos ...", the run's status
+    and `smolflow runs` with it, and the cut-off checkpoint (no marker: never resumed) kept what it
+    had written, the room the next night needed. Now: ENOSPC, the folder and the room left; the
+    complete checkpoint stays for a re-run of the run id, the cut-off one goes."""
+    import errno
+
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(small_disk / "cache"))
+    cfg = TrainingConfig(max_steps=4, save_steps=2, logging_steps=1, eval_steps=4, max_length=128)
+    run = ArtifactStore(str(small_disk / "artifacts" / "runs" / "full-1"))
+    with pytest.raises(OSError) as failed:
+        train_sft.fn(tiny_ref, tokens_of(tiny_ref, fixture_data, cfg), cfg, run.uri, [])
+    work = small_disk / "cache" / "work" / "full-1"
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(work), failed.value
+    assert "No space left on device (" in str(failed.value) and "MB free there" in str(failed.value)
+    assert sorted(p.name for p in (work / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (work / "checkpoints" / "checkpoint-2" / MARKER).is_file()
+    assert complete_steps(run) == [2] and sorted(run.list_files("checkpoints"))[0].startswith("checkpoint-2/")
+    assert os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize > 12 * 2**20  # what the cut-off save held
