@@ -175,14 +175,29 @@ def plan_runs(root: str, keep_runs: int, keep_incomplete_hours: float, now: floa
     # is the newest that ended, with checkpoints or not: a night that failed on that full disk before
     # its first checkpoint reached the run folder left the older night's GBs in place, and the next
     # night failed on them again. Checkpoints only in the work dir (a save cut off) go too.
-    for r in ended_kept[1:]:
-        if not (r.checkpoint_bytes or _work_checkpoints(r.run_id).is_dir()):
+    why = {r.run_id: f"a newer failed or stopped run ({ended_kept[0].run_id}) is the one to resume: the folder "
+                      "stays, its checkpoints go (a re-run of this id starts at step 0)" for r in ended_kept[1:]}
+    # A new run starting after a night that failed on a full disk: that night's checkpoints hold the
+    # room the new run needs (on a disk that fits one run, nights alternated failures), and only a
+    # re-run of that night's id would use them.
+    if ended_kept and running and running != ended_kept[0].run_id and _failed_on_full_disk(root, ended_kept[0].run_id):
+        why[ended_kept[0].run_id] = (f"it failed on a full disk, and the run starting now ({running}) needs the room: "
+                                     "the folder stays, its checkpoints go (a re-run of this id starts at step 0)")
+    for r in ended_kept:
+        if r.run_id not in why or not (r.checkpoint_bytes or _work_checkpoints(r.run_id).is_dir()):
             continue
         out.append(Decision(kind="checkpoints", name=f"{r.run_id}/checkpoints", where=r.uri,
-                            bytes=r.checkpoint_bytes + _work_only_bytes(r), action="delete",
-                            reason=f"a newer failed or stopped run ({ended_kept[0].run_id}) is the one to resume: "
-                                   "the folder stays, its checkpoints go (a re-run of this id starts at step 0)"))
+                            bytes=r.checkpoint_bytes + _work_only_bytes(r), action="delete", reason=why[r.run_id]))
     return _count_shared_once(out, runs)
+
+
+def _failed_on_full_disk(root: str, run_id: str) -> bool:
+    """Whether a run's status says it failed on a full disk (ENOSPC, EDQUOT: tasks/runtime.py disk_full)."""
+    try:
+        said = str(run_status(ArtifactStore(root).child("runs", run_id)).get("why") or "").lower()
+    except (FileNotFoundError, ValueError):
+        return False
+    return any(words in said for words in ("no space left on device", "disk quota exceeded"))
 
 
 def _work_checkpoints(run_id: str) -> Path:

@@ -395,3 +395,24 @@ def test_a_newer_failed_run_without_checkpoints_still_frees_the_older_ones(tmp_p
     assert not (Path(root) / "runs/night1/checkpoints").exists() and not (cache / "work/night1/checkpoints").exists()
     assert (Path(root) / "runs/night1/status.json").is_file()  # the folder itself stays
     assert (cache / "work/night2/checkpoints/checkpoint-2/optimizer.pt").is_file()  # the newest keeps its own
+
+
+def test_a_new_run_frees_the_checkpoints_of_a_night_that_failed_on_a_full_disk(tmp_path, monkeypatch):
+    """On a disk that fits one run, the newest failed night's checkpoints (kept to resume) were the
+    room the next night needed, and nights alternated failures. When that night failed on a full
+    disk, a new run starting takes them; a re-run of that night's own id keeps them to resume."""
+    from tasks.retention import plan_runs
+
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(tmp_path / "cache"))
+    for run_id, why in (("full", "OSError: [Errno 28] No space left on device (0.9 MB free there; ...)"),
+                        ("broken", "ValueError: no such column 'messages'")):
+        base = tmp_path / run_id
+        run = _run(str(base), run_id, complete=False)
+        run.write_json("status.json", {"state": "failed", "why": why})
+        run.write_bytes("checkpoints/checkpoint-4/optimizer.pt", os.urandom(4096))
+        run.write_text("checkpoints/checkpoint-4/COMPLETE", "{}")
+        trimmed = {d.name for d in plan_runs(str(base), 14, 24, running="20261206-020000-next") if d.kind == "checkpoints"}
+        assert trimmed == ({"full/checkpoints"} if run_id == "full" else set()), (run_id, trimmed)
+        # Its own re-run resumes from them; the failed run's own hook (no run starting) keeps them too.
+        assert not [d for d in plan_runs(str(base), 14, 24, running=run_id) if d.kind == "checkpoints"]
+        assert not [d for d in plan_runs(str(base), 14, 24) if d.kind == "checkpoints"]

@@ -19,7 +19,7 @@ from tests.test_serve_lifecycle import _free_port
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "T0K3N-do-not-log-" + "7" * 8
 
-FAIL_A_NIGHTLY = f"""
+FAIL_A_NIGHTLY = """
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.states import Failed
