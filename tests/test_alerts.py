@@ -1,6 +1,7 @@
 """Alerts on the real (session) Prefect server: a failed nightly run and a rejected promotion each
 reach a local HTTP receiver through the user's webhook block within 60 s."""
 
+import contextlib
 import json
 import queue
 import threading
@@ -21,15 +22,15 @@ from tasks.storage import ArtifactStore, set_pointer, write_manifest
 FLOW = "smolflow-finetune"
 
 
-@pytest.fixture(scope="module")
-def receiver():
-    """A webhook receiver on 127.0.0.1: every POSTed JSON body lands in the queue."""
+@contextlib.contextmanager
+def webhook_receiver(status: int = 200, path: str = "/hook"):
+    """A webhook receiver on 127.0.0.1 answering `status`: (its URL, a queue of the JSON bodies POSTed)."""
     got: queue.Queue = queue.Queue()
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             got.put(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
+            self.send_response(status)
             self.end_headers()
 
         def log_message(self, *args):
@@ -37,8 +38,16 @@ def receiver():
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", got
-    server.shutdown()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}{path}", got
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    with webhook_receiver() as (url, got):
+        yield url, got
 
 
 @pytest.fixture(scope="module")

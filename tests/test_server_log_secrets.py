@@ -5,15 +5,14 @@ a receiver that answers 404."""
 
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from deployments.local import server_env, start_server
 from deployments.prefect_server import redact_paths
+from tests.test_alerts import webhook_receiver
 from tests.test_serve_lifecycle import _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,35 +47,21 @@ def test_urls_lose_their_paths_except_the_servers_own():
 
 @pytest.mark.slow
 def test_a_failing_webhook_leaves_no_url_in_the_server_log(tmp_path):
-    hits = []
-
-    class NotFound(BaseHTTPRequestHandler):
-        def do_POST(self):
-            hits.append(self.path)
-            self.send_response(404)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    receiver = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
     port, log = _free_port(), tmp_path / "server.log"
     server = start_server(port, home=tmp_path / "home", log=log, timeout=300)
     try:
-        env = server_env(port, tmp_path / "home") | {"PYTHONPATH": str(ROOT)}
-        hook = f"http://127.0.0.1:{receiver.server_address[1]}/hook/{SECRET}"
-        made = subprocess.run([sys.executable, "-c", FAIL_A_NIGHTLY, hook], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert made.returncode == 0, made.stderr[-3000:]
-        deadline = time.monotonic() + 120
-        while "404 Not Found" not in log.read_text(errors="replace") and time.monotonic() < deadline:
-            time.sleep(1)
+        with webhook_receiver(404, f"/hook/{SECRET}") as (hook, posted):
+            env = server_env(port, tmp_path / "home") | {"PYTHONPATH": str(ROOT)}
+            made = subprocess.run([sys.executable, "-c", FAIL_A_NIGHTLY, hook], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=300)
+            assert made.returncode == 0, made.stderr[-3000:]
+            deadline = time.monotonic() + 120
+            while "404 Not Found" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+                time.sleep(1)
     finally:
         server.terminate()
         server.wait(timeout=60)
-        receiver.shutdown()
     text = log.read_text(errors="replace")
-    assert hits and SECRET in hits[0], "the automation never called the webhook"
+    assert not posted.empty(), "the automation never called the webhook"
     assert "404 Not Found" in text, text[-3000:]  # the failure is logged: what it names is the point
-    assert SECRET not in text and f"127.0.0.1:{receiver.server_address[1]}/…" in text, text[-3000:]
+    assert SECRET not in text and f"{hook.split('/hook/')[0]}/…" in text, text[-3000:]
