@@ -29,6 +29,7 @@ from flows.arena import arena
 from flows.finetune import finetune
 from tasks.config import OutputConfig
 from tasks.config_args import serve_config
+from tasks.leftovers import own_temp_root
 from tasks.runtime import RUN_TIMEOUT_ENV, run_timeout
 
 
@@ -112,6 +113,10 @@ def default_run_timeout(hours: str = "23") -> None:
 
 
 if __name__ == "__main__":
+    # This process's temporary files (the Prefect runner's runner_storage/<uuid>, what the flows'
+    # libraries make in it) in a folder of its own, which the next smolflow process removes when this
+    # one was SIGKILLed (the out-of-memory killer) and cleaned nothing up.
+    own_temp_root()
     end_with_supervisor()
     try:
         default_run_timeout()

@@ -221,14 +221,19 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     assert len(evicted) == 2, [type(_unpickled(p)).__name__ for p in new_results]
     for path in evicted:
         path.unlink()
-    again = finetune(config=config, return_state=True)
+    # Named as the Prefect UI's Run form lets anyone name it: the run id is made from the name, and
+    # 'sweep lr/2e-4' made runs/<time>-sweep lr/2e-4/ (nested, found by no reader), then W&B refused
+    # the run (UsageError: Run ID cannot contain the characters /:;,#?').
+    again = finetune.with_options(flow_run_name="sweep lr/2e-4: #3")(config=config, return_state=True)
     states = _task_states(again.state_details.flow_run_id)
     # Everything that computes is reused, also where the tuned model now lies in a new folder.
     for name in ("prepare_chat_template", "tokenize_dataset", "train_sft", "samples", "benchmark"):
         assert states[name] == {"Cached"}, states
     assert states["custom"] == {"Completed"}, states
     second = again.result()
-    assert second["run"] != run_uri
+    assert second["run"] != run_uri and second["run"].endswith("-sweep-lr-2e-4-3")
+    assert sorted(p.name for p in (tmp_path / "artifacts" / "runs").iterdir()) == sorted(
+        Path(u).name for u in (run_uri, second["run"]))
     # Its W&B run has the loss curve of the run that trained the model, and says whose it is.
     reused = wandb_summary(Path(second["run"]))["summary"]
     assert reused["train/loss"] == last_loss and reused["training/reused_from"] == run_uri + "/model"
@@ -237,19 +242,6 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     trend = ArtifactStore(second["run"]).fs.cat(str(Path(second["run"], "report/report.md"))).decode()
     assert f"| {run_uri.rsplit('/', 1)[-1]} | " in trend and f"| {second['run'].rsplit('/', 1)[-1]} | " in trend
     assert manifest["tuned_model"]["fingerprint"] == ArtifactStore(second["run"]).read_json("manifest.json")["tuned_model"]["fingerprint"]
-
-
-@pytest.mark.slow
-def test_a_run_name_typed_in_the_run_form_gives_a_run_id_that_names_one_folder(tiny_model_dir, tmp_path):
-    """The Prefect UI's Run form takes any text as the flow run's name, and the run id is made from
-    it: 'sweep lr/2e-4' made runs/<time>-sweep lr/2e-4/ (nested, found by no reader) and W&B refused
-    the run (UsageError: Run ID cannot contain the characters /:;,#?')."""
-    config = tiny_run_config(tiny_model_dir, str(tmp_path / "artifacts"), benchmarks=[], judge={"enabled": False})
-    result = finetune.with_options(flow_run_name="sweep lr/2e-4: #3")(config)
-    run_id = Path(result["manifest"]).parent.name
-    assert run_id.endswith("-sweep-lr-2e-4-3")
-    assert [p.name for p in (tmp_path / "artifacts" / "runs").iterdir()] == [run_id]
-    assert json.loads((tmp_path / "artifacts" / "runs" / run_id / "manifest.json").read_text())["run_id"] == run_id
 
 
 @pytest.mark.slow

@@ -85,3 +85,34 @@ def test_a_sigkilled_supervisor_leaves_no_serve_process_or_flow_run_behind(tmp_p
             parent.kill()
         for pid in alive(children):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_sigkilled_serve_process_leaves_its_temporary_files_to_the_next_start(tmp_path):
+    # The out-of-memory killer's SIGKILL of the serve process skips the runner's cleanup: its
+    # runner_storage/<uuid> stayed in the temp folder, one per kill. It is in smolflow-tmp-<pid>-...
+    # now, which the next smolflow process removes.
+    port, home, tmp = _free_port(), tmp_path / "home", tmp_path / "tmp"
+    tmp.mkdir()
+    server = start_server(port, home=home, log=tmp_path / "server.log", timeout=600)
+    env = _env(home) | {"TMPDIR": str(tmp), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+                        "SMOLFLOW_NIGHTLY_CRON": "0 12 31 12 *"}  # no nightly falls due while it runs
+    serving = subprocess.Popen([sys.executable, "-m", "deployments.serve"], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 600
+        while not list(tmp.rglob("runner_storage")) and time.monotonic() < deadline:
+            assert serving.poll() is None, serving.stderr.read().decode()[-3000:]
+            time.sleep(0.5)
+        assert list(tmp.rglob("runner_storage")), "the runner never started"
+        serving.kill()
+        serving.wait(timeout=60)
+        left = [p.name for p in tmp.iterdir()]
+        assert left and all(name.startswith(f"smolflow-tmp-{serving.pid}-") for name in left), left
+        subprocess.run([sys.executable, "-c", "from tasks.leftovers import own_temp_root; own_temp_root()"],
+                       cwd=ROOT, env=env, check=True, timeout=120)  # any smolflow process, starting
+        assert not list(tmp.iterdir()), [str(p) for p in tmp.rglob("*")]
+    finally:
+        if serving.poll() is None:
+            serving.kill()
+        stop(server)

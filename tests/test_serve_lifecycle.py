@@ -5,6 +5,7 @@ name a missing file are refused. Real processes, a real `prefect server start`, 
 ~90-150 s on 2 busy cores: it starts a server four times and imports the flow twice (the price of
 testing the real supervisor)."""
 
+import argparse
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
 from deployments.local import alive, descendants, start_server, stop
 from deployments.server_log import TAIL_LINES, cap_log, server_log
+from tasks.config_args import port_number, seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLFLOW = Path(sys.executable).parent / "smolflow"
@@ -103,17 +105,16 @@ def test_a_busy_or_impossible_port_is_an_error_not_an_attachment(tmp_path):
     assert f"port {port} on 127.0.0.1 is already in use" in out.stderr and "--port" in out.stderr
     assert "Traceback" not in out.stderr
     # No port at all: an OverflowError traceback at bind (exit 1) before; refused as the arguments are read.
-    for port in ("70000", "-5", "abc"):
-        out = subprocess.run([str(SMOLFLOW), "serve", "--port", port], cwd=ROOT, env=_env(tmp_path / "home"),
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 2 and out.stderr == (f"error: argument --port: '{port}' is not a port: give a number "
-                                                      "from 1 to 65535\n"), out.stderr
     # A wait that is no wait: once the server was started, then "did not answer within -5 s".
-    for wait in ("-5", "0", "nan", "soon"):
-        out = subprocess.run([str(SMOLFLOW), "serve", "--startup-timeout", wait], cwd=ROOT, env=_env(tmp_path / "home"),
+    for flag, value, says in (("--port", "70000", "is not a port: give a number from 1 to 65535"),
+                              ("--startup-timeout", "-5", "is not a number of seconds: give a number above 0, e.g. 300")):
+        out = subprocess.run([str(SMOLFLOW), "serve", flag, value], cwd=ROOT, env=_env(tmp_path / "home"),
                              capture_output=True, text=True, timeout=120)
-        assert out.returncode == 2 and out.stderr == (f"error: argument --startup-timeout: '{wait}' is not a number of "
-                                                      "seconds: give a number above 0, e.g. 300\n"), out.stderr
+        assert out.returncode == 2 and out.stderr == f"error: argument {flag}: '{value}' {says}\n", out.stderr
+    for check, values in ((port_number, ("-5", "abc", "0")), (seconds, ("0", "nan", "inf", "soon"))):
+        for value in values:  # the same argument types, each value read as that subprocess reads it
+            with pytest.raises(argparse.ArgumentTypeError, match=f"^'{value}' is not a "):
+                check(value)
 
 
 def test_a_bad_nightly_setting_is_an_error_before_the_server_starts(tmp_path):
