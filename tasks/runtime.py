@@ -208,8 +208,11 @@ def atomic_write(path: Path | str, data: bytes | str) -> Path:
     try:
         staging.write_bytes(data.encode() if isinstance(data, str) else data)
         os.replace(staging, path)  # atomic on one file system
-    except BaseException:  # a full disk (ENOSPC) or an interrupt: no partial staging file left behind
+    except BaseException as err:  # a full disk (ENOSPC) or an interrupt: no partial staging file left behind
         staging.unlink(missing_ok=True)
+        # A write's ENOSPC names no file ("[Errno 28] No space left on device"): say where, and the room.
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(err, path.parent) from err
         raise
     return path
 

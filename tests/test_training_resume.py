@@ -179,3 +179,17 @@ def test_a_full_disk_is_named_and_leaves_no_half_written_checkpoint(tiny_ref, fi
     assert (work / "checkpoints" / "checkpoint-2" / MARKER).is_file()
     assert complete_steps(run) == [2] and sorted(run.list_files("checkpoints"))[0].startswith("checkpoint-2/")
     assert os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize > 12 * 2**20  # what the cut-off save held
+
+
+def test_a_full_disk_under_an_atomic_write_names_the_folder(small_disk):
+    """Python's write() says only "[Errno 28] No space left on device": status.json, the manifest and
+    every run-folder file failed so on a full disk, naming no folder."""
+    import errno
+
+    from tasks.runtime import atomic_write
+
+    (small_disk / "filler").write_bytes(b"\0" * (59 * 2**20))
+    with pytest.raises(OSError) as failed:
+        atomic_write(small_disk / "run" / "manifest.json", b"x" * (4 * 2**20))
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(small_disk / "run"), failed.value
+    assert "MB free there" in str(failed.value) and not list((small_disk / "run").iterdir())
