@@ -203,6 +203,8 @@ def score_models(
     ray = execution.task_runner == "ray"
     jobs = _jobs(benchmarks, custom, judge, *((execution.shard_size, execution.item_shards) if ray else (None, None)))
     names = list(dict.fromkeys(name for name, _, _ in jobs))
+    if not jobs:  # benchmarks: [] and no custom ones: no "Benchmarks scored: 100% (done: )" line
+        return {}
     bar = Progress("smolflow-benchmark-progress", "Benchmarks scored", len(models) * len(jobs))
     parts: dict[tuple[str, str], list[BenchmarkResult]] = {(n, r): [] for n in names for r in models}
     if not ray:
