@@ -33,6 +33,7 @@ CHOICES = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Bo
 # ever showed. Beyond the cap the oldest is forgotten (its vote then reads as expired, nothing counted).
 MAX_PENDING = 10_000
 EXPIRED = "<p id='expired' class='reveal'>That battle had expired (or was already voted on): your vote was not counted.</p>"
+MAX_FORM_BYTES = 4096  # the vote form is a battle id and a choice: a few dozen bytes
 PAGE_ROUNDS = 100  # bootstrap rounds for the page's leaderboard: recomputed on every view
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;color:#222}
 .prompt{background:#f3f3f7;padding:.8em 1em;border-radius:6px;white-space:pre-wrap}
@@ -65,10 +66,21 @@ def _remember(pending: dict[str, dict[str, Any]], battle_id: str, battle: dict[s
         del pending[next(iter(pending))]
 
 
-async def _form(request: Request) -> dict[str, str] | None:
+async def _body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it passes `limit` bytes: the rest is never read, so a
+    visitor cannot make the server hold gigabytes (uvicorn itself sets no limit)."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return body
+
+
+def _form(body: bytes) -> dict[str, str] | None:
     """The urlencoded form (Starlette's request.form() needs python-multipart); None if not UTF-8."""
     try:
-        text = (await request.body()).decode("utf-8")
+        text = body.decode("utf-8")
     except UnicodeDecodeError:
         return None
     return {k: v[0] for k, v in parse_qs(text).items()}
@@ -118,7 +130,11 @@ def make_app(root: str, seed: int | None = None, max_pending: int = MAX_PENDING)
         return _page("smolflow arena", body + _leaderboard_html(current_board(store, rounds=PAGE_ROUNDS)))
 
     async def vote(request: Request) -> HTMLResponse | PlainTextResponse | RedirectResponse:
-        form = await _form(request)
+        body = await _body(request, MAX_FORM_BYTES)
+        if body is None:
+            return PlainTextResponse(f"the form is over {MAX_FORM_BYTES} bytes: send it from the arena page",
+                                     status_code=413)
+        form = _form(body)
         if form is None:
             return PlainTextResponse("the form is not UTF-8: send it from the arena page", status_code=400)
         choice = form.get("choice", "")

@@ -205,3 +205,20 @@ def test_pending_battles_are_bounded_oldest_forgotten_first(tmp_path):
         # Last: its redirect's page shows (and so remembers) a new battle, which would push the others out.
         assert "id='expired'" in post(url, f"battle={oldest}&choice=a".encode())[1]  # dropped past the cap
     assert [v["outcome"] for v in read_votes(arena_store(str(root)))] == ["b", "tie"]
+
+
+def test_oversized_vote_body_is_413_without_reading_it_all(tmp_path):
+    root = tmp_path / "artifacts"
+    make_arena(root)
+    with page_in_thread(root) as url:
+        battle = battle_id(url)
+        # A body announced as 1 GiB, of which 64 KiB is sent: answered at once, not buffered to the end.
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /vote HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                         b"Content-Length: %d\r\n\r\n" % (1 << 30) + b"choice=a&battle=" + b"x" * (1 << 16))
+            assert sock.recv(100).startswith(b"HTTP/1.1 413 ")
+        status, text = post(url, f"battle={battle}&choice=a&pad={'x' * 5000}".encode())
+        assert status == 413 and "over 4096 bytes" in text
+        assert post(url, f"battle={battle}&choice=a".encode())[0] == 200  # the battle is still there
+    assert [v["outcome"] for v in read_votes(arena_store(str(root)))] == ["a"]
