@@ -39,22 +39,24 @@ def test_a_killed_run_says_killed_not_running_forever(tmp_path):
     """A SIGKILL (the out-of-memory killer's) skips every handler: status.json said 'running' for good,
     and `smolflow runs`, `gc` and `eval --model <run>` called it "may still be running". The process
     that wrote it is named there, so a reader on the same machine tells a live run from a dead one."""
-    holder = ("import sys, time; from tasks.runs import status_recorded; from tasks.storage import ArtifactStore\n"
+    # Each holder is "a run at work" until its stdin closes: the test's own end (or death) ends it,
+    # so nothing outlives the test, whatever fails in it.
+    holder = ("import sys; from tasks.runs import status_recorded; from tasks.storage import ArtifactStore\n"
               "run = ArtifactStore(sys.argv[1]).child('runs', sys.argv[2]); run.write_json('config.json', {})\n"
-              "with status_recorded(run):\n    print('in', flush=True); time.sleep(600)\n")
-    procs = {}
-    for run_id in ("live", "killed"):
-        procs[run_id] = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path), run_id], cwd=ROOT,
-                                         stdout=subprocess.PIPE, text=True)
-        assert procs[run_id].stdout.readline() == "in\n"
-    procs["killed"].kill()
-    procs["killed"].wait(timeout=30)
-    # Written elsewhere (another machine on a shared S3 root): this reader cannot tell, and says so.
-    elsewhere = ArtifactStore(str(tmp_path)).child("runs", "elsewhere")
-    elsewhere.write_json("config.json", {})
-    elsewhere.write_json("status.json", {"state": "running", "pid": 4242, "host": "gpu-node-7", "boot_id": "x",
-                                         "started_at": "2026-12-05T02:00:00+00:00"})
+              "with status_recorded(run):\n    print('in', flush=True); sys.stdin.read()\n")
+    procs: dict[str, subprocess.Popen] = {}
     try:
+        for run_id in ("live", "killed"):
+            procs[run_id] = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path), run_id], cwd=ROOT,
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert procs[run_id].stdout.readline() == "in\n"
+        procs["killed"].kill()
+        procs["killed"].wait(timeout=30)
+        # Written elsewhere (another machine on a shared S3 root): this reader cannot tell, and says so.
+        elsewhere = ArtifactStore(str(tmp_path)).child("runs", "elsewhere")
+        elsewhere.write_json("config.json", {})
+        elsewhere.write_json("status.json", {"state": "running", "pid": 4242, "host": "gpu-node-7", "boot_id": "x",
+                                             "started_at": "2026-12-05T02:00:00+00:00"})
         rows = {r["run_id"]: r for r in list_runs(str(tmp_path))}
         assert rows["killed"]["status"] == "failed", rows["killed"]
         assert rows["killed"]["why"].startswith("killed: its process ended without a word (SIGKILL, the out-of-memory")
@@ -70,8 +72,9 @@ def test_a_killed_run_says_killed_not_running_forever(tmp_path):
         assert "failed, last written" in lines["killed"] and "kept for a re-run" in lines["killed"], gc.stdout
         assert "may still be running" in lines["live"], gc.stdout
     finally:
-        procs["live"].kill()
-        procs["live"].wait(timeout=30)
+        for proc in procs.values():
+            proc.kill()
+            proc.wait(timeout=30)
     # The same pid given to another process later (a reuse) is not the run's: its start time differs.
     status = json.loads((tmp_path / "runs/live/status.json").read_text())
     (tmp_path / "runs/live/status.json").write_text(json.dumps(status | {"pid": os.getpid()}))
