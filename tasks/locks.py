@@ -14,6 +14,8 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,28 +49,61 @@ def _ensure_limit(name: str) -> None:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _stops_deferred() -> Iterator[None]:
+    """SIGTERM, SIGINT and SIGHUP that come during the block act when it ends: a request the server
+    carries out is not cut off before its answer is kept. Python runs signal handlers in the main
+    thread only (elsewhere nothing can interrupt the block), and whichever thread the kernel hands a
+    signal to, so the handlers are swapped for ones that note it (a blocked mask would not do)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    before = {sig: signal.signal(sig, lambda signum, _frame: came.append(signum)) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for signum in came:
+            signal.raise_signal(signum)  # as it would have acted, now
+
+
 @contextlib.contextmanager
 def _prefect_slot(name: str) -> Iterator[str]:
     """The one slot of the global concurrency limit `name`, on a lease Prefect renews while the block
     runs (as `prefect.concurrency.sync.concurrency(strict=True)` holds it), taken and given back
-    through `_post` so that a busy server costs milliseconds, not seconds."""
+    through `_post` so that a busy server costs milliseconds, not seconds.
+
+    A cancel in Prefect (SIGTERM) can come at any moment, also between the server granting the slot
+    and this process reading the lease id; the slot would then stay taken until its lease expired
+    (LEASE_S: the next run waited 5 minutes). So the answer is kept with stop signals deferred, and
+    the slot is given back the same way."""
     from prefect.concurrency._leases import maintain_concurrency_lease
 
-    taken = _post("/v2/concurrency_limits/increment-with-lease", name,
-                  {"names": [name], "slots": 1, "mode": "concurrency", "lease_duration": LEASE_S})
-    if not taken.get("limits"):
-        raise RuntimeError(f"no Prefect global concurrency limit named {name!r} on {prefect_server()}")
+    taken: dict = {}
     try:
+        _post("/v2/concurrency_limits/increment-with-lease", name,
+              {"names": [name], "slots": 1, "mode": "concurrency", "lease_duration": LEASE_S}, keep=taken)
+        if not taken.get("limits"):
+            raise RuntimeError(f"no Prefect global concurrency limit named {name!r} on {prefect_server()}")
         with maintain_concurrency_lease(UUID(taken["lease_id"]), LEASE_S, raise_on_lease_renewal_failure=True):
             yield taken["lease_id"]
     finally:
-        _post("/v2/concurrency_limits/decrement-with-lease", name, {"lease_id": taken["lease_id"]})
+        if taken.get("lease_id"):
+            with _stops_deferred():
+                _post("/v2/concurrency_limits/decrement-with-lease", name, {"lease_id": taken["lease_id"]},
+                      busy_for_s=30)
 
 
-def _post(path: str, name: str, body: dict, busy_for_s: float = 120) -> dict:
+def _post(path: str, name: str, body: dict, busy_for_s: float = 120, keep: dict | None = None) -> dict:
     """POST `body` to the Prefect server's `path`, retried: 423 (the slot is taken) after the server's
     Retry-After, as long as it takes; 429/502/503 and dropped connections after 50 ms, doubling up
-    to 1 s, for `busy_for_s`.
+    to 1 s, for `busy_for_s`. `keep`: the answer is put there with stop signals deferred (not
+    while waiting for a slot: a run waiting its turn stops at once).
 
     Why not Prefect's client retries: it waits 2 s before retrying a 503 (and sleeps after the last
     attempt too), and its SQLite server answers 503 when a write meets another one mid-transaction.
@@ -86,23 +121,30 @@ def _post(path: str, name: str, body: dict, busy_for_s: float = 120) -> dict:
             request = http.build_request("POST", path, json=body)
             if getattr(http, "enable_csrf_support", False):
                 http._add_csrf_headers(request)
-            try:
-                response = httpx.Client.send(http, request)
-            except httpx.TransportError:
+            with _stops_deferred() if keep is not None else contextlib.nullcontext():
+                try:
+                    response = httpx.Client.send(http, request)
+                except httpx.TransportError as err:
+                    response, dropped = None, err
+                if response is not None and response.is_success:
+                    answer = response.json() if response.content else {}
+                    if keep is not None:
+                        keep.update(answer)
+                    return answer
+            if response is None:
                 if time.monotonic() >= deadline:
-                    raise
+                    raise dropped
+                wait, pause = pause, min(2 * pause, 1.0)
+            elif response.status_code == 423:
+                wait = float(response.headers.get("Retry-After", 1.0))
+                if not waiting:
+                    run_logger().info("Waiting for %s, held by another run (Prefect global concurrency limit)", name)
+                    waiting = True
+            elif response.status_code in (429, 502, 503) and time.monotonic() < deadline:
                 wait, pause = pause, min(2 * pause, 1.0)
             else:
-                if response.status_code == 423:
-                    wait = float(response.headers.get("Retry-After", 1.0))
-                    if not waiting:
-                        run_logger().info("Waiting for %s, held by another run (Prefect global concurrency limit)", name)
-                        waiting = True
-                elif response.status_code in (429, 502, 503) and time.monotonic() < deadline:
-                    wait, pause = pause, min(2 * pause, 1.0)
-                else:
-                    response.raise_for_status()
-                    return response.json() if response.content else {}
+                response.raise_for_status()
+                raise RuntimeError(f"unexpected answer {response.status_code} from the Prefect server to {path}")
             time.sleep(wait)
 
 

@@ -98,3 +98,41 @@ def test_the_server_slot_is_taken_inside_and_given_back_after_an_error(tmp_path,
     with exclusive(name, "test"):  # and taken again at once
         assert active() == 1
     assert active() == 0
+
+
+# The server grants the slot, then SIGTERM (a cancel in Prefect) arrives before the process has
+# read the lease id: the slot must still be given back when the process ends.
+SIGTERM_MID_TAKE = """
+import os, signal, sys, threading, time
+import httpx
+from tasks.leftovers import exit_on_termination
+from tasks.locks import exclusive
+
+send = httpx.Client.send
+def send_then_sigterm(self, request, **kw):
+    response = send(self, request, **kw)
+    if request.url.path.endswith("/increment-with-lease"):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return response
+httpx.Client.send = send_then_sigterm
+exit_on_termination()
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()  # a flow process has threads
+with exclusive(sys.argv[1], "test"):
+    time.sleep(60)
+"""
+
+
+def test_a_sigterm_while_the_server_slot_is_taken_gives_it_back(tmp_path):
+    """Cancelled in the moment the server grants the slot: without care the lease id is lost with
+    the request, and the slot stays taken until its lease expires (LEASE_S, 5 min): the next run
+    waited that long after a cancel."""
+    from prefect.client.orchestration import get_client
+
+    name = "smolflow-test-sigterm"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "PYTHONPATH": str(ROOT), "PREFECT_API_URL": PREFECT_API_URL.value(), "SMOLFLOW_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_MID_TAKE, name], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + 15, proc.stderr[-3000:]  # ended by the SIGTERM, not after the sleep
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
