@@ -262,7 +262,11 @@ def cmd_arena_serve(args: argparse.Namespace, rest: list[str]) -> int:
     """The arena's vote page: two anonymous answers, A / B / tie / both bad, models revealed after."""
     from tasks.arena_page import arena_serve
 
-    arena_serve(args.root, args.host, args.port)
+    try:
+        port = port_number(args.port)  # read here, not by argparse: one line, as serve's --port
+    except argparse.ArgumentTypeError as err:
+        raise UserError(f"argument --port: {err}") from None
+    arena_serve(args.root, args.host, port)
     return 0
 
 
@@ -329,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = arena_sub.add_parser("serve", help=cmd_arena_serve.__doc__)
     p.add_argument("--root", default=DEFAULT_ROOT, help="artifact root the arena flow wrote to (default %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
-    p.add_argument("--port", type=port_number, default=7860,
+    p.add_argument("--port", default="7860",
                    help="port of the vote page (default %(default)s); a busy port exits 2")
     p.set_defaults(fn=cmd_arena_serve)
     p = sub.add_parser("serve", help=cmd_serve.__doc__, usage=USAGE["serve"],
@@ -373,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         message = str(err) if isinstance(err, UserError) else locate(rest, str(err))
-        print(f"smolflow {args.command}: error: {message}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "arena_command", None))))
+        print(f"smolflow {command}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:
         # stdout's reader left (`smolflow runs | head -1`): end quietly as commands stopped by SIGPIPE do,
