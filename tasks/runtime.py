@@ -400,25 +400,31 @@ def is_transient(err: BaseException | None) -> bool:
 # (and "file write failed"), which names neither the cause nor the folder.
 _FULL_SAID = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
 LOW_ROOM = 64 * 2**20  # bytes: below this a failed write is taken for a full disk
+# What a writer says when it fails without saying why: torch's "[enforce fail at inline_container.cc:672]
+# . unexpected pos ..." (its zip writer), "PytorchStreamWriter failed writing file ...", safetensors' I/O.
+_WRITE_SAID = ("inline_container", "unexpected pos", "streamwriter", "failed writing", "write", "i/o error")
 
 
 def disk_full(err: BaseException, folder: Path | str) -> OSError | None:
     """The error a failed write into `folder` should have raised when the disk is full: OSError(ENOSPC)
     naming the folder, the room left and what the writer said; None when it is something else. A full
-    disk is named when the error says so (anywhere in its chain) or the file system has under LOW_ROOM
-    free, as after torch's writer ran out: its message never says so."""
+    disk is named when the error says so (anywhere in its chain), or when a writer failed (an OSError,
+    or words of one) and the file system has under LOW_ROOM free, as after torch's writer ran out: its
+    message never says so."""
     chain, seen = [], err
     while seen is not None and seen not in chain:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
     said = any((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
                or any(words in str(e).lower() for words in _FULL_SAID) for e in chain)
+    # Low room explains a writer's failure, not any error: a bad shape on a nearly full disk is a bad shape.
+    wrote = any(isinstance(e, OSError) or any(words in str(e).lower() for words in _WRITE_SAID) for e in chain)
     try:
         st = os.statvfs(folder)
         free = st.f_bavail * st.f_frsize
     except OSError:
         free = None
-    if not said and (free is None or free >= LOW_ROOM):
+    if not said and (free is None or free >= LOW_ROOM or not wrote):
         return None
     message = str(err).strip().splitlines()[0] if str(err).strip() else ""
     room = f"{free / 1e6:.1f} MB free there" if free is not None else "room unknown"

@@ -193,3 +193,16 @@ def test_a_full_disk_under_an_atomic_write_names_the_folder(small_disk):
         atomic_write(small_disk / "run" / "manifest.json", b"x" * (4 * 2**20))
     assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(small_disk / "run"), failed.value
     assert "MB free there" in str(failed.value) and not list((small_disk / "run").iterdir())
+
+
+def test_low_room_names_a_full_disk_only_for_a_writers_failure(small_disk):
+    """Under 64 MiB free, any training failure was reported as "No space left on device" (a shape
+    error too): low room explains a failed write (torch's writer never says why), not other errors."""
+    from tasks.runtime import disk_full
+
+    torch_writer = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2048 vs 1987")
+    assert "MB free there" in str(disk_full(torch_writer, small_disk))
+    assert "MB free there" in str(disk_full(OSError(5, "Input/output error"), small_disk))
+    assert disk_full(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 9x2)"), small_disk) is None
+    assert disk_full(ValueError("bad value"), small_disk) is None
+    assert disk_full(ValueError("x"), Path("/")) is None  # room to spare: nothing says full
