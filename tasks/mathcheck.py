@@ -22,6 +22,7 @@ LIMIT_S = 10.0  # math-verify's own default is 5 s per parse and per verify
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _child: subprocess.Popen | None = None
+_gave_up: set[tuple[str, str, float]] = set()  # checks cut off at their limit: counted wrong, recorded apart
 
 
 def _check(gold: str, output: str) -> tuple[bool, str | None]:
@@ -73,9 +74,16 @@ def check(gold: str, output: str, limit: float = LIMIT_S) -> tuple[bool, str | N
         if line is None:
             _stop()
             log.warning("math-verify gave up on an answer after %g s (counted wrong): %.80r", limit, output)
+            _gave_up.add((gold, output, limit))
             return False, None
         correct, extracted = json.loads(line)
         return correct, extracted
+
+
+def gave_up(gold: str, output: str, limit: float = LIMIT_S) -> bool:
+    """Whether check(gold, output, limit) was cut off at its limit: a wrong answer that a less busy
+    machine might have found right, so a score says how many it had."""
+    return (gold, output, limit) in _gave_up
 
 
 if __name__ == "__main__":  # the child: one JSON line in, one out, until stdin ends

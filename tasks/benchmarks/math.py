@@ -16,10 +16,13 @@ from tasks.benchmarks.base import LmEvalBenchmark
 def process_results(doc: dict, results: list[str]) -> dict[str, int]:
     """math-verify, under a time limit in a child process (tasks/mathcheck.py). The stock function
     uses signal timeouts, and its Minerva exact match signal.alarm too, which silently scores 0
-    when Prefect runs the task in a worker thread; so only math-verify is kept."""
-    from tasks.mathcheck import check
+    when Prefect runs the task in a worker thread; so only math-verify is kept. `check_timed_out`:
+    the check passed its limit and the answer counts wrong (their share: how much load moved the score)."""
+    from tasks import mathcheck
 
-    return {"math_verify": int(check(doc["solution"], results[0])[0])}
+    correct = mathcheck.check(doc["solution"], results[0], mathcheck.LIMIT_S)[0]
+    return {"math_verify": int(correct), "check_timed_out": int(mathcheck.gave_up(doc["solution"], results[0],
+                                                                                 mathcheck.LIMIT_S))}
 
 
 class MATH(LmEvalBenchmark):
@@ -38,12 +41,28 @@ class MATH(LmEvalBenchmark):
     def overrides(self) -> dict[str, Any]:
         return {
             "process_results": process_results,
-            "metric_list": [{"metric": "math_verify", "aggregation": "mean", "higher_is_better": True}],
+            "metric_list": [{"metric": "math_verify", "aggregation": "mean", "higher_is_better": True},
+                            {"metric": "check_timed_out", "aggregation": "mean", "higher_is_better": False}],
         }
 
     def record(self, sample: dict, key: str) -> dict[str, Any]:
-        from tasks.mathcheck import check
+        from tasks import mathcheck
 
         row = super().record(sample, key)
-        extracted = check(sample["doc"]["solution"], row["output"] or "")[1]
-        return row | {"extracted": extracted, "gold": sample["doc"]["solution"]}
+        gold, output = sample["doc"]["solution"], row["output"] or ""
+        extracted = mathcheck.check(gold, output, mathcheck.LIMIT_S)[1]
+        return row | {"extracted": extracted, "gold": gold,
+                      "check_timed_out": mathcheck.gave_up(gold, output, mathcheck.LIMIT_S)}
+
+    def result(self, cfg, specs, shots, out, files, seconds, dtype=None, how=None):
+        """The lm-eval result, with the answer check's limit; a warning names the answers it cut off."""
+        from tasks import mathcheck
+        from tasks.runtime import run_logger
+
+        result = super().result(cfg, specs, shots, out, files, seconds, dtype, how)
+        result.settings["answer_check"] = (f"math-verify in a child process, {mathcheck.LIMIT_S:g} s per answer; an "
+                                           "answer whose check passes it counts wrong (their share: check_timed_out)")
+        if cut := sum(r["check_timed_out"] for r in result.records):
+            run_logger().warning("math: %d of %d answers' checks passed %g s and count wrong; a busy machine scores "
+                                 "lower (metric check_timed_out)", cut, result.n, mathcheck.LIMIT_S)
+        return result
