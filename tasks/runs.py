@@ -256,8 +256,9 @@ def model_of_run(root: str, run_id: str) -> dict[str, Any] | None:
 @contextmanager
 def status_recorded(run: ArtifactStore, on_stop: Callable[[dict], None] | None = None):
     """status.json says 'running' during the block, 'failed' (why, when) if it raises, 'stopped' if
-    it was interrupted or cancelled; the manifest, written last, is what marks a run complete.
-    on_stop gets that status (e.g. the W&B run says it too: tasks/tracking.py close_on_stop)."""
+    it was interrupted or cancelled, 'complete' if it ends; the manifest, written before the end, is
+    what marks a run complete for readers (run_status). on_stop gets that status (e.g. the W&B run
+    says it too: tasks/tracking.py close_on_stop)."""
     write_status(run, "running", started_at=datetime.now(timezone.utc).isoformat(), **process_mark())
     started = run.read_json(RunPaths.status)["started_at"]
     try:
@@ -271,3 +272,4 @@ def status_recorded(run: ArtifactStore, on_stop: Callable[[dict], None] | None =
             except Exception as also:  # never hides the run's own error, which status.json has
                 run_logger().warning("After the run stopped: %s: %s", type(also).__name__, also)
         raise
+    write_status(run, "complete", started_at=started)

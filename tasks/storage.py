@@ -213,6 +213,10 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+# Not in a manifest: the manifest itself, and status.json, which says "complete" once the manifest is written.
+UNHASHED = (RunPaths.manifest, RunPaths.status)
+
+
 @task(cache_policy=NO_CACHE, retries=3, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10, 30])
 def write_manifest(run_uri: str, extra: dict[str, Any]) -> str:
     """Hash every object in the run folder and write manifest.json last, marking the run complete."""
@@ -220,7 +224,7 @@ def write_manifest(run_uri: str, extra: dict[str, Any]) -> str:
     objects = [
         {"path": rel, "size": store.size(rel), "sha256": store.sha256(rel)}
         for rel in store.list_files()
-        if rel != RunPaths.manifest
+        if rel not in UNHASHED
     ]
     manifest = {"run": run_uri, "objects": objects, "versions": package_versions(), **extra}
     return store.write_json(RunPaths.manifest, manifest)
@@ -257,7 +261,9 @@ def _split_run_uri(uri: str) -> tuple[str, str] | None:
 def _check(manifest: dict[str, Any], prefix: str, actual: dict[str, tuple[int, str]], where: str) -> None:
     """Compare {path below prefix: (size, sha256)} with the manifest's entries below prefix."""
     base = prefix.rstrip("/") + "/" if prefix else ""
-    expected = {o["path"][len(base):]: (o["size"], o["sha256"]) for o in manifest["objects"] if o["path"].startswith(base)}
+    expected = {o["path"][len(base):]: (o["size"], o["sha256"]) for o in manifest["objects"]
+                if o["path"].startswith(base) and o["path"] not in UNHASHED}  # older manifests hashed status.json
+    actual = {rel: found for rel, found in actual.items() if base + rel not in UNHASHED}
     problems = [f"{rel}: missing" for rel in sorted(set(expected) - set(actual))]
     problems += [f"{rel}: not in the manifest" for rel in sorted(set(actual) - set(expected))]
     problems += [f"{rel}: size/sha256 {actual[rel][0]}/{actual[rel][1][:12]}, manifest says "
@@ -274,7 +280,7 @@ def verify_run(run_uri: str, prefix: str = "") -> dict[str, Any]:
     manifest = read_manifest(run)
     base = prefix.rstrip("/") + "/" if prefix else ""
     actual = {rel: (run.size(base + rel), run.sha256(base + rel))
-              for rel in run.list_files(prefix) if base + rel != RunPaths.manifest}
+              for rel in run.list_files(prefix) if base + rel not in UNHASHED}
     _check(manifest, prefix, actual, run.url(prefix))
     return manifest
 

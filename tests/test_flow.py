@@ -90,7 +90,8 @@ def check_run_folder(run_uri: str) -> dict:
         assert rel in files, f"{rel} missing from {run_uri}"
     manifest = store.read_json("manifest.json")
     listed = {o["path"]: o for o in manifest["objects"]}
-    assert set(listed) == set(files) - {"manifest.json"}
+    assert set(listed) == set(files) - {"manifest.json", "status.json"}  # status.json changes after it:
+    assert store.read_json("status.json")["state"] == "complete"  # it said "running" for good
     for rel in ("model/model.safetensors", "benchmarks/comparison.json"):
         assert listed[rel]["sha256"] == store.sha256(rel) and listed[rel]["size"] == store.size(rel)
     for pkg in ("python", "torch", "transformers", "trl", "prefect"):
