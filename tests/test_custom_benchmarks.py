@@ -242,6 +242,14 @@ def test_limit_system_prompt_and_fingerprint(tmp_path):
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
     again = load_definition(path)
     assert again.fingerprint == bench.fingerprint
+    # What changes no answer and no score leaves it (and so the score's comparability key): a
+    # description, a comment, a reformatted item line. Any edit of the file's bytes changed it.
+    path.write_text(path.read_text() + "description: capitals, edited\n# a comment\n")
+    (tmp_path / "items.jsonl").write_text(ITEMS.replace('", "', '",  "'))
+    assert (tmp_path / "items.jsonl").read_text() != ITEMS and load_definition(path).fingerprint == bench.fingerprint
+    path.write_text(path.read_text().replace("max_new_tokens: 16", "max_new_tokens: 8"))
+    assert load_definition(path).fingerprint != bench.fingerprint  # a setting that moves answers
+    path.write_text(path.read_text().replace("max_new_tokens: 8", "max_new_tokens: 16"))
     (tmp_path / "items.jsonl").write_text(ITEMS.replace("Tokyo", "Kyoto"))
     assert load_definition(path).fingerprint != bench.fingerprint
 

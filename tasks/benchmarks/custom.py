@@ -22,7 +22,7 @@ description: null         # free text, recorded with the results
 arguments, every item's JSON, fields and types, and that each gold can be matched by the
 scorer) and raises `CustomBenchmarkError` naming the file, the line and the fix.
 `run_custom_benchmark` is the cached Prefect task; its cache key is the model's fingerprint and
-the benchmark's `fingerprint` (definition bytes + item bytes + this code), never a path.
+the benchmark's `fingerprint` (its scored settings + its items + this code), never a path.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class CustomBenchmark(Definition):
     path: str  # the definition file
     data_path: str  # the item file, resolved
     items: list[Item]
-    fingerprint: str  # sha256 of definition + items + scoring code: the cache key
+    fingerprint: str  # sha256 of scored settings + items + scoring code: the cache key (see fingerprint)
 
     def selected(self) -> list[Item]:
         return self.items[: self.limit] if self.limit else self.items
@@ -283,12 +283,23 @@ def load_definition(path: str | Path) -> CustomBenchmark:
             "the path is relative to the definition file"
         )
     items = _read_items(data, d, f"{path}:{lines.get(('data',), 1)}")
-    digest = hashlib.sha256()
-    for part in (path.read_bytes(), data.read_bytes(), CODE_VERSION.encode()):
-        digest.update(hashlib.sha256(part).digest())
     args = scorers.ARGS[d.scorer].model_validate(d.scorer_args).model_dump()  # defaults filled in, recorded
     return CustomBenchmark(**(d.model_dump() | {"scorer_args": args}), path=str(path.resolve()), data_path=str(data),
-                           items=items, fingerprint=digest.hexdigest())
+                           items=items, fingerprint=fingerprint(d.model_dump() | {"scorer_args": args}, items))
+
+
+# Not in the fingerprint: what changes no answer and no score. The items are hashed as read (prompt,
+# answers), so the fields naming where they are, a moved file and a reformatted line leave it too.
+UNSCORED = ("description", "name", "data", "prompt_field", "messages_field", "answer_field")
+
+
+def fingerprint(definition: dict[str, Any], items: list[Item]) -> str:
+    """The cache key and comparability data of a benchmark: what it asks and how it scores (its
+    settings, its items, the scoring code). The file's bytes were hashed: an edited description or
+    comment made an identical measurement 'not comparable' to the promoted model's."""
+    what = {"definition": {k: v for k, v in definition.items() if k not in UNSCORED},
+            "items": [[item.prompt, item.golds] for item in items], "code": CODE_VERSION}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
 def load_definitions(paths: list[str]) -> list[CustomBenchmark]:
