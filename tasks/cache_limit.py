@@ -8,6 +8,8 @@ Each is re-made when missing (the built-in model is converted again, a download 
 a file hashed again, ...), so evicting one costs time, never a run.
 Never evicted: what the current run used (named, or used/written since it started), a
 work/<run_id> or staging `.tmp<pid>` entry written within the last hours (a run still at work).
+A folder is deleted by renaming it to `<name>.del<pid>` first (remove_entry), so that a deletion
+cut off midway never leaves a half entry under its own name.
 A managed folder that is a symlink (e.g. tests share one converted model across caches) belongs to
 another cache and is left alone.
 """
@@ -44,6 +46,8 @@ class Decision(BaseModel):
 KINDS = ("models", "downloads", "datasets", "tokenized", "tokenizers", "digests", "judgements", "arena-answers",
          "results", "checks", "win-rates", "work")
 _STAGING = re.compile(r"\.tmp\d+$")
+# An entry being deleted is first renamed to <name>.del<pid> (remove_entry): one left is garbage.
+_DOOMED = re.compile(r"\.del\d+$")
 
 
 
@@ -108,7 +112,9 @@ def plan_cache(max_gb: float | None, in_use: list[str] = (), since: float | None
     for last, entry, size, kind in sorted(entries, key=lambda e: e[0]):
         name, idle_h = str(entry.relative_to(root)), (now - last) / HOUR
         fresh_work = (kind == "work" or _STAGING.search(entry.name)) and idle_h < running_hours
-        if _covers(entry.resolve(), used):
+        if _DOOMED.search(entry.name):  # never in use, however recent its files
+            action, why = "delete", "the rest of an eviction that was cut off (a stop signal or a kill)"
+        elif _covers(entry.resolve(), used):
             action, why = "keep", "used by the current run"
         elif since is not None and last >= since:
             action, why = "keep", "used or written during the current run"
@@ -127,8 +133,19 @@ def plan_cache(max_gb: float | None, in_use: list[str] = (), since: float | None
 
 
 def remove_entry(path: Path) -> None:
+    """Delete one entry. A folder is renamed out of the way first, in one step: readers take an entry
+    whose marker file is there as whole (config.json, stats.json), and an rmtree cut off by a cancel
+    in Prefect (SIGTERM) or a kill left one with its marker and without its weights or tokens,
+    which every later run reused and failed on. What such a cut leaves now is <name>.del<pid>,
+    which no reader looks for and the next plan_cache deletes."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+        doomed = path.with_name(f"{path.name}.del{os.getpid()}")
+        shutil.rmtree(doomed, ignore_errors=True)  # a dead process's with a reused pid: the rename needs the name
+        try:
+            path.rename(doomed)
+        except FileNotFoundError:
+            return  # another process removed it meanwhile
+        shutil.rmtree(doomed, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
 

@@ -254,7 +254,9 @@ def _train_sft(base: ModelRef, tokenized: TokenizedRef, cfg: TrainingConfig, run
     final = work / "model"
     fingerprint = fingerprint_dir(final)
     uri, _ = place_dir(str(final), run, "model")  # a local root hard-links: no second copy of the weights
-    remove_checkpoints(run)  # the final model supersedes them; they are GBs on real models
+    # The work dir's too, markers first: release_work's plain rmtree, cut off by a cancel (SIGTERM) or a kill,
+    # left a checkpoint marked complete without its weights, and a re-run of the run id resumed from it and failed.
+    remove_checkpoints(run, work)  # the final model supersedes them; they are GBs on real models
     release_work(work, run, fingerprint)
     metrics = fitted["metrics"] | {"resumed_from_step": float(resumed_from)}
     log.info("Training done: %s", metrics)
