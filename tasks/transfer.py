@@ -26,14 +26,18 @@ def link_or_copy_file(src: Path, dest: Path) -> str:
     staging = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
     staging.unlink(missing_ok=True)
     try:
-        os.link(src, staging)
-        how = "link"
-    except OSError as err:
-        if err.errno not in _NO_LINK:
-            raise
-        shutil.copyfile(src, staging)  # another file system (or links refused): the bytes must move
-        how = "copy"
-    os.replace(staging, dest)  # whole or not at all, like every other write to a run folder
+        try:
+            os.link(src, staging)
+            how = "link"
+        except OSError as err:
+            if err.errno not in _NO_LINK:
+                raise
+            shutil.copyfile(src, staging)  # another file system (or links refused): the bytes must move
+            how = "copy"
+        os.replace(staging, dest)  # whole or not at all, like every other write to a run folder
+    except BaseException:  # a full disk, a stop signal: no staging file left for a re-run's manifest to list
+        staging.unlink(missing_ok=True)
+        raise
     return how
 
 

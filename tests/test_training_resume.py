@@ -206,3 +206,16 @@ def test_low_room_names_a_full_disk_only_for_a_writers_failure(small_disk):
     assert disk_full(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 9x2)"), small_disk) is None
     assert disk_full(ValueError("bad value"), small_disk) is None
     assert disk_full(ValueError("x"), Path("/")) is None  # room to spare: nothing says full
+
+
+def test_a_copy_into_a_run_folder_cut_off_leaves_no_staging_file(small_disk, tmp_path):
+    """A model file copied into a run folder on another file system, cut off (here: the disk fills;
+    a stop signal alike) left `<name>.tmp<pid>` there, which a re-run's manifest listed as a file of
+    the run and publishing copied along."""
+    from tasks.transfer import link_or_copy_file
+
+    big = tmp_path / "model.safetensors"
+    big.write_bytes(b"\0" * (70 * 2**20))  # more than the 60 MiB disk holds: the copy fails midway
+    with pytest.raises(OSError):
+        link_or_copy_file(big, small_disk / "run" / "model" / "model.safetensors")
+    assert list((small_disk / "run" / "model").iterdir()) == []
