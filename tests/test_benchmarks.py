@@ -154,3 +154,29 @@ def test_validate_reads_humaneval_from_its_bundled_file_offline(monkeypatch, tmp
     missing = BenchmarkConfig(name="humaneval", data=str(tmp_path / "nope.jsonl"))
     with pytest.raises(ValueError, match="no such file or directory"):
         REGISTRY["humaneval"].data_files(missing)
+
+
+def test_lm_eval_records_the_environment_once_a_process():
+    """lm-eval's results carry the environment (torch's collect_env: `pip list`, gcc, nvcc, lscpu as
+    subprocesses, 1.3 s here), taken anew for every evaluation: once a process now, the same record."""
+    import subprocess
+
+    from tasks.benchmarks import base
+
+    cfg = BenchmarkConfig(name="bbh", subsets=["web_of_lies"], limit=2)
+    REGISTRY["bbh"].evaluate_lm(AnswerKey(right=True), cfg)  # the first may take it
+    started, spawned = subprocess.Popen.__init__, []
+
+    def counting(self, *args, **kwargs):
+        spawned.append(args[0] if args else kwargs.get("args"))
+        started(self, *args, **kwargs)
+
+    subprocess.Popen.__init__ = counting
+    try:
+        result = REGISTRY["bbh"].evaluate_lm(AnswerKey(right=True), cfg)
+    finally:
+        subprocess.Popen.__init__ = started
+    # smolflow's own commit is read each time (git); no pip list, gcc, nvcc, lscpu: they ran for every evaluation
+    assert [args for args in spawned if args[0] != "git"] == []
+    results = json.loads(next(t for f, t in result.lm_eval_files.items() if f.startswith("results_")))
+    assert results["pretty_env_info"] == base._env_info()["pretty_env_info"] and "PyTorch version" in results["pretty_env_info"]
