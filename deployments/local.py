@@ -23,7 +23,7 @@ from pathlib import Path
 
 from deployments.server_log import LOG_NAME, cap_log, log_tail, server_log
 from tasks.config_args import UserError, locate, port_number, seconds, serve_config
-from tasks.leftovers import die_with_parent
+from tasks.leftovers import alive, descendants, die_with_parent  # noqa: F401 (descendants: tests use it from here)
 from tasks.runtime import env_defaults, run_timeout, shadowing
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,42 +89,6 @@ def check_port_free(port: int) -> None:
 def _die_with_parent() -> None:
     """In the child before exec: get SIGTERM (a graceful stop) when the parent dies, even by SIGKILL."""
     die_with_parent(sig=signal.SIGTERM)
-
-
-def descendants(pid: int) -> dict[int, str]:
-    """Every live descendant of `pid` as {pid: start time} (read from /proc; the start time tells a
-    reused pid apart)."""
-    children: dict[int, list[int]] = {}
-    starts: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-        starts[int(entry.name)] = fields[19]
-    out, todo = {}, list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        out[child] = starts[child]
-        todo += children.get(child, [])
-    return out
-
-
-def alive(procs: dict[int, str]) -> list[int]:
-    """Which of these processes (pid -> start time, as `descendants` records them) still live: a pid
-    the kernel reused for another process does not count."""
-    live = []
-    for pid, start in procs.items():
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[19] == start and fields[0] != "Z":
-            live.append(pid)
-    return live
 
 
 def reap(procs: dict[int, str], timeout: float = 10) -> None:

@@ -268,6 +268,96 @@ def processes_under(folder: str) -> list[int]:
     return found
 
 
+def descendants(*pids: int) -> dict[int, str]:
+    """Every live descendant of `pids` as {pid: start time} (read from /proc, once; the start time
+    tells a reused pid apart)."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        starts[int(entry.name)] = fields[19]
+    out, todo = {}, [child for pid in pids for child in children.get(pid, [])]
+    while todo:
+        child = todo.pop()
+        out[child] = starts[child]
+        todo += children.get(child, [])
+    return out
+
+
+def alive(procs: dict[int, str]) -> list[int]:
+    """Which of these processes (pid -> start time, as `descendants` records them) still live: a pid
+    the kernel reused for another process does not count."""
+    live = []
+    for pid, start in procs.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[19] == start and fields[0] != "Z":
+            live.append(pid)
+    return live
+
+
+def with_start_times(pids) -> dict[int, str]:
+    """{pid: start time} of those of `pids` that run, as `descendants` gives them."""
+    return {pid: start for pid in pids if (start := _start_time(pid)) and _running(pid)}
+
+
+def processes_with_environ(name: str, value: str) -> list[int]:
+    """Live processes whose environment has name=value (those this user may read)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if _environ(int(pid)).get(name.encode()) == value.encode() and _running(int(pid)):
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def stop_processes(procs: dict[int, str], grace: float = 2, kill_after: float = 2,
+                   reap: float = 5) -> tuple[list[int], list[int]]:
+    """Wait up to `grace` s for these processes ({pid: start time}, as `descendants` gives them) to
+    exit by themselves; SIGTERM those left, SIGKILL whatever still runs `kill_after` s later, and wait
+    up to `reap` s for that. Returns (the pids it had to signal, the pids still running at the end:
+    a process in uninterruptible sleep outlives even SIGKILL for as long as its system call lasts)."""
+    signalled: list[int] = []
+    for sig, wait in ((None, grace), (signal.SIGTERM, kill_after), (signal.SIGKILL, reap)):
+        for pid in alive(procs) if sig else ():
+            try:
+                os.kill(pid, sig)
+                signalled.append(pid)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while alive(procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not alive(procs):
+            break
+    return list(dict.fromkeys(signalled)), alive(procs)
+
+
+def processes_using(folder: str) -> list[int]:
+    """Live processes that name `folder` on their command line or hold a file under it open: Ray's
+    agents and workers rename themselves (ray::IDLE), but keep their log files open."""
+    found = set(processes_under(folder))
+    inside = folder.rstrip("/") + "/"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if int(pid) not in found and any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith(inside)
+                                             for fd in os.listdir(f"/proc/{pid}/fd")) and _running(int(pid)):
+                found.add(int(pid))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return sorted(found)
+
+
 def own_temp_root() -> str:
     """Point this process's temporary files (tempfile's, so every library's) into a folder of its own,
     smolflow-tmp-<pid>-..., removed at exit; one whose process is gone is removed now. A SIGKILL skips

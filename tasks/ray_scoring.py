@@ -5,17 +5,19 @@ folder), nor of a stop (a SIGTERM still ends the run as stopped)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import sys
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from tasks.benchmarks import REGISTRY
 from tasks.config import ExecutionConfig
-from tasks.leftovers import processes_under
+from tasks.leftovers import (descendants, process_gone, process_mark, processes_under, processes_using,
+                             processes_with_environ, stop_processes, with_start_times)
 from tasks.runtime import run_logger
 
 # What a Ray worker needs of this process's environment to load the same models the same way and
@@ -81,7 +83,7 @@ def score_on_ray(execution, jobs, models, parts, bar) -> None:
     from prefect_ray.context import remote_options
 
     runner = ray_runner(execution)
-    with stops_kept() as keep, _session_removed(runner), runner:  # the cluster stops first, then its folder goes
+    with stops_kept() as keep, _own_cluster_stopped(runner):  # a local cluster: all of it stopped, then its folder gone
         keep()  # ray.init() put its own SIGTERM handler (sys.exit) in place of the run's
         # One GPU per task where the cluster has GPUs; else Ray's default share of one CPU.
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -97,26 +99,119 @@ def score_on_ray(execution, jobs, models, parts, bar) -> None:
                 bar.update(done, f"{name}: " + ("the model" if role == "model" else f"the {role} model") + " scored")
 
 
+# A marker in the session folder of a cluster this process started: who started it (`process_mark`),
+# so that a later run removes the folder once that process is gone (`reap_sessions`).
+SESSION_MARK = "smolflow-owner.json"
+
+
+def _started(runner) -> bool:
+    """Whether `runner` started the cluster it uses: only "local" starts one; any other address
+    joined one, whose processes and session are not ours."""
+    return (runner.address == "local" and getattr(runner, "_owns_ray", False)
+            and getattr(runner, "_ray_context", None) is not None)
+
+
+def _session(runner) -> Path:
+    return Path(runner._ray_context.address_info["session_dir"])  # ray.init's RayContext, which prefect-ray keeps
+
+
 @contextmanager
-def _session_removed(runner):
-    """Remove the session folder of the local cluster `runner` started (its logs and sockets, in
-    RAY_TMPDIR/ray or /tmp/ray) once the cluster has stopped. Ray keeps every session's folder, so a
-    nightly on a local cluster grew /tmp by ~0.5 MB a night. A joined cluster's is not ours."""
+def _own_cluster_stopped(runner):
+    """Enter `runner` (ray.init) and leave it (ray.shutdown); when it started a local cluster, stop
+    every process of that cluster and remove its session folder (logs, sockets) before going on.
+
+    ray.shutdown() signals only the 5 processes ray.init started (GCS, raylet, autoscaler monitor,
+    dashboard, log monitor: SIGTERM, up to 1 s, SIGKILL, one after the other); the raylet's children
+    (dashboard and runtime-env agents, workers, what a task started) are the raylet's to stop, or
+    exit when it is gone. Measured here (ray 2.60), all ~9 are gone when ray.shutdown() returns, in
+    ~1.4 s, ~2 s on 2 loaded cores, workers ignoring SIGTERM or busy included. But nothing checked
+    it: those children rename themselves (ray::IDLE, ray::DashboardAgent...), so the wait on
+    `processes_under(session)` (up to 30 s) saw only the 5, and whatever outlived it stayed. So the
+    cluster's processes are noted while it still runs (those naming the session and everything
+    below them), and after ray.shutdown() whatever of them outlives a 2 s grace gets SIGTERM, then
+    SIGKILL 2 s later: the run goes on once every one is gone (at most ~9 s after ray.shutdown()),
+    and only then is the folder removed."""
+    if runner.address == "local":
+        reap_sessions(_ray_root())  # what a SIGKILLed earlier run of ours left
+    own: dict[int, str] = {}
+    raylets: list[int] = []
     try:
-        yield
+        with runner:
+            try:
+                if _started(runner):
+                    _mark_session(_session(runner))
+                yield
+            finally:
+                if _started(runner):  # before ray.shutdown(): its processes, while the tree still holds them
+                    nodes = processes_under(str(_session(runner)))
+                    raylets = [pid for pid in nodes if _argv0(pid).endswith("/raylet")]
+                    own = with_start_times(nodes) | descendants(*nodes)
     finally:
-        context = getattr(runner, "_ray_context", None)  # ray.init's RayContext, which prefect-ray keeps
-        # Only "local" started a cluster: any other address joined one, whose session is not ours.
-        started = runner.address == "local" and getattr(runner, "_owns_ray", False)
-        if context is not None and started:
-            _remove_session(Path(context.address_info["session_dir"]))
+        if _started(runner):
+            # A worker the raylet was starting as the processes were noted: workers carry its pid.
+            late = [p for r in raylets for p in processes_with_environ("RAY_RAYLET_PID", str(r))]
+            session = _session(runner)
+            # and whatever still holds the session: an agent the raylet's SIGKILL orphaned keeps its logs open
+            signalled, left = stop_processes(own | with_start_times(late + processes_using(str(session))))
+            if signalled:
+                run_logger().info("Stopped %d process(es) of the local Ray cluster that outlived ray.shutdown(): "
+                                  "pids %s", len(signalled), signalled)
+            if left:
+                run_logger().warning("Processes of the local Ray cluster still running after SIGKILL (stuck in a "
+                                     "system call): pids %s; its session folder %s is left for a later run",
+                                     left, session)
+            else:
+                _remove_session(session)
+
+
+def _argv0(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _ray_root() -> Path:
+    """Where a local cluster's session folders go: RAY_TMPDIR/ray, else (Linux) TMPDIR/ray, else
+    /tmp/ray (Ray's own choice: ray._common.utils.get_default_ray_temp_dir, not public API)."""
+    base = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
+    return Path(base or "/tmp") / "ray"
+
+
+def _mark_session(session: Path) -> None:
+    try:
+        (session / SESSION_MARK).write_text(json.dumps(process_mark()), encoding="utf-8")
+    except OSError:
+        pass  # then a SIGKILL of this run leaves the folder, as Ray does
+
+
+def reap_sessions(root: Path) -> list[Path]:
+    """Remove the session folders under `root` (RAY_TMPDIR/ray...) that a run of ours left when it
+    was SIGKILLed (no cleanup runs then: ~176 KB of logs and sockets each, for good): only those
+    holding our marker (`SESSION_MARK`) whose process is gone on this machine, and that no live
+    process names or holds open any more (its GCS and raylet die with the driver; measured, its
+    dashboard and runtime-env agents lived on, orphaned, for 53 s to 3 min). A cluster someone started with
+    `ray start`, another tool's, or one whose starter still runs is never touched."""
+    removed = []
+    for session in sorted(root.glob("session_*")) if root.is_dir() else ():
+        try:
+            mark = json.loads((session / SESSION_MARK).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # not ours, or not ours to judge
+        if session.is_symlink() or not isinstance(mark, dict) or process_gone(mark) is not True:
+            continue
+        if processes_using(str(session)):
+            continue  # an orphaned agent of it still runs (a minute or more after the raylet's SIGKILL): a later run
+        _remove_session(session)
+        removed.append(session)
+    if removed:
+        run_logger().info("Removed %d Ray session folder(s) that a killed run left: %s", len(removed),
+                          ", ".join(p.name for p in removed))
+    return removed
 
 
 def _remove_session(session: Path) -> None:
-    """The session folder, once no process names it any more, and Ray's link to it as the latest."""
-    deadline = time.monotonic() + 30  # ray.shutdown() signals its processes; they exit soon after
-    while processes_under(str(session)) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    """The session folder, and Ray's link to it as the latest."""
     shutil.rmtree(session, ignore_errors=True)
     latest = session.parent / "session_latest"
     if latest.is_symlink() and Path(os.readlink(latest)).name == session.name:

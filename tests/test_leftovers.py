@@ -205,3 +205,28 @@ def test_a_killed_processs_temporary_files_go_when_the_next_starts(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert ready.exists()
     assert not list(temp.iterdir())  # the killed one's folder went at the start, its own at its exit
+
+
+def test_stop_processes_waits_then_terms_then_kills_only_those_it_noted():
+    """tasks/ray_scoring.py stops what of a local Ray cluster outlives ray.shutdown() this way: a
+    grace, SIGTERM, SIGKILL; a pid noted with another start time (reused) is never signalled."""
+    from tasks.leftovers import alive, stop_processes, with_start_times
+
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, "
+                                 "signal.SIG_IGN); print(flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    polite = subprocess.Popen(["sleep", "60"])
+    other = subprocess.Popen(["sleep", "60"])  # stands for a process that got a noted pid after it
+    try:
+        stubborn.stdout.readline()  # its handler is in place
+        noted = with_start_times([stubborn.pid, polite.pid]) | {other.pid: "1"}
+        started = time.monotonic()
+        signalled, left = stop_processes(noted, grace=0.3, kill_after=0.5)
+        took = time.monotonic() - started
+        assert sorted(signalled) == sorted([stubborn.pid, polite.pid]) and left == []
+        assert stubborn.wait(5) == -signal.SIGKILL and polite.wait(5) == -signal.SIGTERM
+        assert 0.7 < took < 5 and alive({other.pid: with_start_times([other.pid])[other.pid]})
+        assert stop_processes({}, grace=30) == ([], [])  # nothing to wait for: back at once
+    finally:
+        for proc in (stubborn, polite, other):
+            proc.kill()
+            proc.wait()
