@@ -30,6 +30,7 @@ from flows.finetune import finetune
 from tasks.config import OutputConfig
 from tasks.config_args import serve_config
 from tasks.leftovers import own_temp_root
+from tasks.locks import ensure_limits
 from tasks.runtime import RUN_TIMEOUT_ENV, run_timeout
 
 
@@ -134,6 +135,9 @@ if __name__ == "__main__":
             ensure_alerts()
         except ValueError as err:
             sys.exit(f"error: {err}")  # exit status 1, one line, no traceback
+    # The runs' locks (tasks/locks.py) exist before any run: two runs starting together each created
+    # them, and the loser's insert left an IntegrityError traceback in the server's log.
+    ensure_limits()
     # Prefect's default pauses every schedule on shutdown (and drops the scheduled runs), so a
     # restart would silently end the nightly: a stopped serve process leaves the deployments as they are.
     serve(*deployments(settings), pause_on_shutdown=False)

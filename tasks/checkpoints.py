@@ -17,7 +17,7 @@ from tasks.config import TrainingConfig
 from tasks.models import ModelRef
 from tasks.runtime import run_logger
 from tasks.storage import ArtifactStore
-from tasks.tokenization import TokenizedRef
+from tasks.tokenization import TokenizedRef, content_digest
 from tasks.transfer import place_dir
 
 MARKER = "COMPLETE"
@@ -27,8 +27,10 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 def resume_key(base: ModelRef, tokens: TokenizedRef, cfg: TrainingConfig) -> str:
     """What a checkpoint must have been trained from to be resumed: same model, tokens (data,
     template, max_length, loss mask) and knobs (another max_steps would distort the LR schedule,
-    so it starts afresh)."""
-    what = {"model": base.fingerprint, "tokens": tokens.key, "cfg": cfg.model_dump(mode="json")}
+    so it starts afresh). The tokens by content, not by their cache key: that key hashes the data
+    and tokenizing code too, so after an upgrade touching either a re-run of a stopped run threw
+    its checkpoints away and trained from step 0 on identical tokens."""
+    what = {"model": base.fingerprint, "tokens": content_digest(tokens), "cfg": cfg.model_dump(mode="json")}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -55,13 +57,20 @@ def find_checkpoint(work: Path, run: ArtifactStore, key: str) -> Path | None:
     files = remote.list_files()
     names = {f.split("/")[0] for f in files if "/" in f}
     done = {f.split("/")[0] for f in files if f.endswith("/" + MARKER)}
+    foreign = []
     for step in _steps(names, lambda n: n in done):
         name = f"checkpoint-{step}"
         with remote.fs.open(remote.child(name, MARKER).root, "r", encoding="utf-8") as f:
             if not _marker_ok(f.read(), key):
+                foreign.append(step)
                 continue
         shutil.rmtree(local, ignore_errors=True)  # unfinished or foreign local saves: not to be rotated in
         return remote.download_dir(name, local / name)
+    if foreign:  # the caller deletes them: say so, a stopped night's hours of training are at stake
+        run_logger().warning(
+            "Complete checkpoint(s) of this run at step(s) %s were trained from another model, other tokens or "
+            "other training settings (or by a smolflow older than the tokens' content key): not resumed, "
+            "deleted; training starts from step 0", foreign)
     return None
 
 

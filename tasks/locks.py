@@ -72,6 +72,12 @@ def _stops_deferred() -> Iterator[None]:
             signal.raise_signal(signum)  # as it would have acted, now
 
 
+def ensure_limits() -> None:
+    """The global concurrency limits of every lock here, on the configured server (smolflow serve)."""
+    for name in (TRAINING_LOCK, PROMOTION_LOCK):
+        _ensure_limit(name)
+
+
 @contextlib.contextmanager
 def _prefect_slot(name: str) -> Iterator[str]:
     """The one slot of the global concurrency limit `name`, on a lease Prefect renews while the block

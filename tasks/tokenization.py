@@ -259,6 +259,37 @@ def load_tokenized(ref: TokenizedRef):
     return tuple(out)
 
 
+def content_digest(ref: TokenizedRef) -> str:
+    """sha256 of the tokens themselves, as load_tokenized gives them to the Trainer (token ids, loss
+    masks, the rows that train, both splits). Unlike ref.key, which hashes how the tokens were made
+    (the data and tokenizing code, library versions), it stays the same across an upgrade that
+    makes identical tokens: what resume_key needs, so that a stopped run's checkpoints are not
+    thrown away by a `git pull` that changed a line of tasks/data.py."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    path = Path(ref.path)
+    files = json.loads((path / "stats.json").read_text(encoding="utf-8"))["files"]
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        for column in ("input_ids", "assistant_masks"):
+            # Lengths and values apart, batch by batch: the same whatever the Arrow files' batching.
+            lengths, values, present = hashlib.sha256(), hashlib.sha256(), False
+            for name in files[split]:
+                with pa.memory_map(str(path / name)) as source:
+                    for batch in pa.ipc.open_stream(source):
+                        if column not in batch.schema.names:
+                            continue
+                        present, col = True, batch.column(column)
+                        lengths.update(pc.list_value_length(col).to_numpy(zero_copy_only=False).astype("<i8").tobytes())
+                        values.update(col.flatten().to_numpy(zero_copy_only=False).astype("<i8").tobytes())
+            digest.update(f"{split}/{column}/{present}/{lengths.hexdigest()}/{values.hexdigest()}\n".encode())
+        rows = path / f"{split}-rows.npy"
+        digest.update(np.load(rows).astype("<i8").tobytes() if rows.exists() else b"all rows")
+    return digest.hexdigest()
+
+
 @task(cache_policy=BY_CONTENT, retries=1, retry_condition_fn=retry_transient, retry_delay_seconds=10)
 def tokenize_dataset(
     model: ModelRef, data: DatasetRef, max_length: int, assistant_only_loss: bool = False

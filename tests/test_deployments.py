@@ -75,6 +75,10 @@ def test_nightly_schedule_produces_runs_at_two_am_local_time(served):
     assert nightly.schedules and nightly.schedules[0].schedule.cron == "0 2 * * *"
     assert nightly.schedules[0].schedule.timezone == TIMEZONE
     assert nightly.global_concurrency_limit.limit == 1  # two nightly runs never train at once
+    # The runs' locks exist before any run (this module's first test): two runs starting together each
+    # created them, the loser's insert an IntegrityError traceback in the server's log.
+    names = {limit.name for limit in client.read_global_concurrency_limits()}
+    assert {"smolflow-training", "smolflow-promotion"} <= names, names
     deadline = time.monotonic() + 90
     while not (runs := client.read_flow_runs(
         deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id])),
