@@ -58,7 +58,8 @@ pytest_plugins = ["tests.s3"]  # SeaweedFS fixtures: s3_server, s3_bucket
 # a scheduling hint only; a file missing here just starts with the other slow ones.
 LONGEST_FILES = ("test_cli.py", "test_ray.py", "test_cli_eval.py", "test_training_lock.py", "test_e2e_real_model.py",
                  "test_fast_lm.py", "test_ray_stop.py",
-                 "test_work_pool.py", "test_serve_crash.py", "test_deployments.py", "test_training_ddp.py",
+                 "test_work_pool.py", "test_serve_crash.py", "test_deployments.py", "test_leftovers_killed.py",
+                 "test_training_ddp.py", "test_stop_signals.py",
                  "test_lora_tokens.py", "test_validate_runtime.py")  # the last two: ~57 s and ~41 s (2026-12-05)
 
 
