@@ -190,10 +190,23 @@ def _start_time(pid: int) -> str:
         return ""
 
 
-def process_mark() -> dict[str, str | int]:
+def process_mark() -> dict[str, str | int | float]:
     """Who this process is, for a file that says it is working (a run's status.json): host, boot,
     pid namespace, pid and start time, so that a reader can tell when it is gone (`process_gone`)."""
-    return {**_identity(), "pid": os.getpid(), "pid_start": _start_time(os.getpid())}
+    return {**_identity(), "pid": os.getpid(), "pid_start": _start_time(os.getpid()), "marked_at": time.time()}
+
+
+def _booted_after(mark: dict) -> bool | None:
+    """Whether this machine booted (/proc/stat btime) after `mark` was written (its `marked_at`, else
+    a run status's `started_at`); None where either time is unknown."""
+    try:
+        from datetime import datetime
+
+        at = mark.get("marked_at") or datetime.fromisoformat(str(mark["started_at"])).timestamp()
+        btime = next(line for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+        return float(btime.split()[1]) > float(at)
+    except (KeyError, ValueError, TypeError, OSError, StopIteration):
+        return None
 
 
 def process_gone(mark: dict) -> bool | None:
@@ -204,7 +217,9 @@ def process_gone(mark: dict) -> bool | None:
     if not mark.get("pid") or not mark.get("boot_id") or mark.get("host") != here["host"]:
         return None
     if mark["boot_id"] != here["boot_id"]:
-        return True  # same machine, restarted since: no process survives a reboot
+        # Restarted since (no process survives a reboot), or another machine of the same hostname on a
+        # shared S3 root, whose live run was called killed (gc stripped its checkpoints): tell them apart.
+        return True if _booted_after(mark) else None
     if mark.get("pid_ns") != here["pid_ns"]:
         return None  # another container on this kernel: its pids are not ours to read
     pid = int(mark["pid"])
@@ -227,7 +242,8 @@ def orphaned_servers(prefect_home: str | None = None) -> list[int]:
             continue
         try:
             ppid = int((entry / "stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[1])
-            if ppid != 1 or SERVER_MARK not in (entry / "cmdline").read_bytes():
+            # Our own child is no orphan: as PID 1 (a container's entrypoint) a run reaped its own server.
+            if ppid != 1 or ppid == os.getpid() or SERVER_MARK not in (entry / "cmdline").read_bytes():
                 continue
             environ = _environ(int(entry.name))
             if environ.get(b"PREFECT_HOME", b"") == home and environ.get(b"PREFECT__SERVER_EPHEMERAL") == b"1":
