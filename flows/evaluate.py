@@ -27,6 +27,7 @@ from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
 from tasks.leftovers import own_temp_root
 from tasks.models import ModelRef, resolve_model
+from tasks.prefect_vacuum import vacuum_temporary_server_db
 from tasks.reporting import write_report
 from tasks.retention import drop_work_dir, tidy_after_failure, tidy_before_run, tidy_up
 from tasks.runs import flow_run_id, model_of_run, status_recorded
@@ -97,6 +98,7 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
     check_eval_template(config, checked.custom)
     placement = publish(config.execution)  # as in smolflow-finetune: every model, and Ray if asked
     hide_from_sandbox(config.output.artifacts_uri)  # HumanEval's programs cannot read the runs
+    vacuum_temporary_server_db()  # its flow-run vacuum never runs in a temporary server: months of runs stayed
     root = config.output.artifacts_uri
     run_id = config.output.run_id or flow_run_id(root, "eval-")  # a Retry in the UI: the same run
     tidy_before_run(config.output, run_id)  # as in smolflow-finetune: killed runs and a full disk

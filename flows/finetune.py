@@ -27,6 +27,7 @@ from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
 from tasks.leftovers import own_temp_root, reap_orphaned_servers
 from tasks.models import resolve_model
+from tasks.prefect_vacuum import vacuum_temporary_server_db
 from tasks.reference import rescore_promoted
 from tasks.special_tokens import control_tokens
 from tasks.reporting import write_report
@@ -56,6 +57,7 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     placement = publish(config.execution)  # every model this run loads goes where this says
     hide_from_sandbox(config.output.artifacts_uri)  # HumanEval's programs cannot read the runs
     reap_orphaned_servers()  # a temporary Prefect server that a SIGKILLed earlier run left behind
+    vacuum_temporary_server_db()  # its flow-run vacuum never runs in a temporary server: months of nights stayed
     check_inputs(config)  # a missing model, path or split, or a bad row: failed before anything is written
     checked = check_run(config)  # the user's files are read and checked before any compute
     run_id = config.output.run_id or flow_run_id(config.output.artifacts_uri)  # a Retry in the UI: the same run

@@ -388,17 +388,28 @@ def own_temp_root() -> str:
     if root.name.startswith("smolflow-tmp-"):
         root = root.parent  # a forked child: a folder of its own beside its parent's
     _reap(root, "smolflow-tmp-")
-    folder = tempfile.mkdtemp(prefix=f"smolflow-tmp-{os.getpid()}-", dir=root)
+    folder = tempfile.mkdtemp(prefix=f"smolflow-tmp-{os.getpid()}-{_pid_ns()}-", dir=root)
     owner = os.getpid()
     atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
     tempfile.tempdir = folder
     return folder
 
 
+def _pid_ns() -> str:
+    """This process's pid namespace (its inode), "" if unknown: a pid means a process only in it."""
+    return "".join(filter(str.isdigit, _identity()["pid_ns"]))
+
+
 def _reap(root: Path, mark: str) -> None:
-    """Remove root's folders named <mark><pid>-... whose process is gone."""
+    """Remove root's folders named <mark><pid>-<pid namespace>-... whose process is gone. A temp
+    folder shared by containers (another pid namespace: its pids are not in our /proc) held live
+    runs' folders: one run deleted another's while it ran, and W&B failed on its missing files."""
+    here = _pid_ns()
     for path in root.glob(mark + "*"):
-        pid = path.name[len(mark):].split("-", 1)[0]
+        parts = path.name[len(mark):].split("-")  # pid, namespace, mkdtemp's letters (no "-" in them)
+        pid, ns = parts[0], parts[1] if len(parts) == 3 else ""  # 2 parts: named before the namespace was
+        if ns not in ("", here):
+            continue  # another pid namespace's: its own runs reap it
         if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
@@ -408,4 +419,4 @@ def temp_dir(kind: str) -> tempfile.TemporaryDirectory:
     any; one whose process is gone (SIGKILLed: no cleanup ran) is removed when the next is made."""
     mark = f"smolflow-{kind}-"
     _reap(Path(tempfile.gettempdir()), mark)
-    return tempfile.TemporaryDirectory(prefix=f"{mark}{os.getpid()}-")
+    return tempfile.TemporaryDirectory(prefix=f"{mark}{os.getpid()}-{_pid_ns()}-")
