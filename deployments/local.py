@@ -23,7 +23,8 @@ from pathlib import Path
 
 from deployments.server_log import LOG_NAME, cap_log, log_tail, server_log
 from tasks.config_args import UserError, locate, port_number, seconds, serve_config
-from tasks.leftovers import alive, descendants, die_with_parent  # noqa: F401 (descendants: tests use it from here)
+from tasks.leftovers import alive, descendants  # noqa: F401 (descendants: tests use it from here)
+from tasks.parent_death import die_with_parent
 from tasks.runtime import env_defaults, run_timeout, shadowing
 
 ROOT = Path(__file__).resolve().parent.parent

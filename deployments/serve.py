@@ -13,6 +13,7 @@ with SMOLFLOW_ALERT_BLOCK set it (re)creates the alert automations first.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -104,6 +105,30 @@ def end_with_supervisor(grace_s: float = 20) -> None:
     threading.Thread(target=watch, name="end-with-supervisor", daemon=True).start()
 
 
+def lost_server_in_one_line() -> None:
+    """A log record about a lost connection to the server (the websocket of Prefect's cancellation
+    observer, a poll) says it in one line, without its traceback: when the server dies (kill -9, the
+    OOM killer) the runner logged a 30-line websocket traceback in the moment before the supervisor
+    stopped it, after its own one-line error. Every record this process makes, whatever logs it."""
+    import httpx
+    from websockets.exceptions import ConnectionClosed
+
+    make = logging.getLogRecordFactory()
+
+    def record(*args, **kwargs) -> logging.LogRecord:
+        r = make(*args, **kwargs)
+        err = r.exc_info[1] if r.exc_info else None
+        if isinstance(err, (ConnectionClosed, httpx.TransportError, ConnectionError)):
+            try:
+                r.msg, r.args = f"{r.getMessage()} ({type(err).__name__}: {err})", ()
+            except Exception:  # a record whose arguments do not fit its message: left for logging to report
+                return r
+            r.exc_info, r.exc_text = None, None
+        return r
+
+    logging.setLogRecordFactory(record)
+
+
 def default_run_timeout(hours: str = "23") -> None:
     """A served run that hangs (a stuck endpoint, a deadlocked worker) would hold its deployment's one
     slot for good, and every later nightly would wait behind it with no alert: unless told otherwise
@@ -119,6 +144,7 @@ if __name__ == "__main__":
     # one was SIGKILLed (the out-of-memory killer) and cleaned nothing up.
     own_temp_root()
     end_with_supervisor()
+    lost_server_in_one_line()
     try:
         default_run_timeout()
         nightly_schedule()

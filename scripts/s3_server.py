@@ -37,7 +37,8 @@ from pathlib import Path
 
 if not __package__:  # run as `python scripts/s3_server.py`: smolflow's packages are one folder up
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tasks.leftovers import die_with_parent, exit_on_termination  # noqa: E402
+from tasks.leftovers import exit_on_termination  # noqa: E402
+from tasks.parent_death import die_with_parent  # noqa: E402
 
 HOST = "127.0.0.1"
 # weed mini's worker dials the admin gRPC port at admin port + 10000 whatever -admin.port.grpc

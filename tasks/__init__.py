@@ -1,6 +1,6 @@
 """smolflow's pipeline stages, one module per stage; each exposes Prefect tasks."""
 
-from tasks.leftovers import temporary_servers_die_with_parent
+from tasks.parent_death import temporary_servers_die_with_parent
 
 # Before anything here can start Prefect's temporary server (every smolflow process imports this
 # package first: the CLI, the flows, Prefect's flow-run processes, Ray's workers): a SIGKILLed

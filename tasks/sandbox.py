@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.leftovers import die_with_parent, temp_dir
+from tasks.leftovers import temp_dir
+from tasks.parent_death import die_with_parent
 from tasks.sandbox_cgroup import cgroup_dirs, cgroup_limit, cgroup_remove, join, oom_kills
 # hide_from_sandbox: re-exported (the flows import it from here)
 from tasks.sandbox_paths import hidden_paths, hide_from_sandbox, inside, interpreter, prefixes  # noqa: F401

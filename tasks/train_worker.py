@@ -16,7 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from tasks.leftovers import die_with_parent, own_temp_root
+from tasks.leftovers import own_temp_root
+from tasks.parent_death import die_with_parent
 from tasks.training import FitSpec, fit
 
 

@@ -23,7 +23,8 @@ from tasks.checkpoints import (AlreadyAtMaxSteps, checkpoint_uploader, drop_unfi
                                remove_checkpoints, resume_key, step_of, stop_at_max_steps)
 from tasks.config import TrainingConfig
 from tasks.device import Placement, resolve
-from tasks.leftovers import die_with_parent, temp_dir
+from tasks.leftovers import temp_dir
+from tasks.parent_death import die_with_parent
 from tasks.lora import head_without_bias, lora_config, new_token_rows
 from tasks.locks import TRAINING_LOCK, exclusive
 from tasks.models import ModelRef, fingerprint_dir, load_model, local_model_dir
