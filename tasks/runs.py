@@ -222,7 +222,10 @@ def compare_runs(root: str, run_a: str, run_b: str) -> dict[str, Any]:
                         "beyond_noise": "n/a"}
         scores.append(row)
     ca, cb = _flat(_read(a, RunPaths.config, {})), _flat(_read(b, RunPaths.config, {}))
-    settings = [{"setting": k, "a": ca.get(k), "b": cb.get(k), "differs": ca.get(k) != cb.get(k)}
+    # A setting one run's config.json lacks (an older smolflow's, or an eval run's training.*) is said
+    # so: it showed as None, read as "set to None" (`gate.rescore_promoted None` against `True`).
+    unset = "(not in its config.json)"
+    settings = [{"setting": k, "a": ca.get(k, unset), "b": cb.get(k, unset), "differs": ca.get(k, unset) != cb.get(k, unset)}
                 for k in sorted(set(ca) | set(cb))]
     health = {"a": _read(a, RunPaths.health, {}).get("healthy"), "b": _read(b, RunPaths.health, {}).get("healthy")}
     training = {"a": losses(a), "b": losses(b)}

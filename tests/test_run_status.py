@@ -89,13 +89,16 @@ def test_runs_and_compare_show_each_runs_training_loss(tmp_path):
     root = ArtifactStore(str(tmp_path))
     for run_id, metrics in (("n1", {"train_loss": 1.95432, "eval_loss": 1.84239, "steps": 30.0}), ("e1", None)):
         run = root.child("runs", run_id)
-        run.write_json("config.json", {})
+        run.write_json("config.json", {"gate": {"rescore_promoted": True}} if metrics else {})
         if metrics:
             run.write_json("training/metrics.json", metrics)
     rows = {r["run_id"]: r for r in list_runs(str(tmp_path))}
     assert rows["n1"]["losses"] == {"train_loss": 1.9543, "eval_loss": 1.8424} and rows["e1"]["losses"] == {}
     assert compare_runs(str(tmp_path), "n1", "e1")["training"] == {"a": {"train_loss": 1.9543, "eval_loss": 1.8424},
                                                                   "b": {}}
+    # A setting one run's config.json lacks (an older smolflow's) is said so, not shown as None.
+    assert compare_runs(str(tmp_path), "n1", "e1")["settings"] == [
+        {"setting": "gate.rescore_promoted", "a": True, "b": "(not in its config.json)", "differs": True}]
     shown = subprocess.run([str(Path(sys.executable).parent / "smolflow"), "runs", "--root", str(tmp_path)],
                            capture_output=True, text=True, timeout=120).stdout
     assert "loss (train/eval)" in shown and "1.9543/1.8424" in shown
