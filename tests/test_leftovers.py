@@ -212,10 +212,12 @@ def test_stop_processes_waits_then_terms_then_kills_only_those_it_noted():
     grace, SIGTERM, SIGKILL; a pid noted with another start time (reused) is never signalled."""
     from tasks.leftovers import alive, stop_processes, with_start_times
 
-    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, "
-                                 "signal.SIG_IGN); print(flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
-    polite = subprocess.Popen(["sleep", "60"])
-    other = subprocess.Popen(["sleep", "60"])  # stands for a process that got a noted pid after it
+    # Each waits on its stdin: when the test ends (or dies) they end too.
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGTERM, "
+                                 "signal.SIG_IGN); print(flush=True); sys.stdin.read()"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    polite = subprocess.Popen(["cat"], stdin=subprocess.PIPE)
+    other = subprocess.Popen(["cat"], stdin=subprocess.PIPE)  # stands for a process that got a noted pid after it
     try:
         stubborn.stdout.readline()  # its handler is in place
         noted = with_start_times([stubborn.pid, polite.pid]) | {other.pid: "1"}

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # ends before the flow runs (PR_SET_PDEATHSIG follows the forking *thread*: done naively, the server
 # died with that thread, and the flow after it failed to reach it).
 FLOW = """
-import sys, threading, time
+import sys, threading
 from pathlib import Path
 import tasks  # noqa: F401
 from prefect import flow
@@ -32,9 +32,9 @@ if sys.argv[2] == "thread":
     starter.join()
 
 @flow
-def wait():
+def wait():  # until SIGKILLed, or its stdin closes (the test's end, or death): nothing outlives the test
     Path(sys.argv[1]).touch()
-    time.sleep(600)
+    sys.stdin.read()
 
 wait()
 """
@@ -67,7 +67,7 @@ def test_a_sigkilled_flows_temporary_server_dies_with_it(tmp_path, started_by):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env |= {"PREFECT_HOME": str(home), "PYTHONPATH": str(ROOT), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
     proc = subprocess.Popen([sys.executable, "-c", FLOW, str(ready), started_by], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     servers: list[int] = []
     try:
         deadline = time.monotonic() + 400

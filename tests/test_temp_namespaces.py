@@ -16,10 +16,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 OWN = """
-import sys, time
+import sys
 from tasks.leftovers import own_temp_root
 print(own_temp_root(), flush=True)
-time.sleep(float(sys.argv[1]))
+if sys.argv[1] == "wait":
+    sys.stdin.read()  # until the test ends (or dies): nothing outlives it
 """
 
 
@@ -35,8 +36,8 @@ def _can_unshare() -> bool:
 
 @pytest.mark.skipif(not _can_unshare(), reason="needs unshare --pid (root or user namespaces)")
 def test_a_run_in_another_pid_namespace_leaves_a_live_runs_temp_folder(tmp_path):
-    live = subprocess.Popen([sys.executable, "-c", OWN, "60"], env=_env(tmp_path), cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True)
+    live = subprocess.Popen([sys.executable, "-c", OWN, "wait"], env=_env(tmp_path), cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         folder = Path(live.stdout.readline().strip())
         assert folder.is_dir() and folder.parent == tmp_path
