@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,17 +72,22 @@ def _run_jobs(jobs: queue.SimpleQueue) -> None:
             done.set_exception(err)
 
 
-def popen_dying_with_parent(*args, sig: int = signal.SIGTERM, **kwargs) -> subprocess.Popen:
+# Sets the parent-death signal, then becomes the command (exec keeps it). A Python preexec_fn would
+# do it without the extra exec, but it makes Popen fork (not vfork) a process full of threads and run
+# Python in the child before exec, which the subprocess docs warn can deadlock; Popen then never returns.
+_EXEC_DYING = ("import ctypes, os, sys\n"
+               "ctypes.CDLL(None).prctl(1, int(sys.argv[1]))\n"  # 1 = PR_SET_PDEATHSIG
+               "if os.getppid() != int(sys.argv[2]):\n    os._exit(1)\n"  # it died before that line
+               "os.execv(sys.argv[3], sys.argv[3:])\n")
+
+
+def popen_dying_with_parent(args, *rest, sig: int = signal.SIGTERM, **kwargs) -> subprocess.Popen:
     """subprocess.Popen, the child getting `sig` when this process dies (SIGKILL, out of memory)."""
-    _prctl()  # looked up here, not in the child
-    chained, parent = kwargs.pop("preexec_fn", None), os.getpid()
-
-    def preexec() -> None:
-        die_with_parent(parent, sig)
-        if chained is not None:
-            chained()
-
-    return from_lasting_thread(lambda: subprocess.Popen(*args, preexec_fn=preexec, **kwargs))
+    if _prctl() is None or rest or kwargs.get("shell") or "executable" in kwargs or not isinstance(args, (list, tuple)):
+        return subprocess.Popen(args, *rest, **kwargs)  # off Linux, or a call this wrapper does not read
+    command = shutil.which(str(args[0])) or str(args[0])
+    wrapped = [sys.executable, "-I", "-S", "-c", _EXEC_DYING, str(int(sig)), str(os.getpid()), command, *map(str, args[1:])]
+    return from_lasting_thread(lambda: subprocess.Popen(wrapped, **kwargs))
 
 
 SERVER_MODULE = "prefect.server.api.server"
