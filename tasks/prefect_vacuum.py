@@ -15,6 +15,8 @@ import asyncio
 import logging
 import threading
 
+TIMEOUT_S = 120
+
 
 def vacuum_temporary_server_db() -> bool:
     """Delete flow runs past the vacuum's retention period from the database of a temporary
@@ -28,18 +30,28 @@ def vacuum_temporary_server_db() -> bool:
         return False  # the user turned it off: keep every flow run, as a server would
     outcome: list[bool] = []
 
-    def vacuum() -> None:
-        # A thread of its own: a flow body may already be inside an event loop.
-        try:
-            from prefect.server.database import provide_database_interface
-            from prefect.server.services.db_vacuum import vacuum_old_flow_runs
+    async def vacuum_and_close() -> None:
+        from prefect.server.database import provide_database_interface
+        from prefect.server.services.db_vacuum import vacuum_old_flow_runs
 
-            asyncio.run(vacuum_old_flow_runs(db=provide_database_interface()))
+        db = provide_database_interface()
+        try:
+            await vacuum_old_flow_runs(db=db)
+        finally:
+            # Closed here, not left to Prefect's disposal at loop shutdown: aiosqlite's connection
+            # threads are not daemons, and one left open would keep the process from exiting.
+            await (await db.engine()).dispose()
+
+    def vacuum() -> None:
+        try:
+            asyncio.run(vacuum_and_close())  # a loop of its own: a flow body may already be inside one
             outcome.append(True)
         except Exception as err:  # a locked or older-schema database: next night tries again
             logging.getLogger("smolflow").warning("Prefect database vacuum skipped: %s: %s", type(err).__name__, err)
 
-    worker = threading.Thread(target=vacuum, name="smolflow-prefect-vacuum")
+    worker = threading.Thread(target=vacuum, name="smolflow-prefect-vacuum", daemon=True)
     worker.start()
-    worker.join()
+    worker.join(TIMEOUT_S)  # a database held by another writer must not hold the run up
+    if worker.is_alive():
+        logging.getLogger("smolflow").warning("Prefect database vacuum still busy after %d s; the run goes on", TIMEOUT_S)
     return bool(outcome)
