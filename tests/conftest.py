@@ -90,6 +90,9 @@ def pytest_configure(config):
         config._smolflow_prefect = prefect_test_harness(server_startup_timeout=120)
         config._smolflow_prefect.__enter__()
         os.environ[_SHARED_SERVER] = PREFECT_API_URL.value()  # the workers start after this
+        from tasks.locks import ensure_limits
+
+        ensure_limits()  # as `smolflow serve` does: workers creating them at once left a server traceback
 
 
 def pytest_unconfigure(config):
