@@ -100,9 +100,25 @@ def _prefect_slot(name: str) -> Iterator[str]:
             yield taken["lease_id"]
     finally:
         if taken.get("lease_id"):
+            _give_back(name, taken["lease_id"])
+
+
+def _give_back(name: str, lease_id: str) -> None:
+    """The slot back to the server, also when a run's timeout or stop is raised into this thread
+    while it is asked (tasks/run_ending.py raises them again until the run ends): then it is asked
+    again, and what came is raised after."""
+    came = None
+    for _ in range(3):
+        try:
             with _stops_deferred():
-                _post("/v2/concurrency_limits/decrement-with-lease", name, {"lease_id": taken["lease_id"]},
-                      busy_for_s=30)
+                _post("/v2/concurrency_limits/decrement-with-lease", name, {"lease_id": lease_id}, busy_for_s=30)
+            break
+        except Exception:
+            raise
+        except BaseException as err:  # noqa: BLE001 - raised into this thread, not by the request
+            came = err
+    if came is not None:
+        raise came
 
 
 def _post(path: str, name: str, body: dict, busy_for_s: float = 120, keep: dict | None = None) -> dict:

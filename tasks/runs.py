@@ -19,7 +19,7 @@ from tasks.compare import compare, item_values, paired_stderr
 from tasks.config import OutputConfig
 from tasks.layout import POINTERS, RUNS, RunPaths, new_run_id, run_dir
 from tasks.leftovers import process_gone, process_mark
-from tasks.run_timeout import timeout_enforced
+from tasks.run_ending import ending_enforced
 from tasks.runtime import RUN_TIMEOUT_ENV, run_logger
 from tasks.storage import ArtifactStore, StorageError
 
@@ -266,7 +266,7 @@ def status_recorded(run: ArtifactStore, on_stop: Callable[[dict], None] | None =
     write_status(run, "running", started_at=datetime.now(timezone.utc).isoformat(), **process_mark())
     started = run.read_json(RunPaths.status)["started_at"]
     try:
-        with timeout_enforced():  # SMOLFLOW_RUN_TIMEOUT_HOURS, also where Prefect's timeout was caught
+        with ending_enforced():  # a timeout or SIGTERM ends it, also where its exception was caught
             yield run
     except BaseException as err:
         stopped = stop_reason(err)

@@ -100,6 +100,31 @@ def test_the_server_slot_is_taken_inside_and_given_back_after_an_error(tmp_path,
     assert active() == 0
 
 
+def test_the_slot_is_given_back_when_a_stop_lands_in_the_request(tmp_path, monkeypatch):
+    """tasks/run_ending.py raises a run's timeout or stop again into its thread until the run ends:
+    one that lands while the slot is being given back must not leave it taken (on a server without
+    lease expiry, the test server's, every later training waited for good)."""
+    from prefect.client.orchestration import get_client
+
+    from tasks import locks
+
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(tmp_path))
+    name, real, cut = "smolflow-test-give-back", locks._post, []
+
+    def post(path, *args, **kwargs):
+        if path.endswith("/decrement-with-lease") and not cut:
+            cut.append(path)
+            raise KeyboardInterrupt  # as an exception raised into the thread mid-request
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(locks, "_post", post)
+    with pytest.raises(KeyboardInterrupt), locks.exclusive(name, "test"):
+        pass
+    assert cut
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
+
+
 # The server grants the slot, then SIGTERM (a cancel in Prefect) arrives before the process has
 # read the lease id: the slot must still be given back when the process ends.
 SIGTERM_MID_TAKE = """

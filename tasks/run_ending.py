@@ -1,0 +1,112 @@
+"""A run that must end does, even where the exception that ends it is caught.
+
+Prefect ends a flow run past its `timeout_seconds` (SMOLFLOW_RUN_TIMEOUT_HOURS) with one SIGALRM
+that raises its CancelledError wherever the flow's code is, and a cancel or a stop (SIGTERM) with
+one TerminationSignal, the same way. Code that catches it there and goes on (measured: W&B's
+`config.update` and `log` in 2-3 of 150 tries) leaves the run going: under load a run with a 10.8 s
+limit was still training 10 minutes later, and a test that waited for it killed it holding the
+shared test server's training slot, which stalled every later training (CI hung). So the flow's
+block is watched: GRACE_S past the limit, or after a SIGTERM, the same exception is raised in the
+flow's thread again, every AGAIN_S, until the block is left.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from tasks.runtime import RUN_TIMEOUT_ENV, run_logger
+
+GRACE_S = 30.0  # the first one, and the code it interrupted, get this long to end the block
+AGAIN_S = 5.0  # caught again: raised again
+
+
+def _flow_timeout() -> float | None:
+    """The running flow's timeout_seconds (SMOLFLOW_RUN_TIMEOUT_HOURS), None outside a flow or without one."""
+    from prefect.context import FlowRunContext
+
+    return getattr(getattr(FlowRunContext.get(), "flow", None), "timeout_seconds", None)
+
+
+def _raise_in(thread_id: int, exc_type: type[BaseException] | None) -> None:
+    """exc_type raised in that thread at its next Python instruction (None: a pending one withdrawn)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
+                                              ctypes.py_object(exc_type) if exc_type is not None else None)
+
+
+class StoppedAgain(BaseException):
+    """Base of the SIGTERM raised again (a subclass of Prefect's TerminationSignal, made per run)."""
+
+
+@contextmanager
+def ending_enforced() -> Iterator[None]:
+    """The block (a flow's body) ends by Prefect's own exception once it runs GRACE_S past the
+    flow's timeout or past a SIGTERM, however often the code that exception lands in catches it."""
+    from prefect._internal.concurrency.cancellation import CancelledError  # what Prefect's timeout raises
+    from prefect.exceptions import TerminationSignal  # what Prefect's SIGTERM handler raises
+
+    class StopSignal(TerminationSignal, StoppedAgain):
+        def __init__(self):
+            super().__init__(signal=signal.SIGTERM)
+
+    seconds, flow_thread = _flow_timeout(), threading.get_ident()
+    left, wake, lock = threading.Event(), threading.Event(), threading.Lock()
+    due: dict[str, float] = {}
+    if seconds:
+        due["timeout"] = time.monotonic() + seconds + GRACE_S
+    handler = None
+    if threading.current_thread() is threading.main_thread():  # where Python runs signal handlers
+        before = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum, frame):
+            due.setdefault("stop", time.monotonic() + GRACE_S)
+            wake.set()
+            if callable(before):
+                before(signum, frame)  # Prefect's: TerminationSignal
+            elif before == signal.SIG_DFL:
+                raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, handler)
+
+    def watch() -> None:
+        while True:
+            when = min(due.values(), default=None)
+            if when is None or time.monotonic() < when:
+                wake.wait(None if when is None else when - time.monotonic())  # a SIGTERM, or the block left
+                wake.clear()
+                if left.is_set():
+                    return
+                continue
+            why = "SIGTERM" if due.get("stop", float("inf")) <= due.get("timeout", float("inf")) else (
+                f"{RUN_TIMEOUT_ENV} ({seconds:g} s)")
+            run_logger().warning("The run is %g s past its %s and still running: the exception that ends it was "
+                                 "caught where it landed; raised again every %g s until the run ends", GRACE_S, why,
+                                 AGAIN_S)
+            while True:
+                with lock:
+                    if left.is_set():
+                        return
+                    _raise_in(flow_thread, StopSignal if why == "SIGTERM" else CancelledError)
+                if left.wait(AGAIN_S):
+                    return
+
+    watcher = threading.Thread(target=watch, name="smolflow-run-ending", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        while True:  # nothing is raised in this thread once it has left the block
+            try:
+                left.set()
+                wake.set()
+                with lock:  # the watcher raises only under it, after checking `left`
+                    _raise_in(flow_thread, None)  # one pending is withdrawn
+                if handler is not None and signal.getsignal(signal.SIGTERM) is handler:
+                    signal.signal(signal.SIGTERM, before)
+                break
+            except (CancelledError, StoppedAgain):  # it came as the block was ending anyway
+                continue
