@@ -12,8 +12,11 @@ flow's thread again, every AGAIN_S, until the block is left.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import select
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -54,32 +57,30 @@ def ending_enforced() -> Iterator[None]:
             super().__init__(signal=signal.SIGTERM)
 
     seconds, flow_thread = _flow_timeout(), threading.get_ident()
-    left, wake, lock = threading.Event(), threading.Event(), threading.Lock()
+    left, lock = threading.Event(), threading.Lock()
     due: dict[str, float] = {}
     if seconds:
         due["timeout"] = time.monotonic() + seconds + GRACE_S
-    handler = None
-    if threading.current_thread() is threading.main_thread():  # where Python runs signal handlers
-        before = signal.getsignal(signal.SIGTERM)
-
-        def handler(signum, frame):
-            due.setdefault("stop", time.monotonic() + GRACE_S)
-            wake.set()
-            if callable(before):
-                before(signum, frame)  # Prefect's: TerminationSignal
-            elif before == signal.SIG_DFL:
-                raise SystemExit(128 + signum)
-
-        signal.signal(signal.SIGTERM, handler)
+    # A SIGTERM is noticed by the signal module's wakeup fd (its C handler writes the signal's number
+    # there), not by a handler of ours: Prefect acknowledges a cancel only while its own handler is
+    # the one installed (else the run ends Crashed, not Cancelled).
+    notes, note_to = socket.socketpair()
+    notes.setblocking(False)
+    note_to.setblocking(False)
+    try:
+        before_fd = signal.set_wakeup_fd(note_to.fileno(), warn_on_full_buffer=False)
+    except ValueError:  # not the main thread: no signal comes to it
+        before_fd = None
 
     def watch() -> None:
-        while True:
+        while not left.is_set():
             when = min(due.values(), default=None)
             if when is None or time.monotonic() < when:
-                wake.wait(None if when is None else when - time.monotonic())  # a SIGTERM, or the block left
-                wake.clear()
-                if left.is_set():
-                    return
+                wait = 1.0 if when is None else min(1.0, max(0.0, when - time.monotonic()))
+                if select.select([notes], [], [], wait)[0]:
+                    with contextlib.suppress(OSError):
+                        if signal.SIGTERM in notes.recv(4096):
+                            due.setdefault("stop", time.monotonic() + GRACE_S)
                 continue
             why = "SIGTERM" if due.get("stop", float("inf")) <= due.get("timeout", float("inf")) else (
                 f"{RUN_TIMEOUT_ENV} ({seconds:g} s)")
@@ -102,11 +103,15 @@ def ending_enforced() -> Iterator[None]:
         while True:  # nothing is raised in this thread once it has left the block
             try:
                 left.set()
-                wake.set()
                 with lock:  # the watcher raises only under it, after checking `left`
                     _raise_in(flow_thread, None)  # one pending is withdrawn
-                if handler is not None and signal.getsignal(signal.SIGTERM) is handler:
-                    signal.signal(signal.SIGTERM, before)
                 break
             except (CancelledError, StoppedAgain):  # it came as the block was ending anyway
                 continue
+        if before_fd is not None and (current := signal.set_wakeup_fd(before_fd)) != note_to.fileno():
+            signal.set_wakeup_fd(current)  # someone set theirs meanwhile: theirs stays
+        with contextlib.suppress(OSError):
+            note_to.send(b"\0")  # wakes the watcher, which sees `left`
+        watcher.join()
+        notes.close()
+        note_to.close()
