@@ -203,12 +203,19 @@ def active() -> ExecutionConfig:
     return ExecutionConfig.model_validate_json(raw) if raw else _LEGACY
 
 
-_previous: list[str | None] = []
+_previous: list[tuple[str | None, str | None]] = []  # (flow run that published, the value before)
 
 
 def publish(cfg: ExecutionConfig) -> Placement:
     """Make `cfg` the process's (and its children's) execution settings; return the decision."""
-    _previous.append(os.environ.get(ENV))
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    run = str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else None
+    # A retried flow run (its retries, or Retry in the UI) publishes again with no hook run between:
+    # the value before its first attempt is the one to restore, not the first attempt's.
+    if not (run is not None and _previous and _previous[-1][0] == run):
+        _previous.append((run, os.environ.get(ENV)))
     os.environ[ENV] = cfg.model_dump_json()
     return resolve(cfg)
 
@@ -216,7 +223,7 @@ def publish(cfg: ExecutionConfig) -> Placement:
 def unpublish(*_hook_args, **_hook_kwargs) -> None:
     """Undo the latest `publish` (a Prefect flow hook): later work in the process is unaffected."""
     if _previous:
-        before = _previous.pop()
+        _, before = _previous.pop()
         if before is None:
             os.environ.pop(ENV, None)
         else:

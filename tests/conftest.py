@@ -123,6 +123,18 @@ def no_leaked_api_url():
     assert "PREFECT_API_URL" not in os.environ, "this test left PREFECT_API_URL set in os.environ"
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_run_settings():
+    """A run's device/precision settings (SMOLFLOW_EXECUTION, tasks/device.py publish) end with it: one
+    left behind changes how every later test of the worker loads models."""
+    before = os.environ.get("SMOLFLOW_EXECUTION")
+    yield
+    left = os.environ.get("SMOLFLOW_EXECUTION")
+    if left != before:
+        os.environ.pop("SMOLFLOW_EXECUTION", None) if before is None else os.environ.update(SMOLFLOW_EXECUTION=before)
+        pytest.fail(f"this test left SMOLFLOW_EXECUTION={left!r} in os.environ")
+
+
 @pytest.fixture(scope="session")
 def builtin_dir() -> Path:
     """The real SmolLM2-135M-Instruct, converted from the GGUF once per machine."""
