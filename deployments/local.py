@@ -123,12 +123,13 @@ def server_env(port: int, home: Path | None = None) -> dict[str, str]:
     return env
 
 
-def start_server(port: int, home: Path | None = None, log: Path | None = None, timeout: float = 120) -> subprocess.Popen:
+def start_server(port: int, home: Path | None = None, log: Path | None = None, timeout: float = 120,
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start `prefect server start` on 127.0.0.1:port (deployments/prefect_server.py: no webhook URL in
-    its log) and wait until its API is healthy."""
+    its log) and wait until its API is healthy. `env`: more variables for it (Prefect settings)."""
     check_port_free(port)
     out = open(log, "ab") if log else subprocess.DEVNULL
-    env = server_env(port, home)
+    env = server_env(port, home) | (env or {})
     if (ROOT / "pyproject.toml").exists():  # a checkout: its code, whether or not it is installed
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(  # `-m`: a `pip install --user` puts the `prefect` script elsewhere than the interpreter

@@ -5,6 +5,7 @@ GGUF), so every code path is the real one while a training step takes well under
 """
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -84,12 +85,8 @@ def pytest_configure(config):
     """Under pytest-xdist, the controller starts one temporary Prefect server for every worker: a
     server per worker cost each worker ~20 s of CPU to start plus its background services, on 2 cores."""
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
-        from prefect.settings import PREFECT_API_URL
-        from prefect.testing.utilities import prefect_test_harness
-
-        config._smolflow_prefect = prefect_test_harness(server_startup_timeout=120)
-        config._smolflow_prefect.__enter__()
-        os.environ[_SHARED_SERVER] = PREFECT_API_URL.value()  # the workers start after this
+        config._smolflow_prefect = _test_server()
+        os.environ[_SHARED_SERVER] = config._smolflow_prefect.__enter__()  # the workers start after this
         from tasks.locks import ensure_limits
 
         ensure_limits()  # as `smolflow serve` does: workers creating them at once left a server traceback
@@ -103,22 +100,52 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server():
     """The temporary Prefect server every test's flows and tasks report to."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
     if shared := os.environ.get(_SHARED_SERVER):
-        with temporary_settings(updates={PREFECT_API_URL: shared}):
+        with _api_url(shared):
             yield
     else:
-        with prefect_test_harness(server_startup_timeout=120):
+        with _test_server():
             yield
+
+
+@contextlib.contextmanager
+def _api_url(url: str):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield url
+
+
+@contextlib.contextmanager
+def _test_server():
+    """A real `prefect server start` on a free port in a throwaway home, started as `smolflow serve`
+    starts it (deployments/local.py: leases on disk, dies with this process), its API URL set here.
+    Not prefect_test_harness's server: that one is ephemeral, and an ephemeral server runs none of
+    Prefect's services, the lease repossessor among them, so the training slot of a run that a test
+    killed (SIGKILL: nothing gives it back) stayed taken, and every later training of the session
+    waited on it for good (CI ran into its 90-minute limit so). Here its lease expires (LEASE_S)."""
+    import socket
+
+    from deployments.local import start_server, stop
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = Path(tempfile.mkdtemp(prefix="prefect-server-", dir=_HOME))
+    # No UI: the tests that look at Prefect's UI serve it themselves (tests/test_prefect_markdown.py).
+    server = start_server(port, home=home, log=home / "server.log", timeout=120, env={"PREFECT_UI_ENABLED": "false"})
+    try:
+        with _api_url(f"http://127.0.0.1:{port}/api") as url:
+            yield url
+    finally:
+        stop(server)
 
 
 @pytest.fixture(autouse=True)
 def no_leaked_api_url():
     """A test must not leave PREFECT_API_URL in the environment: every later subprocess of the
     worker would report to the shared server, and a SIGKILLed one would hold its training slot
-    (the test server revokes no expired leases), stalling every later training for good."""
+    until its lease expired (LEASE_S), stalling every later training that long."""
     yield
     assert "PREFECT_API_URL" not in os.environ, "this test left PREFECT_API_URL set in os.environ"
 

@@ -161,3 +161,39 @@ def test_a_sigterm_while_the_server_slot_is_taken_gives_it_back(tmp_path):
     assert proc.returncode == 128 + 15, proc.stderr[-3000:]  # ended by the SIGTERM, not after the sleep
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
+
+
+# Takes the slot on Prefect's shortest lease, then dies as the out-of-memory killer kills: nothing
+# gives the slot back; only the server's lease expiry can.
+HOLD_THEN_SIGKILL = """
+import os, signal, sys
+from tasks import locks
+locks.LEASE_S = 60  # the shortest lease Prefect grants
+with locks.exclusive(sys.argv[1], "test"):
+    print("held", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.slow
+def test_a_slot_whose_holder_was_sigkilled_is_freed_when_its_lease_expires(tmp_path):
+    """The module's promise for a holder that dies (its docstring): an unrenewed lease expires and the
+    server frees the slot, here on the tests' own server (tests/conftest.py: an ephemeral one never
+    did, and a run a test killed stalled every later training of the session)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    name = "smolflow-test-sigkill"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "PYTHONPATH": str(ROOT), "PREFECT_API_URL": PREFECT_API_URL.value(), "SMOLFLOW_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", HOLD_THEN_SIGKILL, name], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9 and proc.stdout == "held\n", proc.stderr[-3000:]
+    killed = time.monotonic()
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(name).active_slots == 1  # left taken
+        while (active := client.read_global_concurrency_limit_by_name(name).active_slots) and \
+                time.monotonic() - killed < 150:
+            time.sleep(2)
+    assert active == 0, "the slot of a SIGKILLed holder was never freed (60 s lease)"
