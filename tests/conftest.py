@@ -153,13 +153,16 @@ def no_leaked_api_url():
 @pytest.fixture(autouse=True)
 def no_leaked_run_settings():
     """A run's device/precision settings (SMOLFLOW_EXECUTION, tasks/device.py publish) end with it: one
-    left behind changes how every later test of the worker loads models."""
-    before = os.environ.get("SMOLFLOW_EXECUTION")
+    left behind changes how every later test of the worker loads models; and a run time limit
+    (SMOLFLOW_RUN_TIMEOUT_HOURS, which `smolflow serve` defaults) would end every later run of the worker."""
+    names = ("SMOLFLOW_EXECUTION", "SMOLFLOW_RUN_TIMEOUT_HOURS")
+    before = {name: os.environ.get(name) for name in names}
     yield
-    left = os.environ.get("SMOLFLOW_EXECUTION")
-    if left != before:
-        os.environ.pop("SMOLFLOW_EXECUTION", None) if before is None else os.environ.update(SMOLFLOW_EXECUTION=before)
-        pytest.fail(f"this test left SMOLFLOW_EXECUTION={left!r} in os.environ")
+    left = {name: os.environ.get(name) for name in names if os.environ.get(name) != before[name]}
+    for name in left:
+        os.environ.pop(name, None) if before[name] is None else os.environ.update({name: before[name]})
+    if left:
+        pytest.fail(f"this test left {', '.join(f'{k}={v!r}' for k, v in left.items())} in os.environ")
 
 
 @pytest.fixture(scope="session")

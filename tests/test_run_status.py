@@ -128,7 +128,8 @@ def test_served_runs_get_a_timeout_unless_told_otherwise(monkeypatch):
     from deployments.serve import default_run_timeout
     from tasks.runtime import RUN_TIMEOUT_ENV
 
-    monkeypatch.delenv(RUN_TIMEOUT_ENV, raising=False)
+    monkeypatch.setenv(RUN_TIMEOUT_ENV, "")  # recorded, so that the value set below is undone
+    monkeypatch.delenv(RUN_TIMEOUT_ENV)
     default_run_timeout()
     assert os.environ[RUN_TIMEOUT_ENV] == "23"
     monkeypatch.setenv(RUN_TIMEOUT_ENV, "0")  # the operator's choice stays
