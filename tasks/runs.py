@@ -182,6 +182,21 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
+# A None that means another setting's value (config_eval.py), compared as that value: an older
+# config.json stored it resolved (`judge.max_new_tokens 8`), a newer one None, for the same run.
+FOLLOWS = {"judge.max_new_tokens": "sampling.max_new_tokens"}
+
+
+def _effective(flat: dict[str, Any], key: str, unset: str) -> Any:
+    value = flat.get(key, unset)
+    return flat[FOLLOWS[key]] if value is None and FOLLOWS.get(key) in flat else value
+
+
+def _shown(flat: dict[str, Any], key: str, unset: str) -> Any:
+    value = flat.get(key, unset)
+    return f"None (= {FOLLOWS[key]} {flat[FOLLOWS[key]]})" if value is None and FOLLOWS.get(key) in flat else value
+
+
 class _Score:
     def __init__(self, row: dict):
         self.score, self.stderr = row["score"], row.get("stderr")
@@ -226,8 +241,8 @@ def compare_runs(root: str, run_a: str, run_b: str) -> dict[str, Any]:
     # A setting one run's config.json lacks (an older smolflow's, or an eval run's training.*) is said
     # so: it showed as None, read as "set to None" (`gate.rescore_promoted None` against `True`).
     unset = "(not in its config.json)"
-    settings = [{"setting": k, "a": ca.get(k, unset), "b": cb.get(k, unset), "differs": ca.get(k, unset) != cb.get(k, unset)}
-                for k in sorted(set(ca) | set(cb))]
+    settings = [{"setting": k, "a": _shown(ca, k, unset), "b": _shown(cb, k, unset),
+                 "differs": _effective(ca, k, unset) != _effective(cb, k, unset)} for k in sorted(set(ca) | set(cb))]
     health = {"a": _read(a, RunPaths.health, {}).get("healthy"), "b": _read(b, RunPaths.health, {}).get("healthy")}
     training = {"a": losses(a), "b": losses(b)}
     data = {side: (_read(run, RunPaths.manifest, {}) or {}).get("dataset", {}) for side, run in (("a", a), ("b", b))}

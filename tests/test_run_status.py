@@ -99,6 +99,14 @@ def test_runs_and_compare_show_each_runs_training_loss(tmp_path):
     # A setting one run's config.json lacks (an older smolflow's) is said so, not shown as None.
     assert compare_runs(str(tmp_path), "n1", "e1")["settings"] == [
         {"setting": "gate.rescore_promoted", "a": True, "b": "(not in its config.json)", "differs": True}]
+    # judge.max_new_tokens None means sampling.max_new_tokens; an older config.json stored it resolved.
+    for run_id, judged in (("n1", 8), ("n2", None), ("n3", None)):
+        root.child("runs", run_id).write_json("config.json", {"judge": {"max_new_tokens": judged},
+                                                              "sampling": {"max_new_tokens": 16 if run_id == "n3" else 8}})
+    assert compare_runs(str(tmp_path), "n1", "n2")["settings"] == [
+        {"setting": "judge.max_new_tokens", "a": 8, "b": "None (= sampling.max_new_tokens 8)", "differs": False},
+        {"setting": "sampling.max_new_tokens", "a": 8, "b": 8, "differs": False}]
+    assert [s["differs"] for s in compare_runs(str(tmp_path), "n1", "n3")["settings"]] == [True, True]
     shown = subprocess.run([str(Path(sys.executable).parent / "smolflow"), "runs", "--root", str(tmp_path)],
                            capture_output=True, text=True, timeout=120).stdout
     assert "loss (train/eval)" in shown and "1.9543/1.8424" in shown
