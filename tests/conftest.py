@@ -137,6 +137,11 @@ def _test_server():
     try:
         with _api_url(f"http://127.0.0.1:{port}/api") as url:
             yield url
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all()  # what this process still has to send, before the server goes
+            EventsWorker.drain_all()
     finally:
         stop(server)
 
