@@ -13,6 +13,8 @@ SDPA over the packed row with its block-diagonal mask, TRL's LM-head chunk, glib
 Two levers measured and not kept: `fp32-bf16mm` (fp32, but oneDNN rounds every fp32 matmul's inputs
 to bf16 and accumulates in fp32: where bf16's loss gap comes from) and `bf16-regional` (bf16 with
 each decoder layer's norms and MLP under torch.compile, dynamic shapes: one compile for every length).
+`fp32-every`: fp32 with TRL's CPU LM head scoring every position, labelled or not (TRL's own
+choice off Triton; smolflow scores the labelled ones only: it pays with `--assistant-only`).
 `fp32-ddp2` and `bf16-ddp2`: `training.num_processes: 2` as a run does it (torchrun, gloo, the
 cores split between the ranks), each rank half the seed's batch, so the global batch and the
 optimizer's steps stay the seed's; tokens/s counts both ranks.
@@ -25,7 +27,11 @@ steps run in the steady state, not in the first steps' allocations), and MFU aga
 The training loss is each configuration's own measure (under bf16 autocast, in bf16), so the loss
 compared across configurations is the held-out one: the trained weights on the fixture's test
 conversations, in fp32 for all.
-Not a test: numbers go to docs/training.md.
+`--assistant-only`: every configuration trains on the assistant's tokens only (the chat template
+with generation markers, tasks/chat_templates/chatml-assistant-only.jinja; the seed through TRL's
+`assistant_only_loss`), as a run does with `template.assistant_only_loss: true` (and its `auto` on
+prompt/completion or ShareGPT rows); tokens/s still counts every real token.
+Not a test: numbers go to docs/performance.md.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CONFIGS = ("seed", "seed-kept", "fp32", "compile", "bf16", "smolflow", "fp32-plain", "bf16-plain",
-           "fp32-bf16mm", "bf16-regional", "fp32-ddp2", "bf16-ddp2")
+           "fp32-bf16mm", "bf16-regional", "fp32-ddp2", "bf16-ddp2", "fp32-every")
 DEFAULT_CONFIGS = "seed,fp32,compile,smolflow"
 
 
@@ -66,6 +72,10 @@ def ranks(name: str) -> int:
     return 2 if name.endswith("-ddp2") else 1
 
 
+def assistant_only() -> bool:
+    return os.environ.get("BENCH_ASSISTANT_ONLY") == "1"
+
+
 def trainer_args(name: str, out: str, steps: int, seed: int = 42):
     """The seed's SFTConfig (TRL defaults, batch 4, fp32) or smolflow's sft_config defaults."""
     from trl import SFTConfig
@@ -76,7 +86,8 @@ def trainer_args(name: str, out: str, steps: int, seed: int = 42):
     if name.startswith("seed"):  # TRL defaults: gradient checkpointing on, padded batches; the seed trains in fp32 here
         return SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=4, bf16=False,
                          use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
-                         logging_steps=1, learning_rate=5e-5, warmup_steps=0.1, seed=seed)
+                         logging_steps=1, learning_rate=5e-5, warmup_steps=0.1, seed=seed,
+                         assistant_only_loss=assistant_only())
     from tasks.config import ExecutionConfig
     from tasks.device import resolve
 
@@ -125,7 +136,7 @@ def worker(name: str, model_dir: str, steps: int, warmup: int, seed: int = 42) -
 
     from tasks.runtime import FIXTURES, set_torch_threads
     from tasks.config import TrainingConfig
-    from tasks import train_levers
+    from tasks import lm_head_cpu, train_levers
     from tasks.training import prepare_splits
 
     # The seed leaves torch's default (all cores); smolflow sets its own (tasks.runtime), or --threads.
@@ -137,6 +148,10 @@ def worker(name: str, model_dir: str, steps: int, warmup: int, seed: int = 42) -
     peak = matmul_peak_flops()
     data = load_dataset("json", data_files=str(FIXTURES / "everyday_conversations" / "train.jsonl"), split="train")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if assistant_only():  # the same rendering with the assistant's tokens marked, for every configuration
+        from tasks.templates import TEMPLATE_DIR
+
+        tokenizer.chat_template = (TEMPLATE_DIR / "chatml-assistant-only.jinja").read_text()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     out = tempfile.mkdtemp(prefix="bench-training-")  # the Trainer's output_dir (nothing saved); removed at exit
     atexit.register(shutil.rmtree, out, True)
@@ -144,6 +159,8 @@ def worker(name: str, model_dir: str, steps: int, warmup: int, seed: int = 42) -
     # As tasks.training.fit does; the seed and the -plain rows keep transformers' and TRL's defaults.
     levers = train_levers.apply(model, args.padding_free, "cpu", args.bf16,
                                 enabled=not name.startswith("seed") and not name.endswith("-plain"))
+    if name == "fp32-every":  # TRL's choice on a CPU: every position through the LM head
+        levers["lm_head_scores"] = "every" if not lm_head_cpu.score_labelled_only(False) else "labelled"
     if name == "seed-kept":  # the seed with only the allocator lever: what that lever alone is worth
         levers["freed_memory_kept"] = train_levers.glibc() is not None
     if name == "fp32-bf16mm":  # fp32 tensors; oneDNN's matmuls round inputs to bf16 (held_out_loss resets it)
@@ -152,7 +169,8 @@ def worker(name: str, model_dir: str, steps: int, warmup: int, seed: int = 42) -
         for layer in model.model.layers:
             for module in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
                 module.compile(dynamic=True)
-    train = data if name.startswith("seed") else prepare_splits({"train": data, "test": data}, tokenizer, TrainingConfig())[0]
+    train = data if name.startswith("seed") else prepare_splits({"train": data, "test": data}, tokenizer, TrainingConfig(),
+                                                                assistant_only_loss=assistant_only())[0]
 
     marks: list[tuple[float, int, int]] = []  # after each step: clock, tokens so far, minor page faults so far
 
@@ -209,6 +227,7 @@ def worker(name: str, model_dir: str, steps: int, warmup: int, seed: int = 42) -
         "attention": levers["attention"] + (" (fp32)" if levers.get("attention_fp32_under_bf16") else ""),
         "lm_head_chunk": levers["lm_head_vocab_chunk"],
         "lm_head": levers["lm_head"],
+        "lm_head_scores": levers.get("lm_head_scores", "every"),
         "freed_memory_kept": levers["freed_memory_kept"],
         "minor_faults_per_step": (f1 - f0) / max(1, steps),
     }
@@ -236,6 +255,7 @@ def main() -> None:
     p.add_argument("--seeds", default="42", help="comma-separated training seeds (batch order), each run per round: "
                    "the spread of the held-out loss over seeds is what a precision's loss is compared with")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from {', '.join(CONFIGS)}")
+    p.add_argument("--assistant-only", action="store_true", help="train on the assistant's tokens only, every configuration")
     p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     a = p.parse_args()
     configs = [c for c in a.configs.split(",") if c]
@@ -252,6 +272,8 @@ def main() -> None:
         a.model = str(convert_builtin())
     if a.threads:
         os.environ["BENCH_THREADS"] = str(a.threads)
+    if a.assistant_only:
+        os.environ["BENCH_ASSISTANT_ONLY"] = "1"
     if a.seed_threads:
         os.environ["BENCH_SEED_THREADS"] = str(a.seed_threads)
     load = os.getloadavg()
@@ -284,7 +306,8 @@ def main() -> None:
 
     print(f"\nload average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; at end "
           + " ".join(f"{x:.2f}" for x in os.getloadavg()) + f"; {os.cpu_count()} CPUs")
-    print("| config | threads | grad ckpt | padding-free | attention | LM head (chunk) | freed memory kept | bf16 | compile "
+    print(f"loss on: {'the assistant tokens only' if a.assistant_only else 'every token'}")
+    print("| config | threads | grad ckpt | padding-free | attention | LM head (chunk, positions scored) | freed memory kept | bf16 | compile "
           "| tokens/s | ratio | s/step | page faults/step | peak RSS MB | MFU | matmul peak GFLOP/s | mean loss (timed steps) "
           "| held-out loss (fp32) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -294,7 +317,7 @@ def main() -> None:
         tps = total(name, "tokens") / sum(x["s_per_step"] * x["steps"] for x in rs)
         mfu = sum(x["mfu"] for x in rs) / len(rs)
         print(f"| {name} | {rs[0]['threads']} | {rs[0]['gradient_checkpointing']} | {rs[0]['padding_free']} | "
-              f"{rs[0]['attention']} | {rs[0]['lm_head']} ({rs[0]['lm_head_chunk']}) | {rs[0]['freed_memory_kept']} | {rs[0]['bf16']} | "
+              f"{rs[0]['attention']} | {rs[0]['lm_head']} ({rs[0]['lm_head_chunk']}, {rs[0]['lm_head_scores']}) | {rs[0]['freed_memory_kept']} | {rs[0]['bf16']} | "
               f"{rs[0]['torch_compile']} | {tps:.1f} | {tps / seed_tps:.2f}x | {total(name, 's_per_step') / len(rs):.2f} | "
               f"{total(name, 'minor_faults_per_step') / len(rs):,.0f} | {max(x['peak_rss_mb'] for x in rs):.0f} | {mfu:.1%} | "
               f"{sum(x['matmul_peak_gflops'] for x in rs) / len(rs):.1f} | "

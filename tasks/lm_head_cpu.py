@@ -91,7 +91,7 @@ class CpuLogProb(torch.autograd.Function):
         ctx.w = ctx.kept = None  # freed with the backward, as saved tensors are
         n_all, vocab = hidden.shape[0], weight.shape[0]
         grad_hidden = torch.zeros(hidden.shape) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.empty(weight.shape) if ctx.needs_input_grad[1] else None
+        grad_weight = (torch.empty if n_all else torch.zeros)(weight.shape) if ctx.needs_input_grad[1] else None
         with torch.autocast("cpu", enabled=False):
             for t0 in range(0, n_all, TOKENS):
                 rows = slice(t0, min(t0 + TOKENS, n_all))
@@ -153,6 +153,27 @@ class Dispatch:
         logprobs, entropy, is_top1 = CpuLogProb.apply(hidden, weight, targets, logit_scale / temperature,
                                                       tuple(outputs))
         return logprobs, entropy, None, None, is_top1
+
+
+def score_labelled_only(on: bool) -> bool:
+    """TRL's fused LM head scores only the positions that have a label on Triton devices and every
+    position elsewhere (a Neuron device would recompile for each new count). A CPU's eager kernels
+    have no shapes to keep: on, the CPU scores the labelled positions only too, so the prompt tokens
+    of a completion-only or assistant-only loss, and a padded batch's padding, cost no LM-head GEMMs.
+    The loss and gradients are the same: an unlabelled position's outputs are zeros either way."""
+    import trl.trainer.utils as trl_utils
+    from trl.kernels.chunked_logprob import _use_triton
+
+    if getattr(trl_utils, "_use_triton", None) not in (_use_triton, _labelled_only_on_cpu):
+        return False  # a TRL that decides this otherwise: left alone
+    trl_utils._use_triton = _labelled_only_on_cpu if on else _use_triton
+    return on
+
+
+def _labelled_only_on_cpu(device: torch.device) -> bool:
+    from trl.kernels.chunked_logprob import _use_triton
+
+    return device.type == "cpu" or _use_triton(device)
 
 
 def install(on: bool) -> bool:

@@ -193,5 +193,6 @@ def apply(model, padding_free: bool, device: str, bf16: bool, enabled: bool = Tr
     levers["lm_head"] = head if lm_head_cpu.install(head == "smolflow-cpu") else "trl"
     levers["lm_head_vocab_chunk"] = chunk
     levers["lm_head_reason"] = why
+    levers["lm_head_scores"] = "labelled" if lm_head_cpu.score_labelled_only(enabled and device == "cpu") else "every"
     levers["freed_memory_kept"] = enabled and device == "cpu" and glibc() is not None  # see freed_memory_kept
     return levers

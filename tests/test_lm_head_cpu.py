@@ -76,3 +76,48 @@ def test_install_routes_trls_head_and_back():
     finally:
         assert not lm_head_cpu.install(False)
     assert trl_utils._ChunkedLogProbFunction is ChunkedLogProbFunction
+
+
+@pytest.mark.parametrize("head", ["smolflow-cpu", "trl"])
+def test_scoring_only_labelled_positions_gives_the_same_loss_and_gradients(monkeypatch, tiny_model_dir, head):
+    """TRL's fused LM head (the Trainer's forward) on a batch with prompt tokens masked (-100, as
+    assistant-only or completion-only loss masks them): scoring only the labelled positions gives the
+    loss and gradients of scoring every position, on fewer rows; an all-masked batch a zero gradient."""
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # both restored after
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", trl_utils._ChunkedLogProbFunction)
+    lm_head_cpu.install(head == "smolflow-cpu")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trl_utils.add_fused_lm_head(model)
+    rows = []
+    real_apply = trl_utils._ChunkedLogProbFunction.apply
+
+    def counted(hidden, *args, **kwargs):
+        rows.append(hidden.shape[0])
+        return real_apply(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", counted)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=g)
+    labels = ids.clone()
+    labels[0, :25], labels[1, :10] = -100, -100  # prompts: once shifted, 15 + 30 positions labelled
+
+    def step(labels):
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=labels, fused_lm_head=True).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    assert not lm_head_cpu.score_labelled_only(False)
+    every, every_grads = step(labels)
+    assert lm_head_cpu.score_labelled_only(True)
+    labelled, labelled_grads = step(labels)
+    assert rows == [2 * 39, 45]
+    torch.testing.assert_close(labelled, every, rtol=1e-6, atol=1e-6)
+    for name, grad in every_grads.items():
+        torch.testing.assert_close(labelled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    _, none_grads = step(torch.full_like(labels, -100))
+    assert rows[-1] == 0 and all(torch.count_nonzero(grad) == 0 for grad in none_grads.values())
+    assert not lm_head_cpu.score_labelled_only(False) and trl_utils._use_triton is not lm_head_cpu._labelled_only_on_cpu

@@ -128,10 +128,12 @@ def test_levers_set_and_record_trls_chunk(tiny_model_dir, tmp_path, monkeypatch)
     monkeypatch.setenv("SMOLFLOW_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", train_levers.TRL_CHUNK)
     monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", trl_utils._ChunkedLogProbFunction)  # restored after
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
     train_levers.head_probe.cache_clear()
     from trl.kernels import ChunkedLogProbFunction
 
+    from tasks import lm_head_cpu
     from tasks.lm_head_cpu import Dispatch
 
     def timing(v, h, bf16, chunk, ours=False):
@@ -143,6 +145,7 @@ def test_levers_set_and_record_trls_chunk(tiny_model_dir, tmp_path, monkeypatch)
     assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == train_levers.CPU_CHUNK
     assert levers["lm_head"] == "smolflow-cpu" and trl_utils._ChunkedLogProbFunction is Dispatch
     assert "0.30 s smolflow's; TRL's 0.40 s at 4096" in levers["lm_head_reason"]
+    assert levers["lm_head_scores"] == "labelled" and trl_utils._use_triton is lm_head_cpu._labelled_only_on_cpu
     # bf16 autocast: attention in fp32 where the probe finds SDPA faster in fp32 (cached per machine)
     from tasks import packed_attention
 
@@ -165,6 +168,7 @@ def test_levers_set_and_record_trls_chunk(tiny_model_dir, tmp_path, monkeypatch)
     assert "12.00 ms one call per sequence vs 1.30 ms over the block mask" in levers["attention_reason"]
     assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == train_levers.TRL_CHUNK == levers["lm_head_vocab_chunk"]
     assert levers["lm_head"] == "trl" and trl_utils._ChunkedLogProbFunction is ChunkedLogProbFunction
+    assert levers["lm_head_scores"] == "every" and trl_utils._use_triton is not lm_head_cpu._labelled_only_on_cpu
     assert levers["freed_memory_kept"] is False  # a GPU run's host memory is not the step's
     train_levers.head_probe.cache_clear()
     assert train_levers.apply(model, padding_free=True, device="cpu", bf16=False, enabled=False)["freed_memory_kept"] is False
