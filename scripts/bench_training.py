@@ -134,9 +134,9 @@ def worker(name: str, model_dir: str, steps: int, warmup: int, seed: int = 42) -
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTTrainer
 
-    from tasks.runtime import FIXTURES, set_torch_threads
-    from tasks.config import TrainingConfig
     from tasks import lm_head_cpu, train_levers
+    from tasks.config import TrainingConfig
+    from tasks.runtime import FIXTURES, set_torch_threads
     from tasks.training import prepare_splits
 
     # The seed leaves torch's default (all cores); smolflow sets its own (tasks.runtime), or --threads.
