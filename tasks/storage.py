@@ -90,7 +90,7 @@ class ArtifactStore:
     def check_access(self) -> None:
         """Raise StorageError unless this root can be used now (on S3: credentials, endpoint and
         bucket; locally: the folder, or the nearest one above it that exists, writable), so a run
-        says so before it starts, not at its first write. Nothing is created."""
+        says so before it starts, not at its first write. Nothing is left behind."""
         if self.is_s3 and not self.exists():
             try:  # exists() is False for a missing bucket and for wrong credentials alike: a listing says which
                 self.fs.ls(self.bucket, refresh=True)

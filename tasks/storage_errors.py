@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import tempfile
 from pathlib import Path
 
 from tasks.runtime import redact_url
@@ -83,14 +84,22 @@ def s3_problem(store, err: Exception) -> str | None:
 
 
 def local_problem(root: str) -> str | None:
-    """Why a local root cannot be written: the folder, or the nearest one above it that exists (nothing is created)."""
+    """Why a local root cannot be written: the folder, or the nearest one above it that exists (a folder
+    made there and removed at once: nothing is left)."""
     folder = Path(root)
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
         return f"{folder} is a file, not a folder. Choose another folder"
+    why = None
     if not os.access(folder, os.W_OK | os.X_OK):  # EROFS too (root included), EACCES for others
         why = "a read-only file system" if os.statvfs(folder).f_flag & os.ST_RDONLY else "no write permission for this user"
+    else:  # access() says yes where a write still fails: /proc or /sys, an NFS export that squashes root
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".smolflow-check-", dir=folder))  # gone at once: nothing is left
+        except OSError as err:
+            why = err.strerror or str(err)
+    if why:
         return (f"cannot write in {folder} ({why}). Choose a folder this process can write, "
                 "e.g. --output.artifacts-uri ~/smolflow-runs")
     return None

@@ -172,3 +172,13 @@ def test_server_repr_hides_secret(s3_server):
     identity = json.loads((s3_server.data_dir / "s3.json").read_text())["identities"][0]
     assert identity["credentials"][0]["accessKey"] == s3_server.access_key
     assert all(port < 65536 for port in s3_server.ports.values()) and s3_server.process.poll() is None
+
+
+def test_a_local_root_where_access_says_yes_but_nothing_can_be_made_is_refused(tmp_path: Path):
+    # As root, access() calls /proc writable; the run then started and died in a Prefect traceback
+    # at its first mkdir (an NFS export that squashes root behaves alike). Checked by making a folder.
+    with pytest.raises(StorageError, match=r"/proc/smolflow-runs: cannot write in /proc \(.+\)\. Choose a folder"):
+        ArtifactStore("/proc/smolflow-runs").check_access()
+    writable = tmp_path / "runs"
+    ArtifactStore(str(writable)).check_access()
+    assert list(tmp_path.iterdir()) == []  # the check's folder went at once; the root is made by the run
