@@ -22,6 +22,9 @@ os.environ.update(
     TOKENIZERS_PARALLELISM="false",
     WANDB_SILENT="true",
     PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    # As every smolflow process sets it (tasks/runtime.py ENV_DEFAULTS): a temporary server's first
+    # start on a busy 2-core machine took over Prefect's 20 s default (a test's flow failed so).
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300",
     PREFECT_HOME=os.path.join(_HOME, "prefect"),
     # Test datasets and downloads go to a throwaway cache; the built-in model conversion is
     # shared with the user's cache so it happens once per machine, not once per test session.
@@ -79,6 +82,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 _SHARED_SERVER = "SMOLFLOW_TEST_PREFECT_API_URL"
+_PREFECT_DB = "SMOLFLOW_TEST_PREFECT_DB"  # a set-up Prefect database, copied by prefect_home()
+
+
+def prefect_home(path: Path) -> Path:
+    """`path` made a PREFECT_HOME holding a copy of the database of the tests' server as it first
+    started: a server's first start in an empty home runs every migration of Prefect's database,
+    ~9 CPU-seconds on this project's 2-core machines, and the tests start ~30 servers in homes of their own."""
+    path.mkdir(parents=True, exist_ok=True)
+    if (template := os.environ.get(_PREFECT_DB)) and not (path / "prefect.db").exists():
+        shutil.copyfile(template, path / "prefect.db")
+    return path
 
 
 def pytest_configure(config):
@@ -102,9 +116,11 @@ def prefect_server():
     """The temporary Prefect server every test's flows and tasks report to."""
     if shared := os.environ.get(_SHARED_SERVER):
         with _api_url(shared):
+            prefect_home(Path(os.environ["PREFECT_HOME"]))  # for the temporary servers of this worker's runs
             yield
     else:
         with _test_server():
+            prefect_home(Path(os.environ["PREFECT_HOME"]))
             yield
 
 
@@ -135,6 +151,14 @@ def _test_server():
     # No UI: the tests that look at Prefect's UI serve it themselves (tests/test_prefect_markdown.py).
     server = start_server(port, home=home, log=home / "server.log", timeout=120, env={"PREFECT_UI_ENABLED": "false"})
     try:
+        if _PREFECT_DB not in os.environ:  # its database before any test wrote to it: prefect_home's copy
+            import sqlite3
+
+            template = Path(_HOME) / "prefect-template.db"
+            with contextlib.closing(sqlite3.connect(home / "prefect.db")) as live, \
+                    contextlib.closing(sqlite3.connect(template)) as copy:
+                live.backup(copy)  # consistent while the server runs
+            os.environ[_PREFECT_DB] = str(template)  # inherited by the xdist workers, which start after this
         with _api_url(f"http://127.0.0.1:{port}/api") as url:
             yield url
             from prefect.events.worker import EventsWorker

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import prefect_home
+
 ROOT = Path(__file__).resolve().parent.parent
 SMOLFLOW = Path(sys.executable).parent / "smolflow"
 
@@ -428,7 +430,7 @@ def test_serve_refuses_a_folder_whose_flows_package_served_runs_would_import(env
 @pytest.mark.slow
 def test_serve_starts_a_server_with_both_deployments_and_stops_on_sigterm(env, tmp_path):
     port = _free_port()
-    serve_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "home")}
+    serve_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(prefect_home(tmp_path / "home"))}
     proc = subprocess.Popen([str(SMOLFLOW), "serve", "--port", str(port)], env=serve_env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:

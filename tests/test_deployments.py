@@ -21,7 +21,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from deployments.local import start_server, start_serving, stop
 from tasks.storage import ArtifactStore
-from tests.conftest import tiny_run_config
+from tests.conftest import prefect_home, tiny_run_config
 from tests.test_flow import check_run_folder
 
 TIMEZONE = "America/New_York"  # not UTC, so a wrong timezone would show
@@ -45,7 +45,7 @@ def served(tmp_path_factory):
     # The nightly's settings, as `smolflow serve --config FILE --section.field VALUE` passes them.
     (tmp / "work" / "nightly.yaml").write_text("training:\n  max_steps: 7\narena:\n  judge:\n    enabled: false\n",
                                                 encoding="utf-8")
-    server = start_server(port, home=tmp / "home", log=tmp / "server.log")
+    server = start_server(port, home=prefect_home(tmp / "home"), log=tmp / "server.log")
     serving = start_serving(port, home=tmp / "home", log=tmp / "serve.log", cwd=tmp / "work",
                             settings=["--config", "nightly.yaml", "--benchmarks", '[{"name": "gsm8k", "limit": 3}]',
                                       "--arena.max-battles", "2"])

@@ -14,6 +14,7 @@ import pytest
 
 from deployments.local import descendants
 from tasks.leftovers import SERVER_MARK, _running, orphaned_servers, reap_orphaned_servers
+from tests.conftest import prefect_home
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def _wait_for(ready: Path, proc: subprocess.Popen, seconds: float, never: str) -
 
 def _flow_with_its_server(tmp_path: Path, script: str) -> tuple[subprocess.Popen, list[int]]:
     """A flow process started with `script`, once its flow runs: (process, its temporary server's pids)."""
-    home, ready = tmp_path / "prefect-home", tmp_path / "ready"
+    home, ready = prefect_home(tmp_path / "prefect-home"), tmp_path / "ready"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env |= {"PREFECT_HOME": str(home), "PYTHONPATH": str(ROOT), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
     proc = subprocess.Popen([sys.executable, "-c", script, str(ready)], cwd=ROOT, env=env,
@@ -78,7 +79,7 @@ def test_a_killed_flows_temporary_server_is_reaped_at_the_next_start(tmp_path):
 def test_a_background_server_someone_started_is_never_reaped(tmp_path):
     # `prefect server start --background` leaves a uvicorn with the same command line, re-parented
     # to PID 1: every `smolflow run` stopped it (and, on port 4200, the server the run itself used).
-    home = tmp_path / "prefect-home"
+    home = prefect_home(tmp_path / "prefect-home")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PREFECT_HOME": str(home)}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,6 +13,7 @@ import pytest
 
 from deployments.local import descendants
 from tasks.leftovers import SERVER_MARK, _running, orphaned_servers
+from tests.conftest import prefect_home
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +64,7 @@ def _kill_all(pids: list[int]) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("started_by", ["main", "thread"])
 def test_a_sigkilled_flows_temporary_server_dies_with_it(tmp_path, started_by):
-    home, ready = tmp_path / "prefect-home", tmp_path / "ready"
+    home, ready = prefect_home(tmp_path / "prefect-home"), tmp_path / "ready"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env |= {"PREFECT_HOME": str(home), "PYTHONPATH": str(ROOT), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
     proc = subprocess.Popen([sys.executable, "-c", FLOW, str(ready), started_by], cwd=ROOT, env=env,
@@ -91,7 +92,7 @@ def test_a_sigkilled_flows_temporary_server_dies_with_it(tmp_path, started_by):
 def test_a_sigkilled_smolflow_command_leaves_no_server(tiny_model_dir, tmp_path):
     # The real command line: `tasks` is imported before Prefect's server module, whichever comes first.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "WANDB_SERVICE"))}
-    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(ROOT),
+    env |= {"PREFECT_HOME": str(prefect_home(tmp_path / "prefect-home")), "PYTHONPATH": str(ROOT),
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "--verbose", "eval", "--model", str(tiny_model_dir), "--benchmarks",

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import prefect_home
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TWO_RUNS = """
@@ -57,7 +59,7 @@ def _rows(db: Path, sql: str, *params) -> list[tuple]:
 
 
 def test_a_run_without_a_server_deletes_flow_runs_past_the_vacuum_retention(tmp_path):
-    home = tmp_path / "prefect-home"
+    home = prefect_home(tmp_path / "prefect-home")
     _run(TWO_RUNS, home)
     db = home / "prefect.db"
     runs = [r[0] for r in _rows(db, "select id from flow_run order by end_time")]

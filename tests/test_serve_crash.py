@@ -13,6 +13,7 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from deployments.local import alive, descendants, start_server, stop
+from tests.conftest import prefect_home
 from tests.test_serve_lifecycle import ROOT, _all_gone, _env, _free_port, _wait_for_deployments
 
 
@@ -24,7 +25,7 @@ def test_a_slot_held_by_a_run_that_died_with_its_server_is_freed_after_a_restart
 
     monkeypatch.setenv("PREFECT_SERVER_CONCURRENCY_INITIAL_DEPLOYMENT_LEASE_DURATION", "30")  # the minimum
     monkeypatch.setenv("PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS", "2")
-    port, home = _free_port(), tmp_path / "home"
+    port, home = _free_port(), prefect_home(tmp_path / "home")
     api = f"http://127.0.0.1:{port}/api"
     server = start_server(port, home=home, log=tmp_path / "server1.log", timeout=600)
     try:
@@ -57,7 +58,7 @@ def test_a_sigkilled_supervisor_leaves_no_serve_process_or_flow_run_behind(tmp_p
 
     from tests.conftest import tiny_run_config
 
-    port, home, log = _free_port(), tmp_path / "home", tmp_path / "serve.log"
+    port, home, log = _free_port(), prefect_home(tmp_path / "home"), tmp_path / "serve.log"
     api = f"http://127.0.0.1:{port}/api"
     config = tiny_run_config(tiny_model_dir, str(tmp_path / "runs"), training={"max_steps": 100000},
                              benchmarks=[], judge={"enabled": False}, wandb={"mode": "disabled"})
@@ -92,7 +93,7 @@ def test_a_sigkilled_serve_process_leaves_its_temporary_files_to_the_next_start(
     # The out-of-memory killer's SIGKILL of the serve process skips the runner's cleanup: its
     # runner_storage/<uuid> stayed in the temp folder, one per kill. It is in smolflow-tmp-<pid>-...
     # now, which the next smolflow process removes.
-    port, home, tmp = _free_port(), tmp_path / "home", tmp_path / "tmp"
+    port, home, tmp = _free_port(), prefect_home(tmp_path / "home"), tmp_path / "tmp"
     tmp.mkdir()
     server = start_server(port, home=home, log=tmp_path / "server.log", timeout=600)
     env = _env(home) | {"TMPDIR": str(tmp), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",

@@ -21,6 +21,7 @@ from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 from deployments.local import alive, descendants, start_server, stop
 from deployments.server_log import TAIL_LINES, cap_log, server_log
 from tasks.config_args import port_number, seconds
+from tests.conftest import prefect_home
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLFLOW = Path(sys.executable).parent / "smolflow"
@@ -60,7 +61,7 @@ def _all_gone(children: dict[int, str], within_s: float, log: Path) -> None:
 
 @pytest.mark.slow
 def test_sigterm_stops_every_child_and_the_nightly_survives_a_restart(tmp_path):
-    port, home, log = _free_port(), tmp_path / "home", tmp_path / "serve.log"
+    port, home, log = _free_port(), prefect_home(tmp_path / "home"), tmp_path / "serve.log"
     api = f"http://127.0.0.1:{port}/api"
     with open(log, "wb") as out:
         parent = subprocess.Popen([sys.executable, "-m", "deployments.local", "--port", str(port),
@@ -140,7 +141,7 @@ def test_a_server_that_dies_stops_everything_at_once_in_one_line(tmp_path):
     """kill -9 of the server (or the OOM killer): the supervisor waited on the serve process alone, beside
     a defunct server, for ~4 minutes, then the runner died in a 200-line traceback. Now: one line, every
     process stopped, exit status 1 for a restart policy. Its log is where the start said."""
-    port, home, log = _free_port(), tmp_path / "home", tmp_path / "serve.log"
+    port, home, log = _free_port(), prefect_home(tmp_path / "home"), tmp_path / "serve.log"
     with open(log, "wb") as out:
         parent = subprocess.Popen([sys.executable, "-m", "deployments.local", "--port", str(port),
                                    "--startup-timeout", "600"],

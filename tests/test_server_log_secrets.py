@@ -12,6 +12,7 @@ import pytest
 
 from deployments.local import server_env, start_server
 from deployments.prefect_server import redact_paths
+from tests.conftest import prefect_home
 from tests.test_alerts import webhook_receiver
 from tests.test_serve_lifecycle import _free_port
 
@@ -48,7 +49,7 @@ def test_urls_lose_their_paths_except_the_servers_own():
 @pytest.mark.slow
 def test_a_failing_webhook_leaves_no_url_in_the_server_log(tmp_path):
     port, log = _free_port(), tmp_path / "server.log"
-    server = start_server(port, home=tmp_path / "home", log=log, timeout=300)
+    server = start_server(port, home=prefect_home(tmp_path / "home"), log=log, timeout=300)
     try:
         with webhook_receiver(404, f"/hook/{SECRET}") as (hook, posted):
             env = server_env(port, tmp_path / "home") | {"PYTHONPATH": str(ROOT)}

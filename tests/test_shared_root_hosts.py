@@ -19,6 +19,7 @@ import pytest
 from tasks.leftovers import process_gone, process_mark
 from tasks.runs import list_runs, status_recorded
 from tasks.storage import ArtifactStore
+from tests.conftest import prefect_home
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +87,7 @@ first_thing()
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
 def test_a_run_as_pid_1_never_reaps_its_own_temporary_server(tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(ROOT),
+    env |= {"PREFECT_HOME": str(prefect_home(tmp_path / "prefect-home")), "PYTHONPATH": str(ROOT),
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
     done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", PID1_FLOW], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=400)

@@ -16,7 +16,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from deployments.local import server_env, start_server, stop
 from tasks.storage import ArtifactStore
-from tests.conftest import tiny_run_config
+from tests.conftest import prefect_home, tiny_run_config
 from tests.test_deployments import _free_port
 from tests.test_flow import check_run_folder
 
@@ -42,7 +42,7 @@ def _leftovers(pgid: int, flow_run_id: str) -> list[str]:
 @pytest.mark.slow
 def test_process_pool_worker_runs_a_deployment(tiny_model_dir, tmp_path):
     port = _free_port()
-    server = start_server(port, home=tmp_path / "home", log=tmp_path / "server.log")
+    server = start_server(port, home=prefect_home(tmp_path / "home"), log=tmp_path / "server.log")
     env = server_env(port, tmp_path / "home") | {"SMOLFLOW_ROOT": str(ROOT), "PYTHONPATH": str(ROOT)}
     # As docs/scale.md says: deployed without SMOLFLOW_ROOT (a value there is written into the
     # deployments: every worker would change into the deploying machine's folder), which each worker sets.
