@@ -30,7 +30,7 @@ from tasks.models import ModelRef, resolve_model
 from tasks.prefect_vacuum import vacuum_temporary_server_db
 from tasks.reporting import write_report
 from tasks.retention import drop_work_dir, tidy_after_failure, tidy_before_run, tidy_up
-from tasks.runs import flow_run_id, model_of_run, status_recorded
+from tasks.runs import flow_run_id, model_of_run, served_as, status_recorded
 from tasks.runtime import cache_dir, code_version, flow_run_link, run_logger, run_timeout, set_torch_threads
 from tasks.sandbox import hide_from_sandbox
 from tasks.storage import ArtifactStore, set_latest, write_manifest
@@ -110,9 +110,10 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
     resolved = resolved_in(resolve_autos(config), NOT_IN_EVAL)
     run.write_json(RunPaths.resolved, resolved)
     # Its W&B config leaves out the sections eval refuses; grouped by deployment (or flow), as a fine-tune's.
-    wb = start_flow_wandb(config, run_id, work, resolved, job_type="eval", leave_out=NOT_IN_EVAL)
+    served = served_as(run)
+    wb = start_flow_wandb(config, run_id, work, resolved, job_type="eval", leave_out=NOT_IN_EVAL, served=served)
 
-    with status_recorded(run, close_on_stop(wb, run, work)):  # a failed run says so in its folder and W&B
+    with status_recorded(run, close_on_stop(wb, run, work), served):  # a failed run says so in its folder and W&B
         found = model_of_run(root, config.model)
         model = ModelRef(**found) if found else resolve_model(config.model)
         scores = score_models({"model": model}, config.benchmarks, checked.custom, config.judge)

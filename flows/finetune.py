@@ -32,7 +32,7 @@ from tasks.reference import rescore_promoted
 from tasks.special_tokens import control_tokens
 from tasks.reporting import write_report
 from tasks.retention import drop_work_dir, tidy_after_failure, tidy_before_run, tidy_up
-from tasks.runs import flow_run_id, status_recorded
+from tasks.runs import flow_run_id, served_as, status_recorded
 from tasks.runtime import cache_dir, code_version, flow_run_link, run_timeout, set_torch_threads
 from tasks.sandbox import hide_from_sandbox
 from tasks.storage import ArtifactStore, set_latest, write_manifest
@@ -69,9 +69,10 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
     resolved = resolve_autos(config)  # what each `auto` meant here, now
     run.write_json(RunPaths.resolved, resolved)
     work = cache_dir("work", run_id)
-    wb = start_flow_wandb(config, run_id, work, resolved)  # grouped by deployment (or flow), Prefect run in its config
+    served = served_as(run)  # its deployment, also when a served night is resumed from the command line
+    wb = start_flow_wandb(config, run_id, work, resolved, served=served)  # grouped by deployment (or flow)
 
-    with status_recorded(run, close_on_stop(wb, run, work)):  # a failed run says so, and why, in its folder and W&B
+    with status_recorded(run, close_on_stop(wb, run, work), served):  # a failed run says so, and why, in its folder and W&B
         base = resolve_model(config.model)
         data = load_chat_dataset(config.data, control_tokens(base, config.template))  # special tokens typed in text
         templated = prepare_chat_template(base, data, config.template)

@@ -272,24 +272,38 @@ def model_of_run(root: str, run_id: str) -> dict[str, Any] | None:
     return run.read_json(RunPaths.manifest)["tuned_model"]
 
 
+def served_as(run: ArtifactStore) -> str | None:
+    """The Prefect deployment this run belongs to: this flow run's; on a resume with none (`smolflow run
+    --output.run-id` of a served night) the one its earlier attempt ran under, as its status.json says."""
+    from prefect.runtime import deployment
+
+    if deployment.name:
+        return deployment.name
+    try:
+        return run.read_json(RunPaths.status).get("deployment")
+    except (FileNotFoundError, ValueError, AttributeError):  # a new run, or an unreadable earlier status
+        return None
+
+
 @contextmanager
-def status_recorded(run: ArtifactStore, on_stop: Callable[[dict], None] | None = None):
+def status_recorded(run: ArtifactStore, on_stop: Callable[[dict], None] | None = None, deployment: str | None = None):
     """status.json says 'running' during the block, 'failed' (why, when) if it raises, 'stopped' if
     it was interrupted or cancelled, 'complete' if it ends; the manifest, written before the end, is
     what marks a run complete for readers (run_status). on_stop gets that status (e.g. the W&B run
-    says it too: tasks/tracking.py close_on_stop)."""
-    write_status(run, "running", started_at=datetime.now(timezone.utc).isoformat(), **process_mark())
+    says it too: tasks/tracking.py close_on_stop). `deployment` (served_as) is kept in every state."""
+    served = {"deployment": deployment} if deployment else {}
+    write_status(run, "running", started_at=datetime.now(timezone.utc).isoformat(), **served, **process_mark())
     started = run.read_json(RunPaths.status)["started_at"]
     try:
         with ending_enforced():  # a timeout or SIGTERM ends it, also where its exception was caught
             yield run
     except BaseException as err:
         stopped = stop_reason(err)
-        write_status(run, "stopped" if stopped else "failed", stopped or failure_reason(err), started_at=started)
+        write_status(run, "stopped" if stopped else "failed", stopped or failure_reason(err), started_at=started, **served)
         if on_stop is not None:
             try:
                 on_stop(run.read_json(RunPaths.status))
             except Exception as also:  # never hides the run's own error, which status.json has
                 run_logger().warning("After the run stopped: %s: %s", type(also).__name__, also)
         raise
-    write_status(run, "complete", started_at=started)
+    write_status(run, "complete", started_at=started, **served)

@@ -64,12 +64,13 @@ def start_wandb(cfg: WandbConfig, run_id: str, config: dict, local_dir: Path, gr
 
 
 def start_flow_wandb(config, run_id: str, local_dir: Path, resolved: dict, job_type: str = "finetune",
-                     leave_out: dict | None = None):
-    """start_wandb for a flow run: grouped by the deployment when served (every `nightly` together,
-    a resumed run in the same group), else by the flow's name; the Prefect flow run (id, name,
-    deployment, page) in the config under `prefect` and its page in the notes; what each `auto`
-    resolved to under `resolved`; a flow's refused sections (`leave_out`: eval's NOT_IN_EVAL) left out."""
-    from prefect.runtime import deployment, flow_run
+                     leave_out: dict | None = None, served: str | None = None):
+    """start_wandb for a flow run: grouped by its deployment when served (`served`, tasks/runs.py
+    served_as: every `nightly` together, a resumed run in the same group, also when resumed from the
+    command line), else by the flow's name; the Prefect flow run (id, name, deployment, page) in the
+    config under `prefect` and its page in the notes; what each `auto` resolved to under `resolved`;
+    a flow's refused sections (`leave_out`: eval's NOT_IN_EVAL) left out."""
+    from prefect.runtime import flow_run
 
     from tasks.runtime import flow_run_link
 
@@ -77,14 +78,14 @@ def start_flow_wandb(config, run_id: str, local_dir: Path, resolved: dict, job_t
     logged = as_run(config, leave_out)
     logged["resolved"] = resolved_in(resolved, leave_out)
     logged["prefect"] = {"flow_run_id": flow_run.id, "flow_run_name": flow_run.get_name(),
-                         "deployment": deployment.name, "flow_run_link": link}
+                         "deployment": served, "flow_run_link": link}
     # Which code and packages produced the run, as the manifest records them: W&B's own git capture
     # sees nothing, its run directory being under SMOLFLOW_CACHE, outside the checkout.
     from tasks.storage import package_versions
 
     logged["versions"] = package_versions()
-    return start_wandb(config.wandb, run_id, logged, local_dir, deployment.name or flow_run.flow_name,
-                       [deployment.name] if deployment.name else None, job_type,
+    return start_wandb(config.wandb, run_id, logged, local_dir, served or flow_run.flow_name,
+                       [served] if served else None, job_type,
                        notes=f"Prefect flow run: {link}" if link else None)
 
 

@@ -168,6 +168,51 @@ def test_wandb_run_is_grouped_by_flow_with_the_prefect_run_and_resolved_autos_in
             assert not set(fields) & set(config.get(section, {}))
 
 
+def test_a_served_night_resumed_from_the_command_line_stays_in_its_deployments_group(tmp_path, monkeypatch):
+    """`smolflow run --output.run-id` of a served night that failed runs with no deployment: its W&B run
+    moved to the flow's group and lost the `nightly` tag (the deployment was recorded nowhere else).
+    status.json keeps the deployment; the resume takes it from there."""
+    from prefect import flow
+
+    from tasks.runs import served_as, status_recorded
+    from tasks.storage import ArtifactStore as Store
+
+    run = Store(str(tmp_path / "runs/n1"))
+
+    @flow(name="smolflow-finetune")
+    def attempt(fail: bool) -> str | None:
+        served = served_as(run)
+        wb = start_flow_wandb(RunConfig(wandb={"mode": "offline"}), "n1", tmp_path / "work", {}, served=served)
+        try:
+            with status_recorded(run, deployment=served):
+                if fail:
+                    raise RuntimeError("out of disk")
+        except RuntimeError:
+            pass
+        finally:
+            wb.finish()
+        return served
+
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__NAME", "nightly")  # as Prefect's runner tells a served run
+    assert attempt(True) == "nightly"
+    status = json.loads((tmp_path / "runs/n1/status.json").read_text())
+    assert (status["state"], status["deployment"]) == ("failed", "nightly")
+    monkeypatch.delenv("PREFECT__RUNTIME__DEPLOYMENT__NAME")  # the command line: no deployment
+    assert attempt(False) == "nightly"
+    assert json.loads((tmp_path / "runs/n1/status.json").read_text())["deployment"] == "nightly"
+    resumed = sorted((tmp_path / "work" / "wandb").glob("offline-run-*"))[-1]  # the second attempt's W&B files
+    Store(str(tmp_path / "resumed")).upload_dir(resumed, f"wandb/{resumed.name}")
+    run_record = next(r["run"] for r in records(tmp_path / "resumed") if r["type"] == "run")
+    assert run_record["run_group"] == "nightly" and run_record["tags"] == ["nightly"]
+    assert recorded(tmp_path / "resumed")["config"]["prefect"]["deployment"] == "nightly"
+
+    @flow(name="smolflow-finetune")
+    def fresh() -> str | None:
+        return served_as(Store(str(tmp_path / "runs/n2")))
+
+    assert fresh() is None  # a run never served: grouped by the flow's name, as before
+
+
 def _start_run(tmp_path: Path, tiny_model_dir: Path, run_id: str, training: dict | None = None, before: str = "",
                **env) -> tuple[subprocess.Popen, Path]:
     """`smolflow run` in a child process (its own session); `before`: Python run before the CLI's main."""
