@@ -11,14 +11,15 @@ the kernel drops a dead process's flock at once, and an unrenewed Prefect lease 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import json
 import os
-import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 from uuid import UUID
 
 from tasks.runtime import cache_dir, run_logger
@@ -26,6 +27,7 @@ from tasks.runtime import cache_dir, run_logger
 TRAINING_LOCK = "smolflow-training"  # one training at a time: nightly, on-demand and CLI runs alike
 PROMOTION_LOCK = "smolflow-promotion"  # the gate's read of `promoted` and its move happen as one
 LEASE_S = 300  # a crashed holder's Prefect slot frees itself after this long
+T = TypeVar("T")
 
 
 def prefect_server() -> str | None:
@@ -49,27 +51,45 @@ def _ensure_limit(name: str) -> None:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+def _uninterrupted(work: Callable[[], T]) -> T:
+    """work() run to its end whatever comes to this thread meanwhile: a stop (SIGTERM, SIGINT, SIGHUP:
+    its handler's exception) or an exception tasks/run_ending.py raises into it; what came is raised
+    once work() is done, so a request the server carries out is not cut off before its answer is kept.
+    Python raises both kinds in this thread only, so work() runs in a thread of its own while this
+    one waits. Swapping the signal handlers for ones that note the signal would also defer it, but
+    Prefect acknowledges a cancel only while its own SIGTERM handler is the one installed: a cancel
+    that came then was not acknowledged, and the run ended Crashed instead of Cancelled."""
+    done, context = {}, contextvars.copy_context()  # Prefect's settings and run context go along
 
+    def run() -> None:
+        try:
+            done["value"] = context.run(work)
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
+            done["error"] = err
+        finally:
+            done["finished"] = True
 
-@contextlib.contextmanager
-def _stops_deferred() -> Iterator[None]:
-    """SIGTERM, SIGINT and SIGHUP that come during the block act when it ends: a request the server
-    carries out is not cut off before its answer is kept. Python runs signal handlers in the main
-    thread only (elsewhere nothing can interrupt the block), and whichever thread the kernel hands a
-    signal to, so the handlers are swapped for ones that note it (a blocked mask would not do)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    came: list[int] = []
-    before = {sig: signal.signal(sig, lambda signum, _frame: came.append(signum)) for sig in STOP_SIGNALS}
+    worker, came = threading.Thread(target=run, name="smolflow-uninterrupted", daemon=True), None
     try:
-        yield
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        for signum in came:
-            signal.raise_signal(signum)  # as it would have acted, now
+        worker.start()
+    except BaseException as err:  # noqa: BLE001 - raised into this thread: kept for after
+        came = err
+    # A plain sleep, not join() or an Event: an exception landing in one of those can leave the lock
+    # under it taken or the thread marked as ended (Thread.join on Python 3.11: bpo-45274's handler).
+    # If it landed in start() before the thread was made, the work never began: nothing to wait for.
+    began_by = time.monotonic() + 5
+    while True:  # the loop inside the try: what is raised into a thread lands on any instruction
+        try:
+            while "finished" not in done and (worker.ident is not None or time.monotonic() < began_by):
+                time.sleep(0.01)
+            break
+        except BaseException as err:  # noqa: BLE001 - raised into this thread: kept for after
+            came = came or err
+    if came is not None:
+        raise came
+    if "error" in done:
+        raise done["error"]
+    return done["value"]
 
 
 def ensure_limits() -> None:
@@ -86,8 +106,8 @@ def _prefect_slot(name: str) -> Iterator[str]:
 
     A cancel in Prefect (SIGTERM) can come at any moment, also between the server granting the slot
     and this process reading the lease id; the slot would then stay taken until its lease expired
-    (LEASE_S: the next run waited 5 minutes). So the answer is kept with stop signals deferred, and
-    the slot is given back the same way."""
+    (LEASE_S: the next run waited 5 minutes). So the answer is kept whatever comes meanwhile
+    (`_uninterrupted`), and the slot is given back the same way."""
     from prefect.concurrency._leases import maintain_concurrency_lease
 
     taken: dict = {}
@@ -105,27 +125,17 @@ def _prefect_slot(name: str) -> Iterator[str]:
 
 def _give_back(name: str, lease_id: str) -> None:
     """The slot back to the server, also when a run's timeout or stop is raised into this thread
-    while it is asked (tasks/run_ending.py raises them again until the run ends): then it is asked
-    again, and what came is raised after."""
-    came = None
-    for _ in range(3):
-        try:
-            with _stops_deferred():
-                _post("/v2/concurrency_limits/decrement-with-lease", name, {"lease_id": lease_id}, busy_for_s=30)
-            break
-        except Exception:
-            raise
-        except BaseException as err:  # noqa: BLE001 - raised into this thread, not by the request
-            came = err
-    if came is not None:
-        raise came
+    while it is asked (tasks/run_ending.py raises them again until the run ends): what came is
+    raised once the server has answered."""
+    _uninterrupted(lambda: _post("/v2/concurrency_limits/decrement-with-lease", name, {"lease_id": lease_id},
+                                 busy_for_s=30))
 
 
 def _post(path: str, name: str, body: dict, busy_for_s: float = 120, keep: dict | None = None) -> dict:
     """POST `body` to the Prefect server's `path`, retried: 423 (the slot is taken) after the server's
     Retry-After, as long as it takes; 429/502/503 and dropped connections after 50 ms, doubling up
-    to 1 s, for `busy_for_s`. `keep`: the answer is put there with stop signals deferred (not
-    while waiting for a slot: a run waiting its turn stops at once).
+    to 1 s, for `busy_for_s`. `keep`: the answer is put there, each attempt run to its end whatever
+    comes meanwhile (not the waits between them: a run waiting its turn for a slot stops at once).
 
     Why not Prefect's client retries: it waits 2 s before retrying a 503 (and sleeps after the last
     attempt too), and its SQLite server answers 503 when a write meets another one mid-transaction.
@@ -136,23 +146,27 @@ def _post(path: str, name: str, body: dict, busy_for_s: float = 120, keep: dict 
     import httpx
     from prefect.client.orchestration import get_client
 
+    def attempt(http) -> httpx.Response | httpx.TransportError:
+        request = http.build_request("POST", path, json=body)
+        if getattr(http, "enable_csrf_support", False):
+            http._add_csrf_headers(request)
+        try:
+            response = httpx.Client.send(http, request)
+        except httpx.TransportError as err:
+            return err
+        if response.is_success and keep is not None:
+            keep.update(response.json() if response.content else {})
+        return response
+
     pause, deadline, waiting = 0.05, time.monotonic() + busy_for_s, False
     with get_client(sync_client=True) as client:
         http = client._client
         while True:
-            request = http.build_request("POST", path, json=body)
-            if getattr(http, "enable_csrf_support", False):
-                http._add_csrf_headers(request)
-            with _stops_deferred() if keep is not None else contextlib.nullcontext():
-                try:
-                    response = httpx.Client.send(http, request)
-                except httpx.TransportError as err:
-                    response, dropped = None, err
-                if response is not None and response.is_success:
-                    answer = response.json() if response.content else {}
-                    if keep is not None:
-                        keep.update(answer)
-                    return answer
+            response = _uninterrupted(lambda: attempt(http)) if keep is not None else attempt(http)
+            if isinstance(response, httpx.TransportError):
+                response, dropped = None, response
+            if response is not None and response.is_success:
+                return response.json() if response.content else {}
             if response is None:
                 if time.monotonic() >= deadline:
                     raise dropped

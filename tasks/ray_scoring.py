@@ -84,7 +84,7 @@ def score_on_ray(execution, jobs, models, parts, bar) -> None:
 
     runner = ray_runner(execution)
     with stops_kept() as keep, _own_cluster_stopped(runner):  # a local cluster: all of it stopped, then its folder gone
-        keep()  # ray.init() put its own SIGTERM handler (sys.exit) in place of the run's
+        keep()  # the run's SIGTERM handler, whatever replaced it while Ray started
         # One GPU per task where the cluster has GPUs; else Ray's default share of one CPU.
         gpus = ray.cluster_resources().get("GPU", 0)
         run_logger().info("Scoring %d benchmark tasks on Ray (%s)", len(models) * len(jobs), ray.cluster_resources())
@@ -221,30 +221,33 @@ def _remove_session(session: Path) -> None:
 @contextmanager
 def stops_kept():
     """A SIGTERM while scoring on Ray (kill, a cancel in Prefect, a stopped worker) ends the run as
-    'stopped', as it does elsewhere, not 'failed (SystemExit: 1)'. ray.init() replaces the run's
-    SIGTERM handler with its own (sys.exit) and ray.shutdown() leaves it there; and what a handler
-    raises inside Ray's waiting code comes out as SystemExit or SystemError. So the caller puts the
-    run's handler back once Ray is up (the function this yields), the signal is noted, and what the
-    wait raises after it becomes Prefect's TerminationSignal (tasks/runs.py stop_reason)."""
+    'stopped', as it does elsewhere, not 'failed (SystemExit: 1)', and a cancel ends it Cancelled.
+    ray.init() puts its own SIGTERM handler (sys.exit) in place of the run's and ray.shutdown()
+    leaves it there; but Prefect acknowledges a cancel only while its own handler is the one
+    installed (else the run ends Crashed), so the run's stays: Ray's setter does nothing inside the
+    block, and the function this yields puts the run's back, should another way have replaced it.
+    What that handler raises inside Ray's waiting code comes out as a SystemError caused by it; the
+    run's exception is raised again from there (tasks/runs.py stop_reason reads it)."""
     from prefect.exceptions import TerminationSignal
+    from ray._private import utils as ray_utils  # what ray.init() calls (ray pinned in constraints.txt)
 
     if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
         yield lambda: None
         return
-    ours, received = signal.getsignal(signal.SIGTERM), []
-
-    def noted(signum, frame):
-        received.append(signum)
-        if callable(ours):
-            ours(signum, frame)  # the run's own: Prefect's TerminationSignal, or the CLI's SystemExit
-        elif ours != signal.SIG_IGN:
-            raise SystemExit(128 + signum)
-
+    ours, setter = signal.getsignal(signal.SIGTERM), ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda _handler: None
     try:
-        yield lambda: signal.signal(signal.SIGTERM, noted)
+        yield lambda: signal.signal(signal.SIGTERM, ours)
     except BaseException as err:
-        if received and not isinstance(err, TerminationSignal):
-            raise TerminationSignal(signal=received[0]) from err
+        came, seen = err.__cause__ or err.__context__, set()
+        while came is not None and id(came) not in seen and not isinstance(err, (TerminationSignal, SystemExit)):
+            if isinstance(came, TerminationSignal):
+                raise TerminationSignal(signal=came.signal) from err
+            if isinstance(came, SystemExit):  # the CLI's own handler (tasks/leftovers.py exit_on_termination)
+                raise SystemExit(came.code) from err
+            seen.add(id(came))
+            came = came.__cause__ or came.__context__
         raise
     finally:
+        ray_utils.set_sigterm_handler = setter
         signal.signal(signal.SIGTERM, ours)

@@ -83,6 +83,10 @@ NOT_APPLICABLE = {
     "dataset_text_field": "the data reaches TRL tokenized (data.dataset, template.chat_template)",
     "truncation_mode": "the data reaches TRL tokenized and cut to training.max_length",
     "model_init_kwargs": "smolflow loads the model (model, execution.precision)",
+    # Its SIGTERM handler replaces the run's: Prefect would refuse to acknowledge a cancel (the run
+    # ending Crashed), and a stop would checkpoint and train on instead of ending the run.
+    "enable_jit_checkpoint": "a stopped or cancelled run ends 'stopped' and its re-run resumes from the last "
+                             "checkpoint (training.save_steps)",
     "trust_remote_code": "smolflow loads the model (model)",
     # The Trainer pushes nothing (push_to_hub is smolflow's) and reports to W&B alone (report_to).
     **{name: "the Trainer pushes nothing; smolflow pushes the final merged model once (output.push_to_hub)"

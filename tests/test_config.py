@@ -205,6 +205,7 @@ def test_the_same_settings_are_accepted_where_they_apply():
         ({"max_seq_length": 512}, "TRL's SFTConfig has no field 'max_seq_length' any more; use training.max_length"),
         ({"save_only_model": True}, "checkpoints would lack the optimizer and scheduler state"),
         ({"model_init_kwargs": {"dtype": "bfloat16"}}, "smolflow loads the model"),
+        ({"enable_jit_checkpoint": True}, "a stopped or cancelled run ends 'stopped'"),
         ({"packing": True}, "set training.padding_free: false as well"),
         ({"adam_beta1": 5}, "adam_beta1: 5.0 is not in [0, 1)"),
     ],

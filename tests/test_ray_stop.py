@@ -63,3 +63,45 @@ def test_a_sigterm_while_scoring_on_ray_stops_the_run_as_anywhere_else(tiny_mode
         assert sorted(p.name for p in temp.iterdir()) == []
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_a_cancel_while_scoring_on_ray_can_be_acknowledged():
+    """Prefect acknowledges a cancel only while its own SIGTERM handler is installed; else the served
+    run ends Crashed, not Cancelled. ray.init() installs Ray's (sys.exit) first thing, and the run
+    put back a wrapper of its own: no cancel while scoring on Ray was acknowledged. Now the run's
+    handler stays, and what it raises inside Ray's wait (a SystemError caused by it) comes out as
+    itself. Prefect's check is the one its control listener makes, in a thread as here."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    from prefect.exceptions import TerminationSignal
+    from prefect.utilities.engine import capture_sigterm, commit_control_intent_and_ack
+    from ray._private import utils as ray_utils
+
+    from tasks.ray_scoring import stops_kept
+
+    def acknowledged() -> bool:  # asked from another thread, as Prefect's listener asks
+        answer = []
+        listener = threading.Thread(target=lambda: answer.append(commit_control_intent_and_ack(
+            commit_intent=lambda: None, clear_intent=lambda: None, send_ack=lambda: None)))
+        listener.start()
+        listener.join()
+        return answer == [True]
+
+    with capture_sigterm():  # as in a flow run
+        assert acknowledged()
+        with pytest.raises(TerminationSignal) as stopped, stops_kept() as keep:
+            ray_utils.set_sigterm_handler(lambda signum, _frame: sys.exit(signum))  # ray.init()'s first step
+            assert acknowledged()
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # replaced some other way
+            keep()
+            assert acknowledged()
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)  # the runner's, after the acknowledgement
+                time.sleep(10)
+            except TerminationSignal as err:
+                raise SystemError("<built-in method __new__> returned a result with an exception set") from err
+        assert isinstance(stopped.value.__cause__, SystemError)
+        assert acknowledged()

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,18 +104,22 @@ def test_the_server_slot_is_taken_inside_and_given_back_after_an_error(tmp_path,
 def test_the_slot_is_given_back_when_a_stop_lands_in_the_request(tmp_path, monkeypatch):
     """tasks/run_ending.py raises a run's timeout or stop again into its thread until the run ends:
     one that lands while the slot is being given back must not leave it taken (on a server without
-    lease expiry, the test server's, every later training waited for good)."""
+    lease expiry, the test server's, every later training waited for good). It comes after."""
+    import threading
+
     from prefect.client.orchestration import get_client
 
     from tasks import locks
+    from tasks.run_ending import _raise_in
 
     monkeypatch.setenv("SMOLFLOW_CACHE", str(tmp_path))
-    name, real, cut = "smolflow-test-give-back", locks._post, []
+    name, real, cut, waiting = "smolflow-test-give-back", locks._post, [], threading.get_ident()
 
     def post(path, *args, **kwargs):
         if path.endswith("/decrement-with-lease") and not cut:
             cut.append(path)
-            raise KeyboardInterrupt  # as an exception raised into the thread mid-request
+            _raise_in(waiting, KeyboardInterrupt)  # as run_ending raises it, into the thread that asked
+            time.sleep(0.5)  # it lands while the request is under way
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(locks, "_post", post)
@@ -126,31 +131,41 @@ def test_the_slot_is_given_back_when_a_stop_lands_in_the_request(tmp_path, monke
 
 
 # The server grants the slot, then SIGTERM (a cancel in Prefect) arrives before the process has
-# read the lease id: the slot must still be given back when the process ends.
+# read the lease id: the slot must still be given back when the process ends. And a cancel that
+# comes then is one Prefect can acknowledge, as its control listener does (a thread of the flow
+# process): only while Prefect's SIGTERM handler is the one installed.
 SIGTERM_MID_TAKE = """
 import os, signal, sys, threading
 import httpx
+from prefect.utilities.engine import capture_sigterm, commit_control_intent_and_ack
 from tasks.leftovers import exit_on_termination
 from tasks.locks import exclusive
 
-send = httpx.Client.send
+send, acked = httpx.Client.send, []
 def send_then_sigterm(self, request, **kw):
     response = send(self, request, **kw)
     if request.url.path.endswith("/increment-with-lease"):
+        acked.append(commit_control_intent_and_ack(commit_intent=lambda: None, clear_intent=lambda: None,
+                                                   send_ack=lambda: None))
         os.kill(os.getpid(), signal.SIGTERM)
     return response
 httpx.Client.send = send_then_sigterm
 exit_on_termination()
 threading.Thread(target=threading.Event().wait, daemon=True).start()  # a flow process has threads
-with exclusive(sys.argv[1], "test"):
-    sys.exit("the SIGTERM did not end it")  # exit status 1, not 143
+try:
+    with capture_sigterm(), exclusive(sys.argv[1], "test"):  # as in a flow run
+        sys.exit("the SIGTERM did not end it")  # exit status 1, not 143
+finally:
+    print("cancel acknowledged:", acked, flush=True)
 """
 
 
 def test_a_sigterm_while_the_server_slot_is_taken_gives_it_back(tmp_path):
     """Cancelled in the moment the server grants the slot: without care the lease id is lost with
     the request, and the slot stays taken until its lease expires (LEASE_S, 5 min): the next run
-    waited that long after a cancel."""
+    waited that long after a cancel. And the cancel is acknowledged: the answer was kept with the
+    stop signals' handlers swapped for ones that noted them, and a cancel in Prefect that came then
+    was refused (Prefect acknowledges one only under its own handler): the run ended Crashed."""
     from prefect.client.orchestration import get_client
 
     name = "smolflow-test-sigterm"
@@ -159,6 +174,7 @@ def test_a_sigterm_while_the_server_slot_is_taken_gives_it_back(tmp_path):
     proc = subprocess.run([sys.executable, "-c", SIGTERM_MID_TAKE, name], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 128 + 15, proc.stderr[-3000:]  # ended by the SIGTERM, not after the sleep
+    assert "cancel acknowledged: [True]" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
 
