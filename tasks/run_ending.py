@@ -35,10 +35,19 @@ def _flow_timeout() -> float | None:
     return getattr(getattr(FlowRunContext.get(), "flow", None), "timeout_seconds", None)
 
 
-def _raise_in(thread_id: int, exc_type: type[BaseException] | None) -> None:
-    """exc_type raised in that thread at its next Python instruction (None: a pending one withdrawn)."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
-                                              ctypes.py_object(exc_type) if exc_type is not None else None)
+def _raise_in(thread_id: int, exc_type: type[BaseException]) -> None:
+    """exc_type raised in that thread at its next Python instruction."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_type))
+
+
+class _Withdrawn(BaseException):
+    """Put in place of a pending exception, and caught, as the block ends."""
+
+
+def _landing() -> None:
+    """A Python call (and loop): a pending exception of this thread is raised here."""
+    for _ in range(1_000_000):
+        pass
 
 
 class StoppedAgain(BaseException):
@@ -100,11 +109,18 @@ def ending_enforced() -> Iterator[None]:
     try:
         yield
     finally:
-        while True:  # nothing is raised in this thread once it has left the block
+        # Nothing is raised in this thread once it has left the block: one still pending is replaced
+        # by one raised and caught here. Not withdrawn (SetAsyncExc(NULL)): that leaves CPython's
+        # pending-exception flag set with nothing to raise, and a thread under a profiler or tracer
+        # (cProfile, coverage, a debugger) then spins at its next call for good (3.11: the run hung).
+        while True:
             try:
                 left.set()
                 with lock:  # the watcher raises only under it, after checking `left`
-                    _raise_in(flow_thread, None)  # one pending is withdrawn
+                    _raise_in(flow_thread, _Withdrawn)
+                _landing()
+                break  # not reached: it lands in _landing
+            except _Withdrawn:
                 break
             except (CancelledError, StoppedAgain):  # it came as the block was ending anyway
                 continue

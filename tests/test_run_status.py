@@ -292,3 +292,44 @@ def test_a_run_that_catches_its_sigterm_is_stopped_again(tmp_path, monkeypatch):
         assert status["state"] == "stopped" and status["why"].startswith("stopped by SIGTERM"), status
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+# A run's block ended under a profiler or tracer (cProfile, coverage, a debugger), quiet or after
+# its stop was raised again: run_ending withdrew a pending exception with SetAsyncExc(NULL), which
+# leaves CPython's flag set with nothing to raise; on 3.11 a traced thread then spins at its next
+# call for good (`python -m cProfile smolflow run` never ended, 100% CPU).
+TRACED_BLOCKS = """
+import os, signal, sys, time
+import prefect.context, prefect.exceptions, prefect._internal.concurrency.cancellation
+from tasks import run_ending
+run_ending.GRACE_S = run_ending.AGAIN_S = 0.2
+signal.signal(signal.SIGTERM, lambda *a: None)  # the stop is noticed by the wakeup fd
+sys.setprofile(lambda *a: None)
+with run_ending.ending_enforced():
+    pass
+print("quiet block ended", flush=True)
+caught = []
+with run_ending.ending_enforced():
+    os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.monotonic() + 1.5
+    while True:  # the loop inside the try: it lands on any instruction
+        try:
+            while time.monotonic() < deadline:
+                sum(range(100))
+            break
+        except BaseException as err:  # caught wherever it lands, as a library did
+            caught.append(type(err).__name__)
+deadline = time.monotonic() + 1.0
+while time.monotonic() < deadline:
+    sum(range(100))  # nothing lands here any more
+sys.setprofile(None)
+print("stopped block ended:", sorted(set(caught)), flush=True)
+"""
+
+
+def test_a_run_under_a_profiler_or_tracer_ends():
+    proc = subprocess.run([sys.executable, "-c", TRACED_BLOCKS], cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["quiet block ended", "stopped block ended: ['StopSignal']"], proc.stdout
