@@ -18,6 +18,7 @@ from tasks.benchmarks import REGISTRY
 from tasks.config import ExecutionConfig
 from tasks.leftovers import (descendants, process_gone, process_mark, processes_under, processes_using,
                              processes_with_environ, stop_processes, with_start_times)
+from tasks.run_ending import stop_noted
 from tasks.runtime import run_logger
 
 # What a Ray worker needs of this process's environment to load the same models the same way and
@@ -226,8 +227,10 @@ def stops_kept():
     leaves it there; but Prefect acknowledges a cancel only while its own handler is the one
     installed (else the run ends Crashed), so the run's stays: Ray's setter does nothing inside the
     block, and the function this yields puts the run's back, should another way have replaced it.
-    What that handler raises inside Ray's waiting code comes out as a SystemError caused by it; the
-    run's exception is raised again from there (tasks/runs.py stop_reason reads it)."""
+    What that handler raises inside Ray's waiting code comes out as a SystemError caused by it, and
+    inside pydantic's serializer (prefect-ray's submit) as pydantic's own error, the cause lost; the
+    run's exception is raised again from either (tasks/runs.py stop_reason reads it), the second
+    known by the SIGTERM the run's block noted (tasks/run_ending.py stop_noted)."""
     from prefect.exceptions import TerminationSignal
     from ray._private import utils as ray_utils  # what ray.init() calls (ray pinned in constraints.txt)
 
@@ -247,6 +250,8 @@ def stops_kept():
                 raise SystemExit(came.code) from err
             seen.add(id(came))
             came = came.__cause__ or came.__context__
+        if not isinstance(err, (TerminationSignal, SystemExit)) and stop_noted():  # rewrapped without a cause
+            raise TerminationSignal(signal=signal.SIGTERM) from err
         raise
     finally:
         ray_utils.set_sigterm_handler = setter

@@ -19,7 +19,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from tasks.runtime import RUN_TIMEOUT_ENV, run_logger
@@ -54,6 +54,16 @@ class StoppedAgain(BaseException):
     """Base of the SIGTERM raised again (a subclass of Prefect's TerminationSignal, made per run)."""
 
 
+_noted: Callable[[], bool] | None = None  # the running block's, while one runs
+
+
+def stop_noted() -> bool:
+    """Whether a SIGTERM has come during the running flow's block (False outside one). For code
+    whose exceptions native libraries rewrap (Ray's wait: a SystemError; pydantic's serializer: its
+    own error naming it), where the TerminationSignal itself may be lost."""
+    return _noted() if _noted is not None else False
+
+
 @contextmanager
 def ending_enforced() -> Iterator[None]:
     """The block (a flow's body) ends by Prefect's own exception once it runs GRACE_S past the
@@ -81,15 +91,22 @@ def ending_enforced() -> Iterator[None]:
     except ValueError:  # not the main thread: no signal comes to it
         before_fd = None
 
+    reading = threading.Lock()
+
+    def noted() -> bool:
+        """Whether a SIGTERM has come during the block (what the wakeup fd holds read first)."""
+        with reading, contextlib.suppress(OSError):  # BlockingIOError: nothing new
+            if signal.SIGTERM in notes.recv(4096):
+                due.setdefault("stop", time.monotonic() + GRACE_S)
+        return "stop" in due
+
     def watch() -> None:
         while not left.is_set():
             when = min(due.values(), default=None)
             if when is None or time.monotonic() < when:
                 wait = 1.0 if when is None else min(1.0, max(0.0, when - time.monotonic()))
                 if select.select([notes], [], [], wait)[0]:
-                    with contextlib.suppress(OSError):
-                        if signal.SIGTERM in notes.recv(4096):
-                            due.setdefault("stop", time.monotonic() + GRACE_S)
+                    noted()
                 continue
             why = "SIGTERM" if due.get("stop", float("inf")) <= due.get("timeout", float("inf")) else (
                 f"{RUN_TIMEOUT_ENV} ({seconds:g} s)")
@@ -104,11 +121,14 @@ def ending_enforced() -> Iterator[None]:
                 if left.wait(AGAIN_S):
                     return
 
+    global _noted
     watcher = threading.Thread(target=watch, name="smolflow-run-ending", daemon=True)
     watcher.start()
+    outer, _noted = _noted, noted
     try:
         yield
     finally:
+        _noted = outer
         # Nothing is raised in this thread once it has left the block: one still pending is replaced
         # by one raised and caught here. Not withdrawn (SetAsyncExc(NULL)): that leaves CPython's
         # pending-exception flag set with nothing to raise, and a thread under a profiler or tracer

@@ -81,6 +81,7 @@ def test_a_cancel_while_scoring_on_ray_can_be_acknowledged():
     from ray._private import utils as ray_utils
 
     from tasks.ray_scoring import stops_kept
+    from tasks.run_ending import ending_enforced
 
     def acknowledged() -> bool:  # asked from another thread, as Prefect's listener asks
         answer = []
@@ -105,3 +106,16 @@ def test_a_cancel_while_scoring_on_ray_can_be_acknowledged():
                 raise SystemError("<built-in method __new__> returned a result with an exception set") from err
         assert isinstance(stopped.value.__cause__, SystemError)
         assert acknowledged()
+
+        # The SIGTERM landing in prefect-ray's submit, inside pydantic's serializer: pydantic's own
+        # error names it, its cause lost (CI: the run ended 'failed', exit 2). The run's block noted it.
+        with ending_enforced(), pytest.raises(TerminationSignal) as stopped, stops_kept() as keep:
+            keep()
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)
+            except TerminationSignal:
+                landed = True
+            assert landed
+            raise RuntimeError("Error calling function `_ser_model`: TerminationSignal: ")  # no cause, no context
+        assert isinstance(stopped.value.__cause__, RuntimeError)
