@@ -104,23 +104,34 @@ def test_a_local_cluster_reports_to_the_temporary_server_of_the_flow():
     assert remote is None
 
 
+class _Seen(dict):
+    nice: dict[tuple[int, str], int]
+
+    def __init__(self):
+        super().__init__()
+        self.nice = {}
+
+
 @contextmanager
 def cluster_processes(ray_tmp: str):
     """Every process of the Ray cluster under `ray_tmp` while it runs, {(pid, start time): name}:
     the ones naming the folder and all below them, noted every 0.5 s. Workers and agents rename
-    themselves (ray::IDLE, ray::DashboardAgent...): processes_under alone never sees them."""
-    seen: dict[tuple[int, str], str] = {}
+    themselves (ray::IDLE, ray::DashboardAgent...): processes_under alone never sees them. Their
+    niceness goes into seen.nice, under the same keys."""
+    seen = _Seen()
     done = threading.Event()
 
     def watch():
         while not done.is_set():
             nodes = processes_under(ray_tmp)
             for pid, start in (with_start_times(nodes) | descendants(*nodes)).items():
-                if (pid, start) not in seen:
-                    try:
-                        seen[(pid, start)] = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-                    except OSError:
-                        pass
+                try:
+                    name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+                    nice = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+                except (OSError, IndexError, ValueError):
+                    continue
+                seen[(pid, start)] = name  # workers rename themselves as they take tasks: the last name
+                seen.nice[(pid, start)] = nice
             done.wait(0.5)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -180,6 +191,10 @@ def test_ray_gives_the_sequential_results(tiny_ref, tiny_base_model_dir, monkeyp
         on_ray = state.result()
         assert (Path(ray_tmp) / "ray").is_dir(), "no local Ray cluster was started here"  # RAY_TMPDIR/ray/
         assert any(name.startswith("ray::") for name in seen.values()), f"no worker or agent seen: {seen}"
+        # At the run's priority: Ray starts workers at nice 15, and beside other work (CI's 2 busy
+        # cores) this scoring took 167-393 s, or hung past 7 min, against ~30 s alone.
+        workers = {key: seen.nice[key] for key, name in seen.items() if name.startswith("ray::")}
+        assert set(workers.values()) == {0}, f"worker niceness: {workers}"
         # Nothing of the cluster runs once the flow is back: no wait (the run stops them all; it waited
         # up to 30 s here, then this test 60 s, for the 5 processes that name the folder: 53-197 s in CI)
         left = alive(dict(seen.keys()))
