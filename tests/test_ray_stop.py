@@ -101,7 +101,8 @@ def test_a_cancel_while_scoring_on_ray_can_be_acknowledged():
             assert acknowledged()
             try:
                 os.kill(os.getpid(), signal.SIGTERM)  # the runner's, after the acknowledgement
-                time.sleep(10)
+                time.sleep(5)  # cut short by the handler's exception: it lands at once on a pass
+                pytest.fail("the SIGTERM raised nothing within 5 s")
             except TerminationSignal as err:
                 raise SystemError("<built-in method __new__> returned a result with an exception set") from err
         assert isinstance(stopped.value.__cause__, SystemError)
@@ -113,9 +114,9 @@ def test_a_cancel_while_scoring_on_ray_can_be_acknowledged():
             keep()
             try:
                 os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(10)
+                time.sleep(5)  # cut short by the handler's exception, as above
+                pytest.fail("the SIGTERM raised nothing within 5 s")
             except TerminationSignal:
-                landed = True
-            assert landed
+                pass  # swallowed where it landed, as pydantic's serializer does (it raises its own below)
             raise RuntimeError("Error calling function `_ser_model`: TerminationSignal: ")  # no cause, no context
         assert isinstance(stopped.value.__cause__, RuntimeError)
