@@ -162,8 +162,12 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_validate(args: argparse.Namespace, rest: list[str]) -> int:
     """Resolve every `auto`, check config, data, model, benchmark data and custom files; run no model."""
     from tasks.checks import plan, validate_everything
+    from tasks.runtime import set_torch_threads
 
     config = parse_config(rest)
+    # As the flows do before they resolve `auto`: the CPU's bf16-vs-fp32 probe is measured (and kept) at the
+    # run's thread count, so validate reports the run's own decision, and a kept probe needs no torch import.
+    set_torch_threads(config.torch_threads)
     problems, resolved = validate_everything(config)
     _print({"resolved": resolved, "config": config.model_dump(mode="json"), "tasks": plan(config)})
     for problem in problems:

@@ -138,8 +138,12 @@ def _own_cluster_stopped(runner):
     below them), and after ray.shutdown() whatever of them outlives a 2 s grace gets SIGTERM, then
     SIGKILL 2 s later: the run goes on once every one is gone (at most ~9 s after ray.shutdown()),
     and only then is the folder removed."""
+    import ray
+
     if runner.address == "local":
         reap_sessions(_ray_root())  # what a SIGKILLed earlier run of ours left
+    # A cluster this process is about to start: the session folders it has now, to tell the new one apart
+    earlier = _sessions_of_this_process() if runner.address == "local" and not ray.is_initialized() else None
     own: dict[int, str] = {}
     raylets: list[int] = []
     try:
@@ -169,6 +173,37 @@ def _own_cluster_stopped(runner):
                                      left, session)
             else:
                 _remove_session(session)
+        elif earlier is not None:
+            _half_started(earlier)
+
+
+def _sessions_of_this_process() -> set[Path]:
+    """Session folders of local clusters this process started: Ray names them session_<date>_<pid>."""
+    return set(_ray_root().glob(f"session_*_{os.getpid()}"))
+
+
+def _half_started(earlier: set[Path]) -> None:
+    """A stop (SIGTERM, a cancel) that lands while ray.init() starts the run's own cluster, which
+    takes several seconds (4-5 s on a 2-core machine): ray.init() never returned, so nothing called
+    ray.shutdown(); the processes it had started went only when the run's process exited (Ray's
+    exit hook), and the session folder, not yet marked as ours, stayed for good. Both go now."""
+    import ray
+
+    try:
+        ray.shutdown()  # stops whatever of the cluster ray.init() had started; safe on a half-done init
+    except Exception as err:  # noqa: BLE001 - the stop the run is ending with matters more; what is left is stopped below
+        run_logger().warning("ray.shutdown() after a stop during ray.init() failed: %s", err)
+    for session in _sessions_of_this_process() - earlier:
+        held = with_start_times(pid for pid in processes_using(str(session)) if pid != os.getpid())
+        signalled, left = stop_processes(held)
+        if signalled:
+            run_logger().info("Stopped %d process(es) of a local Ray cluster stopped while it started: pids %s",
+                              len(signalled), signalled)
+        if left:
+            run_logger().warning("Processes of a local Ray cluster still running after SIGKILL (stuck in a system "
+                                 "call): pids %s; its session folder %s is left", left, session)
+        else:
+            _remove_session(session)
 
 
 def _argv0(pid: int) -> str:

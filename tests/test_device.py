@@ -189,6 +189,34 @@ def test_bf16_cache_keys_hold_the_kernels_and_threads():
     assert RESULTS.key_storage is None  # Prefect's own (the run's result storage), not a folder named after the version
 
 
+def test_validate_decides_at_the_runs_thread_count_and_a_kept_probe_imports_no_torch(tmp_path):
+    """`smolflow validate` reports the run's own precision decision: the probe measured at the run's
+    torch_threads (it once ran at torch's default, every core), and, once kept, read without importing
+    torch (~2 of validate's ~4 CPU-seconds). Twice in fresh processes: the first measures, the second finds it."""
+    if not device._cpu_only_torch():
+        pytest.skip("a CUDA build of torch must be asked whether a GPU is there")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"PYTHONPATH": str(root), "SMOLFLOW_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1",
+                        "PYTHONPROFILEIMPORTTIME": "1"}  # each module imported: a line on stderr
+
+    def validate() -> subprocess.CompletedProcess:
+        return subprocess.run([str(Path(sys.executable).parent / "smolflow"), "validate", "--torch-threads", "1",
+                               "--judge.enabled", "false"], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+
+    first, second = validate(), validate()
+    assert first.returncode == 0 == second.returncode, first.stderr[-2000:] + second.stderr[-2000:]
+    for out in (first, second):
+        assert any(f"execution.precision: '{p} (CPU probe: " in out.stdout for p in ("fp32", "bf16"))
+        assert " (1 threads))'" in out.stdout, out.stdout
+    imported = [{line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+                for out in (first, second)]
+    assert "torch" in imported[0] and "torch" not in imported[1]
+
+
 def test_more_torch_threads_than_cores_is_said(caplog):
     """A config written for a bigger machine (torch_threads: 64 on 2 cores) oversubscribes them
     (~10x slower seen here): one warning line, not silence."""
