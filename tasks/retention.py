@@ -39,7 +39,7 @@ from tasks.cache_limit import HOUR, Decision, apply_cache, cache_root, default_m
 from tasks.checkpoints import remove_checkpoints
 from tasks.config import OutputConfig
 from tasks.prefect_markdown import publish_markdown
-from tasks.runs import run_status
+from tasks.runs import end_killed_flow_runs, run_status
 from tasks.runtime import retry_transient, run_logger
 from tasks.storage import ArtifactStore
 
@@ -396,7 +396,7 @@ def tidy_before_run(output: OutputConfig, run_id: str) -> None:
     run's own folder or work dir). Runs that end by SIGKILL (the OOM killer, a reboot, a supervisor's
     kill) run no hook, so without this a nightly killed every night left a run folder and a work dir
     of checkpoints a night, for good; and a disk filled by a failed night's checkpoints stayed full
-    until keep_runs more nights had failed."""
+    until keep_runs more nights had failed. Their Prefect flow runs, which said Running, end Crashed."""
     try:  # the cache's bound stays the run ends' business: here it would evict what this run is about to reuse
         report = gc(output.artifacts_uri, keep_runs=output.keep_runs, keep_incomplete_hours=output.keep_incomplete_hours,
                     cache_max_gb=None, running=run_id)
@@ -406,6 +406,11 @@ def tidy_before_run(output: OutputConfig, run_id: str) -> None:
     deleted = [d for d in report.decisions if d.action == "delete"]
     if deleted:
         run_logger().info("Retention before the run: freed %.1f MB (%d deleted)", report.freed_bytes / 1e6, len(deleted))
+    try:
+        if ended := end_killed_flow_runs(output.artifacts_uri, running=run_id):
+            run_logger().info("Flow runs of killed runs set Crashed (they said Running): %s", ", ".join(ended))
+    except Exception as err:  # the UI's record of old runs: never the reason a run does not start
+        run_logger().warning("Flow runs of killed runs were not ended: %s: %s", type(err).__name__, err)
 
 
 def drop_work_dir(run_id: str) -> None:

@@ -97,6 +97,46 @@ def run_status(run: ArtifactStore) -> dict[str, Any]:
     return {"state": "incomplete", "why": "no manifest: still running, or stopped before it could finish", "at": None}
 
 
+FLOW_RUN = "prefect_flow_run"  # status.json: the id of the Prefect flow run that wrote it
+
+
+def end_killed_flow_runs(root: str, running: str | None = None) -> list[str]:
+    """The Prefect flow runs of runs under `root` killed outright on this machine (run_status: 'killed:
+    ...'), where this server still has them unfinished: set Crashed, with the run's why. A SIGKILL (the
+    out-of-memory killer, a reboot) runs no hook, and nothing else ends them: a killed cron night said
+    Running in the Prefect UI for good (a served one is ended by the process that serves it). Flow
+    runs this server does not know (another server's, vacuumed) are left alone. The ids ended."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    store = ArtifactStore(root)
+    killed = {}
+    for rel in store.glob("runs/*/status.json") if store.exists("runs") else ():
+        run_id = rel.split("/")[1]
+        try:
+            status = run_status(store.child("runs", run_id))
+        except (FileNotFoundError, ValueError):
+            continue  # written or removed between the listing and the read: the next run sees it
+        if run_id != running and status.get(FLOW_RUN) and str(status.get("why") or "").startswith("killed: "):
+            killed[run_id] = status
+    ended = []
+    if killed:
+        with get_client(sync_client=True) as client:
+            for run_id, status in killed.items():
+                try:
+                    state = client.read_flow_run(UUID(str(status[FLOW_RUN]))).state
+                except (ObjectNotFound, ValueError):
+                    continue
+                if state is not None and not state.is_final():
+                    client.set_flow_run_state(status[FLOW_RUN], Crashed(message=f"run {run_id}: {status['why']}"),
+                                              force=True)
+                    ended.append(run_id)
+    return ended
+
+
 def _read(run: ArtifactStore, rel: str, default=None):
     return run.read_json(rel) if run.exists(rel) else default
 
@@ -290,8 +330,11 @@ def status_recorded(run: ArtifactStore, on_stop: Callable[[dict], None] | None =
     """status.json says 'running' during the block, 'failed' (why, when) if it raises, 'stopped' if
     it was interrupted or cancelled, 'complete' if it ends; the manifest, written before the end, is
     what marks a run complete for readers (run_status). on_stop gets that status (e.g. the W&B run
-    says it too: tasks/tracking.py close_on_stop). `deployment` (served_as) is kept in every state."""
-    served = {"deployment": deployment} if deployment else {}
+    says it too: tasks/tracking.py close_on_stop). `deployment` (served_as) is kept in every state, and
+    the Prefect flow run's id, which ends a killed run's flow run (end_killed_flow_runs)."""
+    from prefect.runtime import flow_run
+
+    served = ({"deployment": deployment} if deployment else {}) | ({FLOW_RUN: flow_run.id} if flow_run.id else {})
     write_status(run, "running", started_at=datetime.now(timezone.utc).isoformat(), **served, **process_mark())
     started = run.read_json(RunPaths.status)["started_at"]
     try:

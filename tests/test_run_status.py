@@ -81,6 +81,56 @@ def test_a_killed_run_says_killed_not_running_forever(tmp_path):
     assert {r["run_id"]: r for r in list_runs(str(tmp_path))}["live"]["status"] == "failed"
 
 
+def test_a_killed_runs_flow_run_is_ended_crashed_by_the_next_run(tmp_path):
+    """A SIGKILLed cron night's Prefect flow run said Running in the UI for good (no hook runs, and
+    nothing serves it). The next run's start ends it Crashed with the run's why, on a real Prefect
+    server; a live run's flow run, and flow runs this server does not know, are left as they are."""
+    import uuid
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running, StateType
+
+    from tasks.config import OutputConfig
+    from tasks.leftovers import process_mark
+    from tasks.retention import tidy_before_run
+    from tasks.runs import FLOW_RUN, end_killed_flow_runs
+
+    @flow(name="smolflow-test-killed")
+    def night():
+        pass
+
+    gone = json.loads(subprocess.run(  # a process that has exited: what a SIGKILLed run's status names
+        [sys.executable, "-c", "import json; from tasks.leftovers import process_mark; print(json.dumps(process_mark()))"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, check=True).stdout)
+    with get_client(sync_client=True) as client:
+        ids = {name: client.create_flow_run(night, name=name, state=Running()).id for name in ("killed", "live")}
+        marks = {"killed": gone, "live": process_mark(), "elsewhere": gone}
+        ids["elsewhere"] = uuid.uuid4()  # another server's flow run (or one vacuumed since)
+        for name, mark in marks.items():
+            run = ArtifactStore(str(tmp_path)).child("runs", name)
+            run.write_json("status.json", {"state": "running", "started_at": "2026-12-06T02:00:00+00:00", **mark,
+                                           FLOW_RUN: str(ids[name])})
+        tidy_before_run(OutputConfig(artifacts_uri=str(tmp_path)), "tonight")  # where a run's start calls it
+        killed, live = (client.read_flow_run(ids[name]).state for name in ("killed", "live"))
+        assert killed.type == StateType.CRASHED and killed.message.startswith("run killed: killed: its process ended")
+        assert live.type == StateType.RUNNING
+        assert end_killed_flow_runs(str(tmp_path)) == []  # ended once
+    # A flow run records its id where a later run finds it (tasks/runs.py status_recorded).
+    run = ArtifactStore(str(tmp_path)).child("runs", "recorded")
+
+    @flow(name="smolflow-test-recorded")
+    def recorded() -> str:
+        from prefect.runtime import flow_run
+
+        with status_recorded(run):
+            assert run.read_json("status.json")[FLOW_RUN] == flow_run.id
+        return flow_run.id
+
+    flow_run_id = recorded()
+    assert run.read_json("status.json")["state"] == "complete" and run.read_json("status.json")[FLOW_RUN] == flow_run_id
+
+
 def test_runs_and_compare_show_each_runs_training_loss(tmp_path):
     """A nightly's first question after its scores: did training go as usual? `smolflow runs` and
     `compare` show the train and eval loss (none for an eval run)."""
