@@ -105,7 +105,8 @@ def end_killed_flow_runs(root: str, running: str | None = None) -> list[str]:
     ...'), where this server still has them unfinished: set Crashed, with the run's why. A SIGKILL (the
     out-of-memory killer, a reboot) runs no hook, and nothing else ends them: a killed cron night said
     Running in the Prefect UI for good (a served one is ended by the process that serves it). Flow
-    runs this server does not know (another server's, vacuumed) are left alone. The ids ended."""
+    runs this server does not know (another server's, vacuumed) are left alone. Returns the run ids
+    whose flow runs it ended."""
     from uuid import UUID
 
     from prefect.client.orchestration import get_client
