@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
+import os
 import select
 import signal
 import socket
@@ -55,6 +57,47 @@ class StoppedAgain(BaseException):
 
 
 _noted: Callable[[], bool] | None = None  # the running block's, while one runs
+_resend: Callable[[], None] | None = None  # the running block's: raise the stop again now
+
+
+# A fork runs logging's at-fork hooks (`before`: take logging's module lock; `after_in_parent`:
+# release it) as Python functions called from C, which prints any exception they raise and drops
+# it. A SIGTERM that arrives during the fork runs Prefect's handler at the entry of the release
+# hook: its TerminationSignal was lost and the lock stayed taken by the flow's thread, so every other
+# thread that logged (Prefect's log and event workers, the thread a Prefect future starts) waited
+# for it for good (a run stopped while ray.init() forked Ray's processes hung; the HumanEval
+# sandbox and training ranks fork too). So after each fork the lock is released down to what the
+# forking thread held before it, and a stop dropped so is raised again by the running block.
+_held = threading.local()
+_forks_guarded = False
+
+
+def _before_fork() -> None:
+    _held.count = logging._lock._recursion_count()  # 0 unless this thread holds it (a handler that forks)
+
+
+def _after_fork_in_parent() -> None:
+    held = getattr(_held, "count", None)
+    _held.count = None
+    if held is None:  # this hook's `before` did not run to its end: nothing known to put right
+        return
+    leaked = False
+    while logging._lock._recursion_count() > held:
+        logging._lock.release()
+        leaked = True
+    if leaked and _resend is not None:
+        _resend()
+
+
+def guard_forks() -> None:
+    """Register the hooks above, once per process, after logging's: `before` hooks run in reverse
+    order of registration (this one before logging takes its lock), `after_in_parent` hooks in order
+    (this one after logging's release, or its interrupted attempt)."""
+    global _forks_guarded
+    if _forks_guarded or not hasattr(os, "register_at_fork") or not hasattr(logging._lock, "_recursion_count"):
+        return
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent)
+    _forks_guarded = True
 
 
 def stop_noted() -> bool:
@@ -92,6 +135,14 @@ def ending_enforced() -> Iterator[None]:
         before_fd = None
 
     reading = threading.Lock()
+    dropped: list[bool] = []
+
+    def resend() -> None:
+        """A stop a fork's hooks dropped (`_after_fork_in_parent`): raised again at once, from the watcher."""
+        dropped.append(True)
+        due["stop"] = time.monotonic()
+        with contextlib.suppress(OSError):
+            note_to.send(b"\0")  # wakes the watcher
 
     def noted() -> bool:
         """Whether a SIGTERM has come during the block (what the wakeup fd holds read first)."""
@@ -110,9 +161,13 @@ def ending_enforced() -> Iterator[None]:
                 continue
             why = "SIGTERM" if due.get("stop", float("inf")) <= due.get("timeout", float("inf")) else (
                 f"{RUN_TIMEOUT_ENV} ({seconds:g} s)")
-            run_logger().warning("The run is %g s past its %s and still running: the exception that ends it was "
-                                 "caught where it landed; raised again every %g s until the run ends", GRACE_S, why,
-                                 AGAIN_S)
+            if dropped:
+                run_logger().warning("A stop came during a fork, whose hooks dropped its exception (printed above as "
+                                     "'Exception ignored'): raised again every %g s until the run ends", AGAIN_S)
+            else:
+                run_logger().warning("The run is %g s past its %s and still running: the exception that ends it was "
+                                     "caught where it landed; raised again every %g s until the run ends", GRACE_S,
+                                     why, AGAIN_S)
             while True:
                 with lock:
                     if left.is_set():
@@ -121,14 +176,16 @@ def ending_enforced() -> Iterator[None]:
                 if left.wait(AGAIN_S):
                     return
 
-    global _noted
+    global _noted, _resend
+    guard_forks()
     watcher = threading.Thread(target=watch, name="smolflow-run-ending", daemon=True)
     watcher.start()
     outer, _noted = _noted, noted
+    outer_resend, _resend = _resend, resend
     try:
         yield
     finally:
-        _noted = outer
+        _noted, _resend = outer, outer_resend
         # Nothing is raised in this thread once it has left the block: one still pending is replaced
         # by one raised and caught here. Not withdrawn (SetAsyncExc(NULL)): that leaves CPython's
         # pending-exception flag set with nothing to raise, and a thread under a profiler or tracer
