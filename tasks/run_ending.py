@@ -138,7 +138,10 @@ def ending_enforced() -> Iterator[None]:
     dropped: list[bool] = []
 
     def resend() -> None:
-        """A stop a fork's hooks dropped (`_after_fork_in_parent`): raised again at once, from the watcher."""
+        """A stop a fork's hooks dropped (`_after_fork_in_parent`): raised again at once, from the watcher.
+        Only a fork of the flow's thread: signals, and the exceptions raised again, land there alone."""
+        if threading.get_ident() != flow_thread:
+            return
         dropped.append(True)
         due["stop"] = time.monotonic()
         with contextlib.suppress(OSError):
