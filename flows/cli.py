@@ -143,8 +143,8 @@ def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     """Score one model (hub id, local folder, builtin:..., or an earlier run's id) without training."""
-    from flows.evaluate import check_eval_settings, check_eval_template, evaluate
     from tasks.checks import check_model, check_run
+    from tasks.checks_eval import check_eval_settings, check_eval_template
     from tasks.reachable import check_reachable
     from tasks.runs import model_of_run
 
@@ -154,6 +154,8 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     if model_of_run(config.output.artifacts_uri, config.model) is None:  # else that run's tuned model
         check_model(config.model)  # found without loading it, as `smolflow run` checks: before the flow
     check_eval_template(config, check_run(config).custom)
+    from flows.evaluate import evaluate
+
     with join_running_server():
         _print(run_flow(evaluate, config))
     return 0
@@ -397,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except OSError as err:  # tasks.storage's StorageError: S3 credentials, endpoint or bucket to fix
-        storage = sys.modules.get("tasks.storage")  # not imported here: it costs ~0.9 s (Prefect)
+        storage = sys.modules.get("tasks.storage")  # imported by the commands that use it, not here
         if debug or storage is None or not isinstance(err, storage.StorageError):
             raise
         print(f"smolflow {args.command}: error: {err}", file=sys.stderr)

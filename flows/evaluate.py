@@ -15,11 +15,12 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.runtime import flow_run
 
+from tasks.bookkeeping import drop_work_dir, set_latest, tidy_after_failure, tidy_before_run, tidy_up, write_manifest
 from tasks.caching import results_storage
 from tasks.checks import check_run, resolve_autos
+from tasks.checks_eval import check_eval_settings, check_eval_template
 from tasks.config import RunConfig
 from tasks.config_eval import NOT_IN_EVAL, as_run, resolved_in
-from tasks.config_base import unused
 from tasks.console import configure_logging
 from tasks.device import publish, unpublish
 from tasks.evaluation import save_scores, score_models
@@ -29,57 +30,11 @@ from tasks.leftovers import own_temp_root
 from tasks.models import ModelRef, resolve_model
 from tasks.prefect_vacuum import vacuum_temporary_server_db
 from tasks.reporting import write_report
-from tasks.retention import drop_work_dir, tidy_after_failure, tidy_before_run, tidy_up
 from tasks.runs import flow_run_id, model_of_run, served_as, status_recorded
 from tasks.runtime import cache_dir, code_version, flow_run_link, run_logger, run_timeout, set_torch_threads
 from tasks.sandbox import hide_from_sandbox
-from tasks.storage import ArtifactStore, set_latest, write_manifest
+from tasks.storage import ArtifactStore
 from tasks.tracking import close_on_stop, close_wandb, log_eval_wandb, start_flow_wandb, wandb_link
-
-
-def check_eval_settings(config: RunConfig) -> None:
-    """smolflow eval scores a model and trains nothing: a setting of a stage it does not run (data,
-    template, training, samples, gate, hub push, a model for W&B), moved off its default, would have
-    no effect, so it is refused, naming it (ValueError). Retention (output.keep_*) and W&B apply."""
-    scoring_only = "smolflow eval scores a model and trains nothing, so it has no {} (smolflow run does)"
-    what = {"data": "training data", "template": "chat template to apply", "training": "training",
-            "gate": "promotion gate", "sampling": "before/after samples", "output": "new model to push",
-            "wandb": "new model to log"}
-    judge_reads_prompts = config.judge.enabled and config.judge.instructions == "samples"
-    for section, fields in NOT_IN_EVAL.items():
-        part = getattr(config, section)
-        fields = tuple(type(part).model_fields) if fields is None else fields
-        if section == "sampling" and not judge_reads_prompts:
-            fields += ("prompts",)
-        why = scoring_only.format(what[section]) + ("; sampling.prompts serves only as the judge's instructions "
-                                                    "(judge.instructions: samples)" if section == "sampling" else "")
-        unused(part, fields, f"{section}.", why)
-    judge = config.judge
-    if judge.enabled and judge.reference == "base":
-        from tasks.models import resolve_source
-
-        if resolve_source(config.model) == resolve_source("auto"):  # the flow skips the judge (its own reference)
-            unused(judge, tuple(n for n in type(judge).model_fields if n not in ("enabled", "reference")), "judge.",
-                   f"the judge is skipped: model={config.model!r} is the default model, the judge's reference "
-                   "(judge.reference: base); set judge.reference to a file of reference outputs, or judge.enabled: false")
-
-
-def check_eval_template(config: RunConfig, custom: list) -> None:
-    """The evaluated model answers the judge's instructions, and the custom benchmarks with
-    chat_template: true, through its chat template: a model without one (a base model) failed there,
-    after the benchmarks before it, in transformers' words. Said before any model runs, naming what needs it."""
-    from tasks.checks import check_chat_template
-
-    needs, fixes = [], []
-    if config.judge.enabled:
-        needs.append("the judge's instructions (judge.enabled: true)")
-        fixes.append("judge.enabled: false")
-    if chat := [b for b in custom if b.chat_template]:
-        needs += [f"custom benchmark {b.name!r} (chat_template: true in {b.path})" for b in chat]
-        fixes.append("chat_template: false in " + ("that definition" if len(chat) == 1 else "those definitions"))
-    if needs:
-        check_chat_template(config.model, "model", f"answer {' or '.join(needs)}; evaluate a model with a chat "
-                            f"template, or set {' and '.join(fixes)}")
 
 
 # unpublish: the run's device/precision/task-runner settings end with it (tasks/device.py).

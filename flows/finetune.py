@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.runtime import flow_run
 
+from tasks.bookkeeping import drop_work_dir, set_latest, tidy_after_failure, tidy_before_run, tidy_up, write_manifest
 from tasks.caching import results_storage
 from tasks.checks import check_inputs, check_run, resolve_autos
 from tasks.config import RunConfig
@@ -31,11 +32,10 @@ from tasks.prefect_vacuum import vacuum_temporary_server_db
 from tasks.reference import rescore_promoted
 from tasks.special_tokens import control_tokens
 from tasks.reporting import write_report
-from tasks.retention import drop_work_dir, tidy_after_failure, tidy_before_run, tidy_up
 from tasks.runs import flow_run_id, served_as, status_recorded
 from tasks.runtime import cache_dir, code_version, flow_run_link, run_timeout, set_torch_threads
 from tasks.sandbox import hide_from_sandbox
-from tasks.storage import ArtifactStore, set_latest, write_manifest
+from tasks.storage import ArtifactStore
 from tasks.templates import prepare_chat_template, write_template_preview
 from tasks.tokenization import tokenize_dataset, write_token_stats
 from tasks.tracking import close_on_stop, finish_wandb, log_wandb, start_flow_wandb, wandb_link

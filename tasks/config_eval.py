@@ -138,7 +138,7 @@ class JudgeConfig(Section):
 
 
 # The settings of the stages `smolflow eval` does not run (a whole section, or some of its fields):
-# refused there when moved off their defaults (flows/evaluate.py check_eval_settings) and left out
+# refused there when moved off their defaults (tasks/checks_eval.py check_eval_settings) and left out
 # of `smolflow eval --help`. sampling.prompts stays: it is the judge's instructions by default.
 NOT_IN_EVAL: dict[str, tuple[str, ...] | None] = {
     "data": None, "template": None, "training": None, "gate": None, "sampling": ("max_new_tokens",),

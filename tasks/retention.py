@@ -12,7 +12,7 @@ Rules (docs/operations.md, "Disk"):
   must not fill the disk either). Otherwise they stay, and the newest failed or stopped one keeps
   its resumable checkpoints; older ones lose theirs (a disk filled by a failed night's checkpoints
   stayed full for keep_runs nights). Retention runs at the start and end of every run and after a
-  failed one (`tidy_before_run`, `tidy_after_failure`).
+  failed one (tasks/bookkeeping.py).
 - A run is deleted manifest first: readers (completed_runs, pointers) ignore a run without one, so
   a half-deleted run never looks complete.
 - W&B's service (wandb-core) writes two debug logs per W&B run (`core-debug-*.log`,
@@ -31,16 +31,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from tasks.cache_limit import HOUR, Decision, apply_cache, cache_root, default_max_gb, mark_used, plan_cache, remove_entry, usage
-from tasks.checkpoints import remove_checkpoints
-from tasks.config import OutputConfig
-from tasks.prefect_markdown import publish_markdown
-from tasks.runs import end_killed_flow_runs, run_status
-from tasks.runtime import retry_transient, run_logger
+from tasks.cache_limit import HOUR, Decision, apply_cache, cache_root, default_max_gb, plan_cache, usage
+from tasks.runs import run_status
+from tasks.runtime import run_logger
 from tasks.storage import ArtifactStore
 
 
@@ -256,6 +251,8 @@ def apply_runs(decisions: list[Decision], dry_run: bool = False) -> int:
             freed += d.bytes
         elif d.kind == "checkpoints" and d.action == "delete":
             if not dry_run:
+                from tasks.checkpoints import remove_checkpoints  # here: it imports Prefect (tasks/bookkeeping.py)
+
                 remove_checkpoints(ArtifactStore(d.where), _work_checkpoints(d.name.split("/")[0]).parent)
             log.info("%s %s (%.1f MB): %s", "Would delete" if dry_run else "Deleted", d.name, d.bytes / 1e6, d.reason)
             freed += d.bytes
@@ -375,63 +372,3 @@ def gc(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incomplete_ho
     freed += apply_logs(logs, dry_run)
     return GcReport(root=ArtifactStore(root).uri, cache=str(cache_root()), dry_run=dry_run,
                     decisions=runs + work + cache + logs, freed_bytes=freed)
-
-
-@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
-def tidy_up(output: OutputConfig, run_id: str, in_use: list[str], started: float) -> GcReport:
-    """End of a completed run, before its W&B run closes (a failure here closes it failed, as
-    status.json says): apply retention, bound the cache (never what it used, nor its work dir)."""
-    mark_used(list(in_use))
-    report = gc(output.artifacts_uri, keep_runs=output.keep_runs, keep_incomplete_hours=output.keep_incomplete_hours,
-                cache_max_gb=output.cache_max_gb, in_use=list(in_use), since=started, running=run_id)
-    deleted = [d for d in report.decisions if d.action == "delete"]
-    run_logger().info("Retention: freed %.1f MB (%d deleted); keep_runs=%d, cache_max_gb=%s",
-                      report.freed_bytes / 1e6, len(deleted), output.keep_runs, output.cache_max_gb)
-    publish_markdown("smolflow-retention", report.table(), description="Disk retention")
-    return report
-
-
-def tidy_before_run(output: OutputConfig, run_id: str) -> None:
-    """Start of a run, before its first write: the same retention as at the end of one (never this
-    run's own folder or work dir). Runs that end by SIGKILL (the OOM killer, a reboot, a supervisor's
-    kill) run no hook, so without this a nightly killed every night left a run folder and a work dir
-    of checkpoints a night, for good; and a disk filled by a failed night's checkpoints stayed full
-    until keep_runs more nights had failed. Their Prefect flow runs, which said Running, end Crashed."""
-    try:  # the cache's bound stays the run ends' business: here it would evict what this run is about to reuse
-        report = gc(output.artifacts_uri, keep_runs=output.keep_runs, keep_incomplete_hours=output.keep_incomplete_hours,
-                    cache_max_gb=None, running=run_id)
-    except Exception as err:  # never the reason a run does not start
-        run_logger().warning("Retention before the run did not run: %s: %s", type(err).__name__, err)
-        return
-    deleted = [d for d in report.decisions if d.action == "delete"]
-    if deleted:
-        run_logger().info("Retention before the run: freed %.1f MB (%d deleted)", report.freed_bytes / 1e6, len(deleted))
-    try:
-        if ended := end_killed_flow_runs(output.artifacts_uri, running=run_id):
-            run_logger().info("Flow runs of killed runs set Crashed (they said Running): %s", ", ".join(ended))
-    except Exception as err:  # the UI's record of old runs: never the reason a run does not start
-        run_logger().warning("Flow runs of killed runs were not ended: %s: %s", type(err).__name__, err)
-
-
-def drop_work_dir(run_id: str) -> None:
-    """The very end of a completed run: its checkpoints are gone, its model and W&B files uploaded."""
-    remove_entry(cache_root() / "work" / run_id)
-
-
-def tidy_after_failure(flow, flow_run, state) -> None:
-    """Flow hook on failure: retention as after a completed run (the run's own folder, work dir and
-    what it used stay: all written since it started), so nights that keep failing stay bounded."""
-    from tasks.config import OutputConfig
-
-    try:
-        # The output section alone: a run whose parameters Prefect refused (a bad value typed in the
-        # Run form) failed before it started, and retention needs no other section to be valid.
-        output = OutputConfig.model_validate((flow_run.parameters.get("config") or {}).get("output") or {})
-        since = flow_run.start_time.timestamp() if flow_run.start_time else time.time()
-        report = gc(output.artifacts_uri, keep_runs=output.keep_runs, keep_incomplete_hours=output.keep_incomplete_hours,
-                    cache_max_gb=output.cache_max_gb, since=since)
-    except Exception as err:  # a hook never hides the run's own failure
-        run_logger().warning("Retention after the failed run did not run: %s: %s", type(err).__name__, err)
-        return
-    deleted = [d for d in report.decisions if d.action == "delete"]
-    run_logger().info("Retention after the failed run: freed %.1f MB (%d deleted)", report.freed_bytes / 1e6, len(deleted))

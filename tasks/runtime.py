@@ -336,7 +336,10 @@ def git_commit() -> str | None:
 def run_logger():
     """Prefect's run logger inside a flow or task (shown in the UI), a plain logger outside."""
     import logging
+    import sys
 
+    if "prefect" not in sys.modules:  # no flow or task runs in this process (`smolflow gc`): not worth its import
+        return logging.getLogger("smolflow")
     from prefect import get_run_logger
     from prefect.exceptions import MissingContextError
 

@@ -27,12 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks import layout
 from tasks.layout import RunPaths
-from tasks.runtime import atomic_write, remembered_digest, retry_transient, run_logger, sha256_file, sha256_stream
+from tasks.runtime import atomic_write, remembered_digest, run_logger, sha256_file, sha256_stream
 from tasks.storage_errors import StorageError, clear_s3_errors, endpoint_problem, local_problem, s3_problem, transient
 
 # s3fs uploads a file of at least twice this size as a multipart upload in parts of this size
@@ -217,7 +215,6 @@ def package_versions() -> dict[str, str]:
 UNHASHED = (RunPaths.manifest, RunPaths.status)
 
 
-@task(cache_policy=NO_CACHE, retries=3, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10, 30])
 def write_manifest(run_uri: str, extra: dict[str, Any]) -> str:
     """Hash every object in the run folder and write manifest.json last, marking the run complete."""
     store = ArtifactStore(run_uri)
@@ -340,7 +337,6 @@ def pointer_lock(root: str, holder: str) -> contextlib.AbstractContextManager[di
     return exclusive(PROMOTION_LOCK, holder, directory)
 
 
-@task(cache_policy=NO_CACHE, retries=3, retry_condition_fn=retry_transient, retry_delay_seconds=[2, 10, 30])
 def set_latest(root: str, flow_name: str, run_id: str) -> str:
     """Point the flow's `latest` at this run, once its manifest is written."""
     with pointer_lock(root, f"latest {run_id}"):  # pointers move one at a time (rewrite_manifest)
@@ -352,7 +348,7 @@ def rewrite_manifest(run: ArtifactStore, flow_name: str) -> None:
     once it closed, after promotion), and give the pointers that still name the run the new
     manifest's sha256; one moved to another run meanwhile stays (under the promotion lock)."""
     manifest = run.read_json(RunPaths.manifest)
-    write_manifest.fn(run.uri, {k: v for k, v in manifest.items() if k not in ("run", "objects", "versions")})
+    write_manifest(run.uri, {k: v for k, v in manifest.items() if k not in ("run", "objects", "versions")})
     root, run_id = posixpath.dirname(posixpath.dirname(run.uri.rstrip("/"))), posixpath.basename(run.uri.rstrip("/"))
     with pointer_lock(root, f"re-point {run_id}"):
         for name in ("latest", "promoted"):

@@ -93,7 +93,7 @@ def test_a_rejected_promotion_notifies(alerts, tmp_path):
     root = str(tmp_path)
     good = ArtifactStore(root).child(run_dir("good-run"))
     good.write_json(RunPaths.benchmark_summary("gsm8k", "tuned"), {"name": "gsm8k", "score": 0.6, "stderr": 0.01})
-    write_manifest.fn(good.uri, {"run_id": "good-run"})
+    write_manifest(good.uri, {"run_id": "good-run"})
     set_pointer(root, FLOW, "promoted", "good-run")
     worse = ArtifactStore(root).child(run_dir("worse-run"))  # scores saved where evaluation saves them
     worse.write_json(RunPaths.benchmark_summary("gsm8k", "tuned"), {"name": "gsm8k", "score": 0.1, "stderr": 0.01})

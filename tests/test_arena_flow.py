@@ -29,7 +29,7 @@ def make_run(root: Path, run_id: str, model_dir: Path, base: ModelRef, completed
     run = ArtifactStore(str(root)).child("runs", run_id)
     run.upload_dir(model_dir, "model")
     tuned = ModelRef(source=str(model_dir), path=run.url("model"), fingerprint=fingerprint_dir(model_dir))
-    write_manifest.fn(run.uri, {"run_id": run_id, "base_model": base.model_dump(), "tuned_model": tuned.model_dump(),
+    write_manifest(run.uri, {"run_id": run_id, "base_model": base.model_dump(), "tuned_model": tuned.model_dump(),
                                 "completed_at": completed_at})
     return tuned
 
@@ -110,7 +110,7 @@ def test_eval_runs_in_the_root_are_not_contestants(tiny_model_dir, tiny_models, 
     base = resolve_model.fn(str(tiny_model_dir))
     make_run(root, "r1", tiny_models[0], base, "2026-11-30T02:30:00+00:00")
     evaluated = ArtifactStore(str(root)).child("runs", "eval-1")
-    write_manifest.fn(evaluated.uri, {"run_id": "eval-1", "kind": "eval", "completed_at": "2026-12-01T02:30:00+00:00",
+    write_manifest(evaluated.uri, {"run_id": "eval-1", "kind": "eval", "completed_at": "2026-12-01T02:30:00+00:00",
                                       "tuned_model": base.model_dump()})
     contestants, newest_base = gather_runs.fn(ArenaConfig(artifacts_uri=str(root), last_runs=3))
     assert [c.name for c in contestants] == ["run r1"]

@@ -441,7 +441,7 @@ def test_trend_draws_one_series_per_comparability_key(tmp_path):
         r = ArtifactStore(str(tmp_path)).child("runs", run_id)
         r.write_json("benchmarks/comparison.json", [{"benchmark": "gsm8k", "n": n, "tuned": score, "base": 0.0}])
         r.write_json("benchmarks/gsm8k/tuned.summary.json", {"score": score, "n": n, "comparability_key": key})
-        write_manifest.fn(r.uri, {"run_id": run_id})
+        write_manifest(r.uri, {"run_id": run_id})
         return r.uri
 
     run("20260101-a", 2, "key2items", 1.0)

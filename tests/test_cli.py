@@ -325,7 +325,7 @@ def test_a_completed_runs_id_is_refused_not_written_over(env, tmp_path):
     from tasks.storage import ArtifactStore, write_manifest
 
     root = tmp_path / "runs"
-    write_manifest.fn(ArtifactStore(str(root)).child("runs", "done").uri, {"run_id": "done"})
+    write_manifest(ArtifactStore(str(root)).child("runs", "done").uri, {"run_id": "done"})
     before = sorted(p.name for p in (root / "runs" / "done").iterdir())
     for command in ("run", "validate", "eval"):
         out = smolflow(env | {"HF_HUB_OFFLINE": "1"}, command, "--output.run-id", "done", "--output.artifacts-uri",

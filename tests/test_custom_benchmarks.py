@@ -294,7 +294,7 @@ def test_a_model_without_a_chat_template_is_refused_before_any_model_runs(tiny_b
     """A base model as the judge (run, arena), as the evaluated model (eval: the judge's answers, chat
     custom benchmarks) or as an arena contestant failed at its first generation: after training or the
     other benchmarks, in transformers' words naming no setting. The checks before the flow say it."""
-    from flows.evaluate import check_eval_template
+    from tasks.checks_eval import check_eval_template
     from tasks.arena_config import ArenaConfig
     from tasks.arena_tasks import check_arena_inputs
     from tasks.checks import check_judge_model

@@ -76,7 +76,7 @@ def _completed_run(root, run_id: str, scores: dict[str, float], base: dict[str, 
         for name, score in values.items():
             run.write_json(RunPaths.benchmark_summary(name, role), {"name": name, "score": score, "stderr": 0.01})
     run.write_json(RunPaths.comparison, [{"benchmark": name} for name in scores])
-    write_manifest.fn(run.uri, {"run_id": run_id})
+    write_manifest(run.uri, {"run_id": run_id})
     return run.uri
 
 

@@ -23,7 +23,7 @@ def _run(root: str, run_id: str, scores: dict[str, float], complete: bool = True
         for name, score in scores.items()
     ])
     if complete:
-        write_manifest.fn(run.uri, {"run_id": run_id})
+        write_manifest(run.uri, {"run_id": run_id})
     return run.uri
 
 

@@ -41,7 +41,7 @@ def _finished_run(root: str, run_id: str, score: float):
     run.write_json(RunPaths.comparison, [{"benchmark": "gsm8k"}])
     decision = regression_gate.fn(root, FLOW, run.uri, GateConfig(tolerance=0.05), [])
     assert decision.promote and decision.reference_run is None
-    write_manifest.fn(run.uri, {"run_id": run_id})
+    write_manifest(run.uri, {"run_id": run_id})
     return decision
 
 

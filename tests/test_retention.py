@@ -24,7 +24,7 @@ def _run(root: str, run_id: str, complete: bool = True) -> ArtifactStore:
     run.write_json("config.json", {"run": run_id})
     run.write_bytes("model/model.safetensors", os.urandom(2048))
     if complete:
-        write_manifest.fn(run.uri, {"run_id": run_id})
+        write_manifest(run.uri, {"run_id": run_id})
     return run
 
 
@@ -257,13 +257,13 @@ def test_old_wandb_service_logs_go_and_recent_ones_stay(variable, tmp_path, monk
 def test_publishing_a_cached_model_links_it_and_survives_its_first_run_being_deleted(tiny_model_dir, tmp_path):
     root = str(tmp_path / "artifacts")
     ref = publish_model.fn(resolve_model.fn(str(tiny_model_dir)), f"{root}/runs/r1")
-    write_manifest.fn(f"{root}/runs/r1", {"run_id": "r1", "tuned_model": ref.model_dump()})
+    write_manifest(f"{root}/runs/r1", {"run_id": "r1", "tuned_model": ref.model_dump()})
     # A cached training result points at r1's model: r2 gets hard links, not a second copy.
     second = publish_model.fn(ref, f"{root}/runs/r2")
     weights = "model.safetensors"
     assert os.stat(Path(second.path, weights)).st_ino == os.stat(Path(ref.path, weights)).st_ino
     assert fingerprint_dir(Path(second.path)) == ref.fingerprint
-    write_manifest.fn(f"{root}/runs/r2", {"run_id": "r2", "tuned_model": second.model_dump()})
+    write_manifest(f"{root}/runs/r2", {"run_id": "r2", "tuned_model": second.model_dump()})
     set_pointer(root, FLOW, "latest", "r2")
     apply_runs([d for d in plan_runs(root, keep_runs=1, keep_incomplete_hours=24) if d.name == "r1"])
     assert not Path(ref.path).exists() and Path(second.path, weights).is_file()  # the link outlived r1

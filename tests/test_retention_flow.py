@@ -14,7 +14,7 @@ def test_completed_flow_run_removes_its_work_dir_and_old_runs(tiny_model_dir, tm
     root = str(tmp_path / "artifacts")
     old = ArtifactStore(root).child("runs", "00000000-old")
     old.write_json("config.json", {})
-    write_manifest.fn(old.uri, {"run_id": "00000000-old"})
+    write_manifest(old.uri, {"run_id": "00000000-old"})
     # A training seed of its own: this run trains (no cache hit), so it had checkpoints and a work dir.
     config = tiny_run_config(tiny_model_dir, root, output={"run_id": "retention-flow", "keep_runs": 1},
                              training={"seed": 4242})
@@ -93,7 +93,7 @@ def test_killed_nights_are_cleared_when_the_next_run_starts(tiny_model_dir, tmp_
 
     import flows.finetune
     from tasks.config import OutputConfig
-    from tasks.retention import tidy_before_run
+    from tasks.bookkeeping import tidy_before_run
 
     root = str(tmp_path / "artifacts")
     for night in (1, 2, 3, 4):  # killed mid-training, days ago: status 'running' for ever, checkpoints

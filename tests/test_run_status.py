@@ -93,7 +93,7 @@ def test_a_killed_runs_flow_run_is_ended_crashed_by_the_next_run(tmp_path):
 
     from tasks.config import OutputConfig
     from tasks.leftovers import process_mark
-    from tasks.retention import tidy_before_run
+    from tasks.bookkeeping import tidy_before_run
     from tasks.runs import FLOW_RUN, end_killed_flow_runs
 
     @flow(name="smolflow-test-killed")

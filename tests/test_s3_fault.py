@@ -65,7 +65,7 @@ def test_run_completes_intact_across_a_server_restart(tmp_path: Path, monkeypatc
                 stopped.wait(60)
                 run.upload_dir(tmp_path / "local" / "samples", "samples")
                 run.upload_dir(tmp_path / "local" / "report", "report")
-                write_manifest.fn(run.uri, {"run_id": "r1"})
+                write_manifest(run.uri, {"run_id": "r1"})
                 set_pointer(root, "smolflow-finetune", "latest", "r1")
             except BaseException as err:
                 failure.append(err)

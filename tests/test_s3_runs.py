@@ -44,7 +44,7 @@ def _complete_run(root: str, run_id: str, model: Path) -> ArtifactStore:
     run = ArtifactStore(root).child("runs", run_id)
     run.write_json("config.json", {"run": run_id})
     run.upload_dir(model, "model")
-    write_manifest.fn(run.uri, {"run_id": run_id, "dataset": {"fingerprint": "d" * 64}})
+    write_manifest(run.uri, {"run_id": run_id, "dataset": {"fingerprint": "d" * 64}})
     return run
 
 

@@ -74,7 +74,7 @@ def test_write_manifest(store_uri: str, tmp_path: Path):
     run.upload_dir(_make_tree(tmp_path / "src"), "model")
     run.write_json("config.json", {"seed": 1})
 
-    url = write_manifest.fn(run.uri, {"status": "completed"})
+    url = write_manifest(run.uri, {"status": "completed"})
 
     assert url == run.url("manifest.json")
     manifest = run.read_json("manifest.json")

@@ -84,7 +84,7 @@ def test_finetune_wandb_run_says_what_the_run_folder_says(tiny_model_dir, tmp_pa
 
     earlier = log_wandb(wb, run, trained, [sample], [sample], scores, health, _judge(), decision,
                         reused_from="file:///elsewhere/model")
-    write_manifest.fn(run.uri, {"run_id": "r1", "completed_at": "now"})
+    write_manifest(run.uri, {"run_id": "r1", "completed_at": "now"})
     # The gate passed, then promote()'s compare-and-swap re-check rejected it (another run was
     # promoted in between): W&B must not say promoted.
     finish_wandb(wb, run, work, False, earlier, model)
@@ -118,7 +118,7 @@ def test_eval_wandb_run_names_scores_as_a_finetune_and_logs_the_judge_pairs(tmp_
     run.write_json("config.json", {})
     wb = start_wandb(WandbConfig(mode="offline"), "e1", {}, tmp_path / "work", "smolflow-evaluate", job_type="eval")
     log_eval_wandb(wb, run, {"gsm8k": {"model": _result("gsm8k", 0.123456, 0.0456789)}}, _judge())
-    write_manifest.fn(run.uri, {"run_id": "e1", "kind": "eval", "completed_at": "now"})
+    write_manifest(run.uri, {"run_id": "e1", "kind": "eval", "completed_at": "now"})
     # Retention comes next, then the W&B run closes: a failure in between closes it failed, the
     # scores logged already (they once were logged only at the close, so a failed run had none).
     close_on_stop(wb, run, tmp_path / "work")({"state": "failed", "why": "OSError: retention failed"})
