@@ -144,6 +144,7 @@ def _own_cluster_stopped(runner):
         reap_sessions(_ray_root())  # what a SIGKILLed earlier run of ours left
     # A cluster this process is about to start: the session folders it has now, to tell the new one apart
     earlier = _sessions_of_this_process() if runner.address == "local" and not ray.is_initialized() else None
+    starting = _note_starting() if earlier is not None else None
     own: dict[int, str] = {}
     raylets: list[int] = []
     try:
@@ -151,6 +152,8 @@ def _own_cluster_stopped(runner):
             try:
                 if _started(runner):
                     _mark_session(_session(runner))
+                if starting is not None:
+                    starting.unlink(missing_ok=True)  # the session's own mark (or none started) says it now
                 yield
             finally:
                 if _started(runner):  # before ray.shutdown(): its processes, while the tree still holds them
@@ -175,6 +178,8 @@ def _own_cluster_stopped(runner):
                 _remove_session(session)
         elif earlier is not None:
             _half_started(earlier)
+        if starting is not None:
+            starting.unlink(missing_ok=True)
 
 
 def _sessions_of_this_process() -> set[Path]:
@@ -220,6 +225,47 @@ def _ray_root() -> Path:
     return Path(base or "/tmp") / "ray"
 
 
+# A run about to start a local cluster says so first, in the folder the cluster's session will be in:
+# a SIGKILL while ray.init() runs (4-5 s on a 2-core machine) left a session folder that no
+# SESSION_MARK had been written to yet, for good. The note names the run's process, whose pid Ray
+# puts into the session folder's name (session_<local time>_<pid>).
+STARTING = ".smolflow-starting-{pid}.json"
+
+
+def _note_starting() -> Path | None:
+    try:
+        root = _ray_root()
+        root.mkdir(parents=True, exist_ok=True)  # as ray.init makes it (and then opens it to every user)
+        note = root / STARTING.format(pid=os.getpid())
+        note.write_text(json.dumps(process_mark()), encoding="utf-8")
+        return note
+    except OSError:
+        return None  # then a SIGKILL during ray.init() leaves the folder, as Ray does
+
+
+def _adopt_unmarked(root: Path) -> None:
+    """Give a session folder that a SIGKILLed run started while its `STARTING` note stood (named with
+    its pid, dated from the note to 5 minutes after: not a later process given the same pid) the
+    note's mark, as the run would have once ray.init() returned; reap_sessions then treats it as any
+    other. The notes of processes that are gone go then."""
+    from datetime import datetime
+
+    for note in root.glob(STARTING.format(pid="*")):
+        try:
+            mark = json.loads(note.read_text(encoding="utf-8"))
+            if not isinstance(mark, dict) or process_gone(mark) is not True:
+                continue  # still starting, or not this machine's to judge
+            for session in root.glob(f"session_*_{int(mark['pid'])}"):
+                stamp = session.name[len("session_"):].rsplit("_", 1)[0]
+                at = datetime.strptime(stamp, "%Y-%m-%d_%H-%M-%S_%f").timestamp()  # local time, as Ray writes it
+                if (float(mark["marked_at"]) - 5 <= at <= float(mark["marked_at"]) + 300
+                        and not session.is_symlink() and not (session / SESSION_MARK).exists()):
+                    (session / SESSION_MARK).write_text(json.dumps(mark), encoding="utf-8")
+            note.unlink(missing_ok=True)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable, or a folder not of Ray's naming: left as it is
+
+
 def _mark_session(session: Path) -> None:
     try:
         (session / SESSION_MARK).write_text(json.dumps(process_mark()), encoding="utf-8")
@@ -230,11 +276,13 @@ def _mark_session(session: Path) -> None:
 def reap_sessions(root: Path) -> list[Path]:
     """Remove the session folders under `root` (RAY_TMPDIR/ray...) that a run of ours left when it
     was SIGKILLed (no cleanup runs then: ~176 KB of logs and sockets each, for good): only those
-    holding our marker (`SESSION_MARK`) whose process is gone on this machine, and that no live
+    holding our marker (`SESSION_MARK`, or given it by `_adopt_unmarked`) whose process is gone on this machine, and that no live
     process names or holds open any more (its GCS and raylet die with the driver; measured, its
     dashboard and runtime-env agents lived on, orphaned, for 53 s to 3 min). A cluster someone started with
     `ray start`, another tool's, or one whose starter still runs is never touched."""
     removed = []
+    if root.is_dir():
+        _adopt_unmarked(root)
     for session in sorted(root.glob("session_*")) if root.is_dir() else ():
         try:
             mark = json.loads((session / SESSION_MARK).read_text(encoding="utf-8"))

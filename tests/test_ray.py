@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -173,6 +174,51 @@ def test_a_killed_runs_session_folder_goes_with_the_next_run(tmp_path):
         holder.wait()
     assert sorted(p.name for p in root.iterdir()) == ["session_2_running", "session_3_ray_start", "session_4_named"]
     assert reap_sessions(root) == [named] and running.is_dir() and someone.is_dir()
+
+
+# A run as it starts its own cluster: the note first, then ray.init() makes the session folder (named
+# as Ray names it) and, 4-5 s later on 2 cores, returns, when the run marks the folder; SIGKILLed between.
+_STARTING_RUN = """
+import datetime, os, sys, time
+from pathlib import Path
+from tasks.ray_scoring import _note_starting
+assert _note_starting() is not None
+stamp = datetime.datetime.today().strftime("%Y-%m-%d_%H-%M-%S_%f")
+(Path(os.environ["RAY_TMPDIR"]) / "ray" / f"session_{stamp}_{os.getpid()}" / "logs").mkdir(parents=True)
+print("started", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_run_killed_while_ray_init_starts_its_cluster_leaves_no_session_folder(tmp_path):
+    """A SIGKILL while ray.init() ran left a session folder that the run had not marked as its own yet
+    (it can only once ray.init() returns), so no later run removed it. Its note names its process."""
+    root, env = tmp_path / "ray", os.environ | {"RAY_TMPDIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parents[1])}
+
+    def start() -> subprocess.Popen:
+        run = subprocess.Popen([sys.executable, "-c", _STARTING_RUN], env=env, stdout=subprocess.PIPE, text=True)
+        assert run.stdout.readline() == "started\n"
+        return run
+
+    killed, running = start(), start()
+    try:
+        killed.kill()
+        killed.wait()
+        # The same pid in an older folder's name: another process's, before this run; and a cluster someone started
+        older = root / f"session_2026-01-01_00-00-00_000001_{killed.pid}"
+        (older / "logs").mkdir(parents=True)
+        (root / "session_2026-01-02_00-00-00_000001_4242" / "logs").mkdir(parents=True)
+        left = {p.name for p in root.glob(f"session_*_{killed.pid}")} - {older.name}
+        assert len(left) == 1 and len(list(root.glob(".smolflow-starting-*.json"))) == 2
+        assert [p.name for p in reap_sessions(root)] == list(left)
+        # The killed run's note went with it; the running one's folder and note, and the others, stay
+        assert sorted(p.name for p in root.iterdir()) == sorted(
+            [older.name, "session_2026-01-02_00-00-00_000001_4242", f".smolflow-starting-{running.pid}.json",
+             *(p.name for p in root.glob(f"session_*_{running.pid}"))])
+        assert len(list(root.glob(f"session_*_{running.pid}"))) == 1 and reap_sessions(root) == []
+    finally:
+        running.kill()
+        running.wait()
 
 
 @pytest.mark.slow
