@@ -2,7 +2,7 @@
 failure, then its manifest and its `latest` pointer.
 
 The Prefect tasks live here, over plain functions of storage.py and retention.py that stay free of
-Prefect: `smolflow runs`, `compare` and `gc` import those alone and answer in ~0.6 s (Prefect's
+Prefect: `smolflow runs`, `compare` and `gc` import those alone and answer in ~0.5 s (Prefect's
 import took another ~1.3 s of CPU on this project's 2-core machines, each time).
 """
 
