@@ -92,9 +92,10 @@ def _covers(entry: Path, used: set[Path]) -> bool:
 
 def plan_cache(max_gb: float | None, in_use: list[str] = (), since: float | None = None,
                running_hours: float = 24.0, root: Path | None = None, now: float | None = None,
-               skip: set[str] = frozenset()) -> list[Decision]:
+               skip: set[str] = frozenset(), gone: frozenset[tuple[int, int]] = frozenset()) -> list[Decision]:
     """Which cache entries to evict, least recently used first, until the cache fits in max_gb
-    (entries in `skip`, already decided elsewhere, neither count nor appear)."""
+    (entries in `skip`, already decided elsewhere, neither count nor appear; files in `gone`, as
+    (st_dev, st_ino), are about to be deleted and do not count)."""
     root, now = root or cache_root(), time.time() if now is None else now
     used = {Path(p).resolve() for p in in_use if p and "://" not in p}
     entries = []
@@ -104,7 +105,7 @@ def plan_cache(max_gb: float | None, in_use: list[str] = (), since: float | None
             continue
         for entry in folder.iterdir():
             if not entry.is_symlink() and str(entry) not in skip:
-                size, last = usage(entry)
+                size, last = usage(entry, set(gone))
                 entries.append((last, entry, size, kind))
     total = sum(e[2] for e in entries)
     limit = None if max_gb is None else max_gb * 1e9

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import stat
 import time
 from collections import Counter
 from datetime import datetime
@@ -199,6 +200,12 @@ def _work_checkpoints(run_id: str) -> Path:
     return cache_root() / "work" / run_id / "checkpoints"
 
 
+def _files(folders) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of every file under the folders that exist."""
+    return {(st.st_dev, st.st_ino) for folder in folders if folder.is_dir() and not folder.is_symlink()
+            for st in (p.lstat() for p in folder.rglob("*")) if stat.S_ISREG(st.st_mode)}
+
+
 def _work_only_bytes(r: RunInfo) -> int:
     """Bytes of the work dir's checkpoints that the run folder's do not share (hard links count once)."""
     folder = _work_checkpoints(r.run_id)
@@ -366,7 +373,11 @@ def gc(root: str, dry_run: bool = False, keep_runs: int = 14, keep_incomplete_ho
                           keep={running} if running else set(), running_hours=keep_incomplete_hours)
     freed += apply_cache(work, dry_run)
     own = [str(cache_root() / "work" / running)] if running else []
-    cache = plan_cache(max_gb, [*in_use, *own], since, keep_incomplete_hours, skip={d.where for d in work})
+    # Deleted by now, unless this is a dry run: then the work dir checkpoints that the runs' plan removes
+    # must not count in the cache's rows either (they showed there too, with their GBs).
+    gone = frozenset(_files(_work_checkpoints(d.name.split("/")[0]) for d in runs
+                            if d.kind == "checkpoints" and d.action == "delete")) if dry_run else frozenset()
+    cache = plan_cache(max_gb, [*in_use, *own], since, keep_incomplete_hours, skip={d.where for d in work}, gone=gone)
     freed += apply_cache(cache, dry_run)
     logs = plan_wandb_logs()
     freed += apply_logs(logs, dry_run)

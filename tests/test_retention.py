@@ -327,7 +327,12 @@ def test_only_the_newest_failed_run_keeps_its_checkpoints(tmp_path, monkeypatch)
     assert "| night1/checkpoints | delete | checkpoints |" in report.table()
     assert (Path(root) / "runs/night1/checkpoints/checkpoint-6/COMPLETE").is_file()  # a dry run deletes nothing
 
-    gc(root, keep_runs=14, keep_incomplete_hours=24, cache_max_gb=None)
+    done = gc(root, keep_runs=14, keep_incomplete_hours=24, cache_max_gb=None)
+    # The dry run said what the real one did: the work dirs' checkpoints that it removes counted in the
+    # cache's rows too before (work/night1 shown with its 64 KiB checkpoint, which the real run deletes).
+    assert ({d.name: d.bytes for d in report.decisions if d.kind == "cache"}
+            == {d.name: d.bytes for d in done.decisions if d.kind == "cache"}), report.table() + done.table()
+    assert {d.name: d.bytes for d in report.decisions if d.kind == "cache"}["work/night1"] < 64 * 1024
     for run_id in ("night1", "night2"):
         assert not (Path(root) / "runs" / run_id / "checkpoints").exists()
         assert not (cache / "work" / run_id / "checkpoints").exists()
