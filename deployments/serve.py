@@ -129,6 +129,21 @@ def lost_server_in_one_line() -> None:
     logging.setLogRecordFactory(record)
 
 
+def lost_server(err: BaseException) -> bool:
+    """Whether `err` came of the server going away: the runner wraps what it met starting (its event
+    emitter's websocket to a server killed meanwhile) in a RuntimeError of its own."""
+    import httpx
+    from websockets.exceptions import WebSocketException
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (WebSocketException, httpx.TransportError, ConnectionError)):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def default_run_timeout(hours: str = "23") -> None:
     """A served run that hangs (a stuck endpoint, a deadlocked worker) would hold its deployment's one
     slot for good, and every later nightly would wait behind it with no alert: unless told otherwise
@@ -156,14 +171,19 @@ if __name__ == "__main__":
         settings = serve_config(sys.argv[1:])
     except ValueError as err:  # UserError: where and what to change, one message
         sys.exit(f"error: {err}")
-    if os.environ.get(BLOCK_ENV):  # alerts through the user's notification block (deployments/alerts.py)
-        try:
-            ensure_alerts()
-        except ValueError as err:
-            sys.exit(f"error: {err}")  # exit status 1, one line, no traceback
-    # The runs' locks (tasks/locks.py) exist before any run: two runs starting together each created
-    # them, and the loser's insert left an IntegrityError traceback in the server's log.
-    ensure_limits()
-    # Prefect's default pauses every schedule on shutdown (and drops the scheduled runs), so a
-    # restart would silently end the nightly: a stopped serve process leaves the deployments as they are.
-    serve(*deployments(settings), pause_on_shutdown=False)
+    try:
+        if os.environ.get(BLOCK_ENV):  # alerts through the user's notification block (deployments/alerts.py)
+            try:
+                ensure_alerts()
+            except ValueError as err:
+                sys.exit(f"error: {err}")  # exit status 1, one line, no traceback
+        # The runs' locks (tasks/locks.py) exist before any run: two runs starting together each created
+        # them, and the loser's insert left an IntegrityError traceback in the server's log.
+        ensure_limits()
+        # Prefect's default pauses every schedule on shutdown (and drops the scheduled runs), so a
+        # restart would silently end the nightly: a stopped serve process leaves the deployments as they are.
+        serve(*deployments(settings), pause_on_shutdown=False)
+    except Exception as err:  # the server killed (the supervisor says so): one line, not 60 of traceback
+        if not lost_server(err):
+            raise
+        sys.exit(f"error: the deployments stopped: the Prefect server stopped answering ({type(err).__name__}: {err})")

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -219,3 +220,40 @@ def test_a_lost_server_is_one_line_in_the_serve_log(tmp_path):
     assert ("websocket failed with an exception. (ConnectionClosedError: no close frame received or sent)\n"
             in said), said
     assert said.count("ConnectionClosedError") == 1 and said.count("Traceback") == 1 and "ValueError: a bug" in said
+
+
+def test_a_server_gone_as_the_deployments_start_is_one_line_of_their_own(tmp_path):
+    """kill -9 of the server as the serve process starts (CI caught it between the deployments'
+    registration and the runner's start): the runner's RuntimeError, wrapped around its event
+    emitter's websocket error, came out as a 60-line traceback under the supervisor's one line. Now one
+    line of its own, exit status 1; an error that is not about the server keeps its traceback."""
+    from websockets.exceptions import WebSocketException
+    from websockets.sync.client import connect
+
+    from deployments.serve import lost_server
+
+    # Nothing answers where its server was: the first call, the runs' locks, meets it.
+    out = subprocess.run([sys.executable, "-m", "deployments.serve"], cwd=ROOT, capture_output=True, text=True,
+                         env=_env(tmp_path) | {"PREFECT_API_URL": "http://127.0.0.1:9/api"}, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines() == [
+        "error: the deployments stopped: the Prefect server stopped answering (ConnectError: [Errno 111] Connection refused)"]
+    # The runner's own start: a websocket to a port where what answers is no HTTP any more, as Prefect's
+    # Runner wraps it ("Runner failed to start: event_emitter — did not receive a valid HTTP response").
+    with socket.socket() as dying:
+        dying.bind(("127.0.0.1", 0))
+        dying.listen(1)
+        closer = threading.Thread(target=lambda: dying.accept()[0].close())  # a server going: it answers nothing
+        closer.start()
+        with pytest.raises(WebSocketException) as met:  # ConnectionClosedError here; InvalidMessage in CI's case
+            with connect(f"ws://127.0.0.1:{dying.getsockname()[1]}", open_timeout=30):
+                pass
+        closer.join()
+    try:
+        raise RuntimeError(f"Runner failed to start: event_emitter — {met.value}") from met.value
+    except RuntimeError as wrapped:
+        assert lost_server(wrapped)
+    try:
+        raise RuntimeError("Runner failed to start: a bug") from ValueError("a bug")
+    except RuntimeError as other:
+        assert not lost_server(other)
