@@ -179,14 +179,14 @@ def test_a_killed_runs_session_folder_goes_with_the_next_run(tmp_path):
 # A run as it starts its own cluster: the note first, then ray.init() makes the session folder (named
 # as Ray names it) and, 4-5 s later on 2 cores, returns, when the run marks the folder; SIGKILLed between.
 _STARTING_RUN = """
-import datetime, os, sys, time
+import datetime, os, sys
 from pathlib import Path
 from tasks.ray_scoring import _note_starting
 assert _note_starting() is not None
 stamp = datetime.datetime.today().strftime("%Y-%m-%d_%H-%M-%S_%f")
 (Path(os.environ["RAY_TMPDIR"]) / "ray" / f"session_{stamp}_{os.getpid()}" / "logs").mkdir(parents=True)
 print("started", flush=True)
-time.sleep(60)
+sys.stdin.read()  # until killed, or until the test that started it is gone (its pipe closes)
 """
 
 
@@ -196,7 +196,8 @@ def test_a_run_killed_while_ray_init_starts_its_cluster_leaves_no_session_folder
     root, env = tmp_path / "ray", os.environ | {"RAY_TMPDIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parents[1])}
 
     def start() -> subprocess.Popen:
-        run = subprocess.Popen([sys.executable, "-c", _STARTING_RUN], env=env, stdout=subprocess.PIPE, text=True)
+        run = subprocess.Popen([sys.executable, "-c", _STARTING_RUN], env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
         assert run.stdout.readline() == "started\n"
         return run
 
