@@ -6,35 +6,16 @@ imports no task module. Files it names are read and checked at the flow's start,
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, model_validator
 
 from tasks.config import WandbConfig
-from tasks.config_base import Section, judge_problem, root_uri_problem, unused
+from tasks.config_base import JudgeEndpoint, Section, root_uri_problem, unused
 
 
-class ArenaJudgeConfig(Section):
+class ArenaJudgeConfig(JudgeEndpoint):
     """Who judges the battles: the same backends as the fine-tune run's judge (tasks/judge.py)."""
 
     enabled: bool = Field(True, description="Judge scheduled battles (both orders each); off: people's votes only.")
-    backend: Literal["local", "openai"] = Field(
-        "local", description="local: a transformers model on this machine; openai: any OpenAI-compatible endpoint.")
-    model: str = Field(
-        "auto", description="local: hub id or model directory ('auto': the built-in SmolLM2-135M-Instruct, a weak "
-        "judge); openai: the endpoint's model name.")
-    base_url: str | None = Field(None, description="openai backend: e.g. http://127.0.0.1:8000/v1 (vLLM, TGI, Ollama).")
-    api_key_env: str = Field(
-        "OPENAI_API_KEY", description="openai backend: environment variable holding the key; a name ending in "
-        "_API_KEY (the judge sends it to base_url: never another service's credential).")
-    api_key_secret: str | None = Field(
-        None, description="openai backend: name of a Prefect Secret block holding the key (used when set), "
-        "ending in 'api-key'.")
-
-    @model_validator(mode="after")
-    def _endpoint(self) -> ArenaJudgeConfig:
-        judge_problem(self, "judge.")
-        return self
 
 
 class ArenaConfig(Section):

@@ -141,10 +141,6 @@ def schedule_battles(root: str, keys: list[str], prompts: list[str], limit: int 
     return schedule(keys, prompts, ratings, played, limit)
 
 
-def _backend_config(cfg: ArenaJudgeConfig) -> JudgeConfig:
-    return JudgeConfig(**cfg.model_dump(exclude={"enabled"}))
-
-
 @task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_transient, retry_delay_seconds=[10])
 def judge_battles(battles: list[tuple[str, str, str]], answers: dict[str, dict[str, str]],
                   cfg: ArenaJudgeConfig) -> list[dict[str, Any]]:
@@ -154,7 +150,7 @@ def judge_battles(battles: list[tuple[str, str, str]], answers: dict[str, dict[s
 
     if not battles:
         return []
-    result = judge(make_backend(_backend_config(cfg)), [p for _, _, p in battles],
+    result = judge(make_backend(cfg), [p for _, _, p in battles],
                    [answers[a][p] for a, _, p in battles], [answers[b][p] for _, b, p in battles])
     out = []
     for (a, b, prompt), record in zip(battles, result.records):

@@ -4,9 +4,9 @@ refused, and so are settings that would have no effect (a setting is never silen
 from __future__ import annotations
 
 import re
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -96,3 +96,26 @@ def judge_problem(judge: BaseModel, prefix: str) -> None:
     judge_key_problem(judge, prefix)
     if judge.backend == "openai" and (not judge.base_url or judge.model == "auto"):
         raise ValueError(f"{prefix}backend 'openai' needs {prefix}base_url and {prefix}model (the endpoint's model name)")
+
+
+class JudgeEndpoint(Section):
+    """Who judges: the fields the run's judge and the arena's share (tasks/judge_backends.py)."""
+
+    enabled: bool = Field(True, description="Run the judge.")
+    backend: Literal["local", "openai"] = Field(
+        "local", description="local: a transformers model on this machine; openai: any OpenAI-compatible endpoint.")
+    model: str = Field(
+        "auto", description="local: hub id or model directory ('auto': the built-in SmolLM2-135M-Instruct, a weak "
+        "judge); openai: the endpoint's model name.")
+    base_url: str | None = Field(None, description="openai backend: e.g. http://127.0.0.1:8000/v1 (vLLM, TGI, Ollama).")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="openai backend: environment variable holding the key; a name ending in "
+        "_API_KEY (the judge sends it to base_url: never another service's credential).")
+    api_key_secret: str | None = Field(
+        None, description="openai backend: name of a Prefect Secret block holding the key (used when set), "
+        "ending in 'api-key'.")
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> JudgeEndpoint:
+        judge_problem(self, "judge.")
+        return self

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tasks.config_base import Section, judge_problem
+from tasks.config_base import JudgeEndpoint, Section
 
 BENCHMARKS = ("mmlu", "bbh", "gsm8k", "math", "humaneval")  # one module each in tasks/benchmarks/
 # How a benchmark splits into Ray tasks (tasks/evaluation.py shards / item_parts): by subset, or by item.
@@ -95,7 +95,7 @@ def expand_benchmarks(value):
     return [b | {"data": "hub"} for b in PROFILES[name]]
 
 
-class JudgeConfig(Section):
+class JudgeConfig(JudgeEndpoint):
     """AlpacaEval-style pairwise judge: the tuned model's answers against a reference's."""
 
     enabled: bool = Field(True, description="Judge the tuned model's answers (both orders per pair).")
@@ -109,32 +109,11 @@ class JudgeConfig(Section):
         description="'base': the base model's answers; or a local .json/.jsonl file with "
         "`instruction` and `output` per row (AlpacaEval's reference outputs).",
     )
-    backend: Literal["local", "openai"] = Field(
-        "local", description="local: a transformers model on this machine; openai: any OpenAI-compatible endpoint."
-    )
-    model: str = Field(
-        "auto",
-        description="local: hub id or model directory ('auto': the built-in SmolLM2-135M-Instruct, a weak judge); "
-        "openai: the endpoint's model name.",
-    )
-    base_url: str | None = Field(None, description="openai backend: e.g. http://127.0.0.1:8000/v1 (vLLM, TGI, Ollama).")
-    api_key_env: str = Field(
-        "OPENAI_API_KEY", description="openai backend: environment variable holding the key; a name ending in "
-        "_API_KEY (the judge sends it to base_url: never another service's credential).")
-    api_key_secret: str | None = Field(
-        None, description="openai backend: name of a Prefect Secret block holding the key (used when set), "
-        "ending in 'api-key'."
-    )
     limit: int | None = Field(None, ge=1, description="Judge at most this many instructions.")
     max_new_tokens: int | None = Field(
         None, ge=1, le=4096,
         description="Answer length. None: sampling.max_new_tokens, so the run's own samples are judged as they are.",
     )
-
-    @model_validator(mode="after")
-    def _endpoint(self) -> JudgeConfig:
-        judge_problem(self, "judge.")
-        return self
 
 
 # The settings of the stages `smolflow eval` does not run (a whole section, or some of its fields):

@@ -13,7 +13,7 @@ import abc
 import os
 from urllib.parse import urlsplit
 
-from tasks.config import JudgeConfig
+from tasks.config_base import JudgeEndpoint
 from tasks.models import BUILTIN, ModelRef, load_model, resolve_model
 from tasks.runtime import redact_url, secret
 
@@ -90,7 +90,7 @@ class OpenAIBackend(JudgeBackend):
         return answers
 
 
-def check_endpoint(cfg: JudgeConfig, timeout: float = 10.0) -> None:  # or the arena's judge: the same fields
+def check_endpoint(cfg: JudgeEndpoint, timeout: float = 10.0) -> None:
     """An OpenAI-compatible judge answers at judge.base_url and takes the key (one GET /models):
     said in seconds by the `smolflow` command, not after an hour of training. ValueError naming the
     setting; a server without /models passes. Served runs do not ask: their judge task retries."""
@@ -110,7 +110,7 @@ def check_endpoint(cfg: JudgeConfig, timeout: float = 10.0) -> None:  # or the a
         raise ValueError(f"judge: {where} refused the API key (HTTP {response.status_code}); check {source}")
 
 
-def api_key(cfg: JudgeConfig) -> str:
+def api_key(cfg: JudgeEndpoint) -> str:
     """The endpoint's key: the Prefect Secret block if named, else the environment variable."""
     if cfg.api_key_secret:
         return secret(cfg.api_key_secret, "judge.api_key_secret",
@@ -126,14 +126,14 @@ def api_key(cfg: JudgeConfig) -> str:
     )
 
 
-def judge_identity(cfg: JudgeConfig) -> str:
+def judge_identity(cfg: JudgeEndpoint) -> str:
     """The `identity` make_backend(cfg) would have, without a key or a loaded model (cache keys)."""
     if cfg.backend == "openai":
         return f"openai:{redact_url(cfg.base_url)}:{cfg.model}"
     return f"local:{resolve_model.fn(BUILTIN if cfg.model == 'auto' else cfg.model).fingerprint}"
 
 
-def make_backend(cfg: JudgeConfig) -> JudgeBackend:
+def make_backend(cfg: JudgeEndpoint) -> JudgeBackend:
     """The judge the config names ('auto' local: the built-in SmolLM2-135M-Instruct)."""
     if cfg.backend == "openai":
         return OpenAIBackend(cfg.base_url, cfg.model, api_key(cfg))
