@@ -15,24 +15,20 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks.bookkeeping import drop_work_dir, set_latest, tidy_after_failure, tidy_before_run, tidy_up, write_manifest
+from tasks.bookkeeping import begin_run, drop_work_dir, set_latest, tidy_after_failure, tidy_before_run, tidy_up, write_manifest
 from tasks.caching import results_storage
 from tasks.checks import check_run, resolve_autos
 from tasks.checks_eval import check_eval_settings, check_eval_template
 from tasks.config import RunConfig
 from tasks.config_eval import NOT_IN_EVAL, as_run, resolved_in
-from tasks.console import configure_logging
-from tasks.device import publish, unpublish
+from tasks.device import unpublish
 from tasks.evaluation import save_scores, score_models
 from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
-from tasks.leftovers import own_temp_root
 from tasks.models import ModelRef, resolve_model
-from tasks.prefect_vacuum import vacuum_temporary_server_db
 from tasks.reporting import write_report
 from tasks.runs import flow_run_id, model_of_run, served_as, status_recorded
-from tasks.runtime import cache_dir, code_version, flow_run_link, run_logger, run_timeout, set_torch_threads
-from tasks.sandbox import hide_from_sandbox
+from tasks.runtime import cache_dir, code_version, flow_run_link, run_logger, run_timeout
 from tasks.storage import ArtifactStore
 from tasks.tracking import close_on_stop, close_wandb, log_eval_wandb, start_flow_wandb, wandb_link
 
@@ -44,16 +40,11 @@ from tasks.tracking import close_on_stop, close_wandb, log_eval_wandb, start_flo
       on_cancellation=[unpublish, tidy_after_failure])  # stopped (SIGTERM, a cancel) runs are bounded too
 def evaluate(config: RunConfig = RunConfig()) -> dict:
     """Model -> benchmarks + custom benchmarks -> judge (against `judge.reference`) -> report -> manifest."""
-    own_temp_root()  # this process's temporary files: a SIGKILLed run's go with the next start
-    configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1 (smolflow --verbose)
     started = time.time()  # cache entries used from now on are this run's: never evicted at its end
+    threads, placement = begin_run(config)  # as in smolflow-finetune
     check_eval_settings(config)
-    threads = set_torch_threads(config.torch_threads)
     checked = check_run(config)
     check_eval_template(config, checked.custom)
-    placement = publish(config.execution)  # as in smolflow-finetune: every model, and Ray if asked
-    hide_from_sandbox(config.output.artifacts_uri)  # HumanEval's programs cannot read the runs
-    vacuum_temporary_server_db()  # its flow-run vacuum never runs in a temporary server: months of runs stayed
     root = config.output.artifacts_uri
     run_id = config.output.run_id or flow_run_id(root, "eval-")  # a Retry in the UI: the same run
     tidy_before_run(config.output, run_id)  # as in smolflow-finetune: killed runs and a full disk

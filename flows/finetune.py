@@ -12,13 +12,12 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks.bookkeeping import drop_work_dir, set_latest, tidy_after_failure, tidy_before_run, tidy_up, write_manifest
+from tasks.bookkeeping import begin_run, drop_work_dir, set_latest, tidy_after_failure, tidy_before_run, tidy_up, write_manifest
 from tasks.caching import results_storage
 from tasks.checks import check_inputs, check_run, resolve_autos
 from tasks.config import RunConfig
-from tasks.console import configure_logging
 from tasks.data import load_chat_dataset
-from tasks.device import publish, unpublish
+from tasks.device import unpublish
 from tasks.evaluation import save_scores, score_base_and_tuned
 from tasks.gate import promote, regression_gate
 from tasks.generation import generate_samples, save_samples
@@ -26,15 +25,12 @@ from tasks.health import assess_training, save_training
 from tasks.hub import push_model
 from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
-from tasks.leftovers import own_temp_root, reap_orphaned_servers
 from tasks.models import resolve_model
-from tasks.prefect_vacuum import vacuum_temporary_server_db
 from tasks.reference import rescore_promoted
 from tasks.special_tokens import control_tokens
 from tasks.reporting import write_report
 from tasks.runs import flow_run_id, served_as, status_recorded
-from tasks.runtime import cache_dir, code_version, flow_run_link, run_timeout, set_torch_threads
-from tasks.sandbox import hide_from_sandbox
+from tasks.runtime import cache_dir, code_version, flow_run_link, run_timeout
 from tasks.storage import ArtifactStore
 from tasks.templates import prepare_chat_template, write_template_preview
 from tasks.tokenization import tokenize_dataset, write_token_stats
@@ -50,14 +46,8 @@ from tasks.transfer import model_exists
       on_cancellation=[unpublish, tidy_after_failure])  # stopped (SIGTERM, a cancel) nights are bounded too
 def finetune(config: RunConfig = RunConfig()) -> dict:
     """Data -> template -> tokens -> samples -> SFT -> samples -> health -> benchmarks + judge -> gate -> report -> manifest."""
-    own_temp_root()  # this process's temporary files: a SIGKILLed run's go with the next start
-    configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1 (smolflow --verbose)
     started = time.time()  # cache entries used from now on are this run's: never evicted at its end
-    threads = set_torch_threads(config.torch_threads)
-    placement = publish(config.execution)  # every model this run loads goes where this says
-    hide_from_sandbox(config.output.artifacts_uri)  # HumanEval's programs cannot read the runs
-    reap_orphaned_servers()  # a temporary Prefect server that a SIGKILLed earlier run left behind
-    vacuum_temporary_server_db()  # its flow-run vacuum never runs in a temporary server: months of nights stayed
+    threads, placement = begin_run(config)  # threads, device and precision; what a killed run left goes
     check_inputs(config)  # a missing model, path or split, or a bad row: failed before anything is written
     checked = check_run(config)  # the user's files are read and checked before any compute
     run_id = config.output.run_id or flow_run_id(config.output.artifacts_uri)  # a Retry in the UI: the same run

@@ -1,5 +1,5 @@
-"""A run's own bookkeeping, as the flows call it: retention at its start, at its end and after a
-failure, then its manifest and its `latest` pointer.
+"""A run's own bookkeeping, as the flows call it: its process set up for the run, retention at its
+start, at its end and after a failure, then its manifest and its `latest` pointer.
 
 The Prefect tasks live here, over plain functions of storage.py and retention.py that stay free of
 Prefect: `smolflow runs`, `compare` and `gc` import those alone and answer in ~0.5 s (Prefect's
@@ -15,17 +15,35 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import storage
 from tasks.cache_limit import cache_root, mark_used, remove_entry
-from tasks.config import OutputConfig
+from tasks.config import OutputConfig, RunConfig
+from tasks.console import configure_logging
+from tasks.device import Placement, publish
+from tasks.leftovers import own_temp_root, reap_orphaned_servers
+from tasks.prefect_vacuum import vacuum_temporary_server_db
 from tasks.prefect_markdown import publish_markdown
 from tasks.retention import GcReport, gc
 from tasks.runs import end_killed_flow_runs
-from tasks.runtime import retry_transient, run_logger
+from tasks.runtime import retry_transient, run_logger, set_torch_threads
+from tasks.sandbox_paths import hide_from_sandbox
 
 # storage.py's own functions (their docstrings say what they do) as tasks that retry a transient storage error.
 write_manifest = task(storage.write_manifest, cache_policy=NO_CACHE, retries=3, retry_condition_fn=retry_transient,
                       retry_delay_seconds=[2, 10, 30])
 set_latest = task(storage.set_latest, cache_policy=NO_CACHE, retries=3, retry_condition_fn=retry_transient,
                   retry_delay_seconds=[2, 10, 30])
+
+
+def begin_run(config: RunConfig) -> tuple[int, Placement]:
+    """The run's process set up as every flow starts (smolflow-finetune and smolflow-evaluate):
+    (the torch threads it runs on, where its models go). What a killed earlier run left goes first."""
+    own_temp_root()  # this process's temporary files: a SIGKILLed run's go with the next start
+    configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1 (smolflow --verbose)
+    threads = set_torch_threads(config.torch_threads)
+    placement = publish(config.execution)  # every model this run loads goes where this says (and Ray if asked)
+    hide_from_sandbox(config.output.artifacts_uri)  # HumanEval's programs cannot read the runs
+    reap_orphaned_servers()  # a temporary Prefect server that a SIGKILLed earlier run left behind
+    vacuum_temporary_server_db()  # its flow-run vacuum never runs in a temporary server: months of nights stayed
+    return threads, placement
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
