@@ -230,6 +230,13 @@ def unpublish(*_hook_args, **_hook_kwargs) -> None:
             os.environ[ENV] = before
 
 
+def computed_as() -> str | None:
+    """cache_token() in words, for identities people read (a local judge's), or None for fp32 on
+    the CPU: what every such identity meant before it was recorded, so their cached results stay."""
+    token = json.loads(cache_token())
+    return None if token == ["cpu", "fp32"] else ", ".join(str(part) for part in token if part is not None)
+
+
 def cache_token() -> str:
     """What a cached model result depends on besides its inputs: device and precision used; in bf16
     also the kernels and CPU threads, which move bf16 results (docs/benchmarks.md), so a Ray run at

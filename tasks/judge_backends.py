@@ -3,8 +3,9 @@ OpenAI-compatible endpoint (OpenAI, vLLM, TGI, Ollama, `transformers serve`), be
 interface: `make_backend(cfg).chat(conversations, max_new_tokens)`, greedy.
 
 `identity` says what the judge *is*, so cached verdicts are keyed on it: the local model's
-content fingerprint (a re-trained judge at the same path re-judges), or the endpoint and model
-name (all we can know about a remote model).
+content fingerprint (a re-trained judge at the same path re-judges) and, off fp32 on the CPU, how
+it computes (device, precision; in bf16 the kernels and threads too: bf16's rounding moves its
+verdicts), or the endpoint and model name (all we can know about a remote model).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class LocalBackend(JudgeBackend):
 
     def __init__(self, ref: ModelRef, batch_size: int = 8):
         self.ref, self.batch_size = ref, batch_size
-        self.identity = f"local:{ref.fingerprint}"
+        self.identity = local_identity(ref)
         self._loaded = None  # loaded on the first call: a fully cached re-run never loads the model
 
     def chat(self, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
@@ -126,11 +127,19 @@ def api_key(cfg: JudgeEndpoint) -> str:
     )
 
 
+def local_identity(ref: ModelRef) -> str:
+    """A local judge's identity: its model's content, and how this run's placement computes it."""
+    from tasks.device import computed_as
+
+    how = computed_as()
+    return f"local:{ref.fingerprint}" + (f" ({how})" if how else "")
+
+
 def judge_identity(cfg: JudgeEndpoint) -> str:
     """The `identity` make_backend(cfg) would have, without a key or a loaded model (cache keys)."""
     if cfg.backend == "openai":
         return f"openai:{redact_url(cfg.base_url)}:{cfg.model}"
-    return f"local:{resolve_model.fn(BUILTIN if cfg.model == 'auto' else cfg.model).fingerprint}"
+    return local_identity(resolve_model.fn(BUILTIN if cfg.model == 'auto' else cfg.model))
 
 
 def make_backend(cfg: JudgeEndpoint) -> JudgeBackend:

@@ -172,6 +172,24 @@ def test_verdicts_are_cached_by_content(tiny_model_dir, judgement_cache):
     assert backend.calls == 6
 
 
+def test_a_judge_computing_in_bf16_is_another_judge(tiny_model_dir, judgement_cache, monkeypatch):
+    """bf16's rounding moves a judge's verdicts: fp32 ones (cached) never answer for it, and its
+    identity, which the report and the win rate's settings show, says how it computed."""
+    from tasks.config import ExecutionConfig
+    from tasks.device import ENV
+    from tasks.judge_backends import judge_identity
+
+    cfg = JudgeConfig(model=str(tiny_model_dir))
+    fp32 = Counting(make_backend(cfg))
+    judge(fp32, ["Hello?"], ["Hey."], ["Hi there!"])
+    monkeypatch.setenv(ENV, ExecutionConfig(device="cpu", precision="bf16").model_dump_json())
+    bf16 = Counting(make_backend(cfg))
+    assert bf16.identity == judge_identity(cfg) != fp32.identity and bf16.identity.startswith(fp32.identity + " (cpu, bf16, ")
+    result = judge(bf16, ["Hello?"], ["Hey."], ["Hi there!"])
+    assert bf16.calls == 2 and result.settings["judge_identity"] == bf16.identity
+    assert len(list(judgement_cache.glob("*.json"))) == 4
+
+
 def test_run_judge_end_to_end_with_the_local_model(tiny_ref, tiny_model_dir, judgement_cache, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
