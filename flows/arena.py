@@ -28,18 +28,23 @@ from tasks.arena_tasks import (
 )
 from tasks.caching import results_storage
 from tasks.console import configure_logging
+from tasks.device import publish, unpublish
 from tasks.layout import new_run_id
 from tasks.leftovers import own_temp_root
 from tasks.models import resolve_model
-from tasks.runtime import run_timeout, set_torch_threads
+from tasks.runtime import run_logger, run_timeout, set_torch_threads
 
 
-@flow(name="smolflow-arena", result_storage=results_storage(), timeout_seconds=run_timeout())
+# unpublish: the arena's device and precision end with it (tasks/device.py).
+@flow(name="smolflow-arena", result_storage=results_storage(), timeout_seconds=run_timeout(),
+      on_completion=[unpublish], on_failure=[unpublish], on_crashed=[unpublish], on_cancellation=[unpublish])
 def arena(config: ArenaConfig = ArenaConfig()) -> dict:
     """Models -> answers -> battles (most informative first) -> judge + people's votes -> ratings -> leaderboard."""
     own_temp_root()  # this process's temporary files: a SIGKILLed run's go with the next start
     configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1, as the other flows (a served run has no CLI in front)
     set_torch_threads(config.torch_threads)
+    placement = publish(config.execution)  # the contestants and a local judge go where this says
+    run_logger().info("Models run on %s in %s (%s)", placement.device, placement.precision, placement.reason)
     prompts = load_prompts(config)  # the prompt file is checked before any model loads
     runs, run_base = gather_runs(config)
     if config.base_model == "auto" and run_base is not None:
@@ -68,4 +73,5 @@ def arena(config: ArenaConfig = ArenaConfig()) -> dict:
     run_id = new_run_id(f"arena-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}", flow_run.get_name())
     wandb_files = log_wandb(config, board, run_id, store)
     return {"leaderboard": board["files"], "verdict": board["verdict"], "wandb": wandb_files,
+            "execution": placement.model_dump(mode="json"),
             "rows": [{k: r[k] for k in ("rank", "name", "rating", "lower", "upper", "battles")} for r in board["rows"]]}

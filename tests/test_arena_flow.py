@@ -3,6 +3,7 @@ answers cached, battles judged by the real built-in judge, people's votes counte
 files, a Prefect table artifact and an offline W&B table."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 
 from flows.arena import arena
 from tasks.arena_config import ArenaConfig
+from tasks.config import ExecutionConfig
+from tasks.device import ENV
 from tasks.arena_store import append_vote, arena_store, read_votes
 from tasks.arena_tasks import gather_runs
 from tasks.models import ModelRef, fingerprint_dir, resolve_model
@@ -101,6 +104,19 @@ def test_arena_flow_end_to_end_with_votes_and_cache(tiny_model_dir, tiny_models,
     after = next(r["rating"] for r in again["rows"] if r["name"] == str(tiny_models[2]))
     assert store.read_json("leaderboard.json")["human_votes"] == 4 and after > before + 50
     assert _task_states(state.state_details.flow_run_id)["answer_prompts"] == {"Cached"}
+    assert again["execution"]["device"] == "cpu" and again["execution"]["precision"] in ("fp32", "bf16")
+
+    # Its execution settings apply (the arena once ran every model on the CPU in fp32 whatever the
+    # machine): in bf16 the contestants answer again, as bf16 answers are not fp32 ones.
+    state = arena(config=config.model_copy(update={"wandb": config.wandb.model_copy(update={"mode": "disabled"}),
+                                                    "judge": config.judge.model_copy(update={"enabled": False}),
+                                                    "execution": ExecutionConfig(precision="bf16")}), return_state=True)
+    assert state.result()["execution"]["precision"] == "bf16"
+    if again["execution"]["precision"] == "fp32":  # `auto` picked fp32 on this CPU: bf16 is another computation
+        assert _task_states(state.state_details.flow_run_id)["answer_prompts"] == {"Completed"}
+    assert not os.environ.get(ENV)  # the arena's placement ended with it
+    with pytest.raises(ValueError, match="execution.task_runner"):
+        ArenaConfig(execution={"task_runner": "ray"})
 
 
 def test_eval_runs_in_the_root_are_not_contestants(tiny_model_dir, tiny_models, tmp_path):
