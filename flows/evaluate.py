@@ -15,29 +15,23 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks.bookkeeping import begin_run, drop_work_dir, set_latest, tidy_after_failure, tidy_before_run, tidy_up, write_manifest
-from tasks.caching import results_storage
+from tasks.bookkeeping import begin_run, drop_work_dir, run_flow_options, set_latest, tidy_before_run, tidy_up, write_manifest
 from tasks.checks import check_run, resolve_autos
 from tasks.checks_eval import check_eval_settings, check_eval_template
 from tasks.config import RunConfig
 from tasks.config_eval import NOT_IN_EVAL, as_run, resolved_in
-from tasks.device import unpublish
 from tasks.evaluation import save_scores, score_models
 from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
 from tasks.models import ModelRef, resolve_model
 from tasks.reporting import write_report
 from tasks.runs import flow_run_id, model_of_run, served_as, status_recorded
-from tasks.runtime import cache_dir, code_version, flow_run_link, run_logger, run_timeout
+from tasks.runtime import cache_dir, code_version, flow_run_link, run_logger
 from tasks.storage import ArtifactStore
 from tasks.tracking import close_on_stop, close_wandb, log_eval_wandb, start_flow_wandb, wandb_link
 
 
-# unpublish: the run's device/precision/task-runner settings end with it (tasks/device.py).
-@flow(name="smolflow-evaluate", result_storage=results_storage(),  # under the cache bound: tasks/caching.py
-      timeout_seconds=run_timeout(),  # SMOLFLOW_RUN_TIMEOUT_HOURS: a hung run ends, its slot frees
-      on_completion=[unpublish], on_failure=[unpublish, tidy_after_failure], on_crashed=[unpublish, tidy_after_failure],
-      on_cancellation=[unpublish, tidy_after_failure])  # stopped (SIGTERM, a cancel) runs are bounded too
+@flow(name="smolflow-evaluate", **run_flow_options())
 def evaluate(config: RunConfig = RunConfig()) -> dict:
     """Model -> benchmarks + custom benchmarks -> judge (against `judge.reference`) -> report -> manifest."""
     started = time.time()  # cache entries used from now on are this run's: never evicted at its end

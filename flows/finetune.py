@@ -12,12 +12,10 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks.bookkeeping import begin_run, drop_work_dir, set_latest, tidy_after_failure, tidy_before_run, tidy_up, write_manifest
-from tasks.caching import results_storage
+from tasks.bookkeeping import begin_run, drop_work_dir, run_flow_options, set_latest, tidy_before_run, tidy_up, write_manifest
 from tasks.checks import check_inputs, check_run, resolve_autos
 from tasks.config import RunConfig
 from tasks.data import load_chat_dataset
-from tasks.device import unpublish
 from tasks.evaluation import save_scores, score_base_and_tuned
 from tasks.gate import promote, regression_gate
 from tasks.generation import generate_samples, save_samples
@@ -30,7 +28,7 @@ from tasks.reference import rescore_promoted
 from tasks.special_tokens import control_tokens
 from tasks.reporting import write_report
 from tasks.runs import flow_run_id, served_as, status_recorded
-from tasks.runtime import cache_dir, code_version, flow_run_link, run_timeout
+from tasks.runtime import cache_dir, code_version, flow_run_link
 from tasks.storage import ArtifactStore
 from tasks.templates import prepare_chat_template, write_template_preview
 from tasks.tokenization import tokenize_dataset, write_token_stats
@@ -39,11 +37,7 @@ from tasks.training import publish_model, train_or_reuse
 from tasks.transfer import model_exists
 
 
-# unpublish: the run's device/precision settings end with it (tasks/device.py).
-@flow(name="smolflow-finetune", result_storage=results_storage(),  # under the cache bound: tasks/caching.py
-      timeout_seconds=run_timeout(),  # SMOLFLOW_RUN_TIMEOUT_HOURS: a hung run ends, its slot frees
-      on_completion=[unpublish], on_failure=[unpublish, tidy_after_failure], on_crashed=[unpublish, tidy_after_failure],
-      on_cancellation=[unpublish, tidy_after_failure])  # stopped (SIGTERM, a cancel) nights are bounded too
+@flow(name="smolflow-finetune", **run_flow_options())
 def finetune(config: RunConfig = RunConfig()) -> dict:
     """Data -> template -> tokens -> samples -> SFT -> samples -> health -> benchmarks + judge -> gate -> report -> manifest."""
     started = time.time()  # cache entries used from now on are this run's: never evicted at its end

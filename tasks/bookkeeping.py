@@ -15,15 +15,16 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import storage
 from tasks.cache_limit import cache_root, mark_used, remove_entry
+from tasks.caching import results_storage
 from tasks.config import OutputConfig, RunConfig
 from tasks.console import configure_logging
-from tasks.device import Placement, publish
+from tasks.device import Placement, publish, unpublish
 from tasks.leftovers import own_temp_root, reap_orphaned_servers
 from tasks.prefect_vacuum import vacuum_temporary_server_db
 from tasks.prefect_markdown import publish_markdown
 from tasks.retention import GcReport, gc
 from tasks.runs import end_killed_flow_runs
-from tasks.runtime import retry_transient, run_logger, set_torch_threads
+from tasks.runtime import retry_transient, run_logger, run_timeout, set_torch_threads
 from tasks.sandbox_paths import hide_from_sandbox
 
 # storage.py's own functions (their docstrings say what they do) as tasks that retry a transient storage error.
@@ -102,3 +103,14 @@ def tidy_after_failure(flow, flow_run, state) -> None:
         return
     deleted = [d for d in report.decisions if d.action == "delete"]
     run_logger().info("Retention after the failed run: freed %.1f MB (%d deleted)", report.freed_bytes / 1e6, len(deleted))
+
+
+
+def run_flow_options() -> dict:
+    """The flow options smolflow-finetune and smolflow-evaluate share: results under the cache bound,
+    a time limit, and hooks ending the run's placement and bounding what a failed one leaves."""
+    ended = [unpublish, tidy_after_failure]  # failed, crashed or stopped (SIGTERM, a cancel): bounded too
+    return {"result_storage": results_storage(),  # under the cache bound: tasks/caching.py
+            "timeout_seconds": run_timeout(),  # SMOLFLOW_RUN_TIMEOUT_HOURS: a hung run ends, its slot frees
+            "on_completion": [unpublish],  # the run's device/precision/task-runner settings end with it
+            "on_failure": ended, "on_crashed": ended, "on_cancellation": ended}
