@@ -43,9 +43,9 @@ def arena(config: ArenaConfig = ArenaConfig()) -> dict:
     own_temp_root()  # this process's temporary files: a SIGKILLed run's go with the next start
     configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1, as the other flows (a served run has no CLI in front)
     set_torch_threads(config.torch_threads)
+    prompts = load_prompts(config)  # the prompt file is checked before any model loads
     placement = publish(config.execution)  # the contestants and a local judge go where this says
     run_logger().info("Models run on %s in %s (%s)", placement.device, placement.precision, placement.reason)
-    prompts = load_prompts(config)  # the prompt file is checked before any model loads
     runs, run_base = gather_runs(config)
     if config.base_model == "auto" and run_base is not None:
         base = ArenaModel(name="base", ref=run_base)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from tasks.config import ExecutionConfig, WandbConfig
+from tasks.config import DeviceConfig, WandbConfig
 from tasks.config_base import JudgeEndpoint, Section, root_uri_problem, unused
 
 
@@ -47,9 +47,9 @@ class ArenaConfig(Section):
     bootstrap_rounds: int = Field(200, ge=20, le=10000, description="Bootstrap resamples for the 95% intervals.")
     seed: int = Field(0, description="Seed of the bootstrap (the same battles give the same intervals).")
     wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases: the leaderboard table.")
-    execution: ExecutionConfig = Field(
-        default_factory=ExecutionConfig, description="Where the contestants and a local judge run, and in which "
-        "precision (device, precision; as a fine-tune's).")
+    execution: DeviceConfig = Field(
+        default_factory=DeviceConfig, description="Where the contestants and a local judge run, and in which "
+        "precision (as a fine-tune's).")
     torch_threads: int | None = Field(
         None, ge=1, description="None: every available core; lower it when other heavy processes share the machine.")
 
@@ -59,5 +59,4 @@ class ArenaConfig(Section):
         if "/" in self.flow_name or not self.flow_name:
             raise ValueError(f"flow_name {self.flow_name!r} must be a non-empty name without slashes")
         unused(self.wandb, ("log_model",), "wandb.", "the arena trains no model, so there is none to upload")
-        unused(self.execution, ("task_runner",), "execution.", "the arena scores no benchmarks to spread over Ray")
         return self

@@ -216,8 +216,8 @@ class TrainingConfig(Section):
         return self
 
 
-class ExecutionConfig(Section):
-    """Where and how models run: device, precision, and how benchmark tasks are spread out."""
+class DeviceConfig(Section):
+    """Where models run, and in which precision."""
 
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="'auto': CUDA when a GPU is visible, else the CPU; applies to training, samples, "
@@ -228,6 +228,11 @@ class ExecutionConfig(Section):
         "matmul probe shows bf16 faster than fp32 (CPUs differ); else fp32. Training uses bf16 autocast "
         "over fp32 weights; evaluation loads bf16 weights. The decision is recorded in the manifest.",
     )
+
+
+class ExecutionConfig(DeviceConfig):
+    """Where and how models run: device, precision, and how benchmark tasks are spread out."""
+
     task_runner: Literal["local", "ray"] = Field(
         "local", description="'local': benchmark tasks run one after another in the flow's process; "
         "'ray': they are submitted concurrently to Ray workers (prefect-ray's RayTaskRunner).",

@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from tasks.config import ExecutionConfig
+from tasks.config import DeviceConfig, ExecutionConfig
 
 ENV = "SMOLFLOW_EXECUTION"
 _LEGACY = ExecutionConfig(device="cpu", precision="fp32")
@@ -192,7 +192,7 @@ def _resolve(cfg_json: str) -> Placement:
     return decide(cfg, cuda, cuda_bf16, cached_probe() if needs_probe else None)
 
 
-def resolve(cfg: ExecutionConfig | None = None) -> Placement:
+def resolve(cfg: DeviceConfig | None = None) -> Placement:
     """The placement for `cfg` (default: the one the flow published, else fp32 on the CPU)."""
     return _resolve((cfg or active()).model_dump_json())
 
@@ -206,8 +206,9 @@ def active() -> ExecutionConfig:
 _previous: list[tuple[str | None, str | None]] = []  # (flow run that published, the value before)
 
 
-def publish(cfg: ExecutionConfig) -> Placement:
-    """Make `cfg` the process's (and its children's) execution settings; return the decision."""
+def publish(cfg: DeviceConfig) -> Placement:
+    """Make `cfg` the process's (and its children's) execution settings; return the decision. The
+    arena's DeviceConfig publishes the local task runner with them."""
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
