@@ -104,8 +104,8 @@ def merge_shards(parts: list[BenchmarkResult]) -> BenchmarkResult:
         metrics |= {f"{names[0]}/{k}": v for k, v in part.metrics.items()} if len(names) == 1 else part.metrics
     correct = [float(r["correct"]) for r in records]
     # split: the subsets each run scored together, which in reduced precision moves per-item results.
-    settings = parts[0].settings | {"subsets": subsets, "shards": len(parts), "fewshot": merged_fewshot(parts),
-                                    "split": [len(p.settings.get("subsets") or []) for p in parts]}
+    settings = as_ran(parts, parts[0].settings | {"subsets": subsets, "shards": len(parts), "fewshot": merged_fewshot(parts),
+                                                  "split": [len(p.settings.get("subsets") or []) for p in parts]})
     # Keyed as the same run unsharded would be (same items, settings and few-shot record); in reduced
     # precision the split is a part of the key too (tasks/benchmarks/provenance.py).
     # Every item: no shard's limit left one out (results cached before that was recorded: no limit).
@@ -137,8 +137,8 @@ def merge_item_parts(parts: list[BenchmarkResult]) -> BenchmarkResult:
 
     first = parts[0]
     records = interleave([p.records for p in parts])
-    settings = {k: v for k, v in first.settings.items() if k != "part"} | {
-        "shards": len(parts), "split": f"{len(parts)} runs, item i in run i mod {len(parts)}"}
+    settings = as_ran(parts, {k: v for k, v in first.settings.items() if k != "part"} | {
+        "shards": len(parts), "split": f"{len(parts)} runs, item i in run i mod {len(parts)}"})
     if any(p.item_values for p in parts):  # lm-eval: its mean and stderr over the merged items
         metrics = {k: float(v) for k, v in aggregate(merge_values([p.item_values for p in parts])).items() if v != "N/A"}
         score, stderr = metrics.get(first.metric, 0.0), metrics.get(_stderr_key(first.metric))
@@ -153,6 +153,22 @@ def merge_item_parts(parts: list[BenchmarkResult]) -> BenchmarkResult:
         "comparability": parts_of_key, "item_values": {},
         "lm_eval_files": _files_of_parts(parts),
     })
+
+
+# How a shard computed, which can differ between the workers of one Ray cluster: machines with other
+# CPUs (`precision: auto` decides per machine: bf16 on one, fp32 on another), other thread counts, a
+# GPU's probe picking other scoring passes.
+PER_SHARD = ("dtype", "kernels", "torch_threads", "scoring")
+
+
+def as_ran(parts: list[BenchmarkResult], settings: dict) -> dict:
+    """`settings` (the first shard's, merged) with each of PER_SHARD on which the shards disagree
+    as the list of theirs, in shard order: the merged score's record and key never claim one way."""
+    for name in PER_SHARD:
+        values = [p.settings.get(name) for p in parts]
+        if any(v != values[0] for v in values):
+            settings[name] = values
+    return settings
 
 
 def _files_of_parts(parts: list[BenchmarkResult]) -> dict[str, str]:

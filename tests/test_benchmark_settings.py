@@ -393,6 +393,17 @@ def test_a_reduced_precision_score_is_keyed_by_how_it_was_computed():
         assert (items.comparability_key == whole.comparability_key) == equal
         assert (apart.comparability_key == together.comparability_key) == equal
 
+    # Shards computed differently (a Ray cluster's machines: `auto` picks bf16 on one CPU, fp32 on
+    # another; other thread counts): the merged score records each shard's way, and is keyed apart
+    # from a run computed one way (it once took the first shard's settings for all).
+    mixed = merge_shards([scored(dtype, name="math", limit=None, part=(k, 2)) for k, dtype in enumerate((bf16, fp32))])
+    assert mixed.settings["dtype"] == ["bfloat16", "float32"] and mixed.comparability["precision"] == ["bfloat16", "float32"]
+    assert mixed.comparability_key not in {merge_shards([scored(d, name="math", limit=None, part=(k, 2)) for k in range(2)])
+                                           .comparability_key for d in (bf16, fp32)}
+    threads = merge_shards([scored(bf16, threads=k + 1, subsets=[s], limit=None) for k, s in enumerate(subjects)])
+    assert threads.settings["torch_threads"] == [1, 2] and threads.comparability["arrangement"]["torch_threads"] == [1, 2]
+    assert threads.settings["kernels"] == kernels("cpu")  # the same in every shard: one value, as before
+
     bench = SimpleNamespace(name="arith", fingerprint="f" * 16, path="arith.yaml")
     records = [{"doc_id": 0, "correct": True}]
     keyed = {(dtype, threads): custom_provenance(bench, records, None, dtype, {"kernels": "cpu", "torch_threads": threads})
