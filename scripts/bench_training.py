@@ -100,6 +100,20 @@ def trainer_args(name: str, out: str, steps: int, seed: int = 42):
                       eval_strategy="no", save_strategy="no")
 
 
+def counting(trainer_class):
+    """`trainer_class` counting the real tokens it trains on in `tokens` (gpu_run.py's too)."""
+
+    class Counting(trainer_class):
+        tokens = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            mask = inputs.get("attention_mask")  # padded batches; padding-free ones hold real tokens only
+            self.tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return Counting
+
+
 def held_out_loss(model, model_dir: str) -> float:
     """Mean token loss of the trained weights on the fixture's held-out conversations, measured the
     same way for every configuration: fp32, no autocast, transformers' SDPA, one conversation per pass."""
@@ -174,13 +188,7 @@ def worker(name: str, model_dir: str, steps: int, warmup: int, seed: int = 42) -
 
     marks: list[tuple[float, int, int]] = []  # after each step: clock, tokens so far, minor page faults so far
 
-    class Counting(SFTTrainer):
-        tokens = 0
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            mask = inputs.get("attention_mask")  # padded batches; padding-free ones hold real tokens only
-            self.tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-            return super().training_step(model, inputs, num_items_in_batch)
+    Counting = counting(SFTTrainer)
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):

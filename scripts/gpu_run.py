@@ -119,7 +119,7 @@ def train(args, placement, out_dir: Path, config: str = "smolflow") -> dict:
     """`steps` SFT steps, timed per token: smolflow's settings (as tasks/training.py's `fit` trains), or
     `seed`, the seed tutorial's SFTConfig (batch 4, lr 5e-5, TRL's defaults: gradient checkpointing,
     padded batches, bf16 autocast where the device has it) on the raw conversations, as it trains."""
-    from bench_training import held_out_loss  # scripts/ is on sys.path: this script's folder
+    from bench_training import counting, held_out_loss  # scripts/ is on sys.path: this script's folder
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -139,13 +139,7 @@ def train(args, placement, out_dir: Path, config: str = "smolflow") -> dict:
     splits = load_from_disk(data.path)
     steps: list[tuple[float, int]] = []  # per optimizer step: seconds, tokens (evaluation in between not counted)
 
-    class Counting(SFTTrainer):
-        tokens = 0
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            mask = inputs.get("attention_mask")  # padded batches; padding-free ones hold real tokens only
-            self.tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-            return super().training_step(model, inputs, num_items_in_batch)
+    Counting = counting(SFTTrainer)
 
     class Clock(TrainerCallback):
         started = 0.0
