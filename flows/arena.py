@@ -26,13 +26,12 @@ from tasks.arena_tasks import (
     schedule_battles,
     unique_models,
 )
+from tasks.bookkeeping import begin_run
 from tasks.caching import results_storage
-from tasks.console import configure_logging
-from tasks.device import publish, unpublish
+from tasks.device import unpublish
 from tasks.layout import new_run_id
-from tasks.leftovers import own_temp_root
 from tasks.models import resolve_model
-from tasks.runtime import run_logger, run_timeout, set_torch_threads
+from tasks.runtime import run_logger, run_timeout
 
 
 # unpublish: the arena's device and precision end with it (tasks/device.py).
@@ -40,12 +39,9 @@ from tasks.runtime import run_logger, run_timeout, set_torch_threads
       on_completion=[unpublish], on_failure=[unpublish], on_crashed=[unpublish], on_cancellation=[unpublish])
 def arena(config: ArenaConfig = ArenaConfig()) -> dict:
     """Models -> answers -> battles (most informative first) -> judge + people's votes -> ratings -> leaderboard."""
-    own_temp_root()  # this process's temporary files: a SIGKILLed run's go with the next start
-    configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1, as the other flows (a served run has no CLI in front)
-    set_torch_threads(config.torch_threads)
-    prompts = load_prompts(config)  # the prompt file is checked before any model loads
-    placement = publish(config.execution)  # the contestants and a local judge go where this says
+    _, placement = begin_run(config.torch_threads, config.execution, config.artifacts_uri)  # as the other flows
     run_logger().info("Models run on %s in %s (%s)", placement.device, placement.precision, placement.reason)
+    prompts = load_prompts(config)  # the prompt file is checked before any model loads
     runs, run_base = gather_runs(config)
     if config.base_model == "auto" and run_base is not None:
         base = ArenaModel(name="base", ref=run_base)

@@ -35,7 +35,7 @@ from tasks.tracking import close_on_stop, close_wandb, log_eval_wandb, start_flo
 def evaluate(config: RunConfig = RunConfig()) -> dict:
     """Model -> benchmarks + custom benchmarks -> judge (against `judge.reference`) -> report -> manifest."""
     started = time.time()  # cache entries used from now on are this run's: never evicted at its end
-    threads, placement = begin_run(config)  # as in smolflow-finetune
+    threads, placement = begin_run(config.torch_threads, config.execution, config.output.artifacts_uri)  # as a fine-tune
     check_eval_settings(config)
     checked = check_run(config)
     check_eval_template(config, checked.custom)

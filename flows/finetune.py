@@ -41,7 +41,8 @@ from tasks.transfer import model_exists
 def finetune(config: RunConfig = RunConfig()) -> dict:
     """Data -> template -> tokens -> samples -> SFT -> samples -> health -> benchmarks + judge -> gate -> report -> manifest."""
     started = time.time()  # cache entries used from now on are this run's: never evicted at its end
-    threads, placement = begin_run(config)  # threads, device and precision; what a killed run left goes
+    # Threads, device and precision; what a killed earlier run left goes first.
+    threads, placement = begin_run(config.torch_threads, config.execution, config.output.artifacts_uri)
     check_inputs(config)  # a missing model, path or split, or a bad row: failed before anything is written
     checked = check_run(config)  # the user's files are read and checked before any compute
     run_id = config.output.run_id or flow_run_id(config.output.artifacts_uri)  # a Retry in the UI: the same run

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks import storage
 from tasks.cache_limit import cache_root, mark_used, remove_entry
 from tasks.caching import results_storage
-from tasks.config import OutputConfig, RunConfig
+from tasks.config import DeviceConfig, OutputConfig
 from tasks.console import configure_logging
 from tasks.device import Placement, publish, unpublish
 from tasks.leftovers import own_temp_root, reap_orphaned_servers
@@ -34,14 +34,14 @@ set_latest = task(storage.set_latest, cache_policy=NO_CACHE, retries=3, retry_co
                   retry_delay_seconds=[2, 10, 30])
 
 
-def begin_run(config: RunConfig) -> tuple[int, Placement]:
-    """The run's process set up as every flow starts (smolflow-finetune and smolflow-evaluate):
-    (the torch threads it runs on, where its models go). What a killed earlier run left goes first."""
+def begin_run(torch_threads: int | None, execution: DeviceConfig, artifacts_uri: str) -> tuple[int, Placement]:
+    """The run's process set up as every flow starts (fine-tune, eval, arena): (the torch threads it
+    runs on, where its models go). What a killed earlier run left goes first."""
     own_temp_root()  # this process's temporary files: a SIGKILLed run's go with the next start
-    configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1 (smolflow --verbose)
-    threads = set_torch_threads(config.torch_threads)
-    placement = publish(config.execution)  # every model this run loads goes where this says (and Ray if asked)
-    hide_from_sandbox(config.output.artifacts_uri)  # HumanEval's programs cannot read the runs
+    configure_logging()  # quiet unless SMOLFLOW_VERBOSE=1 (smolflow --verbose; a served run has no CLI in front)
+    threads = set_torch_threads(torch_threads)
+    placement = publish(execution)  # every model this run loads goes where this says (and Ray if asked)
+    hide_from_sandbox(artifacts_uri)  # HumanEval's programs cannot read the runs
     reap_orphaned_servers()  # a temporary Prefect server that a SIGKILLed earlier run left behind
     vacuum_temporary_server_db()  # its flow-run vacuum never runs in a temporary server: months of nights stayed
     return threads, placement

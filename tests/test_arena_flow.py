@@ -137,7 +137,7 @@ def test_bad_prompt_file_is_named_before_any_model_loads(tmp_path):
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"instruction": "ok"}\n{"instruction": ""}\n')
     with pytest.raises(ValueError, match=r"arena prompts: .*prompts.jsonl line 2 has no non-empty `instruction`"):
-        arena.fn(config=ArenaConfig(artifacts_uri=str(tmp_path / "none"), prompts=str(bad), torch_threads=1))
+        arena(config=ArenaConfig(artifacts_uri=str(tmp_path / "none"), prompts=str(bad), torch_threads=1))
     with pytest.raises(ValueError, match="unsupported scheme"):
         ArenaConfig(artifacts_uri="http://example.com/x")
     with pytest.raises(ValueError, match="judge.model: judge.enabled is false, so the judge does not run"):

@@ -5,17 +5,14 @@ worker) runs the two files' slow subprocess runs side by side."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tasks.leftovers import SERVER_MARK, _running, orphaned_servers
+from tasks.leftovers import _running
 from tests.test_cli import cli_env, smolflow
+from tests.test_leftovers import kill, orphaned_temporary_server
 
 
 @pytest.fixture(scope="module")
@@ -114,34 +111,16 @@ def test_eval_runs_lists_and_compares(env, tiny_model_dir, tmp_path):
     # Retention applies after an eval run as after a fine-tune (it once never ran there), and so does
     # the reaping of a temporary Prefect server that a SIGKILLed earlier run left (it once did not).
     home = tmp_path / "prefect-home"
-    orphan = _orphaned_temporary_server(home)
+    orphan = orphaned_temporary_server(home)
     try:
         kept = smolflow(env | {"PREFECT_HOME": str(home)}, *_eval_args(root, str(tiny_model_dir), 2),
                         "--output.run-id", "eval-c", "--output.keep-runs", "1")
         assert kept.returncode == 0, kept.stderr[-3000:]
         assert not _running(orphan) and f"Stopped 1 temporary Prefect server(s) left by a killed run: pids [{orphan}]" in kept.stderr
     finally:
-        _kill(orphan)
+        kill(orphan)
     assert (root / "runs/eval-c/manifest.json").is_file()
     assert not any((root / "runs" / old).exists() for old in ("eval-a", "eval-b", "eval-bf16"))
-
-
-def _orphaned_temporary_server(home: Path) -> int:
-    """A process that looks like a temporary Prefect server of PREFECT_HOME `home` whose run was
-    SIGKILLed (PID 1's child, as the kernel leaves it): its pid."""
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT__SERVER_EPHEMERAL="1")
-    sleeper = f"{sys.executable} -c 'import time; time.sleep(600)' {SERVER_MARK.decode()}"
-    pid = int(subprocess.run(["sh", "-c", sleeper + " >/dev/null 2>&1 & echo $!"], env=env, capture_output=True,
-                             text=True, check=True).stdout)
-    assert pid in orphaned_servers(str(home)), "not an orphan of PID 1 (a subreaper adopted it?)"
-    return pid
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def test_eval_refuses_the_settings_of_stages_it_does_not_run(env, tmp_path):

@@ -75,6 +75,42 @@ def test_a_killed_flows_temporary_server_is_reaped_at_the_next_start(tmp_path):
     assert not any(_running(pid) for pid in servers)
 
 
+def orphaned_temporary_server(home: Path) -> int:
+    """A process that looks like a temporary Prefect server of PREFECT_HOME `home` whose run was
+    SIGKILLed (PID 1's child, as the kernel leaves it): its pid."""
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT__SERVER_EPHEMERAL="1")
+    sleeper = f"{sys.executable} -c 'import time; time.sleep(600)' {SERVER_MARK.decode()}"
+    pid = int(subprocess.run(["sh", "-c", sleeper + " >/dev/null 2>&1 & echo $!"], env=env, capture_output=True,
+                             text=True, check=True).stdout)
+    assert pid in orphaned_servers(str(home)), "not an orphan of PID 1 (a subreaper adopted it?)"
+    return pid
+
+
+def kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+
+def test_the_arena_flow_reaps_them_too(tmp_path):
+    """Every flow's start stops what a killed run left (tasks/bookkeeping.py begin_run): the
+    fine-tune's, `smolflow eval`'s (tests/test_cli_eval.py) and the arena's."""
+    home = tmp_path / "prefect-home"
+    orphan = orphaned_temporary_server(home)
+    code = ("from flows.arena import arena\nfrom tasks.arena_config import ArenaConfig\ntry:\n"
+            "    arena.fn(ArenaConfig(prompts='missing.jsonl', judge={'enabled': False}, torch_threads=1))\n"
+            "except ValueError as err:\n    print(err)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    try:
+        done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env=env | {"PREFECT_HOME": str(home), "PYTHONPATH": str(ROOT)})
+        assert "missing.jsonl" in done.stdout, done.stderr[-3000:]  # stopped at its prompts, after its start
+        assert not _running(orphan)
+    finally:
+        kill(orphan)
+
 @pytest.mark.slow
 def test_a_background_server_someone_started_is_never_reaped(tmp_path):
     # `prefect server start --background` leaves a uvicorn with the same command line, re-parented
