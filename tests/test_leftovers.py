@@ -75,41 +75,53 @@ def test_a_killed_flows_temporary_server_is_reaped_at_the_next_start(tmp_path):
     assert not any(_running(pid) for pid in servers)
 
 
-def orphaned_temporary_server(home: Path) -> int:
-    """A process that looks like a temporary Prefect server of PREFECT_HOME `home` whose run was
-    SIGKILLed (PID 1's child, as the kernel leaves it): its pid."""
+def orphaned_temporary_server(home: Path, lives_s: int = 600) -> int:
+    """A stand-in for a temporary Prefect server of PREFECT_HOME `home` whose run was SIGKILLed: a
+    real process with what `orphaned_servers` reads (the server's module in its command line, the
+    ephemeral-server variable, PID 1 as its parent), for tests of *who* reaps, where starting a real
+    server costs ~25 s more (what a real one looks like: the tests above and the arena's below).
+    It sleeps `lives_s`, longer than any such test, so only a reaping ends it; the caller kills it
+    in a `finally`. Its pid."""
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT__SERVER_EPHEMERAL="1")
-    sleeper = f"{sys.executable} -c 'import time; time.sleep(600)' {SERVER_MARK.decode()}"
+    sleeper = f"{sys.executable} -c 'import time; time.sleep({lives_s})' {SERVER_MARK.decode()}"
     pid = int(subprocess.run(["sh", "-c", sleeper + " >/dev/null 2>&1 & echo $!"], env=env, capture_output=True,
                              text=True, check=True).stdout)
     assert pid in orphaned_servers(str(home)), "not an orphan of PID 1 (a subreaper adopted it?)"
     return pid
 
 
-def kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def kill(*pids: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
-
+@pytest.mark.slow
 def test_the_arena_flow_reaps_them_too(tmp_path):
     """Every flow's start stops what a killed run left (tasks/bookkeeping.py begin_run): the
-    fine-tune's, `smolflow eval`'s (tests/test_cli_eval.py) and the arena's."""
+    fine-tune's, `smolflow eval`'s (tests/test_cli_eval.py) and the arena's. Here a real temporary
+    server, left by a flow SIGKILLed while it ran."""
     home = tmp_path / "prefect-home"
-    orphan = orphaned_temporary_server(home)
+    proc, servers = _flow_with_its_server(tmp_path, FLOW)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
     code = ("from flows.arena import arena\nfrom tasks.arena_config import ArenaConfig\ntry:\n"
             "    arena.fn(ArenaConfig(prompts='missing.jsonl', judge={'enabled': False}, torch_threads=1))\n"
             "except ValueError as err:\n    print(err)\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     try:
+        assert sorted(orphaned_servers(str(home))) == sorted(servers)  # outlived its flow
         done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                               env=env | {"PREFECT_HOME": str(home), "PYTHONPATH": str(ROOT)})
         assert "missing.jsonl" in done.stdout, done.stderr[-3000:]  # stopped at its prompts, after its start
-        assert not _running(orphan)
+        assert f"Stopped {len(servers)} temporary Prefect server(s) left by a killed run" in done.stdout + done.stderr, \
+            done.stdout + done.stderr[-3000:]
+        assert not any(_running(pid) for pid in servers)
     finally:
-        kill(orphan)
+        kill(*servers)
+
 
 @pytest.mark.slow
 def test_a_background_server_someone_started_is_never_reaped(tmp_path):
