@@ -14,6 +14,7 @@ import pytest
 from deployments.local import descendants
 from tasks.leftovers import SERVER_MARK, _running, orphaned_servers
 from tests.conftest import prefect_home
+from tests.test_leftovers import kill
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,14 +54,6 @@ def _gone_soon(pids: list[int], seconds: float = 20) -> list[int]:
     return alive
 
 
-def _kill_all(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("started_by", ["main", "thread"])
 def test_a_sigkilled_flows_temporary_server_dies_with_it(tmp_path, started_by):
@@ -85,7 +78,7 @@ def test_a_sigkilled_flows_temporary_server_dies_with_it(tmp_path, started_by):
     finally:
         proc.kill()
         proc.wait()
-        _kill_all(servers)
+        kill(*servers)
 
 
 @pytest.mark.slow
@@ -116,4 +109,4 @@ def test_a_sigkilled_smolflow_command_leaves_no_server(tiny_model_dir, tmp_path)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        _kill_all(left)
+        kill(*left)
