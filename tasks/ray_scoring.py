@@ -18,7 +18,7 @@ from tasks.benchmarks import REGISTRY
 from tasks.config import ExecutionConfig
 from tasks.leftovers import (descendants, process_gone, process_mark, processes_under, processes_using,
                              processes_with_environ, stop_processes, with_start_times)
-from tasks.run_ending import stop_noted
+from tasks.run_ending import finishing, stop_noted
 from tasks.runtime import run_logger
 
 # What a Ray worker needs of this process's environment to load the same models the same way and
@@ -157,29 +157,40 @@ def _own_cluster_stopped(runner):
                 yield
             finally:
                 if _started(runner):  # before ray.shutdown(): its processes, while the tree still holds them
-                    nodes = processes_under(str(_session(runner)))
-                    raylets = [pid for pid in nodes if _argv0(pid).endswith("/raylet")]
-                    own = with_start_times(nodes) | descendants(*nodes)
+                    with finishing():
+                        nodes = processes_under(str(_session(runner)))
+                        raylets = [pid for pid in nodes if _argv0(pid).endswith("/raylet")]
+                        own = with_start_times(nodes) | descendants(*nodes)
     finally:
-        if _started(runner):
-            # A worker the raylet was starting as the processes were noted: workers carry its pid.
-            late = [p for r in raylets for p in processes_with_environ("RAY_RAYLET_PID", str(r))]
-            session = _session(runner)
-            # and whatever still holds the session: an agent the raylet's SIGKILL orphaned keeps its logs open
-            signalled, left = stop_processes(own | with_start_times(late + processes_using(str(session))))
-            if signalled:
-                run_logger().info("Stopped %d process(es) of the local Ray cluster that outlived ray.shutdown(): "
-                                  "pids %s", len(signalled), signalled)
-            if left:
-                run_logger().warning("Processes of the local Ray cluster still running after SIGKILL (stuck in a "
-                                     "system call): pids %s; its session folder %s is left for a later run",
-                                     left, session)
-            else:
-                _remove_session(session)
-        elif earlier is not None:
-            _half_started(earlier)
-        if starting is not None:
-            starting.unlink(missing_ok=True)
+        with finishing():  # a stop raised again meanwhile comes after: the folder and the note go first
+            _stop_own_cluster(runner, earlier, own, raylets)
+            if starting is not None:
+                starting.unlink(missing_ok=True)
+
+
+def _stop_own_cluster(runner, earlier: set[Path] | None, own: dict[int, str], raylets: list[int]) -> None:
+    """What `_own_cluster_stopped` leaves with: the cluster's processes stopped, its folder gone."""
+    import ray
+
+    if _started(runner):
+        if ray.is_initialized():  # runner's own ray.shutdown() was cut short by the stop
+            ray.shutdown()
+        # A worker the raylet was starting as the processes were noted: workers carry its pid.
+        late = [p for r in raylets for p in processes_with_environ("RAY_RAYLET_PID", str(r))]
+        session = _session(runner)
+        # and whatever still holds the session: an agent the raylet's SIGKILL orphaned keeps its logs open
+        signalled, left = stop_processes(own | with_start_times(late + processes_using(str(session))))
+        if signalled:
+            run_logger().info("Stopped %d process(es) of the local Ray cluster that outlived ray.shutdown(): "
+                              "pids %s", len(signalled), signalled)
+        if left:
+            run_logger().warning("Processes of the local Ray cluster still running after SIGKILL (stuck in a "
+                                 "system call): pids %s; its session folder %s is left for a later run",
+                                 left, session)
+        else:
+            _remove_session(session)
+    elif earlier is not None:
+        _half_started(earlier)
 
 
 def _sessions_of_this_process() -> set[Path]:

@@ -6,8 +6,9 @@ one TerminationSignal, the same way. Code that catches it there and goes on (mea
 `config.update` and `log` in 2-3 of 150 tries) leaves the run going: under load a run with a 10.8 s
 limit was still training 10 minutes later, and a test that waited for it killed it holding the
 shared test server's training slot, which stalled every later training (CI hung). So the flow's
-block is watched: GRACE_S past the limit, or after a SIGTERM, the same exception is raised in the
-flow's thread again, every AGAIN_S, until the block is left.
+block is watched: GRACE_S past the limit, or STOP_GRACE_S after a SIGTERM, the same exception is
+raised in the flow's thread again, every AGAIN_S, until the block is left; not inside the clean-up
+that the exception is already going through (`finishing`), but after it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ from contextlib import contextmanager
 from tasks.runtime import RUN_TIMEOUT_ENV, run_logger
 
 GRACE_S = 30.0  # the first one, and the code it interrupted, get this long to end the block
+# A stop's first exception gets less: Prefect's runner SIGKILLs a cancelled run 30 s after its SIGTERM
+# (Docker's stop: 10 s), and a stop caught in W&B's callbacks as training began was raised again as the
+# SIGKILL came, which left status.json saying 'running' (CI). The clean-up the stop goes through is
+# not cut short by it (`finishing`).
+STOP_GRACE_S = 8.0
 AGAIN_S = 5.0  # caught again: raised again
 
 
@@ -58,6 +64,31 @@ class StoppedAgain(BaseException):
 
 _noted: Callable[[], bool] | None = None  # the running block's, while one runs
 _resend: Callable[[], None] | None = None  # the running block's: raise the stop again now
+
+# Threads inside `finishing()` blocks: one token each per block (list.append and .remove are single
+# calls, so an exception landing around them leaves no count wrong). The watcher raises into none
+# of them; `_finishing_lock` makes its check and its raise one step against a block being entered.
+_finishing: dict[int, list[object]] = {}
+_finishing_lock = threading.Lock()
+
+
+@contextmanager
+def finishing() -> Iterator[None]:
+    """Bounded clean-up of a stop already under way (a status write, stopping a local Ray cluster):
+    the stop raised again every AGAIN_S is not raised inside it but after it. A stop dropped by a
+    fork (ray.init() starting its processes) is raised again at once and every AGAIN_S; the first
+    ended ray.init(), the second landed in the clean-up after it, 5 s later on a loaded machine,
+    which then left the cluster's session folder behind (CI). A SIGTERM still lands as ever."""
+    me, token = threading.get_ident(), object()
+    try:
+        with _finishing_lock:
+            _finishing.setdefault(me, []).append(token)
+        yield
+    finally:
+        with _finishing_lock, contextlib.suppress(ValueError):
+            _finishing[me].remove(token)
+            if not _finishing[me]:
+                del _finishing[me]
 
 
 # A fork runs logging's at-fork hooks (`before`: take logging's module lock; `after_in_parent`:
@@ -110,7 +141,7 @@ def stop_noted() -> bool:
 @contextmanager
 def ending_enforced() -> Iterator[None]:
     """The block (a flow's body) ends by Prefect's own exception once it runs GRACE_S past the
-    flow's timeout or past a SIGTERM, however often the code that exception lands in catches it."""
+    flow's timeout or STOP_GRACE_S past a SIGTERM, however often the code that exception lands in catches it."""
     from prefect._internal.concurrency.cancellation import CancelledError  # what Prefect's timeout raises
     from prefect.exceptions import TerminationSignal  # what Prefect's SIGTERM handler raises
 
@@ -151,7 +182,7 @@ def ending_enforced() -> Iterator[None]:
         """Whether a SIGTERM has come during the block (what the wakeup fd holds read first)."""
         with reading, contextlib.suppress(OSError):  # BlockingIOError: nothing new
             if signal.SIGTERM in notes.recv(4096):
-                due.setdefault("stop", time.monotonic() + GRACE_S)
+                due.setdefault("stop", time.monotonic() + STOP_GRACE_S)
         return "stop" in due
 
     def watch() -> None:
@@ -169,14 +200,16 @@ def ending_enforced() -> Iterator[None]:
                                      "'Exception ignored'): raised again every %g s until the run ends", AGAIN_S)
             else:
                 run_logger().warning("The run is %g s past its %s and still running: the exception that ends it was "
-                                     "caught where it landed; raised again every %g s until the run ends", GRACE_S,
-                                     why, AGAIN_S)
+                                     "caught where it landed; raised again every %g s until the run ends",
+                                     STOP_GRACE_S if why == "SIGTERM" else GRACE_S, why, AGAIN_S)
             while True:
-                with lock:
+                with lock, _finishing_lock:
                     if left.is_set():
                         return
-                    _raise_in(flow_thread, StopSignal if why == "SIGTERM" else CancelledError)
-                if left.wait(AGAIN_S):
+                    deferred = bool(_finishing.get(flow_thread))  # raised once that clean-up is done
+                    if not deferred:
+                        _raise_in(flow_thread, StopSignal if why == "SIGTERM" else CancelledError)
+                if left.wait(min(0.2, AGAIN_S) if deferred else AGAIN_S):
                     return
 
     global _noted, _resend

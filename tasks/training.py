@@ -29,6 +29,7 @@ from tasks.lora import head_without_bias, lora_config, new_token_rows
 from tasks.locks import TRAINING_LOCK, exclusive
 from tasks.models import ModelRef, fingerprint_dir, load_model, local_model_dir
 from tasks.progress import training_progress
+from tasks.run_ending import finishing
 from tasks.caching import BY_CONTENT, CODE, ContentInputs
 from tasks.runtime import cache_dir, disk_full, run_logger, retry_transient
 from tasks.storage import ArtifactStore
@@ -250,7 +251,8 @@ def _train_sft(base: ModelRef, tokenized: TokenizedRef, cfg: TrainingConfig, run
         # torch says a full disk as "[enforce fail at inline_container.cc:...] . unexpected pos": name it
         full = disk_full(err, work) if isinstance(err, Exception) else None
         try:  # a save cut off is never resumed, and on a full disk it holds the next night's room
-            drop_unfinished(work, run)
+            with finishing():  # a stop raised again comes after it
+                drop_unfinished(work, run)
         except Exception as also:  # never hides the training's own error
             log.warning("Unfinished checkpoints not removed: %s: %s", type(also).__name__, also)
         if full is not None:

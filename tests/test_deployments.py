@@ -129,6 +129,14 @@ def _flow_run_processes(flow_run_id) -> list[int]:
     return found
 
 
+def _run_log(client, run_id) -> str:
+    """The flow run's log as the Prefect UI shows it (for a failing test's message)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200)
+    return "\n".join(f"{entry.timestamp:%H:%M:%S.%f} {entry.name}: {entry.message}" for entry in logs)[-6000:]
+
+
 def _wait_final(client, run_id, within_s: float):
     deadline = time.monotonic() + within_s
     while not (run := client.read_flow_run(run_id)).state.is_final():
@@ -165,7 +173,8 @@ def test_a_run_cancelled_while_training_stops_says_so_and_frees_the_slot(served,
         time.sleep(0.5)
     assert not left, left
     status = ArtifactStore(artifacts).child("runs", "cancelled").read_json("status.json")
-    assert status["state"] == "stopped" and status["why"].startswith("stopped by SIGTERM: cancelled in Prefect")
+    assert status["state"] == "stopped" and status["why"].startswith("stopped by SIGTERM: cancelled in Prefect"), (
+        status, _run_log(client, run.id))
 
     nxt = tiny_run_config(tiny_model_dir, artifacts, output={"run_id": "next"}, judge={"enabled": False})
     after = client.create_flow_run_from_deployment(on_demand.id, parameters={"config": nxt.model_dump(mode="json")})

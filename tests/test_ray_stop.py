@@ -76,7 +76,7 @@ def test_a_sigterm_while_scoring_on_ray_stops_the_run_as_anywhere_else(tiny_mode
         assert status["state"] == "stopped" and status["why"].startswith("stopped by SIGTERM"), status
         # No wait: the run stops every process of its cluster before it exits (tasks/ray_scoring.py)
         assert not (left := processes_under(ray_tmp)), f"Ray processes left after the stop: {left}"
-        assert sorted(p.name for p in (Path(ray_tmp) / "ray").iterdir()) == [], "a Ray session folder was left"
+        assert sorted(p.name for p in (Path(ray_tmp) / "ray").iterdir()) == [], f"a Ray session folder was left: {out[-4000:]}"
         # The killed workers' temporary files (datasets' Arrow files) go when the next smolflow process starts.
         reap = "from tasks.leftovers import own_temp_root; own_temp_root()"
         subprocess.run([sys.executable, "-c", reap], cwd=root, env=env, check=True, timeout=60)

@@ -301,16 +301,14 @@ def test_a_run_that_catches_prefects_timeout_is_ended_again(tmp_path, monkeypatc
     assert status["state"] == "failed" and status["why"].startswith("timed out: the run took longer than"), status
 
 
-def test_a_run_that_catches_its_sigterm_is_stopped_again(tmp_path, monkeypatch):
+def test_a_run_that_catches_its_sigterm_is_stopped_again(tmp_path):
     """A cancel in Prefect, or a stop, is one SIGTERM: Prefect's TerminationSignal, raised once where
     the code is. Caught there, the run went on; the SIGTERM test then killed it holding the test
-    server's training slot (seen under load in CI)."""
+    server's training slot (seen under load in CI). Raised again 30 s later, it raced Prefect's
+    runner, which SIGKILLs a cancelled run 30 s after its SIGTERM: a cancel caught as training began
+    (W&B's callbacks) left status.json 'running' (CI). With the real grace, well before that."""
     from prefect import flow
 
-    from tasks import run_ending
-
-    monkeypatch.setattr(run_ending, "GRACE_S", 0.5)
-    monkeypatch.setattr(run_ending, "AGAIN_S", 0.5)
     caught = []
 
     @flow
@@ -337,108 +335,8 @@ def test_a_run_that_catches_its_sigterm_is_stopped_again(tmp_path, monkeypatch):
         started = time.monotonic()
         with pytest.raises(TerminationSignal):
             swallows_its_stop(str(tmp_path))
-        assert time.monotonic() - started < 30 and caught == ["TerminationSignal", "StopSignal"], caught
+        assert time.monotonic() - started < 20 and caught == ["TerminationSignal", "StopSignal"], caught
         status = json.loads((tmp_path / "status.json").read_text())
         assert status["state"] == "stopped" and status["why"].startswith("stopped by SIGTERM"), status
     finally:
         signal.signal(signal.SIGTERM, before)
-
-
-# A run's block ended under a profiler or tracer (cProfile, coverage, a debugger), quiet or after
-# its stop was raised again: run_ending withdrew a pending exception with SetAsyncExc(NULL), which
-# leaves CPython's flag set with nothing to raise; on 3.11 a traced thread then spins at its next
-# call for good (`python -m cProfile smolflow run` never ended, 100% CPU).
-TRACED_BLOCKS = """
-import os, signal, sys, time
-import prefect.context, prefect.exceptions, prefect._internal.concurrency.cancellation
-from tasks import run_ending
-run_ending.GRACE_S = run_ending.AGAIN_S = 0.2
-signal.signal(signal.SIGTERM, lambda *a: None)  # the stop is noticed by the wakeup fd
-sys.setprofile(lambda *a: None)
-with run_ending.ending_enforced():
-    pass
-print("quiet block ended", flush=True)
-caught = []
-with run_ending.ending_enforced():
-    os.kill(os.getpid(), signal.SIGTERM)
-    deadline = time.monotonic() + 1.5
-    while True:  # the loop inside the try: it lands on any instruction
-        try:
-            while time.monotonic() < deadline:
-                sum(range(100))
-            break
-        except BaseException as err:  # caught wherever it lands, as a library did
-            caught.append(type(err).__name__)
-deadline = time.monotonic() + 1.0
-while time.monotonic() < deadline:
-    sum(range(100))  # nothing lands here any more
-sys.setprofile(None)
-print("stopped block ended:", sorted(set(caught)), flush=True)
-"""
-
-
-FORK_DROPS_A_STOP = """
-import logging, os, sys, threading, time
-from prefect.exceptions import TerminationSignal
-from tasks.run_ending import ending_enforced, guard_forks
-
-def dropped():  # what a SIGTERM during a fork leaves: logging's release hook cut short at its entry
-    logging._lock.acquire()  # (its lock taken again after logging's release, here)
-    raise TerminationSignal(signal=15)  # printed by the fork's C code and dropped, as the stop's is
-
-os.register_at_fork(after_in_parent=dropped)
-if sys.argv[1] == "guarded":
-    guard_forks()  # as a run's block does (registered after logging's hooks and `dropped`)
-else:
-    import tasks.run_ending
-    tasks.run_ending._forks_guarded = True  # as before: the block registers no hooks
-started = time.monotonic()
-try:
-    with ending_enforced():
-        if (pid := os.fork()) == 0:
-            os._exit(0)
-        os.waitpid(pid, 0)
-        free = []
-
-        def log_elsewhere():
-            free.append(logging._lock.acquire(timeout=5))
-            if free[0]:
-                logging._lock.release()
-
-        other = threading.Thread(target=log_elsewhere)
-        other.start()
-        other.join()
-        print("another thread could log:", free[0], flush=True)
-        for _ in range(150):  # 15 s: the watcher's own grace (30 s) would not end it in time
-            time.sleep(0.1)
-    print("not stopped", flush=True)
-except TerminationSignal:
-    print(f"stopped after {time.monotonic() - started:.1f} s", flush=True)
-"""
-
-
-@pytest.mark.parametrize("guarded", [True, False])
-def test_a_stop_that_lands_in_a_forks_hooks_neither_hangs_nor_is_lost(guarded):
-    """A SIGTERM during a fork (ray.init() starting Ray's processes, the HumanEval sandbox, training
-    ranks) ran Prefect's handler inside logging's at-fork release hook, whose exception the fork's C
-    code prints and drops: the stop was lost and logging's lock stayed taken, so the next thread that
-    logged waited for good (CI: a run stopped as Ray started hung). Here a hook of the test leaves the
-    lock so and drops the exception; guarded, as a run's block is, the lock is released after the
-    fork and the stop raised again at once. A fresh process: at-fork hooks cannot be removed."""
-    out = subprocess.run([sys.executable, "-c", FORK_DROPS_A_STOP, "guarded" if guarded else "bare"], cwd=ROOT,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
-    lines = out.stdout.splitlines()
-    assert "Exception ignored in" in out.stderr  # the drop itself, as CPython reports it
-    if guarded:
-        assert lines[0] == "another thread could log: True", out.stdout + out.stderr[-3000:]
-        assert lines[1].startswith("stopped after ") and float(lines[1].split()[2]) < 10, out.stdout
-    else:  # what the guard is for
-        assert lines[0] == "another thread could log: False", out.stdout + out.stderr[-3000:]
-
-
-def test_a_run_under_a_profiler_or_tracer_ends():
-    proc = subprocess.run([sys.executable, "-c", TRACED_BLOCKS], cwd=Path(__file__).resolve().parents[1],
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert proc.stdout.splitlines() == ["quiet block ended", "stopped block ended: ['StopSignal']"], proc.stdout
