@@ -139,6 +139,7 @@ def start_server(port: int, home: Path | None = None, log: Path | None = None, t
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        _stop_if_asked()
         if proc.poll() is not None:
             raise RuntimeError(f"the Prefect server exited with code {proc.returncode} before answering"
                                + (f"; its log: {log}" if log else ""))
@@ -197,6 +198,7 @@ def watch(server: subprocess.Popen, serving: subprocess.Popen, log: Path, every:
     restart policy: a runner left beside it retried the API for ~4 minutes in silence, then died in
     a 200-line traceback. A serve process that ends by itself: its status (signal N: 128+N, as shells say)."""
     while True:
+        _stop_if_asked()
         if (code := server.poll()) is not None:
             print(f"error: the Prefect server exited ({_ended(code)}); stopping the deployments. Its log: {log}",
                   file=sys.stderr)
@@ -264,8 +266,22 @@ class _Parser(argparse.ArgumentParser):
         _refuse(message)
 
 
+# A stop asked for by a signal, kept where its exception is lost: a SIGTERM during the fork of a Popen
+# with a preexec_fn runs the handler at the entry of logging's at-fork hook, whose exception the fork's
+# C code prints and drops, and the supervisor then served on. Each wait below looks at it.
+_stop_asked = False
+
+
 def _stop_on_signal(signum, frame) -> None:
+    global _stop_asked
+    _stop_asked = True
     raise KeyboardInterrupt  # unwinds main() through its `finally`, which stops the children
+
+
+def _stop_if_asked() -> None:
+    """Raise the stop a fork dropped (`_stop_asked`)."""
+    if _stop_asked:
+        raise KeyboardInterrupt
 
 
 def shutdown(server: subprocess.Popen | None, serving: subprocess.Popen | None) -> None:
@@ -290,7 +306,7 @@ def supervise(port: int, startup_timeout: float, settings: list[str]) -> int:
         server = start_server(port, log=log, timeout=startup_timeout)
         print(f"Prefect UI: http://127.0.0.1:{port}  (API: http://127.0.0.1:{port}/api)", flush=True)
         serving = start_serving(port, settings=settings)
-        return watch(server, serving, log)
+        return watch(server, serving, log)  # which looks at `_stop_asked` too
     except PortInUseError as err:
         print(f"error: {err}", file=sys.stderr)
         return PORT_IN_USE

@@ -257,3 +257,55 @@ def test_a_server_gone_as_the_deployments_start_is_one_line_of_their_own(tmp_pat
         raise RuntimeError("Runner failed to start: a bug") from ValueError("a bug")
     except RuntimeError as other:
         assert not lost_server(other)
+
+
+# What a SIGTERM during the supervisor's fork of the server does: the handler runs at the entry of
+# logging's at-fork hook (Python code, run because the Popen has a preexec_fn), and the fork's C code
+# prints its KeyboardInterrupt and drops it. Here a hook of the test's runs the handler there, once.
+STOP_DROPPED_BY_A_FORK = """
+import os, signal, sys
+from deployments import local
+fired = []
+
+def stopped_during_the_fork():
+    if not fired:
+        fired.append(True)
+        local._stop_on_signal(signal.SIGTERM, None)
+
+os.register_at_fork(after_in_parent=stopped_during_the_fork)
+local.main(sys.argv[1:])
+"""
+
+
+def test_a_stop_that_lands_in_the_servers_fork_still_stops_serve(tmp_path):
+    """The stop was lost: the supervisor started the server and served on, for good."""
+    port, home, log = _free_port(), prefect_home(tmp_path / "home"), tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        parent = subprocess.Popen([sys.executable, "-c", STOP_DROPPED_BY_A_FORK, "--port", str(port),
+                                   "--startup-timeout", "600"], cwd=ROOT, env=_env(home), stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        code = parent.wait(timeout=60)
+        said = log.read_text()
+        assert "Exception ignored in" in said and "KeyboardInterrupt" in said, said[-3000:]  # the drop itself
+        assert code == 0 and "Prefect UI:" not in said, said[-3000:]  # stopped before serving anything
+        assert not _servers_on(port)  # the server it had started went with it (its own session: not a child any more)
+    finally:
+        if parent.poll() is None:
+            for pid in descendants(parent.pid):
+                os.kill(pid, signal.SIGKILL)
+            parent.kill()
+            parent.wait()
+
+
+def _servers_on(port: int) -> list[int]:
+    """Pids of `deployments.prefect_server` processes serving `port`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if b"deployments.prefect_server" in argv and str(port).encode() in argv:
+            found.append(int(entry.name))
+    return found
