@@ -65,21 +65,23 @@ class StoppedAgain(BaseException):
 _noted: Callable[[], bool] | None = None  # the running block's, while one runs
 _resend: Callable[[], None] | None = None  # the running block's: raise the stop again now
 
-# Threads inside `finishing()` blocks: one token each per block (list.append and .remove are single
-# calls, so an exception landing around them leaves no count wrong). The watcher raises into none
-# of them; `_finishing_lock` makes its check and its raise one step against a block being entered.
-_finishing: dict[int, list[object]] = {}
+# Threads inside `finishing()` blocks: one token each per block, its deadline (list.append and
+# .remove are single calls, so an exception landing around them leaves no count wrong). The watcher
+# raises into none of them before the deadline; `_finishing_lock` makes its check and its raise one
+# step against a block being entered.
+_finishing: dict[int, list[list[float]]] = {}
 _finishing_lock = threading.Lock()
 
 
 @contextmanager
-def finishing() -> Iterator[None]:
-    """Bounded clean-up of a stop already under way (a status write, stopping a local Ray cluster):
-    the stop raised again every AGAIN_S is not raised inside it but after it. A stop dropped by a
-    fork (ray.init() starting its processes) is raised again at once and every AGAIN_S; the first
-    ended ray.init(), the second landed in the clean-up after it, 5 s later on a loaded machine,
-    which then left the cluster's session folder behind (CI). A SIGTERM still lands as ever."""
-    me, token = threading.get_ident(), object()
+def finishing(within_s: float = 60.0) -> Iterator[None]:
+    """Clean-up of a stop already under way (stopping a local Ray cluster, dropping a checkpoint): the
+    stop raised again every AGAIN_S is not raised inside it but after it, or once it has run
+    `within_s` (a clean-up that hangs does not keep the run going). A stop dropped by a fork
+    (ray.init() starting its processes) is raised again at once and every AGAIN_S; the first ended
+    ray.init(), the second landed in the clean-up after it, 5 s later on a loaded machine, which
+    then left the cluster's session folder behind (CI). A SIGTERM still lands as ever."""
+    me, token = threading.get_ident(), [time.monotonic() + within_s]
     try:
         with _finishing_lock:
             _finishing.setdefault(me, []).append(token)
@@ -206,7 +208,8 @@ def ending_enforced() -> Iterator[None]:
                 with lock, _finishing_lock:
                     if left.is_set():
                         return
-                    deferred = bool(_finishing.get(flow_thread))  # raised once that clean-up is done
+                    # raised once that clean-up is done, or past its time
+                    deferred = any(until > time.monotonic() for (until,) in _finishing.get(flow_thread, ()))
                     if not deferred:
                         _raise_in(flow_thread, StopSignal if why == "SIGTERM" else CancelledError)
                 if left.wait(min(0.2, AGAIN_S) if deferred else AGAIN_S):

@@ -19,7 +19,7 @@ from tasks.compare import compare, item_values, paired_stderr
 from tasks.config import OutputConfig
 from tasks.layout import POINTERS, RUNS, RunPaths, new_run_id, run_dir
 from tasks.leftovers import process_gone, process_mark
-from tasks.run_ending import ending_enforced, finishing
+from tasks.run_ending import ending_enforced
 from tasks.runtime import RUN_TIMEOUT_ENV, run_logger
 from tasks.storage import ArtifactStore, StorageError
 
@@ -343,9 +343,7 @@ def status_recorded(run: ArtifactStore, on_stop: Callable[[dict], None] | None =
             yield run
     except BaseException as err:
         stopped = stop_reason(err)
-        with finishing():  # not cut short by the stop raised again: status.json said 'running' for good
-            write_status(run, "stopped" if stopped else "failed", stopped or failure_reason(err), started_at=started,
-                         **served)
+        write_status(run, "stopped" if stopped else "failed", stopped or failure_reason(err), started_at=started, **served)
         if on_stop is not None:
             try:
                 on_stop(run.read_json(RunPaths.status))
