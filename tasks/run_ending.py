@@ -35,6 +35,7 @@ GRACE_S = 30.0  # the first one, and the code it interrupted, get this long to e
 # not cut short by it (`finishing`).
 STOP_GRACE_S = 8.0
 AGAIN_S = 5.0  # caught again: raised again
+LAND_S = 0.05  # a dropped one is raised again this much later: once the code that dropped it has returned
 
 
 def _flow_timeout() -> float | None:
@@ -166,6 +167,7 @@ def ending_enforced() -> Iterator[None]:
 
     reading = threading.Lock()
     dropped: list[bool] = []
+    kick = threading.Event()  # dropped again: raise it again now
 
     def resend(kind: str = "stop") -> None:
         """A stop (or timeout) Python dropped where it landed: raised again at once, from the watcher.
@@ -173,7 +175,8 @@ def ending_enforced() -> Iterator[None]:
         if threading.get_ident() != flow_thread:
             return
         dropped.append(True)
-        due[kind] = time.monotonic()
+        due[kind] = time.monotonic() + LAND_S
+        kick.set()  # wakes the watcher raising it again already
         with contextlib.suppress(OSError):
             note_to.send(b"\0")  # wakes the watcher
 
@@ -208,9 +211,10 @@ def ending_enforced() -> Iterator[None]:
                     # raised once that clean-up is done, or past its time
                     deferred = any(until > time.monotonic() for (until,) in _finishing.get(flow_thread, ()))
                     if not deferred:
+                        kick.clear()
                         _raise_in(flow_thread, StopSignal if why == "SIGTERM" else CancelledError)
-                if left.wait(min(0.2, AGAIN_S) if deferred else AGAIN_S):
-                    return
+                if kick.wait(min(0.2, AGAIN_S) if deferred else AGAIN_S):  # dropped again, or the block left
+                    time.sleep(LAND_S)
 
     # Python code that C calls and whose exception it cannot pass on (a weakref callback, __del__, a
     # fork's hooks) prints the exception ("Exception ignored in") and drops it; a signal handler runs
@@ -219,9 +223,9 @@ def ending_enforced() -> Iterator[None]:
     before_hook = sys.unraisablehook
 
     def unraisable(info) -> None:
+        before_hook(info)  # first: raised again while this hook ran, it was dropped with it (seen)
         if isinstance(info.exc_value, (TerminationSignal, CancelledError)):
             resend("stop" if isinstance(info.exc_value, TerminationSignal) else "timeout")
-        before_hook(info)
 
     global _noted
     guard_forks()
@@ -242,6 +246,7 @@ def ending_enforced() -> Iterator[None]:
         while True:
             try:
                 left.set()
+                kick.set()  # the watcher, if raising again, sees `left` now
                 with lock:  # the watcher raises only under it, after checking `left`
                     _raise_in(flow_thread, _Withdrawn)
                 _landing()
