@@ -149,7 +149,7 @@ def ending_enforced() -> Iterator[None]:
         def __init__(self):
             super().__init__(signal=signal.SIGTERM)
 
-    seconds, flow_thread = _flow_timeout(), threading.get_ident()
+    seconds, flow_thread, began = _flow_timeout(), threading.get_ident(), time.monotonic()
     left, lock = threading.Event(), threading.Lock()
     due: dict[str, float] = {}
     if seconds:
@@ -170,8 +170,8 @@ def ending_enforced() -> Iterator[None]:
     kick = threading.Event()  # dropped again: raise it again now
 
     def resend(kind: str = "stop") -> None:
-        """A stop (or timeout) Python dropped where it landed: raised again at once, from the watcher.
-        Only in the flow's thread: signals, and the exceptions raised again, land there alone."""
+        """A stop (or timeout) Python dropped where it landed: raised again LAND_S later, from the
+        watcher. Only in the flow's thread: signals, and the exceptions raised again, land there alone."""
         if threading.get_ident() != flow_thread:
             return
         dropped.append(True)
@@ -224,8 +224,10 @@ def ending_enforced() -> Iterator[None]:
 
     def unraisable(info) -> None:
         before_hook(info)  # first: raised again while this hook ran, it was dropped with it (seen)
-        if isinstance(info.exc_value, (TerminationSignal, CancelledError)):
-            resend("stop" if isinstance(info.exc_value, TerminationSignal) else "timeout")
+        if isinstance(info.exc_value, TerminationSignal):
+            resend("stop")
+        elif isinstance(info.exc_value, CancelledError) and seconds and time.monotonic() >= began + seconds:
+            resend("timeout")  # Prefect's own, past the flow's timeout: not one of its internal cancel scopes
 
     global _noted
     guard_forks()
