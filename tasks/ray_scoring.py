@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from tasks.benchmarks import REGISTRY
 from tasks.config import ExecutionConfig
 from tasks.leftovers import (descendants, process_gone, process_mark, processes_under, processes_using,
                              processes_with_environ, stop_processes, with_start_times)
+from tasks.ray_watchdog import STARTING, guarding, remove_session
 from tasks.run_ending import finishing, stop_noted
 from tasks.runtime import run_logger
 
@@ -147,25 +147,27 @@ def _own_cluster_stopped(runner):
     starting = _note_starting() if earlier is not None else None
     own: dict[int, str] = {}
     raylets: list[int] = []
-    try:
-        with runner:
-            try:
-                if _started(runner):
-                    _mark_session(_session(runner))
+    # A SIGKILL of this process: what its cluster leaves is cleared by a watchdog at once, not a minute later
+    with guarding(_ray_root()) if earlier is not None else nullcontext():
+        try:
+            with runner:
+                try:
+                    if _started(runner):
+                        _mark_session(_session(runner))
+                    if starting is not None:
+                        starting.unlink(missing_ok=True)  # the session's own mark (or none started) says it now
+                    yield
+                finally:
+                    if _started(runner):  # before ray.shutdown(): its processes, while the tree still holds them
+                        with finishing():
+                            nodes = processes_under(str(_session(runner)))
+                            raylets = [pid for pid in nodes if _argv0(pid).endswith("/raylet")]
+                            own = with_start_times(nodes) | descendants(*nodes)
+        finally:
+            with finishing():  # a stop raised again meanwhile comes after: the folder and the note go first
+                _stop_own_cluster(runner, earlier, own, raylets)
                 if starting is not None:
-                    starting.unlink(missing_ok=True)  # the session's own mark (or none started) says it now
-                yield
-            finally:
-                if _started(runner):  # before ray.shutdown(): its processes, while the tree still holds them
-                    with finishing():
-                        nodes = processes_under(str(_session(runner)))
-                        raylets = [pid for pid in nodes if _argv0(pid).endswith("/raylet")]
-                        own = with_start_times(nodes) | descendants(*nodes)
-    finally:
-        with finishing():  # a stop raised again meanwhile comes after: the folder and the note go first
-            _stop_own_cluster(runner, earlier, own, raylets)
-            if starting is not None:
-                starting.unlink(missing_ok=True)
+                    starting.unlink(missing_ok=True)
 
 
 def _stop_own_cluster(runner, earlier: set[Path] | None, own: dict[int, str], raylets: list[int]) -> None:
@@ -188,7 +190,7 @@ def _stop_own_cluster(runner, earlier: set[Path] | None, own: dict[int, str], ra
                                  "system call): pids %s; its session folder %s is left for a later run",
                                  left, session)
         else:
-            _remove_session(session)
+            remove_session(session)
     elif earlier is not None:
         _half_started(earlier)
 
@@ -219,7 +221,7 @@ def _half_started(earlier: set[Path]) -> None:
             run_logger().warning("Processes of a local Ray cluster still running after SIGKILL (stuck in a system "
                                  "call): pids %s; its session folder %s is left", left, session)
         else:
-            _remove_session(session)
+            remove_session(session)
 
 
 def _argv0(pid: int) -> str:
@@ -236,11 +238,10 @@ def _ray_root() -> Path:
     return Path(base or "/tmp") / "ray"
 
 
-# A run about to start a local cluster says so first, in the folder the cluster's session will be in:
-# a SIGKILL while ray.init() runs (4-5 s on a 2-core machine) left a session folder that no
-# SESSION_MARK had been written to yet, for good. The note names the run's process, whose pid Ray
-# puts into the session folder's name (session_<local time>_<pid>).
-STARTING = ".smolflow-starting-{pid}.json"
+# A run about to start a local cluster says so first (tasks/ray_watchdog.py STARTING), in the folder
+# the cluster's session will be in: a SIGKILL while ray.init() runs (4-5 s on a 2-core machine) left
+# a session folder that no SESSION_MARK had been written to yet, for good. The note names the run's
+# process, whose pid Ray puts into the session folder's name (session_<local time>_<pid>).
 
 
 def _note_starting() -> Path | None:
@@ -303,20 +304,12 @@ def reap_sessions(root: Path) -> list[Path]:
             continue
         if processes_using(str(session)):
             continue  # an orphaned agent of it still runs (a minute or more after the raylet's SIGKILL): a later run
-        _remove_session(session)
+        remove_session(session)
         removed.append(session)
     if removed:
         run_logger().info("Removed %d Ray session folder(s) that a killed run left: %s", len(removed),
                           ", ".join(p.name for p in removed))
     return removed
-
-
-def _remove_session(session: Path) -> None:
-    """The session folder, and Ray's link to it as the latest."""
-    shutil.rmtree(session, ignore_errors=True)
-    latest = session.parent / "session_latest"
-    if latest.is_symlink() and Path(os.readlink(latest)).name == session.name:
-        latest.unlink(missing_ok=True)
 
 
 @contextmanager
