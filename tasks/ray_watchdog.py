@@ -56,13 +56,16 @@ def watch(root: Path, pid: int) -> None:
     print("watching", flush=True)
     sys.stdin.buffer.read()
     stopped = clear(root, pid, earlier)
-    if stopped:
-        print(f"stopped {len(stopped)} process(es) of the local Ray cluster of process {pid}: pids {stopped}",
-              file=sys.stderr, flush=True)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:  # the run died: its note too (a run that lives removes its own)
         (root / STARTING.format(pid=pid)).unlink(missing_ok=True)
+    if stopped:
+        try:  # to the run's stderr, which may have closed with it
+            print(f"stopped {len(stopped)} process(es) of the local Ray cluster of process {pid}: pids {stopped}",
+                  file=sys.stderr, flush=True)
+        except OSError:
+            pass
 
 
 @contextmanager
