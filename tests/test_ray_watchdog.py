@@ -3,6 +3,7 @@ runtime-env agents, orphaned, lived on for ~60 s with the session folder open.""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,6 +66,7 @@ def test_a_killed_runs_cluster_goes_at_once(tmp_path):
         run.wait()
         for pid in alive(held):
             os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_the_watchdog_clears_only_what_the_block_started(tmp_path):
