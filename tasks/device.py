@@ -79,21 +79,35 @@ def decide(cfg: ExecutionConfig, cuda: bool, cuda_bf16: bool, probe: Probe | Non
     return Placement(device=device, precision=precision, requested=cfg, reason=reason, probe=probe)
 
 
-def probe_cpu(n: int = 256, budget_s: float = 0.2) -> Probe:
-    """Best-of time of an n x n matmul in fp32 and in bf16, within about `budget_s` seconds."""
+def probe_cpu(n: int = 256, budget_s: float = 0.2, rounds: int = 5) -> Probe:
+    """Best-of time of an n x n matmul in fp32 and in bf16 on one thread, the two alternating, for
+    about `budget_s` seconds (and at least `rounds` of each). One thread, because on a busy machine a
+    multi-threaded matmul waits for each of its threads' turn: beside CI's tests the first bf16
+    matmuls on 2 threads took 8-11 ms instead of 0.09 for a whole 0.1 s window, and that process
+    picked fp32 on a CPU with bf16 units while another picked bf16. On one thread the matmul runs in
+    the calling thread, whose CPU time leaves out the time it waited for a core. Alternating,
+    because two windows one after the other see different loads. Per thread is what bf16 units
+    change."""
     import torch
 
-    times = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # first call: kernel selection, not speed
-        best, deadline = float("inf"), time.perf_counter() + budget_s / 2
-        while time.perf_counter() < deadline or best == float("inf"):
-            start = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - start)
-        times[dtype] = best
-    return Probe(fp32_s=times[torch.float32], bf16_s=times[torch.bfloat16], threads=torch.get_num_threads())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pairs = {dtype: (torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype))
+                 for dtype in (torch.float32, torch.bfloat16)}
+        for a, b in pairs.values():
+            a @ b  # first call: kernel selection, not speed
+        best = dict.fromkeys(pairs, float("inf"))
+        done, deadline = 0, time.perf_counter() + budget_s
+        while done < rounds or time.perf_counter() < deadline:
+            for dtype, (a, b) in pairs.items():
+                start = time.thread_time()  # this thread's CPU time: the time it waited for a core is not the matmul's
+                a @ b
+                best[dtype] = min(best[dtype], time.thread_time() - start)
+            done += 1
+    finally:
+        torch.set_num_threads(threads)
+    return Probe(fp32_s=best[torch.float32], bf16_s=best[torch.bfloat16], threads=1)
 
 
 # CPU units that pick different matmul and attention kernels (x86, then Arm).
@@ -164,7 +178,9 @@ def cached_on_machine(name: str, kind: type[BaseModel], measure: Callable[[], Ba
 @functools.lru_cache(maxsize=None)
 def cached_probe() -> Probe:
     """The probe once per process, and once per machine on disk."""
-    return cached_on_machine("cpu", Probe, probe_cpu)
+    # "cpu-1t": the one-thread probe's; a multi-threaded probe's "cpu" file may hold a decision a busy
+    # machine got wrong, kept for good (on a CPU without bf16 units: bf16, ~10x slower), so it is not read.
+    return cached_on_machine("cpu-1t", Probe, probe_cpu)
 
 
 def _cpu_only_torch() -> bool:
