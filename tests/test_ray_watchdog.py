@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A run's scoring on its own local cluster, as tasks/evaluation.py enters it, until killed.
 _RUN = """
-import os, sys, time
+import os, sys
 import ray
 from tasks.config import ExecutionConfig
 from tasks.ray_scoring import _own_cluster_stopped, _session, ray_runner
@@ -27,7 +27,7 @@ runner = ray_runner(ExecutionConfig(task_runner="ray", ray_num_cpus=1))
 with _own_cluster_stopped(runner):
     worker = ray.remote(lambda: os.getpid())
     print(ray.get(worker.remote()), _session(runner), flush=True)
-    time.sleep(300)
+    sys.stdin.read()  # until killed, or until the test that started it is gone (its pipe closes)
 """
 
 
@@ -55,7 +55,8 @@ def test_a_killed_runs_cluster_goes_at_once(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: unix socket paths are limited
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "WANDB_SERVICE")}
     env |= {"PYTHONPATH": str(ROOT), "RAY_TMPDIR": ray_tmp, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
-    run = subprocess.Popen([sys.executable, "-c", _RUN], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    run = subprocess.Popen([sys.executable, "-c", _RUN], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
     held: dict[int, str] = {}
     try:
         worker, session = run.stdout.readline().split()
