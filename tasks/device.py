@@ -79,35 +79,46 @@ def decide(cfg: ExecutionConfig, cuda: bool, cuda_bf16: bool, probe: Probe | Non
     return Placement(device=device, precision=precision, requested=cfg, reason=reason, probe=probe)
 
 
-def probe_cpu(n: int = 256, budget_s: float = 0.2, rounds: int = 5) -> Probe:
-    """Best-of time of an n x n matmul in fp32 and in bf16 on one thread, the two alternating, for
-    about `budget_s` seconds (and at least `rounds` of each). One thread, because on a busy machine a
-    multi-threaded matmul waits for each of its threads' turn: beside CI's tests the first bf16
-    matmuls on 2 threads took 8-11 ms instead of 0.09 for a whole 0.1 s window, and that process
-    picked fp32 on a CPU with bf16 units while another picked bf16. On one thread the matmul runs in
-    the calling thread, whose CPU time leaves out the time it waited for a core. Alternating,
-    because two windows one after the other see different loads. Per thread is what bf16 units
-    change."""
+def race(candidates: dict[str, Callable[[], object]], rounds: int = 3, budget_s: float = 0.0,
+         warmup: bool = True) -> dict[str, float]:
+    """Best-of CPU seconds of each candidate on one thread, the candidates alternating, at least
+    `rounds` times and for about `budget_s` seconds, after an untimed first call of each unless
+    `warmup` is false (the probes' one way of timing).
+
+    One thread, because on a busy machine a multi-threaded op waits for each of its threads' turn:
+    beside CI's tests the first bf16 matmuls on 2 threads took 8-11 ms instead of 0.09 for a whole
+    0.1 s window, and that process picked fp32 on a CPU with bf16 units while another picked bf16.
+    On one thread the work (a CPU autograd backward included) runs in the calling thread, whose CPU
+    time leaves out the time it waited for a core. Alternating, because two windows one after the
+    other see different loads. Per thread is what bf16 units and cache-sized tiles change."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        pairs = {dtype: (torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype))
-                 for dtype in (torch.float32, torch.bfloat16)}
-        for a, b in pairs.values():
-            a @ b  # first call: kernel selection, not speed
-        best = dict.fromkeys(pairs, float("inf"))
+        for run in candidates.values() if warmup else ():
+            run()  # first call: kernel selection, not speed
+        best = dict.fromkeys(candidates, float("inf"))
         done, deadline = 0, time.perf_counter() + budget_s
         while done < rounds or time.perf_counter() < deadline:
-            for dtype, (a, b) in pairs.items():
-                start = time.thread_time()  # this thread's CPU time: the time it waited for a core is not the matmul's
-                a @ b
-                best[dtype] = min(best[dtype], time.thread_time() - start)
+            for name, run in candidates.items():
+                start = time.thread_time()  # this thread's CPU time: the time it waited for a core is not the run's
+                run()
+                best[name] = min(best[name], time.thread_time() - start)
             done += 1
     finally:
         torch.set_num_threads(threads)
-    return Probe(fp32_s=best[torch.float32], bf16_s=best[torch.bfloat16], threads=1)
+    return best
+
+
+def probe_cpu(n: int = 256, budget_s: float = 0.2, rounds: int = 5) -> Probe:
+    """Best-of time of an n x n matmul in fp32 and in bf16 (`race`: one thread, alternating, ~0.2 s)."""
+    import torch
+
+    pairs = {dtype: (torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype))
+             for dtype in (torch.float32, torch.bfloat16)}
+    best = race({str(dtype): (lambda a=a, b=b: a @ b) for dtype, (a, b) in pairs.items()}, rounds, budget_s)
+    return Probe(fp32_s=best[str(torch.float32)], bf16_s=best[str(torch.bfloat16)], threads=1)
 
 
 # CPU units that pick different matmul and attention kernels (x86, then Arm).

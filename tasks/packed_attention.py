@@ -68,19 +68,17 @@ def _lengths(position_ids: torch.Tensor) -> list[int]:
     return _last[1]
 
 
-def time_attention(dtype, length: int = 140, reps: int = 3) -> float:
-    """Best fwd+bwd seconds of SDPA over one causal sequence of `length` tokens (SmolLM2's heads)."""
-    import time
-
+def attention_pass(dtype, length: int = 140):
+    """One fwd+bwd of SDPA over one causal sequence of `length` tokens (SmolLM2's heads), as a callable."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 9, length, 64, generator=g).to(dtype).requires_grad_(True)
     k, v = (torch.randn(1, 3, length, 64, generator=g).to(dtype).requires_grad_(True) for _ in range(2))
-    best = float("inf")
-    for _ in range(reps + 1):  # the first: kernel selection
-        start = time.perf_counter()
+
+    def run():
+        q.grad = k.grad = v.grad = None
         F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
-        best = min(best, time.perf_counter() - start)
-    return best
+
+    return run
 
 
 def time_packing(device: str, dtype, reps: int = 3) -> tuple[float, float]:

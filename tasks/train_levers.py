@@ -24,11 +24,10 @@
 from __future__ import annotations
 
 import functools
-import time
 
 from pydantic import BaseModel
 
-from tasks.device import cached_on_machine
+from tasks.device import cached_on_machine, race
 from tasks.memory import TRIM_EVERY, freed_memory_kept, glibc  # noqa: F401 (training's levers, named here)
 
 TRL_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE as TRL ships it
@@ -52,28 +51,27 @@ class HeadProbe(BaseModel):
         return self.smolflow_s < 0.9 * min(self.trl_s, self.cpu_s)
 
 
-def time_lm_head(vocab: int, hidden: int, bf16: bool, chunk: int, ours: bool = False,
-                 tokens: int = PROBE_TOKENS) -> float:
-    """Best of two fwd+bwd passes of TRL's ChunkedLogProbFunction at `chunk` vocabulary rows (or smolflow's)."""
+def lm_head_pass(vocab: int, hidden: int, bf16: bool, chunk: int, ours: bool = False, tokens: int | None = None):
+    """One fwd+bwd of TRL's ChunkedLogProbFunction at `chunk` vocabulary rows (or smolflow's), as a callable."""
     import torch
     from trl.kernels import ChunkedLogProbFunction
 
     from tasks.lm_head_cpu import Dispatch
 
     function = Dispatch if ours else ChunkedLogProbFunction
-
     g = torch.Generator().manual_seed(0)
+    tokens = tokens or PROBE_TOKENS
     h = torch.randn(tokens, hidden, generator=g).requires_grad_(True)
     w = (0.02 * torch.randn(vocab, hidden, generator=g)).requires_grad_(True)
     targets = torch.randint(0, vocab, (tokens,), generator=g)
-    best = float("inf")
-    for _ in range(2):
-        start = time.perf_counter()
+
+    def run():
+        h.grad = w.grad = None  # each pass writes its gradients afresh, as a training step's first micro-batch
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logprobs = function.apply(h, w, None, targets, 1.0, chunk, None, 1.0, ("entropy", "is_top1"))[0]
         logprobs.sum().backward()
-        best = min(best, time.perf_counter() - start)
-    return best
+
+    return run
 
 
 class PackingProbe(BaseModel):
@@ -101,10 +99,19 @@ class AttentionProbe(BaseModel):
 
 @functools.cache
 def head_probe(vocab: int, hidden: int, bf16: bool) -> HeadProbe:
-    """The LM-head probe once per process, once per machine and shape on disk (~3-8 s for a 49k vocabulary)."""
-    return cached_on_machine(f"lm-head-{vocab}x{hidden}-{'bf16' if bf16 else 'fp32'}", HeadProbe, lambda: HeadProbe(
-        trl_s=time_lm_head(vocab, hidden, bf16, TRL_CHUNK), cpu_s=time_lm_head(vocab, hidden, bf16, CPU_CHUNK),
-        smolflow_s=time_lm_head(vocab, hidden, bf16, CPU_CHUNK, ours=True)))
+    """The LM-head probe once per process, once per machine and shape on disk (~5-10 s for a 49k vocabulary).
+
+    Timed as the precision probe is (`race`: one thread, the three alternating, CPU time): timed one
+    after the other on the run's threads in wall time, beside CI's tests TRL's two chunks swapped
+    places from one probe to the next, and a probe's result is kept for good."""
+
+    def measure() -> HeadProbe:
+        t = race({"trl_s": lm_head_pass(vocab, hidden, bf16, TRL_CHUNK),
+                  "cpu_s": lm_head_pass(vocab, hidden, bf16, CPU_CHUNK),
+                  "smolflow_s": lm_head_pass(vocab, hidden, bf16, CPU_CHUNK, ours=True)}, rounds=2, warmup=False)
+        return HeadProbe(**t)
+
+    return cached_on_machine(f"lm-head-1t-{vocab}x{hidden}-{'bf16' if bf16 else 'fp32'}", HeadProbe, measure)
 
 
 @functools.cache
@@ -127,13 +134,13 @@ def packing_probe(device: str, bf16: bool) -> PackingProbe:
 
 @functools.cache
 def attention_probe() -> AttentionProbe:
-    """The attention-precision probe once per process, once per machine on disk (~0.1 s)."""
+    """The attention-precision probe once per process, once per machine on disk (~0.1 s; timed by `race`)."""
     import torch
 
-    from tasks.packed_attention import time_attention
+    from tasks.packed_attention import attention_pass
 
-    return cached_on_machine("attention", AttentionProbe, lambda: AttentionProbe(
-        bf16_s=time_attention(torch.bfloat16), fp32_s=time_attention(torch.float32)))
+    return cached_on_machine("attention-1t", AttentionProbe, lambda: AttentionProbe(**race(
+        {"bf16_s": attention_pass(torch.bfloat16), "fp32_s": attention_pass(torch.float32)}, rounds=5)))
 
 
 def trim_callback(on: bool, every: int = TRIM_EVERY):

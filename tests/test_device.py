@@ -244,34 +244,53 @@ def test_more_torch_threads_than_cores_is_said(caplog):
                         f"to at most {default_threads()}, or null for every core"]
 
 
-_PROBE = """
+_PROBES = """
 import json, torch
 torch.set_num_threads(2)
+from tasks import train_levers
 from tasks.device import probe_cpu
-print(probe_cpu().model_dump_json())
+train_levers.PROBE_TOKENS = 128  # a quarter of a training step's: the LM head's times are the test's
+print(json.dumps({"precision": probe_cpu().model_dump(), "attention": train_levers.attention_probe().model_dump(),
+                  "lm_head": train_levers.head_probe(49152, 576, True).model_dump()}))
 """
 
 
-def test_the_precision_probe_measures_the_same_on_a_busy_machine():
+def test_the_probes_measure_the_same_on_a_busy_machine(tmp_path):
     """On 2 threads beside CI's tests one process's bf16 matmuls took 8 ms instead of 0.09 for the
     whole probe and it picked fp32 on a CPU with bf16 units (another bf16); 3 busy processes beside
     fresh ones (the first probe of a process was the one hit) gave fp32 0.17 ms in one, 14-24 ms in
-    others: on a CPU without bf16 units that picks bf16, ~10x slower. Each dtype's time now stays
-    within 2x over processes, and every process decides the same."""
+    others: on a CPU without bf16 units that picks bf16, ~10x slower. The training levers' probes,
+    timed the same way, swapped TRL's two LM-head chunks between processes, and their attention's
+    fp32 and bf16 times varied 2.5x. Each time now stays within 2x over processes, and every process
+    decides the same (the precision, the attention's upcast, the LM head and its chunk)."""
+    import json
     import subprocess
     import sys
     from pathlib import Path
 
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
-    try:
-        probes = [Probe.model_validate_json(subprocess.run([sys.executable, "-c", _PROBE], env=env, check=True,
-                                                           capture_output=True, text=True).stdout)
-                  for _ in range(4)]
+    from tasks.train_levers import AttentionProbe, HeadProbe
+
+    busy, probing = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)], []
+    try:  # three probing processes at once beside two busy ones: each has four others on 2 cores
+        probing = [subprocess.Popen([sys.executable, "-c", _PROBES], stdout=subprocess.PIPE, text=True,
+                                    env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                                                      "SMOLFLOW_CACHE": str(tmp_path / str(i))})  # none read back
+                   for i in range(3)]
+        runs = [json.loads(proc.communicate(timeout=300)[0]) for proc in probing]
+        assert all(proc.returncode == 0 for proc in probing)
     finally:
-        for proc in busy:
+        for proc in busy + probing:
             proc.kill()
             proc.wait()
+    probes = [Probe(**run["precision"]) for run in runs]
+    attention = [AttentionProbe(**run["attention"]) for run in runs]
+    heads = [HeadProbe(**run["lm_head"]) for run in runs]
+    for kind in ("attention", "lm_head"):
+        for name in runs[0][kind]:
+            times = [run[kind][name] for run in runs]
+            assert max(times) < 2 * min(times), (kind, name, runs)
+    assert len({a.upcast for a in attention}) == 1, attention
+    assert len({(h.chunk, h.ours) for h in heads}) == 1, heads
     for times in ([p.fp32_s for p in probes], [p.bf16_s for p in probes]):
         assert max(times) < 2 * min(times), probes
     assert len({p.bf16_faster for p in probes}) == 1, probes

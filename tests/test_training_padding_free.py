@@ -136,10 +136,8 @@ def test_levers_set_and_record_trls_chunk(tiny_model_dir, tmp_path, monkeypatch)
     from tasks import lm_head_cpu
     from tasks.lm_head_cpu import Dispatch
 
-    def timing(v, h, bf16, chunk, ours=False):
-        return 0.3 if ours else 1.0 if chunk == train_levers.TRL_CHUNK else 0.4
-
-    monkeypatch.setattr(train_levers, "time_lm_head", timing)
+    timings = {"trl_s": 1.0, "cpu_s": 0.4, "smolflow_s": 0.3, "bf16_s": 0.004, "fp32_s": 0.002}
+    monkeypatch.setattr(train_levers, "race", lambda candidates, rounds, warmup=True: {name: timings[name] for name in candidates})
     levers = train_levers.apply(model, padding_free=True, device="cpu", bf16=False)
     assert levers["attention"] == PACKED and levers["lm_head_vocab_chunk"] == train_levers.CPU_CHUNK
     assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == train_levers.CPU_CHUNK
@@ -150,7 +148,6 @@ def test_levers_set_and_record_trls_chunk(tiny_model_dir, tmp_path, monkeypatch)
     from tasks import packed_attention
 
     train_levers.attention_probe.cache_clear()
-    monkeypatch.setattr(packed_attention, "time_attention", lambda dtype: 0.004 if dtype == torch.bfloat16 else 0.002)
     levers = train_levers.apply(model, padding_free=True, device="cpu", bf16=True)
     assert levers["attention_fp32_under_bf16"] is True and packed_attention.UPCAST
     assert "2.00 ms in fp32 vs 4.00 ms in bf16" in levers["attention_reason"]
