@@ -17,11 +17,12 @@ from pydantic import BaseModel
 from tasks.arena import schedule
 from tasks.arena_config import ArenaConfig, ArenaJudgeConfig
 from tasks.arena_store import arena_store, current_board, model_key, read_judge_battles, read_votes, write_board
+from tasks.caching import BY_CONTENT
 from tasks.config import JudgeConfig
 from tasks.models import ModelRef, load_model
-from tasks.caching import BY_CONTENT
+from tasks.pointers import read_pointer
 from tasks.runtime import cache_dir, retry_transient, run_logger
-from tasks.storage import ArtifactStore, completed_runs, read_pointer, read_run
+from tasks.storage import ArtifactStore, completed_runs, read_run
 
 PREFERENCE_OUTCOME = {2.0: "a", 1.0: "b", 1.5: "tie"}  # tasks/judge.py: 2 = output (a's answer) better
 

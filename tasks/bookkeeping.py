@@ -13,7 +13,7 @@ import time
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import storage
+from tasks import pointers, storage
 from tasks.cache_limit import cache_root, mark_used, remove_entry
 from tasks.caching import results_storage
 from tasks.config import DeviceConfig, OutputConfig
@@ -30,7 +30,7 @@ from tasks.sandbox_paths import hide_from_sandbox
 # storage.py's own functions (their docstrings say what they do) as tasks that retry a transient storage error.
 write_manifest = task(storage.write_manifest, cache_policy=NO_CACHE, retries=3, retry_condition_fn=retry_transient,
                       retry_delay_seconds=[2, 10, 30])
-set_latest = task(storage.set_latest, cache_policy=NO_CACHE, retries=3, retry_condition_fn=retry_transient,
+set_latest = task(pointers.set_latest, cache_policy=NO_CACHE, retries=3, retry_condition_fn=retry_transient,
                   retry_delay_seconds=[2, 10, 30])
 
 

@@ -15,9 +15,10 @@ from pydantic import BaseModel, Field
 from tasks.compare import compare, item_values, paired_stderr
 from tasks.config import GateConfig
 from tasks.layout import RunPaths, run_dir
+from tasks.pointers import pointer_lock, read_pointer, read_pointer_seen, swap_pointer
 from tasks.prefect_markdown import publish_markdown
 from tasks.runtime import retry_transient, run_logger
-from tasks.storage import ArtifactStore, pointer_lock, read_pointer, set_pointer
+from tasks.storage import ArtifactStore
 
 
 class Score(BaseModel):
@@ -207,20 +208,27 @@ def promote(root: str, flow_name: str, run_id: str, decision: GateDecision | Non
     """Move the flow's `promoted` pointer to this run (after its manifest is written), compare-and-swap:
     if another run was promoted since this run's gate, compare with that one first. None: rejected."""
     with pointer_lock(root, f"promote {run_id}"):
-        current = read_pointer(root, flow_name, "promoted")
-        if decision is not None and (current["run_id"] if current else None) != decision.reference_run:
-            # Two runs finishing together both passed a gate against the same old reference:
-            # the later one must beat the one promoted in between, not the older reference.
-            run = ArtifactStore(root).child(run_dir(run_id))
-            tuned = read_scores(run, "tuned", [row["benchmark"] for row in decision.table])
-            reference, against, reference_run = reference_scores(root, flow_name, tuned, None)
-            recheck = decide(tuned, reference, against, tolerance, allow_incomparable=allow_incomparable)
-            recheck.reference_run = reference_run
-            run_logger().info("Promotion re-check against %s: %s", against,
-                              "pass" if recheck.promote else recheck.reasons)
-            if not recheck.promote:
-                publish_markdown("smolflow-gate", markdown(recheck),
-                                 description="Promotion decision (re-checked at promotion)")
-                emit_rejection(flow_name, run_id, recheck)
-                return None
-        return set_pointer(root, flow_name, "promoted", run_id)
+        while True:
+            current, seen = read_pointer_seen(root, flow_name, "promoted")
+            now = current["run_id"] if current else None
+            # (`now` is this run after a retried task's first try had moved it, before its answer came)
+            if decision is not None and now not in (decision.reference_run, run_id):
+                # Two runs finishing together both passed a gate against the same old reference:
+                # the later one must beat the one promoted in between, not the older reference.
+                run = ArtifactStore(root).child(run_dir(run_id))
+                tuned = read_scores(run, "tuned", [row["benchmark"] for row in decision.table])
+                reference, against, reference_run = reference_scores(root, flow_name, tuned, None)
+                recheck = decide(tuned, reference, against, tolerance, allow_incomparable=allow_incomparable)
+                recheck.reference_run = reference_run
+                run_logger().info("Promotion re-check against %s: %s", against,
+                                  "pass" if recheck.promote else recheck.reasons)
+                if not recheck.promote:
+                    publish_markdown("smolflow-gate", markdown(recheck),
+                                     description="Promotion decision (re-checked at promotion)")
+                    emit_rejection(flow_name, run_id, recheck)
+                    return None
+                decision = recheck
+            if (uri := swap_pointer(root, flow_name, "promoted", run_id, seen)) is not None:
+                return uri
+            # On S3 without a shared Prefect server another machine's run moved it since it was read.
+            run_logger().info("`promoted` was moved by another run while this one was compared: reading it again")

@@ -2,7 +2,7 @@
 
     <root>/runs/<run_id>/...                 one folder per run (RunPaths below), local or S3
     <root>/pointers/<flow_name>/<name>.json  latest / promoted: which completed run they name
-    <root>/pointers/smolflow-promotion.lock  on a local root: the lock they move under (storage.pointer_lock)
+    <root>/pointers/smolflow-promotion.lock  on a local root: the lock they move under (pointers.pointer_lock)
 
 Paths are relative (posix) strings, joined to a local directory or an s3:// prefix by
 `tasks.storage.ArtifactStore`; a run folder without `manifest.json` is incomplete.

@@ -19,8 +19,9 @@ from tasks.evaluation import save_result, score_models
 from tasks.gate import Score, comparable, read_scores
 from tasks.layout import RunPaths
 from tasks.models import ModelRef
+from tasks.pointers import read_pointer
 from tasks.runtime import run_logger
-from tasks.storage import ArtifactStore, read_pointer
+from tasks.storage import ArtifactStore
 from tasks.transfer import model_exists
 
 ROLE = "promoted"

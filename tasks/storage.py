@@ -16,17 +16,17 @@ when complete, and local writes go through a temporary file and a rename.
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import hashlib
 import json
 import posixpath
 import re
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import fsspec
+import fsspec.asyn
 
 from tasks import layout
 from tasks.layout import RunPaths
@@ -49,6 +49,11 @@ class IntegrityError(RuntimeError):
     """Stored bytes do not match the run's manifest (size or sha256)."""
 
 
+
+
+def json_bytes(obj: Any) -> bytes:
+    """How every JSON object is stored: indented, UTF-8, one final newline."""
+    return (json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n").encode()
 
 
 class ArtifactStore:
@@ -129,7 +134,56 @@ class ArtifactStore:
         return self.write_bytes(rel, text.encode())
 
     def write_json(self, rel: str, obj: Any) -> str:
-        return self.write_text(rel, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+        return self.write_bytes(rel, json_bytes(obj))
+
+    @clear_s3_errors
+    def read_seen(self, rel: str) -> tuple[bytes | None, str | None]:
+        """(contents, version) of one small object, or (None, None) if missing: the version names
+        what was read, for `write_if_unchanged`. On S3 the ETag of the same GET; locally a sha256."""
+        if not self.is_s3:
+            try:
+                data = Path(self._path(rel)).read_bytes()
+            except FileNotFoundError:
+                return None, None
+            return data, hashlib.sha256(data).hexdigest()
+        bucket, key, _ = self.fs.split_path(self._path(rel))
+
+        async def get():
+            response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            try:
+                return await response["Body"].read(), response["ETag"]
+            finally:
+                response["Body"].close()
+
+        try:
+            return fsspec.asyn.sync(self.fs.loop, get)
+        except FileNotFoundError:
+            return None, None
+
+    @clear_s3_errors
+    def write_if_unchanged(self, rel: str, data: bytes, seen: str | None) -> bool:
+        """Write one small object unless it changed since `read_seen` gave `seen` (None: it was
+        missing); False, writing nothing, if it did. On S3 a conditional PUT (If-Match, or
+        If-None-Match: * for a new object; AWS S3 and SeaweedFS refuse it with 412 when the object
+        changed), so writers on any machine never overwrite one another's. Locally the check and
+        the write are two steps: a local root's writers hold its file lock (`pointer_lock`)."""
+        if not self.is_s3:
+            if self.read_seen(rel)[1] != seen:
+                return False
+            self.write_bytes(rel, data)
+            return True
+        bucket, key, _ = self.fs.split_path(self._path(rel))
+        condition = {"IfMatch": seen} if seen is not None else {"IfNoneMatch": "*"}
+        try:
+            fsspec.asyn.sync(self.fs.loop, self.fs._call_s3, "put_object", Bucket=bucket, Key=key, Body=data,
+                             **condition)
+        except OSError as err:  # s3fs's translation of botocore's ClientError, which is its cause
+            if getattr(err.__cause__, "response", {}).get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                return False
+            raise
+        finally:
+            self.fs.invalidate_cache(self._path(rel))
+        return True
 
     @clear_s3_errors
     def read_bytes(self, rel: str) -> bytes:
@@ -300,59 +354,3 @@ def download_verified(uri: str, local: Path) -> Path:
     _check(manifest, prefix, actual, f"download of {store.uri}")
     run_logger().info("Downloaded %s: %d files match its run's manifest", store.uri, len(actual))
     return Path(local)
-
-
-# ---- Pointers: <root>/pointers/<flow_name>/<name>.json names a completed run. ----
-
-def set_pointer(root: str, flow_name: str, name: str, run_id: str) -> str:
-    """Point `name` (e.g. latest, promoted) of a flow at a completed run, written whole in one object."""
-    rel, store = layout.pointer(flow_name, name), ArtifactStore(root)
-    run = store.child(layout.run_dir(run_id))
-    read_manifest(run)  # a pointer never names an incomplete run
-    pointer = {"flow": flow_name, "name": name, "run_id": run_id, "run_uri": run.uri,
-               "manifest_sha256": run.sha256(RunPaths.manifest),
-               "updated_at": datetime.now(timezone.utc).isoformat()}
-    return store.write_json(rel, pointer)
-
-
-def read_pointer(root: str, flow_name: str, name: str) -> dict[str, Any] | None:
-    """The pointer object ({run_id, run_uri, manifest_sha256, updated_at}), or None if never set."""
-    try:
-        return ArtifactStore(root).read_json(layout.pointer(flow_name, name))
-    except FileNotFoundError:
-        return None
-
-
-def pointer_lock(root: str, holder: str) -> contextlib.AbstractContextManager[dict]:
-    """The promotion lock over `root`'s pointers, so that they move one at a time. On a local root its
-    file sits with them, so every process writing the root takes the same one, whatever its
-    SMOLFLOW_CACHE (another user's, a container's); on S3, SMOLFLOW_CACHE's, plus the Prefect
-    server's global concurrency limit when one is configured (tasks/locks.py)."""
-    from tasks.locks import PROMOTION_LOCK, exclusive
-
-    store, directory = ArtifactStore(root), None
-    if not store.is_s3:
-        directory = Path(store.root) / layout.POINTERS
-        directory.mkdir(parents=True, exist_ok=True)
-    return exclusive(PROMOTION_LOCK, holder, directory)
-
-
-def set_latest(root: str, flow_name: str, run_id: str) -> str:
-    """Point the flow's `latest` at this run, once its manifest is written."""
-    with pointer_lock(root, f"latest {run_id}"):  # pointers move one at a time (rewrite_manifest)
-        return set_pointer(root, flow_name, "latest", run_id)
-
-
-def rewrite_manifest(run: ArtifactStore, flow_name: str) -> None:
-    """Hash a completed run folder again (files came after its manifest: the W&B run's, uploaded
-    once it closed, after promotion), and give the pointers that still name the run the new
-    manifest's sha256; one moved to another run meanwhile stays (under the promotion lock)."""
-    manifest = run.read_json(RunPaths.manifest)
-    write_manifest(run.uri, {k: v for k, v in manifest.items() if k not in ("run", "objects", "versions")})
-    root, run_id = posixpath.dirname(posixpath.dirname(run.uri.rstrip("/"))), posixpath.basename(run.uri.rstrip("/"))
-    with pointer_lock(root, f"re-point {run_id}"):
-        for name in ("latest", "promoted"):
-            pointer = read_pointer(root, flow_name, name)
-            if pointer is not None and pointer["run_id"] == run_id:
-                ArtifactStore(root).write_json(layout.pointer(flow_name, name),
-                                               pointer | {"manifest_sha256": run.sha256(RunPaths.manifest)})

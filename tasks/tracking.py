@@ -386,7 +386,7 @@ def keep_in_run_folder(run, local_dir: Path, gone: list[str] = ()) -> None:
     from prefect.runtime import flow_run
 
     from tasks.layout import RunPaths
-    from tasks.storage import rewrite_manifest
+    from tasks.pointers import rewrite_manifest
 
     for name in gone:  # uploaded when that attempt failed: the closed run now holds it
         if run.exists(f"wandb/{name}"):

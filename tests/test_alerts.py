@@ -17,7 +17,8 @@ from deployments.alerts import FAILED_NIGHTLY, REJECTED, ensure_alerts, main, sa
 from tasks.config import GateConfig
 from tasks.gate import regression_gate
 from tasks.layout import RunPaths, run_dir
-from tasks.storage import ArtifactStore, set_pointer, write_manifest
+from tasks.pointers import set_pointer
+from tasks.storage import ArtifactStore, write_manifest
 
 FLOW = "smolflow-finetune"
 

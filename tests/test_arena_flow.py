@@ -14,13 +14,14 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 
 from flows.arena import arena
 from tasks.arena_config import ArenaConfig
-from tasks.config import DeviceConfig
-from tasks.device import ENV
 from tasks.arena_store import append_vote, arena_store, read_votes
 from tasks.arena_tasks import gather_runs
+from tasks.config import DeviceConfig
+from tasks.device import ENV
 from tasks.models import ModelRef, fingerprint_dir, resolve_model
+from tasks.pointers import set_pointer
 from tasks.runtime import cache_dir
-from tasks.storage import ArtifactStore, set_pointer, write_manifest
+from tasks.storage import ArtifactStore, write_manifest
 from tests.conftest import _tiny_llama
 from tests.test_flow import _task_states
 

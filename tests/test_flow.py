@@ -13,8 +13,9 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 
 from flows.finetune import finetune
 from tasks.cache_limit import cache_root
+from tasks.pointers import read_pointer
 from tasks.runtime import FIXTURES
-from tasks.storage import ArtifactStore, read_pointer
+from tasks.storage import ArtifactStore
 from tests.conftest import tiny_run_config
 
 EXPECTED = [

@@ -7,7 +7,8 @@ import pytest
 from tasks.config import GateConfig
 from tasks.gate import Score, decide, promote, regression_gate
 from tasks.layout import RunPaths
-from tasks.storage import ArtifactStore, read_pointer, write_manifest
+from tasks.pointers import read_pointer
+from tasks.storage import ArtifactStore, write_manifest
 
 FLOW = "smolflow-finetune"
 

@@ -1,5 +1,6 @@
 """Promotion is compare-and-swap: two runs that both passed the gate against the same reference
-(here the base model) finish together; the second to promote is compared with the first.
+(here the base model) finish together; the second to promote is compared with the first. Between
+them a shared Prefect server's limit, a local root's lock file, or on S3 a conditional PUT.
 The concurrent case starts two Python processes (~60 s here under heavy load, a few s unloaded)."""
 
 import json
@@ -14,7 +15,8 @@ from prefect.settings import PREFECT_API_URL
 from tasks.config import GateConfig
 from tasks.gate import promote, regression_gate
 from tasks.layout import RunPaths, run_dir
-from tasks.storage import ArtifactStore, read_pointer, write_manifest
+from tasks.pointers import read_pointer, read_pointer_seen
+from tasks.storage import ArtifactStore, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOW = "smolflow-finetune"
@@ -45,15 +47,16 @@ def _finished_run(root: str, run_id: str, score: float):
     return decision
 
 
-@pytest.mark.parametrize("between", ["prefect-server", "local-root"])
-def test_two_runs_finishing_together_the_second_is_compared_with_the_first(between, tmp_path):
-    root = str(tmp_path / "artifacts")
+@pytest.mark.parametrize("between", ["prefect-server", "local-root", "s3-root"])
+def test_two_runs_finishing_together_the_second_is_compared_with_the_first(between, tmp_path, request):
+    # s3-root: two machines sharing a bucket and nothing else (no server, caches of their own)
+    root = request.getfixturevalue("s3_bucket") + "/artifacts" if between == "s3-root" else str(tmp_path / "artifacts")
     decisions = {"good": _finished_run(root, "good", 0.60), "worse": _finished_run(root, "worse", 0.40)}
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     env = os.environ | {"PYTHONPATH": str(ROOT), "PREFECT_API_URL": PREFECT_API_URL.value()}
     envs = [env, env]
-    if between == "local-root":  # no server, and caches of their own (two users): the root's lock file
+    if between != "prefect-server":  # no server, and caches of their own (two users): the root's lock file
         # A rejected promotion posts its decision to Prefect: without a server, to a temporary one,
         # whose start takes over Prefect's default 20 s on a loaded machine.
         env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}
@@ -85,4 +88,41 @@ def test_a_stale_gate_decision_is_rechecked_and_rejected(tmp_path):
     _finished_run(root, "good", 0.60)
     promote.fn(root, FLOW, "good")  # ...but a better run was promoted before it got there
     assert promote.fn(root, FLOW, "worse", stale, 0.05) is None
+    assert read_pointer(root, FLOW, "promoted")["run_id"] == "good"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_write_if_unchanged_never_overwrites_what_it_did_not_read(where, tmp_path, request):
+    store = ArtifactStore(request.getfixturevalue("s3_bucket") + "/r" if where == "s3" else str(tmp_path))
+    assert store.read_seen("p.json") == (None, None)
+    assert store.write_if_unchanged("p.json", b"one", None)
+    assert not store.write_if_unchanged("p.json", b"two", None)  # it exists now: "missing" is stale
+    data, seen = store.read_seen("p.json")
+    assert data == b"one" and seen
+    assert store.write_if_unchanged("p.json", b"three", seen)
+    assert not store.write_if_unchanged("p.json", b"four", seen)  # another write came after that read
+    assert store.read_bytes("p.json") == b"three"
+
+
+def test_a_pointer_moved_on_s3_by_another_machine_meanwhile_is_read_again(s3_bucket, monkeypatch):
+    """Two machines sharing a bucket, no Prefect server: their locks are their own, so another
+    machine promotes a better run between this run's read of `promoted` and its write. The write
+    (a conditional PUT) is refused, the pointer read again, and this run compared with that one."""
+    from tasks import gate
+    from tasks.pointers import set_pointer
+
+    root = s3_bucket + "/artifacts"
+    stale = _finished_run(root, "worse", 0.40)  # passed against the base model
+    _finished_run(root, "good", 0.60)
+    reads = []
+
+    def read_then_another_machine_promotes(*args):
+        reads.append(read_pointer_seen(*args))
+        if len(reads) == 1:
+            set_pointer(root, FLOW, "promoted", "good")  # the other machine, under a lock of its own
+        return reads[-1]
+
+    monkeypatch.setattr(gate, "read_pointer_seen", read_then_another_machine_promotes)
+    assert promote.fn(root, FLOW, "worse", stale, 0.05) is None
+    assert [pointer and pointer["run_id"] for pointer, _ in reads] == [None, "good"]
     assert read_pointer(root, FLOW, "promoted")["run_id"] == "good"

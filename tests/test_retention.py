@@ -11,8 +11,9 @@ import pytest
 
 from tasks.cache_limit import plan_cache, usage
 from tasks.models import fingerprint_dir, resolve_model
+from tasks.pointers import read_pointer, set_pointer
 from tasks.retention import WANDB_LOG_DAYS, apply_runs, gc, plan_runs, scan_runs, wandb_logs_dir
-from tasks.storage import ArtifactStore, completed_runs, read_pointer, set_pointer, write_manifest
+from tasks.storage import ArtifactStore, completed_runs, write_manifest
 from tasks.training import publish_model
 from tasks.transfer import place_dir
 

@@ -15,7 +15,8 @@ import boto3
 import pytest
 
 from scripts.s3_server import start, weed_binary
-from tasks.storage import ArtifactStore, completed_runs, read_pointer, set_pointer, verify_run, write_manifest
+from tasks.pointers import read_pointer, set_pointer
+from tasks.storage import ArtifactStore, completed_runs, verify_run, write_manifest
 
 PART = 5 * 2**20  # S3's minimum part size: the weights go up as a 3-part multipart upload
 

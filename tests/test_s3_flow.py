@@ -4,7 +4,8 @@ hashes, and the `latest` pointer written after the manifest."""
 from __future__ import annotations
 
 from flows.finetune import finetune
-from tasks.storage import ArtifactStore, completed_runs, read_pointer, verify_run
+from tasks.pointers import read_pointer
+from tasks.storage import ArtifactStore, completed_runs, verify_run
 from tests.conftest import tiny_run_config
 from tests.test_flow import check_run_folder
 

@@ -10,15 +10,14 @@ from pathlib import Path
 import boto3
 import pytest
 
+from tasks.pointers import read_pointer, set_pointer
 from tasks.storage import (
     ArtifactStore,
     IncompleteRunError,
     IntegrityError,
     completed_runs,
     download_verified,
-    read_pointer,
     read_run,
-    set_pointer,
     verify_run,
     write_manifest,
 )

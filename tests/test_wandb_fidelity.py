@@ -26,7 +26,8 @@ from tasks.generation import Sample
 from tasks.health import HealthReport, Sign
 from tasks.judge import JudgeResult
 from tasks.models import ModelRef
-from tasks.storage import ArtifactStore, read_pointer, verify_run, write_manifest
+from tasks.pointers import read_pointer
+from tasks.storage import ArtifactStore, verify_run, write_manifest
 from tasks.tracking import close_on_stop, finish_wandb, log_eval_wandb, log_wandb, start_flow_wandb, start_wandb
 from tasks.training import TrainResult
 
