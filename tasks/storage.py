@@ -178,9 +178,15 @@ class ArtifactStore:
             fsspec.asyn.sync(self.fs.loop, self.fs._call_s3, "put_object", Bucket=bucket, Key=key, Body=data,
                              **condition)
         except OSError as err:  # s3fs's translation of botocore's ClientError, which is its cause
-            if getattr(err.__cause__, "response", {}).get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+            code = getattr(err.__cause__, "response", {}).get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "412"):
                 return False
-            raise
+            if code not in ("NotImplemented", "501"):
+                raise
+            # A store without conditional writes: as before they existed (the lock alone), and said so.
+            run_logger().warning("%s does not support conditional writes (%s): %s written without the check "
+                                 "that no other machine moved it meanwhile", self.uri, code, rel)
+            self.write_bytes(rel, data)
         finally:
             self.fs.invalidate_cache(self._path(rel))
         return True

@@ -126,3 +126,73 @@ def test_a_pointer_moved_on_s3_by_another_machine_meanwhile_is_read_again(s3_buc
     assert promote.fn(root, FLOW, "worse", stale, 0.05) is None
     assert [pointer and pointer["run_id"] for pointer, _ in reads] == [None, "good"]
     assert read_pointer(root, FLOW, "promoted")["run_id"] == "good"
+
+
+def test_a_store_without_conditional_writes_is_written_as_before_and_says_so(s3_bucket, s3_server, monkeypatch,
+                                                                               caplog):
+    """An S3-compatible store that answers a conditional PUT with 501 Not Implemented (as before
+    AWS had them): the pointer is written as it was before (under the lock alone), with a warning,
+    not a failed promotion. Between the store and the client, a proxy that refuses such PUTs."""
+    import http.client
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
+
+    upstream = urlsplit(s3_server.endpoint_url)
+
+    class NoConditions(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # answers botocore's "Expect: 100-continue" before it sends a body
+
+        def body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            chunks = []
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b""):  # trailers
+                pass
+            return b"".join(chunks)
+
+        def forward(self):
+            body = self.body()
+            if self.command == "PUT" and ("If-Match" in self.headers or "If-None-Match" in self.headers):
+                answer = b"<Error><Code>NotImplemented</Code><Message>conditional PUT</Message></Error>"
+                self.send_response(501)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+                return
+            conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=30)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "expect")}
+            headers["Content-Length"] = str(len(body))
+            conn.request(self.command, self.path, body, headers)  # Host as signed: the proxy's
+            response = conn.getresponse()
+            data = response.read()
+            self.send_response(response.status)
+            for name, value in response.getheaders():
+                if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                    self.send_header(name, value)
+            self.send_header("Content-Length", response.getheader("Content-Length", "0") if self.command == "HEAD"
+                             else str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            conn.close()
+
+        do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = forward
+
+        def log_message(self, *args):
+            pass
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), NoConditions)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.server_address[1]}")
+        store = ArtifactStore(s3_bucket + "/r")
+        with caplog.at_level("WARNING"):
+            assert store.write_if_unchanged("p.json", b"one", None)
+        assert store.read_bytes("p.json") == b"one"
+        assert "does not support conditional writes (NotImplemented): p.json written without the check" in caplog.text
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
