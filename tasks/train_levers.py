@@ -108,7 +108,7 @@ def head_probe(vocab: int, hidden: int, bf16: bool) -> HeadProbe:
     def measure() -> HeadProbe:
         t = race({"trl_s": lm_head_pass(vocab, hidden, bf16, TRL_CHUNK),
                   "cpu_s": lm_head_pass(vocab, hidden, bf16, CPU_CHUNK),
-                  "smolflow_s": lm_head_pass(vocab, hidden, bf16, CPU_CHUNK, ours=True)}, rounds=2, warmup=False)
+                  "smolflow_s": lm_head_pass(vocab, hidden, bf16, CPU_CHUNK, ours=True)}, rounds=2)
         return HeadProbe(**t)
 
     return cached_on_machine(f"lm-head-1t-{vocab}x{hidden}-{'bf16' if bf16 else 'fp32'}", HeadProbe, measure)

@@ -262,13 +262,13 @@ def test_the_probes_measure_the_same_on_a_busy_machine(tmp_path):
     others: on a CPU without bf16 units that picks bf16, ~10x slower. The training levers' probes,
     timed the same way, swapped TRL's two LM-head chunks between processes, and their attention's
     fp32 and bf16 times varied 2.5x. Each time now stays within 2x over processes, and every process
-    decides the same (the precision, the attention's upcast, the LM head and its chunk)."""
+    decides the same precision and attention precision."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    from tasks.train_levers import AttentionProbe, HeadProbe
+    from tasks.train_levers import AttentionProbe
 
     busy, probing = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)], []
     try:  # three probing processes at once beside two busy ones: each has four others on 2 cores
@@ -284,13 +284,14 @@ def test_the_probes_measure_the_same_on_a_busy_machine(tmp_path):
             proc.wait()
     probes = [Probe(**run["precision"]) for run in runs]
     attention = [AttentionProbe(**run["attention"]) for run in runs]
-    heads = [HeadProbe(**run["lm_head"]) for run in runs]
     for kind in ("attention", "lm_head"):
         for name in runs[0][kind]:
             times = [run[kind][name] for run in runs]
             assert max(times) < 2 * min(times), (kind, name, runs)
-    assert len({a.upcast for a in attention}) == 1, attention
-    assert len({(h.chunk, h.ours) for h in heads}) == 1, heads
+    assert len({p.bf16_faster for p in probes}) == 1 and len({a.upcast for a in attention}) == 1, runs
+    # Not asserted: one LM head in every process. They are closer (here at 128 tokens smolflow's ~1.5x
+    # faster than TRL's at 4,096; 1.8x at a step's 512 tokens), and CI's load once slowed smolflow's
+    # 1.45x in one process (memory-bound passes share the L3 cache with the load), which then picked
+    # TRL's at 4,096: what a probe measures on a busy machine is the busy machine.
     for times in ([p.fp32_s for p in probes], [p.bf16_s for p in probes]):
         assert max(times) < 2 * min(times), probes
-    assert len({p.bf16_faster for p in probes}) == 1, probes
