@@ -187,14 +187,14 @@ def apply(model, padding_free: bool, device: str, bf16: bool, enabled: bool = Tr
         packed_attention.UPCAST = probe.upcast
         levers["attention_fp32_under_bf16"] = probe.upcast
         levers["attention_reason"] = (f"CPU probe: SDPA fwd+bwd {probe.fp32_s * 1e3:.2f} ms in fp32 vs "
-                                      f"{probe.bf16_s * 1e3:.2f} ms in bf16")
+                                      f"{probe.bf16_s * 1e3:.2f} ms in bf16 (1 thread, CPU time)")
     chunk, head, why = TRL_CHUNK, "trl", "TRL's default"
     if device == "cpu" and enabled and hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
         config = model.config.get_text_config()
         probe = head_probe(config.vocab_size, config.hidden_size, bf16)
         chunk, head = probe.chunk, "smolflow-cpu" if probe.ours else "trl"
         why = (f"CPU probe: fused LM head fwd+bwd {probe.smolflow_s:.2f} s smolflow's; TRL's {probe.cpu_s:.2f} s "
-               f"at {CPU_CHUNK} vocabulary rows, {probe.trl_s:.2f} s at {TRL_CHUNK}")
+               f"at {CPU_CHUNK} vocabulary rows, {probe.trl_s:.2f} s at {TRL_CHUNK} (1 thread, CPU time)")
     if hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
         trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = chunk  # read by TRL's LM head at every forward
     levers["lm_head"] = head if lm_head_cpu.install(head == "smolflow-cpu") else "trl"
