@@ -1,7 +1,8 @@
 """Machine-wide (or server-wide) mutual exclusion for smolflow's critical sections.
 
 `exclusive(name)` always holds an flock(2) file lock under SMOLFLOW_CACHE/locks (every process
-on this machine, served or run from the command line), and also a Prefect global concurrency
+on this machine with that cache, served or run from the command line), a machine-wide lock for
+processes with other caches or users (`machine_lock`), and also a Prefect global concurrency
 limit of 1 when a Prefect server is configured (PREFECT_API_URL: every machine sharing the
 server). Without a configured server each process starts its own temporary one, whose limits
 nobody else sees, so the file lock is what serialises CLI runs. A holder that dies releases both:
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import fcntl
 import json
 import os
@@ -207,6 +209,39 @@ def file_lock(name: str, holder: str, directory: Path | None = None) -> Iterator
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+MACHINE_ENV = "SMOLFLOW_MACHINE_LOCK"  # the machine-wide locks' namespace (default "smolflow")
+
+
+@contextlib.contextmanager
+def machine_lock(name: str) -> Iterator[dict]:
+    """Hold `name` on this machine for every process, whatever its user or SMOLFLOW_CACHE: bound to
+    the abstract unix socket `@<namespace>/<name>` (Linux), which the kernel frees when its holder
+    exits, however it ends; waits for the holder. No file: nothing in /tmp another user could plant
+    or remove. Elsewhere (macOS) none: the file lock alone, said in what it yields."""
+    import socket
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        yield {}
+        return
+    address = f"\0{os.environ.get(MACHINE_ENV) or 'smolflow'}/{name}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        waiting = False
+        while True:
+            try:
+                sock.bind(address)
+                break
+            except OSError as err:
+                if err.errno != errno.EADDRINUSE:
+                    raise
+                if not waiting:
+                    run_logger().info("Waiting for %s, held by another smolflow process on this machine "
+                                      "(another user's or cache's)", name)
+                    waiting = True
+                time.sleep(0.5)
+        yield {"machine": address[1:]}
+
+
 @contextlib.contextmanager
 def exclusive(name: str, holder: str = "", directory: Path | None = None) -> Iterator[dict]:
     """Run the block while no other smolflow process holds `name`; yields how it was held. The file
@@ -219,7 +254,10 @@ def exclusive(name: str, holder: str = "", directory: Path | None = None) -> Ite
             stack.enter_context(_prefect_slot(name))
         # Always the file lock as well: a CLI run without the server must not train beside a served one.
         how = stack.enter_context(file_lock(name, holder, directory)) | ({"prefect_api": api} if api else {})
+        if directory is None:  # a lock in the cache: also for processes with another cache on this machine
+            how |= stack.enter_context(machine_lock(name))
         how["waited_s"] = round(time.monotonic() - start, 3)
         log.info("%s acquired after %.1f s (%s)", name, how["waited_s"],
-                 "Prefect global concurrency limit + file lock" if api else "file lock")
+                 " + ".join(["Prefect global concurrency limit"] * bool(api) + ["file lock"]
+                            + ["machine lock"] * ("machine" in how)))
         yield how

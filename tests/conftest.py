@@ -26,6 +26,9 @@ os.environ.update(
     # start on a busy 2-core machine took over Prefect's 20 s default (a test's flow failed so).
     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300",
     PREFECT_HOME=os.path.join(_HOME, "prefect"),
+    # Each test process is a machine of its own for smolflow's machine-wide locks (tasks/locks.py),
+    # so that pytest-xdist's workers train side by side, as their caches let them.
+    SMOLFLOW_MACHINE_LOCK=os.path.basename(_HOME),
     # Test datasets and downloads go to a throwaway cache; the built-in model conversion is
     # shared with the user's cache so it happens once per machine, not once per test session.
     SMOLFLOW_CACHE=os.path.join(_HOME, "cache"),

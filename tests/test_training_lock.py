@@ -64,7 +64,8 @@ def test_two_runs_started_together_never_train_at_once(shared, tiny_model_dir, t
         run_env = dict(env)
         if shared == "prefect-server":
             # Two "machines": own caches (so own file locks), one Prefect server between them.
-            run_env |= {"PREFECT_API_URL": PREFECT_API_URL.value(), "SMOLFLOW_CACHE": str(tmp_path / f"cache-{name}")}
+            run_env |= {"PREFECT_API_URL": PREFECT_API_URL.value(), "SMOLFLOW_CACHE": str(tmp_path / f"cache-{name}"),
+                        "SMOLFLOW_MACHINE_LOCK": f"machine-{name}"}
         procs.append(subprocess.Popen(
             [sys.executable, "-c", TRAIN, str(tiny_model_dir), str(tmp_path / "runs" / name), str(barrier), name],
             cwd=ROOT, env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -75,6 +76,53 @@ def test_two_runs_started_together_never_train_at_once(shared, tiny_model_dir, t
     a, b = sorted((json.loads((tmp_path / "runs" / n / "phase.json").read_text()) for n in "ab"),
                   key=lambda p: p["begin"])
     assert a["end"] <= b["begin"], f"training phases overlap: {a} and {b}"
+
+
+# Takes the training lock with a cache of its own and no Prefect server, records when it held it.
+HOLD = """
+import json, logging, sys, time
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from tasks.locks import TRAINING_LOCK, exclusive
+with exclusive(TRAINING_LOCK, sys.argv[1]) as how:
+    begin = time.time()
+    print(json.dumps(how), flush=True)
+    time.sleep(float(sys.argv[2]))
+    print(json.dumps({"begin": begin, "end": time.time()}), flush=True)
+"""
+
+
+def test_runs_with_caches_of_their_own_take_turns_and_a_killed_holder_frees_the_machine(tmp_path):
+    """Two users (or two SMOLFLOW_CACHE folders) on one machine, no Prefect server: their file locks
+    are their own, so before the machine-wide lock they trained at once, each ~10x slower on shared
+    cores. And a holder killed by SIGKILL (the out-of-memory killer) frees it at once."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PYTHONPATH": str(ROOT)}
+
+    def hold(who: str, seconds: float) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", HOLD, who, str(seconds)], cwd=ROOT, text=True,
+                                env=env | {"SMOLFLOW_CACHE": str(tmp_path / f"cache-{who}")},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    first = hold("first", 3)
+    how = json.loads(first.stdout.readline())  # it holds the lock now
+    assert how["machine"] == f"{os.environ['SMOLFLOW_MACHINE_LOCK']}/smolflow-training", how
+    second = hold("second", 0)
+    outs = [proc.communicate(timeout=120) for proc in (first, second)]
+    assert [proc.returncode for proc in (first, second)] == [0, 0], outs
+    a, b = (json.loads(out.strip().splitlines()[-1]) for out, _ in outs)
+    assert a["end"] <= b["begin"], f"they held it at once: {a} and {b}"
+    assert "held by another smolflow process on this machine" in outs[1][1], outs[1][1][-2000:]
+    # SIGKILLed while holding it: the kernel unbinds its socket, and the next one takes it at once.
+    killed = hold("killed", 300)
+    json.loads(killed.stdout.readline())
+    killed.kill()
+    killed.wait()
+    start = time.monotonic()
+    after = hold("after", 0)
+    out, err = after.communicate(timeout=120)
+    assert after.returncode == 0 and time.monotonic() - start < 30, err[-2000:]
+    assert "held by another" not in err, err[-2000:]
+    killed.stdout.close()
+    killed.stderr.close()
 
 
 def test_the_server_slot_is_taken_inside_and_given_back_after_an_error(tmp_path, monkeypatch):
