@@ -61,6 +61,9 @@ def test_two_runs_finishing_together_the_second_is_compared_with_the_first(betwe
         # whose start takes over Prefect's default 20 s on a loaded machine.
         env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}
         envs = [env | {"SMOLFLOW_CACHE": str(tmp_path / f"cache-{run_id}")} for run_id in decisions]
+        if between == "s3-root":  # two machines: machine-wide locks of their own too
+            envs = [run_env | {"SMOLFLOW_MACHINE_LOCK": f"machine-{run_id}"}
+                    for run_env, run_id in zip(envs, decisions, strict=True)]
     procs = [subprocess.Popen([sys.executable, "-c", PROMOTE, root, run_id, d.model_dump_json(), str(barrier)],
                               cwd=ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for (run_id, d), run_env in zip(decisions.items(), envs)]
