@@ -173,15 +173,35 @@ def _machine_key() -> str:
     return hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
-def cached_on_machine(name: str, kind: type[BaseModel], measure: Callable[[], BaseModel]):
-    """A probe's result from disk, once per machine (CPU flags, torch, threads), else measured and kept."""
-    from tasks.runtime import atomic_write, cache_dir
+def others_running() -> int:
+    """Threads running or waiting for a core now, this one left out (/proc/loadavg); 0 where unknown."""
+    try:
+        with open("/proc/loadavg", encoding="utf-8") as f:
+            return max(int(f.read().split()[3].split("/")[0]) - 1, 0)
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def cached_on_machine(name: str, kind: type[BaseModel], measure: Callable[[], BaseModel], quiet_only: bool = False):
+    """A probe's result from disk, once per machine (CPU flags, torch, threads), else measured and kept.
+
+    `quiet_only`: kept only if, before and after measuring, fewer threads than cores were running
+    besides this one; else used for this run and measured again next time. For probes of
+    memory-bound work, which no way of timing shields from other work sharing the caches (beside
+    CI's tests one LM-head probe measured smolflow's head 1.45x slow and picked another)."""
+    from tasks.runtime import atomic_write, cache_dir, run_logger
 
     path = cache_dir("probe") / f"{name}-{_machine_key()}.json"
     try:
         return kind.model_validate_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        before = others_running()
         result = measure()
+        busy = max(before, others_running())
+        if quiet_only and busy >= (os.cpu_count() or 1):
+            run_logger().info("The %s probe ran beside %d other running threads on %d cores: used for this run, "
+                              "not kept", name, busy, os.cpu_count() or 1)
+            return result
         atomic_write(path, result.model_dump_json())  # a concurrent reader sees the old file or the whole new one
         return result
 

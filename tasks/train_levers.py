@@ -111,7 +111,8 @@ def head_probe(vocab: int, hidden: int, bf16: bool) -> HeadProbe:
                   "smolflow_s": lm_head_pass(vocab, hidden, bf16, CPU_CHUNK, ours=True)}, rounds=2)
         return HeadProbe(**t)
 
-    return cached_on_machine(f"lm-head-1t-{vocab}x{hidden}-{'bf16' if bf16 else 'fp32'}", HeadProbe, measure)
+    return cached_on_machine(f"lm-head-1t-{vocab}x{hidden}-{'bf16' if bf16 else 'fp32'}", HeadProbe, measure,
+                             quiet_only=True)
 
 
 @functools.cache
@@ -140,7 +141,8 @@ def attention_probe() -> AttentionProbe:
     from tasks.packed_attention import attention_pass
 
     return cached_on_machine("attention-1t", AttentionProbe, lambda: AttentionProbe(**race(
-        {"bf16_s": attention_pass(torch.bfloat16), "fp32_s": attention_pass(torch.float32)}, rounds=5)))
+        {"bf16_s": attention_pass(torch.bfloat16), "fp32_s": attention_pass(torch.float32)}, rounds=5)),
+        quiet_only=True)
 
 
 def trim_callback(on: bool, every: int = TRIM_EVERY):
