@@ -237,6 +237,14 @@ def ending_enforced() -> Iterator[None]:
     sys.unraisablehook = unraisable
     try:
         yield
+    except Exception as err:
+        # Any error once a SIGTERM has come is the stop's: a stop that lands in an import (trl's, as
+        # training began) and is caught there leaves modules half-initialised, and the next import
+        # fails in its own words ("partially initialized module 'pandas'...", CI). The run ends as
+        # stopped, that error its cause.
+        if noted():
+            raise StopSignal() from err
+        raise
     finally:
         _noted = outer
         if sys.unraisablehook is unraisable:  # else someone set theirs meanwhile: theirs stays

@@ -2,6 +2,7 @@
 nothing it does for that hangs the run, drops the stop, or cuts its clean-up short. Each case runs
 in a fresh process: at-fork hooks and a profiler cannot be taken back."""
 
+import json
 import os
 import subprocess
 import sys
@@ -190,3 +191,49 @@ def test_a_stop_dropped_in_a_weakref_callback_is_raised_again_at_once():
     lines = out.stdout.splitlines()
     assert lines and lines[0].startswith("stopped after ") and float(lines[0].split()[2]) < 5, (
         out.stdout + out.stderr[-3000:])
+
+
+# A cancel's SIGTERM that landed in `from trl import SFTTrainer` as training began was caught there,
+# and the next import failed in its own words ("partially initialized module 'pandas' has no
+# attribute '_pandas_datetime_CAPI'"): status.json said failed, not stopped (CI). Here the stop is
+# caught as it was, and the error that follows is raised by hand.
+ERROR_AFTER_A_CAUGHT_STOP = """
+import json, os, signal, sys, tempfile, time
+from prefect.exceptions import TerminationSignal
+from tasks.runs import status_recorded
+from tasks.storage import ArtifactStore
+
+def prefects_handler(signum, frame):  # what Prefect's engine installs for SIGTERM
+    raise TerminationSignal(signal=signum)
+
+signal.signal(signal.SIGTERM, prefects_handler)
+stop = sys.argv[1] == "stop"
+with tempfile.TemporaryDirectory() as root:
+    run = ArtifactStore(root)
+    try:
+        with status_recorded(run):
+            if stop:
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(5)
+                except BaseException:  # caught where it landed, as inside an import
+                    pass
+            raise RuntimeError("Failed to import trl.trainer.sft_trainer: partially initialized module 'pandas'")
+    except BaseException as err:
+        print(type(err).__name__, type(err.__cause__).__name__, isinstance(err, TerminationSignal), flush=True)
+    print(json.dumps(run.read_json("status.json")), flush=True)
+"""
+
+
+@pytest.mark.parametrize("stop", [True, False], ids=["after-a-stop", "no-stop"])
+def test_an_error_after_a_caught_stop_ends_the_run_stopped_with_that_error_its_cause(stop):
+    out = _run(ERROR_AFTER_A_CAUGHT_STOP, "stop" if stop else "none")
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2, out.stdout + out.stderr[-3000:]
+    status = json.loads(lines[1])
+    if stop:
+        assert lines[0].split()[1:] == ["RuntimeError", "True"], lines
+        assert status["state"] == "stopped" and status["why"].startswith("stopped by SIGTERM"), status
+    else:  # an error with no stop before it is the run's failure, as ever
+        assert lines[0].split() == ["RuntimeError", "NoneType", "False"], lines
+        assert status["state"] == "failed" and "partially initialized" in status["why"], status
