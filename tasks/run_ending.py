@@ -180,11 +180,16 @@ def ending_enforced() -> Iterator[None]:
         with contextlib.suppress(OSError):
             note_to.send(b"\0")  # wakes the watcher
 
+    interrupted: list[bool] = []  # a SIGINT (Ctrl-C) has come: not raised again, only noted
+
     def noted() -> bool:
         """Whether a SIGTERM has come during the block (what the wakeup fd holds read first)."""
         with reading, contextlib.suppress(OSError):  # BlockingIOError: nothing new
-            if signal.SIGTERM in notes.recv(4096):
+            came = notes.recv(4096)
+            if signal.SIGTERM in came:
                 due.setdefault("stop", time.monotonic() + STOP_GRACE_S)
+            if signal.SIGINT in came:
+                interrupted.append(True)
         return "stop" in due
 
     def watch() -> None:
@@ -238,12 +243,14 @@ def ending_enforced() -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        # Any error once a SIGTERM has come is the stop's: a stop that lands in an import (trl's, as
-        # training began) and is caught there leaves modules half-initialised, and the next import
-        # fails in its own words ("partially initialized module 'pandas'...", CI). The run ends as
-        # stopped, that error its cause.
+        # Any error once a SIGTERM (or Ctrl-C) has come is the stop's: a stop that lands in an import
+        # (trl's, as training began) and is caught there leaves modules half-initialised, and the next
+        # import fails in its own words ("partially initialized module 'pandas'...", CI). The run ends
+        # as stopped (interrupted), that error its cause.
         if noted():
             raise StopSignal() from err
+        if interrupted:
+            raise KeyboardInterrupt() from err
         raise
     finally:
         _noted = outer

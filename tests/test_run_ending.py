@@ -195,8 +195,8 @@ def test_a_stop_dropped_in_a_weakref_callback_is_raised_again_at_once():
 
 # A cancel's SIGTERM that landed in `from trl import SFTTrainer` as training began was caught there,
 # and the next import failed in its own words ("partially initialized module 'pandas' has no
-# attribute '_pandas_datetime_CAPI'"): status.json said failed, not stopped (CI). Here the stop is
-# caught as it was, and the error that follows is raised by hand.
+# attribute '_pandas_datetime_CAPI'"): status.json said failed, not stopped (CI). Here the stop (or
+# a Ctrl-C) is caught as it was, and the error that follows is raised by hand.
 ERROR_AFTER_A_CAUGHT_STOP = """
 import json, os, signal, sys, tempfile, time
 from prefect.exceptions import TerminationSignal
@@ -206,15 +206,15 @@ from tasks.storage import ArtifactStore
 def prefects_handler(signum, frame):  # what Prefect's engine installs for SIGTERM
     raise TerminationSignal(signal=signum)
 
-signal.signal(signal.SIGTERM, prefects_handler)
-stop = sys.argv[1] == "stop"
+signal.signal(signal.SIGTERM, prefects_handler)  # SIGINT: Python's own, KeyboardInterrupt
+sent = {"stop": signal.SIGTERM, "ctrl-c": signal.SIGINT}.get(sys.argv[1])
 with tempfile.TemporaryDirectory() as root:
     run = ArtifactStore(root)
     try:
         with status_recorded(run):
-            if stop:
+            if sent:
                 try:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    os.kill(os.getpid(), sent)
                     time.sleep(5)
                 except BaseException:  # caught where it landed, as inside an import
                     pass
@@ -225,15 +225,18 @@ with tempfile.TemporaryDirectory() as root:
 """
 
 
-@pytest.mark.parametrize("stop", [True, False], ids=["after-a-stop", "no-stop"])
-def test_an_error_after_a_caught_stop_ends_the_run_stopped_with_that_error_its_cause(stop):
-    out = _run(ERROR_AFTER_A_CAUGHT_STOP, "stop" if stop else "none")
+@pytest.mark.parametrize("sent", ["stop", "ctrl-c", "none"])
+def test_an_error_after_a_caught_stop_ends_the_run_stopped_with_that_error_its_cause(sent):
+    out = _run(ERROR_AFTER_A_CAUGHT_STOP, sent)
     lines = out.stdout.splitlines()
     assert len(lines) == 2, out.stdout + out.stderr[-3000:]
     status = json.loads(lines[1])
-    if stop:
+    if sent == "stop":
         assert lines[0].split()[1:] == ["RuntimeError", "True"], lines
         assert status["state"] == "stopped" and status["why"].startswith("stopped by SIGTERM"), status
+    elif sent == "ctrl-c":
+        assert lines[0].split() == ["KeyboardInterrupt", "RuntimeError", "False"], lines
+        assert status["state"] == "stopped" and status["why"].startswith("interrupted"), status
     else:  # an error with no stop before it is the run's failure, as ever
         assert lines[0].split() == ["RuntimeError", "NoneType", "False"], lines
         assert status["state"] == "failed" and "partially initialized" in status["why"], status
