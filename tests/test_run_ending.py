@@ -206,7 +206,10 @@ from tasks.storage import ArtifactStore
 def prefects_handler(signum, frame):  # what Prefect's engine installs for SIGTERM
     raise TerminationSignal(signal=signum)
 
-signal.signal(signal.SIGTERM, prefects_handler)  # SIGINT: Python's own, KeyboardInterrupt
+signal.signal(signal.SIGTERM, prefects_handler)
+# SIGINT: Python's own KeyboardInterrupt, as in a terminal; a process started in the background by a
+# shell without job control (CI's `cmd &`) inherits SIGINT ignored, and Python then leaves it so
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sent = {"stop": signal.SIGTERM, "ctrl-c": signal.SIGINT}.get(sys.argv[1])
 with tempfile.TemporaryDirectory() as root:
     run = ArtifactStore(root)
