@@ -140,7 +140,7 @@ def _run_log(client, run_id) -> str:
 def _wait_final(client, run_id, within_s: float):
     deadline = time.monotonic() + within_s
     while not (run := client.read_flow_run(run_id)).state.is_final():
-        assert time.monotonic() < deadline, f"flow run still {run.state.name}"
+        assert time.monotonic() < deadline, f"flow run still {run.state.name}:\n{_run_log(client, run_id)}"
         time.sleep(1)
     return run
 
@@ -163,11 +163,13 @@ def test_a_run_cancelled_while_training_stops_says_so_and_frees_the_slot(served,
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
         if any(t.name.startswith("train_sft") and t.state and t.state.is_running() for t in tasks):
             break
-        assert time.monotonic() < deadline and not client.read_flow_run(run.id).state.is_final(), tasks
+        assert time.monotonic() < deadline and not client.read_flow_run(run.id).state.is_final(), (
+            tasks, _run_log(client, run.id))
         time.sleep(1)
     assert _flow_run_processes(run.id)
     client.set_flow_run_state(run.id, Cancelling())
-    assert _wait_final(client, run.id, 120).state.is_cancelled()
+    final = _wait_final(client, run.id, 120).state
+    assert final.is_cancelled(), (final.name, final.message, _run_log(client, run.id))
     deadline = time.monotonic() + 30
     while (left := _flow_run_processes(run.id)) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -178,7 +180,8 @@ def test_a_run_cancelled_while_training_stops_says_so_and_frees_the_slot(served,
 
     nxt = tiny_run_config(tiny_model_dir, artifacts, output={"run_id": "next"}, judge={"enabled": False})
     after = client.create_flow_run_from_deployment(on_demand.id, parameters={"config": nxt.model_dump(mode="json")})
-    assert _wait_final(client, after.id, 300).state.is_completed()
+    final = _wait_final(client, after.id, 300).state
+    assert final.is_completed(), (final.name, final.message, _run_log(client, after.id))
 
 
 @pytest.mark.slow
