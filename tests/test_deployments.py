@@ -164,24 +164,24 @@ def test_a_run_cancelled_while_training_stops_says_so_and_frees_the_slot(served,
         if any(t.name.startswith("train_sft") and t.state and t.state.is_running() for t in tasks):
             break
         assert time.monotonic() < deadline and not client.read_flow_run(run.id).state.is_final(), (
-            tasks, _run_log(client, run.id))
+            f"{tasks}\n{_run_log(client, run.id)}")
         time.sleep(1)
     assert _flow_run_processes(run.id)
     client.set_flow_run_state(run.id, Cancelling())
     final = _wait_final(client, run.id, 120).state
-    assert final.is_cancelled(), (final.name, final.message, _run_log(client, run.id))
+    assert final.is_cancelled(), f"{final.name}: {final.message}\n{_run_log(client, run.id)}"
     deadline = time.monotonic() + 30
     while (left := _flow_run_processes(run.id)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, left
     status = ArtifactStore(artifacts).child("runs", "cancelled").read_json("status.json")
     assert status["state"] == "stopped" and status["why"].startswith("stopped by SIGTERM: cancelled in Prefect"), (
-        status, _run_log(client, run.id))
+        f"{status}\n{_run_log(client, run.id)}")
 
     nxt = tiny_run_config(tiny_model_dir, artifacts, output={"run_id": "next"}, judge={"enabled": False})
     after = client.create_flow_run_from_deployment(on_demand.id, parameters={"config": nxt.model_dump(mode="json")})
     final = _wait_final(client, after.id, 300).state
-    assert final.is_completed(), (final.name, final.message, _run_log(client, after.id))
+    assert final.is_completed(), f"{final.name}: {final.message}\n{_run_log(client, after.id)}"
 
 
 @pytest.mark.slow
