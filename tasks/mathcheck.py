@@ -3,7 +3,9 @@ never finish (`\\boxed{9^{9^{9^{9}}}}` spins for minutes); its own timeouts use 
 works only in a main thread, and Prefect runs tasks in worker threads. So every check runs in one
 child process (this file run as a script: it imports math-verify only, and reads its stdin to the
 end, so it ends with its parent), killed and replaced when a check passes the limit: that answer
-counts wrong."""
+counts wrong. The limit is the check's own: a new child says when it has imported math-verify and
+checked one answer, and the clock starts after that (starting took over 2 s on a busy CI machine and
+cut off answers that check in 20 ms)."""
 
 from __future__ import annotations
 
@@ -19,9 +21,11 @@ import threading
 import time
 
 LIMIT_S = 10.0  # math-verify's own default is 5 s per parse and per verify
+START_S = 300.0  # a new child's import and first check (under 1 s on a quiet machine)
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _child: subprocess.Popen | None = None
+_READY = "ready\n"
 _gave_up: set[tuple[str, str, float]] = set()  # checks cut off at their limit: counted wrong, recorded apart
 
 
@@ -60,14 +64,26 @@ def _reply(child: subprocess.Popen, deadline: float) -> str | None:
     return line.decode()
 
 
+def _start() -> subprocess.Popen:
+    """A child that has imported math-verify and checked one answer, ready for the next."""
+    child = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             env=os.environ | {"OMP_NUM_THREADS": "1"})
+    if _reply(child, time.monotonic() + START_S) != _READY:
+        child.kill()
+        child.wait()
+        child.stdin.close()
+        child.stdout.close()
+        raise RuntimeError(f"the math-verify process did not start within {START_S:g} s")
+    return child
+
+
 @functools.lru_cache(maxsize=4096)  # MATH asks twice per item: its score, then its record's answer
 def check(gold: str, output: str, limit: float = LIMIT_S) -> tuple[bool, str | None]:
     """(output's answer equals gold's, the answer math-verify extracted); (False, None) after `limit` s."""
     global _child
     with _lock:  # one child, one check at a time (also from several threads)
         if _child is None or _child.poll() is not None:
-            _child = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      env=os.environ | {"OMP_NUM_THREADS": "1"})
+            _child = _start()
         _child.stdin.write((json.dumps([gold, output]) + "\n").encode())
         _child.stdin.flush()
         line = _reply(_child, time.monotonic() + limit)
@@ -89,5 +105,7 @@ def gave_up(gold: str, output: str, limit: float = LIMIT_S) -> bool:
 if __name__ == "__main__":  # the child: one JSON line in, one out, until stdin ends
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever math-verify, sympy or antlr print goes to stderr, not into the replies
+    _check("$\\boxed{\\frac{1}{2}}$", "\\boxed{0.5}")  # imports, and warms sympy and antlr
+    print(_READY, end="", file=replies, flush=True)
     for request in sys.stdin:
         print(json.dumps(_check(*json.loads(request))), file=replies, flush=True)

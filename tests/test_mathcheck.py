@@ -30,6 +30,19 @@ def test_an_answer_whose_check_never_ends_counts_wrong_within_the_limit():
     assert not _children()
 
 
+def test_a_slow_start_does_not_count_against_the_check(monkeypatch, tmp_path):
+    """A new child's start (Python, math-verify's import) took over 2 s on a busy CI machine, and the
+    2 s limit cut off answers that check in 20 ms. The clock starts when the child is ready."""
+    (tmp_path / "sitecustomize.py").write_text("import time\ntime.sleep(3)\n")  # a start slower than the limit
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    mathcheck._stop()
+    started = time.monotonic()
+    assert mathcheck.check("$\\boxed{7}$", "so \\boxed{7}", limit=1.5) == (True, "7")
+    assert time.monotonic() - started > 3  # the slow start happened, outside the limit
+    assert not mathcheck.gave_up("$\\boxed{7}$", "so \\boxed{7}", limit=1.5)
+    mathcheck._stop()
+
+
 class OneSpins(AnswerKey):
     """The gold solution, except item 0: an answer whose check never ends."""
 
