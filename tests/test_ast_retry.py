@@ -57,12 +57,17 @@ def test_a_parse_interrupted_by_another_threads_parse_returns_the_whole_tree():
         assert ast.dump(tree) == expected
 
 
-@pytest.mark.skipif(not AFFECTED, reason="this Python builds AST objects without the shared counter")
-def test_this_python_has_the_race_the_retry_covers():
-    """Without the retry, the same interleaving fails: the test above exercises the bug."""
-    assert ast.parse is not ast.parse.__wrapped__
-    failure = _parse_interrupted(ast.parse.__wrapped__)
-    assert isinstance(failure, SystemError) and "recursion depth mismatch" in str(failure), failure
+def test_the_retry_is_installed_exactly_where_python_has_the_race():
+    """Where this Python has the race, the plain parse fails the same interleaving (so the test above
+    exercises the bug) and the retry wraps it; where it has not, the plain parse survives it and
+    `ast.parse` is left as Python made it. A wrong version range fails one branch or the other."""
+    if AFFECTED:
+        failure = _parse_interrupted(ast.parse.__wrapped__)
+        assert isinstance(failure, SystemError) and "recursion depth mismatch" in str(failure), failure
+    else:
+        assert not hasattr(ast.parse, "__wrapped__")
+        tree = _parse_interrupted(ast.parse)
+        assert isinstance(tree, ast.Module), tree
 
 
 def test_real_errors_are_not_retried_away():
