@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -143,13 +144,15 @@ def plot(board: dict[str, Any]) -> bytes:
     import matplotlib.pyplot as plt
 
     rows = board["rows"][::-1]  # best at the top
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.5))
+    labels = [textwrap.fill(r["name"], 48) for r in rows]  # merged models' names run long
+    longest = max((len(line) for label in labels for line in label.splitlines()), default=0)
+    fig, ax = plt.subplots(figsize=(max(7.0, 5 + 0.08 * longest), 0.5 * len(rows) + 1.5))  # room for the labels
     y = range(len(rows))
     ax.errorbar([r["rating"] for r in rows], y, fmt="o",
                 xerr=[[r["rating"] - r["lower"] for r in rows], [r["upper"] - r["rating"] for r in rows]], capsize=4)
-    ax.set_yticks(list(y), [r["name"] for r in rows])
+    ax.set_yticks(list(y), labels)
     ax.axvline(1000, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel(f"rating (Elo scale, {board['anchor']} = 1000), 95% interval")
+    ax.set_xlabel(textwrap.fill(f"rating (Elo scale, {board['anchor']} = 1000), 95% interval", 80))
     ax.set_title("Arena leaderboard")
     return figure_png(fig)
 

@@ -238,14 +238,20 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 
 def figure_png(fig) -> bytes:
-    """A matplotlib figure as PNG bytes (the figure is closed: plots are drawn in long-lived workers)."""
+    """A matplotlib figure as PNG bytes (the figure is closed: plots are drawn in long-lived workers).
+
+    The image is cropped to what is drawn, labels included: a long label (an arena model's name)
+    would otherwise run off the figure's edge, which tight_layout only warns about."""
     import io
+    import warnings
 
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Tight layout not applied", UserWarning)  # bbox_inches makes the room
+        fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return buf.getvalue()
 

@@ -27,3 +27,26 @@ def test_votes_are_appended_one_line_each_and_counted(root):
     assert board["human_votes"] == 3 and board["judge_battles"] == 1
     ratings = {r["name"]: r["rating"] for r in board["rows"]}
     assert ratings["base"] == 1000.0 and ratings["run 1"] > 1000
+
+
+def test_the_leaderboard_image_shows_long_model_names_whole():
+    """Merged contestants' names run to ~100 characters: they ran off the image's left edge (and the
+    axis label off its bottom), which matplotlib's tight_layout only warned about."""
+    import io
+    import warnings
+
+    import matplotlib.image
+
+    from tasks.arena_store import plot
+
+    names = ["run 20261207-164704-provocative-manticore (promoted) = run 20261206-020000-gentle-otter",
+             "run 20261207-164704-brave-lynx", "base: HuggingFaceTB/SmolLM2-135M-Instruct"]
+    board = {"anchor": names[2], "rows": [{"name": n, "rating": 1000.0 + 10 * i, "lower": 990.0 + 10 * i,
+                                           "upper": 1010.0 + 10 * i} for i, n in enumerate(names)]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no layout warning either
+        image = matplotlib.image.imread(io.BytesIO(plot(board)), format="png")
+    rgb = image[..., :3]
+    edges = {"left": rgb[:, :3], "right": rgb[:, -3:], "top": rgb[:3], "bottom": rgb[-3:]}
+    cut = [side for side, strip in edges.items() if strip.min() < 0.9]  # anything drawn there was cut off
+    assert not cut, f"drawn up to the image's {cut} edge: a label runs off it"
