@@ -88,7 +88,14 @@ def trend_markdown(rows: list[tuple[str, dict]]) -> str:
 
 
 def plot_trend(rows: list[tuple[str, dict]]) -> bytes:
-    """Tuned score per series against the run, as a PNG; each point labelled with its n."""
+    """Tuned score per series against the run, as a PNG."""
+    return figure_png(trend_figure(rows))
+
+
+def trend_figure(rows: list[tuple[str, dict]]):
+    """The trend's matplotlib figure; a series' n labelled where it starts or changes.
+
+    Every point labelled and the legend inside the axes hid the lines after two weeks of nights."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and workers
@@ -100,17 +107,19 @@ def plot_trend(rows: list[tuple[str, dict]]) -> bytes:
         xs, values = zip(*pts)
         ys = [v.score if isinstance(v, Point) else v for v in values]
         ax.plot(xs, ys, "o-", label=name)
+        shown = None
         for x, y, v in zip(xs, ys, values):
-            if isinstance(v, Point) and v.n is not None:
+            if isinstance(v, Point) and v.n is not None and v.n != shown:
                 ax.annotate(f"n={v.n}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+                shown = v.n
     ax.set_xticks(range(len(rows)), [run_id for run_id, _ in rows], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("tuned score")
     ax.set_ylim(-0.02, 1.02)  # the whole score range: one run must not zoom a 0.3 into a cliff
     ax.set_title(f"Tuned scores, last {len(rows)} run(s); one line per comparable setting")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[1]:  # runs without benchmarks have no line: matplotlib warned on the console
-        ax.legend()
-    return figure_png(fig)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the lines, not over them
+    return fig
 
 
 def write_trend(root: str, run_uri: str, n: int = DEFAULT_RUNS) -> tuple[str, bytes]:

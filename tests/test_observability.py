@@ -48,6 +48,27 @@ def test_trend_plots_the_newest_completed_runs_then_the_current_one(tmp_path):
     assert [r for r, _ in collect_scores(root)] == ["20260101-000000-a", "20260102-000000-b", "20260103-000000-c"]
 
 
+def test_trend_labels_n_where_it_changes_and_keeps_its_legend_off_the_lines():
+    """Two weeks of nights with nine series: an n over every point and a legend inside the axes hid
+    the lines. n is labelled where a series starts or its n changes; the legend sits beside the axes."""
+    from tasks.trends import Point, trend_figure
+
+    names = ["mmlu", "gsm8k", "bbh", "math", "humaneval", "support-faq", "arc_easy", "hellaswag [ca4874ac]",
+             "hellaswag [1f2e3d4c]"]
+    rows = [(f"202612{d:02d}-020000-night", {name: Point(0.2 + 0.04 * ((d + i) % 15), 1319 if name == "gsm8k" and d > 8
+                                                         else 100, "k")
+                                             for i, name in enumerate(names) if d > 6 or not name.endswith("4c]")})
+            for d in range(1, 15)]
+    fig = trend_figure(rows)
+    ax = fig.axes[0]
+    # 9 series start (one on night 7), gsm8k's n changes once on night 9: 10 labels, not 9 x 14 - 6
+    assert sorted(t.get_text() for t in ax.texts) == ["n=100"] * 9 + ["n=1319"], [t.get_text() for t in ax.texts]
+    fig.canvas.draw()
+    legend, axes = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x0 >= axes.x1, f"the legend {legend} overlaps the axes {axes}"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == sorted(names)
+
+
 def test_trend_with_no_scores_still_draws_and_says_so(tmp_path):
     run = ArtifactStore(str(tmp_path)).child("runs", "only")
     run.write_json("config.json", {})
