@@ -39,7 +39,7 @@ from pydantic import BaseModel
 from tasks.config import JudgeConfig
 from tasks.console import keep_root_level
 from tasks.judge_backends import JudgeBackend, make_backend, redact_url
-from tasks.models import ModelRef
+from tasks.models import ModelRef, resolve_source
 from tasks.layout import RunPaths
 from tasks.runtime import FIXTURES, atomic_write, cache_dir, retry_transient, run_logger
 from tasks.yamlfile import KeyTwice, json_list_items, json_loads, read_text
@@ -348,8 +348,9 @@ def run_judge(base: ModelRef, tuned: ModelRef, cfg: JudgeConfig, sample_prompts:
         references = [s.completion for s in generate_samples(base, instructions, cfg.max_new_tokens,
                                                              role="reference")]
         # 'base' is the run's base model in a fine-tune, the default model in smolflow eval: which
-        # model answered is recorded, or two win rates "against base" read alike whatever it was.
-        reference_model = {"source": base.source, "path": base.path, "fingerprint": base.fingerprint}
+        # model answered is recorded, or two win rates "against base" read alike whatever it was;
+        # by its concrete source ('auto' says nothing once the hub's reachability changes).
+        reference_model = {"source": resolve_source(base.source), "path": base.path, "fingerprint": base.fingerprint}
     return judge_pairs(instructions, outputs, references, cfg, reference_model)
 
 

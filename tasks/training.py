@@ -27,7 +27,7 @@ from tasks.leftovers import temp_dir
 from tasks.parent_death import die_with_parent
 from tasks.lora import head_without_bias, lora_config, new_token_rows
 from tasks.locks import TRAINING_LOCK, exclusive
-from tasks.models import ModelRef, fingerprint_dir, load_model, local_model_dir
+from tasks.models import ModelRef, fingerprint_dir, load_model, local_model_dir, resolve_source
 from tasks.progress import training_progress
 from tasks.run_ending import finishing
 from tasks.caching import BY_CONTENT, CODE, ContentInputs
@@ -268,7 +268,7 @@ def _train_sft(base: ModelRef, tokenized: TokenizedRef, cfg: TrainingConfig, run
     metrics = fitted["metrics"] | {"resumed_from_step": float(resumed_from)}
     log.info("Training done: %s", metrics)
     return TrainResult(
-        model=ModelRef(source=f"tuned from {base.source}" + (" (LoRA, merged)" if cfg.peft else ""), path=uri,
+        model=ModelRef(source=f"tuned from {resolve_source(base.source)}" + (" (LoRA, merged)" if cfg.peft else ""), path=uri,
                        fingerprint=fingerprint),
         metrics=metrics,
         log_history=fitted["log_history"],

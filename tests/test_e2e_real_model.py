@@ -28,3 +28,5 @@ def test_real_smollm2_fine_tunes_and_is_scored(builtin_dir, tmp_path):
     assert math.isfinite(summary["training"]["eval_loss"]) and summary["training"]["eval_loss"] < 4.0
     assert summary["benchmarks"][0]["n"] == 2
     assert manifest["resolved"]["model"] == BUILTIN  # what `auto` meant offline, recorded
+    # and what the tuned model came from, by that name: "tuned from auto" says nothing a month on
+    assert manifest["tuned_model"]["source"] == f"tuned from {BUILTIN}", manifest["tuned_model"]

@@ -27,6 +27,7 @@ from tasks.judge import (
     write_judge,
 )
 from tasks.judge_backends import PLACEHOLDER_KEY, JudgeBackend, LocalBackend, api_key, make_backend
+from tasks.models import BUILTIN
 from tasks.storage import ArtifactStore
 
 FIXTURE_ROWS = [json.loads(line) for line in FIXTURE_REFERENCES.read_text().splitlines()]
@@ -238,6 +239,9 @@ def test_the_reference_model_and_the_limit_are_recorded(tiny_ref, tiny_model_dir
     from_file = run_judge(tiny_ref, tiny_ref, cfg.model_copy(update={"instructions": "samples", "reference": str(FIXTURE_REFERENCES)}),
                           [FIXTURE_ROWS[0]["instruction"]], 4)
     assert from_file.settings["reference_model"] is None and from_file.settings["limit"] == 1
+    # A base model asked for as 'auto' is named by what 'auto' resolved to (offline: the built-in).
+    auto = run_judge(tiny_ref.model_copy(update={"source": "auto"}), tiny_ref, cfg, ["unused"], 4)
+    assert auto.settings["reference_model"]["source"] == BUILTIN, auto.settings["reference_model"]
 
 
 def test_reference_file_is_matched_by_instruction(tiny_ref, tiny_model_dir, judgement_cache):
