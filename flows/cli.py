@@ -209,14 +209,25 @@ def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
         return 0
     a, b = args.run_a, args.run_b
     print(f"A = {a} ({result['status']['a']})\nB = {b} ({result['status']['b']})\n\nScores (tuned model)")
-    print(_table(result["scores"], ["benchmark", "a", "b", "delta", "stderr", "beyond_noise", "n_a", "n_b", "source"]))
+    # "-": a benchmark one run did not score (its JSON keeps null)
+    scores = [{k: "-" if v is None else v for k, v in row.items()} for row in result["scores"]]
+    print(_table(scores, ["benchmark", "a", "b", "delta", "stderr", "beyond_noise", "n_a", "n_b", "source"]))
     diff = [s | {"mark": "*" if s["differs"] else ""} for s in result["settings"] if s["differs"] or args.all]
     print(f"\nSettings{'' if args.all else ' that differ'} (* = differs)")
     print(_table(diff, ["mark", "setting", "a", "b"]) if diff else "  none: same settings")
-    print(f"\nHealthy: A {result['health']['a']} · B {result['health']['b']}")
+    healthy = {True: "yes", False: "no (its training/health.md says why)", None: "not assessed"}
+    print(f"\nHealthy: A {healthy[result['health']['a']]} · B {healthy[result['health']['b']]}")
     print(f"Training loss (train/eval): A {_losses(result['training']['a'])} · B {_losses(result['training']['b'])}")
-    print(f"Data: A {result['data']['a']}\n      B {result['data']['b']}", flush=True)  # as in cmd_runs
+    data = {side: _dataset(d) for side, d in result["data"].items()}
+    print(f"Data: {data['a']} (both)" if data["a"] == data["b"] else f"Data: A {data['a']}\n      B {data['b']}",
+          flush=True)  # flush: as in cmd_runs
     return 0
+
+
+def _dataset(data: dict) -> str:
+    rows = " / ".join(f"{n} {split}" for split, n in (data.get("rows") or {}).items())
+    return (f"{data.get('source') or 'unknown'}" + (f" · rows {rows}" if rows else "")
+            + (f" · fingerprint {data['fingerprint'][:12]}" if data.get("fingerprint") else "")) if data else "none recorded"
 
 
 def _losses(losses: dict) -> str:

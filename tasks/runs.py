@@ -214,13 +214,45 @@ def losses(run: ArtifactStore) -> dict[str, float]:
     return {k: round(metrics[k], 4) for k in ("train_loss", "eval_loss") if isinstance(metrics.get(k), (int, float))}
 
 
+def _named(value: Any) -> bool:
+    """A list of settings each named by a unique `name` (benchmarks, custom_benchmarks)."""
+    names = [v.get("name") for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+    return bool(names) and len(names) == len(value) and None not in names and len(set(names)) == len(names)
+
+
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys; a named list's items by name (`benchmarks[gsm8k].limit`), so one benchmark's
+    changed limit is one row, not the whole list, and its order does not count as a difference."""
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
             out |= _flat(v, f"{prefix}.{k}" if prefix else str(k))
         return out
+    if _named(value):
+        out = {}
+        for item in value:
+            fields = {k: v for k, v in item.items() if k != "name"}
+            out |= _flat(fields, f"{prefix}[{item['name']}]") if fields else {f"{prefix}[{item['name']}]": {}}
+        return out
     return {prefix: value}
+
+
+def _item(key: str) -> str | None:
+    return key[:key.index("]") + 1] if "[" in key else None
+
+
+def _whole_items(flat: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """An item (a benchmark) that only this run has, as one row: its settings together."""
+    theirs = {_item(k) for k in other}
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        item = _item(key)
+        if item is None or item in theirs:
+            out[key] = value
+        else:
+            field = key[len(item) + 1:]  # "" for an item with no field but its name
+            out[item] = out.get(item, {}) | ({field: value} if field and value is not None else {})
+    return out
 
 
 # A None that means another setting's value (config_eval.py), compared as that value: an older
@@ -277,13 +309,20 @@ def compare_runs(root: str, run_a: str, run_b: str) -> dict[str, Any]:
 
                 row |= {"delta": f"not comparable ({why_not_comparable(sa.get('comparability'), sb.get('comparability'))})",
                         "beyond_noise": "n/a"}
+        else:  # scored in one run only
+            side, s = ("A", sa) if sa else ("B", sb or {})
+            row["source"] = f"{side}: {(s.get('provenance') or {}).get('note') or 'unknown'}"
         scores.append(row)
     ca, cb = _flat(_read(a, RunPaths.config, {})), _flat(_read(b, RunPaths.config, {}))
+    ca, cb = _whole_items(ca, cb), _whole_items(cb, ca)
     # A setting one run's config.json lacks (an older smolflow's, or an eval run's training.*) is said
     # so: it showed as None, read as "set to None" (`gate.rescore_promoted None` against `True`).
-    unset = "(not in its config.json)"
-    settings = [{"setting": k, "a": _shown(ca, k, unset), "b": _shown(cb, k, unset),
-                 "differs": _effective(ca, k, unset) != _effective(cb, k, unset)} for k in sorted(set(ca) | set(cb))]
+    def unset(key: str) -> str:
+        return f"(not in its {key[:key.index('[')]})" if _item(key) else "(not in its config.json)"
+
+    settings = [{"setting": k, "a": _shown(ca, k, unset(k)), "b": _shown(cb, k, unset(k)),
+                 "differs": _effective(ca, k, unset(k)) != _effective(cb, k, unset(k))}
+                for k in sorted(set(ca) | set(cb))]
     health = {"a": _read(a, RunPaths.health, {}).get("healthy"), "b": _read(b, RunPaths.health, {}).get("healthy")}
     training = {"a": losses(a), "b": losses(b)}
     data = {side: (_read(run, RunPaths.manifest, {}) or {}).get("dataset", {}) for side, run in (("a", a), ("b", b))}

@@ -263,6 +263,44 @@ def test_compare_two_runs_item_by_item_and_says_why_scores_are_not_comparable(tm
     assert apart["source"] == "A: 100 fixture items; B: 10 fixture items"
 
 
+def test_compare_shows_one_benchmarks_changed_setting_and_a_benchmark_one_run_lacks(tmp_path):
+    """Adding MMLU to a nightly showed the whole benchmarks list twice, on one 300-character row, and
+    its score as `None`; the data as two dict reprs. Now a benchmark's settings are rows by its name
+    (order does not count), a benchmark one run lacks is one row, its missing score `-` and its source
+    that of the run that scored it; the same data is said once."""
+    from tasks.layout import RunPaths
+    from tasks.runs import compare_runs
+
+    root = ArtifactStore(str(tmp_path))
+    gsm8k = {"name": "gsm8k", "limit": 10, "num_fewshot": None}
+    for run_id, benchmarks in (("a", [gsm8k]), ("b", [{"name": "mmlu", "limit": 20, "num_fewshot": None},
+                                                      gsm8k | {"limit": 20}])):
+        run = root.child("runs", run_id)
+        run.write_json("config.json", {"benchmarks": benchmarks, "training": {"learning_rate": 5e-5}})
+        run.write_json("manifest.json", {"dataset": {"source": "fixture:x", "fingerprint": "f" * 64,
+                                                     "rows": {"train": 64, "test": 12}}})
+        run.write_json(RunPaths.comparison, [{"benchmark": b["name"], "tuned": 0.5} for b in benchmarks])
+        for b in benchmarks:
+            run.write_json(RunPaths.benchmark_summary(b["name"], "tuned"), {
+                "name": b["name"], "score": 0.5, "n": b["limit"], "comparability_key": b["name"],
+                "provenance": {"note": f"{b['name']} fixture"}})
+    result = compare_runs(str(tmp_path), "a", "b")
+    assert [s for s in result["settings"] if s["differs"]] == [
+        {"setting": "benchmarks[gsm8k].limit", "a": 10, "b": 20, "differs": True},
+        {"setting": "benchmarks[mmlu]", "a": "(not in its benchmarks)", "b": {"limit": 20}, "differs": True}]
+    assert [s["setting"] for s in result["settings"]] == ["benchmarks[gsm8k].limit", "benchmarks[gsm8k].num_fewshot",
+                                                          "benchmarks[mmlu]", "training.learning_rate"]
+    mmlu = next(r for r in result["scores"] if r["benchmark"] == "mmlu")
+    assert (mmlu["a"], mmlu["source"]) == (None, "B: mmlu fixture"), mmlu
+    shown = subprocess.run([str(Path(sys.executable).parent / "smolflow"), "compare", "a", "b", "--root", str(tmp_path)],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert next(line for line in lines if line.startswith("mmlu")).split()[:3] == ["mmlu", "-", "0.5"], shown.stdout
+    assert "None" not in shown.stdout and "{'source'" not in shown.stdout, shown.stdout
+    assert "Data: fixture:x · rows 64 train / 12 test · fingerprint ffffffffffff (both)" in lines, shown.stdout
+
+
 def test_a_run_that_catches_prefects_timeout_is_ended_again(tmp_path, monkeypatch):
     """Prefect raises its flow timeout once, where the flow's code happens to be: code that catches it
     there (a library's `except asyncio.CancelledError`) let a run train on for good (CI: a 10.8 s limit,
