@@ -187,7 +187,7 @@ def cmd_runs(args: argparse.Namespace, rest: list[str]) -> int:
     if args.json:
         print(json.dumps(rows, indent=2), flush=True)
         return 0
-    shown = [r | {"promoted": "yes" if r["promoted"] else "",
+    shown = [r | {"started": _when(r["started"]), "promoted": "yes" if r["promoted"] else "",
                   "loss (train/eval)": _losses(r["losses"]) if r["losses"] else "",
                   "scores": " ".join(f"{k}={v}" for k, v in r["scores"].items()),
                   "source": "; ".join(sorted(set(r["sources"].values()))),
@@ -228,6 +228,16 @@ def _dataset(data: dict) -> str:
     rows = " / ".join(f"{n} {split}" for split, n in (data.get("rows") or {}).items())
     return (f"{data.get('source') or 'unknown'}" + (f" · rows {rows}" if rows else "")
             + (f" · fingerprint {data['fingerprint'][:12]}" if data.get("fingerprint") else "")) if data else "none recorded"
+
+
+def _when(started: str) -> str:
+    """'2026-12-07 18:12:26 UTC' from status.json's ISO time (seconds are enough to tell runs apart)."""
+    import datetime as dt
+
+    try:
+        return dt.datetime.fromisoformat(started).astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except ValueError:  # a run from before status.json's start time: its id's timestamp
+        return started
 
 
 def _losses(losses: dict) -> str:

@@ -157,9 +157,11 @@ def test_runs_and_compare_show_each_runs_training_loss(tmp_path):
         {"setting": "judge.max_new_tokens", "a": 8, "b": "None (= sampling.max_new_tokens 8)", "differs": False},
         {"setting": "sampling.max_new_tokens", "a": 8, "b": 8, "differs": False}]
     assert [s["differs"] for s in compare_runs(str(tmp_path), "n1", "n3")["settings"]] == [True, True]
+    root.child("runs", "n1").write_json("status.json", {"state": "complete", "started_at": "2026-12-07T18:12:26.921298+00:00"})
     shown = subprocess.run([str(Path(sys.executable).parent / "smolflow"), "runs", "--root", str(tmp_path)],
                            capture_output=True, text=True, timeout=120).stdout
     assert "loss (train/eval)" in shown and "1.9543/1.8424" in shown
+    assert " 2026-12-07 18:12:26 UTC " in shown, shown  # not the ISO string with its microseconds
 
 
 def test_run_timeout_reads_hours_and_refuses_nonsense(monkeypatch):
