@@ -118,6 +118,10 @@ def write_report(
     judged = read(RunPaths.judge_summary)
     if judged:
         judged = {k: judged.get(k) for k in ("win_rate", "stderr", "n", "wins", "ties", "losses", "parse_failures")}
-    return {"run": run_uri, "model": run.url(RunPaths.model), "training": read(RunPaths.metrics),
+    metrics = read(RunPaths.metrics)
+    # As the benchmarks' rows are: 4 decimals, counts as counts (training/metrics.json keeps the rest)
+    metrics = metrics and {k: (int(v) if float(v).is_integer() else round(v, 4)) if isinstance(v, float) else v
+                           for k, v in metrics.items()}
+    return {"run": run_uri, "model": run.url(RunPaths.model), "training": metrics,
             "benchmarks": read(RunPaths.comparison) or [], "judge": judged,
             "report": run.url(RunPaths.report_html)}
