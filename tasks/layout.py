@@ -105,6 +105,7 @@ class RunPaths:
 
 # Report sections in the order report.md shows them; each is written by the stage named.
 SECTIONS = (
+    ("summary", "Summary", "reporting"),
     ("links", "Links", "reporting"),
     ("config", "Configuration", "reporting"),
     ("data", "Data", "data, tokenization"),

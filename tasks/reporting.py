@@ -2,8 +2,8 @@
 report.html, and show it in the Prefect UI.
 
 Each stage saves its own results and writes its own section (`report/sections/<name>.md`, see
-tasks/layout.py SECTIONS); this module adds only the run-wide ones (links, configuration, score
-trend) and joins them in order. A section a stage did not write (judge off, no benchmarks) is
+tasks/layout.py SECTIONS); this module adds only the run-wide ones (summary, links, configuration,
+score trend) and joins them in order. A section a stage did not write (judge off, no benchmarks) is
 left out.
 """
 
@@ -32,6 +32,37 @@ def config_markdown(config: dict | None, resolved: dict | None = None) -> str:
     autos = "".join(f"- `{k}`: `auto` → {v}\n" for k, v in (resolved or {}).items() if v)
     autos = f"Resolved on this machine:\n\n{autos}\n" if autos else ""
     return f"{autos}```yaml\n{yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=100)}```\n"
+
+
+def summary_markdown(run: ArtifactStore) -> str:
+    """The run in a few lines, read back from what the stages saved (their sections have the rest):
+    the gate's verdict, training, each benchmark, the judge. What a reader of a night looks for first,
+    above the configuration."""
+    read = lambda rel: run.read_json(rel) if run.exists(rel) else None  # noqa: E731
+    first = lambda rel: run.read_text(rel).strip().split("\n\n", 1)[0] if run.exists(rel) else None  # noqa: E731
+    lines = []
+    if verdict := first(RunPaths.section("gate")):  # the gate's own words: "**Promoted**, compared with ..."
+        reasons = (read(RunPaths.gate) or {}).get("reasons") or []
+        lines.append(f"- {verdict}" + "".join(f"\n  - {reason}" for reason in reasons))
+    metrics, health = read(RunPaths.metrics), first(RunPaths.section("health"))
+    if metrics and isinstance(metrics.get("eval_loss"), (int, float)):
+        lines.append(f"- training: {int(metrics.get('steps') or 0)} steps, eval loss {metrics['eval_loss']:.4f}"
+                     + (f" · {health}" if health else ""))
+    for r in read(RunPaths.comparison) or []:
+        if "tuned" not in r:  # smolflow eval: one model's score
+            lines.append(f"- {r['benchmark']}: {r['score']:.4f} (n={r['n']}, {r['source']})")
+            continue
+        change = ("not comparable with the base's" if r["delta"] is None else
+                  f"{r['delta']:+.4f}, {'beyond' if r['beyond_noise'] else 'within'} noise" if r["stderr"] is not None
+                  else f"{r['delta']:+.4f}, noise unknown")
+        lines.append(f"- {r['benchmark']}, base → tuned: {r['base']:.4f} → {r['tuned']:.4f} ({change}; n={r['n']}, {r['source']})")
+    judge = read(RunPaths.judge_summary)
+    if judge:
+        rate = ("n/a (no pair judged in both orders)" if judge.get("win_rate") is None else
+                f"{judge['win_rate']:.1f}%" + (f" ± {judge['stderr']:.1f}" if judge.get("stderr") is not None else ""))
+        lines.append(f"- judge: the tuned model's win rate {rate} against "
+                     f"{(judge.get('settings') or {}).get('reference')!r} (n={judge['n']} of {judge.get('pairs')} pairs)")
+    return "\n".join(lines) + "\n" if lines else "Nothing measured yet.\n"
 
 
 def links_markdown(run: ArtifactStore, about: dict[str, str | None]) -> str:
@@ -98,6 +129,7 @@ def write_report(
     run.write_text(RunPaths.section("links"), links_markdown(run, about or {}))
     resolved = run.read_json(RunPaths.resolved) if run.exists(RunPaths.resolved) else None
     run.write_text(RunPaths.section("config"), config_markdown(config, resolved))
+    run.write_text(RunPaths.section("summary"), summary_markdown(run))
     if root:
         trend_md, trend_png = write_trend(root, run_uri, trend_runs)
         run.write_text(RunPaths.section("trend"), f"![trend](../{RunPaths.trend})\n\n{trend_md}")

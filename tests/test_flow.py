@@ -152,6 +152,17 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     assert summary["training"]["steps"] == 3 and summary["training"]["eval_loss"] > 0
     report = store.fs.cat(store._path("report/report.md")).decode()
     assert "## Benchmarks (base vs tuned)" in report and "| gsm8k |" in report and "| custom/capitals |" in report
+    # First, the night in a few lines (the configuration's YAML came first): verdict, training, scores, judge.
+    head = report.split("## Summary\n\n", 1)[1].split("\n## ", 1)[0].splitlines()
+    gsm8k = summary["benchmarks"][0]
+    gate = store.read_json("gate/decision.json")
+    assert head[0].startswith("- **Promoted**" if gate["promote"] else "- **Not promoted**"), head
+    assert head[0].endswith("compared with the base model (first run: nothing promoted yet)."), head
+    reasons, head = head[1:1 + len(gate["reasons"])], head[1 + len(gate["reasons"]):]
+    assert reasons == [f"  - {reason}" for reason in gate["reasons"]], reasons  # why not, under the verdict
+    assert head[0].startswith(f"- training: 3 steps, eval loss {summary['training']['eval_loss']:.4f} · "), head
+    assert head[1].startswith(f"- gsm8k, base → tuned: {gsm8k['base']:.4f} → {gsm8k['tuned']:.4f} ("), head
+    assert head[2].startswith("- custom/capitals, base → tuned: ") and head[3].startswith("- judge: "), head
     assert "## Judge (tuned vs reference)" in report and f"n={judge['n']} of {judge['pairs']} pairs" in report
     tokens = store.read_json("data/token_lengths.json")
     assert tokens["splits"]["train"]["rows"] == manifest["dataset"]["rows"]["train"]
