@@ -225,9 +225,11 @@ def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _dataset(data: dict) -> str:
+    if not data:
+        return "none recorded"
     rows = " / ".join(f"{n} {split}" for split, n in (data.get("rows") or {}).items())
     return (f"{data.get('source') or 'unknown'}" + (f" · rows {rows}" if rows else "")
-            + (f" · fingerprint {data['fingerprint'][:12]}" if data.get("fingerprint") else "")) if data else "none recorded"
+            + (f" · fingerprint {data['fingerprint'][:12]}" if data.get("fingerprint") else ""))
 
 
 def _when(started: str) -> str:

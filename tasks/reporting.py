@@ -48,20 +48,22 @@ def summary_markdown(run: ArtifactStore) -> str:
     if metrics and isinstance(metrics.get("eval_loss"), (int, float)):
         lines.append(f"- training: {int(metrics.get('steps') or 0)} steps, eval loss {metrics['eval_loss']:.4f}"
                      + (f" · {health}" if health else ""))
-    for r in read(RunPaths.comparison) or []:
-        if "tuned" not in r:  # smolflow eval: one model's score
-            lines.append(f"- {r['benchmark']}: {r['score']:.4f} (n={r['n']}, {r['source']})")
-            continue
+    for rel in sorted(run.glob(f"{RunPaths.benchmarks}/**/model.summary.json")):  # smolflow eval: one model
+        s = run.read_json(rel)
+        provenance = s.get("provenance") or {}
+        lines.append(f"- {s['name']}: {s['score']:.4f} (n={s['n']}, {provenance.get('note') or provenance.get('source')})")
+    for r in read(RunPaths.comparison) or []:  # a fine-tune: base and tuned
         change = ("not comparable with the base's" if r["delta"] is None else
                   f"{r['delta']:+.4f}, {'beyond' if r['beyond_noise'] else 'within'} noise" if r["stderr"] is not None
                   else f"{r['delta']:+.4f}, noise unknown")
-        lines.append(f"- {r['benchmark']}, base → tuned: {r['base']:.4f} → {r['tuned']:.4f} ({change}; n={r['n']}, {r['source']})")
+        lines.append(f"- {r['benchmark']}, base → tuned: {r['base']:.4f} → {r['tuned']:.4f} "
+                     f"({change}; n={r['n']}, {r['source']})")
     judge = read(RunPaths.judge_summary)
     if judge:
         rate = ("n/a (no pair judged in both orders)" if judge.get("win_rate") is None else
                 f"{judge['win_rate']:.1f}%" + (f" ± {judge['stderr']:.1f}" if judge.get("stderr") is not None else ""))
-        lines.append(f"- judge: the tuned model's win rate {rate} against "
-                     f"{(judge.get('settings') or {}).get('reference')!r} (n={judge['n']} of {judge.get('pairs')} pairs)")
+        reference = (judge.get("settings") or {}).get("reference")
+        lines.append(f"- judge: win rate {rate} against {reference!r} (n={judge['n']} of {judge.get('pairs')} pairs)")
     return "\n".join(lines) + "\n" if lines else "Nothing measured yet.\n"
 
 

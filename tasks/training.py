@@ -268,8 +268,8 @@ def _train_sft(base: ModelRef, tokenized: TokenizedRef, cfg: TrainingConfig, run
     metrics = fitted["metrics"] | {"resumed_from_step": float(resumed_from)}
     log.info("Training done: %s", metrics)
     return TrainResult(
-        model=ModelRef(source=f"tuned from {resolve_source(base.source)}" + (" (LoRA, merged)" if cfg.peft else ""), path=uri,
-                       fingerprint=fingerprint),
+        model=ModelRef(source=f"tuned from {resolve_source(base.source)}" + (" (LoRA, merged)" if cfg.peft else ""),
+                       path=uri, fingerprint=fingerprint),
         metrics=metrics,
         log_history=fitted["log_history"],
         trainer_args=fitted["trainer_args"],

@@ -48,8 +48,9 @@ def test_eval_runs_lists_and_compares(env, tiny_model_dir, tmp_path):
     [row] = summary["benchmarks"]
     assert row["benchmark"] == "gsm8k" and row["model"] == "model" and row["n"] == 2 == saved["n"]
     assert row["score"] == round(saved["score"], 4) and row["comparability_key"] == saved["comparability_key"]
-    assert f"| gsm8k | model | {saved['metric']} | 2 | {saved['score']:.4f} |" in (
-        root / "runs/eval-a/report/report.md").read_text()
+    report = (root / "runs/eval-a/report/report.md").read_text()
+    assert f"| gsm8k | model | {saved['metric']} | 2 | {saved['score']:.4f} |" in report
+    assert f"## Summary\n\n- gsm8k: {saved['score']:.4f} (n=2, " in report  # one model: its score, no base → tuned
     # The evaluated model of a run id is that run's model: same fingerprint, so the cached score is reused.
     # No API URL set, but `smolflow serve`'s server (here the session's) answers: the run reports to it.
     unset = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | {"SMOLFLOW_LOCAL_SERVER": env["PREFECT_API_URL"]}

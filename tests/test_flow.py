@@ -197,9 +197,11 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     last_loss = [h["loss"] for h in history if "loss" in h][-1]
     assert recorded["summary"]["train/loss"] == last_loss
     saved = json.loads((Path(run_uri) / "training/metrics.json").read_text())
-    assert recorded["summary"]["eval_loss"] == saved["eval_loss"] == pytest.approx(summary["training"]["eval_loss"], abs=5e-5)
+    assert recorded["summary"]["eval_loss"] == saved["eval_loss"]
+    assert saved["eval_loss"] == pytest.approx(summary["training"]["eval_loss"], abs=5e-5)
     # What `smolflow run` prints: 4 decimals and counts, not 1.8705527861913045 and `steps: 30.0`
-    assert summary["training"]["eval_loss"] == round(saved["eval_loss"], 4) and type(summary["training"]["steps"]) is int
+    assert summary["training"]["eval_loss"] == round(saved["eval_loss"], 4)
+    assert type(summary["training"]["steps"]) is int
     assert {"samples", "benchmarks", "judge_pairs"} <= set(recorded["summary"])  # the tables
     assert recorded["summary"]["judge/wins"] == judge["wins"]
     bench = summary["benchmarks"][0]

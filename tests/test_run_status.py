@@ -157,7 +157,8 @@ def test_runs_and_compare_show_each_runs_training_loss(tmp_path):
         {"setting": "judge.max_new_tokens", "a": 8, "b": "None (= sampling.max_new_tokens 8)", "differs": False},
         {"setting": "sampling.max_new_tokens", "a": 8, "b": 8, "differs": False}]
     assert [s["differs"] for s in compare_runs(str(tmp_path), "n1", "n3")["settings"]] == [True, True]
-    root.child("runs", "n1").write_json("status.json", {"state": "complete", "started_at": "2026-12-07T18:12:26.921298+00:00"})
+    root.child("runs", "n1").write_json("status.json", {"state": "complete",
+                                                        "started_at": "2026-12-07T18:12:26.921298+00:00"})
     shown = subprocess.run([str(Path(sys.executable).parent / "smolflow"), "runs", "--root", str(tmp_path)],
                            capture_output=True, text=True, timeout=120).stdout
     assert "loss (train/eval)" in shown and "1.9543/1.8424" in shown
@@ -294,8 +295,8 @@ def test_compare_shows_one_benchmarks_changed_setting_and_a_benchmark_one_run_la
                                                           "benchmarks[mmlu]", "training.learning_rate"]
     mmlu = next(r for r in result["scores"] if r["benchmark"] == "mmlu")
     assert (mmlu["a"], mmlu["source"]) == (None, "B: mmlu fixture"), mmlu
-    shown = subprocess.run([str(Path(sys.executable).parent / "smolflow"), "compare", "a", "b", "--root", str(tmp_path)],
-                           capture_output=True, text=True, timeout=120)
+    shown = subprocess.run([str(Path(sys.executable).parent / "smolflow"), "compare", "a", "b", "--root",
+                            str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
     assert next(line for line in lines if line.startswith("mmlu")).split()[:3] == ["mmlu", "-", "0.5"], shown.stdout
