@@ -287,6 +287,21 @@ def log_run_files(wb_run, run) -> list[str]:
     return names
 
 
+_SUMMARY_NOTE = "Summary (the report's):\n"
+
+
+def note_summary(wb_run, run) -> None:
+    """The report's summary (verdict, training, scores, judge) in the W&B run's notes, after the
+    Prefect link there: what the runs table and the run's overview show without opening a file."""
+    from tasks.layout import RunPaths
+
+    if wb_run is None or not run.exists(RunPaths.section("summary")):
+        return
+    summary = run.read_text(RunPaths.section("summary")).strip().replace("**", "")
+    before = (wb_run.notes or "").split(_SUMMARY_NOTE, 1)[0].rstrip()  # a resumed run's earlier attempt's goes
+    wb_run.notes = (f"{before}\n\n" if before else "") + _SUMMARY_NOTE + summary
+
+
 def log_eval_wandb(wb_run, run, scores: dict, judge) -> None:
     """An eval run's W&B run (smolflow eval), before its manifest: the scores table, bench/<name>/*
     keys named as a fine-tune's (its model is the `tuned` one), the judge's pairs and summary, the
@@ -309,6 +324,7 @@ def log_eval_wandb(wb_run, run, scores: dict, judge) -> None:
         wb_run.log({"benchmarks": table} | tables)
         wb_run.summary.update(summary | judged)
         log_run_files(wb_run, run)
+    note_summary(wb_run, run)
 
 
 def close_wandb(wb_run, run, local_dir: Path) -> None:
@@ -361,6 +377,7 @@ def log_wandb(wb_run, run, trained, before, after, scores: dict, health, judge=N
                 summary["train_runtime"] = 0.0  # no training time was spent in this run
         log_results(wb_run, before, after, scores, summary, health, judge)
         log_run_files(wb_run, run)
+    note_summary(wb_run, run)
     return earlier
 
 

@@ -158,6 +158,8 @@ def test_eval_of_the_builtin_model_scores_the_default_benchmark_into_wandb(env, 
     # An eval run is a W&B run too (it once logged nothing): scores, the table, the report's files.
     recorded = wandb_summary(tmp_path / "runs/builtin")
     assert recorded["summary"]["bench/gsm8k/tuned"] == round(summary["score"], 4)  # named as a fine-tune's
+    # no Prefect link here (no UI): the notes are the report's summary alone
+    assert recorded["notes"].startswith(f"Summary (the report's):\n- gsm8k: {summary['score']:.4f} (n=1, "), recorded
     assert "benchmarks" in recorded["summary"] and recorded["config"]["model"] == "builtin:smollm2-135m-instruct"
     files = {p.name for p in (tmp_path / "runs/builtin/wandb").rglob("*") if p.is_file()}
     assert "report.md" in files  # the run folder's files, copied into the W&B run

@@ -203,6 +203,10 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     assert summary["training"]["eval_loss"] == round(saved["eval_loss"], 4)
     assert type(summary["training"]["steps"]) is int
     assert {"samples", "benchmarks", "judge_pairs"} <= set(recorded["summary"])  # the tables
+    # The report's summary in the run's notes (W&B's runs table and overview), after the Prefect link
+    notes = recorded["notes"]
+    assert notes.startswith("Prefect flow run: http") and "\n\nSummary (the report's):\n- " in notes, notes
+    assert f"- gsm8k, base → tuned: {summary['benchmarks'][0]['base']:.4f} → " in notes and "**" not in notes, notes
     assert recorded["summary"]["judge/wins"] == judge["wins"]
     bench = summary["benchmarks"][0]
     assert recorded["summary"]["bench/gsm8k/tuned"] == pytest.approx(bench["tuned"], abs=1e-4)
