@@ -18,7 +18,11 @@ class BenchmarkConfig(Section):
     """One benchmark to score the base and the tuned model on."""
 
     name: Literal[BENCHMARKS] = Field("gsm8k", description=f"One of: {', '.join(BENCHMARKS)}.")
-    limit: int | None = Field(10, ge=1, description="Score at most this many items (None: all).")
+    limit: int | None = Field(
+        10, ge=1,
+        description="Score at most this many items; for MMLU and BBH per subject/task, as lm-eval's --limit "
+        "(10 on MMLU's 57 subjects: up to 570 items). None: all.",
+    )
     num_fewshot: int | None = Field(None, ge=0, description="None: the benchmark's reference setting.")
     data: str = Field(
         "auto",

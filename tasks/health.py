@@ -161,9 +161,8 @@ def check_format(samples: list[Sample]) -> Sign:
     no_eos = [s.prompt for s in samples if not s.stopped_at_eos and s.ends_within is None]
     broken = [s.prompt for s in samples if ROLE_LINE.search(s.completion)]
     fired = bool(no_eos or broken)
-    parts = [f"{len(no_eos)}/{len(samples)} samples did not stop at EOS"
-             + (f" (not within {RUNAWAY_FACTOR}x the token limit)" if any(not s.stopped_at_eos for s in samples) else "")
-             ] if no_eos else []
+    parts = [f"{len(no_eos)}/{len(samples)} samples did not stop at EOS, not even let go on to {RUNAWAY_FACTOR}x "
+             f"sampling.max_new_tokens: a runaway answer (e.g. to {no_eos[0]!r})"] if no_eos else []
     parts += [f"{len(broken)}/{len(samples)} contain role tags or template tokens (e.g. {broken[0]!r})"] if broken else []
     longer = (f"; {len(long)} longer than the token limit ended at "
               f"{', '.join(str(s.ends_within) for s in long)} tokens") if long else ""

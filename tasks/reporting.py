@@ -42,7 +42,10 @@ def summary_markdown(run: ArtifactStore) -> str:
     first = lambda rel: run.read_text(rel).strip().split("\n\n", 1)[0] if run.exists(rel) else None  # noqa: E731
     lines = []
     if verdict := first(RunPaths.section("gate")):  # the gate's own words: "**Promoted**, compared with ..."
-        reasons = (read(RunPaths.gate) or {}).get("reasons") or []
+        decision = read(RunPaths.gate) or {}
+        weak = [line.split(":", 1)[0] for line in decision.get("weak") or []]
+        reasons = (decision.get("reasons") or []) + ([f"weak evidence (a drop could pass unseen): {', '.join(weak)}; "
+                                                      "the gate section says how to sharpen it"] if weak else [])
         lines.append(f"- {verdict}" + "".join(f"\n  - {reason}" for reason in reasons))
     metrics, health = read(RunPaths.metrics), first(RunPaths.section("health"))
     if metrics and isinstance(metrics.get("eval_loss"), (int, float)):
@@ -63,7 +66,8 @@ def summary_markdown(run: ArtifactStore) -> str:
         rate = ("n/a (no pair judged in both orders)" if judge.get("win_rate") is None else
                 f"{judge['win_rate']:.1f}%" + (f" ± {judge['stderr']:.1f}" if judge.get("stderr") is not None else ""))
         reference = (judge.get("settings") or {}).get("reference")
-        lines.append(f"- judge: win rate {rate} against {reference!r} (n={judge['n']} of {judge.get('pairs')} pairs)")
+        weak = "; " + judge["note"].split(":", 1)[0] + " (see the judge section)" if judge.get("note") else ""
+        lines.append(f"- judge: win rate {rate} against {reference!r} (n={judge['n']} of {judge.get('pairs')} pairs{weak})")
     return "\n".join(lines) + "\n" if lines else "Nothing measured yet.\n"
 
 

@@ -266,7 +266,9 @@ def _train_sft(base: ModelRef, tokenized: TokenizedRef, cfg: TrainingConfig, run
     remove_checkpoints(run, work)  # the final model supersedes them; they are GBs on real models
     release_work(work, run, fingerprint)
     metrics = fitted["metrics"] | {"resumed_from_step": float(resumed_from)}
-    log.info("Training done: %s", metrics)
+    log.info("Training done: %d steps in %.0f s, train loss %.4f, eval loss %.4f (all figures: training/metrics.json)",
+             metrics.get("steps", 0), metrics.get("train_runtime_s", 0), metrics.get("train_loss", math.nan),
+             metrics.get("eval_loss", math.nan))
     return TrainResult(
         model=ModelRef(source=f"tuned from {resolve_source(base.source)}" + (" (LoRA, merged)" if cfg.peft else ""),
                        path=uri, fingerprint=fingerprint),

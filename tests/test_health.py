@@ -92,7 +92,7 @@ def test_an_answer_longer_than_the_limit_is_told_from_one_that_never_ends(builti
         f"ended at {hello.ends_within} tokens"
     loud = check_format([hello, story])
     assert loud.fired and loud.numbers["no_eos"] == 1
-    assert loud.summary.startswith("1/2 samples did not stop at EOS (not within 4x the token limit)")
+    assert loud.summary.startswith("1/2 samples did not stop at EOS, not even let go on to 4x sampling.max_new_tokens")
 
 
 def test_short_histories_do_not_fire_and_say_why():

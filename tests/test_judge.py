@@ -426,14 +426,22 @@ def test_an_endpoint_that_cannot_judge_is_named_with_the_setting_to_fix(served_j
     assert is_transient(err.value)
 
 
-def test_stderr_is_na_for_few_pairs_or_all_ties_and_the_builtin_judge_is_called_weak(judgement_cache):
+def test_stderr_is_na_for_few_pairs_or_all_ties_and_the_builtin_judge_is_called_weak(judgement_cache, tmp_path):
     from tasks.judge import WEAK_JUDGE
 
     many = [f"Q{i}" for i in range(12)]
     tied = judge(AlwaysA(), many, [f"t{i}" for i in range(12)], [f"r{i}" for i in range(12)],
-                 settings={"backend": "local", "judge_model": "auto"})
+                 settings={"backend": "local", "judge_model": "auto", "reference": "base"})
     assert (tied.n, tied.ties, tied.stderr, tied.stderr_note) == (12, 12, None, "every pair tied")
     assert tied.note == WEAK_JUDGE and "weak judge" in tied.note and "near 50%" in tied.note
+    # ... and the report's summary says so next to the win rate, not only the judge's section
+    from tasks.layout import RunPaths
+    from tasks.reporting import summary_markdown
+    from tasks.storage import ArtifactStore
+
+    run = ArtifactStore(str(tmp_path / "run"))
+    run.write_json(RunPaths.judge_summary, tied.model_dump(exclude={"records"}))
+    assert summary_markdown(run) == "- judge: win rate 50.0% against 'base' (n=12 of 12 pairs; weak judge (see the judge section))\n"
     mixed = judge(PrefersStar(), many, [f"t{i}★" if i % 3 else f"t{i}" for i in range(12)], [f"r{i}" for i in range(12)],
                   settings={"backend": "openai", "judge_model": "big"})
     assert mixed.n == 12 and mixed.stderr is not None and mixed.stderr_note is None and mixed.note is None
