@@ -83,4 +83,5 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
         # Last, so a failure above closes the W&B run failed (close_on_stop); the manifest is re-hashed.
         close_wandb(wb, run, work)
         drop_work_dir(run_id)
+        summary.pop("training", None)  # nothing trained here: `training: null` in what it prints said nothing
         return summary | {"model": model.path, "benchmarks": rows, "manifest": run.url(RunPaths.manifest)}

@@ -46,6 +46,7 @@ def test_eval_runs_lists_and_compares(env, tiny_model_dir, tmp_path):
     saved = json.loads((root / "runs/eval-a/benchmarks/gsm8k/model.summary.json").read_text())
     # What it prints is what it saved: the model's score (an eval run once printed `benchmarks: []`).
     [row] = summary["benchmarks"]
+    assert "training" not in summary, summary  # nothing trained: no `training: null`
     assert row["benchmark"] == "gsm8k" and row["model"] == "model" and row["n"] == 2 == saved["n"]
     assert row["score"] == round(saved["score"], 4) and row["comparability_key"] == saved["comparability_key"]
     report = (root / "runs/eval-a/report/report.md").read_text()
