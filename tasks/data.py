@@ -93,6 +93,9 @@ class BadRowsError(ValueError):
     pass
 
 
+FIX_ROWS = "Fix or remove these rows, or set data.bad_rows='drop' to train without them."
+
+
 def num_proc_for(rows: int, num_proc: int | None = None) -> int | None:
     """`num_proc` for a map over `rows` rows: None (this process) for small data, every core for
     big data. Never 1: datasets would still start one worker process for it."""
@@ -279,9 +282,7 @@ def check_rows(ds, split: str, policy: str = "strict", num_proc: int | None = No
     shown = "; ".join(f"{where(i)}: {reason(i)}" for i in rejected[:5])
     if len(rejected) and policy == "strict":
         raise BadRowsError(
-            f"{len(rejected)} bad row(s) in split {split!r}: {shown}. Fix or remove these rows, "
-            "or set data.bad_rows='drop' to train without them."
-        )
+            f"{len(rejected)} bad row(s) in split {split!r}: {shown}. {FIX_ROWS}")
     counts: dict[str, int] = {}
     if duplicate.any():
         counts["duplicate row"] = int(duplicate.sum())
@@ -421,18 +422,26 @@ def load_chat_dataset(cfg: DataConfig, special_tokens: list[str] | None = None) 
     layout = layout_of(raw[cfg.train_split])
     limits = {"train": cfg.max_train_rows, "test": cfg.max_test_rows}
     escape = cfg.special_tokens_in_text == "escape"
+    bad = []  # strict: both splits' bad rows in one message, not the test split's only once the train split's are fixed
     for key, split in (("train", cfg.train_split), ("test", cfg.test_split)):
         ds, limit = as_messages(raw[split], split), limits[key]
         if cfg.shuffle:  # before the limit, so a limit takes a seed-fixed random sample
             ds = ds.shuffle(seed=cfg.seed)
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
-        ds, dropped[key], found, rewritten[key] = check_rows(ds, split, cfg.bad_rows, tokens=tokens, escape=escape,
-                                                             origin=origins[split])
+        try:
+            ds, dropped[key], found, rewritten[key] = check_rows(ds, split, cfg.bad_rows, tokens=tokens, escape=escape,
+                                                                 origin=origins[split])
+        except BadRowsError as err:
+            bad.append(str(err))
+            continue
         if rewritten[key]:
             log.info("Rewrote rows of split %r (kept): %s", split, rewritten[key])
         shapes = {s: shapes[s] + found[s] for s in SHAPES}
         splits[key] = ds.select_columns(["messages"])
+    if bad:
+        fix = f" {FIX_ROWS}" if any(b.endswith(FIX_ROWS) for b in bad) else ""
+        raise BadRowsError(" ".join(b.removesuffix(fix) for b in bad) + fix)
     fingerprint = hashlib.sha256("".join(ds._fingerprint for ds in splits.values()).encode()).hexdigest()
     target = cache_dir("datasets") / fingerprint[:16]
     if not (target / "dataset_dict.json").exists():

@@ -58,6 +58,19 @@ def test_a_file_mixing_row_shapes_names_each_bad_row_by_file_and_line(tmp_path):
     assert "could not read" not in message and f"{f}:5" not in message
 
 
+def test_bad_rows_of_both_splits_are_named_in_one_message(tmp_path):
+    """Not the test split's only once the train split's are fixed: one round of fixes, not two."""
+    _mixed_file(tmp_path)
+    _write(tmp_path / "test.jsonl", [json.dumps(_chat(2)), json.dumps({"messages": [{"role": "user", "content": "?"}]})])
+    with pytest.raises(BadRowsError) as err:
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    message = str(err.value)
+    assert message.startswith("4 bad row(s) in split 'train': "), message
+    assert f" 1 bad row(s) in split 'test': {tmp_path / 'test.jsonl'}:2: no assistant turn to learn from. " in message
+    assert message.endswith(". Fix or remove these rows, or set data.bad_rows='drop' to train without them."), message
+    assert message.count("Fix or remove") == 1, message
+
+
 def test_drop_mode_keeps_the_good_rows_of_a_mixed_file(tmp_path):
     from datasets import load_from_disk
 
