@@ -25,6 +25,11 @@ BASE_RATING = 1000.0
 RIDGE = 1e-4  # in logit units: shifts a rating by far less than a point when the data decide it
 OUTCOMES = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
 NO_DIFFERENCE = "No significant difference between any two models (95% bootstrap, Bonferroni over the pairs)."
+# Resampling only ties gives only ties: every interval shrinks to its point, which reads as certainty.
+ALL_TIES = ("Every battle was a tie: no model was told apart from another, and the intervals' zero width comes "
+            "from that, not from certainty. A judge that ties everything (the built-in SmolLM2-135M-Instruct "
+            "names the same position whatever the order) tells nothing: point the arena's judge at a stronger "
+            "model, or vote on the page (smolflow arena serve).")
 
 
 def _counts(battles: list[dict[str, Any]], models: list[str]) -> np.ndarray:
@@ -98,7 +103,8 @@ def fit_ratings(battles: list[dict[str, Any]], models: list[str], anchor: str,
     family_tail = tail / pairs
     better = [[a, b] for i, a in enumerate(models) for j, b in enumerate(models)
               if i != j and n and np.percentile(samples[:, i] - samples[:, j], family_tail) > 0]
-    return {"ratings": ratings, "better": better}
+    decided = int(np.count_nonzero(battles_rows[:, 2] != 0.5))
+    return {"ratings": ratings, "better": better, "battles": n, "decided": decided}
 
 
 def overlapping(ratings: dict[str, dict[str, float]]) -> bool:
@@ -115,8 +121,9 @@ def leaderboard(fit: dict[str, Any], names: dict[str, str] | None = None) -> dic
              **{k: round(v, 1) if isinstance(v, float) else v for k, v in r.items()}}
             for m, r in sorted(ratings.items(), key=lambda kv: -kv[1]["rating"])]
     shown = [[names.get(a, a), names.get(b, b)] for a, b in better]
-    verdict = NO_DIFFERENCE if not better else ("Significant differences (95% bootstrap, Bonferroni over the "
-                                                "pairs): " + "; ".join(f"{a} > {b}" for a, b in shown))
+    verdict = (ALL_TIES if fit.get("battles") and not fit.get("decided") else NO_DIFFERENCE if not better else
+               "Significant differences (95% bootstrap, Bonferroni over the pairs): "
+               + "; ".join(f"{a} > {b}" for a, b in shown))
     return {"rows": rows, "significant": shown, "verdict": verdict}
 
 

@@ -4,7 +4,7 @@ come back, a weak tie-heavy judge finds no difference, and the scheduler asks cl
 import numpy as np
 import pytest
 
-from tasks.arena import NO_DIFFERENCE, fit_ratings, leaderboard, overlapping, schedule, win_probability
+from tasks.arena import ALL_TIES, NO_DIFFERENCE, fit_ratings, leaderboard, overlapping, schedule, win_probability
 
 TRUE = {"base": 1000, "m1": 1120, "m2": 880, "m3": 1240, "m4": 940, "m5": 1060}
 
@@ -52,6 +52,21 @@ def test_weak_tie_heavy_judge_gives_overlapping_intervals_and_says_no_significan
     board = leaderboard(fit)
     assert board["verdict"] == NO_DIFFERENCE and board["significant"] == []
     assert {r["rank"] for r in board["rows"]} == {1}
+
+
+def test_only_ties_are_not_read_as_certainty():
+    """The built-in judge tied all 24 battles of a real arena: every interval was '1000 to 1000'
+    under 'No significant difference', as if the models were measured equal to the point."""
+    battles = [{"model_a": a, "model_b": b, "outcome": o} for a, b in [("base", "m1"), ("m1", "m2"), ("base", "m2")]
+               for o in ("tie", "both_bad") * 4]
+    fit = fit_ratings(battles, ["base", "m1", "m2"], "base", rounds=50)
+    assert {(r["lower"], r["upper"]) for r in fit["ratings"].values()} == {(1000.0, 1000.0)}
+    assert (fit["battles"], fit["decided"]) == (24, 0)
+    assert leaderboard(fit)["verdict"] == ALL_TIES and "not from certainty" in ALL_TIES
+    # One decided battle among the ties: the usual verdict (its intervals now have width)
+    fit = fit_ratings(battles + [{"model_a": "m1", "model_b": "m2", "outcome": "a"}], ["base", "m1", "m2"], "base")
+    assert fit["decided"] == 1 and leaderboard(fit)["verdict"] == NO_DIFFERENCE
+    assert fit["ratings"]["m1"]["upper"] > fit["ratings"]["m1"]["lower"]
 
 
 def test_ties_count_half_and_a_clean_sweep_stays_finite():
