@@ -12,10 +12,9 @@ import re
 import base64
 
 from prefect import task
-from prefect.cache_policies import INPUTS, NO_CACHE
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from tasks.caching import CODE
 from tasks.generation import RUNAWAY_FACTOR, Sample
 from tasks.layout import RunPaths
 from tasks.prefect_markdown import publish_markdown
@@ -181,7 +180,9 @@ def assess(log_history: list[dict], samples: list[Sample]) -> HealthReport:
     return HealthReport(healthy=not any(s.fired for s in signs), signs=signs)
 
 
-@task(cache_policy=INPUTS + CODE, retries=1, retry_condition_fn=retry_transient)
+# Not cached: it takes milliseconds, and a key of the task's source misses the thresholds in the
+# functions above, so a cached re-run after an upgrade kept the older code's verdict (the gate reads it).
+@task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_transient)
 def assess_training(log_history: list[dict], samples: list[Sample]) -> HealthReport:
     """The seed's warning signs (overfitting, underfitting, memorisation, format) for one run."""
     from tasks.runtime import run_logger

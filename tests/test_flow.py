@@ -257,6 +257,8 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     for name in ("prepare_chat_template", "tokenize_dataset", "train_sft", "samples", "benchmark"):
         assert states[name] == {"Cached"}, states
     assert states["custom"] == {"Completed"}, states
+    # A verdict the gate reads always comes from the code that runs (a cached one kept an older code's)
+    assert states["assess_training"] == {"Completed"}, states
     second = again.result()
     assert second["run"] != run_uri and second["run"].endswith("-sweep-lr-2e-4-3")
     assert sorted(p.name for p in (tmp_path / "artifacts" / "runs").iterdir()) == sorted(
