@@ -7,6 +7,7 @@ One series per comparability key (tasks/benchmarks/provenance.py): a score on 2 
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import NamedTuple
 
 from tasks.layout import RunPaths, run_dir
@@ -20,6 +21,13 @@ class Point(NamedTuple):
     score: float
     n: int | None
     key: str | None  # comparability key; None for runs scored before keys were recorded
+    parts: dict | None = None  # what the key hashes (read where a benchmark has several keys, to name them)
+
+
+# Parts of a comparability key a label can say in words; the rest are hashes (data, items, scorer, ...).
+SAID = {"n": lambda v: f"n={v}", "num_fewshot": lambda v: f"{v}-shot", "format": str,
+        "chat_template": lambda v: "chat template" if v else "no chat template",
+        "precision": lambda v: {"bfloat16": "bf16", "float32": "fp32"}.get(v, str(v))}
 
 
 def _point(run: ArtifactStore, row: dict) -> Point:
@@ -45,23 +53,49 @@ def collect_points(root: str, current_uri: str | None = None, n: int = DEFAULT_R
     picked = [(i, store.child(run_dir(i))) for i in ids]
     if current_uri:
         picked.append((current, ArtifactStore(current_uri)))
-    rows = []
+    rows, runs = [], {}
     for run_id, run in picked[-n:]:
         if not run.exists(RunPaths.comparison):  # a run without benchmarks has no point to plot
             continue
         rows.append((run_id, {r["benchmark"]: _point(run, r) for r in run.read_json(RunPaths.comparison)}))
-    return rows
-
-
-def series(rows: list[tuple[str, dict[str, Point]]]) -> list[tuple[str, dict[str, Point]]]:
-    """Rows keyed by series: the benchmark's name while it has one comparability key, else
-    `name [key]` per key, so scores that cannot be compared never share a line."""
+        runs[run_id] = run
+    # Where a benchmark has several series, what each key stands for names it (`mmlu [format mcq]`)
     keys: dict[str, set] = {}
     for _, points in rows:
         for name, p in points.items():
             keys.setdefault(name, set()).add(p.key)
-    label = lambda name, key: name if len(keys[name]) == 1 else f"{name} [{(key or 'no key')[:8]}]"  # noqa: E731
-    return [(run_id, {label(name, p.key): p for name, p in points.items()}) for run_id, points in rows]
+    for run_id, points in rows:
+        for name, p in points.items():
+            summary = RunPaths.benchmark_summary(name, "tuned")
+            if len(keys[name]) > 1 and runs[run_id].exists(summary):
+                points[name] = p._replace(parts=runs[run_id].read_json(summary).get("comparability"))
+    return rows
+
+
+def _labels(name: str, parts: dict[str | None, dict | None]) -> dict[str | None, str]:
+    """{key: `name [what sets this series apart]`}: the differing parts said in words where they can
+    be (n=10, 5-shot, mcq, bf16), else named with the key's first 8 characters; never two alike."""
+    known = [p for p in parts.values() if p]
+    differ = [f for f in dict.fromkeys(f for p in known for f in p) if len({repr(p.get(f)) for p in known}) > 1]
+    labels = {}
+    for key, p in parts.items():
+        said = [SAID[f](p.get(f)) for f in differ if f in SAID] if p else []
+        labels[key] = ", ".join(said) or ", ".join([f for f in differ if f not in SAID] + [(key or "no key")[:8]])
+    said = Counter(labels.values())  # where the words alone do not tell two apart, their keys do
+    labels = {key: f"{label}, {(key or 'no key')[:8]}" if said[label] > 1 else label for key, label in labels.items()}
+    return {key: f"{name} [{label}]" for key, label in labels.items()}
+
+
+def series(rows: list[tuple[str, dict[str, Point]]]) -> list[tuple[str, dict[str, Point]]]:
+    """Rows keyed by series: the benchmark's name while it has one comparability key, else
+    `name [what differs]` per key, so scores that cannot be compared never share a line."""
+    parts: dict[str, dict] = {}
+    for _, points in rows:
+        for name, p in points.items():
+            parts.setdefault(name, {}).setdefault(p.key, p.parts)
+    labels = {name: {next(iter(by_key)): name} if len(by_key) == 1 else _labels(name, by_key)
+              for name, by_key in parts.items()}
+    return [(run_id, {labels[name][p.key]: p for name, p in points.items()}) for run_id, points in rows]
 
 
 def collect_scores(root: str, current_uri: str | None = None, n: int = DEFAULT_RUNS) -> list[tuple[str, dict[str, float]]]:

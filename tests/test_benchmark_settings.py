@@ -465,6 +465,30 @@ def test_trend_draws_one_series_per_comparability_key(tmp_path):
     assert "| 20260101-a |  | 1.0000 (n=2) |" in table and "| 20260102-b | 0.3000 (n=10) |  |" in table
 
 
+def test_trend_series_are_named_by_what_sets_them_apart(tmp_path):
+    """Two MMLU series were `mmlu [1ece8f6b]` and `mmlu [b5eee9ff]`: hashes a reader cannot place.
+    Now the parts of the keys that differ, in words; a hashed part alone (other data) keeps the key."""
+    from tasks.storage import ArtifactStore, write_manifest
+    from tasks.trends import collect_scores
+
+    same = {"benchmark": "gsm8k", "data": "d1", "n": 10, "num_fewshot": 5, "format": None, "precision": "float32"}
+    for run_id, key, change in [("20260101-a", "k-a", {"n": 2}), ("20260102-b", "k-b", {}),
+                                ("20260103-c", "k-c", {"num_fewshot": 0}), ("20260104-d", "k-d", {"data": "d2"}),
+                                ("20260105-e", "k-b", {})]:
+        r = ArtifactStore(str(tmp_path)).child("runs", run_id)
+        parts = same | change
+        r.write_json("benchmarks/comparison.json", [{"benchmark": "gsm8k", "n": parts["n"], "tuned": 0.5, "base": 0.0},
+                                                    {"benchmark": "bbh", "n": 3, "tuned": 0.1, "base": 0.0}])
+        r.write_json("benchmarks/gsm8k/tuned.summary.json", {"n": parts["n"], "comparability_key": key, "comparability": parts})
+        r.write_json("benchmarks/bbh/tuned.summary.json", {"n": 3, "comparability_key": "bbh-key"})
+        write_manifest(r.uri, {"run_id": run_id})
+    rows = dict(collect_scores(str(tmp_path)))
+    assert [set(scores) - {"bbh"} for scores in rows.values()] == [
+        {"gsm8k [n=2, 5-shot]"}, {"gsm8k [n=10, 5-shot, k-b]"}, {"gsm8k [n=10, 0-shot]"}, {"gsm8k [n=10, 5-shot, k-d]"},
+        {"gsm8k [n=10, 5-shot, k-b]"}], rows
+    assert all("bbh" in scores for scores in rows.values())  # one key: its plain name
+
+
 def test_published_profile_expands_to_the_model_cards_settings(tmp_path, monkeypatch):
     from tasks.checks import ConfigError, check_benchmark_data
 
