@@ -69,6 +69,18 @@ def nightly_schedule():
                          "day-of-month month day-of-week), e.g. '0 2 * * *' for 02:00 every day") from None
 
 
+def next_nightly(schedule) -> str:
+    """When the nightly runs next, in its time zone (Prefect's own cron arithmetic, the scheduler's)."""
+    import asyncio
+    import inspect
+
+    from prefect.server.schemas.schedules import CronSchedule
+
+    dates = CronSchedule(cron=schedule.cron, timezone=schedule.timezone).get_dates(n=1)
+    (when,) = asyncio.run(dates) if inspect.isawaitable(dates) else dates  # sync or async, as Prefect decides
+    return when.strftime("%Y-%m-%d %H:%M %Z")
+
+
 class PortInUseError(RuntimeError):
     """Something already listens on the port: never attach to someone else's server."""
 

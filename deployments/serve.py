@@ -25,7 +25,7 @@ from prefect.events import DeploymentEventTrigger
 from prefect.types.entrypoint import EntrypointType
 
 from deployments.alerts import BLOCK_ENV, ensure_alerts
-from deployments.local import descendants, folder_problem, nightly_schedule
+from deployments.local import descendants, folder_problem, next_nightly, nightly_schedule
 from flows.arena import arena
 from flows.finetune import finetune
 from tasks.config import OutputConfig
@@ -182,7 +182,13 @@ if __name__ == "__main__":
         ensure_limits()
         # Prefect's default pauses every schedule on shutdown (and drops the scheduled runs), so a
         # restart would silently end the nightly: a stopped serve process leaves the deployments as they are.
-        serve(*deployments(settings), pause_on_shutdown=False)
+        served = deployments(settings)
+        # What an operator checks first: when the nightly runs, and where its runs go
+        root = settings[0].get("config", {}).get("output", {}).get("artifacts_uri") or _DEFAULT_ROOT
+        schedule = served[0].schedules[0].schedule
+        print(f"Nightly: '{schedule.cron}' ({schedule.timezone}), next run {next_nightly(schedule)}; "
+              f"runs go to {root} (from {os.getcwd()})", flush=True)
+        serve(*served, pause_on_shutdown=False)
     except Exception as err:  # the server killed (the supervisor says so): one line, not 60 of traceback
         if not lost_server(err):
             raise

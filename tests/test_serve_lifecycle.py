@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,12 @@ def test_sigterm_stops_every_child_and_the_nightly_survives_a_restart(tmp_path):
     try:
         nightly = _wait_for_deployments(api, 900, log, parent)
         assert not nightly.paused
+        # Said at the start: when the nightly runs next (by Prefect's cron arithmetic) and where runs go
+        now = datetime.now(timezone.utc)
+        due = now.replace(hour=2, minute=0, second=0, microsecond=0)
+        due += timedelta(days=1) if due <= now else timedelta()
+        said = f"Nightly: '0 2 * * *' (UTC), next run {due:%Y-%m-%d} 02:00 UTC; runs go to ./smolflow-runs (from {ROOT})"
+        assert said in log.read_text(), log.read_text()[-3000:]
         children = descendants(parent.pid)  # the server, the serve process and all of theirs
         assert len(children) >= 2, children
         # Started as `python -m deployments.local`, the server too deletes finished flow runs after 90 days
