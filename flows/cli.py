@@ -189,7 +189,8 @@ def cmd_runs(args: argparse.Namespace, rest: list[str]) -> int:
         return 0
     shown = [r | {"started": _when(r["started"]), "promoted": "yes" if r["promoted"] else "",
                   "loss (train/eval)": _losses(r["losses"]) if r["losses"] else "",
-                  "scores": " ".join(f"{k}={v}" for k, v in r["scores"].items()),
+                  "scores": " ".join(f"{k}={v:.4f}" if isinstance(v, (int, float)) else f"{k}={v}"
+                                     for k, v in r["scores"].items()),
                   "source": "; ".join(sorted(set(r["sources"].values()))),
                   "status": r["status"] + (f" ({_short(r['why'])})" if r["status"] in ("failed", "stopped") else "")}
              for r in rows]
@@ -243,7 +244,8 @@ def _when(started: str) -> str:
 
 
 def _losses(losses: dict) -> str:
-    return "/".join(str(losses.get(k, "-")) for k in ("train_loss", "eval_loss")) if losses else "none (no training)"
+    said = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "-"  # noqa: E731  (1.734 stood beside 1.7788)
+    return "/".join(said(losses.get(k)) for k in ("train_loss", "eval_loss")) if losses else "none (no training)"
 
 
 def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:

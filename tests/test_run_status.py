@@ -137,14 +137,14 @@ def test_runs_and_compare_show_each_runs_training_loss(tmp_path):
     from tasks.runs import compare_runs
 
     root = ArtifactStore(str(tmp_path))
-    for run_id, metrics in (("n1", {"train_loss": 1.95432, "eval_loss": 1.84239, "steps": 30.0}), ("e1", None)):
+    for run_id, metrics in (("n1", {"train_loss": 1.73402, "eval_loss": 1.84239, "steps": 30.0}), ("e1", None)):
         run = root.child("runs", run_id)
         run.write_json("config.json", {"gate": {"rescore_promoted": True}} if metrics else {})
         if metrics:
             run.write_json("training/metrics.json", metrics)
     rows = {r["run_id"]: r for r in list_runs(str(tmp_path))}
-    assert rows["n1"]["losses"] == {"train_loss": 1.9543, "eval_loss": 1.8424} and rows["e1"]["losses"] == {}
-    assert compare_runs(str(tmp_path), "n1", "e1")["training"] == {"a": {"train_loss": 1.9543, "eval_loss": 1.8424},
+    assert rows["n1"]["losses"] == {"train_loss": 1.734, "eval_loss": 1.8424} and rows["e1"]["losses"] == {}
+    assert compare_runs(str(tmp_path), "n1", "e1")["training"] == {"a": {"train_loss": 1.734, "eval_loss": 1.8424},
                                                                   "b": {}}
     # A setting one run's config.json lacks (an older smolflow's) is said so, not shown as None.
     assert compare_runs(str(tmp_path), "n1", "e1")["settings"] == [
@@ -161,7 +161,7 @@ def test_runs_and_compare_show_each_runs_training_loss(tmp_path):
                                                         "started_at": "2026-12-07T18:12:26.921298+00:00"})
     shown = subprocess.run([str(Path(sys.executable).parent / "smolflow"), "runs", "--root", str(tmp_path)],
                            capture_output=True, text=True, timeout=120).stdout
-    assert "loss (train/eval)" in shown and "1.9543/1.8424" in shown
+    assert "loss (train/eval)" in shown and "1.7340/1.8424" in shown, shown  # 4 decimals, as the scores
     assert " 2026-12-07 18:12:26 UTC " in shown, shown  # not the ISO string with its microseconds
 
 
