@@ -69,5 +69,5 @@ def arena(config: ArenaConfig = ArenaConfig()) -> dict:
     run_id = new_run_id(f"arena-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}", flow_run.get_name())
     wandb_files = log_wandb(config, board, run_id, store)
     return {"leaderboard": board["files"], "verdict": board["verdict"], "wandb": wandb_files,
-            "execution": placement.model_dump(mode="json"),
+            "execution": placement.model_dump(include={"device", "precision", "reason"}),  # the decision, in words
             "rows": [{k: r[k] for k in ("rank", "name", "rating", "lower", "upper", "battles")} for r in board["rows"]]}

@@ -75,7 +75,7 @@ def decide(cfg: ExecutionConfig, cuda: bool, cuda_bf16: bool, probe: Probe | Non
     precision = "bf16" if probe.bf16_faster else "fp32"
     # Two significant digits: with AMX a bf16 probe matmul takes ~0.03 ms, which ".1f" printed as 0.0.
     reason = (f"CPU probe: bf16 matmul {probe.bf16_s * 1e3:.2g} ms vs fp32 {probe.fp32_s * 1e3:.2g} ms "
-              f"({probe.threads} threads)")
+              f"({probe.threads} thread{'' if probe.threads == 1 else 's'})")
     return Placement(device=device, precision=precision, requested=cfg, reason=reason, probe=probe)
 
 

@@ -215,7 +215,7 @@ def test_validate_decides_at_the_runs_thread_count_and_a_kept_probe_imports_no_t
     assert first.returncode == 0 == second.returncode, first.stderr[-2000:] + second.stderr[-2000:]
     for out in (first, second):
         assert any(f"execution.precision: '{p} (CPU probe: " in out.stdout for p in ("fp32", "bf16"))
-        assert " (1 threads))'" in out.stdout, out.stdout
+        assert " (1 thread))'" in out.stdout, out.stdout
     imported = [{line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
                 for out in (first, second)]
     assert "torch" in imported[0] and "torch" not in imported[1]
