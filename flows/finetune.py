@@ -24,6 +24,7 @@ from tasks.hub import push_model
 from tasks.judge import run_judge, write_judge
 from tasks.layout import RunPaths, run_dir
 from tasks.models import resolve_model
+from tasks.pointers import rewrite_manifest
 from tasks.reference import rescore_promoted
 from tasks.special_tokens import control_tokens
 from tasks.reporting import write_report
@@ -86,8 +87,8 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         write_judge(run, judgement)
 
         decision = regression_gate(root, flow_run.flow_name, run.uri, config.gate, health.blocking())
-        summary = write_report(run.uri, config.model_dump(mode="json"), root, {
-            "W&B run": wandb_link(wb, run.uri), "Prefect flow run": flow_run_link(), "code": code_version()})
+        about = {"W&B run": wandb_link(wb, run.uri), "Prefect flow run": flow_run_link(), "code": code_version()}
+        summary = write_report(run.uri, config.model_dump(mode="json"), root, about)
         earlier = log_wandb(wb, run, trained, before, after, scores, health, judgement, decision, reused_from)
         write_manifest(
             run.uri,
@@ -109,6 +110,9 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         if promoted:  # compare-and-swap: re-checked against whatever was promoted since the gate
             promoted = promote(root, flow_run.flow_name, run_id, decision, config.gate.tolerance,
                                config.gate.allow_incomparable) is not None
+            if not promoted:  # rejected by that re-check, which rewrote the gate's decision: the report says so too
+                summary = write_report(run.uri, config.model_dump(mode="json"), root, about)
+                rewrite_manifest(run, flow_run.flow_name)
         hub = None
         if config.output.push_to_hub and promoted:  # never a rejected model
             hub = push_model(trained.model, config.output, run_id)
@@ -120,5 +124,5 @@ def finetune(config: RunConfig = RunConfig()) -> dict:
         finish_wandb(wb, run, work, promoted, earlier, trained.model if config.wandb.log_model else None)
         drop_work_dir(run_id)
         return summary | {"manifest": run.url(RunPaths.manifest), "promoted": promoted,
-                          "gate": decision.reasons} | ({"hub": hub} if config.output.push_to_hub else {})
+                          "gate": run.read_json(RunPaths.gate)["reasons"]} | ({"hub": hub} if config.output.push_to_hub else {})
 

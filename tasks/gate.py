@@ -180,6 +180,13 @@ def emit_rejection(flow_name: str, run_id: str, decision: GateDecision) -> None:
     )
 
 
+def save_decision(run: ArtifactStore, decision: GateDecision) -> None:
+    """The decision in the run folder: gate/decision.json and .md, and the report's gate section."""
+    run.write_json(RunPaths.gate, decision.model_dump())
+    run.write_text(RunPaths.gate_md, markdown(decision))
+    run.write_text(RunPaths.section("gate"), section(decision))
+
+
 @task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=[5, 30])
 def regression_gate(
     root: str, flow_name: str, run_uri: str, gate: GateConfig, blocking_health: list[str],
@@ -193,9 +200,7 @@ def regression_gate(
     if not gate.enabled:
         decision.promote = False
         decision.reasons.append("the gate is off (gate.enabled: false): never promoted, whatever the scores")
-    run.write_json(RunPaths.gate, decision.model_dump())
-    run.write_text(RunPaths.gate_md, markdown(decision))
-    run.write_text(RunPaths.section("gate"), section(decision))
+    save_decision(run, decision)
     publish_markdown("smolflow-gate", markdown(decision), description="Promotion decision")
     if not decision.promote:
         emit_rejection(flow_name, posixpath.basename(run_uri.rstrip("/")), decision)
@@ -223,6 +228,11 @@ def promote(root: str, flow_name: str, run_id: str, decision: GateDecision | Non
                 run_logger().info("Promotion re-check against %s: %s", against,
                                   "pass" if recheck.promote else recheck.reasons)
                 if not recheck.promote:
+                    # The run folder said "Promoted" (the gate's first decision): it says what happened now;
+                    # the flow stitches its report again.
+                    recheck.against += (f", promoted while this run was scored (re-checked at promotion; its gate "
+                                        f"had passed against the {decision.against})")
+                    save_decision(run, recheck)
                     publish_markdown("smolflow-gate", markdown(recheck),
                                      description="Promotion decision (re-checked at promotion)")
                     emit_rejection(flow_name, run_id, recheck)

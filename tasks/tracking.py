@@ -387,6 +387,7 @@ def finish_wandb(wb_run, run, local_dir: Path, promoted: bool, earlier: list[Pat
     run folder (the manifest, written before promotion, re-hashed over it)."""
     if wb_run is None:
         return
+    note_summary(wb_run, run)  # the report's again: a re-check at promotion may have rewritten its verdict
     wb_run.summary["promoted"] = promoted
     if model is not None:
         with staging_inside(wb_run):

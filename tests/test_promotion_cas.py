@@ -92,6 +92,22 @@ def test_a_stale_gate_decision_is_rechecked_and_rejected(tmp_path):
     promote.fn(root, FLOW, "good")  # ...but a better run was promoted before it got there
     assert promote.fn(root, FLOW, "worse", stale, 0.05) is None
     assert read_pointer(root, FLOW, "promoted")["run_id"] == "good"
+    # Its folder said "Promoted" (the first decision): the decision, its page and the report's section
+    # now say what happened, and the report stitched again (as the flow does) opens with it.
+    from tasks.reporting import write_report
+
+    run = ArtifactStore(root).child(run_dir("worse"))
+    decision = run.read_json(RunPaths.gate)
+    assert not decision["promote"] and decision["reference_run"] == "good" and decision["reasons"], decision
+    assert decision["against"].startswith("promoted run good, promoted while this run was scored (re-checked at "
+                                          "promotion; its gate had passed against the base model"), decision
+    for text in (run.read_text(RunPaths.gate_md), run.read_text(RunPaths.section("gate"))):
+        assert "**Not promoted**" in text and "re-checked at promotion" in text, text
+    run.write_json(RunPaths.comparison, [])  # the fixture's stub row holds no scores for the summary to list
+    write_report.fn(run.uri, {})  # no trend: the other stub runs hold no scores either
+    summary = run.read_text(RunPaths.report).split("## Summary\n\n", 1)[1]
+    assert summary.startswith("- **Not promoted** (the model is kept in its run folder), compared with the promoted "
+                              "run good, promoted while this run was scored"), summary[:300]
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
