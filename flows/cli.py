@@ -143,7 +143,7 @@ def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     """Score one model (hub id, local folder, builtin:..., or an earlier run's id) without training."""
-    from tasks.checks import check_model, check_run
+    from tasks.checks import ConfigError, check_model, check_run
     from tasks.checks_eval import check_eval_settings, check_eval_template
     from tasks.reachable import check_reachable
     from tasks.runs import model_of_run
@@ -152,7 +152,13 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     check_eval_settings(config)
     check_reachable(config, training=False)
     if model_of_run(config.output.artifacts_uri, config.model) is None:  # else that run's tuned model
-        check_model(config.model)  # found without loading it, as `smolflow run` checks: before the flow
+        try:
+            check_model(config.model)  # found without loading it, as `smolflow run` checks: before the flow
+        except ConfigError as err:  # a bare name may have been meant as a run id: say that there is none
+            if "/" in config.model or ":" in config.model:
+                raise
+            raise ConfigError(f"{err}; nor is it a run under {config.output.artifacts_uri} (`smolflow runs` lists "
+                              "them; output.artifacts_uri picks the root)") from None
     check_eval_template(config, check_run(config).custom)
     from flows.evaluate import evaluate
 

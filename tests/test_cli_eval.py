@@ -142,6 +142,10 @@ def test_eval_refuses_the_settings_of_stages_it_does_not_run(env, tmp_path):
     out = smolflow(env | {"HF_HUB_OFFLINE": "1"}, "eval", "--model", "HuggingFaceTB/SmolLM2-360M",
                    "--output.artifacts-uri", str(tmp_path))
     assert out.returncode == 2 and "not in the local Hugging Face cache" in out.stderr, out.stderr[-2000:]
+    # A bare name, meant as a run's id perhaps: both readings are said
+    out = smolflow(env | {"HF_HUB_OFFLINE": "1"}, "eval", "--model", "nightly-fox", "--output.artifacts-uri", str(tmp_path))
+    assert out.returncode == 2 and "model='nightly-fox': not in the local Hugging Face cache" in out.stderr, out.stderr
+    assert f"; nor is it a run under {tmp_path} (`smolflow runs` lists them;" in out.stderr, out.stderr[-2000:]
     assert not tmp_path.joinpath("runs").exists()  # refused before any run folder
 
 
