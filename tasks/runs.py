@@ -197,7 +197,7 @@ def list_runs(root: str) -> list[dict[str, Any]]:
     store = runs_root(root)
     ids = sorted({path.split("/")[1] for path in store.glob(f"{RUNS}/*/{RunPaths.config}")})
     promoted = {store.read_json(p).get("run_id") for p in store.glob(f"{POINTERS}/*/promoted.json")}
-    rows = []
+    rows, measured = [], []
     for run_id in ids:
         run = store.child(RUNS, run_id)
         status = run_status(run)
@@ -205,6 +205,25 @@ def list_runs(root: str) -> list[dict[str, Any]]:
         rows.append({"run_id": run_id, "started": started, "status": status["state"], "why": status.get("why"),
                      "promoted": run_id in promoted, "losses": losses(run), "scores": headline(run),
                      "sources": sources(run)})
+        measured.append({name: ((s := _summary(run, name) or {}).get("comparability_key"), s.get("comparability"))
+                         for name in rows[-1]["scores"]})
+    return _by_series(rows, measured)
+
+
+def _by_series(rows: list[dict], measured: list[dict[str, tuple]]) -> list[dict]:
+    """A benchmark measured different ways across the runs listed is a column per way, named as the
+    score trend names its series (`mmlu [cloze]`, `mmlu [mcq]`): `mmlu=0.5833` beside `mmlu=0.0833`
+    read as one measure."""
+    from tasks.trends import series_labels
+
+    ways: dict[str, dict] = {}
+    for by_name in measured:
+        for name, (key, parts) in by_name.items():
+            ways.setdefault(name, {}).setdefault(key, parts)
+    labels = {name: series_labels(name, by_key) for name, by_key in ways.items() if len(by_key) > 1}
+    for row, by_name in zip(rows, measured, strict=True):
+        for field in ("scores", "sources"):
+            row[field] = {labels[n][by_name[n][0]] if n in labels else n: v for n, v in row[field].items()}
     return rows
 
 

@@ -72,7 +72,7 @@ def collect_points(root: str, current_uri: str | None = None, n: int = DEFAULT_R
     return rows
 
 
-def _labels(name: str, parts: dict[str | None, dict | None]) -> dict[str | None, str]:
+def series_labels(name: str, parts: dict[str | None, dict | None]) -> dict[str | None, str]:
     """{key: `name [what sets this series apart]`}: the differing parts said in words where they can
     be (n=10, 5-shot, mcq, bf16), else named with the key's first 8 characters; never two alike."""
     known = [p for p in parts.values() if p]
@@ -93,7 +93,7 @@ def series(rows: list[tuple[str, dict[str, Point]]]) -> list[tuple[str, dict[str
     for _, points in rows:
         for name, p in points.items():
             parts.setdefault(name, {}).setdefault(p.key, p.parts)
-    labels = {name: {next(iter(by_key)): name} if len(by_key) == 1 else _labels(name, by_key)
+    labels = {name: {next(iter(by_key)): name} if len(by_key) == 1 else series_labels(name, by_key)
               for name, by_key in parts.items()}
     return [(run_id, {labels[name][p.key]: p for name, p in points.items()}) for run_id, points in rows]
 

@@ -165,6 +165,29 @@ def test_runs_and_compare_show_each_runs_training_loss(tmp_path):
     assert " 2026-12-07 18:12:26 UTC " in shown, shown  # not the ISO string with its microseconds
 
 
+def test_runs_name_a_benchmark_measured_two_ways_by_its_ways(tmp_path):
+    """MMLU went from cloze to lettered between two nights: `smolflow runs` showed mmlu=0.5833 beside
+    mmlu=0.0833 as one measure. Now a column per way, named as the score trend names its series."""
+    root = ArtifactStore(str(tmp_path))
+    for run_id, fmt, score in (("n1", "cloze", 0.5833), ("n2", "mcq", 0.0833), ("n3", "mcq", 0.1667)):
+        run = root.child("runs", run_id)
+        run.write_json("config.json", {})
+        run.write_json("benchmarks/comparison.json", [{"benchmark": "mmlu", "tuned": score},
+                                                      {"benchmark": "gsm8k", "tuned": 0.3}])
+        parts = {"benchmark": "mmlu", "n": 12, "format": fmt, "scorer": f"{fmt} scorer"}
+        run.write_json("benchmarks/mmlu/tuned.summary.json", {"name": "mmlu", "score": score, "comparability": parts,
+                                                              "comparability_key": f"key-{fmt}",
+                                                              "provenance": {"note": "fixture"}})
+        run.write_json("benchmarks/gsm8k/tuned.summary.json", {"name": "gsm8k", "score": 0.3, "comparability_key": "k"})
+    rows = {r["run_id"]: r for r in list_runs(str(tmp_path))}
+    assert [rows[r]["scores"] for r in ("n1", "n2", "n3")] == [
+        {"mmlu [cloze]": 0.5833, "gsm8k": 0.3}, {"mmlu [mcq]": 0.0833, "gsm8k": 0.3}, {"mmlu [mcq]": 0.1667, "gsm8k": 0.3}]
+    assert rows["n1"]["sources"]["mmlu [cloze]"] == "fixture"
+    shown = subprocess.run([str(Path(sys.executable).parent / "smolflow"), "runs", "--root", str(tmp_path)],
+                           capture_output=True, text=True, timeout=120).stdout
+    assert "mmlu [cloze]=0.5833 gsm8k=0.3000" in shown and "mmlu [mcq]=0.0833 gsm8k=0.3000" in shown, shown
+
+
 def test_run_timeout_reads_hours_and_refuses_nonsense(monkeypatch):
     from tasks.runtime import RUN_TIMEOUT_ENV, run_timeout
 
