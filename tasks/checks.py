@@ -195,6 +195,10 @@ def resolve_autos(config: RunConfig) -> dict[str, str]:
 
         placement = resolve(config.execution)
         out["execution.device"], out["execution.precision"] = placement.device, f"{placement.precision} ({placement.reason})"
+    if config.torch_threads is None:  # null: OMP_NUM_THREADS where set, else every core (tasks/runtime.py)
+        from tasks.runtime import threads_default
+
+        out["torch_threads"] = "%d (%s)" % threads_default()
     if config.wandb.mode == "auto":  # the mode W&B runs in (tasks/tracking.py asks the same, cached)
         from tasks.reachable import auto_wandb_mode
 

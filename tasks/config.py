@@ -441,8 +441,8 @@ class RunConfig(Section):
     )
     torch_threads: int | None = Field(
         None, ge=1,
-        description="None: every available core. Lower it when other heavy processes share the machine "
-        "(oversubscribed cores make torch far slower).",
+        description="None: OMP_NUM_THREADS where it is set, else every available core. Lower it when other heavy "
+        "processes share the machine (oversubscribed cores make torch far slower).",
     )
 
     @field_validator("benchmarks", mode="before")

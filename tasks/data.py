@@ -39,7 +39,7 @@ from tasks.rows import (  # noqa: F401 - as_written, row_problem, row_shapes: us
     CHATML_TOKENS, SHAPES, as_written, may_hold_token, normalize, pairs_to_messages, reason_kind, row_json, row_problem,
     row_shapes, sharegpt_problem, sharegpt_to_messages, special_token_problem, token_pattern,
 )
-from tasks.runtime import FIXTURES, atomic_dir, atomic_write, cache_dir, default_threads, hub_offline, retry_transient
+from tasks.runtime import FIXTURES, atomic_dir, atomic_write, cache_dir, cores, hub_offline, retry_transient
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def num_proc_for(rows: int, num_proc: int | None = None) -> int | None:
     """`num_proc` for a map over `rows` rows: None (this process) for small data, every core for
     big data. Never 1: datasets would still start one worker process for it."""
     if num_proc is None:
-        num_proc = 1 if rows < PARALLEL_FROM_ROWS else min(default_threads(), 8)
+        num_proc = 1 if rows < PARALLEL_FROM_ROWS else min(cores(), 8)
     return num_proc if num_proc > 1 else None
 
 

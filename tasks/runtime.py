@@ -107,12 +107,29 @@ def split_of(path: Path | str) -> str:
     return Path(path).name.split(".")[0].split("-")[0].split("_")[0]
 
 
-def default_threads() -> int:
-    # Every core this process may use: a run owns its machine, and on this project's 2-core
-    # machine two threads trained 1.7x faster than one (docs/training.md). Where other heavy
-    # processes share the cores, set torch_threads lower: oversubscribed cores made a forward
-    # pass ~10x slower. The tests pin one thread for that reason.
+def cores() -> int:
+    """The cores this process may use (its CPU affinity, as a job scheduler or `taskset` sets it)."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def default_threads() -> int:
+    """torch's threads when `torch_threads` is null (threads_default's count)."""
+    return threads_default()[0]
+
+
+def threads_default() -> tuple[int, str]:
+    """(count, where it comes from) for `torch_threads: null`: OMP_NUM_THREADS where it is set, the
+    count torch, MKL and job schedulers (Slurm, Kubernetes' CPU managers) go by; else every core this
+    process may use: a run owns its machine, and on this project's 2-core machine two threads trained
+    1.7x faster than one (docs/training.md). Where other heavy processes share the cores, set either
+    lower: oversubscribed cores made a forward pass ~10x slower. The tests set OMP_NUM_THREADS=1 so."""
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), "OMP_NUM_THREADS"
+    if omp:
+        run_logger().warning("OMP_NUM_THREADS=%r is not a positive whole number: not used; torch runs on every "
+                             "core (%d). Set it to a count, or unset it", omp, cores())
+    return cores(), "every core"
 
 
 _threads: list[int] = []  # the count set_torch_threads last asked for
@@ -125,11 +142,12 @@ def set_torch_threads(n: int | None) -> int:
 
     from tasks.console import after_import
 
-    if n and n > default_threads():  # a config written for a bigger machine: said, not silently slow
-        run_logger().warning("torch_threads=%d is more than the %d core(s) this process may use: oversubscribed "
-                             "cores make torch far slower (~10x seen); set torch_threads to at most %d, or null for "
-                             "every core", n, default_threads(), default_threads())
+    what = "torch_threads" if n else "OMP_NUM_THREADS"  # torch_threads: null takes OMP_NUM_THREADS where set
     n = n or default_threads()
+    if n > cores():  # a config written for a bigger machine: said, not silently slow
+        run_logger().warning("%s=%d is more than the %d core(s) this process may use: oversubscribed cores make torch "
+                             "far slower (~10x seen); set %s to at most %d, or %s for every core", what, n, cores(),
+                             what, cores(), "null" if what == "torch_threads" else "unset it")
     _threads[:] = [n]
     after_import("torch", lambda: sys.modules["torch"].set_num_threads(n), key="threads")
     return n

@@ -38,6 +38,10 @@ os.environ.update(
     # W&B's service writes two debug logs per run into its cache folder (~/.cache/wandb/logs):
     # the tests' ~1,000 W&B runs a session put theirs here.
     WANDB_CACHE_DIR=os.path.join(_HOME, "wandb-cache"),
+    # One torch thread in every process the tests start (a run's `torch_threads: null` takes it, as
+    # torch does): 3 test workers already share 2 cores, and a subprocess on 2 threads beside them
+    # oversubscribed them (its idle threads spin). A test that wants more threads says so.
+    OMP_NUM_THREADS="1",
 )
 os.makedirs(os.path.join(_HOME, "cache"))
 # Every temporary file of the tests and their subprocesses under _HOME, so it goes with it: wandb

@@ -221,27 +221,46 @@ def test_validate_decides_at_the_runs_thread_count_and_a_kept_probe_imports_no_t
     assert "torch" in imported[0] and "torch" not in imported[1]
 
 
-def test_more_torch_threads_than_cores_is_said(caplog):
+def test_more_torch_threads_than_cores_is_said(caplog, monkeypatch):
     """A config written for a bigger machine (torch_threads: 64 on 2 cores) oversubscribes them
-    (~10x slower seen here): one warning line, not silence."""
+    (~10x slower seen here): one warning line, not silence. The same for OMP_NUM_THREADS, which
+    `torch_threads: null` takes where it is set (torch, MKL and job schedulers go by it)."""
     import logging
 
-    from tasks.runtime import default_threads, set_torch_threads
+    from tasks.checks import resolve_autos
+    from tasks.config import RunConfig
+    from tasks.runtime import cores, set_torch_threads
 
     logger = logging.getLogger("smolflow")
     logger.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.WARNING, logger="smolflow"):
-            assert set_torch_threads(default_threads() + 1) == default_threads() + 1
-            set_torch_threads(default_threads())
+            assert set_torch_threads(cores() + 1) == cores() + 1
+            set_torch_threads(cores())
+            monkeypatch.setenv("OMP_NUM_THREADS", str(cores() + 2))
+            assert set_torch_threads(None) == cores() + 2
+            assert resolve_autos(RunConfig())["torch_threads"] == f"{cores() + 2} (OMP_NUM_THREADS)"
+            assert set_torch_threads(1) == 1  # an explicit torch_threads wins
+            monkeypatch.setenv("OMP_NUM_THREADS", "1")
+            assert set_torch_threads(None) == 1 and resolve_autos(RunConfig())["torch_threads"] == "1 (OMP_NUM_THREADS)"
+            monkeypatch.setenv("OMP_NUM_THREADS", "two")
+            assert set_torch_threads(None) == cores()  # not a count: said, and every core
+            monkeypatch.delenv("OMP_NUM_THREADS")
+            assert set_torch_threads(None) == cores() and resolve_autos(RunConfig())["torch_threads"] == f"{cores()} (every core)"
     finally:
         logger.removeHandler(caplog.handler)
         set_torch_threads(1)  # the tests run on one thread
     # Once from the logger's own handler, once more through the root's when the logger propagates.
-    warnings = list(dict.fromkeys(r.getMessage() for r in caplog.records if "torch_threads" in r.getMessage()))
-    assert warnings == [f"torch_threads={default_threads() + 1} is more than the {default_threads()} core(s) this "
-                        "process may use: oversubscribed cores make torch far slower (~10x seen); set torch_threads "
-                        f"to at most {default_threads()}, or null for every core"]
+    warnings = list(dict.fromkeys(r.getMessage() for r in caplog.records if "_THREADS" in r.getMessage()
+                                  or "torch_threads" in r.getMessage()))
+    too_many = ("is more than the {n} core(s) this process may use: oversubscribed cores make torch far slower "
+                "(~10x seen); set {what} to at most {n}, or {fix} for every core")
+    assert warnings == [
+        f"torch_threads={cores() + 1} " + too_many.format(n=cores(), what="torch_threads", fix="null"),
+        f"OMP_NUM_THREADS={cores() + 2} " + too_many.format(n=cores(), what="OMP_NUM_THREADS", fix="unset it"),
+        f"OMP_NUM_THREADS='two' is not a positive whole number: not used; torch runs on every core ({cores()}). "
+        "Set it to a count, or unset it",
+    ], warnings
 
 
 _PROBES = """
@@ -270,8 +289,10 @@ def test_the_probes_measure_the_same_on_a_busy_machine(tmp_path):
 
     from tasks.train_levers import AttentionProbe
 
-    busy, probing = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)], []
-    try:  # three probing processes at once beside two busy ones: each has four others on 2 cores
+    # One spinner is enough to oversubscribe the cores, and in CI the other test workers load them too
+    # (a second spinner took ~25 CPU-seconds of CI's time for no more contention).
+    busy, probing = [subprocess.Popen([sys.executable, "-c", "while True: pass"])], []
+    try:  # three probing processes at once beside a busy one: each has three others on 2 cores
         probing = [subprocess.Popen([sys.executable, "-c", _PROBES], stdout=subprocess.PIPE, text=True,
                                     env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1]),
                                                       "SMOLFLOW_CACHE": str(tmp_path / str(i))})  # none read back

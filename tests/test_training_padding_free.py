@@ -284,7 +284,7 @@ def _check_freed_memory_lever(libc, train_levers) -> None:
     # bigger than the whole heap never land in one, so every fill below takes the path under test.
     libc.malloc_trim(0)
     before = _rss_mb()
-    big = int(_heap_mb()) + 1000
+    big = int(_heap_mb()) + 400  # each fill is ~0.1 s of page faults per 100 MB: kept small
     _faults_to_fill(big)  # glibc's defaults: mapped, and unmapped when freed
     assert _rss_mb() < before + 100
     with train_levers.freed_memory_kept(True):
@@ -292,7 +292,7 @@ def _check_freed_memory_lever(libc, train_levers) -> None:
         assert _rss_mb() > before + big - 100  # kept
         # Reused without page faults (a block a little smaller: an aligned block of the same size
         # asks for a few bytes more than the freed one has, so glibc may take fresh memory for it).
-        assert _faults_to_fill(big - 500) < big * 2**20 // 4096 // 20
+        assert _faults_to_fill(big - 200) < big * 2**20 // 4096 // 20
         trim = train_levers.trim_callback(True, every=50)
         trim.on_step_end(None, SimpleNamespace(global_step=49), None)
         assert _rss_mb() > before + big - 100  # not a trim step
@@ -308,10 +308,10 @@ def _check_freed_memory_lever(libc, train_levers) -> None:
         _faults_to_fill(big)
         assert _rss_mb() > before + big - 100  # still kept: the outer one restores glibc's settings
     assert _rss_mb() < before + 100
-    _faults_to_fill(int(_heap_mb()) + 500)  # bigger than the heap: inside the lever it would stay
+    _faults_to_fill(int(_heap_mb()) + 200)  # bigger than the heap: inside the lever it would stay
     assert _rss_mb() < before + 100  # glibc's defaults are back
     with train_levers.freed_memory_kept(False):  # off: nothing changes
-        _faults_to_fill(int(_heap_mb()) + 500)
+        _faults_to_fill(int(_heap_mb()) + 200)
         assert _rss_mb() < before + 100
     assert train_levers.trim_callback(False) is None
 
