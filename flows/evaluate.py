@@ -84,4 +84,6 @@ def evaluate(config: RunConfig = RunConfig()) -> dict:
         close_wandb(wb, run, work)
         drop_work_dir(run_id)
         summary.pop("training", None)  # nothing trained here: `training: null` in what it prints said nothing
+        if judgement is None:  # why, as the report's judge section says it
+            summary["judge"] = f"not run: {skipped}"
         return summary | {"model": model.path, "benchmarks": rows, "manifest": run.url(RunPaths.manifest)}

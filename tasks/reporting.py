@@ -160,6 +160,8 @@ def write_report(
     # As the benchmarks' rows are: 4 decimals, counts as counts (training/metrics.json keeps the rest)
     metrics = metrics and {k: (int(v) if float(v).is_integer() else round(v, 4)) if isinstance(v, float) else v
                            for k, v in metrics.items()}
+    if not judged and not (config.get("judge") or {}).get("enabled", True):
+        judged = "not run: judge.enabled: false"  # not `judge: null`, which reads as a judge that gave nothing
     return {"run": run_uri, "model": run.url(RunPaths.model), "training": metrics,
             "benchmarks": read(RunPaths.comparison) or [], "judge": judged,
             "report": run.url(RunPaths.report_html)}

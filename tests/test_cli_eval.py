@@ -191,3 +191,4 @@ def test_eval_of_the_builtin_model_scores_the_default_benchmark_into_wandb(env, 
     # the judge's reference is this model itself: skipped, and the report says so (it said "judge.enabled: false")
     assert (tmp_path / "runs/builtin/report/sections/judge.md").read_text().startswith(
         "Not run (the evaluated model is the default model, the judge's reference (judge.reference: base); set ")
+    assert "\njudge: 'not run: the evaluated model is the default model" in out.stdout, out.stdout  # not `judge: null`

@@ -292,6 +292,7 @@ def test_a_retried_flow_run_carries_on_in_its_first_attempts_run_folder(tiny_mod
     config = tiny_run_config(tiny_model_dir, str(tmp_path / "artifacts"), benchmarks=[], judge={"enabled": False})
     result = finetune.with_options(retries=1, retry_delay_seconds=0)(config)
     assert len(calls) == 2
+    assert result["judge"] == "not run: judge.enabled: false"  # the printed summary says why there is no verdict
     run_id = Path(result["manifest"]).parent.name
     assert [p.name for p in (tmp_path / "artifacts" / "runs").iterdir()] == [run_id]
 
