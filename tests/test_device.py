@@ -289,8 +289,8 @@ def test_the_probes_measure_the_same_on_a_busy_machine(tmp_path):
 
     from tasks.train_levers import AttentionProbe
 
-    # One spinner is enough to oversubscribe the cores, and in CI the other test workers load them too
-    # (a second spinner took ~25 CPU-seconds of CI's time for no more contention).
+    # One spinner is enough to oversubscribe the cores (it and three probes on 2), and in CI the other
+    # test workers load them too.
     busy, probing = [subprocess.Popen([sys.executable, "-c", "while True: pass"])], []
     try:  # three probing processes at once beside a busy one: each has three others on 2 cores
         probing = [subprocess.Popen([sys.executable, "-c", _PROBES], stdout=subprocess.PIPE, text=True,
