@@ -29,9 +29,21 @@ def config_markdown(config: dict | None, resolved: dict | None = None) -> str:
         return "Not recorded.\n"
     import yaml
 
-    autos = "".join(f"- `{k}`: `auto` → {v}\n" for k, v in (resolved or {}).items() if v)
+    autos = "".join(f"- `{k}`: `{_as_set(config, k)}` → {v}\n" for k, v in (resolved or {}).items() if v)
     autos = f"Resolved on this machine:\n\n{autos}\n" if autos else ""
     return f"{autos}```yaml\n{yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=100)}```\n"
+
+
+def _as_set(config: dict, key: str) -> str:
+    """The value `key` ("benchmarks[0].data") has in `config` as the user set it: `auto`, or `null`
+    (torch_threads, judge.max_new_tokens), which resolve too."""
+    node = config
+    try:
+        for part in re.findall(r"[^.\[\]]+", key):
+            node = node[int(part)] if isinstance(node, list) else node[part]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return "auto"
+    return "null" if node is None else str(node)
 
 
 def summary_markdown(run: ArtifactStore) -> str:

@@ -152,6 +152,8 @@ def test_flow_end_to_end_then_second_run_reuses_the_cache(tiny_model_dir, tmp_pa
     assert summary["training"]["steps"] == 3 and summary["training"]["eval_loss"] > 0
     report = store.fs.cat(store._path("report/report.md")).decode()
     assert "## Benchmarks (base vs tuned)" in report and "| gsm8k |" in report and "| custom/capitals |" in report
+    # What each setting resolved to, from what it was set to: `null` here, not `auto`.
+    assert "- `judge.max_new_tokens`: `null` → 8 (sampling.max_new_tokens)\n" in report, report
     # First, the night in a few lines (the configuration's YAML came first): verdict, training, scores, judge.
     head = report.split("## Summary\n\n", 1)[1].split("\n## ", 1)[0].splitlines()
     gsm8k = summary["benchmarks"][0]
@@ -295,6 +297,20 @@ def test_a_retried_flow_run_carries_on_in_its_first_attempts_run_folder(tiny_mod
     assert result["judge"] == "not run: judge.enabled: false"  # the printed summary says why there is no verdict
     run_id = Path(result["manifest"]).parent.name
     assert [p.name for p in (tmp_path / "artifacts" / "runs").iterdir()] == [run_id]
+
+
+def test_the_config_section_says_what_each_resolved_setting_was_set_to():
+    """`auto` or `null` as the user left it, then what it meant on the machine (torch_threads: null
+    read "`auto` → 2 (every core)", naming a value no one set)."""
+    from tasks.config import RunConfig
+    from tasks.reporting import config_markdown
+
+    config = RunConfig().model_dump(mode="json")
+    resolved = {"torch_threads": "2 (every core)", "benchmarks[0].data": "fixture (...)", "model": "builtin:x",
+                "no.such.key": "y"}
+    lines = config_markdown(config, resolved).split("\n\n")[1].splitlines()
+    assert lines == ["- `torch_threads`: `null` → 2 (every core)", "- `benchmarks[0].data`: `auto` → fixture (...)",
+                     "- `model`: `auto` → builtin:x", "- `no.such.key`: `auto` → y"], lines
 
 
 def test_cli_help_lists_the_fields():
