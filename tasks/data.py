@@ -269,7 +269,8 @@ def check_rows(ds, split: str, policy: str = "strict", num_proc: int | None = No
     # dict of hex digests took ~190 MB).
     digests = pd.Series(column("_digest").to_numpy(zero_copy_only=False))
     duplicate = digests.duplicated(keep="first").to_numpy() & ~bad
-    rejected = np.flatnonzero(bad | duplicate)
+    # Rows with a problem first, then duplicates: five copies of one line must not hide a broken row.
+    rejected = np.concatenate([np.flatnonzero(bad), np.flatnonzero(duplicate)])
 
     def where(i) -> str:  # the row's place in the file as read, also after a shuffle or a limit
         return origin.where(ds._indices.column(0)[int(i)].as_py() if ds._indices is not None else int(i))
@@ -279,18 +280,19 @@ def check_rows(ds, split: str, policy: str = "strict", num_proc: int | None = No
             return problem_col[int(i)].as_py()
         return f"duplicate of {where(np.flatnonzero((digests == digests[i]).to_numpy())[0])}"
 
+    counts: dict[str, int] = {}
+    for problem in problem_col.filter(problem_col.is_valid()).to_pylist():
+        counts[reason_kind(problem)] = counts.get(reason_kind(problem), 0) + 1
+    if duplicate.any():
+        counts["duplicate row"] = int(duplicate.sum())
     shown = "; ".join(f"{where(i)}: {reason(i)}" for i in rejected[:5])
+    if len(rejected) > 5:  # the rest by kind, so every kind of fix is named in one round
+        shown += f"; and {len(rejected) - 5} more (all by kind: {', '.join(f'{n} {k}' for k, n in counts.items())})"
     if len(rejected) and policy == "strict":
         raise BadRowsError(
             f"{len(rejected)} bad row(s) in split {split!r}: {shown}. {FIX_ROWS}")
-    counts: dict[str, int] = {}
-    if duplicate.any():
-        counts["duplicate row"] = int(duplicate.sum())
-    for problem in problem_col.filter(problem_col.is_valid()).to_pylist():
-        counts[reason_kind(problem)] = counts.get(reason_kind(problem), 0) + 1
     if counts:
-        log.warning("Dropping %d bad row(s) from split %r: %s%s", len(rejected), split, shown,
-                    " ..." if len(rejected) > 5 else "")
+        log.warning("Dropping %d bad row(s) from split %r: %s", len(rejected), split, shown)
     keep = ~(bad | duplicate)
     shapes = {s: int(np.count_nonzero(column(f"_{s}").to_numpy(zero_copy_only=False) & keep)) for s in SHAPES}
     rewritten: dict[str, int] = {}

@@ -71,6 +71,19 @@ def test_bad_rows_of_both_splits_are_named_in_one_message(tmp_path):
     assert message.count("Fix or remove") == 1, message
 
 
+def test_a_broken_row_is_named_before_duplicates_and_the_rest_are_counted_by_kind(tmp_path):
+    """Seven copies of one chat must not fill the five rows a message names and hide the broken one."""
+    f = tmp_path / "train.jsonl"
+    _write(f, [json.dumps(_chat(1))] * 8 + [json.dumps({"messages": [{"role": "user", "content": "?"}]})])
+    _write(tmp_path / "test.jsonl", [json.dumps(_chat(2))])
+    with pytest.raises(BadRowsError) as err:
+        load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    message = str(err.value)
+    assert message.startswith(f"8 bad row(s) in split 'train': {f}:9: no assistant turn to learn from; "
+                              f"{f}:2: duplicate of {f}:1; "), message
+    assert "; and 3 more (all by kind: 1 no assistant turn to learn from, 7 duplicate row). " in message, message
+
+
 def test_drop_mode_keeps_the_good_rows_of_a_mixed_file(tmp_path):
     from datasets import load_from_disk
 
