@@ -71,6 +71,9 @@ class DatasetRef(BaseModel):
     # The train split's rows as read: 'messages', 'prompt/completion' (TRL's pairs) or 'sharegpt'
     # (`conversations`); template.assistant_only_loss 'auto' decides by it.
     layout: str = "messages"
+    # Test rows whose whole conversation is also a train row's (as checked, after normalising): its
+    # eval loss partly measures what was memorised.
+    test_in_train: int = 0
 
     def markdown(self) -> str:
         """Source, rows per split, fingerprint, rows dropped and rewritten by reason, special tokens, for the report."""
@@ -86,7 +89,13 @@ class DatasetRef(BaseModel):
         tokens = f"\nSpecial tokens typed in text ({len(self.special_tokens)} checked): {self.special_tokens_in_text}\n"
         held = f" ({self.held_out})" if self.held_out else ""
         read = f" · read from {self.layout} rows" if self.layout != "messages" else ""
-        return f"Source `{self.source}`{read} · {rows}{held} · fingerprint `{self.fingerprint}`\n{dropped}{rewritten}{tokens}"
+        seen = (f"\n**{self.test_in_train} of the {self.rows.get('test', 0)} test rows are also train rows**: the eval "
+                "loss partly measures what was memorised\n") if self.test_in_train else ""
+        return (f"Source `{self.source}`{read} · {rows}{held} · fingerprint `{self.fingerprint}`\n"
+                f"{seen}{dropped}{rewritten}{tokens}")
+
+
+Checked = tuple  # (digests of a split's good rows, their names by position): check_rows's last two
 
 
 class BadRowsError(ValueError):
@@ -238,7 +247,8 @@ def check_rows(ds, split: str, policy: str = "strict", num_proc: int | None = No
                escape: bool = False, origin: Origin | None = None):
     """Check every row (batched, on Arrow). strict: raise a BadRowsError naming the first bad rows
     (file:line or split and row, 1-based, and the reason). drop: keep the good rows. Returns (good
-    rows, normalised, {reason kind: rows dropped}, {shape: good rows with it}, {rewrite: rows})."""
+    rows, normalised, {reason kind: rows dropped}, {shape: good rows with it}, {rewrite: rows}, the good rows'
+    digests, a function naming the good row at a position of them)."""
     import numpy as np
     import pandas as pd
     from datasets import Features, Json
@@ -300,12 +310,23 @@ def check_rows(ds, split: str, policy: str = "strict", num_proc: int | None = No
     for i in np.flatnonzero(keep & changed.is_valid().to_numpy(zero_copy_only=False)):
         for change in changed[int(i)].as_py().split(","):
             rewritten[change] = rewritten.get(change, 0) + 1
-    ds = ds.select(np.flatnonzero(keep)) if len(rejected) else ds
+    kept = np.flatnonzero(keep)
+    ds = ds.select(kept) if len(rejected) else ds
     if rewritten:  # a second pass only when some row changes; JSON values keep every shape as written
         ds = ds.map(_normalize_batch, batched=True, remove_columns=ds.column_names, fn_kwargs=kwargs,
                     features=Features({"messages": Json()}), load_from_cache_file=False,
                     num_proc=num_proc_for(len(ds), num_proc), desc=f"Normalising {split}")
-    return ds, counts, shapes, rewritten
+    return ds, counts, shapes, rewritten, digests.to_numpy()[kept], lambda k: where(kept[k])
+
+
+def also_in(test: Checked, train: Checked) -> tuple[int, str]:
+    """How many of the test split's rows are also train rows, and the first few, named."""
+    import numpy as np
+    import pandas as pd
+
+    seen = np.flatnonzero(pd.Series(test[0]).isin(pd.Series(train[0])).to_numpy())  # hashed, as the duplicates
+    twin = [np.flatnonzero(train[0] == test[0][i])[0] for i in seen[:3]]
+    return len(seen), "; ".join(f"{test[1](i)} = {train[1](t)}" for i, t in zip(seen, twin))
 
 
 def _checked_index(cfg: DataConfig, raw, tokens) -> Path:
@@ -424,6 +445,7 @@ def load_chat_dataset(cfg: DataConfig, special_tokens: list[str] | None = None) 
     layout = layout_of(raw[cfg.train_split])
     limits = {"train": cfg.max_train_rows, "test": cfg.max_test_rows}
     escape = cfg.special_tokens_in_text == "escape"
+    checked: dict[str, Checked] = {}
     bad = []  # strict: both splits' bad rows in one message, not the test split's only once the train split's are fixed
     for key, split in (("train", cfg.train_split), ("test", cfg.test_split)):
         ds, limit = as_messages(raw[split], split), limits[key]
@@ -432,8 +454,8 @@ def load_chat_dataset(cfg: DataConfig, special_tokens: list[str] | None = None) 
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
         try:
-            ds, dropped[key], found, rewritten[key] = check_rows(ds, split, cfg.bad_rows, tokens=tokens, escape=escape,
-                                                                 origin=origins[split])
+            ds, dropped[key], found, rewritten[key], *checked[key] = check_rows(
+                ds, split, cfg.bad_rows, tokens=tokens, escape=escape, origin=origins[split])
         except BadRowsError as err:
             bad.append(str(err))
             continue
@@ -444,6 +466,11 @@ def load_chat_dataset(cfg: DataConfig, special_tokens: list[str] | None = None) 
     if bad:
         fix = f" {FIX_ROWS}" if any(b.endswith(FIX_ROWS) for b in bad) else ""
         raise BadRowsError(" ".join(b.removesuffix(fix) for b in bad) + fix)
+    test_in_train, named = also_in(checked["test"], checked["train"])
+    if test_in_train:
+        log.warning("%d of the %d rows of split %r are also rows of split %r (%s%s): the eval loss partly measures "
+                    "what was memorised; remove them from one of the two", test_in_train, len(splits["test"]),
+                    cfg.test_split, cfg.train_split, named, "; ..." if test_in_train > 3 else "")
     fingerprint = hashlib.sha256("".join(ds._fingerprint for ds in splits.values()).encode()).hexdigest()
     target = cache_dir("datasets") / fingerprint[:16]
     if not (target / "dataset_dict.json").exists():
@@ -454,7 +481,7 @@ def load_chat_dataset(cfg: DataConfig, special_tokens: list[str] | None = None) 
     ref = DatasetRef(
         source=source, path=str(target), fingerprint=fingerprint, rows={k: len(v) for k, v in saved.items()},
         dropped=dropped, shapes=shapes, special_tokens_in_text=cfg.special_tokens_in_text, special_tokens=tokens,
-        rewritten=rewritten, held_out=held_out, layout=layout,
+        rewritten=rewritten, held_out=held_out, layout=layout, test_in_train=test_in_train,
     )
     for record in (index, quick):
         if record is not None:

@@ -84,6 +84,29 @@ def test_a_broken_row_is_named_before_duplicates_and_the_rest_are_counted_by_kin
     assert "; and 3 more (all by kind: 1 no assistant turn to learn from, 7 duplicate row). " in message, message
 
 
+def test_test_rows_that_are_also_train_rows_are_counted_named_and_reported(tmp_path, caplog):
+    """Eval loss on rows the model trained on measures memory: said once, recorded, in the report."""
+    train = _write(tmp_path / "train.jsonl", [json.dumps(_chat(i)) for i in range(5)])
+    test = _write(tmp_path / "test.jsonl", [json.dumps(_chat(9)), json.dumps(_chat(3)),
+                                            # train line 2's chat, written with other JSON spacing
+                                            json.dumps(_chat(1), indent=1).replace("\n", " ")])
+    with caplog.at_level("WARNING", logger="tasks.data"):
+        ref = load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    assert ref.test_in_train == 2 and ref.rows == {"train": 5, "test": 3}
+    said = [r.getMessage() for r in caplog.records if "also rows of split" in r.getMessage()]
+    assert said == [f"2 of the 3 rows of split 'test' are also rows of split 'train' ({test}:2 = {train}:4; "
+                    f"{test}:3 = {train}:2): the eval loss partly measures what was memorised; remove them from "
+                    "one of the two"], said
+    assert "**2 of the 3 test rows are also train rows**" in ref.markdown()
+    # The same rows checked again (the recorded check) say the same; no overlap, nothing said.
+    assert load_chat_dataset.fn(DataConfig(dataset=str(tmp_path))).test_in_train == 2
+    _write(test, [json.dumps(_chat(9))])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tasks.data"):
+        ref = load_chat_dataset.fn(DataConfig(dataset=str(tmp_path)))
+    assert ref.test_in_train == 0 and "also train rows" not in ref.markdown() and not caplog.records
+
+
 def test_drop_mode_keeps_the_good_rows_of_a_mixed_file(tmp_path):
     from datasets import load_from_disk
 
