@@ -193,7 +193,7 @@ def cmd_runs(args: argparse.Namespace, rest: list[str]) -> int:
     if args.json:
         print(json.dumps(rows, indent=2), flush=True)
         return 0
-    shown = [r | {"started": _when(r["started"]), "promoted": "yes" if r["promoted"] else "",
+    shown = [r | {"started": _when(r["started"]), "promoted": _promoted(r),
                   "loss (train/eval)": _losses(r["losses"]) if r["losses"] else "",
                   "scores": " ".join(f"{k}={v:.4f}" if isinstance(v, (int, float)) else f"{k}={v}"
                                      for k, v in r["scores"].items()),
@@ -204,6 +204,16 @@ def cmd_runs(args: argparse.Namespace, rest: list[str]) -> int:
     print(_table(shown, ["run_id", "started", "status", "promoted", "loss (train/eval)", "scores", "source"]) if rows
           else f"no runs under {args.root}", flush=True)
     return 0
+
+
+def _promoted(row: dict) -> str:
+    """`yes (now)` for the promoted run; for the others what their gate decided: the reason a nightly was not."""
+    gate = row["gate"]
+    if row["promoted"]:
+        return "yes (now)"
+    if gate is None:  # an eval run, or one stopped before its gate
+        return ""
+    return "yes" if gate["promote"] else f"no: {_short('; '.join(gate['reasons']), 48)}"
 
 
 def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:

@@ -193,7 +193,8 @@ def runs_root(root: str) -> ArtifactStore:
 
 
 def list_runs(root: str) -> list[dict[str, Any]]:
-    """Every run folder under root, oldest first: id, start time, status, promoted, headline scores."""
+    """Every run folder under root, oldest first: id, start time, status, promoted (now) and its gate's
+    decision, headline scores."""
     store = runs_root(root)
     ids = sorted({path.split("/")[1] for path in store.glob(f"{RUNS}/*/{RunPaths.config}")})
     promoted = {store.read_json(p).get("run_id") for p in store.glob(f"{POINTERS}/*/promoted.json")}
@@ -203,8 +204,8 @@ def list_runs(root: str) -> list[dict[str, Any]]:
         status = run_status(run)
         started = _read(run, RunPaths.status, {}).get("started_at") or run_id[:15]
         rows.append({"run_id": run_id, "started": started, "status": status["state"], "why": status.get("why"),
-                     "promoted": run_id in promoted, "losses": losses(run), "scores": headline(run),
-                     "sources": sources(run)})
+                     "promoted": run_id in promoted, "gate": gate_outcome(run), "losses": losses(run),
+                     "scores": headline(run), "sources": sources(run)})
         measured.append({name: ((s := _summary(run, name) or {}).get("comparability_key"), s.get("comparability"))
                          for name in rows[-1]["scores"]})
     return _by_series(rows, measured)
@@ -225,6 +226,12 @@ def _by_series(rows: list[dict], measured: list[dict[str, tuple]]) -> list[dict]
         for field in ("scores", "sources"):
             row[field] = {labels[n][by_name[n][0]] if n in labels else n: v for n, v in row[field].items()}
     return rows
+
+
+def gate_outcome(run: ArtifactStore) -> dict[str, Any] | None:
+    """{promote, reasons} as the run's gate decided (re-checked at promotion); None before a gate or for an eval run."""
+    decision = _read(run, RunPaths.gate)
+    return {"promote": decision["promote"], "reasons": decision["reasons"]} if decision else None
 
 
 def losses(run: ArtifactStore) -> dict[str, float]:

@@ -159,10 +159,24 @@ def test_runs_and_compare_show_each_runs_training_loss(tmp_path):
     assert [s["differs"] for s in compare_runs(str(tmp_path), "n1", "n3")["settings"]] == [True, True]
     root.child("runs", "n1").write_json("status.json", {"state": "complete",
                                                         "started_at": "2026-12-07T18:12:26.921298+00:00"})
+    # Which nights were promoted, and why the others were not: the promoted run now, one promoted
+    # before it, one its gate rejected; an eval run (e1) has no gate.
+    from tasks.pointers import set_pointer
+
+    for run_id, promote, reasons in (("n1", True, []), ("n2", True, []), ("n3", False, ["gsm8k: 0.2 < 0.3 - 0.05"])):
+        root.child("runs", run_id).write_json("gate/decision.json", {"promote": promote, "reasons": reasons})
+    root.child("runs", "n2").write_json("manifest.json", {"run_id": "n2"})  # a pointer names a complete run
+    set_pointer(str(tmp_path), "smolflow-finetune", "promoted", "n2")
+    assert {r["run_id"]: (r["promoted"], r["gate"]) for r in list_runs(str(tmp_path))} == {
+        "e1": (False, None), "n1": (False, {"promote": True, "reasons": []}),
+        "n2": (True, {"promote": True, "reasons": []}), "n3": (False, {"promote": False, "reasons": reasons})}
     shown = subprocess.run([str(Path(sys.executable).parent / "smolflow"), "runs", "--root", str(tmp_path)],
                            capture_output=True, text=True, timeout=120).stdout
     assert "loss (train/eval)" in shown and "1.7340/1.8424" in shown, shown  # 4 decimals, as the scores
     assert " 2026-12-07 18:12:26 UTC " in shown, shown  # not the ISO string with its microseconds
+    column = shown.splitlines()[0].index("promoted")
+    promoted = {line.split()[0]: line[column:].split("  ")[0] for line in shown.splitlines()[2:]}
+    assert promoted == {"e1": "", "n1": "yes", "n2": "yes (now)", "n3": "no: gsm8k: 0.2 < 0.3 - 0.05"}, shown
 
 
 def test_runs_name_a_benchmark_measured_two_ways_by_its_ways(tmp_path):
