@@ -232,8 +232,11 @@ def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
     diff = [s | {"mark": "*" if s["differs"] else ""} for s in result["settings"] if s["differs"] or args.all]
     print(f"\nSettings{'' if args.all else ' that differ'} (* = differs)")
     print(_table(diff, ["mark", "setting", "a", "b"]) if diff else "  none: same settings")
+    promoted = {side: _promoted(row) or "no gate (an eval run, or stopped before it)"
+                for side, row in result["promoted"].items()}
+    print(f"\nPromoted: A {promoted['a']} · B {promoted['b']}")
     healthy = {True: "yes", False: "no (its training/health.md says why)", None: "not assessed"}
-    print(f"\nHealthy: A {healthy[result['health']['a']]} · B {healthy[result['health']['b']]}")
+    print(f"Healthy: A {healthy[result['health']['a']]} · B {healthy[result['health']['b']]}")
     print(f"Training loss (train/eval): A {_losses(result['training']['a'])} · B {_losses(result['training']['b'])}")
     data = {side: _dataset(d) for side, d in result["data"].items()}
     print(f"Data: {data['a']} (both)" if data["a"] == data["b"] else f"Data: A {data['a']}\n      B {data['b']}",

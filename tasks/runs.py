@@ -197,7 +197,7 @@ def list_runs(root: str) -> list[dict[str, Any]]:
     decision, headline scores."""
     store = runs_root(root)
     ids = sorted({path.split("/")[1] for path in store.glob(f"{RUNS}/*/{RunPaths.config}")})
-    promoted = {store.read_json(p).get("run_id") for p in store.glob(f"{POINTERS}/*/promoted.json")}
+    promoted = promoted_now(store)
     rows, measured = [], []
     for run_id in ids:
         run = store.child(RUNS, run_id)
@@ -226,6 +226,11 @@ def _by_series(rows: list[dict], measured: list[dict[str, tuple]]) -> list[dict]
         for field in ("scores", "sources"):
             row[field] = {labels[n][by_name[n][0]] if n in labels else n: v for n, v in row[field].items()}
     return rows
+
+
+def promoted_now(store: ArtifactStore) -> set[str]:
+    """The run ids the flows' `promoted` pointers name under a root."""
+    return {store.read_json(p).get("run_id") for p in store.glob(f"{POINTERS}/*/promoted.json")}
 
 
 def gate_outcome(run: ArtifactStore) -> dict[str, Any] | None:
@@ -310,7 +315,7 @@ def _items(run: ArtifactStore, name: str) -> dict[str, float] | None:
 
 
 def compare_runs(root: str, run_a: str, run_b: str) -> dict[str, Any]:
-    """Scores (with the one comparison), settings, health and data of two runs, side by side."""
+    """Scores (with the one comparison), settings, promotion, health and data of two runs, side by side."""
     store = runs_root(root)
     a, b = store.child(RUNS, run_a), store.child(RUNS, run_b)
     for run_id, run in ((run_a, a), (run_b, b)):
@@ -354,8 +359,11 @@ def compare_runs(root: str, run_a: str, run_b: str) -> dict[str, Any]:
     data = {side: (_read(run, RunPaths.manifest, {}) or {}).get("dataset", {}) for side, run in (("a", a), ("b", b))}
     data = {side: {k: d.get(k) for k in ("source", "fingerprint", "rows")} for side, d in data.items()}
     status = {"a": run_status(a)["state"], "b": run_status(b)["state"]}
+    now = promoted_now(store)
+    promoted = {side: {"promoted": run_id in now, "gate": gate_outcome(run)}
+                for side, run_id, run in (("a", run_a, a), ("b", run_b, b))}
     return {"runs": {"a": run_a, "b": run_b}, "status": status, "scores": scores, "settings": settings,
-            "health": health, "training": training, "data": data}
+            "promoted": promoted, "health": health, "training": training, "data": data}
 
 
 def model_of_run(root: str, run_id: str) -> dict[str, Any] | None:

@@ -102,6 +102,7 @@ def test_eval_runs_lists_and_compares(env, tiny_model_dir, tmp_path):
     compared = smolflow(env, "compare", "eval-a", "eval-b", "--root", str(root))
     assert compared.returncode == 0 and "| " not in compared.stdout
     assert "model" in compared.stdout and "* " in compared.stdout  # the model setting differs, and is marked
+    assert "\nPromoted: A no gate (an eval run, or stopped before it) · B no gate (an eval run" in compared.stdout
     as_json = json.loads(smolflow(env, "compare", "eval-a", "eval-b", "--root", str(root), "--json").stdout)
     assert as_json["scores"][0]["delta"] == 0 and {s["setting"] for s in as_json["settings"] if s["differs"]} == {
         "model", "output.run_id"}
