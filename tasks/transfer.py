@@ -15,6 +15,7 @@ import posixpath
 import shutil
 from pathlib import Path
 
+from tasks.runtime import disk_full
 from tasks.storage import ArtifactStore
 
 _NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES)
@@ -35,8 +36,10 @@ def link_or_copy_file(src: Path, dest: Path) -> str:
             shutil.copyfile(src, staging)  # another file system (or links refused): the bytes must move
             how = "copy"
         os.replace(staging, dest)  # whole or not at all, like every other write to a run folder
-    except BaseException:  # a full disk, a stop signal: no staging file left for a re-run's manifest to list
+    except BaseException as err:  # a full disk, a stop signal: no staging file left for a re-run's manifest to list
         staging.unlink(missing_ok=True)
+        if isinstance(err, OSError) and (full := disk_full(err, dest.parent)) is not None:
+            raise full from err  # where, the room left and what to do; not "src -> dest.tmp123"
         raise
     return how
 

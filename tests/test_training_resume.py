@@ -211,11 +211,16 @@ def test_low_room_names_a_full_disk_only_for_a_writers_failure(small_disk):
 def test_a_copy_into_a_run_folder_cut_off_leaves_no_staging_file(small_disk, tmp_path):
     """A model file copied into a run folder on another file system, cut off (here: the disk fills;
     a stop signal alike) left `<name>.tmp<pid>` there, which a re-run's manifest listed as a file of
-    the run and publishing copied along."""
+    the run and publishing copied along. And it said "[Errno 28] No space left on device: 'src' ->
+    'dest.tmp123'": now the folder, the room left and what to do, as every other full write."""
+    import errno
+
     from tasks.transfer import link_or_copy_file
 
     big = tmp_path / "model.safetensors"
     big.write_bytes(b"\0" * (70 * 2**20))  # more than the 60 MiB disk holds: the copy fails midway
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as failed:
         link_or_copy_file(big, small_disk / "run" / "model" / "model.safetensors")
     assert list((small_disk / "run" / "model").iterdir()) == []
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(small_disk / "run" / "model")
+    assert "MB free there" in str(failed.value) and "Free space on that file system" in str(failed.value)
