@@ -237,7 +237,9 @@ def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
     print(f"\nPromoted: A {promoted['a']} · B {promoted['b']}")
     healthy = {True: "yes", False: "no (its training/health.md says why)", None: "not assessed"}
     print(f"Healthy: A {healthy[result['health']['a']]} · B {healthy[result['health']['b']]}")
-    print(f"Training loss (train/eval): A {_losses(result['training']['a'])} · B {_losses(result['training']['b'])}")
+    apart = result["training"].get("eval_loss_apart")
+    print(f"Training loss (train/eval): A {_losses(result['training']['a'])} · B {_losses(result['training']['b'])}"
+          + (f" (eval losses not comparable: {', '.join(apart)} differ)" if apart else ""))
     data = {side: _dataset(d) for side, d in result["data"].items()}
     print(f"Data: {data['a']} (both)" if data["a"] == data["b"] else f"Data: A {data['a']}\n      B {data['b']}",
           flush=True)  # flush: as in cmd_runs

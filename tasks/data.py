@@ -74,6 +74,9 @@ class DatasetRef(BaseModel):
     # Test rows whose whole conversation is also a train row's (as checked, after normalising): its
     # eval loss partly measures what was memorised.
     test_in_train: int = 0
+    # The test rows' content as checked, in order (a digest of their digests): equal for the same rows
+    # wherever the files are, which `fingerprint` (datasets' own: paths and times) is not.
+    test_digest: str | None = None
 
     def markdown(self) -> str:
         """Source, rows per split, fingerprint, rows dropped and rewritten by reason, special tokens, for the report."""
@@ -482,6 +485,7 @@ def load_chat_dataset(cfg: DataConfig, special_tokens: list[str] | None = None) 
         source=source, path=str(target), fingerprint=fingerprint, rows={k: len(v) for k, v in saved.items()},
         dropped=dropped, shapes=shapes, special_tokens_in_text=cfg.special_tokens_in_text, special_tokens=tokens,
         rewritten=rewritten, held_out=held_out, layout=layout, test_in_train=test_in_train,
+        test_digest=hashlib.sha256(b"".join(checked["test"][0])).hexdigest(),
     )
     for record in (index, quick):
         if record is not None:

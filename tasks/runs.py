@@ -314,6 +314,9 @@ def _items(run: ArtifactStore, name: str) -> dict[str, float] | None:
     return item_values([json.loads(line) for line in run.read_text(path).splitlines() if line.strip()]) or None
 
 
+_EVAL_LOSS_SETTINGS = ("template.", "training.max_length")  # and the test rows, by their digest
+
+
 def compare_runs(root: str, run_a: str, run_b: str) -> dict[str, Any]:
     """Scores (with the one comparison), settings, promotion, health and data of two runs, side by side."""
     store = runs_root(root)
@@ -357,7 +360,14 @@ def compare_runs(root: str, run_a: str, run_b: str) -> dict[str, Any]:
     health = {"a": _read(a, RunPaths.health, {}).get("healthy"), "b": _read(b, RunPaths.health, {}).get("healthy")}
     training = {"a": losses(a), "b": losses(b)}
     data = {side: (_read(run, RunPaths.manifest, {}) or {}).get("dataset", {}) for side, run in (("a", a), ("b", b))}
-    data = {side: {k: d.get(k) for k in ("source", "fingerprint", "rows")} for side, d in data.items()}
+    data = {side: {k: d.get(k) for k in ("source", "fingerprint", "rows", "test_digest")} for side, d in data.items()}
+    # An eval loss is a mean over the test split's tokens as templated and cut: on other rows, another
+    # template or another max_length it is another measure, whatever the two numbers say.
+    if all("eval_loss" in t for t in training.values()):
+        same = "test_digest" if all(d.get("test_digest") for d in data.values()) else "fingerprint"  # older runs
+        apart = ["test rows"] if data["a"].get(same) != data["b"].get(same) else []
+        apart += [x["setting"] for x in settings if x["differs"] and x["setting"].startswith(_EVAL_LOSS_SETTINGS)]
+        training["eval_loss_apart"] = apart
     status = {"a": run_status(a)["state"], "b": run_status(b)["state"]}
     now = promoted_now(store)
     promoted = {side: {"promoted": run_id in now, "gate": gate_outcome(run)}

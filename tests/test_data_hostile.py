@@ -100,6 +100,13 @@ def test_test_rows_that_are_also_train_rows_are_counted_named_and_reported(tmp_p
     assert "**2 of the 3 test rows are also train rows**" in ref.markdown()
     # The same rows checked again (the recorded check) say the same; no overlap, nothing said.
     assert load_chat_dataset.fn(DataConfig(dataset=str(tmp_path))).test_in_train == 2
+    # The same files in another folder (another checkout): datasets' fingerprint differs, the test rows' digest not.
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for f in (train, test):
+        (moved / f.name).write_bytes(f.read_bytes())
+    there = load_chat_dataset.fn(DataConfig(dataset=str(moved)))
+    assert there.test_digest == ref.test_digest and there.fingerprint != ref.fingerprint
     _write(test, [json.dumps(_chat(9))])
     caplog.clear()
     with caplog.at_level("WARNING", logger="tasks.data"):

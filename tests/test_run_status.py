@@ -182,6 +182,28 @@ def test_runs_and_compare_show_each_runs_training_loss(tmp_path):
     assert promoted == {"e1": "", "n1": "yes", "n2": "yes (now)", "n3": "no: gsm8k: 0.2 < 0.3 - 0.05"}, shown
 
 
+def test_compare_says_when_two_eval_losses_were_measured_on_other_rows_or_another_template(tmp_path):
+    """`compare` put two nights' eval losses side by side whatever they were measured on: on other test
+    rows, through another template or cut at another max_length they are other measures. The test
+    rows are compared by their content (datasets' fingerprint differs for the same files in another
+    checkout)."""
+    from tasks.runs import compare_runs
+
+    root = ArtifactStore(str(tmp_path))
+    for run_id, digest, fingerprint, length in (("n1", "d1", "f1", 512), ("n2", "d1", "f2", 512),
+                                                ("n3", "d2", "f2", 512), ("n4", "d1", "f1", 256)):
+        run = root.child("runs", run_id)
+        run.write_json("config.json", {"training": {"max_length": length}, "template": {"chat_template": "model"}})
+        run.write_json("training/metrics.json", {"train_loss": 1.5, "eval_loss": 1.6})
+        run.write_json("manifest.json", {"dataset": {"source": "x", "fingerprint": fingerprint, "test_digest": digest}})
+    apart = {b: compare_runs(str(tmp_path), "n1", b)["training"]["eval_loss_apart"] for b in ("n2", "n3", "n4")}
+    assert apart == {"n2": [], "n3": ["test rows"], "n4": ["training.max_length"]}, apart
+    shown = subprocess.run([str(Path(sys.executable).parent / "smolflow"), "compare", "n1", "n3", "--root",
+                            str(tmp_path)], capture_output=True, text=True, timeout=120).stdout
+    assert "Training loss (train/eval): A 1.5000/1.6000 · B 1.5000/1.6000 (eval losses not comparable: test rows " \
+           "differ)\n" in shown, shown
+
+
 def test_runs_name_a_benchmark_measured_two_ways_by_its_ways(tmp_path):
     """MMLU went from cloze to lettered between two nights: `smolflow runs` showed mmlu=0.5833 beside
     mmlu=0.0833 as one measure. Now a column per way, named as the score trend names its series."""
