@@ -193,8 +193,13 @@ def cmd_runs(args: argparse.Namespace, rest: list[str]) -> int:
     if args.json:
         print(json.dumps(rows, indent=2), flush=True)
         return 0
+    # Eval losses measured on other test rows, template or max_length: a letter per way, as the
+    # benchmarks' columns are split by way (tasks/runs.py eval_loss_way).
+    ways = list(dict.fromkeys(r["eval_loss_measured"] for r in rows if r.get("eval_loss_measured")))
+    way = {w: f" [{chr(ord('a') + i)}]" for i, w in enumerate(ways)} if len(ways) > 1 else {}
     shown = [r | {"started": _when(r["started"]), "promoted": _promoted(r),
-                  "loss (train/eval)": _losses(r["losses"]) if r["losses"] else "",
+                  "loss (train/eval)": (_losses(r["losses"]) + way.get(r.get("eval_loss_measured"), ""))
+                  if r["losses"] else "",
                   "scores": " ".join(f"{k}={v:.4f}" if isinstance(v, (int, float)) else f"{k}={v}"
                                      for k, v in r["scores"].items()),
                   "source": "; ".join(sorted(set(r["sources"].values()))),
@@ -203,6 +208,10 @@ def cmd_runs(args: argparse.Namespace, rest: list[str]) -> int:
     # flush: a closed stdout (`| head -1`) raises here, where main ends quietly, not at the interpreter's exit
     print(_table(shown, ["run_id", "started", "status", "promoted", "loss (train/eval)", "scores", "source"]) if rows
           else f"no runs under {args.root}", flush=True)
+    if way:
+        print(f"eval losses marked {', '.join(w.strip() for w in way.values())} were measured on other test rows, "
+              "template or training.max_length: compare only those with the same mark (`smolflow compare` "
+              "says which differ)", flush=True)
     return 0
 
 

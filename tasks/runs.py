@@ -6,6 +6,7 @@ stopped (why, when) > anything else (incomplete: running, or killed before it co
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -206,6 +207,9 @@ def list_runs(root: str) -> list[dict[str, Any]]:
         rows.append({"run_id": run_id, "started": started, "status": status["state"], "why": status.get("why"),
                      "promoted": run_id in promoted, "gate": gate_outcome(run), "losses": losses(run),
                      "scores": headline(run), "sources": sources(run)})
+        if "eval_loss" in rows[-1]["losses"]:  # eval losses measured alike have equal keys
+            way = json.dumps(eval_loss_way(run), sort_keys=True, default=str)
+            rows[-1]["eval_loss_measured"] = hashlib.sha256(way.encode()).hexdigest()[:12]
         measured.append({name: ((s := _summary(run, name) or {}).get("comparability_key"), s.get("comparability"))
                          for name in rows[-1]["scores"]})
     return _by_series(rows, measured)
@@ -314,7 +318,18 @@ def _items(run: ArtifactStore, name: str) -> dict[str, float] | None:
     return item_values([json.loads(line) for line in run.read_text(path).splitlines() if line.strip()]) or None
 
 
-_EVAL_LOSS_SETTINGS = ("template.", "training.max_length")  # and the test rows, by their digest
+_EVAL_LOSS_SETTINGS = ("template.", "training.max_length")
+
+
+def eval_loss_way(run: ArtifactStore) -> dict[str, Any]:
+    """What a run's eval loss was measured on. It is a mean over the test split's tokens as templated
+    and cut: on other rows, another template or another max_length it is another measure, whatever the
+    two numbers say. The rows by content (`test_digest`; older runs: datasets' fingerprint, which
+    also changes with the files' paths)."""
+    data = (_read(run, RunPaths.manifest, {}) or {}).get("dataset") or {}
+    config = _flat(_read(run, RunPaths.config, {}))
+    return {"test rows": data.get("test_digest") or data.get("fingerprint"),
+            **{k: v for k, v in sorted(config.items()) if k.startswith(_EVAL_LOSS_SETTINGS)}}
 
 
 def compare_runs(root: str, run_a: str, run_b: str) -> dict[str, Any]:
@@ -361,13 +376,9 @@ def compare_runs(root: str, run_a: str, run_b: str) -> dict[str, Any]:
     training = {"a": losses(a), "b": losses(b)}
     data = {side: (_read(run, RunPaths.manifest, {}) or {}).get("dataset", {}) for side, run in (("a", a), ("b", b))}
     data = {side: {k: d.get(k) for k in ("source", "fingerprint", "rows", "test_digest")} for side, d in data.items()}
-    # An eval loss is a mean over the test split's tokens as templated and cut: on other rows, another
-    # template or another max_length it is another measure, whatever the two numbers say.
     if all("eval_loss" in t for t in training.values()):
-        same = "test_digest" if all(d.get("test_digest") for d in data.values()) else "fingerprint"  # older runs
-        apart = ["test rows"] if data["a"].get(same) != data["b"].get(same) else []
-        apart += [x["setting"] for x in settings if x["differs"] and x["setting"].startswith(_EVAL_LOSS_SETTINGS)]
-        training["eval_loss_apart"] = apart
+        way_a, way_b = eval_loss_way(a), eval_loss_way(b)
+        training["eval_loss_apart"] = [k for k in {**way_a, **way_b} if way_a.get(k) != way_b.get(k)]
     status = {"a": run_status(a)["state"], "b": run_status(b)["state"]}
     now = promoted_now(store)
     promoted = {side: {"promoted": run_id in now, "gate": gate_outcome(run)}

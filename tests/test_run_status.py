@@ -202,6 +202,15 @@ def test_compare_says_when_two_eval_losses_were_measured_on_other_rows_or_anothe
                             str(tmp_path)], capture_output=True, text=True, timeout=120).stdout
     assert "Training loss (train/eval): A 1.5000/1.6000 · B 1.5000/1.6000 (eval losses not comparable: test rows " \
            "differ)\n" in shown, shown
+    # `smolflow runs` lists them as a column: a mark per way when the runs listed hold more than one.
+    measured = {r["run_id"]: r["eval_loss_measured"] for r in list_runs(str(tmp_path))}
+    assert measured["n1"] == measured["n2"] and len(set(measured.values())) == 3, measured
+    listed = subprocess.run([str(Path(sys.executable).parent / "smolflow"), "runs", "--root", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120).stdout
+    marks = {line.split()[0]: line.split("1.5000/1.6000 ")[1][:3] for line in listed.splitlines()[2:6]}
+    assert marks == {"n1": "[a]", "n2": "[a]", "n3": "[b]", "n4": "[c]"}, listed
+    assert "\neval losses marked [a], [b], [c] were measured on other test rows, template or training.max_length" \
+        in listed, listed
 
 
 def test_runs_name_a_benchmark_measured_two_ways_by_its_ways(tmp_path):
