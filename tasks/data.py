@@ -98,9 +98,6 @@ class DatasetRef(BaseModel):
                 f"{seen}{dropped}{rewritten}{tokens}")
 
 
-Checked = tuple  # (digests of a split's good rows, their names by position): check_rows's last two
-
-
 class BadRowsError(ValueError):
     pass
 
@@ -322,8 +319,9 @@ def check_rows(ds, split: str, policy: str = "strict", num_proc: int | None = No
     return ds, counts, shapes, rewritten, digests.to_numpy()[kept], lambda k: where(kept[k])
 
 
-def also_in(test: Checked, train: Checked) -> tuple[int, str]:
-    """How many of the test split's rows are also train rows, and the first few, named."""
+def also_in(test: list, train: list) -> tuple[int, str]:
+    """How many of the test split's rows are also train rows, and the first few, named. Each split as
+    check_rows's last two: its good rows' digests, the function naming the row at a position of them."""
     import numpy as np
     import pandas as pd
 
@@ -448,7 +446,7 @@ def load_chat_dataset(cfg: DataConfig, special_tokens: list[str] | None = None) 
     layout = layout_of(raw[cfg.train_split])
     limits = {"train": cfg.max_train_rows, "test": cfg.max_test_rows}
     escape = cfg.special_tokens_in_text == "escape"
-    checked: dict[str, Checked] = {}
+    checked: dict[str, list] = {}  # split -> [good rows' digests, their names] (check_rows)
     bad = []  # strict: both splits' bad rows in one message, not the test split's only once the train split's are fixed
     for key, split in (("train", cfg.train_split), ("test", cfg.test_split)):
         ds, limit = as_messages(raw[split], split), limits[key]
