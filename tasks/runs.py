@@ -199,7 +199,7 @@ def list_runs(root: str) -> list[dict[str, Any]]:
     store = runs_root(root)
     ids = sorted({path.split("/")[1] for path in store.glob(f"{RUNS}/*/{RunPaths.config}")})
     promoted = promoted_now(store)
-    rows, measured = [], []
+    rows, measured, ways = [], [], {}
     for run_id in ids:
         run = store.child(RUNS, run_id)
         status = run_status(run)
@@ -207,11 +207,13 @@ def list_runs(root: str) -> list[dict[str, Any]]:
         rows.append({"run_id": run_id, "started": started, "status": status["state"], "why": status.get("why"),
                      "promoted": run_id in promoted, "gate": gate_outcome(run), "losses": losses(run),
                      "scores": headline(run), "sources": sources(run)})
-        if "eval_loss" in rows[-1]["losses"]:  # eval losses measured alike have equal keys
-            way = json.dumps(eval_loss_way(run), sort_keys=True, default=str)
-            rows[-1]["eval_loss_measured"] = hashlib.sha256(way.encode()).hexdigest()[:12]
+        if "eval_loss" in rows[-1]["losses"]:
+            ways[run_id] = eval_loss_way(run)
         measured.append({name: ((s := _summary(run, name) or {}).get("comparability_key"), s.get("comparability"))
                          for name in rows[-1]["scores"]})
+    # Eval losses measured alike have equal keys.
+    for row, way in zip((r for r in rows if r["run_id"] in ways), same_rows_by(list(ways.values())), strict=True):
+        row["eval_loss_measured"] = hashlib.sha256(json.dumps(way, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return _by_series(rows, measured)
 
 
@@ -324,12 +326,20 @@ _EVAL_LOSS_SETTINGS = ("template.", "training.max_length")
 def eval_loss_way(run: ArtifactStore) -> dict[str, Any]:
     """What a run's eval loss was measured on. It is a mean over the test split's tokens as templated
     and cut: on other rows, another template or another max_length it is another measure, whatever the
-    two numbers say. The rows by content (`test_digest`; older runs: datasets' fingerprint, which
-    also changes with the files' paths)."""
+    two numbers say. The rows by content (`test_digest`) and by datasets' fingerprint (older runs have
+    only that; it also changes with the files' paths): see `same_rows_by`."""
     data = (_read(run, RunPaths.manifest, {}) or {}).get("dataset") or {}
     config = _flat(_read(run, RunPaths.config, {}))
-    return {"test rows": data.get("test_digest") or data.get("fingerprint"),
+    return {"test_digest": data.get("test_digest"), "fingerprint": data.get("fingerprint"),
             **{k: v for k, v in sorted(config.items()) if k.startswith(_EVAL_LOSS_SETTINGS)}}
+
+
+def same_rows_by(ways: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ways with their test rows named one way for all: by content where every run recorded it,
+    else (a run from before smolflow recorded it) by datasets' fingerprint."""
+    key = "test_digest" if all(w["test_digest"] for w in ways) else "fingerprint"
+    return [{"test rows": w[key], **{k: v for k, v in w.items() if k not in ("test_digest", "fingerprint")}}
+            for w in ways]
 
 
 def compare_runs(root: str, run_a: str, run_b: str) -> dict[str, Any]:
@@ -377,7 +387,7 @@ def compare_runs(root: str, run_a: str, run_b: str) -> dict[str, Any]:
     data = {side: (_read(run, RunPaths.manifest, {}) or {}).get("dataset", {}) for side, run in (("a", a), ("b", b))}
     data = {side: {k: d.get(k) for k in ("source", "fingerprint", "rows", "test_digest")} for side, d in data.items()}
     if all("eval_loss" in t for t in training.values()):
-        way_a, way_b = eval_loss_way(a), eval_loss_way(b)
+        way_a, way_b = same_rows_by([eval_loss_way(a), eval_loss_way(b)])
         training["eval_loss_apart"] = [k for k in {**way_a, **way_b} if way_a.get(k) != way_b.get(k)]
     status = {"a": run_status(a)["state"], "b": run_status(b)["state"]}
     now = promoted_now(store)

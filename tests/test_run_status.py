@@ -211,6 +211,16 @@ def test_compare_says_when_two_eval_losses_were_measured_on_other_rows_or_anothe
     assert marks == {"n1": "[a]", "n2": "[a]", "n3": "[b]", "n4": "[c]"}, listed
     assert "\neval losses marked [a], [b], [c] were measured on other test rows, template or training.max_length" \
         in listed, listed
+    # A run from before the test rows' digest was recorded: its rows are named by datasets' fingerprint,
+    # and so are every other run's beside it (a digest never equals a fingerprint).
+    old = root.child("runs", "n0")
+    old.write_json("config.json", {"training": {"max_length": 512}, "template": {"chat_template": "model"}})
+    old.write_json("training/metrics.json", {"train_loss": 1.5, "eval_loss": 1.6})
+    old.write_json("manifest.json", {"dataset": {"source": "x", "fingerprint": "f1"}})
+    assert compare_runs(str(tmp_path), "n0", "n1")["training"]["eval_loss_apart"] == []
+    assert compare_runs(str(tmp_path), "n0", "n2")["training"]["eval_loss_apart"] == ["test rows"]
+    measured = {r["run_id"]: r["eval_loss_measured"] for r in list_runs(str(tmp_path))}
+    assert measured["n0"] == measured["n1"] != measured["n2"] == measured["n3"], measured
 
 
 def test_runs_name_a_benchmark_measured_two_ways_by_its_ways(tmp_path):
