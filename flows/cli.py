@@ -187,14 +187,14 @@ def cmd_validate(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_runs(args: argparse.Namespace, rest: list[str]) -> int:
     """The runs under an artifact root: id, start, status, promoted, headline scores."""
-    from tasks.runs import list_runs
+    from tasks.run_table import list_runs
 
     rows = list_runs(args.root)
     if args.json:
         print(json.dumps(rows, indent=2), flush=True)
         return 0
     # Eval losses measured on other test rows, template or max_length: a letter per way, as the
-    # benchmarks' columns are split by way (tasks/runs.py eval_loss_way).
+    # benchmarks' columns are split by way (tasks/run_table.py eval_loss_way).
     ways = list(dict.fromkeys(r["eval_loss_measured"] for r in rows if r.get("eval_loss_measured")))
     way = {w: f" [{chr(ord('a') + i)}]" for i, w in enumerate(ways)} if len(ways) > 1 else {}
     shown = [r | {"started": _when(r["started"]), "promoted": _promoted(r),
@@ -227,7 +227,7 @@ def _promoted(row: dict) -> str:
 
 def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
     """Two runs side by side: scores, settings (differences marked), health, data."""
-    from tasks.runs import compare_runs
+    from tasks.run_table import compare_runs
 
     result = compare_runs(args.root, args.run_a, args.run_b)
     if args.json:

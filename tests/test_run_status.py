@@ -14,7 +14,8 @@ import pytest
 import yaml
 from prefect.exceptions import TerminationSignal
 
-from tasks.runs import list_runs, status_recorded
+from tasks.run_table import list_runs
+from tasks.runs import status_recorded
 from tasks.storage import ArtifactStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +135,7 @@ def test_a_killed_runs_flow_run_is_ended_crashed_by_the_next_run(tmp_path):
 def test_runs_and_compare_show_each_runs_training_loss(tmp_path):
     """A nightly's first question after its scores: did training go as usual? `smolflow runs` and
     `compare` show the train and eval loss (none for an eval run)."""
-    from tasks.runs import compare_runs
+    from tasks.run_table import compare_runs
 
     root = ArtifactStore(str(tmp_path))
     for run_id, metrics in (("n1", {"train_loss": 1.73402, "eval_loss": 1.84239, "steps": 30.0}), ("e1", None)):
@@ -187,7 +188,7 @@ def test_compare_says_when_two_eval_losses_were_measured_on_other_rows_or_anothe
     rows, through another template or cut at another max_length they are other measures. The test
     rows are compared by their content (datasets' fingerprint differs for the same files in another
     checkout)."""
-    from tasks.runs import compare_runs
+    from tasks.run_table import compare_runs
 
     root = ArtifactStore(str(tmp_path))
     for run_id, digest, fingerprint, length in (("n1", "d1", "f1", 512), ("n2", "d1", "f2", 512),
@@ -325,7 +326,7 @@ def test_compare_two_runs_item_by_item_and_says_why_scores_are_not_comparable(tm
     """`smolflow compare`: two runs on the same items compare item by item (as the gate does); scores
     measured differently get the reason, not a `beyond_noise: False`; both runs' sources are shown."""
     from tasks.layout import RunPaths
-    from tasks.runs import compare_runs
+    from tasks.run_table import compare_runs
 
     root = ArtifactStore(str(tmp_path))
     for run_id, correct, key, n in (("a", [i < 60 for i in range(100)], "k1", 100),
@@ -353,7 +354,7 @@ def test_compare_shows_one_benchmarks_changed_setting_and_a_benchmark_one_run_la
     (order does not count), a benchmark one run lacks is one row, its missing score `-` and its source
     that of the run that scored it; the same data is said once."""
     from tasks.layout import RunPaths
-    from tasks.runs import compare_runs
+    from tasks.run_table import compare_runs
 
     root = ArtifactStore(str(tmp_path))
     gsm8k = {"name": "gsm8k", "limit": 10, "num_fewshot": None}

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from tasks.leftovers import process_gone, process_mark
-from tasks.runs import list_runs, status_recorded
+from tasks.run_table import list_runs
+from tasks.runs import status_recorded
 from tasks.storage import ArtifactStore
 from tests.conftest import prefect_home
 
