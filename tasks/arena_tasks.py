@@ -101,11 +101,13 @@ def unique_models(models: list[ArenaModel]) -> list[ArenaModel]:
 
 
 def _answer_key(fingerprint: str, prompt: str, max_new_tokens: int) -> str:
+    from tasks.code_version import computed_by
     from tasks.device import computed_as
 
     # How the model computed, off fp32 on the CPU (whose keys stay as they were): bf16 moves answers.
     how = computed_as()
-    return hashlib.sha256(json.dumps([fingerprint, prompt, max_new_tokens] + ([how] if how else [])).encode()).hexdigest()
+    what = [fingerprint, prompt, max_new_tokens] + ([how] if how else []) + [computed_by("tasks.generation")]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
 
 @task(cache_policy=BY_CONTENT, retries=1, retry_condition_fn=retry_transient)

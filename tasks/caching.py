@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefect.cache_policies import TASK_SOURCE, CachePolicy, Inputs
+from prefect.cache_policies import CachePolicy, Inputs
 from prefect.settings import get_current_settings
 
 from tasks.cache_limit import cache_root
+from tasks.code_version import computed_by
 from tasks.device import cache_token
 
 
@@ -35,47 +32,22 @@ class ContentInputs(CachePolicy):
 
 
 @dataclass
-class Version(CachePolicy):
-    """A constant in the key: a new value makes results cached by older code compute again, where
-    TASK_SOURCE (the task function's own source) does not see the change."""
-
-    value: str = ""
-
-    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
-        return self.value
-
-
-@functools.cache
-def result_shape(fn) -> str:
-    """A digest of the fields of what `fn` returns (its return annotation, nested models included)."""
-    from pydantic import TypeAdapter
-
-    hint = typing.get_type_hints(fn).get("return")
-    try:
-        schema = TypeAdapter(hint).json_schema()
-    except Exception:  # a type pydantic cannot describe: its name at least
-        schema = repr(hint)
-    return hashlib.sha256(json.dumps(schema, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-@dataclass
-class ResultShape(CachePolicy):
-    """The fields of the task's result in the key. TASK_SOURCE sees the task function's own source,
-    not the models it returns: a field added to one (health's `Sign.checked`) left results cached by
-    older code coming back without it, and the next task failed on the missing attribute."""
+class Code(CachePolicy):
+    """The code that computes the result in the key: the source of the task's module and of every
+    smolflow module it reaches, and the versions of the libraries that compute (tasks/code_version.py).
+    Prefect's TASK_SOURCE sees the task function alone: a fix to a scorer, the generation loop or
+    the way scores are keyed left results cached by the older code answering for the new."""
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
-        return result_shape(task_ctx.task.fn)
+        return computed_by(task_ctx.task.fn.__module__)
 
 
-# The code part of every cached task's key: the function's source and the shape of its result.
-CODE = TASK_SOURCE + ResultShape()
+# The code part of every cached task's key. The shape of its result is in it too: the models a task
+# returns are defined in the modules it reaches (health's `Sign.checked`, once a field added to a
+# result cached without it, made the next task fail on the missing attribute).
+CODE = Code()
 # The policy of every expensive task: same content + same settings + same code = cached.
 BY_CONTENT = ContentInputs() + CODE
-# Benchmark results hold their comparability key. 2 (2026-12-04): bf16 keys hold the arrangement,
-# and merged shards are keyed as the whole run. Older cached results would carry the old keys, so a
-# cached base and a fresh tuned score would never compare.
-RESULTS = Version(value="benchmark-results-2")  # by name: the first fields are CachePolicy's (key_storage, ...)
 
 
 def results_storage() -> Path | None:

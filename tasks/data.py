@@ -33,6 +33,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from tasks.code_version import code_digest
 from tasks.config import DataConfig
 from tasks.datafiles import FORMATS, READ_PROBLEM, Origin, UnreadableError, local_data_files, read_split, unread_files
 from tasks.rows import (  # noqa: F401 - as_written, row_problem, row_shapes: used from here by other stages
@@ -47,8 +48,6 @@ HUB_DEFAULT = ("HuggingFaceTB/smoltalk", "everyday-conversations")
 FIXTURE_PREFIX = "fixture:"
 # Below this many rows, starting worker processes costs more than it saves.
 PARALLEL_FROM_ROWS = 20_000
-# Part of the checked-data cache key: a change to the checks must re-check every dataset.
-_CODE = hashlib.sha256(Path(__file__).read_bytes() + Path(__file__).with_name("rows.py").read_bytes()).hexdigest()
 
 
 class DatasetRef(BaseModel):
@@ -334,8 +333,8 @@ def _checked_index(cfg: DataConfig, raw, tokens) -> Path:
     """Where the result of checking this data with these settings is recorded. The key uses
     datasets' own fingerprints of the loaded files (their paths and modification times, or the hub
     revision), so it changes whenever the data would be read afresh."""
-    what = {"cfg": cfg.model_dump(mode="json"), "raw": {k: v._fingerprint for k, v in raw.items()}, "code": _CODE,
-            "tokens": sorted(tokens)}
+    what = {"cfg": cfg.model_dump(mode="json"), "raw": {k: v._fingerprint for k, v in raw.items()},
+            "code": code_digest(__name__), "tokens": sorted(tokens)}  # a change to the checks re-checks every dataset
     key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
     return cache_dir("datasets") / f"checked-{key[:16]}.json"
 
@@ -347,7 +346,7 @@ def _files_index(cfg: DataConfig, local: Path, tokens: list[str]) -> Path:
     builder, files = local_data_files(local)
     stats = {split: [[str(Path(f).resolve()), (st := os.stat(f)).st_size, st.st_mtime_ns] for f in names]
              for split, names in sorted(files.items())}
-    what = {"cfg": cfg.model_dump(mode="json"), "builder": builder, "files": stats, "code": _CODE,
+    what = {"cfg": cfg.model_dump(mode="json"), "builder": builder, "files": stats, "code": code_digest(__name__),
             "tokens": sorted(tokens), "datasets": version("datasets")}
     key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
     return cache_dir("datasets") / f"files-{key[:16]}.json"

@@ -27,7 +27,7 @@ from tasks.compare import compare, item_values, paired_stderr
 from tasks.config import BenchmarkConfig, JudgeConfig
 from tasks.layout import RunPaths
 from tasks.models import ModelRef, load_model
-from tasks.caching import CODE, RESULTS, ContentInputs
+from tasks.caching import CODE, ContentInputs
 from tasks.runtime import retry_transient
 from tasks.storage import ArtifactStore
 
@@ -43,7 +43,7 @@ class BenchmarkData(CachePolicy):
 
 # The role only names the task run ("benchmark-gsm8k-base"): the same model scores the same under
 # any role, so it stays out of the cache key.
-BY_CONTENT_ANY_ROLE = (ContentInputs() - "role") + BenchmarkData() + CODE + RESULTS
+BY_CONTENT_ANY_ROLE = (ContentInputs() - "role") + BenchmarkData() + CODE
 
 
 @task(

@@ -36,6 +36,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from tasks.code_version import computed_by
 from tasks.config import JudgeConfig
 from tasks.console import keep_root_level
 from tasks.judge_backends import JudgeBackend, make_backend, redact_url
@@ -154,6 +155,8 @@ def win_rate(preferences: list[float]) -> dict[str, Any]:
 
 def judgement_key(identity: str, template: str, instruction: str, output_a: str, output_b: str) -> str:
     parts = [identity, template, VERDICT_TOKENS, instruction, output_a, output_b]
+    if identity.startswith("local:"):  # a local judge's verdicts are also what smolflow's engine made of them
+        parts.append(computed_by("tasks.judge_backends"))
     return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
 
 

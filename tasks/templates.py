@@ -112,7 +112,7 @@ def _texts_used(cfg: TemplateConfig) -> str | None:
 @dataclass
 class TemplateText(CachePolicy):
     """Key on the content of the template file(s) the config names: editing a .jinja (the user's,
-    or one shipped here, which TASK_SOURCE doesn't cover) must invalidate the cached result."""
+    or one shipped here, data, not code: no part of the code key) must invalidate the cached result."""
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
         text = _texts_used((inputs or {}).get("cfg") or TemplateConfig())

@@ -12,13 +12,13 @@ instead of re-tokenizing (open-r1 issue 435), and a changed template or dataset 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from pathlib import Path
 
 from prefect import task
 from pydantic import BaseModel
 
+from tasks.code_version import code_digest
 from tasks.data import DatasetRef, as_written, num_proc_for
 from tasks.models import ModelRef, local_model_dir
 from tasks.layout import RunPaths
@@ -172,11 +172,6 @@ def tokenize_split(ds, tokenizer, max_length: int, assistant_only_loss: bool = F
     )
 
 
-# How the tokens are made, part of the cache key with the libraries' versions: a change to this
-# code must not reuse tokens made by the old one.
-_CODE = hashlib.sha256((inspect.getsource(_tokenize_batch) + inspect.getsource(tokenize_split)).encode()).hexdigest()
-
-
 def split_stats(lengths, max_length: int, no_loss_rows: int = 0) -> SplitStats:
     """Min / median / p95 / max / mean of full token lengths, rows over max_length, a histogram."""
     import numpy as np
@@ -201,7 +196,7 @@ def cache_key(data: DatasetRef, tokenizer_fp: str, template: str, max_length: in
     what = {
         "data": data.fingerprint, "tokenizer": tokenizer_fp, "template": template, "max_length": max_length,
         "assistant_only_loss": assistant_only_loss,
-        "code": _CODE, "versions": [transformers.__version__, tokenizers.__version__],
+        "code": code_digest(__name__), "versions": [transformers.__version__, tokenizers.__version__],
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 

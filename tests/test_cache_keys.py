@@ -71,45 +71,85 @@ def test_offline_a_hub_benchmark_is_keyed_on_its_cached_revision(monkeypatch, tm
     assert hub_identity(("openai/gsm8k", "main")) == "hub:openai/gsm8k:main@e53f048856ff4f594e959d75785d2c2d37b678ee"
 
 
-SHAPED = '''
-from pydantic import BaseModel
+TASK = """
 from prefect import task
-from prefect.cache_policies import INPUTS
+
 from tasks.caching import CODE
+
+
+@task(cache_policy=CODE, persist_result=True)
+def assess(name: str):
+    from PKG.signs import assess_sign  # lazily, as smolflow's tasks import
+
+    return assess_sign(name)
+"""
+SIGNS = """
+from pydantic import BaseModel
 
 
 class Sign(BaseModel):
     name: str
 {extra}
 
-class Report(BaseModel):
-    signs: list[Sign]
+def assess_sign(name: str) -> Sign:
+    return Sign(name=name{call})
+"""
 
 
-@task(cache_policy=INPUTS + CODE, persist_result=True)
-def assess(name: str) -> Report:
-    return Report(signs=[Sign(name=name)])
-'''
-
-
-def test_a_result_model_that_gained_a_field_is_computed_afresh(tmp_path, monkeypatch):
-    """The task's source is the same, the model it returns gained a field (health's Sign.checked):
-    the result cached by the older code came back without it, and the next task failed on it."""
+def test_a_change_in_a_module_the_task_reaches_computes_afresh(tmp_path, monkeypatch):
+    """The task's own source is the same; the module whose function it calls (lazily) changed, and
+    the model it returns gained a field (health's Sign.checked). Keyed on the task function's
+    source alone (Prefect's TASK_SOURCE), the result cached by the older code came back without it
+    and the next task failed on it. A module of the package the task does not reach changes nothing."""
     import importlib
     import sys
     import uuid
 
+    from tasks import code_version
+
     monkeypatch.syspath_prepend(str(tmp_path))
-    name = f"shaped_{uuid.uuid4().hex[:8]}"  # a new key for each test session's cache
-    states = []
-    for extra in ("", "    checked: bool = True\n"):
-        (tmp_path / f"{name}.py").write_text(SHAPED.replace("{extra}", extra))
-        sys.modules.pop(name, None)
+    pkg = f"shaped_{uuid.uuid4().hex[:8]}"  # a new key for each test session's cache
+    (tmp_path / pkg).mkdir()
+    (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / pkg / "task.py").write_text(TASK.replace("PKG", pkg))
+
+    def new_process_runs(extra: str, call: str, unrelated: str):
+        (tmp_path / pkg / "signs.py").write_text(SIGNS.format(extra=extra, call=call))
+        (tmp_path / pkg / "unrelated.py").write_text(unrelated)
+        for name in [m for m in sys.modules if m.startswith(pkg)]:
+            del sys.modules[name]
+        for cached in (code_version._reached, code_version.source_closure, code_version.code_digest):
+            cached.cache_clear()
         importlib.invalidate_caches()
-        module = importlib.import_module(name)
-        states.append(module.assess("overfitting", return_state=True))
-        again = module.assess("overfitting", return_state=True)
-        assert again.name == "Cached" and again.result().signs[0].name == "overfitting"
-    sys.modules.pop(name, None)
-    assert [s.name for s in states] == ["Completed", "Completed"]  # not the older code's result
-    assert states[1].result().signs[0].checked is True
+        return importlib.import_module(f"{pkg}.task").assess("overfitting", return_state=True)
+
+    try:
+        first = new_process_runs("", "", "X = 1\n")
+        assert first.name == "Completed" and first.result().name == "overfitting"
+        # Not reached by the task: still the same code as far as its result goes.
+        assert new_process_runs("", "", "X = 2\n").name == "Cached"
+        changed = new_process_runs("    checked: bool = False\n", ", checked=True", "X = 2\n")
+        assert changed.name == "Completed", changed  # not the older code's result
+        assert changed.result().checked is True
+        assert new_process_runs("    checked: bool = False\n", ", checked=True", "X = 2\n").name == "Cached"
+    finally:
+        for name in [m for m in sys.modules if m.startswith(pkg)]:
+            del sys.modules[name]
+
+
+def test_the_code_of_a_cached_task_is_every_module_it_reaches():
+    """tasks/code_version.py reads what a task's module reaches without importing it: lazy imports
+    inside functions, and modules started by name (DDP's ranks run `-m tasks.train_worker`,
+    HumanEval's sandbox `sandbox_init.py` beside tasks/sandbox.py)."""
+    from tasks.code_version import ROOT, library_versions, source_closure
+
+    def reached(module):
+        return {p.relative_to(ROOT).as_posix() for p in source_closure(module)}
+
+    training, evaluation = reached("tasks.training"), reached("tasks.evaluation")
+    assert {"tasks/training.py", "tasks/train_worker.py", "tasks/packed_attention.py", "tasks/lm_head_cpu.py"} <= training
+    assert {"tasks/benchmarks/scorers.py", "tasks/benchmarks/fast_lm.py", "tasks/generation.py",
+            "tasks/sandbox_init.py", "tasks/mathcheck.py"} <= evaluation
+    assert not any(p.startswith(("flows/", "deployments/")) for p in training | evaluation)
+    assert "tasks/reporting.py" not in evaluation and "tasks/gate.py" not in training  # not the whole package
+    assert any(v.startswith("transformers==") for v in library_versions())

@@ -45,7 +45,7 @@ from tasks.config import JudgeConfig
 from tasks.benchmarks import scorers
 from tasks.benchmarks.base import BenchmarkResult, stderr_of_mean
 from tasks.models import ModelRef, load_model
-from tasks.caching import CODE, RESULTS, ContentInputs
+from tasks.caching import CODE, ContentInputs
 from tasks.runtime import retry_transient, run_logger
 
 DOCS = "docs/benchmarks.md#custom-benchmarks"
@@ -420,7 +420,7 @@ class JudgeIdentity(CachePolicy):
         return judge_identity(judge) if judge is not None else None
 
 
-@task(cache_policy=(ContentInputs() - "role") + JudgeIdentity() + CODE + RESULTS, retries=1,
+@task(cache_policy=(ContentInputs() - "role") + JudgeIdentity() + CODE, retries=1,
       retry_condition_fn=retry_transient,
       retry_delay_seconds=10, task_run_name="custom-{bench.name}-{role}")
 def run_custom_benchmark(

@@ -1,0 +1,110 @@
+"""What code computed a cached result: a digest of a module's source and of every smolflow module
+it reaches, so that a fix anywhere on the way (a scorer, the generation loop, a check) computes
+afresh what the old code cached, where Prefect's TASK_SOURCE sees only the task function itself.
+
+Reached = imported (at the top or inside a function: smolflow imports lazily) or started by name
+(`-m tasks.train_worker`, `sandbox_init.py` next to the module). Found by reading the source (ast),
+never by importing: computing a key must not run the code it describes. Stdlib only."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import importlib.metadata
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the folder holding tasks/
+PACKAGE = "tasks"  # the tasks never import flows/ or deployments/ (tests/test_structure.py)
+# The libraries whose versions change what a cached result holds (generation, training, scoring).
+LIBRARIES = ("torch", "transformers", "tokenizers", "trl", "peft", "accelerate", "datasets", "lm_eval",
+             "math-verify", "alpaca-eval")
+_MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+
+
+def _file_of(name: str, roots: tuple[tuple[str, Path], ...]) -> Path | None:
+    """The source file of module `name` if it is in one of the packages `roots` names (package,
+    the folder holding it), by path alone (no import); else None."""
+    root = dict(roots).get(name.split(".")[0])
+    if root is None:
+        return None
+    base = root.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+@functools.cache
+def _reached(path: Path, name: str, roots: tuple[tuple[str, Path], ...]) -> frozenset[Path]:
+    """The source files in `roots`' packages that the module at `path` (named `name`) imports or
+    starts by name."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[Path] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from . import x / from .y import z
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            names = [base, *(f"{base}.{alias.name}" for alias in node.names)]  # a name may be a submodule
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if node.value.endswith(".py") and "/" not in node.value and (path.parent / node.value).is_file():
+                found.add(path.parent / node.value)  # Path(__file__).with_name("sandbox_init.py")
+            elif _MODULE_NAME.match(node.value):  # "-m", "tasks.train_worker"
+                names = [node.value]
+        found.update(p for p in (_file_of(n, roots) for n in names) if p is not None)
+    return frozenset(found)
+
+
+@functools.cache
+def source_closure(module: str) -> tuple[Path, ...]:
+    """The source files of `module` and of every module it reaches in its own package and in
+    smolflow's, transitively."""
+    loaded = getattr(sys.modules.get(module), "__file__", None)
+    start = Path(loaded).resolve() if loaded else _file_of(module, ((PACKAGE, ROOT),))
+    if start is None:
+        raise ValueError(f"no source file for module {module!r}")
+    depth = module.count(".") + (start.name == "__init__.py")
+    roots = tuple({PACKAGE: ROOT, module.split(".")[0]: start.parents[depth]}.items())
+    names, todo = {start: module}, [start]
+    while todo:
+        path = todo.pop()
+        for found in _reached(path, names[path], roots):
+            if found not in names:
+                root = next((r for _, r in roots if found.is_relative_to(r)), found.parent)
+                names[found] = ".".join(p for p in found.relative_to(root).with_suffix("").parts if p != "__init__")
+                todo.append(found)
+    return tuple(sorted(names))
+
+
+@functools.cache
+def code_digest(module: str) -> str:
+    """sha256 of the sources `module` reaches (tasks/…, by path relative to ROOT) and their contents."""
+    digest = hashlib.sha256()
+    for path in source_closure(module):
+        label = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
+        digest.update(f"{label}\0{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
+@functools.cache
+def library_versions() -> tuple[str, ...]:
+    """`name==version` of each of LIBRARIES (`name absent` where it is not installed)."""
+    out = []
+    for name in LIBRARIES:
+        try:
+            out.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(f"{name} absent")
+    return tuple(out)
+
+
+def computed_by(module: str) -> str:
+    """What computes a result in `module`: its code (code_digest) and the libraries' versions."""
+    return hashlib.sha256(f"{code_digest(module)}{library_versions()}".encode()).hexdigest()
