@@ -40,6 +40,8 @@ _INIT = Path(__file__).with_name("sandbox_init.py")
 _UNSHARE_FLAGS = ("--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--net", "--ipc", "--uts",
                   "--propagation", "private")
 _SETUP_FAILED = "setup"
+_STARTED = "started"  # sandbox_init.STARTED (that file runs stdlib-only as PID 1: not imported here)
+_SETUP_S = 120.0  # the most the set-up may take before the program's wall clock starts anyway
 _FALLBACK_PROCESSES = 4  # without a cgroup: at most this many processes, the memory split between them
 
 # The harness's side of the program (`python -I -B -X utf8 -c _RUNNER program.py`). It takes the
@@ -269,7 +271,8 @@ def _signal_name(number: int) -> str:
 
 def _outcome(host: Path, rc: int | None, timed_out: bool, oom_kills: int) -> tuple[int | None, str]:
     """(return code, status) from PID 1's status file: 'exit N' or 'signal N' (a setup failure raises)."""
-    status = (host / "status").read_text(encoding="utf-8").strip() if (host / "status").exists() else ""
+    text = (host / "status").read_text(encoding="utf-8") if (host / "status").exists() else ""
+    status = "\n".join(line for line in text.splitlines() if line != _STARTED).strip()
     if status.startswith(_SETUP_FAILED):
         raise SandboxUnavailable(f"sandbox setup failed: {status.removeprefix(_SETUP_FAILED).strip()}")
     if timed_out:
@@ -289,8 +292,19 @@ def _weak_status(rc: int | None, timed_out: bool) -> str:
         f"killed by {_signal_name(-rc)}" if rc < 0 else "failed"
 
 
-def _launch(command: list[str], cwd, env: dict, preexec, logs: Path, token: str, timeout_s: float):
-    """Start it with the token on stdin, wait up to the timeout; (Popen, return code, timed out)."""
+def _started(status: Path) -> bool:
+    try:
+        return status.stat().st_size > 0  # PID 1 writes STARTED first, once its set-up is done
+    except FileNotFoundError:
+        return False
+
+
+def _launch(command: list[str], cwd, env: dict, preexec, logs: Path, token: str, timeout_s: float,
+            status: Path | None = None):
+    """Start it with the token on stdin, wait up to the timeout; (Popen, return code, timed out).
+    With `status` (PID 1's status file), the timeout counts from the program's start: the sandbox's
+    set-up (unshare, PID 1's interpreter, the mounts) took seconds on a loaded machine and was
+    counted against HumanEval's 10 s, failing correct completions."""
     with open(logs / "out", "wb") as out, open(logs / "err", "wb") as err:
         proc = subprocess.Popen(
             command, cwd=cwd, env=env, stdin=subprocess.PIPE,
@@ -302,6 +316,9 @@ def _launch(command: list[str], cwd, env: dict, preexec, logs: Path, token: str,
         proc.stdin.close()
     except (BrokenPipeError, OSError):
         pass
+    setup_ends = time.monotonic() + _SETUP_S
+    while status is not None and proc.poll() is None and not _started(status) and time.monotonic() < setup_ends:
+        time.sleep(0.005)
     try:
         return proc, proc.wait(timeout=timeout_s), False
     except subprocess.TimeoutExpired:
@@ -349,7 +366,8 @@ def run_python(program: str, limits: Limits = Limits()) -> SandboxResult:
                 # -X utf8: its stdio and files are UTF-8 whatever locale exists (-I ignores PYTHONUTF8).
                 command = [interpreter(uid is not None), "-I", "-B", "-X", "utf8", "-c", _RUNNER, "program.py"]
                 preexec = _weak_preexec(limits, cgroup, uid, memory_mb, processes)
-            proc, rc, timed_out = _launch(command, cwd, env, preexec, logs, token, limits.timeout_s)
+            proc, rc, timed_out = _launch(command, cwd, env, preexec, logs, token, limits.timeout_s,
+                                          host / "status" if full else None)
             _kill_all(proc, uid)
             proc.wait()
             rc, status = _outcome(host, rc, timed_out, oom_kills(cgroup)) if full else (rc, _weak_status(rc, timed_out))

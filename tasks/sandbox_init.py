@@ -8,8 +8,8 @@ namespaces with a /proc that shows only its own tree. It mounts one size-capped 
 program's work dir and every world-writable place live on it, so all the program writes together is
 capped and nothing reaches the host's disk) and empty read-only ones over the host's private
 folders (binding the interpreter's own folders back), starts the program under its own uid with
-rlimits and a seccomp filter against new user namespaces, waits for it, and writes how it ended to
-the status file. When it exits, the kernel kills whatever the program left in the namespace. Being
+rlimits and a seccomp filter against new user namespaces, waits for it, and writes to the status
+file that it started (the host's wall-clock limit counts from there) and how it ended. When it exits, the kernel kills whatever the program left in the namespace. Being
 root and the program's parent, it cannot be signalled by the program.
 """
 
@@ -23,6 +23,7 @@ _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC = 0x1, 0x2, 0x
 # World-writable places besides /tmp: each becomes a folder of the same tmpfs, so one cap covers all.
 _ALSO_WRITABLE = ("/var/tmp", "/dev/shm", "/run/lock")
 WORK = "/tmp/work"
+STARTED = "started"  # the status file's first line once set-up is done and the program starts
 _KEYCTL = {"x86_64": 250, "aarch64": 219}  # the keyctl syscall
 
 
@@ -171,6 +172,8 @@ def main() -> int:
         status.write(f"setup {err}\n")
         status.close()
         return 120
+    status.write(f"{STARTED}\n")  # the host's wall-clock limit counts from here, not from unshare
+    status.flush()
     child = start(spec, program, status)
     while True:  # as PID 1 we also reap the program's orphans; stop when the program itself ends
         pid, code = os.wait()

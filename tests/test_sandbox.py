@@ -146,6 +146,24 @@ def test_pid_namespace_hides_host_processes_and_their_command_lines():
     assert "pidns" in result.isolation
 
 
+@needs_root
+def test_the_wall_clock_limit_counts_from_the_programs_start_not_the_sandboxs_set_up(monkeypatch, tmp_path):
+    """On a loaded machine the sandbox's set-up (unshare, PID 1's interpreter, its mounts) took
+    seconds, and they counted against HumanEval's 10 s: correct completions timed out. Here a set-up
+    2.5 s slow (an unshare that waits first) under a 2 s limit: a program of 0.2 s passes, one that
+    sleeps on still times out, 2 s after its start."""
+    import shutil
+
+    slow = tmp_path / "unshare"
+    slow.write_text(f'#!/bin/sh\nsleep 2.5\nexec {shutil.which("unshare")} "$@"\n')
+    slow.chmod(0o755)
+    monkeypatch.setenv("SMOLFLOW_UNSHARE", str(slow))
+    quick = run_python("import time\ntime.sleep(0.2)\n", Limits(timeout_s=2))
+    assert quick.status == "passed" and quick.seconds > 2.5, quick
+    endless = run_python("import time\ntime.sleep(60)\n", Limits(timeout_s=2))
+    assert endless.status == "timeout" and 4.5 < endless.seconds < 10, endless
+
+
 def test_missing_unshare_is_an_error_not_a_silent_fallback(monkeypatch):
     monkeypatch.setenv("SMOLFLOW_UNSHARE", "/nonexistent/unshare")
     with pytest.raises(SandboxUnavailable, match=r"util-linux `unshare`.*SMOLFLOW_SANDBOX=weak"):
