@@ -7,7 +7,9 @@ what the model *is*, never on its name: a re-tuned model under the same path is 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
+import inspect
 from pathlib import Path
 
 from prefect import task
@@ -55,7 +57,9 @@ def builtin_target() -> Path:
     from importlib.metadata import version  # transformers' own __version__, without importing it (and torch)
 
     key = _gguf_key(builtin_gguf())
-    return cache_dir("models") / f"smollm2-135m-instruct-{key}-tf{version('transformers')}"
+    # The conversion's code too: a fix to it converts again (all of it is _convert, and transformers).
+    code = hashlib.sha256(inspect.getsource(_convert).encode()).hexdigest()[:8]
+    return cache_dir("models") / f"smollm2-135m-instruct-{key}-c{code}-tf{version('transformers')}"
 
 
 @functools.lru_cache(maxsize=2)

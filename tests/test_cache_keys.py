@@ -153,3 +153,19 @@ def test_the_code_of_a_cached_task_is_every_module_it_reaches():
     assert not any(p.startswith(("flows/", "deployments/")) for p in training | evaluation)
     assert "tasks/reporting.py" not in evaluation and "tasks/gate.py" not in training  # not the whole package
     assert any(v.startswith("transformers==") for v in library_versions())
+
+
+def test_the_built_in_models_conversion_is_keyed_on_its_code(monkeypatch):
+    """The built-in model is converted once per machine, into a folder named by the GGUF's hash and
+    transformers' version; a fix to smolflow's conversion (`_convert`) now converts again too."""
+    from tasks import models
+
+    before = models.builtin_target()
+
+    def _convert(gguf, target):  # another conversion
+        raise NotImplementedError
+
+    monkeypatch.setattr(models, "_convert", _convert)
+    after = models.builtin_target()
+    assert after != before and after.parent == before.parent
+    assert after.name.split("-c")[0] == before.name.split("-c")[0]  # the same GGUF
