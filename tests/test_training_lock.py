@@ -78,15 +78,18 @@ def test_two_runs_started_together_never_train_at_once(shared, tiny_model_dir, t
     assert a["end"] <= b["begin"], f"training phases overlap: {a} and {b}"
 
 
-# Takes the training lock with a cache of its own and no Prefect server, records when it held it.
+# Takes the training lock with a cache of its own and no Prefect server, records when it held it;
+# holds it for argv[2] seconds, or until the file argv[3] exists.
 HOLD = """
-import json, logging, sys, time
+import json, logging, os, sys, time
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 from tasks.locks import TRAINING_LOCK, exclusive
 with exclusive(TRAINING_LOCK, sys.argv[1]) as how:
     begin = time.time()
     print(json.dumps(how), flush=True)
-    time.sleep(float(sys.argv[2]))
+    until = time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < until and not (len(sys.argv) > 3 and os.path.exists(sys.argv[3])):
+        time.sleep(0.05)
     print(json.dumps({"begin": begin, "end": time.time()}), flush=True)
 """
 
@@ -97,20 +100,29 @@ def test_runs_with_caches_of_their_own_take_turns_and_a_killed_holder_frees_the_
     cores. And a holder killed by SIGKILL (the out-of-memory killer) frees it at once."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PYTHONPATH": str(ROOT)}
 
-    def hold(who: str, seconds: float) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", HOLD, who, str(seconds)], cwd=ROOT, text=True,
-                                env=env | {"SMOLFLOW_CACHE": str(tmp_path / f"cache-{who}")},
+    def hold(who: str, seconds: float, *until: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", HOLD, who, str(seconds), *map(str, until)], cwd=ROOT,
+                                text=True, env=env | {"SMOLFLOW_CACHE": str(tmp_path / f"cache-{who}")},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    first = hold("first", 3)
+    # The first holds it until the second says it waits (a fixed hold ran out under CI's load while
+    # the second was still starting, and it then found the lock free).
+    release = tmp_path / "release"
+    first = hold("first", 120, release)
     how = json.loads(first.stdout.readline())  # it holds the lock now
     assert how["machine"] == f"{os.environ['SMOLFLOW_MACHINE_LOCK']}/smolflow-training", how
-    second = hold("second", 0)
+    second, said = hold("second", 0), []
+    for line in second.stderr:  # until it waits (or, if it never says so, until it ends)
+        said.append(line)
+        if "held by another smolflow process on this machine" in line:
+            break
+    release.touch()
     outs = [proc.communicate(timeout=120) for proc in (first, second)]
     assert [proc.returncode for proc in (first, second)] == [0, 0], outs
     a, b = (json.loads(out.strip().splitlines()[-1]) for out, _ in outs)
     assert a["end"] <= b["begin"], f"they held it at once: {a} and {b}"
-    assert "held by another smolflow process on this machine" in outs[1][1], outs[1][1][-2000:]
+    assert "held by another smolflow process on this machine" in said[-1], "".join(said)[-2000:]
+    assert b["begin"] - a["end"] < 10, (a, b)  # taken as soon as it was given back
     # SIGKILLed while holding it: the kernel unbinds its socket, and the next one takes it at once.
     killed = hold("killed", 300)
     json.loads(killed.stdout.readline())
