@@ -5,6 +5,7 @@
     smolflow validate  [--config FILE] [settings ...]                check everything, run nothing heavy
     smolflow runs      [--root URI]                                  list the runs under an artifact root
     smolflow compare   RUN_A RUN_B [--root URI]                      two runs side by side
+    smolflow promote   RUN_ID --reason TEXT [--root URI]             make a run the promoted one by hand (roll back)
     smolflow serve     [--port 4200] [settings ...]                  Prefect server + the deployments (the nightly's settings)
     smolflow gc        [--root URI] [--dry-run]                      apply retention, bound the caches
     smolflow alerts    --webhook-url URL | --block TYPE/NAME         notify on a failed nightly / rejected model
@@ -22,7 +23,6 @@ import argparse
 import contextlib
 import gc
 import inspect
-import json
 import os
 import select
 import signal
@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import yaml
 
+from flows.cli_runs import cmd_compare, cmd_promote, cmd_runs
 from tasks.config_eval import NOT_IN_EVAL
 from tasks.config_args import ServeConfig, UserError, config_help, locate, parse_config, port_number
 from tasks.leftovers import own_temp_root
@@ -72,19 +73,6 @@ def _safe_streams() -> None:
     for stream in (sys.stdout, sys.stderr):
         if callable(getattr(stream, "reconfigure", None)):
             stream.reconfigure(errors="backslashreplace")
-
-
-def _short(text: str | None, n: int = 72) -> str:
-    """One line of a table: the whole text is in the run's status.json (and `runs --json`)."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def _table(rows: list[dict], columns: list[str]) -> str:
-    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
 # ---- commands --------------------------------------------------------------------------------
@@ -185,99 +173,6 @@ def cmd_validate(args: argparse.Namespace, rest: list[str]) -> int:
     return 0 if not problems else EXIT_USER_ERROR
 
 
-def cmd_runs(args: argparse.Namespace, rest: list[str]) -> int:
-    """The runs under an artifact root: id, start, status, promoted, headline scores."""
-    from tasks.run_table import list_runs
-
-    rows = list_runs(args.root)
-    if args.json:
-        print(json.dumps(rows, indent=2), flush=True)
-        return 0
-    # Eval losses measured on other test rows, template or max_length: a letter per way, as the
-    # benchmarks' columns are split by way (tasks/run_table.py eval_loss_way).
-    ways = list(dict.fromkeys(r["eval_loss_measured"] for r in rows if r.get("eval_loss_measured")))
-    way = {w: f" [{chr(ord('a') + i)}]" for i, w in enumerate(ways)} if len(ways) > 1 else {}
-    shown = [r | {"started": _when(r["started"]), "promoted": _promoted(r),
-                  "loss (train/eval)": (_losses(r["losses"]) + way.get(r.get("eval_loss_measured"), ""))
-                  if r["losses"] else "",
-                  "scores": " ".join(f"{k}={v:.4f}" if isinstance(v, (int, float)) else f"{k}={v}"
-                                     for k, v in r["scores"].items()),
-                  "source": "; ".join(sorted(set(r["sources"].values()))),
-                  "status": r["status"] + (f" ({_short(r['why'])})" if r["status"] in ("failed", "stopped") else "")}
-             for r in rows]
-    # flush: a closed stdout (`| head -1`) raises here, where main ends quietly, not at the interpreter's exit
-    print(_table(shown, ["run_id", "started", "status", "promoted", "loss (train/eval)", "scores", "source"]) if rows
-          else f"no runs under {args.root}", flush=True)
-    if way:
-        print(f"eval losses marked {', '.join(w.strip() for w in way.values())} were measured on other test rows, "
-              "template or training.max_length: compare only those with the same mark (`smolflow compare` "
-              "says which differ)", flush=True)
-    return 0
-
-
-def _promoted(row: dict) -> str:
-    """`yes (now)` for the promoted run; for the others what their gate decided: the reason a nightly was not."""
-    gate = row["gate"]
-    if row["promoted"]:
-        return "yes (now)"
-    if gate is None:  # an eval run, or one stopped before its gate
-        return ""
-    return "yes" if gate["promote"] else f"no: {_short('; '.join(gate['reasons']), 48)}"
-
-
-def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
-    """Two runs side by side: scores, settings (differences marked), health, data."""
-    from tasks.run_table import compare_runs
-
-    result = compare_runs(args.root, args.run_a, args.run_b)
-    if args.json:
-        print(json.dumps(result, indent=2, default=str), flush=True)
-        return 0
-    a, b = args.run_a, args.run_b
-    print(f"A = {a} ({result['status']['a']})\nB = {b} ({result['status']['b']})\n\nScores (tuned model)")
-    # "-": a benchmark one run did not score (its JSON keeps null)
-    scores = [{k: "-" if v is None else v for k, v in row.items()} for row in result["scores"]]
-    print(_table(scores, ["benchmark", "a", "b", "delta", "stderr", "beyond_noise", "n_a", "n_b", "source"]))
-    diff = [s | {"mark": "*" if s["differs"] else ""} for s in result["settings"] if s["differs"] or args.all]
-    print(f"\nSettings{'' if args.all else ' that differ'} (* = differs)")
-    print(_table(diff, ["mark", "setting", "a", "b"]) if diff else "  none: same settings")
-    promoted = {side: _promoted(row) or "no gate (an eval run, or stopped before it)"
-                for side, row in result["promoted"].items()}
-    print(f"\nPromoted: A {promoted['a']} · B {promoted['b']}")
-    healthy = {True: "yes", False: "no (its training/health.md says why)", None: "not assessed"}
-    print(f"Healthy: A {healthy[result['health']['a']]} · B {healthy[result['health']['b']]}")
-    apart = result["training"].get("eval_loss_apart")
-    print(f"Training loss (train/eval): A {_losses(result['training']['a'])} · B {_losses(result['training']['b'])}"
-          + (f" (eval losses not comparable: {', '.join(apart)} differ)" if apart else ""))
-    data = {side: _dataset(d) for side, d in result["data"].items()}
-    print(f"Data: {data['a']} (both)" if data["a"] == data["b"] else f"Data: A {data['a']}\n      B {data['b']}",
-          flush=True)  # flush: as in cmd_runs
-    return 0
-
-
-def _dataset(data: dict) -> str:
-    if not data:
-        return "none recorded"
-    rows = " / ".join(f"{n} {split}" for split, n in (data.get("rows") or {}).items())
-    return (f"{data.get('source') or 'unknown'}" + (f" · rows {rows}" if rows else "")
-            + (f" · fingerprint {data['fingerprint'][:12]}" if data.get("fingerprint") else ""))
-
-
-def _when(started: str) -> str:
-    """'2026-12-07 18:12:26 UTC' from status.json's ISO time (seconds are enough to tell runs apart)."""
-    import datetime as dt
-
-    try:
-        return dt.datetime.fromisoformat(started).astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    except ValueError:  # a run from before status.json's start time: its id's timestamp
-        return started
-
-
-def _losses(losses: dict) -> str:
-    said = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "-"  # noqa: E731  (1.734 stood beside 1.7788)
-    return "/".join(said(losses.get(k)) for k in ("train_loss", "eval_loss")) if losses else "none (no training)"
-
-
 def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
     """A local Prefect server (UI) plus the process that runs the deployments, until Ctrl-C; settings
     ([--config FILE] [--section.field VALUE ...]) are the nightly's and the on-demand form's, those
@@ -370,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="show every setting, not only those that differ")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_compare)
+    p = sub.add_parser("promote", help=cmd_promote.__doc__)
+    p.add_argument("run_id", help="a completed fine-tuning run under --root (`smolflow runs` lists them)")
+    p.add_argument("--reason", required=True, help="why, kept in the pointer and shown by `smolflow runs`")
+    p.add_argument("--root", default=DEFAULT_ROOT, help="artifact root (default %(default)s)")
+    p.add_argument("--flow", default="smolflow-finetune", help="whose `promoted` pointer (default %(default)s)")
+    p.set_defaults(fn=cmd_promote)
     p = sub.add_parser("alerts", help=cmd_alerts.__doc__, add_help=False)
     p.set_defaults(fn=cmd_alerts, takes_settings=True)  # its flags are deployments/alerts.py's (--help there)
     p = sub.add_parser("gc", help=cmd_gc.__doc__)

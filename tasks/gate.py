@@ -161,6 +161,8 @@ def reference_scores(root: str, flow_name: str, names, run: ArtifactStore | None
     theirs = [row["benchmark"] for row in promoted.read_json(RunPaths.comparison)] \
         if promoted.exists(RunPaths.comparison) else []
     scores, against = read_scores(promoted, "tuned", sorted({*names, *theirs})), f"promoted run {pointer['run_id']}"
+    if by_hand := pointer.get("by_hand"):  # `smolflow promote`: a person chose it, not a gate
+        against += f" (promoted by hand by {by_hand['by']}: {by_hand['reason']})"
     again = run.read_json(RunPaths.promoted_rescored) if run is not None and run.exists(RunPaths.promoted_rescored) else None
     if again and again["run_id"] == pointer["run_id"]:  # another run promoted since: its own scores
         scores |= read_scores(run, "promoted", again["benchmarks"])

@@ -20,11 +20,13 @@ from tasks.layout import RunPaths
 from tasks.storage import ArtifactStore, json_bytes, read_manifest, write_manifest
 
 
-def _pointer(store: ArtifactStore, flow_name: str, name: str, run_id: str) -> dict[str, Any]:
+def _pointer(store: ArtifactStore, flow_name: str, name: str, run_id: str,
+             by_hand: dict[str, Any] | None = None) -> dict[str, Any]:
     run = store.child(layout.run_dir(run_id))
     read_manifest(run)  # a pointer never names an incomplete run
     return {"flow": flow_name, "name": name, "run_id": run_id, "run_uri": run.uri,
-            "manifest_sha256": run.sha256(RunPaths.manifest), "updated_at": datetime.now(timezone.utc).isoformat()}
+            "manifest_sha256": run.sha256(RunPaths.manifest), "updated_at": datetime.now(timezone.utc).isoformat(),
+            **({"by_hand": by_hand} if by_hand else {})}
 
 
 def set_pointer(root: str, flow_name: str, name: str, run_id: str) -> str:
@@ -33,12 +35,41 @@ def set_pointer(root: str, flow_name: str, name: str, run_id: str) -> str:
     return store.write_json(layout.pointer(flow_name, name), _pointer(store, flow_name, name, run_id))
 
 
-def swap_pointer(root: str, flow_name: str, name: str, run_id: str, seen: str | None) -> str | None:
+def swap_pointer(root: str, flow_name: str, name: str, run_id: str, seen: str | None,
+                 by_hand: dict[str, Any] | None = None) -> str | None:
     """`set_pointer`, unless the pointer changed since `read_pointer_seen` gave `seen`: then None
     (on S3 a conditional PUT: whichever machine moved it, nothing is overwritten unseen)."""
     store, rel = ArtifactStore(root), layout.pointer(flow_name, name)
-    written = store.write_if_unchanged(rel, json_bytes(_pointer(store, flow_name, name, run_id)), seen)
+    written = store.write_if_unchanged(rel, json_bytes(_pointer(store, flow_name, name, run_id, by_hand)), seen)
     return store.url(rel) if written else None
+
+
+def promote_by_hand(root: str, flow_name: str, run_id: str, reason: str) -> tuple[dict[str, Any], str | None]:
+    """Point `promoted` at a completed fine-tuning run a person chose (a roll-back after a bad night,
+    or a model whose gate said no for a reason judged spurious); the next run's gate compares with
+    it. The pointer says so (`by_hand`: reason, who, the run it named before). (pointer, before)."""
+    import getpass
+    import socket
+
+    store = ArtifactStore(root)
+    run = store.child(layout.run_dir(run_id.replace("/", "_")))
+    if "/" in run_id or run_id.startswith(".") or not run.exists(RunPaths.config):
+        raise ValueError(f"no run {run_id!r} under {store.uri} (`smolflow runs --root {root}` lists them)")
+    if not run.exists(RunPaths.manifest):
+        raise ValueError(f"run {run_id!r} did not complete (no {RunPaths.manifest}): only a completed run can be "
+                         "promoted (`smolflow runs` says how it ended)")
+    if read_manifest(run).get("kind") == "eval" or not run.exists(f"{RunPaths.model}/config.json"):
+        raise ValueError(f"run {run_id!r} holds no tuned model (a `smolflow eval` run scores a model it did not "
+                         "train): promote the run that trained it")
+    with pointer_lock(root, f"promote {run_id} by hand"):
+        while True:  # on S3 another machine may move it meanwhile: then it is read again
+            current, seen = read_pointer_seen(root, flow_name, "promoted")
+            before = current["run_id"] if current else None
+            if before == run_id:
+                return current, before
+            by_hand = {"reason": reason, "by": f"{getpass.getuser()}@{socket.gethostname()}", "before": before}
+            if swap_pointer(root, flow_name, "promoted", run_id, seen, by_hand) is not None:
+                return read_pointer(root, flow_name, "promoted"), before
 
 
 def read_pointer(root: str, flow_name: str, name: str) -> dict[str, Any] | None:

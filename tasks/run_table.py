@@ -26,7 +26,7 @@ def list_runs(root: str) -> list[dict[str, Any]]:
         status = run_status(run)
         started = _read(run, RunPaths.status, {}).get("started_at") or run_id[:15]
         rows.append({"run_id": run_id, "started": started, "status": status["state"], "why": status.get("why"),
-                     "promoted": run_id in promoted, "gate": gate_outcome(run), "losses": losses(run),
+                     "promoted": run_id in promoted, "by_hand": promoted.get(run_id), "gate": gate_outcome(run), "losses": losses(run),
                      "scores": headline(run), "sources": sources(run)})
         if "eval_loss" in rows[-1]["losses"]:
             ways[run_id] = eval_loss_way(run)
@@ -55,9 +55,11 @@ def _by_series(rows: list[dict], measured: list[dict[str, tuple]]) -> list[dict]
     return rows
 
 
-def promoted_now(store: ArtifactStore) -> set[str]:
-    """The run ids the flows' `promoted` pointers name under a root."""
-    return {store.read_json(p).get("run_id") for p in store.glob(f"{POINTERS}/*/promoted.json")}
+def promoted_now(store: ArtifactStore) -> dict[str, dict | None]:
+    """The run ids the flows' `promoted` pointers name under a root: who promoted each by hand and
+    why (`smolflow promote`), else None (its gate)."""
+    pointers = (store.read_json(p) for p in store.glob(f"{POINTERS}/*/promoted.json"))
+    return {p.get("run_id"): p.get("by_hand") for p in pointers}
 
 
 def gate_outcome(run: ArtifactStore) -> dict[str, Any] | None:
@@ -206,7 +208,7 @@ def compare_runs(root: str, run_a: str, run_b: str) -> dict[str, Any]:
         training["eval_loss_apart"] = [k for k in {**way_a, **way_b} if way_a.get(k) != way_b.get(k)]
     status = {"a": run_status(a)["state"], "b": run_status(b)["state"]}
     now = promoted_now(store)
-    promoted = {side: {"promoted": run_id in now, "gate": gate_outcome(run)}
+    promoted = {side: {"promoted": run_id in now, "by_hand": now.get(run_id), "gate": gate_outcome(run)}
                 for side, run_id, run in (("a", run_a, a), ("b", run_b, b))}
     return {"runs": {"a": run_a, "b": run_b}, "status": status, "scores": scores, "settings": settings,
             "promoted": promoted, "health": health, "training": training, "data": data}

@@ -41,7 +41,7 @@ def smolflow(env, *args, timeout=600) -> subprocess.CompletedProcess:
 def test_help_lists_every_subcommand(env):
     out = smolflow(env, "--help")
     assert out.returncode == 0
-    for command in ("run", "eval", "validate", "runs", "compare", "serve", "gc", "arena"):
+    for command in ("run", "eval", "validate", "runs", "compare", "promote", "serve", "gc", "arena"):
         assert f"    {command} " in out.stdout
     fields = smolflow(env, "run", "--help")
     assert fields.returncode == 0 and "--training.max-steps" in fields.stdout and "--output.artifacts-uri" in fields.stdout

@@ -172,8 +172,8 @@ def test_runs_and_compare_show_each_runs_training_loss(tmp_path):
         "e1": (False, None), "n1": (False, {"promote": True, "reasons": []}),
         "n2": (True, {"promote": True, "reasons": []}), "n3": (False, {"promote": False, "reasons": reasons})}
     assert compare_runs(str(tmp_path), "n3", "n2")["promoted"] == {
-        "a": {"promoted": False, "gate": {"promote": False, "reasons": reasons}},
-        "b": {"promoted": True, "gate": {"promote": True, "reasons": []}}}
+        "a": {"promoted": False, "by_hand": None, "gate": {"promote": False, "reasons": reasons}},
+        "b": {"promoted": True, "by_hand": None, "gate": {"promote": True, "reasons": []}}}
     shown = subprocess.run([str(Path(sys.executable).parent / "smolflow"), "runs", "--root", str(tmp_path)],
                            capture_output=True, text=True, timeout=120).stdout
     assert "loss (train/eval)" in shown and "1.7340/1.8424" in shown, shown  # 4 decimals, as the scores
