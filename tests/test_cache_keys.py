@@ -169,3 +169,28 @@ def test_the_built_in_models_conversion_is_keyed_on_its_code(monkeypatch):
     after = models.builtin_target()
     assert after != before and after.parent == before.parent
     assert after.name.split("-c")[0] == before.name.split("-c")[0]  # the same GGUF
+
+
+def test_every_cached_task_is_keyed_on_its_code():
+    """A task that caches without `Code` in its policy would hand back what older code computed
+    (tasks/caching.py): every Prefect task under tasks/ is either not cached or keyed on it."""
+    import importlib
+    import pkgutil
+
+    import tasks
+    from prefect import Task
+    from prefect.cache_policies import NO_CACHE, CompoundCachePolicy
+
+    from tasks.caching import Code
+
+    def parts(policy):
+        return [p for sub in policy.policies for p in parts(sub)] if isinstance(policy, CompoundCachePolicy) else [policy]
+
+    found = {}
+    for info in pkgutil.walk_packages(tasks.__path__, "tasks."):
+        for name, obj in vars(importlib.import_module(info.name)).items():
+            if isinstance(obj, Task):
+                found[f"{obj.fn.__module__}.{obj.fn.__name__}"] = parts(obj.cache_policy)
+    cached = {name: policies for name, policies in found.items() if policies != [NO_CACHE]}
+    assert {"tasks.training.train_sft", "tasks.evaluation.run_benchmark", "tasks.generation.generate_samples"} <= set(cached)
+    assert not [name for name, policies in cached.items() if not any(isinstance(p, Code) for p in policies)]
