@@ -194,3 +194,48 @@ def test_every_cached_task_is_keyed_on_its_code():
     cached = {name: policies for name, policies in found.items() if policies != [NO_CACHE]}
     assert {"tasks.training.train_sft", "tasks.evaluation.run_benchmark", "tasks.generation.generate_samples"} <= set(cached)
     assert not [name for name, policies in cached.items() if not any(isinstance(p, Code) for p in policies)]
+
+
+def test_a_remembered_code_digest_follows_an_edit(tmp_path, monkeypatch):
+    """The code digest is remembered under its files' identity (a cached re-run parsed ~70 files,
+    ~0.2 s): a second process reads it without parsing anything, and an edit to a reached file,
+    here the helper a lazy import reaches, is a new digest."""
+    import importlib
+    import os
+    import sys
+    import time
+
+    from tasks import code_version
+
+    monkeypatch.setenv("SMOLFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "memo_pkg").mkdir()
+    files = {"__init__.py": "", "task.py": "def go():\n    from memo_pkg.helper import f\n    return f()\n",
+             "helper.py": "def f():\n    return 1\n"}
+    for name, text in files.items():
+        (tmp_path / "memo_pkg" / name).write_text(text)
+        os.utime(tmp_path / "memo_pkg" / name, ns=(time.time_ns() - 10**10,) * 2)  # written 10 s ago
+
+    def new_process():
+        for cached in (code_version._reached, code_version.source_closure, code_version.code_digest):
+            cached.cache_clear()
+        sys.modules.pop("memo_pkg.task", None)
+        importlib.invalidate_caches()
+        importlib.import_module("memo_pkg.task")
+
+    try:
+        new_process()
+        first = code_version.code_digest("memo_pkg.task")
+        assert any(p.name == "helper.py" for p in code_version.source_closure("memo_pkg.task"))
+        new_process()
+        with monkeypatch.context() as m:  # remembered: nothing is read or parsed
+            m.setattr(code_version, "source_closure", lambda module: (_ for _ in ()).throw(AssertionError(module)))
+            assert code_version.code_digest("memo_pkg.task") == first
+        (tmp_path / "memo_pkg" / "helper.py").write_text("def f():\n    return 2\n")
+        new_process()
+        assert code_version.code_digest("memo_pkg.task") != first
+    finally:
+        for name in [m for m in sys.modules if m.startswith("memo_pkg")]:
+            del sys.modules[name]
+        for cached in (code_version._reached, code_version.source_closure, code_version.code_digest):
+            cached.cache_clear()
