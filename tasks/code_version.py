@@ -101,7 +101,8 @@ def code_digest(module: str) -> str:
 
     memo = None
     try:
-        memo = cache_dir("digests") / f"code-{hashlib.sha256(f'{ROOT}|{module}'.encode()).hexdigest()[:32]}.json"
+        where = f"{ROOT}|{module}|{getattr(sys.modules.get(module), '__file__', '')}"  # one name, another folder: another module
+        memo = cache_dir("digests") / f"code-{hashlib.sha256(where.encode()).hexdigest()[:32]}.json"
         saved = json.loads(memo.read_text(encoding="utf-8"))
         if all(_identity(Path(f[0])) == f for f in saved["files"]):
             return saved["digest"]
