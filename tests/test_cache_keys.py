@@ -160,15 +160,17 @@ def test_the_built_in_models_conversion_is_keyed_on_its_code(monkeypatch):
     transformers' version; a fix to smolflow's conversion (`_convert`) now converts again too."""
     from tasks import models
 
-    before = models.builtin_target()
+    before, original, calls = models.builtin_target(), models._convert, []
 
-    def _convert(gguf, target):  # another conversion
-        raise NotImplementedError
+    def _convert(gguf, target):  # the conversion as changed by a fix: one more step around the same one
+        calls.append(target)
+        original(gguf, target)
 
     monkeypatch.setattr(models, "_convert", _convert)
     after = models.builtin_target()
     assert after != before and after.parent == before.parent
     assert after.name.split("-c")[0] == before.name.split("-c")[0]  # the same GGUF
+    assert calls == []  # naming the folder reads the conversion's source; it converts nothing
 
 
 def test_every_cached_task_is_keyed_on_its_code():
